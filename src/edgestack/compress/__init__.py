@@ -1,0 +1,1 @@
+"""Torch compression passes and compressed layers (imports torch)."""
