@@ -1,0 +1,185 @@
+"""Compressed layer modules.
+
+A compressed layer is a :class:`CompressedLayer` (linear or convolution arithmetic, bias)
+holding a *weight module* that decodes its weight from compressed buffers on every forward:
+:class:`ShiftWeight` or :class:`BitStackWeight`. The decode runs through the
+``torch.ops.edgestack.*`` custom ops, which the exporter turns into ``edgestack``-domain ONNX
+nodes, so the packed buffers become the ONNX initializers and the weight stays compressed.
+
+Low-rank layers (:class:`LowRankLinear`, :class:`LowRankConv`) are two ordinary layers in a
+row and export as standard ops.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgestack.compress import ops  # noqa: F401  (registers torch.ops.edgestack.*)
+from edgestack.compress.walk import LayerInfo
+from edgestack.errors import CompressError
+from edgestack.formats import BitStackStack, LowRankFactors, ShiftCodes
+
+
+class ShiftWeight(nn.Module):
+    """Decodes a :class:`~edgestack.formats.ShiftCodes` weight (buffers ``codes``, ``scale``)."""
+
+    def __init__(self, codes: ShiftCodes) -> None:
+        super().__init__()
+        self.bits = codes.bits
+        self.zero = codes.zero
+        self.shape = list(codes.shape)
+        self.register_buffer("codes", torch.from_numpy(codes.codes.copy()))
+        self.register_buffer("scale", torch.from_numpy(codes.scale.copy()))
+
+    def forward(self) -> torch.Tensor:
+        return torch.ops.edgestack.shift_weight(
+            self.codes, self.scale, self.bits, self.zero, self.shape
+        )
+
+    def to_format(self) -> ShiftCodes:
+        """The numpy container for the current buffers."""
+        return ShiftCodes(self.codes.cpu().numpy(), self.scale.cpu().numpy(),
+                          tuple(self.shape), self.bits, self.zero)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, bits={self.bits}, zero={self.zero}"
+
+
+class BitStackWeight(nn.Module):
+    """Decodes a :class:`~edgestack.formats.BitStackStack` (buffers ``signs``, ``u``, ``v``).
+
+    ``active_blocks`` (default: all) selects a prefix of the stack, which is how a tier is
+    evaluated in torch; the exporter exports the active prefix.
+    """
+
+    def __init__(self, stack: BitStackStack, active_blocks: int | None = None) -> None:
+        super().__init__()
+        self.shape = list(stack.shape)
+        self.register_buffer("signs", torch.from_numpy(stack.signs.copy()))
+        self.register_buffer("u", torch.from_numpy(stack.u.copy()))
+        self.register_buffer("v", torch.from_numpy(stack.v.copy()))
+        self.active_blocks = stack.n_blocks if active_blocks is None else int(active_blocks)
+        if not 1 <= self.active_blocks <= stack.n_blocks:
+            raise CompressError(
+                f"bitstack: active blocks must be in 1..{stack.n_blocks}, "
+                f"found {self.active_blocks}"
+            )
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.signs.shape[0])
+
+    def forward(self) -> torch.Tensor:
+        b = self.active_blocks
+        return torch.ops.edgestack.bitstack_weight(
+            self.signs[:b], self.u[:b], self.v[:b], self.shape
+        )
+
+    def to_format(self) -> BitStackStack:
+        """The numpy container for all stored blocks."""
+        return BitStackStack(self.signs.cpu().numpy(), self.u.cpu().numpy(),
+                             self.v.cpu().numpy(), tuple(self.shape))
+
+    def extra_repr(self) -> str:
+        return (f"shape={self.shape}, blocks={self.active_blocks}/{self.n_blocks}, "
+                f"k={int(self.u.shape[2])}")
+
+
+class CompressedLayer(nn.Module):
+    """A linear or convolution layer whose weight comes from a weight module.
+
+    Args:
+        weight: a :class:`ShiftWeight` or :class:`BitStackWeight` producing ``[out, in, *k]``.
+        bias: the bias, or None.
+        kind: ``"linear"``, ``"conv1d"`` or ``"conv2d"``.
+        conv: convolution settings (stride, padding, dilation, groups) for conv kinds.
+    """
+
+    def __init__(self, weight: nn.Module, bias: torch.Tensor | None, kind: str,
+                 conv: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        if kind not in ("linear", "conv1d", "conv2d"):
+            raise CompressError(f"compressed layer kind must be linear/conv1d/conv2d, found {kind}")
+        self.kind = kind
+        self.weight_module = weight
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(),
+                                                            requires_grad=False)
+        self.conv = dict(conv or {})
+
+    @classmethod
+    def like(cls, layer: LayerInfo, weight: nn.Module) -> "CompressedLayer":
+        """A compressed layer with ``layer``'s bias, kind and convolution settings."""
+        m = layer.module
+        conv = None
+        if layer.kind != "linear":
+            conv = {"stride": m.stride, "padding": m.padding, "dilation": m.dilation,
+                    "groups": m.groups}
+            if m.padding_mode != "zeros":
+                raise CompressError(
+                    f"layer {layer.name!r}: padding_mode {m.padding_mode!r} is not supported; "
+                    "only 'zeros'"
+                )
+        return cls(weight, getattr(m, "bias", None), layer.kind, conv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight_module()
+        if self.kind == "linear":
+            return F.linear(x, w, self.bias)
+        fn = F.conv1d if self.kind == "conv1d" else F.conv2d
+        return fn(x, w, self.bias, **self.conv)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, bias={self.bias is not None}, conv={self.conv}"
+
+
+class LowRankLinear(nn.Module):
+    """``y = u(v(x))``: ``v`` is ``Linear(in, k, bias=False)``, ``u`` is ``Linear(k, out)``."""
+
+    def __init__(self, factors: LowRankFactors, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        out, k = factors.u.shape
+        n = factors.v.shape[1]
+        self.v = nn.Linear(n, k, bias=False)
+        self.u = nn.Linear(k, out, bias=bias is not None)
+        with torch.no_grad():
+            self.v.weight.copy_(torch.from_numpy(factors.v.astype(np.float32)))
+            self.u.weight.copy_(torch.from_numpy(factors.u.astype(np.float32)))
+            if bias is not None:
+                self.u.bias.copy_(bias.detach())
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.u(self.v(x))
+
+
+class LowRankConv(nn.Module):
+    """A convolution factored as ``conv(in -> k, kernel)`` then ``conv(k -> out, 1)``."""
+
+    def __init__(self, layer: LayerInfo, factors: LowRankFactors) -> None:
+        super().__init__()
+        m = layer.module
+        if m.groups != 1:
+            raise CompressError(
+                f"layer {layer.name!r}: low-rank needs groups=1, found groups={m.groups}"
+            )
+        conv = nn.Conv1d if layer.kind == "conv1d" else nn.Conv2d
+        out, k = factors.u.shape
+        self.v = conv(m.in_channels, k, m.kernel_size, m.stride, m.padding, m.dilation,
+                      bias=False)
+        self.u = conv(k, out, 1, bias=m.bias is not None)
+        with torch.no_grad():
+            self.v.weight.copy_(torch.from_numpy(
+                factors.v.astype(np.float32).reshape(self.v.weight.shape)))
+            self.u.weight.copy_(torch.from_numpy(
+                factors.u.astype(np.float32).reshape(self.u.weight.shape)))
+            if m.bias is not None:
+                self.u.bias.copy_(m.bias.detach())
+        self.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.u(self.v(x))
