@@ -1,0 +1,132 @@
+"""Physically resizing layers: what structured pruning and the FLAP importer share.
+
+:func:`shrink_layer` keeps chosen output rows and/or input columns of a supported layer and
+puts a smaller layer of the same type in its place. :func:`sync_attention_heads` updates the
+head-count attributes of Hugging Face attention modules after their projections changed
+size (BERT, GPT-2 and Llama-style modules read the head count from these attributes or
+from ``-1`` in a view, so both must agree with the weights).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgestack.compress.walk import LayerInfo, layer_kind, replace_module
+from edgestack.errors import CompressError
+
+
+def _new_like(layer: LayerInfo, out_f: int, in_f: int, bias: bool) -> nn.Module:
+    m = layer.module
+    if layer.transposed:
+        from transformers.pytorch_utils import Conv1D
+
+        return Conv1D(out_f, in_f)  # Conv1D(nf=out, nx=in), always with bias
+    if layer.kind == "linear":
+        return nn.Linear(in_f, out_f, bias=bias)
+    conv = nn.Conv1d if layer.kind == "conv1d" else nn.Conv2d
+    groups = m.groups
+    if groups != 1 and (out_f % groups or in_f % groups):
+        raise CompressError(
+            f"layer {layer.name!r}: a grouped convolution (groups={groups}) can only keep "
+            f"channel counts divisible by the group count, found out={out_f}, in={in_f}"
+        )
+    return conv(in_f, out_f, m.kernel_size, m.stride, m.padding, m.dilation, groups,
+                bias=bias, padding_mode=m.padding_mode)
+
+
+def shrink_layer(
+    model: nn.Module,
+    layer: LayerInfo,
+    keep_out: torch.Tensor | None = None,
+    keep_in: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> nn.Module:
+    """Replace ``layer`` by a smaller layer of the same type holding only kept rows/columns.
+
+    Args:
+        model: the model that holds the layer (modified in place).
+        layer: the layer, as yielded by :func:`~edgestack.compress.walk.iter_layers`.
+        keep_out: sorted int64 indices of output features/channels to keep (default: all).
+        keep_in: sorted int64 indices of input features/channels to keep (default: all).
+            For grouped convolutions, index the full input channels.
+        bias: a replacement bias for the kept outputs (bias compensation), or None to keep
+            the sliced original bias. A layer without bias gets one when ``bias`` is given.
+
+    Returns:
+        The new module (already in the model).
+    """
+    m = layer.module
+    w = m.weight.detach()
+    if layer.transposed:  # GPT-2 Conv1D: [in, out]
+        w = w.t()
+    if keep_out is not None:
+        w = w.index_select(0, keep_out)
+    if keep_in is not None:
+        groups = getattr(m, "groups", 1)
+        if groups != 1:
+            raise CompressError(
+                f"layer {layer.name!r}: cannot drop input channels of a grouped convolution "
+                f"(groups={groups}); prune whole groups at the producer instead"
+            )
+        w = w.index_select(1, keep_in)
+    old_bias = getattr(m, "bias", None)
+    new_bias = bias
+    if new_bias is None and old_bias is not None:
+        new_bias = old_bias.detach()
+        if keep_out is not None:
+            new_bias = new_bias.index_select(0, keep_out)
+    groups = getattr(m, "groups", 1)
+    in_total = w.shape[1] * groups
+    new = _new_like(layer, w.shape[0], in_total, new_bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(w.t() if layer.transposed else w)
+        if new_bias is not None:
+            new.bias.copy_(new_bias)
+        elif getattr(new, "bias", None) is not None:
+            new.bias.zero_()
+    new.to(dtype=m.weight.dtype, device=m.weight.device).requires_grad_(False)
+    replace_module(model, layer.name, new)
+    return new
+
+
+def sync_attention_heads(model: nn.Module) -> list[tuple[str, int]]:
+    """Update head counts of HF attention modules to match their (pruned) projections.
+
+    Returns:
+        ``(module name, new head count)`` for each attention module that changed.
+    """
+    changed: list[tuple[str, int]] = []
+    for name, mod in model.named_modules():
+        # BERT-style: query/key/value Linear, attention_head_size fixed.
+        if hasattr(mod, "attention_head_size") and hasattr(mod, "query"):
+            heads = mod.query.out_features // mod.attention_head_size
+            if heads != mod.num_attention_heads:
+                mod.num_attention_heads = heads
+                mod.all_head_size = heads * mod.attention_head_size
+                changed.append((name, heads))
+        # GPT-2: fused c_attn Conv1D [in, 3*heads*head_dim].
+        elif hasattr(mod, "split_size") and hasattr(mod, "c_attn") and hasattr(mod, "head_dim"):
+            kind = layer_kind(mod.c_attn)
+            width = mod.c_attn.weight.shape[1] if kind and kind[1] else mod.c_attn.weight.shape[0]
+            heads = width // (3 * mod.head_dim)
+            if heads != mod.num_heads:
+                mod.num_heads = heads
+                mod.split_size = heads * mod.head_dim
+                changed.append((name, heads))
+        # Llama-style: q_proj/k_proj with head_dim; heads come from -1 in views.
+        elif hasattr(mod, "q_proj") and hasattr(mod, "k_proj") and hasattr(mod, "head_dim"):
+            heads = mod.q_proj.weight.shape[0] // mod.head_dim
+            kv_heads = mod.k_proj.weight.shape[0] // mod.head_dim
+            if kv_heads < 1 or heads % kv_heads:
+                raise CompressError(
+                    f"attention {name!r}: {heads} query heads are not a multiple of "
+                    f"{kv_heads} key/value heads; prune heads in whole key/value groups"
+                )
+            if hasattr(mod, "num_key_value_groups"):
+                mod.num_key_value_groups = heads // kv_heads
+            for attr, val in (("num_heads", heads), ("num_key_value_heads", kv_heads)):
+                if hasattr(mod, attr):
+                    setattr(mod, attr, val)
+            changed.append((name, heads))
+    return changed
