@@ -1,0 +1,3 @@
+from edgestack.cli import cli_entry
+
+cli_entry()

@@ -1,0 +1,145 @@
+"""``edgestack export``: compress a model and export it to ONNX, then check parity."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+
+from edgestack.cli import EXIT_CHECK_FAILED, EXIT_OK, emit_json
+
+METHODS = ("none", "prune", "shift", "lowrank", "bitstack")
+IMPORTERS = ("deepshift", "welore", "flap", "bitstack")
+DEFAULT_ATOL = 1e-4
+DEFAULT_RTOL = 1e-4
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="compress a model and export it to ONNX with edgestack ops",
+        description="Load MODEL, compress it with --method, export it to ONNX keeping the "
+        "compressed weights compressed (edgestack-domain ops), and check ONNX Runtime "
+        "against the compressed torch model. Exit 1 when parity is above tolerance.",
+    )
+    p.add_argument("model", metavar="MODEL",
+                   help="Hugging Face model folder, module:factory returning (model, inputs), "
+                   "a built-in model (minilm, gpt2-tiny, small-cnn, conv1d-net), or with "
+                   "--from an upstream checkpoint (folder or weights file)")
+    p.add_argument("--method", choices=METHODS, default="none",
+                   help="compression method (default: none)")
+    p.add_argument("--from", dest="from_", choices=IMPORTERS, default=None,
+                   help="MODEL is an upstream checkpoint of this kind")
+    p.add_argument("--base", default=None,
+                   help="architecture for a checkpoint without config.json "
+                   "(model folder, module:factory or built-in name)")
+    p.add_argument("--out", required=True, help="output .onnx path")
+    g = p.add_argument_group("method options")
+    g.add_argument("--bits", type=int, default=None, help="shift: code width 2..5 (default 4)")
+    g.add_argument("--zero", action="store_true",
+                   help="shift: DeepShift codes with zero (default: zero-free DenseShift)")
+    g.add_argument("--blocks", type=int, default=None,
+                   help="bitstack: number of residual blocks (default 4)")
+    g.add_argument("--k", type=int, default=None,
+                   help="bitstack: rank per block (default: chosen per matrix shape)")
+    g.add_argument("--rank", type=int, default=None, help="lowrank: rank for every layer")
+    g.add_argument("--ratio", type=float, default=None,
+                   help="lowrank: fraction of parameters kept (default 0.5); prune: fraction "
+                   "of heads/channels removed (default 0.25)")
+    g.add_argument("--skip", action="append", default=[], metavar="PREFIX",
+                   help="leave modules whose name starts with PREFIX dense (repeatable)")
+    e = p.add_argument_group("export options")
+    e.add_argument("--batch", type=int, default=None, help="example batch size (default 1)")
+    e.add_argument("--seq", type=int, default=None,
+                   help="example sequence length for token models (default 128)")
+    e.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
+                   help="store initializers in OUT.data (auto: when large)")
+    e.add_argument("--atol", type=float, default=DEFAULT_ATOL,
+                   help=f"parity: absolute tolerance (default {DEFAULT_ATOL:g})")
+    e.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
+                   help=f"parity: relative tolerance, max|diff|/max|ref| "
+                   f"(default {DEFAULT_RTOL:g})")
+    p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
+    p.set_defaults(run=run)
+
+
+def method_options(args: argparse.Namespace) -> dict:
+    """The compress() options given on the command line for ``args.method``."""
+    per_method = {
+        "shift": {"bits": args.bits, "zero": args.zero or None},
+        "bitstack": {"n_blocks": args.blocks, "k": args.k},
+        "lowrank": {"rank": args.rank, "ratio": args.ratio},
+        "prune": {"ratio": args.ratio},
+        "none": {},
+    }
+    opts = {k: v for k, v in per_method[args.method].items() if v is not None}
+    given = {"--bits": args.bits, "--zero": args.zero or None, "--blocks": args.blocks,
+             "--k": args.k, "--rank": args.rank, "--ratio": args.ratio}
+    allowed = {"shift": {"--bits", "--zero"}, "bitstack": {"--blocks", "--k"},
+               "lowrank": {"--rank", "--ratio"}, "prune": {"--ratio"}, "none": set()}
+    stray = [flag for flag, v in given.items() if v is not None
+             and flag not in allowed[args.method]]
+    if stray:
+        from edgestack.errors import CompressError
+
+        raise CompressError(
+            f"option(s) {', '.join(stray)} do not apply to --method {args.method}; "
+            f"it takes {', '.join(sorted(allowed[args.method])) or 'no options'}"
+        )
+    if args.skip:
+        opts["skip"] = tuple(args.skip)
+    return opts
+
+
+def _log(args: argparse.Namespace, msg: str) -> None:
+    print(f"[edgestack export] {msg}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgestack.compress import compress
+    from edgestack.compress.sources import load_source
+    from edgestack.exporter import export
+
+    opts = method_options(args)
+    t0 = time.perf_counter()
+    _log(args, f"loading {args.model}" + (f" ({args.from_} checkpoint)" if args.from_ else ""))
+    src = load_source(args.model, from_=args.from_, base=args.base, batch=args.batch,
+                      seq=args.seq)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _log(args, f"compressing: method={args.method} {opts or ''}")
+        report = compress(src.model, args.method, calib=[src.inputs], **opts)
+    notes = [str(w.message) for w in caught if "edgestack" in str(w.filename)]
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    _log(args, f"exporting to {args.out}")
+    result = export(src.model, src.inputs, args.out, external_data=args.external_data,
+                    atol=args.atol, rtol=args.rtol,
+                    metadata={"method": args.method, "source": src.description,
+                              "compression": report.to_dict()})
+    parity = result.parity
+    elapsed = time.perf_counter() - t0
+    if args.json:
+        emit_json({
+            "ok": bool(parity.passed),
+            "out": str(result.path),
+            "model": src.description,
+            "method": args.method,
+            "options": opts,
+            "compression": report.to_dict(),
+            "import": src.details.get("import"),
+            "export": result.to_dict(),
+            "parity": parity.to_dict(),
+            "tolerance": {"atol": args.atol, "rtol": args.rtol},
+            "warnings": notes,
+            "seconds": round(elapsed, 2),
+        })
+    else:
+        print(report.summary())
+        print(result.summary())
+        print(f"parity (ONNX Runtime vs compressed torch; atol={args.atol:g}, "
+              f"rtol={args.rtol:g}):")
+        print(parity.table())
+        print(f"{'PASS' if parity.passed else 'FAIL'}: wrote {result.path} in {elapsed:.1f} s")
+    return EXIT_OK if parity.passed else EXIT_CHECK_FAILED

@@ -1,0 +1,167 @@
+"""Resolving a MODEL argument to ``(model, example_inputs)``.
+
+A model source is one of, in this order:
+
+1. an existing folder: a Hugging Face model folder (config.json + weights);
+2. ``module:factory`` (or ``module.py:factory``): a callable returning ``(model, inputs)``;
+3. a built-in model name from :mod:`edgestack.zoo` (``minilm``, ``gpt2-tiny``, ...).
+
+With ``from_`` set, the source is an upstream compressed checkpoint (a folder or a weights
+file) read by :mod:`edgestack.compress.importers`; ``base`` (any source of the kinds above)
+then gives the architecture and example inputs when the checkpoint has no config.json.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgestack.errors import CheckpointError, EdgestackError
+
+
+@dataclass
+class ModelSource:
+    """A loaded model with the example inputs used to trace and check it.
+
+    Attributes:
+        model: the torch model, eval mode.
+        inputs: keyword inputs, ``model(**inputs)``.
+        description: what was loaded, for reports.
+        details: anything the loader wants to report (e.g. an importer's report).
+    """
+
+    model: Any
+    inputs: dict[str, Any]
+    description: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _token_inputs(model: Any, batch: int, seq: int) -> dict[str, Any]:
+    import torch
+
+    cfg = getattr(model, "config", None)
+    vocab = getattr(cfg, "vocab_size", None)
+    if vocab is None:
+        raise EdgestackError(
+            f"cannot make example inputs for {type(model).__name__}: its config has no "
+            "vocab_size; pass a module:factory that returns (model, inputs) instead"
+        )
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(min(1000, vocab - 1), vocab, (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.int64)}
+
+
+def _factory(spec: str) -> Any:
+    mod_name, _, fn_name = spec.rpartition(":")
+    if mod_name.endswith(".py"):
+        path = Path(mod_name)
+        if not path.is_file():
+            raise EdgestackError(f"factory file {mod_name!r} does not exist")
+        mspec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(mspec)
+        sys.modules[path.stem] = module
+        mspec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(mod_name)
+        except ImportError as exc:
+            raise EdgestackError(
+                f"cannot import module {mod_name!r} for factory {spec!r}: {exc}; check the "
+                "module is on PYTHONPATH (or pass path/to/file.py:factory)"
+            ) from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise EdgestackError(
+            f"module {mod_name!r} has no callable {fn_name!r}; expected module:factory "
+            "returning (model, example_inputs)"
+        )
+    return fn
+
+
+def _call_factory(fn: Any, spec: str, batch: int | None, seq: int | None) -> ModelSource:
+    params = inspect.signature(fn).parameters
+    kwargs = {}
+    if batch is not None and "batch" in params:
+        kwargs["batch"] = batch
+    if seq is not None and "seq" in params:
+        kwargs["seq"] = seq
+    result = fn(**kwargs)
+    if not (isinstance(result, tuple) and len(result) == 2):
+        raise EdgestackError(
+            f"factory {spec!r} must return (model, example_inputs), found "
+            f"{type(result).__name__}"
+        )
+    model, inputs = result
+    if isinstance(inputs, (tuple, list)):
+        names = list(inspect.signature(model.forward).parameters)
+        inputs = dict(zip(names, inputs))
+    if not isinstance(inputs, dict):
+        raise EdgestackError(
+            f"factory {spec!r}: example_inputs must be a dict of tensors or a tuple, found "
+            f"{type(inputs).__name__}"
+        )
+    return ModelSource(model.eval(), inputs, spec)
+
+
+def load_source(
+    spec: str,
+    *,
+    from_: str | None = None,
+    base: str | None = None,
+    batch: int | None = None,
+    seq: int | None = None,
+) -> ModelSource:
+    """Load a model source (see the module docstring).
+
+    Args:
+        spec: folder, ``module:factory``, or built-in name; with ``from_``, the checkpoint.
+        from_: upstream checkpoint kind (``deepshift``, ``welore``, ``flap``, ``bitstack``).
+        base: architecture source for a checkpoint without config.json.
+        batch, seq: example-input sizes for token models (defaults 1 and 128) and for
+            factories that take them.
+
+    Raises:
+        EdgestackError: the source cannot be found or loaded; the message says why.
+    """
+    if from_ is not None:
+        return _load_checkpoint(spec, from_, base, batch, seq)
+    from edgestack import zoo
+
+    path = Path(spec)
+    if path.is_dir():
+        from edgestack.compress.hf import load_hf_model
+
+        model = load_hf_model(path)
+        return ModelSource(model, _token_inputs(model, batch or 1, seq or 128), str(path))
+    if ":" in spec and not path.exists():
+        return _call_factory(_factory(spec), spec, batch, seq)
+    if spec in zoo.MODELS:
+        return _call_factory(zoo.MODELS[spec], spec, batch, seq)
+    if path.exists():
+        raise CheckpointError(
+            f"{spec!r} is a file, not a model folder; a single weights file needs "
+            "--from {deepshift,welore,flap,bitstack} (and --base for the architecture)"
+        )
+    raise CheckpointError(
+        f"model {spec!r} not found: expected an existing Hugging Face model folder, "
+        f"module:factory, or a built-in model ({', '.join(zoo.MODELS)})"
+    )
+
+
+def _load_checkpoint(spec: str, kind: str, base: str | None, batch: int | None,
+                     seq: int | None) -> ModelSource:
+    from edgestack.compress.importers import load_checkpoint
+
+    base_src = load_source(base, batch=batch, seq=seq) if base is not None else None
+    model, report = load_checkpoint(kind, spec, base=base_src.model if base_src else None)
+    if base_src is not None:
+        inputs = base_src.inputs
+    else:
+        inputs = _token_inputs(model, batch or 1, seq or 128)
+    return ModelSource(model.eval(), inputs, f"{kind} checkpoint {spec}",
+                       {"import": report.to_dict()})
