@@ -130,3 +130,32 @@ def sync_attention_heads(model: nn.Module) -> list[tuple[str, int]]:
                     setattr(mod, attr, val)
             changed.append((name, heads))
     return changed
+
+
+def resize_layer_to(
+    model: nn.Module, layer: LayerInfo, out_features: int, in_features: int, bias: bool
+) -> nn.Module:
+    """Replace ``layer`` by a layer of the same type and settings with new feature counts.
+
+    The new layer's weight (and bias) are zero; the caller loads its values. This is how the
+    FLAP importer gives a layer the shape a checkpoint holds when the config does not say it.
+
+    Args:
+        model: the model that holds the layer (modified in place).
+        layer: the layer, as yielded by :func:`~edgestack.compress.walk.iter_layers`.
+        out_features: output features (channels) of the new layer.
+        in_features: input features (all input channels, for grouped convolutions).
+        bias: whether the new layer has a bias (GPT-2 ``Conv1D`` always has one).
+
+    Returns:
+        The new module (already in the model).
+    """
+    m = layer.module
+    new = _new_like(layer, int(out_features), int(in_features), bool(bias))
+    with torch.no_grad():
+        new.weight.zero_()
+        if getattr(new, "bias", None) is not None:
+            new.bias.zero_()
+    new.to(dtype=m.weight.dtype, device=m.weight.device).requires_grad_(False)
+    replace_module(model, layer.name, new)
+    return new
