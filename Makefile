@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv demo test lint clean
+.PHONY: all venv demo test lint clean arm-env
 
 all: test
 
@@ -21,7 +21,12 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/edgestack demo
 
-test: $(STAMP)
+# aarch64 Python + ONNX Runtime under qemu-user, for the ARM target's tests (idempotent:
+# ~10 ms once built). Needs root the first time (apt-get, dpkg --add-architecture arm64).
+arm-env: $(STAMP)
+	bash scripts/setup-arm-env.sh
+
+test: $(STAMP) arm-env
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
