@@ -14,7 +14,9 @@ from edgestack.errors import (
     ExportError,
     FormatError,
     InternalError,
+    PackageError,
     ParityError,
+    ProfileError,
     TargetError,
     BudgetError,
 )
@@ -31,5 +33,7 @@ __all__ = [
     "ParityError",
     "TargetError",
     "BudgetError",
+    "ProfileError",
+    "PackageError",
     "InternalError",
 ]

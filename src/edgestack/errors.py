@@ -40,6 +40,14 @@ class BudgetError(EdgestackError):
     """A memory budget cannot be met."""
 
 
+class ProfileError(EdgestackError):
+    """A device profile, or a size such as a memory budget, is unknown or invalid."""
+
+
+class PackageError(EdgestackError):
+    """A device package or package archive is malformed, damaged, or used out of order."""
+
+
 class InternalError(Exception):
     """An internal invariant is broken: a bug in edgestack, not bad input."""
 
@@ -53,5 +61,7 @@ __all__ = [
     "ParityError",
     "TargetError",
     "BudgetError",
+    "ProfileError",
+    "PackageError",
     "InternalError",
 ]

@@ -29,9 +29,9 @@ EXIT_SKIPPED = 4
 
 
 def _commands() -> list:
-    from edgestack.cli import demo, export
+    from edgestack.cli import demo, export, profiles
 
-    return [export, demo]
+    return [export, profiles, demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
