@@ -1,0 +1,52 @@
+"""Device packages: a verifiable directory (or ``.tar``) holding a model graph, weights,
+BitStack blocks stored so that every memory tier is a prefix of one file, and golden data.
+
+The format is specified in :mod:`edgestack.package.format` (its docstring is the spec).
+Imports numpy and the standard library only, so the on-device runtime can use it.
+
+- :class:`PackageWriter`: ``begin -> add_file/add_blocks -> set_tiers -> add_golden -> finish``.
+- :class:`Package`: ``Package.open(path)`` checks before trusting bytes; ``verify()`` hashes;
+  ``read_blocks(tier, start_tier=...)`` / ``read_prefix`` read counted bytes;
+  ``block_views(layer, n)`` maps.
+- :func:`write_archive` / :func:`extract_archive`: the one-file form, atomic and safe.
+"""
+
+from edgestack.package.archive import extract_archive, write_archive
+from edgestack.package.format import (
+    BLOCK_ALIGN,
+    BLOCK_FILE,
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    SUPPORTED_SCHEMA_VERSIONS,
+    BlockRecord,
+    FileEntry,
+    Golden,
+    LayerInfo,
+    Manifest,
+    ModelInfo,
+    Tier,
+)
+from edgestack.package.reader import BlockChunk, BlockView, ByteCounter, Package
+from edgestack.package.writer import PackageWriter
+
+__all__ = [
+    "PackageWriter",
+    "Package",
+    "ByteCounter",
+    "BlockView",
+    "BlockChunk",
+    "write_archive",
+    "extract_archive",
+    "Manifest",
+    "FileEntry",
+    "LayerInfo",
+    "BlockRecord",
+    "Tier",
+    "Golden",
+    "ModelInfo",
+    "BLOCK_ALIGN",
+    "BLOCK_FILE",
+    "MANIFEST_NAME",
+    "SCHEMA_VERSION",
+    "SUPPORTED_SCHEMA_VERSIONS",
+]

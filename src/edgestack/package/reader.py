@@ -1,0 +1,818 @@
+"""Read a device package (a directory or an uncompressed ``.tar``) without trusting its bytes.
+
+:meth:`Package.open` checks, before handing anything out: the manifest's size bound, UTF-8 and
+JSON syntax, magic, schema version, keys and types, file names (inside the package, no
+duplicates), the block layout and the tiers (see :mod:`edgestack.package.format`), and that
+every listed file is present, a regular file, and has its listed size. :meth:`Package.verify`
+hashes every file. Everything a user can break raises :class:`~edgestack.errors.PackageError`.
+
+Reading blocks. Two paths, with different accounting:
+
+- :meth:`Package.read_prefix` / :meth:`Package.read_blocks` read block-file bytes with
+  ``os.preadv`` (``pread``) straight into freshly allocated numpy buffers that the caller owns.
+  The :class:`ByteCounter` at :attr:`Package.counter` adds exactly the bytes those system
+  calls returned, so ``counter.bytes_read`` is an honest count of the block-file bytes the
+  package read from the file (whether the OS served them from disk or its page cache):
+  growing tier ``t`` to ``t+1`` with ``read_blocks(t + 1, start_tier=t)`` adds
+  ``tiers[t+1].bytes - tiers[t].bytes`` and nothing else. Buffers are offset so that every
+  byte keeps its file offset's alignment modulo 64 in memory (block parts stay 64-byte
+  aligned). :meth:`verify` and whole-file reads (:meth:`read_file`) are not counted.
+- :meth:`Package.block_views` returns zero-copy views into a read-only memory map of the block
+  file; the OS pages them in when they are touched, which no user-space counter can see
+  honestly. These views are counted separately, as ``counter.bytes_mapped`` (the bytes the
+  views span), never as ``bytes_read``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import io
+import os
+import stat
+import tarfile
+import threading
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, NamedTuple
+
+import numpy as np
+
+from edgestack.errors import PackageError
+from edgestack.package.format import (
+    BLOCK_ALIGN,
+    BLOCK_FILE,
+    FACTOR_DTYPES,
+    MANIFEST_NAME,
+    MAX_ARCHIVE_MEMBERS,
+    MAX_MANIFEST_BYTES,
+    BlockRecord,
+    FileEntry,
+    Golden,
+    LayerInfo,
+    Manifest,
+    Tier,
+    check_path,
+)
+
+_CHUNK = 1 << 20
+_MAX_TAR_META = 1 << 20  # largest tar header/pax/longname read we allow
+_COMPRESSED_MAGIC = {
+    b"\x1f\x8b": "gzip",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"PK\x03\x04": "zip",
+}
+_NPZ_ERRORS = (ValueError, OSError, EOFError, KeyError, NotImplementedError, zipfile.BadZipFile)
+_FIX_COPY = "re-copy the package from its source, or repack the model"
+
+
+class ByteCounter:
+    """Counts the block-file bytes a :class:`Package` read from storage.
+
+    Attributes:
+        bytes_read: bytes returned by ``pread`` calls made by ``read_prefix``/``read_blocks``.
+        reads: how many ranges were read.
+        ranges: the ``(start, end)`` byte ranges read, in order.
+        bytes_mapped: bytes spanned by zero-copy memory-map views from ``block_views``
+            (paged in lazily by the OS; not counted as read).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reset()
+
+    def reset(self) -> None:
+        """Set every count back to zero."""
+        with self._lock:
+            self.bytes_read = 0
+            self.reads = 0
+            self.ranges: list[tuple[int, int]] = []
+            self.bytes_mapped = 0
+
+    def _add_read(self, start: int, end: int) -> None:
+        with self._lock:
+            self.bytes_read += end - start
+            self.reads += 1
+            self.ranges.append((start, end))
+
+    def _add_mapped(self, nbytes: int) -> None:
+        with self._lock:
+            self.bytes_mapped += nbytes
+
+    def __repr__(self) -> str:
+        return (
+            f"ByteCounter(bytes_read={self.bytes_read}, reads={self.reads}, "
+            f"bytes_mapped={self.bytes_mapped})"
+        )
+
+
+class BlockView(NamedTuple):
+    """One block's parts as numpy views: ``signs`` uint8 ``[ceil(m*n/8)]``, ``u`` ``[m, k]``,
+    ``v`` ``[k, n]`` (float16)."""
+
+    layer: str
+    block: int
+    signs: np.ndarray
+    u: np.ndarray
+    v: np.ndarray
+
+
+@dataclass(frozen=True)
+class BlockChunk:
+    """Block-file bytes ``[start, end)`` in an owned, read-only buffer, and views of the
+    blocks whose records lie in that range (storage order)."""
+
+    start: int
+    end: int
+    data: np.ndarray = field(repr=False)
+    blocks: tuple[BlockView, ...] = field(repr=False)
+
+    def by_layer(self) -> dict[str, list[BlockView]]:
+        """The chunk's blocks grouped by layer, each list in block order."""
+        out: dict[str, list[BlockView]] = {}
+        for view in self.blocks:
+            out.setdefault(view.layer, []).append(view)
+        return out
+
+
+# ------------------------------------------------------------------------------------------
+# Sources: where the bytes of a package's files live
+# ------------------------------------------------------------------------------------------
+
+
+def _pread_into(fd: int, buf: memoryview, offset: int, what: str) -> int:
+    """Fill ``buf`` from ``fd`` at ``offset``; return the bytes read (== len(buf))."""
+    done = 0
+    total = len(buf)
+    while done < total:
+        try:
+            if hasattr(os, "preadv"):
+                got = os.preadv(fd, [buf[done:]], offset + done)
+            else:  # pragma: no cover - platforms without preadv
+                chunk = os.pread(fd, min(total - done, 1 << 30), offset + done)
+                buf[done : done + len(chunk)] = chunk
+                got = len(chunk)
+        except OSError as exc:
+            raise PackageError(
+                f"{what}: cannot read ({exc}); check the file and its permissions"
+            ) from None
+        if got == 0:
+            raise PackageError(
+                f"{what}: expected {total} bytes at offset {offset}, found end of file after "
+                f"{done}; the file was truncated after the package was opened: {_FIX_COPY}"
+            )
+        done += got
+    return done
+
+
+class _Source:
+    """Access to the files of a package; subclasses: directory, tar archive."""
+
+    display: str
+    is_archive: bool
+
+    def manifest_bytes(self) -> bytes:
+        raise NotImplementedError
+
+    def check_files(self, manifest: Manifest) -> None:
+        raise NotImplementedError
+
+    def locate(self, name: str) -> tuple[int, int]:
+        """``(fd, base offset)`` of a listed file's bytes."""
+        raise NotImplementedError
+
+    def memmap(self, name: str, size: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def local_path(self, name: str) -> Path | None:
+        return None
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+def _size_error(display: str, name: str, expected: int, found: int) -> PackageError:
+    hint = "larger than listed"
+    if found < expected:
+        hint = "truncated (an interrupted copy or download?)"
+    return PackageError(
+        f"{display}: file {name!r} is {hint}: expected {expected} bytes (manifest), found "
+        f"{found}; {_FIX_COPY}"
+    )
+
+
+class _DirSource(_Source):
+    is_archive = False
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.display = str(root)
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _lstat(self, name: str) -> os.stat_result | None:
+        """lstat ``name``, refusing symlinks and non-directories on the way; None if missing."""
+        cur = self.root
+        parts = name.split("/")
+        for i, part in enumerate(parts):
+            cur = cur / part
+            try:
+                st = os.lstat(cur)
+            except FileNotFoundError:
+                return None
+            except OSError as exc:
+                raise PackageError(
+                    f"{self.display}: cannot stat {name!r} ({exc}); check permissions"
+                ) from None
+            last = i == len(parts) - 1
+            if stat.S_ISLNK(st.st_mode):
+                raise PackageError(
+                    f"{self.display}: {'/'.join(parts[: i + 1])!r} is a symlink; a package holds "
+                    "regular files only (a link could point outside it): replace it with the file"
+                )
+            if not last and not stat.S_ISDIR(st.st_mode):
+                raise PackageError(
+                    f"{self.display}: {'/'.join(parts[: i + 1])!r} is not a directory, but "
+                    f"{name!r} is listed below it; {_FIX_COPY}"
+                )
+            if last:
+                if not stat.S_ISREG(st.st_mode):
+                    raise PackageError(
+                        f"{self.display}: {name!r} is not a regular file; {_FIX_COPY}"
+                    )
+                return st
+        return None  # pragma: no cover
+
+    def manifest_bytes(self) -> bytes:
+        st = self._lstat(MANIFEST_NAME)
+        if st is None:
+            raise PackageError(
+                f"{self.display}: no {MANIFEST_NAME} in this directory, so it is not a device "
+                "package; pass the directory that PackageWriter.finish() or extract_archive() made"
+            )
+        if st.st_size > MAX_MANIFEST_BYTES:
+            raise PackageError(
+                f"{self.display}: {MANIFEST_NAME} is {st.st_size} bytes, more than the "
+                f"{MAX_MANIFEST_BYTES} allowed; it is not an edgestack manifest, or is damaged"
+            )
+        fd, base = self._open(MANIFEST_NAME)
+        buf = bytearray(st.st_size)
+        _pread_into(fd, memoryview(buf), base, f"{self.display}: {MANIFEST_NAME}")
+        return bytes(buf)
+
+    def check_files(self, manifest: Manifest) -> None:
+        for name, entry in manifest.files.items():
+            st = self._lstat(name)
+            if st is None:
+                raise PackageError(
+                    f"{self.display}: file {name!r} (role {entry.role}, {entry.size} bytes) is "
+                    f"listed in {MANIFEST_NAME} but missing; {_FIX_COPY}"
+                )
+            if st.st_size != entry.size:
+                raise _size_error(self.display, name, entry.size, st.st_size)
+
+    def _open(self, name: str) -> tuple[int, int]:
+        with self._lock:
+            if name not in self._fds:
+                flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+                try:
+                    self._fds[name] = os.open(self.root / name, flags)
+                except OSError as exc:
+                    raise PackageError(
+                        f"{self.display}: cannot open {name!r} ({exc}); {_FIX_COPY}"
+                    ) from None
+            return self._fds[name], 0
+
+    def locate(self, name: str) -> tuple[int, int]:
+        return self._open(name)
+
+    def memmap(self, name: str, size: int) -> np.ndarray:
+        try:
+            return np.memmap(self.root / name, dtype=np.uint8, mode="r", shape=(size,))
+        except (OSError, ValueError) as exc:
+            raise PackageError(
+                f"{self.display}: cannot memory-map {name!r} ({exc}); {_FIX_COPY}"
+            ) from None
+
+    def local_path(self, name: str) -> Path | None:
+        return self.root / name
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass
+
+
+class _GuardedFile(io.RawIOBase):
+    """A read-only file for :mod:`tarfile` that refuses huge metadata reads (a hostile pax or
+    long-name header could otherwise make tarfile allocate its claimed size)."""
+
+    def __init__(self, raw: io.BufferedReader, display: str) -> None:
+        super().__init__()
+        self._raw = raw
+        self._display = display
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is None or n < 0 or n > _MAX_TAR_META:
+            raise PackageError(
+                f"{self._display}: an archive header claims {n} bytes of metadata (at most "
+                f"{_MAX_TAR_META}); the archive is damaged or not a package archive: {_FIX_COPY}"
+            )
+        return self._raw.read(n)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+
+class _TarSource(_Source):
+    is_archive = True
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.display = str(path)
+        try:
+            self._file = open(path, "rb")
+        except OSError as exc:
+            raise PackageError(f"{self.display}: cannot open the archive ({exc})") from None
+        try:
+            self.size = os.fstat(self._file.fileno()).st_size
+            self.members = self._scan()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _scan(self) -> dict[str, tuple[int, int]]:
+        head = self._file.read(512)
+        for magic, kind in _COMPRESSED_MAGIC.items():
+            if head.startswith(magic):
+                raise PackageError(
+                    f"{self.display}: this is a {kind} file; package archives are uncompressed "
+                    "tar files (so blocks stay seekable): decompress it, or make it with "
+                    "edgestack.package.write_archive()"
+                )
+        if len(head) < 512 or head[257:262] != b"ustar":
+            raise PackageError(
+                f"{self.display}: not a tar archive (no ustar header at offset 257); expected a "
+                "package directory or a .tar made by edgestack.package.write_archive()"
+            )
+        self._file.seek(0)
+        members: dict[str, tuple[int, int]] = {}
+        try:
+            with tarfile.open(fileobj=_GuardedFile(self._file, self.display), mode="r:") as tar:
+                for count, info in enumerate(_iter_tar(tar)):
+                    if count >= MAX_ARCHIVE_MEMBERS:
+                        raise PackageError(
+                            f"{self.display}: more than {MAX_ARCHIVE_MEMBERS} archive members; not "
+                            "a package archive"
+                        )
+                    self._add_member(members, info)
+        except PackageError:
+            raise
+        except Exception as exc:  # tarfile raises many types on malformed input
+            raise PackageError(
+                f"{self.display}: the archive is damaged or not a tar file "
+                f"({type(exc).__name__}: {str(exc)[:120]}); {_FIX_COPY}"
+            ) from None
+        return members
+
+    def _add_member(self, members: dict[str, tuple[int, int]], info: tarfile.TarInfo) -> None:
+        name = info.name
+        while name.startswith("./"):
+            name = name[2:]
+        name = name.rstrip("/") if info.isdir() else name
+        if name in ("", ".") and info.isdir():
+            return
+        where = f"{self.display}: archive member"
+        try:
+            check_path(name, where)
+        except PackageError as exc:
+            raise PackageError(
+                f"{exc}. The archive tries to write outside the package or uses an unsafe name; "
+                "refusing it"
+            ) from None
+        kinds = (
+            (info.issym(), "a symlink"),
+            (info.islnk(), "a hard link"),
+            (info.ischr() or info.isblk(), "a device file"),
+            (info.isfifo(), "a FIFO"),
+            (info.issparse(), "a sparse file"),
+        )
+        for bad, kind in kinds:
+            if bad:
+                raise PackageError(
+                    f"{where} {name!r} is {kind}; package archives hold regular files only, so "
+                    "refusing it: make the archive with edgestack.package.write_archive()"
+                )
+        if info.isdir():
+            return
+        if not info.isreg():
+            raise PackageError(
+                f"{where} {name!r} has tar type {info.type!r}; package archives hold regular files "
+                "only"
+            )
+        if name in members:
+            raise PackageError(
+                f"{where} {name!r} appears twice; the archive is ambiguous: {_FIX_COPY}"
+            )
+        end = info.offset_data + info.size
+        if end > self.size:
+            raise PackageError(
+                f"{where} {name!r} is truncated: expected {info.size} bytes at offset "
+                f"{info.offset_data}, the archive ends at {self.size} "
+                f"({max(0, self.size - info.offset_data)} bytes of the member present); {_FIX_COPY}"
+            )
+        members[name] = (info.offset_data, info.size)
+
+    def manifest_bytes(self) -> bytes:
+        if MANIFEST_NAME not in self.members:
+            raise PackageError(
+                f"{self.display}: the archive holds no {MANIFEST_NAME}, so it is not a package "
+                "archive"
+            )
+        offset, size = self.members[MANIFEST_NAME]
+        if size > MAX_MANIFEST_BYTES:
+            raise PackageError(
+                f"{self.display}: {MANIFEST_NAME} is {size} bytes, more than the "
+                f"{MAX_MANIFEST_BYTES} allowed; it is not an edgestack manifest, or is damaged"
+            )
+        buf = bytearray(size)
+        what = f"{self.display}: {MANIFEST_NAME}"
+        _pread_into(self._file.fileno(), memoryview(buf), offset, what)
+        return bytes(buf)
+
+    def check_files(self, manifest: Manifest) -> None:
+        for name, entry in manifest.files.items():
+            if name not in self.members:
+                raise PackageError(
+                    f"{self.display}: file {name!r} (role {entry.role}, {entry.size} bytes) is "
+                    f"listed in {MANIFEST_NAME} but not in the archive; {_FIX_COPY}"
+                )
+            found = self.members[name][1]
+            if found != entry.size:
+                raise _size_error(self.display, name, entry.size, found)
+        extra = [n for n in self.members if n != MANIFEST_NAME and n not in manifest.files]
+        if extra:
+            raise PackageError(
+                f"{self.display}: archive members {', '.join(map(repr, extra[:5]))} are not listed "
+                f"in {MANIFEST_NAME}; a package archive holds only listed files: {_FIX_COPY}"
+            )
+
+    def locate(self, name: str) -> tuple[int, int]:
+        return self._file.fileno(), self.members[name][0]
+
+    def memmap(self, name: str, size: int) -> np.ndarray:
+        try:
+            offset = self.members[name][0]
+            return np.memmap(self.path, dtype=np.uint8, mode="r", offset=offset, shape=(size,))
+        except (OSError, ValueError) as exc:
+            raise PackageError(
+                f"{self.display}: cannot memory-map {name!r} ({exc}); {_FIX_COPY}"
+            ) from None
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def _iter_tar(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    while True:
+        info = tar.next()
+        if info is None:
+            return
+        yield info
+
+
+# ------------------------------------------------------------------------------------------
+# Package
+# ------------------------------------------------------------------------------------------
+
+
+class Package:
+    """An opened, structurally checked device package (directory or ``.tar``).
+
+    Use :meth:`open`. Attributes: ``path``, ``manifest`` (:class:`~.format.Manifest`),
+    ``counter`` (:class:`ByteCounter` of block-file reads). Close with :meth:`close` or a
+    ``with`` block; views and chunks handed out stay valid after closing.
+    """
+
+    def __init__(self, path: Path, source: _Source, manifest: Manifest) -> None:
+        self.path = path
+        self.manifest = manifest
+        self.counter = ByteCounter()
+        self._source = source
+        self._map: np.ndarray | None = None
+        self._layer_records: dict[str, list[BlockRecord]] = {name: [] for name in manifest.layers}
+        for rec in manifest.block_index:
+            self._layer_records[rec.layer].append(rec)
+        self._offsets = [rec.offset for rec in manifest.block_index]
+
+    # ---- opening ----------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> "Package":
+        """Open and check a package directory or ``.tar`` archive (no hashing: see
+        :meth:`verify`).
+
+        Raises:
+            PackageError: the path is missing, not a package, or fails a check.
+        """
+        p = Path(path)
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            raise PackageError(
+                f"{p}: no such file or directory; expected a package directory or .tar archive"
+            ) from None
+        except OSError as exc:
+            raise PackageError(f"{p}: cannot access ({exc})") from None
+        if stat.S_ISDIR(st.st_mode):
+            source: _Source = _DirSource(p)
+        elif stat.S_ISREG(st.st_mode):
+            source = _TarSource(p)
+        else:
+            raise PackageError(
+                f"{p}: neither a directory nor a regular file; expected a package directory or "
+                ".tar archive"
+            )
+        try:
+            manifest = Manifest.from_bytes(source.manifest_bytes(), str(p))
+            source.check_files(manifest)
+        except BaseException:
+            source.close()
+            raise
+        return cls(p, source, manifest)
+
+    def close(self) -> None:
+        """Close the package's files (views already handed out stay valid)."""
+        self._map = None
+        self._source.close()
+
+    def __enter__(self) -> "Package":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"Package({str(self.path)!r}, model={self.manifest.model.name!r}, "
+            f"target={self.manifest.target!r}, tiers={len(self.tiers)}, layers={len(self.layers)})"
+        )
+
+    # ---- manifest shortcuts -----------------------------------------------------------
+    @property
+    def is_archive(self) -> bool:
+        """Whether the package is read from a ``.tar`` archive."""
+        return self._source.is_archive
+
+    @property
+    def files(self) -> Mapping[str, FileEntry]:
+        return self.manifest.files
+
+    @property
+    def layers(self) -> Mapping[str, LayerInfo]:
+        return self.manifest.layers
+
+    @property
+    def tiers(self) -> tuple[Tier, ...]:
+        return self.manifest.tiers
+
+    @property
+    def block_index(self) -> tuple[BlockRecord, ...]:
+        return self.manifest.block_index
+
+    @property
+    def golden_info(self) -> Golden | None:
+        return self.manifest.golden
+
+    @property
+    def graph_file(self) -> str:
+        """Name of the model graph file (the one file with role ``graph``)."""
+        return next(n for n, e in self.files.items() if e.role == "graph")
+
+    @property
+    def block_file_size(self) -> int:
+        """Size of ``blocks.bin`` (0 when the package has no BitStack layers)."""
+        entry = self.files.get(BLOCK_FILE)
+        return entry.size if entry else 0
+
+    # ---- whole files ------------------------------------------------------------------
+    def _entry(self, name: str) -> FileEntry:
+        if not isinstance(name, str) or name not in self.files:
+            listed = ", ".join(map(repr, list(self.files)[:10]))
+            raise PackageError(
+                f"{self.path}: no file {name!r} in the package; listed files: {listed}"
+            )
+        return self.files[name]
+
+    def _hash_file(self, entry: FileEntry, keep: bool) -> tuple[str, bytes | None]:
+        fd, base = self._source.locate(entry.name)
+        digest = hashlib.sha256()
+        out = bytearray(entry.size) if keep else None
+        buf = bytearray(min(_CHUNK, max(entry.size, 1)))
+        pos = 0
+        while pos < entry.size:
+            n = min(len(buf), entry.size - pos)
+            view = memoryview(out)[pos : pos + n] if out is not None else memoryview(buf)[:n]
+            _pread_into(fd, view, base + pos, f"{self.path}: {entry.name}")
+            digest.update(view)
+            pos += n
+        return digest.hexdigest(), (bytes(out) if out is not None else None)
+
+    def _check_hash(self, entry: FileEntry, found: str) -> None:
+        if found != entry.sha256:
+            raise PackageError(
+                f"{self.path}: file {entry.name!r} is damaged: sha256 expected {entry.sha256}, "
+                f"found {found} ({entry.size} bytes); it changed after packing: {_FIX_COPY}"
+            )
+
+    def verify(self, names: list[str] | None = None) -> None:
+        """Hash every listed file (or ``names``) and compare with the manifest.
+
+        Raises:
+            PackageError: naming the first file whose sha256 differs, expected vs found.
+        """
+        for name in self.files if names is None else names:
+            entry = self._entry(name)
+            self._check_hash(entry, self._hash_file(entry, keep=False)[0])
+
+    def read_file(self, name: str, *, verify: bool = True) -> bytes:
+        """The whole content of a listed file (e.g. the graph), hash-checked by default."""
+        entry = self._entry(name)
+        found, data = self._hash_file(entry, keep=True)
+        if verify:
+            self._check_hash(entry, found)
+        assert data is not None
+        return data
+
+    def file_path(self, name: str) -> Path:
+        """Filesystem path of a listed file; directory packages only.
+
+        Raises:
+            PackageError: unknown file, or the package is an archive (extract it first).
+        """
+        entry = self._entry(name)
+        path = self._source.local_path(entry.name)
+        if path is None:
+            raise PackageError(
+                f"{self.path}: {name!r} is inside an archive and has no path of its own; "
+                "extract it with edgestack.package.extract_archive() first"
+            )
+        return path
+
+    def golden(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The golden ``(inputs, outputs)`` arrays for the self-test (hash-checked).
+
+        Raises:
+            PackageError: the package has no golden data, or a golden file is unreadable.
+        """
+        info = self.golden_info
+        if info is None:
+            raise PackageError(
+                f"{self.path}: the package has no golden data; repack with "
+                "PackageWriter.add_golden(inputs, outputs) to enable the self-test"
+            )
+        return self._load_npz(info.inputs), self._load_npz(info.outputs)
+
+    def _load_npz(self, name: str) -> dict[str, np.ndarray]:
+        data = self.read_file(name)
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                return {key: npz[key] for key in npz.files}
+        except PackageError:
+            raise
+        except _NPZ_ERRORS as exc:
+            raise PackageError(
+                f"{self.path}: golden file {name!r} is not a readable .npz without pickles "
+                f"({type(exc).__name__}: {str(exc)[:120]}); repack the model"
+            ) from None
+
+    # ---- block file -------------------------------------------------------------------
+    def _int_arg(self, value: Any, what: str, lo: int, hi: int) -> int:
+        ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+        if not ok or not lo <= int(value) <= hi:
+            raise PackageError(
+                f"{self.path}: {what} must be an integer in [{lo}, {hi}], found {value!r}"
+            )
+        return int(value)
+
+    def read_prefix(self, start: int, end: int) -> np.ndarray:
+        """Read block-file bytes ``[start, end)`` into a new uint8 buffer (counted).
+
+        The buffer is placed so that ``buffer[i]`` has the alignment of file offset
+        ``start + i`` modulo 64.
+        """
+        size = self.block_file_size
+        end = self._int_arg(end, "end", 0, size)
+        start = self._int_arg(start, "start", 0, end)
+        n = end - start
+        raw = np.empty(n + BLOCK_ALIGN, dtype=np.uint8)
+        shift = (start - raw.ctypes.data) % BLOCK_ALIGN
+        data = raw[shift : shift + n]
+        if n:
+            fd, base = self._source.locate(BLOCK_FILE)
+            got = _pread_into(fd, memoryview(data), base + start, f"{self.path}: {BLOCK_FILE}")
+            self.counter._add_read(start, start + got)
+        return data
+
+    def records_between(self, start: int, end: int) -> list[BlockRecord]:
+        """Block records lying wholly inside bytes ``[start, end)``, in storage order."""
+        i = bisect.bisect_left(self._offsets, start)
+        out = []
+        for rec in self.block_index[i:]:
+            if rec.end > end:
+                break
+            out.append(rec)
+        return out
+
+    def _view(self, rec: BlockRecord, buf: np.ndarray, base: int) -> BlockView:
+        info = self.layers[rec.layer]
+        m, n = info.matrix_shape
+        dtype = np.dtype(FACTOR_DTYPES[info.dtype])
+        signs = buf[rec.signs - base : rec.signs - base + info.signs_bytes]
+        u = buf[rec.u - base : rec.u - base + info.u_bytes].view(dtype).reshape(m, info.rank)
+        v = buf[rec.v - base : rec.v - base + info.v_bytes].view(dtype).reshape(info.rank, n)
+        return BlockView(rec.layer, rec.block, signs, u, v)
+
+    def views_of(self, data: np.ndarray, start: int) -> list[BlockView]:
+        """Views of the blocks wholly inside ``data``, a buffer of block-file bytes from
+        offset ``start`` (as returned by :meth:`read_prefix`)."""
+        data = np.asarray(data)
+        if data.dtype != np.uint8 or data.ndim != 1:
+            raise PackageError(
+                f"{self.path}: expected a 1-D uint8 buffer, found {data.dtype} {data.shape}"
+            )
+        records = self.records_between(start, start + data.size)
+        return [self._view(rec, data, start) for rec in records]
+
+    def read_blocks(self, tier: int, *, start_tier: int | None = None) -> BlockChunk:
+        """Read the block-file bytes tier ``tier`` needs (one sequential read) and view them.
+
+        With ``start_tier=s`` (``s <= tier``) only the bytes that tier ``tier`` adds to tier
+        ``s``, ``[tiers[s].bytes, tiers[tier].bytes)``, are read: that is how a runtime grows.
+        """
+        last = len(self.tiers) - 1
+        tier = self._int_arg(tier, "tier", 0, last)
+        start = 0
+        if start_tier is not None:
+            start_tier = self._int_arg(start_tier, f"start_tier (<= tier {tier})", 0, tier)
+            start = self.tiers[start_tier].bytes
+        end = self.tiers[tier].bytes
+        data = self.read_prefix(start, end)
+        blocks = tuple(self.views_of(data, start))
+        data.flags.writeable = False
+        return BlockChunk(start, end, data, blocks)
+
+    def block_views(self, layer: str, n: int | None = None) -> list[BlockView]:
+        """Zero-copy views (memory map) of the first ``n`` blocks of ``layer`` (default all).
+
+        Not counted as reads: the OS pages the bytes in on first touch (see the module doc).
+        """
+        if not isinstance(layer, str) or layer not in self.layers:
+            known = ", ".join(map(repr, list(self.layers)[:10]))
+            raise PackageError(f"{self.path}: no BitStack layer {layer!r}; layers: {known}")
+        total = self.layers[layer].n_blocks
+        n = total if n is None else self._int_arg(n, f"n (blocks of {layer!r})", 0, total)
+        if self._map is None:
+            self._map = self._source.memmap(BLOCK_FILE, self.block_file_size)
+        views = [self._view(rec, self._map, 0) for rec in self._layer_records[layer][:n]]
+        self.counter._add_mapped(sum(rec.length for rec in self._layer_records[layer][:n]))
+        return views
+
+    def layer_stack(self, layer: str, n: int | None = None) -> Any:
+        """The first ``n`` blocks of ``layer`` as an :class:`~edgestack.formats.BitStackStack`
+        (stacked copies of the memory-mapped views)."""
+        from edgestack.formats.bitstack import BitStackStack
+
+        views = self.block_views(layer, n)
+        if not views:
+            raise PackageError(
+                f"{self.path}: a BitStack stack needs at least one block of {layer!r}, asked for 0"
+            )
+        info = self.layers[layer]
+        return BitStackStack(
+            np.stack([b.signs for b in views]),
+            np.stack([b.u for b in views]).astype(np.float16),
+            np.stack([b.v for b in views]).astype(np.float16),
+            info.shape,
+        )
+
+
+__all__ = ["ByteCounter", "BlockView", "BlockChunk", "Package"]
