@@ -76,6 +76,10 @@ class BitStackWeight(nn.Module):
 
     def forward(self) -> torch.Tensor:
         b = self.active_blocks
+        if b == self.n_blocks:
+            # No slice when every block is active: the exported graph then feeds the
+            # buffers themselves (named after the layer) to the decode node.
+            return torch.ops.edgestack.bitstack_weight(self.signs, self.u, self.v, self.shape)
         return torch.ops.edgestack.bitstack_weight(
             self.signs[:b], self.u[:b], self.v[:b], self.shape
         )

@@ -1,0 +1,513 @@
+"""``compress()``: the one entry point of the compression passes, and what they share.
+
+:func:`compress` checks the method and its options, finds the layers the pass may touch
+(supported types, minus ``skip`` prefixes, minus layers inside unsupported modules), refuses
+NaN/Inf weights before anything changes, collects calibration statistics if the pass wants
+them, and runs the pass under ``torch.no_grad`` with the model in eval mode.
+
+A pass is a module (``shift``, ``bitstack``, ``lowrank``, ``prune``) with:
+
+- ``OPTIONS``: ``{name: default}`` (``skip`` is added for every method);
+- ``check_options(options)``: raise :class:`~edgestack.errors.CompressError` on bad values;
+- ``run(ctx)``: modify ``ctx.model`` in place and fill ``ctx.report``.
+
+Calibration statistics (:func:`collect_input_stats`) are running sums kept per watched
+layer input (per-channel sum, sum of absolute values, sum of squares, optionally the Gram
+matrix of the layer's matrix input), so memory stays bounded whatever the calibration size.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import numbers
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgestack.compress.report import CompressReport, SkippedLayer
+from edgestack.compress.walk import (
+    LayerInfo,
+    check_finite_weight,
+    iter_layers,
+    unsupported_layers,
+)
+from edgestack.errors import CompressError
+
+METHODS = ("none", "prune", "shift", "lowrank", "bitstack")
+
+_PASS_MODULES = {
+    "prune": "edgestack.compress.prune",
+    "shift": "edgestack.compress.shift",
+    "lowrank": "edgestack.compress.lowrank",
+    "bitstack": "edgestack.compress.bitstack",
+}
+
+COMMON_OPTIONS: dict[str, Any] = {"skip": ()}
+
+
+# --------------------------------------------------------------------------- options
+
+
+def _pass_module(method: str) -> Any:
+    return importlib.import_module(_PASS_MODULES[method])
+
+
+def method_options(method: str) -> dict[str, Any]:
+    """The options ``method`` takes, with their defaults (``skip`` included).
+
+    Raises:
+        CompressError: unknown method.
+    """
+    _check_method(method)
+    if method == "none":
+        return dict(COMMON_OPTIONS)
+    return {**_pass_module(method).OPTIONS, **COMMON_OPTIONS}
+
+
+def _check_method(method: Any) -> None:
+    if method not in METHODS:
+        hint = difflib.get_close_matches(str(method), METHODS, n=1)
+        raise CompressError(
+            f"unknown compression method {method!r}; valid methods are {', '.join(METHODS)}"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+        )
+
+
+def _resolve_options(method: str, given: dict[str, Any]) -> dict[str, Any]:
+    valid = method_options(method)
+    unknown = [name for name in given if name not in valid]
+    if unknown:
+        name = unknown[0]
+        owners = [m for m in METHODS[1:] if m != method and name in method_options(m)]
+        hint = difflib.get_close_matches(name, list(valid), n=1)
+        raise CompressError(
+            f"method {method!r} has no option {name!r}; its options are "
+            f"{', '.join(sorted(valid))}"
+            + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            + (f"; {name!r} is an option of {', '.join(owners)}" if owners else "")
+        )
+    opts = {**valid, **given}
+    opts["skip"] = _check_skip(opts["skip"])
+    if method != "none":
+        _pass_module(method).check_options(opts)
+    return opts
+
+
+def _check_skip(skip: Any) -> tuple[str, ...]:
+    if isinstance(skip, str):
+        skip = (skip,)
+    if not isinstance(skip, (tuple, list)) or not all(isinstance(s, str) for s in skip):
+        raise CompressError(
+            f"option skip: expected a tuple of module-name prefixes (str), found {skip!r}; "
+            "pass e.g. skip=('pooler', 'encoder.layer.0')"
+        )
+    return tuple(s.rstrip(".") for s in skip)
+
+
+def check_int(name: str, value: Any, lo: int, hi: int | None = None, hint: str = "") -> None:
+    """Refuse ``value`` unless it is an int in ``[lo, hi]`` (``hi`` None: unbounded)."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    ok = ok and lo <= value and (hi is None or value <= hi)
+    if not ok:
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise CompressError(
+            f"option {name}: expected an integer {rng}, found {value!r}"
+            + (f"; {hint}" if hint else "")
+        )
+
+
+def check_float(name: str, value: Any, lo: float, hi: float, lo_open: bool = False,
+                hint: str = "") -> None:
+    """Refuse ``value`` unless it is a real number in ``[lo, hi]`` (``(lo, hi]`` if lo_open)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    ok = ok and (lo < value if lo_open else lo <= value) and value <= hi
+    if not ok:
+        rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise CompressError(
+            f"option {name}: expected a number in {rng}, found {value!r}"
+            + (f"; {hint}" if hint else "")
+        )
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
+    """Refuse ``value`` unless it is one of ``choices``."""
+    choices = tuple(choices)
+    if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
+        raise CompressError(
+            f"option {name}: expected one of {', '.join(repr(c) for c in choices)}, "
+            f"found {value!r}"
+        )
+
+
+# --------------------------------------------------------------------------- context
+
+
+@dataclass
+class PassContext:
+    """What a pass gets: the model, its layers, options, calibration data and the report.
+
+    Attributes:
+        model: the model, modified in place.
+        method: the method name.
+        options: resolved options (defaults filled in, ``skip`` a tuple).
+        layers: supported layers the pass may touch (finite weights, not skipped).
+        calib: calibration inputs (``model(**x)``) or None.
+        progress: show tqdm progress bars.
+        report: the report the pass fills.
+    """
+
+    model: nn.Module
+    method: str
+    options: dict[str, Any]
+    layers: list[LayerInfo]
+    calib: list[dict[str, Any]] | None
+    progress: bool
+    report: CompressReport = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.report = CompressReport(self.method, dict(self.options))
+
+    def skip(self, name: str, reason: str) -> None:
+        """Record a layer left dense."""
+        self.report.skipped.append(SkippedLayer(name, reason))
+
+    def iterate(self, items: Iterable[Any], desc: str, total: int | None = None) -> Iterable[Any]:
+        """``items``, wrapped in a tqdm bar when ``progress`` is on."""
+        return progress_iter(items, self.progress, desc, total)
+
+    def is_skipped(self, name: str) -> bool:
+        """Whether ``name`` matches a ``skip`` prefix."""
+        return _matches(name, self.options["skip"]) is not None
+
+
+def progress_iter(items: Iterable[Any], enabled: bool, desc: str,
+                  total: int | None = None) -> Iterable[Any]:
+    """Wrap ``items`` in a tqdm progress bar (stderr) when ``enabled`` and tqdm is installed."""
+    if not enabled:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is optional: no bar, same work
+        return items
+    return tqdm(items, desc=desc, total=total, leave=False)
+
+
+def _matches(name: str, prefixes: tuple[str, ...]) -> str | None:
+    for p in prefixes:
+        if name == p or name.startswith(p + ".") or p == "":
+            return p
+    return None
+
+
+def zero_padding_problem(layer: LayerInfo) -> str | None:
+    """Why a decode-based layer (shift, bitstack, low-rank) cannot replace ``layer``, or None."""
+    mode = getattr(layer.module, "padding_mode", "zeros")
+    if mode != "zeros":
+        return f"padding_mode {mode!r} (only 'zeros' is supported by compressed layers)"
+    return None
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+class InputStats:
+    """Running per-channel statistics of one layer's input (bounded memory).
+
+    Channels are the last dimension for linear layers and dimension 1 for convolutions; a
+    conv's statistics are over batch and positions. With ``gram`` the Gram matrix
+    ``X^T X`` of the layer's matrix input is kept too (for a conv, of the unfolded patches,
+    columns in the order of ``weight.reshape(out, -1)``).
+
+    Attributes:
+        count: number of vectors seen per channel.
+        sum, sum_abs, sum_sq: float64 ``[channels]``.
+        gram: float64 ``[n, n]`` or None; ``gram_count`` rows went into it.
+    """
+
+    def __init__(self, layer: LayerInfo, channels: int, gram: bool) -> None:
+        self.layer = layer
+        self.count = 0
+        self.sum = torch.zeros(channels, dtype=torch.float64)
+        self.sum_abs = torch.zeros(channels, dtype=torch.float64)
+        self.sum_sq = torch.zeros(channels, dtype=torch.float64)
+        self.want_gram = gram
+        self.gram: torch.Tensor | None = None
+        self.gram_count = 0
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Mean input per channel."""
+        return self.sum / max(1, self.count)
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        """Mean absolute input per channel."""
+        return self.sum_abs / max(1, self.count)
+
+    @property
+    def mean_sq(self) -> torch.Tensor:
+        """Mean squared input per channel."""
+        return self.sum_sq / max(1, self.count)
+
+    @property
+    def var(self) -> torch.Tensor:
+        """Variance of the input per channel (FLAP's fluctuation uses this)."""
+        return (self.mean_sq - self.mean**2).clamp_min(0)
+
+    def column_mean_sq(self, n_columns: int) -> torch.Tensor:
+        """Mean squared input per weight column of the ``[out, in*kernel]`` view, float64.
+
+        Returns ``[n_columns]``, or ``[out, n_columns]`` for a grouped convolution, whose
+        rows read different input channels.
+        """
+        ms = self.mean_sq
+        groups = int(getattr(self.layer.module, "groups", 1))
+        per_group = ms.numel() // groups
+        if n_columns % per_group:
+            raise CompressError(
+                f"layer {self.layer.name!r}: {n_columns} weight columns do not match "
+                f"{ms.numel()} input channels seen in calibration"
+            )
+        reps = n_columns // per_group
+        if groups == 1:
+            return ms.repeat_interleave(reps)
+        out = int(self.layer.module.weight.shape[0])
+        per_row = ms.reshape(groups, per_group).repeat_interleave(reps, dim=1)
+        return per_row.repeat_interleave(out // groups, dim=0)
+
+    def update(self, x: torch.Tensor) -> None:
+        """Add one input tensor of the layer."""
+        kind = self.layer.kind
+        x = x.detach()
+        if kind == "linear":
+            rows = x.reshape(-1, x.shape[-1])
+        else:
+            spatial = 1 if kind == "conv1d" else 2
+            if x.dim() == spatial + 1:  # unbatched input
+                x = x.unsqueeze(0)
+            rows = x.movedim(1, -1).reshape(-1, x.shape[1])
+        rows64 = rows.to(torch.float64)
+        self.count += rows64.shape[0]
+        self.sum += rows64.sum(0).cpu()
+        self.sum_abs += rows64.abs().sum(0).cpu()
+        self.sum_sq += (rows64 * rows64).sum(0).cpu()
+        if self.want_gram:
+            mat = rows64 if kind == "linear" else self._patches(x).to(torch.float64)
+            if mat is None:
+                self.want_gram = False
+                self.gram = None
+                return
+            g = (mat.t() @ mat).cpu()
+            self.gram = g if self.gram is None else self.gram + g
+            self.gram_count += mat.shape[0]
+
+    def _patches(self, x: torch.Tensor) -> torch.Tensor | None:
+        m = self.layer.module
+        if isinstance(m.padding, str):  # 'same'/'valid': no unfold equivalent kept here
+            return None
+        if self.layer.kind == "conv1d":
+            x = x.unsqueeze(-1)
+            ks, st, pd, dl = ((m.kernel_size[0], 1), (m.stride[0], 1), (m.padding[0], 0),
+                              (m.dilation[0], 1))
+        else:
+            ks, st, pd, dl = m.kernel_size, m.stride, m.padding, m.dilation
+        cols = F.unfold(x.float(), ks, dilation=dl, padding=pd, stride=st)  # [B, C*k, L]
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _input_channels(layer: LayerInfo) -> int:
+    w = layer.module.weight
+    if layer.transposed:
+        return int(w.shape[0])
+    if layer.kind == "linear":
+        return int(w.shape[1])
+    return int(w.shape[1]) * int(layer.module.groups)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def check_calib(calib: Any) -> list[dict[str, Any]] | None:
+    """Validate the ``calib`` argument: None or a non-empty list of input dicts."""
+    if calib is None:
+        return None
+    if isinstance(calib, Mapping):
+        raise CompressError(
+            "calib: expected a list of input dicts (kwargs for model(**x)), found a single "
+            "dict; wrap it in a list: calib=[inputs]"
+        )
+    if not isinstance(calib, (list, tuple)) or not all(isinstance(x, Mapping) for x in calib):
+        raise CompressError(
+            f"calib: expected a list of input dicts (kwargs for model(**x)), found "
+            f"{type(calib).__name__}"
+            + (f" of {type(calib[0]).__name__}" if isinstance(calib, (list, tuple)) and calib
+               else "")
+        )
+    if not calib:
+        raise CompressError("calib: the list of calibration inputs is empty; pass calib=None "
+                            "to compress without calibration data")
+    return [dict(x) for x in calib]
+
+
+def run_calib(model: nn.Module, calib: list[dict[str, Any]], progress: bool,
+              desc: str = "calibration") -> None:
+    """Run ``model(**x)`` for every calibration input (no grad), moving tensors to the model."""
+    device = _model_device(model)
+    for i, inputs in enumerate(progress_iter(calib, progress, desc)):
+        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
+                  for k, v in inputs.items()}
+        try:
+            model(**kwargs)
+        except Exception as exc:  # noqa: BLE001  (re-raised with context)
+            raise CompressError(
+                f"calibration input #{i} (keys {', '.join(inputs)}) failed in the model: "
+                f"{type(exc).__name__}: {exc}; pass inputs the model's forward accepts"
+            ) from exc
+
+
+def collect_input_stats(
+    model: nn.Module,
+    calib: list[dict[str, Any]],
+    layers: Iterable[LayerInfo],
+    gram: Callable[[LayerInfo], bool] | bool = False,
+    progress: bool = False,
+) -> dict[str, InputStats]:
+    """Run the calibration inputs and return input statistics for each layer, by name.
+
+    Args:
+        model: the model (unchanged).
+        calib: calibration inputs, ``model(**x)``.
+        layers: the layers whose inputs to watch.
+        gram: whether (or a predicate saying for which layer) to keep the Gram matrix.
+        progress: show a progress bar.
+    """
+    stats: dict[str, InputStats] = {}
+    handles = []
+    for layer in layers:
+        want = gram(layer) if callable(gram) else bool(gram)
+        st = InputStats(layer, _input_channels(layer), want)
+        stats[layer.name] = st
+
+        def hook(_mod: nn.Module, args: tuple[Any, ...], st: InputStats = st) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                st.update(args[0])
+
+        handles.append(layer.module.register_forward_pre_hook(hook))
+    try:
+        run_calib(model, calib, progress)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _select_layers(model: nn.Module, skip: tuple[str, ...]
+                   ) -> tuple[list[LayerInfo], list[SkippedLayer], list[str], int]:
+    """Layers a pass may touch; skipped ones with reasons; unsupported names; supported count."""
+    unsupported = unsupported_layers(model)
+    unsupported_names = [n for n, _ in unsupported]
+    skipped = [SkippedLayer(n, f"unsupported layer type {t}: left dense") for n, t in unsupported]
+    layers: list[LayerInfo] = []
+    n_supported = 0
+    for layer in iter_layers(model):
+        inside = _matches(layer.name, tuple(unsupported_names))
+        if inside is not None:  # e.g. MultiheadAttention.out_proj: its parent reads .weight
+            skipped.append(SkippedLayer(layer.name, f"inside unsupported module {inside!r}"))
+            continue
+        n_supported += 1
+        prefix = _matches(layer.name, skip)
+        if prefix is not None:
+            skipped.append(SkippedLayer(layer.name, f"matches skip prefix {prefix!r}"))
+            continue
+        layers.append(layer)
+    return layers, skipped, [f"{n} ({t})" for n, t in unsupported], n_supported
+
+
+def compress(
+    model: nn.Module,
+    method: str,
+    *,
+    calib: list[dict[str, Any]] | None = None,
+    progress: bool = False,
+    **options: Any,
+) -> CompressReport:
+    """Compress ``model`` in place with ``method`` and report what changed.
+
+    Args:
+        model: a torch model; put in eval mode and modified in place.
+        method: one of :data:`METHODS`: ``"none"`` (no change), ``"prune"`` (structured
+            pruning of heads and channels), ``"shift"`` (power-of-two codes), ``"lowrank"``
+            (SVD factors) or ``"bitstack"`` (sign + rank-k residual blocks).
+        calib: optional calibration inputs, a list of dicts (``model(**x)``); passes use
+            activation statistics from them (collected with hooks as running sums).
+        progress: show tqdm progress bars.
+        **options: method options (see :func:`method_options`); every method takes
+            ``skip``, a tuple of module-name prefixes to leave dense.
+
+    Returns:
+        The :class:`~edgestack.compress.report.CompressReport`.
+
+    Raises:
+        CompressError: unknown method or option, option out of range, no supported layer,
+            or a weight holding NaN/Inf (checked before anything is changed).
+    """
+    _check_method(method)
+    opts = _resolve_options(method, options)
+    calib = check_calib(calib)
+    if not isinstance(model, nn.Module):
+        raise CompressError(
+            f"compress: expected a torch.nn.Module, found {type(model).__name__}"
+        )
+    model.eval()
+    if method == "none":
+        return CompressReport("none", opts)
+    layers, skipped, unsupported, n_supported = _select_layers(model, opts["skip"])
+    if n_supported == 0:
+        found = f"; found only unsupported layers: {', '.join(unsupported)}" if unsupported else ""
+        raise CompressError(
+            f"method {method!r}: the model ({type(model).__name__}) has no supported layer "
+            f"(nn.Linear, nn.Conv1d, nn.Conv2d, GPT-2 Conv1D){found}; use method 'none' to "
+            "export it dense"
+        )
+    if not layers:
+        raise CompressError(
+            f"method {method!r}: all {n_supported} supported layer(s) match skip={opts['skip']!r}"
+            "; remove some prefixes from skip, or use method 'none'"
+        )
+    for layer in layers:
+        check_finite_weight(layer)
+    ctx = PassContext(model, method, opts, layers, calib, progress)
+    ctx.report.skipped.extend(skipped)
+    if unsupported:
+        msg = (f"{len(unsupported)} layer(s) of unsupported type left dense: "
+               f"{', '.join(unsupported)}")
+        ctx.report.warnings.append(msg)
+        warnings.warn(msg, stacklevel=2)
+    with torch.no_grad():
+        _pass_module(method).run(ctx)
+    return ctx.report
+
+
+__all__ = [
+    "METHODS",
+    "compress",
+    "method_options",
+    "PassContext",
+    "InputStats",
+    "collect_input_stats",
+    "run_calib",
+    "check_calib",
+    "progress_iter",
+]

@@ -1,0 +1,33 @@
+"""Torch -> ONNX export that keeps compressed weights compressed.
+
+Public API:
+    export(model, inputs, out, ...) -> ExportResult    (export.py)
+    check_parity(onnx, torch_model, inputs, ...) -> ParityReport    (parity.py)
+    layer_sizes(onnx) -> SizeReport    (sizes.py)
+    the ``edgestack`` op domain: DOMAIN, DOMAIN_VERSION, OPS, get_op, register_schemas (ops.py)
+
+Importing this package imports onnx and onnx-ir; torch is imported when a function needs it.
+"""
+
+from edgestack.exporter.export import ExportResult, export
+from edgestack.exporter.ops import (DOMAIN, DOMAIN_VERSION, OPS, EdgestackOp, get_op,
+                                    register_schemas)
+from edgestack.exporter.parity import OutputParity, ParityReport, check_parity
+from edgestack.exporter.sizes import LayerSize, SizeReport, layer_sizes
+
+__all__ = [
+    "export",
+    "ExportResult",
+    "check_parity",
+    "ParityReport",
+    "OutputParity",
+    "layer_sizes",
+    "SizeReport",
+    "LayerSize",
+    "DOMAIN",
+    "DOMAIN_VERSION",
+    "OPS",
+    "EdgestackOp",
+    "get_op",
+    "register_schemas",
+]

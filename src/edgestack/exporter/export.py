@@ -1,0 +1,543 @@
+"""``export()``: a (compressed) torch model to an ONNX file that keeps the compression.
+
+Steps, each failing with an :class:`~edgestack.errors.ExportError` that names the step:
+
+1. run the model on the example inputs (eval mode, no grad): the torch reference outputs and
+   their names (:mod:`edgestack.exporter.signature`);
+2. ``torch.export.export`` (non-strict); every ``torch.ops.edgestack`` op in the program must
+   have a translation in :data:`edgestack.exporter.ops.OPS`;
+3. ``torch.onnx.export`` of that program with the ops' translation table: compressed weights
+   become ``edgestack.ShiftWeight`` / ``edgestack.BitStackWeight`` nodes over the packed
+   initializers (BitStack layers export their active prefix of blocks);
+4. add the ONNX functions of the ops used (``model.functions``), tag each ``edgestack`` node
+   with its torch layer (node metadata ``edgestack.layer``), write model metadata;
+5. save into a temporary folder next to ``out`` (initializers as external data
+   ``<out>.data`` when large), run ``onnx.checker.check_model(path, full_check=True)``;
+6. parity: ONNX Runtime vs torch (:mod:`edgestack.exporter.parity`); a failed parity is
+   reported in the result, never raised;
+7. move the files into place (atomic rename): on any failure nothing is left at ``out``.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import onnx
+
+from edgestack.errors import ExportError
+from edgestack.exporter import ops as es_ops
+from edgestack.exporter.parity import (DEFAULT_ATOL, DEFAULT_RTOL, ParityReport,
+                                       check_parity)
+from edgestack.exporter.signature import (ModelInputs, flatten_outputs, normalize_inputs,
+                                          unique_names)
+
+logger = logging.getLogger("edgestack.exporter")
+
+EXTERNAL_DATA_THRESHOLD = 100 * 2**20
+"""``external_data="auto"`` writes initializers externally above this many bytes (100 MiB)."""
+
+EXTERNAL_MIN_TENSOR_BYTES = 1024
+"""Tensors below this size stay inside the ``.onnx`` file even with external data."""
+
+# Model metadata_props keys written by export().
+META_VERSION = "edgestack.version"
+META_DOMAIN_VERSION = "edgestack.domain_version"
+META_LOWRANK = "edgestack.lowrank_layers"
+META_COMPRESSION = "edgestack.compression"
+META_LAYERS = "edgestack.layers"
+NODE_LAYER_KEY = "edgestack.layer"
+"""Node metadata key: the torch layer a ``edgestack`` node decodes the weight of."""
+
+_MESSAGE_LINES = 12
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export` wrote and measured.
+
+    Attributes:
+        path: the ONNX file.
+        data_path: the external data file, or None when all weights are inside ``path``.
+        input_names, output_names: graph inputs and outputs, in order.
+        custom_nodes: ``{op type: count}`` of ``edgestack`` nodes in the graph.
+        layers: ``{node name: torch layer name}`` of the ``edgestack`` nodes.
+        lowrank_layers: names of the low-rank layers (standard MatMul/Conv chains).
+        parity: the parity report, or None when parity was off.
+        file_bytes: size of ``path`` plus ``data_path``.
+        seconds: wall time per step (``forward``, ``torch_export``, ``onnx``, ``save``,
+            ``check``, ``parity``, ``total``).
+    """
+
+    path: Path
+    data_path: Path | None
+    input_names: list[str]
+    output_names: list[str]
+    custom_nodes: dict[str, int]
+    layers: dict[str, str]
+    lowrank_layers: list[str]
+    parity: ParityReport | None
+    file_bytes: int
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict."""
+        return {
+            "path": str(self.path),
+            "data_path": None if self.data_path is None else str(self.data_path),
+            "input_names": self.input_names,
+            "output_names": self.output_names,
+            "custom_nodes": self.custom_nodes,
+            "layers": self.layers,
+            "lowrank_layers": self.lowrank_layers,
+            "parity": None if self.parity is None else self.parity.to_dict(),
+            "file_bytes": self.file_bytes,
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+        }
+
+
+def _head(exc: BaseException, lines: int = _MESSAGE_LINES) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    kept = [ln for ln in text.splitlines() if ln.strip()][:lines]
+    return f"{type(exc).__name__}: " + "\n    ".join(kept)
+
+
+@contextlib.contextmanager
+def _export_mode(model: Any) -> Iterator[None]:
+    """Eval mode and active BitStack prefixes for the duration of the export, then restore."""
+    from edgestack.compress.layers import BitStackWeight
+
+    training = {m: m.training for m in model.modules()}
+    swapped = []
+    for m in model.modules():
+        if isinstance(m, BitStackWeight) and m.active_blocks < m.n_blocks:
+            b = m.active_blocks
+            swapped.append((m, m.signs, m.u, m.v))
+            m.signs, m.u, m.v = m.signs[:b].clone(), m.u[:b].clone(), m.v[:b].clone()
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, signs, u, v in swapped:
+            m.signs, m.u, m.v = signs, u, v
+        for m, flag in training.items():
+            m.training = flag
+
+
+def _lowrank_layers(model: Any) -> list[str]:
+    from edgestack.compress.layers import LowRankConv, LowRankLinear
+
+    return [n for n, m in model.named_modules() if isinstance(m, (LowRankLinear, LowRankConv))]
+
+
+def _weight_owner(model: Any) -> dict[int, str]:
+    """``{id(buffer): layer name}`` for the packed buffers of compressed layers."""
+    from edgestack.compress.layers import CompressedLayer
+
+    owners = {}
+    for name, m in model.named_modules():
+        if isinstance(m, CompressedLayer):
+            for buf in m.weight_module.buffers():
+                owners[id(buf)] = name
+    return owners
+
+
+def _dynamic_shapes(inputs: ModelInputs) -> Any:
+    """Batch (dim 0) dynamic for every input; sequence (dim 1) for 2-D integer inputs."""
+    import torch
+    from torch.export import Dim
+
+    specs = []
+    for t in inputs.tensors():
+        spec: dict[int, Any] = {}
+        if t.dim() >= 1:
+            spec[0] = Dim.DYNAMIC
+        if t.dim() == 2 and not torch.is_floating_point(t):
+            spec[1] = Dim.DYNAMIC
+        specs.append(spec or None)
+    if inputs.kwargs:
+        return dict(zip(inputs.names, specs))
+    return tuple(specs)
+
+
+def _name_dynamic_dims(graph: Any) -> None:
+    """Rename the tracer's symbols (``s43``) of input dims 0/1 to ``batch`` / ``sequence``."""
+    import onnx_ir as ir
+
+    names: dict[str, str] = {}
+    for value in graph.inputs:
+        dims = list(value.shape or ())
+        for axis, new in ((0, "batch"), (1, "sequence")):
+            if axis < len(dims) and isinstance(dims[axis], ir.SymbolicDim) and dims[axis].value:
+                names.setdefault(dims[axis].value, new)
+    if not names:
+        return
+    values = list(graph.inputs) + [v for n in graph.all_nodes() for v in n.outputs]
+    for value in values:
+        if value.shape is None:
+            continue
+        dims = [ir.SymbolicDim(names[d.value]) if isinstance(d, ir.SymbolicDim)
+                and d.value in names else d for d in value.shape]
+        value.shape = ir.Shape(dims)
+
+
+def _trace_inputs(inputs: ModelInputs, shapes: Any) -> ModelInputs:
+    """Inputs for tracing a dynamic export: dynamic dims of size 1 doubled.
+
+    ``torch.export`` specialises any dimension whose example size is 0 or 1 (a batch of one
+    would be baked in); repeating those slices gives the tracer a size of 2 instead.
+    """
+    import torch
+
+    specs = list(shapes.values()) if isinstance(shapes, dict) else list(shapes)
+    grown = []
+    for t, spec in zip(inputs.tensors(), specs):
+        for dim in (spec or {}):
+            if t.shape[dim] == 1:
+                t = torch.cat([t, t], dim=dim)
+        grown.append(t)
+    if inputs.kwargs:
+        return ModelInputs((), dict(zip(inputs.names, grown)), inputs.names)
+    return ModelInputs(tuple(grown), {}, inputs.names)
+
+
+def _resolve_external(mode: str | bool, nbytes: int) -> bool:
+    if mode in ("always", True):
+        return True
+    if mode in ("never", False):
+        return False
+    if mode == "auto":
+        return nbytes > EXTERNAL_DATA_THRESHOLD
+    raise ExportError(
+        f"external_data must be 'auto', 'always' or 'never', found {mode!r}"
+    )
+
+
+def _metadata_json(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if hasattr(value, "to_dict"):
+        value = value.to_dict()
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    return json.dumps(value, default=str, sort_keys=True)
+
+
+def _edgestack_nodes(graph: Any) -> list[Any]:
+    return [n for n in graph.all_nodes() if n.domain == es_ops.DOMAIN]
+
+
+def _layer_of_node(node: Any, owners_by_name: dict[str, str]) -> str:
+    """The torch layer a node decodes: from its initializer inputs, else its name scope."""
+    for value in node.inputs:
+        if value is not None and value.name in owners_by_name:
+            return owners_by_name[value.name]
+    # The dynamo exporter records the qualified module names around each node, e.g.
+    # ['', 'features', 'features.0', 'features.0.weight_module', 'bitstack_weight'].
+    try:
+        scopes = ast.literal_eval(node.metadata_props.get("pkg.torch.onnx.name_scopes", "[]"))
+    except (ValueError, SyntaxError):
+        scopes = []
+    suffix = ".weight_module"
+    for scope in reversed(scopes if isinstance(scopes, list) else []):
+        if isinstance(scope, str) and scope.endswith(suffix):
+            return scope[: -len(suffix)]
+    return node.name
+
+
+def _postprocess(model_ir: Any, owners_by_name: dict[str, str], output_names: list[str],
+                 lowrank: list[str], metadata: Any) -> tuple[dict[str, int], dict[str, str]]:
+    """Add functions, node layer tags, output names and metadata to the exported model."""
+    import edgestack
+
+    graph = model_ir.graph
+    opset = model_ir.opset_imports.get("", None) or graph.opset_imports.get("")
+    nodes = _edgestack_nodes(graph)
+    counts: dict[str, int] = {}
+    layers: dict[str, str] = {}
+    for node in nodes:
+        op = es_ops.get_op(node.op_type)
+        counts[op.name] = counts.get(op.name, 0) + 1
+        layer = _layer_of_node(node, owners_by_name)
+        node.metadata_props[NODE_LAYER_KEY] = layer
+        layers[node.name] = layer
+        key = (es_ops.DOMAIN, op.name, "")
+        if key not in model_ir.functions:
+            model_ir.functions[key] = op.function(opset)
+    if nodes:
+        model_ir.opset_imports[es_ops.DOMAIN] = es_ops.DOMAIN_VERSION
+        graph.opset_imports[es_ops.DOMAIN] = es_ops.DOMAIN_VERSION
+
+    _name_dynamic_dims(graph)
+    if len(output_names) == len(graph.outputs):
+        taken = {v.name for v in graph.inputs} | set(graph.initializers)
+        for value, name in zip(graph.outputs, output_names):
+            if value.name != name and name not in taken:
+                value.name = name
+
+    props = model_ir.metadata_props
+    props[META_VERSION] = edgestack.__version__
+    props[META_DOMAIN_VERSION] = str(es_ops.DOMAIN_VERSION)
+    props[META_LOWRANK] = json.dumps(lowrank)
+    props[META_LAYERS] = json.dumps(layers, sort_keys=True)
+    if metadata is not None:
+        if isinstance(metadata, dict):
+            for key, value in metadata.items():
+                if key == "compression":
+                    key = META_COMPRESSION
+                props[str(key)] = _metadata_json(value)
+        else:  # a compression report object
+            props[META_COMPRESSION] = _metadata_json(metadata)
+    return counts, layers
+
+
+def _initializer_bytes(model_ir: Any) -> int:
+    total = 0
+    for value in model_ir.graph.initializers.values():
+        if value.const_value is not None:
+            total += int(value.const_value.nbytes)
+    return total
+
+
+def export(
+    model: Any,
+    inputs: Any,
+    out: str | os.PathLike,
+    *,
+    opset: int = 20,
+    dynamic: bool = False,
+    external_data: str = "auto",
+    parity: bool = True,
+    atol: float = DEFAULT_ATOL,
+    rtol: float = DEFAULT_RTOL,
+    metadata: Any = None,
+    log: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Export a (compressed) torch model to ONNX, keeping compressed weights compressed.
+
+    Args:
+        model: a ``torch.nn.Module``; compressed layers (``CompressedLayer`` with shift or
+            BitStack weights) become ``edgestack``-domain decode nodes.
+        inputs: example inputs, a dict of keyword tensors (graph inputs named after the keys)
+            or a tuple of positional tensors.
+        out: the ``.onnx`` path to write; replaced only when the export succeeds.
+        opset: default-domain opset (>= 18, the function bodies' minimum).
+        dynamic: make dim 0 (batch) of every input and dim 1 (sequence) of 2-D integer
+            inputs dynamic; dims the model specialises stay static (see docs/ops.md).
+        external_data: ``"auto"`` (external above 100 MiB of initializers), ``"always"`` or
+            ``"never"``; external data goes to ``<out>.data``.
+        parity: run the ONNX Runtime vs torch check on the example inputs.
+        atol, rtol: parity tolerances (rule in :mod:`edgestack.exporter.parity`).
+        metadata: extra model metadata: a dict (``"compression"`` is stored under
+            ``edgestack.compression``; other keys as given, non-strings as JSON), or a
+            compression report object (``to_dict()`` or a dataclass).
+        log: progress callback taking one line; default: the ``edgestack.exporter`` logger.
+
+    Returns:
+        :class:`ExportResult`; ``result.parity.passed`` is False when parity failed (this
+        does not raise).
+
+    Raises:
+        ExportError: the forward pass fails on the inputs, ``torch.export`` fails, a
+            ``torch.ops.edgestack`` op has no ONNX translation, the ONNX conversion fails,
+            the checker rejects the model, or ONNX Runtime cannot load it.
+    """
+    import torch
+
+    say = log or logger.info
+    out = Path(out)
+    if not isinstance(model, torch.nn.Module):
+        raise ExportError(
+            f"export: expected a torch.nn.Module, found {type(model).__name__}; wrap functions "
+            "in a module"
+        )
+    if opset < es_ops.MIN_OPSET:
+        raise ExportError(
+            f"export: opset must be >= {es_ops.MIN_OPSET} (the edgestack function bodies use "
+            f"BitwiseAnd and ReduceProd with an axes input), found {opset}; pass opset=20"
+        )
+    _resolve_external(external_data, 0)  # validate the argument early
+    if not out.parent.is_dir():
+        raise ExportError(
+            f"export: output folder {str(out.parent)!r} does not exist; create it first"
+        )
+    norm = normalize_inputs(model, inputs)
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    table = es_ops.translation_table()
+
+    with _export_mode(model), torch.no_grad():
+        # 1. the reference forward pass
+        t0 = time.perf_counter()
+        try:
+            outputs = model(*norm.args, **norm.kwargs)
+        except Exception as exc:
+            given = ", ".join(f"{n}: {tuple(t.shape)} {t.dtype}"
+                              for n, t in norm.by_name().items())
+            raise ExportError(
+                f"export: the model's forward failed on the example inputs ({given}): "
+                f"{_head(exc, 4)}; expected inputs the model accepts, e.g. what its zoo "
+                "factory returns"
+            ) from exc
+        flat = flatten_outputs(outputs)
+        if not flat:
+            raise ExportError(
+                f"export: the model returned no tensors (found {type(outputs).__name__}); "
+                "expected a tensor, a tuple/dict of tensors or a ModelOutput"
+            )
+        output_names = unique_names([n for n, _ in flat])
+        reference = [t.detach().clone() for _, t in flat]
+        seconds["forward"] = time.perf_counter() - t0
+
+        # 2. torch.export
+        say(f"export: torch.export of {type(model).__name__} "
+            f"(inputs {', '.join(norm.names)}; dynamic={dynamic})")
+        t0 = time.perf_counter()
+        owners = _weight_owner(model)
+        shapes = _dynamic_shapes(norm) if dynamic else None
+        trace = _trace_inputs(norm, shapes) if dynamic else norm
+        try:
+            program = torch.export.export(
+                model, trace.args, trace.kwargs or None, dynamic_shapes=shapes, strict=False,
+            )
+        except Exception as exc:
+            raise ExportError(
+                f"export: torch.export failed: {_head(exc)}\n"
+                "expected a model that torch.export can trace; fix the model code named above "
+                "(data-dependent control flow, unsupported Python) or try dynamic=False"
+            ) from exc
+        seconds["torch_export"] = time.perf_counter() - t0
+        _check_translations(program, table)
+        owners_by_name = _owners_by_input_name(model, owners)
+
+        # 3. ONNX conversion
+        t0 = time.perf_counter()
+        say(f"export: converting to ONNX (opset {opset})")
+        try:
+            onnx_program = torch.onnx.export(
+                program, trace.args, kwargs=trace.kwargs or None, dynamo=True,
+                opset_version=opset, custom_translation_table=table, optimize=True,
+                verbose=False, input_names=list(norm.names), output_names=output_names,
+            )
+        except Exception as exc:
+            raise ExportError(
+                f"export: torch.onnx conversion failed: {_head(exc)}\n"
+                "expected every op of the exported program to have an ONNX translation; "
+                "an unsupported aten op needs a custom_translation_table entry"
+            ) from exc
+        model_ir = onnx_program.model
+        lowrank = _lowrank_layers(model)
+        counts, layers = _postprocess(model_ir, owners_by_name, output_names, lowrank,
+                                      metadata)
+        seconds["onnx"] = time.perf_counter() - t0
+
+    # 4. save, check, parity in a temporary folder; then move into place
+    init_bytes = _initializer_bytes(model_ir)
+    external = _resolve_external(external_data, init_bytes)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        t0 = time.perf_counter()
+        tmp_path = tmp / out.name
+        data_name = out.name + ".data"
+        say(f"export: writing {out} ({init_bytes / 2**20:.1f} MiB of initializers"
+            f"{', external data ' + data_name if external else ''})")
+        _save(model_ir, tmp_path, data_name if external else None)
+        seconds["save"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        try:
+            onnx.checker.check_model(str(tmp_path), full_check=True)
+        except Exception as exc:
+            raise ExportError(
+                f"export: onnx.checker rejected the exported model: {_head(exc, 6)}\n"
+                "expected a valid ONNX model; this is a bug in the exporter or a custom "
+                "translation, please report it with the model"
+            ) from exc
+        seconds["check"] = time.perf_counter() - t0
+
+        report = None
+        if parity:
+            t0 = time.perf_counter()
+            report = check_parity(tmp_path, model, inputs, atol, rtol, reference=reference)
+            seconds["parity"] = time.perf_counter() - t0
+            say(f"export: parity {'passed' if report.passed else 'FAILED'} "
+                f"(max_abs {report.max_abs:.3g}, max_rel {report.max_rel:.3g})")
+
+        data_path = out.with_name(data_name) if (tmp / data_name).exists() else None
+        if data_path is not None:
+            os.replace(tmp / data_name, data_path)
+        os.replace(tmp_path, out)
+        stale = out.with_name(data_name)
+        if data_path is None and stale.exists():
+            stale.unlink()  # the previous export's data; this model does not use it
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    seconds["total"] = time.perf_counter() - start
+    file_bytes = out.stat().st_size + (data_path.stat().st_size if data_path else 0)
+    say(f"export: wrote {out} ({file_bytes / 2**20:.2f} MiB) in {seconds['total']:.1f} s")
+    return ExportResult(
+        path=out, data_path=data_path, input_names=[v.name for v in model_ir.graph.inputs],
+        output_names=[v.name for v in model_ir.graph.outputs], custom_nodes=counts,
+        layers=layers, lowrank_layers=lowrank, parity=report, file_bytes=file_bytes,
+        seconds=seconds,
+    )
+
+
+def _save(model_ir: Any, path: Path, data_name: str | None) -> None:
+    import onnx_ir as ir
+
+    if data_name is None:
+        ir.save(model_ir, path)
+    else:
+        ir.save(model_ir, path, external_data=data_name,
+                size_threshold_bytes=EXTERNAL_MIN_TENSOR_BYTES)
+
+
+def _check_translations(program: Any, table: dict[Any, Any]) -> None:
+    """Refuse ``torch.ops.edgestack`` ops that no ``edgestack`` ONNX op translates."""
+    import torch
+
+    missing = set()
+    for node in program.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        name = node.target.name()
+        if name.startswith(f"{es_ops.DOMAIN}::") and node.target not in table:
+            missing.add(name)
+    if missing:
+        known = ", ".join(f"{op.torch_name} -> {es_ops.DOMAIN}.{op.name}"
+                          for op in es_ops.OPS.values())
+        raise ExportError(
+            f"export: torch op(s) {', '.join(sorted(missing))} have no ONNX translation; "
+            f"expected only the translated ops ({known}); add an EdgestackOp for it to "
+            "edgestack.exporter.ops.OPS or decompress that layer before export"
+        )
+
+
+def _owners_by_input_name(model: Any, owners: dict[int, str]) -> dict[str, str]:
+    """``{ONNX initializer name: torch layer}`` for the packed buffers of compressed layers.
+
+    The dynamo exporter names initializers after the buffers' qualified names
+    (``features.0.weight_module.codes``); map those back to their ``CompressedLayer``.
+    """
+    named = {}
+    for name, buf in list(model.named_buffers()) + list(model.named_parameters()):
+        if id(buf) in owners:
+            named[name] = owners[id(buf)]
+    return named
+
+
+__all__ = ["export", "ExportResult", "EXTERNAL_DATA_THRESHOLD", "META_VERSION",
+           "META_DOMAIN_VERSION", "META_LOWRANK", "META_COMPRESSION", "META_LAYERS",
+           "NODE_LAYER_KEY"]
