@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import traceback
+import warnings
 from typing import Sequence
 
 from edgestack import __version__
@@ -64,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     want_json = getattr(args, "json", False)
+    # torch 2.13's own use of a deprecated pytree API inside torch.export: not actionable
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     try:
         return int(args.run(args))
     except EdgestackError as exc:

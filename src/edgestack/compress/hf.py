@@ -38,7 +38,15 @@ def load_hf_model(folder: str | Path, config: Any = None) -> Any:
     config._attn_implementation = "eager"
     if hasattr(config, "use_cache"):
         config.use_cache = False
-    model = AutoModel.from_pretrained(
-        folder, config=config, local_files_only=True, torch_dtype=torch.float32
-    )
+    from transformers.utils import logging as hf_logging
+
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per load is noise here
+    try:
+        model = AutoModel.from_pretrained(
+            folder, config=config, local_files_only=True, dtype=torch.float32
+        )
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
     return model.eval()

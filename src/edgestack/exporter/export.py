@@ -105,6 +105,19 @@ class ExportResult:
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
         }
 
+    def summary(self) -> str:
+        """A few human-readable lines: file, size, custom nodes, time."""
+        nodes = ", ".join(f"{n} x{c}" for n, c in sorted(self.custom_nodes.items())) or "none"
+        lines = [
+            f"export: {self.path} ({self.file_bytes / 1e6:.2f} MB"
+            + (f", weights in {self.data_path.name}" if self.data_path else "") + ")",
+            f"  inputs {', '.join(self.input_names)} -> outputs {', '.join(self.output_names)}",
+            f"  edgestack nodes: {nodes}"
+            + (f"; low-rank layers: {len(self.lowrank_layers)}" if self.lowrank_layers else ""),
+            f"  took {self.seconds.get('total', 0.0):.1f} s",
+        ]
+        return "\n".join(lines)
+
 
 def _head(exc: BaseException, lines: int = _MESSAGE_LINES) -> str:
     text = str(exc).strip() or type(exc).__name__
@@ -309,6 +322,25 @@ def _initializer_bytes(model_ir: Any) -> int:
     return total
 
 
+# Third-party loggers that print harmless noise during every export: the onnxscript
+# constant folder reports shape-specialised folds it skips, and torch's ONNX registry
+# reports that torchvision (unused here) is missing.
+_NOISY_LOGGERS = ("onnxscript.optimizer._constant_folding",
+                  "torch.onnx._internal.exporter._registration")
+
+
+@contextlib.contextmanager
+def _quiet_third_party_loggers() -> Iterator[None]:
+    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in _NOISY_LOGGERS]
+    for lg, _ in saved:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in saved:
+            lg.setLevel(level)
+
+
 def export(
     model: Any,
     inputs: Any,
@@ -376,7 +408,7 @@ def export(
     start = time.perf_counter()
     table = es_ops.translation_table()
 
-    with _export_mode(model), torch.no_grad():
+    with _export_mode(model), torch.no_grad(), _quiet_third_party_loggers():
         # 1. the reference forward pass
         t0 = time.perf_counter()
         try:

@@ -1,0 +1,1 @@
+"""Latency, memory and quality measurement (used by the demo and ``edgestack bench``)."""

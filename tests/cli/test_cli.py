@@ -1,0 +1,183 @@
+"""The `edgestack` command: help, version, export end to end, and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from edgestack import __version__
+from edgestack.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgestack.cli", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_version_and_help():
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"edgestack {__version__}"
+    r = run_cli("--help")
+    assert r.returncode == 0 and "export" in r.stdout and "Exit codes" in r.stdout
+    r = run_cli("export", "--help")
+    assert r.returncode == 0
+    for flag in ("--method", "--from", "--out", "--json", "--atol", "--rtol", "--bits"):
+        assert flag in r.stdout
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("shift", ["--bits", "4"]),
+    ("bitstack", ["--blocks", "3"]),
+    ("lowrank", ["--ratio", "0.5"]),
+    ("prune", ["--ratio", "0.25"]),
+    ("none", []),
+])
+def test_export_small_cnn_json(tmp_path, capsys, method, extra):
+    out = tmp_path / f"cnn-{method}.onnx"
+    code = main(["export", "small-cnn", "--method", method, *extra, "--out", str(out), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0, doc
+    assert doc["ok"] is True and doc["method"] == method
+    assert out.is_file()
+    onnx.checker.check_model(str(out), full_check=True)
+    for o in doc["parity"]["outputs"]:
+        assert o["max_rel"] <= 1e-4
+    ops = {(n.domain, n.op_type) for n in onnx.load(str(out)).graph.node}
+    if method == "shift":
+        assert ("edgestack", "ShiftWeight") in ops
+    if method == "bitstack":
+        assert ("edgestack", "BitStackWeight") in ops
+    if method != "none":
+        assert doc["compression"]["layers"], "no layer was compressed"
+
+
+def test_export_parity_failure_exits_1(tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    # an impossible tolerance: any float difference at all fails
+    code = main(["export", "gpt2-tiny", "--seq", "8", "--method", "shift", "--out", str(out),
+                 "--atol", "0", "--rtol", "0", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    if doc["parity"]["passed"]:
+        pytest.fail("expected a non-zero float difference between ORT and torch")
+    assert code == 1 and doc["ok"] is False
+
+
+def test_unknown_method_lists_valid_ones(tmp_path):
+    r = run_cli("export", "small-cnn", "--method", "magic", "--out", str(tmp_path / "x.onnx"))
+    assert r.returncode == 2
+    assert "invalid choice: 'magic'" in r.stderr and "bitstack" in r.stderr
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_missing_model_path(tmp_path, capsys):
+    out = tmp_path / "x.onnx"
+    code = main(["export", str(tmp_path / "nope"), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "not found" in err and "module:factory" in err
+    assert not out.exists()
+
+
+def test_bits_out_of_range_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "x.onnx"
+    code = main(["export", "small-cnn", "--method", "shift", "--bits", "9", "--out", str(out),
+                 "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 2 and doc["ok"] is False
+    assert "bits" in doc["error"] and "9" in doc["error"]
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_option_for_another_method_is_refused(tmp_path, capsys):
+    code = main(["export", "small-cnn", "--method", "shift", "--blocks", "3",
+                 "--out", str(tmp_path / "x.onnx")])
+    assert code == 2
+    assert "--blocks" in capsys.readouterr().err
+
+
+def test_factory_spec(tmp_path, capsys):
+    factory = tmp_path / "mymodel.py"
+    factory.write_text(
+        "import torch\n"
+        "def build():\n"
+        "    m = torch.nn.Sequential(torch.nn.Linear(9, 17), torch.nn.ReLU(),"
+        " torch.nn.Linear(17, 5)).eval()\n"
+        "    return m, (torch.randn(3, 9),)\n"
+    )
+    out = tmp_path / "f.onnx"
+    code = main(["export", f"{factory}:build", "--method", "shift", "--out", str(out), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0, doc
+    assert len(doc["compression"]["layers"]) == 2
+
+
+def test_unsupported_layer_is_left_dense_with_warning(tmp_path, capsys):
+    factory = tmp_path / "conv3d.py"
+    factory.write_text(
+        "import torch\n"
+        "class M(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.c3 = torch.nn.Conv3d(2, 4, 3)\n"
+        "        self.fc = torch.nn.Linear(4, 3)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(self.c3(x).mean(dim=(2, 3, 4)))\n"
+        "def build():\n"
+        "    return M().eval(), {'x': torch.randn(1, 2, 5, 5, 5)}\n"
+    )
+    out = tmp_path / "w.onnx"
+    code = main(["export", f"{factory}:build", "--method", "shift", "--out", str(out), "--json"])
+    captured = capsys.readouterr()
+    doc = json.loads(captured.out)
+    assert code == 0, doc
+    assert any("c3" in w for w in doc["warnings"]), doc["warnings"]
+    assert "c3" in captured.err
+    assert [s["name"] for s in doc["compression"]["skipped"]] == ["c3"]
+
+
+def test_export_deepshift_checkpoint_with_base(tmp_path, capsys):
+    import torch
+
+    from edgestack import zoo
+    from edgestack.compress.walk import iter_layers
+
+    model, _ = zoo.small_cnn()
+    g = torch.Generator().manual_seed(3)
+    state = {}
+    for layer in iter_layers(model):
+        shape = layer.module.weight.shape
+        state[f"module.{layer.name}.shift"] = torch.empty(shape).uniform_(-6, -1, generator=g)
+        state[f"module.{layer.name}.sign"] = torch.empty(shape).uniform_(-1.2, 1.2, generator=g)
+        state[f"module.{layer.name}.bias"] = torch.zeros(shape[0])
+    ckpt = tmp_path / "checkpoint.pth.tar"
+    torch.save({"state_dict": state}, ckpt)
+    out = tmp_path / "ds.onnx"
+    code = main(["export", str(ckpt), "--from", "deepshift", "--base", "small-cnn",
+                 "--out", str(out), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0, doc
+    assert len(doc["import"]["converted"]) == 6
+    ops = [n.op_type for n in onnx.load(str(out)).graph.node if n.domain == "edgestack"]
+    assert ops == ["ShiftWeight"] * 6
+
+
+def test_export_hf_folder(tmp_path, capsys):
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=1,
+                     num_attention_heads=2, intermediate_size=48)
+    BertModel(cfg).save_pretrained(tmp_path / "bert")
+    out = tmp_path / "bert.onnx"
+    code = main(["export", str(tmp_path / "bert"), "--method", "bitstack", "--blocks", "2",
+                 "--seq", "12", "--out", str(out), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0, doc
+    assert [o["name"] for o in doc["parity"]["outputs"]] == ["last_hidden_state",
+                                                             "pooler_output"]
+    shape = [d.dim_value for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim]
+    assert shape == [1, 12]
