@@ -42,7 +42,7 @@ def main() -> int:
                 report = compress(model, method, calib=[inputs], **opts)
                 t_c = time.perf_counter() - t0
                 out = Path(tmp) / f"{name}-{method}.onnx"
-                res = export(model, inputs, out)
+                res = export(model, inputs, out, metadata={"compression": report})
                 onnx.checker.check_model(str(out), full_check=True)
                 sizes = layer_sizes(out)
                 actual = sum(r.actual_bytes for r in sizes.layers)

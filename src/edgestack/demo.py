@@ -89,7 +89,7 @@ def run_demo(out_dir: str | Path = "edgestack-demo", methods: dict[str, dict] | 
         t_compress = time.perf_counter() - t0
         path = out / "models" / f"minilm-{method}.onnx"
         t0 = time.perf_counter()
-        res = export(model, inputs, path)
+        res = export(model, inputs, path, metadata={"compression": report})
         t_export = time.perf_counter() - t0
         sess = ort_session(str(path), threads=threads)
         emb = embed(ort_runner(sess), batches)
