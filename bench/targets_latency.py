@@ -7,7 +7,8 @@ Rows (batch 1, seq 128 by default, 2 threads, median of timed calls):
   baseline a user would pick);
 - edgestack shift 4-bit DeepShift (7 levels: exact int8) compiled for ``ort-cpu`` with
   ``int8=dynamic`` (integer kernels) and with ``int8=off`` (materialized fp32);
-- OpenVINO f32 and bf16 on the dense and the shift models (``openvino-cpu``).
+- OpenVINO f32 and bf16 on the dense and the shift models (``openvino-cpu``; the shift
+  model materialized, and with exact int8 weights).
 
 Usage::
 
@@ -59,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from edgestack.profiler.latency import time_calls
     from edgestack.targets import get_target
     from edgestack.targets.openvino_cpu import OpenVinoCpuRunner
 
@@ -76,24 +76,10 @@ def main(argv: list[str] | None = None) -> int:
              "token_type_ids": np.zeros((1, args.seq), np.int64)}
     ort_cpu, ov = get_target("ort-cpu"), get_target("openvino-cpu")
     opts = {"threads": args.threads, "graph_optimization": "all"}
-    rows = []
-    ref = None
+    entries = []
 
     def bench(label: str, runner, precision: str) -> None:
-        nonlocal ref
-        with runner:
-            f = {k: v for k, v in feeds.items() if k in runner.artifact.inputs}
-            out = runner.infer(f)
-            key = next(iter(out))
-            if ref is None:
-                ref = out[key]
-            a, b = out[key].ravel(), ref.ravel()
-            cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-            stats = time_calls(lambda: runner.infer(f), warmup=5, iterations=args.iters)
-        rows.append({"model": label, "precision": precision, "p50_ms": round(stats.p50_ms, 2),
-                     "cosine_vs_fp32": round(cos, 5)})
-        print(f"{label:45s} {precision:6s} {stats.p50_ms:8.2f} ms  cos {cos:.5f}",
-              file=sys.stderr, flush=True)
+        entries.append((label, runner.activate(), precision))
 
     art = ort_cpu.lower(models["dense"], work / "a_dense", int8="off", **opts)
     bench("ORT fp32 dense", ort_cpu.runner(art), "fp32")
@@ -103,14 +89,48 @@ def main(argv: list[str] | None = None) -> int:
     bench("edgestack shift4 DeepShift, ort-cpu int8", ort_cpu.runner(art), "int8")
     art = ort_cpu.lower(models["shift4z"], work / "a_shift_f32", int8="off", **opts)
     bench("edgestack shift4 DeepShift, ort-cpu fp32", ort_cpu.runner(art), "fp32")
-    for name in ("dense", "shift4z"):
-        art = ov.lower(models[name], work / f"ov_{name}", threads=args.threads)
+    for name, int8 in (("dense", "off"), ("shift4z", "off"), ("shift4z", "weights")):
+        art = ov.lower(models[name], work / f"ov_{name}_{int8}", threads=args.threads,
+                       int8=int8)
+        label = {"dense": "OpenVINO dense", "shift4z": "OpenVINO shift4 DeepShift"}[name]
         for prec in ("fp32", "bf16"):
-            bench(f"OpenVINO {name}", OpenVinoCpuRunner(art, precision=prec), prec)
+            bench(f"{label}, int8 weights={int8}", OpenVinoCpuRunner(art, precision=prec),
+                  prec)
+
+    # Interleaved rounds: every model gets the same share of a noisy (shared) machine.
+    import time
+
+    ref = None
+    times: list[list[float]] = [[] for _ in entries]
+    cos = []
+    for label, runner, _ in entries:
+        f = {k: v for k, v in feeds.items() if k in runner.artifact.inputs}
+        out = runner.infer(f)
+        first = out[next(iter(out))].ravel().astype(np.float64)
+        ref = first if ref is None else ref
+        cos.append(float(first @ ref / (np.linalg.norm(first) * np.linalg.norm(ref))))
+        for _ in range(3):
+            runner.infer(f)
+    rounds = 5
+    for _ in range(rounds):
+        for k, (label, runner, _) in enumerate(entries):
+            f = {n: v for n, v in feeds.items() if n in runner.artifact.inputs}
+            for _ in range(max(1, args.iters // rounds)):
+                t0 = time.perf_counter()
+                runner.infer(f)
+                times[k].append((time.perf_counter() - t0) * 1e3)
+    rows = []
+    for (label, runner, precision), ts, c in zip(entries, times, cos):
+        runner.release()
+        rows.append({"model": label, "precision": precision,
+                     "p50_ms": round(float(np.median(ts)), 2), "cosine_vs_fp32": round(c, 5)})
 
     base = rows[0]["p50_ms"]
+    import os
+
     print(f"\nMiniLM batch 1, seq {args.seq}, {args.threads} threads, median of "
-          f"{args.iters} calls")
+          f"{args.iters} calls per model in 5 interleaved rounds; load average "
+          f"{os.getloadavg()[0]:.1f}")
     print(f"| model | precision | p50 ms | vs ORT fp32 | cosine vs ORT fp32 dense |")
     print("| --- | --- | --- | --- | --- |")
     for r in rows:

@@ -365,6 +365,77 @@ class AArch64Emulator:
             with np.load(out_file, allow_pickle=False) as npz:
                 return {name: npz[f"arr_{i}"] for i, name in enumerate(meta["outputs"])}
 
+    def run_many(
+        self,
+        jobs: Sequence[tuple[str | os.PathLike[str], Mapping[str, np.ndarray]]],
+        *,
+        threads: int = 1,
+        optimization: str = "all",
+        timeout: float = 900.0,
+    ) -> list[dict[str, np.ndarray] | TargetError]:
+        """Run several ``(model, feeds)`` jobs in ONE emulated process (one ~5 s start).
+
+        Args:
+            jobs: ``(model path, feeds)`` pairs; the same model may appear several times.
+            threads, optimization: as for :meth:`run_onnx`, for every job.
+            timeout: Seconds for the whole batch.
+
+        Returns:
+            Per job, in order: the outputs (name -> array), or the :class:`TargetError` that
+            job raised (a load or run failure inside); a crash of the process raises.
+
+        Raises:
+            TargetError: bad arguments, a missing model file, a crash, or the timeout.
+        """
+        if optimization not in OPTIMIZATION_LEVELS:
+            raise TargetError(
+                f"Unknown optimization level {optimization!r}: expected one of "
+                f"{', '.join(OPTIMIZATION_LEVELS)}."
+            )
+        with tempfile.TemporaryDirectory(prefix="edgestack-arm-") as tmp:
+            folder = Path(tmp)
+            specs = []
+            for i, (model_path, feeds) in enumerate(jobs):
+                model = Path(model_path)
+                if not model.is_file():
+                    raise TargetError(
+                        f"Cannot run {model} under aarch64 emulation: expected an ONNX or ORT "
+                        f"model file, found {'a folder' if model.exists() else 'no such file'}."
+                    )
+                names = list(feeds)
+                np.savez(folder / f"feeds{i}.npz",
+                         **{f"arr_{k}": np.asarray(feeds[n]) for k, n in enumerate(names)})
+                (folder / f"meta{i}.json").write_text(json.dumps({"feeds": names}),
+                                                      encoding="utf-8")
+                specs.append({"model": str(model.resolve()), "feeds": str(folder / f"feeds{i}.npz"),
+                              "out": str(folder / f"out{i}.npz"),
+                              "meta": str(folder / f"meta{i}.json"), "threads": threads,
+                              "optimization": optimization})
+            (folder / "jobs.json").write_text(json.dumps(specs), encoding="utf-8")
+            proc = self.run_python(_RUNNER, ["--jobs", str(folder / "jobs.json")],
+                                   timeout=timeout)
+            results: list[dict[str, np.ndarray] | TargetError] = []
+            for i, spec in enumerate(specs):
+                meta = json.loads(Path(spec["meta"]).read_text(encoding="utf-8"))
+                if "error" in meta:
+                    err = meta["error"]
+                    results.append(TargetError(
+                        f"ONNX Runtime {self._ready_version()} on aarch64 failed at stage "
+                        f"{err['stage']!r} for {spec['model']}: {err['type']}: {err['message']}"
+                    ))
+                    continue
+                if "outputs" not in meta:
+                    raise TargetError(
+                        f"The emulated aarch64 ONNX Runtime process crashed at job {i} "
+                        f"({spec['model']}): expected exit status 0 with outputs, found "
+                        f"{_describe_status(proc.returncode)}. Its stderr ends with:\n"
+                        f"{_tail(proc.stderr)}"
+                    )
+                with np.load(spec["out"], allow_pickle=False) as npz:
+                    results.append({name: npz[f"arr_{k}"]
+                                    for k, name in enumerate(meta["outputs"])})
+            return results
+
     def _ready_version(self) -> str:
         try:
             return self._read_ready(self.root / "READY").get("onnxruntime", "")

@@ -1,0 +1,91 @@
+"""``edgestack parity``: the same inputs through a reference and every available backend."""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from edgestack.cli import EXIT_CHECK_FAILED, EXIT_OK, emit_json
+
+TARGETS = ("ort-cpu", "ort-arm", "openvino-cpu", "tensorrt-gpu")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "parity",
+        help="run a model through every backend on the same inputs and compare",
+        description="MODEL is an .onnx file (reference: the file on x86 ONNX Runtime) or a "
+        "model source (built-in name or module:factory; reference: the torch model, exported "
+        "first, after --method). Each target compiles and runs it; a table shows max abs, "
+        "max rel, cosine and top-1 agreement per output with precision-aware tolerances "
+        "(docs/targets.md). Unavailable targets are skipped with the reason. Exit 1 on a "
+        "failure.",
+    )
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--targets", default="all",
+                   help=f"comma-separated targets or 'all' ({', '.join(TARGETS)})")
+    p.add_argument("--profile", default=None, help="profile applied to every target")
+    p.add_argument("--int8", choices=("off", "weights", "dynamic"), default=None,
+                   help="int8 lowering for the ONNX Runtime targets (default: from profile)")
+    p.add_argument("--method", default="none",
+                   help="model sources only: compression method before export")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgestack.cli.compile import random_feeds
+    from edgestack.targets.parity import Case, cross_check
+
+    targets = "all" if args.targets == "all" else [t.strip() for t in args.targets.split(",")]
+    options = {}
+    if args.int8:
+        options = {"ort-cpu": {"int8": args.int8}, "ort-arm": {"int8": args.int8}}
+    with tempfile.TemporaryDirectory(prefix="edgestack-parity-") as tmp:
+        path = Path(args.model)
+        if path.suffix == ".onnx" and path.is_file():
+            case = Case(path.stem, path, random_feeds(str(path)))
+        else:
+            case = _case_from_source(args, Path(tmp))
+        reports = cross_check([case], targets, profile=args.profile, options=options,
+                              work_dir=Path(tmp) / "work")
+    rep = reports[0]
+    if args.json:
+        emit_json({"ok": rep.passed, **rep.to_dict()})
+    else:
+        print(rep.table())
+        print("PASS" if rep.passed else "FAIL")
+    return EXIT_OK if rep.passed else EXIT_CHECK_FAILED
+
+
+def _case_from_source(args: argparse.Namespace, tmp: Path):
+    import warnings
+
+    import torch
+
+    from edgestack.compress import compress
+    from edgestack.compress.sources import load_source
+    from edgestack.exporter import export
+    from edgestack.exporter.signature import flatten_outputs, normalize_inputs
+    from edgestack.targets.parity import Case
+
+    src = load_source(args.model, batch=args.batch, seq=args.seq)
+    if args.method != "none":
+        compress(src.model, args.method, calib=[src.inputs])
+    out = tmp / "model.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export(src.model, src.inputs, out, parity=False)
+    norm = normalize_inputs(src.model, src.inputs)
+    with torch.no_grad():
+        ref = [t.detach().numpy() for _, t in flatten_outputs(src.model(*norm.args,
+                                                                        **norm.kwargs))]
+    import onnx
+
+    names = [o.name for o in onnx.load(str(out), load_external_data=False).graph.output]
+    feeds = dict(norm.numpy())
+    return Case(f"{args.model}:{args.method}", out, feeds, dict(zip(names, ref)),
+                "torch (compressed model)")

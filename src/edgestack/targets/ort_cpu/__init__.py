@@ -1,0 +1,174 @@
+"""``ort-cpu``: ONNX Runtime, CPU execution provider, on x86_64.
+
+Lowering (:func:`lower_for_ort`), passes in this order:
+
+1. ``int8`` (``auto``: ``dynamic`` when the profile's precision is int8, else ``off``):
+   ``weights`` runs :class:`~edgestack.targets.passes.ShiftToInt8Pass` (shift codes with
+   <= 7 exponent levels per channel -> exact ``DequantizeLinear(int8, 2^k scale)``; 4x smaller
+   than fp32, same results as fp32); ``dynamic`` adds
+   :class:`~edgestack.targets.passes.DynamicInt8MatMulPass` (integer matmuls with activations
+   quantized per call: the fast path, int8 tolerance); ``off`` does neither.
+2. ``weights``: ``materialize`` (default) folds every remaining ``edgestack`` node to a float32
+   initializer (fastest: no decode per run); ``keep`` leaves them as function calls that ORT
+   inlines and decodes each run (smallest file and memory).
+3. A check that every node is in a domain ORT's CPU EP runs.
+
+Session options come from the profile: ``threads`` (intra-op), ``graph_optimization``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgestack.errors import TargetError
+from edgestack.targets.base import Artifact, Runner, Target, host_arch, io_spec
+
+ORT_DOMAINS = ("", "ai.onnx", "com.microsoft", "ai.onnx.ml")
+LEVELS = ("disable", "basic", "extended", "all")
+
+
+def resolve_int8(option: str, profile: Any | None) -> str:
+    if option not in ("auto", "off", "weights", "dynamic"):
+        raise TargetError(f"int8 must be one of auto, off, weights, dynamic; found {option!r}")
+    if option == "auto":
+        return "dynamic" if profile is not None and profile.precision == "int8" else "off"
+    return option
+
+
+def lower_for_ort(model_path: Path, options: dict[str, Any], profile: Any | None):
+    """Load ``model_path`` and run the ORT lowering passes. Returns ``(ir model, report,
+    int8 mode)``."""
+    import onnx_ir as ir
+
+    from edgestack.targets import passes as P
+
+    if options["weights"] not in ("materialize", "keep"):
+        raise TargetError(f"weights must be 'materialize' or 'keep', found "
+                          f"{options['weights']!r}")
+    int8 = resolve_int8(options["int8"], profile)
+    model = ir.load(model_path)
+    chain: list = []
+    if int8 in ("weights", "dynamic"):
+        chain.append(P.ShiftToInt8Pass())
+    if int8 == "dynamic":
+        chain.append(P.DynamicInt8MatMulPass())
+    if options["weights"] == "materialize":
+        chain.append(P.MaterializePass())
+    report = P.run_passes(model, chain)
+    check_domains(model, "ort", ORT_DOMAINS + ((("edgestack",) if model.functions else ())))
+    return model, report, int8
+
+
+def check_domains(model: Any, target: str, domains: tuple[str, ...]) -> None:
+    """Raise TargetError naming the first node whose op domain the target cannot run."""
+    funcs = set(model.functions)
+    for node in model.graph:
+        if node.domain in domains and (node.domain != "edgestack" or
+                                       (node.domain, node.op_type, node.overload) in funcs):
+            continue
+        raise TargetError(
+            f"target {target} cannot run node {node.name!r}: op {node.domain}.{node.op_type} "
+            f"is not an ONNX Runtime op (domains it runs: "
+            f"{', '.join(repr(d) for d in domains)}) and the model has no function for it. "
+            f"To fix: export it with edgestack ops only, or add a function body.")
+
+
+def save_model(model: Any, path: Path) -> None:
+    import onnx_ir as ir
+
+    size = sum(v.const_value.nbytes for v in model.graph.initializers.values()
+               if v.const_value is not None)
+    if size > 1 << 30:
+        ir.save(model, path, external_data=path.name + ".data")
+    else:
+        ir.save(model, path)
+
+
+def _precision(int8: str, report: dict) -> str:
+    rewritten = report.get("DynamicInt8MatMulPass", {}).get("rewritten", 0)
+    return "int8" if int8 == "dynamic" and rewritten else "fp32"
+
+
+def session_options(threads: int, optimization: str) -> Any:
+    import onnxruntime as ort
+
+    if optimization not in LEVELS:
+        raise TargetError(f"graph optimization must be one of {', '.join(LEVELS)}, found "
+                          f"{optimization!r}")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    return so
+
+
+class OrtCpuRunner(Runner):
+    """ONNX Runtime session on this x86 machine."""
+
+    arch = "x86_64"
+
+    def activate_impl(self) -> None:
+        import onnxruntime as ort
+
+        self._check_arch(host_arch())
+        opts = self.artifact.options
+        so = session_options(opts.get("threads", 1), opts.get("graph_optimization", "all"))
+        try:
+            self.session = ort.InferenceSession(str(self.artifact.path()), so,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - ORT raises its own types
+            raise TargetError(f"ONNX Runtime could not load {self.artifact.path()}: {exc}"
+                              ) from exc
+        self.names = [o.name for o in self.session.get_outputs()]
+
+    def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.names, self.session.run(self.names, feeds)))
+
+    def release_impl(self) -> None:
+        self.session = None
+
+
+class OrtCpuTarget(Target):
+    """ONNX Runtime CPU on x86_64 (options: ``int8``, ``weights``, ``threads``,
+    ``graph_optimization``)."""
+
+    name = "ort-cpu"
+    arch = "x86_64"
+    precisions = ("fp32", "int8")
+
+    def available(self) -> tuple[bool, str]:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            return False, f"onnxruntime cannot be imported ({exc}); pip install onnxruntime"
+        if host_arch() != "x86_64":
+            return False, f"this machine is {host_arch()}, ort-cpu artifacts are x86_64"
+        return True, ""
+
+    def default_options(self, profile: Any | None) -> dict[str, Any]:
+        return {"int8": "auto", "weights": "materialize",
+                "threads": profile.threads if profile else 1,
+                "graph_optimization": profile.graph_optimization if profile else "all"}
+
+    def lower_impl(self, model_path: Path, out_dir: Path, profile: Any | None,
+                   options: dict[str, Any]) -> Artifact:
+        model, report, int8 = lower_for_ort(model_path, options, profile)
+        save_model(model, out_dir / "model.onnx")
+        inputs, outputs = io_spec(model)
+        return Artifact(out_dir, self.name, self.arch, _precision(int8, report),
+                        {"model": "model.onnx"}, inputs, outputs,
+                        dict(options, int8=int8), {"passes": report})
+
+    def runner_class(self) -> type[Runner]:
+        return OrtCpuRunner
+
+
+__all__ = ["OrtCpuTarget", "OrtCpuRunner", "lower_for_ort", "session_options"]

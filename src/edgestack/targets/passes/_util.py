@@ -1,0 +1,67 @@
+"""Helpers shared by the passes: constant inputs, replacing a node's output."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The numpy value of an initializer/constant input, else ``None``."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    prod = value.producer()
+    if prod is not None and prod.op_type == "Constant" and prod.domain in ("", "ai.onnx"):
+        attr = prod.attributes.get("value")
+        if attr is not None:
+            return attr.value.numpy()
+    return None
+
+
+def attrs(node: ir.Node) -> dict[str, Any]:
+    """Node attributes as plain Python values."""
+    out = {}
+    for name, a in node.attributes.items():
+        v = a.value
+        out[name] = list(v) if isinstance(v, (list, tuple)) else v
+    return out
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a new initializer with a unique name based on ``name``."""
+    base, k = name, 0
+    while name in graph.initializers:
+        k += 1
+        name = f"{base}_{k}"
+    value = ir.Value(name=name, shape=ir.Shape(array.shape),
+                     type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(array, name=name))
+    graph.register_initializer(value)
+    return value
+
+
+def replace_node(graph: ir.Graph, node: ir.Node, new_output: ir.Value,
+                 new_nodes: list[ir.Node]) -> None:
+    """Put ``new_nodes`` before ``node``, route ``node``'s only output to ``new_output``,
+    then drop ``node``."""
+    old = node.outputs[0]
+    if new_nodes:
+        graph.insert_before(node, new_nodes)
+    is_output = old in graph.outputs
+    ir.convenience.replace_all_uses_with(old, new_output, replace_graph_outputs=True)
+    if is_output:
+        new_output.name = old.name
+    graph.remove(node, safe=True)
+
+
+def drop_unused_initializers(graph: ir.Graph) -> int:
+    """Remove initializers nothing reads; returns how many."""
+    dead = [n for n, v in graph.initializers.items()
+            if not v.uses() and v not in graph.outputs and v not in graph.inputs]
+    for n in dead:
+        del graph.initializers[n]
+    return len(dead)
