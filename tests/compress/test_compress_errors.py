@@ -42,10 +42,12 @@ def test_near_miss_method_gets_a_hint():
 
 
 @pytest.mark.parametrize("method,option,listed", [
-    ("shift", "n_blocks", "bits, scale, skip, zero"),
+    ("shift", "n_blocks", "bits, bits_per_layer, finetune_lr, finetune_params, finetune_steps, "
+     "max_seconds, rounding, scale, seed, sequential, skip, zero"),
     ("bitstack", "bits", "act_aware, device, factor_bits, k, n_blocks, skip, svd"),
-    ("lowrank", "blocks", "act_aware, rank, ratio, skip"),
-    ("prune", "rank", "bias_compensation, metric, ratio, skip"),
+    ("lowrank", "blocks", "act_aware, energy, max_keep, monarch_blocks, rank, ratio, skip, "
+     "structure"),
+    ("prune", "rank", "adaptive, bias_compensation, metric, ratio, skip"),
     ("none", "bits", "skip"),
 ])
 def test_unknown_option_lists_the_methods_options(method, option, listed):
@@ -187,7 +189,10 @@ def test_not_a_module():
 
 
 def test_method_options_defaults():
-    assert method_options("shift") == {"bits": 4, "zero": False, "scale": "mse", "skip": ()}
+    assert method_options("shift") == {
+        "bits": 4, "zero": False, "scale": "mse", "rounding": "nearest", "bits_per_layer": None,
+        "finetune_steps": 0, "finetune_lr": 1e-3, "max_seconds": None, "seed": 0,
+        "sequential": False, "finetune_params": "all", "skip": ()}
     assert method_options("prune")["ratio"] == 0.25
     assert method_options("bitstack")["n_blocks"] == 4
     assert method_options("lowrank")["rank"] is None

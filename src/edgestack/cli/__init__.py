@@ -30,9 +30,9 @@ EXIT_SKIPPED = 4
 
 
 def _commands() -> list:
-    from edgestack.cli import compile, demo, export, parity, profiles, verify
+    from edgestack.cli import compile, demo, export, parity, profiles, quality, verify
 
-    return [export, compile, parity, verify, profiles, demo]
+    return [export, quality, compile, parity, verify, profiles, demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,6 +24,22 @@ decomposition runs on ``W diag(s)`` with ``s_j = sqrt(E[x_j^2])`` (normalised to
 and the stored ``v`` absorbs ``1/s``, so the fit minimises the error on the inputs the
 layer sees rather than the raw weight error. The sign of ``W diag(s)`` is that of ``W``.
 
+The scaling is kept exact and compressed at export: ``1/s`` is folded into the stored ``v``
+factors (``W diag(s) ~= sum S_i * (u_i v_i)`` gives ``W ~= sum S_i * (u_i (v_i diag(1/s)))``,
+and the sign of an entry does not depend on the positive column scale), so the layer needs no
+extra input-scale op and the ``BitStackWeight`` op and format are unchanged. BitStack folds
+the scale into the previous op; folding into ``v`` works for every layer, whatever precedes it.
+
+Importance order (:func:`importance_order`): every block of every matrix gets a measured
+gain, the drop of the layer's relative (activation-weighted when calibrated) squared error
+``||R diag(s)||^2 / ||W diag(s)||^2`` that the block brings. The global order is level by
+level: every matrix's block ``b`` comes before any matrix's block ``b+1`` (a block only
+makes sense after its predecessors), and within a level the blocks are sorted by gain,
+largest first (ties by model order). It is stored in ``report.importance_order`` and on the
+model (attribute ``edgestack_bitstack_order``, read by :func:`importance_order`); the
+packer stores blocks in this order so that each runtime tier is a prefix.
+:func:`set_tier` activates a prefix of it in torch (by whole levels, count or bit budget).
+
 Options:
     n_blocks: blocks per layer, 1..64 (default 4).
     k: rank per block (default None: by shape, see :func:`auto_rank`), clamped to
@@ -46,6 +62,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from edgestack.compress.api import (
     PassContext,
@@ -126,6 +143,7 @@ def decompose(
     device: str = "cpu",
     svd: str = "randomized",
     name: str = "weight",
+    weighted_errors: list[float] | None = None,
 ) -> tuple[BitStackStack, list[float]]:
     """BitStack-decompose ``w2 [m, n]`` (see the module docstring).
 
@@ -137,6 +155,8 @@ def decompose(
         device: where the SVDs run.
         svd: ``"randomized"`` or ``"exact"`` (see :func:`top_singular`).
         name: the layer's name, for error messages.
+        weighted_errors: if a list, filled with the relative error after each block in the
+            ``diag(col_scale)`` metric (the weight error without ``col_scale``).
 
     Returns:
         The stack (shape ``[m, n]``; reshape with ``BitStackStack(..., shape)`` for convs)
@@ -147,7 +167,8 @@ def decompose(
     s = None if col_scale is None else col_scale.to(device=device, dtype=torch.float32)
     r = w.clone()
     norm = float(torch.linalg.norm(w)) or 1.0
-    signs, us, vs, errors = [], [], [], []
+    signs, us, vs, errors, weighted = [], [], [], [], []
+    wnorm = (float(torch.linalg.norm(w * s)) or 1.0) if s is not None else 1.0
     for block in range(n_blocks):
         sign = torch.where(r >= 0, 1.0, -1.0)
         a = (r * s).abs() if s is not None else r.abs()
@@ -169,7 +190,11 @@ def decompose(
         us.append(u16.cpu().numpy())
         vs.append(v16.cpu().numpy())
         errors.append(float(torch.linalg.norm(r)) / norm)
+        if s is not None:
+            weighted.append(float(torch.linalg.norm(r * s)) / wnorm)
     stack = BitStackStack(np.stack(signs), np.stack(us), np.stack(vs), (m, n))
+    if weighted_errors is not None:
+        weighted_errors.extend(weighted if s is not None else errors)
     return stack, errors
 
 
@@ -196,6 +221,7 @@ def run(ctx: PassContext) -> None:
     if ctx.calib is not None and o["act_aware"]:
         stats = collect_input_stats(ctx.model, ctx.calib, layers, progress=ctx.progress)
     replacements = []
+    gains: list[tuple[int, float, int, str]] = []
     for layer in ctx.iterate(layers, "bitstack"):
         w = dense_weight(layer).cpu()
         m = w.shape[0]
@@ -206,8 +232,13 @@ def run(ctx: PassContext) -> None:
         if layer.name in stats and getattr(layer.module, "groups", 1) == 1:
             # a grouped conv's rows read different inputs: no common column scale
             scale = _column_scale(stats[layer.name].column_mean_sq(n))
+        werr: list[float] = []
         stack2, errors = decompose(w2, o["n_blocks"], k, scale, o["device"], o["svd"],
-                                   layer.name)
+                                   layer.name, werr)
+        prev = 1.0
+        for b, e in enumerate(werr):
+            gains.append((b, -(prev * prev - e * e), len(gains), layer.name))
+            prev = e
         stack = BitStackStack(stack2.signs, stack2.u, stack2.v, tuple(w.shape))
         new = CompressedLayer.like(layer, BitStackWeight(stack)).to(layer.module.weight.device)
         replacements.append((layer, new))
@@ -215,7 +246,109 @@ def run(ctx: PassContext) -> None:
             layer.name, layer.kind, tuple(w.shape), 4 * w.numel(), stack.nbytes,
             {"k": k, "n_blocks": o["n_blocks"], "act_aware": scale is not None,
              "rel_error": [round(e, 6) for e in errors],
-             "bytes_per_block": BitStackStack.bytes_per_block(m, n, k)},
+             "bytes_per_block": BitStackStack.bytes_per_block(m, n, k),
+             "gains": [round(-g[1], 8) for g in gains[-len(werr):]]},
         ))
     for layer, new in replacements:
         replace_module(ctx.model, layer.name, new)
+    # level-major, then largest gain first, then model order
+    order = [(name, b) for b, _g, _i, name in sorted(gains, key=lambda t: (t[0], t[1], t[2]))]
+    ctx.report.importance_order = order
+    ctx.model.edgestack_bitstack_order = list(order)
+    ctx.report.details["importance_order"] = "level-major; within a level by measured " \
+        "relative error decrease" + (" (activation-weighted)" if stats else "")
+
+
+def importance_order(model: nn.Module) -> list[tuple[str, int]]:
+    """The global BitStack block order stored on ``model`` by the pass (see module doc).
+
+    Raises:
+        CompressError: the model was not compressed with the bitstack pass.
+    """
+    order = getattr(model, "edgestack_bitstack_order", None)
+    if not order:
+        raise CompressError(
+            "the model holds no BitStack importance order; compress it with method "
+            "'bitstack' first (or read report.importance_order)"
+        )
+    return [(str(n), int(b)) for n, b in order]
+
+
+def check_order(order: list[tuple[str, int]], blocks: dict[str, int]) -> None:
+    """Check the invariants of an importance order against ``{layer: n_blocks}``.
+
+    Every ``(layer, b)`` appears once, each layer's blocks appear in increasing order, and
+    the order is level-major (no block ``b+2`` before every layer has block ``b+1``).
+
+    Raises:
+        CompressError: an invariant does not hold (says which).
+    """
+    seen = set()
+    expected = {(n, b) for n, nb in blocks.items() for b in range(nb)}
+    last_level = 0
+    for pos, (name, b) in enumerate(order):
+        if (name, b) in seen or (name, b) not in expected:
+            raise CompressError(f"importance order: entry #{pos} {(name, b)} is repeated or "
+                                "unknown")
+        if b > 0 and (name, b - 1) not in seen:
+            raise CompressError(f"importance order: {(name, b)} before its block {b - 1}")
+        if b < last_level:
+            raise CompressError(f"importance order: level {b} entry at #{pos} after level "
+                                f"{last_level} started")
+        last_level = b
+        seen.add((name, b))
+    if seen != expected:
+        missing = sorted(expected - seen)[:3]
+        raise CompressError(f"importance order misses {len(expected - seen)} block(s), e.g. "
+                            f"{missing}")
+
+
+def set_tier(model: nn.Module, report: Any = None, *, levels: int | None = None,
+             count: int | None = None, max_bits: float | None = None) -> dict[str, Any]:
+    """Activate a prefix of the global importance order in ``model``'s BitStack layers.
+
+    Give exactly one of ``levels`` (whole levels: every matrix gets that many blocks),
+    ``count`` (the first ``count`` entries), or ``max_bits`` (the longest prefix whose
+    stored bits per weight stay within ``max_bits``; at least one level).
+
+    Returns:
+        ``{"count", "bytes", "bits_per_weight", "blocks": {layer: active blocks}}``.
+    """
+    from edgestack.compress.layers import BitStackWeight
+
+    order = list(report.importance_order) if report is not None and \
+        getattr(report, "importance_order", None) else importance_order(model)
+    weights = {name: mod.weight_module for name, mod in model.named_modules()
+               if isinstance(getattr(mod, "weight_module", None), BitStackWeight)}
+    if sum(x is not None for x in (levels, count, max_bits)) != 1:
+        raise CompressError("set_tier: give exactly one of levels, count, max_bits")
+    per_block = {}
+    numel = 0
+    for name, bw in weights.items():
+        mshape, k = bw.shape[0], int(bw.u.shape[2])
+        n = int(np.prod(bw.shape[1:]))
+        per_block[name] = BitStackStack.bytes_per_block(mshape, n, k)
+        numel += mshape * n
+    if levels is not None:
+        count = sum(1 for _, b in order if b < levels)
+    elif max_bits is not None:
+        total, count = 0, 0
+        first_level = sum(1 for _, b in order if b < 1)
+        for i, (name, _b) in enumerate(order):
+            total += per_block[name]
+            if i >= first_level and 8 * total / max(1, numel) > max_bits:
+                break
+            count = i + 1
+    count = max(0, min(int(count), len(order)))
+    active = {name: 0 for name in weights}
+    for name, _b in order[:count]:
+        active[name] += 1
+    if any(v == 0 for v in active.values()):
+        raise CompressError("set_tier: a tier must give every matrix at least one block "
+                            f"(prefix of {count} entries of {len(order)})")
+    nbytes = 0
+    for name, bw in weights.items():
+        bw.active_blocks = active[name]
+        nbytes += active[name] * per_block[name]
+    return {"count": count, "bytes": nbytes,
+            "bits_per_weight": round(8 * nbytes / max(1, numel), 4), "blocks": active}

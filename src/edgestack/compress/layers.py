@@ -187,3 +187,86 @@ class LowRankConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.u(self.v(x))
+
+
+class MonarchLinear(nn.Module):
+    """A linear layer whose weight is a Monarch matrix (two block-diagonal factors).
+
+    For ``out = B*A`` and ``in = C*D`` and rank ``T`` per block pair::
+
+        W[b*A + a, c*D + d] = sum_t L[b, a, c*T + t] * R[c, b*T + t, d]
+
+    ``R`` ``[C, B*T, D]`` and ``L`` ``[B, A, C*T]`` are block-diagonal factors with a
+    permutation between them. ``forward`` is reshapes, transposes and two batched MatMuls,
+    so the layer exports to standard ONNX ops (Reshape, Transpose, MatMul, Add).
+    Parameters: ``B*C*T*(A + D)``.
+    """
+
+    def __init__(self, left: torch.Tensor, right: torch.Tensor,
+                 bias: torch.Tensor | None) -> None:
+        super().__init__()
+        b, a, ct = left.shape
+        c, bt, d = right.shape
+        if ct % c or bt % b or ct // c != bt // b:
+            raise CompressError(
+                f"monarch: factors L {tuple(left.shape)} and R {tuple(right.shape)} do not fit "
+                "(expected L [B, A, C*T] and R [C, B*T, D])"
+            )
+        self.blocks = (b, a, c, d, ct // c)
+        self.left = nn.Parameter(left.detach().float().clone(), requires_grad=False)
+        self.right = nn.Parameter(right.detach().float().clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(),
+                                                            requires_grad=False)
+
+    @property
+    def in_features(self) -> int:
+        return self.blocks[2] * self.blocks[3]
+
+    @property
+    def out_features(self) -> int:
+        return self.blocks[0] * self.blocks[1]
+
+    def dense(self) -> torch.Tensor:
+        """The dense ``[out, in]`` weight."""
+        b, a, c, d, t = self.blocks
+        l4 = self.left.reshape(b, a, c, t)
+        r4 = self.right.reshape(c, b, t, d)
+        w = torch.einsum("bact,cbtd->bacd", l4, r4)
+        return w.reshape(b * a, c * d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, a, c, d, t = self.blocks
+        lead = x.shape[:-1]
+        y = x.reshape(-1, c, d).transpose(0, 1)                       # [C, N, D]
+        y = torch.matmul(y, self.right.transpose(1, 2))               # [C, N, B*T]
+        y = y.reshape(c, -1, b, t).permute(2, 1, 0, 3).reshape(b, -1, c * t)
+        z = torch.matmul(y, self.left.transpose(1, 2))                # [B, N, A]
+        z = z.permute(1, 0, 2).reshape(*lead, b * a)
+        return z if self.bias is None else z + self.bias
+
+    def extra_repr(self) -> str:
+        b, a, c, d, t = self.blocks
+        return f"in={c * d}, out={b * a}, blocks={b}x{c}, rank={t}"
+
+
+def monarch_factors(w2: torch.Tensor, b: int, c: int, t: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best Frobenius Monarch approximation of ``w2 [B*A, C*D]`` (factors ``L``, ``R``).
+
+    The Monarch projection splits into independent rank-``t`` problems, one per block
+    ``W[b*A:(b+1)*A, c*D:(c+1)*D]``, each solved by a truncated SVD (singular values split
+    evenly between the factors).
+    """
+    m, n = w2.shape
+    if m % b or n % c:
+        raise CompressError(f"monarch: a {m}x{n} weight does not split into {b}x{c} blocks")
+    a, d = m // b, n // c
+    t = max(1, min(t, a, d))
+    blocks = w2.float().reshape(b, a, c, d).permute(0, 2, 1, 3)   # [B, C, A, D]
+    u, s, vh = torch.linalg.svd(blocks, full_matrices=False)
+    root = s[..., :t].clamp_min(0).sqrt()
+    lf = u[..., :t] * root[..., None, :]                          # [B, C, A, T]
+    rf = root[..., :, None] * vh[..., :t, :]                      # [B, C, T, D]
+    left = lf.permute(0, 2, 1, 3).reshape(b, a, c * t)
+    right = rf.permute(1, 0, 2, 3).reshape(c, b * t, d)
+    return left, right

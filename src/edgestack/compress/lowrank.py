@@ -24,9 +24,32 @@ few calibration tokens do not make it singular), and the SVD of
 factors minimising the expected output error ``E||(W - W_k) x||^2``. The reported
 ``rel_error`` is always the weight-space error ``||W - W_k|| / ||W||``.
 
+Rank from the singular spectrum (``energy=e``, WeLore-style split): the rank of each layer
+is the smallest ``k`` whose leading singular values (of ``W L`` when calibrated, so the
+output energy) hold a fraction ``e`` of the squared spectrum. Layers whose spectrum decays
+fast get a small rank; layers where that ``k`` keeps more than ``max_keep`` of the
+parameters do not gain and stay full rank (reported as skipped: WeLore's split into
+low-rank and full-rank layers).
+
+Monarch (``structure="monarch"``, linear layers): the weight becomes a
+:class:`~edgestack.compress.layers.MonarchLinear` (two block-diagonal factors with a
+permutation between them, ``monarch_blocks`` x ``monarch_blocks`` blocks of rank ``t``)
+fitted by the exact Frobenius Monarch projection (:func:`~edgestack.compress.layers.
+monarch_factors`: one truncated SVD per block); ``t`` follows ``ratio``/``rank`` like the
+low-rank ``k`` (parameters ``blocks * t * (m + n)``). It exports as standard
+Reshape/Transpose/MatMul. The Monarch fit is not activation-aware (whitening mixes the
+column blocks).
+
 Options:
     rank: explicit rank (>= 1) for every layer, or None.
-    ratio: fraction of parameters kept, in (0, 1] (default 0.5 when ``rank`` is None).
+    ratio: fraction of parameters kept, in (0, 1] (default 0.5 when neither ``rank`` nor
+        ``energy`` is given).
+    energy: rank per layer from the spectrum (see above), in (0, 1), or None.
+    max_keep: with ``energy``, the largest fraction of parameters a factorised layer may
+        keep (default 0.8); above it the layer stays full rank.
+    structure: ``"lowrank"`` (default) or ``"monarch"``.
+    monarch_blocks: number of diagonal blocks of a Monarch factor (default 4); layers whose
+        sizes it does not divide stay dense.
     act_aware: use calibration statistics when ``calib`` is given (default True).
     skip: module-name prefixes to leave dense.
 """
@@ -53,7 +76,8 @@ from edgestack.compress.walk import LayerInfo, dense_weight, replace_module
 from edgestack.errors import CompressError
 from edgestack.formats import LowRankFactors
 
-OPTIONS: dict[str, Any] = {"rank": None, "ratio": None, "act_aware": True}
+OPTIONS: dict[str, Any] = {"rank": None, "ratio": None, "energy": None, "max_keep": 0.8,
+                           "structure": "lowrank", "monarch_blocks": 4, "act_aware": True}
 DEFAULT_RATIO = 0.5
 
 
@@ -64,7 +88,19 @@ def check_options(opts: dict[str, Any]) -> None:
             f"lowrank: give rank or ratio, not both (found rank={opts['rank']!r}, "
             f"ratio={opts['ratio']!r})"
         )
-    if opts["rank"] is not None:
+    if opts["energy"] is not None:
+        if opts["rank"] is not None or opts["ratio"] is not None:
+            raise CompressError("lowrank: give energy alone, not with rank or ratio")
+        check_float("energy", opts["energy"], 0.0, 1.0, lo_open=True)
+        if opts["structure"] != "lowrank":
+            raise CompressError("lowrank: energy= chooses low-rank ranks; use ratio= or "
+                                "rank= with structure='monarch'")
+    check_float("max_keep", opts["max_keep"], 0.0, 1.0, lo_open=True)
+    check_choice("structure", opts["structure"], ("lowrank", "monarch"))
+    check_int("monarch_blocks", opts["monarch_blocks"], 1, None)
+    if opts["energy"] is not None:
+        pass
+    elif opts["rank"] is not None:
         check_int("rank", opts["rank"], 1, None, "or pass ratio= instead")
     else:
         if opts["ratio"] is None:
@@ -116,9 +152,59 @@ def whitening(st: InputStats, n: int) -> torch.Tensor | None:
     return None
 
 
+def spectrum_rank(s: torch.Tensor, energy: float) -> int:
+    """Smallest ``k`` whose leading singular values hold ``energy`` of ``sum(s^2)``."""
+    e = s.double().pow(2)
+    total = float(e.sum())
+    if total <= 0:
+        return 1
+    cum = torch.cumsum(e, 0) / total
+    return int(torch.searchsorted(cum, torch.tensor([energy], dtype=cum.dtype)).item()) + 1
+
+
+def _run_monarch(ctx: PassContext) -> None:
+    from edgestack.compress.layers import MonarchLinear, monarch_factors
+
+    o = ctx.options
+    nb = o["monarch_blocks"]
+    replacements = []
+    for layer in ctx.iterate(ctx.layers, "monarch"):
+        if layer.kind != "linear":
+            ctx.skip(layer.name, "monarch: only linear layers")
+            continue
+        w2 = dense_weight(layer).cpu()
+        m, n = w2.shape
+        if m % nb or n % nb:
+            ctx.skip(layer.name, f"monarch: {m}x{n} does not split into {nb}x{nb} blocks")
+            continue
+        a, d = m // nb, n // nb
+        t = min(o["rank"], a, d) if o["rank"] is not None else \
+            min(a, d, math.floor(o["ratio"] * m * n / (nb * (m + n)) + 1e-9))
+        params = nb * t * (m + n)
+        if t < 1 or params >= m * n:
+            ctx.skip(layer.name, f"no gain: monarch rank {t} holds {params} parameters, the "
+                                 f"dense {m}x{n} weight {m * n}")
+            continue
+        left, right = monarch_factors(w2, nb, nb, t)
+        new = MonarchLinear(left, right, getattr(layer.module, "bias", None))
+        new.to(layer.module.weight.device)
+        rel = float(torch.linalg.norm(new.dense().cpu() - w2) /
+                    torch.linalg.norm(w2).clamp_min(1e-30))
+        replacements.append((layer, new))
+        ctx.report.layers.append(LayerReport(
+            layer.name, layer.kind, (m, n), 4 * m * n, 4 * params,
+            {"structure": "monarch", "blocks": nb, "rank": t,
+             "params_kept": round(params / (m * n), 4), "rel_error": round(rel, 6)}))
+    for layer, new in replacements:
+        replace_module(ctx.model, layer.name, new)
+
+
 def run(ctx: PassContext) -> None:
     """Factorise each layer of ``ctx.layers`` where that saves parameters."""
     o = ctx.options
+    if o["structure"] == "monarch":
+        _run_monarch(ctx)
+        return
     plan: list[tuple[LayerInfo, int]] = []
     for layer in ctx.layers:
         problem = zero_padding_problem(layer)
@@ -133,6 +219,9 @@ def run(ctx: PassContext) -> None:
         w = layer.module.weight
         m = int(w.shape[1] if layer.transposed else w.shape[0])
         n = int(w.numel() // m)
+        if o["energy"] is not None:
+            plan.append((layer, 0))  # rank chosen from the spectrum below
+            continue
         k = layer_rank(m, n, o["rank"], o["ratio"])
         if k < 1:
             ctx.skip(layer.name, f"rank 0 at ratio {o['ratio']} for a {m}x{n} weight")
@@ -152,6 +241,15 @@ def run(ctx: PassContext) -> None:
         m = w.shape[0]
         w2 = w.reshape(m, -1)
         chol = whitening(stats[layer.name], w2.shape[1]) if layer.name in stats else None
+        if k == 0:  # energy: rank from the (whitened) spectrum; full rank when no gain
+            mat = w2.float() if chol is None else (w2.double() @ chol).float()
+            k = spectrum_rank(torch.linalg.svdvals(mat), o["energy"])
+            n_ = w2.shape[1]
+            if k * (m + n_) > o["max_keep"] * m * n_:
+                ctx.skip(layer.name, f"full rank: {o['energy']:g} of the spectrum needs rank "
+                                     f"{k}, {k * (m + n_) / (m * n_):.2f} of the parameters "
+                                     f"(> max_keep {o['max_keep']:g})")
+                continue
         u, v = svd_factors(w2, k, chol)
         aware = chol is not None
         if aware and not (torch.isfinite(u).all() and torch.isfinite(v).all()):

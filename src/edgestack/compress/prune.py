@@ -32,17 +32,35 @@ unit's channels:
   calibration times the outgoing weight norm (for heads, ``a`` is the context vector that the
   output projection reads).
 
-More metrics (FLAP's fluctuation ``Var[a_c] * ||C[:, c]||^2``) plug into :data:`IMPORTANCE`:
-a metric gets the structure and its consumer's :class:`~edgestack.compress.api.InputStats`.
+- ``"fluctuation"`` (FLAP): ``Var[a_c] * ||C[:, c]||^2``, the variance of the consumer's
+  input channel over the calibration data times the squared outgoing weight norm: the
+  output error left after removing the channel and compensating its mean in the bias.
+
+A metric gets the structure and its consumer's :class:`~edgestack.compress.api.InputStats`.
+
+Adaptive ratios (``adaptive=True``, FLAP's global standardized score): each structure's unit
+scores are standardized (``(s - mean) / std`` within the structure), then the units of all
+structures of one unit kind (heads together, channels together) are ranked together and the
+lowest ``floor(ratio * total)`` are removed, so sensitive blocks keep more units and
+insensitive ones lose more (at least one unit per structure stays). The overall fraction
+removed per unit kind is still ``ratio``.
 
 Bias compensation (with ``calib`` and ``bias_compensation=True``, the default): the removed
 channels' mean contribution is folded into the consumer bias,
 ``b += C[:, removed] @ E[a_removed]`` (for a conv, ``C`` summed over the kernel), creating a
 bias where there was none. For heads this is the mean of the removed heads' context vectors.
 
+Saving: a pruned Hugging Face model is written as a model folder with per-layer sizes by
+:func:`edgestack.compress.pruned.save_pruned` and read back by
+:func:`~edgestack.compress.pruned.load_pruned` (the HF config alone cannot express fewer
+BERT heads of the same size or per-layer MLP widths; see that module).
+
 Options:
     ratio: fraction of units removed per structure, in [0, 0.9] (default 0.25).
-    metric: ``"auto"``, ``"weight"`` or ``"activation"`` (needs calib).
+    metric: ``"auto"`` (``"activation"`` with calib, else ``"weight"``), ``"weight"``,
+        ``"activation"`` or ``"fluctuation"`` (both need calib).
+    adaptive: False (default: the same ratio in every structure) or True (global
+        standardized ranking, see above).
     bias_compensation: fold removed channels' means into the consumer bias (needs calib).
     skip: module-name prefixes to leave dense (a structure with a skipped layer is kept).
 """
@@ -69,7 +87,8 @@ from edgestack.compress.resize import shrink_layer, sync_attention_heads
 from edgestack.compress.walk import LayerInfo, dense_weight, layer_kind, replace_module
 from edgestack.errors import CompressError
 
-OPTIONS: dict[str, Any] = {"ratio": 0.25, "metric": "auto", "bias_compensation": True}
+OPTIONS: dict[str, Any] = {"ratio": 0.25, "metric": "auto", "bias_compensation": True,
+                           "adaptive": False}
 MAX_RATIO = 0.9
 
 _ELEMENTWISE: tuple[type, ...] = (
@@ -158,10 +177,27 @@ def activation_importance(st: Structure, stats: InputStats | None) -> torch.Tens
     return ch.reshape(st.n_units, st.unit_size).sum(1)
 
 
+def fluctuation_importance(st: Structure, stats: InputStats | None) -> torch.Tensor:
+    """FLAP's fluctuation: per unit, sum over its channels of ``Var[a_c] * ||C[:,c]||^2``.
+
+    A channel whose input barely varies around its mean carries little information: after
+    its removal the bias compensation restores its mean contribution, and the output error
+    left is exactly ``Var[a_c] * ||C[:,c]||^2`` (for one channel alone).
+    """
+    if stats is None:
+        raise CompressError(
+            f"prune metric 'fluctuation' needs calibration data for {st.name!r}; pass "
+            "calib=[...] or metric='weight'"
+        )
+    ch = stats.var.to(torch.float32) * _consumer_col_norm(st).pow(2)
+    return ch.reshape(st.n_units, st.unit_size).sum(1)
+
+
 #: Importance metrics by name; each returns one score per unit (higher = keep).
 IMPORTANCE: dict[str, Metric] = {
     "weight": weight_importance,
     "activation": activation_importance,
+    "fluctuation": fluctuation_importance,
 }
 
 
@@ -171,6 +207,7 @@ def check_options(opts: dict[str, Any]) -> None:
                 hint="the fraction of heads/channels removed per block")
     check_choice("metric", opts["metric"], ("auto", *IMPORTANCE))
     check_choice("bias_compensation", opts["bias_compensation"], (True, False))
+    check_choice("adaptive", opts["adaptive"], (False, True))
 
 
 # --------------------------------------------------------------------------- discovery
@@ -316,6 +353,42 @@ def select_units(scores: torch.Tensor, ratio: float, groups: int = 1) -> torch.T
     return torch.sort(torch.cat(keep)).values
 
 
+def adaptive_keep(structures: list[Structure], scores: dict[str, torch.Tensor], ratio: float
+                  ) -> dict[str, torch.Tensor]:
+    """FLAP-style global selection: standardized scores ranked across structures of a kind.
+
+    Grouped structures (``groups > 1``) keep the per-structure rule. Returns the sorted
+    units to keep per structure name.
+    """
+    keep: dict[str, torch.Tensor] = {}
+    for unit in ("head", "channel"):
+        group = [st for st in structures if st.unit == unit and st.groups == 1]
+        if not group:
+            continue
+        pooled = []
+        for st in group:
+            s = scores[st.name].to(torch.float64)
+            z = (s - s.mean()) / s.std().clamp_min(1e-12) if s.numel() > 1 else s * 0
+            for u in range(st.n_units):
+                pooled.append((float(z[u]), st.name, u))
+        total = len(pooled)
+        drop = math.floor(ratio * total + 1e-9)
+        pooled.sort()
+        left = {st.name: st.n_units for st in group}
+        dropped: dict[str, set[int]] = {st.name: set() for st in group}
+        for _z, name, u in pooled:
+            if drop == 0:
+                break
+            if left[name] > 1:
+                dropped[name].add(u)
+                left[name] -= 1
+                drop -= 1
+        for st in group:
+            keep[st.name] = torch.tensor(
+                [u for u in range(st.n_units) if u not in dropped[st.name]], dtype=torch.int64)
+    return keep
+
+
 @dataclass
 class _LayerPlan:
     layer: LayerInfo
@@ -393,10 +466,13 @@ def run(ctx: PassContext) -> None:
 
     plans: dict[str, _LayerPlan] = {}
     shrink_norms: list[tuple[str, torch.Tensor]] = []
+    all_scores = {st.name: metric(st, stats.get(st.consumer.name)) for st in usable}
+    global_keep = adaptive_keep(usable, all_scores, o["ratio"]) if o["adaptive"] else {}
     for st in ctx.iterate(usable, "prune"):
         cst = stats.get(st.consumer.name)
-        scores = metric(st, cst)
-        keep = select_units(scores, o["ratio"], st.groups)
+        scores = all_scores[st.name]
+        keep = global_keep[st.name] if st.name in global_keep else \
+            select_units(scores, o["ratio"], st.groups)
         if keep.numel() == st.n_units:
             for layer in st.layers:
                 reasons.setdefault(layer.name, f"ratio {o['ratio']} removes no {st.unit} of "

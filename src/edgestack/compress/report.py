@@ -96,6 +96,10 @@ class CompressReport:
         layers: the layers replaced, in model order.
         skipped: the layers left dense, with reasons.
         warnings: notes for the user (also raised as Python warnings).
+        details: pass-wide facts (e.g. the shift fine-tune's steps and losses).
+        importance_order: BitStack only: the global block order ``[(layer name, block), ...]``
+            (see :func:`edgestack.compress.bitstack.importance_order`); a runtime tier is a
+            prefix of it. Empty for other methods.
     """
 
     method: str
@@ -103,6 +107,8 @@ class CompressReport:
     layers: list[LayerReport] = field(default_factory=list)
     skipped: list[SkippedLayer] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+    importance_order: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def dense_bytes(self) -> int:
@@ -151,6 +157,9 @@ class CompressReport:
             "layers": [layer.to_dict() for layer in self.layers],
             "skipped": [s.to_dict() for s in self.skipped],
             "warnings": list(self.warnings),
+            **({"details": _jsonable(self.details)} if self.details else {}),
+            **({"importance_order": [[n, int(b)] for n, b in self.importance_order]}
+               if self.importance_order else {}),
         }
 
     def summary(self, max_skipped: int = 5) -> str:

@@ -1,0 +1,181 @@
+"""``edgestack quality``: compression quality vs the uncompressed model, with baselines.
+
+Runs torch only (no ONNX). For a model with a ``tokenizer.json`` (a Hugging Face folder or
+the built-in ``minilm``) the metric is the mean-pooled sentence-embedding cosine vs fp32 on
+the held sentence set and the Spearman correlation of pairwise similarities; otherwise the
+cosine of the model's first output on its example inputs. Calibration batches come from
+the corpus shipped with edgestack (``edgestack/data/calib.txt``) for text models, else the
+example inputs. The measurement is :mod:`edgestack.compress.quality`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from edgestack.cli import EXIT_OK, emit_json
+
+METHODS = ("shift", "bitstack", "lowrank", "prune")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quality",
+        help="measure compression quality vs the fp32 model, with int8/int4 baselines",
+        description="Compress MODEL with --method (or every method with --all) and report "
+        "bits per weight, bytes and quality vs the uncompressed model, next to int8 "
+        "per-channel and int4 RTN (group 32 and 128) baselines computed in the same run.",
+    )
+    p.add_argument("model", metavar="MODEL",
+                   help="Hugging Face model folder, module:factory or built-in name (minilm, "
+                   "gpt2-tiny, small-cnn, conv1d-net)")
+    p.add_argument("--method", choices=METHODS, default=None, help="compression method")
+    p.add_argument("--all", action="store_true",
+                   help="the full comparison: baselines and every method (minutes)")
+    p.add_argument("--no-baselines", action="store_true", help="skip the int8/int4 baselines")
+    g = p.add_argument_group("method options")
+    g.add_argument("--bits", type=int, default=None, help="shift: code width 2..5")
+    g.add_argument("--zero", action="store_true", help="shift: DeepShift codes with zero")
+    g.add_argument("--rounding", choices=("nearest", "gptq"), default=None,
+                   help="shift: nearest or GPTQ rounding (needs calibration)")
+    g.add_argument("--finetune-steps", type=int, default=None,
+                   help="shift: steps of STE fine-tune (default 0)")
+    g.add_argument("--max-seconds", type=float, default=None,
+                   help="shift: time limit of the fine-tune")
+    g.add_argument("--seed", type=int, default=None, help="shift: fine-tune seed")
+    g.add_argument("--blocks", type=int, default=None, help="bitstack: blocks per layer")
+    g.add_argument("--k", type=int, default=None, help="bitstack: rank per block")
+    g.add_argument("--tiers", default=None,
+                   help="bitstack: comma-separated tiers to score: whole levels (int) or bit "
+                   "budgets (float), e.g. 2,3,4.5")
+    g.add_argument("--rank", type=int, default=None, help="lowrank: rank for every layer")
+    g.add_argument("--ratio", type=float, default=None,
+                   help="lowrank: parameters kept; prune: fraction removed")
+    g.add_argument("--energy", type=float, default=None,
+                   help="lowrank: rank from the spectrum (WeLore split)")
+    g.add_argument("--structure", choices=("lowrank", "monarch"), default=None,
+                   help="lowrank: low-rank factors or Monarch")
+    g.add_argument("--metric", choices=("auto", "weight", "activation", "fluctuation"),
+                   default=None, help="prune: importance metric")
+    g.add_argument("--adaptive", action="store_true",
+                   help="prune: FLAP's global standardized ratios")
+    g.add_argument("--no-act-aware", action="store_true",
+                   help="bitstack/lowrank: ignore calibration statistics")
+    g.add_argument("--skip", action="append", default=[], metavar="PREFIX",
+                   help="leave modules whose name starts with PREFIX dense (repeatable)")
+    c = p.add_argument_group("calibration")
+    c.add_argument("--calib-n", type=int, default=128,
+                   help="calibration sentences from the shipped corpus (default 128)")
+    c.add_argument("--calib-seq", type=int, default=64, help="tokens per sentence (default 64)")
+    p.add_argument("--out", default=None, help="also write the JSON rows to this file")
+    p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
+    p.set_defaults(run=run)
+
+
+def method_options(args: argparse.Namespace) -> dict:
+    """compress() options for ``args.method`` from the command line."""
+    from edgestack.errors import CompressError
+
+    per = {
+        "shift": {"bits": args.bits, "zero": args.zero or None, "rounding": args.rounding,
+                  "finetune_steps": args.finetune_steps, "max_seconds": args.max_seconds,
+                  "seed": args.seed},
+        "bitstack": {"n_blocks": args.blocks, "k": args.k,
+                     "act_aware": False if args.no_act_aware else None},
+        "lowrank": {"rank": args.rank, "ratio": args.ratio, "energy": args.energy,
+                    "structure": args.structure,
+                    "act_aware": False if args.no_act_aware else None},
+        "prune": {"ratio": args.ratio, "metric": args.metric,
+                  "adaptive": True if args.adaptive else None},
+    }
+    opts = {k: v for k, v in per[args.method].items() if v is not None}
+    given = {"--bits": args.bits, "--zero": args.zero or None, "--rounding": args.rounding,
+             "--finetune-steps": args.finetune_steps, "--max-seconds": args.max_seconds,
+             "--seed": args.seed, "--blocks": args.blocks, "--k": args.k, "--tiers": args.tiers,
+             "--rank": args.rank, "--energy": args.energy, "--structure": args.structure,
+             "--metric": args.metric, "--adaptive": args.adaptive or None,
+             "--no-act-aware": args.no_act_aware or None, "--ratio": args.ratio}
+    allowed = {
+        "shift": {"--bits", "--zero", "--rounding", "--finetune-steps", "--max-seconds",
+                  "--seed"},
+        "bitstack": {"--blocks", "--k", "--tiers", "--no-act-aware"},
+        "lowrank": {"--rank", "--ratio", "--energy", "--structure", "--no-act-aware"},
+        "prune": {"--ratio", "--metric", "--adaptive"},
+    }[args.method]
+    stray = [f for f, v in given.items() if v is not None and f not in allowed]
+    if stray:
+        raise CompressError(f"option(s) {', '.join(stray)} do not apply to --method "
+                            f"{args.method}; it takes {', '.join(sorted(allowed))}")
+    if args.skip:
+        opts["skip"] = tuple(args.skip)
+    return opts
+
+
+def _parse_tiers(text: str | None) -> tuple:
+    if not text:
+        return ()
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        out.append(float(part) if "." in part else int(part))
+    return tuple(out)
+
+
+def _log(msg: str) -> None:
+    print(f"[edgestack quality] {msg}", file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgestack import zoo
+    from edgestack.compress.calib import text_calib
+    from edgestack.compress.quality import (
+        BASELINES,
+        EmbeddingEval,
+        OutputEval,
+        QualityConfig,
+        markdown_table,
+        quality_rows,
+        suite_configs,
+    )
+    from edgestack.compress.sources import load_source
+    from edgestack.errors import CompressError
+
+    if not args.all and args.method is None:
+        raise CompressError("quality: give --method METHOD or --all")
+    src = load_source(args.model)
+    model_dir = None
+    if args.model == "minilm":
+        model_dir = zoo.minilm_path()
+    elif Path(args.model).is_dir() and (Path(args.model) / "tokenizer.json").is_file():
+        model_dir = Path(args.model)
+    if model_dir is not None:
+        evaluator = EmbeddingEval.for_model(src.model, model_dir)
+        calib = text_calib(model_dir, n=args.calib_n, seq=args.calib_seq)
+        metric = "mean-pooled sentence-embedding cosine vs fp32 on the held sentence set"
+    else:
+        evaluator = OutputEval.for_model(src.model, [src.inputs])
+        calib = [src.inputs]
+        metric = "cosine of the first output vs fp32 on the example inputs"
+    skip = tuple(args.skip)
+    sk = {"skip": skip} if skip else {}
+    if args.all:
+        configs = suite_configs(skip)
+    else:
+        configs = [] if args.no_baselines else [
+            QualityConfig(b, b, dict(sk)) for b in BASELINES]
+        opts = method_options(args)
+        tiers = _parse_tiers(args.tiers) if args.method == "bitstack" else ()
+        configs.append(QualityConfig(f"{args.method} {opts}", args.method, opts, tiers=tiers))
+    rows = quality_rows(src.model, evaluator.score, configs, calib,
+                        log=None if args.json else _log)
+    doc = {"ok": True, "model": src.description, "metric": metric, "rows": rows}
+    if args.out:
+        Path(args.out).write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    if args.json:
+        emit_json(doc)
+    else:
+        print(f"quality of {src.description} ({metric}):")
+        print(markdown_table(rows))
+    return EXIT_OK

