@@ -53,13 +53,7 @@ def ort_session(path: str, threads: int = 2, optimization: str = "all") -> Any:
     """An ONNX Runtime CPU session with ``threads`` intra-op threads."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[optimization]
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    from edgestack.targets.ort_cpu import session_options
+
+    return ort.InferenceSession(str(path), session_options(threads, optimization),
+                                providers=["CPUExecutionProvider"])
