@@ -14,6 +14,7 @@ Rewrites (``q``: an int8 initializer ``[out, in]`` read by a ``DequantizeLinear`
   ``xq, xs, xzp = DynamicQuantizeLinear(x)``;
 - ``Gemm(x, DQ(q, s), C, transB=1, alpha=beta=1)`` -> the same plus ``Add(C)``.
 
+Matmuls reading the same activation share one ``DynamicQuantizeLinear``.
 Other consumers (Conv, a DQ read twice) keep the exact ``DequantizeLinear`` form.
 """
 
@@ -58,7 +59,10 @@ class DynamicInt8MatMulPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        done, skipped = 0, {}
+        done, skipped, shared = 0, {}, 0
+        # one DynamicQuantizeLinear per activation, shared by every matmul reading it (q/k/v
+        # read the same hidden state), as quantize_dynamic does: fewer passes over x.
+        quantized: dict[int, tuple[ir.Value, ir.Value, ir.Value]] = {}
         for dq in list(graph):
             if dq.op_type != "DequantizeLinear" or dq.meta.get(INT8_TAG) != "shift":
                 continue
@@ -75,10 +79,17 @@ class DynamicInt8MatMulPass(ir.passes.InPlacePass):
             x = mm.inputs[0]
             qt = add_initializer(graph, f"{base}_qT", np.ascontiguousarray(q.T))
             sv = add_initializer(graph, f"{base}_ws", s.astype(np.float32))
-            dql = _node("DynamicQuantizeLinear", [x], f"{base}_dql", 3)
-            xq, xs, xzp = dql.outputs
-            for v, suffix in zip(dql.outputs, ("xq", "xs", "xzp")):
-                v.name = f"{base}_{suffix}"
+            new: list[ir.Node] = []
+            if id(x) in quantized:
+                xq, xs, xzp = quantized[id(x)]
+                shared += 1
+            else:
+                dql = _node("DynamicQuantizeLinear", [x], f"{base}_dql", 3)
+                xq, xs, xzp = dql.outputs
+                for v, suffix in zip(dql.outputs, ("xq", "xs", "xzp")):
+                    v.name = f"{base}_{suffix}"
+                quantized[id(x)] = (xq, xs, xzp)
+                new.append(dql)
             mmi = _node("MatMulInteger", [xq, qt, xzp], f"{base}_mmi")
             mmi.outputs[0].name = f"{base}_acc"
             cast = _node("Cast", [mmi.outputs[0]], f"{base}_cast", to=ir.DataType.FLOAT)
@@ -87,7 +98,7 @@ class DynamicInt8MatMulPass(ir.passes.InPlacePass):
             scl.outputs[0].name = f"{base}_xws"
             mul = _node("Mul", [cast.outputs[0], scl.outputs[0]], f"{base}_deq")
             mul.outputs[0].name = f"{base}_y"
-            new = [dql, mmi, cast, scl, mul]
+            new += [mmi, cast, scl, mul]
             out = mul.outputs[0]
             if mm.op_type == "Gemm" and len(mm.inputs) > 2 and mm.inputs[2] is not None:
                 add = _node("Add", [out, mm.inputs[2]], f"{base}_bias")
@@ -101,5 +112,6 @@ class DynamicInt8MatMulPass(ir.passes.InPlacePass):
             graph.remove(dq, safe=True)
             done += 1
         drop_unused_initializers(graph)
-        self.report = {"rewritten": done, "kept_dequantize": skipped}
+        self.report = {"rewritten": done, "shared_activation_quantizers": shared,
+                       "kept_dequantize": skipped}
         return ir.passes.PassResult(model, bool(done))
