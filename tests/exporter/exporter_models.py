@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from random_weights import random_shift, random_stack  # noqa: F401 (re-exported)
 from edgestack.formats import BitStackStack, ShiftCodes, pack_bits
 
 # Options that keep the passes fast on 2 cores (no calibration, small blocks).
@@ -16,25 +17,6 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "lowrank": {"ratio": 0.5},
     "prune": {"ratio": 0.25},
 }
-
-
-def random_shift(rng: np.random.Generator, shape: tuple[int, ...], bits: int,
-                 zero: bool) -> ShiftCodes:
-    """Shift codes with uniformly random bytes (every code value occurs) and scales."""
-    numel = int(np.prod(shape))
-    codes = rng.integers(0, 256, (numel * bits + 7) // 8, dtype=np.uint8)
-    scale = (rng.random(shape[0]) * 2 + 0.05).astype(np.float32)
-    return ShiftCodes(codes, scale, shape, bits, zero)
-
-
-def random_stack(rng: np.random.Generator, shape: tuple[int, ...], n_blocks: int,
-                 k: int) -> BitStackStack:
-    """A BitStack stack with random signs and fp16 factors."""
-    m, n = shape[0], int(np.prod(shape[1:]))
-    signs = np.stack([pack_bits(rng.integers(0, 2, m * n)) for _ in range(n_blocks)])
-    u = rng.standard_normal((n_blocks, m, k)).astype(np.float16)
-    v = rng.standard_normal((n_blocks, k, n)).astype(np.float16)
-    return BitStackStack(signs, u, v, shape)
 
 
 def compressed(factory: Any, method: str, **options: Any) -> tuple[Any, dict[str, Any], Any]:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from random_weights import random_stack
 
 from edgestack.errors import FormatError
 from edgestack.formats import (
@@ -117,18 +118,9 @@ def test_shift_errors():
         ShiftCodes(c.codes, c.scale.astype(np.float64), (2, 2), 4, False)
 
 
-def _random_stack(nb, m, shape, k, seed=0):
-    rng = np.random.default_rng(seed)
-    n = int(np.prod(shape[1:]))
-    signs = np.stack([pack_bits(rng.integers(0, 2, m * n)) for _ in range(nb)])
-    u = rng.standard_normal((nb, m, k)).astype(np.float16)
-    v = rng.standard_normal((nb, k, n)).astype(np.float16)
-    return BitStackStack(signs, u, v, (m, *shape[1:]))
-
-
 @pytest.mark.parametrize("shape", [(7, 5), (9, 3, 3, 3), (1, 13)])
 def test_bitstack_decode_is_sum_of_signed_blocks(shape):
-    s = _random_stack(3, shape[0], shape, 2)
+    s = random_stack(np.random.default_rng(0), shape, 3, 2)
     m, n = s.matrix_shape
     manual = np.zeros((m, n), np.float32)
     for i in range(3):
@@ -143,14 +135,14 @@ def test_bitstack_decode_is_sum_of_signed_blocks(shape):
 
 def test_bitstack_size_matches_formula():
     m, n, k, nb = 64, 48, 4, 3
-    s = _random_stack(nb, m, (m, n), k)
+    s = random_stack(np.random.default_rng(0), (m, n), nb, k)
     assert s.nbytes == nb * BitStackStack.bytes_per_block(m, n, k)
     assert s.bits_per_weight == pytest.approx(
         BitStackStack.theoretical_bits_per_weight(m, n, k, nb))
 
 
 def test_bitstack_shape_errors_name_expected_and_found():
-    s = _random_stack(2, 5, (5, 7), 2)
+    s = random_stack(np.random.default_rng(0), (5, 7), 2, 2)
     with pytest.raises(FormatError, match=r"bitstack v: expected shape \(2, 2, 7\).*found \(2, 2, 6\)"):
         BitStackStack(s.signs, s.u, s.v[:, :, :6], (5, 7))
     with pytest.raises(FormatError, match=r"asked for 3 blocks, the stack holds 0\.\.2"):

@@ -12,6 +12,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from random_weights import random_shift  # noqa: F401 (re-exported)
+from random_weights import random_stack as _random_stack
+
 from edgestack.exporter import ops
 from edgestack.formats import BitStackStack, ShiftCodes
 from edgestack.formats.bitpack import pack_bits
@@ -19,21 +22,10 @@ from edgestack.formats.bitpack import pack_bits
 OPSET = 20
 
 
-def random_shift(rng: np.random.Generator, shape: tuple[int, ...], bits: int,
-                 zero: bool) -> ShiftCodes:
-    numel = int(np.prod(shape))
-    codes = rng.integers(0, 256, (numel * bits + 7) // 8, dtype=np.uint8)
-    scale = (rng.random(shape[0]) * 2 + 0.05).astype(np.float32)
-    return ShiftCodes(codes, scale, shape, bits, zero)
-
-
 def random_stack(rng: np.random.Generator, shape: tuple[int, ...], n_blocks: int,
                  k: int) -> BitStackStack:
-    m, n = shape[0], int(np.prod(shape[1:]))
-    signs = np.stack([pack_bits(rng.integers(0, 2, m * n)) for _ in range(n_blocks)])
-    u = (rng.standard_normal((n_blocks, m, k)) * 0.3).astype(np.float16)
-    v = (rng.standard_normal((n_blocks, k, n)) * 0.3).astype(np.float16)
-    return BitStackStack(signs, u, v, shape)
+    """Random stack with factors scaled by 0.3 (keeps decoded weights near unit scale)."""
+    return _random_stack(rng, shape, n_blocks, k, factor_scale=0.3)
 
 
 def _decode_node(fmt: Any, prefix: str) -> tuple[onnx.NodeProto, list, str]:
