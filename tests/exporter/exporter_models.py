@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 
 from random_weights import random_shift, random_stack  # noqa: F401 (re-exported)
-from edgestack.formats import BitStackStack, ShiftCodes, pack_bits
 
 # Options that keep the passes fast on 2 cores (no calibration, small blocks).
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {

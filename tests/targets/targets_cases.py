@@ -17,7 +17,6 @@ from random_weights import random_stack as _random_stack
 
 from edgestack.exporter import ops
 from edgestack.formats import BitStackStack, ShiftCodes
-from edgestack.formats.bitpack import pack_bits
 
 OPSET = 20
 
