@@ -314,8 +314,6 @@ def set_tier(model: nn.Module, report: Any = None, *, levels: int | None = None,
     Returns:
         ``{"count", "bytes", "bits_per_weight", "blocks": {layer: active blocks}}``.
     """
-    from edgestack.compress.layers import BitStackWeight
-
     order = list(report.importance_order) if report is not None and \
         getattr(report, "importance_order", None) else importance_order(model)
     weights = {name: mod.weight_module for name, mod in model.named_modules()

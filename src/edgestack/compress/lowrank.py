@@ -98,15 +98,14 @@ def check_options(opts: dict[str, Any]) -> None:
     check_float("max_keep", opts["max_keep"], 0.0, 1.0, lo_open=True)
     check_choice("structure", opts["structure"], ("lowrank", "monarch"))
     check_int("monarch_blocks", opts["monarch_blocks"], 1, None)
-    if opts["energy"] is not None:
-        pass
-    elif opts["rank"] is not None:
-        check_int("rank", opts["rank"], 1, None, "or pass ratio= instead")
-    else:
-        if opts["ratio"] is None:
-            opts["ratio"] = DEFAULT_RATIO
-        check_float("ratio", opts["ratio"], 0.0, 1.0, lo_open=True,
-                    hint="the fraction of each layer's parameters to keep")
+    if opts["energy"] is None:  # energy= picks ranks itself; else rank= or ratio=
+        if opts["rank"] is not None:
+            check_int("rank", opts["rank"], 1, None, "or pass ratio= instead")
+        else:
+            if opts["ratio"] is None:
+                opts["ratio"] = DEFAULT_RATIO
+            check_float("ratio", opts["ratio"], 0.0, 1.0, lo_open=True,
+                        hint="the fraction of each layer's parameters to keep")
     check_choice("act_aware", opts["act_aware"], (True, False))
 
 

@@ -395,8 +395,6 @@ def finetune_shift(
     import time
 
     from edgestack.compress.api import progress_iter
-    from edgestack.compress.layers import ShiftWeight
-
     device = targets[0].device
     trainers: list[tuple[nn.Module, _TrainableShift]] = []
     for _name, layer in layers:

@@ -46,10 +46,6 @@ class LayerInfo:
     kind: str
     transposed: bool = False
 
-    @property
-    def out_features(self) -> int:
-        return int(dense_weight(self).shape[0])
-
 
 def layer_kind(module: nn.Module) -> tuple[str, bool] | None:
     """Return ``(kind, transposed)`` for a supported layer, else None."""
