@@ -22,7 +22,7 @@ from edgestack.compress.layers import CompressedLayer, LowRankLinear
 from edgestack.compress.walk import get_module
 from edgestack.errors import CheckpointError
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402
 
 
 # --- shared helpers ----------------------------------------------------------------------

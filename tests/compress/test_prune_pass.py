@@ -13,7 +13,6 @@ from edgestack.compress import compress
 from edgestack.compress.prune import IMPORTANCE, find_structures, select_units
 from edgestack.errors import CompressError
 
-pytest.importorskip("transformers")
 
 
 def n_params(model: nn.Module) -> int:

