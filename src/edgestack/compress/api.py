@@ -336,6 +336,26 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def inputs_to(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """``inputs`` with every tensor moved to ``device`` (other values as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def first_tensor(out: Any) -> torch.Tensor:
+    """The first tensor of a model output (a tensor, ModelOutput, dict, tuple or list)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "last_hidden_state") and out.last_hidden_state is not None:
+        return out.last_hidden_state
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        for item in out:
+            if isinstance(item, torch.Tensor):
+                return item
+    raise CompressError(f"fine-tune: the model output ({type(out).__name__}) holds no tensor")
+
+
 def check_calib(calib: Any) -> list[dict[str, Any]] | None:
     """Validate the ``calib`` argument: None or a non-empty list of input dicts."""
     if calib is None:
@@ -363,8 +383,7 @@ def run_calib(model: nn.Module, calib: list[dict[str, Any]], progress: bool,
     """Run ``model(**x)`` for every calibration input (no grad), moving tensors to the model."""
     device = _model_device(model)
     for i, inputs in enumerate(progress_iter(calib, progress, desc)):
-        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
-                  for k, v in inputs.items()}
+        kwargs = inputs_to(inputs, device)
         try:
             model(**kwargs)
         except Exception as exc:  # noqa: BLE001  (re-raised with context)

@@ -30,16 +30,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgestack.compress.api import first_tensor
 from edgestack.compress.walk import LayerInfo, dense_weight, iter_layers
 from edgestack.errors import CompressError
 
 BASELINES = ("int8", "int4_g32", "int4_g128")
-
-
-def _first_tensor(out: Any) -> torch.Tensor:
-    from edgestack.compress.shift import _first_tensor as first
-
-    return first(out)
 
 
 @dataclass
@@ -79,7 +74,7 @@ class EmbeddingEval:
         from edgestack.profiler.quality import mean_pool
 
         with torch.no_grad():
-            hidden = _first_tensor(model(**self.batch)).float().numpy()
+            hidden = first_tensor(model(**self.batch)).float().numpy()
         return mean_pool(hidden, self.batch["attention_mask"].numpy())
 
     def score(self, model: nn.Module) -> dict[str, float]:
@@ -99,14 +94,14 @@ class OutputEval:
     @classmethod
     def for_model(cls, model: nn.Module, inputs: list[dict[str, Any]]) -> "OutputEval":
         with torch.no_grad():
-            ref = [_first_tensor(model(**x)).float() for x in inputs]
+            ref = [first_tensor(model(**x)).float() for x in inputs]
         return cls(inputs, ref)
 
     def score(self, model: nn.Module) -> dict[str, float]:
         cos = []
         with torch.no_grad():
             for x, r in zip(self.inputs, self.ref):
-                out = _first_tensor(model(**x)).float()
+                out = first_tensor(model(**x)).float()
                 a, b = r.reshape(r.shape[0], -1), out.reshape(out.shape[0], -1)
                 cos.append(torch.nn.functional.cosine_similarity(a, b, dim=1))
         c = torch.cat(cos)

@@ -63,6 +63,9 @@ from torch import nn
 
 from edgestack.compress.api import (
     PassContext,
+    _model_device,
+    first_tensor,
+    inputs_to,
     check_choice,
     check_float,
     check_int,
@@ -281,7 +284,7 @@ def layer_input_stats(model: nn.Module, calib: list[dict[str, Any]], layer: Laye
                       ) -> Any:
     """Input statistics (with the Gram matrix for linear layers) of one layer, running each
     calibration batch only up to that layer."""
-    from edgestack.compress.api import InputStats, _input_channels, _model_device
+    from edgestack.compress.api import InputStats, _input_channels
 
     st = InputStats(layer, _input_channels(layer), layer.kind == "linear")
 
@@ -294,7 +297,7 @@ def layer_input_stats(model: nn.Module, calib: list[dict[str, Any]], layer: Laye
     device = _model_device(model)
     try:
         for x in calib:
-            kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in x.items()}
+            kw = inputs_to(x, device)
             try:
                 model(**kw)
             except _StopForward:
@@ -314,28 +317,13 @@ def layer_bits(name: str, bits: int, per_layer: dict[str, int] | None) -> int:
     return best
 
 
-def _first_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if hasattr(out, "last_hidden_state") and out.last_hidden_state is not None:
-        return out.last_hidden_state
-    if isinstance(out, dict):
-        out = list(out.values())
-    if isinstance(out, (list, tuple)):
-        for item in out:
-            if isinstance(item, torch.Tensor):
-                return item
-    raise CompressError(f"fine-tune: the model output ({type(out).__name__}) holds no tensor")
-
-
 def model_outputs(model: nn.Module, calib: list[dict[str, Any]]) -> list[torch.Tensor]:
     """The first output tensor of ``model(**x)`` for every calibration batch (no grad)."""
-    device = next(iter(model.parameters()), torch.empty(0)).device
+    device = _model_device(model)
     outs = []
     with torch.no_grad():
         for x in calib:
-            kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in x.items()}
-            outs.append(_first_tensor(model(**kw)).detach())
+            outs.append(first_tensor(model(**inputs_to(x, device))).detach())
     return outs
 
 
@@ -423,9 +411,8 @@ def finetune_shift(
                 if max_seconds is not None and time.perf_counter() - t0 > max_seconds:
                     break
                 x = calib[i]
-                kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v
-                      for k, v in x.items()}
-                out = _first_tensor(model(**kw))
+                kw = inputs_to(x, device)
+                out = first_tensor(model(**kw))
                 d = (out - targets[i]).pow(2)
                 mask = kw.get("attention_mask")
                 if mask is not None and d.dim() == 3 and tuple(mask.shape) == tuple(d.shape[:2]):
