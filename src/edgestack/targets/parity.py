@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from edgestack.errors import TargetError
+from edgestack.exporter.parity import error_stats
 
 
 @dataclass(frozen=True)
@@ -127,12 +128,7 @@ def compare_output(name: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance) 
     b = ref.astype(np.float64).ravel()
     if a.size == 0:
         return OutputCheck(name, tuple(got.shape), 0.0, 0.0, 1.0, 1.0, True)
-    diff = np.abs(a - b)
-    max_abs = float(diff.max())
-    peak = float(np.abs(b).max())
-    max_rel = 0.0 if max_abs == 0 else (max_abs / peak if peak > 0 else math.inf)
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    cosine = 1.0 if na == 0 and nb == 0 else float(a @ b / (na * nb)) if na and nb else 0.0
+    max_abs, max_rel, cosine = error_stats(a, b)
     if got.ndim >= 1 and got.shape[-1] > 1 and np.issubdtype(got.dtype, np.floating):
         top1 = float(np.mean(np.argmax(got, -1) == np.argmax(ref, -1)))
     else:
