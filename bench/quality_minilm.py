@@ -32,6 +32,9 @@ def main() -> int:
     ap.add_argument("--finetune-seconds", type=float, default=300.0)
     ap.add_argument("--only", nargs="*", default=None,
                     help="run only configurations whose label contains one of these")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other rows of an existing --out file (rows of the same "
+                         "label are replaced; rows of labels no longer in the suite dropped)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     model, _ = zoo.minilm()
@@ -46,16 +49,31 @@ def main() -> int:
         print(msg, file=sys.stderr, flush=True)
 
     rows = quality_rows(model, evaluator.score, configs, calib, log=log)
+    out = Path(args.out)
+    if args.merge and out.exists():
+        rows = _merge(json.loads(out.read_text())["rows"], rows,
+                      [c.label for c in suite_configs(skip=("pooler",))])
     doc = {"model": "all-MiniLM-L6-v2 (edgestack.zoo.minilm)",
            "metric": "mean-pooled sentence-embedding cosine vs fp32, held sentences",
            "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
            "torch": torch.__version__, "seconds_total": round(time.perf_counter() - t0, 1),
            "rows": rows}
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     print(markdown_table(rows))
     return 0
+
+
+def _merge(old: list[dict], new: list[dict], order: list[str]) -> list[dict]:
+    """Rows of ``old`` with those of ``new`` replacing the same configuration, suite order."""
+    def config(label: str) -> str:
+        return next((c for c in order if label == c or label.startswith(c + ",")), label)
+
+    fresh = {config(r["label"]) for r in new}
+    kept = [r for r in old if config(r["label"]) in order and config(r["label"]) not in fresh]
+    rows = kept + new
+    rank = {c: i for i, c in enumerate(order)}
+    return sorted(rows, key=lambda r: rank.get(config(r["label"]), len(order)))
 
 
 if __name__ == "__main__":
