@@ -30,9 +30,10 @@ EXIT_SKIPPED = 4
 
 
 def _commands() -> list:
-    from edgestack.cli import compile, demo, export, parity, profiles, quality, verify
+    from edgestack.cli import (bench, compile, demo, export, pack, parity, plan, profiles,
+                               quality, run, verify)
 
-    return [export, quality, compile, parity, verify, profiles, demo]
+    return [export, quality, compile, parity, verify, bench, pack, plan, run, profiles, demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,562 @@
+"""``edgestack bench``: latency, memory and quality of a model on its targets, with baselines.
+
+One run measures every *subject* (a compiled artifact of the model for one target, a
+package at one tier, or a baseline a user would otherwise pick) in three steps:
+
+1. **Memory and cold load**, each subject in a fresh process
+   (:mod:`edgestack.profiler.probe`): peak RSS after loading and running, minus the peak
+   after importing the backend, and the load time.
+2. **Latency**, all subjects loaded in this process and timed **interleaved**: round after
+   round, each subject runs a few calls, so that machine noise hits every subject alike and
+   ratios stay meaningful. Statistics: p50/p90/p99/mean/std/min and throughput; ``spread_ms``
+   is half the p10-p90 range, the band two runs of the same subject should agree within.
+3. **Quality**: every subject's outputs on the same inputs against the reference (the dense
+   model when given, else the source model on ONNX Runtime): cosine, max abs/rel error.
+
+Baselines (``baseline=True``): the dense float32 model (``dense_model``, or the source with its
+compressed weights decoded) on ONNX Runtime fp32, ``quantize_dynamic`` int8, int4
+``MatMulNBits`` (RTN, block 32, symmetric) and OpenVINO f32/bf16; ratios are against the
+ORT fp32 baseline when measured, else against the first subject.
+
+A target that cannot run here is listed with the reason and skipped; the result says so
+(the CLI exits 4 when nothing at all could run).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from edgestack.errors import InternalError, TargetError
+
+#: Baseline labels, in report order.
+BASELINES = ("ORT fp32", "ORT dynamic int8", "ORT int4 MatMulNBits g32", "OpenVINO f32",
+             "OpenVINO bf16")
+
+
+@dataclass
+class Subject:
+    """One thing to measure.
+
+    Attributes:
+        label: Row label.
+        kind: ``artifact`` (a compiled folder) or ``package`` (a device package at ``tier``).
+        path: The artifact folder or package path.
+        target: The compile target that runs it.
+        group: ``edgestack`` or ``baseline``.
+        precision: What it computes in (``fp32``, ``int8``, ``int4``, ``bf16`` ...).
+        disk_bytes: Bytes of the weights it loads (files on disk, or the tier's bytes).
+        options: ``precision`` (OpenVINO runner hint) or ``tier`` (packages).
+    """
+
+    label: str
+    kind: str
+    path: str
+    target: str
+    group: str = "edgestack"
+    precision: str = "fp32"
+    disk_bytes: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def spec(self, feeds: Path, calls: int = 3) -> dict[str, Any]:
+        """The JSON description :func:`open_subject` and the probe process read."""
+        return {"kind": self.kind, "path": self.path, "target": self.target,
+                "engine": self.target, "options": self.options, "feeds": str(feeds),
+                "calls": calls}
+
+
+class Handle:
+    """A loaded subject: :meth:`infer` and :meth:`close`."""
+
+    def __init__(self, infer: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]],
+                 close: Callable[[], None]) -> None:
+        self.infer = infer
+        self.close = close
+
+
+def preload(target: str) -> None:
+    """Import the backend library of ``target`` (so its cost is not counted as the model's)."""
+    if target in ("ort-cpu", "ort-arm", "package"):
+        import onnxruntime  # noqa: F401
+    elif target == "openvino-cpu":
+        import openvino  # noqa: F401
+
+
+def open_subject(spec: Mapping[str, Any]) -> Handle:
+    """Load a subject from its :meth:`Subject.spec`."""
+    if spec["kind"] == "artifact":
+        from edgestack.targets import load_runner
+
+        kwargs = {}
+        if spec["target"] == "openvino-cpu" and "precision" in spec.get("options", {}):
+            kwargs["precision"] = spec["options"]["precision"]
+        runner = load_runner(spec["path"], **kwargs).activate()
+        return Handle(runner.infer, runner.release)
+    if spec["kind"] == "package":
+        from edgestack.runtime import Runtime
+
+        rt = Runtime(spec["path"], budget=spec["options"]["budget"])
+        return Handle(rt.infer, rt.close)
+    raise InternalError(f"unknown bench subject kind {spec['kind']!r}")
+
+
+# ---- inputs ---------------------------------------------------------------------------
+def bench_feeds(model_path: str | Path, batch: int = 1, seq: int = 128,
+                seed: int = 0) -> dict[str, np.ndarray]:
+    """Deterministic inputs for every graph input of an ONNX model.
+
+    The first symbolic dimension of each input is ``batch``, the others ``seq``. Integer
+    inputs are token ids in [0, 1000), except names containing ``mask`` (ones) and
+    ``type`` (zeros); float inputs are standard normal.
+    """
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    init = {i.name for i in model.graph.initializer}
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for inp in model.graph.input:
+        if inp.name in init:
+            continue
+        tt = inp.type.tensor_type
+        shape, first = [], True
+        for d in tt.shape.dim:
+            if d.HasField("dim_value"):
+                shape.append(int(d.dim_value))
+            else:
+                shape.append(batch if first else seq)
+                first = False
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        name = inp.name.lower()
+        if np.issubdtype(dtype, np.integer):
+            if "mask" in name:
+                feeds[inp.name] = np.ones(shape, dtype)
+            elif "type" in name:
+                feeds[inp.name] = np.zeros(shape, dtype)
+            else:
+                feeds[inp.name] = rng.integers(0, 1000, shape).astype(dtype)
+        elif dtype == np.bool_:
+            feeds[inp.name] = np.ones(shape, dtype)
+        else:
+            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
+
+
+def load_feeds(path: str | Path) -> dict[str, np.ndarray]:
+    """Inputs from an ``.npz`` file (input name -> array; no pickled objects).
+
+    Raises:
+        TargetError: the file is missing, not an npz archive, or holds no arrays.
+    """
+    p = Path(path)
+    try:
+        with np.load(p, allow_pickle=False) as npz:
+            feeds = {k: npz[k] for k in npz.files}
+    except FileNotFoundError:
+        raise TargetError(f"input file {p} does not exist; expected an .npz file mapping "
+                          f"input names to arrays (numpy.savez)") from None
+    except (OSError, ValueError) as exc:
+        raise TargetError(f"input file {p} is not a readable .npz archive of arrays ({exc}); "
+                          f"write it with numpy.savez(path, input_name=array, ...)") from None
+    if not feeds:
+        raise TargetError(f"input file {p} holds no arrays; expected one per model input")
+    return feeds
+
+
+# ---- subjects -------------------------------------------------------------------------
+def _files_bytes(folder: Path) -> int:
+    """Bytes of the files an artifact loads (its model and weight files, not its source)."""
+    from edgestack.targets.base import Artifact
+
+    art = Artifact.load(folder)
+    names = {n for role, n in art.files.items() if role in ("model", "weights", "bin")}
+    total = 0
+    for name in names:
+        for p in folder.glob(name + "*"):          # model.onnx + model.onnx.data
+            total += p.stat().st_size
+    if art.target == "openvino-cpu":
+        total += sum(p.stat().st_size for p in folder.glob("*.bin"))
+    return total
+
+
+def target_subjects(model: Path, work: Path, targets: Sequence[str], profile: Any,
+                    log: Callable[[str], None]) -> tuple[list[Subject], dict[str, str]]:
+    """Compile ``model`` for each target that can run here; ``(subjects, skipped)``."""
+    from edgestack.targets import get_target
+
+    subjects, skipped = [], {}
+    for name in targets:
+        target = get_target(name)
+        ok, why = target.available()
+        if name == "ort-arm":
+            ok, why = False, ("its artifacts run only under qemu emulation on this machine; "
+                              "latency there measures the emulator, not the device")
+        if not ok:
+            skipped[name] = why
+            log(f"bench: skipping {name}: {why}")
+            continue
+        log(f"bench: compiling for {name} ...")
+        art = target.lower(model, work / name, profile)
+        subjects.append(Subject(f"edgestack {name} {art.precision}", "artifact",
+                                str(art.folder), name, precision=art.precision,
+                                disk_bytes=_files_bytes(art.folder)))
+    return subjects, skipped
+
+
+def _raw_artifact(folder: Path, model: Path, target: str, precision: str,
+                  threads: int) -> Path:
+    """An artifact folder holding ``model`` as is (a baseline: no edgestack lowering)."""
+    import onnx
+
+    from edgestack.targets.base import Artifact
+
+    folder.mkdir(parents=True, exist_ok=True)
+    proto = onnx.load(str(model))
+    dest = folder / "model.onnx"
+    onnx.save(proto, str(dest))
+    Artifact(folder=folder, target=target, arch="x86_64" if target == "ort-cpu" else "any",
+             precision=precision, files={"model": "model.onnx"},
+             options={"threads": threads}).save()
+    return folder
+
+
+def baseline_subjects(dense: Path, work: Path, threads: int,
+                      log: Callable[[str], None]) -> tuple[list[Subject], dict[str, str]]:
+    """The baselines a user would otherwise pick, built from the dense float32 model."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    subjects, skipped = [], {}
+    work.mkdir(parents=True, exist_ok=True)
+    fp32 = _raw_artifact(work / "ort_fp32", dense, "ort-cpu", "fp32", threads)
+    subjects.append(Subject("ORT fp32", "artifact", str(fp32), "ort-cpu", "baseline", "fp32",
+                            _files_bytes(fp32)))
+    log("bench: baseline quantize_dynamic int8 ...")
+    qd = work / "dyn_int8.onnx"
+    quantize_dynamic(str(dense), str(qd), weight_type=QuantType.QInt8)
+    art = _raw_artifact(work / "ort_int8", qd, "ort-cpu", "int8", threads)
+    subjects.append(Subject("ORT dynamic int8", "artifact", str(art), "ort-cpu", "baseline",
+                            "int8", _files_bytes(art)))
+    log("bench: baseline int4 MatMulNBits ...")
+    import onnx
+
+    quant = MatMulNBitsQuantizer(onnx.load(str(dense)), bits=4, block_size=32,
+                                 is_symmetric=True)
+    quant.process()
+    q4 = work / "int4_g32.onnx"
+    quant.model.save_model_to_file(str(q4), False)
+    art = _raw_artifact(work / "ort_int4", q4, "ort-cpu", "int4", threads)
+    subjects.append(Subject("ORT int4 MatMulNBits g32", "artifact", str(art), "ort-cpu",
+                            "baseline", "int4", _files_bytes(art)))
+    from edgestack.targets import get_target
+
+    ov = get_target("openvino-cpu")
+    ok, why = ov.available()
+    if not ok:
+        skipped["OpenVINO"] = why
+    else:
+        log("bench: baseline OpenVINO IR ...")
+        art = ov.lower(dense, work / "openvino", None, threads=threads)
+        for prec in ("fp32", "bf16"):
+            subjects.append(Subject(f"OpenVINO {prec.replace('fp', 'f')}", "artifact",
+                                    str(art.folder), "openvino-cpu", "baseline", prec,
+                                    _files_bytes(art.folder), {"precision": prec}))
+    return subjects, skipped
+
+
+def dense_of(model: Path, out: Path) -> Path:
+    """``model`` with every ``edgestack`` node decoded to a float32 initializer and constant
+    subgraphs folded (ONNX Runtime's basic, standard-op-only optimizations), i.e. the dense
+    float32 model a user would quantize: weights are initializers that feed ``MatMul``."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from edgestack.targets import passes as P
+
+    m = ir.load(model)
+    P.run_passes(m, [P.MaterializePass()])
+    decoded = out.with_name(out.stem + ".decoded.onnx")
+    ir.save(m, decoded)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.optimized_model_filepath = str(out)
+    ort.InferenceSession(str(decoded), so, providers=["CPUExecutionProvider"])
+    decoded.unlink()
+    return out
+
+
+# ---- measuring ------------------------------------------------------------------------
+@dataclass
+class Row:
+    """One subject's measurements."""
+
+    label: str
+    target: str
+    group: str
+    precision: str
+    disk_bytes: int
+    iterations: int = 0
+    p10_ms: float = math.nan
+    p50_ms: float = math.nan
+    p90_ms: float = math.nan
+    p99_ms: float = math.nan
+    mean_ms: float = math.nan
+    std_ms: float = math.nan
+    min_ms: float = math.nan
+    spread_ms: float = math.nan
+    throughput: float = math.nan
+    load_s: float | None = None
+    peak_rss_increase: int | None = None
+    cosine: float | None = None
+    max_abs: float | None = None
+    max_rel: float | None = None
+    ratio: float | None = None
+    tier: int | None = None
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v)
+                for k, v in asdict(self).items()}
+
+
+def latency_stats(times_ms: Sequence[float], batch: int = 1) -> dict[str, float]:
+    """p50/p90/p99/mean/std/min, ``spread_ms`` (half the p10..p90 range) and throughput
+    (items per second) of call times in milliseconds."""
+    s = sorted(times_ms)
+    q = np.quantile(np.asarray(s), [0.1, 0.5, 0.9, 0.99])
+    mean = statistics.fmean(s)
+    return {"iterations": len(s), "p10_ms": float(q[0]), "p50_ms": float(q[1]), "p90_ms": float(q[2]),
+            "p99_ms": float(q[3]), "mean_ms": mean,
+            "std_ms": statistics.pstdev(s) if len(s) > 1 else 0.0, "min_ms": s[0],
+            "spread_ms": float(q[2] - q[0]) / 2, "throughput": 1e3 * batch / mean}
+
+
+def measure_memory(subject: Subject, feeds_path: Path, timeout: float = 600.0
+                   ) -> dict[str, Any]:
+    """Cold load time and peak RSS increase of ``subject`` in a fresh process."""
+    spec_path = feeds_path.parent / f"probe_{abs(hash(subject.label)) % 10**8}.json"
+    spec_path.write_text(json.dumps(subject.spec(feeds_path)), encoding="utf-8")
+    env = dict(os.environ)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "edgestack.profiler.probe",
+                               str(spec_path)], capture_output=True, text=True,
+                              timeout=timeout, env=env)
+    finally:
+        spec_path.unlink(missing_ok=True)
+    if proc.returncode != 0:
+        raise TargetError(f"bench: measuring {subject.label} in a fresh process failed "
+                          f"(exit {proc.returncode}): {proc.stderr.strip()[-800:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def interleaved_latency(handles: Sequence[Handle], feeds: Mapping[str, np.ndarray], *,
+                        iterations: int, warmup: int, per_round: int = 2,
+                        seconds: float | None = None,
+                        progress: Callable[[int, int], None] | None = None
+                        ) -> list[list[float]]:
+    """Call times (ms) per handle, measured round-robin: each round runs ``per_round`` calls
+    of every handle, until each has ``iterations`` calls (and ``seconds`` have passed)."""
+    for h in handles:
+        for _ in range(warmup):
+            h.infer(feeds)
+    times: list[list[float]] = [[] for _ in handles]
+    start = time.perf_counter()
+    rounds = max(1, math.ceil(iterations / per_round))
+    r = 0
+    while r < rounds or (seconds is not None and time.perf_counter() - start < seconds):
+        for i, h in enumerate(handles):
+            for _ in range(per_round):
+                t = time.perf_counter()
+                h.infer(feeds)
+                times[i].append((time.perf_counter() - t) * 1e3)
+        r += 1
+        if progress:
+            progress(r, rounds)
+    return times
+
+
+def _quality(got: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray]
+             ) -> tuple[float, float, float]:
+    from edgestack.exporter.parity import error_stats
+
+    cos, mabs, mrel = 1.0, 0.0, 0.0
+    for name, r in ref.items():
+        if name not in got or np.shape(got[name]) != np.shape(r):
+            return 0.0, math.inf, math.inf
+        a_, r_ = (np.asarray(x, np.float64).reshape(-1) for x in (got[name], r))
+        ma, mr, c = error_stats(a_, r_)
+        cos, mabs, mrel = min(cos, c), max(mabs, ma), max(mrel, mr)
+    return cos, mabs, mrel
+
+
+@dataclass
+class BenchReport:
+    """What :func:`run_bench` measured."""
+
+    source: str
+    rows: list[Row]
+    skipped: dict[str, str]
+    settings: dict[str, Any]
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ran(self) -> bool:
+        return any(r.iterations for r in self.rows)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "settings": self.settings,
+                "rows": [r.to_dict() for r in self.rows], "skipped": self.skipped,
+                "files": self.files}
+
+    def markdown(self) -> str:
+        """The rows as a markdown table (what report.md and the terminal show)."""
+        head = ("| subject | target | precision | disk MB | peak RSS +MB | load s | p50 ms | "
+                "p90 ms | p99 ms | ± ms | items/s | ratio | cosine |")
+        lines = [head, "|" + " --- |" * 3 + " ---: |" * 10]
+
+        def f(v: Any, fmt: str) -> str:
+            return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) \
+                else format(v, fmt)
+
+        for r in self.rows:
+            rss = None if r.peak_rss_increase is None else r.peak_rss_increase / 1e6
+            lines.append(
+                f"| {r.label} | {r.target} | {r.precision} | {f(r.disk_bytes / 1e6, '.2f')} | "
+                f"{f(rss, '.1f')} | {f(r.load_s, '.2f')} | {f(r.p50_ms, '.2f')} | "
+                f"{f(r.p90_ms, '.2f')} | {f(r.p99_ms, '.2f')} | {f(r.spread_ms, '.2f')} | "
+                f"{f(r.throughput, '.1f')} | {f(r.ratio, '.3f')} | {f(r.cosine, '.5f')} |")
+        for name, why in self.skipped.items():
+            lines.append(f"\nskipped {name}: {why}")
+        return "\n".join(lines)
+
+    table = markdown
+
+
+def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
+              targets: Sequence[str] | str | None = None, baseline: bool = False,
+              dense_model: str | Path | None = None, iterations: int = 30, warmup: int = 3,
+              seconds: float | None = None, batch: int = 1, seq: int = 128,
+              feeds: Mapping[str, np.ndarray] | None = None, memory: bool = True,
+              plots: bool = True, threads: int | None = None,
+              log: Callable[[str], None] | None = None) -> BenchReport:
+    """Benchmark an exported model on its targets (and baselines); write the results.
+
+    Args:
+        source: An ONNX model written by ``edgestack export``.
+        out_dir: Where compiled artifacts, ``bench.json``, ``bench.md`` and plots go.
+        profile: A profile (name, path or :class:`~edgestack.profiles.Profile`): its target,
+            threads and precision; ``None``: ``ort-cpu`` with 2 threads.
+        targets: Target names, ``"all"``, or ``None`` (the profile's target).
+        baseline: Also measure the baselines (module docstring).
+        dense_model: The uncompressed model for the baselines and the quality reference.
+        iterations / warmup / seconds: Timed calls per subject (at least ``iterations``,
+            and for at least ``seconds`` when given), untimed calls first.
+        batch / seq: Sizes of the symbolic input dimensions (first / others).
+        feeds: Inputs to use instead of generated ones.
+        memory: Measure cold load and peak RSS per subject in fresh processes.
+        plots: Write ``latency_vs_memory.png`` and ``quality_vs_memory.png``.
+        threads: Intra-op threads (default: the profile's, else 2).
+
+    Raises:
+        EdgestackError: a bad source, profile or target name.
+    """
+    from edgestack.profiles import load_profile
+    from edgestack.targets import TARGET_NAMES
+    from edgestack.targets.reference import reference_outputs
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    for noisy in ("onnxruntime.quantization", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    src = Path(source)
+    if not src.is_file() or src.suffix != ".onnx":
+        raise TargetError(f"bench: expected an ONNX model (.onnx) written by edgestack export, "
+                          f"found {src} ({'missing' if not src.exists() else 'not .onnx'}). "
+                          f"To fix: `edgestack export MODEL --out model.onnx` first.")
+    prof = load_profile(profile) if isinstance(profile, (str, Path)) else profile
+    threads = int(threads or (prof.threads if prof else 2))
+    if targets is None:
+        targets = [prof.target] if prof else ["ort-cpu"]
+    elif targets == "all":
+        targets = list(TARGET_NAMES)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir()
+    feeds = dict(feeds) if feeds is not None else bench_feeds(src, batch, seq)
+    feeds_path = work / "feeds.npz"
+    np.savez(feeds_path, **feeds)
+
+    subjects, skipped = target_subjects(src, work, list(targets), prof, log)
+    dense = Path(dense_model) if dense_model else None
+    if baseline:
+        if dense is None:
+            dense = dense_of(src, work / "dense.onnx")
+        base, skip2 = baseline_subjects(dense, work / "baselines", threads, log)
+        subjects = base + subjects
+        skipped.update(skip2)
+    ref_model = dense if dense is not None else src
+    reference = reference_outputs(ref_model, feeds, threads=threads)
+    rows = [Row(s.label, s.target, s.group, s.precision, s.disk_bytes,
+                tier=s.options.get("tier")) for s in subjects]
+    if memory:
+        for i, (s, row) in enumerate(zip(subjects, rows)):
+            log(f"bench: memory [{i + 1}/{len(subjects)}] {s.label} ...")
+            m = measure_memory(s, feeds_path)
+            row.load_s, row.peak_rss_increase = m["load_s"], m["increase"]
+    handles: list[Handle] = []
+    times: list[list[float]] = []
+    try:
+        for s in subjects:
+            handles.append(open_subject(s.spec(feeds_path)))
+        for h, row in zip(handles, rows):
+            row.cosine, row.max_abs, row.max_rel = _quality(h.infer(feeds), reference)
+        if handles:
+            log(f"bench: timing {len(handles)} subjects interleaved, {iterations} calls "
+                "each ...")
+            times = interleaved_latency(
+                handles, feeds, iterations=iterations, warmup=warmup, seconds=seconds,
+                progress=lambda r, n: log(f"bench: round {r}/{n}") if r % 5 == 0 else None)
+    finally:
+        for h in handles:
+            h.close()
+    batch_n = next((v.shape[0] for v in feeds.values() if np.ndim(v)), 1)
+    for row, t in zip(rows, times):
+        for k, v in latency_stats(t, batch_n).items():
+            setattr(row, k, v)
+    base_row = next((r for r in rows if r.label == "ORT fp32"), rows[0] if rows else None)
+    for row in rows:
+        row.ratio = row.p50_ms / base_row.p50_ms if base_row else None
+    settings = {"threads": threads, "iterations": iterations, "warmup": warmup,
+                "seconds": seconds, "inputs": {k: list(v.shape) for k, v in feeds.items()},
+                "profile": prof.name if prof else None,
+                "reference": str(ref_model), "ratio_base": base_row.label if base_row else None}
+    report = BenchReport(str(src), rows, skipped, settings)
+    report.files["json"] = str(out / "bench.json")
+    report.files["markdown"] = str(out / "bench.md")
+    if plots:
+        from edgestack.profiler.plots import plot_bench
+
+        report.files.update(plot_bench(report, out))
+    (out / "bench.md").write_text(report.markdown() + "\n", encoding="utf-8")
+    (out / "bench.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n",
+                                    encoding="utf-8")
+    return report
+
+
+__all__ = ["BASELINES", "BenchReport", "Handle", "Row", "Subject", "bench_feeds",
+           "baseline_subjects", "dense_of", "interleaved_latency", "latency_stats", "load_feeds",
+           "measure_memory", "open_subject", "run_bench", "target_subjects"]

@@ -1,0 +1,88 @@
+"""PNG plots of bench results (matplotlib, headless ``Agg`` backend).
+
+- ``latency_vs_memory.png``: p50 latency (with the p10-p90 band) against memory, one point
+  per subject; memory is the measured peak RSS increase, or the bytes on disk when memory
+  was not measured (the axis label says which).
+- ``quality_vs_memory.png``: cosine against the reference versus the same memory axis;
+  package tiers are joined by a line so the tier curve shows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgestack.errors import EdgestackError
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise EdgestackError(f"plots need matplotlib, which cannot be imported ({exc}). "
+                             f"To fix: pip install 'edgestack[bench]', or pass --no-plots."
+                             ) from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _memory(rows: list[Any]) -> tuple[list[float], str]:
+    if rows and all(r.peak_rss_increase is not None for r in rows):
+        return [r.peak_rss_increase / 1e6 for r in rows], "peak RSS increase (MB)"
+    return [r.disk_bytes / 1e6 for r in rows], "weights on disk (MB)"
+
+
+def plot_bench(report: Any, out_dir: str | Path) -> dict[str, str]:
+    """Write the bench plots into ``out_dir``; returns ``{name: path}``."""
+    plt = _pyplot()
+    out = Path(out_dir)
+    rows = [r for r in report.rows if r.iterations]
+    files: dict[str, str] = {}
+    if not rows:
+        return files
+    mem, xlabel = _memory(rows)
+    cmap = plt.get_cmap("tab10")
+    style = {r.label: (cmap(i % 10), "s" if r.group == "baseline" else "o")
+             for i, r in enumerate(rows)}
+
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for r, x in zip(rows, mem):
+        color, marker = style[r.label]
+        ax.errorbar([x], [r.p50_ms], yerr=[[r.p50_ms - r.p10_ms], [r.p90_ms - r.p50_ms]],
+                    fmt=marker, color=color, capsize=3, label=r.label)
+    ax.legend(fontsize=7, loc="best", title="square: baseline", title_fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("latency p50 (ms), bars: p10..p90")
+    ax.set_title("Latency vs memory (lower left is better)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / "latency_vs_memory.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    files["latency_plot"] = str(path)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    tiers = [(x, r.cosine) for r, x in zip(rows, mem) if r.tier is not None and r.cosine]
+    if len(tiers) > 1:
+        xs, ys = zip(*sorted(tiers))
+        ax.plot(xs, ys, "-", color="tab:blue", alpha=0.6, label="package tiers")
+    for r, x in zip(rows, mem):
+        if r.cosine is None:
+            continue
+        color, marker = style[r.label]
+        ax.plot([x], [r.cosine], marker, color=color,
+                label=None if r.tier is not None else r.label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("output cosine vs reference")
+    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.set_title("Quality vs memory (upper left is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    path = out / "quality_vs_memory.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    files["quality_plot"] = str(path)
+    return files

@@ -1,0 +1,125 @@
+"""``edgestack bench`` / :mod:`edgestack.profiler.bench` on small layer models."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "targets"))
+from targets_cases import linear_case, random_shift  # noqa: E402
+
+from edgestack.cli import main  # noqa: E402
+from edgestack.errors import EdgestackError  # noqa: E402
+from edgestack.profiler import bench as B  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def shift_model(tmp_path_factory) -> Path:
+    """A 4-bit shift linear layer (96 -> 64) on ``[1, 16, 96]`` inputs."""
+    rng = np.random.default_rng(3)
+    model, _, _ = linear_case(random_shift(rng, (64, 96), 4, False), 1, 16, rng=rng)
+    path = tmp_path_factory.mktemp("bench") / "shift.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def test_latency_stats_of_known_times() -> None:
+    stats = B.latency_stats([float(i) for i in range(1, 101)], batch=2)
+    assert stats["iterations"] == 100
+    assert stats["p50_ms"] == pytest.approx(50.5)
+    assert stats["p90_ms"] == pytest.approx(90.1)
+    assert stats["min_ms"] == 1.0
+    assert stats["spread_ms"] == pytest.approx((90.1 - 10.9) / 2)
+    assert stats["throughput"] == pytest.approx(1e3 * 2 / 50.5)
+
+
+def test_bench_feeds_follow_the_signature(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"]),
+              helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, ["b", "s"]),
+              helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3])]
+    out = helper.make_tensor_value_info("y", TensorProto.INT64, ["b", "s"])
+    graph = helper.make_graph([helper.make_node("Add", ["input_ids", "attention_mask"], ["y"])],
+                              "g", inputs, [out])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    feeds = B.bench_feeds(path, batch=2, seq=7)
+    assert feeds["input_ids"].shape == (2, 7) and feeds["input_ids"].dtype == np.int64
+    assert (feeds["attention_mask"] == 1).all() and (feeds["token_type_ids"] == 0).all()
+    assert feeds["x"].shape == (2, 3) and feeds["x"].dtype == np.float32
+    again = B.bench_feeds(path, batch=2, seq=7)
+    assert all(np.array_equal(feeds[k], again[k]) for k in feeds)
+
+
+def test_bench_with_baselines_writes_report_and_plots(shift_model: Path,
+                                                      tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    report = B.run_bench(shift_model, out, targets=["ort-cpu", "openvino-cpu"], baseline=True,
+                         iterations=6, warmup=1, log=lambda m: None)
+    labels = [r.label for r in report.rows]
+    assert labels[:5] == list(B.BASELINES)
+    assert "edgestack ort-cpu fp32" in labels and "edgestack openvino-cpu fp32" in labels
+    by = {r.label: r for r in report.rows}
+    assert by["ORT fp32"].ratio == 1.0
+    # The dense baseline is the decoded source: same outputs; quantized ones are close.
+    assert by["ORT fp32"].cosine > 0.99999
+    assert by["edgestack ort-cpu fp32"].cosine > 0.99999
+    assert 0.95 < by["ORT dynamic int8"].cosine < 1.0
+    for r in report.rows:
+        assert r.iterations >= 6 and r.p50_ms > 0 and r.p90_ms >= r.p50_ms >= r.min_ms
+        assert r.peak_rss_increase is not None and r.peak_rss_increase > 0
+        assert r.load_s is not None and r.load_s > 0
+    # int8 weights are smaller on disk than the fp32 ones
+    assert by["ORT dynamic int8"].disk_bytes < by["ORT fp32"].disk_bytes
+    doc = json.loads((out / "bench.json").read_text())
+    assert [r["label"] for r in doc["rows"]] == labels
+    for name in ("latency_vs_memory.png", "quality_vs_memory.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    md = (out / "bench.md").read_text()
+    assert "| ORT fp32 |" in md and "p50 ms" in md
+
+
+def test_two_runs_agree_within_their_spread(shift_model: Path, tmp_path: Path) -> None:
+    runs = [B.run_bench(shift_model, tmp_path / f"r{i}", iterations=40, warmup=5,
+                        memory=False, plots=False, log=lambda m: None) for i in range(2)]
+    a, b = (r.rows[0] for r in runs)
+    assert a.label == b.label == "edgestack ort-cpu fp32"
+    assert a.spread_ms > 0 and b.spread_ms > 0
+    assert abs(a.p50_ms - b.p50_ms) <= a.spread_ms + b.spread_ms
+
+
+def test_cli_json_and_skips(shift_model: Path, tmp_path: Path, capsys) -> None:
+    rc = main(["bench", str(shift_model), "--out", str(tmp_path / "a"), "--iterations", "3",
+               "--no-memory", "--no-plots", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 0 and doc["ok"] and doc["rows"][0]["target"] == "ort-cpu"
+    rc = main(["bench", str(shift_model), "--out", str(tmp_path / "b"), "--targets",
+               "tensorrt-gpu", "--no-memory", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 4 and not doc["ok"] and "tensorrt-gpu" in doc["skipped"]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--targets", "nope"], "expected one of ort-cpu"),
+    (["--profile", "no-such-device"], "built-in profiles"),
+    (["--input", "missing.npz"], "does not exist"),
+    (["--iterations", "0"], "--iterations"),
+])
+def test_cli_bad_input(shift_model: Path, tmp_path: Path, capsys, argv, needle) -> None:
+    rc = main(["bench", str(shift_model), "--out", str(tmp_path / "o"), "--no-memory",
+               *argv])
+    assert rc == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_source_must_be_an_onnx_model(tmp_path: Path) -> None:
+    with pytest.raises(EdgestackError, match="expected an ONNX model"):
+        B.run_bench(tmp_path / "nothing.onnx", tmp_path / "o")
