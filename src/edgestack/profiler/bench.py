@@ -497,8 +497,6 @@ def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
         shutil.rmtree(work)
     work.mkdir()
     feeds = dict(feeds) if feeds is not None else bench_feeds(src, batch, seq)
-    feeds_path = work / "feeds.npz"
-    np.savez(feeds_path, **feeds)
 
     subjects, skipped = target_subjects(src, work, list(targets), prof, log)
     dense = Path(dense_model) if dense_model else None
@@ -510,6 +508,25 @@ def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
         skipped.update(skip2)
     ref_model = dense if dense is not None else src
     reference = reference_outputs(ref_model, feeds, threads=threads)
+    rows = measure_subjects(subjects, feeds, reference, work, iterations=iterations,
+                            warmup=warmup, seconds=seconds, memory=memory, log=log)
+    settings = {"threads": threads, "iterations": iterations, "warmup": warmup,
+                "seconds": seconds, "inputs": {k: list(v.shape) for k, v in feeds.items()},
+                "profile": prof.name if prof else None, "reference": str(ref_model),
+                "ratio_base": next((r.label for r in rows if r.label == "ORT fp32"),
+                                   rows[0].label if rows else None)}
+    return write_report(BenchReport(str(src), rows, skipped, settings), out, plots=plots)
+
+
+def measure_subjects(subjects: Sequence[Subject], feeds: Mapping[str, np.ndarray],
+                     reference: Mapping[str, np.ndarray], work: Path, *, iterations: int = 30,
+                     warmup: int = 3, seconds: float | None = None, memory: bool = True,
+                     log: Callable[[str], None] = lambda m: None) -> list[Row]:
+    """Measure ``subjects`` (module docstring, steps 1-3); ratios against ``ORT fp32`` when
+    it is a subject, else the first."""
+    work.mkdir(parents=True, exist_ok=True)
+    feeds_path = work / "feeds.npz"
+    np.savez(feeds_path, **feeds)
     rows = [Row(s.label, s.target, s.group, s.precision, s.disk_bytes,
                 tier=s.options.get("tier")) for s in subjects]
     if memory:
@@ -540,11 +557,11 @@ def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
     base_row = next((r for r in rows if r.label == "ORT fp32"), rows[0] if rows else None)
     for row in rows:
         row.ratio = row.p50_ms / base_row.p50_ms if base_row else None
-    settings = {"threads": threads, "iterations": iterations, "warmup": warmup,
-                "seconds": seconds, "inputs": {k: list(v.shape) for k, v in feeds.items()},
-                "profile": prof.name if prof else None,
-                "reference": str(ref_model), "ratio_base": base_row.label if base_row else None}
-    report = BenchReport(str(src), rows, skipped, settings)
+    return rows
+
+
+def write_report(report: BenchReport, out: Path, plots: bool = True) -> BenchReport:
+    """Write ``bench.json``, ``bench.md`` and (``plots``) the PNG plots into ``out``."""
     report.files["json"] = str(out / "bench.json")
     report.files["markdown"] = str(out / "bench.md")
     if plots:
@@ -559,4 +576,5 @@ def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
 
 __all__ = ["BASELINES", "BenchReport", "Handle", "Row", "Subject", "bench_feeds",
            "baseline_subjects", "dense_of", "interleaved_latency", "latency_stats", "load_feeds",
-           "measure_memory", "open_subject", "run_bench", "target_subjects"]
+           "measure_memory", "measure_subjects", "open_subject", "run_bench", "target_subjects",
+           "write_report"]
