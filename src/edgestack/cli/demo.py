@@ -11,15 +11,25 @@ from edgestack.cli import EXIT_CHECK_FAILED, EXIT_OK, emit_json
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
-        help="compress, export and measure all-MiniLM-L6-v2 with every method",
+        help="the whole toolchain on all-MiniLM-L6-v2: compress, export, compile, pack, run, "
+        "bench",
         description="Run the main job on the embedded default model (all-MiniLM-L6-v2): "
-        "compress with each method, export with edgestack ops, check parity, measure size, "
-        "quality and latency, and write OUT/report.md.",
+        "compress with each method and export with edgestack ops; compile for every target "
+        "available here (parity vs the x86 reference; unavailable targets are listed with the "
+        "reason); pack the BitStack model and run it with the runtime manager at three memory "
+        "budgets; bench against ORT fp32 / int8 / int4 and OpenVINO f32 / bf16. Writes "
+        "OUT/report.md, report.json, PNG plots, models, artifacts and packages. Exit 1 when "
+        "a parity check or self-test fails.",
     )
     p.add_argument("--out", default="edgestack-demo", help="output folder (default: %(default)s)")
     p.add_argument("--seq", type=int, default=128, help="sequence length (default 128)")
     p.add_argument("--threads", type=int, default=2, help="ORT threads (default 2)")
-    p.add_argument("--iterations", type=int, default=20, help="timed runs per model")
+    p.add_argument("--iterations", type=int, default=20, help="timed calls per bench subject")
+    p.add_argument("--targets", default="all",
+                   help="comma-separated targets for the compile step, or 'all' (default)")
+    p.add_argument("--budgets", type=int, default=3,
+                   help="memory budgets to run the BitStack package at (default 3)")
+    p.add_argument("--no-bench", action="store_true", help="skip the bench step")
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of none,shift,bitstack,lowrank,prune")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -40,12 +50,18 @@ def run(args: argparse.Namespace) -> int:
         if "none" not in names:
             names.insert(0, "none")  # the fp32 reference for quality
         methods = {m: DEFAULT_METHODS[m] for m in names}
+    targets = args.targets if args.targets == "all" else tuple(
+        t.strip() for t in args.targets.split(",") if t.strip())
+    if args.seq < 1 or args.threads < 1 or args.iterations < 1 or args.budgets < 1:
+        raise EdgestackError(f"demo: --seq, --threads, --iterations and --budgets must be >= 1; "
+                             f"found {args.seq}, {args.threads}, {args.iterations}, "
+                             f"{args.budgets}")
     result = run_demo(args.out, methods=methods, seq=args.seq, threads=args.threads,
-                      iterations=args.iterations,
+                      iterations=args.iterations, targets=targets, n_budgets=args.budgets,
+                      bench=not args.no_bench,
                       log=lambda m: print(m, file=sys.stderr, flush=True))
     if args.json:
-        emit_json({"ok": result.ok, "report": str(result.report_path), "rows": result.rows,
-                   "seconds": round(result.seconds, 1)})
+        emit_json({"report": str(result.report_path), **result.to_dict()})
     else:
         print(result.report_path.read_text())
         print(f"report written to {result.report_path.resolve()}")

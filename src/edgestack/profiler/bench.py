@@ -181,14 +181,13 @@ def _files_bytes(folder: Path) -> int:
     from edgestack.targets.base import Artifact
 
     art = Artifact.load(folder)
-    names = {n for role, n in art.files.items() if role in ("model", "weights", "bin")}
-    total = 0
-    for name in names:
-        for p in folder.glob(name + "*"):          # model.onnx + model.onnx.data
-            total += p.stat().st_size
+    paths: set[Path] = set()
+    for role, name in art.files.items():
+        if role in ("model", "weights", "bin"):
+            paths.update(folder.glob(name + "*"))       # model.onnx + model.onnx.data
     if art.target == "openvino-cpu":
-        total += sum(p.stat().st_size for p in folder.glob("*.bin"))
-    return total
+        paths.update(folder.glob("*.bin"))
+    return sum(p.stat().st_size for p in paths)
 
 
 def target_subjects(model: Path, work: Path, targets: Sequence[str], profile: Any,
@@ -238,6 +237,8 @@ def baseline_subjects(dense: Path, work: Path, threads: int,
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    for noisy in ("onnxruntime.quantization", "root"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     subjects, skipped = [], {}
     work.mkdir(parents=True, exist_ok=True)
     fp32 = _raw_artifact(work / "ort_fp32", dense, "ort-cpu", "fp32", threads)
@@ -477,8 +478,6 @@ def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
     from edgestack.targets.reference import reference_outputs
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
-    for noisy in ("onnxruntime.quantization", "matplotlib"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     src = Path(source)
     if not src.is_file() or src.suffix != ".onnx":
         raise TargetError(f"bench: expected an ONNX model (.onnx) written by edgestack export, "

@@ -86,3 +86,28 @@ def plot_bench(report: Any, out_dir: str | Path) -> dict[str, str]:
     plt.close(fig)
     files["quality_plot"] = str(path)
     return files
+
+
+def plot_quality_vs_bits(points: list[tuple[str, float, float]],
+                         tiers: list[tuple[str, float, float]], path: str | Path) -> str:
+    """Quality (cosine vs fp32) against bits per weight: one point per ``(label, bits,
+    cosine)`` in ``points``; ``tiers`` (a package's tiers) are joined by a line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    cmap = plt.get_cmap("tab10")
+    for i, (label, bits, cos) in enumerate(points):
+        ax.plot([bits], [cos], "o", color=cmap(i % 10), label=label)
+    if tiers:
+        xs, ys = zip(*sorted((b, c) for _, b, c in tiers))
+        ax.plot(xs, ys, "s-", color="tab:purple", alpha=0.7, label="BitStack package tiers")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("bits per weight of the compressed layers (log2 scale)")
+    ax.set_ylabel("sentence-embedding cosine vs fp32")
+    ax.set_title("Quality vs bits per weight (upper left is better)")
+    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
