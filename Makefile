@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch is pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build).
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[export,openvino,dev]"
+	$(PY) -m pip install --quiet -e ".[export,openvino,bench,dev]"
 	touch $(STAMP)
 
 venv: $(STAMP)
