@@ -42,12 +42,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="inputs (input name -> array) instead of generated ones")
     p.add_argument("--threads", type=int, default=None,
                    help="intra-op threads (default: the profile's, else 2)")
+    p.add_argument("--tiers", default="5",
+                   help="packages: how many tiers to measure, spread from the smallest to the "
+                   "largest, or 'all' (default 5)")
     p.add_argument("--no-memory", action="store_true",
                    help="skip the fresh-process load time / peak RSS measurement")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.add_argument("--out", default="edgestack-bench", help="output folder")
     p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
     p.set_defaults(run=run)
+
+
+def _count(text: str) -> int:
+    from edgestack.errors import EdgestackError
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise EdgestackError(f"bench: --tiers must be a positive count or 'all', found {text!r}")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         dense_model=args.dense, iterations=args.iterations, warmup=args.warmup,
         seconds=args.seconds, batch=args.batch, seq=args.seq,
         feeds=load_feeds(args.input) if args.input else None, memory=not args.no_memory,
-        plots=not args.no_plots, threads=args.threads)
+        plots=not args.no_plots, threads=args.threads,
+        tiers=args.tiers if args.tiers == "all" else _count(args.tiers))
     if args.json:
         emit_json({"ok": report.ran, "skipped_all": not report.ran, **report.to_dict()})
     else:

@@ -73,7 +73,7 @@ class Subject:
     def spec(self, feeds: Path, calls: int = 3) -> dict[str, Any]:
         """The JSON description :func:`open_subject` and the probe process read."""
         return {"kind": self.kind, "path": self.path, "target": self.target,
-                "engine": self.target, "options": self.options, "feeds": str(feeds),
+                "options": self.options, "feeds": str(feeds),
                 "calls": calls}
 
 
@@ -86,11 +86,14 @@ class Handle:
         self.close = close
 
 
-def preload(target: str) -> None:
-    """Import the backend library of ``target`` (so its cost is not counted as the model's)."""
-    if target in ("ort-cpu", "ort-arm", "package"):
+def preload(spec: Mapping[str, Any]) -> None:
+    """Import what loading ``spec`` needs (the backend library, the runtime manager), so that
+    import cost is not counted as the model's memory."""
+    if spec["kind"] == "package":
+        import edgestack.runtime  # noqa: F401
+    if spec["target"] in ("ort-cpu", "ort-arm"):
         import onnxruntime  # noqa: F401
-    elif target == "openvino-cpu":
+    elif spec["target"] == "openvino-cpu":
         import openvino  # noqa: F401
 
 
@@ -107,7 +110,8 @@ def open_subject(spec: Mapping[str, Any]) -> Handle:
     if spec["kind"] == "package":
         from edgestack.runtime import Runtime
 
-        rt = Runtime(spec["path"], budget=spec["options"]["budget"])
+        rt = Runtime(spec["path"], budget=spec["options"]["budget"],
+                     tier=spec["options"].get("tier"), threads=spec["options"].get("threads"))
         return Handle(rt.infer, rt.close)
     raise InternalError(f"unknown bench subject kind {spec['kind']!r}")
 
@@ -275,6 +279,75 @@ def baseline_subjects(dense: Path, work: Path, threads: int,
                                     str(art.folder), "openvino-cpu", "baseline", prec,
                                     _files_bytes(art.folder), {"precision": prec}))
     return subjects, skipped
+
+
+def is_package_path(path: Path) -> bool:
+    """Whether ``path`` looks like a device package (a folder with manifest.json, or .tar)."""
+    from edgestack.package.format import ARCHIVE_SUFFIX, MANIFEST_NAME
+
+    return (path.is_dir() and (path / MANIFEST_NAME).is_file()) or (
+        path.is_file() and path.suffix == ARCHIVE_SUFFIX)
+
+
+def pick_tiers(n_tiers: int, count: int | str) -> list[int]:
+    """``count`` tier indices spread evenly over ``0..n_tiers-1`` (always the first and last;
+    ``"all"``: every tier)."""
+    if count == "all" or int(count) >= n_tiers:
+        return list(range(n_tiers))
+    count = int(count)
+    if count < 1:
+        raise TargetError(f"bench: tiers must be >= 1 or 'all', found {count}")
+    if count == 1:
+        return [n_tiers - 1]
+    return sorted({round(i * (n_tiers - 1) / (count - 1)) for i in range(count)})
+
+
+def package_subjects(path: Path, count: int | str, log: Callable[[str], None],
+                     threads: int | None = None) -> tuple[list[Subject], dict[str, str], dict[str, np.ndarray], int]:
+    """One subject per measured tier of a package: ``(subjects, skipped, golden inputs,
+    largest tier)``. A package whose target cannot run here gives no subjects and says why
+    in ``skipped``."""
+    from edgestack.package import Package
+    from edgestack.runtime import plan_tier
+    from edgestack.runtime.runtime import SUPPORTED_TARGETS
+    from edgestack.targets import get_target
+
+    with Package.open(path) as pkg:
+        man = pkg.manifest
+        if man.golden is None:
+            raise TargetError(f"bench: package {path} has no golden inputs; give inputs with "
+                              f"--input FILE.npz")
+        golden = pkg.golden()[0]
+        top = len(man.tiers) - 1
+        ok, why = get_target(man.target).available()
+        if ok and man.target not in SUPPORTED_TARGETS:
+            ok, why = False, (f"the runtime manager serves {', '.join(SUPPORTED_TARGETS)} "
+                              f"packages, not {man.target}")
+        if not ok:
+            log(f"bench: skipping package {path} (target {man.target}): {why}")
+            return [], {man.target: why}, golden, top
+        numel = sum(int(np.prod(info.shape)) for info in man.layers.values()) or 1
+        subjects = []
+        for t in pick_tiers(len(man.tiers), count):
+            budget = plan_tier(man, t).total
+            bits = man.tiers[t].bytes * 8 / numel
+            subjects.append(Subject(
+                f"tier {t} ({bits:.2f} bits/weight, {budget / 1e6:.1f} MB)", "package",
+                str(path), man.target, precision="fp32", disk_bytes=budget,
+                options={"budget": budget, "tier": t, "threads": threads}))
+    return subjects, {}, golden, top
+
+
+def package_outputs(path: Path, tier: int, feeds: Mapping[str, np.ndarray]
+                    ) -> dict[str, np.ndarray]:
+    """Outputs of a package at ``tier`` (the runtime manager, no budget limit)."""
+    from edgestack.runtime import Runtime
+
+    rt = Runtime(path, tier=tier)
+    try:
+        return rt.infer(feeds)
+    finally:
+        rt.close()
 
 
 def dense_of(model: Path, out: Path) -> Path:
@@ -450,12 +523,17 @@ def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
               dense_model: str | Path | None = None, iterations: int = 30, warmup: int = 3,
               seconds: float | None = None, batch: int = 1, seq: int = 128,
               feeds: Mapping[str, np.ndarray] | None = None, memory: bool = True,
-              plots: bool = True, threads: int | None = None,
+              plots: bool = True, threads: int | None = None, tiers: int | str = 5,
               log: Callable[[str], None] | None = None) -> BenchReport:
-    """Benchmark an exported model on its targets (and baselines); write the results.
+    """Benchmark an exported model on its targets, or a package at its tiers (and the
+    baselines); write the results.
 
     Args:
-        source: An ONNX model written by ``edgestack export``.
+        source: An ONNX model written by ``edgestack export``, or a package (directory or
+            ``.tar``) written by ``edgestack pack``: then each measured tier is a subject,
+            loaded by :class:`edgestack.runtime.Runtime` with its plan's budget, the inputs
+            are the package's golden inputs, and the reference is ``dense_model`` or the
+            largest tier.
         out_dir: Where compiled artifacts, ``bench.json``, ``bench.md`` and plots go.
         profile: A profile (name, path or :class:`~edgestack.profiles.Profile`): its target,
             threads and precision; ``None``: ``ort-cpu`` with 2 threads.
@@ -469,6 +547,8 @@ def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
         memory: Measure cold load and peak RSS per subject in fresh processes.
         plots: Write ``latency_vs_memory.png`` and ``quality_vs_memory.png``.
         threads: Intra-op threads (default: the profile's, else 2).
+        tiers: Packages: how many tiers to measure, spread evenly from the smallest to the
+            largest (``"all"``: every tier).
 
     Raises:
         EdgestackError: a bad source, profile or target name.
@@ -479,10 +559,12 @@ def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     src = Path(source)
-    if not src.is_file() or src.suffix != ".onnx":
-        raise TargetError(f"bench: expected an ONNX model (.onnx) written by edgestack export, "
-                          f"found {src} ({'missing' if not src.exists() else 'not .onnx'}). "
-                          f"To fix: `edgestack export MODEL --out model.onnx` first.")
+    is_package = is_package_path(src)
+    if not is_package and (not src.is_file() or src.suffix != ".onnx"):
+        raise TargetError(f"bench: expected an ONNX model (.onnx) written by edgestack export "
+                          f"or a package from edgestack pack, found {src} "
+                          f"({'missing' if not src.exists() else 'neither'}). To fix: "
+                          f"`edgestack export MODEL --out model.onnx` first.")
     prof = load_profile(profile) if isinstance(profile, (str, Path)) else profile
     threads = int(threads or (prof.threads if prof else 2))
     if targets is None:
@@ -495,18 +577,32 @@ def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
     if work.exists():
         shutil.rmtree(work)
     work.mkdir()
-    feeds = dict(feeds) if feeds is not None else bench_feeds(src, batch, seq)
-
-    subjects, skipped = target_subjects(src, work, list(targets), prof, log)
     dense = Path(dense_model) if dense_model else None
+    if is_package:
+        if baseline and dense is None:
+            raise TargetError("bench: baselines of a package need the dense model it came "
+                              "from: add --dense DENSE.onnx (e.g. `edgestack export MODEL "
+                              "--method none --out dense.onnx`)")
+        subjects, skipped, golden, top = package_subjects(src, tiers, log, threads)
+        feeds = dict(feeds) if feeds is not None else golden
+    else:
+        feeds = dict(feeds) if feeds is not None else bench_feeds(src, batch, seq)
+        subjects, skipped = target_subjects(src, work, list(targets), prof, log)
     if baseline:
         if dense is None:
             dense = dense_of(src, work / "dense.onnx")
         base, skip2 = baseline_subjects(dense, work / "baselines", threads, log)
         subjects = base + subjects
         skipped.update(skip2)
-    ref_model = dense if dense is not None else src
-    reference = reference_outputs(ref_model, feeds, threads=threads)
+    if dense is not None:
+        ref_model: Any = dense
+        reference = reference_outputs(dense, feeds, threads=threads)
+    elif is_package:
+        ref_model = f"the package's largest tier ({top})"
+        reference = package_outputs(src, top, feeds) if subjects else {}
+    else:
+        ref_model = src
+        reference = reference_outputs(src, feeds, threads=threads)
     rows = measure_subjects(subjects, feeds, reference, work, iterations=iterations,
                             warmup=warmup, seconds=seconds, memory=memory, log=log)
     settings = {"threads": threads, "iterations": iterations, "warmup": warmup,
@@ -575,5 +671,6 @@ def write_report(report: BenchReport, out: Path, plots: bool = True) -> BenchRep
 
 __all__ = ["BASELINES", "BenchReport", "Handle", "Row", "Subject", "bench_feeds",
            "baseline_subjects", "dense_of", "interleaved_latency", "latency_stats", "load_feeds",
-           "measure_memory", "measure_subjects", "open_subject", "run_bench", "target_subjects",
+           "measure_memory", "measure_subjects", "open_subject", "package_outputs",
+           "package_subjects", "pick_tiers", "is_package_path", "run_bench", "target_subjects",
            "write_report"]

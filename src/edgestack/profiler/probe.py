@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from edgestack.profiler.bench import open_subject, preload
 
-    preload(spec["engine"])
+    preload(spec)
     before = peak_rss()
     t0 = time.perf_counter()
     handle = open_subject(spec)
