@@ -50,7 +50,9 @@ class DemoResult:
     targets: list[dict[str, Any]] = field(default_factory=list)
     runtime: list[dict[str, Any]] = field(default_factory=list)
     bench: dict[str, Any] = field(default_factory=dict)
+    package: dict[str, Any] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    reference_embeddings: Any = field(default=None, repr=False)
     plots: dict[str, str] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -69,7 +71,7 @@ class DemoResult:
     def to_dict(self) -> dict[str, Any]:
         return {"ok": self.ok, "environment": self.environment, "seconds": round(self.seconds, 1),
                 "timings": self.timings, "methods": self.rows, "targets": self.targets,
-                "runtime": self.runtime, "bench": self.bench, "skipped": self.skipped,
+                "runtime": self.runtime, "package": self.package, "bench": self.bench, "skipped": self.skipped,
                 "plots": self.plots}
 
 
@@ -173,7 +175,7 @@ def _methods_step(result: DemoResult, methods: dict[str, dict], seq: int, thread
         sess = ort_session(str(path), threads=threads)
         emb = embed(ort_runner(sess), batches)
         if ref_emb is None:
-            ref_emb = emb  # "none": the fp32 reference
+            ref_emb = result.reference_embeddings = emb  # "none": the fp32 reference
         quality = compare_embeddings(ref_emb, emb)
         files = [path, Path(str(path) + ".data")]
         row = {
@@ -245,8 +247,67 @@ def _runtime_step(result: DemoResult, model: Path, seq: int, threads: int, n_bud
 
 
 def _run_package(result: DemoResult, model: Path, seq: int, threads: int, n_budgets: int,
-                 log: Callable[[str], None]) -> Any:
-    raise NotImplementedError  # filled in with the runtime manager
+                 log: Callable[[str], None]) -> list[Any]:
+    """Pack the BitStack model, run it at ``n_budgets`` budgets spread over its tiers; returns
+    the package subjects for the bench."""
+    import numpy as np
+
+    from edgestack import zoo
+    from edgestack.package import Package
+    from edgestack.package.pack import pack
+    from edgestack.profiler.bench import Subject, measure_memory
+    from edgestack.profiler.quality import (compare_embeddings, embed, held_sentences,
+                                            tokenize)
+    from edgestack.runtime import Runtime, plan_tier
+
+    pkg_dir = result.out_dir / "packages" / "minilm-bitstack"
+    log(f"[3/5 runtime] packing {model.name} -> {pkg_dir} (and .tar) ...")
+    packed = pack(model, pkg_dir, target="ort-cpu", name="all-MiniLM-L6-v2-bitstack")
+    pack(model, pkg_dir.with_suffix(".tar"), target="ort-cpu", name="all-MiniLM-L6-v2-bitstack")
+    with Package.open(pkg_dir) as pkg:
+        man = pkg.manifest
+        numel = sum(int(np.prod(info.shape)) for info in man.layers.values())
+        totals = [plan_tier(man, t).total for t in range(len(man.tiers))]
+        picks = sorted({round(i * (len(totals) - 1) / max(1, n_budgets - 1))
+                        for i in range(n_budgets)})
+        budgets = [(t, totals[t]) for t in picks]
+        bits = {t: man.tiers[t].bytes * 8 / numel for t in range(len(man.tiers))}
+    batches = tokenize(zoo.minilm_path(), held_sentences(), seq)
+    feeds_dir = result.out_dir / "packages" / "work"
+    feeds_dir.mkdir(parents=True, exist_ok=True)
+    np.savez(feeds_dir / "feeds.npz", **batches[0])
+    subjects = []
+    ref = result.reference_embeddings
+    for t, budget in budgets:
+        log(f"[3/5 runtime] budget {budget / 1e6:.1f} MB ...")
+        rt = Runtime(pkg_dir, budget=budget, threads=threads)
+        try:
+            emb = embed(lambda f: next(iter(rt.infer(f).values())), batches)
+            test = rt.self_test()
+            row = {"budget_mb": round(budget / 1e6, 1), "tier": rt.tier,
+                   "n_tiers": len(totals), "bits_per_weight": round(bits[rt.tier], 3),
+                   "plan_mb": round(rt.plan.total / 1e6, 2),
+                   "materialized_layers": len(rt.plan.materialized),
+                   "self_test": test.get("passed"),   # judged at the golden tier only
+                   "cosine_vs_fp32": round(compare_embeddings(ref, emb)["cosine_mean"], 5)}
+        finally:
+            rt.close()
+        subj = Subject(f"bitstack package {row['budget_mb']} MB (tier {row['tier']})",
+                       "package", str(pkg_dir), "ort-cpu", precision="fp32",
+                       disk_bytes=int(row["plan_mb"] * 1e6),
+                       options={"budget": budget, "tier": row["tier"]})
+        mem = measure_memory(subj, feeds_dir / "feeds.npz")
+        row["rss_increase_mb"] = round(mem["increase"] / 1e6, 2)
+        row["load_s"] = round(mem["load_s"], 2)
+        row["ok"] = row["self_test"] is not False and mem["increase"] <= budget
+        result.runtime.append(row)
+        subjects.append(subj)
+        log(f"    tier {row['tier']}/{len(totals) - 1}: {row['bits_per_weight']} bits/weight, "
+            f"plan {row['plan_mb']} MB, peak RSS +{row['rss_increase_mb']} MB, cosine "
+            f"{row['cosine_vs_fp32']}")
+    result.package = {"path": str(pkg_dir), "archive": str(pkg_dir.with_suffix(".tar")),
+                      **packed.to_dict()}
+    return subjects
 
 
 # ---- 4. bench -------------------------------------------------------------------------------
