@@ -3,17 +3,43 @@
 
 Rows (batch 1, seq 128 by default, 2 threads, median of timed calls):
 
-- ORT fp32 dense (the reference) and ORT ``quantize_dynamic`` int8 of the dense model (the
-  baseline a user would pick);
+- ORT fp32 dense *plain* (ORT's defaults: level ``all``, no edgestack fusions): the reference
+  the issue asks for; and the same dense model compiled by ``ort-cpu`` with its default
+  tuning (``transformer=auto``: MultiHeadAttention + BiasGelu fusions; the session's
+  ``disabled_optimizers=SkipLayerNormFusion``): the *honest* fp32 reference, since every
+  tuning that helps the int8 model helps it too;
+- ORT ``quantize_dynamic`` int8 of the dense model, plain and with the same ort-cpu tuning
+  (the baseline a user would pick);
 - edgestack shift 4-bit DeepShift (7 levels: exact int8) compiled for ``ort-cpu`` with
-  ``int8=dynamic`` (integer kernels) and with ``int8=off`` (materialized fp32);
+  ``int8=dynamic`` (integer kernels), plain and tuned, and with ``int8=off`` (materialized
+  fp32, tuned);
 - OpenVINO f32 and bf16 on the dense and the shift models (``openvino-cpu``; the shift
   model materialized, and with exact int8 weights).
 
+With ``--spinning both`` (default) every ORT row runs twice: ORT's default (pool threads
+spin between ops) and ``spinning=off`` (they sleep); each is compared with the fp32 dense rows
+of the same setting. On a machine shared with other processes spinning threads steal the
+cores the other thread needs, so the two settings can rank differently.
+
+Every model is timed in ``--rounds`` interleaved rounds (each round runs every model for
+``iters / rounds`` calls, in an order rotated every round), so machine load hits all of them
+alike; the ratios are the numbers to read. Columns: p50 and p10 ms, p50 ratio to both fp32
+references, cosine of the first output against the plain dense model on random tokens
+(compression + activation rounding, not parity).
+
+Because this machine is often shared, a second phase times the ORT models with ONE intra-op
+thread by CPU time (``time.thread_time``, p50): the work per call, which preemption by other
+processes does not inflate (wall time under load mostly measures the scheduler). Columns
+``1-thread CPU ms`` and its ratios to both fp32 references.
+
+A kernel check first times ``SkipLayerNormalization`` (what ORT's ``SkipLayerNormFusion``
+makes) against ``Add + LayerNormalization`` on a ``[1, seq, 384]`` tensor: the reason the
+ort-cpu runner disables that fusion by default.
+
 Usage::
 
-    .venv/bin/python bench/targets_latency.py [--seq 128] [--threads 2] [--iters 50]
-        [--work DIR] [--json OUT]
+    .venv/bin/python bench/targets_latency.py [--seq 128] [--threads 2] [--iters 60]
+        [--rounds 30] [--spinning on|off|both] [--work DIR] [--json OUT]
 
 Exported models are cached in ``--work`` (default ``.cache/bench-targets``).
 """
@@ -22,7 +48,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -49,15 +77,91 @@ def export_models(work: Path, seq: int) -> dict[str, Path]:
     return out
 
 
+def layernorm_kernels(seq: int, threads: int, iters: int = 200) -> dict[str, float]:
+    """p50 microseconds of ``SkipLayerNormalization`` vs ``Add + LayerNormalization`` on
+    ``[1, seq, 384]`` (interleaved)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    d = 384
+    feeds = {n: rng.standard_normal((1, seq, d)).astype(np.float32) for n in ("x", "r")}
+    inits = [numpy_helper.from_array(rng.random(d).astype(np.float32), n) for n in "gb"]
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, seq, d]) for n in "xro"]
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "r"], ["a"]),
+         helper.make_node("LayerNormalization", ["a", "g", "b"], ["o"], axis=-1,
+                          epsilon=1e-12)], "ln", io[:2], io[2:], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    model = model.SerializeToString()
+    sessions = {}
+    for label, disabled in (("SkipLayerNormalization (fused)", []),
+                            ("Add + LayerNormalization", ["SkipLayerNormFusion"])):
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        sessions[label] = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"],
+                                               disabled_optimizers=disabled)
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(iters // 10):
+        for label, s in sessions.items():
+            for _ in range(10):
+                t0 = time.perf_counter()
+                s.run(None, feeds)
+                times[label].append((time.perf_counter() - t0) * 1e6)
+    return {k: round(float(np.median(v)), 1) for k, v in times.items()}
+
+
+def cpu_times(entries: list, feeds: dict, spinning: str, iters: int, rounds: int
+              ) -> dict[int, float]:
+    """p50 CPU time (ms, ``time.thread_time``) of one call with ONE intra-op thread, for the
+    ORT rows with ``spinning`` (at one thread there is no pool to spin): the work each model
+    does, which other processes on the machine do not inflate the way they inflate wall time.
+    Keyed by ``id(runner)``; interleaved and rotated like the wall-time rounds."""
+    import onnxruntime as ort
+
+    from edgestack.targets.ort_cpu import disabled_optimizers, session_options
+
+    sessions = []
+    for _, runner, _, _, art in entries:
+        if art.target != "ort-cpu" or art.options.get("spinning", "on") != spinning:
+            continue
+        opts = art.options
+        dis = disabled_optimizers(opts.get("disabled_optimizers"))
+        s = ort.InferenceSession(str(art.path()), session_options(1, opts["graph_optimization"]),
+                                 providers=["CPUExecutionProvider"],
+                                 **({"disabled_optimizers": dis} if dis else {}))
+        f = {k: v for k, v in feeds.items() if k in art.inputs}
+        for _ in range(2):
+            s.run(None, f)
+        sessions.append((id(runner), s, f))
+    times: dict[int, list[float]] = {k: [] for k, _, _ in sessions}
+    per = max(1, iters // rounds)
+    for rnd in range(rounds):
+        for j in range(len(sessions)):
+            key, s, f = sessions[(rnd + j) % len(sessions)]
+            for _ in range(per):
+                t0 = time.thread_time()
+                s.run(None, f)
+                times[key].append((time.thread_time() - t0) * 1e3)
+    return {k: round(float(np.median(v)), 2) for k, v in times.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--iters", type=int, default=50)
+    ap.add_argument("--iters", type=int, default=60)
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--spinning", choices=("on", "off", "both"), default="both",
+                    help="ORT pool threads spin (ORT's default) or sleep between ops; both: "
+                         "every ORT row twice, each compared with the fp32 rows of its setting")
     ap.add_argument("--work", default=".cache/bench-targets")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
+    import onnxruntime
+    import openvino
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from edgestack.targets import get_target
@@ -70,40 +174,54 @@ def main(argv: list[str] | None = None) -> int:
     if not qd.exists():
         quantize_dynamic(str(models["dense"]), str(qd), weight_type=QuantType.QInt8)
 
+    load0 = os.getloadavg()[0]
+    kernels = layernorm_kernels(args.seq, args.threads)
+
     rng = np.random.default_rng(0)
     feeds = {"input_ids": rng.integers(0, 30000, (1, args.seq)).astype(np.int64),
              "attention_mask": np.ones((1, args.seq), np.int64),
              "token_type_ids": np.zeros((1, args.seq), np.int64)}
     ort_cpu, ov = get_target("ort-cpu"), get_target("openvino-cpu")
-    opts = {"threads": args.threads, "graph_optimization": "all"}
-    entries = []
+    common = {"threads": args.threads, "graph_optimization": "all"}
+    plain = dict(common, transformer="off", disabled_optimizers=[])   # ORT's defaults
+    tuned = dict(common)                                              # ort-cpu's defaults
+    entries = []   # (label, runner, precision, tuning)
 
-    def bench(label: str, runner, precision: str) -> None:
-        entries.append((label, runner.activate(), precision))
+    def ort_row(label: str, src: Path, folder: str, int8: str, opts: dict, tuning: str,
+                precision: str) -> None:
+        art = ort_cpu.lower(src, work / folder, int8=int8, **opts)
+        entries.append((label, ort_cpu.runner(art).activate(), precision, tuning, art))
 
-    art = ort_cpu.lower(models["dense"], work / "a_dense", int8="off", **opts)
-    bench("ORT fp32 dense", ort_cpu.runner(art), "fp32")
-    art = ort_cpu.lower(qd, work / "a_qdyn", int8="off", **opts)
-    bench("ORT quantize_dynamic int8 (baseline)", ort_cpu.runner(art), "int8")
-    art = ort_cpu.lower(models["shift4z"], work / "a_shift_dyn", int8="dynamic", **opts)
-    bench("edgestack shift4 DeepShift, ort-cpu int8", ort_cpu.runner(art), "int8")
-    art = ort_cpu.lower(models["shift4z"], work / "a_shift_f32", int8="off", **opts)
-    bench("edgestack shift4 DeepShift, ort-cpu fp32", ort_cpu.runner(art), "fp32")
+    spins = ("on", "off") if args.spinning == "both" else (args.spinning,)
+    for spin in spins:
+        sfx = "" if spin == "on" else "_nospin"
+        p, t = dict(plain, spinning=spin), dict(tuned, spinning=spin)
+        ort_row("ORT fp32 dense", models["dense"], "a_dense" + sfx, "off", p, "plain", "fp32")
+        ort_row("ORT fp32 dense", models["dense"], "a_dense_tuned" + sfx, "off", t,
+                "ort-cpu tuned", "fp32")
+        ort_row("ORT quantize_dynamic int8 (baseline)", qd, "a_qdyn" + sfx, "off", p, "plain",
+                "int8")
+        ort_row("ORT quantize_dynamic int8 (baseline)", qd, "a_qdyn_tuned" + sfx, "off", t,
+                "ort-cpu tuned", "int8")
+        ort_row("edgestack shift4 DeepShift, ort-cpu int8", models["shift4z"],
+                "a_shift_dyn" + sfx, "dynamic", p, "plain", "int8")
+        ort_row("edgestack shift4 DeepShift, ort-cpu int8", models["shift4z"],
+                "a_shift_dyn_tuned" + sfx, "dynamic", t, "ort-cpu tuned", "int8")
+        ort_row("edgestack shift4 DeepShift, ort-cpu fp32", models["shift4z"],
+                "a_shift_f32_tuned" + sfx, "off", t, "ort-cpu tuned", "fp32")
     for name, int8 in (("dense", "off"), ("shift4z", "off"), ("shift4z", "weights")):
         art = ov.lower(models[name], work / f"ov_{name}_{int8}", threads=args.threads,
                        int8=int8)
         label = {"dense": "OpenVINO dense", "shift4z": "OpenVINO shift4 DeepShift"}[name]
         for prec in ("fp32", "bf16"):
-            bench(f"{label}, int8 weights={int8}", OpenVinoCpuRunner(art, precision=prec),
-                  prec)
-
-    # Interleaved rounds: every model gets the same share of a noisy (shared) machine.
-    import time
+            entries.append((f"{label}, int8 weights={int8}",
+                            OpenVinoCpuRunner(art, precision=prec).activate(), prec,
+                            "openvino", art))
 
     ref = None
     times: list[list[float]] = [[] for _ in entries]
     cos = []
-    for label, runner, _ in entries:
+    for label, runner, *_ in entries:
         f = {k: v for k, v in feeds.items() if k in runner.artifact.inputs}
         out = runner.infer(f)
         first = out[next(iter(out))].ravel().astype(np.float64)
@@ -111,34 +229,77 @@ def main(argv: list[str] | None = None) -> int:
         cos.append(float(first @ ref / (np.linalg.norm(first) * np.linalg.norm(ref))))
         for _ in range(3):
             runner.infer(f)
-    rounds = 5
-    for _ in range(rounds):
-        for k, (label, runner, _) in enumerate(entries):
+    per = max(1, args.iters // args.rounds)
+    n = len(entries)
+    for rnd in range(args.rounds):
+        # rotate the order each round: no model always follows the same one (a spinning
+        # session's threads keep spinning a moment after its run and slow the next model)
+        for k in [(rnd + j) % n for j in range(n)]:
+            label, runner, *_ = entries[k]
             f = {n: v for n, v in feeds.items() if n in runner.artifact.inputs}
-            for _ in range(max(1, args.iters // rounds)):
+            for _ in range(per):
                 t0 = time.perf_counter()
                 runner.infer(f)
                 times[k].append((time.perf_counter() - t0) * 1e3)
+    cpu = cpu_times(entries, feeds, spins[0], args.iters, args.rounds)
+    load1 = os.getloadavg()[0]
     rows = []
-    for (label, runner, precision), ts, c in zip(entries, times, cos):
+    for (label, runner, precision, tuning, art), ts, c in zip(entries, times, cos):
         runner.release()
-        rows.append({"model": label, "precision": precision,
-                     "p50_ms": round(float(np.median(ts)), 2), "cosine_vs_fp32": round(c, 5)})
-
-    base = rows[0]["p50_ms"]
-    import os
-
-    print(f"\nMiniLM batch 1, seq {args.seq}, {args.threads} threads, median of "
-          f"{args.iters} calls per model in 5 interleaved rounds; load average "
-          f"{os.getloadavg()[0]:.1f}")
-    print(f"| model | precision | p50 ms | vs ORT fp32 | cosine vs ORT fp32 dense |")
-    print("| --- | --- | --- | --- | --- |")
+        fusion = art.report.get("passes", {}).get("TransformerFusionPass", {})
+        spin = art.options.get("spinning", "on") if art.target == "ort-cpu" else "-"
+        rows.append({"model": label, "tuning": tuning, "spinning": spin, "precision": precision,
+                     "p50_ms": round(float(np.median(ts)), 2),
+                     "p10_ms": round(float(np.percentile(ts, 10)), 2),
+                     "cpu_1thread_ms": cpu.get(id(runner)),
+                     "attention_fused": fusion.get("attention_fused", 0),
+                     "cosine_vs_fp32": round(c, 5)})
+    refs = {}      # spinning -> (plain dense fp32, tuned dense fp32) p50
     for r in rows:
-        r["ratio"] = round(r["p50_ms"] / base, 3)
-        print(f"| {r['model']} | {r['precision']} | {r['p50_ms']:.2f} | {r['ratio']:.2f}x | "
-              f"{r['cosine_vs_fp32']:.4f} |")
+        if r["model"] == "ORT fp32 dense":
+            refs.setdefault(r["spinning"], {})[r["tuning"]] = r["p50_ms"]
+    cpu_ref = {r["tuning"]: r["cpu_1thread_ms"] for r in rows
+               if r["model"] == "ORT fp32 dense" and r["cpu_1thread_ms"]}
+    for r in rows:
+        ref = refs.get(r["spinning"], refs[spins[0]])   # OpenVINO: vs the first ORT setting
+        r["ratio"] = round(r["p50_ms"] / ref["plain"], 3)
+        r["ratio_vs_tuned_fp32"] = round(r["p50_ms"] / ref["ort-cpu tuned"], 3)
+        if r["cpu_1thread_ms"]:
+            r["cpu_ratio"] = round(r["cpu_1thread_ms"] / cpu_ref["plain"], 3)
+            r["cpu_ratio_vs_tuned_fp32"] = round(r["cpu_1thread_ms"] / cpu_ref["ort-cpu tuned"],
+                                                 3)
+
+    print(f"\nMiniLM batch 1, seq {args.seq}, {args.threads} threads, {len(times[0])} calls per "
+          f"model in {args.rounds} interleaved rounds; ORT {onnxruntime.__version__}, OpenVINO "
+          f"{openvino.__version__.split('-')[0]}; load average {load0:.1f} -> {load1:.1f}")
+    print("kernel check, [1, %d, 384], p50 us: %s" % (
+        args.seq, ", ".join(f"{k} {v:.1f}" for k, v in kernels.items())))
+    print("| model | tuning | spinning | precision | p50 ms | p10 ms | vs ORT fp32 (plain) | "
+          "vs ORT fp32 (tuned) | 1-thread CPU ms | CPU vs plain fp32 | CPU vs tuned fp32 | "
+          "cosine vs ORT fp32 dense |")
+    print("| --- " * 12 + "|")
+    for r in rows:
+        c = (f"{r['cpu_1thread_ms']:.2f} | {r['cpu_ratio']:.2f}x | "
+             f"{r['cpu_ratio_vs_tuned_fp32']:.2f}x" if r["cpu_1thread_ms"] else "- | - | -")
+        print(f"| {r['model']} | {r['tuning']} | {r['spinning']} | {r['precision']} | "
+              f"{r['p50_ms']:.2f} | "
+              f"{r['p10_ms']:.2f} | {r['ratio']:.2f}x | {r['ratio_vs_tuned_fp32']:.2f}x | "
+              f"{c} | {r['cosine_vs_fp32']:.4f} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2), encoding="utf-8")
+        meta = {"seq": args.seq, "batch": 1, "threads": args.threads, "calls": len(times[0]),
+                "rounds": args.rounds, "onnxruntime": onnxruntime.__version__,
+                "openvino": openvino.__version__, "load_average": [load0, load1],
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "layernorm_kernels_us": kernels,
+                "plain": "ORT defaults (level all), no edgestack fusions",
+                "ort-cpu tuned": "ort-cpu defaults: transformer=auto (MultiHeadAttention, "
+                                 "BiasGelu), disabled_optimizers=SkipLayerNormFusion",
+                "spinning": "session.intra_op.allow_spinning on (ORT default) / off; ratios "
+                            "are against the fp32 dense rows with the same setting",
+                "cpu_1thread_ms": "p50 thread CPU time of one call with 1 intra-op thread "
+                                  "(work per call, robust to other processes)"}
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n",
+                                   encoding="utf-8")
     return 0
 
 

@@ -11,9 +11,25 @@ Lowering (:func:`lower_for_ort`), passes in this order:
 2. ``weights``: ``materialize`` (default) folds every remaining ``edgestack`` node to a float32
    initializer (fastest: no decode per run); ``keep`` leaves them as function calls that ORT
    inlines and decodes each run (smallest file and memory).
-3. A check that every node is in a domain ORT's CPU EP runs.
+3. ``transformer`` (``ort-cpu`` only; ``auto`` default, ``off``, ``require``):
+   :class:`~edgestack.targets.passes.TransformerFusionPass` fuses each self-attention block
+   into ``com.microsoft.MultiHeadAttention`` and ``Add + Gelu`` into ``BiasGelu`` (ORT's own
+   attention fusions do not match the dynamo exporter's graph). ``auto`` fuses what matches and
+   records (and logs) why the rest was skipped, so a CNN compiles unchanged; ``require`` fails
+   with :class:`~edgestack.errors.TargetError` when no attention block matched. ``num_heads``
+   overrides the head count when the graph does not give it. Weights are untouched (the int8
+   weights stay the exact shift codes).
+4. A check that every node is in a domain ORT's CPU EP runs.
 
-Session options come from the profile: ``threads`` (intra-op), ``graph_optimization``.
+Session options come from the profile: ``threads`` (intra-op), ``graph_optimization``; and
+``disabled_optimizers`` (``ort-cpu`` only): ORT graph optimizers turned off in the session,
+default :data:`DEFAULT_DISABLED_OPTIMIZERS` (``SkipLayerNormFusion``: in ORT 1.32 on x86 the
+fused ``SkipLayerNormalization`` kernel took ~350 us on a ``[1, 128, 384]`` tensor where
+``Add + LayerNormalization`` took ~90 us, with 1 or 2 threads; bench/targets_latency.py).
+``spinning`` (``ort-cpu`` only; ``on`` default = ORT's, ``off``: idle pool threads sleep
+instead of spinning; on a loaded machine (other processes on the same cores) ``off`` was
+much faster, see docs/targets.md). ``ort-arm`` keeps none of these (portable graph, ORT
+defaults).
 """
 
 from __future__ import annotations
@@ -28,6 +44,9 @@ from edgestack.targets.base import Artifact, Runner, Target, host_arch, io_spec
 
 ORT_DOMAINS = ("", "ai.onnx", "com.microsoft", "ai.onnx.ml")
 LEVELS = ("disable", "basic", "extended", "all")
+TRANSFORMER_MODES = ("auto", "off", "require")
+#: ORT graph optimizers the ort-cpu runner disables by default (measured slower, see above).
+DEFAULT_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
 
 
 def resolve_int8(option: str, profile: Any | None) -> str:
@@ -57,7 +76,28 @@ def lower_for_ort(model_path: Path, options: dict[str, Any], profile: Any | None
         chain.append(P.DynamicInt8MatMulPass())
     if options["weights"] == "materialize":
         chain.append(P.MaterializePass())
+    transformer = options.get("transformer", "off")
+    if transformer not in TRANSFORMER_MODES:
+        raise TargetError(f"transformer must be one of {', '.join(TRANSFORMER_MODES)}, found "
+                          f"{transformer!r}")
+    heads = options.get("num_heads")
+    if heads is not None and (not isinstance(heads, int) or isinstance(heads, bool)
+                              or heads <= 0):
+        raise TargetError(f"num_heads must be a positive integer, found {heads!r}")
+    if transformer != "off":
+        chain.append(P.TransformerFusionPass(num_heads=heads))
     report = P.run_passes(model, chain)
+    fusion = report.get("TransformerFusionPass")
+    if transformer == "require" and not fusion["attention_fused"]:
+        skipped = fusion["attention_skipped"]
+        raise TargetError(
+            f"transformer=require: no self-attention block of {model_path} matched the fusion "
+            + (f"({len(skipped)} Softmax node(s); first: {next(iter(skipped))!r}: "
+               f"{next(iter(skipped.values()))})" if skipped else "(the graph has no Softmax: "
+               "not a transformer)")
+            + ". To fix: compile with transformer=auto (fuse what matches) or off"
+            + (", or pass num_heads" if any("num_heads" in r for r in skipped.values())
+               else "") + ".")
     check_domains(model, "ort", ORT_DOMAINS + ((("edgestack",) if model.functions else ())))
     return model, report, int8
 
@@ -92,15 +132,36 @@ def _precision(int8: str, report: dict) -> str:
     return "int8" if int8 == "dynamic" and rewritten else "fp32"
 
 
-def session_options(threads: int, optimization: str) -> Any:
+def disabled_optimizers(value: Any) -> list[str]:
+    """The ``disabled_optimizers`` option as a list of ORT optimizer names (a list/tuple, or a
+    comma-separated string; ``""``/``None``/``[]``: none)."""
+    if value is None or value == "":
+        return []
+    names = value.split(",") if isinstance(value, str) else list(value)
+    out = [str(n).strip() for n in names if str(n).strip()]
+    bad = [n for n in out if not n.replace("_", "").isalnum()]
+    if bad:
+        raise TargetError(f"disabled_optimizers: expected ORT optimizer names such as "
+                          f"SkipLayerNormFusion, found {bad}")
+    return out
+
+
+def session_options(threads: int, optimization: str, spinning: str = "on") -> Any:
+    """ORT session options: ``threads`` intra-op threads, graph ``optimization`` level, and
+    ``spinning`` (``on``: ORT's default, idle pool threads spin for the next parallel op;
+    ``off``: they sleep, which costs a wake-up per op but no CPU that other processes need)."""
     import onnxruntime as ort
 
     if optimization not in LEVELS:
         raise TargetError(f"graph optimization must be one of {', '.join(LEVELS)}, found "
                           f"{optimization!r}")
+    if spinning not in ("on", "off"):
+        raise TargetError(f"spinning must be 'on' or 'off', found {spinning!r}")
     so = ort.SessionOptions()
     so.intra_op_num_threads = int(threads)
     so.inter_op_num_threads = 1
+    if spinning == "off":
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -120,10 +181,14 @@ class OrtCpuRunner(Runner):
 
         self._check_arch(host_arch())
         opts = self.artifact.options
-        so = session_options(opts.get("threads", 1), opts.get("graph_optimization", "all"))
+        so = session_options(opts.get("threads", 1), opts.get("graph_optimization", "all"),
+                             opts.get("spinning", "on"))
+        disabled = disabled_optimizers(opts.get("disabled_optimizers"))
         try:
             self.session = ort.InferenceSession(str(self.artifact.path()), so,
-                                                providers=["CPUExecutionProvider"])
+                                                providers=["CPUExecutionProvider"],
+                                                **({"disabled_optimizers": disabled}
+                                                   if disabled else {}))
         except Exception as exc:  # noqa: BLE001 - ORT raises its own types
             raise TargetError(f"ONNX Runtime could not load {self.artifact.path()}: {exc}"
                               ) from exc
@@ -138,7 +203,8 @@ class OrtCpuRunner(Runner):
 
 class OrtCpuTarget(Target):
     """ONNX Runtime CPU on x86_64 (options: ``int8``, ``weights``, ``threads``,
-    ``graph_optimization``)."""
+    ``graph_optimization``, ``transformer``, ``num_heads``, ``disabled_optimizers``,
+    ``spinning``; see the module docstring)."""
 
     name = "ort-cpu"
     arch = "x86_64"
@@ -154,12 +220,19 @@ class OrtCpuTarget(Target):
         return True, ""
 
     def default_options(self, profile: Any | None) -> dict[str, Any]:
-        return {"int8": "auto", "weights": "materialize",
+        opts = {"int8": "auto", "weights": "materialize",
                 "threads": profile.threads if profile else 1,
                 "graph_optimization": profile.graph_optimization if profile else "all"}
+        if self.name == OrtCpuTarget.name:      # x86 tuning; ort-arm keeps ORT's defaults
+            opts.update(transformer="auto", num_heads=None,
+                        disabled_optimizers=list(DEFAULT_DISABLED_OPTIMIZERS), spinning="on")
+        return opts
 
     def lower_impl(self, model_path: Path, out_dir: Path, profile: Any | None,
                    options: dict[str, Any]) -> Artifact:
+        options["disabled_optimizers"] = disabled_optimizers(options.get("disabled_optimizers"))
+        session_options(options["threads"], options["graph_optimization"],
+                        options.get("spinning", "on"))       # bad values fail at compile time
         model, report, int8 = lower_for_ort(model_path, options, profile)
         save_model(model, out_dir / "model.onnx")
         inputs, outputs = io_spec(model)
@@ -171,4 +244,5 @@ class OrtCpuTarget(Target):
         return OrtCpuRunner
 
 
-__all__ = ["OrtCpuTarget", "OrtCpuRunner", "lower_for_ort", "session_options"]
+__all__ = ["OrtCpuTarget", "OrtCpuRunner", "lower_for_ort", "session_options",
+           "disabled_optimizers", "DEFAULT_DISABLED_OPTIMIZERS"]

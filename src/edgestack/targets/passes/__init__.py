@@ -17,6 +17,7 @@ from edgestack.targets.passes.inline import InlineFunctionsPass
 from edgestack.targets.passes.int8_dynamic import DynamicInt8MatMulPass
 from edgestack.targets.passes.materialize import MaterializePass
 from edgestack.targets.passes.shift_int8 import ShiftToInt8Pass
+from edgestack.targets.passes.transformer import TransformerFusionPass
 
 
 def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase]) -> dict[str, Any]:
@@ -47,4 +48,4 @@ def edgestack_nodes(model: ir.Model) -> list[ir.Node]:
 
 
 __all__ = ["InlineFunctionsPass", "DynamicInt8MatMulPass", "MaterializePass", "ShiftToInt8Pass",
-           "run_passes", "edgestack_nodes"]
+           "TransformerFusionPass", "run_passes", "edgestack_nodes"]
