@@ -56,6 +56,10 @@ META_DOMAIN_VERSION = "edgestack.domain_version"
 META_LOWRANK = "edgestack.lowrank_layers"
 META_COMPRESSION = "edgestack.compression"
 META_LAYERS = "edgestack.layers"
+META_BITSTACK_ORDER = "edgestack.bitstack_order"
+"""JSON list of ``[layer, block]``: the BitStack importance order (torch layer names, as in the
+nodes' ``edgestack.layer`` tag), written when the model has ``edgestack_bitstack_order``; the
+packer stores blocks in this order."""
 NODE_LAYER_KEY = "edgestack.layer"
 """Node metadata key: the torch layer a ``edgestack`` node decodes the weight of."""
 
@@ -471,6 +475,10 @@ def export(
         lowrank = _lowrank_layers(model)
         counts, layers = _postprocess(model_ir, owners_by_name, output_names, lowrank,
                                       metadata)
+        order = getattr(model, "edgestack_bitstack_order", None)
+        if order:
+            model_ir.metadata_props[META_BITSTACK_ORDER] = json.dumps(
+                [[str(n), int(b)] for n, b in order])
         seconds["onnx"] = time.perf_counter() - t0
 
     # 4. save, check, parity in a temporary folder; then move into place
@@ -572,4 +580,5 @@ def _owners_by_input_name(model: Any, owners: dict[int, str]) -> dict[str, str]:
 
 __all__ = ["export", "ExportResult", "EXTERNAL_DATA_THRESHOLD", "META_VERSION",
            "META_DOMAIN_VERSION", "META_LOWRANK", "META_COMPRESSION", "META_LAYERS",
+           "META_BITSTACK_ORDER",
            "NODE_LAYER_KEY"]

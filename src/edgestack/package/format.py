@@ -47,6 +47,13 @@ the schema version; anything else bumps ``schema_version``)::
     golden            null or {"inputs": path, "outputs": path, "tier": t,
                                "rtol": float, "atol": float}
 
+Conventions of the packer (:mod:`edgestack.package.pack`) that the runtime relies on (free-form
+to this layer, so other writers may differ): ``layers[L].attrs`` = ``{"node", "signs", "u",
+"v", "output", "torch_layer"}``, the graph's ``BitStackWeight`` node of the layer, its three
+input names (graph inputs whose first dimension is symbolic) and its output's name;
+``metadata.runtime`` = ``{"activation_bytes", "input_shapes", "weights_file", "order_source",
+"steps_per_level"}``, what the memory planner needs without parsing the graph.
+
 Block file (``blocks.bin``, present iff ``layers`` is not empty). A BitStack layer of dense
 shape ``[m, d1, ...]`` is the matrix ``[m, n]`` with ``n = d1 * ...`` (see
 :mod:`edgestack.formats.bitstack`); its block ``i`` is three parts:

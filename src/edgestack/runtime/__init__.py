@@ -1,0 +1,44 @@
+"""On-device runtime: plan memory for a budget, load exactly the plan, serve, re-tier.
+
+Imports numpy, onnx, onnxruntime, psutil and edgestack's package/formats/profiles only,
+never torch (tests/runtime proves it)::
+
+    from edgestack.runtime import Runtime, plan_memory
+    rt = Runtime("minilm.pkg", budget="80MB")
+    out = rt.infer({"input_ids": ids, "attention_mask": mask})
+    rt.retier("120MB")        # grow: reads only the new block records
+    rt.retier("70MB")         # shrink: gives the dropped rows back
+
+See docs/runtime.md.
+"""
+
+from edgestack.runtime.budget import available_memory, cgroup_limit_left, resolve_budget
+from edgestack.runtime.plan import (
+    DECODE_TEMP_BYTES,
+    MATERIALISE_TEMP_BYTES,
+    RUNTIME_OVERHEAD,
+    LayerPlan,
+    MemoryPlan,
+    minimum_total,
+    plan_memory,
+    plan_tier,
+    smallest_plan,
+)
+from edgestack.runtime.runtime import RetierResult, Runtime
+
+__all__ = [
+    "Runtime",
+    "RetierResult",
+    "MemoryPlan",
+    "LayerPlan",
+    "plan_memory",
+    "plan_tier",
+    "minimum_total",
+    "smallest_plan",
+    "resolve_budget",
+    "available_memory",
+    "cgroup_limit_left",
+    "RUNTIME_OVERHEAD",
+    "DECODE_TEMP_BYTES",
+    "MATERIALISE_TEMP_BYTES",
+]

@@ -1,0 +1,60 @@
+"""``edgestack pack``: turn an exported model into a verifiable device package."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from edgestack.cli import EXIT_OK, emit_json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pack",
+        help="pack a model into a device package (directory or .tar) with BitStack tiers",
+        description="Pack MODEL (an ONNX file written by `edgestack export`, or a model source "
+        "to compress with --method and export first) into a device package: manifest with "
+        "sizes and sha256 of every file, BitStack blocks in importance order so that every "
+        "memory tier is a prefix of blocks.bin, golden inputs/outputs for the on-device "
+        "self-test. --out ending in .tar writes the one-file archive. Writing is atomic.",
+    )
+    p.add_argument("model", metavar="MODEL",
+                   help=".onnx file from `edgestack export`, or a model source (folder, "
+                   "module:factory, built-in name such as minilm)")
+    p.add_argument("--target", default="ort-cpu",
+                   help="package target (supported: ort-cpu; default ort-cpu)")
+    p.add_argument("--profile", default=None,
+                   help="device profile (name or .toml); its target must be ort-cpu")
+    p.add_argument("--out", required=True, help="package directory, or PATH.tar")
+    p.add_argument("--name", default=None, help="model name in the manifest")
+    p.add_argument("--method", default="bitstack",
+                   help="compression when MODEL is not an .onnx file (default bitstack)")
+    p.add_argument("--blocks", type=int, default=None,
+                   help="bitstack blocks per matrix when compressing (default 4)")
+    p.add_argument("--k", type=int, default=None, help="bitstack rank per block")
+    p.add_argument("--steps-per-level", type=int, default=4,
+                   help="tiers between BitStack level boundaries (default 4)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing package")
+    p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgestack.package.pack import pack
+
+    opts = {k: v for k, v in (("n_blocks", args.blocks), ("k", args.k)) if v is not None}
+    result = pack(args.model, args.out, target=args.target, profile=args.profile,
+                  name=args.name, method=args.method, options=opts,
+                  steps_per_level=args.steps_per_level, overwrite=args.overwrite,
+                  log=lambda m: print(f"[edgestack pack] {m}", file=sys.stderr, flush=True))
+    if args.json:
+        emit_json({"ok": True, **result.to_dict()})
+    else:
+        tiers = result.tiers
+        print(f"wrote {result.path}: {result.n_layers} BitStack layers, {result.n_blocks} "
+              f"blocks (order: {result.order_source}), {len(tiers)} tiers "
+              f"{tiers[0]['total_bytes'] / 2**20:.2f}..{tiers[-1]['total_bytes'] / 2**20:.2f} "
+              "MiB loaded")
+        for w in result.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+    return EXIT_OK

@@ -1,0 +1,50 @@
+"""``edgestack plan``: print the memory plan of a package for a budget, loading nothing."""
+
+from __future__ import annotations
+
+import argparse
+
+from edgestack.cli import EXIT_OK, emit_json
+
+
+def add_budget_args(p: argparse.ArgumentParser) -> None:
+    """--budget / --profile / --auto (one of them)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--budget", default=None,
+                   help="memory budget, e.g. 48MB, 1.5GiB (MB = 10^6 bytes, MiB = 2^20)")
+    g.add_argument("--profile", default=None, help="device profile: its memory_budget")
+    g.add_argument("--auto", action="store_true",
+                   help="budget from available memory and the cgroup limit, minus a margin")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="print the memory plan of a package for a budget (loads nothing)",
+        description="Plan PKG for a memory budget before loading anything: the largest tier "
+        "that fits, per layer the blocks, bytes and mode (materialized = fast, on-the-fly "
+        "decode = small), activation arena, runtime overhead, total vs budget. Exit 2 when "
+        "the budget is below the smallest tier (the message gives the minimum).",
+    )
+    p.add_argument("package", metavar="PKG", help="package directory or .tar")
+    add_budget_args(p)
+    p.add_argument("--tier", type=int, default=None, help="force a tier")
+    p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgestack.package import Package
+    from edgestack.runtime import plan_memory, resolve_budget
+
+    budget, source = resolve_budget(args.budget, profile=args.profile, auto=args.auto)
+    with Package.open(args.package) as pkg:
+        plan = plan_memory(pkg, budget, tier=args.tier, budget_source=source)
+        if args.json:
+            emit_json({"ok": True, "package": str(pkg.path), "model": pkg.manifest.model.name,
+                       "target": pkg.manifest.target, "plan": plan.to_dict()})
+        else:
+            print(f"{pkg.path}: {pkg.manifest.model.name} ({pkg.manifest.target}), "
+                  f"{len(pkg.tiers)} tiers")
+            print(plan.table())
+    return EXIT_OK

@@ -1,0 +1,75 @@
+"""``edgestack run``: load a package within a budget and run it on inputs from a file."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from edgestack.cli import EXIT_OK, emit_json
+from edgestack.cli.plan import add_budget_args
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run",
+        help="load a package within a memory budget and run it on an input file",
+        description="Load PKG with the plan for the budget (largest tier that fits) and run "
+        "it on --input (an .npz mapping graph input names to arrays; default: the package's "
+        "golden inputs). Prints the plan, timings and output summaries; --output saves the "
+        "outputs as .npz.",
+    )
+    p.add_argument("package", metavar="PKG", help="package directory or .tar")
+    add_budget_args(p)
+    p.add_argument("--tier", type=int, default=None, help="force a tier")
+    p.add_argument("--input", default=None, help=".npz of inputs (default: golden inputs)")
+    p.add_argument("--output", default=None, help="write the outputs to this .npz")
+    p.add_argument("--repeat", type=int, default=1, help="run N times, report the median")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
+    p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
+    p.set_defaults(run=run)
+
+
+def load_inputs(path: str) -> dict[str, np.ndarray]:
+    """Arrays of an .npz file (no pickles)."""
+    from edgestack.errors import EdgestackError
+
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    except (OSError, ValueError) as exc:
+        raise EdgestackError(f"--input {path}: not a readable .npz of arrays ({exc}); save "
+                             "inputs with numpy.savez(path, input_ids=..., ...)") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    from edgestack.runtime import Runtime
+
+    t0 = time.perf_counter()
+    with Runtime(args.package, args.budget, profile=args.profile, auto=args.auto,
+                 tier=args.tier, threads=args.threads) as rt:
+        load_s = time.perf_counter() - t0
+        feeds = load_inputs(args.input) if args.input else rt.package.golden()[0]
+        times = []
+        for _ in range(max(1, args.repeat)):
+            t = time.perf_counter()
+            out = rt.infer(feeds)
+            times.append(time.perf_counter() - t)
+        if args.output:
+            np.savez(args.output, **out)
+        summary = {k: {"shape": list(v.shape), "dtype": str(v.dtype),
+                       "mean": float(np.mean(v)), "std": float(np.std(v))}
+                   for k, v in out.items()}
+        median_ms = float(np.median(times) * 1000)
+        if args.json:
+            emit_json({"ok": True, "tier": rt.tier, "plan": rt.plan.to_dict(),
+                       "load_seconds": load_s, "median_ms": median_ms, "outputs": summary,
+                       "bytes_read": rt.bytes_read})
+        else:
+            print(rt.plan.table())
+            print(f"loaded in {load_s:.2f} s ({rt.bytes_read} block bytes read); "
+                  f"infer median {median_ms:.2f} ms over {len(times)} run(s)")
+            for k, s in summary.items():
+                print(f"  {k}: {s['shape']} {s['dtype']} mean {s['mean']:.4g} std {s['std']:.4g}")
+    return EXIT_OK

@@ -1,0 +1,525 @@
+"""The packer: turn an exported edgestack ONNX model into a device package (host side).
+
+:func:`pack` reads an ONNX file written by :func:`edgestack.exporter.export` (or, given a
+model source, compresses and exports it first into a temporary folder) and writes a package
+(:mod:`edgestack.package.format`) with :class:`~edgestack.package.PackageWriter`:
+
+- every ``edgestack.BitStackWeight`` node's ``signs``/``u``/``v`` initializers leave the graph
+  and become **graph inputs** whose first dimension is symbolic (``nb_<i>``); their blocks go
+  to ``blocks.bin`` in the model's importance order (metadata ``edgestack.bitstack_order``,
+  written by the exporter; level-major order with a warning when absent), so every tier is a
+  prefix of the block file. ``layers[L].attrs`` records ``node`` (the node name), ``signs``,
+  ``u``, ``v`` (the three input names), ``output`` (the decoded weight's value name) and
+  ``torch_layer`` (the torch module name);
+- every other initializer of 1024 bytes or more goes to ``model.data`` (ONNX external data,
+  role ``weights``), so ``model.onnx`` stays small and the runtime can place the weights;
+- tiers: every level boundary (each layer has ``b`` blocks) plus ``steps_per_level - 1``
+  evenly spaced points between boundaries, so the tier range is fine-grained;
+- golden inputs are made deterministically from the graph's input signature (integer inputs:
+  ids in ``[0, 100)``, ``*mask*`` inputs ones, ``*type*`` ids zeros; float inputs: a seeded
+  normal; symbolic dims: 1 for the first, 16 for the others) unless given (a model source's
+  example inputs are used when pack exports it); golden outputs
+  are what ONNX Runtime gives on the packed graph with every block fed (the last tier);
+- ``metadata.runtime`` holds what the planner needs without parsing the graph:
+  ``activation_bytes`` (peak of live intermediate tensors for the golden input shapes, from
+  ONNX shape inference and a liveness scan in node order), ``input_shapes``, ``weights_file``.
+
+Only target ``ort-cpu`` is supported (:data:`SUPPORTED_TARGETS`); other targets are refused.
+The package is written atomically (the writer's temporary directory); ``out`` ending in
+``.tar`` gives the one-file archive form.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from edgestack.errors import PackageError
+from edgestack.package.format import ARCHIVE_SUFFIX
+
+logger = logging.getLogger("edgestack.package")
+
+SUPPORTED_TARGETS = ("ort-cpu",)
+"""Targets a package can be built for (the runtime serves them)."""
+
+GRAPH_FILE = "model.onnx"
+WEIGHTS_FILE = "model.data"
+ORDER_KEY = "edgestack.bitstack_order"
+LAYER_KEY = "edgestack.layer"
+EXTERNAL_MIN_BYTES = 1024
+DEFAULT_STEPS_PER_LEVEL = 4
+
+_NP_OF_ONNX = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64,
+               9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
+
+
+@dataclass
+class PackResult:
+    """What :func:`pack` wrote."""
+
+    path: Path
+    n_layers: int
+    n_blocks: int
+    tiers: list[dict[str, Any]]
+    order_source: str
+    files: dict[str, int]
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "layers": self.n_layers, "blocks": self.n_blocks,
+                "tiers": self.tiers, "order_source": self.order_source, "files": self.files,
+                "warnings": self.warnings}
+
+
+def _check_target(target: str) -> str:
+    if target not in SUPPORTED_TARGETS:
+        raise PackageError(
+            f"pack: target {target!r} is not supported for device packages; supported: "
+            f"{', '.join(SUPPORTED_TARGETS)} (the runtime serves ONNX Runtime CPU). Use "
+            "`edgestack compile` for other targets"
+        )
+    return target
+
+
+def choose_tiers(order: Sequence[tuple[str, int]], layers: Mapping[str, int],
+                 steps_per_level: int = DEFAULT_STEPS_PER_LEVEL) -> list[int]:
+    """Record counts of the tiers: the smallest prefix holding block 0 of every layer, every
+    level boundary after it, ``steps_per_level - 1`` points between boundaries, and the end.
+    """
+    first = 1 + max(i for i, (_name, b) in enumerate(order) if b == 0)
+    bounds = {first, len(order)}
+    for i in range(first, len(order)):
+        if order[i][1] > order[i - 1][1]:  # a new level starts: the previous one is complete
+            bounds.add(i)
+    points = sorted(bounds)
+    counts: set[int] = set(points)
+    for lo, hi in zip(points, points[1:]):
+        for s in range(1, max(1, steps_per_level)):
+            counts.add(lo + round((hi - lo) * s / steps_per_level))
+    out = sorted(c for c in counts if first <= c <= len(order))
+    if len(out) > 1024:
+        keep = np.linspace(0, len(out) - 1, 1024).round().astype(int)
+        out = sorted({out[i] for i in keep} | {out[-1]})
+    return out
+
+
+def _level_major(layers: Mapping[str, int]) -> list[tuple[str, int]]:
+    top = max(layers.values())
+    return [(name, b) for b in range(top) for name, n in layers.items() if b < n]
+
+
+def _order_from_metadata(model: Any, torch_names: Mapping[str, str],
+                         layers: Mapping[str, int]) -> tuple[list[tuple[str, int]] | None, str]:
+    """The importance order in manifest layer names, or ``(None, why)``."""
+    props = {p.key: p.value for p in model.metadata_props}
+    raw = props.get(ORDER_KEY)
+    if raw is None:
+        return None, f"the model has no {ORDER_KEY!r} metadata (exported before it existed, " \
+                     "or not compressed by edgestack's bitstack pass)"
+    try:
+        items = json.loads(raw)
+        by_torch = {t: name for name, t in torch_names.items()}
+        order = []
+        for item in items:
+            t, b = str(item[0]), int(item[1])
+            name = by_torch.get(t, t if t in layers else None)
+            if name is None:
+                return None, f"{ORDER_KEY} names layer {t!r} that has no BitStackWeight node"
+            if b < layers[name]:  # an export of a lower tier holds fewer blocks
+                order.append((name, b))
+    except (ValueError, TypeError, IndexError, KeyError) as exc:
+        return None, f"{ORDER_KEY} is not a JSON list of [layer, block] ({exc})"
+    from edgestack.package.format import layout_records
+    from edgestack.package.format import LayerInfo
+
+    fake = {n: LayerInfo(n, (1, 1), 1, k) for n, k in layers.items()}
+    try:
+        layout_records(fake, order)
+    except PackageError as exc:
+        return None, f"{ORDER_KEY} is not a valid block order: {exc}"
+    if len(order) != sum(layers.values()):
+        return None, f"{ORDER_KEY} lists {len(order)} of {sum(layers.values())} blocks"
+    return order, "model"
+
+
+def _golden_inputs(graph: Any, skip: set[str]) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    feeds = {}
+    for vi in graph.input:
+        if vi.name in skip:
+            continue
+        tt = vi.type.tensor_type
+        dtype = _NP_OF_ONNX.get(tt.elem_type)
+        if dtype is None:
+            raise PackageError(
+                f"pack: graph input {vi.name!r} has ONNX element type {tt.elem_type}, which the "
+                "golden-input generator does not support; pass golden_inputs explicitly"
+            )
+        shape = []
+        for i, d in enumerate(tt.shape.dim):
+            shape.append(d.dim_value if d.HasField("dim_value") and d.dim_value > 0
+                         else (1 if i == 0 else 16))
+        low = vi.name.lower()
+        if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
+            if "mask" in low:
+                arr = np.ones(shape, dtype=dtype)
+            elif "type" in low:
+                arr = np.zeros(shape, dtype=dtype)
+            else:
+                arr = rng.integers(0, 100, size=shape).astype(dtype)
+        else:
+            arr = rng.standard_normal(shape).astype(dtype)
+        feeds[vi.name] = arr
+    return feeds
+
+
+def activation_bytes(model: Any, input_shapes: Mapping[str, Sequence[int]],
+                     bitstack_outputs: Mapping[str, tuple[Sequence[int], str]]) -> int:
+    """Estimate of the peak bytes of live intermediate tensors of one run.
+
+    ONNX shape inference with the given input shapes (decoded BitStack weights, whose shapes
+    the node attribute gives, are excluded: the planner counts them per layer), then a
+    liveness scan in node order: a value lives from its producer to its last consumer.
+    """
+    import onnx
+    from onnx import helper, shape_inference
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    for vi in g.input:
+        if vi.name in input_shapes:
+            dims = vi.type.tensor_type.shape.dim
+            for d, v in zip(dims, input_shapes[vi.name]):
+                d.Clear()
+                d.dim_value = int(v)
+    for name, (shape, _) in bitstack_outputs.items():
+        g.value_info.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT,
+                                                          list(shape)))
+    try:
+        m = shape_inference.infer_shapes(m, data_prop=True)
+    except Exception:  # noqa: BLE001 - an estimate: fall back to what is known
+        pass
+    sizes: dict[str, int] = {}
+    for vi in list(m.graph.value_info) + list(m.graph.output):
+        tt = vi.type.tensor_type
+        dt = _NP_OF_ONNX.get(tt.elem_type)
+        if dt is None or not tt.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tt.shape.dim]
+        if any(d <= 0 for d in dims) and dims:
+            continue
+        sizes[vi.name] = int(np.dtype(dt).itemsize * math.prod(dims))
+    for name in bitstack_outputs:
+        sizes.pop(name, None)
+    nodes = list(m.graph.node)
+    last_use: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        for name in node.input:
+            last_use[name] = i
+    outputs = {o.name for o in m.graph.output}
+    live: dict[str, int] = {}
+    peak = 0
+    for i, node in enumerate(nodes):
+        for name in node.output:
+            if name in sizes:
+                live[name] = sizes[name]
+        peak = max(peak, sum(live.values()))
+        for name in list(live):
+            if last_use.get(name, -1) <= i and name not in outputs:
+                del live[name]
+    return int(peak)
+
+
+def _export_source(source: str, method: str, options: Mapping[str, Any], folder: Path,
+                   say: Callable[[str], None]) -> tuple[Path, dict[str, np.ndarray]]:
+    """Compress ``source`` with ``method`` and export it to ``folder/exported.onnx``; also
+    the source's example inputs (numpy), used as the golden inputs."""
+    import warnings
+
+    from edgestack.compress import compress
+    from edgestack.compress.sources import load_source
+    from edgestack.exporter import export
+
+    say(f"pack: loading {source}")
+    src = load_source(source)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        say(f"pack: compressing with method={method} {dict(options) or ''}")
+        report = compress(src.model, method, calib=[src.inputs], **dict(options))
+    out = folder / "exported.onnx"
+    say("pack: exporting to ONNX")
+    result = export(src.model, src.inputs, out, parity=False, log=say,
+                    metadata={"method": method, "source": src.description,
+                              "compression": report.to_dict()})
+    examples = {k: v.detach().cpu().numpy() for k, v in src.inputs.items()
+                if hasattr(v, "detach")}
+    if set(examples) != set(result.input_names):
+        examples = {}
+    return out, examples
+
+
+def pack(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    target: str = "ort-cpu",
+    profile: Any = None,
+    name: str | None = None,
+    method: str = "bitstack",
+    options: Mapping[str, Any] | None = None,
+    golden_inputs: Mapping[str, np.ndarray] | None = None,
+    steps_per_level: int = DEFAULT_STEPS_PER_LEVEL,
+    overwrite: bool = False,
+    created: str | None = None,
+    log: Callable[[str], None] | None = None,
+) -> PackResult:
+    """Write a device package for ``source`` at ``out`` (a directory, or ``.tar``).
+
+    Args:
+        source: an ONNX file written by ``edgestack export`` (any edgestack ONNX; without
+            BitStack nodes the package has one tier), or a model source (folder,
+            ``module:factory``, built-in name) to compress with ``method`` and export first.
+        out: the package directory, or an archive path ending in ``.tar``.
+        target: the package's target; only ``ort-cpu`` (see :data:`SUPPORTED_TARGETS`).
+        profile: a :class:`~edgestack.profiles.Profile` or name; its target must match and
+            its name is recorded in the manifest metadata.
+        name: the model name in the manifest (default: the source's stem).
+        method, options: compression when ``source`` is not an ONNX file.
+        golden_inputs: inputs for the self-test (default: generated, see module doc).
+        steps_per_level: tiers between level boundaries (default 4).
+        overwrite: replace an existing package at ``out``.
+        created: ISO 8601 creation time (fix it for byte-identical packages).
+        log: progress callback (default: the ``edgestack.package`` logger).
+
+    Raises:
+        PackageError: unsupported target, a source that is not an edgestack ONNX file, a
+            BitStack node whose inputs are not initializers, or a write failure (nothing
+            is left at ``out``).
+    """
+    import onnx
+
+    say = log or logger.info
+    warns: list[str] = []
+    if profile is not None:
+        if isinstance(profile, str):
+            from edgestack.profiles import load_profile
+
+            profile = load_profile(profile)
+        if target != profile.target:
+            if target == "ort-cpu" and profile.target in SUPPORTED_TARGETS:
+                target = profile.target
+            else:
+                raise PackageError(
+                    f"pack: profile {profile.name!r} targets {profile.target!r} but the "
+                    f"package target is {target!r}; packages support "
+                    f"{', '.join(SUPPORTED_TARGETS)}: use a profile with target ort-cpu"
+                )
+    _check_target(target)
+    out = Path(out)
+    archive = out.suffix == ARCHIVE_SUFFIX
+    if os.path.lexists(out) and not overwrite:
+        raise PackageError(f"pack: {out} already exists; pass --overwrite to replace it")
+    src = Path(source)
+    work = Path(tempfile.mkdtemp(prefix=".edgestack-pack-"))
+    try:
+        if src.suffix != ".onnx":
+            if src.is_file():
+                raise PackageError(
+                    f"pack: {src} is not an .onnx file; expected an ONNX file written by "
+                    "`edgestack export`, or a model source (folder, module:factory, built-in)"
+                )
+            src, examples = _export_source(str(source), method, options or {}, work, say)
+            golden_inputs = golden_inputs or examples or None
+        elif not src.is_file():
+            raise PackageError(f"pack: {src}: no such ONNX file")
+        say(f"pack: reading {src}")
+        try:
+            model = onnx.load(str(src))
+        except Exception as exc:  # noqa: BLE001
+            raise PackageError(f"pack: cannot read {src} as ONNX ({exc}); expected an ONNX "
+                               "file written by `edgestack export`") from None
+        result = _pack_model(model, out, archive=archive, target=target, profile=profile,
+                             name=name or src.stem, source=str(source), work=work,
+                             golden_inputs=golden_inputs, steps_per_level=steps_per_level,
+                             overwrite=overwrite, created=created, say=say, warns=warns)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: Any, name: str,
+                source: str, work: Path, golden_inputs: Any, steps_per_level: int,
+                overwrite: bool, created: str | None, say: Callable[[str], None],
+                warns: list[str]) -> PackResult:
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from edgestack.formats.bitstack import BitStackStack
+    from edgestack.package.archive import write_archive
+    from edgestack.package.writer import PackageWriter
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    stacks: dict[str, BitStackStack] = {}
+    attrs: dict[str, dict[str, Any]] = {}
+    torch_names: dict[str, str] = {}
+    removed: set[str] = set()
+    new_inputs = []
+    bs_outputs: dict[str, tuple[list[int], str]] = {}
+    uses: dict[str, int] = {}
+    for node in g.node:
+        for i in node.input:
+            uses[i] = uses.get(i, 0) + 1
+    for idx, node in enumerate(n for n in g.node
+                               if n.domain == "edgestack" and n.op_type == "BitStackWeight"):
+        missing = [i for i in node.input[:3] if i not in inits]
+        if len(node.input) != 3 or missing:
+            raise PackageError(
+                f"pack: BitStackWeight node {node.name!r} reads {missing or list(node.input)} "
+                "which are not initializers; expected the exporter's layout (signs, u, v "
+                "initializers)"
+            )
+        shared = [i for i in node.input if uses.get(i, 0) != 1]
+        if shared:
+            raise PackageError(f"pack: initializers {shared} of node {node.name!r} are also "
+                               "used by other nodes; a BitStack layer must own its blocks")
+        shape = next((list(a.ints) for a in node.attribute if a.name == "shape"), None)
+        if not shape:
+            raise PackageError(f"pack: BitStackWeight node {node.name!r} has no 'shape'")
+        meta = {p.key: p.value for p in node.metadata_props}
+        layer = meta.get(LAYER_KEY) or node.name or f"bitstack_{idx}"
+        if layer in stacks:
+            layer = f"{layer}#{node.name or idx}"
+        signs, u, v = (numpy_helper.to_array(inits[i]) for i in node.input)
+        try:
+            stacks[layer] = BitStackStack(signs, u, v, tuple(shape))
+        except Exception as exc:  # FormatError
+            raise PackageError(f"pack: node {node.name!r}: {exc}") from None
+        dim = f"nb_{idx}"
+        for nm, arr, et in zip(node.input, (signs, u, v),
+                               (onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT16,
+                                onnx.TensorProto.FLOAT16)):
+            new_inputs.append(helper.make_tensor_value_info(nm, et, [dim, *arr.shape[1:]]))
+            removed.add(nm)
+        attrs[layer] = {"node": node.name, "signs": node.input[0], "u": node.input[1],
+                        "v": node.input[2], "output": node.output[0],
+                        "torch_layer": meta.get(LAYER_KEY, "")}
+        torch_names[layer] = meta.get(LAYER_KEY, layer)
+        bs_outputs[node.output[0]] = (shape, layer)
+
+    keep = [t for t in g.initializer if t.name not in removed]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    g.input.extend(new_inputs)
+    user_inputs = {vi.name for vi in g.input} - removed
+
+    counts = {n: s.n_blocks for n, s in stacks.items()}
+    order: list[tuple[str, int]] = []
+    order_source = "none"
+    if stacks:
+        got, why = _order_from_metadata(model, torch_names, counts)
+        if got is None:
+            msg = (f"no usable BitStack importance order ({why}); storing blocks level-major "
+                   "in graph order: tiers are valid but not importance-ranked. Re-export with "
+                   "this edgestack to keep the measured order")
+            logger.warning(msg)
+            warns.append(msg)
+            order, order_source = _level_major(counts), "level-major"
+        else:
+            order, order_source = got, "model"
+
+    # golden inputs/outputs at the last tier (every block fed)
+    feeds = dict(golden_inputs) if golden_inputs else _golden_inputs(g, removed)
+    unknown = set(feeds) - user_inputs
+    if unknown:
+        raise PackageError(f"pack: golden inputs {sorted(unknown)} are not graph inputs; "
+                           f"the graph takes {sorted(user_inputs)}")
+    say("pack: computing golden outputs with ONNX Runtime (every block)")
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(model.SerializeToString(), so,
+                                    providers=["CPUExecutionProvider"])
+        full = dict(feeds)
+        for layer, st in stacks.items():
+            a = attrs[layer]
+            full.update({a["signs"]: st.signs, a["u"]: st.u, a["v"]: st.v})
+        outs = sess.run(None, full)
+    except Exception as exc:  # noqa: BLE001
+        raise PackageError(f"pack: ONNX Runtime cannot run the packed graph on the golden "
+                           f"inputs ({str(exc)[:300]}); check the inputs' names and shapes") from None
+    golden_out = {o.name: np.asarray(v) for o, v in zip(sess.get_outputs(), outs)}
+    del sess
+    shapes = {k: list(v.shape) for k, v in feeds.items()}
+    act = activation_bytes(model, shapes, bs_outputs)
+
+    # write the graph with external weights
+    gdir = work / "graph"
+    gdir.mkdir()
+    onnx.save_model(model, str(gdir / GRAPH_FILE), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=WEIGHTS_FILE,
+                    size_threshold=EXTERNAL_MIN_BYTES)
+    has_weights = (gdir / WEIGHTS_FILE).exists()
+
+    metadata = {
+        "runtime": {
+            "activation_bytes": act,
+            "input_shapes": shapes,
+            "weights_file": WEIGHTS_FILE if has_weights else None,
+            "order_source": order_source,
+            "steps_per_level": steps_per_level,
+        },
+        "profile": getattr(profile, "name", None),
+    }
+    props = {p.key: p.value for p in model.metadata_props}
+    method = ""
+    if "method" in props:
+        try:
+            method = str(json.loads(props["method"]))
+        except ValueError:
+            method = props["method"]
+    elif stacks:
+        method = "bitstack"
+    tier_counts = choose_tiers(order, counts, steps_per_level) if stacks else []
+    dest = out
+    if archive:
+        dest = work / "pkgdir"
+    say(f"pack: writing {out} ({len(stacks)} BitStack layers, {len(order)} blocks, "
+        f"{len(tier_counts) or 1} tiers)")
+    with PackageWriter(dest, overwrite=overwrite) as w:
+        w.begin(name=name, target=target, source=source, method=method, metadata=metadata,
+                created=created)
+        w.add_file(GRAPH_FILE, gdir / GRAPH_FILE, role="graph")
+        if has_weights:
+            w.add_file(WEIGHTS_FILE, gdir / WEIGHTS_FILE, role="weights")
+        if stacks:
+            w.add_blocks(order, stacks, layer_attrs=attrs)
+            w.set_tiers(tier_counts)
+        w.add_golden(feeds, golden_out, tier=None)
+        w.finish()
+    if archive:
+        write_archive(dest, out, overwrite=overwrite)
+    from edgestack.package.reader import Package
+
+    with Package.open(out) as pkg:
+        tiers = [{"index": t.index, "records": t.n_records, "bytes": t.bytes,
+                  "total_bytes": t.total_bytes} for t in pkg.tiers]
+        files = {n: e.size for n, e in pkg.files.items()}
+    say(f"pack: wrote {out}")
+    return PackResult(out, len(stacks), len(order), tiers, order_source, files, warns)
+
+
+__all__ = ["pack", "PackResult", "choose_tiers", "activation_bytes", "SUPPORTED_TARGETS",
+           "GRAPH_FILE", "WEIGHTS_FILE"]

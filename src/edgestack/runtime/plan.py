@@ -1,0 +1,340 @@
+"""The memory planner: which tier, and per layer materialised or decoded on the fly.
+
+A plan is computed from the manifest alone (nothing is loaded). Its total is::
+
+    fixed      graph file + weights file (non-BitStack weights, held by the runtime)
+             + RUNTIME_OVERHEAD (ONNX Runtime session, kernels, Python objects; measured)
+    blocks     per BitStack layer: its first nb blocks (signs, u, v), page-rounded, plus
+               OTF_LAYER_OVERHEAD per on-the-fly layer (the inlined decode in the session),
+               MATERIALIZED_LAYER_OVERHEAD per materialised one
+    dense      per materialised layer: the float32 [m, n] weight, page-rounded
+    slack      SLACK_FRACTION (2%) of the rest
+    arena      activation_bytes (packer's liveness estimate for the golden input shapes)
+             + the transient peak: the largest of (a) ONNX Runtime's decode temporaries of
+               the largest on-the-fly layer, DECODE_TEMP_BYTES x (nb + 1) x m x n (the
+               BitStackWeight function body makes float32 [nb, m*n] intermediates), and
+               (b) the numpy decode temporaries of materialising one layer,
+               MATERIALISE_TEMP_BYTES x m x n
+
+Choice (:func:`plan_memory`): layers sorted by decode work (nb x m x n, largest first); for
+``j`` materialised layers (a prefix of that list) the total is ``total(j)``. A tier *fits* when
+``min_j total(j) <= budget``; the planner picks the **largest tier that fits**, then the
+**largest j** whose total fits (every materialised layer saves its decode on every call, so
+more materialised layers = less latency). Materialising a large layer can even lower the
+total, because it removes that layer's decode temporaries from the arena.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from edgestack.errors import BudgetError, PackageError
+
+PAGE = 4096
+MiB = 2**20
+
+RUNTIME_OVERHEAD = 20 * MiB
+"""ONNX Runtime session + kernels + the runtime's Python objects, above a process that only
+imported :mod:`edgestack.runtime` and onnxruntime (measured by bench/runtime_budgets.py on the
+development machine: see docs/runtime.md)."""
+
+DECODE_TEMP_BYTES = 14
+"""Bytes of ONNX Runtime decode temporaries per weight per block of an on-the-fly layer; the
+transient of one on-the-fly decode is ``DECODE_TEMP_BYTES * (nb + 1) * m * n`` (the ``+ 1``:
+the decoded weight and the copy a following ``Transpose`` makes; measured on MiniLM)."""
+
+MATERIALIZED_LAYER_OVERHEAD = 100 * 1024
+"""Memory per materialised layer beyond its dense weight (session input bookkeeping and
+graph-variant copies; measured on MiniLM: about 0.1 MiB per layer)."""
+
+OTF_LAYER_OVERHEAD = 200 * 1024
+"""Session memory per on-the-fly layer (ONNX Runtime inlines the BitStackWeight function body
+into the graph: ~20 nodes and their kernels per layer; measured 7 MiB for 37 MiniLM layers)."""
+
+MATERIALISE_TEMP_BYTES = 6
+"""Bytes of numpy temporaries per weight while materialising a layer (mag f32, bits, mask)."""
+
+SLACK_FRACTION = 0.02
+"""Allocator slack added to every plan: 2% of the rest (glibc and ONNX Runtime bookkeeping
+that no line above models; measured mixed-mode MiniLM plans were up to 0.6% short)."""
+
+MODES = ("materialized", "on-the-fly")
+
+
+def page_up(n: int) -> int:
+    return -(-int(n) // PAGE) * PAGE
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One BitStack layer in a plan."""
+
+    name: str
+    blocks: int
+    n_blocks: int
+    mode: str
+    block_bytes: int
+    dense_bytes: int
+    decode_temp_bytes: int
+
+    @property
+    def bytes(self) -> int:
+        """Resident bytes this layer keeps (blocks, plus the dense weight if materialised)."""
+        return self.block_bytes + (self.dense_bytes if self.mode == "materialized" else 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer": self.name, "blocks": self.blocks, "of": self.n_blocks,
+                "mode": self.mode, "bytes": self.bytes, "block_bytes": self.block_bytes,
+                "dense_bytes": self.dense_bytes if self.mode == "materialized" else 0}
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """A memory plan: what the runtime will load for ``tier`` under ``budget``."""
+
+    tier: int
+    n_tiers: int
+    budget: int | None
+    layers: tuple[LayerPlan, ...]
+    graph_bytes: int
+    weights_bytes: int
+    overhead_bytes: int
+    activation_bytes: int
+    transient_bytes: int
+    budget_source: str = ""
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def layer_bytes(self) -> int:
+        return sum(lp.bytes for lp in self.layers)
+
+    @property
+    def arena_bytes(self) -> int:
+        return self.activation_bytes + self.transient_bytes
+
+    @property
+    def slack_bytes(self) -> int:
+        """:data:`SLACK_FRACTION` of everything else."""
+        return int(SLACK_FRACTION * (self.graph_bytes + self.weights_bytes + self.overhead_bytes
+                                     + self.layer_bytes + self.arena_bytes))
+
+    @property
+    def total(self) -> int:
+        return (self.graph_bytes + self.weights_bytes + self.overhead_bytes + self.layer_bytes
+                + self.arena_bytes + self.slack_bytes)
+
+    @property
+    def fits(self) -> bool:
+        return self.budget is None or self.total <= self.budget
+
+    @property
+    def materialized(self) -> frozenset[str]:
+        return frozenset(lp.name for lp in self.layers if lp.mode == "materialized")
+
+    @property
+    def blocks(self) -> dict[str, int]:
+        return {lp.name: lp.blocks for lp in self.layers}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tier": self.tier, "n_tiers": self.n_tiers, "budget": self.budget,
+            "budget_source": self.budget_source, "total": self.total, "fits": self.fits,
+            "graph_bytes": self.graph_bytes, "weights_bytes": self.weights_bytes,
+            "layer_bytes": self.layer_bytes,
+            "arena": {"activations": self.activation_bytes, "transient": self.transient_bytes,
+                      "total": self.arena_bytes},
+            "overhead_bytes": self.overhead_bytes, "slack_bytes": self.slack_bytes,
+            "layers": [lp.to_dict() for lp in self.layers], "notes": list(self.notes),
+        }
+
+    def table(self) -> str:
+        """A human-readable plan."""
+        mb = lambda n: f"{n / MiB:9.2f} MiB"  # noqa: E731
+        lines = [f"tier {self.tier} of 0..{self.n_tiers - 1}"
+                 + (f", budget {mb(self.budget).strip()} ({self.budget_source})"
+                    if self.budget is not None else "")]
+        if self.layers:
+            w = max(5, *(len(lp.name) for lp in self.layers))
+            lines.append(f"  {'layer':<{w}}  blocks  {'mode':<12}  bytes")
+            for lp in self.layers:
+                lines.append(f"  {lp.name:<{w}}  {lp.blocks:>2}/{lp.n_blocks:<3}  "
+                             f"{lp.mode:<12}  {mb(lp.bytes)}")
+        lines += [
+            f"  BitStack layers      {mb(self.layer_bytes)}",
+            f"  graph + weights      {mb(self.graph_bytes + self.weights_bytes)}",
+            f"  activation arena     {mb(self.arena_bytes)} (activations "
+            f"{mb(self.activation_bytes).strip()}, decode temporaries "
+            f"{mb(self.transient_bytes).strip()})",
+            f"  runtime overhead     {mb(self.overhead_bytes)}",
+            f"  allocator slack      {mb(self.slack_bytes)}",
+            f"  total                {mb(self.total)}"
+            + (f" of {mb(self.budget).strip()} budget: "
+               f"{'fits' if self.fits else 'DOES NOT FIT'}" if self.budget is not None else ""),
+        ]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _manifest(package: Any) -> Any:
+    return getattr(package, "manifest", package)
+
+
+_SHAPES: dict[int, tuple[Any, dict[str, tuple[int, int, int, int, int]]]] = {}
+
+
+def _layer_shapes(manifest: Any) -> dict[str, tuple[int, int, int, int, int]]:
+    """``{layer: (m, n, signs_bytes, u_bytes, v_bytes)}``, cached per manifest object (a
+    re-tier plans often; this keeps planning well under a millisecond)."""
+    hit = _SHAPES.get(id(manifest))
+    if hit is not None and hit[0] is manifest:
+        return hit[1]
+    shapes = {}
+    for name, info in manifest.layers.items():
+        m, n = info.matrix_shape
+        sb, ub, vb = info.signs_bytes, info.u_bytes, info.v_bytes
+        shapes[name] = (m, n, sb, ub, vb)
+    if len(_SHAPES) > 32:
+        _SHAPES.clear()
+    _SHAPES[id(manifest)] = (manifest, shapes)
+    return shapes
+
+
+def _layer_costs(manifest: Any, tier: int) -> list[tuple[str, int, int, int, int, int]]:
+    """``(name, nb, n_blocks, block_bytes, dense_bytes, work)`` per layer at ``tier``."""
+    out = []
+    t = manifest.tiers[tier]
+    shapes = _layer_shapes(manifest)
+    for name, info in manifest.layers.items():
+        nb = int(t.blocks[name])
+        m, n, sb, ub, vb = shapes[name]
+        block_bytes = page_up(nb * sb) + page_up(nb * ub) + page_up(nb * vb)
+        out.append((name, nb, info.n_blocks, block_bytes, page_up(4 * m * n), nb * m * n))
+    return out
+
+
+def _runtime_meta(manifest: Any) -> Mapping[str, Any]:
+    meta = manifest.metadata.get("runtime", {}) if manifest.metadata else {}
+    return meta if isinstance(meta, Mapping) else {}
+
+
+def _fixed(manifest: Any) -> tuple[int, int, int]:
+    graph = sum(e.size for e in manifest.files.values() if e.role == "graph")
+    weights = sum(e.size for e in manifest.files.values() if e.role == "weights")
+    act = _runtime_meta(manifest).get("activation_bytes", 0)
+    act = int(act) if isinstance(act, int) and not isinstance(act, bool) and act >= 0 else 0
+    return graph, weights, act
+
+
+def plan_tier(package: Any, tier: int, budget: int | None = None, *,
+              materialize: int | Sequence[str] | None = None,
+              budget_source: str = "") -> MemoryPlan:
+    """The plan of ``tier``; ``materialize`` = how many of the largest layers (or which
+    layers) are materialised; default: the most that fit ``budget``, or the fewest-bytes
+    choice when no budget is given or nothing fits (so ``plan_tier(m, t).total`` is the
+    smallest budget that serves tier ``t``)."""
+    man = _manifest(package)
+    if not 0 <= tier < len(man.tiers):
+        raise PackageError(f"tier must be in [0, {len(man.tiers) - 1}], found {tier}")
+    costs = sorted(_layer_costs(man, tier), key=lambda c: -c[5])
+    graph, weights, act = _fixed(man)
+    infos = man.layers
+    shapes = _layer_shapes(man)
+
+    def build(mat: set[str]) -> MemoryPlan:
+        layers = []
+        otf_temp = 0
+        mat_temp = 0
+        for name, nb, total, bb, db, work in costs:
+            mode = "materialized" if name in mat else "on-the-fly"
+            m, n = shapes[name][:2]
+            temp = DECODE_TEMP_BYTES * (nb + 1) * m * n
+            if mode == "on-the-fly":
+                otf_temp = max(otf_temp, temp)
+            else:
+                mat_temp = max(mat_temp, MATERIALISE_TEMP_BYTES * m * n)
+            layers.append(LayerPlan(name, nb, total, mode,
+                                    bb + (OTF_LAYER_OVERHEAD if mode == "on-the-fly"
+                                          else MATERIALIZED_LAYER_OVERHEAD),
+                                    db, temp))
+        order = {name: i for i, name in enumerate(infos)}
+        layers.sort(key=lambda lp: order[lp.name])
+        return MemoryPlan(tier, len(man.tiers), budget, tuple(layers), graph, weights,
+                          RUNTIME_OVERHEAD, act, max(otf_temp, mat_temp), budget_source)
+
+    if materialize is not None and not isinstance(materialize, int):
+        unknown = set(materialize) - set(infos)
+        if unknown:
+            raise PackageError(f"materialize names unknown layers {sorted(unknown)[:5]}")
+        return build(set(materialize))
+    names = [c[0] for c in costs]
+    if isinstance(materialize, int):
+        return build(set(names[: max(0, min(materialize, len(names)))]))
+    plans = [build(set(names[:j])) for j in range(len(names) + 1)]
+    if budget is not None:
+        fitting = [p for p in plans if p.total <= budget]
+        if fitting:
+            return fitting[-1]
+    return min(plans, key=lambda p: p.total)
+
+
+def smallest_plan(package: Any, tier: int) -> MemoryPlan:
+    """The plan of ``tier`` with the fewest bytes (over the mode choices)."""
+    return plan_tier(_manifest(package), tier)
+
+
+def minimum_total(package: Any) -> int:
+    """The smallest plan total of the package (tier 0, best mode choice)."""
+    return smallest_plan(package, 0).total
+
+
+def plan_memory(package: Any, budget: int | None, *, tier: int | None = None,
+                budget_source: str = "", prefer: frozenset[str] | None = None,
+                materialize: int | Sequence[str] | None = None) -> MemoryPlan:
+    """The plan for ``budget``: the largest tier whose plan fits, with the most materialised
+    layers that fit (see the module doc); without a budget, the last tier with every layer
+    materialised (the fastest). ``tier`` forces a tier; ``prefer`` keeps that set
+    of materialised layers when it fits (so a re-tier can keep its session); ``materialize``
+    forces the mode choice (a count of the largest layers, or layer names).
+
+    Raises:
+        BudgetError: the budget is below the smallest tier's plan (the message gives the
+            minimum), or a forced ``tier`` does not fit.
+    """
+    man = _manifest(package)
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)
+                               or budget <= 0):
+        raise BudgetError(f"budget must be a positive number of bytes, found {budget!r}")
+    candidates = [tier] if tier is not None else list(range(len(man.tiers) - 1, -1, -1))
+    if budget is None and materialize is None and prefer is None:
+        materialize = len(man.layers)  # no budget: the fastest plan (every layer materialised)
+    for t in candidates:
+        if materialize is not None:
+            p = plan_tier(man, t, budget, materialize=materialize, budget_source=budget_source)
+            if p.fits:
+                return p
+            continue
+        if prefer is not None:
+            p = plan_tier(man, t, budget, materialize=sorted(prefer & set(man.layers)),
+                          budget_source=budget_source)
+            if p.fits:
+                return p
+        p = plan_tier(man, t, budget, budget_source=budget_source)
+        if p.fits:
+            return p
+    need = (plan_tier(man, candidates[-1], materialize=materialize).total
+            if materialize is not None else smallest_plan(man, candidates[-1]).total)
+    what = f"tier {tier}" if tier is not None else "the smallest tier (0)"
+    raise BudgetError(
+        f"memory budget {budget / MiB:.1f} MiB ({budget_source or 'given'}) is below what "
+        f"{what} of {man.model.name!r} needs: at least {math.ceil(need / MiB * 10) / 10:.1f} "
+        f"MiB ({need} bytes: graph, weights, blocks, activation arena and runtime overhead). "
+        "Give a larger --budget, free memory, or pack a smaller model"
+    )
+
+
+__all__ = ["MemoryPlan", "LayerPlan", "plan_memory", "plan_tier", "minimum_total",
+           "smallest_plan",
+           "RUNTIME_OVERHEAD", "DECODE_TEMP_BYTES", "OTF_LAYER_OVERHEAD",
+           "MATERIALIZED_LAYER_OVERHEAD", "MATERIALISE_TEMP_BYTES", "MODES"]

@@ -1,0 +1,678 @@
+"""The on-device runtime: load exactly the planned bytes, serve, re-tier while serving.
+
+Storage. Every BitStack layer gets three full-capacity arrays (signs, u, v for all of its
+blocks) in anonymous memory maps: pages never written cost no memory. A tier's block records
+are read with ``os.preadv`` straight into the first ``nb`` rows (scatter buffers; the
+alignment gaps go to a scratch buffer), and the contiguous views ``arr[:nb]`` are the graph
+inputs on every run (ONNX Runtime wraps contiguous numpy inputs without a copy). Growing
+reads only ``[tiers[old].bytes, tiers[new].bytes)`` into rows ``nb..nb'``; shrinking drops
+the rows beyond ``nb'`` with ``madvise(MADV_DONTNEED)`` once no call uses them.
+
+Materialised layers are decoded in numpy (block by block, in block order) into a float32
+weight that is fed in place of the ``BitStackWeight`` node's output: the runtime builds a
+graph variant without that node (from the package's graph, with ``onnx``) and creates the
+session from bytes. Non-BitStack weights (the package's weights file) are read once into an
+anonymous map (hash-checked while reading) and handed to ONNX Runtime without a copy
+(``SessionOptions.add_initializer``). Sessions run with ``enable_cpu_mem_arena=False``,
+``enable_mem_pattern=False`` and ``session.disable_prepacking=1`` so memory follows the
+plan.
+
+Serving state (tier, plan, session, feeds) is an immutable snapshot swapped under a lock;
+``infer`` takes the snapshot current at its start, so in-flight calls finish on the tier
+they started with. Re-tiering waits for calls on older snapshots before releasing memory.
+
+This module imports numpy, onnx, onnxruntime and edgestack's package/formats/profiles:
+never torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from edgestack.errors import PackageError, TargetError
+from edgestack.package.format import BLOCK_FILE
+from edgestack.package.reader import Package
+from edgestack.runtime.budget import resolve_budget
+from edgestack.runtime.plan import MemoryPlan, page_up, plan_memory
+
+SUPPORTED_TARGETS = ("ort-cpu",)
+_IOV_MAX = 1000
+_CHUNK = 1 << 20
+
+
+MMAP_THRESHOLD = 128 * 1024
+"""glibc malloc threshold the runtime fixes (``mallopt(M_MMAP_THRESHOLD)``) for the process."""
+
+
+def fix_malloc_threshold() -> bool:
+    """Fix glibc's mmap threshold so freed large blocks go back to the OS at once.
+
+    By default glibc raises the threshold to the size of each large block freed, after which
+    blocks of that size come from the heap and freed ones stay in the process: measured, the
+    peak RSS of on-the-fly decodes then grew with the *sum* over layers of their temporaries
+    instead of the largest layer's (4 layers of 1024x1024: +68 MiB instead of +17 MiB). A
+    fixed threshold (which also turns the dynamic adjustment off) makes memory follow the
+    plan. Process-wide; a no-op (False) where glibc is not the C library.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        return False
+
+
+def _anon(nbytes: int) -> mmap.mmap:
+    return mmap.mmap(-1, max(page_up(nbytes), mmap.PAGESIZE),
+                     flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
+def _preadv_all(fd: int, iovs: list[memoryview], offset: int, what: str) -> int:
+    """Fill every buffer of ``iovs`` from ``fd`` at ``offset``; return the bytes read."""
+    done = 0
+    total = sum(len(b) for b in iovs)
+    i = 0
+    while i < len(iovs):
+        batch = iovs[i:i + _IOV_MAX]
+        try:
+            got = os.preadv(fd, batch, offset + done)
+        except OSError as exc:
+            raise PackageError(f"{what}: cannot read ({exc}); check the file") from None
+        if got == 0:
+            raise PackageError(
+                f"{what}: expected {total} bytes at offset {offset}, found end of file after "
+                f"{done}: the file is truncated; re-copy the package or repack the model"
+            )
+        done += got
+        while got and i < len(iovs):
+            n = len(iovs[i])
+            if got >= n:
+                got -= n
+                i += 1
+            else:
+                iovs[i] = iovs[i][got:]
+                got = 0
+    return done
+
+
+class _LayerStore:
+    """Full-capacity signs/u/v arrays of one layer in anonymous maps."""
+
+    def __init__(self, info: Any) -> None:
+        self.info = info
+        m, n = info.matrix_shape
+        nbk, k = info.n_blocks, info.rank
+        self.maps = [_anon(nbk * info.signs_bytes), _anon(nbk * info.u_bytes),
+                     _anon(nbk * info.v_bytes)]
+        self.signs = np.frombuffer(self.maps[0], np.uint8, nbk * info.signs_bytes).reshape(
+            nbk, info.signs_bytes)
+        self.u = np.frombuffer(self.maps[1], "<f2", nbk * m * k).reshape(nbk, m, k)
+        self.v = np.frombuffer(self.maps[2], "<f2", nbk * k * n).reshape(nbk, k, n)
+        self.loaded = 0
+
+    def feeds(self, nb: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.signs[:nb], self.u[:nb], self.v[:nb]
+
+    def release_after(self, nb: int) -> int:
+        """Give back the pages of rows ``nb..``; return the bytes released."""
+        freed = 0
+        for mm, row in zip(self.maps, (self.info.signs_bytes, self.info.u_bytes,
+                                       self.info.v_bytes)):
+            start = page_up(nb * row)
+            if start < len(mm):
+                mm.madvise(mmap.MADV_DONTNEED, start, len(mm) - start)
+                freed += page_up(self.loaded * row) - start if self.loaded * row > start else 0
+        self.loaded = min(self.loaded, nb)
+        return freed
+
+    def decode(self, nb: int, transposed: bool = False) -> np.ndarray:
+        """The dense float32 weight of the first ``nb`` blocks (block by block, in block
+        order); ``transposed``: its ``[n, m]`` transpose, C-contiguous (2-D weights)."""
+        m, n = self.info.matrix_shape
+        shape = (n, m) if transposed else (m, n)
+        out = np.zeros(shape, dtype=np.float32)
+        mag = np.empty(shape, dtype=np.float32)
+        for i in range(nb):
+            u, v = self.u[i].astype(np.float32), self.v[i].astype(np.float32)
+            if transposed:
+                np.matmul(v.T, u.T, out=mag)
+                bits = np.unpackbits(self.signs[i], count=m * n).reshape(m, n).T
+            else:
+                np.matmul(u, v, out=mag)
+                bits = np.unpackbits(self.signs[i], count=m * n).reshape(m, n)
+            np.negative(mag, out=mag, where=bits == 0)
+            out += mag
+        return out if transposed else out.reshape(self.info.shape)
+
+
+@dataclass
+class _State:
+    tier: int
+    plan: MemoryPlan
+    session: Any
+    feeds: dict[str, np.ndarray]
+    dense: dict[str, tuple[int, np.ndarray]]
+    rebuilt: bool = False
+    active: int = 0
+    cond: threading.Condition = field(default_factory=threading.Condition)
+
+
+@dataclass
+class RetierResult:
+    """What a :meth:`Runtime.retier` did."""
+
+    old_tier: int
+    new_tier: int
+    bytes_read: int
+    seconds: float
+    read_seconds: float
+    session_rebuilt: bool
+    released_bytes: int
+    plan: MemoryPlan
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"old_tier": self.old_tier, "new_tier": self.new_tier,
+                "bytes_read": self.bytes_read, "seconds": self.seconds,
+                "read_seconds": self.read_seconds, "session_rebuilt": self.session_rebuilt,
+                "released_bytes": self.released_bytes, "plan": self.plan.to_dict()}
+
+
+class Runtime:
+    """Serve a device package within a memory budget.
+
+    Args:
+        package: a package path (directory or ``.tar``) or an open :class:`Package`.
+        budget: bytes or a size string (``"48MB"``); or give ``profile`` or ``auto=True``;
+            none of them: no limit (the largest tier).
+        profile: a device profile (name or object): its ``memory_budget`` and ``threads``.
+        auto: budget from live available memory and the cgroup limit (see
+            :mod:`edgestack.runtime.budget`).
+        tier: force a tier (must fit the budget).
+        threads: ONNX Runtime intra-op threads (default: the profile's, else ORT's).
+        verify: hash every file before serving (a changed byte raises
+            :class:`PackageError` naming the file; nothing is served). The block file is
+            streamed through the hash, not kept.
+        optimization: ONNX Runtime graph optimization level: "all", "extended", "basic",
+            "disable".
+        materialize: force the mode choice: how many of the largest layers (0 = every layer
+            decoded on the fly), or which layers, are materialised (default: the planner's).
+        watch: follow live memory (see :meth:`start_watcher`); a poll interval in seconds
+            or True (1 s).
+
+    Raises:
+        BudgetError: the budget is below the smallest tier (the message gives the minimum).
+        PackageError: the package is damaged or not a package. TargetError: the package's
+            target is not served by this runtime.
+    """
+
+    def __init__(self, package: Any, budget: Any = None, *, profile: Any = None,
+                 auto: bool = False, tier: int | None = None, threads: int | None = None,
+                 verify: bool = True, optimization: str = "all",
+                 materialize: int | list[str] | None = None,
+                 watch: bool | float = False) -> None:
+        import onnx
+
+        fix_malloc_threshold()
+        self._own = not isinstance(package, Package)
+        self.package = Package.open(package) if self._own else package
+        try:
+            man = self.package.manifest
+            if man.target not in SUPPORTED_TARGETS:
+                raise TargetError(
+                    f"{self.package.path}: package target {man.target!r} is not served by "
+                    f"edgestack.runtime (it serves {', '.join(SUPPORTED_TARGETS)}); repack "
+                    "with --target ort-cpu"
+                )
+            if profile is not None and threads is None:
+                from edgestack.profiles import load_profile
+
+                prof = load_profile(profile) if isinstance(profile, str) else profile
+                threads = prof.threads
+            self.budget, self.budget_source = resolve_budget(budget, profile=profile,
+                                                             auto=auto)
+            self._materialize = materialize
+            plan = plan_memory(man, self.budget, tier=tier, budget_source=self.budget_source,
+                               materialize=materialize)
+            if verify:
+                names = [n for n, e in man.files.items() if e.role not in ("weights",)]
+                self.package.verify(names)  # weights are hashed while they are loaded
+            self.threads = threads
+            self.optimization = optimization
+            self._lock = threading.Lock()
+            self._retier_lock = threading.Lock()
+            self._retired: list[_State] = []
+            graph_bytes = self.package.read_file(self.package.graph_file, verify=verify)
+            try:
+                self._graph = onnx.load_from_string(graph_bytes)
+            except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+                raise PackageError(f"{self.package.path}: {self.package.graph_file!r} is not "
+                                   f"an ONNX model ({exc}); repack the model") from None
+            self._check_layers()
+            self._stores = {name: _LayerStore(info) for name, info in man.layers.items()}
+            self._mat_feeds = self._materialized_feeds()
+            self._scratch = memoryview(bytearray(64))  # alignment gaps (< 64 bytes) land here
+            self._iov_cache: dict[tuple[str, int], list[memoryview]] = {}
+            self._weights = self._load_weights(verify)
+            self.bytes_read = 0
+            self._load_records(0, self.package.tiers[plan.tier].bytes)
+            for name, nb in plan.blocks.items():
+                self._stores[name].loaded = nb
+            self._state = self._make_state(plan, None)
+            self.watcher: Any = None
+            if watch:
+                self.start_watcher(1.0 if watch is True else float(watch))
+        except BaseException:
+            if self._own:
+                self.package.close()
+            raise
+
+    # ---- loading -------------------------------------------------------------------
+    def _check_layers(self) -> None:
+        """Each BitStack layer's ``attrs`` must name its node and values in the graph."""
+        nodes = {nd.name: nd for nd in self._graph.graph.node}
+        inputs = {vi.name for vi in self._graph.graph.input}
+        for name, info in self.package.layers.items():
+            a = info.attrs
+            fix = ("the manifest's layers[].attrs do not match the graph; repack the model with "
+                   "`edgestack pack`")
+            keys = ("node", "signs", "u", "v", "output")
+            if not all(isinstance(a.get(k), str) and a.get(k) for k in keys):
+                raise PackageError(f"{self.package.path}: layer {name!r}: expected attrs "
+                                   f"{list(keys)} (strings), found {dict(a)!r:.200}; {fix}")
+            nd = nodes.get(a["node"])
+            if (nd is None or nd.op_type != "BitStackWeight"
+                    or list(nd.input) != [a["signs"], a["u"], a["v"]]
+                    or list(nd.output) != [a["output"]]
+                    or not {a["signs"], a["u"], a["v"]} <= inputs):
+                raise PackageError(f"{self.package.path}: layer {name!r}: node {a['node']!r} "
+                                   f"is not a BitStackWeight over graph inputs {a['signs']!r}, "
+                                   f"{a['u']!r}, {a['v']!r}; {fix}")
+
+    def _load_weights(self, verify: bool) -> dict[str, Any]:
+        """Read the weights file(s) into anonymous maps; OrtValues for their initializers."""
+        import onnxruntime as ort
+        from onnx import TensorProto
+
+        pkg = self.package
+        buffers: dict[str, np.ndarray] = {}
+        for name, entry in pkg.files.items():
+            if entry.role != "weights":
+                continue
+            mm = _anon(entry.size)
+            buf = np.frombuffer(mm, np.uint8, entry.size)
+            fd, base = pkg._source.locate(name)  # the reader's own file handle (no copy)
+            digest = hashlib.sha256()
+            pos = 0
+            while pos < entry.size:
+                n = min(_CHUNK * 8, entry.size - pos)
+                view = memoryview(buf[pos:pos + n])
+                _preadv_all(fd, [view], base + pos, f"{pkg.path}: {name}")
+                if verify:
+                    digest.update(view)
+                pos += n
+            if verify and digest.hexdigest() != entry.sha256:
+                raise PackageError(
+                    f"{pkg.path}: file {name!r} is damaged: sha256 expected {entry.sha256}, "
+                    f"found {digest.hexdigest()} ({entry.size} bytes); re-copy the package "
+                    "from its source, or repack the model"
+                )
+            buffers[name] = buf
+        np_of = {1: np.float32, 2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64,
+                 9: np.bool_, 10: np.float16, 11: np.float64}
+        values: dict[str, Any] = {}
+        for t in self._graph.graph.initializer:
+            if t.data_location != TensorProto.EXTERNAL:
+                continue
+            info = {kv.key: kv.value for kv in t.external_data}
+            loc = info.get("location", "")
+            if loc not in buffers:
+                raise PackageError(
+                    f"{pkg.path}: initializer {t.name!r} lives in {loc!r}, which is not a "
+                    f"weights file of the package ({sorted(buffers)}); repack the model"
+                )
+            dtype = np_of.get(t.data_type)
+            if dtype is None:
+                raise PackageError(f"{pkg.path}: initializer {t.name!r} has unsupported type "
+                                   f"{t.data_type}")
+            off, length = int(info.get("offset", 0)), int(info.get("length", 0))
+            count = int(np.prod(t.dims)) if len(t.dims) else 1
+            if length != count * np.dtype(dtype).itemsize or off + length > buffers[loc].size:
+                raise PackageError(f"{pkg.path}: initializer {t.name!r}: external data "
+                                   f"[{off}, {off + length}) does not match its shape {list(t.dims)}")
+            arr = buffers[loc][off:off + length].view(dtype).reshape(tuple(t.dims))
+            if arr.ctypes.data % 64:
+                arr = arr.copy()  # unaligned: one copy of this tensor (rare)
+            values[t.name] = ort.OrtValue.ortvalue_from_numpy(arr)
+        self._weight_buffers = buffers
+        return values
+
+    def _record_iovs(self, rec: Any) -> list[memoryview]:
+        """Scatter buffers for one block record: its signs/u/v rows in the layer store, and
+        the alignment gaps before u and v into a scratch buffer (built once per record)."""
+        iovs = self._iov_cache.get((rec.layer, rec.block))
+        if iovs is None:
+            st = self._stores[rec.layer]
+            iovs = []
+            pos = rec.offset
+            for off, dest in ((rec.signs, st.signs[rec.block]), (rec.u, st.u[rec.block]),
+                              (rec.v, st.v[rec.block])):
+                if off > pos:
+                    iovs.append(self._scratch[: off - pos])
+                mv = memoryview(dest).cast("B")
+                iovs.append(mv)
+                pos = off + len(mv)
+            self._iov_cache[(rec.layer, rec.block)] = iovs
+        return iovs
+
+    def _load_records(self, start: int, end: int) -> int:
+        """Read block-file bytes ``[start, end)`` straight into the layer stores (one
+        ``preadv`` per up to 1000 buffers; the bytes are counted in ``package.counter``)."""
+        if end <= start:
+            return 0
+        pkg = self.package
+        iovs: list[memoryview] = []
+        pos = start
+        for rec in pkg.records_between(start, end):
+            if rec.offset > pos:  # the gap between records (record alignment)
+                iovs.append(self._scratch[: rec.offset - pos])
+            iovs.extend(self._record_iovs(rec))
+            pos = rec.end
+        if pos != end:
+            raise PackageError(f"{pkg.path}: block range [{start}, {end}) does not end on a "
+                               "record boundary; the manifest and block file disagree")
+        fd, base = pkg._source.locate(BLOCK_FILE)  # the reader's own file handle
+        got = _preadv_all(fd, iovs, base + start, f"{pkg.path}: {BLOCK_FILE}")
+        pkg.counter._add_read(start, start + got)  # counted like Package.read_prefix
+        self.bytes_read += got
+        return got
+
+    # ---- sessions and states ---------------------------------------------------------
+    def _materialized_feeds(self) -> dict[str, tuple[str, bool, list[int], str | None]]:
+        """Per layer: ``(value fed, transposed, its shape, Transpose node to drop or None)``.
+
+        When the decoded weight's only consumer is a 2-D ``Transpose`` (how the exporter
+        writes ``nn.Linear``), a materialised layer feeds the transposed weight directly:
+        no per-call transpose copy, and no transient copy to plan for.
+        """
+        consumers: dict[str, list[Any]] = {}
+        for nd in self._graph.graph.node:
+            for i in nd.input:
+                consumers.setdefault(i, []).append(nd)
+        outputs = {o.name for o in self._graph.graph.output}
+        out = {}
+        for name, info in self.package.layers.items():
+            a = info.attrs
+            users = consumers.get(a["output"], [])
+            m, n = info.matrix_shape
+            if (len(info.shape) == 2 and len(users) == 1 and users[0].op_type == "Transpose"
+                    and a["output"] not in outputs):
+                perm = next((list(x.ints) for x in users[0].attribute if x.name == "perm"),
+                            [1, 0])
+                if perm == [1, 0]:
+                    out[name] = (users[0].output[0], True, [n, m], users[0].name)
+                    continue
+            out[name] = (a["output"], False, list(info.shape), None)
+        return out
+
+    def _graph_variant(self, materialized: frozenset[str]) -> bytes:
+        """The session graph: materialised layers' decode nodes (and a following 2-D
+        Transpose) removed; the value they produced becomes a graph input."""
+        import onnx
+        from onnx import helper
+
+        m = onnx.ModelProto()
+        m.CopyFrom(self._graph)
+        g = m.graph
+        layers = self.package.layers
+        drop_inputs = set()
+        drop_nodes = set()
+        for name in materialized:
+            a = layers[name].attrs
+            drop_inputs |= {a["signs"], a["u"], a["v"]}
+            drop_nodes.add(a["node"])
+            if self._mat_feeds[name][3] is not None:
+                drop_nodes.add(self._mat_feeds[name][3])
+        keep = [nd for nd in g.node if nd.name not in drop_nodes]
+        del g.node[:]
+        g.node.extend(keep)
+        inputs = [vi for vi in g.input if vi.name not in drop_inputs]
+        del g.input[:]
+        g.input.extend(inputs)
+        for name in materialized:
+            value, _t, shape, _node = self._mat_feeds[name]
+            g.input.append(helper.make_tensor_value_info(value, onnx.TensorProto.FLOAT, shape))
+        return m.SerializeToString()
+
+    def _session(self, materialized: frozenset[str]) -> Any:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.enable_cpu_mem_arena = False
+        so.enable_mem_pattern = False
+        so.add_session_config_entry("session.disable_prepacking", "1")
+        so.log_severity_level = 3
+        levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                  "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+        if self.optimization not in levels:
+            raise TargetError(f"optimization must be one of {sorted(levels)}, found "
+                              f"{self.optimization!r}")
+        so.graph_optimization_level = levels[self.optimization]
+        if self.threads:
+            so.intra_op_num_threads = int(self.threads)
+        for name, value in self._weights.items():
+            so.add_initializer(name, value)  # no copy: ORT uses our buffers
+        # ONNX Runtime validates that the external-data files of a model loaded from bytes
+        # exist, although add_initializer supplies every external tensor: point it at sparse
+        # placeholders of the right size (no data; they are never read) in a temporary folder.
+        import shutil
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix="edgestack-rt-")
+        try:
+            for name, buf in self._weight_buffers.items():
+                path = Path(folder, name)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "wb") as f:
+                    f.truncate(buf.size)
+            so.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", folder)
+            return ort.InferenceSession(self._graph_variant(materialized), so,
+                                        providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001
+            raise TargetError(f"{self.package.path}: ONNX Runtime cannot load the package's "
+                              f"graph ({str(exc)[:300]}); repack the model") from None
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _make_state(self, plan: MemoryPlan, old: _State | None) -> _State:
+        layers = self.package.layers
+        mat = plan.materialized
+        session = old.session if old is not None and old.plan.materialized == mat else None
+        rebuilt = session is None
+        if session is None:
+            session = self._session(mat)
+        feeds: dict[str, np.ndarray] = {}
+        dense: dict[str, tuple[int, np.ndarray]] = {}
+        for lp in plan.layers:
+            a = layers[lp.name].attrs
+            st = self._stores[lp.name]
+            if lp.mode == "materialized":
+                prev = old.dense.get(lp.name) if old is not None else None
+                value, transposed, _shape, _node = self._mat_feeds[lp.name]
+                w = (prev[1] if prev is not None and prev[0] == lp.blocks
+                     else st.decode(lp.blocks, transposed))
+                dense[lp.name] = (lp.blocks, w)
+                feeds[value] = w
+            else:
+                s, u, v = st.feeds(lp.blocks)
+                feeds.update({a["signs"]: s, a["u"]: u, a["v"]: v})
+        return _State(plan.tier, plan, session, feeds, dense, rebuilt)
+
+    # ---- serving ---------------------------------------------------------------------
+    @property
+    def plan(self) -> MemoryPlan:
+        """The plan being served."""
+        return self._state.plan
+
+    @property
+    def tier(self) -> int:
+        """The tier being served."""
+        return self._state.tier
+
+    @property
+    def input_names(self) -> list[str]:
+        feeds = self._state.feeds
+        return [i.name for i in self._state.session.get_inputs() if i.name not in feeds]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o.name for o in self._state.session.get_outputs()]
+
+    def infer_with_tier(self, feeds: Mapping[str, Any]) -> tuple[int, dict[str, np.ndarray]]:
+        """Run the model; ``(tier used, {output name: array})``."""
+        with self._lock:
+            st = self._state
+            with st.cond:
+                st.active += 1
+        try:
+            expected = [i.name for i in st.session.get_inputs() if i.name not in st.feeds]
+            missing = [n for n in expected if n not in feeds]
+            extra = [n for n in feeds if n not in expected]
+            if missing or extra:
+                raise TargetError(f"infer: expected inputs {expected}, missing {missing}, "
+                                  f"unknown {extra}")
+            run_feeds = {**{k: np.asarray(v) for k, v in feeds.items()}, **st.feeds}
+            try:
+                outs = st.session.run(None, run_feeds)
+            except Exception as exc:  # noqa: BLE001 - wrong shapes/dtypes from the caller
+                raise TargetError(f"infer: ONNX Runtime refused the inputs: "
+                                  f"{str(exc)[:300]}") from None
+            names = [o.name for o in st.session.get_outputs()]
+            return st.tier, dict(zip(names, outs))
+        finally:
+            with st.cond:
+                st.active -= 1
+                st.cond.notify_all()
+
+    def infer(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Run the model on ``feeds`` (graph input name -> array) at the current tier."""
+        return self.infer_with_tier(feeds)[1]
+
+    def retier(self, budget: Any = None, *, tier: int | None = None, profile: Any = None,
+               auto: bool = False) -> RetierResult:
+        """Grow or shrink to the plan for a new budget (or a forced ``tier``) while serving.
+
+        Growing reads only the block records the new tier adds; shrinking releases the rows
+        it drops once calls that started on the old tier have finished. In-flight calls
+        finish on their tier. A budget below the smallest tier raises :class:`BudgetError`
+        and keeps the current tier.
+        """
+        with self._retier_lock:
+            t0 = time.perf_counter()
+            if budget is None and profile is None and not auto:
+                new_budget, source = self.budget, self.budget_source
+            else:
+                new_budget, source = resolve_budget(budget, profile=profile, auto=auto)
+            old = self._state
+            plan = plan_memory(self.package.manifest, new_budget, tier=tier,
+                               budget_source=source, prefer=old.plan.materialized,
+                               materialize=self._materialize)
+            tiers = self.package.tiers
+            read = 0
+            tr = time.perf_counter()
+            if plan.tier > old.tier:
+                read = self._load_records(tiers[old.tier].bytes, tiers[plan.tier].bytes)
+            read_s = time.perf_counter() - tr
+            for name, nb in plan.blocks.items():
+                st = self._stores[name]
+                st.loaded = max(st.loaded, nb)
+            new = self._make_state(plan, old)
+            with self._lock:
+                self._state = new
+                self.budget, self.budget_source = new_budget, source
+            self._retired.append(old)
+            released = 0
+            if plan.tier < old.tier:
+                for st_old in self._retired:
+                    with st_old.cond:
+                        st_old.cond.wait_for(lambda s=st_old: s.active == 0)
+                self._retired.clear()
+                for name, nb in plan.blocks.items():
+                    released += self._stores[name].release_after(nb)
+            else:
+                self._retired = [s for s in self._retired if s.active > 0]
+            old_tier = old.tier
+            del old
+            return RetierResult(old_tier, plan.tier, read, time.perf_counter() - t0, read_s,
+                                new.rebuilt, released, plan)
+
+    # ---- self-test, watcher, closing ---------------------------------------------------
+    def self_test(self) -> dict[str, Any]:
+        """Run the golden inputs and compare with the golden outputs (at the golden tier;
+        at another tier the result is reported but not judged)."""
+        info = self.package.golden_info
+        if info is None:
+            return {"ran": False, "passed": None, "reason": "the package has no golden data"}
+        inputs, outputs = self.package.golden()
+        tier, got = self.infer_with_tier(inputs)
+        worst = {}
+        passed = True
+        for name, ref in outputs.items():
+            if name not in got:
+                passed = False
+                worst[name] = "missing"
+                continue
+            a, b = np.asarray(got[name], np.float64), np.asarray(ref, np.float64)
+            diff = float(np.max(np.abs(a - b))) if a.size else 0.0
+            ok = a.shape == b.shape and bool(np.allclose(a, b, rtol=info.rtol, atol=info.atol))
+            worst[name] = {"max_abs": diff, "ok": ok}
+            passed &= ok
+        judged = tier == info.tier
+        return {"ran": True, "tier": tier, "golden_tier": info.tier, "judged": judged,
+                "passed": passed if judged else None, "outputs": worst,
+                "rtol": info.rtol, "atol": info.atol}
+
+    def start_watcher(self, interval: float = 1.0) -> Any:
+        """Follow live memory: every ``interval`` s re-plan for the available memory
+        (:func:`~edgestack.runtime.budget.available_memory` plus what this runtime's plan
+        already holds) and re-tier when the planned tier changes."""
+        from edgestack.runtime.watch import Watcher
+
+        if self.watcher is None:
+            self.watcher = Watcher(self, interval)
+            self.watcher.start()
+        return self.watcher
+
+    def close(self) -> None:
+        """Stop the watcher and close the package (arrays are freed with the runtime)."""
+        if getattr(self, "watcher", None) is not None:
+            self.watcher.stop()
+            self.watcher = None
+        if self._own:
+            self.package.close()
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"Runtime({str(self.package.path)!r}, tier={self.tier}, "
+                f"plan={self.plan.total / 2**20:.1f} MiB)")
+
+
+__all__ = ["Runtime", "RetierResult", "SUPPORTED_TARGETS"]

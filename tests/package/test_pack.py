@@ -1,0 +1,240 @@
+"""The packer (edgestack.package.pack) and runtime-level checks of bad packages."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edgestack.errors import EdgestackError, PackageError
+from edgestack.package import Package, extract_archive
+from edgestack.package.pack import choose_tiers, pack
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
+from runtime_helpers import flip_byte, importance_order, synthetic_onnx  # noqa: E402
+
+CREATED = "2026-01-01T00:00:00Z"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("m") / "mlp.onnx"
+    return path, synthetic_onnx(path)
+
+
+@pytest.fixture(scope="module")
+def pkg_dir(tmp_path_factory, model):
+    out = tmp_path_factory.mktemp("p") / "mlp.pkg"
+    pack(model[0], out, created=CREATED)
+    return out
+
+
+def copy_pkg(src: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "copy.pkg"
+    shutil.copytree(src, dest)
+    return dest
+
+
+def test_manifest_blocks_in_importance_order(pkg_dir, model):
+    _path, stacks = model
+    with Package.open(pkg_dir) as pkg:
+        pkg.verify()
+        man = pkg.manifest
+        assert man.target == "ort-cpu"
+        assert [(r.layer, r.block) for r in pkg.block_index] == importance_order(stacks)
+        assert set(pkg.files) == {"model.onnx", "model.data", "blocks.bin",
+                                  "golden/inputs.npz", "golden/outputs.npz"}
+        for name, st in stacks.items():
+            got = pkg.layer_stack(name)
+            np.testing.assert_array_equal(got.signs, st.signs)
+            np.testing.assert_array_equal(got.u, st.u)
+            np.testing.assert_array_equal(got.v, st.v)
+            attrs = pkg.layers[name].attrs
+            assert attrs["signs"] == f"{name}.weight_module.signs"
+            assert attrs["output"] == f"w_{name}" and attrs["torch_layer"] == name
+        # tiers: block 0 of every layer first, then every level boundary is a tier
+        counts = [t.n_records for t in pkg.tiers]
+        assert counts[0] == len(stacks) and counts[-1] == sum(s.n_blocks for s in stacks.values())
+        assert {3, 6, 9} <= set(counts)
+        assert man.golden is not None and man.golden.tier == len(pkg.tiers) - 1
+        assert man.metadata["runtime"]["order_source"] == "model"
+        assert man.metadata["runtime"]["activation_bytes"] > 0
+        graph = onnx.load_from_string(pkg.read_file("model.onnx"))
+    inputs = {vi.name: vi for vi in graph.graph.input}
+    dim = inputs["fc0.weight_module.signs"].type.tensor_type.shape.dim[0]
+    assert dim.dim_param.startswith("nb_")
+    assert not any(t.name.endswith(("signs", ".u", ".v")) for t in graph.graph.initializer)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer)
+
+
+def test_archive_form_holds_the_same_files(tmp_path, model, pkg_dir):
+    tar = tmp_path / "mlp.tar"
+    pack(model[0], tar, created=CREATED)
+    with Package.open(tar) as a, Package.open(pkg_dir) as d:
+        assert a.is_archive
+        assert a.manifest.files == d.manifest.files
+    from edgestack.runtime import Runtime
+
+    with Runtime(tar) as rt:
+        assert rt.self_test()["passed"]
+
+
+def test_pack_is_deterministic_and_refuses_existing(tmp_path, model, pkg_dir):
+    again = tmp_path / "again.pkg"
+    pack(model[0], again, created=CREATED)
+    for name in ("manifest.json", "blocks.bin", "model.onnx", "model.data"):
+        assert (again / name).read_bytes() == (pkg_dir / name).read_bytes()
+    with pytest.raises(PackageError, match="already exists"):
+        pack(model[0], again)
+
+
+def test_missing_order_falls_back_to_level_major(tmp_path, caplog):
+    path = tmp_path / "noorder.onnx"
+    stacks = synthetic_onnx(path, order=False)
+    result = pack(path, tmp_path / "p.pkg")
+    assert result.order_source == "level-major" and result.warnings
+    assert "level-major" in caplog.text
+    with Package.open(tmp_path / "p.pkg") as pkg:
+        order = [(r.layer, r.block) for r in pkg.block_index]
+    assert order == [(n, b) for b in range(3) for n in stacks]
+
+
+def test_unsupported_target_and_bad_source(tmp_path, model):
+    with pytest.raises(PackageError, match="ort-cpu"):
+        pack(model[0], tmp_path / "x.pkg", target="tensorrt-gpu")
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not onnx")
+    with pytest.raises(PackageError, match="ONNX"):
+        pack(bad, tmp_path / "y.pkg")
+    assert not (tmp_path / "x.pkg").exists() and not (tmp_path / "y.pkg").exists()
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_non_bitstack_model_gives_one_tier(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((8, 8), np.float32) * 0.5, "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "dense",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+                              initializer=[w])
+    path = tmp_path / "dense.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), path)
+    pack(path, tmp_path / "d.pkg")
+    from edgestack.runtime import Runtime
+
+    with Runtime(tmp_path / "d.pkg") as rt:
+        assert len(rt.package.tiers) == 1 and not rt.plan.layers
+        assert rt.self_test()["passed"]
+
+
+def test_choose_tiers_level_boundaries():
+    layers = {"a": 2, "b": 2, "c": 2}
+    order = [("c", 0), ("a", 0), ("b", 0), ("b", 1), ("a", 1), ("c", 1)]
+    counts = choose_tiers(order, layers, steps_per_level=3)
+    assert counts[0] == 3 and counts[-1] == 6 and counts == sorted(set(counts))
+    assert choose_tiers(order, layers, steps_per_level=1) == [3, 6]
+
+
+# ---- runtime-level checks of damaged packages ------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["blocks.bin", "model.data", "model.onnx"])
+def test_one_changed_byte_is_refused_naming_the_file(tmp_path, pkg_dir, name):
+    from edgestack.runtime import Runtime
+
+    bad = copy_pkg(pkg_dir, tmp_path)
+    flip_byte(bad / name, 100)
+    with pytest.raises(PackageError, match=name.replace(".", r"\.")) as err:
+        Runtime(bad)
+    assert "sha256" in str(err.value)
+
+
+def test_truncated_block_file_is_refused(tmp_path, pkg_dir):
+    from edgestack.runtime import Runtime
+
+    bad = copy_pkg(pkg_dir, tmp_path)
+    data = (bad / "blocks.bin").read_bytes()
+    (bad / "blocks.bin").write_bytes(data[:-100])
+    with pytest.raises(PackageError, match="blocks.bin"):
+        Runtime(bad, verify=False)
+
+
+def test_unknown_schema_version_is_refused(tmp_path, pkg_dir):
+    from edgestack.runtime import Runtime
+
+    bad = copy_pkg(pkg_dir, tmp_path)
+    man = json.loads((bad / "manifest.json").read_text())
+    man["schema_version"] = 99
+    (bad / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(PackageError, match="schema"):
+        Runtime(bad)
+
+
+def test_archive_escaping_paths_is_refused(tmp_path, pkg_dir):
+    from edgestack.runtime import Runtime
+
+    evil = tmp_path / "evil.tar"
+    with tarfile.open(evil, "w") as tar:
+        for name in ["manifest.json", "model.onnx"]:
+            data = (pkg_dir / name).read_bytes()
+            info = tarfile.TarInfo(name if name == "manifest.json" else "../" + name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    with pytest.raises(PackageError):
+        Runtime(evil)
+    with pytest.raises(PackageError):
+        extract_archive(evil, tmp_path / "out")
+    assert not (tmp_path / "model.onnx").exists() and not (tmp_path / "out").exists()
+
+
+_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 2**60), st.text(max_size=8),
+                    st.lists(st.integers(0, 9), max_size=3), st.dictionaries(
+                        st.text(max_size=4), st.integers(0, 9), max_size=2))
+
+
+@settings(max_examples=100, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(path=st.lists(st.sampled_from(["tiers", "layers", "block_index", "files", "metadata",
+                                      "golden", "0", "blocks", "fc0", "attrs", "runtime",
+                                      "activation_bytes", "size", "bytes", "shape", "rank",
+                                      "signs", "output", "total_bytes"]),
+                     min_size=1, max_size=5),
+       value=_VALUES)
+def test_fuzz_manifest_runtime_raises_only_edgestack_errors(tmp_path_factory, pkg_dir,
+                                                            path, value):
+    from edgestack.runtime import Runtime, plan_memory
+
+    man = json.loads((pkg_dir / "manifest.json").read_text())
+    node = man
+    for key in path[:-1]:
+        if isinstance(node, dict) and key in node:
+            node = node[key]
+        elif isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        else:
+            break
+    last = path[-1]
+    if isinstance(node, dict):
+        node[last] = value
+    elif isinstance(node, list) and last.isdigit() and int(last) < len(node):
+        node[int(last)] = value
+    bad = tmp_path_factory.mktemp("fuzz") / "p"
+    shutil.copytree(pkg_dir, bad)
+    (bad / "manifest.json").write_text(json.dumps(man))
+    try:
+        with Package.open(bad) as pkg:
+            plan_memory(pkg, 10**10)
+        with Runtime(bad) as rt:
+            rt.infer(rt.package.golden()[0])
+    except EdgestackError:
+        pass

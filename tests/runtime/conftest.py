@@ -1,0 +1,39 @@
+"""Fixtures: synthetic BitStack ONNX models packed once per session (no torch)."""
+
+from __future__ import annotations
+
+import pytest
+
+from runtime_helpers import synthetic_onnx
+
+
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory):
+    """``(onnx path, stacks)`` of a 3-layer MLP 64-96-64-32, 3 blocks of rank 2."""
+    path = tmp_path_factory.mktemp("small") / "mlp.onnx"
+    return path, synthetic_onnx(path)
+
+
+@pytest.fixture(scope="session")
+def small_pkg(tmp_path_factory, small_model):
+    from edgestack.package.pack import pack
+
+    out = tmp_path_factory.mktemp("small_pkg") / "mlp.pkg"
+    pack(small_model[0], out, created="2026-01-01T00:00:00Z")
+    return out
+
+
+@pytest.fixture(scope="session")
+def big_model(tmp_path_factory):
+    """A 4-layer 1024-wide MLP, 4 blocks of rank 16 (MiB-sized layers for memory tests)."""
+    path = tmp_path_factory.mktemp("big") / "big.onnx"
+    return path, synthetic_onnx(path, dims=(1024,) * 5, n_blocks=4, k=16, batch=1)
+
+
+@pytest.fixture(scope="session")
+def big_pkg(tmp_path_factory, big_model):
+    from edgestack.package.pack import pack
+
+    out = tmp_path_factory.mktemp("big_pkg") / "big.pkg"
+    pack(big_model[0], out)
+    return out
