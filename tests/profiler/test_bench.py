@@ -123,3 +123,54 @@ def test_cli_bad_input(shift_model: Path, tmp_path: Path, capsys, argv, needle) 
 def test_source_must_be_an_onnx_model(tmp_path: Path) -> None:
     with pytest.raises(EdgestackError, match="expected an ONNX model"):
         B.run_bench(tmp_path / "nothing.onnx", tmp_path / "o")
+
+
+@pytest.fixture(scope="module")
+def bitstack_package(tmp_path_factory) -> Path:
+    """A package of one BitStack linear layer (48 -> 40, 6 blocks)."""
+    from targets_cases import random_stack
+
+    from edgestack.package.pack import pack
+
+    rng = np.random.default_rng(5)
+    model, _, _ = linear_case(random_stack(rng, (40, 48), 6, 2), 1, 8, rng=rng)
+    root = tmp_path_factory.mktemp("pkg")
+    onnx.save(model, str(root / "bs.onnx"))
+    return pack(root / "bs.onnx", root / "bs.pkg", log=lambda m: None).path
+
+
+def test_bench_package_measures_tiers(bitstack_package: Path, tmp_path: Path) -> None:
+    from edgestack.package import Package
+
+    n_tiers = len(Package.open(bitstack_package).manifest.tiers)
+    report = B.run_bench(bitstack_package, tmp_path / "o", tiers=3, iterations=4, warmup=1,
+                         log=lambda m: None)
+    tiers = [r.tier for r in report.rows]
+    assert tiers == B.pick_tiers(n_tiers, 3) and tiers[0] == 0 and tiers[-1] == n_tiers - 1
+    # the reference is the largest tier: it matches itself; smaller tiers are close, not equal
+    assert report.rows[-1].cosine == pytest.approx(1.0, abs=1e-9)
+    assert 0.5 < report.rows[0].cosine < 1.0
+    assert all(r.peak_rss_increase and r.iterations >= 4 for r in report.rows)
+    budgets = [r.disk_bytes for r in report.rows]
+    assert budgets == sorted(budgets)
+
+
+def test_bench_package_of_unavailable_target_skips(bitstack_package: Path, tmp_path: Path,
+                                                    capsys) -> None:
+    import shutil
+
+    pkg = tmp_path / "trt.pkg"
+    shutil.copytree(bitstack_package, pkg)
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    manifest["target"] = "tensorrt-gpu"          # manifest.json is not hashed in `files`
+    (pkg / "manifest.json").write_text(json.dumps(manifest))
+    rc = main(["bench", str(pkg), "--out", str(tmp_path / "o"), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 4 and not doc["ok"] and "tensorrt" in doc["skipped"]["tensorrt-gpu"]
+
+
+def test_pick_tiers() -> None:
+    assert B.pick_tiers(10, 3) == [0, 4, 9] or B.pick_tiers(10, 3) == [0, 5, 9]
+    assert B.pick_tiers(4, 10) == [0, 1, 2, 3]
+    assert B.pick_tiers(7, "all") == list(range(7))
+    assert B.pick_tiers(7, 1) == [6]

@@ -5,9 +5,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import pytest
-
-torch = pytest.importorskip("torch")
+import torch
 
 
 def test_exported_bitstack_mlp_tiers_match_torch(tmp_path):

@@ -1,7 +1,7 @@
-"""MiniLM BitStack package (built and cached by bench/runtime_budgets.py): peak RSS vs plan.
+"""MiniLM BitStack package: peak RSS vs budget and plan, in fresh processes.
 
-Skipped unless the cached package exists (``.venv/bin/python bench/runtime_budgets.py
---build-only`` builds it in about 2 minutes); then it runs in about 20 s.
+The package is built here (3 blocks, no activation-aware scaling: about a minute on 2
+cores); bench/runtime_budgets.py measures the 6-block package the README cites.
 """
 
 from __future__ import annotations
@@ -14,11 +14,21 @@ from edgestack.package import Package
 from edgestack.runtime import plan_tier
 from runtime_helpers import peak_rss
 
-PKG = Path(__file__).resolve().parents[2] / ".cache" / "runtime_bench" / "minilm-bitstack-6.pkg"
 
 
-@pytest.mark.skipif(not PKG.exists(), reason="run bench/runtime_budgets.py --build-only first")
-def test_minilm_peak_rss_within_budget_and_plan():
+@pytest.fixture(scope="module")
+def minilm_package(tmp_path_factory) -> Path:
+    from edgestack.package.pack import pack
+
+    out = tmp_path_factory.mktemp("minilm") / "minilm-bitstack-3.pkg"
+    return pack("minilm", out, method="bitstack",
+                options={"n_blocks": 3, "act_aware": False, "skip": ["pooler"]},
+                log=lambda m: None).path
+
+
+@pytest.mark.slow
+def test_minilm_peak_rss_within_budget_and_plan(minilm_package: Path):
+    PKG = minilm_package
     pkg = Package.open(PKG)
     n, layers = len(pkg.tiers), len(pkg.layers)
 

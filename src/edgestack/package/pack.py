@@ -80,6 +80,21 @@ class PackResult:
                 "warnings": self.warnings}
 
 
+def _name_nodes(graph: Any) -> None:
+    """Give every unnamed (or repeated-name) node a unique name: the manifest refers to the
+    BitStack nodes by name, and ONNX allows empty and repeated names."""
+    seen: set[str] = set()
+    for i, node in enumerate(graph.node):
+        if not node.name or node.name in seen:
+            base = f"{node.op_type}_{i}"
+            name, k = base, 0
+            while name in seen:
+                k += 1
+                name = f"{base}_{k}"
+            node.name = name
+        seen.add(node.name)
+
+
 def _check_target(target: str) -> str:
     if target not in SUPPORTED_TARGETS:
         raise PackageError(
@@ -377,6 +392,7 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
     new_inputs = []
     bs_outputs: dict[str, tuple[list[int], str]] = {}
     uses: dict[str, int] = {}
+    _name_nodes(g)
     for node in g.node:
         for i in node.input:
             uses[i] = uses.get(i, 0) + 1

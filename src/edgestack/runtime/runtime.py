@@ -280,7 +280,9 @@ class Runtime:
     # ---- loading -------------------------------------------------------------------
     def _check_layers(self) -> None:
         """Each BitStack layer's ``attrs`` must name its node and values in the graph."""
-        nodes = {nd.name: nd for nd in self._graph.graph.node}
+        # Nodes are found by the value they write (unique in a valid graph), not by name:
+        # names may be empty or repeated in ONNX.
+        by_output = {o: nd for nd in self._graph.graph.node for o in nd.output}
         inputs = {vi.name for vi in self._graph.graph.input}
         for name, info in self.package.layers.items():
             a = info.attrs
@@ -290,8 +292,8 @@ class Runtime:
             if not all(isinstance(a.get(k), str) and a.get(k) for k in keys):
                 raise PackageError(f"{self.package.path}: layer {name!r}: expected attrs "
                                    f"{list(keys)} (strings), found {dict(a)!r:.200}; {fix}")
-            nd = nodes.get(a["node"])
-            if (nd is None or nd.op_type != "BitStackWeight"
+            nd = by_output.get(a["output"])
+            if (nd is None or nd.op_type != "BitStackWeight" or nd.name != a["node"]
                     or list(nd.input) != [a["signs"], a["u"], a["v"]]
                     or list(nd.output) != [a["output"]]
                     or not {a["signs"], a["u"], a["v"]} <= inputs):
@@ -420,7 +422,7 @@ class Runtime:
                 perm = next((list(x.ints) for x in users[0].attribute if x.name == "perm"),
                             [1, 0])
                 if perm == [1, 0]:
-                    out[name] = (users[0].output[0], True, [n, m], users[0].name)
+                    out[name] = (users[0].output[0], True, [n, m], users[0].output[0])
                     continue
             out[name] = (a["output"], False, list(info.shape), None)
         return out
@@ -436,14 +438,14 @@ class Runtime:
         g = m.graph
         layers = self.package.layers
         drop_inputs = set()
-        drop_nodes = set()
+        drop_nodes = set()          # nodes by their (unique) first output
         for name in materialized:
             a = layers[name].attrs
             drop_inputs |= {a["signs"], a["u"], a["v"]}
-            drop_nodes.add(a["node"])
+            drop_nodes.add(a["output"])
             if self._mat_feeds[name][3] is not None:
                 drop_nodes.add(self._mat_feeds[name][3])
-        keep = [nd for nd in g.node if nd.name not in drop_nodes]
+        keep = [nd for nd in g.node if not (nd.output and nd.output[0] in drop_nodes)]
         del g.node[:]
         g.node.extend(keep)
         inputs = [vi for vi in g.input if vi.name not in drop_inputs]
