@@ -101,7 +101,8 @@ def test_functions_use_standard_ops_and_2d_bitshift_broadcasts() -> None:
         assert sorted(fn.attribute) == sorted(name for name, _ in op.attributes)
         producers = {out: n for n in fn.node for out in n.output}
         shifts = [n for n in fn.node if n.op_type == "BitShift"]
-        assert shifts, f"{op.name}: no BitShift in the body"
+        # ShiftWeight unpacks with 2-D BitShifts; BitStackWeight with a sign-table Gather
+        assert bool(shifts) == (op.name == "ShiftWeight"), f"{op.name}: {len(shifts)} BitShift"
         for node in shifts:
             data, amount = (producers[i] for i in node.input)
             assert data.op_type == "Reshape"
@@ -165,3 +166,13 @@ def test_function_bodies_on_openvino() -> None:
                                       {"INFERENCE_PRECISION_HINT": "f32"})
         got = compiled(arrays)[0]
         np.testing.assert_allclose(got, ref, rtol=0, atol=atol)
+
+
+def test_bitstack_sign_table_is_msb_first() -> None:
+    from edgestack.formats import unpack_bits
+
+    table = ops.SIGN_TABLE
+    assert table.shape == (256, 8) and set(np.unique(table)) == {-1.0, 1.0}
+    for byte in (0, 1, 0x80, 0xA5, 255):
+        bits = unpack_bits(np.array([byte], np.uint8), 8)
+        assert table[byte].tolist() == (bits.astype(np.float32) * 2 - 1).tolist()

