@@ -142,6 +142,97 @@ def test_shift_finetune_improves_and_keeps_exact_codes():
     assert torch.equal(again.fc1.weight_module.codes, tuned.fc1.weight_module.codes)
 
 
+def test_shift_unit_matches_the_reference_rounding():
+    from edgestack.compress.finetune import shift_unit
+    from edgestack.compress.shift import shift_values
+    from edgestack.formats.shift import levels
+
+    g = torch.Generator().manual_seed(0)
+    r = torch.randn(64, 97, generator=g) * 0.6
+    r[0, :9] = torch.tensor([0.75, 0.375, 1.5, 3.0, 0.0, -0.75, 1e-9, 0.0046875, -2.0])
+    for bits in (2, 3, 4, 5):
+        for zero in (False, True):
+            ref = shift_values(r, torch.ones(64), bits, zero)
+            assert torch.equal(shift_unit(r, levels(bits, zero), zero), ref), (bits, zero)
+
+
+def test_finetune_schedule_and_split():
+    from edgestack.compress.finetune import lr_factor, split_batches
+
+    lrs = [lr_factor(k, 100) for k in range(100)]
+    assert lrs[0] < lrs[4] == pytest.approx(1.0)  # 5 warm-up steps
+    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:])) and lrs[-1] < 0.01
+    tr, val = split_batches(20, 0.1, seed=3)
+    assert len(val) == 2 and sorted(tr + val) == list(range(20))
+    assert split_batches(20, 0.1, seed=3) == (tr, val)
+    assert split_batches(20, 0.0, seed=3) == (list(range(20)), [])
+
+
+def test_shift_finetune_respects_max_seconds_and_keeps_the_rounding_at_step_0():
+    data = mlp_calib(n=4)
+    plain, timed = MLP(), MLP()
+    compress(plain, "shift", calib=data, rounding="gptq", bits=3)
+    rep = compress(timed, "shift", calib=data, rounding="gptq", bits=3, finetune_steps=500,
+                   max_seconds=1e-9)
+    assert rep.details["finetune"]["steps"] == 0
+    for a, b in ((plain.fc1, timed.fc1), (plain.fc2, timed.fc2)):
+        assert torch.equal(a.weight_module.codes, b.weight_module.codes)
+        assert torch.allclose(a.weight_module.scale, b.weight_module.scale)
+
+
+def test_shift_finetune_early_stop_on_held_out_batches():
+    data = mlp_calib(n=10)
+    ref = MLP()
+    plain, tuned = copy.deepcopy(ref), copy.deepcopy(ref)
+    compress(plain, "shift", calib=data, rounding="gptq", bits=3)
+    rep = compress(tuned, "shift", calib=data, rounding="gptq", bits=3, finetune_steps=40,
+                   finetune_lr=2e-3, finetune_val=0.2, seed=1)
+    info = rep.details["finetune"]
+    assert info["val_batches"] == 2 and info["train_batches"] == 8
+    assert info["val_loss_best"] <= info["val_loss_first"]
+    assert 0 <= info["best_step"] <= 40
+    assert out_err(tuned, ref, data) < out_err(plain, ref, data)
+    # all+norms also trains the (fp32) biases
+    nb = copy.deepcopy(ref)
+    compress(nb, "shift", calib=data, rounding="gptq", bits=3, finetune_steps=20,
+             finetune_lr=2e-3, finetune_params="all+norms", finetune_val=0.0)
+    assert not torch.equal(nb.fc1.bias, plain.fc1.bias)
+    with pytest.raises(CompressError, match="finetune_params"):
+        compress(MLP(), "shift", calib=data, finetune_steps=1, finetune_params="norms")
+
+
+def test_corpus_is_large_deterministic_and_never_holds_a_held_sentence():
+    from edgestack.compress.calib import corpus_sentences, model_text_calib
+    from edgestack.profiler.quality import held_sentences
+
+    corpus = corpus_sentences()
+    assert len(corpus) >= 1000 and len(set(corpus)) == len(corpus)
+    assert not set(corpus) & set(held_sentences())
+    assert corpus[:len(calib_sentences())] == calib_sentences()
+    assert corpus_sentences(300) == corpus[:300]
+    with pytest.raises(CompressError, match="tokenizer.json"):
+        model_text_calib(MLP(), 10)
+    with pytest.raises(CompressError, match="tokenizer.json"):
+        compress(MLP(), "shift", calib=mlp_calib(n=2), rounding="gptq", extra_texts=10)
+
+
+def test_extra_texts_tokenized_like_the_calibration_batches():
+    from edgestack import zoo
+    from edgestack.compress.calib import model_text_calib
+
+    model, _ = zoo.minilm()
+    like = text_calib(zoo.minilm_path(), n=8, seq=32, batch=4)
+    extra = model_text_calib(model, 20, like, seq=32)
+    # the 8 sentences already in `like` are left out: 12 new ones, batches of 4
+    assert len(extra) == 3 and set(extra[0]) == set(like[0])
+    assert sum(x["input_ids"].shape[0] for x in extra) == 12
+    assert extra[0]["input_ids"].shape[0] == 4 and extra[0]["input_ids"].shape[1] <= 32
+    have = {tuple(r[:int(m.sum())]) for x in like
+            for r, m in zip(x["input_ids"].tolist(), x["attention_mask"])}
+    assert not have & {tuple(r[:int(m.sum())]) for x in extra
+                       for r, m in zip(x["input_ids"].tolist(), x["attention_mask"])}
+
+
 def test_shift_bits_per_layer_counts_bytes():
     rep = compress(MLP(), "shift", bits_per_layer={"fc2": 5})
     assert rep.layer("fc1").details["bits"] == 4 and rep.layer("fc2").details["bits"] == 5

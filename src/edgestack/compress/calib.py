@@ -2,11 +2,16 @@
 
 The passes take ``calib``, a list of input dicts (``model(**x)``). For text models this
 module builds that list from text: :func:`calib_sentences` reads the corpus shipped with
-edgestack (``edgestack/data/calib.txt``, a few hundred varied English sentences written for
+edgestack (``edgestack/data/calib.txt``, 836 varied everyday English sentences written for
 this purpose; disjoint from the held evaluation set ``data/sentences.txt``), and
 :func:`text_calib` tokenizes sentences with a Hugging Face ``tokenizer.json`` into padded
 batches. :func:`check_calib_tokens` refuses calibration data that is empty or too short to
 give usable statistics (fewer than :data:`MIN_TOKENS` real tokens).
+
+:func:`corpus_sentences` extends the shipped corpus for training-style uses (the shift
+fine-tune) with English sentences taken at run time from the docstrings of Python standard
+library modules (:data:`DOC_MODULES`): thousands of sentences, no download, deterministic for
+a given Python version. Sentences of the held evaluation set are always left out.
 
 Statistics over these batches are collected by
 :func:`edgestack.compress.api.collect_input_stats` (running sums: bounded memory).
@@ -15,6 +20,8 @@ Statistics over these batches are collected by
 from __future__ import annotations
 
 from importlib import resources
+import random
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,6 +35,151 @@ def calib_sentences() -> list[str]:
     """The calibration corpus shipped with edgestack, one sentence per line."""
     text = resources.files("edgestack").joinpath("data/calib.txt").read_text("utf-8")
     return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+#: Standard-library modules whose docstrings :func:`doc_sentences` reads (missing ones are
+#: skipped; none of them has side effects on import).
+DOC_MODULES = (
+    "argparse", "asyncio", "base64", "bisect", "calendar", "codecs", "collections",
+    "concurrent.futures", "configparser", "contextlib", "copy", "csv", "dataclasses",
+    "datetime", "decimal", "difflib", "email.message", "email.utils", "enum", "filecmp",
+    "fractions", "ftplib", "functools", "gettext", "glob", "gzip", "hashlib", "heapq", "hmac",
+    "html.parser", "http.client", "http.cookiejar", "http.server", "imaplib", "inspect", "io",
+    "ipaddress", "itertools", "json", "locale", "logging", "logging.handlers", "lzma",
+    "mailbox", "mimetypes", "multiprocessing", "numbers", "operator", "optparse", "os",
+    "pathlib", "pdb", "pickle", "pkgutil", "platform", "plistlib", "poplib", "pprint",
+    "profile", "pstats", "pydoc", "queue", "random", "re", "sched", "secrets", "selectors",
+    "shelve", "shlex", "shutil", "smtplib", "socket", "socketserver", "sqlite3", "ssl",
+    "statistics", "string", "struct", "subprocess", "tarfile", "tempfile", "textwrap",
+    "threading", "timeit", "tokenize", "trace", "traceback", "typing", "unittest",
+    "urllib.parse", "urllib.request", "uuid", "warnings", "wave", "weakref", "xml.dom.minidom",
+    "xml.etree.ElementTree", "zipfile", "zoneinfo",
+)
+_SPLIT = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+_PROSE = re.compile(r"^[A-Z][A-Za-z ,;:'()-]+[a-z][.!?]$")
+
+
+def doc_sentences(modules: tuple[str, ...] = DOC_MODULES) -> list[str]:
+    """Prose sentences (6-40 words, letters and punctuation only) from the docstrings of
+    ``modules`` and of their classes, functions and methods, in a fixed order, no
+    duplicates. Deterministic for a given Python version; no network."""
+    import importlib
+    import inspect
+    import warnings
+
+    out: list[str] = []
+    seen: set[str] = set()
+
+    def add(doc: str | None) -> None:
+        for para in re.split(r"\n\s*\n", doc or ""):
+            for s in _SPLIT.split(" ".join(para.split())):
+                if 6 <= len(s.split()) <= 40 and _PROSE.match(s) and s not in seen:
+                    seen.add(s)
+                    out.append(s)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name in modules:
+            try:
+                mod = importlib.import_module(name)
+            except Exception:  # noqa: BLE001  (absent on this platform/version: skip)
+                continue
+            add(inspect.getdoc(mod))
+            for _, obj in sorted(vars(mod).items()):
+                if getattr(obj, "__module__", None) != mod.__name__:
+                    continue
+                if inspect.isclass(obj) or inspect.isfunction(obj):
+                    add(inspect.getdoc(obj))
+                if inspect.isclass(obj):
+                    for _, meth in sorted(vars(obj).items()):
+                        if inspect.isfunction(meth):
+                            add(meth.__doc__ and inspect.cleandoc(meth.__doc__))
+    return out
+
+
+def corpus_sentences(n: int | None = None, seed: int = 0) -> list[str]:
+    """The shipped corpus (:func:`calib_sentences`, first) then docstring sentences
+    (:func:`doc_sentences`, shuffled with ``seed``), without any held evaluation sentence.
+
+    Args:
+        n: at most this many sentences (None: all, a few thousand).
+        seed: order of the docstring sentences.
+    """
+    from edgestack.profiler.quality import held_sentences
+
+    held = set(held_sentences())
+    base = calib_sentences()
+    docs = doc_sentences()
+    random.Random(seed).shuffle(docs)
+    seen: set[str] = set()
+    out = []
+    for s in base + docs:
+        if s not in held and s not in seen:
+            seen.add(s)
+            out.append(s)
+    return out if n is None else out[:n]
+
+
+def model_text_calib(model: Any, n: int, like: Sequence[dict[str, Any]] | None = None, *,
+                     seq: int = 64, batch: int | None = None) -> list[dict[str, Any]]:
+    """Token batches of the first ``n`` :func:`corpus_sentences`, tokenized with the
+    tokenizer of a Hugging Face text ``model`` loaded from a folder; sentences already in
+    ``like`` (same token ids) are left out.
+
+    The folder is ``model.config.name_or_path`` (set by ``from_pretrained`` and
+    :func:`edgestack.compress.hf.load_hf_model`); it must hold ``tokenizer.json``.
+
+    Args:
+        model: the (fp32) text model.
+        n: number of sentences.
+        like: existing calibration batches: the new ones get the same keys and batch size.
+        seq: truncate each sentence to this many tokens.
+        batch: sentences per batch (default: that of ``like[0]``, else 8).
+
+    Raises:
+        CompressError: the model has no folder with ``tokenizer.json``.
+    """
+    folder = getattr(getattr(model, "config", None), "name_or_path", None)
+    if not folder or not (Path(folder) / "tokenizer.json").is_file():
+        raise CompressError(
+            f"extra calibration text needs a Hugging Face text model loaded from a folder with "
+            f"tokenizer.json (model.config.name_or_path); found {folder!r} for "
+            f"{type(model).__name__}; pass calib=text_calib(folder, texts=corpus_sentences(n)) "
+            "instead"
+        )
+    if batch is None:
+        first = next(iter(like[0].values()), None) if like else None
+        batch = int(first.shape[0]) if getattr(first, "dim", lambda: 0)() else 8
+    texts = corpus_sentences(n)
+    if like:
+        keys = set(like[0])
+        if "input_ids" not in keys:
+            raise CompressError(
+                "extra calibration text: the calibration batches are not token inputs "
+                f"(keys {sorted(keys)}; expected input_ids)"
+            )
+        # leave out sentences the given batches already hold (same token ids)
+        have = set()
+        for x in like:
+            mask = x.get("attention_mask")
+            for j, row in enumerate(x["input_ids"].tolist()):
+                real = int(mask[j].sum()) if mask is not None else len(row)
+                have.add(tuple(row[:real]))
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+        tok.enable_truncation(seq)
+        tok.no_padding()
+        texts = [t for t, e in zip(texts, tok.encode_batch(texts)) if tuple(e.ids) not in have]
+        if not texts:
+            raise CompressError(
+                f"extra calibration text: all {n} corpus sentence(s) are already in the "
+                "calibration batches; ask for more"
+            )
+    out = text_calib(folder, texts, n=None, seq=seq, batch=batch)
+    if like:
+        out = [{k: v for k, v in x.items() if k in keys} for x in out]
+    return out
 
 
 def check_calib_tokens(calib: Sequence[dict[str, Any]], min_tokens: int = MIN_TOKENS) -> int:
@@ -118,4 +270,5 @@ def text_calib(
     return out
 
 
-__all__ = ["MIN_TOKENS", "calib_sentences", "check_calib_tokens", "text_calib"]
+__all__ = ["DOC_MODULES", "MIN_TOKENS", "calib_sentences", "check_calib_tokens",
+           "corpus_sentences", "doc_sentences", "model_text_calib", "text_calib"]

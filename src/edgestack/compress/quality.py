@@ -246,7 +246,10 @@ def suite_configs(skip: tuple[str, ...] = (), finetune_seconds: float = 300.0
                   ) -> list[QualityConfig]:
     """The full comparison (``edgestack quality MODEL --all``): baselines and every method."""
     sk = {"skip": skip} if skip else {}
-    ft = {"rounding": "gptq", "finetune_steps": 1000, "max_seconds": finetune_seconds}
+    # shift fine-tune: GPTQ and the fine-tune also see the rest of the shipped corpus
+    # (836 sentences in all, tokenized with the model's tokenizer); 300 seeded steps
+    ft = {"rounding": "gptq", "extra_texts": 836, "finetune_steps": 300,
+          "max_seconds": finetune_seconds}
     return [
         QualityConfig("int8 per-channel", "int8", dict(sk)),
         QualityConfig("int4 RTN g32", "int4_g32", dict(sk)),
@@ -262,8 +265,15 @@ def suite_configs(skip: tuple[str, ...] = (), finetune_seconds: float = 300.0
         QualityConfig("bitstack k=16, not act-aware", "bitstack",
                       {"k": 16, "n_blocks": 4, "act_aware": False, **sk}, calibrated=False,
                       tiers=(2, 4)),
-        QualityConfig("bitstack act-aware, k by shape", "bitstack",
-                      {"n_blocks": 7, **sk}, tiers=(2, 3, 4, 4.5, 5, 6, 7)),
+        QualityConfig("bitstack act-aware, plain signs, k by shape", "bitstack",
+                      {"n_blocks": 7, "signs": "plain", **sk}, tiers=(2, 3, 4, 4.5, 5, 6, 7)),
+        QualityConfig("bitstack act-aware, GPTQ signs, factor_bits 0.125", "bitstack",
+                      {"n_blocks": 6, "factor_bits": 0.125, **sk},
+                      tiers=(2, 3, 4, 4.5, 5, 6)),
+        QualityConfig("bitstack GPTQ signs, factor_bits 0.125, + factor fine-tune", "bitstack",
+                      {"n_blocks": 5, "factor_bits": 0.125, "signs": "gptq",
+                       "finetune_steps": 150, "finetune_lr": 5e-4, **sk},
+                      tiers=(3, 4, 4.5, 5)),
         QualityConfig("lowrank act-aware ratio 0.5", "lowrank", {"ratio": 0.5, **sk}),
         QualityConfig("lowrank act-aware ratio 0.75", "lowrank", {"ratio": 0.75, **sk}),
         QualityConfig("lowrank energy 0.95 (WeLore split)", "lowrank",
