@@ -56,7 +56,7 @@ def build_package(blocks: int, rebuild: bool) -> Path:
         calib = text_calib(zoo.minilm_path(), n=32, seq=64, batch=8)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            report = compress(model, "bitstack", calib=calib, n_blocks={blocks})
+            report = compress(model, "bitstack", calib=calib, n_blocks={blocks}, signs="plain")
         print(f"compressed in {{time.time() - t0:.0f}} s", flush=True)
         onnx_path = Path({str(CACHE)!r}) / "minilm-bitstack-{blocks}.onnx"
         export(model, inputs, onnx_path, parity=False,

@@ -29,7 +29,7 @@ from typing import Any, Callable
 DEFAULT_METHODS: dict[str, dict[str, Any]] = {
     "none": {},
     "shift": {"bits": 4, "zero": True, "rounding": "gptq"},
-    "bitstack": {"n_blocks": 6},
+    "bitstack": {"n_blocks": 5, "factor_bits": 0.125, "signs": "gptq"},
     "lowrank": {"energy": 0.99, "max_keep": 0.9},
     "prune": {"ratio": 0.1, "metric": "fluctuation", "adaptive": True},
 }
