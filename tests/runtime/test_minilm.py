@@ -17,13 +17,47 @@ from runtime_helpers import peak_rss
 
 
 @pytest.fixture(scope="module")
-def minilm_package(tmp_path_factory) -> Path:
+def minilm_onnx(tmp_path_factory) -> Path:
+    """MiniLM (seq 128) with BitStack encoder layers, exported (3 blocks, plain signs)."""
+    from edgestack import zoo
+    from edgestack.compress import compress
+    from edgestack.exporter import export
+
+    model, inputs = zoo.minilm(seq=128)
+    compress(model, "bitstack", calib=[inputs], n_blocks=3, act_aware=False, skip=["pooler"])
+    out = tmp_path_factory.mktemp("minilm") / "minilm-bitstack-3.onnx"
+    export(model, inputs, out, parity=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def minilm_package(minilm_onnx: Path) -> Path:
     from edgestack.package.pack import pack
 
-    out = tmp_path_factory.mktemp("minilm") / "minilm-bitstack-3.pkg"
-    return pack("minilm", out, method="bitstack",
-                options={"n_blocks": 3, "act_aware": False, "skip": ["pooler"]},
-                log=lambda m: None).path
+    return pack(minilm_onnx, minilm_onnx.with_suffix(".pkg"), log=lambda m: None).path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("materialize", [0, 100])
+def test_minilm_top_tier_equals_the_exported_model(minilm_onnx: Path, minilm_package: Path,
+                                                   materialize: int):
+    """The runtime's session (weights handed over without a copy, BitStack inputs fed per
+    call, ORT's fusions on) computes what ONNX Runtime computes on the exported file."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgestack.runtime import Runtime
+
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(1000, 5000, (1, 128)).astype(np.int64),
+             "attention_mask": np.ones((1, 128), np.int64)}
+    ref = ort.InferenceSession(str(minilm_onnx), providers=["CPUExecutionProvider"]
+                               ).run(None, feeds)
+    with Runtime(minilm_package, materialize=materialize) as rt:
+        assert rt.tier == len(rt.package.tiers) - 1
+        got = list(rt.infer(feeds).values())
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow

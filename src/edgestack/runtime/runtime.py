@@ -494,8 +494,12 @@ class Runtime:
         for name, value in self._weights.items():
             so.add_initializer(name, value)  # no copy: ORT uses our buffers
         # ONNX Runtime validates that the external-data files of a model loaded from bytes
-        # exist, although add_initializer supplies every external tensor: point it at sparse
-        # placeholders of the right size (no data; they are never read) in a temporary folder.
+        # exist, although add_initializer supplies every external tensor; and with graph
+        # optimizations on, ORT 1.32's fusions read some of those tensors (e.g. attention
+        # biases) from the file rather than from add_initializer: with zero-filled
+        # placeholders, MiniLM came out wrong. So the folder gets the real bytes (disk and
+        # page cache, not this process's memory; add_external_initializers instead copied
+        # the weights: +38 MiB on MiniLM).
         import shutil
         import tempfile
 
@@ -505,7 +509,7 @@ class Runtime:
                 path = Path(folder, name)
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with open(path, "wb") as f:
-                    f.truncate(buf.size)
+                    f.write(memoryview(buf))
             so.add_session_config_entry(
                 "session.model_external_initializers_file_folder_path", folder)
             return ort.InferenceSession(self._graph_variant(materialized), so,
