@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from edgestack.compress import compress
 from edgestack.compress.bitstack import check_order, decompose, set_tier, top_singular
@@ -15,6 +14,7 @@ from edgestack.compress.bitstack_fit import gptq_signs, h_error, inverse_factor,
 from edgestack.compress.layers import BitStackWeight
 from edgestack.compress.shift import hessian
 from edgestack.errors import CompressError
+from mlp_cases import MLP, mlp_calib, out_err  # noqa: F401
 
 
 def correlated_layer(m: int = 48, n: int = 64, tokens: int = 2000, seed: int = 0
@@ -30,30 +30,6 @@ def correlated_layer(m: int = 48, n: int = 64, tokens: int = 2000, seed: int = 0
 def magnitude(r: torch.Tensor, k: int) -> torch.Tensor:
     uu, s, vh = top_singular(r.abs(), k, "exact")
     return (uu * s) @ vh
-
-
-class MLP(nn.Module):
-    def __init__(self, d: int = 32, h: int = 64, seed: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.fc1 = nn.Linear(d, h)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(h, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-def mlp_calib(n: int = 8, seed: int = 1, d: int = 32) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(d, d, generator=g) / d**0.5 + torch.eye(d)
-    gain = torch.linspace(0.2, 3.0, d)
-    return [{"x": (torch.randn(4, 16, d, generator=g) @ mix) * gain} for _ in range(n)]
-
-
-def out_err(model, ref_model, data) -> float:
-    with torch.no_grad():
-        return sum(float((model(**x) - ref_model(**x)).pow(2).sum()) for x in data)
 
 
 def test_gptq_signs_lower_the_output_error_of_a_block():
