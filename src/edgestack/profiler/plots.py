@@ -99,7 +99,7 @@ def plot_quality_vs_bits(points: list[tuple[str, float, float]],
         ax.plot([bits], [cos], "o", color=cmap(i % 10), label=label)
     if tiers:
         xs, ys = zip(*sorted((b, c) for _, b, c in tiers))
-        ax.plot(xs, ys, "s-", color="tab:purple", alpha=0.7, label="BitStack package tiers")
+        ax.plot(xs, ys, "s--", color="black", alpha=0.6, label="BitStack package tiers (runtime)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("bits per weight of the compressed layers (log2 scale)")
     ax.set_ylabel("sentence-embedding cosine vs fp32")
