@@ -56,6 +56,7 @@ class DemoResult:
     package: dict[str, Any] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     reference_embeddings: Any = field(default=None, repr=False)
+    held_batches: list[Any] = field(default_factory=list, repr=False)   # tokenized sentences
     plots: dict[str, str] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
@@ -134,15 +135,14 @@ def run_demo(out_dir: str | Path = "edgestack-demo", methods: dict[str, dict] | 
         return value
 
     models = step("compress+export", lambda: _methods_step(result, methods, seq, threads, log))
-    step("targets", lambda: _targets_step(result, models, targets, seq, log))
+    step("targets", lambda: _targets_step(result, models, targets, log))
     package = None
     if "bitstack" in models:
         package = step("pack+runtime",
-                       lambda: _runtime_step(result, models["bitstack"], seq, threads,
-                                             n_budgets, log))
+                       lambda: _runtime_step(result, models["bitstack"], threads, n_budgets,
+                                             log))
     if bench:
-        step("bench", lambda: _bench_step(result, models, package, seq, threads, iterations,
-                                          log))
+        step("bench", lambda: _bench_step(result, models, package, threads, iterations, log))
     step("plots", lambda: _plots_step(result))
     result.seconds = time.perf_counter() - t_start
     write_report(result, seq=seq, threads=threads)
@@ -160,7 +160,7 @@ def _methods_step(result: DemoResult, methods: dict[str, dict], seq: int, thread
     from edgestack.profiler.quality import (compare_embeddings, embed, held_sentences,
                                             ort_runner, tokenize)
 
-    batches = tokenize(zoo.minilm_path(), held_sentences(), seq)
+    batches = result.held_batches = tokenize(zoo.minilm_path(), held_sentences(), seq)
     calib = text_calib(zoo.minilm_path(), n=128, seq=64, batch=8)
     ref_emb = None
     models: dict[str, Path] = {}
@@ -201,10 +201,8 @@ def _methods_step(result: DemoResult, methods: dict[str, dict], seq: int, thread
 
 
 # ---- 2. compile for every target, parity ----------------------------------------------------
-def _targets_step(result: DemoResult, models: dict[str, Path], targets: Any, seq: int,
+def _targets_step(result: DemoResult, models: dict[str, Path], targets: Any,
                   log: Callable[[str], None]) -> None:
-    from edgestack import zoo
-    from edgestack.profiler.quality import held_sentences, tokenize
     from edgestack.targets import TARGET_NAMES, get_target
     from edgestack.targets.parity import Case, cross_check
 
@@ -216,7 +214,7 @@ def _targets_step(result: DemoResult, models: dict[str, Path], targets: Any, seq
             log(f"[2/5 targets] {name}: skipped ({why})")
     log(f"[2/5 targets] compiling {len(models)} models for "
         f"{', '.join(n for n in names if n not in result.skipped) or 'no target'} ...")
-    feeds = tokenize(zoo.minilm_path(), held_sentences()[:1], seq)[0]   # a real sentence
+    feeds = result.held_batches[0]                       # a real sentence
     cases = [Case(m, p, dict(feeds)) for m, p in models.items()]
     reports = cross_check(cases, names, options=TARGET_OPTIONS,
                           work_dir=result.out_dir / "targets")
@@ -239,75 +237,50 @@ def _artifact_dir(result: DemoResult, method: str, target: str) -> Path:
 
 
 # ---- 3. pack and run with the runtime manager ---------------------------------------------
-def _runtime_step(result: DemoResult, model: Path, seq: int, threads: int, n_budgets: int,
-                  log: Callable[[str], None]) -> Any:
-    try:
-        from edgestack.package.pack import pack  # noqa: F401
-        from edgestack.runtime import Runtime  # noqa: F401
-    except ImportError as exc:
-        result.skipped["runtime"] = f"the runtime manager is not available ({exc})"
-        log(f"[3/5 runtime] skipped: {result.skipped['runtime']}")
-        return None
-    return _run_package(result, model, seq, threads, n_budgets, log)
-
-
-def _run_package(result: DemoResult, model: Path, seq: int, threads: int, n_budgets: int,
-                 log: Callable[[str], None]) -> list[Any]:
-    """Pack the BitStack model, run it at ``n_budgets`` budgets spread over its tiers; returns
-    the package subjects for the bench."""
+def _runtime_step(result: DemoResult, model: Path, threads: int, n_budgets: int,
+                  log: Callable[[str], None]) -> list[Any]:
+    """Pack the BitStack model, run it at ``n_budgets`` budgets spread over its tiers (each
+    tier's smallest plan); returns the package subjects for the bench, memory measured."""
     import numpy as np
 
-    from edgestack import zoo
-    from edgestack.package import Package
+    from edgestack.package.archive import write_archive
     from edgestack.package.pack import pack
-    from edgestack.profiler.bench import Subject, measure_memory
-    from edgestack.profiler.quality import (compare_embeddings, embed, held_sentences,
-                                            tokenize)
-    from edgestack.runtime import Runtime, plan_tier
+    from edgestack.profiler.bench import measure_memory, package_subjects
+    from edgestack.profiler.quality import compare_embeddings, embed
+    from edgestack.runtime import Runtime
 
     pkg_dir = result.out_dir / "packages" / "minilm-bitstack"
     log(f"[3/5 runtime] packing {model.name} -> {pkg_dir} (and .tar) ...")
     packed = pack(model, pkg_dir, target="ort-cpu", name="all-MiniLM-L6-v2-bitstack")
-    pack(model, pkg_dir.with_suffix(".tar"), target="ort-cpu", name="all-MiniLM-L6-v2-bitstack")
-    with Package.open(pkg_dir) as pkg:
-        man = pkg.manifest
-        numel = sum(int(np.prod(info.shape)) for info in man.layers.values())
-        totals = [plan_tier(man, t).total for t in range(len(man.tiers))]
-        picks = sorted({round(i * (len(totals) - 1) / max(1, n_budgets - 1))
-                        for i in range(n_budgets)})
-        budgets = [(t, totals[t]) for t in picks]
-        bits = {t: man.tiers[t].bytes * 8 / numel for t in range(len(man.tiers))}
-    batches = tokenize(zoo.minilm_path(), held_sentences(), seq)
+    write_archive(pkg_dir, pkg_dir.with_suffix(".tar"))
+    subjects, _, _, top = package_subjects(pkg_dir, n_budgets, log, threads)
+    batches = result.held_batches
     feeds_dir = result.out_dir / "packages" / "work"
     feeds_dir.mkdir(parents=True, exist_ok=True)
     np.savez(feeds_dir / "feeds.npz", **batches[0])
-    subjects = []
-    ref = result.reference_embeddings
-    for t, budget in budgets:
+    for subj in subjects:
+        budget = subj.options["budget"]
         log(f"[3/5 runtime] budget {budget / 1e6:.1f} MB ...")
         rt = Runtime(pkg_dir, budget=budget, threads=threads)
         try:
             emb = embed(lambda f: next(iter(rt.infer(f).values())), batches)
             test = rt.self_test()
             row = {"budget_mb": round(budget / 1e6, 1), "tier": rt.tier,
-                   "n_tiers": len(totals), "bits_per_weight": round(bits[rt.tier], 3),
+                   "n_tiers": top + 1, "bits_per_weight": round(subj.options["bits"], 3),
                    "plan_mb": round(rt.plan.total / 1e6, 2),
                    "materialized_layers": len(rt.plan.materialized),
                    "self_test": test.get("passed"),   # judged at the golden tier only
-                   "cosine_vs_fp32": round(compare_embeddings(ref, emb)["cosine_mean"], 5)}
+                   "cosine_vs_fp32": round(
+                       compare_embeddings(result.reference_embeddings, emb)["cosine_mean"], 5)}
         finally:
             rt.close()
-        subj = Subject(f"bitstack package {row['budget_mb']} MB (tier {row['tier']})",
-                       "package", str(pkg_dir), "ort-cpu", precision="fp32",
-                       disk_bytes=int(row["plan_mb"] * 1e6),
-                       options={"budget": budget, "tier": row["tier"]})
-        mem = measure_memory(subj, feeds_dir / "feeds.npz")
-        row["rss_increase_mb"] = round(mem["increase"] / 1e6, 2)
-        row["load_s"] = round(mem["load_s"], 2)
-        row["ok"] = row["self_test"] is not False and mem["increase"] <= budget
+        subj.label = f"bitstack package {row['budget_mb']} MB (tier {row['tier']})"
+        subj.memory = measure_memory(subj, feeds_dir / "feeds.npz")
+        row["rss_increase_mb"] = round(subj.memory["increase"] / 1e6, 2)
+        row["load_s"] = round(subj.memory["load_s"], 2)
+        row["ok"] = row["self_test"] is not False and subj.memory["increase"] <= budget
         result.runtime.append(row)
-        subjects.append(subj)
-        log(f"    tier {row['tier']}/{len(totals) - 1}: {row['bits_per_weight']} bits/weight, "
+        log(f"    tier {row['tier']}/{top}: {row['bits_per_weight']} bits/weight, "
             f"plan {row['plan_mb']} MB, peak RSS +{row['rss_increase_mb']} MB, cosine "
             f"{row['cosine_vs_fp32']}")
     result.package = {"path": str(pkg_dir), "archive": str(pkg_dir.with_suffix(".tar")),
@@ -316,19 +289,18 @@ def _run_package(result: DemoResult, model: Path, seq: int, threads: int, n_budg
 
 
 # ---- 4. bench -------------------------------------------------------------------------------
-def _bench_step(result: DemoResult, models: dict[str, Path], package: Any, seq: int,
+def _bench_step(result: DemoResult, models: dict[str, Path], package: Any,
                 threads: int, iterations: int, log: Callable[[str], None]) -> None:
-    from edgestack import zoo
     from edgestack.profiler.bench import (BenchReport, Subject, _files_bytes,
                                           baseline_subjects, measure_subjects, write_report)
-    from edgestack.profiler.quality import held_sentences, tokenize
+    from edgestack.targets import get_target
     from edgestack.targets.base import Artifact
     from edgestack.targets.reference import reference_outputs
 
     out = result.out_dir / "bench"
     work = out / "work"
     dense = models["none"]
-    feeds = tokenize(zoo.minilm_path(), held_sentences()[:1], seq)[0]
+    feeds = result.held_batches[0]                       # the first held sentence
     reference = reference_outputs(dense, feeds, threads=threads)
     log("[4/5 bench] building baselines ...")
     subjects, skipped = baseline_subjects(dense, work / "baselines", threads,
@@ -346,8 +318,6 @@ def _bench_step(result: DemoResult, models: dict[str, Path], package: Any, seq: 
             subjects.append(Subject(f"{method} {target} {art.precision}", "artifact",
                                     str(folder), target, precision=art.precision,
                                     disk_bytes=_files_bytes(folder)))
-    from edgestack.targets import get_target
-
     for method, opts in FAST_OPTIONS.items():
         if method in models:
             art = get_target("ort-cpu").lower(models[method], work / f"{method}-fast", None,

@@ -16,6 +16,7 @@ from targets_cases import linear_case, random_shift  # noqa: E402
 from edgestack.cli import main  # noqa: E402
 from edgestack.errors import EdgestackError  # noqa: E402
 from edgestack.profiler import bench as B  # noqa: E402
+from edgestack.profiler.latency import latency_stats  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def shift_model(tmp_path_factory) -> Path:
 
 
 def test_latency_stats_of_known_times() -> None:
-    stats = B.latency_stats([float(i) for i in range(1, 101)], batch=2)
+    stats = latency_stats([float(i) for i in range(1, 101)], batch=2)
     assert stats["iterations"] == 100
     assert stats["p50_ms"] == pytest.approx(50.5)
     assert stats["p90_ms"] == pytest.approx(90.1)

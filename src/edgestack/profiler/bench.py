@@ -27,9 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -40,6 +38,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from edgestack.errors import InternalError, TargetError
+from edgestack.profiler.latency import latency_stats
 
 #: Baseline labels, in report order.
 BASELINES = ("ORT fp32", "ORT dynamic int8", "ORT int4 MatMulNBits g32", "OpenVINO f32",
@@ -57,8 +56,11 @@ class Subject:
         target: The compile target that runs it.
         group: ``edgestack`` or ``baseline``.
         precision: What it computes in (``fp32``, ``int8``, ``int4``, ``bf16`` ...).
-        disk_bytes: Bytes of the weights it loads (files on disk, or the tier's bytes).
-        options: ``precision`` (OpenVINO runner hint) or ``tier`` (packages).
+        disk_bytes: Bytes of the weights it loads (files on disk, or the tier's plan).
+        options: ``precision`` (OpenVINO runner hint); packages: ``budget``, ``tier``,
+            ``bits`` (bits per BitStack weight of the tier), ``threads``.
+        memory: ``{"load_s", "increase"}`` when already measured in a fresh process
+            (:func:`measure_memory`); :func:`measure_subjects` then does not measure again.
     """
 
     label: str
@@ -69,6 +71,7 @@ class Subject:
     precision: str = "fp32"
     disk_bytes: int = 0
     options: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, Any] | None = None
 
     def spec(self, feeds: Path, calls: int = 3) -> dict[str, Any]:
         """The JSON description :func:`open_subject` and the probe process read."""
@@ -119,43 +122,12 @@ def open_subject(spec: Mapping[str, Any]) -> Handle:
 # ---- inputs ---------------------------------------------------------------------------
 def bench_feeds(model_path: str | Path, batch: int = 1, seq: int = 128,
                 seed: int = 0) -> dict[str, np.ndarray]:
-    """Deterministic inputs for every graph input of an ONNX model.
+    """Deterministic inputs for every graph input: the first dimension (when symbolic) is
+    ``batch``, other symbolic ones ``seq``; token ids in [0, 1000), masks ones, token types
+    zeros, floats standard normal (:func:`edgestack.targets.feeds.example_feeds`)."""
+    from edgestack.targets.feeds import example_feeds
 
-    The first symbolic dimension of each input is ``batch``, the others ``seq``. Integer
-    inputs are token ids in [0, 1000), except names containing ``mask`` (ones) and
-    ``type`` (zeros); float inputs are standard normal.
-    """
-    import onnx
-
-    model = onnx.load(str(model_path), load_external_data=False)
-    init = {i.name for i in model.graph.initializer}
-    rng = np.random.default_rng(seed)
-    feeds: dict[str, np.ndarray] = {}
-    for inp in model.graph.input:
-        if inp.name in init:
-            continue
-        tt = inp.type.tensor_type
-        shape, first = [], True
-        for d in tt.shape.dim:
-            if d.HasField("dim_value"):
-                shape.append(int(d.dim_value))
-            else:
-                shape.append(batch if first else seq)
-                first = False
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        name = inp.name.lower()
-        if np.issubdtype(dtype, np.integer):
-            if "mask" in name:
-                feeds[inp.name] = np.ones(shape, dtype)
-            elif "type" in name:
-                feeds[inp.name] = np.zeros(shape, dtype)
-            else:
-                feeds[inp.name] = rng.integers(0, 1000, shape).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[inp.name] = np.ones(shape, dtype)
-        else:
-            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
-    return feeds
+    return example_feeds(model_path, batch=batch, seq=seq, seed=seed, high=1000)
 
 
 def load_feeds(path: str | Path) -> dict[str, np.ndarray]:
@@ -218,55 +190,50 @@ def target_subjects(model: Path, work: Path, targets: Sequence[str], profile: An
     return subjects, skipped
 
 
-def _raw_artifact(folder: Path, model: Path, target: str, precision: str,
-                  threads: int) -> Path:
-    """An artifact folder holding ``model`` as is (a baseline: no edgestack lowering)."""
-    import onnx
-
+def _baseline(work: Path, name: str, label: str, precision: str, threads: int,
+              write: Callable[[Path], Any], target: str = "ort-cpu") -> Subject:
+    """A baseline subject: ``write(path)`` puts its model at ``work/name/model.onnx``; the
+    folder gets an ``artifact.json`` (no edgestack lowering) so every runner can load it."""
     from edgestack.targets.base import Artifact
 
+    folder = work / name
     folder.mkdir(parents=True, exist_ok=True)
-    proto = onnx.load(str(model))
-    dest = folder / "model.onnx"
-    onnx.save(proto, str(dest))
+    write(folder / "model.onnx")
     Artifact(folder=folder, target=target, arch="x86_64" if target == "ort-cpu" else "any",
              precision=precision, files={"model": "model.onnx"},
              options={"threads": threads}).save()
-    return folder
+    return Subject(label, "artifact", str(folder), target, "baseline", precision,
+                   _files_bytes(folder))
 
 
 def baseline_subjects(dense: Path, work: Path, threads: int,
                       log: Callable[[str], None]) -> tuple[list[Subject], dict[str, str]]:
     """The baselines a user would otherwise pick, built from the dense float32 model."""
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    for noisy in ("onnxruntime.quantization", "root"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    subjects, skipped = [], {}
-    work.mkdir(parents=True, exist_ok=True)
-    fp32 = _raw_artifact(work / "ort_fp32", dense, "ort-cpu", "fp32", threads)
-    subjects.append(Subject("ORT fp32", "artifact", str(fp32), "ort-cpu", "baseline", "fp32",
-                            _files_bytes(fp32)))
-    log("bench: baseline quantize_dynamic int8 ...")
-    qd = work / "dyn_int8.onnx"
-    quantize_dynamic(str(dense), str(qd), weight_type=QuantType.QInt8)
-    art = _raw_artifact(work / "ort_int8", qd, "ort-cpu", "int8", threads)
-    subjects.append(Subject("ORT dynamic int8", "artifact", str(art), "ort-cpu", "baseline",
-                            "int8", _files_bytes(art)))
-    log("bench: baseline int4 MatMulNBits ...")
-    import onnx
-
-    quant = MatMulNBitsQuantizer(onnx.load(str(dense)), bits=4, block_size=32,
-                                 is_symmetric=True)
-    quant.process()
-    q4 = work / "int4_g32.onnx"
-    quant.model.save_model_to_file(str(q4), False)
-    art = _raw_artifact(work / "ort_int4", q4, "ort-cpu", "int4", threads)
-    subjects.append(Subject("ORT int4 MatMulNBits g32", "artifact", str(art), "ort-cpu",
-                            "baseline", "int4", _files_bytes(art)))
     from edgestack.targets import get_target
 
+    for noisy in ("onnxruntime.quantization", "root"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    skipped: dict[str, str] = {}
+    proto = onnx.load(str(dense))
+    subjects = [_baseline(work, "ort_fp32", "ORT fp32", "fp32", threads,
+                          lambda p: onnx.save(proto, str(p)))]
+    log("bench: baseline quantize_dynamic int8 ...")
+    subjects.append(_baseline(
+        work, "ort_int8", "ORT dynamic int8", "int8", threads,
+        lambda p: quantize_dynamic(str(dense), str(p), weight_type=QuantType.QInt8)))
+    log("bench: baseline int4 MatMulNBits ...")
+
+    def int4(path: Path) -> None:
+        quant = MatMulNBitsQuantizer(proto, bits=4, block_size=32, is_symmetric=True)
+        quant.process()                                   # rewrites ``proto`` in place
+        quant.model.save_model_to_file(str(path), False)
+
+    subjects.append(_baseline(work, "ort_int4", "ORT int4 MatMulNBits g32", "int4", threads,
+                              int4))
     ov = get_target("openvino-cpu")
     ok, why = ov.available()
     if not ok:
@@ -334,7 +301,7 @@ def package_subjects(path: Path, count: int | str, log: Callable[[str], None],
             subjects.append(Subject(
                 f"tier {t} ({bits:.2f} bits/weight, {budget / 1e6:.1f} MB)", "package",
                 str(path), man.target, precision="fp32", disk_bytes=budget,
-                options={"budget": budget, "tier": t, "threads": threads}))
+                options={"budget": budget, "tier": t, "bits": bits, "threads": threads}))
     return subjects, {}, golden, top
 
 
@@ -405,28 +372,15 @@ class Row:
                 for k, v in asdict(self).items()}
 
 
-def latency_stats(times_ms: Sequence[float], batch: int = 1) -> dict[str, float]:
-    """p50/p90/p99/mean/std/min, ``spread_ms`` (half the p10..p90 range) and throughput
-    (items per second) of call times in milliseconds."""
-    s = sorted(times_ms)
-    q = np.quantile(np.asarray(s), [0.1, 0.5, 0.9, 0.99])
-    mean = statistics.fmean(s)
-    return {"iterations": len(s), "p10_ms": float(q[0]), "p50_ms": float(q[1]), "p90_ms": float(q[2]),
-            "p99_ms": float(q[3]), "mean_ms": mean,
-            "std_ms": statistics.pstdev(s) if len(s) > 1 else 0.0, "min_ms": s[0],
-            "spread_ms": float(q[2] - q[0]) / 2, "throughput": 1e3 * batch / mean}
-
-
 def measure_memory(subject: Subject, feeds_path: Path, timeout: float = 600.0
                    ) -> dict[str, Any]:
     """Cold load time and peak RSS increase of ``subject`` in a fresh process."""
     spec_path = feeds_path.parent / f"probe_{abs(hash(subject.label)) % 10**8}.json"
     spec_path.write_text(json.dumps(subject.spec(feeds_path)), encoding="utf-8")
-    env = dict(os.environ)
     try:
         proc = subprocess.run([sys.executable, "-m", "edgestack.profiler.probe",
                                str(spec_path)], capture_output=True, text=True,
-                              timeout=timeout, env=env)
+                              timeout=timeout)
     finally:
         spec_path.unlink(missing_ok=True)
     if proc.returncode != 0:
@@ -463,16 +417,16 @@ def interleaved_latency(handles: Sequence[Handle], feeds: Mapping[str, np.ndarra
 
 def _quality(got: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray]
              ) -> tuple[float, float, float]:
-    from edgestack.exporter.parity import error_stats
+    """Worst ``(cosine, max_abs, max_rel)`` over the reference's outputs (a missing or
+    misshapen output: ``(0, inf, inf)``)."""
+    from edgestack.targets.parity import TOLERANCES, compare_output
 
-    cos, mabs, mrel = 1.0, 0.0, 0.0
-    for name, r in ref.items():
-        if name not in got or np.shape(got[name]) != np.shape(r):
-            return 0.0, math.inf, math.inf
-        a_, r_ = (np.asarray(x, np.float64).reshape(-1) for x in (got[name], r))
-        ma, mr, c = error_stats(a_, r_)
-        cos, mabs, mrel = min(cos, c), max(mabs, ma), max(mrel, mr)
-    return cos, mabs, mrel
+    if any(name not in got for name in ref):
+        return 0.0, math.inf, math.inf
+    checks = [compare_output(name, got[name], r, TOLERANCES["fp32"]) for name, r in ref.items()]
+    return (min((c.cosine for c in checks), default=1.0),
+            max((c.max_abs for c in checks), default=0.0),
+            max((c.max_rel for c in checks), default=0.0))
 
 
 @dataclass
@@ -514,8 +468,6 @@ class BenchReport:
         for name, why in self.skipped.items():
             lines.append(f"\nskipped {name}: {why}")
         return "\n".join(lines)
-
-    table = markdown
 
 
 def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
@@ -626,9 +578,10 @@ def measure_subjects(subjects: Sequence[Subject], feeds: Mapping[str, np.ndarray
                 tier=s.options.get("tier")) for s in subjects]
     if memory:
         for i, (s, row) in enumerate(zip(subjects, rows)):
-            log(f"bench: memory [{i + 1}/{len(subjects)}] {s.label} ...")
-            m = measure_memory(s, feeds_path)
-            row.load_s, row.peak_rss_increase = m["load_s"], m["increase"]
+            if s.memory is None:
+                log(f"bench: memory [{i + 1}/{len(subjects)}] {s.label} ...")
+                s.memory = measure_memory(s, feeds_path)
+            row.load_s, row.peak_rss_increase = s.memory["load_s"], s.memory["increase"]
     handles: list[Handle] = []
     times: list[list[float]] = []
     try:
@@ -670,7 +623,7 @@ def write_report(report: BenchReport, out: Path, plots: bool = True) -> BenchRep
 
 
 __all__ = ["BASELINES", "BenchReport", "Handle", "Row", "Subject", "bench_feeds",
-           "baseline_subjects", "dense_of", "interleaved_latency", "latency_stats", "load_feeds",
+           "baseline_subjects", "dense_of", "interleaved_latency", "load_feeds",
            "measure_memory", "measure_subjects", "open_subject", "package_outputs",
            "package_subjects", "pick_tiers", "is_package_path", "run_bench", "target_subjects",
            "write_report"]

@@ -1,0 +1,66 @@
+"""Example inputs for an ONNX graph: what compile ``--golden``, parity, bench and pack feed
+a model when the user gives no inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Collection
+
+import numpy as np
+
+from edgestack.errors import TargetError
+
+
+def example_feeds(model: str | Path | Any, *, batch: int = 1, seq: int = 16, seed: int = 0,
+                  high: int = 100, skip: Collection[str] = ()) -> dict[str, np.ndarray]:
+    """Deterministic inputs for every graph input of an ONNX model.
+
+    Args:
+        model: A model path (weights are not loaded), an ``onnx.ModelProto`` or a
+            ``GraphProto``.
+        batch: Size of each input's first symbolic dimension.
+        seq: Size of its other symbolic dimensions.
+        seed: Seed of the random values.
+        high: Integer inputs are token ids in ``[0, high)``, except names containing
+            ``mask`` (ones) and ``type`` (zeros); booleans are ones; floats standard normal.
+        skip: Input names to leave out (and initializers listed as inputs are left out).
+
+    Raises:
+        TargetError: an input of a type this cannot generate (give the inputs explicitly).
+    """
+    import onnx
+
+    if isinstance(model, (str, Path)):
+        model = onnx.load(str(model), load_external_data=False)
+    graph = model.graph if isinstance(model, onnx.ModelProto) else model
+    leave = set(skip) | {i.name for i in graph.initializer}
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for inp in graph.input:
+        if inp.name in leave:
+            continue
+        tt = inp.type.tensor_type
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        except (KeyError, TypeError, ValueError):
+            dtype = np.dtype(object)
+        if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+            raise TargetError(f"graph input {inp.name!r} has ONNX element type {tt.elem_type}, "
+                              "which the example-input generator does not support; give the "
+                              "inputs explicitly (an .npz file or a mapping)")
+        shape, first = [], True
+        for d in tt.shape.dim:
+            if d.HasField("dim_value") and d.dim_value > 0:
+                shape.append(int(d.dim_value))
+            else:
+                shape.append(batch if first else seq)
+            first = False
+        name = inp.name.lower()
+        if dtype == np.bool_ or (np.issubdtype(dtype, np.integer) and "mask" in name):
+            feeds[inp.name] = np.ones(shape, dtype)
+        elif np.issubdtype(dtype, np.integer):
+            feeds[inp.name] = (np.zeros(shape, dtype) if "type" in name
+                               else rng.integers(0, high, shape).astype(dtype))
+        else:
+            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+    return feeds
