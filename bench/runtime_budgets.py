@@ -74,9 +74,10 @@ def build_package(blocks: int, rebuild: bool) -> Path:
 PRELUDE = r"""
 import json, os, sys, time
 import numpy as np
-def status(key):
+from edgestack.profiler.probe import peak_rss
+def rss():
     for line in open('/proc/self/status'):
-        if line.startswith(key + ':'):
+        if line.startswith('VmRSS:'):
             return int(line.split()[1]) * 1024
 import onnxruntime
 import edgestack.runtime as R
@@ -86,7 +87,7 @@ def emit(obj):
 """
 
 BASE = PRELUDE + r"""
-emit({'hwm': status('VmHWM'), 'torch': 'torch' in sys.modules})
+emit({'hwm': peak_rss(), 'torch': 'torch' in sys.modules})
 """
 
 BUDGET = PRELUDE + r"""
@@ -98,7 +99,7 @@ x = rt.package.golden()[0]
 times = []
 for _ in range(5):
     t = time.perf_counter(); rt.infer(x); times.append(time.perf_counter() - t)
-emit({'hwm': status('VmHWM'), 'tier': rt.tier, 'plan': rt.plan.total,
+emit({'hwm': peak_rss(), 'tier': rt.tier, 'plan': rt.plan.total,
       'materialized': len(rt.plan.materialized), 'load_s': load_s,
       'infer_ms': 1000 * float(np.median(times)), 'bytes_read': rt.bytes_read,
       'torch': 'torch' in sys.modules})
@@ -133,11 +134,11 @@ for t in range(n - 1):
 # shrink gives memory back (VmRSS, after infer at each end)
 rt2 = R.Runtime(pkg_path, tier=n - 1)
 rt2.infer(x)
-top_rss = status('VmRSS')
+top_rss = rss()
 plan_before = rt2.plan.total
 res = rt2.retier(tier=0)
 rt2.infer(x)
-low_rss = status('VmRSS')
+low_rss = rss()
 emit({'grow': rows, 'shrink': {'rss_before': top_rss, 'rss_after': low_rss,
                                'released_bytes': res.released_bytes,
                                'plan_before': plan_before,
@@ -237,7 +238,7 @@ sess, dense, read, pkg = load(tier)
 load_s = time.perf_counter() - t0
 x = pkg.golden()[0]
 sess.run(None, {**x, **dense})
-hwm1 = status('VmHWM')
+hwm1 = peak_rss()
 t0 = time.perf_counter()
 del sess, dense
 sess, dense, read2, pkg = load(max(0, tier - 1))            # a new budget: reload everything
@@ -258,16 +259,14 @@ def sub(script: str, *args: object) -> dict:
 
 def run_all(pkg: Path, reps: int = 11, rounds: int = 40) -> dict:
     from edgestack.package import Package
-    from edgestack.runtime import plan_memory, plan_tier
+    from edgestack.runtime import plan_tier, smallest_plan
 
     p = Package.open(pkg)
     n = len(p.tiers)
     n_layers = len(p.layers)
+    best = [smallest_plan(p, t).total for t in range(n)]  # the smallest budget of each tier
 
-    def best(t: int) -> int:
-        return min(plan_tier(p, t, materialize=j).total for j in range(n_layers + 1))
-
-    lo = best(0)
+    lo = best[0]
     hi = plan_tier(p, n - 1, materialize=n_layers).total
     budgets = [int(lo + (hi - lo) * f) + 2**20 for f in (0.0, 0.25, 0.5, 0.75, 1.0)]
     print(f"package {pkg}: {n} tiers, {n_layers} BitStack layers, plan range "
@@ -279,14 +278,13 @@ def run_all(pkg: Path, reps: int = 11, rounds: int = 40) -> dict:
     for b in budgets:
         r = sub(BUDGET, pkg, b)
         inc = r["hwm"] - base["hwm"]
-        expected = max(t for t in range(n) if best(t) <= b)
-        plan = plan_memory(p, b)
+        expected = max(t for t in range(n) if best[t] <= b)
         rows.append({"budget": b, "tier": r["tier"], "expected_tier": expected,
                      "plan_total": r["plan"], "measured_increase": inc,
                      "ratio": inc / r["plan"], "within_budget": inc <= b,
                      "materialized_layers": r["materialized"], "load_s": r["load_s"],
                      "infer_ms": r["infer_ms"], "bytes_read": r["bytes_read"],
-                     "tier_block_bytes": p.tiers[plan.tier].bytes, "torch": r["torch"]})
+                     "tier_block_bytes": p.tiers[r["tier"]].bytes, "torch": r["torch"]})
         print(f"budget {b / MiB:7.1f} MiB: tier {r['tier']:2d} (largest fitting "
               f"{expected:2d}), {r['materialized']:2d} materialised, plan "
               f"{r['plan'] / MiB:6.1f} MiB, measured +{inc / MiB:6.1f} MiB "

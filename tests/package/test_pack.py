@@ -20,22 +20,14 @@ from edgestack.package import Package, extract_archive
 from edgestack.package.pack import choose_tiers, pack
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
-from runtime_helpers import flip_byte, importance_order, synthetic_onnx  # noqa: E402
-
-CREATED = "2026-01-01T00:00:00Z"
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    path = tmp_path_factory.mktemp("m") / "mlp.onnx"
-    return path, synthetic_onnx(path)
-
-
-@pytest.fixture(scope="module")
-def pkg_dir(tmp_path_factory, model):
-    out = tmp_path_factory.mktemp("p") / "mlp.pkg"
-    pack(model[0], out, created=CREATED)
-    return out
+from runtime_helpers import (  # noqa: E402, F401 - small_model, small_pkg: fixtures
+    CREATED,
+    flip_byte,
+    importance_order,
+    small_model,
+    small_pkg,
+    synthetic_onnx,
+)
 
 
 def copy_pkg(src: Path, tmp_path: Path) -> Path:
@@ -44,9 +36,9 @@ def copy_pkg(src: Path, tmp_path: Path) -> Path:
     return dest
 
 
-def test_manifest_blocks_in_importance_order(pkg_dir, model):
-    _path, stacks = model
-    with Package.open(pkg_dir) as pkg:
+def test_manifest_blocks_in_importance_order(small_pkg, small_model):
+    _path, stacks = small_model
+    with Package.open(small_pkg) as pkg:
         pkg.verify()
         man = pkg.manifest
         assert man.target == "ort-cpu"
@@ -76,10 +68,10 @@ def test_manifest_blocks_in_importance_order(pkg_dir, model):
     assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer)
 
 
-def test_archive_form_holds_the_same_files(tmp_path, model, pkg_dir):
+def test_archive_form_holds_the_same_files(tmp_path, small_model, small_pkg):
     tar = tmp_path / "mlp.tar"
-    pack(model[0], tar, created=CREATED)
-    with Package.open(tar) as a, Package.open(pkg_dir) as d:
+    pack(small_model[0], tar, created=CREATED)
+    with Package.open(tar) as a, Package.open(small_pkg) as d:
         assert a.is_archive
         assert a.manifest.files == d.manifest.files
     from edgestack.runtime import Runtime
@@ -88,13 +80,13 @@ def test_archive_form_holds_the_same_files(tmp_path, model, pkg_dir):
         assert rt.self_test()["passed"]
 
 
-def test_pack_is_deterministic_and_refuses_existing(tmp_path, model, pkg_dir):
+def test_pack_is_deterministic_and_refuses_existing(tmp_path, small_model, small_pkg):
     again = tmp_path / "again.pkg"
-    pack(model[0], again, created=CREATED)
+    pack(small_model[0], again, created=CREATED)
     for name in ("manifest.json", "blocks.bin", "model.onnx", "model.data"):
-        assert (again / name).read_bytes() == (pkg_dir / name).read_bytes()
+        assert (again / name).read_bytes() == (small_pkg / name).read_bytes()
     with pytest.raises(PackageError, match="already exists"):
-        pack(model[0], again)
+        pack(small_model[0], again)
 
 
 def test_missing_order_falls_back_to_level_major(tmp_path, caplog):
@@ -108,9 +100,9 @@ def test_missing_order_falls_back_to_level_major(tmp_path, caplog):
     assert order == [(n, b) for b in range(3) for n in stacks]
 
 
-def test_unsupported_target_and_bad_source(tmp_path, model):
+def test_unsupported_target_and_bad_source(tmp_path, small_model):
     with pytest.raises(PackageError, match="ort-cpu"):
-        pack(model[0], tmp_path / "x.pkg", target="tensorrt-gpu")
+        pack(small_model[0], tmp_path / "x.pkg", target="tensorrt-gpu")
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not onnx")
     with pytest.raises(PackageError, match="ONNX"):
@@ -149,30 +141,30 @@ def test_choose_tiers_level_boundaries():
 
 
 @pytest.mark.parametrize("name", ["blocks.bin", "model.data", "model.onnx"])
-def test_one_changed_byte_is_refused_naming_the_file(tmp_path, pkg_dir, name):
+def test_one_changed_byte_is_refused_naming_the_file(tmp_path, small_pkg, name):
     from edgestack.runtime import Runtime
 
-    bad = copy_pkg(pkg_dir, tmp_path)
+    bad = copy_pkg(small_pkg, tmp_path)
     flip_byte(bad / name, 100)
     with pytest.raises(PackageError, match=name.replace(".", r"\.")) as err:
         Runtime(bad)
     assert "sha256" in str(err.value)
 
 
-def test_truncated_block_file_is_refused(tmp_path, pkg_dir):
+def test_truncated_block_file_is_refused(tmp_path, small_pkg):
     from edgestack.runtime import Runtime
 
-    bad = copy_pkg(pkg_dir, tmp_path)
+    bad = copy_pkg(small_pkg, tmp_path)
     data = (bad / "blocks.bin").read_bytes()
     (bad / "blocks.bin").write_bytes(data[:-100])
     with pytest.raises(PackageError, match="blocks.bin"):
         Runtime(bad, verify=False)
 
 
-def test_unknown_schema_version_is_refused(tmp_path, pkg_dir):
+def test_unknown_schema_version_is_refused(tmp_path, small_pkg):
     from edgestack.runtime import Runtime
 
-    bad = copy_pkg(pkg_dir, tmp_path)
+    bad = copy_pkg(small_pkg, tmp_path)
     man = json.loads((bad / "manifest.json").read_text())
     man["schema_version"] = 99
     (bad / "manifest.json").write_text(json.dumps(man))
@@ -180,13 +172,13 @@ def test_unknown_schema_version_is_refused(tmp_path, pkg_dir):
         Runtime(bad)
 
 
-def test_archive_escaping_paths_is_refused(tmp_path, pkg_dir):
+def test_archive_escaping_paths_is_refused(tmp_path, small_pkg):
     from edgestack.runtime import Runtime
 
     evil = tmp_path / "evil.tar"
     with tarfile.open(evil, "w") as tar:
         for name in ["manifest.json", "model.onnx"]:
-            data = (pkg_dir / name).read_bytes()
+            data = (small_pkg / name).read_bytes()
             info = tarfile.TarInfo(name if name == "manifest.json" else "../" + name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
@@ -210,11 +202,11 @@ _VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 2**60), st.text(ma
                                       "signs", "output", "total_bytes"]),
                      min_size=1, max_size=5),
        value=_VALUES)
-def test_fuzz_manifest_runtime_raises_only_edgestack_errors(tmp_path_factory, pkg_dir,
+def test_fuzz_manifest_runtime_raises_only_edgestack_errors(tmp_path_factory, small_pkg,
                                                             path, value):
     from edgestack.runtime import Runtime, plan_memory
 
-    man = json.loads((pkg_dir / "manifest.json").read_text())
+    man = json.loads((small_pkg / "manifest.json").read_text())
     node = man
     for key in path[:-1]:
         if isinstance(node, dict) and key in node:
@@ -229,7 +221,7 @@ def test_fuzz_manifest_runtime_raises_only_edgestack_errors(tmp_path_factory, pk
     elif isinstance(node, list) and last.isdigit() and int(last) < len(node):
         node[int(last)] = value
     bad = tmp_path_factory.mktemp("fuzz") / "p"
-    shutil.copytree(pkg_dir, bad)
+    shutil.copytree(small_pkg, bad)
     (bad / "manifest.json").write_text(json.dumps(man))
     try:
         with Package.open(bad) as pkg:

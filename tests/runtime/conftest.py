@@ -4,23 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from runtime_helpers import synthetic_onnx
-
-
-@pytest.fixture(scope="session")
-def small_model(tmp_path_factory):
-    """``(onnx path, stacks)`` of a 3-layer MLP 64-96-64-32, 3 blocks of rank 2."""
-    path = tmp_path_factory.mktemp("small") / "mlp.onnx"
-    return path, synthetic_onnx(path)
-
-
-@pytest.fixture(scope="session")
-def small_pkg(tmp_path_factory, small_model):
-    from edgestack.package.pack import pack
-
-    out = tmp_path_factory.mktemp("small_pkg") / "mlp.pkg"
-    pack(small_model[0], out, created="2026-01-01T00:00:00Z")
-    return out
+from runtime_helpers import small_model, small_pkg, synthetic_onnx  # noqa: F401 - fixtures
 
 
 @pytest.fixture(scope="session")

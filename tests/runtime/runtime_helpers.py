@@ -17,8 +17,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from edgestack.formats import BitStackStack, pack_bits
+
+
+CREATED = "2026-01-01T00:00:00Z"
+"""Creation time of the test packages (fixed, so packing is byte-reproducible)."""
 
 
 def make_stacks(dims: tuple[int, ...], n_blocks: int, k: int, seed: int = 0
@@ -95,6 +100,23 @@ def synthetic_onnx(path: str | os.PathLike[str], dims: tuple[int, ...] = (64, 96
     return stacks
 
 
+@pytest.fixture(scope="session")
+def small_model(tmp_path_factory):
+    """``(onnx path, stacks)`` of a 3-layer MLP 64-96-64-32, 3 blocks of rank 2."""
+    path = tmp_path_factory.mktemp("small") / "mlp.onnx"
+    return path, synthetic_onnx(path)
+
+
+@pytest.fixture(scope="session")
+def small_pkg(tmp_path_factory, small_model):
+    """The directory package of ``small_model`` (fixed creation time)."""
+    from edgestack.package.pack import pack
+
+    out = tmp_path_factory.mktemp("small_pkg") / "mlp.pkg"
+    pack(small_model[0], out, created=CREATED)
+    return out
+
+
 def reference_output(stacks: dict[str, BitStackStack], blocks: dict[str, int], x: np.ndarray,
                      model_path: str | os.PathLike[str]) -> np.ndarray:
     """numpy forward pass with each layer decoded from its first ``blocks[layer]`` blocks."""
@@ -115,10 +137,7 @@ def reference_output(stacks: dict[str, BitStackStack], blocks: dict[str, int], x
 
 PEAK_SCRIPT = r"""
 import json, sys, time
-def hwm():
-    for line in open('/proc/self/status'):
-        if line.startswith('VmHWM:'):
-            return int(line.split()[1]) * 1024
+from edgestack.profiler.probe import peak_rss as hwm
 mode = sys.argv[1]
 import numpy as np, onnxruntime
 import edgestack.runtime as R

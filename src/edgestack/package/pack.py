@@ -45,11 +45,9 @@ import numpy as np
 
 from edgestack.errors import PackageError
 from edgestack.package.format import ARCHIVE_SUFFIX
+from edgestack.runtime.runtime import SUPPORTED_TARGETS
 
 logger = logging.getLogger("edgestack.package")
-
-SUPPORTED_TARGETS = ("ort-cpu",)
-"""Targets a package can be built for (the runtime serves them)."""
 
 GRAPH_FILE = "model.onnx"
 WEIGHTS_FILE = "model.data"
@@ -153,8 +151,7 @@ def _order_from_metadata(model: Any, torch_names: Mapping[str, str],
                 order.append((name, b))
     except (ValueError, TypeError, IndexError, KeyError) as exc:
         return None, f"{ORDER_KEY} is not a JSON list of [layer, block] ({exc})"
-    from edgestack.package.format import layout_records
-    from edgestack.package.format import LayerInfo
+    from edgestack.package.format import LayerInfo, layout_records
 
     fake = {n: LayerInfo(n, (1, 1), 1, k) for n, k in layers.items()}
     try:
@@ -331,14 +328,11 @@ def pack(
 
             profile = load_profile(profile)
         if target != profile.target:
-            if target == "ort-cpu" and profile.target in SUPPORTED_TARGETS:
-                target = profile.target
-            else:
-                raise PackageError(
-                    f"pack: profile {profile.name!r} targets {profile.target!r} but the "
-                    f"package target is {target!r}; packages support "
-                    f"{', '.join(SUPPORTED_TARGETS)}: use a profile with target ort-cpu"
-                )
+            raise PackageError(
+                f"pack: profile {profile.name!r} targets {profile.target!r} but the "
+                f"package target is {target!r}; packages support "
+                f"{', '.join(SUPPORTED_TARGETS)}: use a profile with target ort-cpu"
+            )
     _check_target(target)
     out = Path(out)
     archive = out.suffix == ARCHIVE_SUFFIX

@@ -9,7 +9,8 @@ hashes every file. Everything a user can break raises :class:`~edgestack.errors.
 Reading blocks. Two paths, with different accounting:
 
 - :meth:`Package.read_prefix` / :meth:`Package.read_blocks` read block-file bytes with
-  ``os.preadv`` (``pread``) straight into freshly allocated numpy buffers that the caller owns.
+  ``os.preadv`` (``pread``) straight into freshly allocated numpy buffers that the caller owns;
+  :meth:`Package.read_into` reads into buffers the caller gives (the runtime's layer stores).
   The :class:`ByteCounter` at :attr:`Package.counter` adds exactly the bytes those system
   calls returned, so ``counter.bytes_read`` is an honest count of the block-file bytes the
   package read from the file (whether the OS served them from disk or its page cache):
@@ -57,6 +58,7 @@ from edgestack.package.format import (
 )
 
 _CHUNK = 1 << 20
+_IOV_MAX = 1000  # buffers per preadv call (Linux IOV_MAX is 1024)
 _MAX_TAR_META = 1 << 20  # largest tar header/pax/longname read we allow
 _COMPRESSED_MAGIC = {
     b"\x1f\x8b": "gzip",
@@ -143,17 +145,21 @@ class BlockChunk:
 # ------------------------------------------------------------------------------------------
 
 
-def _pread_into(fd: int, buf: memoryview, offset: int, what: str) -> int:
-    """Fill ``buf`` from ``fd`` at ``offset``; return the bytes read (== len(buf))."""
+def _pread_into(fd: int, bufs: memoryview | list[memoryview], offset: int, what: str) -> int:
+    """Fill ``bufs`` (one byte buffer, or several filled in turn: a scatter read, up to
+    :data:`_IOV_MAX` buffers per ``preadv``) from ``fd`` at ``offset``; return the bytes
+    read (their total size)."""
+    iovs = [b for b in ([bufs] if isinstance(bufs, memoryview) else bufs) if len(b)]
+    total = sum(len(b) for b in iovs)
     done = 0
-    total = len(buf)
-    while done < total:
+    i = 0
+    while i < len(iovs):
         try:
             if hasattr(os, "preadv"):
-                got = os.preadv(fd, [buf[done:]], offset + done)
+                got = os.preadv(fd, iovs[i : i + _IOV_MAX], offset + done)
             else:  # pragma: no cover - platforms without preadv
-                chunk = os.pread(fd, min(total - done, 1 << 30), offset + done)
-                buf[done : done + len(chunk)] = chunk
+                chunk = os.pread(fd, min(len(iovs[i]), 1 << 30), offset + done)
+                iovs[i][: len(chunk)] = chunk
                 got = len(chunk)
         except OSError as exc:
             raise PackageError(
@@ -165,6 +171,14 @@ def _pread_into(fd: int, buf: memoryview, offset: int, what: str) -> int:
                 f"{done}; the file was truncated after the package was opened: {_FIX_COPY}"
             )
         done += got
+        while got and i < len(iovs):  # skip the filled buffers, trim a partly filled one
+            n = len(iovs[i])
+            if got >= n:
+                got -= n
+                i += 1
+            else:
+                iovs[i] = iovs[i][got:]
+                got = 0
     return done
 
 
@@ -727,10 +741,31 @@ class Package:
         shift = (start - raw.ctypes.data) % BLOCK_ALIGN
         data = raw[shift : shift + n]
         if n:
-            fd, base = self._source.locate(BLOCK_FILE)
-            got = _pread_into(fd, memoryview(data), base + start, f"{self.path}: {BLOCK_FILE}")
-            self.counter._add_read(start, start + got)
+            self.read_into(BLOCK_FILE, [memoryview(data)], start)
         return data
+
+    def read_into(self, name: str, buffers: list[memoryview], offset: int) -> int:
+        """Read a listed file's bytes from ``offset`` straight into ``buffers`` (byte
+        memoryviews the caller owns, filled in turn: a scatter read with ``os.preadv``);
+        return the bytes read. Block-file reads are counted in :attr:`counter`, like
+        :meth:`read_prefix`'s.
+
+        Raises:
+            PackageError: unknown file, a range beyond the file's listed size, or a read
+                error (e.g. the file was truncated after the package was opened).
+        """
+        entry = self._entry(name)
+        total = sum(len(b) for b in buffers)
+        if not 0 <= offset <= entry.size - total:
+            raise PackageError(f"{self.path}: {name}: cannot read {total} bytes at offset "
+                               f"{offset} of a {entry.size}-byte file")
+        if not total:
+            return 0
+        fd, base = self._source.locate(name)
+        got = _pread_into(fd, buffers, base + offset, f"{self.path}: {name}")
+        if name == BLOCK_FILE:
+            self.counter._add_read(offset, offset + got)
+        return got
 
     def records_between(self, start: int, end: int) -> list[BlockRecord]:
         """Block records lying wholly inside bytes ``[start, end)``, in storage order."""

@@ -243,12 +243,13 @@ def plan_tier(package: Any, tier: int, budget: int | None = None, *,
     graph, weights, act = _fixed(man)
     infos = man.layers
     shapes = _layer_shapes(man)
+    order = {name: i for i, name in enumerate(infos)}
 
     def build(mat: set[str]) -> MemoryPlan:
         layers = []
         otf_temp = 0
         mat_temp = 0
-        for name, nb, total, bb, db, work in costs:
+        for name, nb, total, bb, db, _work in costs:
             mode = "materialized" if name in mat else "on-the-fly"
             m, n = shapes[name][:2]
             temp = DECODE_TEMP_BYTES * (nb + 1) * m * n
@@ -260,7 +261,6 @@ def plan_tier(package: Any, tier: int, budget: int | None = None, *,
                                     bb + (OTF_LAYER_OVERHEAD if mode == "on-the-fly"
                                           else MATERIALIZED_LAYER_OVERHEAD),
                                     db, temp))
-        order = {name: i for i, name in enumerate(infos)}
         layers.sort(key=lambda lp: order[lp.name])
         return MemoryPlan(tier, len(man.tiers), budget, tuple(layers), graph, weights,
                           RUNTIME_OVERHEAD, act, max(otf_temp, mat_temp), budget_source)
@@ -284,11 +284,6 @@ def plan_tier(package: Any, tier: int, budget: int | None = None, *,
 def smallest_plan(package: Any, tier: int) -> MemoryPlan:
     """The plan of ``tier`` with the fewest bytes (over the mode choices)."""
     return plan_tier(_manifest(package), tier)
-
-
-def minimum_total(package: Any) -> int:
-    """The smallest plan total of the package (tier 0, best mode choice)."""
-    return smallest_plan(package, 0).total
 
 
 def plan_memory(package: Any, budget: int | None, *, tier: int | None = None,
@@ -336,7 +331,6 @@ def plan_memory(package: Any, budget: int | None, *, tier: int | None = None,
     )
 
 
-__all__ = ["MemoryPlan", "LayerPlan", "plan_memory", "plan_tier", "minimum_total",
-           "smallest_plan",
+__all__ = ["MemoryPlan", "LayerPlan", "plan_memory", "plan_tier", "smallest_plan",
            "RUNTIME_OVERHEAD", "DECODE_TEMP_BYTES", "OTF_LAYER_OVERHEAD",
            "MATERIALIZED_LAYER_OVERHEAD", "MATERIALISE_TEMP_BYTES", "MODES"]

@@ -27,9 +27,9 @@ never torch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import mmap
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,7 +45,6 @@ from edgestack.runtime.budget import resolve_budget
 from edgestack.runtime.plan import MemoryPlan, page_up, plan_memory
 
 SUPPORTED_TARGETS = ("ort-cpu",)
-_IOV_MAX = 1000
 _CHUNK = 1 << 20
 
 
@@ -63,13 +62,9 @@ def fix_malloc_threshold() -> bool:
     fixed threshold (which also turns the dynamic adjustment off) makes memory follow the
     plan. Process-wide; a no-op (False) where glibc is not the C library.
     """
-    import ctypes
-    import ctypes.util
-
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD = -3
-    except (OSError, AttributeError):
+        return bool(_libc().mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD = -3
+    except AttributeError:  # not glibc, or no C library loaded (None)
         return False
 
 
@@ -80,47 +75,28 @@ def trim_heap() -> bool:
     old tier stayed in the heap (+14 MiB RSS on 4 layers of 1024x1024) even with the fixed
     mmap threshold; ``malloc_trim`` gives them back. A no-op (False) without glibc.
     """
+    try:
+        return bool(_libc().malloc_trim(0))
+    except AttributeError:  # not glibc, or no C library loaded (None)
+        return False
+
+
+@functools.lru_cache(maxsize=None)
+def _libc() -> Any:
+    """The C library (``ctypes.CDLL``), loaded once (``find_library`` takes milliseconds and
+    :func:`trim_heap` runs on every shrink); None where it cannot be loaded."""
     import ctypes
     import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 def _anon(nbytes: int) -> mmap.mmap:
     return mmap.mmap(-1, max(page_up(nbytes), mmap.PAGESIZE),
                      flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-
-
-def _preadv_all(fd: int, iovs: list[memoryview], offset: int, what: str) -> int:
-    """Fill every buffer of ``iovs`` from ``fd`` at ``offset``; return the bytes read."""
-    done = 0
-    total = sum(len(b) for b in iovs)
-    i = 0
-    while i < len(iovs):
-        batch = iovs[i:i + _IOV_MAX]
-        try:
-            got = os.preadv(fd, batch, offset + done)
-        except OSError as exc:
-            raise PackageError(f"{what}: cannot read ({exc}); check the file") from None
-        if got == 0:
-            raise PackageError(
-                f"{what}: expected {total} bytes at offset {offset}, found end of file after "
-                f"{done}: the file is truncated; re-copy the package or repack the model"
-            )
-        done += got
-        while got and i < len(iovs):
-            n = len(iovs[i])
-            if got >= n:
-                got -= n
-                i += 1
-            else:
-                iovs[i] = iovs[i][got:]
-                got = 0
-    return done
 
 
 class _LayerStore:
@@ -175,7 +151,6 @@ class _LayerStore:
 
 @dataclass
 class _State:
-    tier: int
     plan: MemoryPlan
     session: Any
     feeds: dict[str, np.ndarray]
@@ -183,6 +158,16 @@ class _State:
     rebuilt: bool = False
     active: int = 0
     cond: threading.Condition = field(default_factory=threading.Condition)
+    inputs: list[str] = field(init=False)    # the caller's graph inputs (not fed by us)
+    outputs: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.inputs = [i.name for i in self.session.get_inputs() if i.name not in self.feeds]
+        self.outputs = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def tier(self) -> int:
+        return self.plan.tier
 
 
 @dataclass
@@ -251,19 +236,20 @@ class Runtime:
                     f"edgestack.runtime (it serves {', '.join(SUPPORTED_TARGETS)}); repack "
                     "with --target ort-cpu"
                 )
-            if profile is not None and threads is None:
+            if profile is not None:
                 from edgestack.profiles import load_profile
 
-                prof = load_profile(profile) if isinstance(profile, str) else profile
-                threads = prof.threads
+                profile = load_profile(profile) if isinstance(profile, str) else profile
+                if threads is None:
+                    threads = profile.threads
             self.budget, self.budget_source = resolve_budget(budget, profile=profile,
                                                              auto=auto)
             self._materialize = materialize
             plan = plan_memory(man, self.budget, tier=tier, budget_source=self.budget_source,
                                materialize=materialize)
-            if verify:
-                names = [n for n, e in man.files.items() if e.role not in ("weights",)]
-                self.package.verify(names)  # weights are hashed while they are loaded
+            if verify:  # the graph is hashed while it is read, the weights while loaded
+                self.package.verify([n for n, e in man.files.items()
+                                     if e.role not in ("graph", "weights")])
             self.threads = threads
             self.optimization = optimization
             self._lock = threading.Lock()
@@ -280,6 +266,7 @@ class Runtime:
             self._mat_feeds = self._materialized_feeds()
             self._scratch = memoryview(bytearray(64))  # alignment gaps (< 64 bytes) land here
             self._iov_cache: dict[tuple[str, int], list[memoryview]] = {}
+            self._data_dir: str | None = None
             self._weights = self._load_weights(verify)
             self.bytes_read = 0
             self._load_records(0, self.package.tiers[plan.tier].bytes)
@@ -330,13 +317,12 @@ class Runtime:
                 continue
             mm = _anon(entry.size)
             buf = np.frombuffer(mm, np.uint8, entry.size)
-            fd, base = pkg._source.locate(name)  # the reader's own file handle (no copy)
             digest = hashlib.sha256()
             pos = 0
             while pos < entry.size:
                 n = min(_CHUNK * 8, entry.size - pos)
                 view = memoryview(buf[pos:pos + n])
-                _preadv_all(fd, [view], base + pos, f"{pkg.path}: {name}")
+                pkg.read_into(name, [view], pos)
                 if verify:
                     digest.update(view)
                 pos += n
@@ -410,9 +396,7 @@ class Runtime:
         if pos != end:
             raise PackageError(f"{pkg.path}: block range [{start}, {end}) does not end on a "
                                "record boundary; the manifest and block file disagree")
-        fd, base = pkg._source.locate(BLOCK_FILE)  # the reader's own file handle
-        got = _preadv_all(fd, iovs, base + start, f"{pkg.path}: {BLOCK_FILE}")
-        pkg.counter._add_read(start, start + got)  # counted like Package.read_prefix
+        got = pkg.read_into(BLOCK_FILE, iovs, start)  # counted like Package.read_prefix
         self.bytes_read += got
         return got
 
@@ -493,32 +477,41 @@ class Runtime:
             so.intra_op_num_threads = int(self.threads)
         for name, value in self._weights.items():
             so.add_initializer(name, value)  # no copy: ORT uses our buffers
-        # ONNX Runtime validates that the external-data files of a model loaded from bytes
-        # exist, although add_initializer supplies every external tensor; and with graph
-        # optimizations on, ORT 1.32's fusions read some of those tensors (e.g. attention
-        # biases) from the file rather than from add_initializer: with zero-filled
-        # placeholders, MiniLM came out wrong. So the folder gets the real bytes (disk and
-        # page cache, not this process's memory; add_external_initializers instead copied
-        # the weights: +38 MiB on MiniLM).
-        import shutil
-        import tempfile
-
-        folder = tempfile.mkdtemp(prefix="edgestack-rt-")
+        so.add_session_config_entry("session.model_external_initializers_file_folder_path",
+                                    self._external_data_dir())
         try:
-            for name, buf in self._weight_buffers.items():
-                path = Path(folder, name)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with open(path, "wb") as f:
-                    f.write(memoryview(buf))
-            so.add_session_config_entry(
-                "session.model_external_initializers_file_folder_path", folder)
             return ort.InferenceSession(self._graph_variant(materialized), so,
                                         providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001
             raise TargetError(f"{self.package.path}: ONNX Runtime cannot load the package's "
                               f"graph ({str(exc)[:300]}); repack the model") from None
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+
+    def _external_data_dir(self) -> str:
+        """A temporary folder with the weights files, written once per runtime (removed by
+        :meth:`close`, or when the runtime is collected).
+
+        ONNX Runtime validates that the external-data files of a model loaded from bytes
+        exist, although add_initializer supplies every external tensor; and with graph
+        optimizations on, ORT 1.32's fusions read some of those tensors (e.g. attention
+        biases) from the file rather than from add_initializer: with zero-filled
+        placeholders, MiniLM came out wrong. So the folder gets the real bytes (disk and page
+        cache, not this process's memory; add_external_initializers instead copied the
+        weights: +38 MiB on MiniLM).
+        """
+        if self._data_dir is None:
+            import shutil
+            import tempfile
+            import weakref
+
+            folder = tempfile.mkdtemp(prefix="edgestack-rt-")
+            self._data_cleanup = weakref.finalize(self, shutil.rmtree, folder, True)
+            for name, buf in self._weight_buffers.items():
+                path = Path(folder, name)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "wb") as f:
+                    f.write(memoryview(buf))
+            self._data_dir = folder
+        return self._data_dir
 
     def _make_state(self, plan: MemoryPlan, old: _State | None) -> _State:
         layers = self.package.layers
@@ -542,7 +535,7 @@ class Runtime:
             else:
                 s, u, v = st.feeds(lp.blocks)
                 feeds.update({a["signs"]: s, a["u"]: u, a["v"]: v})
-        return _State(plan.tier, plan, session, feeds, dense, rebuilt)
+        return _State(plan, session, feeds, dense, rebuilt)
 
     # ---- serving ---------------------------------------------------------------------
     @property
@@ -557,12 +550,11 @@ class Runtime:
 
     @property
     def input_names(self) -> list[str]:
-        feeds = self._state.feeds
-        return [i.name for i in self._state.session.get_inputs() if i.name not in feeds]
+        return list(self._state.inputs)
 
     @property
     def output_names(self) -> list[str]:
-        return [o.name for o in self._state.session.get_outputs()]
+        return list(self._state.outputs)
 
     def infer_with_tier(self, feeds: Mapping[str, Any]) -> tuple[int, dict[str, np.ndarray]]:
         """Run the model; ``(tier used, {output name: array})``."""
@@ -571,7 +563,7 @@ class Runtime:
             with st.cond:
                 st.active += 1
         try:
-            expected = [i.name for i in st.session.get_inputs() if i.name not in st.feeds]
+            expected = st.inputs
             missing = [n for n in expected if n not in feeds]
             extra = [n for n in feeds if n not in expected]
             if missing or extra:
@@ -583,8 +575,7 @@ class Runtime:
             except Exception as exc:  # noqa: BLE001 - wrong shapes/dtypes from the caller
                 raise TargetError(f"infer: ONNX Runtime refused the inputs: "
                                   f"{str(exc)[:300]}") from None
-            names = [o.name for o in st.session.get_outputs()]
-            return st.tier, dict(zip(names, outs))
+            return st.tier, dict(zip(st.outputs, outs))
         finally:
             with st.cond:
                 st.active -= 1
@@ -687,6 +678,8 @@ class Runtime:
             self.watcher = None
         if self._own:
             self.package.close()
+        if getattr(self, "_data_cleanup", None) is not None:
+            self._data_cleanup()
 
     def __enter__(self) -> "Runtime":
         return self
