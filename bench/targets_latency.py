@@ -118,19 +118,14 @@ def cpu_times(entries: list, feeds: dict, spinning: str, iters: int, rounds: int
     ORT rows with ``spinning`` (at one thread there is no pool to spin): the work each model
     does, which other processes on the machine do not inflate the way they inflate wall time.
     Keyed by ``id(runner)``; interleaved and rotated like the wall-time rounds."""
-    import onnxruntime as ort
-
-    from edgestack.targets.ort_cpu import disabled_optimizers, session_options
+    from edgestack.targets.ort_cpu import cpu_session
 
     sessions = []
     for _, runner, _, _, art in entries:
         if art.target != "ort-cpu" or art.options.get("spinning", "on") != spinning:
             continue
-        opts = art.options
-        dis = disabled_optimizers(opts.get("disabled_optimizers"))
-        s = ort.InferenceSession(str(art.path()), session_options(1, opts["graph_optimization"]),
-                                 providers=["CPUExecutionProvider"],
-                                 **({"disabled_optimizers": dis} if dis else {}))
+        s = cpu_session(art.path(), 1, art.options["graph_optimization"],
+                        disabled=art.options.get("disabled_optimizers"))
         f = {k: v for k, v in feeds.items() if k in art.inputs}
         for _ in range(2):
             s.run(None, f)
@@ -164,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     import openvino
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from edgestack.profiler.latency import latency_stats
     from edgestack.targets import get_target
     from edgestack.targets.openvino_cpu import OpenVinoCpuRunner
 
@@ -246,11 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for (label, runner, precision, tuning, art), ts, c in zip(entries, times, cos):
         runner.release()
+        stats = latency_stats(ts)
         fusion = art.report.get("passes", {}).get("TransformerFusionPass", {})
         spin = art.options.get("spinning", "on") if art.target == "ort-cpu" else "-"
         rows.append({"model": label, "tuning": tuning, "spinning": spin, "precision": precision,
-                     "p50_ms": round(float(np.median(ts)), 2),
-                     "p10_ms": round(float(np.percentile(ts, 10)), 2),
+                     "p50_ms": round(stats["p50_ms"], 2), "p10_ms": round(stats["p10_ms"], 2),
                      "cpu_1thread_ms": cpu.get(id(runner)),
                      "attention_fused": fusion.get("attention_fused", 0),
                      "cosine_vs_fp32": round(c, 5)})

@@ -76,11 +76,7 @@ def _export_case(folder: Path, name: str, factory, method: str, **opts) -> Case:
     norm = normalize_inputs(model, inputs)
     with torch.no_grad():
         ref = [t.numpy() for _, t in flatten_outputs(model(*norm.args, **norm.kwargs))]
-    import onnx
-
-    del result
-    names = [o.name for o in onnx.load(str(path), load_external_data=False).graph.output]
-    return Case(f"{name}:{method}", path, norm.numpy(), dict(zip(names, ref)),
+    return Case(f"{name}:{method}", path, norm.numpy(), dict(zip(result.output_names, ref)),
                 "torch (compressed)")
 
 

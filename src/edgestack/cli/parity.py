@@ -7,8 +7,7 @@ import tempfile
 from pathlib import Path
 
 from edgestack.cli import EXIT_CHECK_FAILED, EXIT_OK, emit_json
-
-TARGETS = ("ort-cpu", "ort-arm", "openvino-cpu", "tensorrt-gpu")
+from edgestack.cli.compile import TARGETS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -78,14 +77,11 @@ def _case_from_source(args: argparse.Namespace, tmp: Path):
     out = tmp / "model.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        export(src.model, src.inputs, out, parity=False)
+        result = export(src.model, src.inputs, out, parity=False)
     norm = normalize_inputs(src.model, src.inputs)
     with torch.no_grad():
         ref = [t.detach().numpy() for _, t in flatten_outputs(src.model(*norm.args,
                                                                         **norm.kwargs))]
-    import onnx
-
-    names = [o.name for o in onnx.load(str(out), load_external_data=False).graph.output]
     feeds = dict(norm.numpy())
-    return Case(f"{args.model}:{args.method}", out, feeds, dict(zip(names, ref)),
+    return Case(f"{args.model}:{args.method}", out, feeds, dict(zip(result.output_names, ref)),
                 "torch (compressed model)")

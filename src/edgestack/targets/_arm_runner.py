@@ -27,7 +27,22 @@ import json
 import sys
 import traceback
 
-LEVELS = ("disable", "basic", "extended", "all")
+#: Graph optimization levels -> ``onnxruntime.GraphOptimizationLevel`` member names.
+LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+          "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+def session_options(ort, threads: int, optimization: str):
+    """ORT session options: ``threads`` intra-op threads, one inter-op thread, sequential,
+    graph ``optimization`` level (a :data:`LEVELS` key). Used inside the emulated process and
+    by :func:`edgestack.targets.ort_cpu.session_options` on the host, hence ``ort`` passed in
+    (this file imports nothing but the standard library at load)."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[optimization])
+    return so
 
 
 def _write_meta(path: str, meta: dict) -> None:
@@ -42,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out")
     parser.add_argument("--meta")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--optimization", choices=LEVELS, default="all")
+    parser.add_argument("--optimization", choices=list(LEVELS), default="all")
     parser.add_argument("--jobs")
     args = parser.parse_args(argv)
     if args.jobs:
@@ -72,16 +87,7 @@ def run_one(model: str, feeds_path: str, out: str, meta_path: str, threads: int,
             feeds = {name: npz[f"arr_{i}"] for i, name in enumerate(meta["feeds"])}
 
         stage = "load-model"
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = {
-            "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-            "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-            "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-            "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-        }[optimization]
+        so = session_options(ort, threads, optimization)
         if model.endswith(".ort"):
             # ORT infers this from the suffix too; saying it makes a wrong file fail loudly.
             so.add_session_config_entry("session.load_model_format", "ORT")

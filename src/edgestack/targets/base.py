@@ -161,9 +161,10 @@ class Runner:
         """
         if not self.active:
             raise TargetError(f"{type(self).__name__}: call activate() before infer()")
+        feeds = {k: np.asarray(v) for k, v in feeds.items()}
         self._check_feeds(feeds)
         t0 = time.perf_counter()
-        out = self.infer_impl({k: np.asarray(v) for k, v in feeds.items()})
+        out = self.infer_impl(feeds)
         self.last_ms = (time.perf_counter() - t0) * 1e3
         return out
 
@@ -181,6 +182,7 @@ class Runner:
 
     # ---- checks -----------------------------------------------------------------------
     def _check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
+        """``feeds`` (arrays) against the artifact's inputs: names, dtypes, fixed dims."""
         want = self.artifact.inputs
         if not want:
             return
@@ -191,7 +193,7 @@ class Runner:
                               f"{', '.join(want)}, missing {missing or 'none'}, "
                               f"unexpected {extra or 'none'}")
         for name, spec in want.items():
-            arr = np.asarray(feeds[name])
+            arr = feeds[name]
             if _dtype_name(arr.dtype) != spec["dtype"]:
                 raise TargetError(f"input {name!r}: expected dtype {spec['dtype']}, found "
                                   f"{arr.dtype.name}")
@@ -234,7 +236,20 @@ class Target:
     def available(self) -> tuple[bool, str]:
         """``(True, "")`` when this machine can run artifacts of this target, else
         ``(False, reason)``. Never raises."""
+        try:
+            self.import_backend()
+        except TargetError as exc:
+            return False, str(exc)
         return True, ""
+
+    def import_backend(self) -> Any:
+        """Import the backend package (lazily; see :func:`import_package`); ``None`` for a
+        target without one.
+
+        Raises:
+            TargetError: the package cannot be imported (the message says how to install it).
+        """
+        return None
 
     def default_options(self, profile: Any | None) -> dict[str, Any]:
         return {}
@@ -320,6 +335,21 @@ class Target:
         return f"{type(self).__name__}(name={self.name!r})"
 
 
+def import_package(module: str, target: str, extra: str, where: str = "") -> Any:
+    """Import ``module``, the backend package of ``target``.
+
+    Raises:
+        TargetError: it cannot be imported; the message names ``pip install
+            'edgestack[extra]'`` (``where``: a note appended to that advice).
+    """
+    try:
+        return __import__(module)     # a top-level package name: the module itself
+    except ImportError as exc:
+        raise TargetError(f"target {target} needs the {module} package, which cannot be "
+                          f"imported ({exc}). To fix: pip install 'edgestack[{extra}]'{where}."
+                          ) from exc
+
+
 def io_spec(model: Any) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Inputs (name -> shape/dtype) and output names of an onnx-ir model."""
     inputs = {}
@@ -329,5 +359,5 @@ def io_spec(model: Any) -> tuple[dict[str, dict[str, Any]], list[str]]:
     return inputs, [v.name for v in model.graph.outputs]
 
 
-__all__ = ["Artifact", "Runner", "Target", "host_arch", "io_spec", "ARTIFACT_FILE",
-           "ARTIFACT_VERSION"]
+__all__ = ["Artifact", "Runner", "Target", "host_arch", "import_package", "io_spec",
+           "ARTIFACT_FILE", "ARTIFACT_VERSION"]

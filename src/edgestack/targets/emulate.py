@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from edgestack.errors import TargetError
+from edgestack.targets._arm_runner import LEVELS
 
 ENV_VAR = "EDGESTACK_ARM_ENV"
 """Environment variable naming the environment folder; overrides the search."""
@@ -39,7 +40,7 @@ BUILD_COMMAND = "make arm-env"
 """The command that builds the environment (it runs ``scripts/setup-arm-env.sh``)."""
 
 QEMU = "qemu-aarch64-static"
-OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+OPTIMIZATION_LEVELS = tuple(LEVELS)
 _RUNNER = Path(__file__).with_name("_arm_runner.py")
 _DEFAULT_CPU = "cortex-a76"
 _TAIL_LINES = 20
@@ -311,59 +312,11 @@ class AArch64Emulator:
                 has ONNX Runtime's error), the emulated process crashed (with the tail of its
                 stderr), or it timed out.
         """
-        model = Path(model_path)
-        if not model.is_file():
-            raise TargetError(
-                f"Cannot run {model} under aarch64 emulation: expected an ONNX or ORT model "
-                f"file, found {'a folder' if model.exists() else 'no such file'}."
-            )
-        if optimization not in OPTIMIZATION_LEVELS:
-            raise TargetError(
-                f"Unknown optimization level {optimization!r}: expected one of "
-                f"{', '.join(OPTIMIZATION_LEVELS)}."
-            )
-        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
-            raise TargetError(f"threads must be a positive int, found {threads!r}.")
-        names = list(feeds)
-        arrays = [np.asarray(feeds[name]) for name in names]
-        for name, array in zip(names, arrays):
-            if array.dtype.hasobject:
-                raise TargetError(
-                    f"Feed {name!r} has dtype object, which cannot cross to the emulated "
-                    f"process without pickling: expected a numeric, bool or fixed-width "
-                    f"string array. To fix: convert it, e.g. np.asarray(x, dtype=str)."
-                )
-
-        with tempfile.TemporaryDirectory(prefix="edgestack-arm-") as tmp:
-            folder = Path(tmp)
-            feeds_file, out_file, meta_file = (folder / n for n in
-                                               ("feeds.npz", "out.npz", "meta.json"))
-            np.savez(feeds_file, **{f"arr_{i}": a for i, a in enumerate(arrays)})
-            meta_file.write_text(json.dumps({"feeds": names}), encoding="utf-8")
-            proc = self.run_python(
-                _RUNNER,
-                ["--model", str(model.resolve()), "--feeds", str(feeds_file),
-                 "--out", str(out_file), "--meta", str(meta_file),
-                 "--threads", str(threads), "--optimization", optimization],
-                timeout=timeout,
-            )
-            meta = json.loads(meta_file.read_text(encoding="utf-8"))
-            if "error" in meta:
-                err = meta["error"]
-                raise TargetError(
-                    f"ONNX Runtime {self._ready_version()} on aarch64 failed at stage "
-                    f"{err['stage']!r} for {model}: {err['type']}: {err['message']}"
-                )
-            if proc.returncode != 0 or "outputs" not in meta:
-                raise TargetError(
-                    f"The emulated aarch64 ONNX Runtime process crashed on {model}: expected "
-                    f"exit status 0 with outputs, found {_describe_status(proc.returncode)}. "
-                    f"Its stderr ends with:\n{_tail(proc.stderr)}\nTo fix: rerun with "
-                    f"optimization='disable' or threads=1 to narrow it down; if every model "
-                    f"crashes, rebuild the environment with `{BUILD_COMMAND}`."
-                )
-            with np.load(out_file, allow_pickle=False) as npz:
-                return {name: npz[f"arr_{i}"] for i, name in enumerate(meta["outputs"])}
+        (result,) = self.run_many([(model_path, feeds)], threads=threads,
+                                  optimization=optimization, timeout=timeout)
+        if isinstance(result, TargetError):
+            raise result
+        return result
 
     def run_many(
         self,
@@ -392,9 +345,11 @@ class AArch64Emulator:
                 f"Unknown optimization level {optimization!r}: expected one of "
                 f"{', '.join(OPTIMIZATION_LEVELS)}."
             )
+        if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+            raise TargetError(f"threads must be a positive int, found {threads!r}.")
         with tempfile.TemporaryDirectory(prefix="edgestack-arm-") as tmp:
             folder = Path(tmp)
-            specs = []
+            models, specs = [], []
             for i, (model_path, feeds) in enumerate(jobs):
                 model = Path(model_path)
                 if not model.is_file():
@@ -403,10 +358,20 @@ class AArch64Emulator:
                         f"model file, found {'a folder' if model.exists() else 'no such file'}."
                     )
                 names = list(feeds)
+                arrays = [np.asarray(feeds[name]) for name in names]
+                for name, array in zip(names, arrays):
+                    if array.dtype.hasobject:
+                        raise TargetError(
+                            f"Feed {name!r} has dtype object, which cannot cross to the "
+                            f"emulated process without pickling: expected a numeric, bool or "
+                            f"fixed-width string array. To fix: convert it, e.g. "
+                            f"np.asarray(x, dtype=str)."
+                        )
                 np.savez(folder / f"feeds{i}.npz",
-                         **{f"arr_{k}": np.asarray(feeds[n]) for k, n in enumerate(names)})
+                         **{f"arr_{k}": a for k, a in enumerate(arrays)})
                 (folder / f"meta{i}.json").write_text(json.dumps({"feeds": names}),
                                                       encoding="utf-8")
+                models.append(model)
                 specs.append({"model": str(model.resolve()), "feeds": str(folder / f"feeds{i}.npz"),
                               "out": str(folder / f"out{i}.npz"),
                               "meta": str(folder / f"meta{i}.json"), "threads": threads,
@@ -415,21 +380,24 @@ class AArch64Emulator:
             proc = self.run_python(_RUNNER, ["--jobs", str(folder / "jobs.json")],
                                    timeout=timeout)
             results: list[dict[str, np.ndarray] | TargetError] = []
-            for i, spec in enumerate(specs):
+            for i, (model, spec) in enumerate(zip(models, specs)):
                 meta = json.loads(Path(spec["meta"]).read_text(encoding="utf-8"))
                 if "error" in meta:
                     err = meta["error"]
                     results.append(TargetError(
                         f"ONNX Runtime {self._ready_version()} on aarch64 failed at stage "
-                        f"{err['stage']!r} for {spec['model']}: {err['type']}: {err['message']}"
+                        f"{err['stage']!r} for {model}: {err['type']}: {err['message']}"
                     ))
                     continue
                 if "outputs" not in meta:
+                    job = f" (job {i + 1} of {len(specs)})" if len(specs) > 1 else ""
                     raise TargetError(
-                        f"The emulated aarch64 ONNX Runtime process crashed at job {i} "
-                        f"({spec['model']}): expected exit status 0 with outputs, found "
+                        f"The emulated aarch64 ONNX Runtime process crashed on {model}{job}: "
+                        f"expected exit status 0 with outputs, found "
                         f"{_describe_status(proc.returncode)}. Its stderr ends with:\n"
-                        f"{_tail(proc.stderr)}"
+                        f"{_tail(proc.stderr)}\nTo fix: rerun with optimization='disable' or "
+                        f"threads=1 to narrow it down; if every model crashes, rebuild the "
+                        f"environment with `{BUILD_COMMAND}`."
                     )
                 with np.load(spec["out"], allow_pickle=False) as npz:
                     results.append({name: npz[f"arr_{k}"]

@@ -167,13 +167,11 @@ def cross_check(cases: Sequence[Case], targets: Sequence[str] | str = "all", *,
         One :class:`CaseReport` per case.
     """
     from edgestack.targets import TARGET_NAMES, get_target
-    from edgestack.targets.ort_arm import OrtArmRunner
     from edgestack.targets.reference import reference_outputs
 
     names = list(TARGET_NAMES) if targets == "all" else list(targets)
     tols = dict(TOLERANCES, **(tolerances or {}))
-    for n in names:
-        get_target(n)           # unknown names fail before any work
+    resolved = [get_target(n) for n in names]      # unknown names fail before any work
     tmp = None
     if work_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="edgestack-parity-")
@@ -184,8 +182,7 @@ def cross_check(cases: Sequence[Case], targets: Sequence[str] | str = "all", *,
                 for c in cases]
         reports = [CaseReport(c.name, c.reference_name, []) for c in cases]
         arm_jobs: list[tuple[int, TargetCheck, Any]] = []
-        for tname in names:
-            target = get_target(tname)
+        for tname, target in zip(names, resolved):
             ok, why = target.available()
             for i, case in enumerate(cases):
                 check = TargetCheck(tname, "skipped", reason=why)
@@ -197,12 +194,10 @@ def cross_check(cases: Sequence[Case], targets: Sequence[str] | str = "all", *,
                     art = target.lower(case.model, work / f"{i}_{case.name}" / tname, profile,
                                        **dict((options or {}).get(tname, {})))
                     check.precision = art.precision
-                    runner = target.runner(art)
-                    if isinstance(runner, OrtArmRunner) and why:    # emulated: batch later
-                        runner.emulate = True
+                    if tname == "ort-arm" and why:      # available under emulation: batch later
                         arm_jobs.append((i, check, art))
                         continue
-                    with runner:
+                    with target.runner(art) as runner:
                         got = runner.infer(case.feeds)
                 except TargetError as exc:
                     check.status, check.reason = "error", str(exc)

@@ -11,11 +11,8 @@ import numpy as np
 def reference_outputs(model_path: str | Path, feeds: Mapping[str, np.ndarray],
                       threads: int = 1) -> dict[str, np.ndarray]:
     """Outputs of ``model_path`` on x86 ONNX Runtime (all optimizations), in graph order."""
-    import onnxruntime as ort
+    from edgestack.targets.ort_cpu import cpu_session
 
-    from edgestack.targets.ort_cpu import session_options
-
-    s = ort.InferenceSession(str(model_path), session_options(threads, "all"),
-                             providers=["CPUExecutionProvider"])
+    s = cpu_session(model_path, threads, "all")
     names = [o.name for o in s.get_outputs()]
     return dict(zip(names, s.run(names, {k: np.asarray(v) for k, v in feeds.items()})))

@@ -26,19 +26,13 @@ from typing import Any
 import numpy as np
 
 from edgestack.errors import TargetError
-from edgestack.targets.base import Artifact, Runner, Target, io_spec
+from edgestack.targets.base import Artifact, Runner, Target, import_package, io_spec
 
 HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 
 
 def _import_openvino() -> Any:
-    try:
-        import openvino as ov
-    except ImportError as exc:
-        raise TargetError(f"target openvino-cpu needs the openvino package, which cannot be "
-                          f"imported ({exc}). To fix: pip install 'edgestack[openvino]'."
-                          ) from exc
-    return ov
+    return import_package("openvino", "openvino-cpu", "openvino")
 
 
 class OpenVinoCpuRunner(Runner):
@@ -75,12 +69,8 @@ class OpenVinoCpuTarget(Target):
     extra = "openvino"
     precisions = ("fp32", "fp16", "bf16", "int8")
 
-    def available(self) -> tuple[bool, str]:
-        try:
-            _import_openvino()
-        except TargetError as exc:
-            return False, str(exc)
-        return True, ""
+    def import_backend(self) -> Any:
+        return _import_openvino()
 
     def default_options(self, profile: Any | None) -> dict[str, Any]:
         return {"int8": "auto", "weights": "materialize",

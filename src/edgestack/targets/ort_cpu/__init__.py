@@ -40,10 +40,11 @@ from typing import Any
 import numpy as np
 
 from edgestack.errors import TargetError
+from edgestack.targets import _arm_runner
 from edgestack.targets.base import Artifact, Runner, Target, host_arch, io_spec
 
 ORT_DOMAINS = ("", "ai.onnx", "com.microsoft", "ai.onnx.ml")
-LEVELS = ("disable", "basic", "extended", "all")
+LEVELS = tuple(_arm_runner.LEVELS)
 TRANSFORMER_MODES = ("auto", "off", "require")
 #: ORT graph optimizers the ort-cpu runner disables by default (measured slower, see above).
 DEFAULT_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
@@ -68,14 +69,6 @@ def lower_for_ort(model_path: Path, options: dict[str, Any], profile: Any | None
         raise TargetError(f"weights must be 'materialize' or 'keep', found "
                           f"{options['weights']!r}")
     int8 = resolve_int8(options["int8"], profile)
-    model = ir.load(model_path)
-    chain: list = []
-    if int8 in ("weights", "dynamic"):
-        chain.append(P.ShiftToInt8Pass())
-    if int8 == "dynamic":
-        chain.append(P.DynamicInt8MatMulPass())
-    if options["weights"] == "materialize":
-        chain.append(P.MaterializePass())
     transformer = options.get("transformer", "off")
     if transformer not in TRANSFORMER_MODES:
         raise TargetError(f"transformer must be one of {', '.join(TRANSFORMER_MODES)}, found "
@@ -84,6 +77,14 @@ def lower_for_ort(model_path: Path, options: dict[str, Any], profile: Any | None
     if heads is not None and (not isinstance(heads, int) or isinstance(heads, bool)
                               or heads <= 0):
         raise TargetError(f"num_heads must be a positive integer, found {heads!r}")
+    model = ir.load(model_path)
+    chain: list = []
+    if int8 in ("weights", "dynamic"):
+        chain.append(P.ShiftToInt8Pass())
+    if int8 == "dynamic":
+        chain.append(P.DynamicInt8MatMulPass())
+    if options["weights"] == "materialize":
+        chain.append(P.MaterializePass())
     if transformer != "off":
         chain.append(P.TransformerFusionPass(num_heads=heads))
     report = P.run_passes(model, chain)
@@ -157,38 +158,37 @@ def session_options(threads: int, optimization: str, spinning: str = "on") -> An
                           f"{optimization!r}")
     if spinning not in ("on", "off"):
         raise TargetError(f"spinning must be 'on' or 'off', found {spinning!r}")
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = int(threads)
-    so.inter_op_num_threads = 1
+    so = _arm_runner.session_options(ort, threads, optimization)   # shared with aarch64
     if spinning == "off":
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.graph_optimization_level = {
-        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[optimization]
     return so
 
 
-class OrtCpuRunner(Runner):
-    """ONNX Runtime session on this x86 machine."""
+def cpu_session(path: str | Path, threads: int = 1, optimization: str = "all",
+                spinning: str = "on", disabled: Any = None) -> Any:
+    """An ONNX Runtime CPU session on ``path`` with :func:`session_options` and the
+    ``disabled`` graph optimizers (see :func:`disabled_optimizers`)."""
+    import onnxruntime as ort
 
-    arch = "x86_64"
+    so = session_options(threads, optimization, spinning)
+    names = disabled_optimizers(disabled)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
+                                **({"disabled_optimizers": names} if names else {}))
+
+
+class OrtCpuRunner(Runner):
+    """ONNX Runtime session on this machine (x86_64 for ort-cpu artifacts)."""
 
     def activate_impl(self) -> None:
-        import onnxruntime as ort
-
         self._check_arch(host_arch())
         opts = self.artifact.options
-        so = session_options(opts.get("threads", 1), opts.get("graph_optimization", "all"),
-                             opts.get("spinning", "on"))
-        disabled = disabled_optimizers(opts.get("disabled_optimizers"))
         try:
-            self.session = ort.InferenceSession(str(self.artifact.path()), so,
-                                                providers=["CPUExecutionProvider"],
-                                                **({"disabled_optimizers": disabled}
-                                                   if disabled else {}))
+            self.session = cpu_session(self.artifact.path(), opts.get("threads", 1),
+                                       opts.get("graph_optimization", "all"),
+                                       opts.get("spinning", "on"),
+                                       opts.get("disabled_optimizers"))
+        except TargetError:
+            raise
         except Exception as exc:  # noqa: BLE001 - ORT raises its own types
             raise TargetError(f"ONNX Runtime could not load {self.artifact.path()}: {exc}"
                               ) from exc
@@ -244,5 +244,5 @@ class OrtCpuTarget(Target):
         return OrtCpuRunner
 
 
-__all__ = ["OrtCpuTarget", "OrtCpuRunner", "lower_for_ort", "session_options",
+__all__ = ["OrtCpuTarget", "OrtCpuRunner", "lower_for_ort", "session_options", "cpu_session",
            "disabled_optimizers", "DEFAULT_DISABLED_OPTIMIZERS"]

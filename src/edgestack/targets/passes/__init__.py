@@ -42,10 +42,5 @@ def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase]) -> dict[st
     return reports
 
 
-def edgestack_nodes(model: ir.Model) -> list[ir.Node]:
-    """The ``edgestack``-domain nodes of the main graph."""
-    return [n for n in model.graph if n.domain == "edgestack"]
-
-
 __all__ = ["InlineFunctionsPass", "DynamicInt8MatMulPass", "MaterializePass", "ShiftToInt8Pass",
-           "TransformerFusionPass", "run_passes", "edgestack_nodes"]
+           "TransformerFusionPass", "run_passes"]

@@ -24,9 +24,8 @@ from edgestack.targets.passes._util import (add_initializer, attrs, const_array,
 class MaterializePass(ir.passes.InPlacePass):
     """Fold every constant ``edgestack`` node into a float32 initializer."""
 
-    def __init__(self, only: set[str] | None = None) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.only = only
         self.report: dict = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -36,8 +35,6 @@ class MaterializePass(ir.passes.InPlacePass):
         folded, kept = [], []
         for node in list(graph):
             if node.domain != "edgestack" or node.op_type not in OPS:
-                continue
-            if self.only is not None and node.name not in self.only:
                 continue
             arrays = [const_array(v) for v in node.inputs]
             if any(a is None for a in arrays):

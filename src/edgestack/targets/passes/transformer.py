@@ -82,16 +82,11 @@ class TransformerFusionPass(ir.passes.InPlacePass):
     Args:
         num_heads: head count to use when the graph does not say (the Reshape has ``-1`` heads
             and the hidden size is unknown); ``None``: infer, skip the layer if impossible.
-        attention: fuse attention (default ``True``).
-        gelu: fuse ``Add + Gelu`` (default ``True``).
     """
 
-    def __init__(self, num_heads: int | None = None, attention: bool = True,
-                 gelu: bool = True) -> None:
+    def __init__(self, num_heads: int | None = None) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.attention = attention
-        self.gelu = gelu
         self.report: dict = {}
 
     # ---- attention ----------------------------------------------------------------------
@@ -216,14 +211,9 @@ class TransformerFusionPass(ir.passes.InPlacePass):
             old = m["out"]
             if old.outputs[0].shape is not None:
                 out.shape = old.outputs[0].shape
-            graph.insert_before(old, [mha])
-            was_output = old.outputs[0] in graph.outputs
-            name = old.outputs[0].name
-            ir.convenience.replace_all_uses_with(old.outputs[0], out,
-                                                 replace_graph_outputs=True)
-            if was_output:
-                out.name = name
-            graph.remove(nodes, safe=True)    # the matched subgraph, now unused
+            replace_node(graph, old, out, [mha])
+            # the rest of the matched subgraph, now unused
+            graph.remove([n for n in nodes if n is not old], safe=True)
             fused += 1
             heads.add(m["heads"])
         return fused, skipped, heads
@@ -259,12 +249,11 @@ class TransformerFusionPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 13))
-        fused, skipped, heads = (self._fuse_attention(graph, opset) if self.attention
-                                 else (0, {}, set()))
-        gelu = self._fuse_gelu(graph) if self.gelu else 0
+        fused, skipped, heads = self._fuse_attention(graph, opset)
+        gelu = self._fuse_gelu(graph)
         if fused or gelu:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
-        if self.attention and not fused:
+        if not fused:
             why = ("no Softmax in the graph (not a transformer)" if not skipped else
                    "; ".join(sorted(set(skipped.values()))))
             log.info("attention fusion skipped: %s", why)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from edgestack.errors import TargetError
-from edgestack.targets.base import Artifact, Runner, Target, io_spec
+from edgestack.targets.base import Artifact, Runner, Target, import_package, io_spec
 
 BUILD_SCRIPT = '''#!/usr/bin/env python3
 """Build {engine} from {onnx} with the TensorRT Python API (written by edgestack compile)."""
@@ -63,13 +63,8 @@ print("wrote", SETTINGS["engine"])
 
 
 def _import_tensorrt() -> Any:
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise TargetError(f"target tensorrt-gpu needs the tensorrt package, which cannot be "
-                          f"imported ({exc}). To fix: pip install 'edgestack[tensorrt]' on a "
-                          f"machine with an NVIDIA GPU and driver.") from exc
-    return trt
+    return import_package("tensorrt", "tensorrt-gpu", "tensorrt",
+                          " on a machine with an NVIDIA GPU and driver")
 
 
 def build_settings(model: Any, profile: Any | None, out_dir: Path) -> dict[str, Any]:
@@ -140,11 +135,13 @@ class TensorRtGpuTarget(Target):
     extra = "tensorrt"
     precisions = ("fp32", "fp16", "bf16", "int8")
 
+    def import_backend(self) -> Any:
+        return _import_tensorrt()
+
     def available(self) -> tuple[bool, str]:
-        try:
-            _import_tensorrt()
-        except TargetError as exc:
-            return False, str(exc)
+        ok, why = super().available()
+        if not ok:
+            return ok, why
         try:
             import torch
 
