@@ -86,13 +86,17 @@ def test_gptq_rounding_beats_nearest_on_output_error():
         assert isinstance(mod.weight_module, ShiftWeight)
 
 
+def gptq3(model: nn.Module, data: list[dict], **options):
+    """3-bit GPTQ shift codes (the fine-tune tests' rounding), with more ``options``."""
+    return compress(model, "shift", calib=data, rounding="gptq", bits=3, **options)
+
+
 def test_shift_finetune_improves_and_keeps_exact_codes():
     data = mlp_calib(n=4)
     ref = MLP()
     plain, tuned = copy.deepcopy(ref), copy.deepcopy(ref)
-    compress(plain, "shift", calib=data, rounding="gptq", bits=3)
-    rep = compress(tuned, "shift", calib=data, rounding="gptq", bits=3, finetune_steps=30,
-                   finetune_lr=2e-3, seed=0)
+    gptq3(plain, data)
+    rep = gptq3(tuned, data, finetune_steps=30, finetune_lr=2e-3, seed=0)
     info = rep.details["finetune"]
     assert info["steps"] == 30 and info["loss_last"] < info["loss_first"]
     assert out_err(tuned, ref, data) < 0.97 * out_err(plain, ref, data)
@@ -106,14 +110,12 @@ def test_shift_finetune_improves_and_keeps_exact_codes():
         np.testing.assert_array_equal(again.codes, fmt.codes)  # values are exact codes
     # scales only: the codes stay those of the rounding, the scales change
     scales = copy.deepcopy(ref)
-    compress(scales, "shift", calib=data, rounding="gptq", bits=3, finetune_steps=10,
-             finetune_params="scales", seed=0)
+    gptq3(scales, data, finetune_steps=10, finetune_params="scales", seed=0)
     assert torch.equal(scales.fc1.weight_module.codes, plain.fc1.weight_module.codes)
     assert not torch.equal(scales.fc1.weight_module.scale, plain.fc1.weight_module.scale)
     # reproducible with the seed
     again = copy.deepcopy(ref)
-    compress(again, "shift", calib=data, rounding="gptq", bits=3, finetune_steps=30,
-             finetune_lr=2e-3, seed=0)
+    gptq3(again, data, finetune_steps=30, finetune_lr=2e-3, seed=0)
     assert torch.equal(again.fc1.weight_module.codes, tuned.fc1.weight_module.codes)
 
 
@@ -146,9 +148,8 @@ def test_finetune_schedule_and_split():
 def test_shift_finetune_respects_max_seconds_and_keeps_the_rounding_at_step_0():
     data = mlp_calib(n=4)
     plain, timed = MLP(), MLP()
-    compress(plain, "shift", calib=data, rounding="gptq", bits=3)
-    rep = compress(timed, "shift", calib=data, rounding="gptq", bits=3, finetune_steps=500,
-                   max_seconds=1e-9)
+    gptq3(plain, data)
+    rep = gptq3(timed, data, finetune_steps=500, max_seconds=1e-9)
     assert rep.details["finetune"]["steps"] == 0
     for a, b in ((plain.fc1, timed.fc1), (plain.fc2, timed.fc2)):
         assert torch.equal(a.weight_module.codes, b.weight_module.codes)
@@ -159,9 +160,8 @@ def test_shift_finetune_early_stop_on_held_out_batches():
     data = mlp_calib(n=10)
     ref = MLP()
     plain, tuned = copy.deepcopy(ref), copy.deepcopy(ref)
-    compress(plain, "shift", calib=data, rounding="gptq", bits=3)
-    rep = compress(tuned, "shift", calib=data, rounding="gptq", bits=3, finetune_steps=40,
-                   finetune_lr=2e-3, finetune_val=0.2, seed=1)
+    gptq3(plain, data)
+    rep = gptq3(tuned, data, finetune_steps=40, finetune_lr=2e-3, finetune_val=0.2, seed=1)
     info = rep.details["finetune"]
     assert info["val_batches"] == 2 and info["train_batches"] == 8
     assert info["val_loss_best"] <= info["val_loss_first"]
@@ -169,8 +169,8 @@ def test_shift_finetune_early_stop_on_held_out_batches():
     assert out_err(tuned, ref, data) < out_err(plain, ref, data)
     # all+norms also trains the (fp32) biases
     nb = copy.deepcopy(ref)
-    compress(nb, "shift", calib=data, rounding="gptq", bits=3, finetune_steps=20,
-             finetune_lr=2e-3, finetune_params="all+norms", finetune_val=0.0)
+    gptq3(nb, data, finetune_steps=20, finetune_lr=2e-3, finetune_params="all+norms",
+          finetune_val=0.0)
     assert not torch.equal(nb.fc1.bias, plain.fc1.bias)
     with pytest.raises(CompressError, match="finetune_params"):
         compress(MLP(), "shift", calib=data, finetune_steps=1, finetune_params="norms")

@@ -74,40 +74,43 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _flags(args: argparse.Namespace) -> list[tuple[str, object, dict[str, str | None]]]:
+    """``(flag, value or None when not given, {method: compress() option or None})``: the
+    method options of the command line and the methods they apply to (None: not an option
+    of compress(), e.g. ``--tiers``), in the order of each method's options."""
+    no_act = False if args.no_act_aware else None
+    return [
+        ("--bits", args.bits, {"shift": "bits"}),
+        ("--zero", args.zero or None, {"shift": "zero"}),
+        ("--rounding", args.rounding, {"shift": "rounding"}),
+        ("--finetune-steps", args.finetune_steps, {"shift": "finetune_steps"}),
+        ("--max-seconds", args.max_seconds, {"shift": "max_seconds"}),
+        ("--seed", args.seed, {"shift": "seed"}),
+        ("--blocks", args.blocks, {"bitstack": "n_blocks"}),
+        ("--k", args.k, {"bitstack": "k"}),
+        ("--tiers", args.tiers, {"bitstack": None}),
+        ("--rank", args.rank, {"lowrank": "rank"}),
+        ("--ratio", args.ratio, {"lowrank": "ratio", "prune": "ratio"}),
+        ("--energy", args.energy, {"lowrank": "energy"}),
+        ("--structure", args.structure, {"lowrank": "structure"}),
+        ("--metric", args.metric, {"prune": "metric"}),
+        ("--adaptive", True if args.adaptive else None, {"prune": "adaptive"}),
+        ("--no-act-aware", no_act, {"bitstack": "act_aware", "lowrank": "act_aware"}),
+    ]
+
+
 def method_options(args: argparse.Namespace) -> dict:
     """compress() options for ``args.method`` from the command line."""
     from edgestack.errors import CompressError
 
-    per = {
-        "shift": {"bits": args.bits, "zero": args.zero or None, "rounding": args.rounding,
-                  "finetune_steps": args.finetune_steps, "max_seconds": args.max_seconds,
-                  "seed": args.seed},
-        "bitstack": {"n_blocks": args.blocks, "k": args.k,
-                     "act_aware": False if args.no_act_aware else None},
-        "lowrank": {"rank": args.rank, "ratio": args.ratio, "energy": args.energy,
-                    "structure": args.structure,
-                    "act_aware": False if args.no_act_aware else None},
-        "prune": {"ratio": args.ratio, "metric": args.metric,
-                  "adaptive": True if args.adaptive else None},
-    }
-    opts = {k: v for k, v in per[args.method].items() if v is not None}
-    given = {"--bits": args.bits, "--zero": args.zero or None, "--rounding": args.rounding,
-             "--finetune-steps": args.finetune_steps, "--max-seconds": args.max_seconds,
-             "--seed": args.seed, "--blocks": args.blocks, "--k": args.k, "--tiers": args.tiers,
-             "--rank": args.rank, "--energy": args.energy, "--structure": args.structure,
-             "--metric": args.metric, "--adaptive": args.adaptive or None,
-             "--no-act-aware": args.no_act_aware or None, "--ratio": args.ratio}
-    allowed = {
-        "shift": {"--bits", "--zero", "--rounding", "--finetune-steps", "--max-seconds",
-                  "--seed"},
-        "bitstack": {"--blocks", "--k", "--tiers", "--no-act-aware"},
-        "lowrank": {"--rank", "--ratio", "--energy", "--structure", "--no-act-aware"},
-        "prune": {"--ratio", "--metric", "--adaptive"},
-    }[args.method]
-    stray = [f for f, v in given.items() if v is not None and f not in allowed]
+    flags = _flags(args)
+    allowed = {flag for flag, _v, methods in flags if args.method in methods}
+    stray = [flag for flag, v, _m in flags if v is not None and flag not in allowed]
     if stray:
         raise CompressError(f"option(s) {', '.join(stray)} do not apply to --method "
                             f"{args.method}; it takes {', '.join(sorted(allowed))}")
+    opts = {methods[args.method]: v for _f, v, methods in flags
+            if v is not None and methods.get(args.method) is not None}
     if args.skip:
         opts["skip"] = tuple(args.skip)
     return opts

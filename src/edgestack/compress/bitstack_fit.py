@@ -22,23 +22,10 @@ from __future__ import annotations
 
 import torch
 
-#: Columns per lazy GPTQ update (as GPTQ).
-GPTQ_BLOCK = 128
+from edgestack.compress.gptq import GPTQ_BLOCK, gptq_columns, inverse_factor
+
 #: Ridge added to the per-row ``k x k`` systems of the ``u`` step, relative to their trace.
 RIDGE = 1e-6
-
-
-def inverse_factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(perm, U)``: columns by decreasing ``diag(H)`` and the upper Cholesky factor of
-    the permuted ``H^-1`` (float32), or None when ``H`` is numerically singular."""
-    perm = torch.argsort(torch.diagonal(h), descending=True)
-    hp = h[perm][:, perm].to(torch.float64)
-    try:
-        upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hp)),
-                                      upper=True)
-    except RuntimeError:
-        return None
-    return perm, upper.to(torch.float32)
 
 
 def gptq_signs(r: torch.Tensor, mag: torch.Tensor, factor: tuple[torch.Tensor, torch.Tensor],
@@ -53,34 +40,17 @@ def gptq_signs(r: torch.Tensor, mag: torch.Tensor, factor: tuple[torch.Tensor, t
         factor: :func:`inverse_factor` of ``H``.
         block: columns per lazy update.
     """
-    perm, hinv = factor
-    inv = torch.argsort(perm)
-    w = r[:, perm].to(torch.float32).clone()
-    mg = mag[:, perm].to(torch.float32)
-    m, n = w.shape
-    signs = torch.empty_like(w)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # thousands of tiny ops: thread hand-offs cost more than they give
-    try:
-        for i1 in range(0, n, block):
-            i2 = min(i1 + block, n)
-            w1 = w[:, i1:i2].clone()
-            err1 = torch.zeros_like(w1)
-            hb = hinv[i1:i2, i1:i2]
-            diag = torch.diagonal(hb).clone()
-            for j in range(i2 - i1):
-                col = w1[:, j]
-                mj = mg[:, i1 + j]
-                s = torch.where(col * mj >= 0, 1.0, -1.0)
-                signs[:, i1 + j] = s
-                e_col = (col - s * mj) / diag[j]
-                w1[:, j + 1:].addr_(e_col, hb[j, j + 1:], alpha=-1)
-                err1[:, j] = e_col
-            if i2 < n:
-                w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)
-    finally:
-        torch.set_num_threads(threads)
-    return signs[:, inv].contiguous()
+    mag32 = mag.to(torch.float32)
+    signs = torch.empty(r.shape, dtype=torch.float32, device=r.device)
+
+    def choose(col: torch.Tensor, j: int) -> torch.Tensor:
+        mj = mag32[:, j]
+        s = torch.where(col * mj >= 0, 1.0, -1.0)
+        signs[:, j] = s
+        return s * mj
+
+    gptq_columns(r, factor, choose, block)
+    return signs
 
 
 def h_error(d: torch.Tensor, h: torch.Tensor) -> float:
@@ -219,16 +189,15 @@ def finetune_factors(
     """
     import time
 
-    from edgestack.compress.api import first_tensor, inputs_to, progress_iter
+    from edgestack.compress.api import progress_iter
+    from edgestack.compress.finetune import batch_loss, freeze, target_norms
     from edgestack.compress.layers import BitStackWeight
     from edgestack.formats import BitStackStack
 
     device = targets[0].device
     trainers = {name: _TrainableStack(layer.weight_module) for name, layer in layers}
     saved = {name: layer.weight_module for name, layer in layers}
-    saved_grad = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
+    thaw = freeze(model)
     for name, layer in layers:
         layer.weight_module = trainers[name]
     params = [p for tr in trainers.values() for p in (tr.u, tr.v)]
@@ -237,7 +206,7 @@ def finetune_factors(
     first_level = sum(1 for _, b in order if b < 1)
     batches = torch.randint(0, len(calib), (steps,), generator=gen).tolist()
     counts = torch.randint(first_level, len(order) + 1, (steps,), generator=gen).tolist()
-    norms = [float(t.pow(2).mean()) or 1.0 for t in targets]
+    norms = target_norms(targets)
     t0 = time.perf_counter()
     done, first, last = 0, None, None
     try:
@@ -251,16 +220,7 @@ def finetune_factors(
                     active[name] += 1
                 for name, tr in trainers.items():
                     tr.active = max(1, active.get(name, 0))
-                i = batches[step]
-                kw = inputs_to(calib[i], device)
-                out = first_tensor(model(**kw))
-                d = (out - targets[i]).pow(2)
-                mask = kw.get("attention_mask")
-                if mask is not None and d.dim() == 3 and tuple(mask.shape) == tuple(d.shape[:2]):
-                    mk = mask[..., None].to(d.dtype)
-                    loss = (d * mk).sum() / (mk.sum() * d.shape[-1]).clamp_min(1) / norms[i]
-                else:
-                    loss = d.mean() / norms[i]
+                loss = batch_loss(model, calib, targets, norms, batches[step], device)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -268,8 +228,7 @@ def finetune_factors(
                 last = float(loss.detach())
                 first = last if first is None else first
     finally:
-        for p, flag in saved_grad.items():
-            p.requires_grad_(flag)
+        thaw()
         with torch.no_grad():
             for name, layer in layers:
                 tr, old = trainers[name], saved[name]

@@ -108,15 +108,20 @@ def corpus_sentences(n: int | None = None, seed: int = 0) -> list[str]:
     from edgestack.profiler.quality import held_sentences
 
     held = set(held_sentences())
-    base = calib_sentences()
-    docs = doc_sentences()
-    random.Random(seed).shuffle(docs)
     seen: set[str] = set()
-    out = []
-    for s in base + docs:
-        if s not in held and s not in seen:
-            seen.add(s)
-            out.append(s)
+    out: list[str] = []
+
+    def add(sentences: list[str]) -> None:
+        for s in sentences:
+            if s not in held and s not in seen:
+                seen.add(s)
+                out.append(s)
+
+    add(calib_sentences())
+    if n is None or len(out) < n:  # the docstrings import ~100 modules: only when needed
+        docs = doc_sentences()
+        random.Random(seed).shuffle(docs)
+        add(docs)
     return out if n is None else out[:n]
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -119,6 +119,33 @@ def distill_loss(out: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | N
     return d.mean() / norm
 
 
+def target_norms(targets: list[torch.Tensor]) -> list[float]:
+    """Per target, its mean square (1.0 where it is 0): the ``norm`` of :func:`distill_loss`."""
+    return [float(t.pow(2).mean()) or 1.0 for t in targets]
+
+
+def batch_loss(model: nn.Module, calib: list[dict[str, Any]], targets: list[torch.Tensor],
+               norms: list[float], i: int, device: torch.device) -> torch.Tensor:
+    """:func:`distill_loss` of ``model`` on calibration batch ``i`` against ``targets[i]``."""
+    kw = inputs_to(calib[i], device)
+    return distill_loss(first_tensor(model(**kw)), targets[i], kw.get("attention_mask"),
+                        norms[i])
+
+
+def freeze(model: nn.Module) -> Callable[[], None]:
+    """Turn off ``requires_grad`` on every parameter of ``model``; returns the function that
+    restores each one's flag (call it in a ``finally``)."""
+    saved = {p: p.requires_grad for p in model.parameters()}
+    for p in saved:
+        p.requires_grad_(False)
+
+    def thaw() -> None:
+        for p, flag in saved.items():
+            p.requires_grad_(flag)
+
+    return thaw
+
+
 def lr_factor(step: int, steps: int, warmup: float = WARMUP) -> float:
     """Learning-rate multiplier at ``step`` of ``steps``: linear warm-up, cosine decay."""
     w = max(1, int(round(warmup * steps)))
@@ -195,9 +222,7 @@ def finetune_shift(
         tr = TrainableShift(w2, sw.scale.detach().to(device), fmt.bits, fmt.zero,
                             list(fmt.shape)).to(device)
         trainers.append((layer, tr))  # r = unit codes: step 0 is the rounded model
-    saved_grad = {p: p.requires_grad for p in model.parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
+    thaw = freeze(model)
     extra: list[nn.Parameter] = []
     if params == "all+norms":
         extra += [layer.bias for layer, _ in trainers if layer.bias is not None]
@@ -216,12 +241,10 @@ def finetune_shift(
     tr_idx, val_idx = split_batches(len(calib), val_fraction, seed)
     gen = torch.Generator().manual_seed(seed)
     order = [tr_idx[i] for i in torch.randint(0, len(tr_idx), (steps,), generator=gen).tolist()]
-    norms = [float(t.pow(2).mean()) or 1.0 for t in targets]
+    norms = target_norms(targets)
 
     def loss_of(i: int) -> torch.Tensor:
-        kw = inputs_to(calib[i], device)
-        return distill_loss(first_tensor(model(**kw)), targets[i],
-                            kw.get("attention_mask"), norms[i])
+        return batch_loss(model, calib, targets, norms, i, device)
 
     def val_loss() -> float | None:
         if not val_idx:
@@ -271,8 +294,7 @@ def finetune_shift(
             if best is not None:
                 for p, b in zip(train + extra, best):
                     p.copy_(b)
-        for p, flag in saved_grad.items():
-            p.requires_grad_(flag)
+        thaw()
         for layer, tr in trainers:
             layer.weight_module = ShiftWeight(tr.to_codes()).to(device)
     return {"steps": done, "seconds": round(time.perf_counter() - t0, 2),
@@ -281,5 +303,5 @@ def finetune_shift(
             "train_batches": len(tr_idx), "val_batches": len(val_idx)}
 
 
-__all__ = ["PARAMS", "TrainableShift", "distill_loss", "finetune_shift", "lr_factor",
-           "shift_unit", "split_batches"]
+__all__ = ["PARAMS", "TrainableShift", "batch_loss", "distill_loss", "finetune_shift",
+           "freeze", "lr_factor", "shift_unit", "split_batches", "target_norms"]

@@ -124,8 +124,20 @@ def svd_factors(w2: torch.Tensor, k: int, chol: torch.Tensor | None = None
     (about twice as fast as numpy's float64 one on these sizes). With ``chol`` (``L`` of
     ``C = L L^T``), the SVD is of ``W L`` and ``v`` is mapped back by ``L^-1``.
     """
+    return factors_from_svd(whitened_svd(w2, chol), k, chol)
+
+
+def whitened_svd(w2: torch.Tensor, chol: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The float32 SVD ``(U, s, Vh)`` of ``w2`` (of ``W L`` with ``chol``)."""
     mat = w2.float() if chol is None else (w2.double() @ chol).float()
-    uu, s, vh = torch.linalg.svd(mat, full_matrices=False)
+    return torch.linalg.svd(mat, full_matrices=False)
+
+
+def factors_from_svd(svd: tuple[torch.Tensor, torch.Tensor, torch.Tensor], k: int,
+                     chol: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`svd_factors` from the :func:`whitened_svd` of the weight."""
+    uu, s, vh = svd
     root = s[:k].clamp_min(0).sqrt()
     u = uu[:, :k] * root
     v = root[:, None] * vh[:k]
@@ -240,16 +252,17 @@ def run(ctx: PassContext) -> None:
         m = w.shape[0]
         w2 = w.reshape(m, -1)
         chol = whitening(stats[layer.name], w2.shape[1]) if layer.name in stats else None
+        svd = None
         if k == 0:  # energy: rank from the (whitened) spectrum; full rank when no gain
-            mat = w2.float() if chol is None else (w2.double() @ chol).float()
-            k = spectrum_rank(torch.linalg.svdvals(mat), o["energy"])
+            svd = whitened_svd(w2, chol)  # one SVD: the spectrum, then the factors
+            k = spectrum_rank(svd[1], o["energy"])
             n_ = w2.shape[1]
             if k * (m + n_) > o["max_keep"] * m * n_:
                 ctx.skip(layer.name, f"full rank: {o['energy']:g} of the spectrum needs rank "
                                      f"{k}, {k * (m + n_) / (m * n_):.2f} of the parameters "
                                      f"(> max_keep {o['max_keep']:g})")
                 continue
-        u, v = svd_factors(w2, k, chol)
+        u, v = svd_factors(w2, k, chol) if svd is None else factors_from_svd(svd, k, chol)
         aware = chol is not None
         if aware and not (torch.isfinite(u).all() and torch.isfinite(v).all()):
             u, v = svd_factors(w2, k)  # degenerate statistics: plain SVD

@@ -201,10 +201,9 @@ def quality_rows(
         t0 = time.perf_counter()
         if cfg.method == "fp32":
             info = {"bits_per_weight": 32.0, "compressed_bytes": None, "dense_bytes": None}
-            extra: dict[str, Any] = {}
             report = None
         elif cfg.method in BASELINES:
-            info = fake_quantize(m, cfg.method, tuple(cfg.options.get("skip", ())))
+            info = fake_quantize(m, cfg.method, skip)
             report = None
         else:
             report = compress(m, cfg.method, calib=calib if cfg.calibrated else None,

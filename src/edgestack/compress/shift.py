@@ -86,6 +86,8 @@ from edgestack.compress.api import (
     zero_padding_problem,
 )
 from edgestack.errors import CompressError
+from edgestack.compress.finetune import PARAMS as FINETUNE_PARAMS
+from edgestack.compress.gptq import GPTQ_BLOCK, gptq_columns, inverse_factor
 from edgestack.compress.layers import CompressedLayer, ShiftWeight
 from edgestack.compress.report import LayerReport
 from edgestack.compress.walk import LayerInfo, dense_weight, replace_module
@@ -103,7 +105,6 @@ ROUNDINGS = ("nearest", "gptq")
 MAX_VAL_BATCHES = 8
 #: GPTQ dampening, as a fraction of the mean diagonal of the input Hessian.
 GPTQ_DAMP = 0.01
-GPTQ_BLOCK = 128
 #: Exponents ``t`` of the candidate scales ``maxabs * 2^-t`` tried by ``scale="mse"``.
 SCALE_CANDIDATES = tuple(-0.25 + 1.25 * i / 15 for i in range(16))
 
@@ -129,7 +130,7 @@ def check_options(opts: dict[str, Any]) -> None:
         check_float("max_seconds", opts["max_seconds"], 0.0, 1e9, lo_open=True)
     check_int("seed", opts["seed"], 0, None)
     check_choice("sequential", opts["sequential"], (False, True))
-    check_choice("finetune_params", opts["finetune_params"], ("all", "scales", "all+norms"))
+    check_choice("finetune_params", opts["finetune_params"], FINETUNE_PARAMS)
     check_float("finetune_val", opts["finetune_val"], 0.0, 0.5)
     check_int("extra_texts", opts["extra_texts"], 0, None)
 
@@ -218,63 +219,42 @@ def output_error(w2: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
 
 
 def gptq_shift(w2: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, bits: int, zero: bool,
-               block: int = GPTQ_BLOCK) -> torch.Tensor:
+               block: int = GPTQ_BLOCK,
+               factor: tuple[torch.Tensor, torch.Tensor] | None | bool = False) -> torch.Tensor:
     """GPTQ rounding of ``w2 [m, n]`` to shift codes with per-row ``scale``.
 
     Columns are processed in order of decreasing ``diag(H)``; the error of each rounded
     column is propagated onto the remaining ones with the upper Cholesky factor of ``H^-1``
-    (lazy batch updates of ``block`` columns, as in GPTQ).
+    (lazy batch updates of ``block`` columns, as in GPTQ; :func:`~edgestack.compress.gptq.
+    gptq_columns`). ``factor``: :func:`~edgestack.compress.gptq.inverse_factor` of ``h``
+    when the caller already has it (None: singular), else computed here.
 
     Returns:
         The rounded weight (float32, exact shift values ``±2^-e * scale``).
     """
-    m, n = w2.shape
-    perm = torch.argsort(torch.diagonal(h), descending=True)
-    inv = torch.argsort(perm)
-    w = w2.to(torch.float32)[:, perm].clone()
-    hp = h[perm][:, perm]
-    try:
-        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hp)),
-                                     upper=True).to(torch.float32)
-    except RuntimeError:  # numerically singular even after damping: plain rounding
+    if factor is False:
+        factor = inverse_factor(h)
+    if factor is None:  # numerically singular even after damping: plain rounding
         return shift_values(w2, scale, bits, zero)
     n_levels = levels(bits, zero)
     s32 = scale.to(torch.float32)
     safe = torch.where(s32 > 0, s32, torch.ones_like(s32))
     log_s = torch.log2(safe) + math.log2(1.5)
     zero_below = 0.5 * 2.0 ** -(n_levels - 1) * safe
-    q = torch.zeros_like(w)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # thousands of tiny ops: thread hand-offs cost more than they give
-    try:
-        _gptq_loop(w, q, hinv, n, block, log_s, safe, s32, zero_below, n_levels, zero)
-    finally:
-        torch.set_num_threads(threads)
-    return q[:, inv].to(torch.float32)
+    q = torch.empty(w2.shape, dtype=torch.float32, device=w2.device)
 
+    def nearest(col: torch.Tensor, j: int) -> torch.Tensor:
+        # nearest level in the linear domain (as ShiftCodes.quantize)
+        a = col.abs()
+        e = torch.floor(log_s - torch.log2(a.clamp_min(1e-38))).clamp_(0, n_levels - 1)
+        qc = torch.exp2(-e) * safe
+        if zero:
+            qc = torch.where((a < zero_below) | (s32 <= 0), 0.0, qc)
+        q[:, j] = qc = torch.where(col < 0, -qc, qc)
+        return qc
 
-def _gptq_loop(w, q, hinv, n, block, log_s, safe, s32, zero_below, n_levels, zero):  # noqa: ANN001
-    for i1 in range(0, n, block):
-        i2 = min(i1 + block, n)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hb = hinv[i1:i2, i1:i2]
-        diag = torch.diagonal(hb).clone()
-        for j in range(i2 - i1):
-            col = w1[:, j]
-            a = col.abs()
-            # nearest level in the linear domain (as ShiftCodes.quantize)
-            e = torch.floor(log_s - torch.log2(a.clamp_min(1e-38))).clamp_(0, n_levels - 1)
-            qc = torch.exp2(-e) * safe
-            if zero:
-                qc = torch.where((a < zero_below) | (s32 <= 0), 0.0, qc)
-            qc = torch.where(col < 0, -qc, qc)
-            q[:, i1 + j] = qc
-            e_col = (col - qc) / diag[j]
-            w1[:, j + 1:].addr_(e_col, hb[j, j + 1:], alpha=-1)
-            err1[:, j] = e_col
-        if i2 < n:
-            w[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)
+    gptq_columns(w2, factor, nearest, block)
+    return q
 
 
 def refit_scale(w2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, h: torch.Tensor
@@ -378,15 +358,15 @@ def run(ctx: PassContext) -> None:
     sequential = rounding == "gptq" and o["sequential"]
     if ctx.calib is not None and method != "maxabs" and rounding == "nearest":
         stats = collect_input_stats(ctx.model, ctx.calib, layers, progress=ctx.progress)
+    elif rounding == "gptq" and not sequential and layers:  # (gptq: calib checked above)
+        stats = collect_input_stats(ctx.model, ctx.calib, layers,
+                                    gram=lambda lay: lay.kind == "linear",
+                                    progress=ctx.progress)
     replacements = []
     for layer in ctx.iterate(layers, "shift"):
         bits = layer_bits(layer.name, bits0, o["bits_per_layer"])
         w = dense_weight(layer).cpu()
         w2 = w.reshape(w.shape[0], -1)
-        if rounding == "gptq" and not sequential and not stats and ctx.calib is not None:
-            stats = collect_input_stats(ctx.model, ctx.calib, layers,
-                                        gram=lambda lay: lay.kind == "linear",
-                                        progress=ctx.progress)
         if sequential:
             # GPTQ sees the inputs of the model quantized so far (earlier layers replaced)
             st = layer_input_stats(ctx.model, ctx.calib, layer)
@@ -402,8 +382,9 @@ def run(ctx: PassContext) -> None:
             h = hessian(st.gram, st.gram_count)
             base_err = output_error(w2, q, h)
             best_q, best_s, best_err = q, scale, base_err
+            factor = inverse_factor(h)  # one Cholesky per layer, both rounds
             for _ in range(2):
-                cand = gptq_shift(w2, h, best_s, bits, zero)
+                cand = gptq_shift(w2, h, best_s, bits, zero, factor=factor)
                 s2 = refit_scale(w2, cand, best_s, h)
                 cand2 = (cand / torch.where(best_s > 0, best_s, 1.0)[:, None]) * s2[:, None]
                 for qq, ss in ((cand, best_s), (cand2, s2)):
