@@ -186,3 +186,17 @@ def test_pick_tiers() -> None:
     assert B.pick_tiers(4, 10) == [0, 1, 2, 3]
     assert B.pick_tiers(7, "all") == list(range(7))
     assert B.pick_tiers(7, 1) == [6]
+
+
+def test_example_feeds_refuse_inputs_they_cannot_make(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper
+
+    from edgestack.errors import TargetError
+    from edgestack.targets.feeds import example_feeds
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["text"], ["y"])], "g",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.STRING, [1])])
+    with pytest.raises(TargetError, match="'text'.*give the inputs explicitly"):
+        example_feeds(helper.make_model(graph))

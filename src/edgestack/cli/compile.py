@@ -39,28 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def random_feeds(model_path: str, seed: int = 0, dim: int = 2) -> dict:
-    """Random inputs for every graph input (symbolic dims -> ``dim``; ints in [0, 100))."""
-    import numpy as np
-    import onnxruntime as ort
-
-    rng = np.random.default_rng(seed)
-    sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    feeds = {}
-    for i in sess.get_inputs():
-        shape = [d if isinstance(d, int) else dim for d in i.shape]
-        if "int" in i.type:
-            dtype = np.int64 if "int64" in i.type else np.int32
-            feeds[i.name] = rng.integers(0, 100, shape).astype(dtype)
-        elif "bool" in i.type:
-            feeds[i.name] = rng.integers(0, 2, shape).astype(bool)
-        else:
-            feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
-    return feeds
-
-
 def run(args: argparse.Namespace) -> int:
     from edgestack.targets import get_target
+    from edgestack.targets.feeds import example_feeds
 
     target = get_target(args.target)
     opts = {}
@@ -80,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"edgestack compile: skipped: {msg}")
         return EXIT_SKIPPED
     t0 = time.perf_counter()
-    golden = random_feeds(args.model) if args.golden else None
+    golden = example_feeds(args.model, batch=2, seq=2) if args.golden else None
     art = target.lower(args.model, args.out, args.profile, golden=golden, **opts)
     elapsed = time.perf_counter() - t0
     if args.json:

@@ -36,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgestack.cli.compile import random_feeds
+    from edgestack.targets.feeds import example_feeds
     from edgestack.targets.parity import Case, cross_check
 
     targets = "all" if args.targets == "all" else [t.strip() for t in args.targets.split(",")]
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="edgestack-parity-") as tmp:
         path = Path(args.model)
         if path.suffix == ".onnx" and path.is_file():
-            case = Case(path.stem, path, random_feeds(str(path)))
+            case = Case(path.stem, path, example_feeds(path, batch=2, seq=2))
         else:
             case = _case_from_source(args, Path(tmp))
         reports = cross_check([case], targets, profile=args.profile, options=options,

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  self-test skipped: {test.get('reason')}")
             print("PASS" if report["ok"] else "FAIL")
         return EXIT_OK if report["ok"] else EXIT_CHECK_FAILED
-    from edgestack.cli.compile import random_feeds
+    from edgestack.targets.feeds import example_feeds
     from edgestack.errors import TargetError
     from edgestack.targets import Artifact, load_runner
     from edgestack.targets.parity import TOLERANCES, CaseReport, TargetCheck, _judge
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
         feeds, ref = golden
         ref_name = "golden outputs (x86 ONNX Runtime at compile time)"
     else:
-        feeds = random_feeds(str(art.path("source")))
+        feeds = example_feeds(art.path("source"), batch=2, seq=2)
         ref = reference_outputs(art.path("source"), feeds)
         ref_name = "onnxruntime x86 (source model)"
     kwargs = {"emulate": True} if args.emulate else {}

@@ -163,37 +163,6 @@ def _order_from_metadata(model: Any, torch_names: Mapping[str, str],
     return order, "model"
 
 
-def _golden_inputs(graph: Any, skip: set[str]) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    feeds = {}
-    for vi in graph.input:
-        if vi.name in skip:
-            continue
-        tt = vi.type.tensor_type
-        dtype = _NP_OF_ONNX.get(tt.elem_type)
-        if dtype is None:
-            raise PackageError(
-                f"pack: graph input {vi.name!r} has ONNX element type {tt.elem_type}, which the "
-                "golden-input generator does not support; pass golden_inputs explicitly"
-            )
-        shape = []
-        for i, d in enumerate(tt.shape.dim):
-            shape.append(d.dim_value if d.HasField("dim_value") and d.dim_value > 0
-                         else (1 if i == 0 else 16))
-        low = vi.name.lower()
-        if np.issubdtype(dtype, np.integer) or dtype == np.bool_:
-            if "mask" in low:
-                arr = np.ones(shape, dtype=dtype)
-            elif "type" in low:
-                arr = np.zeros(shape, dtype=dtype)
-            else:
-                arr = rng.integers(0, 100, size=shape).astype(dtype)
-        else:
-            arr = rng.standard_normal(shape).astype(dtype)
-        feeds[vi.name] = arr
-    return feeds
-
-
 def activation_bytes(model: Any, input_shapes: Mapping[str, Sequence[int]],
                      bitstack_outputs: Mapping[str, tuple[Sequence[int], str]]) -> int:
     """Estimate of the peak bytes of live intermediate tensors of one run.
@@ -449,7 +418,12 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
             order, order_source = got, "model"
 
     # golden inputs/outputs at the last tier (every block fed)
-    feeds = dict(golden_inputs) if golden_inputs else _golden_inputs(g, removed)
+    if golden_inputs:
+        feeds = dict(golden_inputs)
+    else:
+        from edgestack.targets.feeds import example_feeds
+
+        feeds = example_feeds(g, batch=1, seq=16, skip=removed)
     unknown = set(feeds) - user_inputs
     if unknown:
         raise PackageError(f"pack: golden inputs {sorted(unknown)} are not graph inputs; "
