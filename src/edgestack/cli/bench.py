@@ -67,7 +67,8 @@ def _count(text: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from edgestack.errors import EdgestackError
-    from edgestack.profiler.bench import load_feeds, run_bench
+    from edgestack.profiler.bench import run_bench
+    from edgestack.targets.feeds import load_feeds
 
     if args.iterations < 1 or args.warmup < 0 or args.batch < 1 or args.seq < 1:
         raise EdgestackError(

@@ -31,26 +31,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def load_inputs(path: str) -> dict[str, np.ndarray]:
-    """Arrays of an .npz file (no pickles)."""
-    from edgestack.errors import EdgestackError
-
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as exc:
-        raise EdgestackError(f"--input {path}: not a readable .npz of arrays ({exc}); save "
-                             "inputs with numpy.savez(path, input_ids=..., ...)") from None
-
-
 def run(args: argparse.Namespace) -> int:
     from edgestack.runtime import Runtime
+    from edgestack.targets.feeds import load_feeds
 
+    given = load_feeds(args.input) if args.input else None      # bad input fails before loading
     t0 = time.perf_counter()
     with Runtime(args.package, args.budget, profile=args.profile, auto=args.auto,
                  tier=args.tier, threads=args.threads) as rt:
         load_s = time.perf_counter() - t0
-        feeds = load_inputs(args.input) if args.input else rt.package.golden()[0]
+        feeds = given if given is not None else rt.package.golden()[0]
         times = []
         for _ in range(max(1, args.repeat)):
             t = time.perf_counter()

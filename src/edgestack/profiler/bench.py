@@ -130,27 +130,6 @@ def bench_feeds(model_path: str | Path, batch: int = 1, seq: int = 128,
     return example_feeds(model_path, batch=batch, seq=seq, seed=seed, high=1000)
 
 
-def load_feeds(path: str | Path) -> dict[str, np.ndarray]:
-    """Inputs from an ``.npz`` file (input name -> array; no pickled objects).
-
-    Raises:
-        TargetError: the file is missing, not an npz archive, or holds no arrays.
-    """
-    p = Path(path)
-    try:
-        with np.load(p, allow_pickle=False) as npz:
-            feeds = {k: npz[k] for k in npz.files}
-    except FileNotFoundError:
-        raise TargetError(f"input file {p} does not exist; expected an .npz file mapping "
-                          f"input names to arrays (numpy.savez)") from None
-    except (OSError, ValueError) as exc:
-        raise TargetError(f"input file {p} is not a readable .npz archive of arrays ({exc}); "
-                          f"write it with numpy.savez(path, input_name=array, ...)") from None
-    if not feeds:
-        raise TargetError(f"input file {p} holds no arrays; expected one per model input")
-    return feeds
-
-
 # ---- subjects -------------------------------------------------------------------------
 def _files_bytes(folder: Path) -> int:
     """Bytes of the files an artifact loads (its model and weight files, not its source)."""
@@ -623,7 +602,7 @@ def write_report(report: BenchReport, out: Path, plots: bool = True) -> BenchRep
 
 
 __all__ = ["BASELINES", "BenchReport", "Handle", "Row", "Subject", "bench_feeds",
-           "baseline_subjects", "dense_of", "interleaved_latency", "load_feeds",
+           "baseline_subjects", "dense_of", "interleaved_latency",
            "measure_memory", "measure_subjects", "open_subject", "package_outputs",
            "package_subjects", "pick_tiers", "is_package_path", "run_bench", "target_subjects",
            "write_report"]

@@ -64,3 +64,24 @@ def example_feeds(model: str | Path | Any, *, batch: int = 1, seq: int = 16, see
         else:
             feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
     return feeds
+
+
+def load_feeds(path: str | Path) -> dict[str, np.ndarray]:
+    """Inputs from an ``.npz`` file (input name -> array; no pickled objects).
+
+    Raises:
+        TargetError: the file is missing, not an npz archive, or holds no arrays.
+    """
+    p = Path(path)
+    try:
+        with np.load(p, allow_pickle=False) as npz:
+            feeds = {k: npz[k] for k in npz.files}
+    except FileNotFoundError:
+        raise TargetError(f"input file {p} does not exist; expected an .npz file mapping "
+                          f"input names to arrays (numpy.savez)") from None
+    except (OSError, ValueError) as exc:
+        raise TargetError(f"input file {p} is not a readable .npz archive of arrays ({exc}); "
+                          f"write it with numpy.savez(path, input_name=array, ...)") from None
+    if not feeds:
+        raise TargetError(f"input file {p} holds no arrays; expected one per model input")
+    return feeds
