@@ -187,8 +187,14 @@ def test_corpus_is_large_deterministic_and_never_holds_a_held_sentence():
     assert corpus_sentences(300) == corpus[:300]
     with pytest.raises(CompressError, match="tokenizer.json"):
         model_text_calib(MLP(), 10)
-    with pytest.raises(CompressError, match="tokenizer.json"):
-        compress(MLP(), "shift", calib=mlp_calib(n=2), rounding="gptq", extra_texts=10)
+    # extra_texts is an option of every calibrated method, handled before the pass runs
+    for method in ("shift", "bitstack", "lowrank", "prune"):
+        with pytest.raises(CompressError, match="tokenizer.json"):
+            compress(MLP(), method, calib=mlp_calib(n=2), extra_texts=10)
+    with pytest.raises(CompressError, match="has no option 'extra_texts'"):
+        compress(MLP(), "none", extra_texts=10)
+    with pytest.raises(CompressError, match="extra_texts"):
+        compress(MLP(), "bitstack", extra_texts=-1)
 
 
 def test_extra_texts_tokenized_like_the_calibration_batches():
@@ -387,3 +393,28 @@ def test_quality_cli_small_model(capsys, tmp_path):
     bad = parser.parse_args(["quality", "small-cnn", "--method", "shift", "--blocks", "2"])
     with pytest.raises(CompressError, match="do not apply"):
         bad.run(bad)
+
+
+def test_quality_cli_bitstack_flags_reach_compress(capsys):
+    from edgestack.cli import quality
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    quality.add_parser(sub)
+    args = parser.parse_args(["quality", "small-cnn", "--method", "bitstack", "--blocks", "2",
+                              "--factor-bits", "0.125", "--signs", "plain", "--tiers", "1,2",
+                              "--no-baselines", "--json"])
+    assert quality.method_options(args) == {"n_blocks": 2, "factor_bits": 0.125,
+                                            "signs": "plain"}
+    assert args.run(args) == 0
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert [r["label"].rsplit(", ", 1)[1] for r in rows] == ["1 blocks", "2 blocks"]
+    assert rows[0]["tier_blocks"] < rows[1]["tier_blocks"]
+    assert rows[0]["bits_per_weight"] < rows[1]["bits_per_weight"]
+    assert all(r["options"]["factor_bits"] == 0.125 for r in rows)
+    # --extra-texts is compress()'s extra_texts (text models only: small-cnn has no tokenizer)
+    ex = parser.parse_args(["quality", "small-cnn", "--method", "prune", "--extra-texts", "5",
+                            "--no-baselines"])
+    assert quality.method_options(ex) == {"extra_texts": 5}
+    with pytest.raises(CompressError, match="tokenizer.json"):
+        ex.run(ex)

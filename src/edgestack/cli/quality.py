@@ -41,12 +41,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--rounding", choices=("nearest", "gptq"), default=None,
                    help="shift: nearest or GPTQ rounding (needs calibration)")
     g.add_argument("--finetune-steps", type=int, default=None,
-                   help="shift: steps of STE fine-tune (default 0)")
+                   help="shift: steps of STE fine-tune; bitstack: steps of factor fine-tune "
+                   "(default 0)")
+    g.add_argument("--finetune-lr", type=float, default=None,
+                   help="shift/bitstack: peak learning rate of the fine-tune")
     g.add_argument("--max-seconds", type=float, default=None,
-                   help="shift: time limit of the fine-tune")
-    g.add_argument("--seed", type=int, default=None, help="shift: fine-tune seed")
+                   help="shift/bitstack: time limit of the fine-tune")
+    g.add_argument("--seed", type=int, default=None, help="shift/bitstack: fine-tune seed")
     g.add_argument("--blocks", type=int, default=None, help="bitstack: blocks per layer")
     g.add_argument("--k", type=int, default=None, help="bitstack: rank per block")
+    g.add_argument("--factor-bits", type=float, default=None,
+                   help="bitstack: factor bits per weight per block, sets k by shape "
+                   "(default 0.25; 0.125 is best on MiniLM)")
+    g.add_argument("--signs", choices=("auto", "gptq", "plain"), default=None,
+                   help="bitstack: how block signs are chosen (default auto)")
     g.add_argument("--tiers", default=None,
                    help="bitstack: comma-separated tiers to score: whole levels (int) or bit "
                    "budgets (float), e.g. 2,3,4.5")
@@ -69,6 +77,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--calib-n", type=int, default=128,
                    help="calibration sentences from the shipped corpus (default 128)")
     c.add_argument("--calib-seq", type=int, default=64, help="tokens per sentence (default 64)")
+    c.add_argument("--extra-texts", type=int, default=None,
+                   help="any method: more corpus sentences for the pass only (compress()'s "
+                   "extra_texts: the baselines and --calib-n are unchanged; text models)")
     p.add_argument("--out", default=None, help="also write the JSON rows to this file")
     p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
     p.set_defaults(run=run)
@@ -83,11 +94,15 @@ def _flags(args: argparse.Namespace) -> list[tuple[str, object, dict[str, str | 
         ("--bits", args.bits, {"shift": "bits"}),
         ("--zero", args.zero or None, {"shift": "zero"}),
         ("--rounding", args.rounding, {"shift": "rounding"}),
-        ("--finetune-steps", args.finetune_steps, {"shift": "finetune_steps"}),
-        ("--max-seconds", args.max_seconds, {"shift": "max_seconds"}),
-        ("--seed", args.seed, {"shift": "seed"}),
+        ("--finetune-steps", args.finetune_steps,
+         {"shift": "finetune_steps", "bitstack": "finetune_steps"}),
+        ("--finetune-lr", args.finetune_lr, {"shift": "finetune_lr", "bitstack": "finetune_lr"}),
+        ("--max-seconds", args.max_seconds, {"shift": "max_seconds", "bitstack": "max_seconds"}),
+        ("--seed", args.seed, {"shift": "seed", "bitstack": "seed"}),
         ("--blocks", args.blocks, {"bitstack": "n_blocks"}),
         ("--k", args.k, {"bitstack": "k"}),
+        ("--factor-bits", args.factor_bits, {"bitstack": "factor_bits"}),
+        ("--signs", args.signs, {"bitstack": "signs"}),
         ("--tiers", args.tiers, {"bitstack": None}),
         ("--rank", args.rank, {"lowrank": "rank"}),
         ("--ratio", args.ratio, {"lowrank": "ratio", "prune": "ratio"}),
@@ -96,6 +111,7 @@ def _flags(args: argparse.Namespace) -> list[tuple[str, object, dict[str, str | 
         ("--metric", args.metric, {"prune": "metric"}),
         ("--adaptive", True if args.adaptive else None, {"prune": "adaptive"}),
         ("--no-act-aware", no_act, {"bitstack": "act_aware", "lowrank": "act_aware"}),
+        ("--extra-texts", args.extra_texts, {m: "extra_texts" for m in METHODS}),
     ]
 
 

@@ -51,14 +51,6 @@ Options:
         (also the shift layers' biases and the LayerNorm weights, which stay fp32).
     finetune_val: share of the calibration batches held out of the fine-tune to pick the
         best step (default 0.1, at most :data:`MAX_VAL_BATCHES` batches; 0: keep the last).
-    extra_texts: 0 (default) or a number of sentences of edgestack's text corpus
-        (:func:`edgestack.compress.calib.corpus_sentences`: the shipped corpus, then
-        sentences from Python standard-library docstrings; never the held evaluation set)
-        added to ``calib`` for GPTQ statistics and the fine-tune, tokenized with the model's
-        own ``tokenizer.json`` (Hugging Face text models loaded from a folder only; sentences
-        already in ``calib`` are left out): more calibration text against over-fitting, no
-        download. On MiniLM the shipped corpus (836) helped GPTQ and the fine-tune; the
-        docstring prose beyond it made GPTQ worse (it is not like everyday English).
     max_seconds: stop the fine-tune after this many seconds (default None: all steps; the
         best latents so far are kept).
     seed: seed of the fine-tune's batch order and held-out split (default 0): the result is
@@ -97,7 +89,7 @@ from edgestack.formats.shift import MAX_BITS, MIN_BITS, levels
 OPTIONS: dict[str, Any] = {
     "bits": 4, "zero": False, "scale": "mse", "rounding": "nearest", "bits_per_layer": None,
     "finetune_steps": 0, "finetune_lr": 1e-3, "max_seconds": None, "seed": 0,
-    "sequential": False, "finetune_params": "all", "finetune_val": 0.1, "extra_texts": 0,
+    "sequential": False, "finetune_params": "all", "finetune_val": 0.1,
 }
 SCALES = ("mse", "maxabs")
 ROUNDINGS = ("nearest", "gptq")
@@ -132,7 +124,6 @@ def check_options(opts: dict[str, Any]) -> None:
     check_choice("sequential", opts["sequential"], (False, True))
     check_choice("finetune_params", opts["finetune_params"], FINETUNE_PARAMS)
     check_float("finetune_val", opts["finetune_val"], 0.0, 0.5)
-    check_int("extra_texts", opts["extra_texts"], 0, None)
 
 
 def shift_values(w2: torch.Tensor, scale: torch.Tensor, bits: int, zero: bool) -> torch.Tensor:
@@ -330,11 +321,6 @@ def run(ctx: PassContext) -> None:
     bits0, zero, method, rounding = o["bits"], o["zero"], o["scale"], o["rounding"]
     needs = [opt for opt, on in (("rounding='gptq'", rounding == "gptq"),
                                  ("finetune_steps", o["finetune_steps"] > 0)) if on]
-    if o["extra_texts"] > 0:
-        from edgestack.compress.calib import model_text_calib
-
-        ctx.calib = list(ctx.calib or []) + model_text_calib(ctx.model, o["extra_texts"],
-                                                             ctx.calib)
     if needs and ctx.calib is None:
         raise CompressError(
             f"shift: {' and '.join(needs)} need(s) calibration data; pass calib=[...] "
