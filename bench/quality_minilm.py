@@ -1,7 +1,7 @@
 """Compression quality on all-MiniLM-L6-v2: every method vs int8/int4 baselines, one run.
 
 Usage: .venv/bin/python bench/quality_minilm.py [--out bench/results/quality_minilm.json]
-       [--finetune-seconds 300] [--only LABEL_SUBSTRING ...]
+       [--finetune-seconds 3600] [--only LABEL_SUBSTRING ...] [--merge]
 
 Same as ``edgestack quality minilm --all``; writes the rows as JSON and prints the markdown
 table used in docs/quality.md. Metric: mean-pooled sentence-embedding cosine vs fp32 on the
@@ -29,7 +29,8 @@ from edgestack.compress.quality import EmbeddingEval, markdown_table, quality_ro
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results/quality_minilm.json")
-    ap.add_argument("--finetune-seconds", type=float, default=300.0)
+    ap.add_argument("--finetune-seconds", type=float, default=3600.0,
+                    help="safety bound of each fine-tune (the step counts decide the result)")
     ap.add_argument("--only", nargs="*", default=None,
                     help="run only configurations whose label contains one of these")
     ap.add_argument("--merge", action="store_true",

@@ -41,6 +41,14 @@ Usage::
     .venv/bin/python bench/targets_latency.py [--seq 128] [--threads 2] [--iters 60]
         [--rounds 30] [--spinning on|off|both] [--work DIR] [--json OUT]
 
+A GEMM check times the int8 GEMM (the graph the ``ort-cpu`` int8 lowering writes, which
+ORT fuses into ``DynamicQuantizeMatMul``) against the fp32 ``MatMul`` at the shapes of one
+MiniLM layer, nothing else: since attention, GELU and LayerNorm cost the fp32 and the int8
+model the same, the int8 model's ratio cannot go below that GEMM ratio. It also records the
+CPU's int8 dot-product extensions (VNNI), which the fast int8 kernels need. An operator
+profile (ORT's profiler, one thread) of the tuned dense fp32 and edgestack int8 models splits
+each call into GEMMs and everything else.
+
 Exported models are cached in ``--work`` (default ``.cache/bench-targets``).
 """
 
@@ -112,6 +120,84 @@ def layernorm_kernels(seq: int, threads: int, iters: int = 200) -> dict[str, flo
     return {k: round(float(np.median(v)), 1) for k, v in times.items()}
 
 
+def gemm_kernels(seq: int, threads: int, d: int = 384, rounds: int = 30, per: int = 10
+                 ) -> dict:
+    """The int8 GEMM against the fp32 GEMM at MiniLM's shapes, nothing else: the bound on the
+    shift model's ratio on this CPU.
+
+    Per encoder layer: 4 GEMMs ``[seq, d] x [d, d]`` (q, k, v, attention output), one
+    ``[seq, d] x [d, 4d]`` and one ``[seq, 4d] x [4d, d]``. fp32 ``MatMul`` on a constant
+    weight against the graph the ``ort-cpu`` int8 lowering writes (``DynamicQuantizeLinear``,
+    ``MatMulInteger`` on int8 codes, ``Cast``, ``Mul``; ORT fuses it into
+    ``DynamicQuantizeMatMul``). p50 of the per-layer sum: 1 thread by thread CPU time, and
+    ``threads`` threads by wall time, pool threads not spinning. If every other op of the
+    model took no time at all, the int8 model's ratio would be ``gemm_ratio``; since the
+    other ops (attention, GELU, LayerNorm) cost both models the same, the model's ratio is
+    above it. Also the CPU's int8 dot-product extensions (``*vnni*`` flags of
+    /proc/cpuinfo), which decide how fast the int8 kernel can be.
+    """
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    shapes = ((d, d, 4), (d, 4 * d, 1), (4 * d, d, 1))
+
+    def session(nodes, k, n, inits, n_threads):
+        io = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, seq, k]),
+              helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, seq, n])]
+        graph = helper.make_graph(nodes, "gemm", io[:1], io[1:], inits)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = n_threads
+        so.log_severity_level = 3
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(model.SerializeToString(), so,
+                                    providers=["CPUExecutionProvider"])
+
+    out: dict = {}
+    for n_threads, clock, key in ((1, time.thread_time, "1_thread_cpu"),
+                                  (threads, time.perf_counter, f"{threads}_threads_wall")):
+        total = {"fp32": 0.0, "int8": 0.0}
+        for k, n, reps in shapes:
+            x = {"x": rng.standard_normal((1, seq, k)).astype(np.float32)}
+            w = (rng.standard_normal((k, n)) * 0.05).astype(np.float32)
+            q = rng.integers(-64, 65, (k, n)).astype(np.int8)
+            s = (rng.random(n) * 1e-3).astype(np.float32)
+            sessions = {
+                "fp32": session([helper.make_node("MatMul", ["x", "w"], ["y"])], k, n,
+                                [numpy_helper.from_array(w, "w")], n_threads),
+                "int8": session([
+                    helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+                    helper.make_node("MatMulInteger", ["xq", "q", "xz"], ["acc"]),
+                    helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+                    helper.make_node("Mul", ["xs", "s"], ["xws"]),
+                    helper.make_node("Mul", ["accf", "xws"], ["y"])], k, n,
+                    [numpy_helper.from_array(q, "q"), numpy_helper.from_array(s, "s")],
+                    n_threads)}
+            times: dict[str, list[float]] = {name: [] for name in sessions}
+            for _ in range(rounds):
+                for name, sess in sessions.items():
+                    for _ in range(per):
+                        t0 = clock()
+                        sess.run(None, x)
+                        times[name].append(clock() - t0)
+            for name, ts in times.items():
+                total[name] += reps * float(np.median(ts)) * 1e3
+        out[key] = {"fp32_ms_per_layer": round(total["fp32"], 3),
+                    "int8_ms_per_layer": round(total["int8"], 3),
+                    "gemm_ratio": round(total["int8"] / total["fp32"], 3)}
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    out["cpu_int8_dot_extensions"] = sorted(f for f in flags if "vnni" in f) or "none"
+    return out
+
+
 def cpu_times(entries: list, feeds: dict, spinning: str, iters: int, rounds: int
               ) -> dict[int, float]:
     """p50 CPU time (ms, ``time.thread_time``) of one call with ONE intra-op thread, for the
@@ -140,6 +226,41 @@ def cpu_times(entries: list, feeds: dict, spinning: str, iters: int, rounds: int
                 s.run(None, f)
                 times[key].append((time.thread_time() - t0) * 1e3)
     return {k: round(float(np.median(v)), 2) for k, v in times.items()}
+
+
+def op_profile(entries: list, feeds: dict, calls: int = 30) -> dict[str, dict[str, float]]:
+    """ms per call by operator type (ORT's profiler, ONE intra-op thread, pool not spinning)
+    for the tuned dense fp32 and the tuned edgestack int8 model: where the two differ."""
+    import tempfile
+
+    from edgestack.targets.ort_cpu import cpu_session
+
+    wanted = {("ORT fp32 dense", "ort-cpu tuned"): "dense fp32",
+              ("edgestack shift4 DeepShift, ort-cpu int8", "ort-cpu tuned"): "edgestack int8"}
+    out: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, _runner, _p, tuning, art in entries:
+            key = wanted.get((label, tuning))
+            if key is None or key in out:
+                continue
+            sess = cpu_session(art.path(), 1, art.options["graph_optimization"], "off",
+                               art.options.get("disabled_optimizers"),
+                               profile=str(Path(tmp) / key.replace(" ", "_")))
+            f = {k: v for k, v in feeds.items() if k in art.inputs}
+            for _ in range(calls):
+                sess.run(None, f)
+            per_op: dict[str, float] = {}
+            for ev in json.loads(Path(sess.end_profiling()).read_text()):
+                if ev.get("cat") == "Node" and ev["name"].endswith("_kernel_time"):
+                    op = ev["args"]["op_name"]
+                    per_op[op] = per_op.get(op, 0.0) + ev["dur"] / 1e3 / calls
+            out[key] = {op: round(ms, 3) for op, ms in
+                        sorted(per_op.items(), key=lambda kv: -kv[1])}
+    return out
+
+
+GEMM_OPS = ("Gemm", "FusedGemm", "MatMul", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+            "MatMulInteger", "DynamicQuantizeLinear")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
     load0 = os.getloadavg()[0]
     kernels = layernorm_kernels(args.seq, args.threads)
+    gemms = gemm_kernels(args.seq, args.threads)
 
     rng = np.random.default_rng(0)
     feeds = {"input_ids": rng.integers(0, 30000, (1, args.seq)).astype(np.int64),
@@ -238,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                 runner.infer(f)
                 times[k].append((time.perf_counter() - t0) * 1e3)
     cpu = cpu_times(entries, feeds, spins[0], args.iters, args.rounds)
+    ops = op_profile(entries, feeds)
     load1 = os.getloadavg()[0]
     rows = []
     for (label, runner, precision, tuning, art), ts, c in zip(entries, times, cos):
@@ -270,6 +393,15 @@ def main(argv: list[str] | None = None) -> int:
           f"{openvino.__version__.split('-')[0]}; load average {load0:.1f} -> {load1:.1f}")
     print("kernel check, [1, %d, 384], p50 us: %s" % (
         args.seq, ", ".join(f"{k} {v:.1f}" for k, v in kernels.items())))
+    print("GEMM check (one layer's 6 GEMMs; int8 dot extensions: %s): %s" % (
+        gemms["cpu_int8_dot_extensions"], "; ".join(
+            f"{k}: fp32 {v['fp32_ms_per_layer']:.2f} ms, int8 {v['int8_ms_per_layer']:.2f} ms, "
+            f"int8/fp32 {v['gemm_ratio']:.2f}" for k, v in gemms.items() if isinstance(v, dict))))
+    for key, per_op in ops.items():
+        gemm = sum(v for k, v in per_op.items() if k in GEMM_OPS)
+        rest = sum(v for k, v in per_op.items() if k not in GEMM_OPS)
+        print(f"op profile, 1 thread, {key}: GEMMs {gemm:.2f} ms, other ops {rest:.2f} ms ("
+              + ", ".join(f"{k} {v:.2f}" for k, v in list(per_op.items())[:6]) + ")")
     print("| model | tuning | spinning | precision | p50 ms | p10 ms | vs ORT fp32 (plain) | "
           "vs ORT fp32 (tuned) | 1-thread CPU ms | CPU vs plain fp32 | CPU vs tuned fp32 | "
           "cosine vs ORT fp32 dense |")
@@ -287,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
                 "openvino": openvino.__version__, "load_average": [load0, load1],
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 "layernorm_kernels_us": kernels,
+                "gemm_kernels": gemms,
+                "op_profile_1thread_ms": ops,
                 "plain": "ORT defaults (level all), no edgestack fusions",
                 "ort-cpu tuned": "ort-cpu defaults: transformer=auto (MultiHeadAttention, "
                                  "BiasGelu), disabled_optimizers=SkipLayerNormFusion",

@@ -165,12 +165,16 @@ def session_options(threads: int, optimization: str, spinning: str = "on") -> An
 
 
 def cpu_session(path: str | Path, threads: int = 1, optimization: str = "all",
-                spinning: str = "on", disabled: Any = None) -> Any:
+                spinning: str = "on", disabled: Any = None, profile: str | None = None) -> Any:
     """An ONNX Runtime CPU session on ``path`` with :func:`session_options` and the
-    ``disabled`` graph optimizers (see :func:`disabled_optimizers`)."""
+    ``disabled`` graph optimizers (see :func:`disabled_optimizers`); with ``profile`` (a
+    file prefix) ORT's profiler is on (``session.end_profiling()`` returns the JSON file)."""
     import onnxruntime as ort
 
     so = session_options(threads, optimization, spinning)
+    if profile is not None:
+        so.enable_profiling = True
+        so.profile_file_prefix = str(profile)
     names = disabled_optimizers(disabled)
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
                                 **({"disabled_optimizers": names} if names else {}))
