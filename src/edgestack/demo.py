@@ -26,10 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+#: GPTQ statistics (shift rounding, BitStack signs) from the whole shipped corpus: 836
+#: sentences (``extra_texts``) instead of the 128 calibration batches (docs/quality.md)
 DEFAULT_METHODS: dict[str, dict[str, Any]] = {
     "none": {},
-    "shift": {"bits": 4, "zero": True, "rounding": "gptq"},
-    "bitstack": {"n_blocks": 5, "factor_bits": 0.125, "signs": "gptq"},
+    "shift": {"bits": 4, "zero": True, "rounding": "gptq", "extra_texts": 836},
+    "bitstack": {"n_blocks": 5, "factor_bits": 0.125, "signs": "gptq", "extra_texts": 836},
     "lowrank": {"energy": 0.99, "max_keep": 0.9},
     "prune": {"ratio": 0.1, "metric": "fluctuation", "adaptive": True},
 }
