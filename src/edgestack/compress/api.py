@@ -184,6 +184,40 @@ class PassContext:
         """``items``, wrapped in a tqdm bar when ``progress`` is on."""
         return progress_iter(items, self.progress, desc, total)
 
+    def decodable_layers(self) -> list[LayerInfo]:
+        """The layers a decode-based pass (shift, bitstack, low-rank) can replace; the others
+        are recorded as skipped with the reason (:func:`zero_padding_problem`)."""
+        out = []
+        for layer in self.layers:
+            problem = zero_padding_problem(layer)
+            if problem:
+                self.skip(layer.name, problem)
+            else:
+                out.append(layer)
+        return out
+
+    def require_calib(self, needs: list[str], why: str = "",
+                      instead: str = "use the defaults") -> None:
+        """Refuse to run without calibration data, or with too little of it, when one of the
+        options named in ``needs`` is on (``why``: what the data is for; ``instead``: the
+        options that do without).
+
+        Raises:
+            CompressError: ``needs`` is not empty and ``calib`` is None, empty or too short
+                (:func:`edgestack.compress.calib.check_calib_tokens`).
+        """
+        if not needs:
+            return
+        if self.calib is None:
+            raise CompressError(
+                f"{self.method}: {' and '.join(needs)} need(s) calibration data{why}; pass "
+                "calib=[...] (e.g. edgestack.compress.calib.text_calib(model_dir)) or "
+                f"{instead}"
+            )
+        from edgestack.compress.calib import check_calib_tokens
+
+        check_calib_tokens(self.calib)
+
     def is_skipped(self, name: str) -> bool:
         """Whether ``name`` matches a ``skip`` prefix."""
         return _matches(name, self.options["skip"]) is not None

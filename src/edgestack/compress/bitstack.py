@@ -101,7 +101,6 @@ from edgestack.compress.api import (
     check_float,
     check_int,
     collect_input_stats,
-    zero_padding_problem,
 )
 from edgestack.compress.bitstack_fit import (
     finetune_factors,
@@ -113,7 +112,7 @@ from edgestack.compress.bitstack_fit import (
 from edgestack.compress.layers import BitStackWeight, CompressedLayer
 from edgestack.compress.report import LayerReport
 from edgestack.compress.shift import hessian, model_outputs
-from edgestack.compress.walk import LayerInfo, dense_weight, replace_module
+from edgestack.compress.walk import dense_weight, replace_module
 from edgestack.errors import CompressError
 from edgestack.formats import BitStackStack, pack_bits
 
@@ -278,22 +277,11 @@ def _column_scale(mean_sq: torch.Tensor) -> torch.Tensor:
 def run(ctx: PassContext) -> None:
     """Replace each layer of ``ctx.layers`` by its BitStack twin (see module docstring)."""
     o = ctx.options
-    layers: list[LayerInfo] = []
-    for layer in ctx.layers:
-        problem = zero_padding_problem(layer)
-        if problem:
-            ctx.skip(layer.name, problem)
-        else:
-            layers.append(layer)
-    needs = [opt for opt, on in (("signs='gptq'", o["signs"] == "gptq"),
-                                 ("finetune_steps", o["finetune_steps"] > 0)) if on]
-    if needs and ctx.calib is None:
-        raise CompressError(
-            f"bitstack: {' and '.join(needs)} need(s) calibration data (signs: the input "
-            "Hessian of every layer; fine-tune: the inputs to distil on); pass calib=[...] "
-            "(e.g. edgestack.compress.calib.text_calib(model_dir)) or use signs='plain', "
-            "finetune_steps=0"
-        )
+    layers = ctx.decodable_layers()
+    ctx.require_calib([opt for opt, on in (("signs='gptq'", o["signs"] == "gptq"),
+                                           ("finetune_steps", o["finetune_steps"] > 0)) if on],
+                      " (signs: the input Hessian of every layer; fine-tune: the inputs to "
+                      "distil on)", "use signs='plain', finetune_steps=0")
     targets = None
     if o["finetune_steps"] > 0:
         targets = model_outputs(ctx.model, ctx.calib)

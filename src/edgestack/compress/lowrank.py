@@ -68,7 +68,6 @@ from edgestack.compress.api import (
     check_float,
     check_int,
     collect_input_stats,
-    zero_padding_problem,
 )
 from edgestack.compress.layers import LowRankConv, LowRankLinear
 from edgestack.compress.report import LayerReport
@@ -217,12 +216,8 @@ def run(ctx: PassContext) -> None:
         _run_monarch(ctx)
         return
     plan: list[tuple[LayerInfo, int]] = []
-    for layer in ctx.layers:
-        problem = zero_padding_problem(layer)
+    for layer in ctx.decodable_layers():
         groups = getattr(layer.module, "groups", 1)
-        if problem:
-            ctx.skip(layer.name, problem)
-            continue
         if groups != 1:
             ctx.skip(layer.name, f"grouped convolution (groups={groups}): low-rank needs "
                                  "groups=1")

@@ -75,7 +75,6 @@ from edgestack.compress.api import (
     check_float,
     check_int,
     collect_input_stats,
-    zero_padding_problem,
 )
 from edgestack.errors import CompressError
 from edgestack.compress.finetune import PARAMS as FINETUNE_PARAMS
@@ -319,24 +318,9 @@ def run(ctx: PassContext) -> None:
     """Replace each layer of ``ctx.layers`` by its shift-coded twin (see module docstring)."""
     o = ctx.options
     bits0, zero, method, rounding = o["bits"], o["zero"], o["scale"], o["rounding"]
-    needs = [opt for opt, on in (("rounding='gptq'", rounding == "gptq"),
-                                 ("finetune_steps", o["finetune_steps"] > 0)) if on]
-    if needs and ctx.calib is None:
-        raise CompressError(
-            f"shift: {' and '.join(needs)} need(s) calibration data; pass calib=[...] "
-            "(e.g. edgestack.compress.calib.text_calib(model_dir)) or use the defaults"
-        )
-    if needs:
-        from edgestack.compress.calib import check_calib_tokens
-
-        check_calib_tokens(ctx.calib)
-    layers: list[LayerInfo] = []
-    for layer in ctx.layers:
-        problem = zero_padding_problem(layer)
-        if problem:
-            ctx.skip(layer.name, problem)
-        else:
-            layers.append(layer)
+    ctx.require_calib([opt for opt, on in (("rounding='gptq'", rounding == "gptq"),
+                                           ("finetune_steps", o["finetune_steps"] > 0)) if on])
+    layers = ctx.decodable_layers()
     targets = None
     if o["finetune_steps"] > 0:
         targets = model_outputs(ctx.model, ctx.calib)
