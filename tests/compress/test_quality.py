@@ -43,10 +43,14 @@ def test_calibration_data_empty_or_too_short_is_refused():
     with pytest.raises(CompressError, match="calib: the list of calibration inputs is empty"):
         compress(MLP(), "shift", calib=[])
     model, _ = __import__("edgestack.zoo", fromlist=["gpt2_tiny"]).gpt2_tiny(seq=8)
-    with pytest.raises(CompressError, match="too short"):
-        compress(model, "shift", rounding="gptq", calib=[{
-            "input_ids": torch.ones(1, 8, dtype=torch.int64),
-            "attention_mask": torch.ones(1, 8, dtype=torch.int64)}])
+    eight = [{"input_ids": torch.ones(1, 8, dtype=torch.int64),
+              "attention_mask": torch.ones(1, 8, dtype=torch.int64)}]
+    for method, opts in (("shift", {"rounding": "gptq"}), ("bitstack", {"signs": "gptq"}),
+                         ("bitstack", {"signs": "plain", "finetune_steps": 2})):
+        with pytest.raises(CompressError, match=r"too short: 8 token\(s\)"):
+            compress(model, method, calib=eight, **opts)
+    # plain signs without a fine-tune only scale by the activations: short data is fine
+    assert compress(model, "bitstack", signs="plain", n_blocks=1, calib=eight).layers
     with pytest.raises(CompressError, match="need.*calibration data"):
         compress(MLP(), "shift", rounding="gptq")
 
