@@ -54,6 +54,34 @@ def test_export_small_cnn_json(tmp_path, capsys, method, extra):
         assert ("edgestack", "BitStackWeight") in ops
     if method != "none":
         assert doc["compression"]["layers"], "no layer was compressed"
+    # no tokenizer: calibrated on the example inputs
+    assert doc["calibration"] == ("none" if method == "none" else "the example inputs")
+
+
+def test_text_models_calibrate_on_the_shipped_corpus(tmp_path):
+    from edgestack.compress.calib import calib_sentences
+    from edgestack.compress.sources import load_source
+
+    src = load_source("minilm", seq=16)
+    assert src.text_folder is not None and (src.text_folder / "tokenizer.json").is_file()
+    batches, what = src.calibration(24, seq=32)
+    assert what == "24 sentences of the shipped corpus" and len(batches) == 3
+    assert sum(b["input_ids"].shape[0] for b in batches) == 24
+    assert max(b["input_ids"].shape[1] for b in batches) <= 32
+    # real text, not the random example tokens: the first sentence round-trips
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(src.text_folder / "tokenizer.json"))
+    first = batches[0]["input_ids"][0][batches[0]["attention_mask"][0].bool()].tolist()
+    assert tok.decode(first).lower().split() == tok.decode(
+        tok.encode(calib_sentences()[0]).ids[:32]).lower().split()
+    assert src.calibration(0) == ([src.inputs], "the example inputs")
+    cnn = load_source("small-cnn")
+    assert cnn.text_folder is None and cnn.calibration()[1] == "the example inputs"
+    with pytest.raises(SystemExit):  # argparse: not an int
+        main(["export", "minilm", "--calib-n", "x", "--out", str(tmp_path / "m.onnx")])
+    assert main(["export", "small-cnn", "--method", "shift", "--calib-n", "-1",
+                 "--out", str(tmp_path / "m.onnx")]) == 2
 
 
 def test_export_parity_failure_exits_1(tmp_path, capsys):

@@ -49,6 +49,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "of heads/channels removed (default 0.25)")
     g.add_argument("--skip", action="append", default=[], metavar="PREFIX",
                    help="leave modules whose name starts with PREFIX dense (repeatable)")
+    g.add_argument("--calib-n", type=int, default=None,
+                   help="text models with a tokenizer: calibrate on this many sentences of "
+                   "the shipped corpus (default 128; 0: on the example inputs, as for every "
+                   "other model)")
     e = p.add_argument_group("export options")
     e.add_argument("--batch", type=int, default=None, help="example batch size (default 1)")
     e.add_argument("--seq", type=int, default=None,
@@ -106,10 +110,17 @@ def run(args: argparse.Namespace) -> int:
     _log(args, f"loading {args.model}" + (f" ({args.from_} checkpoint)" if args.from_ else ""))
     src = load_source(args.model, from_=args.from_, base=args.base, batch=args.batch,
                       seq=args.seq)
+    if args.calib_n is not None and args.calib_n < 0:
+        from edgestack.errors import CompressError
+
+        raise CompressError(f"--calib-n: expected 0 or more sentences, found {args.calib_n}")
+    calib, calib_text = (None, "none") if args.method == "none" else (
+        src.calibration() if args.calib_n is None else src.calibration(args.calib_n))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _log(args, f"compressing: method={args.method} {opts or ''}")
-        report = compress(src.model, args.method, calib=[src.inputs], **opts)
+        _log(args, f"compressing: method={args.method} {opts or ''}"
+             + (f", calibration: {calib_text}" if calib else ""))
+        report = compress(src.model, args.method, calib=calib, **opts)
     notes = [str(w.message) for w in caught if "edgestack" in str(w.filename)]
     for note in notes:
         print(f"warning: {note}", file=sys.stderr)
@@ -127,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
             "model": src.description,
             "method": args.method,
             "options": opts,
+            "calibration": calib_text,
             "compression": report.to_dict(),
             "import": src.details.get("import"),
             "export": result.to_dict(),

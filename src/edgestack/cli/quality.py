@@ -147,8 +147,6 @@ def _log(msg: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgestack import zoo
-    from edgestack.compress.calib import text_calib
     from edgestack.compress.quality import (
         BASELINES,
         EmbeddingEval,
@@ -164,18 +162,13 @@ def run(args: argparse.Namespace) -> int:
     if not args.all and args.method is None:
         raise CompressError("quality: give --method METHOD or --all")
     src = load_source(args.model)
-    model_dir = None
-    if args.model == "minilm":
-        model_dir = zoo.minilm_path()
-    elif Path(args.model).is_dir() and (Path(args.model) / "tokenizer.json").is_file():
-        model_dir = Path(args.model)
+    model_dir = src.text_folder
+    calib, _ = src.calibration(args.calib_n, args.calib_seq)
     if model_dir is not None:
         evaluator = EmbeddingEval.for_model(src.model, model_dir)
-        calib = text_calib(model_dir, n=args.calib_n, seq=args.calib_seq)
         metric = "mean-pooled sentence-embedding cosine vs fp32 on the held sentence set"
     else:
         evaluator = OutputEval.for_model(src.model, [src.inputs])
-        calib = [src.inputs]
         metric = "cosine of the first output vs fp32 on the example inputs"
     skip = tuple(args.skip)
     sk = {"skip": skip} if skip else {}

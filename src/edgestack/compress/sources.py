@@ -23,6 +23,9 @@ from typing import Any
 
 from edgestack.errors import CheckpointError, EdgestackError
 
+#: calibration sentences of the shipped corpus for text models (:meth:`ModelSource.calibration`)
+CALIB_SENTENCES = 128
+
 
 @dataclass
 class ModelSource:
@@ -39,6 +42,35 @@ class ModelSource:
     inputs: dict[str, Any]
     description: str
     details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def text_folder(self) -> Path | None:
+        """The folder holding the model's ``tokenizer.json`` (a Hugging Face text model
+        loaded from a folder, or the built-in ``minilm``), else None."""
+        folder = getattr(getattr(self.model, "config", None), "name_or_path", None)
+        if folder and (Path(folder) / "tokenizer.json").is_file():
+            return Path(folder)
+        return None
+
+    def calibration(self, n: int = CALIB_SENTENCES, seq: int = 64) -> tuple[list[dict], str]:
+        """Calibration batches for :func:`~edgestack.compress.compress` and what they are.
+
+        A text model with a tokenizer (:attr:`text_folder`) gets the first ``n`` sentences
+        of edgestack's shipped corpus (:func:`edgestack.compress.calib.text_calib`, ``seq``
+        tokens at most, batches of 8): real text, where the random example tokens would give
+        the passes meaningless activation statistics (BitStack 4 blocks on MiniLM: cosine
+        0.921 on the example inputs, 0.952 on 128 corpus sentences). Any other model, or
+        ``n == 0``, gets its example inputs.
+
+        Returns:
+            ``(batches, description)``.
+        """
+        folder = self.text_folder
+        if folder is None or n == 0:
+            return [self.inputs], "the example inputs"
+        from edgestack.compress.calib import text_calib
+
+        return text_calib(folder, n=n, seq=seq, batch=8), f"{n} sentences of the shipped corpus"
 
 
 def _token_inputs(model: Any, batch: int, seq: int) -> dict[str, Any]:

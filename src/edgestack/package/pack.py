@@ -233,10 +233,12 @@ def _export_source(source: str, method: str, options: Mapping[str, Any], folder:
 
     say(f"pack: loading {source}")
     src = load_source(source)
+    calib, calib_text = src.calibration()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        say(f"pack: compressing with method={method} {dict(options) or ''}")
-        report = compress(src.model, method, calib=[src.inputs], **dict(options))
+        say(f"pack: compressing with method={method} {dict(options) or ''}, calibration: "
+            f"{calib_text}")
+        report = compress(src.model, method, calib=calib, **dict(options))
     out = folder / "exported.onnx"
     say("pack: exporting to ONNX")
     result = export(src.model, src.inputs, out, parity=False, log=say,
