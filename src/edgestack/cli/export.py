@@ -51,8 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="leave modules whose name starts with PREFIX dense (repeatable)")
     g.add_argument("--calib-n", type=int, default=None,
                    help="text models with a tokenizer: calibrate on this many sentences of "
-                   "the shipped corpus (default 128; 0: on the example inputs, as for every "
-                   "other model)")
+                   "the shipped corpus (default: all 836; 0: on the example inputs, as for "
+                   "every other model)")
     e = p.add_argument_group("export options")
     e.add_argument("--batch", type=int, default=None, help="example batch size (default 1)")
     e.add_argument("--seq", type=int, default=None,
@@ -114,8 +114,8 @@ def run(args: argparse.Namespace) -> int:
         from edgestack.errors import CompressError
 
         raise CompressError(f"--calib-n: expected 0 or more sentences, found {args.calib_n}")
-    calib, calib_text = (None, "none") if args.method == "none" else (
-        src.calibration() if args.calib_n is None else src.calibration(args.calib_n))
+    calib, calib_text = ((None, "none") if args.method == "none"
+                         else src.calibration(args.calib_n))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _log(args, f"compressing: method={args.method} {opts or ''}"

@@ -23,9 +23,6 @@ from typing import Any
 
 from edgestack.errors import CheckpointError, EdgestackError
 
-#: calibration sentences of the shipped corpus for text models (:meth:`ModelSource.calibration`)
-CALIB_SENTENCES = 128
-
 
 @dataclass
 class ModelSource:
@@ -52,15 +49,16 @@ class ModelSource:
             return Path(folder)
         return None
 
-    def calibration(self, n: int = CALIB_SENTENCES, seq: int = 64) -> tuple[list[dict], str]:
+    def calibration(self, n: int | None = None, seq: int = 64) -> tuple[list[dict], str]:
         """Calibration batches for :func:`~edgestack.compress.compress` and what they are.
 
         A text model with a tokenizer (:attr:`text_folder`) gets the first ``n`` sentences
-        of edgestack's shipped corpus (:func:`edgestack.compress.calib.text_calib`, ``seq``
-        tokens at most, batches of 8): real text, where the random example tokens would give
-        the passes meaningless activation statistics (BitStack 4 blocks on MiniLM: cosine
-        0.921 on the example inputs, 0.952 on 128 corpus sentences). Any other model, or
-        ``n == 0``, gets its example inputs.
+        (default: all 836) of edgestack's shipped corpus
+        (:func:`edgestack.compress.calib.text_calib`, ``seq`` tokens at most, batches of 8):
+        real text, where the random example tokens would give the passes meaningless
+        activation statistics (BitStack 4 blocks on MiniLM: cosine 0.921 on the example
+        inputs, 0.952 on 128 corpus sentences). Any other model, or ``n == 0``, gets its
+        example inputs.
 
         Returns:
             ``(batches, description)``.
@@ -70,7 +68,9 @@ class ModelSource:
             return [self.inputs], "the example inputs"
         from edgestack.compress.calib import text_calib
 
-        return text_calib(folder, n=n, seq=seq, batch=8), f"{n} sentences of the shipped corpus"
+        batches = text_calib(folder, n=n, seq=seq, batch=8)
+        count = sum(int(b["input_ids"].shape[0]) for b in batches)
+        return batches, f"{count} sentences of the shipped corpus"
 
 
 def _token_inputs(model: Any, batch: int, seq: int) -> dict[str, Any]:
