@@ -83,6 +83,8 @@ Options:
         faster than a full SVD on 384x1536 matrices with block errors equal to 4 digits)
         or ``"exact"`` (``torch.linalg.svd``).
     device: ``"cpu"`` (default) or ``"cuda"`` for the SVDs.
+    extra_texts: more sentences of the shipped corpus appended to ``calib`` (an option of
+        every method; see :func:`edgestack.compress.compress`).
     skip: module-name prefixes to leave dense.
 """
 

@@ -51,6 +51,8 @@ Options:
     monarch_blocks: number of diagonal blocks of a Monarch factor (default 4); layers whose
         sizes it does not divide stay dense.
     act_aware: use calibration statistics when ``calib`` is given (default True).
+    extra_texts: more sentences of the shipped corpus appended to ``calib`` (an option of
+        every method; see :func:`edgestack.compress.compress`).
     skip: module-name prefixes to leave dense.
 """
 

@@ -62,6 +62,8 @@ Options:
     adaptive: False (default: the same ratio in every structure) or True (global
         standardized ranking, see above).
     bias_compensation: fold removed channels' means into the consumer bias (needs calib).
+    extra_texts: more sentences of the shipped corpus appended to ``calib`` (an option of
+        every method; see :func:`edgestack.compress.compress`).
     skip: module-name prefixes to leave dense (a structure with a skipped layer is kept).
 """
 

@@ -55,6 +55,8 @@ Options:
         best latents so far are kept).
     seed: seed of the fine-tune's batch order and held-out split (default 0): the result is
         reproducible for the same inputs and step count.
+    extra_texts: more sentences of the shipped corpus appended to ``calib`` (an option of
+        every method; see :func:`edgestack.compress.compress`).
     skip: module-name prefixes to leave dense.
 """
 
