@@ -7,14 +7,17 @@ import argparse
 from edgestack.cli import EXIT_OK, emit_json
 
 
-def add_budget_args(p: argparse.ArgumentParser) -> None:
-    """--budget / --profile / --auto (one of them)."""
+def add_package_args(p: argparse.ArgumentParser) -> None:
+    """PKG, then --budget / --profile / --auto (one of them) and --tier: what ``plan`` and
+    ``run`` both take to pick a package's tier."""
+    p.add_argument("package", metavar="PKG", help="package directory or .tar")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--budget", default=None,
                    help="memory budget, e.g. 48MB, 1.5GiB (MB = 10^6 bytes, MiB = 2^20)")
     g.add_argument("--profile", default=None, help="device profile: its memory_budget")
     g.add_argument("--auto", action="store_true",
                    help="budget from available memory and the cgroup limit, minus a margin")
+    p.add_argument("--tier", type=int, default=None, help="force a tier")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,9 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "decode = small), activation arena, runtime overhead, total vs budget. Exit 2 when "
         "the budget is below the smallest tier (the message gives the minimum).",
     )
-    p.add_argument("package", metavar="PKG", help="package directory or .tar")
-    add_budget_args(p)
-    p.add_argument("--tier", type=int, default=None, help="force a tier")
+    add_package_args(p)
     p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
     p.set_defaults(run=run)
 

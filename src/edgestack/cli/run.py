@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from edgestack.cli import EXIT_OK, emit_json
-from edgestack.cli.plan import add_budget_args
+from edgestack.cli.plan import add_package_args
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,9 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "golden inputs). Prints the plan, timings and output summaries; --output saves the "
         "outputs as .npz.",
     )
-    p.add_argument("package", metavar="PKG", help="package directory or .tar")
-    add_budget_args(p)
-    p.add_argument("--tier", type=int, default=None, help="force a tier")
+    add_package_args(p)
     p.add_argument("--input", default=None, help=".npz of inputs (default: golden inputs)")
     p.add_argument("--output", default=None, help="write the outputs to this .npz")
     p.add_argument("--repeat", type=int, default=1, help="run N times, report the median")
