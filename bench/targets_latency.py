@@ -64,6 +64,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgestack.targets.ort_cpu import cpu_session
+
 
 def export_models(work: Path, seq: int) -> dict[str, Path]:
     from edgestack import zoo
@@ -85,10 +87,26 @@ def export_models(work: Path, seq: int) -> dict[str, Path]:
     return out
 
 
+def interleaved(calls: list, rounds: int, per: int, clock=time.perf_counter,
+                rotate: bool = True) -> list[list[float]]:
+    """Time ``calls`` (argument-less callables) in ``rounds`` rounds of ``per`` calls each,
+    ms per call by ``clock``; with ``rotate`` the order turns one place every round (no
+    model always follows the same one: a spinning session's threads keep spinning a moment
+    after its run and slow the next model)."""
+    times: list[list[float]] = [[] for _ in calls]
+    n = len(calls)
+    for rnd in range(rounds):
+        for k in ([(rnd + j) % n for j in range(n)] if rotate else range(n)):
+            for _ in range(per):
+                t0 = clock()
+                calls[k]()
+                times[k].append((clock() - t0) * 1e3)
+    return times
+
+
 def layernorm_kernels(seq: int, threads: int, iters: int = 200) -> dict[str, float]:
     """p50 microseconds of ``SkipLayerNormalization`` vs ``Add + LayerNormalization`` on
     ``[1, seq, 384]`` (interleaved)."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -102,22 +120,12 @@ def layernorm_kernels(seq: int, threads: int, iters: int = 200) -> dict[str, flo
                           epsilon=1e-12)], "ln", io[:2], io[2:], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
     model = model.SerializeToString()
-    sessions = {}
-    for label, disabled in (("SkipLayerNormalization (fused)", []),
-                            ("Add + LayerNormalization", ["SkipLayerNormFusion"])):
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.log_severity_level = 3
-        sessions[label] = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"],
-                                               disabled_optimizers=disabled)
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(iters // 10):
-        for label, s in sessions.items():
-            for _ in range(10):
-                t0 = time.perf_counter()
-                s.run(None, feeds)
-                times[label].append((time.perf_counter() - t0) * 1e6)
-    return {k: round(float(np.median(v)), 1) for k, v in times.items()}
+    sessions = {label: cpu_session(model, threads, disabled=disabled) for label, disabled in
+                (("SkipLayerNormalization (fused)", []),
+                 ("Add + LayerNormalization", ["SkipLayerNormFusion"]))}
+    times = interleaved([lambda s=s: s.run(None, feeds) for s in sessions.values()],
+                        iters // 10, 10, rotate=False)
+    return {k: round(float(np.median(v)) * 1e3, 1) for k, v in zip(sessions, times)}
 
 
 def gemm_kernels(seq: int, threads: int, d: int = 384, layers: int = 6, rounds: int = 20,
@@ -136,7 +144,6 @@ def gemm_kernels(seq: int, threads: int, d: int = 384, layers: int = 6, rounds: 
     ratio sits above ``gemm_ratio``. Also the CPU's int8 dot-product extensions (``*vnni*``
     flags of /proc/cpuinfo), which the fast int8 kernels need.
     """
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -176,22 +183,13 @@ def gemm_kernels(seq: int, threads: int, d: int = 384, layers: int = 6, rounds: 
     out: dict = {}
     for n_threads, clock, key in ((1, time.thread_time, "1_thread_cpu"),
                                   (threads, time.perf_counter, f"{threads}_threads_wall")):
-        sessions = {}
-        for name, model in models.items():
-            so = ort.SessionOptions()
-            so.intra_op_num_threads = n_threads
-            so.log_severity_level = 3
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            sessions[name] = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-            sessions[name].run(None, feeds)
-        times: dict[str, list[float]] = {name: [] for name in sessions}
-        for _ in range(rounds):
-            for name, sess in sessions.items():
-                for _ in range(per):
-                    t0 = clock()
-                    sess.run(None, feeds)
-                    times[name].append((clock() - t0) * 1e3)
-        med = {name: float(np.median(ts)) for name, ts in times.items()}
+        sessions = {name: cpu_session(model, n_threads, spinning="off")
+                    for name, model in models.items()}
+        for sess in sessions.values():
+            sess.run(None, feeds)
+        times = interleaved([lambda s=s: s.run(None, feeds) for s in sessions.values()],
+                            rounds, per, clock, rotate=False)
+        med = {name: float(np.median(ts)) for name, ts in zip(sessions, times)}
         out[key] = {"fp32_ms": round(med["fp32"], 2), "int8_ms": round(med["int8"], 2),
                     "gemm_ratio": round(med["int8"] / med["fp32"], 3)}
     flags: set[str] = set()
@@ -211,11 +209,10 @@ def cpu_times(entries: list, feeds: dict, spinning: str, iters: int, rounds: int
     """p50 CPU time (ms, ``time.thread_time``) of one call with ONE intra-op thread, for the
     ORT rows with ``spinning`` (at one thread there is no pool to spin): the work each model
     does, which other processes on the machine do not inflate the way they inflate wall time.
-    Keyed by ``id(runner)``; interleaved and rotated like the wall-time rounds."""
-    from edgestack.targets.ort_cpu import cpu_session
-
-    sessions = []
-    for _, runner, _, _, art in entries:
+    Keyed by entry index; interleaved and rotated like the wall-time rounds."""
+    keys, calls = [], []
+    for i, (_, runner, _, _) in enumerate(entries):
+        art = runner.artifact
         if art.target != "ort-cpu" or art.options.get("spinning", "on") != spinning:
             continue
         s = cpu_session(art.path(), 1, art.options["graph_optimization"],
@@ -223,17 +220,10 @@ def cpu_times(entries: list, feeds: dict, spinning: str, iters: int, rounds: int
         f = {k: v for k, v in feeds.items() if k in art.inputs}
         for _ in range(2):
             s.run(None, f)
-        sessions.append((id(runner), s, f))
-    times: dict[int, list[float]] = {k: [] for k, _, _ in sessions}
-    per = max(1, iters // rounds)
-    for rnd in range(rounds):
-        for j in range(len(sessions)):
-            key, s, f = sessions[(rnd + j) % len(sessions)]
-            for _ in range(per):
-                t0 = time.thread_time()
-                s.run(None, f)
-                times[key].append((time.thread_time() - t0) * 1e3)
-    return {k: round(float(np.median(v)), 2) for k, v in times.items()}
+        keys.append(i)
+        calls.append(lambda s=s, f=f: s.run(None, f))
+    times = interleaved(calls, rounds, max(1, iters // rounds), time.thread_time)
+    return {k: round(float(np.median(v)), 2) for k, v in zip(keys, times)}
 
 
 def op_profile(entries: list, feeds: dict, calls: int = 30) -> dict[str, dict[str, float]]:
@@ -241,13 +231,12 @@ def op_profile(entries: list, feeds: dict, calls: int = 30) -> dict[str, dict[st
     for the tuned dense fp32 and the tuned edgestack int8 model: where the two differ."""
     import tempfile
 
-    from edgestack.targets.ort_cpu import cpu_session
-
     wanted = {("ORT fp32 dense", "ort-cpu tuned"): "dense fp32",
               ("edgestack shift4 DeepShift, ort-cpu int8", "ort-cpu tuned"): "edgestack int8"}
     out: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for label, _runner, _p, tuning, art in entries:
+        for label, runner, _p, tuning in entries:
+            art = runner.artifact
             key = wanted.get((label, tuning))
             if key is None or key in out:
                 continue
@@ -311,12 +300,12 @@ def main(argv: list[str] | None = None) -> int:
     common = {"threads": args.threads, "graph_optimization": "all"}
     plain = dict(common, transformer="off", disabled_optimizers=[])   # ORT's defaults
     tuned = dict(common)                                              # ort-cpu's defaults
-    entries = []   # (label, runner, precision, tuning)
+    entries = []   # (label, runner, precision, tuning); runner.artifact: the compiled model
 
     def ort_row(label: str, src: Path, folder: str, int8: str, opts: dict, tuning: str,
                 precision: str) -> None:
         art = ort_cpu.lower(src, work / folder, int8=int8, **opts)
-        entries.append((label, ort_cpu.runner(art).activate(), precision, tuning, art))
+        entries.append((label, ort_cpu.runner(art).activate(), precision, tuning))
 
     spins = ("on", "off") if args.spinning == "both" else (args.spinning,)
     for spin in spins:
@@ -342,11 +331,10 @@ def main(argv: list[str] | None = None) -> int:
         for prec in ("fp32", "bf16"):
             entries.append((f"{label}, int8 weights={int8}",
                             OpenVinoCpuRunner(art, precision=prec).activate(), prec,
-                            "openvino", art))
+                            "openvino"))
 
     ref = None
-    times: list[list[float]] = [[] for _ in entries]
-    cos = []
+    cos, calls = [], []
     for label, runner, *_ in entries:
         f = {k: v for k, v in feeds.items() if k in runner.artifact.inputs}
         out = runner.infer(f)
@@ -355,30 +343,21 @@ def main(argv: list[str] | None = None) -> int:
         cos.append(float(first @ ref / (np.linalg.norm(first) * np.linalg.norm(ref))))
         for _ in range(3):
             runner.infer(f)
-    per = max(1, args.iters // args.rounds)
-    n = len(entries)
-    for rnd in range(args.rounds):
-        # rotate the order each round: no model always follows the same one (a spinning
-        # session's threads keep spinning a moment after its run and slow the next model)
-        for k in [(rnd + j) % n for j in range(n)]:
-            label, runner, *_ = entries[k]
-            f = {n: v for n, v in feeds.items() if n in runner.artifact.inputs}
-            for _ in range(per):
-                t0 = time.perf_counter()
-                runner.infer(f)
-                times[k].append((time.perf_counter() - t0) * 1e3)
+        calls.append(lambda r=runner, f=f: r.infer(f))
+    times = interleaved(calls, args.rounds, max(1, args.iters // args.rounds))
     cpu = cpu_times(entries, feeds, spins[0], args.iters, args.rounds)
     ops = op_profile(entries, feeds)
     load1 = os.getloadavg()[0]
     rows = []
-    for (label, runner, precision, tuning, art), ts, c in zip(entries, times, cos):
+    for i, ((label, runner, precision, tuning), ts, c) in enumerate(zip(entries, times, cos)):
+        art = runner.artifact
         runner.release()
         stats = latency_stats(ts)
         fusion = art.report.get("passes", {}).get("TransformerFusionPass", {})
         spin = art.options.get("spinning", "on") if art.target == "ort-cpu" else "-"
         rows.append({"model": label, "tuning": tuning, "spinning": spin, "precision": precision,
                      "p50_ms": round(stats["p50_ms"], 2), "p10_ms": round(stats["p10_ms"], 2),
-                     "cpu_1thread_ms": cpu.get(id(runner)),
+                     "cpu_1thread_ms": cpu.get(i),
                      "attention_fused": fusion.get("attention_fused", 0),
                      "cosine_vs_fp32": round(c, 5)})
     refs = {}      # spinning -> (plain dense fp32, tuned dense fp32) p50

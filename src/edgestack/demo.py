@@ -158,9 +158,9 @@ def _methods_step(result: DemoResult, methods: dict[str, dict], seq: int, thread
     from edgestack.compress import compress
     from edgestack.compress.calib import text_calib
     from edgestack.exporter import export
-    from edgestack.profiler.latency import ort_session
     from edgestack.profiler.quality import (compare_embeddings, embed, held_sentences,
                                             ort_runner, tokenize)
+    from edgestack.targets.ort_cpu import cpu_session
 
     batches = result.held_batches = tokenize(zoo.minilm_path(), held_sentences(), seq)
     calib = text_calib(zoo.minilm_path(), n=128, seq=64, batch=8)
@@ -177,7 +177,7 @@ def _methods_step(result: DemoResult, methods: dict[str, dict], seq: int, thread
         t0 = time.perf_counter()
         res = export(model, inputs, path, metadata={"compression": report})
         t_export = time.perf_counter() - t0
-        sess = ort_session(str(path), threads=threads)
+        sess = cpu_session(path, threads)
         emb = embed(ort_runner(sess), batches)
         if ref_emb is None:
             ref_emb = result.reference_embeddings = emb  # "none": the fp32 reference

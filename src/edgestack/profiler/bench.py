@@ -197,9 +197,8 @@ def baseline_subjects(dense: Path, work: Path, threads: int,
     for noisy in ("onnxruntime.quantization", "root"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     skipped: dict[str, str] = {}
-    proto = onnx.load(str(dense))
     subjects = [_baseline(work, "ort_fp32", "ORT fp32", "fp32", threads,
-                          lambda p: onnx.save(proto, str(p)))]
+                          lambda p: onnx.save(onnx.load(str(dense)), str(p)))]
     log("bench: baseline quantize_dynamic int8 ...")
     subjects.append(_baseline(
         work, "ort_int8", "ORT dynamic int8", "int8", threads,
@@ -207,8 +206,9 @@ def baseline_subjects(dense: Path, work: Path, threads: int,
     log("bench: baseline int4 MatMulNBits ...")
 
     def int4(path: Path) -> None:
-        quant = MatMulNBitsQuantizer(proto, bits=4, block_size=32, is_symmetric=True)
-        quant.process()                                   # rewrites ``proto`` in place
+        quant = MatMulNBitsQuantizer(onnx.load(str(dense)), bits=4, block_size=32,
+                                     is_symmetric=True)
+        quant.process()                                   # rewrites the model in place
         quant.model.save_model_to_file(str(path), False)
 
     subjects.append(_baseline(work, "ort_int4", "ORT int4 MatMulNBits g32", "int4", threads,

@@ -1,9 +1,9 @@
-"""Latency statistics of timed calls, and an ONNX Runtime CPU session for timing."""
+"""Latency statistics of timed calls."""
 
 from __future__ import annotations
 
 import statistics
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -19,13 +19,3 @@ def latency_stats(times_ms: Sequence[float], batch: int = 1) -> dict[str, float]
             "std_ms": statistics.pstdev(times_ms) if len(times_ms) > 1 else 0.0,
             "min_ms": min(times_ms), "spread_ms": float(q[2] - q[0]) / 2,
             "throughput": 1e3 * batch / mean}
-
-
-def ort_session(path: str, threads: int = 2, optimization: str = "all") -> Any:
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads."""
-    import onnxruntime as ort
-
-    from edgestack.targets.ort_cpu import session_options
-
-    return ort.InferenceSession(str(path), session_options(threads, optimization),
-                                providers=["CPUExecutionProvider"])

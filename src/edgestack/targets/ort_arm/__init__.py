@@ -24,7 +24,7 @@ import numpy as np
 from edgestack.errors import TargetError
 from edgestack.targets.base import Artifact, Runner, host_arch, io_spec
 from edgestack.targets.ort_cpu import (OrtCpuRunner, OrtCpuTarget, _precision, lower_for_ort,
-                                       save_model, session_options)
+                                       portable_options, save_model, session_options)
 
 
 def required_operators(model: Any) -> str:
@@ -84,6 +84,9 @@ class OrtArmTarget(OrtCpuTarget):
         except TargetError as exc:
             return False, f"not an aarch64 machine and no emulator: {exc}"
         return True, "under qemu emulation"
+
+    def default_options(self, profile: Any | None) -> dict[str, Any]:
+        return portable_options(profile)
 
     def lower_impl(self, model_path: Path, out_dir: Path, profile: Any | None,
                    options: dict[str, Any]) -> Artifact:

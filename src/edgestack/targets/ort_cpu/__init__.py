@@ -164,11 +164,20 @@ def session_options(threads: int, optimization: str, spinning: str = "on") -> An
     return so
 
 
-def cpu_session(path: str | Path, threads: int = 1, optimization: str = "all",
+def portable_options(profile: Any | None) -> dict[str, Any]:
+    """The lowering options every ONNX Runtime target takes (ort-cpu and ort-arm), from the
+    ``profile`` or their defaults."""
+    return {"int8": "auto", "weights": "materialize",
+            "threads": profile.threads if profile else 1,
+            "graph_optimization": profile.graph_optimization if profile else "all"}
+
+
+def cpu_session(path: str | Path | bytes, threads: int = 1, optimization: str = "all",
                 spinning: str = "on", disabled: Any = None, profile: str | None = None) -> Any:
-    """An ONNX Runtime CPU session on ``path`` with :func:`session_options` and the
-    ``disabled`` graph optimizers (see :func:`disabled_optimizers`); with ``profile`` (a
-    file prefix) ORT's profiler is on (``session.end_profiling()`` returns the JSON file)."""
+    """An ONNX Runtime CPU session on ``path`` (or a serialized model) with
+    :func:`session_options` and the ``disabled`` graph optimizers (see
+    :func:`disabled_optimizers`); with ``profile`` (a file prefix) ORT's profiler is on
+    (``session.end_profiling()`` returns the JSON file)."""
     import onnxruntime as ort
 
     so = session_options(threads, optimization, spinning)
@@ -176,7 +185,8 @@ def cpu_session(path: str | Path, threads: int = 1, optimization: str = "all",
         so.enable_profiling = True
         so.profile_file_prefix = str(profile)
     names = disabled_optimizers(disabled)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"],
+    model = path if isinstance(path, bytes) else str(path)
+    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"],
                                 **({"disabled_optimizers": names} if names else {}))
 
 
@@ -224,13 +234,9 @@ class OrtCpuTarget(Target):
         return True, ""
 
     def default_options(self, profile: Any | None) -> dict[str, Any]:
-        opts = {"int8": "auto", "weights": "materialize",
-                "threads": profile.threads if profile else 1,
-                "graph_optimization": profile.graph_optimization if profile else "all"}
-        if self.name == OrtCpuTarget.name:      # x86 tuning; ort-arm keeps ORT's defaults
-            opts.update(transformer="auto", num_heads=None,
-                        disabled_optimizers=list(DEFAULT_DISABLED_OPTIMIZERS), spinning="on")
-        return opts
+        # the portable options plus the x86 tuning (ort-arm keeps ORT's defaults)
+        return {**portable_options(profile), "transformer": "auto", "num_heads": None,
+                "disabled_optimizers": list(DEFAULT_DISABLED_OPTIMIZERS), "spinning": "on"}
 
     def lower_impl(self, model_path: Path, out_dir: Path, profile: Any | None,
                    options: dict[str, Any]) -> Artifact:
@@ -249,4 +255,4 @@ class OrtCpuTarget(Target):
 
 
 __all__ = ["OrtCpuTarget", "OrtCpuRunner", "lower_for_ort", "session_options", "cpu_session",
-           "disabled_optimizers", "DEFAULT_DISABLED_OPTIMIZERS"]
+           "disabled_optimizers", "portable_options", "DEFAULT_DISABLED_OPTIMIZERS"]
