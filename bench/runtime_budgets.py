@@ -317,7 +317,7 @@ def run_all(pkg: Path, reps: int = 11, rounds: int = 40) -> dict:
           f"+{ref_inc / MiB:.1f} MiB ({'above' if ref_inc > mid['budget'] else 'within'} "
           f"budget; edgestack +{mid['measured_increase'] / MiB:.1f} MiB), read "
           f"{ref['bytes_read'] / MiB:.2f} MiB of blocks (edgestack "
-          f"{mid['tier_block_bytes'] / MiB:.2f}); changing budget = reload "
+          f"{mid['bytes_read'] / MiB:.2f}); changing budget = reload "
           f"{ref['reload_s']:.2f} s reading {ref['reload_bytes_read'] / MiB:.2f} MiB again",
           flush=True)
     result = {
@@ -326,8 +326,8 @@ def run_all(pkg: Path, reps: int = 11, rounds: int = 40) -> dict:
         "grow": grow["grow"], "shrink": sh, "concurrency": conc,
         "reference_loader": {**ref, "increase": ref_inc, "budget": mid["budget"],
                              "edgestack_increase": mid["measured_increase"],
-                             "edgestack_block_bytes_read": mid["tier_block_bytes"]},
-        "constants": _constants(),
+                             "edgestack_block_bytes_read": mid["bytes_read"]},
+        "constants": _constants(),      # the planner's values this run used (not derived)
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2))

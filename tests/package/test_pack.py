@@ -100,7 +100,12 @@ def test_missing_order_falls_back_to_level_major(tmp_path, caplog):
     assert order == [(n, b) for b in range(3) for n in stacks]
 
 
-def test_unsupported_target_and_bad_source(tmp_path, small_model):
+def test_unsupported_target_and_bad_source(tmp_path, small_model, monkeypatch):
+    import tempfile
+
+    work = tmp_path / "tmp"
+    work.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(work))   # pack's work folder goes here
     with pytest.raises(PackageError, match="ort-cpu"):
         pack(small_model[0], tmp_path / "x.pkg", target="tensorrt-gpu")
     bad = tmp_path / "bad.onnx"
@@ -109,6 +114,18 @@ def test_unsupported_target_and_bad_source(tmp_path, small_model):
         pack(bad, tmp_path / "y.pkg")
     assert not (tmp_path / "x.pkg").exists() and not (tmp_path / "y.pkg").exists()
     assert not list(tmp_path.glob(".*tmp*"))
+    assert not list(work.iterdir())                        # nothing left half-written
+    # a failure after the package writer has begun leaves nothing behind either
+    from edgestack.package.writer import PackageWriter
+
+    def broken(*_a, **_k):
+        raise PackageError("golden files cannot be written")
+
+    monkeypatch.setattr(PackageWriter, "add_golden", broken)
+    with pytest.raises(PackageError, match="golden files"):
+        pack(small_model[0], tmp_path / "z.pkg")
+    assert not (tmp_path / "z.pkg").exists()
+    assert not list(tmp_path.glob(".*tmp*")) and not list(work.iterdir())
 
 
 def test_non_bitstack_model_gives_one_tier(tmp_path):

@@ -51,14 +51,8 @@ logger = logging.getLogger("edgestack.package")
 
 GRAPH_FILE = "model.onnx"
 WEIGHTS_FILE = "model.data"
-ORDER_KEY = "edgestack.bitstack_order"
-LAYER_KEY = "edgestack.layer"
 EXTERNAL_MIN_BYTES = 1024
 DEFAULT_STEPS_PER_LEVEL = 4
-
-_NP_OF_ONNX = {1: np.float32, 2: np.uint8, 3: np.int8, 5: np.int16, 6: np.int32, 7: np.int64,
-               9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
-
 
 @dataclass
 class PackResult:
@@ -133,6 +127,8 @@ def _level_major(layers: Mapping[str, int]) -> list[tuple[str, int]]:
 def _order_from_metadata(model: Any, torch_names: Mapping[str, str],
                          layers: Mapping[str, int]) -> tuple[list[tuple[str, int]] | None, str]:
     """The importance order in manifest layer names, or ``(None, why)``."""
+    from edgestack.exporter.export import META_BITSTACK_ORDER as ORDER_KEY
+
     props = {p.key: p.value for p in model.metadata_props}
     raw = props.get(ORDER_KEY)
     if raw is None:
@@ -164,7 +160,7 @@ def _order_from_metadata(model: Any, torch_names: Mapping[str, str],
 
 
 def activation_bytes(model: Any, input_shapes: Mapping[str, Sequence[int]],
-                     bitstack_outputs: Mapping[str, tuple[Sequence[int], str]]) -> int:
+                     bitstack_outputs: Mapping[str, Sequence[int]]) -> int:
     """Estimate of the peak bytes of live intermediate tensors of one run.
 
     ONNX shape inference with the given input shapes (decoded BitStack weights, whose shapes
@@ -183,7 +179,7 @@ def activation_bytes(model: Any, input_shapes: Mapping[str, Sequence[int]],
             for d, v in zip(dims, input_shapes[vi.name]):
                 d.Clear()
                 d.dim_value = int(v)
-    for name, (shape, _) in bitstack_outputs.items():
+    for name, shape in bitstack_outputs.items():
         g.value_info.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT,
                                                           list(shape)))
     try:
@@ -193,8 +189,11 @@ def activation_bytes(model: Any, input_shapes: Mapping[str, Sequence[int]],
     sizes: dict[str, int] = {}
     for vi in list(m.graph.value_info) + list(m.graph.output):
         tt = vi.type.tensor_type
-        dt = _NP_OF_ONNX.get(tt.elem_type)
-        if dt is None or not tt.HasField("shape"):
+        if not tt.HasField("shape"):
+            continue
+        try:
+            dt = helper.tensor_dtype_to_np_dtype(tt.elem_type)
+        except (KeyError, TypeError, ValueError):  # undefined or unknown element type
             continue
         dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tt.shape.dim]
         if any(d <= 0 for d in dims) and dims:
@@ -344,6 +343,7 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
     import onnx
     from onnx import helper, numpy_helper
 
+    from edgestack.exporter.export import NODE_LAYER_KEY as LAYER_KEY
     from edgestack.formats.bitstack import BitStackStack
     from edgestack.package.archive import write_archive
     from edgestack.package.writer import PackageWriter
@@ -352,10 +352,9 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
     inits = {t.name: t for t in g.initializer}
     stacks: dict[str, BitStackStack] = {}
     attrs: dict[str, dict[str, Any]] = {}
-    torch_names: dict[str, str] = {}
     removed: set[str] = set()
     new_inputs = []
-    bs_outputs: dict[str, tuple[list[int], str]] = {}
+    bs_outputs: dict[str, list[int]] = {}     # BitStack node output -> weight shape
     uses: dict[str, int] = {}
     _name_nodes(g)
     for node in g.node:
@@ -395,8 +394,7 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
         attrs[layer] = {"node": node.name, "signs": node.input[0], "u": node.input[1],
                         "v": node.input[2], "output": node.output[0],
                         "torch_layer": meta.get(LAYER_KEY, "")}
-        torch_names[layer] = meta.get(LAYER_KEY, layer)
-        bs_outputs[node.output[0]] = (shape, layer)
+        bs_outputs[node.output[0]] = shape
 
     keep = [t for t in g.initializer if t.name not in removed]
     del g.initializer[:]
@@ -408,6 +406,7 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
     order: list[tuple[str, int]] = []
     order_source = "none"
     if stacks:
+        torch_names = {layer: a["torch_layer"] or layer for layer, a in attrs.items()}
         got, why = _order_from_metadata(model, torch_names, counts)
         if got is None:
             msg = (f"no usable BitStack importance order ({why}); storing blocks level-major "
@@ -430,13 +429,20 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
     if unknown:
         raise PackageError(f"pack: golden inputs {sorted(unknown)} are not graph inputs; "
                            f"the graph takes {sorted(user_inputs)}")
+    # write the graph with external weights first: the golden run then loads the file and
+    # the later steps work on a proto that no longer holds the weight bytes (no full copy)
+    gdir = work / "graph"
+    gdir.mkdir()
+    onnx.save_model(model, str(gdir / GRAPH_FILE), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=WEIGHTS_FILE,
+                    size_threshold=EXTERNAL_MIN_BYTES)
     say("pack: computing golden outputs with ONNX Runtime (every block)")
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     try:
-        sess = ort.InferenceSession(model.SerializeToString(), so,
+        sess = ort.InferenceSession(str(gdir / GRAPH_FILE), so,
                                     providers=["CPUExecutionProvider"])
         full = dict(feeds)
         for layer, st in stacks.items():
@@ -450,13 +456,6 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
     del sess
     shapes = {k: list(v.shape) for k, v in feeds.items()}
     act = activation_bytes(model, shapes, bs_outputs)
-
-    # write the graph with external weights
-    gdir = work / "graph"
-    gdir.mkdir()
-    onnx.save_model(model, str(gdir / GRAPH_FILE), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location=WEIGHTS_FILE,
-                    size_threshold=EXTERNAL_MIN_BYTES)
     has_weights = (gdir / WEIGHTS_FILE).exists()
 
     metadata = {
