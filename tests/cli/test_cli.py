@@ -82,6 +82,14 @@ def test_text_models_calibrate_on_the_shipped_corpus(tmp_path):
         main(["export", "minilm", "--calib-n", "x", "--out", str(tmp_path / "m.onnx")])
     assert main(["export", "small-cnn", "--method", "shift", "--calib-n", "-1",
                  "--out", str(tmp_path / "m.onnx")]) == 2
+    # a negative count is refused by calibration() itself (not silently read as texts[:-n]),
+    # for text models and others, and so on the quality path too
+    from edgestack.errors import CompressError
+
+    for source in (src, cnn):
+        with pytest.raises(CompressError, match="found -5"):
+            source.calibration(-5)
+    assert main(["quality", "minilm", "--method", "shift", "--calib-n", "-5"]) == 2
 
 
 def test_export_parity_failure_exits_1(tmp_path, capsys):
@@ -209,3 +217,10 @@ def test_export_hf_folder(tmp_path, capsys):
                                                              "pooler_output"]
     shape = [d.dim_value for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim]
     assert shape == [1, 12]
+
+
+def test_cli_target_list_is_the_registry():
+    from edgestack.cli.compile import TARGETS
+    from edgestack.targets import TARGET_NAMES
+
+    assert TARGETS == TARGET_NAMES

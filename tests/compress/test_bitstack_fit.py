@@ -10,9 +10,9 @@ import torch
 
 from edgestack.compress import compress
 from edgestack.compress.bitstack import check_order, decompose, set_tier, top_singular
-from edgestack.compress.bitstack_fit import gptq_signs, h_error, inverse_factor, refit_factors
+from edgestack.compress.bitstack_fit import gptq_signs, inverse_factor, refit_factors
+from edgestack.compress.gptq import h_error, hessian
 from edgestack.compress.layers import BitStackWeight
-from edgestack.compress.shift import hessian
 from edgestack.errors import CompressError
 from mlp_cases import MLP, mlp_calib, out_err  # noqa: F401
 

@@ -160,6 +160,22 @@ def test_shift_finetune_respects_max_seconds_and_keeps_the_rounding_at_step_0():
         assert torch.allclose(a.weight_module.scale, b.weight_module.scale)
 
 
+def held_out_loss(model: nn.Module, ref: nn.Module, data: list[dict], seed: int,
+                  n_val: int = 2) -> float:
+    """The fine-tune's held-out loss of ``model`` (distilling ``ref``) on the ``n_val``
+    batches that the shift pass holds out with ``seed`` (as ``finetune_shift`` measures it)."""
+    from edgestack.compress.finetune import batch_loss, split_batches, target_norms
+    from edgestack.compress.shift import model_outputs
+
+    targets = model_outputs(ref, data)
+    norms = target_norms(targets)
+    _, val_idx = split_batches(len(data), n_val / len(data), seed)
+    assert len(val_idx) == n_val
+    with torch.no_grad():
+        return sum(float(batch_loss(model, data, targets, norms, i, targets[0].device))
+                   for i in val_idx) / len(val_idx)
+
+
 def test_shift_finetune_early_stop_on_held_out_batches():
     data = mlp_calib(n=10)
     ref = MLP()
@@ -171,6 +187,21 @@ def test_shift_finetune_early_stop_on_held_out_batches():
     assert info["val_loss_best"] <= info["val_loss_first"]
     assert 0 <= info["best_step"] <= 40
     assert out_err(tuned, ref, data) < out_err(plain, ref, data)
+    # the best latents were restored and re-rounded to the very shift values they were
+    # evaluated with: the returned model's held-out loss is the reported best one
+    assert info["val_loss_first"] > info["val_loss_best"]  # (40 steps do improve it)
+    assert held_out_loss(tuned, ref, data, seed=1) == pytest.approx(info["val_loss_best"],
+                                                                    rel=1e-5)
+    # a learning rate so high that every evaluation is worse than step 0: the step-0
+    # latents (the GPTQ rounding) are restored, not the last ones
+    wild = copy.deepcopy(ref)
+    info = gptq3(wild, data, finetune_steps=40, finetune_lr=5e-2, finetune_val=0.2,
+                 seed=1).details["finetune"]
+    assert info["best_step"] == 0 and info["val_loss_best"] == info["val_loss_first"]
+    assert held_out_loss(wild, ref, data, seed=1) == pytest.approx(info["val_loss_best"],
+                                                                   rel=1e-5)
+    for a, b in ((plain.fc1, wild.fc1), (plain.fc2, wild.fc2)):
+        assert torch.equal(a.weight_module.codes, b.weight_module.codes)
     # all+norms also trains the (fp32) biases
     nb = copy.deepcopy(ref)
     gptq3(nb, data, finetune_steps=20, finetune_lr=2e-3, finetune_params="all+norms",

@@ -110,10 +110,6 @@ def run(args: argparse.Namespace) -> int:
     _log(args, f"loading {args.model}" + (f" ({args.from_} checkpoint)" if args.from_ else ""))
     src = load_source(args.model, from_=args.from_, base=args.base, batch=args.batch,
                       seq=args.seq)
-    if args.calib_n is not None and args.calib_n < 0:
-        from edgestack.errors import CompressError
-
-        raise CompressError(f"--calib-n: expected 0 or more sentences, found {args.calib_n}")
     calib, calib_text = ((None, "none") if args.method == "none"
                          else src.calibration(args.calib_n))
     with warnings.catch_warnings(record=True) as caught:

@@ -35,7 +35,7 @@ replaced by :func:`edgestack.compress.bitstack_fit.gptq_signs`: with the block's
 ``M = u @ v`` fitted as above, each sign is chosen column by column (by decreasing input
 energy) so that ``S * M`` fits the residual plus the error already made on earlier columns,
 spread through the Cholesky factor of the inverse input Hessian ``H = E[x x^T]`` (damped as
-the shift pass's GPTQ, :func:`edgestack.compress.shift.hessian`), i.e. GPTQ with the
+the shift pass's GPTQ, :func:`edgestack.compress.gptq.hessian`), i.e. GPTQ with the
 two-level quantizer ``{-M_ij, +M_ij}``. The weight-space target stays ``W``: ``R -= S * M``
 as before, only the choice of signs changes, so each block minimises the *output* error of
 its prefix. ``refit`` rounds of alternating least squares then optionally refit ``u, v``
@@ -107,13 +107,14 @@ from edgestack.compress.api import (
 from edgestack.compress.bitstack_fit import (
     finetune_factors,
     gptq_signs,
-    h_error,
     inverse_factor,
     refit_factors,
 )
+from edgestack.compress.finetune import check_finetune_options
+from edgestack.compress.gptq import h_error, hessian
 from edgestack.compress.layers import BitStackWeight, CompressedLayer
 from edgestack.compress.report import LayerReport
-from edgestack.compress.shift import hessian, model_outputs
+from edgestack.compress.shift import model_outputs
 from edgestack.compress.walk import dense_weight, replace_module
 from edgestack.errors import CompressError
 from edgestack.formats import BitStackStack, pack_bits
@@ -143,11 +144,7 @@ def check_options(opts: dict[str, Any]) -> None:
     check_choice("device", opts["device"], ("cpu", "cuda"))
     check_choice("signs", opts["signs"], SIGNS)
     check_int("refit", opts["refit"], 0, MAX_REFIT)
-    check_int("finetune_steps", opts["finetune_steps"], 0, None)
-    check_float("finetune_lr", opts["finetune_lr"], 0.0, 1.0, lo_open=True)
-    if opts["max_seconds"] is not None:
-        check_float("max_seconds", opts["max_seconds"], 0.0, 1e9, lo_open=True)
-    check_int("seed", opts["seed"], 0, None)
+    check_finetune_options(opts)
     if opts["device"] == "cuda" and not torch.cuda.is_available():
         raise CompressError(
             "option device: 'cuda' was requested but torch sees no CUDA device "
@@ -211,7 +208,7 @@ def decompose(
         weighted_errors: if a list, filled with the relative error after each block: the
             output error ``sqrt(tr(R H R^T) / tr(W H W^T))`` with ``h``, else in the
             ``diag(col_scale)`` metric (the weight error without either).
-        h: optional damped input Hessian ``[n, n]`` (:func:`edgestack.compress.shift.hessian`),
+        h: optional damped input Hessian ``[n, n]`` (:func:`edgestack.compress.gptq.hessian`),
             needed by ``signs="gptq"`` and ``refit``.
         signs: ``"plain"`` (``sign(R)``) or ``"gptq"`` (:func:`~edgestack.compress.
             bitstack_fit.gptq_signs`; plain without ``h`` or when ``h`` is numerically
@@ -294,12 +291,9 @@ def run(ctx: PassContext) -> None:
                                     gram=(lambda lay: lay.kind == "linear") if use_h else False)
     signs = "plain" if o["signs"] == "plain" else "gptq"
     replacements = []
-    originals: dict[str, np.ndarray] = {}
     gains: list[tuple[int, float, int, str]] = []
     for layer in ctx.iterate(layers, "bitstack"):
         w = dense_weight(layer).cpu()
-        if targets is not None:
-            originals[layer.name] = w.reshape(w.shape[0], -1).numpy().copy()
         m = w.shape[0]
         w2 = w.reshape(m, -1)
         n = w2.shape[1]
@@ -354,9 +348,12 @@ def run(ctx: PassContext) -> None:
                                 order, ctx.calib, targets, o["finetune_steps"],
                                 o["finetune_lr"], o["max_seconds"], o["seed"], ctx.progress)
         ctx.report.details["finetune"] = info
-        for rep, (_, new) in zip(ctx.report.layers, replacements):
+        for rep, (lay, new) in zip(ctx.report.layers, replacements):
             fmt = new.weight_module.to_format()
-            w = originals[rep.name]
+            # the original module, no longer in the model, still holds the untouched weight
+            # (the fine-tune trains only the new layers' factors)
+            w = dense_weight(lay).cpu()
+            w = w.reshape(w.shape[0], -1).numpy()
             norm = float(np.linalg.norm(w)) or 1.0
             rep.details["rel_error"] = [
                 round(float(np.linalg.norm(fmt.decode(b + 1).reshape(w.shape) - w)) / norm, 6)

@@ -1,8 +1,8 @@
 """Calibration-aware fitting of BitStack blocks: GPTQ sign choice, factor refit, fine-tune.
 
 The first two work in the metric of the layer's input Hessian ``H = E[x x^T]`` (damped, see
-:func:`edgestack.compress.shift.hessian`): the error of a weight ``D`` is the expected
-squared output error ``trace(D H D^T)`` (:func:`edgestack.compress.shift.output_error`).
+:func:`edgestack.compress.gptq.hessian`): the error of a weight ``D`` is the expected
+squared output error ``trace(D H D^T)`` (:func:`edgestack.compress.gptq.h_error`).
 
 - :func:`gptq_signs`: given the residual ``R`` a block must fit and the block's magnitude
   ``M`` (``u @ v``), choose each sign of ``S`` so that ``S * M`` approximates ``R`` column
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from edgestack.compress.gptq import GPTQ_BLOCK, gptq_columns, inverse_factor
+from edgestack.compress.gptq import GPTQ_BLOCK, gptq_columns, h_error, inverse_factor
 
 #: Ridge added to the per-row ``k x k`` systems of the ``u`` step, relative to their trace.
 RIDGE = 1e-6
@@ -51,12 +51,6 @@ def gptq_signs(r: torch.Tensor, mag: torch.Tensor, factor: tuple[torch.Tensor, t
 
     gptq_columns(r, factor, choose, block)
     return signs
-
-
-def h_error(d: torch.Tensor, h: torch.Tensor) -> float:
-    """``trace(D H D^T)`` in float64."""
-    d64 = d.to(torch.float64)
-    return float(((d64 @ h.to(torch.float64)) * d64).sum())
 
 
 def refit_factors(r: torch.Tensor, signs: torch.Tensor, u: torch.Tensor, v: torch.Tensor,
@@ -245,5 +239,4 @@ def finetune_factors(
             "loss_first": first, "loss_last": last}
 
 
-__all__ = ["GPTQ_BLOCK", "finetune_factors", "gptq_signs", "h_error", "inverse_factor",
-           "refit_factors"]
+__all__ = ["GPTQ_BLOCK", "finetune_factors", "gptq_signs", "inverse_factor", "refit_factors"]

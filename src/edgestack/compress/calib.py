@@ -125,6 +125,16 @@ def corpus_sentences(n: int | None = None, seed: int = 0) -> list[str]:
     return out if n is None else out[:n]
 
 
+def tokenizer_folder(model: Any) -> Path | None:
+    """The folder holding ``model``'s ``tokenizer.json``: ``model.config.name_or_path``
+    (set by ``from_pretrained`` and :func:`edgestack.compress.hf.load_hf_model`) when it
+    holds one, else None."""
+    folder = getattr(getattr(model, "config", None), "name_or_path", None)
+    if folder and (Path(folder) / "tokenizer.json").is_file():
+        return Path(folder)
+    return None
+
+
 def model_text_calib(model: Any, n: int, like: Sequence[dict[str, Any]] | None = None, *,
                      seq: int = 64, batch: int | None = None) -> list[dict[str, Any]]:
     """Token batches of the first ``n`` :func:`corpus_sentences`, tokenized with the
@@ -144,11 +154,12 @@ def model_text_calib(model: Any, n: int, like: Sequence[dict[str, Any]] | None =
     Raises:
         CompressError: the model has no folder with ``tokenizer.json``.
     """
-    folder = getattr(getattr(model, "config", None), "name_or_path", None)
-    if not folder or not (Path(folder) / "tokenizer.json").is_file():
+    folder = tokenizer_folder(model)
+    if folder is None:
+        found = getattr(getattr(model, "config", None), "name_or_path", None)
         raise CompressError(
             f"extra calibration text needs a Hugging Face text model loaded from a folder with "
-            f"tokenizer.json (model.config.name_or_path); found {folder!r} for "
+            f"tokenizer.json (model.config.name_or_path); found {found!r} for "
             f"{type(model).__name__}; pass calib=text_calib(folder, texts=corpus_sentences(n)) "
             "instead"
         )

@@ -1,21 +1,40 @@
 """The GPTQ column loop shared by the shift pass (shift-grid rounding) and BitStack (signs).
 
 GPTQ quantizes a weight ``W [m, n]`` column by column, in order of decreasing ``diag(H)``
-(``H``: the damped input Hessian, :func:`edgestack.compress.shift.hessian`), and spreads
+(``H``: the damped input Hessian, :func:`hessian`), and spreads
 each column's quantization error onto the columns not yet done through the upper Cholesky
 factor of ``H^-1`` (lazy batch updates of :data:`GPTQ_BLOCK` columns), so that the output
-error ``trace((W - Q) H (W - Q)^T)`` rather than the weight error is minimised. What a
-column is quantized to is the caller's ``quantize`` callback.
+error ``trace((W - Q) H (W - Q)^T)`` (:func:`h_error` of ``W - Q``) rather than the weight
+error is minimised. What a column is quantized to is the caller's ``quantize`` callback.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
 #: Columns per lazy GPTQ update (as GPTQ).
 GPTQ_BLOCK = 128
+#: GPTQ dampening, as a fraction of the mean diagonal of the input Hessian.
+GPTQ_DAMP = 0.01
+
+
+def hessian(gram: torch.Tensor, count: int, damp: float = GPTQ_DAMP) -> torch.Tensor:
+    """Damped input Hessian ``E[x x^T] + damp * mean(diag) * I`` (float64)."""
+    h = gram.to(torch.float64) / max(1, count)
+    diag_mean = float(torch.diagonal(h).mean())
+    if not math.isfinite(diag_mean) or diag_mean <= 0:
+        diag_mean = 1.0
+    return h + damp * diag_mean * torch.eye(h.shape[0], dtype=torch.float64)
+
+
+def h_error(d: torch.Tensor, h: torch.Tensor) -> float:
+    """``trace(D H D^T)`` in float64: the expected squared output error of a weight error
+    ``D`` for inputs with second moment ``H``."""
+    d64 = d.to(torch.float64)
+    return float(((d64 @ h.to(torch.float64)) * d64).sum())
 
 
 def inverse_factor(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -70,4 +89,4 @@ def gptq_columns(w: torch.Tensor, factor: tuple[torch.Tensor, torch.Tensor],
         torch.set_num_threads(threads)
 
 
-__all__ = ["GPTQ_BLOCK", "gptq_columns", "inverse_factor"]
+__all__ = ["GPTQ_BLOCK", "GPTQ_DAMP", "gptq_columns", "h_error", "hessian", "inverse_factor"]

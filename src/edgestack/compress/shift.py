@@ -79,8 +79,8 @@ from edgestack.compress.api import (
     collect_input_stats,
 )
 from edgestack.errors import CompressError
-from edgestack.compress.finetune import PARAMS as FINETUNE_PARAMS
-from edgestack.compress.gptq import GPTQ_BLOCK, gptq_columns, inverse_factor
+from edgestack.compress.finetune import PARAMS as FINETUNE_PARAMS, check_finetune_options
+from edgestack.compress.gptq import GPTQ_BLOCK, gptq_columns, h_error, hessian, inverse_factor
 from edgestack.compress.layers import CompressedLayer, ShiftWeight
 from edgestack.compress.report import LayerReport
 from edgestack.compress.walk import LayerInfo, dense_weight, replace_module
@@ -96,8 +96,6 @@ SCALES = ("mse", "maxabs")
 ROUNDINGS = ("nearest", "gptq")
 #: Most calibration batches held out of the fine-tune for its early stop.
 MAX_VAL_BATCHES = 8
-#: GPTQ dampening, as a fraction of the mean diagonal of the input Hessian.
-GPTQ_DAMP = 0.01
 #: Exponents ``t`` of the candidate scales ``maxabs * 2^-t`` tried by ``scale="mse"``.
 SCALE_CANDIDATES = tuple(-0.25 + 1.25 * i / 15 for i in range(16))
 
@@ -117,11 +115,7 @@ def check_options(opts: dict[str, Any]) -> None:
             )
         for name, b in bpl.items():
             check_int(f"bits_per_layer[{name!r}]", b, MIN_BITS, MAX_BITS)
-    check_int("finetune_steps", opts["finetune_steps"], 0, None)
-    check_float("finetune_lr", opts["finetune_lr"], 0.0, 1.0, lo_open=True)
-    if opts["max_seconds"] is not None:
-        check_float("max_seconds", opts["max_seconds"], 0.0, 1e9, lo_open=True)
-    check_int("seed", opts["seed"], 0, None)
+    check_finetune_options(opts)
     check_choice("sequential", opts["sequential"], (False, True))
     check_choice("finetune_params", opts["finetune_params"], FINETUNE_PARAMS)
     check_float("finetune_val", opts["finetune_val"], 0.0, 0.5)
@@ -194,38 +188,20 @@ def choose_scale(w2: torch.Tensor, bits: int, zero: bool, method: str,
     return best
 
 
-def hessian(gram: torch.Tensor, count: int, damp: float = GPTQ_DAMP) -> torch.Tensor:
-    """Damped input Hessian ``E[x x^T] + damp * mean(diag) * I`` (float64)."""
-    h = gram.to(torch.float64) / max(1, count)
-    diag_mean = float(torch.diagonal(h).mean())
-    if not math.isfinite(diag_mean) or diag_mean <= 0:
-        diag_mean = 1.0
-    return h + damp * diag_mean * torch.eye(h.shape[0], dtype=torch.float64)
-
-
-def output_error(w2: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
-    """``trace((W-Q) H (W-Q)^T)``: the expected squared output error for inputs with
-    second moment ``H``."""
-    d = (w2 - q).to(torch.float64)
-    return float(((d @ h) * d).sum())
-
-
-def gptq_shift(w2: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, bits: int, zero: bool,
-               block: int = GPTQ_BLOCK,
-               factor: tuple[torch.Tensor, torch.Tensor] | None | bool = False) -> torch.Tensor:
+def gptq_shift(w2: torch.Tensor, factor: tuple[torch.Tensor, torch.Tensor] | None,
+               scale: torch.Tensor, bits: int, zero: bool, block: int = GPTQ_BLOCK
+               ) -> torch.Tensor:
     """GPTQ rounding of ``w2 [m, n]`` to shift codes with per-row ``scale``.
 
     Columns are processed in order of decreasing ``diag(H)``; the error of each rounded
     column is propagated onto the remaining ones with the upper Cholesky factor of ``H^-1``
     (lazy batch updates of ``block`` columns, as in GPTQ; :func:`~edgestack.compress.gptq.
-    gptq_columns`). ``factor``: :func:`~edgestack.compress.gptq.inverse_factor` of ``h``
-    when the caller already has it (None: singular), else computed here.
+    gptq_columns`). ``factor``: :func:`~edgestack.compress.gptq.inverse_factor` of the
+    input Hessian ``H``; None (``H`` numerically singular): plain nearest rounding.
 
     Returns:
         The rounded weight (float32, exact shift values ``±2^-e * scale``).
     """
-    if factor is False:
-        factor = inverse_factor(h)
     if factor is None:  # numerically singular even after damping: plain rounding
         return shift_values(w2, scale, bits, zero)
     n_levels = levels(bits, zero)
@@ -352,15 +328,15 @@ def run(ctx: PassContext) -> None:
         if rounding == "gptq" and st is not None and st.gram is not None \
                 and st.gram.shape[0] == w2.shape[1]:
             h = hessian(st.gram, st.gram_count)
-            base_err = output_error(w2, q, h)
+            base_err = h_error(w2 - q, h)
             best_q, best_s, best_err = q, scale, base_err
             factor = inverse_factor(h)  # one Cholesky per layer, both rounds
             for _ in range(2):
-                cand = gptq_shift(w2, h, best_s, bits, zero, factor=factor)
+                cand = gptq_shift(w2, factor, best_s, bits, zero)
                 s2 = refit_scale(w2, cand, best_s, h)
                 cand2 = (cand / torch.where(best_s > 0, best_s, 1.0)[:, None]) * s2[:, None]
                 for qq, ss in ((cand, best_s), (cand2, s2)):
-                    err = output_error(w2, qq, h)
+                    err = h_error(w2 - qq, h)
                     if err < best_err:
                         best_q, best_s, best_err = qq, ss, err
             q, scale = best_q, best_s
@@ -377,7 +353,7 @@ def run(ctx: PassContext) -> None:
                    "rel_error": round(rel, 6), "calibrated": col_w is not None}
         if h is not None:
             details["output_error_nearest"] = round(base_err, 8)
-            details["output_error"] = round(output_error(w2, dec, h), 8)
+            details["output_error"] = round(h_error(w2 - dec, h), 8)
         ctx.report.layers.append(LayerReport(
             layer.name, layer.kind, tuple(w.shape), 4 * w.numel(), codes.nbytes, details))
     if not sequential:

@@ -44,10 +44,9 @@ class ModelSource:
     def text_folder(self) -> Path | None:
         """The folder holding the model's ``tokenizer.json`` (a Hugging Face text model
         loaded from a folder, or the built-in ``minilm``), else None."""
-        folder = getattr(getattr(self.model, "config", None), "name_or_path", None)
-        if folder and (Path(folder) / "tokenizer.json").is_file():
-            return Path(folder)
-        return None
+        from edgestack.compress.calib import tokenizer_folder
+
+        return tokenizer_folder(self.model)
 
     def calibration(self, n: int | None = None, seq: int = 64) -> tuple[list[dict], str]:
         """Calibration batches for :func:`~edgestack.compress.compress` and what they are.
@@ -62,7 +61,15 @@ class ModelSource:
 
         Returns:
             ``(batches, description)``.
+
+        Raises:
+            CompressError: ``n`` is negative (or not an integer).
         """
+        if n is not None:
+            from edgestack.compress.api import check_int
+
+            check_int("n (calibration sentences)", n, 0, None,
+                      "0 uses the example inputs")
         folder = self.text_folder
         if folder is None or n == 0:
             return [self.inputs], "the example inputs"
