@@ -11,8 +11,8 @@ import pytest
 
 from edgestack.errors import BudgetError, TargetError
 from edgestack.package import Package
-from edgestack.runtime import Runtime, plan_memory, plan_tier
-from runtime_helpers import peak_rss, reference_output
+from edgestack.runtime import Runtime, plan_memory, smallest_plan
+from runtime_helpers import flip_byte, peak_rss, reference_output
 
 
 def test_runtime_imports_no_torch(small_pkg):
@@ -51,18 +51,55 @@ def test_modes_agree_and_self_test(small_pkg):
                                    atol=1e-6)
         report = a.self_test()
         assert report["judged"] and report["passed"]
+        assert all(r["ok"] and not r["missing"] and isinstance(r["max_abs"], float)
+                   for r in report["outputs"].values())
+
+
+def test_self_test_missing_output_is_a_failed_entry(small_pkg, monkeypatch):
+    """An output the graph does not produce fails the self-test with an entry of the same
+    shape as the others (a dict: callers such as ``edgestack verify`` read its keys)."""
+    with Runtime(small_pkg) as rt:
+        inputs, outputs = rt.package.golden()
+        ghost = {**outputs, "ghost": np.zeros(3, np.float32)}
+        monkeypatch.setattr(rt.package, "golden", lambda: (inputs, ghost))
+        report = rt.self_test()
+    assert report["judged"] and report["passed"] is False
+    assert report["outputs"]["ghost"] == {"max_abs": None, "ok": False, "missing": True}
+    assert report["outputs"]["output"]["ok"] and not report["outputs"]["output"]["missing"]
+    assert all(set(r) == {"max_abs", "ok", "missing"} for r in report["outputs"].values())
+
+
+def test_damaged_weights_file_is_refused(small_pkg, tmp_path):
+    """The weights file is hash-checked while it is read into the runtime's buffers."""
+    import shutil
+
+    from edgestack.errors import PackageError
+
+    bad = tmp_path / "bad.pkg"
+    shutil.copytree(small_pkg, bad)
+    flip_byte(bad / "model.data", 5)
+    with pytest.raises(PackageError, match=r"file 'model.data' is damaged: sha256 expected"):
+        Runtime(bad)
+    with Runtime(bad, verify=False) as rt:  # read without the check: it still serves
+        assert rt.infer(rt.package.golden()[0])["output"].shape
+
+
+def test_unknown_optimization_level_is_refused_before_loading(tmp_path):
+    # checked first: the (missing) package is never opened
+    with pytest.raises(TargetError, match="optimization must be one of"):
+        Runtime(tmp_path / "no-such-package", optimization="fastest")
 
 
 def test_planner_picks_largest_fitting_tier(big_pkg):
     pkg = Package.open(big_pkg)
     n = len(pkg.tiers)
-    minimum = min(plan_tier(pkg, 0, materialize=j).total for j in range(5))
+    minimum = smallest_plan(pkg, 0).total
     for t in range(n):
-        need = min(plan_tier(pkg, t, materialize=j).total for j in range(5))
+        need = smallest_plan(pkg, t).total
         plan = plan_memory(pkg, need)
         assert plan.tier >= t and plan.total <= need
         bigger = [u for u in range(plan.tier + 1, n)
-                  if min(plan_tier(pkg, u, materialize=j).total for j in range(5)) <= need]
+                  if smallest_plan(pkg, u).total <= need]
         assert not bigger
     assert plan_memory(pkg, minimum).tier == 0
     # more budget at the same tier: more layers materialised (less latency)
@@ -71,7 +108,7 @@ def test_planner_picks_largest_fitting_tier(big_pkg):
 
 
 def test_budget_below_smallest_tier(small_pkg):
-    minimum = min(plan_tier(Package.open(small_pkg), 0, materialize=j).total for j in range(4))
+    minimum = smallest_plan(Package.open(small_pkg), 0).total
     with pytest.raises(BudgetError) as err:
         Runtime(small_pkg, budget=minimum - 1)
     msg = str(err.value)
@@ -170,7 +207,7 @@ def test_peak_rss_within_budget_and_plan(big_pkg):
     n = len(pkg.tiers)
     budgets = []
     for t in (0, n - 1):
-        need = min(plan_tier(pkg, t, materialize=j).total for j in range(5))
+        need = smallest_plan(pkg, t).total
         budgets.append(need + 2**20)
     for budget in budgets:
         run = peak_rss("run", str(big_pkg), str(budget))

@@ -5,15 +5,15 @@ from __future__ import annotations
 import time
 
 from edgestack.package import Package
-from edgestack.runtime import Runtime, plan_tier
+from edgestack.runtime import Runtime, plan_memory, plan_tier, smallest_plan
 from edgestack.runtime.watch import Watcher
 
 
 def test_watcher_grows_and_shrinks_with_free_memory(big_pkg):
     pkg = Package.open(big_pkg)
     n = len(pkg.tiers)
-    small = min(plan_tier(pkg, 0, materialize=j).total for j in range(5))
-    large = min(plan_tier(pkg, n - 1, materialize=j).total for j in range(5))
+    small = smallest_plan(pkg, 0).total
+    large = smallest_plan(pkg, n - 1).total
     with Runtime(big_pkg, budget=small) as rt:
         assert rt.tier == 0
         free = {"bytes": large + 64 * 2**20}
@@ -38,6 +38,23 @@ def test_watcher_grows_and_shrinks_with_free_memory(big_pkg):
 
 def test_runtime_watch_flag_starts_and_stops(small_pkg):
     rt = Runtime(small_pkg, watch=0.05)
-    assert rt.watcher is not None and rt.watcher._thread.is_alive()
+    watcher = rt.watcher
+    assert watcher is not None and watcher._thread.is_alive()
     rt.close()
     assert rt.watcher is None
+    assert not watcher._thread.is_alive()  # close() stopped the thread, not just dropped it
+
+
+def test_watcher_plans_with_the_runtimes_forced_modes(big_pkg):
+    """The watcher plans like retier: with the runtime's forced ``materialize`` (planning
+    with the default modes, it saw a larger tier than retier can serve, and re-tiered in
+    vain on every check)."""
+    pkg = Package.open(big_pkg)
+    forced = plan_tier(pkg, 0, materialize=0).total  # tier 0, every layer on the fly
+    assert plan_memory(pkg, forced).tier > 0          # the default modes fit a larger tier
+    with Runtime(big_pkg, budget=forced, materialize=0) as rt:
+        assert rt.tier == 0 and rt.plan.materialized == frozenset()
+        assert rt.plan_for(forced).tier == 0
+        w = Watcher(rt, interval=1.0, hysteresis=0, source=lambda: 0)  # only what it holds
+        assert w.check() is None
+        assert w.events == [] and rt.tier == 0

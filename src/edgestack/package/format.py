@@ -105,6 +105,7 @@ role ``graph``. Counts are bounded by the other ``MAX_*`` constants below.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -272,25 +273,32 @@ class LayerInfo:
     dtype: str = "float16"
     attrs: Mapping[str, Any] = field(default_factory=dict)
 
-    @property
+    # Derived sizes are computed once per (frozen) layer: the planner reads them on every
+    # re-tier. cached_property stores into the instance __dict__, which frozen allows.
+    @functools.cached_property
     def matrix_shape(self) -> tuple[int, int]:
         """``(m, n)``: the weight viewed as a matrix."""
         return self.shape[0], math.prod(self.shape[1:])
 
-    @property
+    @functools.cached_property
+    def _sizes(self) -> tuple[int, int, int]:
+        """``(signs_bytes, u_bytes, v_bytes)`` of one block (:func:`part_sizes`)."""
+        return part_sizes(self.shape, self.rank, self.dtype)
+
+    @functools.cached_property
     def signs_bytes(self) -> int:
-        return part_sizes(self.shape, self.rank, self.dtype)[0]
+        return self._sizes[0]
 
-    @property
+    @functools.cached_property
     def u_bytes(self) -> int:
-        return part_sizes(self.shape, self.rank, self.dtype)[1]
+        return self._sizes[1]
 
-    @property
+    @functools.cached_property
     def v_bytes(self) -> int:
-        return part_sizes(self.shape, self.rank, self.dtype)[2]
+        return self._sizes[2]
 
     def to_dict(self) -> dict[str, Any]:
-        sb, ub, vb = part_sizes(self.shape, self.rank, self.dtype)
+        sb, ub, vb = self._sizes
         return {
             "shape": list(self.shape),
             "rank": self.rank,

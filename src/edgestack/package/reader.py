@@ -636,19 +636,25 @@ class Package:
             )
         return self.files[name]
 
-    def _hash_file(self, entry: FileEntry, keep: bool) -> tuple[str, bytes | None]:
+    def _read_hashed(self, entry: FileEntry, out: memoryview | None) -> str:
+        """Read the whole file in chunks, hashing as it goes: into ``out`` (``entry.size``
+        bytes) when given, else through one chunk-sized scratch buffer; the sha256 hex."""
         fd, base = self._source.locate(entry.name)
         digest = hashlib.sha256()
-        out = bytearray(entry.size) if keep else None
-        buf = bytearray(min(_CHUNK, max(entry.size, 1)))
+        buf = None if out is not None else memoryview(bytearray(min(_CHUNK, max(entry.size, 1))))
         pos = 0
         while pos < entry.size:
-            n = min(len(buf), entry.size - pos)
-            view = memoryview(out)[pos : pos + n] if out is not None else memoryview(buf)[:n]
+            n = min(_CHUNK, entry.size - pos)
+            view = out[pos : pos + n] if out is not None else buf[:n]  # type: ignore[index]
             _pread_into(fd, view, base + pos, f"{self.path}: {entry.name}")
             digest.update(view)
             pos += n
-        return digest.hexdigest(), (bytes(out) if out is not None else None)
+        return digest.hexdigest()
+
+    def _hash_file(self, entry: FileEntry, keep: bool) -> tuple[str, bytes | None]:
+        out = bytearray(entry.size) if keep else None
+        found = self._read_hashed(entry, memoryview(out) if out is not None else None)
+        return found, (bytes(out) if out is not None else None)
 
     def _check_hash(self, entry: FileEntry, found: str) -> None:
         if found != entry.sha256:
@@ -675,6 +681,27 @@ class Package:
             self._check_hash(entry, found)
         assert data is not None
         return data
+
+    def read_file_into(self, name: str, out: Any, *, verify: bool = True) -> int:
+        """Read the whole content of a listed file into ``out`` (a writable buffer of exactly
+        the file's size, e.g. an anonymous map: no intermediate copy), hash-checked while
+        reading by default; return the bytes read.
+
+        Raises:
+            PackageError: unknown file, ``out`` of another size, a read error, or (with
+                ``verify``) a sha256 that differs from the manifest's (naming the file).
+        """
+        entry = self._entry(name)
+        view = memoryview(out).cast("B")
+        if len(view) != entry.size:
+            raise PackageError(f"{self.path}: {name}: a {len(view)}-byte buffer cannot hold "
+                               f"the {entry.size}-byte file")
+        if verify:
+            self._check_hash(entry, self._read_hashed(entry, view))
+        elif entry.size:
+            fd, base = self._source.locate(name)
+            _pread_into(fd, view, base, f"{self.path}: {name}")
+        return entry.size
 
     def file_path(self, name: str) -> Path:
         """Filesystem path of a listed file; directory packages only.

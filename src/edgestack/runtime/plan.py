@@ -37,8 +37,9 @@ MiB = 2**20
 
 RUNTIME_OVERHEAD = 20 * MiB
 """ONNX Runtime session + kernels + the runtime's Python objects, above a process that only
-imported :mod:`edgestack.runtime` and onnxruntime (measured by bench/runtime_budgets.py on the
-development machine: see docs/runtime.md)."""
+imported :mod:`edgestack.runtime` and onnxruntime (set from measurements on the development
+machine; bench/runtime_budgets.py checks the plans against measured peak RSS: see
+docs/runtime.md)."""
 
 DECODE_TEMP_BYTES = 14
 """Bytes of ONNX Runtime decode temporaries per weight per block of an on-the-fly layer; the
@@ -62,8 +63,6 @@ that no line above models; measured mixed-mode MiniLM plans were up to 0.6% shor
 one run on a 2-core machine at load average 9 peaked 2.5 MiB above a 49 MiB plan; 5% put
 the on-the-fly MiniLM plans more than 10% above the measured peak on a quiet machine)."""
 
-MODES = ("materialized", "on-the-fly")
-
 
 def page_up(n: int) -> int:
     return -(-int(n) // PAGE) * PAGE
@@ -79,7 +78,6 @@ class LayerPlan:
     mode: str
     block_bytes: int
     dense_bytes: int
-    decode_temp_bytes: int
 
     @property
     def bytes(self) -> int:
@@ -183,35 +181,15 @@ def _manifest(package: Any) -> Any:
     return getattr(package, "manifest", package)
 
 
-_SHAPES: dict[int, tuple[Any, dict[str, tuple[int, int, int, int, int]]]] = {}
-
-
-def _layer_shapes(manifest: Any) -> dict[str, tuple[int, int, int, int, int]]:
-    """``{layer: (m, n, signs_bytes, u_bytes, v_bytes)}``, cached per manifest object (a
-    re-tier plans often; this keeps planning well under a millisecond)."""
-    hit = _SHAPES.get(id(manifest))
-    if hit is not None and hit[0] is manifest:
-        return hit[1]
-    shapes = {}
-    for name, info in manifest.layers.items():
-        m, n = info.matrix_shape
-        sb, ub, vb = info.signs_bytes, info.u_bytes, info.v_bytes
-        shapes[name] = (m, n, sb, ub, vb)
-    if len(_SHAPES) > 32:
-        _SHAPES.clear()
-    _SHAPES[id(manifest)] = (manifest, shapes)
-    return shapes
-
-
 def _layer_costs(manifest: Any, tier: int) -> list[tuple[str, int, int, int, int, int]]:
     """``(name, nb, n_blocks, block_bytes, dense_bytes, work)`` per layer at ``tier``."""
     out = []
     t = manifest.tiers[tier]
-    shapes = _layer_shapes(manifest)
-    for name, info in manifest.layers.items():
+    for name, info in manifest.layers.items():  # LayerInfo computes its sizes once
         nb = int(t.blocks[name])
-        m, n, sb, ub, vb = shapes[name]
-        block_bytes = page_up(nb * sb) + page_up(nb * ub) + page_up(nb * vb)
+        m, n = info.matrix_shape
+        block_bytes = (page_up(nb * info.signs_bytes) + page_up(nb * info.u_bytes)
+                       + page_up(nb * info.v_bytes))
         out.append((name, nb, info.n_blocks, block_bytes, page_up(4 * m * n), nb * m * n))
     return out
 
@@ -242,7 +220,6 @@ def plan_tier(package: Any, tier: int, budget: int | None = None, *,
     costs = sorted(_layer_costs(man, tier), key=lambda c: -c[5])
     graph, weights, act = _fixed(man)
     infos = man.layers
-    shapes = _layer_shapes(man)
     order = {name: i for i, name in enumerate(infos)}
 
     def build(mat: set[str]) -> MemoryPlan:
@@ -251,7 +228,7 @@ def plan_tier(package: Any, tier: int, budget: int | None = None, *,
         mat_temp = 0
         for name, nb, total, bb, db, _work in costs:
             mode = "materialized" if name in mat else "on-the-fly"
-            m, n = shapes[name][:2]
+            m, n = infos[name].matrix_shape
             temp = DECODE_TEMP_BYTES * (nb + 1) * m * n
             if mode == "on-the-fly":
                 otf_temp = max(otf_temp, temp)
@@ -260,7 +237,7 @@ def plan_tier(package: Any, tier: int, budget: int | None = None, *,
             layers.append(LayerPlan(name, nb, total, mode,
                                     bb + (OTF_LAYER_OVERHEAD if mode == "on-the-fly"
                                           else MATERIALIZED_LAYER_OVERHEAD),
-                                    db, temp))
+                                    db))
         layers.sort(key=lambda lp: order[lp.name])
         return MemoryPlan(tier, len(man.tiers), budget, tuple(layers), graph, weights,
                           RUNTIME_OVERHEAD, act, max(otf_temp, mat_temp), budget_source)
@@ -333,4 +310,4 @@ def plan_memory(package: Any, budget: int | None, *, tier: int | None = None,
 
 __all__ = ["MemoryPlan", "LayerPlan", "plan_memory", "plan_tier", "smallest_plan",
            "RUNTIME_OVERHEAD", "DECODE_TEMP_BYTES", "OTF_LAYER_OVERHEAD",
-           "MATERIALIZED_LAYER_OVERHEAD", "MATERIALISE_TEMP_BYTES", "MODES"]
+           "MATERIALIZED_LAYER_OVERHEAD", "MATERIALISE_TEMP_BYTES"]

@@ -28,7 +28,6 @@ never torch.
 from __future__ import annotations
 
 import functools
-import hashlib
 import mmap
 import threading
 import time
@@ -45,7 +44,6 @@ from edgestack.runtime.budget import resolve_budget
 from edgestack.runtime.plan import MemoryPlan, page_up, plan_memory
 
 SUPPORTED_TARGETS = ("ort-cpu",)
-_CHUNK = 1 << 20
 
 
 MMAP_THRESHOLD = 128 * 1024
@@ -153,8 +151,7 @@ class _LayerStore:
 class _State:
     plan: MemoryPlan
     session: Any
-    feeds: dict[str, np.ndarray]
-    dense: dict[str, tuple[int, np.ndarray]]
+    feeds: dict[str, np.ndarray]    # ours: signs/u/v views, materialised dense weights
     rebuilt: bool = False
     active: int = 0
     cond: threading.Condition = field(default_factory=threading.Condition)
@@ -225,6 +222,11 @@ class Runtime:
                  watch: bool | float = False) -> None:
         import onnx
 
+        from edgestack.targets.ort_cpu import LEVELS
+
+        if optimization not in LEVELS:  # before anything is opened or read
+            raise TargetError(f"optimization must be one of {sorted(LEVELS)}, found "
+                              f"{optimization!r}")
         fix_malloc_threshold()
         self._own = not isinstance(package, Package)
         self.package = Package.open(package) if self._own else package
@@ -245,8 +247,7 @@ class Runtime:
             self.budget, self.budget_source = resolve_budget(budget, profile=profile,
                                                              auto=auto)
             self._materialize = materialize
-            plan = plan_memory(man, self.budget, tier=tier, budget_source=self.budget_source,
-                               materialize=materialize)
+            plan = self.plan_for(self.budget, tier=tier, budget_source=self.budget_source)
             if verify:  # the graph is hashed while it is read, the weights while loaded
                 self.package.verify([n for n, e in man.files.items()
                                      if e.role not in ("graph", "weights")])
@@ -309,32 +310,16 @@ class Runtime:
         """Read the weights file(s) into anonymous maps; OrtValues for their initializers."""
         import onnxruntime as ort
         from onnx import TensorProto
+        from onnx.helper import tensor_dtype_to_np_dtype
 
         pkg = self.package
         buffers: dict[str, np.ndarray] = {}
         for name, entry in pkg.files.items():
             if entry.role != "weights":
                 continue
-            mm = _anon(entry.size)
-            buf = np.frombuffer(mm, np.uint8, entry.size)
-            digest = hashlib.sha256()
-            pos = 0
-            while pos < entry.size:
-                n = min(_CHUNK * 8, entry.size - pos)
-                view = memoryview(buf[pos:pos + n])
-                pkg.read_into(name, [view], pos)
-                if verify:
-                    digest.update(view)
-                pos += n
-            if verify and digest.hexdigest() != entry.sha256:
-                raise PackageError(
-                    f"{pkg.path}: file {name!r} is damaged: sha256 expected {entry.sha256}, "
-                    f"found {digest.hexdigest()} ({entry.size} bytes); re-copy the package "
-                    "from its source, or repack the model"
-                )
+            buf = np.frombuffer(_anon(entry.size), np.uint8, entry.size)
+            pkg.read_file_into(name, buf, verify=verify)  # hashed while read; no copy
             buffers[name] = buf
-        np_of = {1: np.float32, 2: np.uint8, 3: np.int8, 6: np.int32, 7: np.int64,
-                 9: np.bool_, 10: np.float16, 11: np.float64}
         values: dict[str, Any] = {}
         for t in self._graph.graph.initializer:
             if t.data_location != TensorProto.EXTERNAL:
@@ -346,8 +331,12 @@ class Runtime:
                     f"{pkg.path}: initializer {t.name!r} lives in {loc!r}, which is not a "
                     f"weights file of the package ({sorted(buffers)}); repack the model"
                 )
-            dtype = np_of.get(t.data_type)
-            if dtype is None:
+            try:
+                dtype = np.dtype(tensor_dtype_to_np_dtype(t.data_type))
+            except (KeyError, TypeError, ValueError):
+                dtype = np.dtype(object)
+            if dtype.kind not in "biufc" or dtype.type.__module__ != "numpy":
+                # unknown, strings, or ml_dtypes' (bfloat16, float8, int4: no plain numpy)
                 raise PackageError(f"{pkg.path}: initializer {t.name!r} has unsupported type "
                                    f"{t.data_type}")
             off, length = int(info.get("offset", 0)), int(info.get("length", 0))
@@ -401,8 +390,9 @@ class Runtime:
         return got
 
     # ---- sessions and states ---------------------------------------------------------
-    def _materialized_feeds(self) -> dict[str, tuple[str, bool, list[int], str | None]]:
-        """Per layer: ``(value fed, transposed, its shape, Transpose node to drop or None)``.
+    def _materialized_feeds(self) -> dict[str, tuple[str, bool, list[int]]]:
+        """Per layer: ``(value fed, transposed, its shape)``; when ``transposed``, the value
+        fed is the output of the Transpose node to drop.
 
         When the decoded weight's only consumer is a 2-D ``Transpose`` (how the exporter
         writes ``nn.Linear``), a materialised layer feeds the transposed weight directly:
@@ -423,9 +413,9 @@ class Runtime:
                 perm = next((list(x.ints) for x in users[0].attribute if x.name == "perm"),
                             [1, 0])
                 if perm == [1, 0]:
-                    out[name] = (users[0].output[0], True, [n, m], users[0].output[0])
+                    out[name] = (users[0].output[0], True, [n, m])
                     continue
-            out[name] = (a["output"], False, list(info.shape), None)
+            out[name] = (a["output"], False, list(info.shape))
         return out
 
     def _graph_variant(self, materialized: frozenset[str]) -> bytes:
@@ -444,8 +434,9 @@ class Runtime:
             a = layers[name].attrs
             drop_inputs |= {a["signs"], a["u"], a["v"]}
             drop_nodes.add(a["output"])
-            if self._mat_feeds[name][3] is not None:
-                drop_nodes.add(self._mat_feeds[name][3])
+            value, transposed, _shape = self._mat_feeds[name]
+            if transposed:  # the Transpose node, by its output (the value fed instead)
+                drop_nodes.add(value)
         keep = [nd for nd in g.node if not (nd.output and nd.output[0] in drop_nodes)]
         del g.node[:]
         g.node.extend(keep)
@@ -453,28 +444,22 @@ class Runtime:
         del g.input[:]
         g.input.extend(inputs)
         for name in materialized:
-            value, _t, shape, _node = self._mat_feeds[name]
+            value, _t, shape = self._mat_feeds[name]
             g.input.append(helper.make_tensor_value_info(value, onnx.TensorProto.FLOAT, shape))
         return m.SerializeToString()
 
     def _session(self, materialized: frozenset[str]) -> Any:
         import onnxruntime as ort
 
-        so = ort.SessionOptions()
+        from edgestack.targets.ort_cpu import session_options
+
+        # the ort-cpu target's options (threads 0 = ORT's default; level checked in
+        # __init__), plus the runtime's own: memory follows the plan
+        so = session_options(int(self.threads or 0), self.optimization)
         so.enable_cpu_mem_arena = False
         so.enable_mem_pattern = False
         so.add_session_config_entry("session.disable_prepacking", "1")
         so.log_severity_level = 3
-        levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                  "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                  "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                  "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
-        if self.optimization not in levels:
-            raise TargetError(f"optimization must be one of {sorted(levels)}, found "
-                              f"{self.optimization!r}")
-        so.graph_optimization_level = levels[self.optimization]
-        if self.threads:
-            so.intra_op_num_threads = int(self.threads)
         for name, value in self._weights.items():
             so.add_initializer(name, value)  # no copy: ORT uses our buffers
         so.add_session_config_entry("session.model_external_initializers_file_folder_path",
@@ -520,22 +505,23 @@ class Runtime:
         rebuilt = session is None
         if session is None:
             session = self._session(mat)
+        # an old state's dense weight is re-used when it was materialised at the same blocks
+        old_mat = old.plan.materialized if old is not None else frozenset()
+        old_blocks = old.plan.blocks if old is not None else {}
         feeds: dict[str, np.ndarray] = {}
-        dense: dict[str, tuple[int, np.ndarray]] = {}
         for lp in plan.layers:
             a = layers[lp.name].attrs
             st = self._stores[lp.name]
             if lp.mode == "materialized":
-                prev = old.dense.get(lp.name) if old is not None else None
-                value, transposed, _shape, _node = self._mat_feeds[lp.name]
-                w = (prev[1] if prev is not None and prev[0] == lp.blocks
-                     else st.decode(lp.blocks, transposed))
-                dense[lp.name] = (lp.blocks, w)
-                feeds[value] = w
+                value, transposed, _shape = self._mat_feeds[lp.name]
+                if lp.name in old_mat and old_blocks[lp.name] == lp.blocks:
+                    feeds[value] = old.feeds[value]  # type: ignore[union-attr]
+                else:
+                    feeds[value] = st.decode(lp.blocks, transposed)
             else:
                 s, u, v = st.feeds(lp.blocks)
                 feeds.update({a["signs"]: s, a["u"]: u, a["v"]: v})
-        return _State(plan, session, feeds, dense, rebuilt)
+        return _State(plan, session, feeds, rebuilt)
 
     # ---- serving ---------------------------------------------------------------------
     @property
@@ -585,6 +571,19 @@ class Runtime:
         """Run the model on ``feeds`` (graph input name -> array) at the current tier."""
         return self.infer_with_tier(feeds)[1]
 
+    def plan_for(self, budget: int | None, *, tier: int | None = None,
+                 budget_source: str = "", prefer: frozenset[str] | None = None) -> MemoryPlan:
+        """The plan this runtime would serve for ``budget`` (bytes): :func:`plan_memory`
+        with the runtime's own settings (its forced ``materialize``). Loads nothing.
+
+        Raises:
+            BudgetError: the budget is below the smallest tier, or a forced ``tier`` does
+                not fit.
+        """
+        return plan_memory(self.package.manifest, budget, tier=tier,
+                           budget_source=budget_source, prefer=prefer,
+                           materialize=self._materialize)
+
     def retier(self, budget: Any = None, *, tier: int | None = None, profile: Any = None,
                auto: bool = False) -> RetierResult:
         """Grow or shrink to the plan for a new budget (or a forced ``tier``) while serving.
@@ -602,9 +601,8 @@ class Runtime:
                 new_budget, source = resolve_budget(budget, profile=profile, auto=auto)
             old = self._state
             old_tier = old.tier
-            plan = plan_memory(self.package.manifest, new_budget, tier=tier,
-                               budget_source=source, prefer=old.plan.materialized,
-                               materialize=self._materialize)
+            plan = self.plan_for(new_budget, tier=tier, budget_source=source,
+                                 prefer=old.plan.materialized)
             tiers = self.package.tiers
             read = 0
             tr = time.perf_counter()
@@ -646,14 +644,14 @@ class Runtime:
         worst = {}
         passed = True
         for name, ref in outputs.items():
-            if name not in got:
+            if name not in got:  # same keys as a compared output, so callers need no case
                 passed = False
-                worst[name] = "missing"
+                worst[name] = {"max_abs": None, "ok": False, "missing": True}
                 continue
             a, b = np.asarray(got[name], np.float64), np.asarray(ref, np.float64)
             diff = float(np.max(np.abs(a - b))) if a.size else 0.0
             ok = a.shape == b.shape and bool(np.allclose(a, b, rtol=info.rtol, atol=info.atol))
-            worst[name] = {"max_abs": diff, "ok": ok}
+            worst[name] = {"max_abs": diff, "ok": ok, "missing": False}
             passed &= ok
         judged = tier == info.tier
         return {"ran": True, "tier": tier, "golden_tier": info.tier, "judged": judged,

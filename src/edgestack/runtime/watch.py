@@ -18,7 +18,6 @@ from typing import Any, Callable
 
 from edgestack.errors import BudgetError
 from edgestack.runtime.budget import available_memory
-from edgestack.runtime.plan import plan_memory
 
 
 class Watcher:
@@ -50,7 +49,7 @@ class Watcher:
         current = rt.plan
         budget = self.source() + current.total
         try:
-            plan = plan_memory(rt.package.manifest, budget)
+            plan = rt.plan_for(budget)  # with the runtime's settings, as retier plans
         except BudgetError as exc:
             event = {"time": time.time(), "old_tier": rt.tier, "new_tier": rt.tier,
                      "budget": budget, "note": str(exc)}
