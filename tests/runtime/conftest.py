@@ -21,3 +21,13 @@ def big_pkg(tmp_path_factory, big_model):
     out = tmp_path_factory.mktemp("big_pkg") / "big.pkg"
     pack(big_model[0], out)
     return out
+
+
+@pytest.fixture(scope="session")
+def calib_cache(tmp_path_factory):
+    """A fresh calibration cache, shared with the subprocesses through the environment."""
+    folder = tmp_path_factory.mktemp("calibration")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EDGESTACK_CACHE_DIR", str(folder))
+    yield folder
+    mp.undo()

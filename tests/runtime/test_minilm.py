@@ -62,19 +62,25 @@ def test_minilm_top_tier_equals_the_exported_model(minilm_onnx: Path, minilm_pac
 
 
 @pytest.mark.slow
-def test_minilm_peak_rss_within_budget_and_plan(minilm_package: Path):
+def test_minilm_peak_rss_within_budget_and_plan(minilm_package: Path, calib_cache: Path):
+    """Budgets planned with this machine's calibrated costs (as the runtime plans them) hold
+    in fresh processes, 1 MiB above the plan (never exactly at it), within 10% of the plan."""
+    from edgestack.runtime import calibrate
+
     PKG = minilm_package
     pkg = Package.open(PKG)
     n, layers = len(pkg.tiers), len(pkg.layers)
+    costs = calibrate(pkg)
+    assert costs.source.startswith("calibrated"), costs
 
     def best(t: int) -> int:
-        return smallest_plan(pkg, t).total
+        return smallest_plan(pkg, t, costs).total
 
     base = peak_rss("base")["hwm"]
-    lo, hi = best(0), plan_tier(pkg, n - 1, materialize=layers).total
+    lo, hi = best(0), plan_tier(pkg, n - 1, materialize=layers, costs=costs).total
     for budget in (lo + 2**20, (lo + hi) // 2, hi + 2**20):
         run = peak_rss("run", str(PKG), str(budget))
         increase = run["hwm"] - base
         assert run["tier"] == max(t for t in range(n) if best(t) <= budget)
-        assert increase <= budget
-        assert abs(increase / run["plan"] - 1) <= 0.10
+        assert increase <= budget, (increase, budget, run)
+        assert 0.9 <= increase / run["plan"] <= 1.0, (increase, run)

@@ -7,6 +7,13 @@ import argparse
 from edgestack.cli import EXIT_OK, emit_json
 
 
+def print_progress(message: str) -> None:
+    """Progress lines go to stderr, so ``--json`` output stays one object on stdout."""
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
+
+
 def add_package_args(p: argparse.ArgumentParser) -> None:
     """PKG, then --budget / --profile / --auto (one of them) and --tier: what ``plan`` and
     ``run`` both take to pick a package's tier."""
@@ -18,6 +25,12 @@ def add_package_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--auto", action="store_true",
                    help="budget from available memory and the cgroup limit, minus a margin")
     p.add_argument("--tier", type=int, default=None, help="force a tier")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="plan with the documented memory constants instead of this machine's "
+                   "measured fixed costs (measured once per package, a few seconds, cached)")
+    p.add_argument("--recalibrate", action="store_true",
+                   help="measure this machine's fixed costs again (ignore the cached ones)")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,11 +49,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from edgestack.package import Package
-    from edgestack.runtime import plan_memory, resolve_budget
+    from edgestack.runtime import DEFAULT_COSTS, calibrate, plan_memory, resolve_budget
 
     budget, source = resolve_budget(args.budget, profile=args.profile, auto=args.auto)
     with Package.open(args.package) as pkg:
-        plan = plan_memory(pkg, budget, tier=args.tier, budget_source=source)
+        costs = DEFAULT_COSTS
+        if args.calibrate and budget is not None:
+            costs = calibrate(pkg, threads=args.threads, refresh=args.recalibrate,
+                              log=print_progress)
+        plan = plan_memory(pkg, budget, tier=args.tier, budget_source=source, costs=costs)
         if args.json:
             emit_json({"ok": True, "package": str(pkg.path), "model": pkg.manifest.model.name,
                        "target": pkg.manifest.target, "plan": plan.to_dict()})

@@ -24,7 +24,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", default=None, help=".npz of inputs (default: golden inputs)")
     p.add_argument("--output", default=None, help="write the outputs to this .npz")
     p.add_argument("--repeat", type=int, default=1, help="run N times, report the median")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
     p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
     p.set_defaults(run=run)
 
@@ -36,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     given = load_feeds(args.input) if args.input else None      # bad input fails before loading
     t0 = time.perf_counter()
     with Runtime(args.package, args.budget, profile=args.profile, auto=args.auto,
-                 tier=args.tier, threads=args.threads) as rt:
+                 tier=args.tier, threads=args.threads, calibrate=args.calibrate) as rt:
         load_s = time.perf_counter() - t0
         feeds = given if given is not None else rt.package.golden()[0]
         times = []

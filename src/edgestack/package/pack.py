@@ -159,6 +159,50 @@ def _order_from_metadata(model: Any, torch_names: Mapping[str, str],
     return order, "model"
 
 
+TABLE_MIN_BYTES = 64 * 1024
+"""Smallest external tensor the runtime treats as a lookup table (see :func:`gather_tables`)."""
+
+
+def gather_tables(model: Any) -> dict[str, dict[str, int]]:
+    """External initializers of at least :data:`TABLE_MIN_BYTES` read only as the data of a
+    ``Gather`` on axis 0 (embedding tables): ``{name: {"offset", "bytes", "row_bytes"}}``.
+
+    A call reads only the rows its indices name, so the runtime memory-maps these tables and
+    hands their pages back after each call; the planner counts at most the pages of one
+    call's rows (``metadata.runtime.rows_per_call``) instead of the whole table. Uses in
+    nested graphs count: a table used by anything else is not a table.
+    """
+    from onnx import TensorProto, helper
+
+    uses: dict[str, list[tuple[Any, int]]] = {}
+
+    def scan(graph: Any) -> None:
+        for nd in graph.node:
+            for i, name in enumerate(nd.input):
+                uses.setdefault(name, []).append((nd, i))
+            for a in nd.attribute:
+                for sub in ([a.g] if a.type == a.GRAPH else list(a.graphs)):
+                    scan(sub)
+
+    scan(model.graph)
+
+    def gather0(nd: Any, i: int) -> bool:
+        axis = next((helper.get_attribute_value(a) for a in nd.attribute if a.name == "axis"), 0)
+        return nd.op_type == "Gather" and nd.domain in ("", "ai.onnx") and i == 0 and axis == 0
+
+    out = {}
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL or len(t.dims) < 1 or t.dims[0] < 1:
+            continue
+        info = {kv.key: kv.value for kv in t.external_data}
+        length = int(info.get("length", 0))
+        users = uses.get(t.name, [])
+        if length >= TABLE_MIN_BYTES and users and all(gather0(nd, i) for nd, i in users):
+            out[t.name] = {"offset": int(info.get("offset", 0)), "bytes": length,
+                           "row_bytes": length // int(t.dims[0])}
+    return out
+
+
 def activation_bytes(model: Any, input_shapes: Mapping[str, Sequence[int]],
                      bitstack_outputs: Mapping[str, Sequence[int]]) -> int:
     """Estimate of the peak bytes of live intermediate tensors of one run.
@@ -457,6 +501,8 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
     shapes = {k: list(v.shape) for k, v in feeds.items()}
     act = activation_bytes(model, shapes, bs_outputs)
     has_weights = (gdir / WEIGHTS_FILE).exists()
+    rows = max((int(np.asarray(v).size) for v in feeds.values()
+                if np.asarray(v).dtype.kind in "iu"), default=0)
 
     metadata = {
         "runtime": {
@@ -465,6 +511,8 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
             "weights_file": WEIGHTS_FILE if has_weights else None,
             "order_source": order_source,
             "steps_per_level": steps_per_level,
+            "tables": gather_tables(model) if has_weights else {},
+            "rows_per_call": rows,
         },
         "profile": getattr(profile, "name", None),
     }
@@ -506,5 +554,5 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
     return PackResult(out, len(stacks), len(order), tiers, order_source, files, warns)
 
 
-__all__ = ["pack", "PackResult", "choose_tiers", "activation_bytes", "SUPPORTED_TARGETS",
+__all__ = ["pack", "PackResult", "choose_tiers", "activation_bytes", "gather_tables", "SUPPORTED_TARGETS",
            "GRAPH_FILE", "WEIGHTS_FILE"]

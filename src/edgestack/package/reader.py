@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import io
+import mmap
 import os
 import stat
 import tarfile
@@ -519,6 +520,40 @@ def _iter_tar(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
 # ------------------------------------------------------------------------------------------
 
 
+class FileMap:
+    """A read-only, shared memory map of one listed file of a package (directory or archive).
+
+    ``array`` is the file's bytes (uint8, read-only); pages become resident only when read,
+    are backed by the page cache (not anonymous memory), and :meth:`drop` hands a range's
+    resident pages back without unmapping it (the next read faults them in again from the
+    page cache). Made by :meth:`Package.map_file`.
+    """
+
+    def __init__(self, fd: int, base: int, size: int, display: str) -> None:
+        start = base - base % mmap.ALLOCATIONGRANULARITY
+        self.shift = base - start
+        self.size = size
+        try:
+            self._mm = mmap.mmap(fd, self.shift + size, flags=mmap.MAP_SHARED,
+                                 prot=mmap.PROT_READ, offset=start) if size else None
+        except (OSError, ValueError) as exc:
+            raise PackageError(f"{display}: cannot memory-map {size} bytes at offset {base} "
+                               f"({exc}); {_FIX_COPY}") from None
+        self.array = (np.frombuffer(self._mm, np.uint8, size, self.shift) if self._mm is not None
+                      else np.empty(0, np.uint8))
+
+    def drop(self, start: int, end: int) -> None:
+        """Give back the resident pages of file bytes ``[start, end)`` (whole pages that
+        the range touches; the mapping stays valid)."""
+        if self._mm is None or end <= start:
+            return
+        page = mmap.PAGESIZE
+        lo = (self.shift + start) // page * page
+        hi = min(len(self._mm), -(-(self.shift + end) // page) * page)
+        if hi > lo:
+            self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
 class Package:
     """An opened, structurally checked device package (directory or ``.tar``).
 
@@ -703,6 +738,25 @@ class Package:
             _pread_into(fd, view, base, f"{self.path}: {name}")
         return entry.size
 
+    def locate(self, name: str) -> tuple[int, int]:
+        """``(file descriptor, offset)`` of a listed file's first byte (the package file's
+        own descriptor in an archive; valid until :meth:`close`).
+
+        Raises:
+            PackageError: unknown file, or it cannot be opened.
+        """
+        return self._source.locate(self._entry(name).name)
+
+    def map_file(self, name: str) -> FileMap:
+        """A read-only shared memory map of a listed file (directory or archive member; not
+        hash-checked: call :meth:`verify` first).
+
+        Raises:
+            PackageError: unknown file, or the file cannot be mapped.
+        """
+        fd, base = self.locate(name)
+        return FileMap(fd, base, self._entry(name).size, f"{self.path}: {name}")
+
     def file_path(self, name: str) -> Path:
         """Filesystem path of a listed file; directory packages only.
 
@@ -877,4 +931,4 @@ class Package:
         )
 
 
-__all__ = ["ByteCounter", "BlockView", "BlockChunk", "Package"]
+__all__ = ["ByteCounter", "BlockView", "BlockChunk", "FileMap", "Package"]

@@ -13,8 +13,11 @@ See docs/runtime.md.
 """
 
 from edgestack.runtime.budget import available_memory, cgroup_limit_left, resolve_budget
+from edgestack.runtime.calibrate import calibrate
 from edgestack.runtime.plan import (
+    DEFAULT_COSTS,
     DECODE_TEMP_BYTES,
+    Costs,
     MATERIALISE_TEMP_BYTES,
     RUNTIME_OVERHEAD,
     LayerPlan,
@@ -31,6 +34,9 @@ __all__ = [
     "MemoryPlan",
     "LayerPlan",
     "plan_memory",
+    "calibrate",
+    "Costs",
+    "DEFAULT_COSTS",
     "plan_tier",
     "smallest_plan",
     "resolve_budget",

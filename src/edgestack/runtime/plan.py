@@ -8,13 +8,20 @@ A plan is computed from the manifest alone (nothing is loaded). Its total is::
                OTF_LAYER_OVERHEAD per on-the-fly layer (the inlined decode in the session),
                MATERIALIZED_LAYER_OVERHEAD per materialised one
     dense      per materialised layer: the float32 [m, n] weight, page-rounded
-    slack      SLACK_FRACTION (3%) of the rest
+    margin     the safety margin: SAFETY_FRACTION of the rest, at least SAFETY_MIN (run-to-run
+               variation: shared-library code pages that land with the page cache, allocator
+               bookkeeping)
     arena      activation_bytes (packer's liveness estimate for the golden input shapes)
              + the transient peak: the largest of (a) ONNX Runtime's decode temporaries of
                the largest on-the-fly layer, DECODE_TEMP_BYTES x (nb + 1) x m x n (the
                BitStackWeight function body makes float32 [nb, m*n] intermediates), and
                (b) the numpy decode temporaries of materialising one layer,
                MATERIALISE_TEMP_BYTES x m x n
+
+The fixed costs (RUNTIME_OVERHEAD, DECODE_TEMP_BYTES) depend on the machine: the ONNX Runtime
+build, the C library, how many code pages a session touches. :class:`Costs` carries them;
+:mod:`edgestack.runtime.calibrate` measures them for a package on the machine it runs on
+(once, cached) and the constants below are only the documented fallback.
 
 Choice (:func:`plan_memory`): layers sorted by decode work (nb x m x n, largest first); for
 ``j`` materialised layers (a prefix of that list) the total is ``total(j)``. A tier *fits* when
@@ -57,11 +64,36 @@ into the graph: ~20 nodes and their kernels per layer; measured 7 MiB for 37 Min
 MATERIALISE_TEMP_BYTES = 6
 """Bytes of numpy temporaries per weight while materialising a layer (mag f32, bits, mask)."""
 
-SLACK_FRACTION = 0.03
-"""Allocator slack added to every plan: 3% of the rest (glibc and ONNX Runtime bookkeeping
-that no line above models; measured mixed-mode MiniLM plans were up to 0.6% short, and at 2%
-one run on a 2-core machine at load average 9 peaked 2.5 MiB above a 49 MiB plan; 5% put
-the on-the-fly MiniLM plans more than 10% above the measured peak on a quiet machine)."""
+SAFETY_FRACTION = 0.04
+"""Safety margin of every plan: 4% of the rest, at least :data:`SAFETY_MIN`. It covers what
+varies from run to run on one machine: shared-library code pages (their count depends on the
+page cache: about 3 MB between a fresh and a warm venv on one machine), glibc and ONNX Runtime
+bookkeeping that no line models, and the noise of the calibration itself. With calibrated
+costs the measured peak stays within 10% below the plan (bench/runtime_budgets.py)."""
+
+SAFETY_MIN = 3 * MiB
+"""The smallest safety margin, in bytes (see :data:`SAFETY_FRACTION`)."""
+
+
+@dataclass(frozen=True)
+class Costs:
+    """The machine-dependent constants of a plan (bytes, or bytes per weight).
+
+    The defaults are the documented constants measured on the development machine;
+    :func:`edgestack.runtime.calibrate.calibrate` measures them where the runtime runs.
+    ``source`` says which (``"documented constants"`` or ``"calibrated ..."``).
+    """
+
+    overhead: int = RUNTIME_OVERHEAD
+    decode_temp_bytes: float = DECODE_TEMP_BYTES
+    source: str = "documented constants"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"overhead": self.overhead, "decode_temp_bytes": self.decode_temp_bytes,
+                "source": self.source}
+
+
+DEFAULT_COSTS = Costs()
 
 
 def page_up(n: int) -> int:
@@ -105,6 +137,7 @@ class MemoryPlan:
     transient_bytes: int
     budget_source: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
+    costs: Costs = DEFAULT_COSTS
 
     @property
     def layer_bytes(self) -> int:
@@ -115,15 +148,19 @@ class MemoryPlan:
         return self.activation_bytes + self.transient_bytes
 
     @property
-    def slack_bytes(self) -> int:
-        """:data:`SLACK_FRACTION` of everything else."""
-        return int(SLACK_FRACTION * (self.graph_bytes + self.weights_bytes + self.overhead_bytes
-                                     + self.layer_bytes + self.arena_bytes))
+    def expected_bytes(self) -> int:
+        """What the plan expects the peak RSS increase to be (everything but the margin)."""
+        return (self.graph_bytes + self.weights_bytes + self.overhead_bytes + self.layer_bytes
+                + self.arena_bytes)
+
+    @property
+    def margin_bytes(self) -> int:
+        """The safety margin: :data:`SAFETY_FRACTION` of the rest, at least :data:`SAFETY_MIN`."""
+        return max(SAFETY_MIN, int(SAFETY_FRACTION * self.expected_bytes))
 
     @property
     def total(self) -> int:
-        return (self.graph_bytes + self.weights_bytes + self.overhead_bytes + self.layer_bytes
-                + self.arena_bytes + self.slack_bytes)
+        return self.expected_bytes + self.margin_bytes
 
     @property
     def fits(self) -> bool:
@@ -145,7 +182,8 @@ class MemoryPlan:
             "layer_bytes": self.layer_bytes,
             "arena": {"activations": self.activation_bytes, "transient": self.transient_bytes,
                       "total": self.arena_bytes},
-            "overhead_bytes": self.overhead_bytes, "slack_bytes": self.slack_bytes,
+            "overhead_bytes": self.overhead_bytes, "margin_bytes": self.margin_bytes,
+            "expected_bytes": self.expected_bytes, "costs": self.costs.to_dict(),
             "layers": [lp.to_dict() for lp in self.layers], "notes": list(self.notes),
         }
 
@@ -167,8 +205,8 @@ class MemoryPlan:
             f"  activation arena     {mb(self.arena_bytes)} (activations "
             f"{mb(self.activation_bytes).strip()}, decode temporaries "
             f"{mb(self.transient_bytes).strip()})",
-            f"  runtime overhead     {mb(self.overhead_bytes)}",
-            f"  allocator slack      {mb(self.slack_bytes)}",
+            f"  runtime overhead     {mb(self.overhead_bytes)} ({self.costs.source})",
+            f"  safety margin        {mb(self.margin_bytes)}",
             f"  total                {mb(self.total)}"
             + (f" of {mb(self.budget).strip()} budget: "
                f"{'fits' if self.fits else 'DOES NOT FIT'}" if self.budget is not None else ""),
@@ -199,25 +237,48 @@ def _runtime_meta(manifest: Any) -> Mapping[str, Any]:
     return meta if isinstance(meta, Mapping) else {}
 
 
+def _count(value: Any) -> int:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def table_bound(row_bytes: int, rows: int, size: int) -> int:
+    """Resident bytes of a memory-mapped lookup table after one call that reads ``rows`` rows
+    of ``row_bytes`` each: whole pages, a row straddling at most one page boundary, never
+    more than the table (the runtime drops the pages after each call)."""
+    per_row = (-(-int(row_bytes) // PAGE) + 1) * PAGE
+    return min(page_up(size), int(rows) * per_row)
+
+
 def _fixed(manifest: Any) -> tuple[int, int, int]:
+    """``(graph bytes, resident weight bytes, activation bytes)``: weights are memory-mapped
+    from the package; lookup tables (``metadata.runtime.tables``) count only the pages of one
+    call's rows, everything else counts whole."""
+    meta = _runtime_meta(manifest)
     graph = sum(e.size for e in manifest.files.values() if e.role == "graph")
     weights = sum(e.size for e in manifest.files.values() if e.role == "weights")
-    act = _runtime_meta(manifest).get("activation_bytes", 0)
-    act = int(act) if isinstance(act, int) and not isinstance(act, bool) and act >= 0 else 0
-    return graph, weights, act
+    tables = meta.get("tables", {})
+    rows = _count(meta.get("rows_per_call"))
+    if isinstance(tables, Mapping) and rows:
+        for t in tables.values():
+            size = _count(t.get("bytes")) if isinstance(t, Mapping) else 0
+            row = _count(t.get("row_bytes")) if isinstance(t, Mapping) else 0
+            if 0 < row <= size <= weights:
+                weights -= size - table_bound(row, rows, size)
+    return graph, weights, _count(meta.get("activation_bytes", 0))
 
 
 def plan_tier(package: Any, tier: int, budget: int | None = None, *,
               materialize: int | Sequence[str] | None = None,
-              budget_source: str = "") -> MemoryPlan:
+              budget_source: str = "", costs: Costs = DEFAULT_COSTS) -> MemoryPlan:
     """The plan of ``tier``; ``materialize`` = how many of the largest layers (or which
     layers) are materialised; default: the most that fit ``budget``, or the fewest-bytes
     choice when no budget is given or nothing fits (so ``plan_tier(m, t).total`` is the
-    smallest budget that serves tier ``t``)."""
+    smallest budget that serves tier ``t``). ``costs``: the machine's fixed costs (see
+    :mod:`edgestack.runtime.calibrate`)."""
     man = _manifest(package)
     if not 0 <= tier < len(man.tiers):
         raise PackageError(f"tier must be in [0, {len(man.tiers) - 1}], found {tier}")
-    costs = sorted(_layer_costs(man, tier), key=lambda c: -c[5])
+    work = sorted(_layer_costs(man, tier), key=lambda c: -c[5])
     graph, weights, act = _fixed(man)
     infos = man.layers
     order = {name: i for i, name in enumerate(infos)}
@@ -226,10 +287,10 @@ def plan_tier(package: Any, tier: int, budget: int | None = None, *,
         layers = []
         otf_temp = 0
         mat_temp = 0
-        for name, nb, total, bb, db, _work in costs:
+        for name, nb, total, bb, db, _work in work:
             mode = "materialized" if name in mat else "on-the-fly"
             m, n = infos[name].matrix_shape
-            temp = DECODE_TEMP_BYTES * (nb + 1) * m * n
+            temp = int(costs.decode_temp_bytes * (nb + 1) * m * n)
             if mode == "on-the-fly":
                 otf_temp = max(otf_temp, temp)
             else:
@@ -240,14 +301,15 @@ def plan_tier(package: Any, tier: int, budget: int | None = None, *,
                                     db))
         layers.sort(key=lambda lp: order[lp.name])
         return MemoryPlan(tier, len(man.tiers), budget, tuple(layers), graph, weights,
-                          RUNTIME_OVERHEAD, act, max(otf_temp, mat_temp), budget_source)
+                          costs.overhead, act, max(otf_temp, mat_temp), budget_source,
+                          costs=costs)
 
     if materialize is not None and not isinstance(materialize, int):
         unknown = set(materialize) - set(infos)
         if unknown:
             raise PackageError(f"materialize names unknown layers {sorted(unknown)[:5]}")
         return build(set(materialize))
-    names = [c[0] for c in costs]
+    names = [c[0] for c in work]
     if isinstance(materialize, int):
         return build(set(names[: max(0, min(materialize, len(names)))]))
     plans = [build(set(names[:j])) for j in range(len(names) + 1)]
@@ -258,19 +320,22 @@ def plan_tier(package: Any, tier: int, budget: int | None = None, *,
     return min(plans, key=lambda p: p.total)
 
 
-def smallest_plan(package: Any, tier: int) -> MemoryPlan:
+def smallest_plan(package: Any, tier: int, costs: Costs = DEFAULT_COSTS) -> MemoryPlan:
     """The plan of ``tier`` with the fewest bytes (over the mode choices)."""
-    return plan_tier(_manifest(package), tier)
+    return plan_tier(_manifest(package), tier, costs=costs)
 
 
 def plan_memory(package: Any, budget: int | None, *, tier: int | None = None,
                 budget_source: str = "", prefer: frozenset[str] | None = None,
-                materialize: int | Sequence[str] | None = None) -> MemoryPlan:
+                materialize: int | Sequence[str] | None = None,
+                costs: Costs = DEFAULT_COSTS) -> MemoryPlan:
     """The plan for ``budget``: the largest tier whose plan fits, with the most materialised
     layers that fit (see the module doc); without a budget, the last tier with every layer
     materialised (the fastest). ``tier`` forces a tier; ``prefer`` keeps that set
     of materialised layers when it fits (so a re-tier can keep its session); ``materialize``
-    forces the mode choice (a count of the largest layers, or layer names).
+    forces the mode choice (a count of the largest layers, or layer names); ``costs``: the
+    machine's fixed costs (:mod:`edgestack.runtime.calibrate`; default: the documented
+    constants).
 
     Raises:
         BudgetError: the budget is below the smallest tier's plan (the message gives the
@@ -285,20 +350,21 @@ def plan_memory(package: Any, budget: int | None, *, tier: int | None = None,
         materialize = len(man.layers)  # no budget: the fastest plan (every layer materialised)
     for t in candidates:
         if materialize is not None:
-            p = plan_tier(man, t, budget, materialize=materialize, budget_source=budget_source)
+            p = plan_tier(man, t, budget, materialize=materialize, budget_source=budget_source,
+                          costs=costs)
             if p.fits:
                 return p
             continue
         if prefer is not None:
             p = plan_tier(man, t, budget, materialize=sorted(prefer & set(man.layers)),
-                          budget_source=budget_source)
+                          budget_source=budget_source, costs=costs)
             if p.fits:
                 return p
-        p = plan_tier(man, t, budget, budget_source=budget_source)
+        p = plan_tier(man, t, budget, budget_source=budget_source, costs=costs)
         if p.fits:
             return p
-    need = (plan_tier(man, candidates[-1], materialize=materialize).total
-            if materialize is not None else smallest_plan(man, candidates[-1]).total)
+    need = (plan_tier(man, candidates[-1], materialize=materialize, costs=costs).total
+            if materialize is not None else smallest_plan(man, candidates[-1], costs).total)
     what = f"tier {tier}" if tier is not None else "the smallest tier (0)"
     raise BudgetError(
         f"memory budget {budget / MiB:.1f} MiB ({budget_source or 'given'}) is below what "
@@ -308,6 +374,6 @@ def plan_memory(package: Any, budget: int | None, *, tier: int | None = None,
     )
 
 
-__all__ = ["MemoryPlan", "LayerPlan", "plan_memory", "plan_tier", "smallest_plan",
-           "RUNTIME_OVERHEAD", "DECODE_TEMP_BYTES", "OTF_LAYER_OVERHEAD",
+__all__ = ["MemoryPlan", "LayerPlan", "Costs", "DEFAULT_COSTS", "plan_memory", "plan_tier",
+           "smallest_plan", "SAFETY_FRACTION", "SAFETY_MIN", "RUNTIME_OVERHEAD", "DECODE_TEMP_BYTES", "OTF_LAYER_OVERHEAD",
            "MATERIALIZED_LAYER_OVERHEAD", "MATERIALISE_TEMP_BYTES"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import mmap
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -41,9 +42,11 @@ from edgestack.errors import PackageError, TargetError
 from edgestack.package.format import BLOCK_FILE
 from edgestack.package.reader import Package
 from edgestack.runtime.budget import resolve_budget
-from edgestack.runtime.plan import MemoryPlan, page_up, plan_memory
+from edgestack.runtime.calibrate import calibrate as calibrate_costs
+from edgestack.runtime.plan import DEFAULT_COSTS, Costs, MemoryPlan, page_up, plan_memory
 
 SUPPORTED_TARGETS = ("ort-cpu",)
+_FIX_REPACK = "copy the package again or repack the model"
 
 
 MMAP_THRESHOLD = 128 * 1024
@@ -208,6 +211,10 @@ class Runtime:
             decoded on the fly), or which layers, are materialised (default: the planner's).
         watch: follow live memory (see :meth:`start_watcher`); a poll interval in seconds
             or True (1 s).
+        calibrate: plan budgets with this machine's measured fixed costs
+            (:func:`edgestack.runtime.calibrate.calibrate`: measured once per package and
+            machine in fresh processes, a few seconds, then cached); False: the documented
+            constants. Without a budget nothing is measured.
 
     Raises:
         BudgetError: the budget is below the smallest tier (the message gives the minimum).
@@ -219,7 +226,7 @@ class Runtime:
                  auto: bool = False, tier: int | None = None, threads: int | None = None,
                  verify: bool = True, optimization: str = "all",
                  materialize: int | list[str] | None = None,
-                 watch: bool | float = False) -> None:
+                 watch: bool | float = False, calibrate: bool = True) -> None:
         import onnx
 
         from edgestack.targets.ort_cpu import LEVELS
@@ -247,12 +254,14 @@ class Runtime:
             self.budget, self.budget_source = resolve_budget(budget, profile=profile,
                                                              auto=auto)
             self._materialize = materialize
+            self.threads = threads
+            self.optimization = optimization
+            self._calibrate = calibrate
+            self._costs: Costs | None = None
             plan = self.plan_for(self.budget, tier=tier, budget_source=self.budget_source)
             if verify:  # the graph is hashed while it is read, the weights while loaded
                 self.package.verify([n for n, e in man.files.items()
                                      if e.role not in ("graph", "weights")])
-            self.threads = threads
-            self.optimization = optimization
             self._lock = threading.Lock()
             self._retier_lock = threading.Lock()
             self._retired: list[_State] = []
@@ -307,29 +316,28 @@ class Runtime:
                                    f"{a['u']!r}, {a['v']!r}; {fix}")
 
     def _load_weights(self, verify: bool) -> dict[str, Any]:
-        """Read the weights file(s) into anonymous maps; OrtValues for their initializers."""
+        """Memory-map the weights file(s) (hash-checked first, streamed) and make OrtValues
+        over the mapped bytes of their initializers: nothing is copied into this process's
+        memory; pages become resident (page cache, shared) when ONNX Runtime reads them."""
         import onnxruntime as ort
         from onnx import TensorProto
         from onnx.helper import tensor_dtype_to_np_dtype
 
         pkg = self.package
-        buffers: dict[str, np.ndarray] = {}
-        for name, entry in pkg.files.items():
-            if entry.role != "weights":
-                continue
-            buf = np.frombuffer(_anon(entry.size), np.uint8, entry.size)
-            pkg.read_file_into(name, buf, verify=verify)  # hashed while read; no copy
-            buffers[name] = buf
+        names = [n for n, e in pkg.files.items() if e.role == "weights"]
+        if verify:
+            pkg.verify(names)
+        maps = {name: pkg.map_file(name) for name in names}
         values: dict[str, Any] = {}
         for t in self._graph.graph.initializer:
             if t.data_location != TensorProto.EXTERNAL:
                 continue
             info = {kv.key: kv.value for kv in t.external_data}
             loc = info.get("location", "")
-            if loc not in buffers:
+            if loc not in maps:
                 raise PackageError(
                     f"{pkg.path}: initializer {t.name!r} lives in {loc!r}, which is not a "
-                    f"weights file of the package ({sorted(buffers)}); repack the model"
+                    f"weights file of the package ({sorted(maps)}); repack the model"
                 )
             try:
                 dtype = np.dtype(tensor_dtype_to_np_dtype(t.data_type))
@@ -341,15 +349,27 @@ class Runtime:
                                    f"{t.data_type}")
             off, length = int(info.get("offset", 0)), int(info.get("length", 0))
             count = int(np.prod(t.dims)) if len(t.dims) else 1
-            if length != count * np.dtype(dtype).itemsize or off + length > buffers[loc].size:
+            if length != count * np.dtype(dtype).itemsize or off + length > maps[loc].size:
                 raise PackageError(f"{pkg.path}: initializer {t.name!r}: external data "
                                    f"[{off}, {off + length}) does not match its shape {list(t.dims)}")
-            arr = buffers[loc][off:off + length].view(dtype).reshape(tuple(t.dims))
+            arr = maps[loc].array[off:off + length].view(dtype).reshape(tuple(t.dims))
             if arr.ctypes.data % 64:
                 arr = arr.copy()  # unaligned: one copy of this tensor (rare)
             values[t.name] = ort.OrtValue.ortvalue_from_numpy(arr)
-        self._weight_buffers = buffers
+        self._maps = maps
+        meta = pkg.manifest.metadata.get("runtime", {}) if pkg.manifest.metadata else {}
+        tables = meta.get("tables", {}) if isinstance(meta, Mapping) else {}
+        wfile = meta.get("weights_file") if isinstance(meta, Mapping) else None
+        self._tables = [(maps[wfile], int(t["offset"]), int(t["offset"]) + int(t["bytes"]))
+                        for t in (tables.values() if isinstance(tables, Mapping) else ())
+                        if wfile in maps and isinstance(t, Mapping)]
         return values
+
+    def _drop_tables(self) -> None:
+        """Hand back the resident pages of the lookup tables (read again on the next call:
+        from the page cache, minor faults); keeps the plan's bound of one call's rows."""
+        for fmap, start, end in self._tables:
+            fmap.drop(start, end)
 
     def _record_iovs(self, rec: Any) -> list[memoryview]:
         """Scatter buffers for one block record: its signs/u/v rows in the layer store, and
@@ -472,29 +492,40 @@ class Runtime:
                               f"graph ({str(exc)[:300]}); repack the model") from None
 
     def _external_data_dir(self) -> str:
-        """A temporary folder with the weights files, written once per runtime (removed by
+        """The folder ONNX Runtime finds the weights files in: the package folder itself, or,
+        for an archive, a temporary folder with the files copied out of it by the kernel
+        (``os.copy_file_range``: disk and page cache, not this process's memory; removed by
         :meth:`close`, or when the runtime is collected).
 
         ONNX Runtime validates that the external-data files of a model loaded from bytes
         exist, although add_initializer supplies every external tensor; and with graph
         optimizations on, ORT 1.32's fusions read some of those tensors (e.g. attention
         biases) from the file rather than from add_initializer: with zero-filled
-        placeholders, MiniLM came out wrong. So the folder gets the real bytes (disk and page
-        cache, not this process's memory; add_external_initializers instead copied the
-        weights: +38 MiB on MiniLM).
+        placeholders, MiniLM came out wrong. So the folder holds the real bytes.
         """
         if self._data_dir is None:
+            pkg = self.package
+            if not pkg.is_archive:
+                self._data_dir = str(pkg.path)
+                return self._data_dir
             import shutil
             import tempfile
             import weakref
 
             folder = tempfile.mkdtemp(prefix="edgestack-rt-")
             self._data_cleanup = weakref.finalize(self, shutil.rmtree, folder, True)
-            for name, buf in self._weight_buffers.items():
+            for name, fmap in self._maps.items():
                 path = Path(folder, name)
                 path.parent.mkdir(parents=True, exist_ok=True)
+                fd, base = pkg.locate(name)
                 with open(path, "wb") as f:
-                    f.write(memoryview(buf))
+                    done = 0
+                    while done < fmap.size:
+                        n = os.copy_file_range(fd, f.fileno(), fmap.size - done, base + done)
+                        if n <= 0:
+                            raise PackageError(f"{pkg.path}: {name}: short read at byte "
+                                               f"{done} of {fmap.size}; {_FIX_REPACK}")
+                        done += n
             self._data_dir = folder
         return self._data_dir
 
@@ -505,6 +536,7 @@ class Runtime:
         rebuilt = session is None
         if session is None:
             session = self._session(mat)
+            self._drop_tables()  # what building the session read of them
         # an old state's dense weight is re-used when it was materialised at the same blocks
         old_mat = old.plan.materialized if old is not None else frozenset()
         old_blocks = old.plan.blocks if old is not None else {}
@@ -561,6 +593,8 @@ class Runtime:
             except Exception as exc:  # noqa: BLE001 - wrong shapes/dtypes from the caller
                 raise TargetError(f"infer: ONNX Runtime refused the inputs: "
                                   f"{str(exc)[:300]}") from None
+            finally:
+                self._drop_tables()
             return st.tier, dict(zip(st.outputs, outs))
         finally:
             with st.cond:
@@ -582,7 +616,19 @@ class Runtime:
         """
         return plan_memory(self.package.manifest, budget, tier=tier,
                            budget_source=budget_source, prefer=prefer,
-                           materialize=self._materialize)
+                           materialize=self._materialize,
+                           costs=self.costs if budget is not None else DEFAULT_COSTS)
+
+    @property
+    def costs(self) -> Costs:
+        """The fixed costs budgets are planned with: this machine's, measured once and
+        cached (:mod:`edgestack.runtime.calibrate`), or the documented constants when the
+        runtime was made with ``calibrate=False``."""
+        if self._costs is None:
+            self._costs = (calibrate_costs(self.package, threads=self.threads,
+                                           optimization=self.optimization)
+                           if self._calibrate else DEFAULT_COSTS)
+        return self._costs
 
     def retier(self, budget: Any = None, *, tier: int | None = None, profile: Any = None,
                auto: bool = False) -> RetierResult:

@@ -1,0 +1,185 @@
+"""Measure a package's fixed memory costs on the machine that serves it (once, cached).
+
+The memory plan (:mod:`edgestack.runtime.plan`) models what it can count (blocks, dense
+weights, activations) and needs two numbers it cannot: the **fixed overhead** of serving
+(ONNX Runtime's session and kernels for this graph, the code pages they touch, the runtime's
+Python objects) and the **decode temporaries** per weight per block of an on-the-fly layer.
+Both depend on the machine: the ONNX Runtime build, the C library and its allocator, the
+page cache. Constants carried from one machine were 2 MiB low and 20% high on another, so the
+planner measures them where it runs:
+
+1. a fresh interpreter imports numpy, onnxruntime and :mod:`edgestack.runtime` and reports
+   its peak RSS (``VmHWM``): the baseline every plan is counted above;
+2. a fresh interpreter serves the package's **top tier with every layer materialised** and
+   runs the golden inputs three times: its peak minus the baseline, minus what the plan counts
+   without overhead, is the fixed overhead;
+3. a fresh interpreter serves **tier 0 with every layer decoded on the fly**: what is left
+   above the plan, divided by the decode work of the largest layer, is the decode temporaries
+   per weight per block.
+
+The result is cached as JSON under :func:`cache_dir`, keyed by the package's manifest hash
+and the machine (architecture, Python, numpy and ONNX Runtime versions, C library, page
+size, CPU count, threads, optimization level), so each package is measured once per machine
+and setting. Where a measurement cannot run (no subprocess, a crash) :func:`calibrate` warns
+and returns the documented constants (:data:`~edgestack.runtime.plan.DEFAULT_COSTS`).
+
+``edgestack plan PKG --budget B`` calibrates on first use (``--recalibrate`` measures again,
+``--no-calibrate`` plans with the documented constants).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import platform
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+from edgestack.runtime.plan import DEFAULT_COSTS, Costs, plan_tier
+
+DECODE_TEMP_RANGE = (2.0, 64.0)
+"""Bounds for a measured decode-temporary coefficient (bytes per weight per block): outside
+them the measurement is noise (a layer too small to show its temporaries), and the bound is
+used."""
+
+PROBE_CALLS = 3
+"""Inference calls each probe makes (the peak is reached on the first)."""
+
+_PROBE = r"""
+import json, sys
+import numpy as np, onnxruntime
+import edgestack.runtime as R
+from edgestack.profiler.probe import peak_rss
+if sys.argv[1] == 'base':
+    print(json.dumps({'hwm': peak_rss()}))
+    sys.exit(0)
+pkg, tier, mat, threads, opt = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+rt = R.Runtime(pkg, tier=tier, materialize=mat, threads=threads or None, optimization=opt)
+feeds = rt.package.golden()[0]
+for _ in range(int(sys.argv[7])):
+    rt.infer(feeds)
+print(json.dumps({'hwm': peak_rss(), 'tier': rt.tier}))
+"""
+
+
+def cache_dir() -> Path:
+    """Where calibrations are kept: ``$EDGESTACK_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/edgestack/calibration``, else ``~/.cache/edgestack/calibration``."""
+    env = os.environ.get("EDGESTACK_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "edgestack" / "calibration"
+
+
+def machine_key(threads: int | None = None, optimization: str = "all") -> dict[str, Any]:
+    """What the fixed costs depend on, besides the package."""
+    import numpy
+    import onnxruntime
+
+    from edgestack import __version__
+
+    return {"edgestack": __version__, "machine": platform.machine(),
+            "python": platform.python_version(), "numpy": numpy.__version__,
+            "onnxruntime": onnxruntime.__version__, "libc": "-".join(platform.libc_ver()),
+            "page": mmap.PAGESIZE, "cpus": os.cpu_count(), "threads": int(threads or 0),
+            "optimization": optimization}
+
+
+def _cache_path(package: Any, key: dict[str, Any]) -> Path:
+    # the files and the metadata the planner reads (a repack may change only the latter)
+    ident = [sorted((name, e.sha256, e.size) for name, e in package.files.items()),
+             json.dumps(package.manifest.metadata, sort_keys=True, default=str)]
+    digest = hashlib.sha256(json.dumps([ident, key], sort_keys=True).encode()).hexdigest()
+    return cache_dir() / f"{digest[:32]}.json"
+
+
+def _probe(*args: Any) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, "-c", _PROBE, *map(str, args)], capture_output=True,
+                         text=True, timeout=600, check=False)
+    if out.returncode != 0:
+        tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"probe {args[0]} exited {out.returncode}: {tail[0][:300]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(package: Any, *, threads: int | None = None, optimization: str = "all",
+            log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the three probes (see the module doc) on ``package``; the costs and the raw
+    measurements as a JSON-able dict. Raises RuntimeError when a probe fails."""
+    man = package.manifest
+    top, n_layers = len(man.tiers) - 1, len(man.layers)
+    zero = Costs(overhead=0, decode_temp_bytes=0.0, source="probe")
+    say = log or (lambda _m: None)
+    say(f"calibrate: measuring the fixed memory costs of {package.path} on this machine ...")
+    base = _probe("base")["hwm"]
+    mat = _probe("run", package.path, top, n_layers, threads or 0, optimization,
+                 PROBE_CALLS)["hwm"] - base
+    counted = plan_tier(man, top, materialize=n_layers, costs=zero).expected_bytes
+    overhead = max(0, mat - counted)
+    result: dict[str, Any] = {"baseline_hwm": base, "materialized": {
+        "tier": top, "increase": mat, "counted": counted}}
+    decode = DEFAULT_COSTS.decode_temp_bytes
+    if n_layers:
+        otf = _probe("run", package.path, 0, 0, threads or 0, optimization,
+                     PROBE_CALLS)["hwm"] - base
+        plan0 = plan_tier(man, 0, materialize=0, costs=zero)
+        work = max((lp.blocks + 1) * _numel(man.layers[lp.name]) for lp in plan0.layers)
+        raw = (otf - overhead - plan0.expected_bytes) / work
+        decode = min(max(raw, DECODE_TEMP_RANGE[0]), DECODE_TEMP_RANGE[1])
+        result["on_the_fly"] = {"tier": 0, "increase": otf, "counted": plan0.expected_bytes,
+                                "decode_work": work, "decode_temp_raw": raw}
+    result["costs"] = {"overhead": int(overhead), "decode_temp_bytes": round(float(decode), 3)}
+    return result
+
+
+def _numel(info: Any) -> int:
+    m, n = info.matrix_shape
+    return int(m) * int(n)
+
+
+def calibrate(package: Any, *, threads: int | None = None, optimization: str = "all",
+              refresh: bool = False, log: Callable[[str], None] | None = None) -> Costs:
+    """The fixed memory costs of serving ``package`` (an open
+    :class:`~edgestack.package.Package`) on this machine: from the cache, else measured
+    (a few seconds, see the module doc) and cached. ``refresh`` measures again.
+
+    Where the measurement cannot run, warns and returns the documented constants.
+    """
+    key = machine_key(threads, optimization)
+    path = _cache_path(package, key)
+    if not refresh and path.is_file():
+        try:
+            cached = json.loads(path.read_text(encoding="utf-8"))
+            c = cached["costs"]
+            return Costs(int(c["overhead"]), float(c["decode_temp_bytes"]),
+                         f"calibrated on this machine ({path.name})")
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a damaged cache entry: measure again
+    try:
+        result = measure(package, threads=threads, optimization=optimization, log=log)
+    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
+        warnings.warn(f"calibrate: could not measure the memory costs on this machine ({exc}); "
+                      "using the documented constants (plans may be off by a few MiB)",
+                      RuntimeWarning, stacklevel=2)
+        return DEFAULT_COSTS
+    result["key"] = key
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(result, indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        warnings.warn(f"calibrate: could not cache the calibration in {path.parent} ({exc}); "
+                      "it will be measured again next time", RuntimeWarning, stacklevel=2)
+    c = result["costs"]
+    return Costs(int(c["overhead"]), float(c["decode_temp_bytes"]),
+                 f"calibrated on this machine ({path.name})")
+
+
+__all__ = ["calibrate", "measure", "machine_key", "cache_dir", "DECODE_TEMP_RANGE"]
