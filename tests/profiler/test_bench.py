@@ -65,27 +65,36 @@ def test_bench_with_baselines_writes_report_and_plots(shift_model: Path,
     report = B.run_bench(shift_model, out, targets=["ort-cpu", "openvino-cpu"], baseline=True,
                          iterations=6, warmup=1, log=lambda m: None)
     labels = [r.label for r in report.rows]
-    assert labels[:5] == list(B.BASELINES)
+    assert labels[:7] == list(B.BASELINES)
     assert "edgestack ort-cpu fp32" in labels and "edgestack openvino-cpu fp32" in labels
     by = {r.label: r for r in report.rows}
     assert by["ORT fp32"].ratio == 1.0
+    # not a text encoder: the output cosine, and the rows say so
+    assert {r.metric for r in report.rows} == {B.METRIC_OUTPUT}
     # The dense baseline is the decoded source: same outputs; quantized ones are close.
     assert by["ORT fp32"].cosine > 0.99999
     assert by["edgestack ort-cpu fp32"].cosine > 0.99999
-    assert 0.95 < by["ORT dynamic int8"].cosine < 1.0
+    for label in B.BASELINES[1:5]:          # every ORT quantizer rewrote the one MatMul
+        assert 0.95 < by[label].cosine < 1.0, label
+        assert by[label].note.startswith("quantizer added 1 "), by[label].note
+    assert by["ORT int4 weight-only MatMulNBits g32"].cosine < by[
+        "ORT int8 weight-only MatMulNBits g32"].cosine
     for r in report.rows:
         assert r.iterations >= 6 and r.p50_ms > 0 and r.p90_ms >= r.p50_ms >= r.min_ms
         assert r.peak_rss_increase is not None and r.peak_rss_increase > 0
         assert r.load_s is not None and r.load_s > 0
     # int8 weights are smaller on disk than the fp32 ones
-    assert by["ORT dynamic int8"].disk_bytes < by["ORT fp32"].disk_bytes
+    assert by["ORT dynamic int8 per-tensor"].disk_bytes < by["ORT fp32"].disk_bytes
     doc = json.loads((out / "bench.json").read_text())
     assert [r["label"] for r in doc["rows"]] == labels
-    for name in ("latency_vs_memory.png", "quality_vs_memory.png"):
+    assert {r["label"] for r in doc["pareto"]["rows"]} == set(labels)
+    assert [r["baseline"] for r in doc["at_baseline"]["rows"]] == list(B.BASELINES)
+    for name in ("latency_vs_memory.png", "quality_vs_memory.png", "pareto.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     md = (out / "bench.md").read_text()
-    assert "| ORT fp32 |" in md and "p50 ms" in md
+    assert "| ORT fp32 |" in md and "p50 ms" in md and B.METRIC_OUTPUT in md
+    assert "### By memory" in md and "### At each baseline's memory" in md
 
 
 @pytest.fixture(scope="module")
