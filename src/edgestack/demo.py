@@ -12,7 +12,8 @@ toolchain, and everything lands in one folder:
 3. **pack** the BitStack model into a device package and **run** it with the runtime manager
    at three memory budgets spread over its tier range (plan, measured peak RSS, quality);
 4. **bench** the compiled models and the package tiers against the baselines a user would
-   otherwise pick (ORT fp32 / dynamic int8 / int4, OpenVINO f32 / bf16), latency timed
+   otherwise pick (ORT fp32, dynamic int8 per-tensor / per-channel, weight-only
+   MatMulNBits int8 / int4, OpenVINO f32 / bf16), latency timed
    interleaved in one process, memory in fresh processes;
 5. **report**: ``report.md`` and ``report.json`` with every table, and PNG plots.
 """
@@ -293,17 +294,24 @@ def _runtime_step(result: DemoResult, model: Path, threads: int, n_budgets: int,
 # ---- 4. bench -------------------------------------------------------------------------------
 def _bench_step(result: DemoResult, models: dict[str, Path], package: Any,
                 threads: int, iterations: int, log: Callable[[str], None]) -> None:
-    from edgestack.profiler.bench import (BenchReport, Subject, _files_bytes,
-                                          baseline_subjects, measure_subjects, write_report)
+    from edgestack.profiler.bench import (BenchReport, QualityProbe, Subject, _files_bytes,
+                                          baseline_subjects, measure_subjects,
+                                          reference_handle, write_report)
+    from edgestack.profiler.quality import sentence_feeds
     from edgestack.targets import get_target
     from edgestack.targets.base import Artifact
-    from edgestack.targets.reference import reference_outputs
 
     out = result.out_dir / "bench"
     work = out / "work"
     dense = models["none"]
-    feeds = result.held_batches[0]                       # the first held sentence
-    reference = reference_outputs(dense, feeds, threads=threads)
+    feeds = result.held_batches[0]                       # the first held sentence: timing
+    ref = reference_handle(dense, threads=threads)
+    try:                                                 # quality: every held sentence
+        reference = ref.infer(feeds)
+        probe = QualityProbe.build(feeds, reference, ref.infer,
+                                   sentence_feeds(result.held_batches, feeds))
+    finally:
+        ref.close()
     log("[4/5 bench] building baselines ...")
     subjects, skipped = baseline_subjects(dense, work / "baselines", threads,
                                           lambda m: log(f"[4/5 bench] {m}"))
@@ -330,12 +338,14 @@ def _bench_step(result: DemoResult, models: dict[str, Path], package: Any,
                                     disk_bytes=_files_bytes(art.folder)))
     if package is not None:
         subjects.extend(package)
-    rows = measure_subjects(subjects, feeds, reference, work, iterations=iterations,
-                            warmup=3, log=lambda m: log(f"[4/5 bench] {m}"))
+    rows = measure_subjects(subjects, feeds, reference, work, quality=probe,
+                            iterations=iterations, warmup=3,
+                            log=lambda m: log(f"[4/5 bench] {m}"))
     report = BenchReport("all-MiniLM-L6-v2 (edgestack demo)", rows, skipped,
                          {"threads": threads, "iterations": iterations,
                           "inputs": {k: list(v.shape) for k, v in feeds.items()},
-                          "reference": "ORT fp32 of the uncompressed model"})
+                          "reference": "ORT fp32 of the uncompressed model",
+                          "metric": probe.metric, "ratio_base": "ORT fp32"})
     write_report(report, out)
     result.bench = report.to_dict()
     by_label = {r.label: r for r in rows}
@@ -416,12 +426,14 @@ def write_report(result: DemoResult, seq: int, threads: int) -> None:
         from edgestack.profiler.bench import BenchReport, Row
 
         rows = [Row(**{k: v for k, v in r.items()}) for r in result.bench["rows"]]
-        md = BenchReport("", rows, {}, {}).markdown()
+        md = BenchReport("", rows, {}, result.bench["settings"]).markdown()
         lines += ["", "## 4. Bench: latency and memory vs the baselines", "",
-                  "Latency timed interleaved in one process (ratio vs ORT fp32 of the "
-                  "uncompressed model); peak RSS increase and load time each in a fresh "
-                  "process; cosine of the output vs ORT fp32 of the uncompressed model on the "
-                  "bench input (the first held sentence).", "", md]
+                  "Latency timed interleaved in one process on the first held sentence "
+                  "(ratio vs ORT fp32 of the uncompressed model); peak RSS increase and load "
+                  "time each in a fresh process; quality: the masked mean-pooled "
+                  "sentence-embedding cosine vs ORT fp32 of the uncompressed model, mean over "
+                  "the held sentences (the metric of section 1); max abs: the largest output "
+                  "error on the first held sentence.", "", md]
     if result.plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{k}]({Path(v).relative_to(out)})" for k, v in result.plots.items()]

@@ -65,27 +65,36 @@ def test_bench_with_baselines_writes_report_and_plots(shift_model: Path,
     report = B.run_bench(shift_model, out, targets=["ort-cpu", "openvino-cpu"], baseline=True,
                          iterations=6, warmup=1, log=lambda m: None)
     labels = [r.label for r in report.rows]
-    assert labels[:5] == list(B.BASELINES)
+    assert labels[:7] == list(B.BASELINES)
     assert "edgestack ort-cpu fp32" in labels and "edgestack openvino-cpu fp32" in labels
     by = {r.label: r for r in report.rows}
     assert by["ORT fp32"].ratio == 1.0
+    # not a text encoder: the output cosine, and the rows say so
+    assert {r.metric for r in report.rows} == {B.METRIC_OUTPUT}
     # The dense baseline is the decoded source: same outputs; quantized ones are close.
     assert by["ORT fp32"].cosine > 0.99999
     assert by["edgestack ort-cpu fp32"].cosine > 0.99999
-    assert 0.95 < by["ORT dynamic int8"].cosine < 1.0
+    for label in B.BASELINES[1:5]:          # every ORT quantizer rewrote the one MatMul
+        assert 0.95 < by[label].cosine < 1.0, label
+        assert by[label].note.startswith("quantizer added 1 "), by[label].note
+    assert by["ORT int4 weight-only MatMulNBits g32"].cosine < by[
+        "ORT int8 weight-only MatMulNBits g32"].cosine
     for r in report.rows:
         assert r.iterations >= 6 and r.p50_ms > 0 and r.p90_ms >= r.p50_ms >= r.min_ms
         assert r.peak_rss_increase is not None and r.peak_rss_increase > 0
         assert r.load_s is not None and r.load_s > 0
     # int8 weights are smaller on disk than the fp32 ones
-    assert by["ORT dynamic int8"].disk_bytes < by["ORT fp32"].disk_bytes
+    assert by["ORT dynamic int8 per-tensor"].disk_bytes < by["ORT fp32"].disk_bytes
     doc = json.loads((out / "bench.json").read_text())
     assert [r["label"] for r in doc["rows"]] == labels
-    for name in ("latency_vs_memory.png", "quality_vs_memory.png"):
+    assert {r["label"] for r in doc["pareto"]["rows"]} == set(labels)
+    assert [r["baseline"] for r in doc["at_baseline"]["rows"]] == list(B.BASELINES)
+    for name in ("latency_vs_memory.png", "quality_vs_memory.png", "pareto.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     md = (out / "bench.md").read_text()
-    assert "| ORT fp32 |" in md and "p50 ms" in md
+    assert "| ORT fp32 |" in md and "p50 ms" in md and B.METRIC_OUTPUT in md
+    assert "### By memory" in md and "### At each baseline's memory" in md
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +176,13 @@ def test_bench_package_measures_tiers(bitstack_package: Path, tmp_path: Path) ->
     assert report.rows[-1].cosine == pytest.approx(1.0, abs=1e-9)
     assert 0.5 < report.rows[0].cosine < 1.0
     assert all(r.peak_rss_increase and r.iterations >= 4 for r in report.rows)
-    budgets = [r.disk_bytes for r in report.rows]
-    assert budgets == sorted(budgets)
+    # disk MB: what the tier loads from the package; plan MB: the runtime's plan (budget)
+    man = Package.open(bitstack_package).manifest
+    assert [r.disk_bytes for r in report.rows] == [man.tiers[t].total_bytes for t in tiers]
+    plans = [r.plan_bytes for r in report.rows]
+    assert plans == sorted(plans) and all(p > 0 for p in plans)
+    assert plans != [r.disk_bytes for r in report.rows]
+    assert "plan MB" in (tmp_path / "o" / "bench.md").read_text()
 
 
 def test_bench_package_of_unavailable_target_skips(bitstack_package: Path, tmp_path: Path,
@@ -204,3 +218,254 @@ def test_example_feeds_refuse_inputs_they_cannot_make(tmp_path: Path) -> None:
         [helper.make_tensor_value_info("y", TensorProto.STRING, [1])])
     with pytest.raises(TargetError, match="'text'.*give the inputs explicitly"):
         example_feeds(helper.make_model(graph))
+
+
+# ---- quality: masked mean-pooled sentence cosine --------------------------------------------
+def _encoder_outputs(mask: np.ndarray, pad_value: float, seed: int = 0) -> dict[str, np.ndarray]:
+    """``last_hidden_state`` ``[1, seq, 8]``: fixed rows on real tokens, ``pad_value`` rows
+    (scaled noise) on padding."""
+    rng = np.random.default_rng(seed)
+    hidden = rng.standard_normal((1, mask.shape[1], 8)).astype(np.float32)
+    pad = mask[0] == 0
+    hidden[0, pad] = pad_value * np.random.default_rng(99 + seed).standard_normal(
+        (int(pad.sum()), 8))
+    return {"last_hidden_state": hidden}
+
+
+def test_masked_cosine_ignores_padding_rows() -> None:
+    seq, real = 16, 4
+    batches = []
+    for i in range(3):
+        mask = np.zeros((1, seq), np.int64)
+        mask[0, :real + i] = 1
+        batches.append({"input_ids": np.arange(seq, dtype=np.int64)[None] + i,
+                        "attention_mask": mask})
+    # equal on real tokens (same seed per sentence), different on padding (scale 0 vs 5)
+    def outputs(feeds, pad_value):
+        return _encoder_outputs(feeds["attention_mask"], pad_value, int(feeds["input_ids"][0, 0]))
+
+    def ref(f):
+        return outputs(f, 0.0)
+
+    def subject(f):
+        return outputs(f, 5.0)
+
+    probe = B.QualityProbe.build(batches[0], ref(batches[0]), ref, batches)
+    assert probe.metric == B.METRIC_SENTENCES.format(n=3) and probe.output == "last_hidden_state"
+    assert probe.score(subject) == pytest.approx(1.0, abs=1e-6)
+    # the flattened output cosine counts the padding rows and is far lower
+    flat = B._quality(subject(batches[0]), ref(batches[0]))[0]
+    assert flat < 0.9
+    # a subject that differs on a real token is scored below 1
+    def worse(f):
+        out = subject(f)
+        out["last_hidden_state"][0, 0] *= -1
+        return out
+
+    assert probe.score(worse) < 0.99
+    # a subject without the pooled output scores 0
+    assert probe.score(lambda f: {"other": np.zeros(1)}) == 0.0
+
+
+def test_text_encoder_detection_and_sentence_feeds() -> None:
+    from edgestack.errors import EdgestackError
+    from edgestack.profiler.quality import hidden_state_output, sentence_feeds
+
+    mask = np.ones((1, 5), np.int64)
+    feeds = {"input_ids": np.zeros((1, 5), np.int32), "attention_mask": mask,
+             "token_type_ids": np.ones((1, 5), np.int64)}
+    assert hidden_state_output(feeds, {"pooled": np.zeros((1, 4)),
+                                       "h": np.zeros((1, 5, 4))}) == "h"
+    assert hidden_state_output(feeds, {"logits": np.zeros((1, 10))}) is None
+    assert hidden_state_output({"x": np.zeros((1, 5))}, {"h": np.zeros((1, 5, 4))}) is None
+    batch = {"input_ids": np.arange(5, dtype=np.int64)[None], "attention_mask": mask}
+    (got,) = sentence_feeds([batch], feeds)
+    assert got["input_ids"].dtype == np.int32 and list(got["input_ids"][0]) == [0, 1, 2, 3, 4]
+    assert set(got) == set(feeds) and not got["token_type_ids"].any()
+    with pytest.raises(EdgestackError, match="pixel_values"):
+        sentence_feeds([batch], {**feeds, "pixel_values": np.zeros((1, 3, 4, 4), np.float32)})
+
+
+@pytest.fixture(scope="module")
+def embedding_model(tmp_path_factory) -> Path:
+    """A text encoder small enough for a unit test: ``last_hidden_state = Gather(table,
+    input_ids) * mask`` over the MiniLM vocabulary (hidden 4)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = np.random.default_rng(7).standard_normal((30522, 4)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "input_ids"], ["emb"]),
+             helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
+             helper.make_node("Unsqueeze", ["maskf", "axis"], ["mask3"]),
+             helper.make_node("Mul", ["emb", "mask3"], ["last_hidden_state"])]
+    graph = helper.make_graph(
+        nodes, "enc",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["b", "s", 4])],
+        [numpy_helper.from_array(table, "table"),
+         numpy_helper.from_array(np.array([-1], np.int64), "axis")])
+    path = tmp_path_factory.mktemp("enc") / "enc.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_text_encoder_is_scored_on_the_held_sentences(embedding_model: Path,
+                                                      tmp_path: Path) -> None:
+    from edgestack import zoo
+
+    report = B.run_bench(embedding_model, tmp_path / "o", seq=24, iterations=2, warmup=0,
+                         memory=False, plots=False, tokenizer=zoo.minilm_path(),
+                         log=lambda m: None)
+    n = min(B.BENCH_SENTENCES, 40)
+    assert report.settings["metric"] == B.METRIC_SENTENCES.format(n=n)
+    assert report.rows[0].metric == report.settings["metric"]
+    assert report.rows[0].cosine == pytest.approx(1.0, abs=1e-6)
+    # without a tokenizer: pooled over the bench inputs, and the report says so
+    plain = B.run_bench(embedding_model, tmp_path / "p", seq=24, iterations=2, warmup=0,
+                        memory=False, plots=False, log=lambda m: None)
+    assert plain.rows[0].metric == B.METRIC_POOLED_INPUTS
+    assert B.METRIC_POOLED_INPUTS in (tmp_path / "p" / "bench.md").read_text()
+
+
+# ---- Pareto views ---------------------------------------------------------------------------
+def _row(label: str, group: str, rss_mb: float, cosine: float, p50: float) -> B.Row:
+    return B.Row(label, "ort-cpu", group, "fp32", 0, iterations=5, p50_ms=p50,
+                 peak_rss_increase=int(rss_mb * 1e6), cosine=cosine, ratio=p50 / 10.0)
+
+
+def test_pareto_marks_the_undominated_rows() -> None:
+    from edgestack.profiler.pareto import pareto_table
+
+    rows = [_row("fp32", "baseline", 100, 1.0, 10), _row("int8", "baseline", 30, 0.99, 4),
+            _row("tier0", "edgestack", 20, 0.90, 8), _row("tier1", "edgestack", 40, 0.985, 9),
+            _row("same-as-tier0", "edgestack", 20, 0.90, 7),
+            _row("bloated", "edgestack", 120, 0.999, 3)]
+    table = pareto_table(rows)
+    assert table["memory"] == "peak RSS increase MB"
+    assert [r["label"] for r in table["rows"]] == [
+        "tier0", "same-as-tier0", "int8", "tier1", "fp32", "bloated"]
+    flags = {r["label"]: r["pareto"] for r in table["rows"]}
+    # tier1 is beaten by int8 (less memory, more quality); bloated by fp32; exact ties stay
+    assert flags == {"tier0": True, "same-as-tier0": True, "int8": True, "tier1": False,
+                     "fp32": True, "bloated": False}
+    assert table["rows"][2]["ratio"] == pytest.approx(0.4)
+    # without measured memory the bytes on disk are the axis
+    for r in rows:
+        r.peak_rss_increase, r.disk_bytes = None, 1000
+    assert pareto_table(rows)["memory"] == "disk MB"
+
+
+def test_at_baseline_table_picks_the_best_subject_within_each_baseline() -> None:
+    from edgestack.profiler.pareto import at_baseline_markdown, at_baseline_table
+
+    rows = [_row("fp32", "baseline", 100, 1.0, 10), _row("int8", "baseline", 30, 0.99, 4),
+            _row("tiny", "baseline", 5, 0.5, 1),
+            _row("tier0", "edgestack", 20, 0.90, 8), _row("tier1", "edgestack", 40, 0.985, 9),
+            _row("tier1-fast", "edgestack", 40, 0.985, 6),
+            _row("untimed", "edgestack", 1, 1.0, 1)]
+    rows[-1].iterations = 0                             # did not run: left out
+    table = at_baseline_table(rows)
+    by = {r["baseline"]: r for r in table["rows"]}
+    assert list(by) == ["fp32", "int8", "tiny"]
+    assert by["fp32"]["best"] == "tier1-fast"        # same quality as tier1, faster
+    assert by["fp32"]["latency_ratio"] == pytest.approx(0.6)
+    assert by["fp32"]["best_memory_mb"] == 40 and by["fp32"]["best_cosine"] == 0.985
+    assert by["int8"]["best"] == "tier0" and by["int8"]["latency_ratio"] == pytest.approx(2.0)
+    assert by["tiny"]["best"] is None
+    assert "(none fits)" in at_baseline_markdown(table)
+
+
+# ---- baselines --------------------------------------------------------------------------------
+def _dense_linear(path: Path, conv: bool = False) -> Path:
+    """A dense float32 model: ``MatMul + Add`` (64 -> 48), or a ``Conv`` (no MatMul)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(11)
+    if conv:
+        w = rng.standard_normal((16, 8, 3, 3)).astype(np.float32)
+        node = helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 6, 6])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16, 6, 6])
+        graph = helper.make_graph([node], "conv", [x], [y], [numpy_helper.from_array(w, "w")])
+    else:
+        w = rng.standard_normal((64, 48)).astype(np.float32)
+        b = rng.standard_normal(48).astype(np.float32)
+        graph = helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["t"]),
+             helper.make_node("Add", ["t", "b"], ["y"])], "lin",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 64])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 48])],
+            [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_baselines_use_per_channel_and_external_data_opened_from_path(
+        tmp_path: Path, monkeypatch) -> None:
+    import onnxruntime as ort
+
+    dense = _dense_linear(tmp_path / "dense.onnx")
+    subjects, _ = B.baseline_subjects(dense, tmp_path / "b", 1, lambda m: None)
+    by = {s.label: s for s in subjects}
+    assert set(B.BASELINES[:5]) <= set(by)
+    ort_subjects = [s for s in subjects if s.target == "ort-cpu"]
+    assert len(ort_subjects) == 5
+    # per-channel int8: one scale per output column; per-tensor: one scale
+    def scales(label):
+        model = onnx.load(str(Path(by[label].path) / "model.onnx"))
+        return [list(i.dims) for i in model.graph.initializer if i.name.endswith("_scale")]
+
+    assert scales("ORT dynamic int8 per-tensor") == [[]]
+    assert scales("ORT dynamic int8 per-channel") == [[48]]
+    bits = {}
+    for s in ort_subjects:
+        folder = Path(s.path)
+        data = folder / B.EXTERNAL_DATA
+        assert data.is_file() and data.stat().st_size > 1024, s.label
+        model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+        external = [i.name for i in model.graph.initializer
+                    if i.data_location == onnx.TensorProto.EXTERNAL]
+        assert external, f"{s.label}: no weight in external data"
+        assert s.disk_bytes >= data.stat().st_size       # the data file is counted on disk
+        nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+        if nbits:
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nbits[0].attribute}
+            assert attrs["block_size"] == 32 and attrs["accuracy_level"] == 4
+            bits[s.label] = attrs["bits"]
+    assert bits == {"ORT int8 weight-only MatMulNBits g32": 8,
+                    "ORT int4 weight-only MatMulNBits g32": 4}
+    # the runner creates its session from the file path (so ORT can map the data file)
+    opened = []
+    real = ort.InferenceSession
+
+    def spy(model, *args, **kwargs):
+        opened.append(model)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", spy)
+    feeds = {"x": np.ones((1, 8, 64), np.float32)}
+    for s in ort_subjects:
+        handle = B.open_subject(s.spec(tmp_path / "unused.npz"))
+        try:
+            assert handle.infer(feeds)["y"].shape == (1, 8, 48)
+        finally:
+            handle.close()
+    assert opened == [str(Path(s.path) / "model.onnx") for s in ort_subjects]
+
+
+def test_weight_only_baseline_of_a_model_without_matmul_says_nothing_quantized(
+        tmp_path: Path) -> None:
+    dense = _dense_linear(tmp_path / "conv.onnx", conv=True)
+    subjects, _ = B.baseline_subjects(dense, tmp_path / "b", 1, lambda m: None)
+    by = {s.label: s for s in subjects}
+    for label in B.BASELINES[3:5]:
+        subj = by[f"{label} ({B.NOTHING_QUANTIZED})"]
+        assert subj.precision == "fp32" and subj.note.startswith(B.NOTHING_QUANTIZED)
+        assert "MatMul" in subj.note
+    # dynamic quantization does rewrite the Conv: no such note there
+    assert "1 ConvInteger" in by["ORT dynamic int8 per-tensor"].note
+    rows = [B.Row(s.label, s.target, s.group, s.precision, s.disk_bytes, note=s.note)
+            for s in subjects]
+    md = B.BenchReport("conv", rows, {}, {}).markdown()
+    assert f"ORT int4 weight-only MatMulNBits g32 ({B.NOTHING_QUANTIZED}) | ort-cpu | fp32" in md
+    assert f"{B.NOTHING_QUANTIZED}: the quantizer found no MatMul" in md

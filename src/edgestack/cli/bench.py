@@ -13,10 +13,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="measure latency, peak memory and quality on each target, vs baselines",
         description="Benchmark an exported model (MODEL.onnx) or a device package (PKG): "
         "cold load time and peak RSS (each subject in a fresh process), latency p50/p90/p99/"
-        "mean/std and throughput (all subjects timed interleaved in one process), and output "
-        "cosine vs the reference. --baseline adds what a user would pick instead: ONNX "
-        "Runtime fp32, dynamic int8, int4 MatMulNBits, OpenVINO f32/bf16. Writes bench.json, "
-        "bench.md and PNG plots to --out. Exit 4 when no subject can run on this machine.",
+        "mean/std and throughput (all subjects timed interleaved in one process), and "
+        "quality vs the reference: for a text encoder the masked mean-pooled "
+        "sentence-embedding cosine (on the held sentences with --tokenizer), else the output "
+        "cosine. --baseline adds what a user would pick instead: ONNX Runtime fp32, dynamic "
+        "int8 per-tensor and per-channel, weight-only MatMulNBits int8 and int4, OpenVINO "
+        "f32/bf16. Writes bench.json, bench.md (with Pareto tables) and PNG plots to --out. "
+        "Exit 4 when no subject can run on this machine.",
     )
     p.add_argument("source", metavar="PKG|MODEL.onnx",
                    help="an ONNX model from `edgestack export`, or a package from "
@@ -27,7 +30,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated targets, or 'all' (default: the profile's target, "
                    "else ort-cpu)")
     p.add_argument("--baseline", action="store_true",
-                   help="also measure ORT fp32 / dynamic int8 / int4 and OpenVINO f32/bf16")
+                   help="also measure ORT fp32 / dynamic int8 (per-tensor, per-channel) / "
+                   "MatMulNBits int8 and int4 and OpenVINO f32/bf16")
     p.add_argument("--dense", default=None, metavar="DENSE.onnx",
                    help="the uncompressed model: baselines and quality reference (default: "
                    "the source with its compressed weights decoded)")
@@ -45,6 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tiers", default="5",
                    help="packages: how many tiers to measure, spread from the smallest to the "
                    "largest, or 'all' (default 5)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="a folder with the model's tokenizer.json: a text encoder's quality "
+                   "is then measured on the 40 held sentences (default: on the bench inputs)")
     p.add_argument("--no-memory", action="store_true",
                    help="skip the fresh-process load time / peak RSS measurement")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
@@ -82,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         dense_model=args.dense, iterations=args.iterations, warmup=args.warmup,
         seconds=args.seconds, batch=args.batch, seq=args.seq,
         feeds=load_feeds(args.input) if args.input else None, memory=not args.no_memory,
-        plots=not args.no_plots, threads=args.threads,
+        plots=not args.no_plots, threads=args.threads, tokenizer=args.tokenizer,
         tiers=args.tiers if args.tiers == "all" else _count(args.tiers))
     if args.json:
         emit_json({"ok": report.ran, "skipped_all": not report.ran, **report.to_dict()})

@@ -10,13 +10,25 @@ package at one tier, or a baseline a user would otherwise pick) in three steps:
    round, each subject runs a few calls, so that machine noise hits every subject alike and
    ratios stay meaningful. Statistics: p50/p90/p99/mean/std/min and throughput; ``spread_ms``
    is half the p10-p90 range, the band two runs of the same subject should agree within.
-3. **Quality**: every subject's outputs on the same inputs against the reference (the dense
-   model when given, else the source model on ONNX Runtime): cosine, max abs/rel error.
+3. **Quality** (:class:`QualityProbe`, one rule for every subject): for a text encoder
+   (an ``attention_mask`` input and a ``last_hidden_state`` or ``[batch, seq, hidden]``
+   output) the masked mean-pooled sentence-embedding cosine against the reference, averaged
+   over :data:`BENCH_SENTENCES` held sentences at the bench inputs' sequence length (with a
+   tokenizer; else over the bench inputs), so padding rows do not count; for other models
+   the cosine of the flattened outputs. Rows say which in ``metric``; ``max_abs`` /
+   ``max_rel`` are the output errors on the bench inputs. The reference is the dense model
+   when given, else the source model on ONNX Runtime (a package: its largest tier).
 
-Baselines (``baseline=True``): the dense float32 model (``dense_model``, or the source with its
-compressed weights decoded) on ONNX Runtime fp32, ``quantize_dynamic`` int8, int4
-``MatMulNBits`` (RTN, block 32, symmetric) and OpenVINO f32/bf16; ratios are against the
-ORT fp32 baseline when measured, else against the first subject.
+Baselines (``baseline=True``, :data:`BASELINES`): the dense float32 model (``dense_model``,
+or the source with its compressed weights decoded) on ONNX Runtime fp32; ``quantize_dynamic``
+int8 per-tensor and ``per_channel=True``; weight-only ``MatMulNBits`` 8-bit and 4-bit
+(``MatMulNBitsQuantizer``, RTN, block 32, symmetric, ``accuracy_level=4``); OpenVINO f32 and
+bf16. Every ORT baseline keeps its weights in ONNX external data (``model.onnx.data``), which
+ONNX Runtime memory-maps when the runner creates the session from the file path. A quantizer
+that rewrote nothing (MatMulNBits on a CNN) gives a row labelled ``(nothing quantized)``.
+Ratios are against the ORT fp32 baseline when measured, else against the first subject.
+
+The report adds the Pareto views of :mod:`edgestack.profiler.pareto`.
 
 A target that cannot run here is listed with the reason and skipped; the result says so
 (the CLI exits 4 when nothing at all could run).
@@ -31,6 +43,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -39,10 +52,26 @@ import numpy as np
 
 from edgestack.errors import InternalError, TargetError
 from edgestack.profiler.latency import latency_stats
+from edgestack.profiler.pareto import (at_baseline_markdown, at_baseline_table,
+                                       pareto_markdown, pareto_table)
+from edgestack.profiler.quality import (cosine_rows, embed, held_sentences,
+                                        hidden_state_output, sentence_feeds, tokenize)
 
-#: Baseline labels, in report order.
-BASELINES = ("ORT fp32", "ORT dynamic int8", "ORT int4 MatMulNBits g32", "OpenVINO f32",
-             "OpenVINO bf16")
+#: Baseline labels, in report order (module docstring).
+BASELINES = ("ORT fp32", "ORT dynamic int8 per-tensor", "ORT dynamic int8 per-channel",
+             "ORT int8 weight-only MatMulNBits g32", "ORT int4 weight-only MatMulNBits g32",
+             "OpenVINO f32", "OpenVINO bf16")
+#: MatMulNBits baselines: block (group) size and ``accuracy_level`` (4: int8 activations
+#: inside the kernel, ORT's fast CPU path for weight-only quantized MatMul).
+NBITS_BLOCK = 32
+NBITS_ACCURACY_LEVEL = 4
+#: File every ORT baseline keeps its weights in (ONNX external data, memory-mapped by ORT).
+EXTERNAL_DATA = "model.onnx.data"
+#: Ops a quantizer adds; a baseline with none more than the dense model quantized nothing.
+QUANTIZED_OPS = frozenset({"MatMulNBits", "MatMulInteger", "ConvInteger",
+                           "DynamicQuantizeLinear", "DynamicQuantizeMatMul",
+                           "DequantizeLinear", "QAttention", "QLinearMatMul", "QLinearConv"})
+NOTHING_QUANTIZED = "nothing quantized"
 
 
 @dataclass
@@ -56,7 +85,10 @@ class Subject:
         target: The compile target that runs it.
         group: ``edgestack`` or ``baseline``.
         precision: What it computes in (``fp32``, ``int8``, ``int4``, ``bf16`` ...).
-        disk_bytes: Bytes of the weights it loads (files on disk, or the tier's plan).
+        disk_bytes: Bytes on disk of what it loads (artifact: model and weight files;
+            package tier: the tier's ``total_bytes``, block prefix plus graph and weights).
+        plan_bytes: Packages: the runtime's memory plan for the tier (its budget).
+        note: What the report should say about it (e.g. a quantizer that changed nothing).
         options: ``precision`` (OpenVINO runner hint); packages: ``budget``, ``tier``,
             ``bits`` (bits per BitStack weight of the tier), ``threads``.
         memory: ``{"load_s", "increase"}`` when already measured in a fresh process
@@ -72,6 +104,8 @@ class Subject:
     disk_bytes: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, Any] | None = None
+    plan_bytes: int | None = None
+    note: str = ""
 
     def spec(self, feeds: Path, calls: int = 3) -> dict[str, Any]:
         """The JSON description :func:`open_subject` and the probe process read."""
@@ -169,25 +203,50 @@ def target_subjects(model: Path, work: Path, targets: Sequence[str], profile: An
     return subjects, skipped
 
 
+def save_external(model: Any, path: Path) -> None:
+    """Save an ONNX ``ModelProto`` with its weights in ``model.onnx.data`` next to ``path``
+    (tensors from 1 KiB), so that ONNX Runtime memory-maps them when a session is created
+    from the file path (the ort-cpu runner does) instead of copying them out of the
+    protobuf."""
+    import onnx
+
+    for stale in (path, path.with_name(EXTERNAL_DATA)):
+        stale.unlink(missing_ok=True)                     # onnx appends to the data file
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=EXTERNAL_DATA, size_threshold=1024)
+
+
+def _added_ops(model: Any, dense: Any) -> dict[str, int]:
+    """Quantized-op nodes (:data:`QUANTIZED_OPS`) ``model`` has beyond ``dense``'s, by op."""
+    def count(m: Any) -> Counter:
+        return Counter(n.op_type for n in m.graph.node if n.op_type in QUANTIZED_OPS)
+
+    return dict(sorted((count(model) - count(dense)).items()))
+
+
 def _baseline(work: Path, name: str, label: str, precision: str, threads: int,
               write: Callable[[Path], Any], target: str = "ort-cpu") -> Subject:
-    """A baseline subject: ``write(path)`` puts its model at ``work/name/model.onnx``; the
-    folder gets an ``artifact.json`` (no edgestack lowering) so every runner can load it."""
+    """A baseline subject: ``write(path)`` puts its model at ``work/name/model.onnx`` and
+    returns a note (or ``None``); the folder gets an ``artifact.json`` (no edgestack
+    lowering) so every runner can load it."""
     from edgestack.targets.base import Artifact
 
     folder = work / name
     folder.mkdir(parents=True, exist_ok=True)
-    write(folder / "model.onnx")
+    note = write(folder / "model.onnx") or ""
     Artifact(folder=folder, target=target, arch="x86_64" if target == "ort-cpu" else "any",
              precision=precision, files={"model": "model.onnx"},
              options={"threads": threads}).save()
     return Subject(label, "artifact", str(folder), target, "baseline", precision,
-                   _files_bytes(folder))
+                   _files_bytes(folder), note=note)
 
 
 def baseline_subjects(dense: Path, work: Path, threads: int,
                       log: Callable[[str], None]) -> tuple[list[Subject], dict[str, str]]:
-    """The baselines a user would otherwise pick, built from the dense float32 model."""
+    """The baselines a user would otherwise pick, built from the dense float32 model
+    (:data:`BASELINES`, module docstring). A quantized baseline in which the quantizer
+    rewrote nothing (e.g. MatMulNBits on a CNN: no MatMul) is relabelled
+    ``... (nothing quantized)``, precision ``fp32``, with a note."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -197,22 +256,45 @@ def baseline_subjects(dense: Path, work: Path, threads: int,
     for noisy in ("onnxruntime.quantization", "root"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     skipped: dict[str, str] = {}
-    subjects = [_baseline(work, "ort_fp32", "ORT fp32", "fp32", threads,
-                          lambda p: onnx.save(onnx.load(str(dense)), str(p)))]
-    log("bench: baseline quantize_dynamic int8 ...")
-    subjects.append(_baseline(
-        work, "ort_int8", "ORT dynamic int8", "int8", threads,
-        lambda p: quantize_dynamic(str(dense), str(p), weight_type=QuantType.QInt8)))
-    log("bench: baseline int4 MatMulNBits ...")
+    dense_proto = onnx.load(str(dense))
 
-    def int4(path: Path) -> None:
-        quant = MatMulNBitsQuantizer(onnx.load(str(dense)), bits=4, block_size=32,
-                                     is_symmetric=True)
-        quant.process()                                   # rewrites the model in place
-        quant.model.save_model_to_file(str(path), False)
+    def fp32(path: Path) -> None:
+        save_external(onnx.load(str(dense)), path)
 
-    subjects.append(_baseline(work, "ort_int4", "ORT int4 MatMulNBits g32", "int4", threads,
-                              int4))
+    def dynamic(per_channel: bool) -> Callable[[Path], str]:
+        def write(path: Path) -> str:
+            tmp = path.with_name("quantized.tmp.onnx")
+            quantize_dynamic(str(dense), str(tmp), weight_type=QuantType.QInt8,
+                             per_channel=per_channel)
+            model = onnx.load(str(tmp))
+            tmp.unlink()
+            save_external(model, path)
+            return _note(_added_ops(model, dense_proto), "MatMul/Conv/Gather")
+        return write
+
+    def weight_only(bits: int) -> Callable[[Path], str]:
+        def write(path: Path) -> str:
+            quant = MatMulNBitsQuantizer(onnx.load(str(dense)), bits=bits,
+                                         block_size=NBITS_BLOCK, is_symmetric=True,
+                                         accuracy_level=NBITS_ACCURACY_LEVEL)
+            quant.process()                               # rewrites the model in place
+            model = quant.model.model
+            save_external(model, path)
+            return _note(_added_ops(model, dense_proto), "MatMul")
+        return write
+
+    builds = [("ort_fp32", BASELINES[0], "fp32", fp32),
+              ("ort_int8", BASELINES[1], "int8", dynamic(False)),
+              ("ort_int8_channel", BASELINES[2], "int8", dynamic(True)),
+              ("ort_nbits8", BASELINES[3], "int8", weight_only(8)),
+              ("ort_nbits4", BASELINES[4], "int4", weight_only(4))]
+    subjects = []
+    for name, label, precision, write in builds:
+        log(f"bench: baseline {label} ...")
+        subj = _baseline(work, name, label, precision, threads, write)
+        if subj.note.startswith(NOTHING_QUANTIZED):
+            subj.label, subj.precision = f"{label} ({NOTHING_QUANTIZED})", "fp32"
+        subjects.append(subj)
     ov = get_target("openvino-cpu")
     ok, why = ov.available()
     if not ok:
@@ -220,11 +302,18 @@ def baseline_subjects(dense: Path, work: Path, threads: int,
     else:
         log("bench: baseline OpenVINO IR ...")
         art = ov.lower(dense, work / "openvino", None, threads=threads)
-        for prec in ("fp32", "bf16"):
-            subjects.append(Subject(f"OpenVINO {prec.replace('fp', 'f')}", "artifact",
-                                    str(art.folder), "openvino-cpu", "baseline", prec,
-                                    _files_bytes(art.folder), {"precision": prec}))
+        for prec, label in zip(("fp32", "bf16"), BASELINES[5:]):
+            subjects.append(Subject(label, "artifact", str(art.folder), "openvino-cpu",
+                                    "baseline", prec, _files_bytes(art.folder),
+                                    {"precision": prec}))
     return subjects, skipped
+
+
+def _note(added: dict[str, int], ops: str) -> str:
+    if added:
+        return "quantizer added " + ", ".join(f"{n} {op}" for op, n in added.items())
+    return (f"{NOTHING_QUANTIZED}: the quantizer found no {ops} node to rewrite, so this "
+            f"is the fp32 model")
 
 
 def is_package_path(path: Path) -> bool:
@@ -278,28 +367,37 @@ def package_subjects(path: Path, count: int | str, log: Callable[[str], None],
             budget = plan_tier(man, t).total
             bits = man.tiers[t].bytes * 8 / numel
             subjects.append(Subject(
-                f"tier {t} ({bits:.2f} bits/weight, {budget / 1e6:.1f} MB)", "package",
-                str(path), man.target, precision="fp32", disk_bytes=budget,
+                f"tier {t} ({bits:.2f} bits/weight, plan {budget / 1e6:.1f} MB)", "package",
+                str(path), man.target, precision="fp32",
+                disk_bytes=man.tiers[t].total_bytes, plan_bytes=budget,
                 options={"budget": budget, "tier": t, "bits": bits, "threads": threads}))
     return subjects, {}, golden, top
 
 
-def package_outputs(path: Path, tier: int, feeds: Mapping[str, np.ndarray]
-                    ) -> dict[str, np.ndarray]:
-    """Outputs of a package at ``tier`` (the runtime manager, no budget limit)."""
-    from edgestack.runtime import Runtime
+def reference_handle(path: Path, *, tier: int | None = None, threads: int = 1) -> Handle:
+    """The quality reference, loaded once: an ONNX model on ORT CPU (all optimizations,
+    like :func:`edgestack.targets.reference.reference_outputs`), or a package at ``tier``
+    (the runtime manager, no budget limit)."""
+    if tier is not None:
+        from edgestack.runtime import Runtime
 
-    rt = Runtime(path, tier=tier)
-    try:
-        return rt.infer(feeds)
-    finally:
-        rt.close()
+        rt = Runtime(path, tier=tier)
+        return Handle(rt.infer, rt.close)
+    from edgestack.targets.ort_cpu import cpu_session
+
+    session = cpu_session(path, threads, "all")
+    names = [o.name for o in session.get_outputs()]
+    return Handle(lambda feeds: dict(zip(names, session.run(names, dict(feeds)))),
+                  lambda: None)
 
 
 def dense_of(model: Path, out: Path) -> Path:
     """``model`` with every ``edgestack`` node decoded to a float32 initializer and constant
     subgraphs folded (ONNX Runtime's basic, standard-op-only optimizations), i.e. the dense
-    float32 model a user would quantize: weights are initializers that feed ``MatMul``."""
+    float32 model a user would quantize: weights are initializers that feed ``MatMul``.
+    ORT's ``MatMulAddFusion`` is off: it turns ``MatMul + Add`` into ``Gemm`` (with reshapes
+    for 3-D inputs), which ``MatMulNBitsQuantizer`` does not quantize (the int4 baseline
+    was silently fp32)."""
     import onnx_ir as ir
     import onnxruntime as ort
 
@@ -312,7 +410,8 @@ def dense_of(model: Path, out: Path) -> Path:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.optimized_model_filepath = str(out)
-    ort.InferenceSession(str(decoded), so, providers=["CPUExecutionProvider"])
+    ort.InferenceSession(str(decoded), so, providers=["CPUExecutionProvider"],
+                         disabled_optimizers=["MatMulAddFusion"])
     decoded.unlink()
     return out
 
@@ -320,7 +419,9 @@ def dense_of(model: Path, out: Path) -> Path:
 # ---- measuring ------------------------------------------------------------------------
 @dataclass
 class Row:
-    """One subject's measurements."""
+    """One subject's measurements: ``cosine`` is the quality under ``metric``
+    (:class:`QualityProbe`); ``max_abs`` / ``max_rel`` are the worst output errors on the
+    bench inputs; ``disk_bytes`` / ``plan_bytes`` as in :class:`Subject`."""
 
     label: str
     target: str
@@ -340,10 +441,12 @@ class Row:
     load_s: float | None = None
     peak_rss_increase: int | None = None
     cosine: float | None = None
+    metric: str = ""
     max_abs: float | None = None
     max_rel: float | None = None
     ratio: float | None = None
     tier: int | None = None
+    plan_bytes: int | None = None
     note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -408,6 +511,88 @@ def _quality(got: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray]
             max((c.max_rel for c in checks), default=0.0))
 
 
+#: Held sentences a text encoder is scored on (at the bench inputs' sequence length).
+BENCH_SENTENCES = 40
+#: What :attr:`Row.metric` says for each way of scoring quality.
+METRIC_SENTENCES = "masked mean-pooled sentence-embedding cosine, mean of {n} held sentences"
+METRIC_POOLED_INPUTS = ("masked mean-pooled embedding cosine on the bench inputs (no "
+                        "tokenizer given for the held sentences)")
+METRIC_OUTPUT = "output cosine (flattened outputs, worst output)"
+
+
+@dataclass
+class QualityProbe:
+    """How every subject's quality is scored against the reference: one rule for all.
+
+    Text encoders (:func:`~edgestack.profiler.quality.hidden_state_output`): the mean over
+    ``batches`` of the cosine between the subject's and the reference's masked mean-pooled
+    embeddings (:func:`~edgestack.profiler.quality.embed`), so padding rows do not count.
+    Other models: the worst cosine over the flattened outputs on the bench inputs.
+
+    Attributes:
+        metric: What :meth:`score` measures (the report's ``metric``).
+        batches: The inputs scored (text with a tokenizer: one held sentence each).
+        output: Text encoders: the output that is pooled; ``None``: output cosine.
+        reference: Text: the reference embeddings ``[n, hidden]``; else its outputs.
+    """
+
+    metric: str
+    batches: list[dict[str, np.ndarray]]
+    output: str | None = None
+    reference: Any = None
+
+    @classmethod
+    def build(cls, feeds: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
+              reference_infer: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]],
+              batches: list[dict[str, np.ndarray]] | None = None) -> QualityProbe:
+        """The probe for a model: ``feeds`` (the bench inputs) and the ``reference``'s
+        outputs on them decide whether it is a text encoder; a text encoder is scored on
+        ``batches`` (held sentences, :func:`~edgestack.profiler.quality.sentence_feeds`)
+        when given, else on the bench inputs; ``reference_infer`` embeds them once."""
+        output = hidden_state_output(feeds, reference)
+        if output is None:
+            return cls.outputs(feeds, reference)
+        probe = (cls(METRIC_POOLED_INPUTS, [dict(feeds)], output) if batches is None else
+                 cls(METRIC_SENTENCES.format(n=len(batches)), list(batches), output))
+        probe.reference = probe.embeddings(reference_infer)
+        return probe
+
+    @classmethod
+    def outputs(cls, feeds: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray]
+                ) -> QualityProbe:
+        """The output-cosine probe (non-text models)."""
+        return cls(METRIC_OUTPUT, [dict(feeds)], None, dict(reference))
+
+    def embeddings(self, infer: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+                   ) -> np.ndarray | None:
+        """Masked mean-pooled embeddings ``[n, hidden]`` of :attr:`batches` (``None``: the
+        subject lacks the pooled output)."""
+        class Missing(Exception):
+            pass
+
+        def hidden(feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+            out = infer(feeds)
+            if self.output not in out:
+                raise Missing
+            return out[self.output]
+
+        try:
+            return embed(hidden, self.batches)
+        except Missing:
+            return None
+
+    def score(self, infer: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
+              ) -> float:
+        """The subject's quality under :attr:`metric` (0.0: an output is missing)."""
+        if self.output is None:
+            return _quality(infer(self.batches[0]), self.reference)[0]
+        emb = self.embeddings(infer)
+        if emb is None or emb.shape != self.reference.shape:
+            return 0.0
+        return float(cosine_rows(self.reference.astype(np.float64),
+                                 emb.astype(np.float64)).mean())
+
+
 @dataclass
 class BenchReport:
     """What :func:`run_bench` measured."""
@@ -425,13 +610,15 @@ class BenchReport:
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "settings": self.settings,
                 "rows": [r.to_dict() for r in self.rows], "skipped": self.skipped,
+                "pareto": pareto_table(self.rows), "at_baseline": at_baseline_table(self.rows),
                 "files": self.files}
 
     def markdown(self) -> str:
-        """The rows as a markdown table (what report.md and the terminal show)."""
-        head = ("| subject | target | precision | disk MB | peak RSS +MB | load s | p50 ms | "
-                "p90 ms | p99 ms | ± ms | items/s | ratio | cosine |")
-        lines = [head, "|" + " --- |" * 3 + " ---: |" * 10]
+        """The rows as a markdown table, then the Pareto tables (what bench.md and the
+        terminal show)."""
+        head = ("| subject | target | precision | disk MB | plan MB | peak RSS +MB | load s | "
+                "p50 ms | p90 ms | p99 ms | ± ms | items/s | ratio | quality | max abs |")
+        lines = [head, "|" + " --- |" * 3 + " ---: |" * 12]
 
         def f(v: Any, fmt: str) -> str:
             return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) \
@@ -439,11 +626,31 @@ class BenchReport:
 
         for r in self.rows:
             rss = None if r.peak_rss_increase is None else r.peak_rss_increase / 1e6
+            plan = None if r.plan_bytes is None else r.plan_bytes / 1e6
             lines.append(
                 f"| {r.label} | {r.target} | {r.precision} | {f(r.disk_bytes / 1e6, '.2f')} | "
-                f"{f(rss, '.1f')} | {f(r.load_s, '.2f')} | {f(r.p50_ms, '.2f')} | "
-                f"{f(r.p90_ms, '.2f')} | {f(r.p99_ms, '.2f')} | {f(r.spread_ms, '.2f')} | "
-                f"{f(r.throughput, '.1f')} | {f(r.ratio, '.3f')} | {f(r.cosine, '.5f')} |")
+                f"{f(plan, '.2f')} | {f(rss, '.1f')} | {f(r.load_s, '.2f')} | "
+                f"{f(r.p50_ms, '.2f')} | {f(r.p90_ms, '.2f')} | {f(r.p99_ms, '.2f')} | "
+                f"{f(r.spread_ms, '.2f')} | {f(r.throughput, '.1f')} | {f(r.ratio, '.3f')} | "
+                f"{f(r.cosine, '.5f')} | {f(r.max_abs, '.3g')} |")
+        metrics = sorted({r.metric for r in self.rows if r.metric})
+        lines.append("")
+        lines.append(f"quality: {'; '.join(metrics) or 'not measured'}, against "
+                     f"{self.settings.get('reference', 'the reference')}. disk MB: the files "
+                     f"loaded (a package tier: its blocks, graph and weights); plan MB: the "
+                     f"runtime's memory plan for the tier; ratio: p50 / "
+                     f"{self.settings.get('ratio_base') or 'the first subject'}.")
+        notes = [f"- {r.label}: {r.note}" for r in self.rows if r.note]
+        if notes:
+            lines += ["", "notes:", *notes]
+        pareto = pareto_table(self.rows)
+        if pareto["rows"]:
+            lines += ["", "### By memory (Pareto: no other subject has less or equal memory "
+                      "and higher or equal quality)", "", pareto_markdown(pareto)]
+        at_base = at_baseline_table(self.rows)
+        if at_base["rows"]:
+            lines += ["", "### At each baseline's memory: edgestack's best subject", "",
+                      at_baseline_markdown(at_base)]
         for name, why in self.skipped.items():
             lines.append(f"\nskipped {name}: {why}")
         return "\n".join(lines)
@@ -455,6 +662,7 @@ def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
               seconds: float | None = None, batch: int = 1, seq: int = 128,
               feeds: Mapping[str, np.ndarray] | None = None, memory: bool = True,
               plots: bool = True, threads: int | None = None, tiers: int | str = 5,
+              tokenizer: str | Path | None = None,
               log: Callable[[str], None] | None = None) -> BenchReport:
     """Benchmark an exported model on its targets, or a package at its tiers (and the
     baselines); write the results.
@@ -480,13 +688,15 @@ def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
         threads: Intra-op threads (default: the profile's, else 2).
         tiers: Packages: how many tiers to measure, spread evenly from the smallest to the
             largest (``"all"``: every tier).
+        tokenizer: A folder with the model's ``tokenizer.json``: a text encoder is then
+            scored on :data:`BENCH_SENTENCES` held sentences (:class:`QualityProbe`);
+            without it, on the bench inputs.
 
     Raises:
         EdgestackError: a bad source, profile or target name.
     """
     from edgestack.profiles import load_profile
     from edgestack.targets import TARGET_NAMES
-    from edgestack.targets.reference import reference_outputs
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     src = Path(source)
@@ -527,34 +737,54 @@ def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
         skipped.update(skip2)
     if dense is not None:
         ref_model: Any = dense
-        reference = reference_outputs(dense, feeds, threads=threads)
+        ref = reference_handle(dense, threads=threads)
     elif is_package:
         ref_model = f"the package's largest tier ({top})"
-        reference = package_outputs(src, top, feeds) if subjects else {}
+        ref = reference_handle(src, tier=top) if subjects else None
     else:
         ref_model = src
-        reference = reference_outputs(src, feeds, threads=threads)
-    rows = measure_subjects(subjects, feeds, reference, work, iterations=iterations,
-                            warmup=warmup, seconds=seconds, memory=memory, log=log)
+        ref = reference_handle(src, threads=threads)
+    reference: dict[str, np.ndarray] = {}
+    probe = None
+    if ref is not None:
+        try:
+            reference = ref.infer(feeds)
+            batches = None
+            if tokenizer is not None and hidden_state_output(feeds, reference):
+                seq_len = feeds["attention_mask"].shape[1]
+                batches = sentence_feeds(tokenize(tokenizer, held_sentences()[:BENCH_SENTENCES],
+                                                  seq_len), feeds)
+            probe = QualityProbe.build(feeds, reference, ref.infer, batches)
+        finally:
+            ref.close()
+    rows = measure_subjects(subjects, feeds, reference, work, quality=probe,
+                            iterations=iterations, warmup=warmup, seconds=seconds,
+                            memory=memory, log=log)
     settings = {"threads": threads, "iterations": iterations, "warmup": warmup,
                 "seconds": seconds, "inputs": {k: list(v.shape) for k, v in feeds.items()},
                 "profile": prof.name if prof else None, "reference": str(ref_model),
+                "metric": probe.metric if probe else None,
                 "ratio_base": next((r.label for r in rows if r.label == "ORT fp32"),
                                    rows[0].label if rows else None)}
     return write_report(BenchReport(str(src), rows, skipped, settings), out, plots=plots)
 
 
 def measure_subjects(subjects: Sequence[Subject], feeds: Mapping[str, np.ndarray],
-                     reference: Mapping[str, np.ndarray], work: Path, *, iterations: int = 30,
+                     reference: Mapping[str, np.ndarray], work: Path, *,
+                     quality: QualityProbe | None = None, iterations: int = 30,
                      warmup: int = 3, seconds: float | None = None, memory: bool = True,
                      log: Callable[[str], None] = lambda m: None) -> list[Row]:
-    """Measure ``subjects`` (module docstring, steps 1-3); ratios against ``ORT fp32`` when
-    it is a subject, else the first."""
+    """Measure ``subjects`` (module docstring, steps 1-3): ``reference`` is the reference's
+    outputs on ``feeds`` (max abs/rel errors), ``quality`` scores quality (default: output
+    cosine on ``feeds``); ratios against ``ORT fp32`` when it is a subject, else the
+    first."""
     work.mkdir(parents=True, exist_ok=True)
     feeds_path = work / "feeds.npz"
     np.savez(feeds_path, **feeds)
-    rows = [Row(s.label, s.target, s.group, s.precision, s.disk_bytes,
-                tier=s.options.get("tier")) for s in subjects]
+    probe = quality or QualityProbe.outputs(feeds, reference)
+    rows = [Row(s.label, s.target, s.group, s.precision, s.disk_bytes, metric=probe.metric,
+                tier=s.options.get("tier"), plan_bytes=s.plan_bytes, note=s.note)
+            for s in subjects]
     if memory:
         for i, (s, row) in enumerate(zip(subjects, rows)):
             if s.memory is None:
@@ -566,8 +796,11 @@ def measure_subjects(subjects: Sequence[Subject], feeds: Mapping[str, np.ndarray
     try:
         for s in subjects:
             handles.append(open_subject(s.spec(feeds_path)))
+        if handles:
+            log(f"bench: quality of {len(handles)} subjects ({probe.metric}) ...")
         for h, row in zip(handles, rows):
-            row.cosine, row.max_abs, row.max_rel = _quality(h.infer(feeds), reference)
+            _, row.max_abs, row.max_rel = _quality(h.infer(feeds), reference)
+            row.cosine = probe.score(h.infer)
         if handles:
             log(f"bench: timing {len(handles)} subjects interleaved, {iterations} calls "
                 "each ...")
@@ -603,6 +836,6 @@ def write_report(report: BenchReport, out: Path, plots: bool = True) -> BenchRep
 
 __all__ = ["BASELINES", "BenchReport", "Handle", "Row", "Subject", "bench_feeds",
            "baseline_subjects", "dense_of", "interleaved_latency",
-           "measure_memory", "measure_subjects", "open_subject", "package_outputs",
+           "measure_memory", "measure_subjects", "open_subject",
            "package_subjects", "pick_tiers", "is_package_path", "run_bench", "target_subjects",
            "write_report"]

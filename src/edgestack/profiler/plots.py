@@ -3,8 +3,11 @@
 - ``latency_vs_memory.png``: p50 latency (with the p10-p90 band) against memory, one point
   per subject; memory is the measured peak RSS increase, or the bytes on disk when memory
   was not measured (the axis label says which).
-- ``quality_vs_memory.png``: cosine against the reference versus the same memory axis;
+- ``quality_vs_memory.png``: quality (the bench's ``metric``) against the same memory axis;
   package tiers are joined by a line so the tier curve shows.
+- ``pareto.png``: peak RSS increase (x) against quality (y), each point labelled with its
+  p50 latency; the Pareto-optimal subjects (:mod:`edgestack.profiler.pareto`) are joined
+  by a step line.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgestack.errors import EdgestackError
+from edgestack.profiler.pareto import memory_axis, pareto_flags
 
 
 def _pyplot() -> Any:
@@ -29,9 +33,9 @@ def _pyplot() -> Any:
 
 
 def _memory(rows: list[Any]) -> tuple[list[float], str]:
-    if rows and all(r.peak_rss_increase is not None for r in rows):
-        return [r.peak_rss_increase / 1e6 for r in rows], "peak RSS increase (MB)"
-    return [r.disk_bytes / 1e6 for r in rows], "weights on disk (MB)"
+    mem, axis = memory_axis(rows)
+    return mem, ("peak RSS increase (MB)" if axis.startswith("peak")
+                 else "weights on disk (MB)")
 
 
 def plot_bench(report: Any, out_dir: str | Path) -> dict[str, str]:
@@ -75,7 +79,9 @@ def plot_bench(report: Any, out_dir: str | Path) -> dict[str, str]:
         ax.plot([x], [r.cosine], marker, color=color,
                 label=None if r.tier is not None else r.label)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("output cosine vs reference")
+    metric = next((r.metric for r in rows if getattr(r, "metric", "")), "")
+    ax.set_ylabel("sentence-embedding cosine vs reference" if "sentence" in metric
+                  else "cosine vs reference")
     ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_title("Quality vs memory (upper left is better)")
     ax.grid(alpha=0.3)
@@ -85,7 +91,38 @@ def plot_bench(report: Any, out_dir: str | Path) -> dict[str, str]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     files["quality_plot"] = str(path)
+    files["pareto_plot"] = _plot_pareto(plt, rows, style, out / "pareto.png")
     return files
+
+
+def _plot_pareto(plt: Any, rows: list[Any], style: dict[str, Any], path: Path) -> str:
+    """Memory against quality, each point labelled with its p50 latency; the Pareto front
+    joined by a step line."""
+    rows = [r for r in rows if r.cosine is not None]
+    mem, xlabel = _memory(rows)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    flags = pareto_flags([(x, r.cosine) for r, x in zip(rows, mem)])
+    front = sorted((x, r.cosine) for r, x, ok in zip(rows, mem, flags) if ok)
+    if len(front) > 1:
+        xs, ys = zip(*front)
+        ax.step(xs, ys, where="post", color="gray", alpha=0.6, label="Pareto front")
+    for r, x, ok in zip(rows, mem, flags):
+        color, marker = style[r.label]
+        ax.plot([x], [r.cosine], marker, color=color, label=r.label,
+                markeredgecolor="black" if ok else color)
+        ax.annotate(f"{r.p50_ms:.1f} ms", (x, r.cosine), textcoords="offset points",
+                    xytext=(4, 4), fontsize=7)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("quality vs reference (the bench's metric)")
+    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.set_title("Memory vs quality, labels: p50 latency (upper left is better; "
+                 "black edge: Pareto-optimal)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, loc="best", title="square: baseline", title_fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
 
 
 def plot_quality_vs_bits(points: list[tuple[str, float, float]],

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -47,6 +47,40 @@ def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Attention-mask-weighted mean over the sequence axis: ``[b, s, h] -> [b, h]``."""
     m = mask[..., None].astype(np.float32)
     return (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
+
+
+def hidden_state_output(feeds: Mapping[str, np.ndarray],
+                        outputs: Mapping[str, np.ndarray]) -> str | None:
+    """The output a text encoder's sentence embedding is pooled from, or ``None`` when the
+    model is not a text encoder: it needs an ``attention_mask`` input ``[batch, seq]`` and
+    an output ``last_hidden_state``, else the first output shaped ``[batch, seq, hidden]``."""
+    mask = feeds.get("attention_mask")
+    if mask is None or np.ndim(mask) != 2:
+        return None
+    if np.ndim(outputs.get("last_hidden_state")) == 3:
+        return "last_hidden_state"
+    return next((name for name, out in outputs.items()
+                 if np.ndim(out) == 3 and tuple(np.shape(out)[:2]) == tuple(mask.shape)), None)
+
+
+def sentence_feeds(batches: list[dict[str, np.ndarray]], like: Mapping[str, np.ndarray]
+                   ) -> list[dict[str, np.ndarray]]:
+    """Tokenized ``batches`` (:func:`tokenize`) as feeds for a model whose inputs are
+    ``like``'s: ids and mask in ``like``'s dtypes, any other input (``token_type_ids``)
+    zeros shaped like the mask.
+
+    Raises:
+        EdgestackError: a model input that is neither tokenizer output nor a token-type
+            input (the sentences cannot feed it).
+    """
+    other = [k for k in like if k not in ("input_ids", "attention_mask")]
+    bad = [k for k in other if "type" not in k or np.ndim(like[k]) != 2]
+    if bad or "input_ids" not in like:
+        raise EdgestackError(f"the held sentences give input_ids and attention_mask (and zero "
+                             f"token types); the model also needs {bad or ['input_ids']}")
+    return [{k: (b[k].astype(like[k].dtype) if k in b
+                 else np.zeros(b["attention_mask"].shape, like[k].dtype)) for k in like}
+            for b in batches]
 
 
 def embed(run: Callable[[dict[str, np.ndarray]], np.ndarray],
