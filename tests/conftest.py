@@ -37,3 +37,15 @@ def cosine():
         return float(a @ b / (a.norm() * b.norm()))
 
     return cos
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _calibration_cache(tmp_path_factory):
+    """Memory calibrations (edgestack.runtime.calibrate) go to a fresh folder of this test
+    session, not the user's cache: each test session measures this machine anew, and the
+    subprocesses the tests start see the same folder through the environment."""
+    folder = tmp_path_factory.mktemp("calibration")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EDGESTACK_CACHE_DIR", str(folder))
+    yield folder
+    mp.undo()

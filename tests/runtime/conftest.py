@@ -24,10 +24,10 @@ def big_pkg(tmp_path_factory, big_model):
 
 
 @pytest.fixture(scope="session")
-def calib_cache(tmp_path_factory):
-    """A fresh calibration cache, shared with the subprocesses through the environment."""
-    folder = tmp_path_factory.mktemp("calibration")
-    mp = pytest.MonkeyPatch()
-    mp.setenv("EDGESTACK_CACHE_DIR", str(folder))
-    yield folder
-    mp.undo()
+def calib_cache():
+    """The calibration cache of this test session (tests/conftest.py points
+    ``EDGESTACK_CACHE_DIR`` at a fresh folder, shared with subprocesses)."""
+    import os
+    from pathlib import Path
+
+    return Path(os.environ["EDGESTACK_CACHE_DIR"])

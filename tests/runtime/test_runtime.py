@@ -110,7 +110,7 @@ def test_planner_picks_largest_fitting_tier(big_pkg):
 def test_budget_below_smallest_tier(small_pkg):
     minimum = smallest_plan(Package.open(small_pkg), 0).total
     with pytest.raises(BudgetError) as err:
-        Runtime(small_pkg, budget=minimum - 1)
+        Runtime(small_pkg, budget=minimum - 1, calibrate=False)
     msg = str(err.value)
     assert f"{minimum / 2**20:.1f}" in msg or f"{np.ceil(minimum / 2**20 * 10) / 10:.1f}" in msg
     assert "MiB" in msg and "--budget" in msg

@@ -14,7 +14,7 @@ def test_watcher_grows_and_shrinks_with_free_memory(big_pkg):
     n = len(pkg.tiers)
     small = smallest_plan(pkg, 0).total
     large = smallest_plan(pkg, n - 1).total
-    with Runtime(big_pkg, budget=small) as rt:
+    with Runtime(big_pkg, budget=small, calibrate=False) as rt:
         assert rt.tier == 0
         free = {"bytes": large + 64 * 2**20}
         w = Watcher(rt, interval=0.05, hysteresis=0, source=lambda: free["bytes"])
@@ -52,7 +52,7 @@ def test_watcher_plans_with_the_runtimes_forced_modes(big_pkg):
     pkg = Package.open(big_pkg)
     forced = plan_tier(pkg, 0, materialize=0).total  # tier 0, every layer on the fly
     assert plan_memory(pkg, forced).tier > 0          # the default modes fit a larger tier
-    with Runtime(big_pkg, budget=forced, materialize=0) as rt:
+    with Runtime(big_pkg, budget=forced, materialize=0, calibrate=False) as rt:
         assert rt.tier == 0 and rt.plan.materialized == frozenset()
         assert rt.plan_for(forced).tier == 0
         w = Watcher(rt, interval=1.0, hysteresis=0, source=lambda: 0)  # only what it holds

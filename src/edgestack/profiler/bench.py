@@ -337,13 +337,18 @@ def pick_tiers(n_tiers: int, count: int | str) -> list[int]:
     return sorted({round(i * (n_tiers - 1) / (count - 1)) for i in range(count)})
 
 
+BUDGET_HEADROOM = 2**20
+"""Bytes above a tier's plan that a bench budget gets (a budget at exactly the plan leaves
+the runtime no room for a planner rounding; the plan itself carries the safety margin)."""
+
+
 def package_subjects(path: Path, count: int | str, log: Callable[[str], None],
                      threads: int | None = None) -> tuple[list[Subject], dict[str, str], dict[str, np.ndarray], int]:
     """One subject per measured tier of a package: ``(subjects, skipped, golden inputs,
     largest tier)``. A package whose target cannot run here gives no subjects and says why
     in ``skipped``."""
     from edgestack.package import Package
-    from edgestack.runtime import plan_tier
+    from edgestack.runtime import calibrate, plan_tier
     from edgestack.runtime.runtime import SUPPORTED_TARGETS
     from edgestack.targets import get_target
 
@@ -362,9 +367,11 @@ def package_subjects(path: Path, count: int | str, log: Callable[[str], None],
             log(f"bench: skipping package {path} (target {man.target}): {why}")
             return [], {man.target: why}, golden, top
         numel = sum(int(np.prod(info.shape)) for info in man.layers.values()) or 1
+        costs = calibrate(pkg, threads=threads, log=log)  # as the runtime will plan
         subjects = []
         for t in pick_tiers(len(man.tiers), count):
-            budget = plan_tier(man, t).total
+            # the tier's smallest plan on this machine, plus headroom: never exactly the plan
+            budget = plan_tier(man, t, costs=costs).total + BUDGET_HEADROOM
             bits = man.tiers[t].bytes * 8 / numel
             subjects.append(Subject(
                 f"tier {t} ({bits:.2f} bits/weight, plan {budget / 1e6:.1f} MB)", "package",
