@@ -43,8 +43,9 @@ def test_manifest_blocks_in_importance_order(small_pkg, small_model):
         man = pkg.manifest
         assert man.target == "ort-cpu"
         assert [(r.layer, r.block) for r in pkg.block_index] == importance_order(stacks)
-        assert set(pkg.files) == {"model.onnx", "model.data", "blocks.bin",
-                                  "golden/inputs.npz", "golden/outputs.npz"}
+        assert set(pkg.files) == {"model.onnx", "model.mixed.onnx", "model.data",
+                                  "blocks.bin", "golden/inputs.npz", "golden/outputs.npz"}
+        assert pkg.files["model.mixed.onnx"].role == "variant"
         for name, st in stacks.items():
             got = pkg.layer_stack(name)
             np.testing.assert_array_equal(got.signs, st.signs)
@@ -53,6 +54,7 @@ def test_manifest_blocks_in_importance_order(small_pkg, small_model):
             attrs = pkg.layers[name].attrs
             assert attrs["signs"] == f"{name}.weight_module.signs"
             assert attrs["output"] == f"w_{name}" and attrs["torch_layer"] == name
+            assert attrs["site"]["kind"] == "gemm" and attrs["site"]["int8"]  # Gemm transB=1
         # tiers: block 0 of every layer first, then every level boundary is a tier
         counts = [t.n_records for t in pkg.tiers]
         assert counts[0] == len(stacks) and counts[-1] == sum(s.n_blocks for s in stacks.values())
@@ -76,7 +78,7 @@ def test_archive_form_holds_the_same_files(tmp_path, small_model, small_pkg):
         assert a.manifest.files == d.manifest.files
     from edgestack.runtime import Runtime
 
-    with Runtime(tar) as rt:
+    with Runtime(tar, form="fp32") as rt:
         assert rt.self_test()["passed"]
 
 

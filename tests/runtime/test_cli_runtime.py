@@ -27,7 +27,7 @@ def test_pack_plan_run_verify(tmp_path, capsys, small_model):
     plan = out["plan"]
     assert code == 0 and plan["tier"] == plan["n_tiers"] - 1 and plan["fits"]
     assert {"layers", "arena", "overhead_bytes", "total", "budget"} <= set(plan)
-    assert all(lp["mode"] in ("materialized", "on-the-fly") for lp in plan["layers"])
+    assert all(lp["mode"] in ("int8", "fp32", "on-the-fly") for lp in plan["layers"])
 
     assert main(["plan", str(pkg), "--budget", "1MB"]) == 2
     err = capsys.readouterr().err

@@ -26,7 +26,7 @@ def test_exported_bitstack_mlp_tiers_match_torch(tmp_path):
     export(model, {"input": x}, tmp_path / "m.onnx", parity=False)
     result = pack(tmp_path / "m.onnx", tmp_path / "m.pkg")
     assert result.order_source == "model"
-    with Runtime(tmp_path / "m.pkg") as rt:
+    with Runtime(tmp_path / "m.pkg", form="fp32") as rt:
         assert [(r.layer, r.block) for r in rt.package.block_index] == [
             (n, b) for n, b in report.importance_order]
         assert rt.self_test()["passed"]

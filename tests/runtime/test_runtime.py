@@ -30,8 +30,9 @@ def test_runtime_imports_no_torch(small_pkg):
 
 @pytest.mark.parametrize("materialize", [0, None])
 def test_every_tier_matches_numpy_reference(small_pkg, small_model, materialize):
+    """Exact forms (on the fly, fp32) compute the tier's decoded weights."""
     path, stacks = small_model
-    with Runtime(small_pkg, materialize=materialize) as rt:
+    with Runtime(small_pkg, materialize=materialize, form="fp32") as rt:
         if materialize == 0:
             assert rt.plan.materialized == frozenset()
         x = rt.package.golden()[0]["x"]
@@ -45,8 +46,11 @@ def test_every_tier_matches_numpy_reference(small_pkg, small_model, materialize)
 
 def test_modes_agree_and_self_test(small_pkg):
     x = Package.open(small_pkg).golden()[0]
-    with Runtime(small_pkg, materialize=0) as a, Runtime(small_pkg, materialize=3) as b:
+    with Runtime(small_pkg, materialize=0) as a, \
+            Runtime(small_pkg, materialize=3, form="fp32") as b:
         assert a.plan.materialized == frozenset() and len(b.plan.materialized) == 3
+        assert set(b.plan.modes.values()) == {"fp32"} and set(a.plan.modes.values()) == {
+            "on-the-fly"}
         np.testing.assert_allclose(a.infer(x)["output"], b.infer(x)["output"], rtol=1e-5,
                                    atol=1e-6)
         report = a.self_test()
@@ -58,7 +62,7 @@ def test_modes_agree_and_self_test(small_pkg):
 def test_self_test_missing_output_is_a_failed_entry(small_pkg, monkeypatch):
     """An output the graph does not produce fails the self-test with an entry of the same
     shape as the others (a dict: callers such as ``edgestack verify`` read its keys)."""
-    with Runtime(small_pkg) as rt:
+    with Runtime(small_pkg, form="fp32") as rt:
         inputs, outputs = rt.package.golden()
         ghost = {**outputs, "ghost": np.zeros(3, np.float32)}
         monkeypatch.setattr(rt.package, "golden", lambda: (inputs, ghost))
@@ -67,6 +71,43 @@ def test_self_test_missing_output_is_a_failed_entry(small_pkg, monkeypatch):
     assert report["outputs"]["ghost"] == {"max_abs": None, "ok": False, "missing": True}
     assert report["outputs"]["output"]["ok"] and not report["outputs"]["output"]["missing"]
     assert all(set(r) == {"max_abs", "ok", "missing"} for r in report["outputs"].values())
+
+
+def test_int8_form_is_close_and_not_judged_by_the_self_test(small_pkg):
+    """int8 layers (DynamicQuantizeMatMul over the runtime's per-channel quantization of the
+    tier's weight) stay within int8 error of the exact forms, mix with the other forms in one
+    session, and the self-test reports them without judging (the golden outputs are exact)."""
+    x = Package.open(small_pkg).golden()[0]
+    with Runtime(small_pkg, materialize=0) as exact, Runtime(small_pkg) as rt:
+        assert set(rt.plan.modes.values()) == {"int8"}    # the default: the fastest plan
+        ref = exact.infer(x)["output"]
+        got = rt.infer(x)["output"]
+        err = np.abs(got - ref).max() / np.abs(ref).max()
+        assert 0 < err < 0.05, err
+        report = rt.self_test()
+        assert report["ran"] and not report["judged"] and report["passed"] is None
+        assert "int8" in report["reason"]
+        res = rt.retier(tier=0)                           # same session, other feeds
+        assert not res.session_rebuilt and rt.tier == 0
+    with Runtime(small_pkg, materialize=["fc1"]) as mixed:
+        assert mixed.plan.modes == {"fc0": "on-the-fly", "fc1": "int8", "fc2": "on-the-fly"}
+        got = mixed.infer(x)["output"]
+        assert np.abs(got - ref).max() / np.abs(ref).max() < 0.05
+
+
+def test_quantize_int8_is_per_output_channel():
+    from edgestack.runtime.runtime import quantize_int8
+
+    rng = np.random.default_rng(0)
+    wt = (rng.standard_normal((300, 7)) * np.array([1e-3, 1, 10, 0, 5, 2, 0.1])).astype(
+        np.float32)
+    q, scale = quantize_int8(wt)
+    assert q.dtype == np.int8 and q.shape == wt.shape and scale.shape == (7,)
+    assert np.all(np.abs(q.astype(np.int32)) <= 127)
+    assert scale[3] == 1 and not q[:, 3].any()            # an all-zero column
+    err = np.abs(q * scale - wt)
+    assert np.all(err <= scale / 2 + 1e-7)                 # rounding: half a step at most
+    assert np.abs(q).max(axis=0)[[0, 1, 2, 4, 5, 6]].min() == 127  # each column uses its range
 
 
 def test_damaged_weights_file_is_refused(small_pkg, tmp_path):

@@ -10,6 +10,7 @@ Contents::
 
     manifest.json          the manifest (below); UTF-8 JSON object, at most 16 MiB
     model.onnx             the model graph (role "graph", opaque bytes to this layer)
+    model.mixed.onnx       graph variants over the same weights (role "variant", optional)
     *.data, ...            weight files (role "weights"), e.g. ONNX external data
     blocks.bin             BitStack block file (role "blocks"), only for BitStack models
     golden/inputs.npz      golden inputs for an on-device self-test (role "golden")
@@ -133,6 +134,8 @@ FACTOR_DTYPES: Mapping[str, str] = MappingProxyType({"float16": "<f2"})
 FILE_ROLES: Mapping[str, str] = MappingProxyType(
     {
         "graph": "the model graph (exactly one per package)",
+        "variant": "another form of the graph over the same weights, loaded instead of it "
+                   "when a plan needs it (e.g. model.mixed.onnx)",
         "weights": "weight files the graph loads (e.g. ONNX external data)",
         "blocks": "the BitStack block file, always named blocks.bin",
         "golden": "golden inputs/outputs for the on-device self-test (.npz)",

@@ -45,6 +45,7 @@ import numpy as np
 
 from edgestack.errors import PackageError
 from edgestack.package.format import ARCHIVE_SUFFIX
+from edgestack.package.variants import VARIANT_FILE, add_sites
 from edgestack.runtime.runtime import SUPPORTED_TARGETS
 
 logger = logging.getLogger("edgestack.package")
@@ -165,7 +166,8 @@ TABLE_MIN_BYTES = 64 * 1024
 
 def gather_tables(model: Any) -> dict[str, dict[str, int]]:
     """External initializers of at least :data:`TABLE_MIN_BYTES` read only as the data of a
-    ``Gather`` on axis 0 (embedding tables): ``{name: {"offset", "bytes", "row_bytes"}}``.
+    ``Gather`` on axis 0 (embedding tables): ``{name: {"offset", "bytes", "row_bytes",
+    "shape", "dtype"}}`` (``dtype``: numpy's ``dtype.str``).
 
     A call reads only the rows its indices name, so the runtime memory-maps these tables and
     hands their pages back after each call; the planner counts at most the pages of one
@@ -173,6 +175,7 @@ def gather_tables(model: Any) -> dict[str, dict[str, int]]:
     nested graphs count: a table used by anything else is not a table.
     """
     from onnx import TensorProto, helper
+    from onnx.helper import tensor_dtype_to_np_dtype
 
     uses: dict[str, list[tuple[Any, int]]] = {}
 
@@ -199,7 +202,8 @@ def gather_tables(model: Any) -> dict[str, dict[str, int]]:
         users = uses.get(t.name, [])
         if length >= TABLE_MIN_BYTES and users and all(gather0(nd, i) for nd, i in users):
             out[t.name] = {"offset": int(info.get("offset", 0)), "bytes": length,
-                           "row_bytes": length // int(t.dims[0])}
+                           "row_bytes": length // int(t.dims[0]), "shape": list(t.dims),
+                           "dtype": np.dtype(tensor_dtype_to_np_dtype(t.data_type)).str}
     return out
 
 
@@ -480,6 +484,10 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
     onnx.save_model(model, str(gdir / GRAPH_FILE), save_as_external_data=True,
                     all_tensors_to_one_file=True, location=WEIGHTS_FILE,
                     size_threshold=EXTERNAL_MIN_BYTES)
+    if stacks:  # every BitStack layer as a site (forms on-the-fly / int8 / fp32)
+        variant = add_sites(model, attrs, {layer: list(st.shape) for layer, st in stacks.items()})
+        onnx.save_model(variant, str(gdir / VARIANT_FILE))  # same external data, same offsets
+        del variant
     say("pack: computing golden outputs with ONNX Runtime (every block)")
     import onnxruntime as ort
 
@@ -535,6 +543,8 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
         w.begin(name=name, target=target, source=source, method=method, metadata=metadata,
                 created=created)
         w.add_file(GRAPH_FILE, gdir / GRAPH_FILE, role="graph")
+        if stacks:
+            w.add_file(VARIANT_FILE, gdir / VARIANT_FILE, role="variant")
         if has_weights:
             w.add_file(WEIGHTS_FILE, gdir / WEIGHTS_FILE, role="weights")
         if stacks:

@@ -10,12 +10,13 @@ planner measures them where it runs:
 
 1. a fresh interpreter imports numpy, onnxruntime and :mod:`edgestack.runtime` and reports
    its peak RSS (``VmHWM``): the baseline every plan is counted above;
-2. a fresh interpreter serves the package's **top tier with every layer materialised** and
-   runs the golden inputs three times: its peak minus the baseline, minus what the plan counts
-   without overhead, is the fixed overhead;
-3. a fresh interpreter serves **tier 0 with every layer decoded on the fly**: what is left
-   above the plan, divided by the decode work of the largest layer, is the decode temporaries
-   per weight per block.
+2. a fresh interpreter serves the package's **top tier with every layer materialised** (the
+   mixed graph) and runs the golden inputs three times: its peak minus the baseline, minus
+   what the plan counts without overhead, is the mixed graph's fixed overhead;
+3. **tier 0 with every layer decoded on the fly** on the mixed graph: what is left above the
+   plan and that overhead, divided by the decode work of the largest layer, is the decode
+   temporaries per weight per block;
+4. tier 0 on the fly on the plain graph: what is left is the plain graph's fixed overhead.
 
 The result is cached as JSON under :func:`cache_dir`, keyed by the package's manifest hash
 and the machine (architecture, Python, numpy and ONNX Runtime versions, C library, page
@@ -38,7 +39,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from edgestack.runtime.plan import DEFAULT_COSTS, Costs, plan_tier
 
@@ -59,7 +60,9 @@ if sys.argv[1] == 'base':
     print(json.dumps({'hwm': peak_rss()}))
     sys.exit(0)
 pkg, tier, mat, threads, opt = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
-rt = R.Runtime(pkg, tier=tier, materialize=mat, threads=threads or None, optimization=opt)
+graph = sys.argv[8] if sys.argv[8] != 'auto' else None
+rt = R.Runtime(pkg, tier=tier, materialize=mat, threads=threads or None, optimization=opt,
+               graph=graph)
 feeds = rt.package.golden()[0]
 for _ in range(int(sys.argv[7])):
     rt.infer(feeds)
@@ -110,31 +113,51 @@ def _probe(*args: Any) -> dict[str, Any]:
 
 def measure(package: Any, *, threads: int | None = None, optimization: str = "all",
             log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the three probes (see the module doc) on ``package``; the costs and the raw
-    measurements as a JSON-able dict. Raises RuntimeError when a probe fails."""
+    """Run the probes (see the module doc) on ``package``; the costs and the raw
+    measurements as a JSON-able dict. Raises RuntimeError when a probe fails.
+
+    With a mixed graph (``model.mixed.onnx``) there are three runs: the top tier with every
+    layer materialised (int8; mixed graph) gives the mixed overhead; tier 0 on the fly on the
+    mixed graph gives the decode temporaries; tier 0 on the fly on the plain graph gives the
+    plain overhead. Without one, tier 0 on the plain graph gives the plain overhead (decode
+    temporaries: the documented constant).
+    """
     man = package.manifest
     top, n_layers = len(man.tiers) - 1, len(man.layers)
     zero = Costs(overhead=0, decode_temp_bytes=0.0, source="probe")
     say = log or (lambda _m: None)
-    say(f"calibrate: measuring the fixed memory costs of {package.path} on this machine ...")
+    say(f"calibrate: measuring the fixed memory costs of {package.path} on this machine "
+        "(once; cached) ...")
     base = _probe("base")["hwm"]
-    mat = _probe("run", package.path, top, n_layers, threads or 0, optimization,
-                 PROBE_CALLS)["hwm"] - base
-    counted = plan_tier(man, top, materialize=n_layers, costs=zero).expected_bytes
-    overhead = max(0, mat - counted)
-    result: dict[str, Any] = {"baseline_hwm": base, "materialized": {
-        "tier": top, "increase": mat, "counted": counted}}
-    decode = DEFAULT_COSTS.decode_temp_bytes
-    if n_layers:
-        otf = _probe("run", package.path, 0, 0, threads or 0, optimization,
-                     PROBE_CALLS)["hwm"] - base
-        plan0 = plan_tier(man, 0, materialize=0, costs=zero)
-        work = max((lp.blocks + 1) * _numel(man.layers[lp.name]) for lp in plan0.layers)
-        raw = (otf - overhead - plan0.expected_bytes) / work
+
+    def run(tier: int, mat: int, graph: str) -> int:
+        return _probe("run", package.path, tier, mat, threads or 0, optimization,
+                      PROBE_CALLS, graph)["hwm"] - base
+
+    sizes = {e.role: e.size for e in man.files.values() if e.role in ("graph", "variant")}
+    plan0 = plan_tier(man, 0, materialize=0, costs=zero)      # plain graph, on the fly
+    work = max(((lp.blocks + 1) * _numel(man.layers[lp.name]) for lp in plan0.layers),
+               default=0)
+    result: dict[str, Any] = {"baseline_hwm": base}
+    decode = float(DEFAULT_COSTS.decode_temp_bytes)
+    mixed_overhead = None
+    if "variant" in sizes and plan_tier(man, top, materialize=n_layers, costs=zero).mixed:
+        counted = plan_tier(man, top, materialize=n_layers, costs=zero).expected_bytes
+        inc = run(top, n_layers, "auto")
+        mixed_overhead = max(0, inc - counted)
+        result["materialized"] = {"tier": top, "increase": inc, "counted": counted}
+        counted = plan0.expected_bytes - sizes["graph"] + sizes["variant"]
+        inc = run(0, 0, "mixed")
+        raw = (inc - mixed_overhead - counted) / max(work, 1)
         decode = min(max(raw, DECODE_TEMP_RANGE[0]), DECODE_TEMP_RANGE[1])
-        result["on_the_fly"] = {"tier": 0, "increase": otf, "counted": plan0.expected_bytes,
-                                "decode_work": work, "decode_temp_raw": raw}
-    result["costs"] = {"overhead": int(overhead), "decode_temp_bytes": round(float(decode), 3)}
+        result["on_the_fly_mixed"] = {"tier": 0, "increase": inc, "counted": counted,
+                                      "decode_work": work, "decode_temp_raw": raw}
+    inc = run(0, 0, "plain")
+    overhead = max(0, int(inc - plan0.expected_bytes - decode * work))
+    result["on_the_fly"] = {"tier": 0, "increase": inc, "counted": plan0.expected_bytes,
+                            "decode_work": work}
+    result["costs"] = {"overhead": overhead, "overhead_mixed": mixed_overhead,
+                       "decode_temp_bytes": round(decode, 3)}
     return result
 
 
@@ -156,9 +179,7 @@ def calibrate(package: Any, *, threads: int | None = None, optimization: str = "
     if not refresh and path.is_file():
         try:
             cached = json.loads(path.read_text(encoding="utf-8"))
-            c = cached["costs"]
-            return Costs(int(c["overhead"]), float(c["decode_temp_bytes"]),
-                         f"calibrated on this machine ({path.name})")
+            return _costs(cached["costs"], path)
         except (OSError, ValueError, KeyError, TypeError):
             pass  # a damaged cache entry: measure again
     try:
@@ -177,9 +198,14 @@ def calibrate(package: Any, *, threads: int | None = None, optimization: str = "
     except OSError as exc:
         warnings.warn(f"calibrate: could not cache the calibration in {path.parent} ({exc}); "
                       "it will be measured again next time", RuntimeWarning, stacklevel=2)
-    c = result["costs"]
+    return _costs(result["costs"], path)
+
+
+def _costs(c: Mapping[str, Any], path: Path) -> Costs:
+    mixed = c.get("overhead_mixed")
     return Costs(int(c["overhead"]), float(c["decode_temp_bytes"]),
-                 f"calibrated on this machine ({path.name})")
+                 f"calibrated on this machine ({path.name})",
+                 None if mixed is None else int(mixed))
 
 
 __all__ = ["calibrate", "measure", "machine_key", "cache_dir", "DECODE_TEMP_RANGE"]

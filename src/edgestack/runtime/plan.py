@@ -61,8 +61,15 @@ OTF_LAYER_OVERHEAD = 200 * 1024
 """Session memory per on-the-fly layer (ONNX Runtime inlines the BitStackWeight function body
 into the graph: ~20 nodes and their kernels per layer; measured 7 MiB for 37 MiniLM layers)."""
 
-MATERIALISE_TEMP_BYTES = 6
-"""Bytes of numpy temporaries per weight while materialising a layer (mag f32, bits, mask)."""
+MATERIALISE_TEMP_BYTES = 10
+"""Bytes of numpy temporaries per weight while materialising a layer: the float32 sum and one
+block's float32 magnitudes and unpacked signs (int8 quantization then works row-chunk by
+row-chunk)."""
+
+FORMS = ("on-the-fly", "int8", "fp32")
+"""How a BitStack layer is served (see :mod:`edgestack.package.variants`): decoded by ONNX
+Runtime on every call, or materialised once per tier as int8 (1 byte a weight, integer
+kernels) or float32 (4 bytes a weight, the tier's exact weight)."""
 
 SAFETY_FRACTION = 0.04
 """Safety margin of every plan: 4% of the rest, at least :data:`SAFETY_MIN`. It covers what
@@ -87,10 +94,16 @@ class Costs:
     overhead: int = RUNTIME_OVERHEAD
     decode_temp_bytes: float = DECODE_TEMP_BYTES
     source: str = "documented constants"
+    overhead_mixed: int | None = None
+    """The overhead with the mixed graph (``model.mixed.onnx``: one ``If`` site per layer);
+    None: the same as ``overhead``."""
+
+    def overhead_for(self, mixed: bool) -> int:
+        return self.overhead_mixed if mixed and self.overhead_mixed is not None else self.overhead
 
     def to_dict(self) -> dict[str, Any]:
-        return {"overhead": self.overhead, "decode_temp_bytes": self.decode_temp_bytes,
-                "source": self.source}
+        return {"overhead": self.overhead, "overhead_mixed": self.overhead_mixed,
+                "decode_temp_bytes": self.decode_temp_bytes, "source": self.source}
 
 
 DEFAULT_COSTS = Costs()
@@ -113,13 +126,13 @@ class LayerPlan:
 
     @property
     def bytes(self) -> int:
-        """Resident bytes this layer keeps (blocks, plus the dense weight if materialised)."""
-        return self.block_bytes + (self.dense_bytes if self.mode == "materialized" else 0)
+        """Resident bytes this layer keeps (blocks, plus the materialised weight)."""
+        return self.block_bytes + self.dense_bytes
 
     def to_dict(self) -> dict[str, Any]:
         return {"layer": self.name, "blocks": self.blocks, "of": self.n_blocks,
                 "mode": self.mode, "bytes": self.bytes, "block_bytes": self.block_bytes,
-                "dense_bytes": self.dense_bytes if self.mode == "materialized" else 0}
+                "dense_bytes": self.dense_bytes}
 
 
 @dataclass(frozen=True)
@@ -168,7 +181,17 @@ class MemoryPlan:
 
     @property
     def materialized(self) -> frozenset[str]:
-        return frozenset(lp.name for lp in self.layers if lp.mode == "materialized")
+        """The layers served from a materialised weight (int8 or fp32)."""
+        return frozenset(lp.name for lp in self.layers if lp.mode != "on-the-fly")
+
+    @property
+    def modes(self) -> dict[str, str]:
+        return {lp.name: lp.mode for lp in self.layers}
+
+    @property
+    def mixed(self) -> bool:
+        """Whether the plan needs the mixed graph (some layer is not decoded on the fly)."""
+        return bool(self.materialized)
 
     @property
     def blocks(self) -> dict[str, int]:
@@ -219,8 +242,25 @@ def _manifest(package: Any) -> Any:
     return getattr(package, "manifest", package)
 
 
-def _layer_costs(manifest: Any, tier: int) -> list[tuple[str, int, int, int, int, int]]:
-    """``(name, nb, n_blocks, block_bytes, dense_bytes, work)`` per layer at ``tier``."""
+def layer_forms(info: Any) -> tuple[str, ...]:
+    """The forms a packed layer can be served in (its ``attrs.site``, written by the packer;
+    a package without the mixed graph serves every layer on the fly)."""
+    site = info.attrs.get("site") if isinstance(info.attrs, Mapping) else None
+    if not isinstance(site, Mapping):
+        return ("on-the-fly",)
+    return ("on-the-fly", "int8", "fp32") if site.get("int8") else ("on-the-fly", "fp32")
+
+
+def dense_bytes(info: Any, form: str) -> int:
+    """Resident bytes of a layer's materialised weight in ``form``."""
+    m, n = info.matrix_shape
+    if form == "int8":
+        return page_up(m * n) + page_up(4 * m)   # int8 weight + per-channel float scale
+    return page_up(4 * m * n) if form == "fp32" else 0
+
+
+def _layer_costs(manifest: Any, tier: int) -> list[tuple[str, int, int, int, int]]:
+    """``(name, nb, n_blocks, block_bytes, work)`` per layer at ``tier``."""
     out = []
     t = manifest.tiers[tier]
     for name, info in manifest.layers.items():  # LayerInfo computes its sizes once
@@ -228,7 +268,7 @@ def _layer_costs(manifest: Any, tier: int) -> list[tuple[str, int, int, int, int
         m, n = info.matrix_shape
         block_bytes = (page_up(nb * info.signs_bytes) + page_up(nb * info.u_bytes)
                        + page_up(nb * info.v_bytes))
-        out.append((name, nb, info.n_blocks, block_bytes, page_up(4 * m * n), nb * m * n))
+        out.append((name, nb, info.n_blocks, block_bytes, nb * m * n))
     return out
 
 
@@ -249,12 +289,13 @@ def table_bound(row_bytes: int, rows: int, size: int) -> int:
     return min(page_up(size), int(rows) * per_row)
 
 
-def _fixed(manifest: Any) -> tuple[int, int, int]:
-    """``(graph bytes, resident weight bytes, activation bytes)``: weights are memory-mapped
-    from the package; lookup tables (``metadata.runtime.tables``) count only the pages of one
-    call's rows, everything else counts whole."""
+def _fixed(manifest: Any) -> tuple[int, int, int, int]:
+    """``(graph bytes, mixed graph bytes, resident weight bytes, activation bytes)``: weights
+    are memory-mapped from the package; lookup tables (``metadata.runtime.tables``) count only
+    the pages of one call's rows, everything else counts whole."""
     meta = _runtime_meta(manifest)
     graph = sum(e.size for e in manifest.files.values() if e.role == "graph")
+    variant = sum(e.size for e in manifest.files.values() if e.role == "variant")
     weights = sum(e.size for e in manifest.files.values() if e.role == "weights")
     tables = meta.get("tables", {})
     rows = _count(meta.get("rows_per_call"))
@@ -264,52 +305,67 @@ def _fixed(manifest: Any) -> tuple[int, int, int]:
             row = _count(t.get("row_bytes")) if isinstance(t, Mapping) else 0
             if 0 < row <= size <= weights:
                 weights -= size - table_bound(row, rows, size)
-    return graph, weights, _count(meta.get("activation_bytes", 0))
+    return graph, variant, weights, _count(meta.get("activation_bytes", 0))
 
 
 def plan_tier(package: Any, tier: int, budget: int | None = None, *,
               materialize: int | Sequence[str] | None = None,
-              budget_source: str = "", costs: Costs = DEFAULT_COSTS) -> MemoryPlan:
+              budget_source: str = "", costs: Costs = DEFAULT_COSTS,
+              form: str = "int8") -> MemoryPlan:
     """The plan of ``tier``; ``materialize`` = how many of the largest layers (or which
     layers) are materialised; default: the most that fit ``budget``, or the fewest-bytes
     choice when no budget is given or nothing fits (so ``plan_tier(m, t).total`` is the
     smallest budget that serves tier ``t``). ``costs``: the machine's fixed costs (see
-    :mod:`edgestack.runtime.calibrate`)."""
+    :mod:`edgestack.runtime.calibrate`); ``form``: what a materialised layer becomes,
+    ``"int8"`` (1 byte a weight; ``"fp32"`` where a layer has no int8 form) or ``"fp32"``.
+    Only layers the package can materialise (:func:`layer_forms`) are counted."""
     man = _manifest(package)
     if not 0 <= tier < len(man.tiers):
         raise PackageError(f"tier must be in [0, {len(man.tiers) - 1}], found {tier}")
-    work = sorted(_layer_costs(man, tier), key=lambda c: -c[5])
-    graph, weights, act = _fixed(man)
+    if form not in ("int8", "fp32"):
+        raise PackageError(f"form must be 'int8' or 'fp32', found {form!r}")
     infos = man.layers
+    work = sorted((c for c in _layer_costs(man, tier)), key=lambda c: -c[4])
+    graph, variant, weights, act = _fixed(man)
     order = {name: i for i, name in enumerate(infos)}
+
+    def mode_of(name: str) -> str:
+        forms = layer_forms(infos[name])
+        return form if form in forms else forms[-1]
 
     def build(mat: set[str]) -> MemoryPlan:
         layers = []
         otf_temp = 0
         mat_temp = 0
-        for name, nb, total, bb, db, _work in work:
-            mode = "materialized" if name in mat else "on-the-fly"
+        for name, nb, total, bb, _work in work:
+            mode = mode_of(name) if name in mat else "on-the-fly"
             m, n = infos[name].matrix_shape
-            temp = int(costs.decode_temp_bytes * (nb + 1) * m * n)
             if mode == "on-the-fly":
-                otf_temp = max(otf_temp, temp)
+                otf_temp = max(otf_temp, int(costs.decode_temp_bytes * (nb + 1) * m * n))
             else:
                 mat_temp = max(mat_temp, MATERIALISE_TEMP_BYTES * m * n)
             layers.append(LayerPlan(name, nb, total, mode,
                                     bb + (OTF_LAYER_OVERHEAD if mode == "on-the-fly"
                                           else MATERIALIZED_LAYER_OVERHEAD),
-                                    db))
+                                    dense_bytes(infos[name], mode)))
         layers.sort(key=lambda lp: order[lp.name])
-        return MemoryPlan(tier, len(man.tiers), budget, tuple(layers), graph, weights,
-                          costs.overhead, act, max(otf_temp, mat_temp), budget_source,
-                          costs=costs)
+        mixed = bool(mat)
+        return MemoryPlan(tier, len(man.tiers), budget, tuple(layers),
+                          variant if mixed and variant else graph, weights,
+                          costs.overhead_for(mixed), act, max(otf_temp, mat_temp),
+                          budget_source, costs=costs)
 
+    can = [c[0] for c in work if len(layer_forms(infos[c[0]])) > 1]
     if materialize is not None and not isinstance(materialize, int):
         unknown = set(materialize) - set(infos)
         if unknown:
             raise PackageError(f"materialize names unknown layers {sorted(unknown)[:5]}")
+        fixed = set(materialize) - set(can)
+        if fixed:
+            raise PackageError(f"layers {sorted(fixed)[:5]} can only be decoded on the fly "
+                               "(the package has no mixed graph for them); repack the model")
         return build(set(materialize))
-    names = [c[0] for c in work]
+    names = can
     if isinstance(materialize, int):
         return build(set(names[: max(0, min(materialize, len(names)))]))
     plans = [build(set(names[:j])) for j in range(len(names) + 1)]
@@ -328,12 +384,13 @@ def smallest_plan(package: Any, tier: int, costs: Costs = DEFAULT_COSTS) -> Memo
 def plan_memory(package: Any, budget: int | None, *, tier: int | None = None,
                 budget_source: str = "", prefer: frozenset[str] | None = None,
                 materialize: int | Sequence[str] | None = None,
-                costs: Costs = DEFAULT_COSTS) -> MemoryPlan:
+                costs: Costs = DEFAULT_COSTS, form: str = "int8") -> MemoryPlan:
     """The plan for ``budget``: the largest tier whose plan fits, with the most materialised
     layers that fit (see the module doc); without a budget, the last tier with every layer
     materialised (the fastest). ``tier`` forces a tier; ``prefer`` keeps that set
     of materialised layers when it fits (so a re-tier can keep its session); ``materialize``
-    forces the mode choice (a count of the largest layers, or layer names); ``costs``: the
+    forces the mode choice (a count of the largest layers, or layer names); ``form``: what a
+    materialised layer becomes (see :func:`plan_tier`); ``costs``: the
     machine's fixed costs (:mod:`edgestack.runtime.calibrate`; default: the documented
     constants).
 
@@ -351,19 +408,20 @@ def plan_memory(package: Any, budget: int | None, *, tier: int | None = None,
     for t in candidates:
         if materialize is not None:
             p = plan_tier(man, t, budget, materialize=materialize, budget_source=budget_source,
-                          costs=costs)
+                          costs=costs, form=form)
             if p.fits:
                 return p
             continue
         if prefer is not None:
             p = plan_tier(man, t, budget, materialize=sorted(prefer & set(man.layers)),
-                          budget_source=budget_source, costs=costs)
+                          budget_source=budget_source, costs=costs, form=form)
             if p.fits:
                 return p
-        p = plan_tier(man, t, budget, budget_source=budget_source, costs=costs)
+        p = plan_tier(man, t, budget, budget_source=budget_source, costs=costs, form=form)
         if p.fits:
             return p
-    need = (plan_tier(man, candidates[-1], materialize=materialize, costs=costs).total
+    need = (plan_tier(man, candidates[-1], materialize=materialize, costs=costs,
+                      form=form).total
             if materialize is not None else smallest_plan(man, candidates[-1], costs).total)
     what = f"tier {tier}" if tier is not None else "the smallest tier (0)"
     raise BudgetError(
@@ -375,5 +433,5 @@ def plan_memory(package: Any, budget: int | None, *, tier: int | None = None,
 
 
 __all__ = ["MemoryPlan", "LayerPlan", "Costs", "DEFAULT_COSTS", "plan_memory", "plan_tier",
-           "smallest_plan", "SAFETY_FRACTION", "SAFETY_MIN", "RUNTIME_OVERHEAD", "DECODE_TEMP_BYTES", "OTF_LAYER_OVERHEAD",
+           "smallest_plan", "layer_forms", "dense_bytes", "FORMS", "SAFETY_FRACTION", "SAFETY_MIN", "RUNTIME_OVERHEAD", "DECODE_TEMP_BYTES", "OTF_LAYER_OVERHEAD",
            "MATERIALIZED_LAYER_OVERHEAD", "MATERIALISE_TEMP_BYTES"]

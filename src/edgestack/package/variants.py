@@ -1,0 +1,172 @@
+"""The packed graph's **mixed** variant: every BitStack layer served in the form a plan picks.
+
+The runtime serves each BitStack layer in one of three forms (:data:`FORMS`):
+
+``on-the-fly``
+    the blocks are fed and ONNX Runtime runs the ``BitStackWeight`` decode on every call
+    (smallest; the plain graph ``model.onnx``);
+``int8``
+    the tier's decoded weight, quantized per output channel to int8 by the runtime, fed to
+    ``com.microsoft.DynamicQuantizeMatMul`` (1 byte a weight; the integer kernels);
+``fp32``
+    the tier's decoded float32 weight, fed to the layer's own ``MatMul``/``Gemm``.
+
+ONNX Runtime cannot feed an intermediate value, and the device side does not import ``onnx``
+to edit graphs, so the packer writes, beside ``model.onnx``, ``model.mixed.onnx`` (role
+``variant``, same external weights) in which every BitStack layer is a **site**::
+
+    Y = If(<p>.int8) then DynamicQuantizeMatMul(X, <p>.q, <p>.scale[, bias])
+        else If(<p>.fp32) then MatMul(X, <p>.w) | Gemm(X, <p>.w, C, transB=1)
+             else the original BitStackWeight -> [Transpose ->] MatMul | Gemm
+
+where ``<p>`` is ``es.<i>``: the runtime feeds the two booleans and the chosen form's values,
+and empty arrays to the branches not taken, so one session serves every mix of forms and a
+re-tier never rebuilds it. A layer whose weight feeds something else (a ``Conv``, several
+nodes) is a ``generic`` site, ``If(<p>.fp32) then Identity(<p>.w) else BitStackWeight``: no
+int8 form. :func:`add_sites` records each site in the layer's attrs (``site``), the contract
+the runtime reads.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+FORMS = ("on-the-fly", "int8", "fp32")
+VARIANT_FILE = "model.mixed.onnx"
+
+
+def _attr(node: Any, name: str, default: Any) -> Any:
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name),
+                default)
+
+
+def _site_of(graph: Any, output: str, consumers: Mapping[str, list[Any]],
+             graph_outputs: set[str]) -> tuple[str, list[Any]]:
+    """``(kind, nodes after the decode node that move into the site)``."""
+    users = consumers.get(output, [])
+    if output in graph_outputs or len(users) != 1:
+        return "generic", []
+    nd = users[0]
+    if (nd.op_type == "Transpose" and nd.domain in ("", "ai.onnx")
+            and list(_attr(nd, "perm", [1, 0])) == [1, 0]
+            and nd.output[0] not in graph_outputs):
+        nxt = consumers.get(nd.output[0], [])
+        if (len(nxt) == 1 and nxt[0].op_type == "MatMul" and nxt[0].domain in ("", "ai.onnx")
+                and list(nxt[0].input) == [nxt[0].input[0], nd.output[0]]
+                and nxt[0].input[0] != nd.output[0]):
+            return "matmul", [nd, nxt[0]]
+    if (nd.op_type == "Gemm" and nd.domain in ("", "ai.onnx") and len(nd.input) >= 2
+            and nd.input[1] == output and nd.input[0] != output
+            and _attr(nd, "transB", 0) == 1 and _attr(nd, "transA", 0) == 0
+            and _attr(nd, "alpha", 1.0) == 1.0 and _attr(nd, "beta", 1.0) == 1.0):
+        return "gemm", [nd]
+    return "generic", []
+
+
+def add_sites(model: Any, attrs: dict[str, dict[str, Any]],
+              shapes: Mapping[str, list[int]]) -> Any:
+    """The mixed variant of ``model`` (a new ModelProto; ``model`` is unchanged) whose
+    BitStack layers (``attrs``: layer -> the packer's attrs, ``shapes``: layer -> dense
+    shape) are sites (see the module doc); adds ``attrs[layer]["site"]``."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    consumers: dict[str, list[Any]] = {}
+    for nd in g.node:
+        for i in nd.input:
+            consumers.setdefault(i, []).append(nd)
+    graph_outputs = {o.name for o in g.output}
+    by_output = {o: nd for nd in g.node for o in nd.output}
+    replace: dict[int, Any] = {}        # id(node) -> the If node taking its place
+    drop: set[int] = set()
+    new_inputs = []
+    if not any(o.domain == "com.microsoft" for o in m.opset_import):
+        m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+    def boolean(name: str) -> Any:
+        return helper.make_tensor_value_info(name, TensorProto.BOOL, [])
+
+    for i, (layer, a) in enumerate(attrs.items()):
+        p = f"es.{i}"
+        decode = by_output[a["output"]]
+        kind, moved = _site_of(g, a["output"], consumers, graph_outputs)
+        shape = list(shapes[layer])
+        m_out, n_in = shape[0], 1
+        for d in shape[1:]:
+            n_in *= d
+        site = {"kind": kind, "fp32": f"{p}.fp32", "w": f"{p}.w"}
+        last = moved[-1] if moved else decode
+        y = last.output[0]
+        inner = f"{p}.y"                 # the moved nodes' output, renamed inside the branch
+        otf_nodes = []
+        for nd in [decode, *moved]:
+            c = onnx.NodeProto()
+            c.CopyFrom(nd)
+            if nd is last:
+                c.output[0] = inner
+            otf_nodes.append(c)
+            drop.add(id(nd))
+        otf = helper.make_graph(otf_nodes, f"{p}.on_the_fly", [],
+                                [helper.make_tensor_value_info(inner, TensorProto.FLOAT, None)])
+        if kind == "matmul":
+            x = moved[1].input[0]
+            dense_node = helper.make_node("MatMul", [x, f"{p}.w"], [f"{p}.yd"])
+            w_shape = [f"{p}.n", f"{p}.m"]          # W^T, as the MatMul reads it
+        elif kind == "gemm":
+            x = moved[0].input[0]
+            dense_node = helper.make_node("Gemm", [x, f"{p}.w", *moved[0].input[2:3]],
+                                          [f"{p}.yd"], transB=1)
+            w_shape = [f"{p}.m", f"{p}.n"]
+        else:
+            dense_node = helper.make_node("Identity", [f"{p}.w"], [f"{p}.yd"])
+            w_shape = [f"{p}.d{j}" for j in range(len(shape))]
+        fp32 = helper.make_graph([dense_node], f"{p}.fp32_branch", [],
+                                 [helper.make_tensor_value_info(f"{p}.yd", TensorProto.FLOAT,
+                                                                None)])
+        inner_if = helper.make_node("If", [f"{p}.fp32"], [f"{p}.ye"], then_branch=fp32,
+                                    else_branch=otf, name=f"{p}.if_fp32")
+        new_inputs += [boolean(f"{p}.fp32"),
+                       helper.make_tensor_value_info(f"{p}.w", TensorProto.FLOAT, w_shape)]
+        if kind == "generic":
+            inner_if.output[0] = y
+            replace[id(decode)] = inner_if
+        else:
+            bias = moved[0].input[2:3] if kind == "gemm" else []
+            dq = helper.make_node("DynamicQuantizeMatMul",
+                                  [x, f"{p}.q", f"{p}.scale", *(["", bias[0]] if bias else [])],
+                                  [f"{p}.yq"], domain="com.microsoft")
+            int8 = helper.make_graph([dq], f"{p}.int8_branch", [],
+                                     [helper.make_tensor_value_info(f"{p}.yq", TensorProto.FLOAT,
+                                                                    None)])
+            rest = helper.make_graph([inner_if], f"{p}.rest", [],
+                                     [helper.make_tensor_value_info(f"{p}.ye", TensorProto.FLOAT,
+                                                                    None)])
+            outer = helper.make_node("If", [f"{p}.int8"], [y], then_branch=int8,
+                                     else_branch=rest, name=f"{p}.if_int8")
+            replace[id(last)] = outer
+            new_inputs += [boolean(f"{p}.int8"),
+                           helper.make_tensor_value_info(f"{p}.q", TensorProto.INT8,
+                                                         [f"{p}.n", f"{p}.m"]),
+                           helper.make_tensor_value_info(f"{p}.scale", TensorProto.FLOAT,
+                                                         [f"{p}.m"])]
+            site.update({"int8": f"{p}.int8", "q": f"{p}.q", "scale": f"{p}.scale"})
+        site["dims"] = [m_out, n_in]
+        a["site"] = site
+    nodes = []
+    for nd in g.node:
+        if id(nd) in replace:
+            nodes.append(replace[id(nd)])
+        elif id(nd) not in drop:
+            nodes.append(nd)
+    del g.node[:]
+    g.node.extend(nodes)
+    g.input.extend(new_inputs)
+    return m
+
+
+__all__ = ["add_sites", "FORMS", "VARIANT_FILE"]
