@@ -156,3 +156,97 @@ def test_openvino_computes_the_same_numbers(tmp_path) -> None:
     got = compiled(_feeds())
     emb = next(v for k, v in got.items() if "emb" in k.get_names())
     np.testing.assert_allclose(emb, _run(proto)["emb"], rtol=0, atol=1e-7)
+
+
+# --- through export(): a built-in model with a 1000x128 word table (512 KiB) ---------------
+
+def _gpt2(lm_head: bool = False):
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from edgestack import zoo
+
+    if not lm_head:
+        return zoo.gpt2_tiny()
+    model, inputs = zoo.gpt2_tiny()
+    torch.manual_seed(0)
+    lm = GPT2LMHeadModel(model.config).eval()  # lm_head.weight is wte.weight (tied)
+    assert lm.lm_head.weight is lm.transformer.wte.weight
+    return lm, inputs
+
+
+def _export(tmp_path, method: str = "shift", lm_head: bool = False, name: str = "m", **kw):
+    import warnings
+
+    from edgestack.compress import compress
+    from edgestack.exporter import export
+
+    model, inputs = _gpt2(lm_head)
+    report = None
+    if method != "none":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = compress(model, method, bits=4, scale="maxabs", skip=("lm_head",))
+    out = tmp_path / f"{name}.onnx"
+    lines: list[str] = []
+    result = export(model, inputs, out, metadata={"method": method, "compression": report},
+                    log=lines.append, **kw)
+    return model, inputs, result, lines
+
+
+def test_export_compacts_word_table_and_parity_uses_it(tmp_path) -> None:
+    import torch
+
+    from edgestack.exporter.export import compacted_tables
+
+    model, inputs, result, lines = _export(tmp_path)
+    assert [t["name"] for t in result.compact_embeddings] == ["wte.weight"]
+    # wpe (128x128 fp32, 64 KiB) is below the threshold
+    proto = onnx.load(str(result.path))
+    inits = {t.name: t for t in proto.graph.initializer}
+    assert inits["wte.weight_int8"].data_type == TensorProto.INT8
+    assert "wte.weight" not in inits and inits["wpe.weight"].data_type == TensorProto.FLOAT
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta[META_COMPACT_EMBEDDINGS]) == result.compact_embeddings
+    assert any("wte.weight [1000x128] -> int8" in line for line in lines)
+    # parity at the default tolerance against the torch model with the stored int8 table
+    assert result.parity.passed and result.parity.max_rel <= 1e-4, result.parity.table()
+    assert any("int8 tables vs fp32 tables" in n for n in result.parity.notes)
+    # ... which is what ONNX Runtime runs; the fp32-table model differs by the int8 rounding
+    got = _run_named(result.path, inputs)
+    with torch.no_grad():
+        fp32 = model(**inputs).last_hidden_state.numpy()
+        with compacted_tables(model, result.compact_embeddings) as missing:
+            int8 = model(**inputs).last_hidden_state.numpy()
+    assert missing == []
+    np.testing.assert_allclose(got, int8, atol=1e-4)
+    assert np.abs(got - fp32).max() > 1e-4
+    # the context restored the fp32 table
+    with torch.no_grad():
+        np.testing.assert_array_equal(model(**inputs).last_hidden_state.numpy(), fp32)
+
+
+def _run_named(path, inputs) -> np.ndarray:
+    sess = ort_session(path)
+    return sess.run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+
+
+def test_export_option_off_and_uncompressed_model_keep_float(tmp_path) -> None:
+    _, _, on, _ = _export(tmp_path, name="on")
+    _, _, off, _ = _export(tmp_path, name="off", compact_embeddings=False)
+    assert off.compact_embeddings == [] and on.compact_embeddings
+    meta = {p.key for p in onnx.load(str(off.path)).metadata_props}
+    assert META_COMPACT_EMBEDDINGS not in meta
+    saved = on.compact_embeddings[0]["bytes_before"] - on.compact_embeddings[0]["bytes_after"]
+    assert off.file_bytes - on.file_bytes == pytest.approx(saved, abs=4096)
+    _, _, dense, _ = _export(tmp_path, method="none", name="dense")
+    assert dense.compact_embeddings == [] and dense.parity.max_abs <= 1e-4
+
+
+def test_export_leaves_tied_lm_head_table_float(tmp_path) -> None:
+    _, _, result, lines = _export(tmp_path, lm_head=True)
+    assert result.compact_embeddings == []
+    assert any("left float" in line and "tied weights" in line for line in lines), lines
+    inits = {t.name: t.data_type for t in onnx.load(str(result.path)).graph.initializer}
+    assert TensorProto.INT8 not in inits.values()
+    assert result.parity.passed, result.parity.table()

@@ -33,7 +33,7 @@ def describe(report: dict[str, Any]) -> list[str]:
     lines = [f"compact embeddings: {t['name']} [{t['rows']}x{t['cols']}] -> int8 per row "
              f"({t['bytes_before'] / 2**20:.2f} -> {t['bytes_after'] / 2**20:.2f} MiB)"
              for t in report.get("tables", [])]
-    lines += [f"compact embeddings: {name} left as is: {why}"
+    lines += [f"compact embeddings: {name} left float: {why}"
               for name, why in report.get("skipped", {}).items()]
     return lines
 

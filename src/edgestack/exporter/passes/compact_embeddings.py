@@ -131,7 +131,7 @@ class CompactEmbeddingsPass(ir.passes.InPlacePass):
         if others:
             tied = {"MatMul", "Gemm", "Transpose"} & set(others)
             why = " (tied weights, e.g. an LM head)" if tied else ""
-            return f"also read by {', '.join(sorted(set(others)))}{why}; left float"
+            return f"also read by {', '.join(sorted(set(others)))}{why}"
         if not gathers:
             return "not read by any Gather"
         return gathers
