@@ -28,12 +28,13 @@ def _tables(seed: int = 0) -> dict[str, np.ndarray]:
         "pos": rng.normal(0, 0.02, (ROWS, DIM)).astype(np.float32),
         "small": rng.normal(0, 1, (8, DIM)).astype(np.float32),
         "tied": rng.normal(0, 0.05, (ROWS, DIM)).astype(np.float32),
+        "dense": rng.normal(0, 0.05, (ROWS, ROWS)).astype(np.float32),  # a layer weight
     }
 
 
 def _model(tables: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """ids -> word[ids] + pos[range] + small[type_ids] ; also logits = h @ tied^T with
-    h = tied[ids] (an LM head sharing its table with the embedding)."""
+    """ids -> word[ids] + pos[range] + small[type_ids] ; also logits = (h @ tied^T) @ dense
+    with h = tied[ids] (an LM head sharing its table with the embedding)."""
     nodes = [
         helper.make_node("Gather", ["word", "ids"], ["we"], axis=0, name="g_word"),
         helper.make_node("Constant", [], ["pos_ids"], name="c_pos",
@@ -44,7 +45,8 @@ def _model(tables: dict[str, np.ndarray]) -> onnx.ModelProto:
         helper.make_node("Add", ["s1", "te"], ["emb"]),
         helper.make_node("Gather", ["tied", "ids"], ["h"], axis=0, name="g_tied"),
         helper.make_node("Transpose", ["tied"], ["tied_t"], perm=[1, 0]),
-        helper.make_node("MatMul", ["h", "tied_t"], ["logits"]),
+        helper.make_node("MatMul", ["h", "tied_t"], ["logits0"]),
+        helper.make_node("MatMul", ["logits0", "dense"], ["logits"]),
     ]
     graph = helper.make_graph(
         nodes, "emb",
@@ -95,13 +97,14 @@ def test_pass_rewrites_large_gather_tables_only() -> None:
                             "bytes_before": ROWS * DIM * 4,
                             "bytes_after": ROWS * DIM + ROWS * 4}
     assert "tied" in p.report["skipped"] and "tied weights" in p.report["skipped"]["tied"]
-    assert "small" not in p.report["skipped"]  # below the threshold: not worth a line
+    assert set(p.report["skipped"]) == {"tied"}  # small: below the threshold; dense: no Gather
     inits = model.graph.initializers
     assert "word" not in inits and "pos" not in inits
     assert inits["word_int8"].dtype == ir.DataType.INT8
     assert inits["tied"].dtype == ir.DataType.FLOAT and inits["small"].dtype == ir.DataType.FLOAT
     ops = [n.op_type for n in model.graph]
     assert ops.count("Gather") == 2 * 2 + 2  # word, pos: codes + scale; small, tied: as is
+    assert inits["dense"].dtype == ir.DataType.FLOAT
     meta = json.loads(model.metadata_props[META_COMPACT_EMBEDDINGS])
     assert [m["name"] for m in meta] == ["word", "pos"]
     # a second run finds nothing to do and keeps the record

@@ -116,8 +116,6 @@ class CompactEmbeddingsPass(ir.passes.InPlacePass):
             return f"rank {len(tensor.shape)}, expected a 2-D [rows, dim] table"
         if tensor.nbytes < self.min_bytes:
             return f"{tensor.nbytes} bytes < min_bytes {self.min_bytes}"
-        if value.is_graph_output():
-            return "is a graph output"
         gathers, others = [], []
         for use in value.uses():
             node = use.node
@@ -128,12 +126,14 @@ class CompactEmbeddingsPass(ir.passes.InPlacePass):
                 gathers.append(node)
             else:
                 others.append(node.op_type)
+        if not gathers:
+            return ""  # not an embedding table (a layer weight): nothing to report
+        if value.is_graph_output():
+            return "is a graph output"
         if others:
             tied = {"MatMul", "Gemm", "Transpose"} & set(others)
             why = " (tied weights, e.g. an LM head)" if tied else ""
             return f"also read by {', '.join(sorted(set(others)))}{why}"
-        if not gathers:
-            return "not read by any Gather"
         return gathers
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
@@ -146,7 +146,7 @@ class CompactEmbeddingsPass(ir.passes.InPlacePass):
                 continue  # not a candidate table at all: not reported
             m = self._match(graph, value)
             if isinstance(m, str):
-                if value.const_value.nbytes >= self.min_bytes:
+                if m and value.const_value.nbytes >= self.min_bytes:
                     skipped[name] = m
                 continue
             table = value.const_value.numpy()
