@@ -152,12 +152,19 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
-    print("| export | graph + data MB | vs ORT int8 | embedding cosine (mean / min) |")
-    print("|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['label']} | {row['total_bytes'] / 1e6:.2f} | {row['vs_ort_int8']:.2f}x "
-              f"| {row['cosine_mean']:.4f} / {row['cosine_min']:.4f} |")
+    print(markdown_table(rows))
     return 0
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """The docs/ops.md table of ``rows``."""
+    lines = ["| export | graph + data MB | vs ORT int8 | embedding cosine mean / min |",
+             "| --- | --- | --- | --- |"]
+    for row in rows:
+        lines.append(f"| {row['label']} | {row['total_bytes'] / 1e6:.2f} | "
+                     f"{row['vs_ort_int8']:.2f}x | {row['cosine_mean']:.5f} / "
+                     f"{row['cosine_min']:.5f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
