@@ -692,7 +692,7 @@ def _owners_by_input_name(model: Any, owners: dict[int, str]) -> dict[str, str]:
     return named
 
 
-__all__ = ["export", "ExportResult", "compacted_tables", "EXTERNAL_DATA_THRESHOLD", "META_VERSION",
-           "META_DOMAIN_VERSION", "META_LOWRANK", "META_COMPRESSION", "META_LAYERS",
+__all__ = ["export", "ExportResult", "compacted_tables", "EXTERNAL_DATA_THRESHOLD",
+           "META_VERSION", "META_DOMAIN_VERSION", "META_LOWRANK", "META_COMPRESSION", "META_LAYERS",
            "META_BITSTACK_ORDER",
            "NODE_LAYER_KEY"]
