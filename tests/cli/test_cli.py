@@ -103,6 +103,20 @@ def test_export_parity_failure_exits_1(tmp_path, capsys):
     assert code == 1 and doc["ok"] is False
 
 
+def test_export_compacts_embeddings_unless_told_not_to(tmp_path, capsys):
+    docs = {}
+    for flag in ((), ("--no-compact-embeddings",)):
+        out = tmp_path / f"m{len(flag)}.onnx"
+        code = main(["export", "gpt2-tiny", "--seq", "8", "--method", "shift", *flag,
+                     "--out", str(out), "--json"])
+        docs[flag] = json.loads(capsys.readouterr().out)
+        assert code == 0, docs[flag]["parity"]
+    on, off = docs[()]["export"], docs[("--no-compact-embeddings",)]["export"]
+    assert [t["name"] for t in on["compact_embeddings"]] == ["wte.weight"]
+    assert off["compact_embeddings"] == []
+    assert on["file_bytes"] < off["file_bytes"] - 300_000  # 512 KiB fp32 -> 132 KiB int8
+
+
 def test_unknown_method_lists_valid_ones(tmp_path):
     r = run_cli("export", "small-cnn", "--method", "magic", "--out", str(tmp_path / "x.onnx"))
     assert r.returncode == 2

@@ -14,7 +14,7 @@ import torch
 from edgestack import zoo
 from edgestack.exporter import export, layer_sizes
 from edgestack.exporter.export import (META_COMPRESSION, META_DOMAIN_VERSION, META_LOWRANK,
-                                       META_VERSION, NODE_LAYER_KEY)
+                                       META_VERSION, NODE_LAYER_KEY, compacted_tables)
 from exporter_models import compressed
 
 FACTORIES = {"small_cnn": zoo.small_cnn, "gpt2_tiny": zoo.gpt2_tiny,
@@ -155,7 +155,9 @@ def test_dynamic_batch_and_sequence(tmp_path: Path) -> None:
     ids = torch.randint(0, 1000, (3, 7))
     mask = torch.ones(3, 7, dtype=torch.int64)
     got = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
-    with torch.no_grad():
+    # the word table (1000x128 fp32) is stored as int8 per row: the reference uses it too
+    assert [t["name"] for t in result.compact_embeddings] == ["wte.weight"]
+    with torch.no_grad(), compacted_tables(model, result.compact_embeddings):
         ref = model(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
     assert got.shape == (3, 7, 128)
     np.testing.assert_allclose(got, ref, atol=1e-4)

@@ -36,7 +36,7 @@ def _cache_dir() -> Path:
 
     src = Path(edgestack.__file__).parent
     h = hashlib.sha256()
-    for f in sorted([*src.glob("compress/**/*.py"), *src.glob("exporter/*.py"),
+    for f in sorted([*src.glob("compress/**/*.py"), *src.glob("exporter/**/*.py"),
                      *src.glob("formats/*.py"), src / "zoo.py"]):
         h.update(f.relative_to(src).as_posix().encode())
         h.update(f.read_bytes())
@@ -64,6 +64,7 @@ def _export_case(folder: Path, name: str, factory, method: str, **opts) -> Case:
 
     from edgestack.compress import compress
     from edgestack.exporter import export
+    from edgestack.exporter.export import compacted_tables
     from edgestack.exporter.signature import flatten_outputs, normalize_inputs
 
     model, inputs = factory()
@@ -74,7 +75,8 @@ def _export_case(folder: Path, name: str, factory, method: str, **opts) -> Case:
         warnings.simplefilter("ignore")
         result = export(model, inputs, path, parity=False)
     norm = normalize_inputs(model, inputs)
-    with torch.no_grad():
+    # the file stores the word/position tables as int8 per row: so does the reference
+    with torch.no_grad(), compacted_tables(model, result.compact_embeddings):
         ref = [t.numpy() for _, t in flatten_outputs(model(*norm.args, **norm.kwargs))]
     return Case(f"{name}:{method}", path, norm.numpy(), dict(zip(result.output_names, ref)),
                 "torch (compressed)")

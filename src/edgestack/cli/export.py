@@ -59,6 +59,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="example sequence length for token models (default 128)")
     e.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
                    help="store initializers in OUT.data (auto: when large)")
+    e.add_argument("--no-compact-embeddings", dest="compact_embeddings", action="store_false",
+                   help="keep float embedding tables (default for a compressed model: "
+                   "Gather-only tables of 256 KiB or more stored as int8 per row)")
     e.add_argument("--atol", type=float, default=DEFAULT_ATOL,
                    help=f"parity: absolute tolerance (default {DEFAULT_ATOL:g})")
     e.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
@@ -122,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {note}", file=sys.stderr)
     _log(args, f"exporting to {args.out}")
     result = export(src.model, src.inputs, args.out, external_data=args.external_data,
-                    atol=args.atol, rtol=args.rtol,
+                    atol=args.atol, rtol=args.rtol, compact_embeddings=args.compact_embeddings,
                     metadata={"method": args.method, "source": src.description,
                               "compression": report.to_dict()})
     parity = result.parity

@@ -68,6 +68,7 @@ def _case_from_source(args: argparse.Namespace, tmp: Path):
     from edgestack.compress import compress
     from edgestack.compress.sources import load_source
     from edgestack.exporter import export
+    from edgestack.exporter.export import compacted_tables
     from edgestack.exporter.signature import flatten_outputs, normalize_inputs
     from edgestack.targets.parity import Case
 
@@ -79,7 +80,8 @@ def _case_from_source(args: argparse.Namespace, tmp: Path):
         warnings.simplefilter("ignore")
         result = export(src.model, src.inputs, out, parity=False)
     norm = normalize_inputs(src.model, src.inputs)
-    with torch.no_grad():
+    # the file stores the compacted embedding tables as int8: so does the reference
+    with torch.no_grad(), compacted_tables(src.model, result.compact_embeddings):
         ref = [t.detach().numpy() for _, t in flatten_outputs(src.model(*norm.args,
                                                                         **norm.kwargs))]
     feeds = dict(norm.numpy())

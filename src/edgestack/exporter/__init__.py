@@ -4,6 +4,8 @@ Public API:
     export(model, inputs, out, ...) -> ExportResult    (export.py)
     check_parity(onnx, torch_model, inputs, ...) -> ParityReport    (parity.py)
     layer_sizes(onnx) -> SizeReport    (sizes.py)
+    compact_embeddings(onnx model) / CompactEmbeddingsPass: int8 per-row embedding tables
+        (passes/; export() runs it on compressed models)
     the ``edgestack`` op domain: DOMAIN, DOMAIN_VERSION, OPS, get_op, register_schemas (ops.py)
 
 Importing this package imports onnx and onnx-ir; torch is imported when a function needs it.

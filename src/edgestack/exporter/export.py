@@ -10,11 +10,17 @@ Steps, each failing with an :class:`~edgestack.errors.ExportError` that names th
    become ``edgestack.ShiftWeight`` / ``edgestack.BitStackWeight`` nodes over the packed
    initializers (BitStack layers export their active prefix of blocks);
 4. add the ONNX functions of the ops used (``model.functions``), tag each ``edgestack`` node
-   with its torch layer (node metadata ``edgestack.layer``), write model metadata;
+   with its torch layer (node metadata ``edgestack.layer``), write model metadata; for a
+   compressed model, store the large embedding tables as int8 per row
+   (:mod:`edgestack.exporter.passes.compact_embeddings`, ``compact_embeddings=False`` to
+   keep them float);
 5. save into a temporary folder next to ``out`` (initializers as external data
    ``<out>.data`` when large), run ``onnx.checker.check_model(path, full_check=True)``;
 6. parity: ONNX Runtime vs torch (:mod:`edgestack.exporter.parity`); a failed parity is
-   reported in the result, never raised;
+   reported in the result, never raised. When embedding tables were compacted, the torch
+   reference runs with those tables replaced by their stored int8 values times the row
+   scale (:func:`compacted_tables`): parity checks the export at the usual tolerance, and
+   a note gives what the int8 tables change against the fp32-table torch model;
 7. move the files into place (atomic rename): on any failure nothing is left at ``out``.
 """
 
@@ -38,7 +44,8 @@ import onnx
 from edgestack.errors import ExportError
 from edgestack.exporter import ops as es_ops
 from edgestack.exporter.parity import (DEFAULT_ATOL, DEFAULT_RTOL, ParityReport,
-                                       check_parity)
+                                       check_parity, error_stats)
+from edgestack.exporter.passes import CompactEmbeddingsPass, describe, quantize_rows
 from edgestack.exporter.signature import (ModelInputs, flatten_outputs, normalize_inputs,
                                           unique_names)
 
@@ -81,6 +88,9 @@ class ExportResult:
         file_bytes: size of ``path`` plus ``data_path``.
         seconds: wall time per step (``forward``, ``torch_export``, ``onnx``, ``save``,
             ``check``, ``parity``, ``total``).
+        compact_embeddings: the tables stored as int8 per row (entries of the model
+            metadata ``edgestack.compact_embeddings``: ``name``, ``bits``, ``rows``,
+            ``cols``, ``bytes_before``, ``bytes_after``); empty when none were.
     """
 
     path: Path
@@ -93,6 +103,7 @@ class ExportResult:
     parity: ParityReport | None
     file_bytes: int
     seconds: dict[str, float] = field(default_factory=dict)
+    compact_embeddings: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict."""
@@ -107,6 +118,7 @@ class ExportResult:
             "parity": None if self.parity is None else self.parity.to_dict(),
             "file_bytes": self.file_bytes,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "compact_embeddings": [dict(t) for t in self.compact_embeddings],
         }
 
     def summary(self) -> str:
@@ -118,6 +130,12 @@ class ExportResult:
             f"  inputs {', '.join(self.input_names)} -> outputs {', '.join(self.output_names)}",
             f"  edgestack nodes: {nodes}"
             + (f"; low-rank layers: {len(self.lowrank_layers)}" if self.lowrank_layers else ""),
+        ]
+        if self.compact_embeddings:
+            lines.append("  int8 embedding tables: " + ", ".join(
+                f"{t['name']} ({t['bytes_before'] / 1e6:.1f} -> {t['bytes_after'] / 1e6:.1f} MB)"
+                for t in self.compact_embeddings))
+        lines += [
             f"  took {self.seconds.get('total', 0.0):.1f} s",
         ]
         return "\n".join(lines)
@@ -318,6 +336,84 @@ def _postprocess(model_ir: Any, owners_by_name: dict[str, str], output_names: li
     return counts, layers
 
 
+def _is_compressed(counts: dict[str, int], lowrank: list[str], metadata: Any) -> bool:
+    """A compressed export: ``edgestack`` nodes, low-rank layers, or metadata naming a
+    compression method other than ``none`` (pruned models have no marker modules)."""
+    if counts or lowrank:
+        return True
+    methods = []
+    if isinstance(metadata, dict):
+        methods.append(metadata.get("method"))
+        metadata = metadata.get("compression")
+    if isinstance(metadata, dict):
+        methods.append(metadata.get("method"))
+    else:
+        methods.append(getattr(metadata, "method", None))
+    return any(m not in (None, "none") for m in methods)
+
+
+def _named_tensors(model: Any) -> dict[str, Any]:
+    return {**dict(model.named_buffers()), **dict(model.named_parameters())}
+
+
+@contextlib.contextmanager
+def compacted_tables(model: Any, tables: list[dict[str, Any]]) -> Iterator[list[str]]:
+    """Run ``model`` with the embedding tables compact export stored as int8: inside the
+    block each table's torch tensor holds ``codes * scale`` (exactly what the ONNX graph
+    gathers, :func:`~edgestack.exporter.passes.quantize_rows`); restored on exit.
+
+    Args:
+        model: the exported torch model.
+        tables: :attr:`ExportResult.compact_embeddings` (initializer ``name`` entries; the
+            dynamo exporter names initializers after the parameters' qualified names).
+
+    Yields:
+        The table names with no torch parameter or buffer of that name and shape (left
+        as they are; a parity against them reports the int8 error).
+    """
+    import torch
+
+    named = _named_tensors(model)
+    saved, missing = [], []
+    for entry in tables:
+        t = named.get(entry["name"])
+        if t is None or tuple(t.shape) != (entry["rows"], entry["cols"]):
+            missing.append(entry["name"])
+            continue
+        codes, scale = quantize_rows(t.detach().cpu().numpy())
+        saved.append((t, t.detach().clone()))
+        with torch.no_grad():
+            t.copy_(torch.from_numpy(codes.astype(scale.dtype) * scale))
+    try:
+        yield missing
+    finally:
+        with torch.no_grad():
+            for t, original in saved:
+                t.copy_(original)
+
+
+def _compacted_reference(model: Any, norm: ModelInputs, tables: list[dict[str, Any]],
+                         reference: list[Any]) -> tuple[list[Any], list[str]]:
+    """The torch outputs with the compacted tables as stored, and parity notes."""
+    with compacted_tables(model, tables) as missing:
+        outputs = model(*norm.args, **norm.kwargs)
+    quantized = [t.detach().clone() for _, t in flatten_outputs(outputs)]
+    names = ", ".join(t["name"] for t in tables)
+    notes = [f"reference: torch with {names} replaced by their int8 per-row values as "
+             "stored (compact embeddings); the vs-fp32-table drift per output follows"]
+    if missing:
+        notes.append(f"no torch tensor found for {', '.join(missing)}: compared against "
+                     "the fp32 table, the int8 rounding counts as error")
+    for i, (q, r) in enumerate(zip(quantized, reference)):
+        if q.shape != r.shape or not q.numel() or not q.is_floating_point():
+            continue
+        max_abs, max_rel, cosine = error_stats(q.double().numpy().reshape(-1),
+                                               r.double().numpy().reshape(-1))
+        notes.append(f"int8 tables vs fp32 tables, output {i}: max_abs {max_abs:.3g}, "
+                     f"max_rel {max_rel:.3g}, cosine {cosine:.6f}")
+    return quantized, notes
+
+
 def _initializer_bytes(model_ir: Any) -> int:
     total = 0
     for value in model_ir.graph.initializers.values():
@@ -357,6 +453,7 @@ def export(
     atol: float = DEFAULT_ATOL,
     rtol: float = DEFAULT_RTOL,
     metadata: Any = None,
+    compact_embeddings: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export a (compressed) torch model to ONNX, keeping compressed weights compressed.
@@ -377,6 +474,12 @@ def export(
         metadata: extra model metadata: a dict (``"compression"`` is stored under
             ``edgestack.compression``; other keys as given, non-strings as JSON), or a
             compression report object (``to_dict()`` or a dataclass).
+        compact_embeddings: for a compressed model (``edgestack`` nodes, low-rank layers,
+            or ``metadata`` naming a method other than ``none``), store float tables of
+            256 KiB or more read only by ``Gather`` (word/position embeddings) as int8 with
+            a per-row scale (:class:`~edgestack.exporter.passes.CompactEmbeddingsPass`);
+            tables shared with an LM head stay float. An uncompressed model is never
+            changed. Parity then uses the int8 tables in the torch reference too.
         log: progress callback taking one line; default: the ``edgestack.exporter`` logger.
 
     Returns:
@@ -475,6 +578,16 @@ def export(
         lowrank = _lowrank_layers(model)
         counts, layers = _postprocess(model_ir, owners_by_name, output_names, lowrank,
                                       metadata)
+        tables: list[dict[str, Any]] = []
+        parity_notes: list[str] = []
+        if compact_embeddings and _is_compressed(counts, lowrank, metadata):
+            compact = CompactEmbeddingsPass()
+            compact(model_ir)
+            for line in describe(compact.report):
+                say(f"export: {line}")
+            tables = compact.report["tables"]
+            if tables and parity:
+                reference, parity_notes = _compacted_reference(model, norm, tables, reference)
         order = getattr(model, "edgestack_bitstack_order", None)
         if order:
             model_ir.metadata_props[META_BITSTACK_ORDER] = json.dumps(
@@ -509,6 +622,7 @@ def export(
         if parity:
             t0 = time.perf_counter()
             report = check_parity(tmp_path, model, inputs, atol, rtol, reference=reference)
+            report.notes.extend(parity_notes)
             seconds["parity"] = time.perf_counter() - t0
             say(f"export: parity {'passed' if report.passed else 'FAILED'} "
                 f"(max_abs {report.max_abs:.3g}, max_rel {report.max_rel:.3g})")
@@ -530,7 +644,7 @@ def export(
         path=out, data_path=data_path, input_names=[v.name for v in model_ir.graph.inputs],
         output_names=[v.name for v in model_ir.graph.outputs], custom_nodes=counts,
         layers=layers, lowrank_layers=lowrank, parity=report, file_bytes=file_bytes,
-        seconds=seconds,
+        seconds=seconds, compact_embeddings=tables,
     )
 
 
@@ -578,7 +692,7 @@ def _owners_by_input_name(model: Any, owners: dict[int, str]) -> dict[str, str]:
     return named
 
 
-__all__ = ["export", "ExportResult", "EXTERNAL_DATA_THRESHOLD", "META_VERSION",
-           "META_DOMAIN_VERSION", "META_LOWRANK", "META_COMPRESSION", "META_LAYERS",
+__all__ = ["export", "ExportResult", "compacted_tables", "EXTERNAL_DATA_THRESHOLD",
+           "META_VERSION", "META_DOMAIN_VERSION", "META_LOWRANK", "META_COMPRESSION", "META_LAYERS",
            "META_BITSTACK_ORDER",
            "NODE_LAYER_KEY"]

@@ -44,6 +44,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from edgestack.errors import PackageError
+from edgestack.exporter.passes import compact_embeddings
 from edgestack.package.format import ARCHIVE_SUFFIX
 from edgestack.package.variants import VARIANT_FILE, add_sites
 from edgestack.runtime.runtime import SUPPORTED_TARGETS
@@ -375,6 +376,7 @@ def pack(
         except Exception as exc:  # noqa: BLE001
             raise PackageError(f"pack: cannot read {src} as ONNX ({exc}); expected an ONNX "
                                "file written by `edgestack export`") from None
+        model = compact_embeddings(model, log=say)  # int8 embedding tables (compact-embeddings)
         result = _pack_model(model, out, archive=archive, target=target, profile=profile,
                              name=name or src.stem, source=str(source), work=work,
                              golden_inputs=golden_inputs, steps_per_level=steps_per_level,
