@@ -223,7 +223,7 @@ def load(tier):
         if t.data_location == onnx.TensorProto.EXTERNAL:
             info = {kv.key: kv.value for kv in t.external_data}
             off, ln = int(info['offset']), int(info['length'])
-            dt = {1: np.float32, 7: np.int64, 6: np.int32}[t.data_type]
+            dt = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
             arr = weights[off:off + ln].view(dt).reshape(tuple(t.dims))
             val = onnxruntime.OrtValue.ortvalue_from_numpy(arr)
             keep_alive.append(val)

@@ -15,17 +15,23 @@ from edgestack.runtime import Runtime, plan_memory, plan_tier, smallest_plan
 from runtime_helpers import flip_byte, peak_rss, reference_output
 
 
-def test_runtime_imports_no_torch(small_pkg):
+def test_runtime_imports_no_torch_and_no_onnx(small_pkg):
+    """Serving every form (mixed graph, int8 and fp32 layers, a re-tier, the plain graph)
+    imports neither torch nor onnx (12.6 MiB on import)."""
     code = (
         "import sys\n"
         "import edgestack.runtime as R\n"
         f"rt = R.Runtime({str(small_pkg)!r})\n"
         "rt.infer(rt.package.golden()[0]); rt.retier(tier=0)\n"
-        "print('torch' in sys.modules)\n"
+        f"rt2 = R.Runtime({str(small_pkg)!r}, materialize=['fc1'], form='fp32')\n"
+        "rt2.infer(rt.package.golden()[0])\n"
+        f"rt3 = R.Runtime({str(small_pkg)!r}, materialize=0)\n"
+        "rt3.infer(rt.package.golden()[0])\n"
+        "print('torch' in sys.modules, 'onnx' in sys.modules)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "False False"
 
 
 @pytest.mark.parametrize("materialize", [0, None])
