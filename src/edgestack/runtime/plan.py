@@ -4,10 +4,12 @@ A plan is computed from the manifest alone (nothing is loaded). Its total is::
 
     fixed      graph file + weights file (non-BitStack weights, held by the runtime)
              + RUNTIME_OVERHEAD (ONNX Runtime session, kernels, Python objects; measured)
-    blocks     per BitStack layer: its first nb blocks (signs, u, v), page-rounded, plus
-               OTF_LAYER_OVERHEAD per on-the-fly layer (the inlined decode in the session),
-               MATERIALIZED_LAYER_OVERHEAD per materialised one
-    dense      per materialised layer: the float32 [m, n] weight, page-rounded
+    blocks     per on-the-fly layer: its first nb blocks (signs, u, v), page-rounded, plus
+               OTF_LAYER_OVERHEAD (the inlined decode in the session); per materialised
+               layer MATERIALIZED_LAYER_OVERHEAD only (its blocks are decoded from the mapped
+               block file and their pages handed back)
+    dense      per materialised layer: its int8 [n, m] weight and float scales, or its
+               float32 [m, n] weight, page-rounded
     margin     the safety margin: SAFETY_FRACTION of the rest, at least SAFETY_MIN (run-to-run
                variation: shared-library code pages that land with the page cache, allocator
                bookkeeping)
@@ -15,8 +17,8 @@ A plan is computed from the manifest alone (nothing is loaded). Its total is::
              + the transient peak: the largest of (a) ONNX Runtime's decode temporaries of
                the largest on-the-fly layer, DECODE_TEMP_BYTES x (nb + 1) x m x n (the
                BitStackWeight function body makes float32 [nb, m*n] intermediates), and
-               (b) the numpy decode temporaries of materialising one layer,
-               MATERIALISE_TEMP_BYTES x m x n
+               (b) materialising one layer: the numpy decode temporaries,
+               MATERIALISE_TEMP_BYTES x m x n, plus its blocks' mapped pages
 
 The fixed costs (RUNTIME_OVERHEAD, DECODE_TEMP_BYTES) depend on the machine: the ONNX Runtime
 build, the C library, how many code pages a session touches. :class:`Costs` carries them;
@@ -342,12 +344,11 @@ def plan_tier(package: Any, tier: int, budget: int | None = None, *,
             m, n = infos[name].matrix_shape
             if mode == "on-the-fly":
                 otf_temp = max(otf_temp, int(costs.decode_temp_bytes * (nb + 1) * m * n))
-            else:
-                mat_temp = max(mat_temp, MATERIALISE_TEMP_BYTES * m * n)
-            layers.append(LayerPlan(name, nb, total, mode,
-                                    bb + (OTF_LAYER_OVERHEAD if mode == "on-the-fly"
-                                          else MATERIALIZED_LAYER_OVERHEAD),
-                                    dense_bytes(infos[name], mode)))
+                kept = bb + OTF_LAYER_OVERHEAD
+            else:  # decoded from the mapped block file, whose pages go back after the decode
+                mat_temp = max(mat_temp, MATERIALISE_TEMP_BYTES * m * n + bb)
+                kept = MATERIALIZED_LAYER_OVERHEAD
+            layers.append(LayerPlan(name, nb, total, mode, kept, dense_bytes(infos[name], mode)))
         layers.sort(key=lambda lp: order[lp.name])
         mixed = bool(mat)
         return MemoryPlan(tier, len(man.tiers), budget, tuple(layers),

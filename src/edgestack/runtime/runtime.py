@@ -134,25 +134,31 @@ class _LayerStore:
         self.loaded = min(self.loaded, nb)
         return freed
 
-    def decode(self, nb: int, transposed: bool = False, flat: bool = False) -> np.ndarray:
-        """The dense float32 weight of the first ``nb`` blocks (block by block, in block
-        order), in the layer's shape; ``flat``: as the ``[m, n]`` matrix; ``transposed``: its
-        ``[n, m]`` transpose, C-contiguous."""
-        m, n = self.info.matrix_shape
-        shape = (n, m) if transposed else (m, n)
-        out = np.zeros(shape, dtype=np.float32)
-        mag = np.empty(shape, dtype=np.float32)
-        for i in range(nb):
-            u, v = self.u[i].astype(np.float32), self.v[i].astype(np.float32)
-            if transposed:
-                np.matmul(v.T, u.T, out=mag)
-                bits = np.unpackbits(self.signs[i], count=m * n).reshape(m, n).T
-            else:
-                np.matmul(u, v, out=mag)
-                bits = np.unpackbits(self.signs[i], count=m * n).reshape(m, n)
-            np.negative(mag, out=mag, where=bits == 0)
-            out += mag
-        return out if transposed or flat else out.reshape(self.info.shape)
+    def blocks(self, nb: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The first ``nb`` blocks' ``(signs, u, v)`` rows (they must be loaded)."""
+        return [(self.signs[i], self.u[i], self.v[i]) for i in range(nb)]
+
+
+def decode_blocks(info: Any, blocks: Any, transposed: bool = False,
+                  flat: bool = False) -> np.ndarray:
+    """The dense float32 weight of a layer from its blocks ``(signs, u, v)`` (in block order,
+    one at a time), in the layer's shape; ``flat``: as the ``[m, n]`` matrix;
+    ``transposed``: its ``[n, m]`` transpose, C-contiguous."""
+    m, n = info.matrix_shape
+    shape = (n, m) if transposed else (m, n)
+    out = np.zeros(shape, dtype=np.float32)
+    mag = np.empty(shape, dtype=np.float32)
+    for signs, u16, v16 in blocks:
+        u, v = u16.astype(np.float32), v16.astype(np.float32)
+        if transposed:
+            np.matmul(v.T, u.T, out=mag)
+            bits = np.unpackbits(signs, count=m * n).reshape(m, n).T
+        else:
+            np.matmul(u, v, out=mag)
+            bits = np.unpackbits(signs, count=m * n).reshape(m, n)
+        np.negative(mag, out=mag, where=bits == 0)
+        out += mag
+    return out if transposed or flat else out.reshape(info.shape)
 
 
 QUANT_CHUNK_ROWS = 256
@@ -304,10 +310,12 @@ class Runtime:
             self._iov_cache: dict[tuple[str, int], list[memoryview]] = {}
             self._data_dir: str | None = None
             self._weights = self._map_tables()
+            self._records: dict[str, list[Any]] = {name: [] for name in man.layers}
+            for rec in sorted(self.package.block_index, key=lambda r: (r.layer, r.block)):
+                self._records[rec.layer].append(rec)
+            self._bmap = self.package.map_file(BLOCK_FILE) if man.layers else None
             self.bytes_read = 0
-            self._load_records(0, self.package.tiers[plan.tier].bytes)
-            for name, nb in plan.blocks.items():
-                self._stores[name].loaded = nb
+            self._fill(plan)
             self._state = self._make_state(plan, None)
             self.watcher: Any = None
             if watch:
@@ -379,25 +387,60 @@ class Runtime:
             self._iov_cache[(rec.layer, rec.block)] = iovs
         return iovs
 
-    def _load_records(self, start: int, end: int) -> int:
-        """Read block-file bytes ``[start, end)`` straight into the layer stores (one
-        ``preadv`` per up to 1000 buffers; the bytes are counted in ``package.counter``)."""
-        if end <= start:
-            return 0
-        pkg = self.package
-        iovs: list[memoryview] = []
-        pos = start
-        for rec in pkg.records_between(start, end):
-            if rec.offset > pos:  # the gap between records (record alignment)
-                iovs.append(self._scratch[: rec.offset - pos])
-            iovs.extend(self._record_iovs(rec))
-            pos = rec.end
-        if pos != end:
-            raise PackageError(f"{pkg.path}: block range [{start}, {end}) does not end on a "
-                               "record boundary; the manifest and block file disagree")
-        got = pkg.read_into(BLOCK_FILE, iovs, start)  # counted like Package.read_prefix
+    def _fill(self, plan: MemoryPlan) -> int:
+        """Read into the layer stores the blocks that the plan's on-the-fly layers need and
+        do not hold yet (a store holds a prefix of its layer's blocks); materialised layers
+        keep nothing there (see :meth:`_decode`). Consecutive records are read with one
+        ``preadv`` (gaps of record alignment go to a scratch buffer); the bytes are counted
+        in ``package.counter`` and :attr:`bytes_read`."""
+        want = []
+        for lp in plan.layers:
+            st = self._stores[lp.name]
+            if lp.mode == "on-the-fly" and st.loaded < lp.blocks:
+                want += self._records[lp.name][st.loaded:lp.blocks]
+        got = 0
+        run: list[Any] = []
+        for rec in sorted(want, key=lambda r: r.offset) + [None]:
+            if run and (rec is None or rec.offset - run[-1].end >= len(self._scratch)):
+                iovs: list[memoryview] = []
+                pos = run[0].offset
+                for r in run:
+                    if r.offset > pos:  # the gap between records (record alignment)
+                        iovs.append(self._scratch[: r.offset - pos])
+                    iovs.extend(self._record_iovs(r))
+                    pos = r.end
+                got += self.package.read_into(BLOCK_FILE, iovs, run[0].offset)
+                run = []
+            if rec is not None:
+                run.append(rec)
+        for lp in plan.layers:
+            st = self._stores[lp.name]
+            if lp.mode == "on-the-fly":
+                st.loaded = max(st.loaded, lp.blocks)
         self.bytes_read += got
         return got
+
+    def _decode(self, name: str, nb: int, transposed: bool, flat: bool = False) -> np.ndarray:
+        """A materialised layer's weight at ``nb`` blocks: from its store when it holds them,
+        else from the memory-mapped block file, whose pages are handed back afterwards (a
+        materialised layer keeps no blocks resident)."""
+        st = self._stores[name]
+        if st.loaded >= nb:
+            return decode_blocks(st.info, st.blocks(nb), transposed, flat)
+        info, bmap = st.info, self._bmap
+        m, n = info.matrix_shape
+        k = info.rank
+        recs = self._records[name][:nb]
+        arr = bmap.array
+        views = [(arr[r.signs:r.signs + info.signs_bytes],
+                  arr[r.u:r.u + info.u_bytes].view("<f2").reshape(m, k),
+                  arr[r.v:r.v + info.v_bytes].view("<f2").reshape(k, n)) for r in recs]
+        try:
+            return decode_blocks(info, views, transposed, flat)
+        finally:
+            del views
+            for r in recs:
+                bmap.drop(r.offset, r.end)
 
     # ---- sessions and states ---------------------------------------------------------
     def _graph_for(self, plan: MemoryPlan) -> str:
@@ -456,8 +499,8 @@ class Runtime:
         feeds[site["fp32"]] = np.array(mode == "fp32")
         if mode == "fp32":
             feeds[site["w"]] = (old.feeds[site["w"]] if reuse and old is not None else
-                                st.decode(nb, transposed=kind == "matmul",
-                                          flat=kind != "generic"))
+                                self._decode(name, nb, transposed=kind == "matmul",
+                                             flat=kind != "generic"))
         else:
             rank = 2 if kind in ("matmul", "gemm") else len(st.info.shape)
             feeds[site["w"]] = self._empty_like("float32", rank)
@@ -467,7 +510,7 @@ class Runtime:
                 if reuse and old is not None:
                     q, scale = old.feeds[site["q"]], old.feeds[site["scale"]]
                 else:
-                    q, scale = quantize_int8(st.decode(nb, transposed=True))
+                    q, scale = quantize_int8(self._decode(name, nb, transposed=True))
                 feeds.update({site["q"]: q, site["scale"]: scale})
             else:
                 feeds.update({site["q"]: self._empty_like("int8", 2),
@@ -613,8 +656,10 @@ class Runtime:
                auto: bool = False) -> RetierResult:
         """Grow or shrink to the plan for a new budget (or a forced ``tier``) while serving.
 
-        Growing reads only the block records the new tier adds; shrinking releases the rows
-        it drops once calls that started on the old tier have finished. In-flight calls
+        Growing reads only the block records that the new plan's on-the-fly layers add
+        (materialised layers decode from the memory-mapped block file and keep no blocks);
+        rows no longer needed are released once calls that started on the old plan have
+        finished. In-flight calls
         finish on their tier. A budget below the smallest tier raises :class:`BudgetError`
         and keeps the current tier.
         """
@@ -628,29 +673,24 @@ class Runtime:
             old_tier = old.tier
             plan = self.plan_for(new_budget, tier=tier, budget_source=source,
                                  prefer=old.plan.materialized)
-            tiers = self.package.tiers
-            read = 0
             tr = time.perf_counter()
-            if plan.tier > old.tier:
-                read = self._load_records(tiers[old.tier].bytes, tiers[plan.tier].bytes)
+            read = self._fill(plan)
             read_s = time.perf_counter() - tr
-            for name, nb in plan.blocks.items():
-                st = self._stores[name]
-                st.loaded = max(st.loaded, nb)
             new = self._make_state(plan, old)
             with self._lock:
                 self._state = new
                 self.budget, self.budget_source = new_budget, source
             self._retired.append(old)
             released = 0
-            if plan.tier < old.tier:
+            keep = {lp.name: lp.blocks if lp.mode == "on-the-fly" else 0 for lp in plan.layers}
+            if plan.tier < old.tier or any(self._stores[n].loaded > nb for n, nb in keep.items()):
                 for st_old in self._retired:
                     with st_old.cond:
                         st_old.cond.wait_for(lambda s=st_old: s.active == 0)
                 self._retired.clear()
-                for name, nb in plan.blocks.items():
+                for name, nb in keep.items():
                     released += self._stores[name].release_after(nb)
-                del old, st_old       # the last references to the old tier's dense weights
+                del old               # the last reference to the old tier's dense weights
                 trim_heap()
             else:
                 self._retired = [s for s in self._retired if s.active > 0]
