@@ -20,7 +20,7 @@ planner measures them where it runs:
 
 The result is cached as JSON under :func:`cache_dir`, keyed by the package's manifest hash
 and the machine (architecture, Python, numpy and ONNX Runtime versions, C library, page
-size, CPU count, threads, optimization level), so each package is measured once per machine
+size, CPU count, threads, optimization level) and a digest of the runtime's own source, so each package is measured once per machine
 and setting. Where a measurement cannot run (no subprocess, a crash) :func:`calibrate` warns
 and returns the documented constants (:data:`~edgestack.runtime.plan.DEFAULT_COSTS`).
 
@@ -87,11 +87,21 @@ def machine_key(threads: int | None = None, optimization: str = "all") -> dict[s
 
     from edgestack import __version__
 
-    return {"edgestack": __version__, "machine": platform.machine(),
+    return {"edgestack": __version__, "code": _code_digest(), "machine": platform.machine(),
             "python": platform.python_version(), "numpy": numpy.__version__,
             "onnxruntime": onnxruntime.__version__, "libc": "-".join(platform.libc_ver()),
             "page": mmap.PAGESIZE, "cpus": os.cpu_count(), "threads": int(threads or 0),
             "optimization": optimization}
+
+
+def _code_digest() -> str:
+    """A digest of the runtime's own source: a change in how the runtime serves or plans
+    invalidates the measurements made with the old code."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def _cache_path(package: Any, key: dict[str, Any]) -> Path:
