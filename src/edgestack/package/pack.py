@@ -47,7 +47,7 @@ from edgestack.errors import PackageError
 from edgestack.exporter.passes import compact_embeddings
 from edgestack.package.format import ARCHIVE_SUFFIX
 from edgestack.package.variants import VARIANT_FILE, add_sites
-from edgestack.runtime.runtime import SUPPORTED_TARGETS
+from edgestack.runtime.runtime import SUPPORTED_TARGETS, gather_rows, lookup_table
 
 logger = logging.getLogger("edgestack.package")
 
@@ -205,6 +205,44 @@ def gather_tables(model: Any) -> dict[str, dict[str, int]]:
             out[t.name] = {"offset": int(info.get("offset", 0)), "bytes": length,
                            "row_bytes": length // int(t.dims[0]), "shape": list(t.dims),
                            "dtype": np.dtype(tensor_dtype_to_np_dtype(t.data_type)).str}
+    return out
+
+
+def pregather_tables(model: Any, tables: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Move the lookups of tables whose indices are a graph input out of the graph.
+
+    For every table of ``tables`` (see :func:`gather_tables`; the model already saved with
+    external data, so the table's bytes stay in the weights file at their offset) each
+    ``Gather(table, ids)`` whose ``ids`` is a graph input is removed and its output becomes
+    a graph input: the runtime reads exactly those rows from the weights file with ``pread``
+    (no mapping, so no page-cache fault-around: a memory-mapped table read by 128 scattered
+    ids made up to 16 pages resident per id) and feeds them. The table's initializer leaves
+    the graph. Returns ``{table: {...tables entry, "lookups": [[ids input, value], ...]}}``
+    and removes those tables from ``tables``; tables read with computed indices stay.
+    """
+    from onnx import helper
+
+    g = model.graph
+    inputs = {vi.name: vi for vi in g.input}
+    out: dict[str, dict[str, Any]] = {}
+    for name in list(tables):
+        users = [nd for nd in g.node if name in nd.input]
+        if not users or not all(nd.input[1] in inputs and nd.output[0] not in
+                                {o.name for o in g.output} for nd in users):
+            continue
+        spec = tables.pop(name)
+        lookups = []
+        for nd in users:
+            ids = inputs[nd.input[1]]
+            dims = [d.dim_param or d.dim_value for d in ids.type.tensor_type.shape.dim]
+            et = helper.np_dtype_to_tensor_dtype(np.dtype(spec["dtype"]))
+            g.input.append(helper.make_tensor_value_info(nd.output[0], et,
+                                                         [*dims, *spec["shape"][1:]]))
+            lookups.append([nd.input[1], nd.output[0]])
+            g.node.remove(nd)
+        init = next(t for t in g.initializer if t.name == name)
+        g.initializer.remove(init)
+        out[name] = {**spec, "lookups": lookups}
     return out
 
 
@@ -486,6 +524,20 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
     onnx.save_model(model, str(gdir / GRAPH_FILE), save_as_external_data=True,
                     all_tensors_to_one_file=True, location=WEIGHTS_FILE,
                     size_threshold=EXTERNAL_MIN_BYTES)
+    has_weights = (gdir / WEIGHTS_FILE).exists()
+    tables = gather_tables(model) if has_weights else {}
+    gathered = pregather_tables(model, tables)
+    if gathered:  # the graph without those lookups (their bytes stay in the weights file)
+        onnx.save_model(model, str(gdir / GRAPH_FILE))
+        feeds_run = dict(feeds)
+        data = np.memmap(gdir / WEIGHTS_FILE, dtype=np.uint8, mode="r")
+        for spec in gathered.values():
+            table = lookup_table(data, spec)
+            for ids, value in spec["lookups"]:
+                feeds_run[value] = gather_rows(table, feeds[ids], value)
+        del data
+    else:
+        feeds_run = feeds
     if stacks:  # every BitStack layer as a site (forms on-the-fly / int8 / fp32)
         variant = add_sites(model, attrs, {layer: list(st.shape) for layer, st in stacks.items()})
         onnx.save_model(variant, str(gdir / VARIANT_FILE))  # same external data, same offsets
@@ -498,7 +550,7 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
     try:
         sess = ort.InferenceSession(str(gdir / GRAPH_FILE), so,
                                     providers=["CPUExecutionProvider"])
-        full = dict(feeds)
+        full = dict(feeds_run)
         for layer, st in stacks.items():
             a = attrs[layer]
             full.update({a["signs"]: st.signs, a["u"]: st.u, a["v"]: st.v})
@@ -509,8 +561,8 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
     golden_out = {o.name: np.asarray(v) for o, v in zip(sess.get_outputs(), outs)}
     del sess
     shapes = {k: list(v.shape) for k, v in feeds.items()}
-    act = activation_bytes(model, shapes, bs_outputs)
-    has_weights = (gdir / WEIGHTS_FILE).exists()
+    act = activation_bytes(model, {**shapes, **{k: list(np.shape(v)) for k, v in
+                                                feeds_run.items()}}, bs_outputs)
     rows = max((int(np.asarray(v).size) for v in feeds.values()
                 if np.asarray(v).dtype.kind in "iu"), default=0)
 
@@ -521,7 +573,8 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
             "weights_file": WEIGHTS_FILE if has_weights else None,
             "order_source": order_source,
             "steps_per_level": steps_per_level,
-            "tables": gather_tables(model) if has_weights else {},
+            "tables": tables,
+            "gathered": gathered,
             "rows_per_call": rows,
         },
         "profile": getattr(profile, "name", None),
@@ -566,5 +619,6 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
     return PackResult(out, len(stacks), len(order), tiers, order_source, files, warns)
 
 
-__all__ = ["pack", "PackResult", "choose_tiers", "activation_bytes", "gather_tables", "SUPPORTED_TARGETS",
+__all__ = ["pack", "PackResult", "choose_tiers", "activation_bytes", "gather_tables", "pregather_tables",
+           "SUPPORTED_TARGETS",
            "GRAPH_FILE", "WEIGHTS_FILE"]

@@ -283,18 +283,25 @@ def _count(value: Any) -> int:
     return int(value) if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
 
 
+FAULT_AROUND = 64 * 1024
+"""Bytes the kernel may map around one page fault of a file mapping (Linux
+``fault_around_bytes``, 64 KiB by default): a memory-mapped table read at one row can make
+that much of it resident."""
+
+
 def table_bound(row_bytes: int, rows: int, size: int) -> int:
     """Resident bytes of a memory-mapped lookup table after one call that reads ``rows`` rows
-    of ``row_bytes`` each: whole pages, a row straddling at most one page boundary, never
+    of ``row_bytes`` each: per row its pages plus the kernel's fault-around window, never
     more than the table (the runtime drops the pages after each call)."""
-    per_row = (-(-int(row_bytes) // PAGE) + 1) * PAGE
+    per_row = (-(-int(row_bytes) // PAGE) + 1) * PAGE + FAULT_AROUND
     return min(page_up(size), int(rows) * per_row)
 
 
 def _fixed(manifest: Any) -> tuple[int, int, int, int]:
     """``(graph bytes, mixed graph bytes, resident weight bytes, activation bytes)``: weights
-    are memory-mapped from the package; lookup tables (``metadata.runtime.tables``) count only
-    the pages of one call's rows, everything else counts whole."""
+    are memory-mapped from the package; lookup tables (``metadata.runtime.tables``) count the
+    pages one call can make resident (:func:`table_bound`), pre-gathered tables
+    (``metadata.runtime.gathered``) one call's rows, everything else counts whole."""
     meta = _runtime_meta(manifest)
     graph = sum(e.size for e in manifest.files.values() if e.role == "graph")
     variant = sum(e.size for e in manifest.files.values() if e.role == "variant")
@@ -307,6 +314,14 @@ def _fixed(manifest: Any) -> tuple[int, int, int, int]:
             row = _count(t.get("row_bytes")) if isinstance(t, Mapping) else 0
             if 0 < row <= size <= weights:
                 weights -= size - table_bound(row, rows, size)
+    gathered = meta.get("gathered", {})
+    if isinstance(gathered, Mapping):   # read per call with pread: one call's rows
+        for t in gathered.values():
+            size = _count(t.get("bytes")) if isinstance(t, Mapping) else 0
+            row = _count(t.get("row_bytes")) if isinstance(t, Mapping) else 0
+            n = len(t.get("lookups", ())) if isinstance(t, Mapping) else 0
+            if size <= weights:
+                weights -= size - min(size, n * page_up(rows * row))
     return graph, variant, weights, _count(meta.get("activation_bytes", 0))
 
 

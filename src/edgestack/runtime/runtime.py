@@ -161,6 +161,53 @@ def decode_blocks(info: Any, blocks: Any, transposed: bool = False,
     return out if transposed or flat else out.reshape(info.shape)
 
 
+def lookup_table(data: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
+    """The table ``spec`` (``metadata.runtime.gathered``/``tables`` entry: offset, bytes,
+    dtype, shape) as a view of ``data``, the weights file's bytes (uint8)."""
+    off, size = int(spec["offset"]), int(spec["bytes"])
+    return data[off:off + size].view(np.dtype(str(spec["dtype"]))).reshape(
+        tuple(int(d) for d in spec["shape"]))
+
+
+def check_ids(ids: Any, rows: int, what: str) -> np.ndarray:
+    """``ids`` as an integer array with every value in ``[0, rows)``, else TargetError."""
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise TargetError(f"infer: {what}: expected integer ids, found dtype {ids.dtype}")
+    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= rows):
+        raise TargetError(f"infer: {what}: ids must be in [0, {rows}), found "
+                          f"{int(ids.min())}..{int(ids.max())}; check the tokenizer matches "
+                          "the model")
+    return ids
+
+
+def gather_rows(table: np.ndarray, ids: Any, what: str) -> np.ndarray:
+    """``table[ids]`` after :func:`check_ids` (the packer's golden run)."""
+    return table[check_ids(ids, table.shape[0], what)]
+
+
+class _RowReader:
+    """Reads the rows of one pre-gathered table from the weights file with ``pread``: only the
+    rows a call names are read, into a fresh array; nothing of the table is mapped."""
+
+    def __init__(self, fd: int, base: int, spec: Mapping[str, Any]) -> None:
+        self.fd = fd
+        self.start = base + int(spec["offset"])
+        self.dtype = np.dtype(str(spec["dtype"]))
+        self.shape = tuple(int(d) for d in spec["shape"])
+        self.row_bytes = int(spec["row_bytes"])
+        self.lookups = [(str(i), str(v)) for i, v in spec["lookups"]]
+
+    def rows(self, ids: Any, what: str) -> np.ndarray:
+        ids = check_ids(ids, self.shape[0], what)
+        out = np.empty(ids.shape + self.shape[1:], self.dtype)
+        flat = out.reshape(-1).view(np.uint8).reshape(ids.size, self.row_bytes)
+        for i, r in enumerate(ids.reshape(-1).tolist()):
+            if os.preadv(self.fd, [flat[i]], self.start + r * self.row_bytes) != self.row_bytes:
+                raise PackageError(f"short read of row {r} of a table at byte {self.start}")
+        return out
+
+
 QUANT_CHUNK_ROWS = 256
 """Rows quantized at a time by :func:`quantize_int8` (bounds its float temporaries)."""
 
@@ -188,13 +235,15 @@ class _State:
     feeds: dict[str, np.ndarray]    # ours: signs/u/v views, materialised weights, site flags
     graph: str = "plain"            # which graph the session runs: "plain" or "mixed"
     rebuilt: bool = False
+    gathered: frozenset[str] = frozenset()  # table rows the runtime reads per call
     active: int = 0
     cond: threading.Condition = field(default_factory=threading.Condition)
     inputs: list[str] = field(init=False)    # the caller's graph inputs (not fed by us)
     outputs: list[str] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.inputs = [i.name for i in self.session.get_inputs() if i.name not in self.feeds]
+        self.inputs = [i.name for i in self.session.get_inputs()
+                       if i.name not in self.feeds and i.name not in self.gathered]
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     @property
@@ -338,6 +387,28 @@ class Runtime:
         meta = meta if isinstance(meta, Mapping) else {}
         tables, wfile = meta.get("tables") or {}, meta.get("weights_file")
         self._tables: list[tuple[Any, int, int]] = []
+        self._readers: list[_RowReader] = []
+        gathered = meta.get("gathered") or {}
+        if gathered:
+            if not isinstance(gathered, Mapping) or wfile not in pkg.files:
+                raise PackageError(f"{pkg.path}: metadata.runtime.gathered needs a weights "
+                                   f"file (found {wfile!r}); {_FIX_REPACK}")
+            fd, base = pkg.locate(wfile)
+            size = pkg.files[wfile].size
+            for name, spec in gathered.items():
+                try:
+                    reader = _RowReader(fd, base, spec)
+                    ok = (int(spec["offset"]) >= 0 and reader.dtype.kind in "biuf"
+                          and int(spec["offset"]) + int(spec["bytes"]) <= size
+                          and int(spec["bytes"]) == int(np.prod(reader.shape))
+                          * reader.dtype.itemsize == reader.row_bytes * reader.shape[0])
+                except (KeyError, TypeError, ValueError):
+                    ok = False
+                if not ok:
+                    raise PackageError(f"{pkg.path}: gathered table {name!r}: "
+                                       f"{str(spec)[:200]} does not describe bytes of {wfile}; "
+                                       f"{_FIX_REPACK}")
+                self._readers.append(reader)
         if not tables:
             return {}
         if not isinstance(tables, Mapping) or wfile not in pkg.files:
@@ -575,7 +646,8 @@ class Runtime:
             raise PackageError(f"{self.package.path}: the manifest's layers[].attrs name "
                                f"inputs the {graph} graph does not have ({unknown[:4]}); "
                                f"{_FIX_REPACK}")
-        return _State(plan, session, feeds, graph, rebuilt)
+        gathered = frozenset(v for r in self._readers for _i, v in r.lookups)
+        return _State(plan, session, feeds, graph, rebuilt, gathered=gathered)
 
     # ---- serving ---------------------------------------------------------------------
     @property
@@ -590,7 +662,9 @@ class Runtime:
 
     @property
     def input_names(self) -> list[str]:
-        return list(self._state.inputs)
+        """The inputs a caller feeds (graph inputs, and the ids of pre-gathered tables)."""
+        names = list(self._state.inputs)
+        return names + sorted({i for r in self._readers for i, _v in r.lookups} - set(names))
 
     @property
     def output_names(self) -> list[str]:
@@ -604,12 +678,18 @@ class Runtime:
                 st.active += 1
         try:
             expected = st.inputs
-            missing = [n for n in expected if n not in feeds]
-            extra = [n for n in feeds if n not in expected]
+            lookup_ids = {i for r in self._readers for i, _v in r.lookups}
+            missing = [n for n in [*expected, *sorted(lookup_ids - set(expected))]
+                       if n not in feeds]
+            extra = [n for n in feeds if n not in expected and n not in lookup_ids]
             if missing or extra:
-                raise TargetError(f"infer: expected inputs {expected}, missing {missing}, "
-                                  f"unknown {extra}")
-            run_feeds = {**{k: np.asarray(v) for k, v in feeds.items()}, **st.feeds}
+                raise TargetError(f"infer: expected inputs {sorted(set(expected) | lookup_ids)}"
+                                  f", missing {missing}, unknown {extra}")
+            run_feeds = {**{k: np.asarray(v) for k, v in feeds.items() if k in expected},
+                         **st.feeds}
+            for reader in self._readers:
+                for ids, value in reader.lookups:
+                    run_feeds[value] = reader.rows(feeds[ids], ids)
             try:
                 outs = st.session.run(None, run_feeds)
             except Exception as exc:  # noqa: BLE001 - wrong shapes/dtypes from the caller
@@ -761,4 +841,5 @@ class Runtime:
                 f"plan={self.plan.total / 2**20:.1f} MiB)")
 
 
-__all__ = ["Runtime", "RetierResult", "SUPPORTED_TARGETS", "quantize_int8"]
+__all__ = ["Runtime", "RetierResult", "SUPPORTED_TARGETS", "quantize_int8", "lookup_table",
+           "gather_rows", "check_ids"]
