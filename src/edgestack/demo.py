@@ -633,13 +633,17 @@ def write_report(result: DemoResult, seq: int, threads: int) -> None:
                      f"{t['seconds']} |")
     if result.runtime:
         smallest = result.package.get("smallest_plan_mb")
-        lines += ["", "## 3. Runtime manager: the BitStack package at the baselines' memory",
+        budgets = ("each baseline's measured peak RSS increase (section 4) that is at least "
+                   f"the package's smallest plan ({_fmt(smallest, '.2f')} MB), and that "
+                   "smallest plan + 1 MiB" if result.baselines else
+                   "the smallest plans of the first and last tiers + 1 MiB (no baselines: "
+                   "the bench was skipped)")
+        lines += ["", "## 3. Runtime manager: the BitStack package at "
+                  + ("the baselines' memory" if result.baselines else "its smallest budgets"),
                   "",
                   "The runtime manager picks the largest tier and the per-layer forms (int8 / "
                   "fp32 materialised, or decoded on the fly) whose calibrated plan fits the "
-                  "budget. Budgets: each baseline's measured peak RSS increase (section 4) that "
-                  f"is at least the package's smallest plan ({_fmt(smallest, '.2f')} MB), and "
-                  "that smallest plan + 1 MiB. Peak RSS increase: a fresh process running the "
+                  f"budget. Budgets: {budgets}. Peak RSS increase: a fresh process running the "
                   "runtime at the budget; cosine: masked mean-pooled vs fp32 on the held "
                   "sentences; p50: the bench's interleaved timing; ok: measured <= budget.", "",
                   "| budget MB | for | tier | forms | bits/weight | plan MB | "
