@@ -9,13 +9,27 @@ toolchain, and everything lands in one folder:
 2. **compile** every exported model for every target this machine can run, with the same
    inputs through each backend against the x86 reference (targets it cannot run are listed
    with the reason);
-3. **pack** the BitStack model into a device package and **run** it with the runtime manager
-   at three memory budgets spread over its tier range (plan, measured peak RSS, quality);
-4. **bench** the compiled models and the package tiers against the baselines a user would
-   otherwise pick (ORT fp32, dynamic int8 per-tensor / per-channel, weight-only
-   MatMulNBits int8 / int4, OpenVINO f32 / bf16), latency timed
-   interleaved in one process, memory in fresh processes;
-5. **report**: ``report.md`` and ``report.json`` with every table, and PNG plots.
+3. **baselines**: build the baselines a user would otherwise pick from the dense model (ORT
+   fp32, dynamic int8 per-tensor / per-channel, weight-only MatMulNBits int8 / int4,
+   OpenVINO f32 / bf16) and measure each one's peak RSS increase in a fresh process;
+4. **pack** the BitStack model into a device package and **run** it with the runtime manager
+   at a budget equal to each baseline's measured memory (:func:`runtime_budgets`: a
+   baseline below the package's smallest plan is reported as not fitting, not run), plus
+   the package's smallest budget (tier 0's calibrated plan + 1 MiB): tier and forms chosen,
+   plan, measured peak RSS, quality;
+5. **bench** the compiled models, the package rows and the baselines, latency timed
+   interleaved in one process (memory: the fresh-process measurements of steps 3 and 4);
+   then the **report**: ``report.md`` (opening with what passed and what failed) and
+   ``report.json`` with every table, and PNG plots.
+
+Without the bench (``bench=False``) no baseline is built and the package runs at the
+smallest plan of its first and last tiers (+ 1 MiB each).
+
+:attr:`DemoResult.ok` (the CLI's exit status) is whether every check held
+(:attr:`DemoResult.checks`): export parity, every target check that ran, and for every
+package row the runtime's promise, measured peak RSS increase <= budget (and the self-test
+where it is judged). A baseline whose memory is below the package's smallest plan is not a
+check: the runtime cannot serve it and says so (``BudgetError``); the report lists it.
 """
 
 from __future__ import annotations
@@ -46,14 +60,19 @@ FAST_OPTIONS: dict[str, dict[str, Any]] = {"shift": {"int8": "dynamic"}}
 BENCH_TARGETS = ("ort-cpu", "openvino-cpu")
 
 
+MB = 1e6
+
+
 @dataclass
 class DemoResult:
     """What the demo measured: ``rows`` (one per method), ``targets`` (parity per method and
-    target), ``runtime`` (package at each budget), ``bench`` (the bench report dict)."""
+    target), ``baselines`` (each baseline's measured memory and the package row run at it),
+    ``runtime`` (the package at each budget), ``bench`` (the bench report dict)."""
 
     out_dir: Path
     rows: list[dict[str, Any]] = field(default_factory=list)
     targets: list[dict[str, Any]] = field(default_factory=list)
+    baselines: list[dict[str, Any]] = field(default_factory=list)
     runtime: list[dict[str, Any]] = field(default_factory=list)
     bench: dict[str, Any] = field(default_factory=dict)
     package: dict[str, Any] = field(default_factory=dict)
@@ -70,16 +89,62 @@ class DemoResult:
         return self.out_dir / "report.md"
 
     @property
+    def checks(self) -> list[dict[str, Any]]:
+        """Every check the demo made, ``{"check", "passed", "detail"}``: export parity per
+        method, each target check that ran (skipped targets are not checks), and per package
+        row the memory promise (measured peak RSS increase <= budget; a budget at or above
+        the smallest plan that the runtime refused fails it) and the self-test where it is
+        judged. Baselines below the package's smallest plan are not checks."""
+        out: list[dict[str, Any]] = []
+        for r in self.rows:
+            out.append({"check": f"export parity: {r['method']}",
+                        "passed": bool(r["parity_passed"]),
+                        "detail": f"max rel {r['parity_max_rel']:.1e}"})
+        for t in self.targets:
+            if t["status"] == "skipped":
+                continue
+            out.append({"check": f"target {t['target']}: {t['method']}",
+                        "passed": t["status"] == "pass",
+                        "detail": t["status"] + (f" ({t['reason']})" if t["reason"] else "")})
+        for r in self.runtime:
+            name = f"runtime at {r['budget_mb']:.2f} MB ({r['for']})"
+            if r.get("error"):
+                out.append({"check": f"{name}: served", "passed": False,
+                            "detail": r["error"]})
+                continue
+            out.append({"check": f"{name}: peak RSS increase <= budget",
+                        "passed": r["rss_increase_mb"] is not None
+                        and r["rss_increase"] <= r["budget"],
+                        "detail": f"+{r['rss_increase_mb']:.2f} MB at tier {r['tier']}, "
+                                  f"plan {r['plan_mb']:.2f} MB"})
+            if r.get("self_test") is not None:
+                out.append({"check": f"{name}: self-test", "passed": bool(r["self_test"]),
+                            "detail": "judged at the golden tier"})
+        return out
+
+    @property
     def ok(self) -> bool:
-        return (all(r["parity_passed"] for r in self.rows)
-                and all(t["status"] in ("pass", "skipped") for t in self.targets)
-                and all(r.get("ok", True) for r in self.runtime))
+        """Whether every check held (:attr:`checks`): the CLI's exit status."""
+        return all(c["passed"] for c in self.checks)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ok": self.ok, "environment": self.environment, "seconds": round(self.seconds, 1),
-                "timings": self.timings, "methods": self.rows, "targets": self.targets,
-                "runtime": self.runtime, "package": self.package, "bench": self.bench, "skipped": self.skipped,
-                "plots": self.plots}
+        return {"ok": self.ok, "checks": self.checks, "environment": self.environment,
+                "seconds": round(self.seconds, 1), "timings": self.timings,
+                "methods": self.rows, "targets": self.targets, "baselines": self.baselines,
+                "runtime": self.runtime, "package": self.package, "bench": self.bench,
+                "skipped": self.skipped, "plots": self.plots}
+
+
+def runtime_budgets(baseline_memory: dict[str, int], smallest_plan: int,
+                    smallest_budget: int) -> tuple[list[int], dict[str, int | None]]:
+    """The budgets the demo runs the package at: one per distinct baseline memory point
+    (bytes of measured peak RSS increase) that is at least ``smallest_plan``, plus
+    ``smallest_budget``; ``(budgets ascending, baseline label -> its budget or None when
+    below the smallest plan)``."""
+    per_baseline = {label: (mem if mem >= smallest_plan else None)
+                    for label, mem in baseline_memory.items()}
+    budgets = sorted({smallest_budget, *(b for b in per_baseline.values() if b is not None)})
+    return budgets, per_baseline
 
 
 def _environment() -> dict[str, Any]:
@@ -105,7 +170,8 @@ def _environment() -> dict[str, Any]:
 
 def run_demo(out_dir: str | Path = "edgestack-demo", methods: dict[str, dict] | None = None,
              seq: int = 128, threads: int = 2, iterations: int = 20,
-             targets: tuple[str, ...] | str = "all", n_budgets: int = 3, bench: bool = True,
+             targets: tuple[str, ...] | str = "all", bench: bool = True,
+             baselines: tuple[str, ...] | None = None,
              log: Callable[[str], None] = print) -> DemoResult:
     """Run the demo and write ``out_dir/report.md``, ``report.json`` and plots.
 
@@ -117,8 +183,11 @@ def run_demo(out_dir: str | Path = "edgestack-demo", methods: dict[str, dict] | 
         threads: Intra-op threads for every backend.
         iterations: Timed calls per bench subject.
         targets: Target names or ``"all"`` for the compile/parity step.
-        n_budgets: Memory budgets the runtime runs the BitStack package at.
-        bench: Run the bench step (latency and memory vs baselines).
+        bench: Build the baselines, run the package at their memory and bench everything
+            (latency and memory vs baselines); ``False``: the package runs at the smallest
+            plans of its first and last tiers only.
+        baselines: Labels (:data:`edgestack.profiler.bench.BASELINES`) of the baselines to
+            measure and budget at; ``None``: every baseline that can run here.
         log: Progress callback.
     """
     t_start = time.perf_counter()
@@ -139,13 +208,18 @@ def run_demo(out_dir: str | Path = "edgestack-demo", methods: dict[str, dict] | 
 
     models = step("compress+export", lambda: _methods_step(result, methods, seq, threads, log))
     step("targets", lambda: _targets_step(result, models, targets, log))
+    base: tuple[list[Any], dict[str, str]] | None = None
+    if bench:
+        base = step("baselines", lambda: _baselines_step(result, models["none"], threads,
+                                                        baselines, log))
     package = None
     if "bitstack" in models:
         package = step("pack+runtime",
-                       lambda: _runtime_step(result, models["bitstack"], threads, n_budgets,
-                                             log))
-    if bench:
-        step("bench", lambda: _bench_step(result, models, package, threads, iterations, log))
+                       lambda: _runtime_step(result, models["bitstack"], threads,
+                                             base[0] if base else None, log))
+    if base is not None:
+        step("bench", lambda: _bench_step(result, models, base, package, threads, iterations,
+                                          log))
     step("plots", lambda: _plots_step(result))
     result.seconds = time.perf_counter() - t_start
     write_report(result, seq=seq, threads=threads)
@@ -239,64 +313,176 @@ def _artifact_dir(result: DemoResult, method: str, target: str) -> Path:
     return result.out_dir / "targets" / f"{index}_{method}" / target
 
 
-# ---- 3. pack and run with the runtime manager ---------------------------------------------
-def _runtime_step(result: DemoResult, model: Path, threads: int, n_budgets: int,
-                  log: Callable[[str], None]) -> list[Any]:
-    """Pack the BitStack model, run it at ``n_budgets`` budgets spread over its tiers (each
-    tier's smallest plan); returns the package subjects for the bench, memory measured."""
+# ---- 3. baselines: build, measure memory ----------------------------------------------------
+def _feeds_file(result: DemoResult) -> Path:
+    """The first held sentence as an ``.npz``: what every memory probe runs."""
     import numpy as np
 
+    path = result.out_dir / "bench" / "work" / "memory_feeds.npz"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **result.held_batches[0])
+    return path
+
+
+def _baselines_step(result: DemoResult, dense: Path, threads: int,
+                    labels: tuple[str, ...] | None, log: Callable[[str], None]
+                    ) -> tuple[list[Any], dict[str, str]]:
+    """Build the baselines from the dense model and measure each one's peak RSS increase in
+    a fresh process (:func:`~edgestack.profiler.bench.measure_memory`, the bench's probe);
+    ``(subjects with memory, skipped)``."""
+    from edgestack.profiler.bench import baseline_subjects, measure_memory
+
+    log("[3/5 baselines] building the baselines from the dense model ...")
+    subjects, skipped = baseline_subjects(dense, result.out_dir / "bench" / "work" / "baselines",
+                                          threads, lambda m: log(f"[3/5 baselines] {m}"))
+    if labels is not None:
+        subjects = [s for s in subjects if s.label.split(" (")[0] in labels]
+    feeds = _feeds_file(result)
+    for subj in subjects:
+        subj.memory = measure_memory(subj, feeds)
+        result.baselines.append({"label": subj.label, "precision": subj.precision,
+                                 "rss_increase": subj.memory["increase"],
+                                 "rss_increase_mb": round(subj.memory["increase"] / MB, 2),
+                                 "load_s": round(subj.memory["load_s"], 2)})
+        log(f"[3/5 baselines] {subj.label}: peak RSS +{subj.memory['increase'] / MB:.1f} MB")
+    return subjects, skipped
+
+
+# ---- 4. pack and run with the runtime manager ---------------------------------------------
+def _forms(modes: dict[str, str]) -> dict[str, int]:
+    """Layers per form of a plan (``int8``, ``fp32``, ``on-the-fly``)."""
+    counts = {"int8": 0, "fp32": 0, "on-the-fly": 0}
+    for mode in modes.values():
+        counts[mode] = counts.get(mode, 0) + 1
+    return counts
+
+
+def _forms_text(forms: dict[str, int] | None) -> str:
+    if not forms:
+        return ""
+    return ", ".join(f"{n} {form}" for form, n in forms.items() if n)
+
+
+def _precision(forms: dict[str, int]) -> str:
+    """What a plan computes its BitStack layers in (on-the-fly layers decode to float32)."""
+    parts = (["int8"] if forms.get("int8") else []) + (
+        ["fp32"] if forms.get("fp32") or forms.get("on-the-fly") else [])
+    return "+".join(parts) or "fp32"
+
+
+def _runtime_step(result: DemoResult, model: Path, threads: int,
+                  baselines: list[Any] | None, log: Callable[[str], None]) -> list[Any]:
+    """Pack the BitStack model and run it with the runtime manager at each budget of
+    :func:`runtime_budgets` (the baselines' measured memory; without baselines, the smallest
+    plans of the first and last tiers + 1 MiB); returns the package subjects for the bench,
+    memory measured. A baseline below the smallest plan gets ``does_not_fit``."""
+    import numpy as np
+
+    from edgestack.errors import BudgetError
+    from edgestack.package import Package
     from edgestack.package.archive import write_archive
     from edgestack.package.pack import pack
-    from edgestack.profiler.bench import measure_memory, package_subjects
+    from edgestack.profiler.bench import (BUDGET_HEADROOM, Subject, measure_memory,
+                                          package_subjects)
     from edgestack.profiler.quality import compare_embeddings, embed
     from edgestack.runtime import Runtime
 
     pkg_dir = result.out_dir / "packages" / "minilm-bitstack"
-    log(f"[3/5 runtime] packing {model.name} -> {pkg_dir} (and .tar) ...")
+    log(f"[4/5 runtime] packing {model.name} -> {pkg_dir} (and .tar) ...")
     packed = pack(model, pkg_dir, target="ort-cpu", name="all-MiniLM-L6-v2-bitstack")
     write_archive(pkg_dir, pkg_dir.with_suffix(".tar"))
-    subjects, _, _, top = package_subjects(pkg_dir, n_budgets, log, threads)
+    result.package = {"path": str(pkg_dir), "archive": str(pkg_dir.with_suffix(".tar")),
+                      **packed.to_dict()}
+    # tier 0 and the top tier, each at its calibrated smallest plan + 1 MiB
+    ends, skipped, _, top = package_subjects(pkg_dir, 2, log, threads)
+    if not ends:
+        result.skipped.update({f"runtime ({k})": v for k, v in skipped.items()})
+        return []
+    smallest_budget = ends[0].options["budget"]
+    smallest_plan = smallest_budget - BUDGET_HEADROOM
+    result.package["smallest_plan_mb"] = round(smallest_plan / MB, 2)
+    if baselines is not None:
+        budgets, per_baseline = runtime_budgets(
+            {b.label: b.memory["increase"] for b in baselines}, smallest_plan, smallest_budget)
+        why: dict[int, list[str]] = {}
+        for label, budget in per_baseline.items():
+            if budget is not None:
+                why.setdefault(budget, []).append(label)
+        why.setdefault(smallest_budget, []).insert(0, "smallest plan + 1 MiB")
+    else:
+        budgets = sorted({s.options["budget"] for s in ends})
+        why = {s.options["budget"]: [f"tier {s.options['tier']} smallest plan + 1 MiB"]
+               for s in ends}
+    with Package.open(pkg_dir) as pkg:
+        man = pkg.manifest
+        numel = sum(int(np.prod(info.shape)) for info in man.layers.values()) or 1
+        tier_bits = [t.bytes * 8 / numel for t in man.tiers]
+        tier_disk = [t.total_bytes for t in man.tiers]
     batches = result.held_batches
-    feeds_dir = result.out_dir / "packages" / "work"
-    feeds_dir.mkdir(parents=True, exist_ok=True)
-    np.savez(feeds_dir / "feeds.npz", **batches[0])
-    for subj in subjects:
-        budget = subj.options["budget"]
-        log(f"[3/5 runtime] budget {budget / 1e6:.1f} MB ...")
-        rt = Runtime(pkg_dir, budget=budget, threads=threads)
+    feeds = _feeds_file(result)
+    subjects = []
+    for budget in budgets:
+        row: dict[str, Any] = {"budget": budget, "budget_mb": round(budget / MB, 2),
+                               "for": "; ".join(why[budget]), "n_tiers": top + 1,
+                               "tier": None, "forms": None, "plan_mb": None,
+                               "rss_increase": None, "rss_increase_mb": None,
+                               "cosine_vs_fp32": None, "p50_ms": None, "error": None}
+        log(f"[4/5 runtime] budget {budget / MB:.2f} MB ({row['for']}) ...")
+        try:
+            rt = Runtime(pkg_dir, budget=budget, threads=threads)
+        except BudgetError as err:
+            # at or above the smallest plan by construction: a refusal breaks the promise
+            row.update(error=f"BudgetError: {err}", ok=False)
+            result.runtime.append(row)
+            log(f"    refused: {err}")
+            continue
         try:
             emb = embed(lambda f: next(iter(rt.infer(f).values())), batches)
             test = rt.self_test()
-            row = {"budget_mb": round(budget / 1e6, 1), "tier": rt.tier,
-                   "n_tiers": top + 1, "bits_per_weight": round(subj.options["bits"], 3),
-                   "plan_mb": round(rt.plan.total / 1e6, 2),
-                   "materialized_layers": len(rt.plan.materialized),
-                   "self_test": test.get("passed"),   # judged at the golden tier only
-                   "cosine_vs_fp32": round(
-                       compare_embeddings(result.reference_embeddings, emb)["cosine_mean"], 5)}
+            row.update(tier=rt.tier, bits_per_weight=round(tier_bits[rt.tier], 3),
+                       forms=_forms(rt.plan.modes), plan_mb=round(rt.plan.total / MB, 2),
+                       self_test=test.get("passed"),     # judged at the golden tier only
+                       cosine_vs_fp32=round(compare_embeddings(
+                           result.reference_embeddings, emb)["cosine_mean"], 5))
+            plan_bytes = rt.plan.total
         finally:
             rt.close()
-        subj.label = f"bitstack package {row['budget_mb']} MB (tier {row['tier']})"
-        subj.memory = measure_memory(subj, feeds_dir / "feeds.npz")
-        row["rss_increase_mb"] = round(subj.memory["increase"] / 1e6, 2)
-        row["load_s"] = round(subj.memory["load_s"], 2)
+        # the probe process runs the runtime manager at the same budget: it chooses again
+        subj = Subject(f"bitstack package at {row['budget_mb']:.2f} MB (tier {row['tier']})",
+                       "package", str(pkg_dir), "ort-cpu",
+                       precision=_precision(row["forms"]),
+                       disk_bytes=tier_disk[row["tier"]], plan_bytes=plan_bytes,
+                       options={"budget": budget, "bits": tier_bits[row["tier"]],
+                                "threads": threads})
+        subj.memory = measure_memory(subj, feeds)
+        row.update(label=subj.label, rss_increase=subj.memory["increase"],
+                   rss_increase_mb=round(subj.memory["increase"] / MB, 2),
+                   load_s=round(subj.memory["load_s"], 2))
         row["ok"] = row["self_test"] is not False and subj.memory["increase"] <= budget
         result.runtime.append(row)
-        log(f"    tier {row['tier']}/{top}: {row['bits_per_weight']} bits/weight, "
-            f"plan {row['plan_mb']} MB, peak RSS +{row['rss_increase_mb']} MB, cosine "
+        subjects.append(subj)
+        log(f"    tier {row['tier']}/{top} ({_forms_text(row['forms'])}): "
+            f"{row['bits_per_weight']} bits/weight, plan {row['plan_mb']} MB, peak RSS "
+            f"+{row['rss_increase_mb']} MB{'' if row['ok'] else ' OVER BUDGET'}, cosine "
             f"{row['cosine_vs_fp32']}")
-    result.package = {"path": str(pkg_dir), "archive": str(pkg_dir.with_suffix(".tar")),
-                      **packed.to_dict()}
+    if baselines is not None:
+        by_budget = {r["budget"]: r for r in result.runtime}
+        for entry in result.baselines:
+            budget = per_baseline.get(entry["label"])
+            entry["budget_mb"] = None if budget is None else round(budget / MB, 2)
+            entry["runtime_label"] = None if budget is None else by_budget[budget].get("label")
+            entry["does_not_fit"] = (None if budget is not None else
+                                     f"does not fit: smallest plan {smallest_plan / MB:.2f} MB")
     return subjects
 
 
-# ---- 4. bench -------------------------------------------------------------------------------
-def _bench_step(result: DemoResult, models: dict[str, Path], package: Any,
-                threads: int, iterations: int, log: Callable[[str], None]) -> None:
+# ---- 5. bench -------------------------------------------------------------------------------
+def _bench_step(result: DemoResult, models: dict[str, Path], baselines: tuple[list[Any],
+                dict[str, str]], package: list[Any] | None, threads: int, iterations: int,
+                log: Callable[[str], None]) -> None:
     from edgestack.profiler.bench import (BenchReport, QualityProbe, Subject, _files_bytes,
-                                          baseline_subjects, measure_subjects,
-                                          reference_handle, write_report)
+                                          measure_subjects, reference_handle, write_report)
     from edgestack.profiler.quality import sentence_feeds
     from edgestack.targets import get_target
     from edgestack.targets.base import Artifact
@@ -312,9 +498,7 @@ def _bench_step(result: DemoResult, models: dict[str, Path], package: Any,
                                    sentence_feeds(result.held_batches, feeds))
     finally:
         ref.close()
-    log("[4/5 bench] building baselines ...")
-    subjects, skipped = baseline_subjects(dense, work / "baselines", threads,
-                                          lambda m: log(f"[4/5 bench] {m}"))
+    subjects, skipped = list(baselines[0]), dict(baselines[1])
     for method in models:
         if method == "none":
             continue
@@ -336,11 +520,18 @@ def _bench_step(result: DemoResult, models: dict[str, Path], package: Any,
                                     "artifact", str(art.folder), "ort-cpu",
                                     precision=art.precision,
                                     disk_bytes=_files_bytes(art.folder)))
-    if package is not None:
+    if package:
         subjects.extend(package)
     rows = measure_subjects(subjects, feeds, reference, work, quality=probe,
                             iterations=iterations, warmup=3,
-                            log=lambda m: log(f"[4/5 bench] {m}"))
+                            log=lambda m: log(f"[5/5 bench] {m}"))
+    by_label = {r.label: r for r in rows}
+    for row in result.runtime:                           # the tier the runtime chose
+        if row.get("label") in by_label:
+            bench_row = by_label[row["label"]]
+            bench_row.tier = row["tier"]
+            row["p50_ms"] = round(bench_row.p50_ms, 2)
+            row["quality"] = round(bench_row.cosine, 5)
     report = BenchReport("all-MiniLM-L6-v2 (edgestack demo)", rows, skipped,
                          {"threads": threads, "iterations": iterations,
                           "inputs": {k: list(v.shape) for k, v in feeds.items()},
@@ -348,10 +539,16 @@ def _bench_step(result: DemoResult, models: dict[str, Path], package: Any,
                           "metric": probe.metric, "ratio_base": "ORT fp32"})
     write_report(report, out)
     result.bench = report.to_dict()
-    by_label = {r.label: r for r in rows}
-    for row, subj in zip(result.runtime, package or []):
-        if subj.label in by_label:
-            row["p50_ms"] = round(by_label[subj.label].p50_ms, 2)
+    runtime_by_label = {r.get("label"): r for r in result.runtime}
+    for entry in result.baselines:
+        base = by_label.get(entry["label"])
+        if base is None:
+            continue
+        entry["quality"] = round(base.cosine, 5) if base.cosine is not None else None
+        entry["p50_ms"] = round(base.p50_ms, 2)
+        ours = runtime_by_label.get(entry.get("runtime_label"))
+        if ours is not None and ours.get("p50_ms") is not None and base.p50_ms:
+            entry["latency_ratio"] = round(by_label[ours["label"]].p50_ms / base.p50_ms, 3)
     result.plots.update({k: v for k, v in report.files.items() if k.endswith("plot")})
 
 
@@ -376,8 +573,30 @@ def write_report(result: DemoResult, seq: int, threads: int) -> None:
 
     out = result.out_dir
     (out / "report.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
+    checks = result.checks
+    failed = [c for c in checks if not c["passed"]]
     lines = [
         "# edgestack demo report",
+        "",
+        "## What passed / what failed",
+        "",
+        (f"**PASS**: all {len(checks)} checks held." if not failed else
+         f"**FAIL**: {len(failed)} of {len(checks)} checks failed "
+         f"({', '.join(c['check'] for c in failed)})."),
+        "",
+        "| check | result | detail |",
+        "| --- | --- | --- |",
+        *[f"| {c['check']} | {'PASS' if c['passed'] else 'FAIL'} | {c['detail']} |"
+          for c in checks],
+    ]
+    info = [f"- {b['label']} (+{b['rss_increase_mb']:.2f} MB): {b['does_not_fit']}"
+            for b in result.baselines if b.get("does_not_fit")]
+    info += [f"- {k}: skipped ({v})" for k, v in result.skipped.items()]
+    if info:
+        lines += ["", "Not checks (nothing promised): baselines whose memory is below the "
+                  "package's smallest plan, where the runtime refuses the budget "
+                  "(`BudgetError`), and targets that cannot run here.", "", *info]
+    lines += [
         "",
         f"Model: all-MiniLM-L6-v2 (real weights), batch 1, seq {seq}; {threads} threads. "
         f"Made by `edgestack demo` in {result.seconds:.0f} s "
@@ -413,27 +632,76 @@ def write_report(result: DemoResult, seq: int, threads: int) -> None:
                      f"{_fmt(t['cosine'], '.6f')} | {_fmt(t['max_rel'], '.2e')} | "
                      f"{t['seconds']} |")
     if result.runtime:
-        lines += ["", "## 3. Runtime manager: the BitStack package at three budgets", "",
-                  "| budget MB | tier | bits/weight | plan MB | peak RSS increase MB | "
-                  "cosine vs fp32 | p50 ms |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        smallest = result.package.get("smallest_plan_mb")
+        budgets = ("each baseline's measured peak RSS increase (section 4) that is at least "
+                   f"the package's smallest plan ({_fmt(smallest, '.2f')} MB), and that "
+                   "smallest plan + 1 MiB" if result.baselines else
+                   "the smallest plans of the first and last tiers + 1 MiB (no baselines: "
+                   "the bench was skipped)")
+        lines += ["", "## 3. Runtime manager: the BitStack package at "
+                  + ("the baselines' memory" if result.baselines else "its smallest budgets"),
+                  "",
+                  "The runtime manager picks the largest tier and the per-layer forms (int8 / "
+                  "fp32 materialised, or decoded on the fly) whose calibrated plan fits the "
+                  f"budget. Budgets: {budgets}. Peak RSS increase: a fresh process running the "
+                  "runtime at the budget; cosine: masked mean-pooled vs fp32 on the held "
+                  "sentences; p50: the bench's interleaved timing; ok: measured <= budget.", "",
+                  "| budget MB | for | tier | forms | bits/weight | plan MB | "
+                  "peak RSS increase MB | cosine vs fp32 | p50 ms | ok |",
+                  "| ---: | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | :---: |"]
         for r in result.runtime:
-            lines.append(f"| {r['budget_mb']} | {r['tier']} | {_fmt(r.get('bits_per_weight'), '.2f')} "
-                         f"| {_fmt(r.get('plan_mb'), '.1f')} | "
-                         f"{_fmt(r.get('rss_increase_mb'), '.1f')} | "
+            if r.get("error"):
+                lines.append(f"| {r['budget_mb']:.2f} | {r['for']} | | | | | | | | "
+                             f"FAIL: {r['error']} |")
+                continue
+            lines.append(f"| {r['budget_mb']:.2f} | {r['for']} | {r['tier']} of "
+                         f"{r['n_tiers'] - 1} | {_forms_text(r['forms'])} | "
+                         f"{_fmt(r.get('bits_per_weight'), '.2f')} | "
+                         f"{_fmt(r.get('plan_mb'), '.2f')} | "
+                         f"{_fmt(r.get('rss_increase_mb'), '.2f')} | "
                          f"{_fmt(r.get('cosine_vs_fp32'), '.4f')} | "
-                         f"{_fmt(r.get('p50_ms'), '.2f')} |")
+                         f"{_fmt(r.get('p50_ms'), '.2f')} | {'yes' if r['ok'] else 'NO'} |")
+    if result.baselines:
+        lines += ["", "## 4. At each baseline's memory: the runtime manager at that budget", "",
+                  "Each baseline's peak RSS increase (a fresh process, the same probe as the "
+                  "package rows) is the package's budget; quality: the bench's metric (section "
+                  "5) for both; latency ratio: the package's p50 / the baseline's p50, timed "
+                  "interleaved in one process (below 1 is faster).", "",
+                  "| baseline | peak RSS increase MB | quality | p50 ms | package at that "
+                  "budget | tier | forms | its peak RSS increase MB | its quality | latency "
+                  "ratio vs baseline |",
+                  "| --- | ---: | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: |"]
+        by_label = {r.get("label"): r for r in result.runtime}
+        for b in result.baselines:
+            head = (f"| {b['label']} | {b['rss_increase_mb']:.2f} | "
+                    f"{_fmt(b.get('quality'), '.5f')} | {_fmt(b.get('p50_ms'), '.2f')} | ")
+            ours = by_label.get(b.get("runtime_label"))
+            if b.get("does_not_fit"):
+                lines.append(head + f"{b['does_not_fit']} | | | | | |")
+            elif ours is None:
+                budget = b.get("budget_mb")
+                lines.append(head + f"not served at {_fmt(budget, '.2f')} MB (section 3) "
+                             "| | | | | |")
+            else:
+                lines.append(head + f"{ours['budget_mb']:.2f} MB budget | {ours['tier']} | "
+                             f"{_forms_text(ours['forms'])} | "
+                             f"{_fmt(ours.get('rss_increase_mb'), '.2f')} | "
+                             f"{_fmt(ours.get('quality'), '.5f')} | "
+                             f"{_fmt(b.get('latency_ratio'), '.3f')} |")
     if result.bench:
         from edgestack.profiler.bench import BenchReport, Row
 
         rows = [Row(**{k: v for k, v in r.items()}) for r in result.bench["rows"]]
-        md = BenchReport("", rows, {}, result.bench["settings"]).markdown()
-        lines += ["", "## 4. Bench: latency and memory vs the baselines", "",
+        md = BenchReport("", rows, {}, result.bench["settings"]).markdown(at_baseline=False)
+        lines += ["", "## 5. Bench: latency and memory vs the baselines", "",
                   "Latency timed interleaved in one process on the first held sentence "
                   "(ratio vs ORT fp32 of the uncompressed model); peak RSS increase and load "
                   "time each in a fresh process; quality: the masked mean-pooled "
                   "sentence-embedding cosine vs ORT fp32 of the uncompressed model, mean over "
                   "the held sentences (the metric of section 1); max abs: the largest output "
-                  "error on the first held sentence.", "", md]
+                  "error on the first held sentence. The table of edgestack's best subject "
+                  "within each baseline's memory (any compiled model or package row) is in "
+                  "`bench/bench.md`.", "", md]
     if result.plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{k}]({Path(v).relative_to(out)})" for k, v in result.plots.items()]

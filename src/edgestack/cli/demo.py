@@ -16,10 +16,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Run the main job on the embedded default model (all-MiniLM-L6-v2): "
         "compress with each method and export with edgestack ops; compile for every target "
         "available here (parity vs the x86 reference; unavailable targets are listed with the "
-        "reason); pack the BitStack model and run it with the runtime manager at three memory "
-        "budgets; bench against ORT fp32 / int8 / int4 and OpenVINO f32 / bf16. Writes "
-        "OUT/report.md, report.json, PNG plots, models, artifacts and packages. Exit 1 when "
-        "a parity check or self-test fails.",
+        "reason); build the baselines (ORT fp32 / int8 / int4, OpenVINO f32 / bf16) and "
+        "measure their peak RSS increase; pack the BitStack model and run it with the runtime "
+        "manager at a budget equal to each baseline's memory (those below the package's "
+        "smallest plan are reported, not run) and at its smallest plan; bench everything. "
+        "Writes OUT/report.md (opening with what passed and what failed), report.json, PNG "
+        "plots, models, artifacts and packages. Exit 1 when a check fails: export parity, a "
+        "target check, a self-test, or a package row whose measured peak RSS increase is "
+        "over its budget.",
     )
     p.add_argument("--out", default="edgestack-demo", help="output folder (default: %(default)s)")
     p.add_argument("--seq", type=int, default=128, help="sequence length (default 128)")
@@ -27,9 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iterations", type=int, default=20, help="timed calls per bench subject")
     p.add_argument("--targets", default="all",
                    help="comma-separated targets for the compile step, or 'all' (default)")
-    p.add_argument("--budgets", type=int, default=3,
-                   help="memory budgets to run the BitStack package at (default 3)")
-    p.add_argument("--no-bench", action="store_true", help="skip the bench step")
+    p.add_argument("--no-bench", action="store_true",
+                   help="skip the baselines and the bench (the package then runs at the "
+                   "smallest plans of its first and last tiers)")
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of none,shift,bitstack,lowrank,prune")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -52,12 +56,11 @@ def run(args: argparse.Namespace) -> int:
         methods = {m: DEFAULT_METHODS[m] for m in names}
     targets = args.targets if args.targets == "all" else tuple(
         t.strip() for t in args.targets.split(",") if t.strip())
-    if args.seq < 1 or args.threads < 1 or args.iterations < 1 or args.budgets < 1:
-        raise EdgestackError(f"demo: --seq, --threads, --iterations and --budgets must be >= 1; "
-                             f"found {args.seq}, {args.threads}, {args.iterations}, "
-                             f"{args.budgets}")
+    if args.seq < 1 or args.threads < 1 or args.iterations < 1:
+        raise EdgestackError(f"demo: --seq, --threads and --iterations must be >= 1; "
+                             f"found {args.seq}, {args.threads}, {args.iterations}")
     result = run_demo(args.out, methods=methods, seq=args.seq, threads=args.threads,
-                      iterations=args.iterations, targets=targets, n_budgets=args.budgets,
+                      iterations=args.iterations, targets=targets,
                       bench=not args.no_bench,
                       log=lambda m: print(m, file=sys.stderr, flush=True))
     if args.json:

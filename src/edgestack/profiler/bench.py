@@ -620,9 +620,10 @@ class BenchReport:
                 "pareto": pareto_table(self.rows), "at_baseline": at_baseline_table(self.rows),
                 "files": self.files}
 
-    def markdown(self) -> str:
+    def markdown(self, at_baseline: bool = True) -> str:
         """The rows as a markdown table, then the Pareto tables (what bench.md and the
-        terminal show)."""
+        terminal show); ``at_baseline=False`` leaves out the at-each-baseline's-memory table
+        (the demo report has its own)."""
         head = ("| subject | target | precision | disk MB | plan MB | peak RSS +MB | load s | "
                 "p50 ms | p90 ms | p99 ms | ± ms | items/s | ratio | quality | max abs |")
         lines = [head, "|" + " --- |" * 3 + " ---: |" * 12]
@@ -654,7 +655,7 @@ class BenchReport:
         if pareto["rows"]:
             lines += ["", "### By memory (Pareto: no other subject has less or equal memory "
                       "and higher or equal quality)", "", pareto_markdown(pareto)]
-        at_base = at_baseline_table(self.rows)
+        at_base = at_baseline_table(self.rows) if at_baseline else {"rows": []}
         if at_base["rows"]:
             lines += ["", "### At each baseline's memory: edgestack's best subject", "",
                       at_baseline_markdown(at_base)]
