@@ -185,12 +185,6 @@ def test_demo_budgets_are_the_baselines_memory(demo: DemoResult) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "runtime memory promise broken at 38e9745: with the held sentence's token ids the "
-    "measured peak RSS increase is about 8 MB over the plan at seq 16 (the embedding rows of "
-    "spread ids cost far more than the planner's rows_per_call pages; the calibration "
-    "probes use the golden ids in [0, 100), which do not show it). Remove this mark once "
-    "the planner counts it."))
 def test_demo_memory_promise_holds(demo: DemoResult) -> None:
     over = [(r["budget_mb"], r["rss_increase_mb"]) for r in demo.runtime if not r["ok"]]
     assert not over, f"package rows over their budget (budget MB, measured MB): {over}"
