@@ -71,7 +71,9 @@ def dequantize_rows(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return codes.astype(scale.dtype) * scale
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a new initializer with a unique name based on ``name`` (the
+    targets' passes use it too)."""
     base, k = name, 0
     while name in graph.initializers:
         k += 1
@@ -151,8 +153,8 @@ class CompactEmbeddingsPass(ir.passes.InPlacePass):
                 continue
             table = value.const_value.numpy()
             codes, scale = quantize_rows(table)
-            qv = _initializer(graph, f"{name}_int8", codes)
-            sv = _initializer(graph, f"{name}_scale", scale)
+            qv = add_initializer(graph, f"{name}_int8", codes)
+            sv = add_initializer(graph, f"{name}_scale", scale)
             for i, gather in enumerate(m):
                 base = f"{gather.name or name}_compact{i if len(m) > 1 else ''}"
                 ids = gather.inputs[1]
@@ -190,5 +192,5 @@ class CompactEmbeddingsPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, bool(tables))
 
 
-__all__ = ["CompactEmbeddingsPass", "quantize_rows", "dequantize_rows",
+__all__ = ["CompactEmbeddingsPass", "quantize_rows", "dequantize_rows", "add_initializer",
            "META_COMPACT_EMBEDDINGS", "DEFAULT_MIN_BYTES", "BITS"]

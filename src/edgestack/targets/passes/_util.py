@@ -7,6 +7,8 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from edgestack.exporter.passes.compact_embeddings import add_initializer  # noqa: F401 - re-export
+
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
     """The numpy value of an initializer/constant input, else ``None``."""
@@ -29,19 +31,6 @@ def attrs(node: ir.Node) -> dict[str, Any]:
         v = a.value
         out[name] = list(v) if isinstance(v, (list, tuple)) else v
     return out
-
-
-def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """Register ``array`` as a new initializer with a unique name based on ``name``."""
-    base, k = name, 0
-    while name in graph.initializers:
-        k += 1
-        name = f"{base}_{k}"
-    value = ir.Value(name=name, shape=ir.Shape(array.shape),
-                     type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=name))
-    graph.register_initializer(value)
-    return value
 
 
 def replace_node(graph: ir.Graph, node: ir.Node, new_output: ir.Value,
