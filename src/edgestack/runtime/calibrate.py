@@ -13,10 +13,10 @@ planner measures them where it runs:
 2. a fresh interpreter serves the package's **top tier with every layer materialised** (the
    mixed graph) and runs the golden inputs three times: its peak minus the baseline, minus
    what the plan counts without overhead, is the mixed graph's fixed overhead;
-3. **tier 0 with every layer decoded on the fly** on the mixed graph: what is left above the
-   plan and that overhead, divided by the decode work of the largest layer, is the decode
-   temporaries per weight per block;
-4. tier 0 on the fly on the plain graph: what is left is the plain graph's fixed overhead.
+3. **tier 0 and the top tier with every layer decoded on the fly** (plain graph): the
+   difference of what is left above the two plans, divided by the difference of the largest
+   layer's decode work, is the decode temporaries per weight per block; what tier 0 leaves
+   after them is the plain graph's fixed overhead.
 
 The result is cached as JSON under :func:`cache_dir`, keyed by the package's manifest hash
 and the machine (architecture, Python, numpy and ONNX Runtime versions, C library, page
@@ -126,11 +126,10 @@ def measure(package: Any, *, threads: int | None = None, optimization: str = "al
     """Run the probes (see the module doc) on ``package``; the costs and the raw
     measurements as a JSON-able dict. Raises RuntimeError when a probe fails.
 
-    With a mixed graph (``model.mixed.onnx``) there are three runs: the top tier with every
-    layer materialised (int8; mixed graph) gives the mixed overhead; tier 0 on the fly on the
-    mixed graph gives the decode temporaries; tier 0 on the fly on the plain graph gives the
-    plain overhead. Without one, tier 0 on the plain graph gives the plain overhead (decode
-    temporaries: the documented constant).
+    Tier 0 and the top tier with every layer on the fly (plain graph) give the decode
+    temporaries (from the difference, so independent of the overhead) and then the plain
+    overhead; with a mixed graph (``model.mixed.onnx``), the top tier with every layer
+    materialised (int8) gives the mixed overhead.
     """
     man = package.manifest
     top, n_layers = len(man.tiers) - 1, len(man.layers)
@@ -145,27 +144,40 @@ def measure(package: Any, *, threads: int | None = None, optimization: str = "al
                       PROBE_CALLS, graph)["hwm"] - base
 
     sizes = {e.role: e.size for e in man.files.values() if e.role in ("graph", "variant")}
-    plan0 = plan_tier(man, 0, materialize=0, costs=zero)      # plain graph, on the fly
-    work = max(((lp.blocks + 1) * _numel(man.layers[lp.name]) for lp in plan0.layers),
-               default=0)
+
+    def otf(tier: int) -> tuple[Any, int]:
+        """The all-on-the-fly plan of ``tier`` (plain graph) and its decode work."""
+        plan = plan_tier(man, tier, materialize=0, costs=zero)
+        return plan, max(((lp.blocks + 1) * _numel(man.layers[lp.name]) for lp in plan.layers),
+                         default=0)
+
+    plan0, work0 = otf(0)
     result: dict[str, Any] = {"baseline_hwm": base}
+    inc0 = run(0, 0, "plain")
     decode = float(DEFAULT_COSTS.decode_temp_bytes)
+    result["on_the_fly"] = {"tier": 0, "increase": inc0, "counted": plan0.expected_bytes,
+                            "decode_work": work0}
+    if n_layers and top > 0:
+        # the same graph at two tiers: the difference is decode temporaries and blocks only,
+        # so the coefficient does not depend on the overhead
+        plan1, work1 = otf(top)
+        inc1 = run(top, 0, "plain")
+        if work1 > work0:
+            raw = ((inc1 - plan1.expected_bytes) - (inc0 - plan0.expected_bytes)) / (
+                work1 - work0)
+            decode = min(max(raw, DECODE_TEMP_RANGE[0]), DECODE_TEMP_RANGE[1])
+            result["on_the_fly_top"] = {"tier": top, "increase": inc1,
+                                        "counted": plan1.expected_bytes, "decode_work": work1,
+                                        "decode_temp_raw": raw}
+    overhead = max(0, int(inc0 - plan0.expected_bytes - decode * work0))
     mixed_overhead = None
     if "variant" in sizes and plan_tier(man, top, materialize=n_layers, costs=zero).mixed:
+        # every layer materialised: no decode temporaries; what is left is the mixed graph's
+        # overhead (with what materialising costs beyond the model: conservative)
         counted = plan_tier(man, top, materialize=n_layers, costs=zero).expected_bytes
         inc = run(top, n_layers, "auto")
         mixed_overhead = max(0, inc - counted)
         result["materialized"] = {"tier": top, "increase": inc, "counted": counted}
-        counted = plan0.expected_bytes - sizes["graph"] + sizes["variant"]
-        inc = run(0, 0, "mixed")
-        raw = (inc - mixed_overhead - counted) / max(work, 1)
-        decode = min(max(raw, DECODE_TEMP_RANGE[0]), DECODE_TEMP_RANGE[1])
-        result["on_the_fly_mixed"] = {"tier": 0, "increase": inc, "counted": counted,
-                                      "decode_work": work, "decode_temp_raw": raw}
-    inc = run(0, 0, "plain")
-    overhead = max(0, int(inc - plan0.expected_bytes - decode * work))
-    result["on_the_fly"] = {"tier": 0, "increase": inc, "counted": plan0.expected_bytes,
-                            "decode_work": work}
     result["costs"] = {"overhead": overhead, "overhead_mixed": mixed_overhead,
                        "decode_temp_bytes": round(decode, 3)}
     return result

@@ -640,6 +640,10 @@ class Runtime:
             feeds.update(self._form_feeds(lp.name, lp.mode, lp.blocks, graph == "mixed",
                                           old if old is not None and old.graph == graph
                                           else None))
+        if plan.mixed and self._bmap is not None:
+            # decoding drops each layer's records, but the kernel's fault-around maps pages
+            # around each read again: nothing of the block file is needed while serving
+            self._bmap.drop(0, self._bmap.size)
         known = {i.name for i in session.get_inputs()}
         unknown = sorted(set(feeds) - known)
         if unknown:
