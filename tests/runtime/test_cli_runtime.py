@@ -28,6 +28,11 @@ def test_pack_plan_run_verify(tmp_path, capsys, small_model):
     assert code == 0 and plan["tier"] == plan["n_tiers"] - 1 and plan["fits"]
     assert {"layers", "arena", "overhead_bytes", "total", "budget"} <= set(plan)
     assert all(lp["mode"] in ("int8", "fp32", "on-the-fly") for lp in plan["layers"])
+    assert plan["costs"]["source"].startswith("calibrated")    # measured here, then cached
+    assert plan["margin_bytes"] >= 3 * 2**20 and plan["total"] == (plan["expected_bytes"]
+                                                                   + plan["margin_bytes"])
+    code, out = run_json(capsys, ["plan", str(pkg), "--budget", "1GB", "--no-calibrate"])
+    assert code == 0 and out["plan"]["costs"]["source"] == "documented constants"
 
     assert main(["plan", str(pkg), "--budget", "1MB"]) == 2
     err = capsys.readouterr().err
