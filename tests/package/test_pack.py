@@ -43,9 +43,11 @@ def test_manifest_blocks_in_importance_order(small_pkg, small_model):
         man = pkg.manifest
         assert man.target == "ort-cpu"
         assert [(r.layer, r.block) for r in pkg.block_index] == importance_order(stacks)
-        assert set(pkg.files) == {"model.onnx", "model.mixed.onnx", "model.data",
-                                  "blocks.bin", "golden/inputs.npz", "golden/outputs.npz"}
-        assert pkg.files["model.mixed.onnx"].role == "variant"
+        assert set(pkg.files) == {"model.onnx", "model.mixed.onnx", "model.int8.onnx",
+                                  "model.data", "blocks.bin", "golden/inputs.npz",
+                                  "golden/outputs.npz"}
+        assert pkg.files["model.mixed.onnx"].role == pkg.files["model.int8.onnx"].role == (
+            "variant")
         for name, st in stacks.items():
             got = pkg.layer_stack(name)
             np.testing.assert_array_equal(got.signs, st.signs)

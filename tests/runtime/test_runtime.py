@@ -296,4 +296,6 @@ def test_peak_rss_within_budget_and_plan(big_pkg, calib_cache):
         assert run["plan"] == plan.total or run["tier"] >= plan.tier, (run, plan.tier)
         increase = run["hwm"] - base["hwm"]
         assert increase <= budget, (increase, budget, run)
-        assert 0.9 <= increase / run["plan"] <= 1.0, (increase, run["plan"], run)
+        # within 15% of the plan on this 20 MiB model, whose 3 MiB minimum margin alone is
+        # 13% of it (MiniLM's test and bench hold 0.9)
+        assert 0.85 <= increase / run["plan"] <= 1.0, (increase, run["plan"], run)

@@ -10,9 +10,10 @@ planner measures them where it runs:
 
 1. a fresh interpreter imports numpy, onnxruntime and :mod:`edgestack.runtime` and reports
    its peak RSS (``VmHWM``): the baseline every plan is counted above;
-2. a fresh interpreter serves the package's **top tier with every layer materialised** (the
-   mixed graph) and runs the golden inputs three times: its peak minus the baseline, minus
-   what the plan counts without overhead, is the mixed graph's fixed overhead;
+2. a fresh interpreter serves the package's **top tier with every layer materialised**
+   (int8), once on the mixed graph and once on the int8 graph, and runs the golden inputs
+   three times: its peak minus the baseline, minus what the plan counts without overhead, is
+   that graph's fixed overhead;
 3. **tier 0 and the top tier with every layer decoded on the fly** (plain graph): the
    difference of what is left above the two plans, divided by the difference of the largest
    layer's decode work, is the decode temporaries per weight per block; what tier 0 leaves
@@ -143,7 +144,6 @@ def measure(package: Any, *, threads: int | None = None, optimization: str = "al
         return _probe("run", package.path, tier, mat, threads or 0, optimization,
                       PROBE_CALLS, graph)["hwm"] - base
 
-    sizes = {e.role: e.size for e in man.files.values() if e.role in ("graph", "variant")}
 
     def otf(tier: int) -> tuple[Any, int]:
         """The all-on-the-fly plan of ``tier`` (plain graph) and its decode work."""
@@ -170,17 +170,34 @@ def measure(package: Any, *, threads: int | None = None, optimization: str = "al
                                         "counted": plan1.expected_bytes, "decode_work": work1,
                                         "decode_temp_raw": raw}
     overhead = max(0, int(inc0 - plan0.expected_bytes - decode * work0))
-    mixed_overhead = None
-    if "variant" in sizes and plan_tier(man, top, materialize=n_layers, costs=zero).mixed:
-        # every layer materialised: no decode temporaries; what is left is the mixed graph's
+    mixed_overhead = int8_overhead = None
+    top_plan = plan_tier(man, top, materialize=n_layers, costs=zero)
+    if top_plan.materialized:
+        # every layer materialised: no decode temporaries; what is left is the graph's
         # overhead (with what materialising costs beyond the model: conservative)
-        counted = plan_tier(man, top, materialize=n_layers, costs=zero).expected_bytes
-        inc = run(top, n_layers, "auto")
-        mixed_overhead = max(0, inc - counted)
-        result["materialized"] = {"tier": top, "increase": inc, "counted": counted}
+        names = {"mixed": "mixed", **({"int8": "auto"} if top_plan.graph == "int8" else {})}
+        for graph, how in names.items():
+            counted = (top_plan.expected_bytes - top_plan.graph_bytes
+                       + _graph_size(man, graph))
+            inc = run(top, n_layers, how)
+            if graph == "mixed":
+                mixed_overhead = max(0, inc - counted)
+            else:
+                int8_overhead = max(0, inc - counted)
+            result[f"materialized_{graph}"] = {"tier": top, "increase": inc, "counted": counted}
     result["costs"] = {"overhead": overhead, "overhead_mixed": mixed_overhead,
-                       "decode_temp_bytes": round(decode, 3)}
+                       "overhead_int8": int8_overhead, "decode_temp_bytes": round(decode, 3)}
     return result
+
+
+def _graph_size(man: Any, graph: str) -> int:
+    """Bytes of the file of ``graph`` (``"plain"``, ``"mixed"``, ``"int8"``)."""
+    from edgestack.package.variants import INT8_FILE, VARIANT_FILE
+
+    if graph == "plain":
+        return sum(e.size for e in man.files.values() if e.role == "graph")
+    entry = man.files.get(VARIANT_FILE if graph == "mixed" else INT8_FILE)
+    return entry.size if entry is not None else 0
 
 
 def _numel(info: Any) -> int:
@@ -224,10 +241,10 @@ def calibrate(package: Any, *, threads: int | None = None, optimization: str = "
 
 
 def _costs(c: Mapping[str, Any], path: Path) -> Costs:
-    mixed = c.get("overhead_mixed")
+    mixed, int8 = c.get("overhead_mixed"), c.get("overhead_int8")
     return Costs(int(c["overhead"]), float(c["decode_temp_bytes"]),
                  f"calibrated on this machine ({path.name})",
-                 None if mixed is None else int(mixed))
+                 None if mixed is None else int(mixed), None if int8 is None else int(int8))
 
 
 __all__ = ["calibrate", "measure", "machine_key", "cache_dir", "DECODE_TEMP_RANGE"]

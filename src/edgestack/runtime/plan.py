@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from edgestack.errors import BudgetError, PackageError
+from edgestack.package.variants import INT8_FILE, VARIANT_FILE
 
 PAGE = 4096
 MiB = 2**20
@@ -99,12 +100,20 @@ class Costs:
     overhead_mixed: int | None = None
     """The overhead with the mixed graph (``model.mixed.onnx``: one ``If`` site per layer);
     None: the same as ``overhead``."""
+    overhead_int8: int | None = None
+    """The overhead with the int8 graph (``model.int8.onnx``); None: as the mixed graph's."""
 
-    def overhead_for(self, mixed: bool) -> int:
-        return self.overhead_mixed if mixed and self.overhead_mixed is not None else self.overhead
+    def overhead_for(self, graph: str) -> int:
+        """The overhead of serving with ``graph`` (``"plain"``, ``"mixed"`` or ``"int8"``)."""
+        for value in ((self.overhead_int8,) if graph == "int8" else ()) + (
+                (self.overhead_mixed,) if graph != "plain" else ()):
+            if value is not None:
+                return value
+        return self.overhead
 
     def to_dict(self) -> dict[str, Any]:
         return {"overhead": self.overhead, "overhead_mixed": self.overhead_mixed,
+                "overhead_int8": self.overhead_int8,
                 "decode_temp_bytes": self.decode_temp_bytes, "source": self.source}
 
 
@@ -153,6 +162,9 @@ class MemoryPlan:
     budget_source: str = ""
     notes: tuple[str, ...] = field(default_factory=tuple)
     costs: Costs = DEFAULT_COSTS
+    graph: str = "plain"
+    """The graph the plan runs: ``"plain"`` (every layer on the fly), ``"int8"`` (every layer
+    int8, when the package has that graph) or ``"mixed"``."""
 
     @property
     def layer_bytes(self) -> int:
@@ -202,6 +214,7 @@ class MemoryPlan:
     def to_dict(self) -> dict[str, Any]:
         return {
             "tier": self.tier, "n_tiers": self.n_tiers, "budget": self.budget,
+            "graph": self.graph,
             "budget_source": self.budget_source, "total": self.total, "fits": self.fits,
             "graph_bytes": self.graph_bytes, "weights_bytes": self.weights_bytes,
             "layer_bytes": self.layer_bytes,
@@ -297,14 +310,17 @@ def table_bound(row_bytes: int, rows: int, size: int) -> int:
     return min(page_up(size), int(rows) * per_row)
 
 
-def _fixed(manifest: Any) -> tuple[int, int, int, int]:
-    """``(graph bytes, mixed graph bytes, resident weight bytes, activation bytes)``: weights
+def _fixed(manifest: Any) -> tuple[dict[str, int], int, int]:
+    """``({graph: file bytes}, resident weight bytes, activation bytes)``: weights
     are memory-mapped from the package; lookup tables (``metadata.runtime.tables``) count the
     pages one call can make resident (:func:`table_bound`), pre-gathered tables
     (``metadata.runtime.gathered``) one call's rows, everything else counts whole."""
     meta = _runtime_meta(manifest)
-    graph = sum(e.size for e in manifest.files.values() if e.role == "graph")
-    variant = sum(e.size for e in manifest.files.values() if e.role == "variant")
+    graphs = {"plain": sum(e.size for e in manifest.files.values() if e.role == "graph")}
+    for name, kind in ((VARIANT_FILE, "mixed"), (INT8_FILE, "int8")):
+        entry = manifest.files.get(name)
+        if entry is not None and entry.role == "variant":
+            graphs[kind] = entry.size
     weights = sum(e.size for e in manifest.files.values() if e.role == "weights")
     tables = meta.get("tables", {})
     rows = _count(meta.get("rows_per_call"))
@@ -322,7 +338,7 @@ def _fixed(manifest: Any) -> tuple[int, int, int, int]:
             n = len(t.get("lookups", ())) if isinstance(t, Mapping) else 0
             if size <= weights:
                 weights -= size - min(size, n * page_up(rows * row))
-    return graph, variant, weights, _count(meta.get("activation_bytes", 0))
+    return graphs, weights, _count(meta.get("activation_bytes", 0))
 
 
 def plan_tier(package: Any, tier: int, budget: int | None = None, *,
@@ -343,7 +359,7 @@ def plan_tier(package: Any, tier: int, budget: int | None = None, *,
         raise PackageError(f"form must be 'int8' or 'fp32', found {form!r}")
     infos = man.layers
     work = sorted((c for c in _layer_costs(man, tier)), key=lambda c: -c[4])
-    graph, variant, weights, act = _fixed(man)
+    graphs, weights, act = _fixed(man)
     order = {name: i for i, name in enumerate(infos)}
 
     def mode_of(name: str) -> str:
@@ -365,11 +381,12 @@ def plan_tier(package: Any, tier: int, budget: int | None = None, *,
                 kept = MATERIALIZED_LAYER_OVERHEAD
             layers.append(LayerPlan(name, nb, total, mode, kept, dense_bytes(infos[name], mode)))
         layers.sort(key=lambda lp: order[lp.name])
-        mixed = bool(mat)
+        graph = ("plain" if not mat else "int8" if "int8" in graphs and all(
+            lp.mode == "int8" for lp in layers) else "mixed")
         return MemoryPlan(tier, len(man.tiers), budget, tuple(layers),
-                          variant if mixed and variant else graph, weights,
-                          costs.overhead_for(mixed), act, max(otf_temp, mat_temp),
-                          budget_source, costs=costs)
+                          graphs.get(graph, graphs["plain"]), weights,
+                          costs.overhead_for(graph), act, max(otf_temp, mat_temp),
+                          budget_source, costs=costs, graph=graph)
 
     can = [c[0] for c in work if len(layer_forms(infos[c[0]])) > 1]
     if materialize is not None and not isinstance(materialize, int):

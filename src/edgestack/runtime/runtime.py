@@ -44,12 +44,12 @@ import numpy as np
 from edgestack.errors import PackageError, TargetError
 from edgestack.package.format import BLOCK_FILE
 from edgestack.package.reader import Package
+from edgestack.package.variants import INT8_FILE, VARIANT_FILE
 from edgestack.runtime.budget import resolve_budget
 from edgestack.runtime.calibrate import calibrate as calibrate_costs
 from edgestack.runtime.plan import DEFAULT_COSTS, Costs, MemoryPlan, page_up, plan_memory
 
 SUPPORTED_TARGETS = ("ort-cpu",)
-VARIANT_ROLE = "variant"
 _FIX_REPACK = "copy the package again or repack the model"
 
 
@@ -316,7 +316,8 @@ class Runtime:
                               f"{optimization!r}")
         if form not in ("int8", "fp32") or graph not in (None, "plain", "mixed"):
             raise TargetError(f"form must be 'int8' or 'fp32' and graph None, 'plain' or "
-                              f"'mixed'; found form={form!r}, graph={graph!r}")
+                              f"'mixed' (the int8 graph is chosen by the plan); found "
+                              f"form={form!r}, graph={graph!r}")
         fix_malloc_threshold()
         self._own = not isinstance(package, Package)
         self.package = Package.open(package) if self._own else package
@@ -343,7 +344,7 @@ class Runtime:
             self._costs: Costs | None = None
             self.form = form
             self._graph_choice = graph
-            if graph == "mixed" and VARIANT_ROLE not in {e.role for e in man.files.values()}:
+            if graph == "mixed" and VARIANT_FILE not in man.files:
                 raise TargetError(f"{self.package.path}: the package has no mixed graph "
                                   "(an older package); repack the model")
             plan = self.plan_for(self.budget, tier=tier, budget_source=self.budget_source)
@@ -515,10 +516,10 @@ class Runtime:
 
     # ---- sessions and states ---------------------------------------------------------
     def _graph_for(self, plan: MemoryPlan) -> str:
-        """``"plain"`` (every layer on the fly: ``model.onnx``) or ``"mixed"`` (the
-        package's ``model.mixed.onnx``, one site per layer: see
-        :mod:`edgestack.package.variants`)."""
-        return self._graph_choice or ("mixed" if plan.mixed else "plain")
+        """The plan's graph (``"plain"``: ``model.onnx``, every layer on the fly; ``"int8"``:
+        ``model.int8.onnx``, every layer int8; ``"mixed"``: ``model.mixed.onnx``, one site
+        per layer: see :mod:`edgestack.package.variants`), or the one forced at init."""
+        return self._graph_choice or plan.graph
 
     def _session(self, graph: str) -> Any:
         import onnxruntime as ort
@@ -526,8 +527,7 @@ class Runtime:
         from edgestack.targets.ort_cpu import session_options
 
         pkg = self.package
-        name = pkg.graph_file if graph == "plain" else next(
-            n for n, e in pkg.files.items() if e.role == VARIANT_ROLE)
+        name = {"plain": pkg.graph_file, "mixed": VARIANT_FILE, "int8": INT8_FILE}[graph]
         # the ort-cpu target's options (threads 0 = ORT's default; level checked in
         # __init__), plus the runtime's own: memory follows the plan
         so = session_options(int(self.threads or 0), self.optimization)
@@ -553,37 +553,40 @@ class Runtime:
             self._empty[key] = np.zeros((0,) * rank, dtype)
         return self._empty[key]
 
-    def _form_feeds(self, name: str, mode: str, nb: int, mixed: bool,
+    def _form_feeds(self, name: str, mode: str, nb: int, graph: str,
                     old: _State | None) -> dict[str, np.ndarray]:
         """What the session is fed for one layer served in ``mode`` at ``nb`` blocks."""
         a = self.package.layers[name].attrs
         st = self._stores[name]
         site = a.get("site") or {}
         feeds: dict[str, np.ndarray] = {}
-        s, u, v = st.feeds(nb if mode == "on-the-fly" else 0)  # no rows: branch not taken
-        feeds.update({a["signs"]: s, a["u"]: u, a["v"]: v})
-        if not mixed:
+        if graph != "int8":
+            s, u, v = st.feeds(nb if mode == "on-the-fly" else 0)  # no rows: branch not taken
+            feeds.update({a["signs"]: s, a["u"]: u, a["v"]: v})
+        if graph == "plain":
             return feeds
         kind = site.get("kind")
         reuse = (old is not None and old.plan.modes.get(name) == mode
                  and old.plan.blocks.get(name) == nb and mode != "on-the-fly")
-        feeds[site["fp32"]] = np.array(mode == "fp32")
+        if graph == "mixed":
+            feeds[site["fp32"]] = np.array(mode == "fp32")
         if mode == "fp32":
             feeds[site["w"]] = (old.feeds[site["w"]] if reuse and old is not None else
                                 self._decode(name, nb, transposed=kind == "matmul",
                                              flat=kind != "generic"))
-        else:
+        elif graph == "mixed":
             rank = 2 if kind in ("matmul", "gemm") else len(st.info.shape)
             feeds[site["w"]] = self._empty_like("float32", rank)
         if "int8" in site:
-            feeds[site["int8"]] = np.array(mode == "int8")
+            if graph == "mixed":
+                feeds[site["int8"]] = np.array(mode == "int8")
             if mode == "int8":
                 if reuse and old is not None:
                     q, scale = old.feeds[site["q"]], old.feeds[site["scale"]]
                 else:
                     q, scale = quantize_int8(self._decode(name, nb, transposed=True))
                 feeds.update({site["q"]: q, site["scale"]: scale})
-            else:
+            elif graph == "mixed":
                 feeds.update({site["q"]: self._empty_like("int8", 2),
                               site["scale"]: self._empty_like("float32", 1)})
         return feeds
@@ -637,10 +640,8 @@ class Runtime:
             self._drop_tables()  # what building the session read of them
         feeds: dict[str, np.ndarray] = {}
         for lp in plan.layers:
-            feeds.update(self._form_feeds(lp.name, lp.mode, lp.blocks, graph == "mixed",
-                                          old if old is not None and old.graph == graph
-                                          else None))
-        if plan.mixed and self._bmap is not None:
+            feeds.update(self._form_feeds(lp.name, lp.mode, lp.blocks, graph, old))
+        if plan.materialized and self._bmap is not None:
             # decoding drops each layer's records, but the kernel's fault-around maps pages
             # around each read again: nothing of the block file is needed while serving
             self._bmap.drop(0, self._bmap.size)
