@@ -10,9 +10,10 @@ fresh subprocess (peak RSS = VmHWM of /proc/self/status, minus the VmHWM of a su
 only imported edgestack.runtime and onnxruntime):
 
 0. the package's fixed costs on this machine (edgestack.runtime.calibrate, cached);
-1. five budgets spread over the tier range, planned with those costs, each run in ``--runs``
-   fresh processes (default 20): chosen tier, plan total, measured increase (every run must
-   stay within the budget and at or above 0.9 of the plan), ratio;
+1. five budgets spread over the range of the planner's plans, and five over the range of
+   plans with every layer on the fly (``materialize=0``), planned with those costs, each run
+   in ``--runs`` fresh processes (default 20): chosen tier, plan total, measured increase
+   (every run must stay within the budget and at or above 0.9 of the plan), ratio;
 2. growing by one tier: bytes read (counted) and time vs reading the same bytes sequentially
    from the same file in the same process; shrinking: RSS before/after;
 3. re-tiering while another thread calls infer: every output equals its tier's reference;
@@ -95,8 +96,9 @@ emit({'hwm': peak_rss(), 'torch': 'torch' in sys.modules})
 
 BUDGET = PRELUDE + r"""
 pkg, budget = sys.argv[1], int(sys.argv[2])
+mat = None if sys.argv[3] == 'planner' else int(sys.argv[3])
 t0 = time.perf_counter()
-rt = R.Runtime(pkg, budget)
+rt = R.Runtime(pkg, budget, materialize=mat)
 load_s = time.perf_counter() - t0
 x = rt.package.golden()[0]
 times = []
@@ -276,38 +278,46 @@ def run_all(pkg: Path, reps: int = 11, rounds: int = 40, runs: int = 20,
     n_layers = len(p.layers)
     costs = calibrate(p, refresh=refresh, log=lambda m: print(m, flush=True))
     print(f"costs: {costs.to_dict()}", flush=True)
-    best = [smallest_plan(p, t, costs).total for t in range(n)]  # smallest budget per tier
-
-    lo = best[0]
-    hi = plan_tier(p, n - 1, materialize=n_layers, costs=costs).total
-    budgets = [int(lo + (hi - lo) * f) + 2**20 for f in (0.0, 0.25, 0.5, 0.75, 1.0)]
-    print(f"package {pkg}: {n} tiers, {n_layers} BitStack layers, plan range "
-          f"{lo / MiB:.1f}..{hi / MiB:.1f} MiB", flush=True)
     base = sub(BASE)
     print(f"baseline (imported edgestack.runtime + onnxruntime): VmHWM "
           f"{base['hwm'] / MiB:.1f} MiB, torch imported: {base['torch']}", flush=True)
-    rows = []
-    for b in budgets:
-        incs = []
-        for _ in range(runs):        # fresh processes: the promise must hold every time
-            r = sub(BUDGET, pkg, b)
-            incs.append(r["hwm"] - base["hwm"])
-        inc = max(incs)
-        expected = max(t for t in range(n) if best[t] <= b)
-        rows.append({"budget": b, "tier": r["tier"], "expected_tier": expected,
-                     "plan_total": r["plan"], "measured_increase": inc,
-                     "increases": incs, "runs": runs,
-                     "ratio": inc / r["plan"], "min_ratio": min(incs) / r["plan"],
-                     "within_budget": all(i <= b for i in incs),
-                     "materialized_layers": r["materialized"], "load_s": r["load_s"],
-                     "infer_ms": r["infer_ms"], "bytes_read": r["bytes_read"],
-                     "tier_block_bytes": p.tiers[r["tier"]].bytes, "torch": r["torch"]})
-        print(f"budget {b / MiB:7.1f} MiB: tier {r['tier']:2d} (largest fitting "
-              f"{expected:2d}), {r['materialized']:2d} materialised, plan "
-              f"{r['plan'] / MiB:6.1f} MiB, measured +{min(incs) / MiB:6.1f}.."
-              f"{inc / MiB:6.1f} MiB over {runs} runs (ratio {min(incs) / r['plan']:.3f}.."
-              f"{inc / r['plan']:.3f}, {'<=' if rows[-1]['within_budget'] else '>'} budget), "
-              f"infer {r['infer_ms']:.1f} ms", flush=True)
+
+    def budget_rows(what: str, mat: int | None) -> list[dict]:
+        """5 budgets spread over the plan range of the planner's choice (``mat`` None) or of
+        every layer on the fly (``mat`` 0), each 1 MiB above a plan, ``runs`` fresh
+        processes each."""
+        best = [plan_tier(p, t, materialize=mat, costs=costs).total if mat is not None
+                else smallest_plan(p, t, costs).total for t in range(n)]
+        lo, hi = min(best), max(best) if mat is not None else plan_tier(
+            p, n - 1, materialize=n_layers, costs=costs).total
+        budgets = [int(lo + (hi - lo) * f) + 2**20 for f in (0.0, 0.25, 0.5, 0.75, 1.0)]
+        print(f"{what}: plan range {lo / MiB:.1f}..{hi / MiB:.1f} MiB", flush=True)
+        rows = []
+        for b in budgets:
+            incs = []
+            for _ in range(runs):        # fresh processes: the promise must hold every time
+                r = sub(BUDGET, pkg, b, "planner" if mat is None else mat)
+                incs.append(r["hwm"] - base["hwm"])
+            inc = max(incs)
+            expected = max(t for t in range(n) if best[t] <= b)
+            rows.append({"plans": what, "budget": b, "tier": r["tier"],
+                         "expected_tier": expected, "plan_total": r["plan"],
+                         "measured_increase": inc, "increases": incs, "runs": runs,
+                         "ratio": inc / r["plan"], "min_ratio": min(incs) / r["plan"],
+                         "within_budget": all(i <= b for i in incs),
+                         "materialized_layers": r["materialized"], "load_s": r["load_s"],
+                         "infer_ms": r["infer_ms"], "bytes_read": r["bytes_read"],
+                         "tier_block_bytes": p.tiers[r["tier"]].bytes, "torch": r["torch"]})
+            print(f"budget {b / MiB:7.1f} MiB: tier {r['tier']:2d} (largest fitting "
+                  f"{expected:2d}), {r['materialized']:2d} materialised, plan "
+                  f"{r['plan'] / MiB:6.1f} MiB, measured +{min(incs) / MiB:6.1f}.."
+                  f"{inc / MiB:6.1f} MiB over {runs} runs (ratio {min(incs) / r['plan']:.3f}.."
+                  f"{inc / r['plan']:.3f}, {'<=' if rows[-1]['within_budget'] else '>'} "
+                  f"budget), infer {r['infer_ms']:.1f} ms", flush=True)
+        return rows
+
+    print(f"package {pkg}: {n} tiers, {n_layers} BitStack layers", flush=True)
+    rows = budget_rows("planner", None) + budget_rows("on the fly", 0)
     grow = sub(GROW, pkg, reps)
     for g in grow["grow"]:
         g["ratio_vs_sequential"] = g["read_s"] / max(g["sequential_s"], 1e-9)
@@ -340,7 +350,7 @@ def run_all(pkg: Path, reps: int = 11, rounds: int = 40, runs: int = 20,
           flush=True)
     result = {
         "package": str(pkg), "tiers": n, "layers": n_layers,
-        "plan_range": [lo, hi], "baseline_hwm": base["hwm"], "budgets": rows,
+        "baseline_hwm": base["hwm"], "budgets": rows,
         "grow": grow["grow"], "shrink": sh, "concurrency": conc,
         "reference_loader": {**ref, "increase": ref_inc, "budget": mid["budget"],
                              "edgestack_increase": mid["measured_increase"],
