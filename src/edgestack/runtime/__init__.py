@@ -1,13 +1,14 @@
 """On-device runtime: plan memory for a budget, load exactly the plan, serve, re-tier.
 
-Imports numpy, onnx, onnxruntime, psutil and edgestack's package/formats/profiles only,
-never torch (tests/runtime proves it)::
+Serving imports numpy, onnxruntime, psutil and edgestack's package/formats/profiles only,
+never torch and never onnx (tests/runtime proves it in a fresh interpreter); budgets are
+planned with this machine's measured fixed costs (:mod:`edgestack.runtime.calibrate`)::
 
     from edgestack.runtime import Runtime, plan_memory
-    rt = Runtime("minilm.pkg", budget="80MB")
+    rt = Runtime("minilm.pkg", budget="40MB")
     out = rt.infer({"input_ids": ids, "attention_mask": mask})
-    rt.retier("120MB")        # grow: reads only the new block records
-    rt.retier("70MB")         # shrink: gives the dropped rows back
+    rt.retier("50MB")         # grow: reads only the new block records
+    rt.retier("36MB")         # shrink: gives the dropped rows back
 
 See docs/runtime.md.
 """
