@@ -44,7 +44,6 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from edgestack.errors import PackageError
-from edgestack.exporter.passes import compact_embeddings
 from edgestack.package.format import ARCHIVE_SUFFIX
 from edgestack.package.variants import INT8_FILE, VARIANT_FILE, add_sites, int8_graph
 from edgestack.runtime.runtime import SUPPORTED_TARGETS, gather_rows, lookup_table
@@ -414,6 +413,8 @@ def pack(
         except Exception as exc:  # noqa: BLE001
             raise PackageError(f"pack: cannot read {src} as ONNX ({exc}); expected an ONNX "
                                "file written by `edgestack export`") from None
+        from edgestack.exporter.passes import compact_embeddings  # host side: onnx-ir
+
         model = compact_embeddings(model, log=say)  # int8 embedding tables (compact-embeddings)
         result = _pack_model(model, out, archive=archive, target=target, profile=profile,
                              name=name or src.stem, source=str(source), work=work,
