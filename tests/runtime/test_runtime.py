@@ -299,3 +299,41 @@ def test_peak_rss_within_budget_and_plan(big_pkg, calib_cache):
         # within 15% of the plan on this 20 MiB model, whose 3 MiB minimum margin alone is
         # 13% of it (MiniLM's test and bench hold 0.9)
         assert 0.85 <= increase / run["plan"] <= 1.0, (increase, run["plan"], run)
+
+
+def test_table_metadata_outside_the_weights_file_is_refused(tmp_path):
+    """A table entry the packer did not write (offset past the weights file, a missing
+    field) is refused with a PackageError naming the table, before anything is served."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgestack.errors import PackageError
+    from edgestack.package.pack import pack
+    from edgestack.runtime.runtime import table_spec
+
+    table = np.random.default_rng(0).standard_normal((300, 64)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["emb", "ids"], ["e"], axis=0),
+         helper.make_node("Identity", ["e"], ["y"])], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 64])],
+        initializer=[numpy_helper.from_array(table, "emb")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]),
+              tmp_path / "g.onnx")
+    pkg = pack(tmp_path / "g.onnx", tmp_path / "g.pkg").path
+    spec = json.loads((pkg / "manifest.json").read_text())["metadata"]["runtime"]["gathered"]
+    assert list(spec) == ["emb"] and spec["emb"]["lookups"] == [["ids", "e"]]
+    ids = np.array([[299, 0, 5, 5, 17, 200, 1, 2]])
+    with Runtime(pkg) as rt:
+        np.testing.assert_array_equal(rt.infer({"ids": ids})["y"], table[ids])
+        with pytest.raises(TargetError, match=r"ids must be in \[0, 300\)"):
+            rt.infer({"ids": ids + 1})
+    size = (pkg / "model.data").stat().st_size
+    good = spec["emb"]
+    assert table_spec(good, size, "t")[3] == (300, 64)
+    for bad in ({**good, "offset": size}, {k: v for k, v in good.items() if k != "dtype"},
+                {**good, "shape": [300, 65]}):
+        with pytest.raises(PackageError, match="does not describe a table"):
+            table_spec(bad, size, "t")

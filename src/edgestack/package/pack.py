@@ -166,12 +166,12 @@ TABLE_MIN_BYTES = 64 * 1024
 
 def gather_tables(model: Any) -> dict[str, dict[str, int]]:
     """External initializers of at least :data:`TABLE_MIN_BYTES` read only as the data of a
-    ``Gather`` on axis 0 (embedding tables): ``{name: {"offset", "bytes", "row_bytes",
-    "shape", "dtype"}}`` (``dtype``: numpy's ``dtype.str``).
+    ``Gather`` on axis 0 (embedding tables): ``{name: {"offset", "bytes", "shape",
+    "dtype"}}`` (``dtype``: numpy's ``dtype.str``).
 
-    A call reads only the rows its indices name, so the runtime memory-maps these tables and
-    hands their pages back after each call; the planner counts at most the pages of one
-    call's rows (``metadata.runtime.rows_per_call``) instead of the whole table. Uses in
+    A call reads only the rows its indices name: :func:`pregather_tables` moves the lookups
+    with graph-input indices out of the graph (the runtime reads those rows itself); the
+    runtime memory-maps the others and hands their pages back after each call. Uses in
     nested graphs count: a table used by anything else is not a table.
     """
     from onnx import TensorProto, helper
@@ -202,7 +202,7 @@ def gather_tables(model: Any) -> dict[str, dict[str, int]]:
         users = uses.get(t.name, [])
         if length >= TABLE_MIN_BYTES and users and all(gather0(nd, i) for nd, i in users):
             out[t.name] = {"offset": int(info.get("offset", 0)), "bytes": length,
-                           "row_bytes": length // int(t.dims[0]), "shape": list(t.dims),
+                           "shape": list(t.dims),
                            "dtype": np.dtype(tensor_dtype_to_np_dtype(t.data_type)).str}
     return out
 
@@ -223,11 +223,12 @@ def pregather_tables(model: Any, tables: dict[str, dict[str, Any]]) -> dict[str,
 
     g = model.graph
     inputs = {vi.name: vi for vi in g.input}
+    outputs = {o.name for o in g.output}
     out: dict[str, dict[str, Any]] = {}
     for name in list(tables):
         users = [nd for nd in g.node if name in nd.input]
-        if not users or not all(nd.input[1] in inputs and nd.output[0] not in
-                                {o.name for o in g.output} for nd in users):
+        if not users or not all(nd.input[1] in inputs and nd.output[0] not in outputs
+                                for nd in users):
             continue
         spec = tables.pop(name)
         lookups = []

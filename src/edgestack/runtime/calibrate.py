@@ -42,7 +42,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from edgestack.runtime.plan import DEFAULT_COSTS, Costs, plan_tier
+from edgestack.runtime.plan import DEFAULT_COSTS, Costs, graph_sizes, plan_tier
 
 DECODE_TEMP_RANGE = (2.0, 64.0)
 """Bounds for a measured decode-temporary coefficient (bytes per weight per block): outside
@@ -144,7 +144,6 @@ def measure(package: Any, *, threads: int | None = None, optimization: str = "al
         return _probe("run", package.path, tier, mat, threads or 0, optimization,
                       PROBE_CALLS, graph)["hwm"] - base
 
-
     def otf(tier: int) -> tuple[Any, int]:
         """The all-on-the-fly plan of ``tier`` (plain graph) and its decode work."""
         plan = plan_tier(man, tier, materialize=0, costs=zero)
@@ -170,34 +169,20 @@ def measure(package: Any, *, threads: int | None = None, optimization: str = "al
                                         "counted": plan1.expected_bytes, "decode_work": work1,
                                         "decode_temp_raw": raw}
     overhead = max(0, int(inc0 - plan0.expected_bytes - decode * work0))
-    mixed_overhead = int8_overhead = None
+    overheads: dict[str, int | None] = {"mixed": None, "int8": None}
     top_plan = plan_tier(man, top, materialize=n_layers, costs=zero)
     if top_plan.materialized:
         # every layer materialised: no decode temporaries; what is left is the graph's
         # overhead (with what materialising costs beyond the model: conservative)
-        names = {"mixed": "mixed", **({"int8": "auto"} if top_plan.graph == "int8" else {})}
-        for graph, how in names.items():
-            counted = (top_plan.expected_bytes - top_plan.graph_bytes
-                       + _graph_size(man, graph))
-            inc = run(top, n_layers, how)
-            if graph == "mixed":
-                mixed_overhead = max(0, inc - counted)
-            else:
-                int8_overhead = max(0, inc - counted)
+        sizes = graph_sizes(man)
+        for graph in [g for g in ("mixed", "int8") if g in sizes]:
+            counted = top_plan.expected_bytes - top_plan.graph_bytes + sizes[graph]
+            inc = run(top, n_layers, "mixed" if graph == "mixed" else "auto")
+            overheads[graph] = max(0, inc - counted)
             result[f"materialized_{graph}"] = {"tier": top, "increase": inc, "counted": counted}
-    result["costs"] = {"overhead": overhead, "overhead_mixed": mixed_overhead,
-                       "overhead_int8": int8_overhead, "decode_temp_bytes": round(decode, 3)}
+    result["costs"] = {"overhead": overhead, "overhead_mixed": overheads["mixed"],
+                       "overhead_int8": overheads["int8"], "decode_temp_bytes": round(decode, 3)}
     return result
-
-
-def _graph_size(man: Any, graph: str) -> int:
-    """Bytes of the file of ``graph`` (``"plain"``, ``"mixed"``, ``"int8"``)."""
-    from edgestack.package.variants import INT8_FILE, VARIANT_FILE
-
-    if graph == "plain":
-        return sum(e.size for e in man.files.values() if e.role == "graph")
-    entry = man.files.get(VARIANT_FILE if graph == "mixed" else INT8_FILE)
-    return entry.size if entry is not None else 0
 
 
 def _numel(info: Any) -> int:

@@ -312,34 +312,44 @@ def table_bound(row_bytes: int, rows: int, size: int) -> int:
     return min(page_up(size), int(rows) * per_row)
 
 
+def graph_sizes(manifest: Any) -> dict[str, int]:
+    """Bytes of each graph file the package holds: ``{"plain": ..., "mixed": ..., "int8":
+    ...}`` (the variants only where the packer wrote them)."""
+    graphs = {"plain": sum(e.size for e in manifest.files.values() if e.role == "graph")}
+    for name, kind in ((VARIANT_FILE, "mixed"), (INT8_FILE, "int8")):
+        entry = manifest.files.get(name)
+        if entry is not None and entry.role == "variant":
+            graphs[kind] = entry.size
+    return graphs
+
+
 def _fixed(manifest: Any) -> tuple[dict[str, int], int, int]:
     """``({graph: file bytes}, resident weight bytes, activation bytes)``: weights
     are memory-mapped from the package; lookup tables (``metadata.runtime.tables``) count the
     pages one call can make resident (:func:`table_bound`), pre-gathered tables
     (``metadata.runtime.gathered``) one call's rows, everything else counts whole."""
     meta = _runtime_meta(manifest)
-    graphs = {"plain": sum(e.size for e in manifest.files.values() if e.role == "graph")}
-    for name, kind in ((VARIANT_FILE, "mixed"), (INT8_FILE, "int8")):
-        entry = manifest.files.get(name)
-        if entry is not None and entry.role == "variant":
-            graphs[kind] = entry.size
+    graphs = graph_sizes(manifest)
     weights = sum(e.size for e in manifest.files.values() if e.role == "weights")
-    tables = meta.get("tables", {})
     rows = _count(meta.get("rows_per_call"))
-    if isinstance(tables, Mapping) and rows:
-        for t in tables.values():
+
+    def entries(key: str) -> list[tuple[int, int, int]]:
+        """``(bytes, row bytes, lookups)`` of each table under ``metadata.runtime[key]``
+        (the row size derived from bytes and rows; malformed entries count nothing)."""
+        out = []
+        for t in (meta.get(key) or {}).values() if isinstance(meta.get(key), Mapping) else ():
+            shape = t.get("shape") if isinstance(t, Mapping) else None
             size = _count(t.get("bytes")) if isinstance(t, Mapping) else 0
-            row = _count(t.get("row_bytes")) if isinstance(t, Mapping) else 0
-            if 0 < row <= size <= weights:
-                weights -= size - table_bound(row, rows, size)
-    gathered = meta.get("gathered", {})
-    if isinstance(gathered, Mapping):   # read per call with pread: one call's rows
-        for t in gathered.values():
-            size = _count(t.get("bytes")) if isinstance(t, Mapping) else 0
-            row = _count(t.get("row_bytes")) if isinstance(t, Mapping) else 0
-            n = len(t.get("lookups", ())) if isinstance(t, Mapping) else 0
-            if size <= weights:
-                weights -= size - min(size, n * page_up(rows * row))
+            n_rows = _count(shape[0]) if isinstance(shape, list) and shape else 0
+            if n_rows and size <= weights:
+                out.append((size, size // n_rows, len(t.get("lookups", ()))))
+        return out
+
+    if rows:
+        for size, row, _n in entries("tables"):       # mapped: one call's resident pages
+            weights -= size - table_bound(row, rows, size)
+    for size, row, n in entries("gathered"):           # read per call with pread: its rows
+        weights -= size - min(size, n * page_up(rows * row))
     return graphs, weights, _count(meta.get("activation_bytes", 0))
 
 
@@ -468,5 +478,5 @@ def plan_memory(package: Any, budget: int | None, *, tier: int | None = None,
 
 
 __all__ = ["MemoryPlan", "LayerPlan", "Costs", "DEFAULT_COSTS", "plan_memory", "plan_tier",
-           "smallest_plan", "layer_forms", "dense_bytes", "FORMS", "SAFETY_FRACTION", "SAFETY_MIN", "RUNTIME_OVERHEAD", "DECODE_TEMP_BYTES", "OTF_LAYER_OVERHEAD",
+           "smallest_plan", "layer_forms", "graph_sizes", "dense_bytes", "FORMS", "SAFETY_FRACTION", "SAFETY_MIN", "RUNTIME_OVERHEAD", "DECODE_TEMP_BYTES", "OTF_LAYER_OVERHEAD",
            "MATERIALIZED_LAYER_OVERHEAD", "MATERIALISE_TEMP_BYTES"]

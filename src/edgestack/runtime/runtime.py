@@ -161,12 +161,33 @@ def decode_blocks(info: Any, blocks: Any, transposed: bool = False,
     return out if transposed or flat else out.reshape(info.shape)
 
 
+def table_spec(spec: Any, file_size: int,
+               what: str) -> tuple[int, int, np.dtype, tuple[int, ...]]:
+    """``(offset, bytes, dtype, shape)`` of a table entry of ``metadata.runtime.tables`` or
+    ``gathered`` (written by the packer), checked to describe bytes inside a weights file of
+    ``file_size`` bytes.
+
+    Raises:
+        PackageError: a missing or malformed field, or bytes outside the file.
+    """
+    try:
+        off, size = int(spec["offset"]), int(spec["bytes"])
+        dtype, shape = np.dtype(str(spec["dtype"])), tuple(int(d) for d in spec["shape"])
+        ok = (dtype.kind in "biuf" and len(shape) >= 1 and 0 <= off and off + size <= file_size
+              and size == int(np.prod(shape)) * dtype.itemsize)
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise PackageError(f"{what}: {str(spec)[:200]} does not describe a table inside the "
+                           f"{file_size}-byte weights file; {_FIX_REPACK}")
+    return off, size, dtype, shape
+
+
 def lookup_table(data: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
-    """The table ``spec`` (``metadata.runtime.gathered``/``tables`` entry: offset, bytes,
-    dtype, shape) as a view of ``data``, the weights file's bytes (uint8)."""
-    off, size = int(spec["offset"]), int(spec["bytes"])
-    return data[off:off + size].view(np.dtype(str(spec["dtype"]))).reshape(
-        tuple(int(d) for d in spec["shape"]))
+    """The table ``spec`` (see :func:`table_spec`) as a view of ``data``, the weights file's
+    bytes (uint8)."""
+    off, size, dtype, shape = table_spec(spec, data.size, "table")
+    return data[off:off + size].view(dtype).reshape(shape)
 
 
 def check_ids(ids: Any, rows: int, what: str) -> np.ndarray:
@@ -190,13 +211,17 @@ class _RowReader:
     """Reads the rows of one pre-gathered table from the weights file with ``pread``: only the
     rows a call names are read, into a fresh array; nothing of the table is mapped."""
 
-    def __init__(self, fd: int, base: int, spec: Mapping[str, Any]) -> None:
+    def __init__(self, fd: int, base: int, spec: Mapping[str, Any], file_size: int,
+                 what: str) -> None:
+        off, _size, self.dtype, self.shape = table_spec(spec, file_size, what)
         self.fd = fd
-        self.start = base + int(spec["offset"])
-        self.dtype = np.dtype(str(spec["dtype"]))
-        self.shape = tuple(int(d) for d in spec["shape"])
-        self.row_bytes = int(spec["row_bytes"])
-        self.lookups = [(str(i), str(v)) for i, v in spec["lookups"]]
+        self.start = base + off
+        self.row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
+        try:
+            self.lookups = [(str(i), str(v)) for i, v in spec["lookups"]]
+        except (KeyError, TypeError, ValueError):
+            raise PackageError(f"{what}: expected lookups [[ids input, value], ...], found "
+                               f"{str(spec.get('lookups'))[:100]}; {_FIX_REPACK}") from None
 
     def rows(self, ids: Any, what: str) -> np.ndarray:
         ids = check_ids(ids, self.shape[0], what)
@@ -233,7 +258,7 @@ class _State:
     plan: MemoryPlan
     session: Any
     feeds: dict[str, np.ndarray]    # ours: signs/u/v views, materialised weights, site flags
-    graph: str = "plain"            # which graph the session runs: "plain" or "mixed"
+    graph: str = "plain"            # the graph the session runs: "plain", "int8" or "mixed"
     rebuilt: bool = False
     gathered: frozenset[str] = frozenset()  # table rows the runtime reads per call
     active: int = 0
@@ -360,6 +385,8 @@ class Runtime:
             self._iov_cache: dict[tuple[str, int], list[memoryview]] = {}
             self._data_dir: str | None = None
             self._weights = self._map_tables()
+            self._lookup_ids = frozenset(i for r in self._readers for i, _v in r.lookups)
+            self._gathered_values = frozenset(v for r in self._readers for _i, v in r.lookups)
             self._records: dict[str, list[Any]] = {name: [] for name in man.layers}
             for rec in sorted(self.package.block_index, key=lambda r: (r.layer, r.block)):
                 self._records[rec.layer].append(rec)
@@ -395,21 +422,9 @@ class Runtime:
                 raise PackageError(f"{pkg.path}: metadata.runtime.gathered needs a weights "
                                    f"file (found {wfile!r}); {_FIX_REPACK}")
             fd, base = pkg.locate(wfile)
-            size = pkg.files[wfile].size
-            for name, spec in gathered.items():
-                try:
-                    reader = _RowReader(fd, base, spec)
-                    ok = (int(spec["offset"]) >= 0 and reader.dtype.kind in "biuf"
-                          and int(spec["offset"]) + int(spec["bytes"]) <= size
-                          and int(spec["bytes"]) == int(np.prod(reader.shape))
-                          * reader.dtype.itemsize == reader.row_bytes * reader.shape[0])
-                except (KeyError, TypeError, ValueError):
-                    ok = False
-                if not ok:
-                    raise PackageError(f"{pkg.path}: gathered table {name!r}: "
-                                       f"{str(spec)[:200]} does not describe bytes of {wfile}; "
-                                       f"{_FIX_REPACK}")
-                self._readers.append(reader)
+            self._readers = [_RowReader(fd, base, spec, pkg.files[wfile].size,
+                                        f"{pkg.path}: gathered table {name!r}")
+                             for name, spec in gathered.items()]
         if not tables:
             return {}
         if not isinstance(tables, Mapping) or wfile not in pkg.files:
@@ -418,16 +433,7 @@ class Runtime:
         fmap = pkg.map_file(wfile)
         values: dict[str, Any] = {}
         for name, t in tables.items():
-            try:
-                off, size = int(t["offset"]), int(t["bytes"])
-                dtype, shape = np.dtype(str(t["dtype"])), tuple(int(d) for d in t["shape"])
-                ok = (dtype.kind in "biuf" and 0 <= off and off + size <= fmap.size
-                      and size == int(np.prod(shape)) * dtype.itemsize)
-            except (KeyError, TypeError, ValueError):
-                ok = False
-            if not ok:
-                raise PackageError(f"{pkg.path}: table {name!r}: {str(t)[:200]} does not "
-                                   f"describe bytes of {wfile} ({fmap.size} bytes); {_FIX_REPACK}")
+            off, size, dtype, shape = table_spec(t, fmap.size, f"{pkg.path}: table {name!r}")
             arr = fmap.array[off:off + size].view(dtype).reshape(shape)
             if arr.ctypes.data % 64:
                 arr = arr.copy()  # unaligned: one copy of this tensor (rare)
@@ -597,11 +603,9 @@ class Runtime:
         (``os.copy_file_range``: disk and page cache, not this process's memory; removed by
         :meth:`close`, or when the runtime is collected).
 
-        ONNX Runtime validates that the external-data files of a model loaded from bytes
-        exist, although add_initializer supplies every external tensor; and with graph
-        optimizations on, ORT 1.32's fusions read some of those tensors (e.g. attention
-        biases) from the file rather than from add_initializer: with zero-filled
-        placeholders, MiniLM came out wrong. So the folder holds the real bytes.
+        ONNX Runtime memory-maps every external tensor of a model loaded from bytes from this
+        folder (only the lookup tables come from the runtime's own map through
+        add_initializer, and even for those ORT checks the file exists).
         """
         if self._data_dir is None:
             pkg = self.package
@@ -651,8 +655,7 @@ class Runtime:
             raise PackageError(f"{self.package.path}: the manifest's layers[].attrs name "
                                f"inputs the {graph} graph does not have ({unknown[:4]}); "
                                f"{_FIX_REPACK}")
-        gathered = frozenset(v for r in self._readers for _i, v in r.lookups)
-        return _State(plan, session, feeds, graph, rebuilt, gathered=gathered)
+        return _State(plan, session, feeds, graph, rebuilt, gathered=self._gathered_values)
 
     # ---- serving ---------------------------------------------------------------------
     @property
@@ -669,7 +672,7 @@ class Runtime:
     def input_names(self) -> list[str]:
         """The inputs a caller feeds (graph inputs, and the ids of pre-gathered tables)."""
         names = list(self._state.inputs)
-        return names + sorted({i for r in self._readers for i, _v in r.lookups} - set(names))
+        return names + sorted(self._lookup_ids - set(names))
 
     @property
     def output_names(self) -> list[str]:
@@ -683,7 +686,7 @@ class Runtime:
                 st.active += 1
         try:
             expected = st.inputs
-            lookup_ids = {i for r in self._readers for i, _v in r.lookups}
+            lookup_ids = self._lookup_ids
             missing = [n for n in [*expected, *sorted(lookup_ids - set(expected))]
                        if n not in feeds]
             extra = [n for n in feeds if n not in expected and n not in lookup_ids]
@@ -847,4 +850,5 @@ class Runtime:
 
 
 __all__ = ["Runtime", "RetierResult", "SUPPORTED_TARGETS", "quantize_int8", "lookup_table",
+           "table_spec",
            "gather_rows", "check_ids"]
