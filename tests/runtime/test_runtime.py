@@ -298,7 +298,7 @@ def test_peak_rss_within_budget_and_plan(big_pkg, calib_cache):
         assert increase <= budget, (increase, budget, run)
         # within 15% of the plan on this 20 MiB model, whose 3 MiB minimum margin alone is
         # 13% of it (MiniLM's test and bench hold 0.9)
-        assert 0.85 <= increase / run["plan"] <= 1.0, (increase, run["plan"], run)
+        assert increase >= 0.85 * run["plan"], (increase, run["plan"], run)
 
 
 def test_table_metadata_outside_the_weights_file_is_refused(tmp_path):
