@@ -62,6 +62,40 @@ def test_minilm_top_tier_equals_the_exported_model(minilm_onnx: Path, minilm_pac
 
 
 @pytest.mark.slow
+def test_minilm_dense_graphs_and_the_auto_form(minilm_package: Path):
+    """The int8 graph is one DynamicQuantizeMatMul per layer with the Linear biases taken in
+    (no bias Add left on its outputs); with memory for every layer float32 the planner serves the
+    fp32 graph (the tier's exact weights), 1 MiB less and it serves int8, which stays close."""
+    import numpy as np
+    import onnx
+
+    from edgestack.runtime import Runtime
+
+    graph = onnx.load(str(minilm_package / "model.int8.onnx"), load_external_data=False).graph
+    dq = [n for n in graph.node if n.op_type == "DynamicQuantizeMatMul"]
+    with Package.open(minilm_package) as pkg:
+        layers, top = len(pkg.layers), len(pkg.tiers) - 1
+        exact = plan_tier(pkg, top, materialize=layers, form="fp32")
+        x = pkg.golden()[0]
+    assert len(dq) == layers
+    outs = {o for n in dq for o in n.output}
+    biases = {t.name for t in graph.initializer if len(t.dims) == 1}
+    assert not [n for n in graph.node if n.op_type == "Add" and set(n.input) & outs
+                and set(n.input) & biases]
+    assert sum(len(n.input) == 5 and bool(n.input[4]) for n in dq) >= layers - 1
+    assert exact.graph == "fp32"
+    got = {}
+    for budget, graph_name in ((exact.total + 2**20, "fp32"), (exact.total - 2**20, "int8")):
+        with Runtime(minilm_package, budget, calibrate=False) as rt:
+            assert rt.plan.graph == graph_name and rt.tier == top
+            assert set(rt.plan.modes.values()) == {graph_name}
+            got[graph_name] = rt.infer(x)["last_hidden_state"][0].mean(0)
+    cos = float(got["fp32"] @ got["int8"]
+                / np.linalg.norm(got["fp32"]) / np.linalg.norm(got["int8"]))
+    assert 0.99 < cos < 1.0, cos
+
+
+@pytest.mark.slow
 def test_minilm_peak_rss_within_budget_and_plan(minilm_package: Path, calib_cache: Path):
     """Budgets planned with this machine's calibrated costs (as the runtime plans them) hold
     in fresh processes, 1 MiB above the plan (never exactly at it), within 10% of the plan."""

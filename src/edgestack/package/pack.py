@@ -45,7 +45,7 @@ import numpy as np
 
 from edgestack.errors import PackageError
 from edgestack.package.format import ARCHIVE_SUFFIX
-from edgestack.package.variants import INT8_FILE, VARIANT_FILE, add_sites, int8_graph
+from edgestack.package.variants import DENSE_FILES, VARIANT_FILE, add_sites, dense_graph
 from edgestack.runtime.runtime import SUPPORTED_TARGETS, gather_rows, lookup_table
 
 logger = logging.getLogger("edgestack.package")
@@ -544,10 +544,11 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
         variant = add_sites(model, attrs, {layer: list(st.shape) for layer, st in stacks.items()})
         onnx.save_model(variant, str(gdir / VARIANT_FILE))  # same external data, same offsets
         del variant
-        int8 = int8_graph(model, attrs)   # every layer int8: no If (None: a generic site)
-        if int8 is not None:
-            onnx.save_model(int8, str(gdir / INT8_FILE))
-            del int8
+        for form, fname in DENSE_FILES.items():  # every layer int8 / fp32: no If
+            dense = dense_graph(model, attrs, form)   # None: a generic site
+            if dense is not None:
+                onnx.save_model(dense, str(gdir / fname))
+            del dense
     say("pack: computing golden outputs with ONNX Runtime (every block)")
     import onnxruntime as ort
 
@@ -606,8 +607,9 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
         w.add_file(GRAPH_FILE, gdir / GRAPH_FILE, role="graph")
         if stacks:
             w.add_file(VARIANT_FILE, gdir / VARIANT_FILE, role="variant")
-            if (gdir / INT8_FILE).exists():
-                w.add_file(INT8_FILE, gdir / INT8_FILE, role="variant")
+            for fname in DENSE_FILES.values():
+                if (gdir / fname).exists():
+                    w.add_file(fname, gdir / fname, role="variant")
         if has_weights:
             w.add_file(WEIGHTS_FILE, gdir / WEIGHTS_FILE, role="weights")
         if stacks:

@@ -10,10 +10,10 @@ planner measures them where it runs:
 
 1. a fresh interpreter imports numpy, onnxruntime and :mod:`edgestack.runtime` and reports
    its peak RSS (``VmHWM``): the baseline every plan is counted above;
-2. a fresh interpreter serves the package's **top tier with every layer materialised**
-   (int8), once on the mixed graph and once on the int8 graph, and runs the golden inputs
-   three times: its peak minus the baseline, minus what the plan counts without overhead, is
-   that graph's fixed overhead;
+2. a fresh interpreter serves the package's **top tier with every layer materialised**:
+   int8 on the mixed graph, int8 on the int8 graph and float32 on the fp32 graph, and runs
+   the golden inputs three times: its peak minus the baseline, minus what the plan counts
+   without overhead, is that graph's fixed overhead;
 3. **tier 0 and the top tier with every layer decoded on the fly** (plain graph): the
    difference of what is left above the two plans, divided by the difference of the largest
    layer's decode work, is the decode temporaries per weight per block; what tier 0 leaves
@@ -63,7 +63,7 @@ if sys.argv[1] == 'base':
 pkg, tier, mat, threads, opt = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 graph = sys.argv[8] if sys.argv[8] != 'auto' else None
 rt = R.Runtime(pkg, tier=tier, materialize=mat, threads=threads or None, optimization=opt,
-               graph=graph)
+               graph=graph, form=sys.argv[9])
 feeds = rt.package.golden()[0]
 for _ in range(int(sys.argv[7])):
     rt.infer(feeds)
@@ -140,9 +140,9 @@ def measure(package: Any, *, threads: int | None = None, optimization: str = "al
         "(once; cached) ...")
     base = _probe("base")["hwm"]
 
-    def run(tier: int, mat: int, graph: str) -> int:
+    def run(tier: int, mat: int, graph: str, form: str = "int8") -> int:
         return _probe("run", package.path, tier, mat, threads or 0, optimization,
-                      PROBE_CALLS, graph)["hwm"] - base
+                      PROBE_CALLS, graph, form)["hwm"] - base
 
     def otf(tier: int) -> tuple[Any, int]:
         """The all-on-the-fly plan of ``tier`` (plain graph) and its decode work."""
@@ -169,19 +169,23 @@ def measure(package: Any, *, threads: int | None = None, optimization: str = "al
                                         "counted": plan1.expected_bytes, "decode_work": work1,
                                         "decode_temp_raw": raw}
     overhead = max(0, int(inc0 - plan0.expected_bytes - decode * work0))
-    overheads: dict[str, int | None] = {"mixed": None, "int8": None}
-    top_plan = plan_tier(man, top, materialize=n_layers, costs=zero)
-    if top_plan.materialized:
-        # every layer materialised: no decode temporaries; what is left is the graph's
-        # overhead (with what materialising costs beyond the model: conservative)
-        sizes = graph_sizes(man)
-        for graph in [g for g in ("mixed", "int8") if g in sizes]:
-            counted = top_plan.expected_bytes - top_plan.graph_bytes + sizes[graph]
-            inc = run(top, n_layers, "mixed" if graph == "mixed" else "auto")
-            overheads[graph] = max(0, inc - counted)
-            result[f"materialized_{graph}"] = {"tier": top, "increase": inc, "counted": counted}
+    overheads: dict[str, int | None] = {"mixed": None, "int8": None, "fp32": None}
+    sizes = graph_sizes(man)
+    for graph in [g for g in overheads if g in sizes]:
+        # every layer materialised (int8 on the mixed graph): no decode temporaries; what is
+        # left is the graph's overhead (with what materialising costs beyond the model:
+        # conservative)
+        form = "fp32" if graph == "fp32" else "int8"
+        top_plan = plan_tier(man, top, materialize=n_layers, costs=zero, form=form)
+        if not top_plan.materialized:
+            continue
+        counted = top_plan.expected_bytes - top_plan.graph_bytes + sizes[graph]
+        inc = run(top, n_layers, "mixed" if graph == "mixed" else "auto", form)
+        overheads[graph] = max(0, inc - counted)
+        result[f"materialized_{graph}"] = {"tier": top, "increase": inc, "counted": counted}
     result["costs"] = {"overhead": overhead, "overhead_mixed": overheads["mixed"],
-                       "overhead_int8": overheads["int8"], "decode_temp_bytes": round(decode, 3)}
+                       "overhead_int8": overheads["int8"], "overhead_fp32": overheads["fp32"],
+                       "decode_temp_bytes": round(decode, 3)}
     return result
 
 
@@ -226,10 +230,12 @@ def calibrate(package: Any, *, threads: int | None = None, optimization: str = "
 
 
 def _costs(c: Mapping[str, Any], path: Path) -> Costs:
-    mixed, int8 = c.get("overhead_mixed"), c.get("overhead_int8")
+    def opt(key: str) -> int | None:
+        return None if c.get(key) is None else int(c[key])
+
     return Costs(int(c["overhead"]), float(c["decode_temp_bytes"]),
-                 f"calibrated on this machine ({path.name})",
-                 None if mixed is None else int(mixed), None if int8 is None else int(int8))
+                 f"calibrated on this machine ({path.name})", opt("overhead_mixed"),
+                 opt("overhead_int8"), opt("overhead_fp32"))
 
 
 __all__ = ["calibrate", "measure", "machine_key", "cache_dir", "DECODE_TEMP_RANGE"]

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from edgestack.errors import BudgetError, PackageError
-from edgestack.package.variants import INT8_FILE, VARIANT_FILE
+from edgestack.package.variants import DENSE_FILES, VARIANT_FILE
 
 PAGE = 4096
 MiB = 2**20
@@ -104,10 +104,14 @@ class Costs:
     None: the same as ``overhead``."""
     overhead_int8: int | None = None
     """The overhead with the int8 graph (``model.int8.onnx``); None: as the mixed graph's."""
+    overhead_fp32: int | None = None
+    """The overhead with the fp32 graph (``model.fp32.onnx``); None: as the mixed graph's."""
 
     def overhead_for(self, graph: str) -> int:
-        """The overhead of serving with ``graph`` (``"plain"``, ``"mixed"`` or ``"int8"``)."""
-        for value in ((self.overhead_int8,) if graph == "int8" else ()) + (
+        """The overhead of serving with ``graph`` (``"plain"``, ``"mixed"``, ``"int8"`` or
+        ``"fp32"``)."""
+        dense = {"int8": self.overhead_int8, "fp32": self.overhead_fp32}
+        for value in ((dense[graph],) if graph in dense else ()) + (
                 (self.overhead_mixed,) if graph != "plain" else ()):
             if value is not None:
                 return value
@@ -115,7 +119,7 @@ class Costs:
 
     def to_dict(self) -> dict[str, Any]:
         return {"overhead": self.overhead, "overhead_mixed": self.overhead_mixed,
-                "overhead_int8": self.overhead_int8,
+                "overhead_int8": self.overhead_int8, "overhead_fp32": self.overhead_fp32,
                 "decode_temp_bytes": self.decode_temp_bytes, "source": self.source}
 
 
@@ -314,9 +318,9 @@ def table_bound(row_bytes: int, rows: int, size: int) -> int:
 
 def graph_sizes(manifest: Any) -> dict[str, int]:
     """Bytes of each graph file the package holds: ``{"plain": ..., "mixed": ..., "int8":
-    ...}`` (the variants only where the packer wrote them)."""
+    ..., "fp32": ...}`` (the variants only where the packer wrote them)."""
     graphs = {"plain": sum(e.size for e in manifest.files.values() if e.role == "graph")}
-    for name, kind in ((VARIANT_FILE, "mixed"), (INT8_FILE, "int8")):
+    for name, kind in ((VARIANT_FILE, "mixed"), *((f, k) for k, f in DENSE_FILES.items())):
         entry = manifest.files.get(name)
         if entry is not None and entry.role == "variant":
             graphs[kind] = entry.size
@@ -393,8 +397,10 @@ def plan_tier(package: Any, tier: int, budget: int | None = None, *,
                 kept = MATERIALIZED_LAYER_OVERHEAD
             layers.append(LayerPlan(name, nb, total, mode, kept, dense_bytes(infos[name], mode)))
         layers.sort(key=lambda lp: order[lp.name])
-        graph = ("plain" if not mat else "int8" if "int8" in graphs and all(
-            lp.mode == "int8" for lp in layers) else "mixed")
+        modes = {lp.mode for lp in layers}
+        only = next(iter(modes)) if len(modes) == 1 else None
+        graph = ("plain" if not mat else only if only in ("int8", "fp32") and only in graphs
+                 else "mixed")   # a dense graph when every layer has its form
         return MemoryPlan(tier, len(man.tiers), budget, tuple(layers),
                           graphs.get(graph, graphs["plain"]), weights,
                           costs.overhead_for(graph), act, max(otf_temp, mat_temp),
@@ -429,13 +435,15 @@ def smallest_plan(package: Any, tier: int, costs: Costs = DEFAULT_COSTS) -> Memo
 def plan_memory(package: Any, budget: int | None, *, tier: int | None = None,
                 budget_source: str = "", prefer: frozenset[str] | None = None,
                 materialize: int | Sequence[str] | None = None,
-                costs: Costs = DEFAULT_COSTS, form: str = "int8") -> MemoryPlan:
+                costs: Costs = DEFAULT_COSTS, form: str = "auto") -> MemoryPlan:
     """The plan for ``budget``: the largest tier whose plan fits, with the most materialised
     layers that fit (see the module doc); without a budget, the last tier with every layer
     materialised (the fastest). ``tier`` forces a tier; ``prefer`` keeps that set
     of materialised layers when it fits (so a re-tier can keep its session); ``materialize``
     forces the mode choice (a count of the largest layers, or layer names); ``form``: what a
-    materialised layer becomes (see :func:`plan_tier`); ``costs``: the
+    materialised layer becomes (see :func:`plan_tier`), or ``"auto"``: with a budget that
+    holds the top (or forced) tier with every layer float32, that plan (the tier's exact
+    weights: int8 costs about 0.005 cosine on MiniLM), else int8; ``costs``: the
     machine's fixed costs (:mod:`edgestack.runtime.calibrate`; default: the documented
     constants).
 
@@ -448,6 +456,13 @@ def plan_memory(package: Any, budget: int | None, *, tier: int | None = None,
                                or budget <= 0):
         raise BudgetError(f"budget must be a positive number of bytes, found {budget!r}")
     candidates = [tier] if tier is not None else list(range(len(man.tiers) - 1, -1, -1))
+    if form == "auto":
+        form = "int8"
+        if budget is not None and materialize is None and man.layers:
+            exact = plan_tier(man, candidates[0], budget, materialize=len(man.layers),
+                              budget_source=budget_source, costs=costs, form="fp32")
+            if exact.fits and exact.graph == "fp32":
+                return exact
     if budget is None and materialize is None and prefer is None:
         materialize = len(man.layers)  # no budget: the fastest plan (every layer materialised)
     for t in candidates:

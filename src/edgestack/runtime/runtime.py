@@ -44,7 +44,7 @@ import numpy as np
 from edgestack.errors import PackageError, TargetError
 from edgestack.package.format import BLOCK_FILE
 from edgestack.package.reader import Package
-from edgestack.package.variants import INT8_FILE, VARIANT_FILE
+from edgestack.package.variants import DENSE_FILES, VARIANT_FILE
 from edgestack.runtime.budget import resolve_budget
 from edgestack.runtime.calibrate import calibrate as calibrate_costs
 from edgestack.runtime.plan import DEFAULT_COSTS, Costs, MemoryPlan, page_up, plan_memory
@@ -333,15 +333,15 @@ class Runtime:
                  verify: bool = True, optimization: str = "all",
                  materialize: int | list[str] | None = None,
                  watch: bool | float = False, calibrate: bool = True,
-                 form: str = "int8", graph: str | None = None) -> None:
+                 form: str = "auto", graph: str | None = None) -> None:
         from edgestack.targets.ort_cpu import LEVELS
 
         if optimization not in LEVELS:  # before anything is opened or read
             raise TargetError(f"optimization must be one of {sorted(LEVELS)}, found "
                               f"{optimization!r}")
-        if form not in ("int8", "fp32") or graph not in (None, "plain", "mixed"):
-            raise TargetError(f"form must be 'int8' or 'fp32' and graph None, 'plain' or "
-                              f"'mixed' (the int8 graph is chosen by the plan); found "
+        if form not in ("auto", "int8", "fp32") or graph not in (None, "plain", "mixed"):
+            raise TargetError(f"form must be 'auto', 'int8' or 'fp32' and graph None, 'plain' "
+                              f"or 'mixed' (the dense graphs are chosen by the plan); found "
                               f"form={form!r}, graph={graph!r}")
         fix_malloc_threshold()
         self._own = not isinstance(package, Package)
@@ -522,9 +522,10 @@ class Runtime:
 
     # ---- sessions and states ---------------------------------------------------------
     def _graph_for(self, plan: MemoryPlan) -> str:
-        """The plan's graph (``"plain"``: ``model.onnx``, every layer on the fly; ``"int8"``:
-        ``model.int8.onnx``, every layer int8; ``"mixed"``: ``model.mixed.onnx``, one site
-        per layer: see :mod:`edgestack.package.variants`), or the one forced at init."""
+        """The plan's graph (``"plain"``: ``model.onnx``, every layer on the fly; ``"int8"``
+        / ``"fp32"``: ``model.int8.onnx`` / ``model.fp32.onnx``, every layer in that form;
+        ``"mixed"``: ``model.mixed.onnx``, one site per layer: see
+        :mod:`edgestack.package.variants`), or the one forced at init."""
         return self._graph_choice or plan.graph
 
     def _session(self, graph: str) -> Any:
@@ -533,7 +534,7 @@ class Runtime:
         from edgestack.targets.ort_cpu import session_options
 
         pkg = self.package
-        name = {"plain": pkg.graph_file, "mixed": VARIANT_FILE, "int8": INT8_FILE}[graph]
+        name = {"plain": pkg.graph_file, "mixed": VARIANT_FILE, **DENSE_FILES}[graph]
         # the ort-cpu target's options (threads 0 = ORT's default; level checked in
         # __init__), plus the runtime's own: memory follows the plan
         so = session_options(int(self.threads or 0), self.optimization)
@@ -566,7 +567,7 @@ class Runtime:
         st = self._stores[name]
         site = a.get("site") or {}
         feeds: dict[str, np.ndarray] = {}
-        if graph != "int8":
+        if graph in ("plain", "mixed"):
             s, u, v = st.feeds(nb if mode == "on-the-fly" else 0)  # no rows: branch not taken
             feeds.update({a["signs"]: s, a["u"]: u, a["v"]: v})
         if graph == "plain":
