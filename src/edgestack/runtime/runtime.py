@@ -390,7 +390,6 @@ class Runtime:
             self._records: dict[str, list[Any]] = {name: [] for name in man.layers}
             for rec in sorted(self.package.block_index, key=lambda r: (r.layer, r.block)):
                 self._records[rec.layer].append(rec)
-            self._bmap = self.package.map_file(BLOCK_FILE) if man.layers else None
             self.bytes_read = 0
             self._fill(plan)
             self._state = self._make_state(plan, None)
@@ -500,25 +499,31 @@ class Runtime:
 
     def _decode(self, name: str, nb: int, transposed: bool, flat: bool = False) -> np.ndarray:
         """A materialised layer's weight at ``nb`` blocks: from its store when it holds them,
-        else from the memory-mapped block file, whose pages are handed back afterwards (a
-        materialised layer keeps no blocks resident)."""
+        else read from the block file record by record with ``pread`` into one reused buffer
+        (a materialised layer keeps no blocks resident, and nothing of the file is mapped:
+        measured on a 12-block MiniLM package, reading through a memory map left 5.6 MB of
+        fault-around pages resident until the whole map was dropped)."""
         st = self._stores[name]
         if st.loaded >= nb:
             return decode_blocks(st.info, st.blocks(nb), transposed, flat)
-        info, bmap = st.info, self._bmap
+        info = st.info
         m, n = info.matrix_shape
         k = info.rank
         recs = self._records[name][:nb]
-        arr = bmap.array
-        views = [(arr[r.signs:r.signs + info.signs_bytes],
-                  arr[r.u:r.u + info.u_bytes].view("<f2").reshape(m, k),
-                  arr[r.v:r.v + info.v_bytes].view("<f2").reshape(k, n)) for r in recs]
-        try:
-            return decode_blocks(info, views, transposed, flat)
-        finally:
-            del views
+        fd, base = self.package.locate(BLOCK_FILE)
+        buf = np.empty(max((r.end - r.offset for r in recs), default=0), np.uint8)
+
+        def blocks() -> Any:
             for r in recs:
-                bmap.drop(r.offset, r.end)
+                size, o = r.end - r.offset, r.offset
+                if os.preadv(fd, [memoryview(buf)[:size]], base + o) != size:
+                    raise PackageError(f"{self.package.path}: {BLOCK_FILE}: short read of "
+                                       f"block {r.block} of {name}; {_FIX_REPACK}")
+                yield (buf[r.signs - o:r.signs - o + info.signs_bytes],
+                       buf[r.u - o:r.u - o + info.u_bytes].view("<f2").reshape(m, k),
+                       buf[r.v - o:r.v - o + info.v_bytes].view("<f2").reshape(k, n))
+
+        return decode_blocks(info, blocks(), transposed, flat)
 
     # ---- sessions and states ---------------------------------------------------------
     def _graph_for(self, plan: MemoryPlan) -> str:
@@ -646,10 +651,6 @@ class Runtime:
         feeds: dict[str, np.ndarray] = {}
         for lp in plan.layers:
             feeds.update(self._form_feeds(lp.name, lp.mode, lp.blocks, graph, old))
-        if plan.materialized and self._bmap is not None:
-            # decoding drops each layer's records, but the kernel's fault-around maps pages
-            # around each read again: nothing of the block file is needed while serving
-            self._bmap.drop(0, self._bmap.size)
         known = {i.name for i in session.get_inputs()}
         unknown = sorted(set(feeds) - known)
         if unknown:
