@@ -12,13 +12,17 @@ Forms (see :mod:`edgestack.package.variants`). A plan serves each layer on the f
 fed, ONNX Runtime decodes every call: the package's plain graph ``model.onnx``) or
 materialised once per tier, decoded in numpy block by block and fed as int8 (per-channel,
 ``DynamicQuantizeMatMul``: 1 byte a weight) or float32 through the package's mixed graph
-``model.mixed.onnx``; the branches a layer does not take get empty arrays. The runtime never
+``model.mixed.onnx`` (or the dense graphs ``model.int8.onnx`` / ``model.fp32.onnx`` when every
+layer has one form); the branches a layer does not take get empty arrays. The runtime never
 edits a graph and does not import ``onnx``. Weights are memory-mapped: ONNX Runtime maps the
 package's weights file itself (the session's external-data folder is the package folder);
 lookup tables (``metadata.runtime.tables``) are mapped by the runtime, handed over with
 ``SessionOptions.add_initializer`` and their pages handed back after every call. Sessions run
-with ``enable_cpu_mem_arena=False``, ``enable_mem_pattern=False`` and
-``session.disable_prepacking=1`` so memory follows the plan.
+with ``enable_mem_pattern=False`` and ``session.disable_prepacking=1`` so memory follows the
+plan, and with ONNX Runtime's arena only on the dense graphs: measured on a 12-block MiniLM
+package (2 threads, avx512_vnni), the arena made the int8 graph 18% faster (13.0 -> 10.7 ms) at
+the same peak RSS, and the plain graph 2.4-4x faster on the fly but at +13-20% peak RSS (it
+keeps the decode temporaries); the memory pattern added 5-13 MB for no speed.
 
 Serving state (tier, plan, session, feeds) is an immutable snapshot swapped under a lock;
 ``infer`` takes the snapshot current at its start, so in-flight calls finish on the tier
@@ -543,7 +547,7 @@ class Runtime:
         # the ort-cpu target's options (threads 0 = ORT's default; level checked in
         # __init__), plus the runtime's own: memory follows the plan
         so = session_options(int(self.threads or 0), self.optimization)
-        so.enable_cpu_mem_arena = False
+        so.enable_cpu_mem_arena = graph in DENSE_FILES   # see the module doc
         so.enable_mem_pattern = False
         so.add_session_config_entry("session.disable_prepacking", "1")
         so.log_severity_level = 3
