@@ -93,12 +93,35 @@ def test_int8_form_is_close_and_not_judged_by_the_self_test(small_pkg):
         report = rt.self_test()
         assert report["ran"] and not report["judged"] and report["passed"] is None
         assert "int8" in report["reason"]
-        res = rt.retier(tier=0)                           # same session, other feeds
-        assert not res.session_rebuilt and rt.tier == 0
+        res = rt.retier(tier=0)   # the int8 graph holds its weights: a new tier, a new session
+        assert res.session_rebuilt and rt.tier == 0 and rt.plan.graph == "int8"
+        assert not np.allclose(rt.infer(x)["output"], got)
+        assert not rt.retier(tier=0).session_rebuilt      # the same blocks: the same session
     with Runtime(small_pkg, materialize=["fc1"]) as mixed:
         assert mixed.plan.modes == {"fc0": "on-the-fly", "fc1": "int8", "fc2": "on-the-fly"}
         got = mixed.infer(x)["output"]
         assert np.abs(got - ref).max() / np.abs(ref).max() < 0.05
+
+
+def test_nbits8_form_serves_every_layer_in_its_dense_graph(small_pkg):
+    """The 8-bit weight-only form: the whole-graph MatMulNBits variant, close to the exact
+    output (closer than int8, which also quantizes the activations); it exists only for
+    every layer at once, and the package's files do not change (the weights go to a
+    temporary data file)."""
+    from edgestack.errors import PackageError
+
+    x = Package.open(small_pkg).golden()[0]
+    before = sorted(p.name for p in small_pkg.iterdir())
+    with Runtime(small_pkg, materialize=0) as exact, Runtime(small_pkg, form="nbits8") as nb, \
+            Runtime(small_pkg, form="int8") as i8:
+        assert nb.plan.graph == "nbits8" and set(nb.plan.modes.values()) == {"nbits8"}
+        ref = exact.infer(x)["output"]
+        err = np.abs(nb.infer(x)["output"] - ref).max() / np.abs(ref).max()
+        err8 = np.abs(i8.infer(x)["output"] - ref).max() / np.abs(ref).max()
+        assert 0 < err < min(0.01, err8), (err, err8)
+        with pytest.raises(PackageError, match="every layer"):
+            plan_memory(nb.package.manifest, None, materialize=1, form="nbits8")
+    assert sorted(p.name for p in small_pkg.iterdir()) == before
 
 
 def test_quantize_int8_is_per_output_channel():
@@ -114,6 +137,36 @@ def test_quantize_int8_is_per_output_channel():
     err = np.abs(q * scale - wt)
     assert np.all(err <= scale / 2 + 1e-7)                 # rounding: half a step at most
     assert np.abs(q).max(axis=0)[[0, 1, 2, 4, 5, 6]].min() == 127  # each column uses its range
+
+
+def test_quantize_nbits8_is_what_matmulnbits_computes():
+    """The runtime's 8-bit blockwise codes, in ONNX Runtime's MatMulNBits (K not a multiple
+    of the block: padded), give x @ dequantized(W).T; the codes are within half a step."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgestack.runtime.runtime import quantize_nbits8
+
+    rng = np.random.default_rng(1)
+    n, k = 6, 70
+    w = (rng.standard_normal((n, k)) * np.linspace(0.01, 3, n)[:, None]).astype(np.float32)
+    w[2, 32:64] = 0                                          # an all-zero block
+    codes, scales = quantize_nbits8(w)
+    assert codes.shape == (n, 3, 32) and scales.shape == (n, 3) and scales[2, 1] == 1
+    deq = ((codes.astype(np.float32) - 128) * scales[:, :, None]).reshape(n, -1)[:, :k]
+    assert np.all(np.abs(deq - w) <= np.repeat(scales, 32, axis=1)[:, :k] / 2 + 1e-6)
+    node = helper.make_node("MatMulNBits", ["x", "b", "s"], ["y"], domain="com.microsoft",
+                            K=k, N=n, bits=8, block_size=32, accuracy_level=0)
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, n])],
+        [numpy_helper.from_array(codes, "b"), numpy_helper.from_array(scales, "s")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    x = rng.standard_normal((4, k)).astype(np.float32)
+    y = ort.InferenceSession(model.SerializeToString(),
+                             providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(y, x @ deq.T, rtol=1e-4, atol=1e-4)
 
 
 def test_damaged_weights_file_is_refused(small_pkg, tmp_path):

@@ -11,7 +11,7 @@ planner measures them where it runs:
 1. a fresh interpreter imports numpy, onnxruntime and :mod:`edgestack.runtime` and reports
    its peak RSS (``VmHWM``): the baseline every plan is counted above;
 2. a fresh interpreter serves the package's **top tier with every layer materialised**:
-   int8 on the mixed graph, int8 on the int8 graph and float32 on the fp32 graph, and runs
+   int8 on the mixed graph, and each dense graph in its form (int8, nbits8, fp32), and runs
    the golden inputs three times: its peak minus the baseline, minus what the plan counts
    without overhead, is that graph's fixed overhead;
 3. **tier 0 and the top tier with every layer decoded on the fly** (plain graph): the
@@ -169,13 +169,14 @@ def measure(package: Any, *, threads: int | None = None, optimization: str = "al
                                         "counted": plan1.expected_bytes, "decode_work": work1,
                                         "decode_temp_raw": raw}
     overhead = max(0, int(inc0 - plan0.expected_bytes - decode * work0))
-    overheads: dict[str, int | None] = {"mixed": None, "int8": None, "fp32": None}
+    overheads: dict[str, int | None] = {"mixed": None, "int8": None, "nbits8": None,
+                                        "fp32": None}
     sizes = graph_sizes(man)
     for graph in [g for g in overheads if g in sizes]:
         # every layer materialised (int8 on the mixed graph): no decode temporaries; what is
         # left is the graph's overhead (with what materialising costs beyond the model:
         # conservative)
-        form = "fp32" if graph == "fp32" else "int8"
+        form = "int8" if graph == "mixed" else graph
         top_plan = plan_tier(man, top, materialize=n_layers, costs=zero, form=form)
         if not top_plan.materialized:
             continue
@@ -185,6 +186,7 @@ def measure(package: Any, *, threads: int | None = None, optimization: str = "al
         result[f"materialized_{graph}"] = {"tier": top, "increase": inc, "counted": counted}
     result["costs"] = {"overhead": overhead, "overhead_mixed": overheads["mixed"],
                        "overhead_int8": overheads["int8"], "overhead_fp32": overheads["fp32"],
+                       "overhead_nbits8": overheads["nbits8"],
                        "decode_temp_bytes": round(decode, 3)}
     return result
 
@@ -235,7 +237,7 @@ def _costs(c: Mapping[str, Any], path: Path) -> Costs:
 
     return Costs(int(c["overhead"]), float(c["decode_temp_bytes"]),
                  f"calibrated on this machine ({path.name})", opt("overhead_mixed"),
-                 opt("overhead_int8"), opt("overhead_fp32"))
+                 opt("overhead_int8"), opt("overhead_fp32"), opt("overhead_nbits8"))
 
 
 __all__ = ["calibrate", "measure", "machine_key", "cache_dir", "DECODE_TEMP_RANGE"]

@@ -69,10 +69,14 @@ MATERIALISE_TEMP_BYTES = 10
 block's float32 magnitudes and unpacked signs (int8 quantization then works row-chunk by
 row-chunk)."""
 
-FORMS = ("on-the-fly", "int8", "fp32")
+FORMS = ("on-the-fly", "int8", "nbits8", "fp32")
 """How a BitStack layer is served (see :mod:`edgestack.package.variants`): decoded by ONNX
 Runtime on every call, or materialised once per tier as int8 (1 byte a weight, integer
-kernels) or float32 (4 bytes a weight, the tier's exact weight)."""
+kernels), 8-bit weight-only MatMulNBits (1.16 bytes a weight, every layer at once) or float32
+(4 bytes a weight, the tier's exact weight)."""
+
+DENSE_ONLY = ("nbits8",)
+"""Forms only the dense graph has (every layer in that form, nothing on the fly)."""
 
 SAFETY_FRACTION = 0.05
 """Safety margin of every plan: 5% of the rest, at least :data:`SAFETY_MIN`. It covers what
@@ -106,11 +110,14 @@ class Costs:
     """The overhead with the int8 graph (``model.int8.onnx``); None: as the mixed graph's."""
     overhead_fp32: int | None = None
     """The overhead with the fp32 graph (``model.fp32.onnx``); None: as the mixed graph's."""
+    overhead_nbits8: int | None = None
+    """The overhead with the nbits8 graph (``model.nbits8.onnx``); None: as the mixed graph's."""
 
     def overhead_for(self, graph: str) -> int:
-        """The overhead of serving with ``graph`` (``"plain"``, ``"mixed"``, ``"int8"`` or
-        ``"fp32"``)."""
-        dense = {"int8": self.overhead_int8, "fp32": self.overhead_fp32}
+        """The overhead of serving with ``graph`` (``"plain"``, ``"mixed"`` or a dense graph:
+        ``"int8"``, ``"nbits8"``, ``"fp32"``)."""
+        dense = {"int8": self.overhead_int8, "nbits8": self.overhead_nbits8,
+                 "fp32": self.overhead_fp32}
         for value in ((dense[graph],) if graph in dense else ()) + (
                 (self.overhead_mixed,) if graph != "plain" else ()):
             if value is not None:
@@ -120,6 +127,7 @@ class Costs:
     def to_dict(self) -> dict[str, Any]:
         return {"overhead": self.overhead, "overhead_mixed": self.overhead_mixed,
                 "overhead_int8": self.overhead_int8, "overhead_fp32": self.overhead_fp32,
+                "overhead_nbits8": self.overhead_nbits8,
                 "decode_temp_bytes": self.decode_temp_bytes, "source": self.source}
 
 
@@ -269,7 +277,8 @@ def layer_forms(info: Any) -> tuple[str, ...]:
     site = info.attrs.get("site") if isinstance(info.attrs, Mapping) else None
     if not isinstance(site, Mapping):
         return ("on-the-fly",)
-    return ("on-the-fly", "int8", "fp32") if site.get("int8") else ("on-the-fly", "fp32")
+    return ("on-the-fly", "int8", "nbits8", "fp32") if site.get("int8") else ("on-the-fly",
+                                                                                "fp32")
 
 
 def dense_bytes(info: Any, form: str) -> int:
@@ -277,6 +286,9 @@ def dense_bytes(info: Any, form: str) -> int:
     m, n = info.matrix_shape
     if form == "int8":
         return page_up(m * n) + page_up(4 * m)   # int8 weight + per-channel float scale
+    if form == "nbits8":
+        kb = -(-n // 32)                          # 8-bit codes + a float scale per 32
+        return page_up(m * kb * 32) + page_up(4 * m * kb)
     return page_up(4 * m * n) if form == "fp32" else 0
 
 
@@ -371,8 +383,8 @@ def plan_tier(package: Any, tier: int, budget: int | None = None, *,
     man = _manifest(package)
     if not 0 <= tier < len(man.tiers):
         raise PackageError(f"tier must be in [0, {len(man.tiers) - 1}], found {tier}")
-    if form not in ("int8", "fp32"):
-        raise PackageError(f"form must be 'int8' or 'fp32', found {form!r}")
+    if form not in FORMS[1:]:
+        raise PackageError(f"form must be one of {', '.join(FORMS[1:])}, found {form!r}")
     infos = man.layers
     work = sorted((c for c in _layer_costs(man, tier)), key=lambda c: -c[4])
     graphs, weights, act = _fixed(man)
@@ -399,7 +411,7 @@ def plan_tier(package: Any, tier: int, budget: int | None = None, *,
         layers.sort(key=lambda lp: order[lp.name])
         modes = {lp.mode for lp in layers}
         only = next(iter(modes)) if len(modes) == 1 else None
-        graph = ("plain" if not mat else only if only in ("int8", "fp32") and only in graphs
+        graph = ("plain" if not mat else only if only in FORMS[1:] and only in graphs
                  else "mixed")   # a dense graph when every layer has its form
         return MemoryPlan(tier, len(man.tiers), budget, tuple(layers),
                           graphs.get(graph, graphs["plain"]), weights,
@@ -417,6 +429,15 @@ def plan_tier(package: Any, tier: int, budget: int | None = None, *,
                                "(the package has no mixed graph for them); repack the model")
         return build(set(materialize))
     names = can
+    if form in DENSE_ONLY:   # all or nothing: the form exists only in its dense graph
+        if form not in graphs:
+            raise PackageError(f"the package has no {form} graph (a layer without an int8 "
+                               "site, or an older package): serve int8 or fp32, or repack")
+        if materialize is not None and set(
+                names[:materialize] if isinstance(materialize, int) else names) != set(infos):
+            raise PackageError(f"form {form!r} serves every layer (its dense graph): "
+                               "materialize every layer or pick another form")
+        return build(set(infos))
     if isinstance(materialize, int):
         return build(set(names[: max(0, min(materialize, len(names)))]))
     plans = [build(set(names[:j])) for j in range(len(names) + 1)]
@@ -441,9 +462,11 @@ def plan_memory(package: Any, budget: int | None, *, tier: int | None = None,
     materialised (the fastest). ``tier`` forces a tier; ``prefer`` keeps that set
     of materialised layers when it fits (so a re-tier can keep its session); ``materialize``
     forces the mode choice (a count of the largest layers, or layer names); ``form``: what a
-    materialised layer becomes (see :func:`plan_tier`), or ``"auto"``: with a budget that
-    holds the top (or forced) tier with every layer float32, that plan (the tier's exact
-    weights: int8 costs about 0.005 cosine on MiniLM), else int8; ``costs``: the
+    materialised layer becomes (see :func:`plan_tier`), or ``"auto"``: with a budget, the
+    most exact dense form whose plan of the top (or forced) tier fits, float32 (the tier's
+    exact weights), else 8-bit weight-only (its quality within rounding: measured on MiniLM
+    0.0003 cosine below float32, 1.16 bytes a weight), else int8 (the fastest: about 0.006
+    below float32, 1 byte a weight); ``costs``: the
     machine's fixed costs (:mod:`edgestack.runtime.calibrate`; default: the documented
     constants).
 
@@ -459,10 +482,13 @@ def plan_memory(package: Any, budget: int | None, *, tier: int | None = None,
     if form == "auto":
         form = "int8"
         if budget is not None and materialize is None and man.layers:
-            exact = plan_tier(man, candidates[0], budget, materialize=len(man.layers),
-                              budget_source=budget_source, costs=costs, form="fp32")
-            if exact.fits and exact.graph == "fp32":
-                return exact
+            for exact_form in ("fp32", "nbits8"):
+                if exact_form not in graph_sizes(man):
+                    continue
+                exact = plan_tier(man, candidates[0], budget, materialize=len(man.layers),
+                                  budget_source=budget_source, costs=costs, form=exact_form)
+                if exact.fits and exact.graph == exact_form:
+                    return exact
     if budget is None and materialize is None and prefer is None:
         materialize = len(man.layers)  # no budget: the fastest plan (every layer materialised)
     for t in candidates:
@@ -493,5 +519,5 @@ def plan_memory(package: Any, budget: int | None, *, tier: int | None = None,
 
 
 __all__ = ["MemoryPlan", "LayerPlan", "Costs", "DEFAULT_COSTS", "plan_memory", "plan_tier",
-           "smallest_plan", "layer_forms", "graph_sizes", "dense_bytes", "FORMS", "SAFETY_FRACTION", "SAFETY_MIN", "RUNTIME_OVERHEAD", "DECODE_TEMP_BYTES", "OTF_LAYER_OVERHEAD",
+           "smallest_plan", "layer_forms", "graph_sizes", "dense_bytes", "FORMS", "DENSE_ONLY", "SAFETY_FRACTION", "SAFETY_MIN", "RUNTIME_OVERHEAD", "DECODE_TEMP_BYTES", "OTF_LAYER_OVERHEAD",
            "MATERIALIZED_LAYER_OVERHEAD", "MATERIALISE_TEMP_BYTES"]

@@ -48,10 +48,11 @@ import numpy as np
 from edgestack.errors import PackageError, TargetError
 from edgestack.package.format import BLOCK_FILE
 from edgestack.package.reader import Package
-from edgestack.package.variants import DENSE_FILES, VARIANT_FILE
+from edgestack.package.variants import DENSE_DATA, DENSE_FILES, NBITS_BLOCK, VARIANT_FILE
 from edgestack.runtime.budget import resolve_budget
 from edgestack.runtime.calibrate import calibrate as calibrate_costs
-from edgestack.runtime.plan import DEFAULT_COSTS, Costs, MemoryPlan, page_up, plan_memory
+from edgestack.runtime.plan import (DEFAULT_COSTS, FORMS, Costs, MemoryPlan, page_up,
+                                    plan_memory)
 
 SUPPORTED_TARGETS = ("ort-cpu",)
 _FIX_REPACK = "copy the package again or repack the model"
@@ -106,6 +107,24 @@ def _libc() -> Any:
 def _anon(nbytes: int) -> mmap.mmap:
     return mmap.mmap(-1, max(page_up(nbytes), mmap.PAGESIZE),
                      flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
+def _link_or_copy(src: Path, dst: Path, size: int) -> None:
+    """``dst`` as a hard link to ``src``, or where that cannot be (another file system) a
+    kernel copy (``os.copy_file_range``: disk and page cache, not this process's memory)."""
+    try:
+        os.link(src, dst)
+        return
+    except OSError:
+        pass
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        done = 0
+        while done < size:
+            n = os.copy_file_range(fi.fileno(), fo.fileno(), size - done)
+            if n <= 0:
+                raise PackageError(f"{src}: short read at byte {done} of {size}; "
+                                   f"{_FIX_REPACK}")
+            done += n
 
 
 class _LayerStore:
@@ -257,6 +276,32 @@ def quantize_int8(wt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale
 
 
+def quantize_nbits8(w: np.ndarray, block: int = NBITS_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric 8-bit blockwise quantization of an ``[N, K]`` float32 matrix (a layer's
+    ``[m, n]`` weight) in ``com.microsoft.MatMulNBits`` layout: ``(codes uint8 [N, K/block,
+    block], scales float32 [N, K/block])`` with ``w ~= (codes - 128) * scale`` (the default
+    zero point of 8 bits); ``K`` is zero-padded to a multiple of ``block``; an all-zero block
+    gets scale 1."""
+    n_rows, k = w.shape
+    kb = -(-k // block)
+    codes = np.empty((n_rows, kb, block), np.uint8)
+    scales = np.empty((n_rows, kb), np.float32)
+    step = QUANT_CHUNK_ROWS
+    for r in range(0, n_rows, step):
+        part = np.zeros((min(step, n_rows - r), kb * block), np.float32)
+        part[:, :k] = w[r:r + step]
+        part = part.reshape(-1, kb, block)
+        sc = np.abs(part).max(axis=2) / np.float32(127)
+        sc[sc == 0] = 1.0
+        part /= sc[:, :, None]
+        np.rint(part, out=part)
+        np.clip(part, -127, 127, out=part)
+        part += 128
+        codes[r:r + step] = part
+        scales[r:r + step] = sc
+    return codes, scales
+
+
 @dataclass
 class _State:
     plan: MemoryPlan
@@ -343,8 +388,9 @@ class Runtime:
         if optimization not in LEVELS:  # before anything is opened or read
             raise TargetError(f"optimization must be one of {sorted(LEVELS)}, found "
                               f"{optimization!r}")
-        if form not in ("auto", "int8", "fp32") or graph not in (None, "plain", "mixed"):
-            raise TargetError(f"form must be 'auto', 'int8' or 'fp32' and graph None, 'plain' "
+        if form not in ("auto", *FORMS[1:]) or graph not in (None, "plain", "mixed"):
+            raise TargetError(f"form must be 'auto' or one of {', '.join(FORMS[1:])} and "
+                              f"graph None, 'plain' "
                               f"or 'mixed' (the dense graphs are chosen by the plan); found "
                               f"form={form!r}, graph={graph!r}")
         fix_malloc_threshold()
@@ -537,7 +583,9 @@ class Runtime:
         :mod:`edgestack.package.variants`), or the one forced at init."""
         return self._graph_choice or plan.graph
 
-    def _session(self, graph: str) -> Any:
+    def _session(self, graph: str, folder: str | None = None) -> Any:
+        """An ONNX Runtime session on ``graph``, its external data in ``folder`` (default:
+        :meth:`_external_data_dir`)."""
         import onnxruntime as ort
 
         from edgestack.targets.ort_cpu import session_options
@@ -549,18 +597,74 @@ class Runtime:
         so = session_options(int(self.threads or 0), self.optimization)
         so.enable_cpu_mem_arena = graph in DENSE_FILES   # see the module doc
         so.enable_mem_pattern = False
-        so.add_session_config_entry("session.disable_prepacking", "1")
+        if graph not in DENSE_FILES:  # the dense graphs' site weights are prepacked
+            so.add_session_config_entry("session.disable_prepacking", "1")
         so.log_severity_level = 3
         for tname, value in self._weights.items():
             so.add_initializer(tname, value)  # no copy: ORT uses our map
         so.add_session_config_entry("session.model_external_initializers_file_folder_path",
-                                    self._external_data_dir())
+                                    folder or self._external_data_dir())
         model = pkg.read_file(name, verify=self._verify)  # hashed while read
         try:
             return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001
             raise TargetError(f"{pkg.path}: ONNX Runtime cannot load the package's graph "
                               f"{name!r} ({str(exc)[:300]}); repack the model") from None
+
+    def _dense_session(self, plan: MemoryPlan, graph: str) -> Any:
+        """A session on a dense graph (``"int8"``/``"fp32"``) for ``plan``: each layer is
+        decoded, put in its form and written at its offset (``site["file"][graph]``) into
+        the graph's data file (:data:`~edgestack.package.variants.DENSE_DATA`) in a
+        temporary folder beside a link (or kernel copy) of the package's weights files; ONNX
+        Runtime maps that file and prepacks the weights. The folder goes once the session
+        is built (its maps outlive the names). The file lives in the page cache, not in this
+        process: one layer's decode temporaries are the only extra memory. The folder is
+        made under ``$TMPDIR``, which should be a disk (on a tmpfs the file would be held in
+        memory)."""
+        import shutil
+        import tempfile
+
+        pkg = self.package
+        folder = tempfile.mkdtemp(prefix="edgestack-dense-")
+        try:
+            src = self._external_data_dir()
+            for name, entry in pkg.files.items():
+                if entry.role == "weights":
+                    _link_or_copy(Path(src, name), Path(folder, name), entry.size)
+            fd = os.open(os.path.join(folder, DENSE_DATA[graph]),
+                         os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                for lp in plan.layers:
+                    site = pkg.layers[lp.name].attrs.get("site") or {}
+                    layout = (site.get("file") or {}).get(graph)
+                    if not isinstance(layout, Mapping):
+                        raise PackageError(f"{pkg.path}: layer {lp.name!r} has no {graph} "
+                                           f"data layout (site.file.{graph}); {_FIX_REPACK}")
+                    if graph == "int8":
+                        q, scale = quantize_int8(self._decode(lp.name, lp.blocks, True))
+                        arrays = {"q": q, "scale": scale}
+                    elif graph == "nbits8":
+                        b, sc = quantize_nbits8(self._decode(lp.name, lp.blocks, False,
+                                                             flat=True))
+                        arrays = {"b": b, "s": sc}
+                    else:
+                        arrays = {"w": self._decode(lp.name, lp.blocks,
+                                                    site.get("kind") == "matmul", flat=True)}
+                    for key, arr in arrays.items():
+                        offset, size = layout[key]
+                        if size != arr.nbytes:
+                            raise PackageError(f"{pkg.path}: layer {lp.name!r}: site.file."
+                                               f"{graph}.{key} holds {size} bytes, the layer's "
+                                               f"{key} has {arr.nbytes}; {_FIX_REPACK}")
+                        if os.pwrite(fd, memoryview(np.ascontiguousarray(arr)).cast("B"),
+                                     offset) != size:
+                            raise OSError(f"short write to {DENSE_DATA[graph]} in {folder}")
+                    del arrays
+            finally:
+                os.close(fd)
+            return self._session(graph, folder)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def _empty_like(self, dtype: str, rank: int) -> np.ndarray:
         """A zero-size array fed to an input whose branch is not taken."""
@@ -647,13 +751,15 @@ class Runtime:
 
     def _make_state(self, plan: MemoryPlan, old: _State | None) -> _State:
         graph = self._graph_for(plan)
-        session = old.session if old is not None and old.graph == graph else None
+        dense = graph in DENSE_FILES   # the weights are in the session: same blocks only
+        session = (old.session if old is not None and old.graph == graph and (
+            not dense or old.plan.blocks == plan.blocks) else None)
         rebuilt = session is None
         if session is None:
-            session = self._session(graph)
+            session = self._dense_session(plan, graph) if dense else self._session(graph)
             self._drop_tables()  # what building the session read of them
         feeds: dict[str, np.ndarray] = {}
-        for lp in plan.layers:
+        for lp in ([] if dense else plan.layers):
             feeds.update(self._form_feeds(lp.name, lp.mode, lp.blocks, graph, old))
         known = {i.name for i in session.get_inputs()}
         unknown = sorted(set(feeds) - known)
