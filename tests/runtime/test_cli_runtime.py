@@ -18,6 +18,17 @@ def run_json(capsys, argv):
     return code, json.loads(out)
 
 
+def test_pack_a_model_source_with_bitstack_options(tmp_path, capsys):
+    """`pack SOURCE` compresses with the BitStack options given (the rest: the packer's
+    defaults) and writes a package whose layers hold that many blocks."""
+    pkg = tmp_path / "cnn.pkg"
+    code, out = run_json(capsys, ["pack", "small-cnn", "--out", str(pkg), "--blocks", "2",
+                                  "--signs", "plain", "--factor-bits", "0.25"])
+    assert code == 0 and out["ok"] and out["layers"] >= 1 and out["blocks"] == 2 * out["layers"]
+    with pytest.raises(SystemExit):
+        main(["pack", "small-cnn", "--out", str(tmp_path / "x"), "--signs", "bogus"])
+
+
 def test_pack_plan_run_verify(tmp_path, capsys, small_model):
     pkg = tmp_path / "m.pkg"
     code, out = run_json(capsys, ["pack", str(small_model[0]), "--out", str(pkg)])
@@ -33,6 +44,14 @@ def test_pack_plan_run_verify(tmp_path, capsys, small_model):
                                                                    + plan["margin_bytes"])
     code, out = run_json(capsys, ["plan", str(pkg), "--budget", "1GB", "--no-calibrate"])
     assert code == 0 and out["plan"]["costs"]["source"] == "documented constants"
+    assert out["plan"]["graph"] == "fp32"         # auto: the most exact form that fits
+    for form in ("int8", "nbits8"):
+        code, out = run_json(capsys, ["plan", str(pkg), "--budget", "1GB", "--no-calibrate",
+                                      "--form", form])
+        assert code == 0 and {lp["mode"] for lp in out["plan"]["layers"]} == {form}
+        code, out = run_json(capsys, ["run", str(pkg), "--budget", "1GB", "--no-calibrate",
+                                      "--form", form])
+        assert code == 0 and out["ok"] and out["plan"]["graph"] == form
 
     assert main(["plan", str(pkg), "--budget", "1MB"]) == 2
     err = capsys.readouterr().err

@@ -30,8 +30,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", default="bitstack",
                    help="compression when MODEL is not an .onnx file (default bitstack)")
     p.add_argument("--blocks", type=int, default=None,
-                   help="bitstack blocks per matrix when compressing (default 4)")
+                   help="bitstack blocks per matrix when compressing (default 12: the top "
+                   "tier reaches the original's quality)")
     p.add_argument("--k", type=int, default=None, help="bitstack rank per block")
+    p.add_argument("--factor-bits", type=float, default=None,
+                   help="bitstack factor bits per weight per block, sets k by shape (default "
+                   "0.125)")
+    p.add_argument("--signs", choices=("auto", "gptq", "plain"), default=None,
+                   help="bitstack: how block signs are chosen (default auto)")
+    p.add_argument("--extra-texts", type=int, default=None,
+                   help="text models: more corpus sentences for the compression statistics "
+                   "(the demo uses 836, the whole shipped corpus)")
     p.add_argument("--steps-per-level", type=int, default=4,
                    help="tiers between BitStack level boundaries (default 4)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing package")
@@ -42,7 +51,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from edgestack.package.pack import pack
 
-    opts = {k: v for k, v in (("n_blocks", args.blocks), ("k", args.k)) if v is not None}
+    opts = {k: v for k, v in (("n_blocks", args.blocks), ("k", args.k),
+                              ("factor_bits", args.factor_bits), ("signs", args.signs),
+                              ("extra_texts", args.extra_texts)) if v is not None}
     result = pack(args.model, args.out, target=args.target, profile=args.profile,
                   name=args.name, method=args.method, options=opts,
                   steps_per_level=args.steps_per_level, overwrite=args.overwrite,

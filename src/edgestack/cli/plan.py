@@ -25,6 +25,10 @@ def add_package_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--auto", action="store_true",
                    help="budget from available memory and the cgroup limit, minus a margin")
     p.add_argument("--tier", type=int, default=None, help="force a tier")
+    p.add_argument("--form", choices=("auto", "int8", "nbits8", "fp32"), default="auto",
+                   help="what materialised layers become: auto (default: the most exact "
+                   "form whose plan fits the budget: fp32, then 8-bit weight-only nbits8, "
+                   "then int8), or int8 (the fastest), nbits8, fp32")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                    help="plan with the documented memory constants instead of this machine's "
@@ -57,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
         if args.calibrate and budget is not None:
             costs = calibrate(pkg, threads=args.threads, refresh=args.recalibrate,
                               log=print_progress)
-        plan = plan_memory(pkg, budget, tier=args.tier, budget_source=source, costs=costs)
+        plan = plan_memory(pkg, budget, tier=args.tier, budget_source=source, costs=costs,
+                           form=args.form)
         if args.json:
             emit_json({"ok": True, "package": str(pkg.path), "model": pkg.manifest.model.name,
                        "target": pkg.manifest.target, "plan": plan.to_dict()})

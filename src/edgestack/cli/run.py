@@ -35,7 +35,8 @@ def run(args: argparse.Namespace) -> int:
     given = load_feeds(args.input) if args.input else None      # bad input fails before loading
     t0 = time.perf_counter()
     with Runtime(args.package, args.budget, profile=args.profile, auto=args.auto,
-                 tier=args.tier, threads=args.threads, calibrate=args.calibrate) as rt:
+                 tier=args.tier, threads=args.threads, calibrate=args.calibrate,
+                 form=args.form) as rt:
         load_s = time.perf_counter() - t0
         feeds = given if given is not None else rt.package.golden()[0]
         times = []
