@@ -384,11 +384,11 @@ def package_subjects(path: Path, count: int | str, log: Callable[[str], None],
 def reference_handle(path: Path, *, tier: int | None = None, threads: int = 1) -> Handle:
     """The quality reference, loaded once: an ONNX model on ORT CPU (all optimizations,
     like :func:`edgestack.targets.reference.reference_outputs`), or a package at ``tier``
-    (the runtime manager, no budget limit)."""
+    (the runtime manager, no budget limit, the tier's exact float32 weights)."""
     if tier is not None:
         from edgestack.runtime import Runtime
 
-        rt = Runtime(path, tier=tier)
+        rt = Runtime(path, tier=tier, form="fp32")
         return Handle(rt.infer, rt.close)
     from edgestack.targets.ort_cpu import cpu_session
 
