@@ -104,7 +104,7 @@ x = rt.package.golden()[0]
 times = []
 for _ in range(5):
     t = time.perf_counter(); rt.infer(x); times.append(time.perf_counter() - t)
-emit({'hwm': peak_rss(), 'tier': rt.tier, 'plan': rt.plan.total,
+emit({'hwm': peak_rss(), 'tier': rt.tier, 'plan': rt.plan.total, 'graph': rt.plan.graph,
       'materialized': len(rt.plan.materialized), 'load_s': load_s,
       'infer_ms': 1000 * float(np.median(times)), 'bytes_read': rt.bytes_read,
       'torch': 'torch' in sys.modules})
@@ -272,6 +272,7 @@ def run_all(pkg: Path, reps: int = 11, rounds: int = 40, runs: int = 20,
             refresh: bool = False) -> dict:
     from edgestack.package import Package
     from edgestack.runtime import calibrate, plan_tier, smallest_plan
+    from edgestack.runtime.plan import graph_sizes
 
     p = Package.open(pkg)
     n = len(p.tiers)
@@ -288,8 +289,11 @@ def run_all(pkg: Path, reps: int = 11, rounds: int = 40, runs: int = 20,
         processes each."""
         best = [plan_tier(p, t, materialize=mat, costs=costs).total if mat is not None
                 else smallest_plan(p, t, costs).total for t in range(n)]
-        lo, hi = min(best), max(best) if mat is not None else plan_tier(
-            p, n - 1, materialize=n_layers, costs=costs).total
+        # the planner's range ends at the top tier served in its most exact form (auto:
+        # fp32, else nbits8, else int8)
+        lo, hi = min(best), max(best) if mat is not None else max(
+            plan_tier(p, n - 1, materialize=n_layers, costs=costs, form=f).total
+            for f in ("int8", "nbits8", "fp32") if f in graph_sizes(p.manifest))
         budgets = [int(lo + (hi - lo) * f) + 2**20 for f in (0.0, 0.25, 0.5, 0.75, 1.0)]
         print(f"{what}: plan range {lo / MiB:.1f}..{hi / MiB:.1f} MiB", flush=True)
         rows = []
@@ -305,11 +309,12 @@ def run_all(pkg: Path, reps: int = 11, rounds: int = 40, runs: int = 20,
                          "measured_increase": inc, "increases": incs, "runs": runs,
                          "ratio": inc / r["plan"], "min_ratio": min(incs) / r["plan"],
                          "within_budget": all(i <= b for i in incs),
-                         "materialized_layers": r["materialized"], "load_s": r["load_s"],
+                         "materialized_layers": r["materialized"], "graph": r["graph"],
+                         "load_s": r["load_s"],
                          "infer_ms": r["infer_ms"], "bytes_read": r["bytes_read"],
                          "tier_block_bytes": p.tiers[r["tier"]].bytes, "torch": r["torch"]})
             print(f"budget {b / MiB:7.1f} MiB: tier {r['tier']:2d} (largest fitting "
-                  f"{expected:2d}), {r['materialized']:2d} materialised, plan "
+                  f"{expected:2d}), {r['materialized']:2d} materialised ({r['graph']}), plan "
                   f"{r['plan'] / MiB:6.1f} MiB, measured +{min(incs) / MiB:6.1f}.."
                   f"{inc / MiB:6.1f} MiB over {runs} runs (ratio {min(incs) / r['plan']:.3f}.."
                   f"{inc / r['plan']:.3f}, {'<=' if rows[-1]['within_budget'] else '>'} "

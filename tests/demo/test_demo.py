@@ -155,7 +155,9 @@ def test_demo_writes_report_plots_packages(demo: DemoResult) -> None:
 def test_demo_budgets_are_the_baselines_memory(demo: DemoResult) -> None:
     doc = json.loads((demo.out_dir / "report.json").read_text())
     smallest_plan = doc["package"]["smallest_plan_mb"]
-    rt = {r["budget"]: r for r in doc["runtime"]}
+    rt = {r["budget"]: r for r in doc["runtime"] if r["form"] == "auto"}
+    fast = {r["budget"]: r for r in doc["runtime"] if r["form"] == "int8"}
+    assert set(fast) <= set(rt) and len(doc["runtime"]) == len(rt) + len(fast)
     assert [b["label"] for b in doc["baselines"]] == list(BASELINES)
     # the smallest budget (tier 0's smallest plan + 1 MiB) is always run, and serves the
     # largest tier the planner fits in it (int8 plans of every tier are about the same size)
@@ -177,6 +179,14 @@ def test_demo_budgets_are_the_baselines_memory(demo: DemoResult) -> None:
         row = rt[b["rss_increase"]]                      # run at exactly its memory
         assert b["label"] in row["for"] and b["runtime_label"] == row["label"]
         assert b["latency_ratio"] == pytest.approx(row["p50_ms"] / b["p50_ms"], rel=0.01)
+        # where the planner chose a more exact dense form, the int8 plan runs beside it
+        second = fast.get(b["rss_increase"])
+        assert (second is not None) == (set(row["forms"]) & {"nbits8", "fp32"} != set())
+        if second is not None:
+            assert b["runtime_int8_label"] == second["label"] and second["forms"]["int8"] == 36
+            assert b["latency_ratio_int8"] == pytest.approx(second["p50_ms"] / b["p50_ms"],
+                                                            rel=0.01)
+        assert b["target"] == "met" or b["target"].startswith("missed")
     assert len(rt) == len({b["rss_increase"] for b in doc["baselines"]
                            if b["does_not_fit"] is None} | {low})
     for row in doc["runtime"]:
@@ -186,7 +196,7 @@ def test_demo_budgets_are_the_baselines_memory(demo: DemoResult) -> None:
         assert row["ok"] == (row["rss_increase"] <= row["budget"]
                              and row["self_test"] is not False)
         assert 0 < row["cosine_vs_fp32"] <= 1 and row["p50_ms"] > 0
-    by_tier = sorted(doc["runtime"], key=lambda r: r["budget"])
+    by_tier = sorted(rt.values(), key=lambda r: r["budget"])
     assert [r["tier"] for r in by_tier] == sorted(r["tier"] for r in by_tier)
 
 

@@ -119,6 +119,8 @@ def test_nbits8_form_serves_every_layer_in_its_dense_graph(small_pkg):
         err = np.abs(nb.infer(x)["output"] - ref).max() / np.abs(ref).max()
         err8 = np.abs(i8.infer(x)["output"] - ref).max() / np.abs(ref).max()
         assert 0 < err < min(0.01, err8), (err, err8)
+        report = nb.self_test()
+        assert report["ran"] and report["passed"] is None and "nbits8" in report["reason"]
         with pytest.raises(PackageError, match="every layer"):
             plan_memory(nb.package.manifest, None, materialize=1, form="nbits8")
     assert sorted(p.name for p in small_pkg.iterdir()) == before

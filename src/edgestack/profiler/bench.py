@@ -148,7 +148,8 @@ def open_subject(spec: Mapping[str, Any]) -> Handle:
         from edgestack.runtime import Runtime
 
         rt = Runtime(spec["path"], budget=spec["options"]["budget"],
-                     tier=spec["options"].get("tier"), threads=spec["options"].get("threads"))
+                     tier=spec["options"].get("tier"), threads=spec["options"].get("threads"),
+                     form=spec["options"].get("form", "auto"))
         return Handle(rt.infer, rt.close)
     raise InternalError(f"unknown bench subject kind {spec['kind']!r}")
 

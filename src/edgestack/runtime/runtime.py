@@ -302,6 +302,10 @@ def quantize_nbits8(w: np.ndarray, block: int = NBITS_BLOCK) -> tuple[np.ndarray
     return codes, scales
 
 
+QUANTIZED_FORMS = ("int8", "nbits8")
+"""Forms that round the tier's weights (the golden outputs hold the exact ones)."""
+
+
 @dataclass
 class _State:
     plan: MemoryPlan
@@ -900,9 +904,9 @@ class Runtime:
     # ---- self-test, watcher, closing ---------------------------------------------------
     def self_test(self) -> dict[str, Any]:
         """Run the golden inputs and compare with the golden outputs. Judged at the golden
-        tier with exact forms only (on the fly or fp32); at another tier, or with int8
-        layers (their rounding is not in the golden outputs), the result is reported but not
-        judged (``passed`` None, ``reason`` says why)."""
+        tier with exact forms only (on the fly or fp32); at another tier, or with quantized
+        layers (int8, nbits8: their rounding is not in the golden outputs), the result is
+        reported but not judged (``passed`` None, ``reason`` says why)."""
         info = self.package.golden_info
         if info is None:
             return {"ran": False, "passed": None, "reason": "the package has no golden data"}
@@ -920,10 +924,11 @@ class Runtime:
             ok = a.shape == b.shape and bool(np.allclose(a, b, rtol=info.rtol, atol=info.atol))
             worst[name] = {"max_abs": diff, "ok": ok, "missing": False}
             passed &= ok
-        int8 = sum(1 for m in self._state.plan.modes.values() if m == "int8")
-        judged = tier == info.tier and not int8
+        quantized = [m for m in self._state.plan.modes.values() if m in QUANTIZED_FORMS]
+        judged = tier == info.tier and not quantized
         reason = ("" if judged else f"tier {tier} is not the golden tier {info.tier}"
-                  if tier != info.tier else f"{int8} layers are served as int8")
+                  if tier != info.tier else f"{len(quantized)} layers are served as "
+                  f"{'/'.join(sorted(set(quantized)))}")
         return {"ran": True, "tier": tier, "golden_tier": info.tier, "judged": judged,
                 "reason": reason,
                 "passed": passed if judged else None, "outputs": worst,
