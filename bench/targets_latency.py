@@ -192,15 +192,9 @@ def gemm_kernels(seq: int, threads: int, d: int = 384, layers: int = 6, rounds: 
         med = {name: float(np.median(ts)) for name, ts in zip(sessions, times)}
         out[key] = {"fp32_ms": round(med["fp32"], 2), "int8_ms": round(med["int8"], 2),
                     "gemm_ratio": round(med["int8"] / med["fp32"], 3)}
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    out["cpu_int8_dot_extensions"] = sorted(f for f in flags if "vnni" in f) or "none"
+    from edgestack.profiler.latency import cpu_extensions
+
+    out["cpu_int8_dot_extensions"] = cpu_extensions()
     return out
 
 

@@ -109,7 +109,8 @@ class DemoResult:
                         "passed": t["status"] == "pass",
                         "detail": t["status"] + (f" ({t['reason']})" if t["reason"] else "")})
         for r in self.runtime:
-            name = f"runtime at {r['budget_mb']:.2f} MB ({r['for']})"
+            name = (f"runtime at {r['budget_mb']:.2f} MB ({r['for']})"
+                    + (f", form {r['form']}" if r.get("form", "auto") != "auto" else ""))
             if r.get("error"):
                 out.append({"check": f"{name}: served", "passed": False,
                             "detail": r["error"]})
@@ -158,9 +159,12 @@ def _environment() -> dict[str, Any]:
 
     import edgestack
 
+    from edgestack.profiler.latency import cpu_extensions
+
     env = {"edgestack": edgestack.__version__, "python": platform.python_version(),
            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-           "machine": platform.machine(), "cpus": os.cpu_count()}
+           "machine": platform.machine(), "cpus": os.cpu_count(),
+           "cpu extensions": cpu_extensions()}
     try:
         import openvino
 
@@ -426,10 +430,9 @@ def _runtime_step(result: DemoResult, model: Path, threads: int,
     batches = result.held_batches
     feeds = _feeds_file(result)
     subjects = []
-    forms = ["auto"]
-    while forms:
-        budget_forms = [(b, f) for b in budgets for f in forms]
-        forms = []
+    todo = [(b, "auto") for b in budgets]
+    while todo:
+        budget_forms, todo = todo, []
         for budget, form in budget_forms:
             row: dict[str, Any] = {"budget": budget, "budget_mb": round(budget / MB, 2),
                                    "for": "; ".join(why[budget]), "form": form,
@@ -458,7 +461,7 @@ def _runtime_step(result: DemoResult, model: Path, threads: int,
             finally:
                 rt.close()
             if form == "auto" and graph in ("nbits8", "fp32"):
-                forms = ["int8"]   # the fastest plan at the same budgets, as a second row
+                todo.append((budget, "int8"))  # the fastest plan at this budget, beside it
             # the probe process runs the runtime manager at the same budget: it plans again
             subj = Subject(f"bitstack package at {row['budget_mb']:.2f} MB (tier "
                            f"{row['tier']}{', int8' if form == 'int8' else ''})",

@@ -469,3 +469,15 @@ def test_weight_only_baseline_of_a_model_without_matmul_says_nothing_quantized(
     md = B.BenchReport("conv", rows, {}, {}).markdown()
     assert f"ORT int4 weight-only MatMulNBits g32 ({B.NOTHING_QUANTIZED}) | ort-cpu | fp32" in md
     assert f"{B.NOTHING_QUANTIZED}: the quantizer found no MatMul" in md
+
+
+def test_cpu_extensions_names_the_int8_and_matrix_flags(tmp_path: Path) -> None:
+    from edgestack.profiler.latency import cpu_extensions
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni amx_int8 "
+                    "amx_tile avx512_bf16 vnni_other\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert cpu_extensions(str(info)) == "amx_int8,amx_tile,avx512_bf16,avx512_vnni"
+    info.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp\n")   # aarch64 wording
+    assert cpu_extensions(str(info)) == "none"
+    assert cpu_extensions(str(tmp_path / "missing")) == "unknown"

@@ -769,7 +769,10 @@ def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
     rows = measure_subjects(subjects, feeds, reference, work, quality=probe,
                             iterations=iterations, warmup=warmup, seconds=seconds,
                             memory=memory, log=log)
-    settings = {"threads": threads, "iterations": iterations, "warmup": warmup,
+    from edgestack.profiler.latency import cpu_extensions
+
+    settings = {"threads": threads, "cpu_extensions": cpu_extensions(),
+                "iterations": iterations, "warmup": warmup,
                 "seconds": seconds, "inputs": {k: list(v.shape) for k, v in feeds.items()},
                 "profile": prof.name if prof else None, "reference": str(ref_model),
                 "metric": probe.metric if probe else None,

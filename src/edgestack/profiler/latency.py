@@ -8,6 +8,22 @@ from typing import Sequence
 import numpy as np
 
 
+def cpu_extensions(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's int8 dot-product and matrix extensions that decide int8/bf16 speed
+    (``avx512_vnni``, ``avx_vnni``, ``amx*``, ``avx512_bf16`` flags), comma-separated, or
+    ``"none"``; ``"unknown"`` where ``cpuinfo`` cannot be read (not Linux). Latency ratios
+    are reported next to it."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh
+                          if line.startswith(("flags", "Features"))), [])
+    except OSError:
+        return "unknown"
+    keep = sorted({f for f in flags
+                   if f in ("avx512_vnni", "avx_vnni", "avx512_bf16") or f.startswith("amx")})
+    return ",".join(keep) or "none"
+
+
 def latency_stats(times_ms: Sequence[float], batch: int = 1) -> dict[str, float]:
     """p10/p50/p90/p99/mean/std/min of call times in milliseconds, ``spread_ms`` (half the
     p10..p90 range: the band two runs of the same subject should agree within) and
