@@ -63,8 +63,8 @@ def test_minilm_top_tier_equals_the_exported_model(minilm_onnx: Path, minilm_pac
 
 @pytest.mark.slow
 def test_minilm_dense_graphs_and_the_auto_form(minilm_package: Path):
-    """The int8 graph is one DynamicQuantizeMatMul per layer with the Linear biases taken in
-    (no bias Add left on its outputs); with memory for every layer float32 the planner serves the
+    """The int8 graph is one DynamicQuantizeMatMul per layer, or per query/key/value group,
+    with the Linear biases taken in (no bias Add left on its outputs); with memory for every layer float32 the planner serves the
     fp32 graph (the tier's exact weights), with less the 8-bit weight-only graph, with less
     int8; each further from float32 than the one before, all close."""
     import numpy as np
@@ -79,12 +79,20 @@ def test_minilm_dense_graphs_and_the_auto_form(minilm_package: Path):
         exact = plan_tier(pkg, top, materialize=layers, form="fp32")
         weight_only = plan_tier(pkg, top, form="nbits8")
         x = pkg.golden()[0]
-    assert len(dq) == layers
+    # attention's query, key and value read one input: one fused matmul and a Split per block
+    splits = [n for n in graph.node if n.op_type == "Split"]
+    assert len(splits) == 6 and len(dq) == layers - 2 * len(splits)
+    assert all(len(n.output) == 3 and n.input[0] in {o for d in dq for o in d.output}
+               for n in splits)
+    with Package.open(minilm_package) as pkg:
+        fused = [a["site"]["file"]["int8"] for a in (i.attrs for i in pkg.layers.values())
+                 if "q_cols" in a["site"]["file"]["int8"]]
+    assert len(fused) == 18 and {tuple(f["q_cols"])[2] for f in fused} == {3 * 384}
     outs = {o for n in dq for o in n.output}
     biases = {t.name for t in graph.initializer if len(t.dims) == 1}
     assert not [n for n in graph.node if n.op_type == "Add" and set(n.input) & outs
                 and set(n.input) & biases]
-    assert sum(len(n.input) == 5 and bool(n.input[4]) for n in dq) >= layers - 1
+    assert sum(len(n.input) == 5 and bool(n.input[4]) for n in dq) == len(dq)
     assert exact.graph == "fp32" and weight_only.graph == "nbits8"
     assert weight_only.total < exact.total
     got = {}

@@ -552,7 +552,7 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
         onnx.save_model(variant, str(gdir / VARIANT_FILE))  # same external data, same offsets
         del variant
         for form, fname in DENSE_FILES.items():  # every layer int8 / fp32: no If
-            dense = dense_graph(model, attrs, form)   # None: a generic site
+            dense = dense_graph(model, attrs, form, str(gdir))   # None: a generic site
             if dense is not None:
                 onnx.save_model(dense, str(gdir / fname))
             del dense
