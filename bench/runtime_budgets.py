@@ -76,6 +76,7 @@ def build_package(blocks: int, rebuild: bool) -> Path:
 # ---- measurements (each runs in a fresh interpreter) -----------------------------------
 
 PRELUDE = r"""
+import edgestack.runtime as R   # first: the order of the calibration's baseline (see calibrate)
 import json, os, sys, time
 import numpy as np
 from edgestack.profiler.probe import peak_rss
@@ -84,7 +85,6 @@ def rss():
         if line.startswith('VmRSS:'):
             return int(line.split()[1]) * 1024
 import onnxruntime
-import edgestack.runtime as R
 from edgestack.package import Package
 def emit(obj):
     print('RESULT ' + json.dumps(obj), flush=True)

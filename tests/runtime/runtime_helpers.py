@@ -136,11 +136,11 @@ def reference_output(stacks: dict[str, BitStackStack], blocks: dict[str, int], x
 
 
 PEAK_SCRIPT = r"""
+import edgestack.runtime as R   # before onnxruntime: the smaller baseline (the stricter test)
 import json, sys, time
 from edgestack.profiler.probe import peak_rss as hwm
 mode = sys.argv[1]
 import numpy as np, onnxruntime
-import edgestack.runtime as R
 if mode == 'base':
     print(json.dumps({'hwm': hwm(), 'torch': 'torch' in sys.modules}))
     sys.exit(0)

@@ -8,8 +8,12 @@ Both depend on the machine: the ONNX Runtime build, the C library and its alloca
 page cache. Constants carried from one machine were 2 MiB low and 20% high on another, so the
 planner measures them where it runs:
 
-1. a fresh interpreter imports numpy, onnxruntime and :mod:`edgestack.runtime` and reports
-   its peak RSS (``VmHWM``): the baseline every plan is counted above;
+1. a fresh interpreter imports :mod:`edgestack.runtime`, then numpy and onnxruntime, and
+   reports its peak RSS (``VmHWM``): the baseline every plan is counted above. The order
+   matters: importing onnxruntime first made the baseline 3 MB larger (58.3 vs 55.2 MB
+   here) while the peak after loading a package stayed the same, so plans calibrated on that
+   baseline were 3 MB short for a process that imports the runtime first (the bench's and
+   the demo's probes). The smaller baseline makes the plans conservative for either order;
 2. a fresh interpreter serves the package's **top tier with every layer materialised**:
    int8 on the mixed graph, and each dense graph in its form (int8, nbits8, fp32), and runs
    the golden inputs three times: its peak minus the baseline, minus what the plan counts
@@ -53,9 +57,9 @@ PROBE_CALLS = 3
 """Inference calls each probe makes (the peak is reached on the first)."""
 
 _PROBE = r"""
+import edgestack.runtime as R
 import json, sys
 import numpy as np, onnxruntime
-import edgestack.runtime as R
 from edgestack.profiler.probe import peak_rss
 if sys.argv[1] == 'base':
     print(json.dumps({'hwm': peak_rss()}))
