@@ -3,7 +3,7 @@
 Uses what ``make demo`` wrote (run it first): the 12-block MiniLM BitStack package
 (``edgestack-demo/packages/minilm-bitstack``), the baselines it built from the fp32 export
 (ORT fp32, dynamic int8 per-tensor and per-channel, MatMulNBits 8- and 4-bit, each with
-external data; ``edgestack-demo/bench/work/baselines``) and the bench inputs (the first held
+external data, and OpenVINO f32 and bf16; ``edgestack-demo/bench/work/baselines``) and the bench inputs (the first held
 sentence, seq 128). Serves the package with the runtime manager at ``--budgets`` (default:
 one per dense form the planner picks: int8, 8-bit weight-only, float32), then times every
 subject interleaved in one process (``--rounds`` rounds, one call per subject each, pool
@@ -63,6 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         names = {i.name for i in sess.get_inputs()}
         subjects[label] = (lambda s=sess, f={k: v for k, v in feeds.items() if k in names}:
                            s.run(None, f))
+    ov = Path(args.baselines, "openvino")
+    if ov.is_dir():   # OpenVINO f32 and bf16 (threads from the artifact's settings)
+        from edgestack.targets import load_runner
+
+        for precision, label in (("fp32", "OpenVINO f32"), ("bf16", "OpenVINO bf16")):
+            runner = load_runner(str(ov), precision=precision).activate()
+            subjects[label] = (lambda r=runner: r.infer(feeds))
     with Package.open(args.package) as pkg:
         costs = calibrate(pkg, threads=args.threads)
         top, layers = len(pkg.tiers) - 1, len(pkg.layers)
@@ -99,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {label:48s} {ms:7.2f}")
     print("ratio of each plan to each baseline (below 1 is faster):")
     ratios = {}
+    bases = [b for b in subjects if b not in plans]
     for plan in plans:
-        ratios[plan] = {b: p50[plan] / p50[b] for b in BASELINES}
+        ratios[plan] = {b: p50[plan] / p50[b] for b in bases}
         print(f"  {plan}: " + ", ".join(f"{b} {r:.2f}x" for b, r in ratios[plan].items()))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
