@@ -6,10 +6,10 @@ A plan is computed from the manifest alone (nothing is loaded). Its total is::
              + RUNTIME_OVERHEAD (ONNX Runtime session, kernels, Python objects; measured)
     blocks     per on-the-fly layer: its first nb blocks (signs, u, v), page-rounded, plus
                OTF_LAYER_OVERHEAD (the inlined decode in the session); per materialised
-               layer MATERIALIZED_LAYER_OVERHEAD only (its blocks are decoded from the mapped
-               block file and their pages handed back)
-    dense      per materialised layer: its int8 [n, m] weight and float scales, or its
-               float32 [m, n] weight, page-rounded
+               layer MATERIALIZED_LAYER_OVERHEAD only (its blocks are read record by
+               record into one buffer, decoded, and not kept)
+    dense      per materialised layer: its int8 [n, m] weight and float scales, its 8-bit
+               blockwise codes and scales, or its float32 [m, n] weight, page-rounded
     margin     the safety margin: SAFETY_FRACTION of the rest, at least SAFETY_MIN (run-to-run
                variation: shared-library code pages that land with the page cache, allocator
                bookkeeping)
@@ -18,7 +18,8 @@ A plan is computed from the manifest alone (nothing is loaded). Its total is::
                the largest on-the-fly layer, DECODE_TEMP_BYTES x (nb + 1) x m x n (the
                BitStackWeight function body makes float32 [nb, m*n] intermediates), and
                (b) materialising one layer: the numpy decode temporaries,
-               MATERIALISE_TEMP_BYTES x m x n, plus its blocks' mapped pages
+               MATERIALISE_TEMP_BYTES x m x n, plus its blocks' bytes (the read buffer
+               holds one record: counted whole, conservative)
 
 The fixed costs (RUNTIME_OVERHEAD, DECODE_TEMP_BYTES) depend on the machine: the ONNX Runtime
 build, the C library, how many code pages a session touches. :class:`Costs` carries them;
@@ -404,7 +405,7 @@ def plan_tier(package: Any, tier: int, budget: int | None = None, *,
             if mode == "on-the-fly":
                 otf_temp = max(otf_temp, int(costs.decode_temp_bytes * (nb + 1) * m * n))
                 kept = bb + OTF_LAYER_OVERHEAD
-            else:  # decoded from the mapped block file, whose pages go back after the decode
+            else:  # read record by record (one buffer), decoded, not kept
                 mat_temp = max(mat_temp, MATERIALISE_TEMP_BYTES * m * n + bb)
                 kept = MATERIALIZED_LAYER_OVERHEAD
             layers.append(LayerPlan(name, nb, total, mode, kept, dense_bytes(infos[name], mode)))

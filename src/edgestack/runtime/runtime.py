@@ -883,7 +883,8 @@ class Runtime:
         """Grow or shrink to the plan for a new budget (or a forced ``tier``) while serving.
 
         Growing reads only the block records that the new plan's on-the-fly layers add
-        (materialised layers decode from the memory-mapped block file and keep no blocks);
+        (materialised layers read their records with ``pread`` and keep no blocks; a dense
+        plan whose blocks change builds a new session);
         rows no longer needed are released once calls that started on the old plan have
         finished. In-flight calls
         finish on their tier. A budget below the smallest tier raises :class:`BudgetError`
