@@ -392,3 +392,22 @@ def test_table_metadata_outside_the_weights_file_is_refused(tmp_path):
                 {**good, "shape": [300, 65]}):
         with pytest.raises(PackageError, match="does not describe a table"):
             table_spec(bad, size, "t")
+
+
+def test_dense_plan_without_its_data_layout_is_refused(small_pkg, tmp_path):
+    """A manifest whose site lacks the dense graph's data layout (an older packer, an edit)
+    is refused with the layer and the field, and nothing is served."""
+    import json
+    import shutil
+
+    from edgestack.errors import PackageError
+
+    pkg = tmp_path / "p"
+    shutil.copytree(small_pkg, pkg)
+    man = json.loads((pkg / "manifest.json").read_text())
+    del man["layers"]["fc1"]["attrs"]["site"]["file"]["int8"]
+    (pkg / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(PackageError, match=r"'fc1'.*site\.file\.int8"):
+        Runtime(pkg, form="int8", verify=False)
+    with Runtime(pkg, form="fp32", verify=False) as rt:    # the other dense graphs still serve
+        assert rt.plan.graph == "fp32" and rt.infer(rt.package.golden()[0])["output"].size
