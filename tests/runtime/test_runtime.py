@@ -411,3 +411,15 @@ def test_dense_plan_without_its_data_layout_is_refused(small_pkg, tmp_path):
         Runtime(pkg, form="int8", verify=False)
     with Runtime(pkg, form="fp32", verify=False) as rt:    # the other dense graphs still serve
         assert rt.plan.graph == "fp32" and rt.infer(rt.package.golden()[0])["output"].size
+
+
+def test_dense_data_file_on_a_memory_filesystem_warns(small_pkg, tmp_path, monkeypatch):
+    """The dense graph's data file belongs on a disk: on a tmpfs its bytes would sit in memory
+    outside the plan, so the runtime says so (and still serves)."""
+    import edgestack.runtime.runtime as R
+
+    assert R.fs_type("/proc/self") == "proc" and R.fs_type(str(tmp_path))
+    monkeypatch.setattr(R, "fs_type", lambda path: "tmpfs")
+    with pytest.warns(RuntimeWarning, match="TMPDIR"):
+        with Runtime(small_pkg, form="int8") as rt:
+            assert rt.plan.graph == "int8"

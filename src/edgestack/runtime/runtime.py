@@ -39,6 +39,7 @@ import mmap
 import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -107,6 +108,29 @@ def _libc() -> Any:
 def _anon(nbytes: int) -> mmap.mmap:
     return mmap.mmap(-1, max(page_up(nbytes), mmap.PAGESIZE),
                      flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+
+
+MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")
+"""File systems whose files live in memory (the dense data file should not go there)."""
+
+
+def fs_type(path: str) -> str:
+    """The type of the file system holding ``path`` (the longest mount point above it, from
+    ``psutil.disk_partitions``), or ``""`` when unknown."""
+    import psutil
+
+    real = os.path.realpath(path)
+    best, kind = "", ""
+    try:
+        parts = psutil.disk_partitions(all=True)
+    except (OSError, RuntimeError):
+        return ""
+    for part in parts:
+        mount = part.mountpoint.rstrip("/") or "/"
+        inside = real == mount or real.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, kind = mount, part.fstype
+    return kind
 
 
 def _link_or_copy(src: Path, dst: Path, size: int) -> None:
@@ -632,6 +656,11 @@ class Runtime:
 
         pkg = self.package
         folder = tempfile.mkdtemp(prefix="edgestack-dense-")
+        if fs_type(folder) in MEMORY_FILESYSTEMS:
+            warnings.warn(f"the runtime's {DENSE_DATA[graph]} goes to {folder}, on a "
+                          f"{fs_type(folder)}: its bytes stay in memory (outside this "
+                          "process's RSS, so outside the plan) until the session is built; "
+                          "set TMPDIR to a folder on a disk", RuntimeWarning, stacklevel=3)
         try:
             src = self._external_data_dir()
             for name, entry in pkg.files.items():
