@@ -270,11 +270,15 @@ class _RowReader:
             raise PackageError(f"{what}: expected lookups [[ids input, value], ...], found "
                                f"{str(spec.get('lookups'))[:100]}; {_FIX_REPACK}") from None
 
-    def rows(self, ids: Any, what: str) -> np.ndarray:
+    def rows(self, ids: Any, what: str, distinct: Any = None) -> np.ndarray:
         """``table[ids]``: each distinct row read once (padding repeats one id: on the bench
-        sentence 0.40 ms of reads a call became a fraction of it)."""
-        ids = check_ids(ids, self.shape[0], what)
-        uniq, inverse = np.unique(ids.reshape(-1), return_inverse=True)
+        sentence 0.40 ms of reads a call became a fraction of it); ``distinct``: the ids'
+        ``np.unique(..., return_inverse=True)`` when the caller has it (checked ids)."""
+        ids = np.asarray(ids)
+        if distinct is None:
+            distinct = np.unique(ids.reshape(-1), return_inverse=True)
+        uniq, inverse = distinct
+        check_ids(uniq, self.shape[0], what)      # sorted: its ends are the range
         got = np.empty((uniq.size, self.row_bytes), np.uint8)
         for i, r in enumerate(uniq.tolist()):
             if os.preadv(self.fd, [got[i]], self.start + r * self.row_bytes) != self.row_bytes:
@@ -342,13 +346,16 @@ class _State:
     gathered: frozenset[str] = frozenset()  # table rows the runtime reads per call
     active: int = 0
     cond: threading.Condition = field(default_factory=threading.Condition)
+    lookup_ids: frozenset[str] = frozenset()  # ids inputs of the runtime's lookups
     inputs: list[str] = field(init=False)    # the caller's graph inputs (not fed by us)
     outputs: list[str] = field(init=False)
+    required: tuple[str, ...] = field(init=False)  # every name a caller feeds, in order
 
     def __post_init__(self) -> None:
         self.inputs = [i.name for i in self.session.get_inputs()
                        if i.name not in self.feeds and i.name not in self.gathered]
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self.required = (*self.inputs, *sorted(self.lookup_ids - set(self.inputs)))
 
     @property
     def tier(self) -> int:
@@ -822,7 +829,8 @@ class Runtime:
             raise PackageError(f"{self.package.path}: the manifest's layers[].attrs name "
                                f"inputs the {graph} graph does not have ({unknown[:4]}); "
                                f"{_FIX_REPACK}")
-        return _State(plan, session, feeds, graph, rebuilt, gathered=self._gathered_values)
+        return _State(plan, session, feeds, graph, rebuilt, gathered=self._gathered_values,
+                      lookup_ids=self._lookup_ids)
 
     # ---- serving ---------------------------------------------------------------------
     @property
@@ -838,8 +846,7 @@ class Runtime:
     @property
     def input_names(self) -> list[str]:
         """The inputs a caller feeds (graph inputs, and the ids of pre-gathered tables)."""
-        names = list(self._state.inputs)
-        return names + sorted(self._lookup_ids - set(names))
+        return list(self._state.required)
 
     @property
     def output_names(self) -> list[str]:
@@ -853,18 +860,20 @@ class Runtime:
                 st.active += 1
         try:
             expected = st.inputs
-            lookup_ids = self._lookup_ids
-            missing = [n for n in [*expected, *sorted(lookup_ids - set(expected))]
-                       if n not in feeds]
-            extra = [n for n in feeds if n not in expected and n not in lookup_ids]
-            if missing or extra:
-                raise TargetError(f"infer: expected inputs {sorted(set(expected) | lookup_ids)}"
+            missing = [n for n in st.required if n not in feeds]
+            if missing or len(feeds) != len(st.required):
+                extra = [n for n in feeds if n not in st.required]
+                raise TargetError(f"infer: expected inputs {sorted(st.required)}"
                                   f", missing {missing}, unknown {extra}")
             run_feeds = {**{k: np.asarray(v) for k, v in feeds.items() if k in expected},
                          **st.feeds}
+            distinct = {}   # ids input -> its distinct values, once per call for every table
             for reader in self._readers:
                 for ids, value in reader.lookups:
-                    run_feeds[value] = reader.rows(feeds[ids], ids)
+                    if ids not in distinct:
+                        distinct[ids] = np.unique(np.asarray(feeds[ids]).reshape(-1),
+                                                  return_inverse=True)
+                    run_feeds[value] = reader.rows(feeds[ids], ids, distinct[ids])
             try:
                 outs = st.session.run(None, run_feeds)
             except Exception as exc:  # noqa: BLE001 - wrong shapes/dtypes from the caller
