@@ -25,6 +25,9 @@ def test_pack_a_model_source_with_bitstack_options(tmp_path, capsys):
     code, out = run_json(capsys, ["pack", "small-cnn", "--out", str(pkg), "--blocks", "2",
                                   "--signs", "plain", "--factor-bits", "0.25"])
     assert code == 0 and out["ok"] and out["layers"] >= 1 and out["blocks"] == 2 * out["layers"]
+    from edgestack.package import Package
+
+    assert Package.open(pkg).manifest.model.name == "small-cnn-bitstack"   # not "exported"
     with pytest.raises(SystemExit):
         main(["pack", "small-cnn", "--out", str(tmp_path / "x"), "--signs", "bogus"])
 

@@ -40,7 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="bitstack: how block signs are chosen (default auto)")
     p.add_argument("--extra-texts", type=int, default=None,
                    help="text models: more corpus sentences for the compression statistics "
-                   "(the demo uses 836, the whole shipped corpus)")
+                   "beyond the calibration batches (a built-in text model already calibrates "
+                   "on the whole shipped corpus)")
     p.add_argument("--steps-per-level", type=int, default=4,
                    help="tiers between BitStack level boundaries (default 4)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing package")

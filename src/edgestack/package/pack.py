@@ -411,6 +411,7 @@ def pack(
                     f"pack: {src} is not an .onnx file; expected an ONNX file written by "
                     "`edgestack export`, or a model source (folder, module:factory, built-in)"
                 )
+            name = name or f"{Path(str(source).rstrip('/')).name.split(':')[-1]}-{method}"
             src, examples = _export_source(str(source), method, options or {}, work, say)
             golden_inputs = golden_inputs or examples or None
         elif not src.is_file():
