@@ -689,9 +689,12 @@ def write_report(result: DemoResult, seq: int, threads: int) -> None:
         lines += ["", "## 3. Runtime manager: the BitStack package at "
                   + ("the baselines' memory" if result.baselines else "its smallest budgets"),
                   "",
-                  "The runtime manager picks the largest tier and the per-layer forms (int8 / "
-                  "fp32 materialised, or decoded on the fly) whose calibrated plan fits the "
-                  f"budget. Budgets: {budgets}. Peak RSS increase: a fresh process running the "
+                  "The runtime manager picks the largest tier whose calibrated plan fits the "
+                  "budget and, by default (form auto), the most exact form that fits: every "
+                  "layer fp32, else 8-bit weight-only (nbits8), else int8 (else some layers "
+                  "decoded on the fly). Where it picked fp32 or nbits8, a second row runs the "
+                  "int8 plan (the fastest) at the same budget. "
+                  f"Budgets: {budgets}. Peak RSS increase: a fresh process running the "
                   "runtime at the budget; cosine: masked mean-pooled vs fp32 on the held "
                   "sentences; p50: the bench's interleaved timing; ok: measured <= budget.", "",
                   "| budget MB | for | tier | forms | bits/weight | plan MB | "
