@@ -12,14 +12,16 @@ Forms (see :mod:`edgestack.package.variants`). A plan serves each layer on the f
 fed, ONNX Runtime decodes every call: the package's plain graph ``model.onnx``) or
 materialised once per tier, decoded in numpy block by block and fed as int8 (per-channel,
 ``DynamicQuantizeMatMul``: 1 byte a weight) or float32 through the package's mixed graph
-``model.mixed.onnx`` (or the dense graphs ``model.int8.onnx`` / ``model.fp32.onnx`` when every
-layer has one form); the branches a layer does not take get empty arrays. The runtime never
+``model.mixed.onnx`` (the branches a layer does not take get empty arrays), or, when every
+layer has one form, through that form's dense graph (``model.int8.onnx``,
+``model.nbits8.onnx``, ``model.fp32.onnx``), whose weights the runtime writes to a data file
+that ONNX Runtime maps and prepacks (:meth:`Runtime._dense_session`). The runtime never
 edits a graph and does not import ``onnx``. Weights are memory-mapped: ONNX Runtime maps the
 package's weights file itself (the session's external-data folder is the package folder);
 lookup tables (``metadata.runtime.tables``) are mapped by the runtime, handed over with
 ``SessionOptions.add_initializer`` and their pages handed back after every call. Sessions run
-with ``enable_mem_pattern=False`` and ``session.disable_prepacking=1`` so memory follows the
-plan, and with ONNX Runtime's arena only on the dense graphs: measured on a 12-block MiniLM
+with ``enable_mem_pattern=False``, and ``session.disable_prepacking=1`` except on the dense
+graphs, so memory follows the plan; ONNX Runtime's arena is on only for the dense graphs: measured on a 12-block MiniLM
 package (2 threads, avx512_vnni), the arena made the int8 graph 18% faster (13.0 -> 10.7 ms) at
 the same peak RSS, and the plain graph 2.4-4x faster on the fly but at +13-20% peak RSS (it
 keeps the decode temporaries); the memory pattern added 5-13 MB for no speed.
@@ -133,22 +135,31 @@ def fs_type(path: str) -> str:
     return kind
 
 
+def _copy_out(fd: int, offset: int, size: int, dst: Path, what: str) -> None:
+    """``size`` bytes of ``fd`` from ``offset`` into a new file ``dst`` (parents made), copied
+    by the kernel (``os.copy_file_range``: disk and page cache, not this process's memory)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(dst, "wb") as f:
+        done = 0
+        while done < size:
+            n = os.copy_file_range(fd, f.fileno(), size - done, offset + done)
+            if n <= 0:
+                raise PackageError(f"{what}: short read at byte {done} of {size}; "
+                                   f"{_FIX_REPACK}")
+            done += n
+
+
 def _link_or_copy(src: Path, dst: Path, size: int) -> None:
     """``dst`` as a hard link to ``src``, or where that cannot be (another file system) a
-    kernel copy (``os.copy_file_range``: disk and page cache, not this process's memory)."""
+    kernel copy (:func:`_copy_out`)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(src, dst)
         return
     except OSError:
         pass
-    with open(src, "rb") as fi, open(dst, "wb") as fo:
-        done = 0
-        while done < size:
-            n = os.copy_file_range(fi.fileno(), fo.fileno(), size - done)
-            if n <= 0:
-                raise PackageError(f"{src}: short read at byte {done} of {size}; "
-                                   f"{_FIX_REPACK}")
-            done += n
+    with open(src, "rb") as fi:
+        _copy_out(fi.fileno(), 0, size, dst, str(src))
 
 
 class _LayerStore:
@@ -663,9 +674,10 @@ class Runtime:
 
         pkg = self.package
         folder = tempfile.mkdtemp(prefix="edgestack-dense-")
-        if fs_type(folder) in MEMORY_FILESYSTEMS:
+        kind = fs_type(folder)
+        if kind in MEMORY_FILESYSTEMS:
             warnings.warn(f"the runtime's {DENSE_DATA[graph]} goes to {folder}, on a "
-                          f"{fs_type(folder)}: its bytes stay in memory (outside this "
+                          f"{kind}: its bytes stay in memory (outside this "
                           "process's RSS, so outside the plan) until the session is built; "
                           "set TMPDIR to a folder on a disk", RuntimeWarning, stacklevel=3)
         try:
@@ -737,38 +749,35 @@ class Runtime:
 
     def _form_feeds(self, name: str, mode: str, nb: int, graph: str,
                     old: _State | None) -> dict[str, np.ndarray]:
-        """What the session is fed for one layer served in ``mode`` at ``nb`` blocks."""
+        """What the plain or mixed ``graph`` is fed for one layer served in ``mode`` at ``nb``
+        blocks (the dense graphs hold their weights: :meth:`_dense_session`)."""
         a = self.package.layers[name].attrs
         st = self._stores[name]
-        site = a.get("site") or {}
-        feeds: dict[str, np.ndarray] = {}
-        if graph in ("plain", "mixed"):
-            s, u, v = st.feeds(nb if mode == "on-the-fly" else 0)  # no rows: branch not taken
-            feeds.update({a["signs"]: s, a["u"]: u, a["v"]: v})
+        s, u, v = st.feeds(nb if mode == "on-the-fly" else 0)  # no rows: branch not taken
+        feeds: dict[str, np.ndarray] = {a["signs"]: s, a["u"]: u, a["v"]: v}
         if graph == "plain":
             return feeds
+        site = a.get("site") or {}
         kind = site.get("kind")
         reuse = (old is not None and old.plan.modes.get(name) == mode
                  and old.plan.blocks.get(name) == nb and mode != "on-the-fly")
-        if graph == "mixed":
-            feeds[site["fp32"]] = np.array(mode == "fp32")
+        feeds[site["fp32"]] = np.array(mode == "fp32")
         if mode == "fp32":
             feeds[site["w"]] = (old.feeds[site["w"]] if reuse and old is not None else
                                 self._decode(name, nb, transposed=kind == "matmul",
                                              flat=kind != "generic"))
-        elif graph == "mixed":
+        else:
             rank = 2 if kind in ("matmul", "gemm") else len(st.info.shape)
             feeds[site["w"]] = self._empty_like("float32", rank)
         if "int8" in site:
-            if graph == "mixed":
-                feeds[site["int8"]] = np.array(mode == "int8")
+            feeds[site["int8"]] = np.array(mode == "int8")
             if mode == "int8":
                 if reuse and old is not None:
                     q, scale = old.feeds[site["q"]], old.feeds[site["scale"]]
                 else:
                     q, scale = quantize_int8(self._decode(name, nb, transposed=True))
                 feeds.update({site["q"]: q, site["scale"]: scale})
-            elif graph == "mixed":
+            else:
                 feeds.update({site["q"]: self._empty_like("int8", 2),
                               site["scale"]: self._empty_like("float32", 1)})
         return feeds
@@ -795,19 +804,9 @@ class Runtime:
             folder = tempfile.mkdtemp(prefix="edgestack-rt-")
             self._data_cleanup = weakref.finalize(self, shutil.rmtree, folder, True)
             for name, entry in pkg.files.items():
-                if entry.role != "weights":
-                    continue
-                path = Path(folder, name)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, base = pkg.locate(name)
-                with open(path, "wb") as f:
-                    done = 0
-                    while done < entry.size:
-                        n = os.copy_file_range(fd, f.fileno(), entry.size - done, base + done)
-                        if n <= 0:
-                            raise PackageError(f"{pkg.path}: {name}: short read at byte "
-                                               f"{done} of {entry.size}; {_FIX_REPACK}")
-                        done += n
+                if entry.role == "weights":
+                    fd, base = pkg.locate(name)
+                    _copy_out(fd, base, entry.size, Path(folder, name), f"{pkg.path}: {name}")
             self._data_dir = folder
         return self._data_dir
 
