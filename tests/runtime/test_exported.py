@@ -43,6 +43,9 @@ def test_exported_bitstack_mlp_tiers_match_torch(tmp_path):
 
 
 def test_pack_from_model_source_exports_first(tmp_path):
+    import pytest
+
+    from edgestack.errors import PackageError
     from edgestack.package import Package
     from edgestack.package.pack import pack
 
@@ -54,7 +57,11 @@ def test_pack_from_model_source_exports_first(tmp_path):
         "    m = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(),\n"
         "                            torch.nn.Linear(48, 8))\n"
         "    return m, {'input': torch.randn(2, 32)}\n")
-    result = pack(f"{factory}:make", tmp_path / "p.pkg", options={"n_blocks": 2, "k": 2})
+    from edgestack.pipeline import pack_model
+
+    with pytest.raises(PackageError, match="pipeline.pack_model"):   # the package layer: ONNX
+        pack(f"{factory}:make", tmp_path / "q.pkg")
+    result = pack_model(f"{factory}:make", tmp_path / "p.pkg", options={"n_blocks": 2, "k": 2})
     assert result.n_layers == 2 and result.n_blocks == 4 and result.order_source == "model"
     with Package.open(tmp_path / "p.pkg") as pkg:
         pkg.verify()

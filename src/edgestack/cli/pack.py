@@ -50,15 +50,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgestack.package.pack import pack
+    from edgestack.pipeline import pack_model
 
     opts = {k: v for k, v in (("n_blocks", args.blocks), ("k", args.k),
                               ("factor_bits", args.factor_bits), ("signs", args.signs),
                               ("extra_texts", args.extra_texts)) if v is not None}
-    result = pack(args.model, args.out, target=args.target, profile=args.profile,
-                  name=args.name, method=args.method, options=opts,
-                  steps_per_level=args.steps_per_level, overwrite=args.overwrite,
-                  log=lambda m: print(f"[edgestack pack] {m}", file=sys.stderr, flush=True))
+    result = pack_model(args.model, args.out, target=args.target, profile=args.profile,
+                        name=args.name, method=args.method, options=opts,
+                        steps_per_level=args.steps_per_level, overwrite=args.overwrite,
+                        log=lambda m: print(f"[edgestack pack] {m}", file=sys.stderr,
+                                            flush=True))
     if args.json:
         emit_json({"ok": True, **result.to_dict()})
     else:

@@ -48,6 +48,9 @@ from edgestack.exporter.parity import (DEFAULT_ATOL, DEFAULT_RTOL, ParityReport,
 from edgestack.exporter.passes import CompactEmbeddingsPass, describe, quantize_rows
 from edgestack.exporter.signature import (ModelInputs, flatten_outputs, normalize_inputs,
                                           unique_names)
+# the BitStack order (written when the model has ``edgestack_bitstack_order``) and the layer
+# tag of every edgestack node: defined with the format, so the packer needs no exporter
+from edgestack.formats.bitstack import META_BITSTACK_ORDER, NODE_LAYER_KEY
 
 logger = logging.getLogger("edgestack.exporter")
 
@@ -63,12 +66,6 @@ META_DOMAIN_VERSION = "edgestack.domain_version"
 META_LOWRANK = "edgestack.lowrank_layers"
 META_COMPRESSION = "edgestack.compression"
 META_LAYERS = "edgestack.layers"
-META_BITSTACK_ORDER = "edgestack.bitstack_order"
-"""JSON list of ``[layer, block]``: the BitStack importance order (torch layer names, as in the
-nodes' ``edgestack.layer`` tag), written when the model has ``edgestack_bitstack_order``; the
-packer stores blocks in this order."""
-NODE_LAYER_KEY = "edgestack.layer"
-"""Node metadata key: the torch layer a ``edgestack`` node decodes the weight of."""
 
 _MESSAGE_LINES = 12
 

@@ -26,6 +26,15 @@ from edgestack.formats.base import WeightFormat, check_array
 from edgestack.formats.bitpack import packed_size, unpack_bits
 
 
+META_BITSTACK_ORDER = "edgestack.bitstack_order"
+"""ONNX model metadata key: JSON list of ``[layer, block]``, the BitStack importance order
+(torch layer names, as in the nodes' :data:`NODE_LAYER_KEY` tag). The exporter writes it; the
+packer stores blocks in this order."""
+
+NODE_LAYER_KEY = "edgestack.layer"
+"""ONNX node metadata key: the torch layer an ``edgestack`` node decodes the weight of."""
+
+
 class BitStackStack(WeightFormat, name="bitstack"):
     """A stack of BitStack residual blocks for one weight.
 

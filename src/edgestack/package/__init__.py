@@ -9,9 +9,10 @@ Imports numpy and the standard library only, so the on-device runtime can use it
   ``read_blocks(tier, start_tier=...)`` / ``read_prefix`` read counted bytes;
   ``block_views(layer, n)`` maps.
 - :func:`write_archive` / :func:`extract_archive`: the one-file form, atomic and safe.
-- :func:`edgestack.package.pack.pack` (host side; imports onnx and onnxruntime, and torch
-  only to compress/export a model source first): an exported model -> a package. Not
-  imported here, so ``import edgestack.package`` stays numpy-only.
+- :func:`edgestack.package.pack.pack` (host side; imports onnx and onnxruntime, never torch
+  or the exporter): an exported model -> a package. Not imported here, so ``import
+  edgestack.package`` stays numpy-only. A model source is compressed and exported first by
+  :func:`edgestack.pipeline.pack_model` (``edgestack pack``).
 """
 
 from edgestack.package.archive import extract_archive, write_archive

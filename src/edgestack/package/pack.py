@@ -1,7 +1,9 @@
 """The packer: turn an exported edgestack ONNX model into a device package (host side).
 
-:func:`pack` reads an ONNX file written by :func:`edgestack.exporter.export` (or, given a
-model source, compresses and exports it first into a temporary folder) and writes a package
+:func:`pack` reads an ONNX file written by :func:`edgestack.exporter.export` (a model source is
+compressed and exported first by :func:`edgestack.pipeline.pack_model`, which also stores its
+large embedding tables int8; this module imports neither torch nor the exporter) and writes a
+package
 (:mod:`edgestack.package.format`) with :class:`~edgestack.package.PackageWriter`:
 
 - every ``edgestack.BitStackWeight`` node's ``signs``/``u``/``v`` initializers leave the graph
@@ -128,7 +130,7 @@ def _level_major(layers: Mapping[str, int]) -> list[tuple[str, int]]:
 def _order_from_metadata(model: Any, torch_names: Mapping[str, str],
                          layers: Mapping[str, int]) -> tuple[list[tuple[str, int]] | None, str]:
     """The importance order in manifest layer names, or ``(None, why)``."""
-    from edgestack.exporter.export import META_BITSTACK_ORDER as ORDER_KEY
+    from edgestack.formats.bitstack import META_BITSTACK_ORDER as ORDER_KEY
 
     props = {p.key: p.value for p in model.metadata_props}
     raw = props.get(ORDER_KEY)
@@ -307,41 +309,43 @@ def activation_bytes(model: Any, input_shapes: Mapping[str, Sequence[int]],
     return int(peak)
 
 
-BITSTACK_DEFAULTS: dict[str, Any] = {"n_blocks": 12, "factor_bits": 0.125}
-"""BitStack options when packing a model source (any given option wins): 12 blocks reach the
-original's quality at the top tier (MiniLM: cosine 0.998 at 13.2 bits a weight, within 0.002
-of fp32; 5 blocks: 0.9805), so one package spans from its smallest plan to full quality;
-factor bits 0.125 is the best measured on MiniLM (docs/quality.md)."""
+def read_onnx(src: Path, say: Callable[[str], None]) -> Any:
+    """The ONNX model at ``src`` (external data loaded).
+
+    Raises:
+        PackageError: ``src`` is not an ``.onnx`` file (a model source: ``edgestack pack
+            SOURCE`` or :func:`edgestack.pipeline.pack_model` exports it first), is missing,
+            or cannot be read as ONNX.
+    """
+    import onnx
+
+    if src.suffix != ".onnx":
+        raise PackageError(
+            f"pack: {src} is not an .onnx file; expected an ONNX file written by `edgestack "
+            "export` (a model source: `edgestack pack SOURCE` or edgestack.pipeline.pack_model "
+            "compresses and exports it first)")
+    if not src.is_file():
+        raise PackageError(f"pack: {src}: no such ONNX file")
+    say(f"pack: reading {src}")
+    try:
+        return onnx.load(str(src))
+    except Exception as exc:  # noqa: BLE001
+        raise PackageError(f"pack: cannot read {src} as ONNX ({exc}); expected an ONNX file "
+                           "written by `edgestack export`") from None
 
 
-def _export_source(source: str, method: str, options: Mapping[str, Any], folder: Path,
-                   say: Callable[[str], None]) -> tuple[Path, dict[str, np.ndarray]]:
-    """Compress ``source`` with ``method`` and export it to ``folder/exported.onnx``; also
-    the source's example inputs (numpy), used as the golden inputs."""
-    import warnings
+def check_out(out: str | os.PathLike[str], target: str, overwrite: bool) -> Path:
+    """``out`` as a Path, after checking that ``target`` is packed and that ``out`` may be
+    written (checked before any slow work).
 
-    from edgestack.compress import compress
-    from edgestack.compress.sources import load_source
-    from edgestack.exporter import export
-
-    say(f"pack: loading {source}")
-    src = load_source(source)
-    calib, calib_text = src.calibration()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opts = {**(BITSTACK_DEFAULTS if method == "bitstack" else {}), **dict(options)}
-        say(f"pack: compressing with method={method} {opts or ''}, calibration: {calib_text}")
-        report = compress(src.model, method, calib=calib, **opts)
-    out = folder / "exported.onnx"
-    say("pack: exporting to ONNX")
-    result = export(src.model, src.inputs, out, parity=False, log=say,
-                    metadata={"method": method, "source": src.description,
-                              "compression": report.to_dict()})
-    examples = {k: v.detach().cpu().numpy() for k, v in src.inputs.items()
-                if hasattr(v, "detach")}
-    if set(examples) != set(result.input_names):
-        examples = {}
-    return out, examples
+    Raises:
+        PackageError: an unsupported target, or ``out`` exists without ``overwrite``.
+    """
+    _check_target(target)
+    out = Path(out)
+    if os.path.lexists(out) and not overwrite:
+        raise PackageError(f"pack: {out} already exists; pass --overwrite to replace it")
+    return out
 
 
 def pack(
@@ -351,26 +355,30 @@ def pack(
     target: str = "ort-cpu",
     profile: Any = None,
     name: str | None = None,
-    method: str = "bitstack",
-    options: Mapping[str, Any] | None = None,
     golden_inputs: Mapping[str, np.ndarray] | None = None,
     steps_per_level: int = DEFAULT_STEPS_PER_LEVEL,
     overwrite: bool = False,
     created: str | None = None,
     log: Callable[[str], None] | None = None,
+    model: Any = None,
 ) -> PackResult:
     """Write a device package for ``source`` at ``out`` (a directory, or ``.tar``).
 
+    A model source (folder, ``module:factory``, built-in name) is compressed and exported
+    first by :func:`edgestack.pipeline.pack_model` (what ``edgestack pack`` calls), which also
+    stores large embedding tables int8; this layer packs ONNX only.
+
     Args:
         source: an ONNX file written by ``edgestack export`` (any edgestack ONNX; without
-            BitStack nodes the package has one tier), or a model source (folder,
-            ``module:factory``, built-in name) to compress with ``method`` and export first.
+            BitStack nodes the package has one tier); with ``model``, only what the manifest
+            records as the source.
         out: the package directory, or an archive path ending in ``.tar``.
         target: the package's target; only ``ort-cpu`` (see :data:`SUPPORTED_TARGETS`).
         profile: a :class:`~edgestack.profiles.Profile` or name; its target must match and
             its name is recorded in the manifest metadata.
         name: the model name in the manifest (default: the source's stem).
-        method, options: compression when ``source`` is not an ONNX file.
+        model: the ONNX ``ModelProto`` to pack (external data loaded) instead of reading
+            ``source``.
         golden_inputs: inputs for the self-test (default: generated, see module doc).
         steps_per_level: tiers between level boundaries (default 4).
         overwrite: replace an existing package at ``out``.
@@ -382,8 +390,6 @@ def pack(
             BitStack node whose inputs are not initializers, or a write failure (nothing
             is left at ``out``).
     """
-    import onnx
-
     say = log or logger.info
     warns: list[str] = []
     if profile is not None:
@@ -397,34 +403,13 @@ def pack(
                 f"package target is {target!r}; packages support "
                 f"{', '.join(SUPPORTED_TARGETS)}: use a profile with target ort-cpu"
             )
-    _check_target(target)
-    out = Path(out)
+    out = check_out(out, target, overwrite)
     archive = out.suffix == ARCHIVE_SUFFIX
-    if os.path.lexists(out) and not overwrite:
-        raise PackageError(f"pack: {out} already exists; pass --overwrite to replace it")
     src = Path(source)
     work = Path(tempfile.mkdtemp(prefix=".edgestack-pack-"))
     try:
-        if src.suffix != ".onnx":
-            if src.is_file():
-                raise PackageError(
-                    f"pack: {src} is not an .onnx file; expected an ONNX file written by "
-                    "`edgestack export`, or a model source (folder, module:factory, built-in)"
-                )
-            name = name or f"{Path(str(source).rstrip('/')).name.split(':')[-1]}-{method}"
-            src, examples = _export_source(str(source), method, options or {}, work, say)
-            golden_inputs = golden_inputs or examples or None
-        elif not src.is_file():
-            raise PackageError(f"pack: {src}: no such ONNX file")
-        say(f"pack: reading {src}")
-        try:
-            model = onnx.load(str(src))
-        except Exception as exc:  # noqa: BLE001
-            raise PackageError(f"pack: cannot read {src} as ONNX ({exc}); expected an ONNX "
-                               "file written by `edgestack export`") from None
-        from edgestack.exporter.passes import compact_embeddings  # host side: onnx-ir
-
-        model = compact_embeddings(model, log=say)  # int8 embedding tables (compact-embeddings)
+        if model is None:
+            model = read_onnx(src, say)
         result = _pack_model(model, out, archive=archive, target=target, profile=profile,
                              name=name or src.stem, source=str(source), work=work,
                              golden_inputs=golden_inputs, steps_per_level=steps_per_level,
@@ -441,7 +426,7 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
     import onnx
     from onnx import helper, numpy_helper
 
-    from edgestack.exporter.export import NODE_LAYER_KEY as LAYER_KEY
+    from edgestack.formats.bitstack import NODE_LAYER_KEY as LAYER_KEY
     from edgestack.formats.bitstack import BitStackStack
     from edgestack.package.archive import write_archive
     from edgestack.package.writer import PackageWriter

@@ -1,0 +1,112 @@
+"""Host-side pipeline: a model source or an edgestack ONNX file -> a device package.
+
+:func:`pack_model` is what ``edgestack pack`` runs. A model source (folder,
+``module:factory``, built-in name) is compressed (:func:`edgestack.compress.compress`, its
+calibration from the source) and exported (:func:`edgestack.exporter.export`) into a
+temporary folder first; either way the exporter's ``compact_embeddings`` pass stores large
+embedding tables int8 (a no-op on exports that already do), then
+:func:`edgestack.package.pack.pack` writes the package. This module sits above compress,
+exporter and package, so the package layer (which the device runtime imports) never imports
+torch or the exporter.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from edgestack.errors import PackageError
+
+BITSTACK_DEFAULTS: dict[str, Any] = {"n_blocks": 12, "factor_bits": 0.125}
+"""BitStack options when packing a model source (any given option wins): 12 blocks reach the
+original's quality at the top tier (MiniLM: cosine 0.998 at 13.2 bits a weight, within 0.002
+of fp32; 5 blocks: 0.9805), so one package spans from its smallest plan to full quality;
+factor bits 0.125 is the best measured on MiniLM (docs/quality.md)."""
+
+
+def export_source(source: str, method: str, options: Mapping[str, Any], folder: Path,
+                  say: Callable[[str], None]) -> tuple[Path, dict[str, np.ndarray]]:
+    """Compress ``source`` with ``method`` (BitStack: :data:`BITSTACK_DEFAULTS` under
+    ``options``) and export it to ``folder/exported.onnx``; also the source's example inputs
+    (numpy), used as the golden inputs."""
+    from edgestack.compress import compress
+    from edgestack.compress.sources import load_source
+    from edgestack.exporter import export
+
+    say(f"pack: loading {source}")
+    src = load_source(source)
+    calib, calib_text = src.calibration()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opts = {**(BITSTACK_DEFAULTS if method == "bitstack" else {}), **dict(options)}
+        say(f"pack: compressing with method={method} {opts or ''}, calibration: {calib_text}")
+        report = compress(src.model, method, calib=calib, **opts)
+    out = folder / "exported.onnx"
+    say("pack: exporting to ONNX")
+    result = export(src.model, src.inputs, out, parity=False, log=say,
+                    metadata={"method": method, "source": src.description,
+                              "compression": report.to_dict()})
+    examples = {k: v.detach().cpu().numpy() for k, v in src.inputs.items()
+                if hasattr(v, "detach")}
+    if set(examples) != set(result.input_names):
+        examples = {}
+    return out, examples
+
+
+def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
+               method: str = "bitstack", options: Mapping[str, Any] | None = None,
+               target: str = "ort-cpu", name: str | None = None,
+               golden_inputs: Mapping[str, np.ndarray] | None = None,
+               overwrite: bool = False, log: Callable[[str], None] | None = None,
+               **pack_options: Any) -> Any:
+    """Write a device package for ``source`` at ``out`` (a directory, or ``.tar``).
+
+    Args:
+        source: an ONNX file written by ``edgestack export``, or a model source (folder,
+            ``module:factory``, built-in name) to compress with ``method`` and ``options``
+            and export first (its example inputs become the golden inputs).
+        out, target, overwrite: as :func:`edgestack.package.pack.pack` (checked before any
+            compression).
+        name: the model name in the manifest (default: the ONNX file's stem, or
+            ``<source>-<method>``).
+        golden_inputs, log, pack_options: passed to :func:`edgestack.package.pack.pack`
+            (``profile``, ``steps_per_level``, ``created``).
+
+    Returns:
+        The :class:`~edgestack.package.pack.PackResult`.
+
+    Raises:
+        PackageError: as :func:`edgestack.package.pack.pack`, or a file that is not ONNX
+            (:func:`edgestack.package.pack.read_onnx`).
+    """
+    from edgestack.exporter.passes import compact_embeddings
+    from edgestack.package.pack import check_out, logger, pack, read_onnx
+
+    say = log or logger.info
+    check_out(out, target, overwrite)
+    src = Path(source)
+    work = Path(tempfile.mkdtemp(prefix=".edgestack-pipeline-"))
+    try:
+        if src.suffix != ".onnx":
+            if src.is_file():
+                raise PackageError(
+                    f"pack: {src} is not an .onnx file; expected an ONNX file written by "
+                    "`edgestack export`, or a model source (folder, module:factory, built-in)")
+            name = name or f"{Path(str(source).rstrip('/')).name.split(':')[-1]}-{method}"
+            src, examples = export_source(str(source), method, options or {}, work, say)
+            golden_inputs = golden_inputs or examples or None
+        model = compact_embeddings(read_onnx(src, say), log=say)  # int8 embedding tables
+        return pack(source, out, target=target, name=name or src.stem, model=model,
+                    golden_inputs=golden_inputs, overwrite=overwrite, log=say,
+                    **pack_options)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+__all__ = ["pack_model", "export_source", "BITSTACK_DEFAULTS"]
