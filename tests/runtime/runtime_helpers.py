@@ -163,6 +163,23 @@ def peak_rss(*args: str) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def resident_bytes(buf: Any) -> int:
+    """Bytes of a page-aligned buffer (an anonymous ``mmap``) resident in RAM now, from the
+    kernel's page table (``mincore``): exact, unlike the RSS of a busy test process."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    size = len(buf)
+    pages = -(-size // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    addr = np.frombuffer(buf, np.uint8).ctypes.data
+    if libc.mincore(addr, size, vec) != 0:
+        raise OSError(ctypes.get_errno(), "mincore failed")
+    return sum(v & 1 for v in vec) * mmap.PAGESIZE
+
+
 def flip_byte(path: Path, offset: int = 0) -> None:
     data = bytearray(path.read_bytes())
     data[offset] ^= 0x01
