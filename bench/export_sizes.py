@@ -6,7 +6,7 @@ docs/quality.md), each compressed one with and without compact embeddings (int8 
 and position tables), and ONNX Runtime's ``quantize_dynamic(fp32 export, per_channel=True,
 weight_type=QInt8)``. Reports the bytes of the graph file plus its external data, and the
 mean-pooled sentence-embedding cosine vs the fp32 torch model on the held sentences
-(``edgestack.profiler.quality``), computed with ONNX Runtime on each file. One more row
+(``edgestack.core.quality``), computed with ONNX Runtime on each file. One more row
 applies :func:`edgestack.exporter.passes.compact_embeddings` (what the packer calls) to the
 fp32 file: the int8 tables' own effect.
 
@@ -41,7 +41,7 @@ from edgestack.compress.calib import text_calib
 from edgestack.exporter import export
 from edgestack.exporter.parity import ort_session
 from edgestack.exporter.passes import compact_embeddings
-from edgestack.profiler.quality import (cosine_rows, held_sentences, mean_pool, ort_runner,
+from edgestack.core.quality import (cosine_rows, held_sentences, mean_pool, ort_runner,
                                         tokenize)
 
 SEQ = 128

@@ -242,7 +242,7 @@ t0 = time.perf_counter()
 sess, dense, read, pkg = load(tier)
 load_s = time.perf_counter() - t0
 x = dict(pkg.golden()[0])
-from edgestack.runtime.runtime import gather_rows, lookup_table
+from edgestack.package.tables import gather_rows, lookup_table
 wdata = np.memmap(pkg.path / 'model.data', dtype=np.uint8, mode='r')
 for spec in (pkg.manifest.metadata['runtime'].get('gathered') or {}).values():
     table = lookup_table(wdata, spec)      # pre-gathered lookups, as the runtime feeds them

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="also write the results as JSON")
     args = ap.parse_args(argv)
 
-    import edgestack.targets.ort_cpu as ort_cpu
+    from edgestack.core.ort import cpu_session
     from edgestack.package import Package
     from edgestack.profiler.latency import cpu_extensions
     from edgestack.runtime import Runtime, calibrate, plan_tier
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         feeds = {k: npz[k] for k in npz.files}
     subjects = {}
     for label, folder in BASELINES.items():
-        sess = ort_cpu.cpu_session(Path(args.baselines, folder, "model.onnx"), args.threads,
-                                   spinning="off")
+        sess = cpu_session(Path(args.baselines, folder, "model.onnx"), args.threads,
+                           spinning="off")
         names = {i.name for i in sess.get_inputs()}
         subjects[label] = (lambda s=sess, f={k: v for k, v in feeds.items() if k in names}:
                            s.run(None, f))
@@ -80,12 +80,10 @@ def main(argv: list[str] | None = None) -> int:
                 budgets.append((item, plan.total + 2**20))
             else:
                 budgets.append(("auto", item))
-    # the runtime's sessions without spinning pool threads, as the baselines (fair on 2 cores)
-    options = ort_cpu.session_options
-    ort_cpu.session_options = lambda t, o, spinning="on": options(t, o, "off")
     plans = {}
     for form, budget in budgets:
-        rt = Runtime(args.package, budget, threads=args.threads, form=form)
+        # without spinning pool threads, as the baselines (fair on 2 cores)
+        rt = Runtime(args.package, budget, threads=args.threads, form=form, spinning="off")
         label = f"edgestack {rt.plan.graph} (tier {rt.tier}, plan {rt.plan.total / 1e6:.1f} MB)"
         subjects[label] = (lambda r=rt: r.infer(feeds))
         plans[label] = rt.plan.graph

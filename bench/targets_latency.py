@@ -64,7 +64,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgestack.targets.ort_cpu import cpu_session
+from edgestack.core.ort import cpu_session
 
 
 def export_models(work: Path, seq: int) -> dict[str, Path]:

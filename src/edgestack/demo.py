@@ -239,9 +239,9 @@ def _methods_step(result: DemoResult, methods: dict[str, dict], seq: int, thread
     from edgestack.compress import compress
     from edgestack.compress.calib import text_calib
     from edgestack.exporter import export
-    from edgestack.profiler.quality import (compare_embeddings, embed, held_sentences,
+    from edgestack.core.quality import (compare_embeddings, embed, held_sentences,
                                             ort_runner, tokenize)
-    from edgestack.targets.ort_cpu import cpu_session
+    from edgestack.core.ort import cpu_session
 
     batches = result.held_batches = tokenize(zoo.minilm_path(), held_sentences(), seq)
     calib = text_calib(zoo.minilm_path(), n=128, seq=64, batch=8)
@@ -393,7 +393,7 @@ def _runtime_step(result: DemoResult, model: Path, threads: int,
     from edgestack.package.pack import pack
     from edgestack.profiler.bench import (BUDGET_HEADROOM, Subject, measure_memory,
                                           package_subjects)
-    from edgestack.profiler.quality import compare_embeddings, embed
+    from edgestack.core.quality import compare_embeddings, embed
     from edgestack.runtime import Runtime
 
     pkg_dir = result.out_dir / "packages" / "minilm-bitstack"
@@ -501,7 +501,7 @@ def _bench_step(result: DemoResult, models: dict[str, Path], baselines: tuple[li
                 log: Callable[[str], None]) -> None:
     from edgestack.profiler.bench import (BenchReport, QualityProbe, Subject, _files_bytes,
                                           measure_subjects, reference_handle, write_report)
-    from edgestack.profiler.quality import sentence_feeds
+    from edgestack.core.quality import sentence_feeds
     from edgestack.targets import get_target
     from edgestack.targets.base import Artifact
 
@@ -617,7 +617,7 @@ def _fmt(value: Any, spec: str, empty: str = "") -> str:
 
 def write_report(result: DemoResult, seq: int, threads: int) -> None:
     """Write report.md and report.json into ``result.out_dir``."""
-    from edgestack.profiler.quality import held_sentences
+    from edgestack.core.quality import held_sentences
 
     out = result.out_dir
     (out / "report.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))

@@ -36,7 +36,7 @@ def export_source(source: str, method: str, options: Mapping[str, Any], folder: 
     ``options``) and export it to ``folder/exported.onnx``; also the source's example inputs
     (numpy), used as the golden inputs."""
     from edgestack.compress import compress
-    from edgestack.compress.sources import load_source
+    from edgestack.sources import load_source
     from edgestack.exporter import export
 
     say(f"pack: loading {source}")

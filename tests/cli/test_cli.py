@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import onnx
 import pytest
@@ -60,7 +59,7 @@ def test_export_small_cnn_json(tmp_path, capsys, method, extra):
 
 def test_text_models_calibrate_on_the_shipped_corpus(tmp_path):
     from edgestack.compress.calib import calib_sentences
-    from edgestack.compress.sources import load_source
+    from edgestack.sources import load_source
 
     src = load_source("minilm", seq=16)
     assert src.text_folder is not None and (src.text_folder / "tokenizer.json").is_file()

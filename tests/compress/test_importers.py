@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file

@@ -25,7 +25,7 @@ from mlp_cases import MLP, mlp_calib, out_err  # noqa: F401
 
 
 def test_shipped_corpus_is_disjoint_from_the_held_set():
-    from edgestack.profiler.quality import held_sentences
+    from edgestack.core.quality import held_sentences
 
     corpus = calib_sentences()
     assert len(corpus) >= 200
@@ -213,7 +213,7 @@ def test_shift_finetune_early_stop_on_held_out_batches():
 
 def test_corpus_is_large_deterministic_and_never_holds_a_held_sentence():
     from edgestack.compress.calib import corpus_sentences, model_text_calib
-    from edgestack.profiler.quality import held_sentences
+    from edgestack.core.quality import held_sentences
 
     corpus = corpus_sentences()
     assert len(corpus) >= 1000 and len(set(corpus)) == len(corpus)

@@ -165,7 +165,7 @@ def test_openvino_computes_the_same_numbers(tmp_path) -> None:
 
 def _gpt2(lm_head: bool = False):
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     from edgestack import zoo
 

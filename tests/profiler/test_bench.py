@@ -269,7 +269,7 @@ def test_masked_cosine_ignores_padding_rows() -> None:
 
 def test_text_encoder_detection_and_sentence_feeds() -> None:
     from edgestack.errors import EdgestackError
-    from edgestack.profiler.quality import hidden_state_output, sentence_feeds
+    from edgestack.core.quality import hidden_state_output, sentence_feeds
 
     mask = np.ones((1, 5), np.int64)
     feeds = {"input_ids": np.zeros((1, 5), np.int32), "attention_mask": mask,

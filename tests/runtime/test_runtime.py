@@ -74,9 +74,11 @@ def test_self_test_missing_output_is_a_failed_entry(small_pkg, monkeypatch):
         monkeypatch.setattr(rt.package, "golden", lambda: (inputs, ghost))
         report = rt.self_test()
     assert report["judged"] and report["passed"] is False
-    assert report["outputs"]["ghost"] == {"max_abs": None, "ok": False, "missing": True}
+    assert report["outputs"]["ghost"] == {"max_abs": None, "max_rel": None, "ok": False,
+                                         "missing": True}
     assert report["outputs"]["output"]["ok"] and not report["outputs"]["output"]["missing"]
-    assert all(set(r) == {"max_abs", "ok", "missing"} for r in report["outputs"].values())
+    assert all(set(r) == {"max_abs", "max_rel", "ok", "missing"}
+               for r in report["outputs"].values())
 
 
 def test_int8_form_is_close_and_not_judged_by_the_self_test(small_pkg):
@@ -375,7 +377,7 @@ def test_table_metadata_outside_the_weights_file_is_refused(tmp_path):
 
     from edgestack.errors import PackageError
     from edgestack.package.pack import pack
-    from edgestack.runtime.runtime import table_spec
+    from edgestack.package.tables import table_spec
 
     table = np.random.default_rng(0).standard_normal((300, 64)).astype(np.float32)
     graph = helper.make_graph(

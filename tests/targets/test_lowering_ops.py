@@ -7,7 +7,6 @@ odd (no dim a multiple of 8), batch 1 and > 1, conv with groups, stride and padd
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import onnx

@@ -105,7 +105,7 @@ def _log(args: argparse.Namespace, msg: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from edgestack.compress import compress
-    from edgestack.compress.sources import load_source
+    from edgestack.sources import load_source
     from edgestack.exporter import export
 
     opts = method_options(args)

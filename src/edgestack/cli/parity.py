@@ -66,7 +66,7 @@ def _case_from_source(args: argparse.Namespace, tmp: Path):
     import torch
 
     from edgestack.compress import compress
-    from edgestack.compress.sources import load_source
+    from edgestack.sources import load_source
     from edgestack.exporter import export
     from edgestack.exporter.export import compacted_tables
     from edgestack.exporter.signature import flatten_outputs, normalize_inputs

@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
         quality_rows,
         suite_configs,
     )
-    from edgestack.compress.sources import load_source
+    from edgestack.sources import load_source
     from edgestack.errors import CompressError
 
     if not args.all and args.method is None:

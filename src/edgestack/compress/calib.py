@@ -105,7 +105,7 @@ def corpus_sentences(n: int | None = None, seed: int = 0) -> list[str]:
         n: at most this many sentences (None: all, a few thousand).
         seed: order of the docstring sentences.
     """
-    from edgestack.profiler.quality import held_sentences
+    from edgestack.core.quality import held_sentences
 
     held = set(held_sentences())
     seen: set[str] = set()

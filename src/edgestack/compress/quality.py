@@ -3,7 +3,7 @@
 :class:`EmbeddingEval` measures a sentence encoder (mean-pooled ``last_hidden_state``) on the
 held sentence set shipped with edgestack (``data/sentences.txt``): mean cosine of each
 sentence's embedding against the fp32 model's, and the Spearman correlation of the pairwise
-similarities (helpers from :mod:`edgestack.profiler.quality`). :class:`OutputEval` does the
+similarities (helpers from :mod:`edgestack.core.quality`). :class:`OutputEval` does the
 same for any model: cosine of the flattened first output tensor per example.
 
 Baselines (:func:`fake_quantize`) are computed in the same run with quantize-dequantize
@@ -55,7 +55,7 @@ class EmbeddingEval:
         """Tokenize ``sentences`` (default: the held set) and embed them with ``model``."""
         from tokenizers import Tokenizer
 
-        from edgestack.profiler.quality import held_sentences
+        from edgestack.core.quality import held_sentences
 
         sentences = held_sentences() if sentences is None else sentences
         tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
@@ -71,7 +71,7 @@ class EmbeddingEval:
 
     def embed(self, model: nn.Module) -> np.ndarray:
         """Mean-pooled embeddings of the held batch."""
-        from edgestack.profiler.quality import mean_pool
+        from edgestack.core.quality import mean_pool
 
         with torch.no_grad():
             hidden = first_tensor(model(**self.batch)).float().numpy()
@@ -79,7 +79,7 @@ class EmbeddingEval:
 
     def score(self, model: nn.Module) -> dict[str, float]:
         """``{"cosine_mean", "cosine_min", "spearman_pairwise"}`` vs the reference."""
-        from edgestack.profiler.quality import compare_embeddings
+        from edgestack.core.quality import compare_embeddings
 
         return {k: round(v, 5) for k, v in compare_embeddings(self.ref, self.embed(model)).items()}
 

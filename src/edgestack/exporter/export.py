@@ -41,10 +41,10 @@ from typing import Any, Callable, Iterator
 
 import onnx
 
+from edgestack.core.compare import error_stats
 from edgestack.errors import ExportError
 from edgestack.exporter import ops as es_ops
-from edgestack.exporter.parity import (DEFAULT_ATOL, DEFAULT_RTOL, ParityReport,
-                                       check_parity, error_stats)
+from edgestack.exporter.parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityReport, check_parity
 from edgestack.exporter.passes import CompactEmbeddingsPass, describe, quantize_rows
 from edgestack.exporter.signature import (ModelInputs, flatten_outputs, normalize_inputs,
                                           unique_names)

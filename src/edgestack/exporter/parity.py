@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import onnx
 
+from edgestack.core.compare import agree
 from edgestack.errors import ExportError
 from edgestack.exporter.signature import flatten_outputs, normalize_inputs
 
@@ -120,42 +121,12 @@ class ParityReport:
         return self.table()
 
 
-def error_stats(a: np.ndarray, r: np.ndarray) -> tuple[float, float, float]:
-    """``(max_abs, max_rel, cosine)`` of same-shape, non-empty float64 vectors ``a`` vs ``r``.
-
-    ``max_rel = max|a - r| / max|r|``; a NaN on either side gives ``max_abs = inf`` (never
-    parity); the cosine of two zero vectors is 1 and of a zero or non-finite one is 0.
-    """
-    diff = np.abs(a - r)
-    max_abs = math.inf if np.isnan(diff).any() else float(diff.max())
-    peak = float(np.abs(r).max())
-    max_rel = max_abs / peak if peak > 0 else (0.0 if max_abs == 0 else math.inf)
-    na, nr = float(np.linalg.norm(a)), float(np.linalg.norm(r))
-    if na == 0 and nr == 0:
-        cosine = 1.0
-    elif na == 0 or nr == 0 or not (math.isfinite(na) and math.isfinite(nr)):
-        cosine = 0.0
-    else:
-        cosine = float(np.dot(a, r) / (na * nr))
-    return max_abs, max_rel, cosine
-
-
 def compare(name: str, got: np.ndarray, ref: np.ndarray, atol: float, rtol: float
             ) -> OutputParity:
-    """Compare one output (``got`` from ONNX, ``ref`` from torch)."""
-    got = np.asarray(got)
-    ref = np.asarray(ref)
-    if got.shape != ref.shape:
-        return OutputParity(name, tuple(got.shape), tuple(ref.shape), math.inf, math.inf,
-                            0.0, False)
-    a = got.astype(np.float64).reshape(-1)
-    r = ref.astype(np.float64).reshape(-1)
-    if a.size == 0:
-        return OutputParity(name, tuple(got.shape), tuple(ref.shape), 0.0, 0.0, 1.0, True)
-    max_abs, max_rel, cosine = error_stats(a, r)
-    passed = max_abs <= atol or max_rel <= rtol
-    return OutputParity(name, tuple(got.shape), tuple(ref.shape), max_abs, max_rel, cosine,
-                        bool(passed))
+    """Compare one output (``got`` from ONNX, ``ref`` from torch) by
+    :func:`edgestack.core.compare.agree`."""
+    r = agree(got, ref, atol, rtol)
+    return OutputParity(name, r.shape, r.ref_shape, r.max_abs, r.max_rel, r.cosine, r.passed)
 
 
 def ort_session(model: str | Path | onnx.ModelProto | Any) -> Any:

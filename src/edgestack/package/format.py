@@ -125,6 +125,35 @@ BLOCK_FILE = "blocks.bin"
 GOLDEN_INPUTS = "golden/inputs.npz"
 GOLDEN_OUTPUTS = "golden/outputs.npz"
 ARCHIVE_SUFFIX = ".tar"
+SUPPORTED_TARGETS = ("ort-cpu",)
+"""Targets a device package can be made for (the runtime serves ONNX Runtime CPU)."""
+
+# graph variants the packer writes beside the plain graph (see edgestack.package.variants)
+FORMS = ("on-the-fly", "int8", "nbits8", "fp32")
+"""How a BitStack layer is served (see :mod:`edgestack.package.variants`): decoded by ONNX
+Runtime on every call, or materialised once per tier as int8 (1 byte a weight, integer
+kernels), 8-bit weight-only MatMulNBits (1.16 bytes a weight, every layer at once) or float32
+(4 bytes a weight, the tier's exact weight)."""
+VARIANT_FILE = "model.mixed.onnx"
+INT8_FILE = "model.int8.onnx"
+FP32_FILE = "model.fp32.onnx"
+NBITS8_FILE = "model.nbits8.onnx"
+DENSE_FILES = {"int8": INT8_FILE, "nbits8": NBITS8_FILE, "fp32": FP32_FILE}
+"""The dense variants: every layer in one form, no ``If``
+(see :func:`edgestack.package.variants.dense_graph`)."""
+
+DENSE_DATA = {"int8": "int8.bin", "nbits8": "nbits8.bin", "fp32": "fp32.bin"}
+"""The external-data file each dense graph reads its site tensors from. The runtime writes it
+for the plan it serves, in a folder of its own, at the offsets the packer recorded in
+``site["file"][form]`` (see :func:`edgestack.package.variants.dense_graph`)."""
+
+NBITS_BLOCK = 32
+"""Weights per scale of the ``nbits8`` form (``MatMulNBits`` ``block_size``, as the weight-only
+baselines)."""
+
+DENSE_ALIGN = 4096
+"""Alignment of every tensor in a dense data file (a page: ONNX Runtime maps each tensor on
+its own, and no two tensors share a page)."""
 
 BLOCK_ALIGN = 64
 #: Factor dtype name in the manifest -> the numpy dtype of its stored (little-endian) bytes.

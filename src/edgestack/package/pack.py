@@ -46,9 +46,10 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from edgestack.errors import PackageError
-from edgestack.package.format import ARCHIVE_SUFFIX
-from edgestack.package.variants import DENSE_FILES, VARIANT_FILE, add_sites, dense_graph
-from edgestack.runtime.runtime import SUPPORTED_TARGETS, gather_rows, lookup_table
+from edgestack.package.format import ARCHIVE_SUFFIX, SUPPORTED_TARGETS
+from edgestack.package.tables import gather_rows, lookup_table
+from edgestack.package.format import DENSE_FILES, VARIANT_FILE
+from edgestack.package.variants import add_sites, dense_graph
 
 logger = logging.getLogger("edgestack.package")
 

@@ -39,14 +39,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-FORMS = ("on-the-fly", "int8", "nbits8", "fp32")
-VARIANT_FILE = "model.mixed.onnx"
-INT8_FILE = "model.int8.onnx"
-FP32_FILE = "model.fp32.onnx"
-NBITS8_FILE = "model.nbits8.onnx"
-DENSE_FILES = {"int8": INT8_FILE, "nbits8": NBITS8_FILE, "fp32": FP32_FILE}
-"""The dense variants: every layer in one form, no ``If`` (see :func:`dense_graph`)."""
-
+from edgestack.package.format import (DENSE_ALIGN, DENSE_DATA, NBITS_BLOCK)
 
 def _attr(node: Any, name: str, default: Any) -> Any:
     from onnx import helper
@@ -206,20 +199,6 @@ def _bias_of(g: Any, y: str, consumers: Mapping[str, list[Any]],
     if other == y or init is None or len(init.dims) != 1:
         return None
     return other, add
-
-
-DENSE_DATA = {"int8": "int8.bin", "nbits8": "nbits8.bin", "fp32": "fp32.bin"}
-"""The external-data file each dense graph reads its site tensors from. The runtime writes it
-for the plan it serves, in a folder of its own, at the offsets the packer recorded in
-``site["file"][form]`` (see :func:`dense_graph`)."""
-
-NBITS_BLOCK = 32
-"""Weights per scale of the ``nbits8`` form (``MatMulNBits`` ``block_size``, as the weight-only
-baselines)."""
-
-DENSE_ALIGN = 4096
-"""Alignment of every tensor in a dense data file (a page: ONNX Runtime maps each tensor on
-its own, and no two tensors share a page)."""
 
 
 def _quantized_site(form: str, x: str, y: str, bias: str | None, p: str, m_out: int,
@@ -425,5 +404,4 @@ def dense_graph(model: Any, attrs: Mapping[str, dict[str, Any]], form: str,
     return m
 
 
-__all__ = ["add_sites", "dense_graph", "FORMS", "VARIANT_FILE", "INT8_FILE", "FP32_FILE",
-           "NBITS8_FILE", "DENSE_FILES", "DENSE_DATA", "DENSE_ALIGN", "NBITS_BLOCK"]
+__all__ = ["add_sites", "dense_graph"]

@@ -54,7 +54,7 @@ from edgestack.errors import InternalError, TargetError
 from edgestack.profiler.latency import latency_stats
 from edgestack.profiler.pareto import (at_baseline_markdown, at_baseline_table,
                                        pareto_markdown, pareto_table)
-from edgestack.profiler.quality import (cosine_rows, embed, held_sentences,
+from edgestack.core.quality import (cosine_rows, embed, held_sentences,
                                         hidden_state_output, sentence_feeds, tokenize)
 
 #: Baseline labels, in report order (module docstring).
@@ -350,7 +350,7 @@ def package_subjects(path: Path, count: int | str, log: Callable[[str], None],
     in ``skipped``."""
     from edgestack.package import Package
     from edgestack.runtime import calibrate, plan_tier
-    from edgestack.runtime.runtime import SUPPORTED_TARGETS
+    from edgestack.package.format import SUPPORTED_TARGETS
     from edgestack.targets import get_target
 
     with Package.open(path) as pkg:
@@ -391,7 +391,7 @@ def reference_handle(path: Path, *, tier: int | None = None, threads: int = 1) -
 
         rt = Runtime(path, tier=tier, form="fp32")
         return Handle(rt.infer, rt.close)
-    from edgestack.targets.ort_cpu import cpu_session
+    from edgestack.core.ort import cpu_session
 
     session = cpu_session(path, threads, "all")
     names = [o.name for o in session.get_outputs()]
@@ -532,9 +532,9 @@ METRIC_OUTPUT = "output cosine (flattened outputs, worst output)"
 class QualityProbe:
     """How every subject's quality is scored against the reference: one rule for all.
 
-    Text encoders (:func:`~edgestack.profiler.quality.hidden_state_output`): the mean over
+    Text encoders (:func:`~edgestack.core.quality.hidden_state_output`): the mean over
     ``batches`` of the cosine between the subject's and the reference's masked mean-pooled
-    embeddings (:func:`~edgestack.profiler.quality.embed`), so padding rows do not count.
+    embeddings (:func:`~edgestack.core.quality.embed`), so padding rows do not count.
     Other models: the worst cosine over the flattened outputs on the bench inputs.
 
     Attributes:
@@ -555,7 +555,7 @@ class QualityProbe:
               batches: list[dict[str, np.ndarray]] | None = None) -> QualityProbe:
         """The probe for a model: ``feeds`` (the bench inputs) and the ``reference``'s
         outputs on them decide whether it is a text encoder; a text encoder is scored on
-        ``batches`` (held sentences, :func:`~edgestack.profiler.quality.sentence_feeds`)
+        ``batches`` (held sentences, :func:`~edgestack.core.quality.sentence_feeds`)
         when given, else on the bench inputs; ``reference_infer`` embeds them once."""
         output = hidden_state_output(feeds, reference)
         if output is None:

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from edgestack.errors import BudgetError, PackageError
-from edgestack.package.variants import DENSE_FILES, VARIANT_FILE
+from edgestack.package.format import DENSE_FILES, FORMS, VARIANT_FILE
 
 PAGE = 4096
 MiB = 2**20
@@ -69,12 +69,6 @@ MATERIALISE_TEMP_BYTES = 10
 """Bytes of numpy temporaries per weight while materialising a layer: the float32 sum and one
 block's float32 magnitudes and unpacked signs (int8 quantization then works row-chunk by
 row-chunk)."""
-
-FORMS = ("on-the-fly", "int8", "nbits8", "fp32")
-"""How a BitStack layer is served (see :mod:`edgestack.package.variants`): decoded by ONNX
-Runtime on every call, or materialised once per tier as int8 (1 byte a weight, integer
-kernels), 8-bit weight-only MatMulNBits (1.16 bytes a weight, every layer at once) or float32
-(4 bytes a weight, the tier's exact weight)."""
 
 DENSE_ONLY = ("nbits8",)
 """Forms only the dense graph has (every layer in that form, nothing on the fly)."""

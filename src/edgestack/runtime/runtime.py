@@ -48,16 +48,17 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from edgestack.core.compare import agree
 from edgestack.errors import PackageError, TargetError
-from edgestack.package.format import BLOCK_FILE
+from edgestack.package.format import BLOCK_FILE, SUPPORTED_TARGETS
 from edgestack.package.reader import Package
-from edgestack.package.variants import DENSE_DATA, DENSE_FILES, NBITS_BLOCK, VARIANT_FILE
+from edgestack.package.tables import check_ids, table_spec
+from edgestack.package.format import DENSE_DATA, DENSE_FILES, NBITS_BLOCK, VARIANT_FILE
 from edgestack.runtime.budget import resolve_budget
 from edgestack.runtime.calibrate import calibrate as calibrate_costs
 from edgestack.runtime.plan import (DEFAULT_COSTS, FORMS, Costs, MemoryPlan, page_up,
                                     plan_memory)
 
-SUPPORTED_TARGETS = ("ort-cpu",)
 _FIX_REPACK = "copy the package again or repack the model"
 
 
@@ -219,52 +220,6 @@ def decode_blocks(info: Any, blocks: Any, transposed: bool = False,
     return out if transposed or flat else out.reshape(info.shape)
 
 
-def table_spec(spec: Any, file_size: int,
-               what: str) -> tuple[int, int, np.dtype, tuple[int, ...]]:
-    """``(offset, bytes, dtype, shape)`` of a table entry of ``metadata.runtime.tables`` or
-    ``gathered`` (written by the packer), checked to describe bytes inside a weights file of
-    ``file_size`` bytes.
-
-    Raises:
-        PackageError: a missing or malformed field, or bytes outside the file.
-    """
-    try:
-        off, size = int(spec["offset"]), int(spec["bytes"])
-        dtype, shape = np.dtype(str(spec["dtype"])), tuple(int(d) for d in spec["shape"])
-        ok = (dtype.kind in "biuf" and len(shape) >= 1 and 0 <= off and off + size <= file_size
-              and size == int(np.prod(shape)) * dtype.itemsize)
-    except (KeyError, TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise PackageError(f"{what}: {str(spec)[:200]} does not describe a table inside the "
-                           f"{file_size}-byte weights file; {_FIX_REPACK}")
-    return off, size, dtype, shape
-
-
-def lookup_table(data: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
-    """The table ``spec`` (see :func:`table_spec`) as a view of ``data``, the weights file's
-    bytes (uint8)."""
-    off, size, dtype, shape = table_spec(spec, data.size, "table")
-    return data[off:off + size].view(dtype).reshape(shape)
-
-
-def check_ids(ids: Any, rows: int, what: str) -> np.ndarray:
-    """``ids`` as an integer array with every value in ``[0, rows)``, else TargetError."""
-    ids = np.asarray(ids)
-    if ids.dtype.kind not in "iu":
-        raise TargetError(f"infer: {what}: expected integer ids, found dtype {ids.dtype}")
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= rows):
-        raise TargetError(f"infer: {what}: ids must be in [0, {rows}), found "
-                          f"{int(ids.min())}..{int(ids.max())}; check the tokenizer matches "
-                          "the model")
-    return ids
-
-
-def gather_rows(table: np.ndarray, ids: Any, what: str) -> np.ndarray:
-    """``table[ids]`` after :func:`check_ids` (the packer's golden run)."""
-    return table[check_ids(ids, table.shape[0], what)]
-
-
 class _RowReader:
     """Reads the rows of one pre-gathered table from the weights file with ``pread``: only the
     rows a call names are read, into a fresh array; nothing of the table is mapped."""
@@ -410,6 +365,8 @@ class Runtime:
             streamed through the hash, not kept.
         optimization: ONNX Runtime graph optimization level: "all", "extended", "basic",
             "disable".
+        spinning: "on" (ORT's default: idle pool threads spin for the next parallel op) or
+            "off" (they sleep: a wake-up per op, but no CPU taken from other processes).
         materialize: force the mode choice: how many of the largest layers (0 = every layer
             decoded on the fly), or which layers, are materialised (default: the planner's).
         watch: follow live memory (see :meth:`start_watcher`); a poll interval in seconds
@@ -430,12 +387,14 @@ class Runtime:
                  verify: bool = True, optimization: str = "all",
                  materialize: int | list[str] | None = None,
                  watch: bool | float = False, calibrate: bool = True,
-                 form: str = "auto", graph: str | None = None) -> None:
-        from edgestack.targets.ort_cpu import LEVELS
+                 form: str = "auto", graph: str | None = None, spinning: str = "on") -> None:
+        from edgestack.core.ort import LEVELS
 
         if optimization not in LEVELS:  # before anything is opened or read
             raise TargetError(f"optimization must be one of {sorted(LEVELS)}, found "
                               f"{optimization!r}")
+        if spinning not in ("on", "off"):
+            raise TargetError(f"spinning must be 'on' or 'off', found {spinning!r}")
         if form not in ("auto", *FORMS[1:]) or graph not in (None, "plain", "mixed"):
             raise TargetError(f"form must be 'auto' or one of {', '.join(FORMS[1:])} and "
                               f"graph None, 'plain' "
@@ -463,6 +422,7 @@ class Runtime:
             self._materialize = materialize
             self.threads = threads
             self.optimization = optimization
+            self.spinning = spinning
             self._calibrate = calibrate
             self._costs: Costs | None = None
             self.form = form
@@ -636,13 +596,13 @@ class Runtime:
         :meth:`_external_data_dir`)."""
         import onnxruntime as ort
 
-        from edgestack.targets.ort_cpu import session_options
+        from edgestack.core.ort import session_options
 
         pkg = self.package
         name = {"plain": pkg.graph_file, "mixed": VARIANT_FILE, **DENSE_FILES}[graph]
         # the ort-cpu target's options (threads 0 = ORT's default; level checked in
         # __init__), plus the runtime's own: memory follows the plan
-        so = session_options(int(self.threads or 0), self.optimization)
+        so = session_options(int(self.threads or 0), self.optimization, self.spinning)
         so.enable_cpu_mem_arena = graph in DENSE_FILES   # see the module doc
         so.enable_mem_pattern = False
         if graph not in DENSE_FILES:  # the dense graphs' site weights are prepacked
@@ -662,7 +622,7 @@ class Runtime:
     def _dense_session(self, plan: MemoryPlan, graph: str) -> Any:
         """A session on a dense graph (``"int8"``/``"fp32"``) for ``plan``: each layer is
         decoded, put in its form and written at its offset (``site["file"][graph]``) into
-        the graph's data file (:data:`~edgestack.package.variants.DENSE_DATA`) in a
+        the graph's data file (:data:`~edgestack.package.format.DENSE_DATA`) in a
         temporary folder beside a link (or kernel copy) of the package's weights files; ONNX
         Runtime maps that file and prepacks the weights. The folder goes once the session
         is built (its maps outlive the names). The file lives in the page cache, not in this
@@ -963,7 +923,9 @@ class Runtime:
 
     # ---- self-test, watcher, closing ---------------------------------------------------
     def self_test(self) -> dict[str, Any]:
-        """Run the golden inputs and compare with the golden outputs. Judged at the golden
+        """Run the golden inputs and compare with the golden outputs
+        (:func:`edgestack.core.compare.agree`, the rule export and target parity use, with
+        the package's atol/rtol). Judged at the golden
         tier with exact forms only (on the fly or fp32); at another tier, or with quantized
         layers (int8, nbits8: their rounding is not in the golden outputs), the result is
         reported but not judged (``passed`` None, ``reason`` says why)."""
@@ -977,12 +939,12 @@ class Runtime:
         for name, ref in outputs.items():
             if name not in got:  # same keys as a compared output, so callers need no case
                 passed = False
-                worst[name] = {"max_abs": None, "ok": False, "missing": True}
+                worst[name] = {"max_abs": None, "max_rel": None, "ok": False, "missing": True}
                 continue
-            a, b = np.asarray(got[name], np.float64), np.asarray(ref, np.float64)
-            diff = float(np.max(np.abs(a - b))) if a.size else 0.0
-            ok = a.shape == b.shape and bool(np.allclose(a, b, rtol=info.rtol, atol=info.atol))
-            worst[name] = {"max_abs": diff, "ok": ok, "missing": False}
+            r = agree(got[name], ref, info.atol, info.rtol)
+            ok = r.passed
+            worst[name] = {"max_abs": r.max_abs, "max_rel": r.max_rel, "ok": ok,
+                           "missing": False}
             passed &= ok
         quantized = [m for m in self._state.plan.modes.values() if m in QUANTIZED_FORMS]
         judged = tier == info.tier and not quantized

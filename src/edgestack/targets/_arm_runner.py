@@ -12,7 +12,8 @@ Protocol (all paths are on the host file system, which the emulated process shar
 * ``--out O.npz``: the outputs, again ``arr_0, ...``; their names are written back into the
   meta file under ``"outputs"``.
 * ``--jobs J.json`` instead of the four paths: a list of ``{"model", "feeds", "out", "meta",
-  "threads", "optimization"}``, run one after another in this one process (numpy and
+  "threads", "optimization"}`` (``optimization``: a ``GraphOptimizationLevel`` member
+  name), run one after another in this one process (numpy and
   onnxruntime are imported once: each emulated start costs seconds). Each job writes its own
   meta file as above; the exit status is 0 even when a job failed (its meta says so).
 * On a Python-level failure the runner writes ``{"error": {"stage", "type", "message"}}`` into
@@ -27,21 +28,17 @@ import json
 import sys
 import traceback
 
-#: Graph optimization levels -> ``onnxruntime.GraphOptimizationLevel`` member names.
-LEVELS = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
-          "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
-
-
-def session_options(ort, threads: int, optimization: str):
-    """ORT session options: ``threads`` intra-op threads, one inter-op thread, sequential,
-    graph ``optimization`` level (a :data:`LEVELS` key). Used inside the emulated process and
-    by :func:`edgestack.targets.ort_cpu.session_options` on the host, hence ``ort`` passed in
-    (this file imports nothing but the standard library at load)."""
+def session_options(ort, threads: int, level: str):
+    """ORT session options as :func:`edgestack.core.ort.session_options` makes them on the
+    host: ``threads`` intra-op threads, one inter-op thread, sequential, graph optimization
+    ``level`` given as the ``onnxruntime.GraphOptimizationLevel`` member name (the host maps
+    its level keys with :data:`edgestack.core.ort.LEVELS`; this file imports nothing but the
+    standard library at load, hence ``ort`` passed in)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = int(threads)
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, LEVELS[optimization])
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
     return so
 
 
@@ -57,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out")
     parser.add_argument("--meta")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--optimization", choices=list(LEVELS), default="all")
+    parser.add_argument("--optimization", default="ORT_ENABLE_ALL",
+                        help="an onnxruntime.GraphOptimizationLevel member name")
     parser.add_argument("--jobs")
     args = parser.parse_args(argv)
     if args.jobs:
@@ -65,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             jobs = json.load(f)
         for job in jobs:
             run_one(job["model"], job["feeds"], job["out"], job["meta"],
-                    int(job.get("threads", 1)), job.get("optimization", "all"))
+                    int(job.get("threads", 1)), job.get("optimization", "ORT_ENABLE_ALL"))
         return 0
     if not (args.model and args.feeds and args.out and args.meta):
         parser.error("--model, --feeds, --out and --meta are required without --jobs")

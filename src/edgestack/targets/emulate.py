@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from edgestack.errors import TargetError
-from edgestack.targets._arm_runner import LEVELS
+from edgestack.core.ort import LEVELS
 
 ENV_VAR = "EDGESTACK_ARM_ENV"
 """Environment variable naming the environment folder; overrides the search."""
@@ -375,7 +375,7 @@ class AArch64Emulator:
                 specs.append({"model": str(model.resolve()), "feeds": str(folder / f"feeds{i}.npz"),
                               "out": str(folder / f"out{i}.npz"),
                               "meta": str(folder / f"meta{i}.json"), "threads": threads,
-                              "optimization": optimization})
+                              "optimization": LEVELS[optimization]})
             (folder / "jobs.json").write_text(json.dumps(specs), encoding="utf-8")
             proc = self.run_python(_RUNNER, ["--jobs", str(folder / "jobs.json")],
                                    timeout=timeout)

@@ -16,7 +16,6 @@ check. Emulated aarch64 runs of every case are batched into ONE emulated process
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,8 +24,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from edgestack.core.compare import agree
 from edgestack.errors import TargetError
-from edgestack.exporter.parity import error_stats
 
 
 @dataclass(frozen=True)
@@ -119,23 +118,19 @@ class Case:
 
 
 def compare_output(name: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance) -> OutputCheck:
-    """Compare one output (see the module docstring)."""
-    got = np.asarray(got)
-    ref = np.asarray(ref)
-    if got.shape != ref.shape:
-        return OutputCheck(name, tuple(got.shape), math.inf, math.inf, 0.0, 0.0, False)
-    a = got.astype(np.float64).ravel()
-    b = ref.astype(np.float64).ravel()
-    if a.size == 0:
-        return OutputCheck(name, tuple(got.shape), 0.0, 0.0, 1.0, 1.0, True)
-    max_abs, max_rel, cosine = error_stats(a, b)
-    if got.ndim >= 1 and got.shape[-1] > 1 and np.issubdtype(got.dtype, np.floating):
+    """Compare one output: :func:`edgestack.core.compare.agree` with ``tol``'s atol/rtol,
+    plus ``tol``'s minimum cosine and top-1 agreement (see the module docstring)."""
+    r = agree(got, ref, tol.atol, tol.rtol)
+    if r.shape != r.ref_shape:
+        return OutputCheck(name, r.shape, r.max_abs, r.max_rel, r.cosine, 0.0, False)
+    got, ref = np.asarray(got), np.asarray(ref)
+    if got.size and got.ndim >= 1 and got.shape[-1] > 1 and np.issubdtype(got.dtype,
+                                                                          np.floating):
         top1 = float(np.mean(np.argmax(got, -1) == np.argmax(ref, -1)))
     else:
         top1 = 1.0
-    ok = (not np.isnan(a).any() and (max_abs <= tol.atol or max_rel <= tol.rtol)
-          and cosine >= tol.min_cosine and top1 >= tol.min_top1)
-    return OutputCheck(name, tuple(got.shape), max_abs, max_rel, cosine, top1, bool(ok))
+    ok = r.passed and r.cosine >= tol.min_cosine and top1 >= tol.min_top1
+    return OutputCheck(name, r.shape, r.max_abs, r.max_rel, r.cosine, top1, bool(ok))
 
 
 def _judge(check: TargetCheck, got: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray],

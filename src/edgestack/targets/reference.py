@@ -11,7 +11,7 @@ import numpy as np
 def reference_outputs(model_path: str | Path, feeds: Mapping[str, np.ndarray],
                       threads: int = 1) -> dict[str, np.ndarray]:
     """Outputs of ``model_path`` on x86 ONNX Runtime (all optimizations), in graph order."""
-    from edgestack.targets.ort_cpu import cpu_session
+    from edgestack.core.ort import cpu_session
 
     s = cpu_session(model_path, threads, "all")
     names = [o.name for o in s.get_outputs()]

@@ -39,12 +39,11 @@ from typing import Any
 
 import numpy as np
 
+from edgestack.core.ort import cpu_session, disabled_optimizers, session_options
 from edgestack.errors import TargetError
-from edgestack.targets import _arm_runner
 from edgestack.targets.base import Artifact, Runner, Target, host_arch, io_spec
 
 ORT_DOMAINS = ("", "ai.onnx", "com.microsoft", "ai.onnx.ml")
-LEVELS = tuple(_arm_runner.LEVELS)
 TRANSFORMER_MODES = ("auto", "off", "require")
 #: ORT graph optimizers the ort-cpu runner disables by default (measured slower, see above).
 DEFAULT_DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
@@ -133,61 +132,12 @@ def _precision(int8: str, report: dict) -> str:
     return "int8" if int8 == "dynamic" and rewritten else "fp32"
 
 
-def disabled_optimizers(value: Any) -> list[str]:
-    """The ``disabled_optimizers`` option as a list of ORT optimizer names (a list/tuple, or a
-    comma-separated string; ``""``/``None``/``[]``: none)."""
-    if value is None or value == "":
-        return []
-    names = value.split(",") if isinstance(value, str) else list(value)
-    out = [str(n).strip() for n in names if str(n).strip()]
-    bad = [n for n in out if not n.replace("_", "").isalnum()]
-    if bad:
-        raise TargetError(f"disabled_optimizers: expected ORT optimizer names such as "
-                          f"SkipLayerNormFusion, found {bad}")
-    return out
-
-
-def session_options(threads: int, optimization: str, spinning: str = "on") -> Any:
-    """ORT session options: ``threads`` intra-op threads, graph ``optimization`` level, and
-    ``spinning`` (``on``: ORT's default, idle pool threads spin for the next parallel op;
-    ``off``: they sleep, which costs a wake-up per op but no CPU that other processes need)."""
-    import onnxruntime as ort
-
-    if optimization not in LEVELS:
-        raise TargetError(f"graph optimization must be one of {', '.join(LEVELS)}, found "
-                          f"{optimization!r}")
-    if spinning not in ("on", "off"):
-        raise TargetError(f"spinning must be 'on' or 'off', found {spinning!r}")
-    so = _arm_runner.session_options(ort, threads, optimization)   # shared with aarch64
-    if spinning == "off":
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return so
-
-
 def portable_options(profile: Any | None) -> dict[str, Any]:
     """The lowering options every ONNX Runtime target takes (ort-cpu and ort-arm), from the
     ``profile`` or their defaults."""
     return {"int8": "auto", "weights": "materialize",
             "threads": profile.threads if profile else 1,
             "graph_optimization": profile.graph_optimization if profile else "all"}
-
-
-def cpu_session(path: str | Path | bytes, threads: int = 1, optimization: str = "all",
-                spinning: str = "on", disabled: Any = None, profile: str | None = None) -> Any:
-    """An ONNX Runtime CPU session on ``path`` (or a serialized model) with
-    :func:`session_options` and the ``disabled`` graph optimizers (see
-    :func:`disabled_optimizers`); with ``profile`` (a file prefix) ORT's profiler is on
-    (``session.end_profiling()`` returns the JSON file)."""
-    import onnxruntime as ort
-
-    so = session_options(threads, optimization, spinning)
-    if profile is not None:
-        so.enable_profiling = True
-        so.profile_file_prefix = str(profile)
-    names = disabled_optimizers(disabled)
-    model = path if isinstance(path, bytes) else str(path)
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"],
-                                **({"disabled_optimizers": names} if names else {}))
 
 
 class OrtCpuRunner(Runner):

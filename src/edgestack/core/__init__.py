@@ -1,0 +1,8 @@
+"""The torch-free base every layer shares: ONNX Runtime session options (:mod:`.ort`), the
+one rule that says whether two outputs agree (:mod:`.compare`), and the sentence-embedding
+quality metrics (:mod:`.quality`).
+
+Imports only the standard library, numpy and :mod:`edgestack.errors` at load (onnxruntime
+inside the functions that need it), so the exporter, the targets, the package and the
+on-device runtime can all import it; the import contracts in ``pyproject.toml`` keep it so.
+"""
