@@ -5,7 +5,9 @@ Uses what ``make demo`` wrote (run it first): the 12-block MiniLM BitStack packa
 (ORT fp32, dynamic int8 per-tensor and per-channel, MatMulNBits 8- and 4-bit, each with
 external data, and OpenVINO f32 and bf16; ``edgestack-demo/bench/work/baselines``) and the bench inputs (the first held
 sentence, seq 128). Serves the package with the runtime manager at ``--budgets`` (default:
-one per dense form the planner picks: int8, 8-bit weight-only, float32), then times every
+one per dense form the planner picks: int8, 8-bit weight-only, float32), and, with
+``--openvino`` (default: f32,bf16), the package served by OpenVINO in those precisions at
+each dense form (its top tier, every layer materialised), then times every
 subject interleaved in one process (``--rounds`` rounds, one call per subject each, pool
 threads not spinning, 2 threads), and prints p50 and the ratio of each plan to each ORT
 baseline, with the CPU's int8/bf16 extensions (latency ratios depend on them). Quality and
@@ -39,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budgets", default="int8,nbits8,fp32",
                     help="comma-separated budgets (e.g. 40MB) or forms: a form is served at "
                     "its top-tier plan + 1 MiB")
+    ap.add_argument("--openvino", default="f32,bf16",
+                    help="OpenVINO precisions to serve the package with at each form of "
+                    "--budgets that is a form ('' for none)")
     ap.add_argument("--rounds", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=None, help="also write the results as JSON")
@@ -87,6 +92,15 @@ def main(argv: list[str] | None = None) -> int:
         label = f"edgestack {rt.plan.graph} (tier {rt.tier}, plan {rt.plan.total / 1e6:.1f} MB)"
         subjects[label] = (lambda r=rt: r.infer(feeds))
         plans[label] = rt.plan.graph
+    for precision in [p for p in args.openvino.split(",") if p]:
+        for form, _budget in budgets:
+            if form == "auto":
+                continue
+            rt = Runtime(args.package, threads=args.threads, form=form, engine="openvino",
+                         precision=precision)
+            label = f"edgestack {form} on OpenVINO {precision} (tier {rt.tier})"
+            subjects[label] = (lambda r=rt: r.infer(feeds))
+            plans[label] = f"openvino-{precision}-{form}"
     times: dict[str, list[float]] = {k: [] for k in subjects}
     for fn in subjects.values():
         for _ in range(3):

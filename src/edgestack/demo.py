@@ -110,7 +110,9 @@ class DemoResult:
                         "detail": t["status"] + (f" ({t['reason']})" if t["reason"] else "")})
         for r in self.runtime:
             name = (f"runtime at {r['budget_mb']:.2f} MB ({r['for']})"
-                    + (f", form {r['form']}" if r.get("form", "auto") != "auto" else ""))
+                    + (f", form {r['form']}" if r.get("form", "auto") != "auto" else "")
+                    + (f", OpenVINO {r.get('precision')}" if r.get("engine") == "openvino"
+                       else ""))
             if r.get("error"):
                 out.append({"check": f"{name}: served", "passed": False,
                             "detail": r["error"]})
@@ -371,6 +373,14 @@ def _forms_text(forms: dict[str, int] | None) -> str:
     return ", ".join(f"{n} {form}" for form, n in forms.items() if n)
 
 
+def _row_forms(row: dict[str, Any]) -> str:
+    """A package row's forms, and the engine when it is OpenVINO."""
+    text = _forms_text(row["forms"])
+    if row.get("engine") == "openvino":
+        text += f" on OpenVINO {row.get('precision') or ''}".rstrip()
+    return text
+
+
 def _precision(forms: dict[str, int]) -> str:
     """What a plan computes its BitStack layers in (on-the-fly layers decode to float32)."""
     parts = (["int8"] if forms.get("int8") else []) + (
@@ -430,19 +440,27 @@ def _runtime_step(result: DemoResult, model: Path, threads: int,
     batches = result.held_batches
     feeds = _feeds_file(result)
     subjects = []
-    todo = [(b, "auto") for b in budgets]
+    ORT = ("onnxruntime", None)
+    todo = [(b, "auto", *ORT) for b in budgets]
+    if baselines is not None:   # OpenVINO's baselines: also the package served by OpenVINO
+        todo += [(per_baseline[b.label], "auto", "openvino", OV_PRECISION[b.options["precision"]])
+                 for b in baselines if b.target == "openvino-cpu"
+                 and per_baseline.get(b.label) is not None]
     while todo:
         budget_forms, todo = todo, []
-        for budget, form in budget_forms:
+        for budget, form, engine, precision in budget_forms:
             row: dict[str, Any] = {"budget": budget, "budget_mb": round(budget / MB, 2),
                                    "for": "; ".join(why[budget]), "form": form,
+                                   "engine": engine, "precision": precision,
                                    "n_tiers": top + 1, "tier": None, "forms": None,
                                    "plan_mb": None, "rss_increase": None,
                                    "rss_increase_mb": None, "cosine_vs_fp32": None,
                                    "p50_ms": None, "error": None}
-            log(f"[4/5 runtime] budget {budget / MB:.2f} MB ({row['for']}), form {form} ...")
+            log(f"[4/5 runtime] budget {budget / MB:.2f} MB ({row['for']}), form {form}, "
+                f"{engine}{'' if precision is None else ' ' + precision} ...")
             try:
-                rt = Runtime(pkg_dir, budget=budget, threads=threads, form=form)
+                rt = Runtime(pkg_dir, budget=budget, threads=threads, form=form, engine=engine,
+                             precision=precision)
             except BudgetError as err:
                 # at or above the smallest plan by construction: a refusal breaks the promise
                 row.update(error=f"BudgetError: {err}", ok=False)
@@ -460,16 +478,19 @@ def _runtime_step(result: DemoResult, model: Path, threads: int,
                 plan_bytes, graph = rt.plan.total, rt.plan.graph
             finally:
                 rt.close()
-            if form == "auto" and graph in ("nbits8", "fp32"):
-                todo.append((budget, "int8"))  # the fastest plan at this budget, beside it
+            if form == "auto" and graph in ("nbits8", "fp32") and engine == "onnxruntime":
+                todo.append((budget, "int8", *ORT))  # the fastest plan at this budget, beside it
             # the probe process runs the runtime manager at the same budget: it plans again
+            ov = engine == "openvino"
             subj = Subject(f"bitstack package at {row['budget_mb']:.2f} MB (tier "
-                           f"{row['tier']}{', int8' if form == 'int8' else ''})",
-                           "package", str(pkg_dir), "ort-cpu",
+                           f"{row['tier']}{', int8' if form == 'int8' else ''}"
+                           f"{f', OpenVINO {precision}' if ov else ''})",
+                           "package", str(pkg_dir), "openvino-cpu" if ov else "ort-cpu",
                            precision=_precision(row["forms"]),
                            disk_bytes=tier_disk[row["tier"]], plan_bytes=plan_bytes,
                            options={"budget": budget, "bits": tier_bits[row["tier"]],
-                                    "threads": threads, "form": form})
+                                    "threads": threads, "form": form, "engine": engine,
+                                    "precision": precision})
             subj.memory = measure_memory(subj, feeds)
             row.update(label=subj.label, rss_increase=subj.memory["increase"],
                        rss_increase_mb=round(subj.memory["increase"] / MB, 2),
@@ -482,14 +503,20 @@ def _runtime_step(result: DemoResult, model: Path, threads: int,
                 f"+{row['rss_increase_mb']} MB{'' if row['ok'] else ' OVER BUDGET'}, cosine "
                 f"{row['cosine_vs_fp32']}")
     if baselines is not None:
-        by_budget = {(r["budget"], r["form"]): r for r in result.runtime}
+        by_budget = {(r["budget"], r["form"], r["engine"], r["precision"]): r
+                     for r in result.runtime}
+        ov_precision = {b.label: OV_PRECISION[b.options["precision"]] for b in baselines
+                        if b.target == "openvino-cpu"}
         for entry in result.baselines:
             budget = per_baseline.get(entry["label"])
             entry["budget_mb"] = None if budget is None else round(budget / MB, 2)
             entry["runtime_label"] = (None if budget is None
-                                      else by_budget[(budget, "auto")].get("label"))
-            fast = by_budget.get((budget, "int8"))
-            entry["runtime_int8_label"] = None if fast is None else fast.get("label")
+                                      else by_budget[(budget, "auto", *ORT)].get("label"))
+            for key, variant in (("runtime_int8_label", ("int8", *ORT)),
+                                 ("runtime_ov_label", ("auto", "openvino",
+                                                       ov_precision.get(entry["label"])))):
+                row = by_budget.get((budget, *variant))
+                entry[key] = None if row is None else row.get("label")
             entry["does_not_fit"] = (None if budget is not None else
                                      f"does not fit: smallest plan {smallest_plan / MB:.2f} MB")
     return subjects
@@ -565,7 +592,7 @@ def _bench_step(result: DemoResult, models: dict[str, Path], baselines: tuple[li
         entry["quality"] = round(base.cosine, 5) if base.cosine is not None else None
         entry["p50_ms"] = round(base.p50_ms, 2)
         results = []
-        for key, suffix in (("runtime_label", ""), ("runtime_int8_label", "_int8")):
+        for key, suffix in RUNTIME_VARIANTS:
             ours = runtime_by_label.get(entry.get(key))
             if ours is None:
                 continue
@@ -588,6 +615,14 @@ def _plots_step(result: DemoResult) -> None:
     result.plots["quality_vs_bits_plot"] = plot_quality_vs_bits(
         points, tiers, result.out_dir / "quality_vs_bits.png")
 
+
+OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+"""An OpenVINO baseline's precision -> the runtime's ``precision`` for OpenVINO."""
+RUNTIME_VARIANTS = (("runtime_label", ""), ("runtime_int8_label", "_int8"),
+                    ("runtime_ov_label", "_ov"))
+"""Section 4's package rows at each baseline's memory: the planner's choice (ONNX Runtime),
+the int8 plan beside it, and (OpenVINO baselines) the package served by OpenVINO in the
+baseline's precision: (baseline entry key of the row's label, suffix of its latency ratio)."""
 
 TARGET_QUALITY_SLACK = 0.002
 """Issue 11's goal at each baseline's memory: quality at least the baseline's minus this..."""
@@ -693,7 +728,10 @@ def write_report(result: DemoResult, seq: int, threads: int) -> None:
                   "budget and, by default (form auto), the most exact form that fits: every "
                   "layer fp32, else 8-bit weight-only (nbits8), else int8 (else some layers "
                   "decoded on the fly). Where it picked fp32 or nbits8, a second row runs the "
-                  "int8 plan (the fastest) at the same budget. "
+                  "int8 plan (the fastest) at the same budget. At each OpenVINO baseline's "
+                  "memory a third row serves the package with OpenVINO in the baseline's "
+                  "precision (every layer materialised into one dense graph, OpenVINO "
+                  "compiling it; its costs calibrated with OpenVINO). "
                   f"Budgets: {budgets}. Peak RSS increase: a fresh process running the "
                   "runtime at the budget; cosine: masked mean-pooled vs fp32 on the held "
                   "sentences; p50: the bench's interleaved timing; ok: measured <= budget.", "",
@@ -706,7 +744,7 @@ def write_report(result: DemoResult, seq: int, threads: int) -> None:
                              f"FAIL: {r['error']} |")
                 continue
             lines.append(f"| {r['budget_mb']:.2f} | {r['for']} | {r['tier']} of "
-                         f"{r['n_tiers'] - 1} | {_forms_text(r['forms'])} | "
+                         f"{r['n_tiers'] - 1} | {_row_forms(r)} | "
                          f"{_fmt(r.get('bits_per_weight'), '.2f')} | "
                          f"{_fmt(r.get('plan_mb'), '.2f')} | "
                          f"{_fmt(r.get('rss_increase_mb'), '.2f')} | "
@@ -737,15 +775,15 @@ def write_report(result: DemoResult, seq: int, threads: int) -> None:
                 lines.append(head + f"not served at {_fmt(budget, '.2f')} MB (section 3) "
                              "| | | | | | missed |")
             else:
-                for key, suffix, what in (("runtime_label", "", "budget"),
-                                          ("runtime_int8_label", "_int8", "budget, int8")):
+                for (key, suffix), what in zip(RUNTIME_VARIANTS, ("budget", "budget, int8",
+                                                                  "budget, OpenVINO")):
                     row = by_label.get(b.get(key))
                     if row is None:
                         continue
                     ratio = b.get("latency_ratio" + suffix)
                     lines.append((head if not suffix else "| | | | | ")
                                  + f"{row['budget_mb']:.2f} MB {what} | {row['tier']} | "
-                                 f"{_forms_text(row['forms'])} | "
+                                 f"{_row_forms(row)} | "
                                  f"{_fmt(row.get('rss_increase_mb'), '.2f')} | "
                                  f"{_fmt(row.get('quality'), '.5f')} | "
                                  f"{_fmt(ratio, '.3f')} | {target_result(b, row, ratio)} |")

@@ -1,5 +1,5 @@
 """The demo: budget choice and checks on synthetic results (fast), then the demo end to end on
-a small configuration (MiniLM at seq 16, two methods, ort-cpu, two baselines)."""
+a small configuration (MiniLM at seq 16, two methods, ort-cpu, three baselines)."""
 
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def test_refused_budget_and_failed_self_test_fail_the_demo(tmp_path: Path) -> No
 
 
 # ---- the demo, reduced ----------------------------------------------------------------------
-BASELINES = ("ORT fp32", "ORT dynamic int8 per-tensor")
+BASELINES = ("ORT fp32", "ORT dynamic int8 per-tensor", "OpenVINO f32")
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +142,7 @@ def test_demo_writes_report_plots_packages(demo: DemoResult) -> None:
     assert {(t["method"], t["target"], t["status"]) for t in doc["targets"]} >= {
         ("none", "ort-cpu", "pass"), ("bitstack", "ort-cpu", "pass")}
     labels = [r["label"] for r in doc["bench"]["rows"]]
-    assert labels[:2] == list(BASELINES)
+    assert labels[:len(BASELINES)] == list(BASELINES)
     assert any(lb.startswith("bitstack package") for lb in labels)
     for key in ("latency_plot", "quality_plot", "quality_vs_bits_plot"):
         data = Path(doc["plots"][key]).read_bytes()
@@ -155,9 +155,12 @@ def test_demo_writes_report_plots_packages(demo: DemoResult) -> None:
 def test_demo_budgets_are_the_baselines_memory(demo: DemoResult) -> None:
     doc = json.loads((demo.out_dir / "report.json").read_text())
     smallest_plan = doc["package"]["smallest_plan_mb"]
-    rt = {r["budget"]: r for r in doc["runtime"] if r["form"] == "auto"}
-    fast = {r["budget"]: r for r in doc["runtime"] if r["form"] == "int8"}
-    assert set(fast) <= set(rt) and len(doc["runtime"]) == len(rt) + len(fast)
+    ort = [r for r in doc["runtime"] if r["engine"] == "onnxruntime"]
+    rt = {r["budget"]: r for r in ort if r["form"] == "auto"}
+    fast = {r["budget"]: r for r in ort if r["form"] == "int8"}
+    ov = {r["budget"]: r for r in doc["runtime"] if r["engine"] == "openvino"}
+    assert set(fast) <= set(rt) and set(ov) <= set(rt)
+    assert len(doc["runtime"]) == len(rt) + len(fast) + len(ov)
     assert [b["label"] for b in doc["baselines"]] == list(BASELINES)
     # the smallest budget (tier 0's smallest plan + 1 MiB) is always run, and serves the
     # largest tier the planner fits in it (int8 plans of every tier are about the same size)
@@ -187,6 +190,15 @@ def test_demo_budgets_are_the_baselines_memory(demo: DemoResult) -> None:
             assert b["runtime_int8_label"] == second["label"] and second["forms"]["int8"] == 36
             assert b["latency_ratio_int8"] == pytest.approx(second["p50_ms"] / b["p50_ms"],
                                                             rel=0.01)
+        # OpenVINO's baseline: the package served by OpenVINO in its precision, beside
+        if b["label"].startswith("OpenVINO"):
+            third = ov[b["rss_increase"]]
+            assert b["runtime_ov_label"] == third["label"] and third["precision"] == "f32"
+            assert third["forms"]["on-the-fly"] == 0 and third["ok"]
+            assert b["latency_ratio_ov"] == pytest.approx(third["p50_ms"] / b["p50_ms"],
+                                                          rel=0.01)
+        else:
+            assert b["runtime_ov_label"] is None
         assert b["target"] == "met" or b["target"].startswith("missed")
     assert len(rt) == len({b["rss_increase"] for b in doc["baselines"]
                            if b["does_not_fit"] is None} | {low})

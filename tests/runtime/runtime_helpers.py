@@ -139,14 +139,18 @@ PEAK_SCRIPT = r"""
 import edgestack.runtime as R   # before onnxruntime: the smaller baseline (the stricter test)
 import json, sys, time
 from edgestack.profiler.probe import peak_rss as hwm
-mode = sys.argv[1]
-import numpy as np, onnxruntime
+mode, engine = sys.argv[1], sys.argv[-1]   # the last argument: the engine
+import numpy as np
+if engine == 'openvino':
+    import openvino
+else:
+    import onnxruntime
 if mode == 'base':
     print(json.dumps({'hwm': hwm(), 'torch': 'torch' in sys.modules}))
     sys.exit(0)
 pkg, budget = sys.argv[2], int(sys.argv[3])
 before = hwm()
-rt = R.Runtime(pkg, budget)
+rt = R.Runtime(pkg, budget, engine=engine)
 from edgestack.package import Package
 inputs = rt.package.golden()[0]
 for _ in range(3):
@@ -156,9 +160,10 @@ print(json.dumps({'hwm': hwm(), 'before': before, 'tier': rt.tier, 'plan': rt.pl
 """
 
 
-def peak_rss(*args: str) -> dict[str, Any]:
-    """Run :data:`PEAK_SCRIPT` in a fresh interpreter; its JSON line."""
-    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, *args], capture_output=True,
+def peak_rss(*args: str, engine: str = "onnxruntime") -> dict[str, Any]:
+    """Run :data:`PEAK_SCRIPT` in a fresh interpreter (serving with ``engine``); its JSON
+    line."""
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, *args, engine], capture_output=True,
                          text=True, check=True, timeout=300)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -29,7 +29,14 @@ def add_package_args(p: argparse.ArgumentParser) -> None:
                    help="what materialised layers become: auto (default: the most exact "
                    "form whose plan fits the budget: fp32, then 8-bit weight-only nbits8, "
                    "then int8), or int8 (the fastest), nbits8, fp32")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads")
+    p.add_argument("--engine", choices=("auto", "onnxruntime", "openvino"), default="auto",
+                   help="what runs the graphs: auto (default: the package target's; "
+                   "openvino-cpu packages -> openvino), onnxruntime, or openvino (every layer "
+                   "materialised in one dense graph)")
+    p.add_argument("--precision", choices=("f32", "bf16", "f16"), default=None,
+                   help="OpenVINO's inference precision (default: OpenVINO's, bf16 where the "
+                   "CPU has it); only with the openvino engine")
+    p.add_argument("--threads", type=int, default=None, help="inference threads")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                    help="plan with the documented memory constants instead of this machine's "
                    "measured fixed costs (measured once per package, a few seconds, cached)")
@@ -53,21 +60,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from edgestack.package import Package
-    from edgestack.runtime import DEFAULT_COSTS, calibrate, plan_memory, resolve_budget
+    from edgestack.runtime import (DEFAULT_COSTS, calibrate, check_engine, plan_memory,
+                                   resolve_budget)
 
     budget, source = resolve_budget(args.budget, profile=args.profile, auto=args.auto)
     with Package.open(args.package) as pkg:
+        engine = check_engine(args.engine, args.precision, pkg.manifest.target)
         costs = DEFAULT_COSTS
         if args.calibrate and budget is not None:
             costs = calibrate(pkg, threads=args.threads, refresh=args.recalibrate,
-                              log=print_progress)
+                              log=print_progress, engine=engine, precision=args.precision)
         plan = plan_memory(pkg, budget, tier=args.tier, budget_source=source, costs=costs,
-                           form=args.form)
+                           form=args.form, dense=engine == "openvino")
         if args.json:
             emit_json({"ok": True, "package": str(pkg.path), "model": pkg.manifest.model.name,
-                       "target": pkg.manifest.target, "plan": plan.to_dict()})
+                       "target": pkg.manifest.target, "engine": engine, "plan": plan.to_dict()})
         else:
-            print(f"{pkg.path}: {pkg.manifest.model.name} ({pkg.manifest.target}), "
-                  f"{len(pkg.tiers)} tiers")
+            print(f"{pkg.path}: {pkg.manifest.model.name} ({pkg.manifest.target}, served "
+                  f"with {engine}), {len(pkg.tiers)} tiers")
             print(plan.table())
     return EXIT_OK

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with Runtime(args.package, args.budget, profile=args.profile, auto=args.auto,
                  tier=args.tier, threads=args.threads, calibrate=args.calibrate,
-                 form=args.form) as rt:
+                 form=args.form, engine=args.engine, precision=args.precision) as rt:
         load_s = time.perf_counter() - t0
         feeds = given if given is not None else rt.package.golden()[0]
         times = []
@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
                    for k, v in out.items()}
         median_ms = float(np.median(times) * 1000)
         if args.json:
-            emit_json({"ok": True, "tier": rt.tier, "plan": rt.plan.to_dict(),
+            emit_json({"ok": True, "tier": rt.tier, "engine": rt.engine,
+                       "precision": rt.precision, "plan": rt.plan.to_dict(),
                        "load_seconds": load_s, "median_ms": median_ms, "outputs": summary,
                        "bytes_read": rt.bytes_read})
         else:

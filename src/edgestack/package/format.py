@@ -125,8 +125,10 @@ BLOCK_FILE = "blocks.bin"
 GOLDEN_INPUTS = "golden/inputs.npz"
 GOLDEN_OUTPUTS = "golden/outputs.npz"
 ARCHIVE_SUFFIX = ".tar"
-SUPPORTED_TARGETS = ("ort-cpu",)
-"""Targets a device package can be made for (the runtime serves ONNX Runtime CPU)."""
+SUPPORTED_TARGETS = ("ort-cpu", "openvino-cpu")
+"""Targets a device package can be made for: the runtime serves ``ort-cpu`` packages with
+ONNX Runtime and ``openvino-cpu`` packages with OpenVINO (the same files; the target names the
+default engine, see :mod:`edgestack.runtime.openvino`)."""
 
 # graph variants the packer writes beside the plain graph (see edgestack.package.variants)
 FORMS = ("on-the-fly", "int8", "nbits8", "fp32")

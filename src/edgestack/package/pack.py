@@ -26,7 +26,8 @@ package
   ``activation_bytes`` (peak of live intermediate tensors for the golden input shapes, from
   ONNX shape inference and a liveness scan in node order), ``input_shapes``, ``weights_file``.
 
-Only target ``ort-cpu`` is supported (:data:`SUPPORTED_TARGETS`); other targets are refused.
+Targets ``ort-cpu`` and ``openvino-cpu`` are supported (:data:`SUPPORTED_TARGETS`: the same
+files, served by ONNX Runtime or OpenVINO); other targets are refused.
 The package is written atomically (the writer's temporary directory); ``out`` ending in
 ``.tar`` gives the one-file archive form.
 """
@@ -95,7 +96,7 @@ def _check_target(target: str) -> str:
     if target not in SUPPORTED_TARGETS:
         raise PackageError(
             f"pack: target {target!r} is not supported for device packages; supported: "
-            f"{', '.join(SUPPORTED_TARGETS)} (the runtime serves ONNX Runtime CPU). Use "
+            f"{', '.join(SUPPORTED_TARGETS)} (the runtime serves ONNX Runtime and OpenVINO on CPUs). Use "
             "`edgestack compile` for other targets"
         )
     return target
@@ -374,7 +375,8 @@ def pack(
             BitStack nodes the package has one tier); with ``model``, only what the manifest
             records as the source.
         out: the package directory, or an archive path ending in ``.tar``.
-        target: the package's target; only ``ort-cpu`` (see :data:`SUPPORTED_TARGETS`).
+        target: the package's target: ``ort-cpu`` or ``openvino-cpu`` (see
+            :data:`SUPPORTED_TARGETS`).
         profile: a :class:`~edgestack.profiles.Profile` or name; its target must match and
             its name is recorded in the manifest metadata.
         name: the model name in the manifest (default: the source's stem).
@@ -402,7 +404,7 @@ def pack(
             raise PackageError(
                 f"pack: profile {profile.name!r} targets {profile.target!r} but the "
                 f"package target is {target!r}; packages support "
-                f"{', '.join(SUPPORTED_TARGETS)}: use a profile with target ort-cpu"
+                f"{', '.join(SUPPORTED_TARGETS)}: use a profile with one of those targets"
             )
     out = check_out(out, target, overwrite)
     archive = out.suffix == ARCHIVE_SUFFIX

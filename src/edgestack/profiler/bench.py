@@ -147,9 +147,10 @@ def open_subject(spec: Mapping[str, Any]) -> Handle:
     if spec["kind"] == "package":
         from edgestack.runtime import Runtime
 
-        rt = Runtime(spec["path"], budget=spec["options"]["budget"],
-                     tier=spec["options"].get("tier"), threads=spec["options"].get("threads"),
-                     form=spec["options"].get("form", "auto"))
+        opts = spec["options"]
+        rt = Runtime(spec["path"], budget=opts["budget"], tier=opts.get("tier"),
+                     threads=opts.get("threads"), form=opts.get("form", "auto"),
+                     engine=opts.get("engine", "auto"), precision=opts.get("precision"))
         return Handle(rt.infer, rt.close)
     raise InternalError(f"unknown bench subject kind {spec['kind']!r}")
 

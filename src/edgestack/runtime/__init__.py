@@ -1,7 +1,9 @@
 """On-device runtime: plan memory for a budget, load exactly the plan, serve, re-tier.
 
-Serving imports numpy, onnxruntime, psutil and edgestack's package/formats/profiles only,
-never torch and never onnx (tests/runtime proves it in a fresh interpreter); budgets are
+Serving imports numpy, onnxruntime (or openvino, for ``openvino-cpu`` packages: see
+:mod:`edgestack.runtime.openvino`), psutil and edgestack's core/package/formats/profiles
+only, never torch and never onnx (tests/runtime proves it in a fresh interpreter, and the
+import contracts in pyproject.toml check it); budgets are
 planned with this machine's measured fixed costs (:mod:`edgestack.runtime.calibrate`)::
 
     from edgestack.runtime import Runtime, plan_memory
@@ -27,6 +29,7 @@ from edgestack.runtime.plan import (
     plan_tier,
     smallest_plan,
 )
+from edgestack.runtime.openvino import ENGINES, PRECISIONS, check_engine
 from edgestack.runtime.runtime import RetierResult, Runtime
 
 __all__ = [
@@ -46,4 +49,7 @@ __all__ = [
     "RUNTIME_OVERHEAD",
     "DECODE_TEMP_BYTES",
     "MATERIALISE_TEMP_BYTES",
+    "ENGINES",
+    "PRECISIONS",
+    "check_engine",
 ]

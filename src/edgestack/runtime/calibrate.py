@@ -59,17 +59,23 @@ PROBE_CALLS = 3
 _PROBE = r"""
 import edgestack.runtime as R
 import json, sys
-import numpy as np, onnxruntime
+import numpy as np
+engine, precision = sys.argv[2], (None if sys.argv[3] == '-' else sys.argv[3])
+if engine == 'openvino':
+    import openvino
+else:
+    import onnxruntime
 from edgestack.profiler.probe import peak_rss
 if sys.argv[1] == 'base':
     print(json.dumps({'hwm': peak_rss()}))
     sys.exit(0)
-pkg, tier, mat, threads, opt = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
-graph = sys.argv[8] if sys.argv[8] != 'auto' else None
+pkg, tier, mat, threads, opt = sys.argv[4], int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]), sys.argv[8]
+graph = sys.argv[10] if sys.argv[10] != 'auto' else None
+extra = {'engine': engine, 'precision': precision} if engine == 'openvino' else {}
 rt = R.Runtime(pkg, tier=tier, materialize=mat, threads=threads or None, optimization=opt,
-               graph=graph, form=sys.argv[9])
+               graph=graph, form=sys.argv[11], **extra)
 feeds = rt.package.golden()[0]
-for _ in range(int(sys.argv[7])):
+for _ in range(int(sys.argv[9])):
     rt.infer(feeds)
 print(json.dumps({'hwm': peak_rss(), 'tier': rt.tier}))
 """
@@ -85,16 +91,24 @@ def cache_dir() -> Path:
     return Path(base) / "edgestack" / "calibration"
 
 
-def machine_key(threads: int | None = None, optimization: str = "all") -> dict[str, Any]:
+def machine_key(threads: int | None = None, optimization: str = "all",
+                engine: str = "onnxruntime", precision: str | None = None) -> dict[str, Any]:
     """What the fixed costs depend on, besides the package."""
     import numpy
-    import onnxruntime
 
     from edgestack import __version__
 
+    if engine == "openvino":
+        import openvino
+
+        lib = {"openvino": openvino.__version__, "precision": precision}
+    else:
+        import onnxruntime
+
+        lib = {"onnxruntime": onnxruntime.__version__}
     return {"edgestack": __version__, "code": _code_digest(), "machine": platform.machine(),
-            "python": platform.python_version(), "numpy": numpy.__version__,
-            "onnxruntime": onnxruntime.__version__, "libc": "-".join(platform.libc_ver()),
+            "python": platform.python_version(), "numpy": numpy.__version__, **lib,
+            "libc": "-".join(platform.libc_ver()),
             "page": mmap.PAGESIZE, "cpus": os.cpu_count(), "threads": int(threads or 0),
             "optimization": optimization}
 
@@ -127,14 +141,17 @@ def _probe(*args: Any) -> dict[str, Any]:
 
 
 def measure(package: Any, *, threads: int | None = None, optimization: str = "all",
-            log: Callable[[str], None] | None = None) -> dict[str, Any]:
+            log: Callable[[str], None] | None = None, engine: str = "onnxruntime",
+            precision: str | None = None) -> dict[str, Any]:
     """Run the probes (see the module doc) on ``package``; the costs and the raw
     measurements as a JSON-able dict. Raises RuntimeError when a probe fails.
 
     Tier 0 and the top tier with every layer on the fly (plain graph) give the decode
     temporaries (from the difference, so independent of the overhead) and then the plain
     overhead; with a mixed graph (``model.mixed.onnx``), the top tier with every layer
-    materialised (int8) gives the mixed overhead.
+    materialised (int8) gives the mixed overhead. With ``engine="openvino"`` only the dense
+    graphs are measured (OpenVINO serves nothing else), over a baseline that has imported
+    openvino instead of onnxruntime.
     """
     man = package.manifest
     top, n_layers = len(man.tiers) - 1, len(man.layers)
@@ -142,11 +159,21 @@ def measure(package: Any, *, threads: int | None = None, optimization: str = "al
     say = log or (lambda _m: None)
     say(f"calibrate: measuring the fixed memory costs of {package.path} on this machine "
         "(once; cached) ...")
-    base = _probe("base")["hwm"]
+    lib = (engine, precision or "-")
+    base = _probe("base", *lib)["hwm"]
 
     def run(tier: int, mat: int, graph: str, form: str = "int8") -> int:
-        return _probe("run", package.path, tier, mat, threads or 0, optimization,
+        return _probe("run", *lib, package.path, tier, mat, threads or 0, optimization,
                       PROBE_CALLS, graph, form)["hwm"] - base
+
+    if engine == "openvino":
+        result: dict[str, Any] = {"baseline_hwm": base, "engine": engine,
+                                  "precision": precision}
+        overheads = _dense_overheads(man, run, ("int8", "nbits8", "fp32"), result)
+        result["costs"] = {"overhead": DEFAULT_COSTS.overhead, "overhead_mixed": None,
+                           **{f"overhead_{g}": v for g, v in overheads.items()},
+                           "decode_temp_bytes": DEFAULT_COSTS.decode_temp_bytes}
+        return result
 
     def otf(tier: int) -> tuple[Any, int]:
         """The all-on-the-fly plan of ``tier`` (plain graph) and its decode work."""
@@ -173,13 +200,25 @@ def measure(package: Any, *, threads: int | None = None, optimization: str = "al
                                         "counted": plan1.expected_bytes, "decode_work": work1,
                                         "decode_temp_raw": raw}
     overhead = max(0, int(inc0 - plan0.expected_bytes - decode * work0))
-    overheads: dict[str, int | None] = {"mixed": None, "int8": None, "nbits8": None,
-                                        "fp32": None}
+    overheads = _dense_overheads(man, run, ("mixed", "int8", "nbits8", "fp32"), result)
+    result["costs"] = {"overhead": overhead, "overhead_mixed": overheads["mixed"],
+                       "overhead_int8": overheads["int8"], "overhead_fp32": overheads["fp32"],
+                       "overhead_nbits8": overheads["nbits8"],
+                       "decode_temp_bytes": round(decode, 3)}
+    return result
+
+
+def _dense_overheads(man: Any, run: Callable[..., int], graphs: tuple[str, ...],
+                     result: dict[str, Any]) -> dict[str, int | None]:
+    """The overhead of each of ``graphs`` the package has (None for the others): the top tier
+    with every layer materialised (int8 on the mixed graph) leaves no decode temporaries, so
+    what its peak holds beyond what the plan counts is the graph's overhead (with what
+    materialising costs beyond the model: conservative). Each probe goes into ``result``."""
+    top, n_layers = len(man.tiers) - 1, len(man.layers)
+    zero = Costs(overhead=0, decode_temp_bytes=0.0, source="probe")
     sizes = graph_sizes(man)
-    for graph in [g for g in overheads if g in sizes]:
-        # every layer materialised (int8 on the mixed graph): no decode temporaries; what is
-        # left is the graph's overhead (with what materialising costs beyond the model:
-        # conservative)
+    overheads: dict[str, int | None] = dict.fromkeys(graphs)
+    for graph in [g for g in graphs if g in sizes]:
         form = "int8" if graph == "mixed" else graph
         top_plan = plan_tier(man, top, materialize=n_layers, costs=zero, form=form)
         if not top_plan.materialized:
@@ -188,11 +227,7 @@ def measure(package: Any, *, threads: int | None = None, optimization: str = "al
         inc = run(top, n_layers, "mixed" if graph == "mixed" else "auto", form)
         overheads[graph] = max(0, inc - counted)
         result[f"materialized_{graph}"] = {"tier": top, "increase": inc, "counted": counted}
-    result["costs"] = {"overhead": overhead, "overhead_mixed": overheads["mixed"],
-                       "overhead_int8": overheads["int8"], "overhead_fp32": overheads["fp32"],
-                       "overhead_nbits8": overheads["nbits8"],
-                       "decode_temp_bytes": round(decode, 3)}
-    return result
+    return overheads
 
 
 def _numel(info: Any) -> int:
@@ -201,14 +236,16 @@ def _numel(info: Any) -> int:
 
 
 def calibrate(package: Any, *, threads: int | None = None, optimization: str = "all",
-              refresh: bool = False, log: Callable[[str], None] | None = None) -> Costs:
+              refresh: bool = False, log: Callable[[str], None] | None = None,
+              engine: str = "onnxruntime", precision: str | None = None) -> Costs:
     """The fixed memory costs of serving ``package`` (an open
-    :class:`~edgestack.package.Package`) on this machine: from the cache, else measured
-    (a few seconds, see the module doc) and cached. ``refresh`` measures again.
+    :class:`~edgestack.package.Package`) on this machine with ``engine`` (and OpenVINO's
+    ``precision``): from the cache, else measured (a few seconds, see the module doc) and
+    cached. ``refresh`` measures again.
 
     Where the measurement cannot run, warns and returns the documented constants.
     """
-    key = machine_key(threads, optimization)
+    key = machine_key(threads, optimization, engine, precision)
     path = _cache_path(package, key)
     if not refresh and path.is_file():
         try:
@@ -217,7 +254,8 @@ def calibrate(package: Any, *, threads: int | None = None, optimization: str = "
         except (OSError, ValueError, KeyError, TypeError):
             pass  # a damaged cache entry: measure again
     try:
-        result = measure(package, threads=threads, optimization=optimization, log=log)
+        result = measure(package, threads=threads, optimization=optimization, log=log,
+                         engine=engine, precision=precision)
     except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
         warnings.warn(f"calibrate: could not measure the memory costs on this machine ({exc}); "
                       "using the documented constants (plans may be off by a few MiB)",

@@ -451,7 +451,8 @@ def smallest_plan(package: Any, tier: int, costs: Costs = DEFAULT_COSTS) -> Memo
 def plan_memory(package: Any, budget: int | None, *, tier: int | None = None,
                 budget_source: str = "", prefer: frozenset[str] | None = None,
                 materialize: int | Sequence[str] | None = None,
-                costs: Costs = DEFAULT_COSTS, form: str = "auto") -> MemoryPlan:
+                costs: Costs = DEFAULT_COSTS, form: str = "auto",
+                dense: bool = False) -> MemoryPlan:
     """The plan for ``budget``: the largest tier whose plan fits, with the most materialised
     layers that fit (see the module doc); without a budget, the last tier with every layer
     materialised (the fastest). ``tier`` forces a tier; ``prefer`` keeps that set
@@ -463,20 +464,23 @@ def plan_memory(package: Any, budget: int | None, *, tier: int | None = None,
     0.0003 cosine below float32, 1.16 bytes a weight), else int8 (the fastest: about 0.006
     below float32, 1 byte a weight); ``costs``: the
     machine's fixed costs (:mod:`edgestack.runtime.calibrate`; default: the documented
-    constants).
+    constants); ``dense``: every layer materialised in one dense graph (what OpenVINO
+    serves): ``"auto"`` is then the most exact form that fits, with or without a budget.
 
     Raises:
         BudgetError: the budget is below the smallest tier's plan (the message gives the
             minimum), or a forced ``tier`` does not fit.
     """
     man = _manifest(package)
+    if dense:
+        materialize = len(man.layers)
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)
                                or budget <= 0):
         raise BudgetError(f"budget must be a positive number of bytes, found {budget!r}")
     candidates = [tier] if tier is not None else list(range(len(man.tiers) - 1, -1, -1))
     if form == "auto":
         form = "int8"
-        if budget is not None and materialize is None and man.layers:
+        if (budget is not None and materialize is None or dense) and man.layers:
             for exact_form in ("fp32", "nbits8"):
                 if exact_form not in graph_sizes(man):
                     continue

@@ -56,6 +56,7 @@ from edgestack.package.tables import check_ids, table_spec
 from edgestack.package.format import DENSE_DATA, DENSE_FILES, NBITS_BLOCK, VARIANT_FILE
 from edgestack.runtime.budget import resolve_budget
 from edgestack.runtime.calibrate import calibrate as calibrate_costs
+from edgestack.runtime.openvino import OpenVINOSession, check_engine
 from edgestack.runtime.plan import (DEFAULT_COSTS, FORMS, Costs, MemoryPlan, page_up,
                                     plan_memory)
 
@@ -367,6 +368,12 @@ class Runtime:
             "disable".
         spinning: "on" (ORT's default: idle pool threads spin for the next parallel op) or
             "off" (they sleep: a wake-up per op, but no CPU taken from other processes).
+        engine: what runs the graphs: "onnxruntime", "openvino" (the dense graphs only: every
+            layer materialised, see :mod:`edgestack.runtime.openvino`), or "auto" (default:
+            the package target's, ``ort-cpu`` -> onnxruntime, ``openvino-cpu`` -> openvino).
+        precision: OpenVINO's inference precision ("f32", "bf16", "f16"; None: the
+            profile's precision, else OpenVINO's default: bf16 where the CPU has
+            avx512_bf16 or AMX); only with the openvino engine.
         materialize: force the mode choice: how many of the largest layers (0 = every layer
             decoded on the fly), or which layers, are materialised (default: the planner's).
         watch: follow live memory (see :meth:`start_watcher`); a poll interval in seconds
@@ -387,7 +394,8 @@ class Runtime:
                  verify: bool = True, optimization: str = "all",
                  materialize: int | list[str] | None = None,
                  watch: bool | float = False, calibrate: bool = True,
-                 form: str = "auto", graph: str | None = None, spinning: str = "on") -> None:
+                 form: str = "auto", graph: str | None = None, spinning: str = "on",
+                 engine: str = "auto", precision: str | None = None) -> None:
         from edgestack.core.ort import LEVELS
 
         if optimization not in LEVELS:  # before anything is opened or read
@@ -411,12 +419,29 @@ class Runtime:
                     f"edgestack.runtime (it serves {', '.join(SUPPORTED_TARGETS)}); repack "
                     "with --target ort-cpu"
                 )
+            self.engine = check_engine(engine, precision, man.target)
+            self.precision = precision
+            if self.engine == "openvino":
+                if graph is not None or materialize not in (None, len(man.layers)):
+                    raise TargetError(
+                        f"OpenVINO serves the dense graphs only (every layer materialised); "
+                        f"found graph={graph!r}, materialize={materialize!r}; leave them "
+                        "unset or serve with engine='onnxruntime'")
+                missing = [f for f in DENSE_FILES.values() if f not in man.files]
+                if len(missing) == len(DENSE_FILES):
+                    raise TargetError(f"{self.package.path}: the package has no dense graph "
+                                      f"({', '.join(DENSE_FILES.values())}) for OpenVINO to "
+                                      "serve; repack the model with this edgestack")
+                materialize = len(man.layers)
             if profile is not None:
                 from edgestack.profiles import load_profile
 
                 profile = load_profile(profile) if isinstance(profile, str) else profile
                 if threads is None:
                     threads = profile.threads
+                if self.engine == "openvino" and self.precision is None:
+                    self.precision = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}.get(
+                        profile.precision)
             self.budget, self.budget_source = resolve_budget(budget, profile=profile,
                                                              auto=auto)
             self._materialize = materialize
@@ -482,7 +507,7 @@ class Runtime:
             self._readers = [_RowReader(fd, base, spec, pkg.files[wfile].size,
                                         f"{pkg.path}: gathered table {name!r}")
                              for name, spec in gathered.items()]
-        if not tables:
+        if not tables or self.engine == "openvino":   # OpenVINO reads them from the file
             return {}
         if not isinstance(tables, Mapping) or wfile not in pkg.files:
             raise PackageError(f"{pkg.path}: metadata.runtime.tables {str(tables)[:100]!r} "
@@ -593,13 +618,19 @@ class Runtime:
 
     def _session(self, graph: str, folder: str | None = None) -> Any:
         """An ONNX Runtime session on ``graph``, its external data in ``folder`` (default:
-        :meth:`_external_data_dir`)."""
+        :meth:`_external_data_dir`); with the openvino engine, an
+        :class:`~edgestack.runtime.openvino.OpenVINOSession` on the dense ``graph`` copied
+        into ``folder``."""
+        pkg = self.package
+        name = {"plain": pkg.graph_file, "mixed": VARIANT_FILE, **DENSE_FILES}[graph]
+        if self.engine == "openvino":   # a dense graph, in the folder beside its data
+            path = Path(folder or self._external_data_dir(), name)
+            path.write_bytes(pkg.read_file(name, verify=self._verify))  # hashed while read
+            return OpenVINOSession(str(path), threads=self.threads, precision=self.precision)
         import onnxruntime as ort
 
         from edgestack.core.ort import session_options
 
-        pkg = self.package
-        name = {"plain": pkg.graph_file, "mixed": VARIANT_FILE, **DENSE_FILES}[graph]
         # the ort-cpu target's options (threads 0 = ORT's default; level checked in
         # __init__), plus the runtime's own: memory follows the plan
         so = session_options(int(self.threads or 0), self.optimization, self.spinning)
@@ -862,7 +893,8 @@ class Runtime:
         return plan_memory(self.package.manifest, budget, tier=tier,
                            budget_source=budget_source, prefer=prefer,
                            materialize=self._materialize, form=self.form,
-                           costs=self.costs if budget is not None else DEFAULT_COSTS)
+                           costs=self.costs if budget is not None else DEFAULT_COSTS,
+                           dense=self.engine == "openvino")
 
     @property
     def costs(self) -> Costs:
@@ -871,7 +903,8 @@ class Runtime:
         runtime was made with ``calibrate=False``."""
         if self._costs is None:
             self._costs = (calibrate_costs(self.package, threads=self.threads,
-                                           optimization=self.optimization)
+                                           optimization=self.optimization,
+                                           engine=self.engine, precision=self.precision)
                            if self._calibrate else DEFAULT_COSTS)
         return self._costs
 
@@ -926,9 +959,10 @@ class Runtime:
         """Run the golden inputs and compare with the golden outputs
         (:func:`edgestack.core.compare.agree`, the rule export and target parity use, with
         the package's atol/rtol). Judged at the golden
-        tier with exact forms only (on the fly or fp32); at another tier, or with quantized
-        layers (int8, nbits8: their rounding is not in the golden outputs), the result is
-        reported but not judged (``passed`` None, ``reason`` says why)."""
+        tier with exact forms only (on the fly or fp32, in float32); at another tier, with
+        quantized layers (int8, nbits8: their rounding is not in the golden outputs) or with
+        OpenVINO in bf16/f16, the result is reported but not judged (``passed`` None,
+        ``reason`` says why)."""
         info = self.package.golden_info
         if info is None:
             return {"ran": False, "passed": None, "reason": "the package has no golden data"}
@@ -947,10 +981,13 @@ class Runtime:
                            "missing": False}
             passed &= ok
         quantized = [m for m in self._state.plan.modes.values() if m in QUANTIZED_FORMS]
-        judged = tier == info.tier and not quantized
+        rounded = self.engine == "openvino" and self.precision != "f32"  # its default: bf16
+        # where the CPU has it
+        judged = tier == info.tier and not quantized and not rounded
         reason = ("" if judged else f"tier {tier} is not the golden tier {info.tier}"
                   if tier != info.tier else f"{len(quantized)} layers are served as "
-                  f"{'/'.join(sorted(set(quantized)))}")
+                  f"{'/'.join(sorted(set(quantized)))}" if quantized else
+                  f"OpenVINO computes in {self.precision}")
         return {"ran": True, "tier": tier, "golden_tier": info.tier, "judged": judged,
                 "reason": reason,
                 "passed": passed if judged else None, "outputs": worst,
@@ -988,6 +1025,4 @@ class Runtime:
                 f"plan={self.plan.total / 2**20:.1f} MiB)")
 
 
-__all__ = ["Runtime", "RetierResult", "SUPPORTED_TARGETS", "quantize_int8", "lookup_table",
-           "table_spec",
-           "gather_rows", "check_ids"]
+__all__ = ["Runtime", "RetierResult", "SUPPORTED_TARGETS", "quantize_int8"]

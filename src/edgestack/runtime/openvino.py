@@ -1,0 +1,98 @@
+"""Serving a package with OpenVINO (the ``openvino-cpu`` target).
+
+OpenVINO serves the **dense graphs** (``model.fp32.onnx``, ``model.nbits8.onnx``,
+``model.int8.onnx``): the runtime decodes the plan's tier into the graph's data file exactly
+as for ONNX Runtime (:meth:`edgestack.runtime.Runtime._dense_session`), then OpenVINO reads
+that ONNX file and compiles it (``MatMulNBits`` and ``DynamicQuantizeMatMul`` stay
+compressed: OpenVINO's ONNX front end turns them into its own compressed-weight matmuls).
+The graphs that decode BitStack blocks on every call (plain and mixed) need ONNX Runtime, so
+an OpenVINO plan has every layer materialised, and its memory does not depend on the tier.
+
+``precision`` is OpenVINO's ``INFERENCE_PRECISION_HINT`` (``f32``, ``bf16``, ``f16``; None:
+OpenVINO's default for the CPU). Measured on MiniLM (seq 128, 2 threads, avx512_bf16): the
+nbits8 graph in bf16 ran as fast as OpenVINO's own bf16 model of the fp32 export, at
+two-thirds of its peak memory (bench/runtime_latency.py, docs/runtime.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgestack.errors import TargetError
+
+ENGINES = ("onnxruntime", "openvino")
+"""What can run a package's graphs."""
+
+TARGET_ENGINES = {"ort-cpu": "onnxruntime", "openvino-cpu": "openvino"}
+"""The engine a package of each target is served with by default."""
+
+PRECISIONS = ("f32", "bf16", "f16")
+"""OpenVINO inference precisions (``INFERENCE_PRECISION_HINT``)."""
+
+
+class _Port:
+    """An input or output as ONNX Runtime's session lists them (``.name``)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class OpenVINOSession:
+    """An OpenVINO compiled model with the part of ONNX Runtime's ``InferenceSession``
+    interface the runtime uses (``get_inputs``, ``get_outputs``, ``run(None, feeds)``).
+
+    Raises:
+        TargetError: OpenVINO is not installed, or cannot read or compile the graph.
+    """
+
+    def __init__(self, path: str, *, threads: int | None = None,
+                 precision: str | None = None) -> None:
+        try:
+            import openvino as ov
+        except ImportError as exc:
+            raise TargetError(f"the package is served with OpenVINO, which cannot be imported "
+                              f"({exc}); pip install openvino, or serve it with "
+                              "engine='onnxruntime'") from None
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        if precision is not None:
+            config["INFERENCE_PRECISION_HINT"] = precision
+        try:
+            self.compiled = ov.Core().compile_model(path, "CPU", config)
+        except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own types
+            raise TargetError(f"OpenVINO cannot compile {path} ({str(exc)[:300]}); repack "
+                              "the model, or serve it with engine='onnxruntime'") from None
+        self.request = self.compiled.create_infer_request()
+        self._inputs = [_Port(p.get_any_name()) for p in self.compiled.inputs]
+        self._outputs = [_Port(p.get_any_name()) for p in self.compiled.outputs]
+
+    def get_inputs(self) -> list[_Port]:
+        return self._inputs
+
+    def get_outputs(self) -> list[_Port]:
+        return self._outputs
+
+    def run(self, names: Any, feeds: dict[str, Any]) -> list[Any]:
+        """The outputs, in :meth:`get_outputs` order (copies of the request's buffers:
+        ``share_outputs`` is off)."""
+        result = self.request.infer(feeds, share_outputs=False)
+        return [result[port] for port in self.compiled.outputs]
+
+
+def check_engine(engine: str, precision: str | None, target: str) -> str:
+    """The engine to serve a package of ``target`` with (``engine`` ``"auto"``: the
+    target's), checked with ``precision``; TargetError on a bad combination."""
+    if engine == "auto":
+        engine = TARGET_ENGINES.get(target, "onnxruntime")
+    if engine not in ENGINES:
+        raise TargetError(f"engine must be 'auto' or one of {', '.join(ENGINES)}, found "
+                          f"{engine!r}")
+    if precision is not None and (engine != "openvino" or precision not in PRECISIONS):
+        raise TargetError(f"precision is OpenVINO's inference precision, one of "
+                          f"{', '.join(PRECISIONS)}, with engine='openvino'; found "
+                          f"precision={precision!r} with engine={engine!r}")
+    return engine
+
+
+__all__ = ["OpenVINOSession", "check_engine", "ENGINES", "TARGET_ENGINES", "PRECISIONS"]
