@@ -41,8 +41,7 @@ from edgestack.compress.calib import text_calib
 from edgestack.exporter import export
 from edgestack.exporter.parity import ort_session
 from edgestack.exporter.passes import compact_embeddings
-from edgestack.profiler.quality import (cosine_rows, held_sentences, mean_pool, ort_runner,
-                                        tokenize)
+from edgestack.profiler.quality import cosine_rows, held_sentences, mean_pool, ort_runner, tokenize
 
 SEQ = 128
 SKIP = ("pooler",)

@@ -37,9 +37,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 #: GPTQ statistics (shift rounding, BitStack signs) from the whole shipped corpus: 836
 #: sentences (``extra_texts``) instead of the 128 calibration batches (docs/quality.md)
@@ -158,7 +159,6 @@ def _environment() -> dict[str, Any]:
     import torch
 
     import edgestack
-
     from edgestack.profiler.latency import cpu_extensions
 
     env = {"edgestack": edgestack.__version__, "python": platform.python_version(),
@@ -239,8 +239,13 @@ def _methods_step(result: DemoResult, methods: dict[str, dict], seq: int, thread
     from edgestack.compress import compress
     from edgestack.compress.calib import text_calib
     from edgestack.exporter import export
-    from edgestack.profiler.quality import (compare_embeddings, embed, held_sentences,
-                                            ort_runner, tokenize)
+    from edgestack.profiler.quality import (
+        compare_embeddings,
+        embed,
+        held_sentences,
+        ort_runner,
+        tokenize,
+    )
     from edgestack.targets.ort_cpu import cpu_session
 
     batches = result.held_batches = tokenize(zoo.minilm_path(), held_sentences(), seq)
@@ -391,8 +396,7 @@ def _runtime_step(result: DemoResult, model: Path, threads: int,
     from edgestack.package import Package
     from edgestack.package.archive import write_archive
     from edgestack.package.pack import pack
-    from edgestack.profiler.bench import (BUDGET_HEADROOM, Subject, measure_memory,
-                                          package_subjects)
+    from edgestack.profiler.bench import BUDGET_HEADROOM, Subject, measure_memory, package_subjects
     from edgestack.profiler.quality import compare_embeddings, embed
     from edgestack.runtime import Runtime
 
@@ -499,8 +503,15 @@ def _runtime_step(result: DemoResult, model: Path, threads: int,
 def _bench_step(result: DemoResult, models: dict[str, Path], baselines: tuple[list[Any],
                 dict[str, str]], package: list[Any] | None, threads: int, iterations: int,
                 log: Callable[[str], None]) -> None:
-    from edgestack.profiler.bench import (BenchReport, QualityProbe, Subject, _files_bytes,
-                                          measure_subjects, reference_handle, write_report)
+    from edgestack.profiler.bench import (
+        BenchReport,
+        QualityProbe,
+        Subject,
+        _files_bytes,
+        measure_subjects,
+        reference_handle,
+        write_report,
+    )
     from edgestack.profiler.quality import sentence_feeds
     from edgestack.targets import get_target
     from edgestack.targets.base import Artifact

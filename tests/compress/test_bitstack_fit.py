@@ -14,7 +14,8 @@ from edgestack.compress.bitstack_fit import gptq_signs, inverse_factor, refit_fa
 from edgestack.compress.gptq import h_error, hessian
 from edgestack.compress.layers import BitStackWeight
 from edgestack.errors import CompressError
-from mlp_cases import MLP, mlp_calib, out_err  # noqa: F401
+
+from mlp_cases import MLP, mlp_calib, out_err
 
 
 def correlated_layer(m: int = 48, n: int = 64, tokens: int = 2000, seed: int = 0

@@ -10,9 +10,9 @@ from __future__ import annotations
 import copy
 import json
 
-import numpy as np
 import pytest
 import torch
+import transformers
 from safetensors.torch import save_file
 from torch import nn
 
@@ -21,9 +21,6 @@ from edgestack.compress.importers import IMPORTERS, load_checkpoint
 from edgestack.compress.layers import CompressedLayer, LowRankLinear
 from edgestack.compress.walk import get_module
 from edgestack.errors import CheckpointError
-
-import transformers  # noqa: E402
-
 
 # --- shared helpers ----------------------------------------------------------------------
 

@@ -23,7 +23,6 @@ from edgestack.compress.layers import (
 from edgestack.compress.walk import dense_weight, iter_layers
 from edgestack.formats import BitStackStack, ShiftCodes
 
-
 FACTORIES = {"small_cnn": zoo.small_cnn, "gpt2_tiny": zoo.gpt2_tiny,
              "conv1d_net": zoo.conv1d_net}
 

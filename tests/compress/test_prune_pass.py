@@ -14,7 +14,6 @@ from edgestack.compress.prune import IMPORTANCE, find_structures, select_units
 from edgestack.errors import CompressError
 
 
-
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -18,8 +18,8 @@ from edgestack.compress.calib import calib_sentences, check_calib_tokens, text_c
 from edgestack.compress.layers import BitStackWeight, MonarchLinear, ShiftWeight
 from edgestack.errors import CompressError
 from edgestack.formats import ShiftCodes
-from mlp_cases import MLP, mlp_calib, out_err  # noqa: F401
 
+from mlp_cases import MLP, mlp_calib, out_err
 
 # --------------------------------------------------------------------------- calibration
 

@@ -12,8 +12,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgestack.exporter.parity import ort_session
-from edgestack.exporter.passes import (META_COMPACT_EMBEDDINGS, CompactEmbeddingsPass,
-                                       compact_embeddings, dequantize_rows, quantize_rows)
+from edgestack.exporter.passes import (
+    META_COMPACT_EMBEDDINGS,
+    CompactEmbeddingsPass,
+    compact_embeddings,
+    dequantize_rows,
+    quantize_rows,
+)
 
 ROWS, DIM = 700, 96  # 700*96*4 = 262 KiB: above the default 256 KiB threshold
 
@@ -165,7 +170,7 @@ def test_openvino_computes_the_same_numbers(tmp_path) -> None:
 
 def _gpt2(lm_head: bool = False):
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     from edgestack import zoo
 

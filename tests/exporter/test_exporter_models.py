@@ -13,8 +13,15 @@ import torch
 
 from edgestack import zoo
 from edgestack.exporter import export, layer_sizes
-from edgestack.exporter.export import (META_COMPRESSION, META_DOMAIN_VERSION, META_LOWRANK,
-                                       META_VERSION, NODE_LAYER_KEY, compacted_tables)
+from edgestack.exporter.export import (
+    META_COMPRESSION,
+    META_DOMAIN_VERSION,
+    META_LOWRANK,
+    META_VERSION,
+    NODE_LAYER_KEY,
+    compacted_tables,
+)
+
 from exporter_models import compressed
 
 FACTORIES = {"small_cnn": zoo.small_cnn, "gpt2_tiny": zoo.gpt2_tiny,

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from random_weights import random_stack
 
 from edgestack.errors import FormatError
 from edgestack.formats import (
@@ -23,6 +22,8 @@ from edgestack.formats import (
 )
 from edgestack.formats.bitpack import packed_size
 from edgestack.formats.shift import levels
+
+from random_weights import random_stack
 
 
 def test_pack_bits_is_msb_first():

@@ -20,7 +20,7 @@ from edgestack.package import Package, extract_archive
 from edgestack.package.pack import choose_tiers, pack
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
-from runtime_helpers import (  # noqa: E402, F401 - small_model, small_pkg: fixtures
+from runtime_helpers import (  # noqa: F401 - small_model, small_pkg: fixtures
     CREATED,
     flip_byte,
     importance_order,

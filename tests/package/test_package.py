@@ -214,12 +214,11 @@ MANIFEST_SHA256 = "0456032a6e61cf1a86ed17b63582922b0ae5b6304f7d199ad4d5fd43b2581
 
 def test_exception_mid_pack_leaves_nothing(tmp_path: Path):
     out = tmp_path / "pkg"
-    with pytest.raises(RuntimeError, match="boom"):
-        with PackageWriter(out) as w:
-            w.begin(name="m", target="ort-cpu")
-            w.add_file("model.onnx", b"g", role="graph")
-            w.add_blocks(ORDER, make_stacks())
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), PackageWriter(out) as w:
+        w.begin(name="m", target="ort-cpu")
+        w.add_file("model.onnx", b"g", role="graph")
+        w.add_blocks(ORDER, make_stacks())
+        raise RuntimeError("boom")
     assert siblings(out) == []
 
 

@@ -21,7 +21,6 @@ import pytest
 
 from edgestack.formats import BitStackStack, pack_bits
 
-
 CREATED = "2026-01-01T00:00:00Z"
 """Creation time of the test packages (fixed, so packing is byte-reproducible)."""
 

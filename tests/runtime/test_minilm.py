@@ -12,8 +12,8 @@ import pytest
 
 from edgestack.package import Package
 from edgestack.runtime import plan_tier, smallest_plan
-from runtime_helpers import peak_rss
 
+from runtime_helpers import peak_rss
 
 
 @pytest.fixture(scope="module")

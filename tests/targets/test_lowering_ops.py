@@ -7,8 +7,6 @@ odd (no dim a multiple of 8), batch 1 and > 1, conv with groups, stride and padd
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
@@ -17,6 +15,7 @@ from edgestack.targets import get_target
 from edgestack.targets.emulate import AArch64Emulator
 from edgestack.targets.parity import TOLERANCES, compare_output
 from edgestack.targets.passes.shift_int8 import shift_to_int8
+
 from targets_cases import conv_case, decode_case, linear_case, random_shift, random_stack
 
 RNG = np.random.default_rng(20261127)

@@ -71,19 +71,20 @@ from torch import nn
 from edgestack.compress.api import (
     PassContext,
     _model_device,
-    first_tensor,
-    inputs_to,
     check_choice,
     check_float,
     check_int,
     collect_input_stats,
+    first_tensor,
+    inputs_to,
 )
-from edgestack.errors import CompressError
-from edgestack.compress.finetune import PARAMS as FINETUNE_PARAMS, check_finetune_options
+from edgestack.compress.finetune import PARAMS as FINETUNE_PARAMS
+from edgestack.compress.finetune import check_finetune_options
 from edgestack.compress.gptq import GPTQ_BLOCK, gptq_columns, h_error, hessian, inverse_factor
 from edgestack.compress.layers import CompressedLayer, ShiftWeight
 from edgestack.compress.report import LayerReport
 from edgestack.compress.walk import LayerInfo, dense_weight, replace_module
+from edgestack.errors import CompressError
 from edgestack.formats import ShiftCodes
 from edgestack.formats.shift import MAX_BITS, MIN_BITS, levels
 

@@ -35,19 +35,30 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import onnx
 
 from edgestack.errors import ExportError
 from edgestack.exporter import ops as es_ops
-from edgestack.exporter.parity import (DEFAULT_ATOL, DEFAULT_RTOL, ParityReport,
-                                       check_parity, error_stats)
+from edgestack.exporter.parity import (
+    DEFAULT_ATOL,
+    DEFAULT_RTOL,
+    ParityReport,
+    check_parity,
+    error_stats,
+)
 from edgestack.exporter.passes import CompactEmbeddingsPass, describe, quantize_rows
-from edgestack.exporter.signature import (ModelInputs, flatten_outputs, normalize_inputs,
-                                          unique_names)
+from edgestack.exporter.signature import (
+    ModelInputs,
+    flatten_outputs,
+    normalize_inputs,
+    unique_names,
+)
+
 # the BitStack order (written when the model has ``edgestack_bitstack_order``) and the layer
 # tag of every edgestack node: defined with the format, so the packer needs no exporter
 from edgestack.formats.bitstack import META_BITSTACK_ORDER, NODE_LAYER_KEY

@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from edgestack.exporter.export import (META_COMPRESSION, META_LOWRANK, NODE_LAYER_KEY)
+from edgestack.exporter.export import META_COMPRESSION, META_LOWRANK, NODE_LAYER_KEY
 from edgestack.exporter.ops import DOMAIN
 from edgestack.formats import BitStackStack, ShiftCodes
 

@@ -110,9 +110,10 @@ import functools
 import json
 import math
 import re
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Collection, Iterable, Mapping, Sequence
+from typing import Any
 
 from edgestack.errors import PackageError
 
@@ -520,7 +521,7 @@ class Manifest:
         return sum(e.size for e in self.files.values() if e.role in LOADED_ROLES)
 
     @classmethod
-    def from_bytes(cls, data: bytes, source: str = "package") -> "Manifest":
+    def from_bytes(cls, data: bytes, source: str = "package") -> Manifest:
         """Parse and validate ``manifest.json`` bytes.
 
         Checks everything that can be checked without the other files: size bound, UTF-8,

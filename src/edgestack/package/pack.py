@@ -39,9 +39,10 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -273,7 +274,7 @@ def activation_bytes(model: Any, input_shapes: Mapping[str, Sequence[int]],
                                                           list(shape)))
     try:
         m = shape_inference.infer_shapes(m, data_prop=True)
-    except Exception:  # noqa: BLE001 - an estimate: fall back to what is known
+    except Exception:  # an estimate: fall back to what is known
         pass
     sizes: dict[str, int] = {}
     for vi in list(m.graph.value_info) + list(m.graph.output):
@@ -329,7 +330,7 @@ def read_onnx(src: Path, say: Callable[[str], None]) -> Any:
     say(f"pack: reading {src}")
     try:
         return onnx.load(str(src))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise PackageError(f"pack: cannot read {src} as ONNX ({exc}); expected an ONNX file "
                            "written by `edgestack export`") from None
 
@@ -555,7 +556,7 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
             a = attrs[layer]
             full.update({a["signs"]: st.signs, a["u"]: st.u, a["v"]: st.v})
         outs = sess.run(None, full)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise PackageError(f"pack: ONNX Runtime cannot run the packed graph on the golden "
                            f"inputs ({str(exc)[:300]}); check the inputs' names and shapes") from None
     golden_out = {o.name: np.asarray(v) for o, v in zip(sess.get_outputs(), outs)}

@@ -35,9 +35,10 @@ import stat
 import tarfile
 import threading
 import zipfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -575,7 +576,7 @@ class Package:
 
     # ---- opening ----------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> "Package":
+    def open(cls, path: str | os.PathLike[str]) -> Package:
         """Open and check a package directory or ``.tar`` archive (no hashing: see
         :meth:`verify`).
 
@@ -613,7 +614,7 @@ class Package:
         self._map = None
         self._source.close()
 
-    def __enter__(self) -> "Package":
+    def __enter__(self) -> Package:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -37,7 +37,8 @@ the plans that serve every layer in that form.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 FORMS = ("on-the-fly", "int8", "nbits8", "fp32")
 VARIANT_FILE = "model.mixed.onnx"

@@ -28,15 +28,15 @@ import os
 import secrets
 import shutil
 import zipfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from edgestack.errors import InternalError, PackageError
 from edgestack.package.format import (
-    BlockRecord,
     BLOCK_FILE,
     FACTOR_DTYPES,
     GOLDEN_INPUTS,
@@ -50,6 +50,7 @@ from edgestack.package.format import (
     MAX_MANIFEST_BYTES,
     MAX_STRING,
     MAX_TIERS,
+    BlockRecord,
     FileEntry,
     Golden,
     LayerInfo,
@@ -226,10 +227,10 @@ class PackageWriter:
                 f"{', '.join(map(repr, allowed))}); the call order is {_ORDER}"
             )
 
-    def _guard(self) -> "_AbortOnError":
+    def _guard(self) -> _AbortOnError:
         return _AbortOnError(self)
 
-    def __enter__(self) -> "PackageWriter":
+    def __enter__(self) -> PackageWriter:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -270,7 +271,7 @@ class PackageWriter:
         method: str = "",
         metadata: Mapping[str, Any] | None = None,
         created: str | None = None,
-    ) -> "PackageWriter":
+    ) -> PackageWriter:
         """Start the package: model ``name``, ``target`` (e.g. ``"ort-cpu"``), where the model
         came from (``source``), its compression ``method``, free-form JSON ``metadata``, and
         ``created`` (ISO 8601 UTC; default now; fix it for reproducible packages)."""

@@ -44,18 +44,29 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from edgestack.errors import InternalError, TargetError
 from edgestack.profiler.latency import latency_stats
-from edgestack.profiler.pareto import (at_baseline_markdown, at_baseline_table,
-                                       pareto_markdown, pareto_table)
-from edgestack.profiler.quality import (cosine_rows, embed, held_sentences,
-                                        hidden_state_output, sentence_feeds, tokenize)
+from edgestack.profiler.pareto import (
+    at_baseline_markdown,
+    at_baseline_table,
+    pareto_markdown,
+    pareto_table,
+)
+from edgestack.profiler.quality import (
+    cosine_rows,
+    embed,
+    held_sentences,
+    hidden_state_output,
+    sentence_feeds,
+    tokenize,
+)
 
 #: Baseline labels, in report order (module docstring).
 BASELINES = ("ORT fp32", "ORT dynamic int8 per-tensor", "ORT dynamic int8 per-channel",

@@ -20,7 +20,8 @@ timings (``iterations == 0``) or quality are left out.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 BASELINE_GROUP = "baseline"
 #: The precision rows are shown and compared at: MB and quality decimals.

@@ -7,9 +7,10 @@ measured without downloads. Embeddings are the attention-mask-weighted mean of t
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 

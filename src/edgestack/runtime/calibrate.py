@@ -43,8 +43,9 @@ import platform
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from edgestack.runtime.plan import DEFAULT_COSTS, Costs, graph_sizes, plan_tier
 

@@ -37,8 +37,9 @@ total, because it removes that layer's decode temporaries from the arena.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from edgestack.errors import BudgetError, PackageError
 from edgestack.package.variants import DENSE_FILES, VARIANT_FILE

@@ -42,9 +42,10 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -54,8 +55,7 @@ from edgestack.package.reader import Package
 from edgestack.package.variants import DENSE_DATA, DENSE_FILES, NBITS_BLOCK, VARIANT_FILE
 from edgestack.runtime.budget import resolve_budget
 from edgestack.runtime.calibrate import calibrate as calibrate_costs
-from edgestack.runtime.plan import (DEFAULT_COSTS, FORMS, Costs, MemoryPlan, page_up,
-                                    plan_memory)
+from edgestack.runtime.plan import DEFAULT_COSTS, FORMS, Costs, MemoryPlan, page_up, plan_memory
 
 SUPPORTED_TARGETS = ("ort-cpu",)
 _FIX_REPACK = "copy the package again or repack the model"
@@ -94,7 +94,7 @@ def trim_heap() -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _libc() -> Any:
     """The C library (``ctypes.CDLL``), loaded once (``find_library`` takes milliseconds and
     :func:`trim_heap` runs on every shrink); None where it cannot be loaded."""
@@ -231,7 +231,7 @@ def table_spec(spec: Any, file_size: int,
     try:
         off, size = int(spec["offset"]), int(spec["bytes"])
         dtype, shape = np.dtype(str(spec["dtype"])), tuple(int(d) for d in spec["shape"])
-        ok = (dtype.kind in "biuf" and len(shape) >= 1 and 0 <= off and off + size <= file_size
+        ok = (dtype.kind in "biuf" and len(shape) >= 1 and off >= 0 and off + size <= file_size
               and size == int(np.prod(shape)) * dtype.itemsize)
     except (KeyError, TypeError, ValueError):
         ok = False
@@ -655,7 +655,7 @@ class Runtime:
         model = pkg.read_file(name, verify=self._verify)  # hashed while read
         try:
             return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise TargetError(f"{pkg.path}: ONNX Runtime cannot load the package's graph "
                               f"{name!r} ({str(exc)[:300]}); repack the model") from None
 
@@ -875,7 +875,7 @@ class Runtime:
                     run_feeds[value] = reader.rows(feeds[ids], ids, distinct[ids])
             try:
                 outs = st.session.run(None, run_feeds)
-            except Exception as exc:  # noqa: BLE001 - wrong shapes/dtypes from the caller
+            except Exception as exc:  # wrong shapes/dtypes from the caller
                 raise TargetError(f"infer: ONNX Runtime refused the inputs: "
                                   f"{str(exc)[:300]}") from None
             finally:
@@ -1015,7 +1015,7 @@ class Runtime:
         if getattr(self, "_data_cleanup", None) is not None:
             self._data_cleanup()
 
-    def __enter__(self) -> "Runtime":
+    def __enter__(self) -> Runtime:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -111,7 +111,7 @@ class OpenVinoCpuTarget(Target):
         ir.save(model, onnx_path)
         try:
             ov_model = ov.convert_model(str(onnx_path))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise TargetError(f"OpenVINO could not convert {onnx_path}: {exc}") from exc
         ov.save_model(ov_model, str(out_dir / "model.xml"), compress_to_fp16=False)
         inputs, outputs = io_spec(model)
