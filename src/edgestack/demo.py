@@ -454,7 +454,7 @@ def _runtime_step(result: DemoResult, model: Path, threads: int,
                 log(f"    refused: {err}")
                 continue
             try:
-                emb = embed(lambda f: next(iter(rt.infer(f).values())), batches)
+                emb = embed(lambda f, rt=rt: next(iter(rt.infer(f).values())), batches)
                 test = rt.self_test()
                 row.update(tier=rt.tier, bits_per_weight=round(tier_bits[rt.tier], 3),
                            forms=_forms(rt.plan.modes), plan_mb=round(rt.plan.total / MB, 2),

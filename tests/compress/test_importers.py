@@ -516,7 +516,7 @@ def test_bitstack_odd_sizes_bias_and_no_avd():
     imported, report = load_checkpoint("bitstack", state, base=_llama(seed=1))
     layer = imported.layers[0].mlp.up_proj
     assert isinstance(layer, LowRankLinear) and layer.v.out_features == 4
-    expected = sum(a.float() @ b.float() for a, b in zip(u, vt))
+    expected = sum(a.float() @ b.float() for a, b in zip(u, vt, strict=True))
     torch.testing.assert_close(layer.u.weight @ layer.v.weight, expected)
 
 

@@ -73,7 +73,7 @@ def _feeds() -> dict[str, np.ndarray]:
 
 def _run(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     sess = ort_session(model)
-    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, _feeds())))
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, _feeds()), strict=True))
 
 
 def test_quantize_rows_error_bound_and_zero_row() -> None:

@@ -89,7 +89,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
                 out[(name, label)] = (runner.infer(feeds), art)
     emu = AArch64Emulator.find()
     got = emu.run_many([(art.path(), feeds) for _, art, feeds in arm_jobs])
-    for (key, art, _), res in zip(arm_jobs, got):
+    for (key, art, _), res in zip(arm_jobs, got, strict=True):
         if isinstance(res, Exception):
             raise res
         out[key] = (res, art)

@@ -85,5 +85,5 @@ def _case_from_source(args: argparse.Namespace, tmp: Path):
         ref = [t.detach().numpy() for _, t in flatten_outputs(src.model(*norm.args,
                                                                         **norm.kwargs))]
     feeds = dict(norm.numpy())
-    return Case(f"{args.model}:{args.method}", out, feeds, dict(zip(result.output_names, ref)),
-                "torch (compressed model)")
+    return Case(f"{args.model}:{args.method}", out, feeds,
+                dict(zip(result.output_names, ref, strict=False)), "torch (compressed model)")

@@ -187,7 +187,8 @@ def model_text_calib(model: Any, n: int, like: Sequence[dict[str, Any]] | None =
         tok = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
         tok.enable_truncation(seq)
         tok.no_padding()
-        texts = [t for t, e in zip(texts, tok.encode_batch(texts)) if tuple(e.ids) not in have]
+        texts = [t for t, e in zip(texts, tok.encode_batch(texts), strict=True)
+                 if tuple(e.ids) not in have]
         if not texts:
             raise CompressError(
                 f"extra calibration text: all {n} corpus sentence(s) are already in the "

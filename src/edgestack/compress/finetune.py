@@ -309,7 +309,7 @@ def finetune_shift(
     finally:
         with torch.no_grad():
             if best is not None:
-                for p, b in zip(train + extra, best):
+                for p, b in zip(train + extra, best, strict=True):
                     p.copy_(b)
         thaw()
         for layer, tr in trainers:

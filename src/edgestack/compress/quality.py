@@ -101,7 +101,7 @@ class OutputEval:
     def score(self, model: nn.Module) -> dict[str, float]:
         cos = []
         with torch.no_grad():
-            for x, r in zip(self.inputs, self.ref):
+            for x, r in zip(self.inputs, self.ref, strict=True):
                 out = first_tensor(model(**x)).float()
                 a, b = r.reshape(r.shape[0], -1), out.reshape(out.shape[0], -1)
                 cos.append(torch.nn.functional.cosine_similarity(a, b, dim=1))

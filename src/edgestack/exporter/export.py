@@ -209,7 +209,7 @@ def _dynamic_shapes(inputs: ModelInputs) -> Any:
             spec[1] = Dim.DYNAMIC
         specs.append(spec or None)
     if inputs.kwargs:
-        return dict(zip(inputs.names, specs))
+        return dict(zip(inputs.names, specs, strict=True))
     return tuple(specs)
 
 
@@ -244,13 +244,13 @@ def _trace_inputs(inputs: ModelInputs, shapes: Any) -> ModelInputs:
 
     specs = list(shapes.values()) if isinstance(shapes, dict) else list(shapes)
     grown = []
-    for t, spec in zip(inputs.tensors(), specs):
+    for t, spec in zip(inputs.tensors(), specs, strict=True):
         for dim in (spec or {}):
             if t.shape[dim] == 1:
                 t = torch.cat([t, t], dim=dim)
         grown.append(t)
     if inputs.kwargs:
-        return ModelInputs((), dict(zip(inputs.names, grown)), inputs.names)
+        return ModelInputs((), dict(zip(inputs.names, grown, strict=True)), inputs.names)
     return ModelInputs(tuple(grown), {}, inputs.names)
 
 
@@ -324,7 +324,7 @@ def _postprocess(model_ir: Any, owners_by_name: dict[str, str], output_names: li
     _name_dynamic_dims(graph)
     if len(output_names) == len(graph.outputs):
         taken = {v.name for v in graph.inputs} | set(graph.initializers)
-        for value, name in zip(graph.outputs, output_names):
+        for value, name in zip(graph.outputs, output_names, strict=True):
             if value.name != name and name not in taken:
                 value.name = name
 
@@ -412,7 +412,7 @@ def _compacted_reference(model: Any, norm: ModelInputs, tables: list[dict[str, A
     if missing:
         notes.append(f"no torch tensor found for {', '.join(missing)}: compared against "
                      "the fp32 table, the int8 rounding counts as error")
-    for i, (q, r) in enumerate(zip(quantized, reference)):
+    for i, (q, r) in enumerate(zip(quantized, reference, strict=False)):
         if q.shape != r.shape or not q.numel() or not q.is_floating_point():
             continue
         max_abs, max_rel, cosine = error_stats(q.double().numpy().reshape(-1),

@@ -110,7 +110,8 @@ class ParityReport:
             rows.append((o.name, "x".join(map(str, o.shape)) or "scalar", f"{o.max_abs:.3g}",
                          f"{o.max_rel:.3g}", f"{o.cosine:.6f}", "yes" if o.passed else "NO"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                 for r in rows]
         verdict = "passed" if self.passed else "FAILED"
         lines.append(f"parity {verdict} (atol={self.atol:g}, rtol={self.rtol:g}, "
                      f"{self.provider})")
@@ -248,7 +249,7 @@ def check_parity(
     rows = [
         compare(name, g, r.detach().cpu().numpy() if hasattr(r, "detach") else np.asarray(r),
                 atol, rtol)
-        for name, g, r in zip(names, got, reference)
+        for name, g, r in zip(names, got, reference, strict=True)
     ]
     return ParityReport(rows, atol, rtol)
 

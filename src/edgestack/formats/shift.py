@@ -161,9 +161,8 @@ class ShiftCodes(WeightFormat, name="shift"):
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> ShiftCodes:
         try:
-            return cls(
-                arrays["codes"], arrays["scale"], tuple(attrs["shape"]), attrs["bits"], attrs["zero"]
-            )
+            return cls(arrays["codes"], arrays["scale"], tuple(attrs["shape"]), attrs["bits"],
+                       attrs["zero"])
         except KeyError as exc:
             raise FormatError(f"shift codes: missing {exc.args[0]!r} in arrays/attrs") from None
 

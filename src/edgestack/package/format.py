@@ -666,9 +666,9 @@ class _Parser:
                 "directory or .tar that edgestack's PackageWriter / write_archive produced"
             )
         version = top.get("schema_version")
-        if isinstance(version, int) and not isinstance(version, bool):
-            if version in SUPPORTED_SCHEMA_VERSIONS:
-                return version
+        if (isinstance(version, int) and not isinstance(version, bool)
+                and version in SUPPORTED_SCHEMA_VERSIONS):
+            return version
         from edgestack import __version__
 
         raise PackageError(
@@ -771,7 +771,7 @@ class _Parser:
             dtype = self.one_of(self.get(spec, "dtype", where), f"{where}.dtype", FACTOR_DTYPES)
             attrs = self.obj(spec.get("attrs", {}), f"{where}.attrs")
             sizes = part_sizes(shape, rank, dtype)
-            for key, expected in zip(("signs_bytes", "u_bytes", "v_bytes"), sizes):
+            for key, expected in zip(("signs_bytes", "u_bytes", "v_bytes"), sizes, strict=True):
                 found = self.get(spec, key, where)
                 if isinstance(found, bool) or found != expected:
                     raise self.fail(
@@ -894,7 +894,7 @@ class _Parser:
             "bytes": "the end of its last block record",
             "total_bytes": "bytes plus the sizes of the graph and weight files",
         }
-        for i, (tier, (blocks, item)) in enumerate(zip(tiers, parsed)):
+        for i, (tier, (blocks, item)) in enumerate(zip(tiers, parsed, strict=True)):
             where = f"tiers[{i}]"
             if dict(tier.blocks) != blocks:
                 raise self.fail(

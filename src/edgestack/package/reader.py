@@ -323,7 +323,8 @@ class _DirSource(_Source):
             self._fds.clear()
 
     def __del__(self) -> None:
-        try:
+        # not contextlib.suppress: at interpreter shutdown its module global may be gone
+        try:  # noqa: SIM105
             self.close()
         except Exception:  # pragma: no cover - interpreter shutdown
             pass
@@ -366,7 +367,7 @@ class _TarSource(_Source):
         self.path = path
         self.display = str(path)
         try:
-            self._file = open(path, "rb")
+            self._file = open(path, "rb")  # noqa: SIM115 - held open, closed by close()
         except OSError as exc:
             raise PackageError(f"{self.display}: cannot open the archive ({exc})") from None
         try:

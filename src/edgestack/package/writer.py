@@ -129,7 +129,7 @@ class _HashingFile:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "xb")
+        self._f = open(path, "xb")  # noqa: SIM115 - held open, closed by close()
         self.size = 0
         self._sha = hashlib.sha256()
 
@@ -546,7 +546,7 @@ class PackageWriter:
                 f"last tier must hold every block: add a tier of {len(self._records)}"
             )
         result = tiers_for_counts(self._records, counts, self._layers, 0)
-        for i, (tier, spec) in enumerate(zip(result, tiers)):
+        for i, (tier, spec) in enumerate(zip(result, tiers, strict=True)):
             if isinstance(spec, Mapping):
                 full = {name: int(spec.get(name, 0)) for name in self._layers}
                 if full != dict(tier.blocks):
@@ -600,7 +600,7 @@ class PackageWriter:
         entries = []
         with self._guard():
             assert self._tmp is not None
-            for name, arrs in zip((GOLDEN_INPUTS, GOLDEN_OUTPUTS), arrays):
+            for name, arrs in zip((GOLDEN_INPUTS, GOLDEN_OUTPUTS), arrays, strict=True):
                 path = self._tmp / name
                 path.parent.mkdir(parents=True, exist_ok=True)
                 _write_npz(path, arrs)

@@ -25,9 +25,10 @@ planner measures them where it runs:
 
 The result is cached as JSON under :func:`cache_dir`, keyed by the package's manifest hash
 and the machine (architecture, Python, numpy and ONNX Runtime versions, C library, page
-size, CPU count, threads, optimization level) and a digest of the runtime's own source, so each package is measured once per machine
-and setting. Where a measurement cannot run (no subprocess, a crash) :func:`calibrate` warns
-and returns the documented constants (:data:`~edgestack.runtime.plan.DEFAULT_COSTS`).
+size, CPU count, threads, optimization level) and a digest of the runtime's own source, so
+each package is measured once per machine and setting. Where a measurement cannot run (no
+subprocess, a crash) :func:`calibrate` warns and returns the documented constants
+(:data:`~edgestack.runtime.plan.DEFAULT_COSTS`).
 
 ``edgestack plan PKG --budget B`` calibrates on first use (``--recalibrate`` measures again,
 ``--no-calibrate`` plans with the documented constants).
@@ -65,7 +66,8 @@ from edgestack.profiler.probe import peak_rss
 if sys.argv[1] == 'base':
     print(json.dumps({'hwm': peak_rss()}))
     sys.exit(0)
-pkg, tier, mat, threads, opt = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+pkg, tier, mat = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+threads, opt = int(sys.argv[5]), sys.argv[6]
 graph = sys.argv[8] if sys.argv[8] != 'auto' else None
 rt = R.Runtime(pkg, tier=tier, materialize=mat, threads=threads or None, optimization=opt,
                graph=graph, form=sys.argv[9])

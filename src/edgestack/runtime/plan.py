@@ -313,7 +313,8 @@ def _runtime_meta(manifest: Any) -> Mapping[str, Any]:
 
 
 def _count(value: Any) -> int:
-    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return int(value) if ok else 0
 
 
 FAULT_AROUND = 64 * 1024
@@ -521,5 +522,6 @@ def plan_memory(package: Any, budget: int | None, *, tier: int | None = None,
 
 
 __all__ = ["MemoryPlan", "LayerPlan", "Costs", "DEFAULT_COSTS", "plan_memory", "plan_tier",
-           "smallest_plan", "layer_forms", "graph_sizes", "dense_bytes", "FORMS", "DENSE_ONLY", "SAFETY_FRACTION", "SAFETY_MIN", "RUNTIME_OVERHEAD", "DECODE_TEMP_BYTES", "OTF_LAYER_OVERHEAD",
-           "MATERIALIZED_LAYER_OVERHEAD", "MATERIALISE_TEMP_BYTES"]
+           "smallest_plan", "layer_forms", "graph_sizes", "dense_bytes", "FORMS", "DENSE_ONLY",
+           "SAFETY_FRACTION", "SAFETY_MIN", "RUNTIME_OVERHEAD", "DECODE_TEMP_BYTES",
+           "OTF_LAYER_OVERHEAD", "MATERIALIZED_LAYER_OVERHEAD", "MATERIALISE_TEMP_BYTES"]

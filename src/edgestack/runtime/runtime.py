@@ -21,10 +21,11 @@ package's weights file itself (the session's external-data folder is the package
 lookup tables (``metadata.runtime.tables``) are mapped by the runtime, handed over with
 ``SessionOptions.add_initializer`` and their pages handed back after every call. Sessions run
 with ``enable_mem_pattern=False``, and ``session.disable_prepacking=1`` except on the dense
-graphs, so memory follows the plan; ONNX Runtime's arena is on only for the dense graphs: measured on a 12-block MiniLM
-package (2 threads, avx512_vnni), the arena made the int8 graph 18% faster (13.0 -> 10.7 ms) at
-the same peak RSS, and the plain graph 2.4-4x faster on the fly but at +13-20% peak RSS (it
-keeps the decode temporaries); the memory pattern added 5-13 MB for no speed.
+graphs, so memory follows the plan; ONNX Runtime's arena is on only for the dense graphs:
+measured on a 12-block MiniLM package (2 threads, avx512_vnni), the arena made the int8
+graph 18% faster (13.0 -> 10.7 ms) at the same peak RSS, and the plain graph 2.4-4x faster
+on the fly but at +13-20% peak RSS (it keeps the decode temporaries); the memory pattern
+added 5-13 MB for no speed.
 
 Serving state (tier, plan, session, feeds) is an immutable snapshot swapped under a lock;
 ``infer`` takes the snapshot current at its start, so in-flight calls finish on the tier
@@ -184,7 +185,7 @@ class _LayerStore:
         """Give back the pages of rows ``nb..``; return the bytes released."""
         freed = 0
         for mm, row in zip(self.maps, (self.info.signs_bytes, self.info.u_bytes,
-                                       self.info.v_bytes)):
+                                       self.info.v_bytes), strict=True):
             start = page_up(nb * row)
             if start < len(mm):
                 mm.madvise(mmap.MADV_DONTNEED, start, len(mm) - start)
@@ -880,7 +881,7 @@ class Runtime:
                                   f"{str(exc)[:300]}") from None
             finally:
                 self._drop_tables()
-            return st.tier, dict(zip(st.outputs, outs))
+            return st.tier, dict(zip(st.outputs, outs, strict=True))
         finally:
             with st.cond:
                 st.active -= 1

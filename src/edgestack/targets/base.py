@@ -200,7 +200,7 @@ class Runner:
                                   f"{arr.dtype.name}")
             shape = spec["shape"]
             if len(shape) != arr.ndim or any(isinstance(d, int) and d != s
-                                             for d, s in zip(shape, arr.shape)):
+                                             for d, s in zip(shape, arr.shape, strict=True)):
                 raise TargetError(f"input {name!r}: expected shape {shape}, found "
                                   f"{list(arr.shape)}")
 

@@ -209,7 +209,7 @@ class OrtCpuRunner(Runner):
         self.names = [o.name for o in self.session.get_outputs()]
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.names, self.session.run(self.names, feeds)))
+        return dict(zip(self.names, self.session.run(self.names, feeds), strict=True))
 
     def release_impl(self) -> None:
         self.session = None

@@ -91,7 +91,7 @@ class DynamicInt8MatMulPass(ir.passes.InPlacePass):
             else:
                 dql = _node("DynamicQuantizeLinear", [x], f"{base}_dql", 3)
                 xq, xs, xzp = dql.outputs
-                for v, suffix in zip(dql.outputs, ("xq", "xs", "xzp")):
+                for v, suffix in zip(dql.outputs, ("xq", "xs", "xzp"), strict=True):
                     v.name = f"{base}_{suffix}"
                 quantized[id(x)] = (xq, xs, xzp)
                 new.append(dql)
