@@ -26,7 +26,11 @@ demo: $(STAMP)
 arm-env: $(STAMP)
 	bash scripts/setup-arm-env.sh
 
-test: $(STAMP) arm-env
+# the ruff version is pinned in the dev extra (pyproject.toml): the rules it passes
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench scripts
+
+test: $(STAMP) arm-env lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:
