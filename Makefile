@@ -26,7 +26,13 @@ demo: $(STAMP)
 arm-env: $(STAMP)
 	bash scripts/setup-arm-env.sh
 
-test: $(STAMP) arm-env
+# the ruff version is pinned in the dev extra (pyproject.toml): the rules it passes
+# ruff (pyproject [tool.ruff]) and the import contracts (pyproject [tool.importlinter])
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/lint-imports
+
+test: $(STAMP) arm-env lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 clean:

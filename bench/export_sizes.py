@@ -38,11 +38,10 @@ from edgestack import zoo
 from edgestack.compress import compress
 from edgestack.compress.bitstack import set_tier
 from edgestack.compress.calib import text_calib
+from edgestack.core.quality import cosine_rows, held_sentences, mean_pool, ort_runner, tokenize
 from edgestack.exporter import export
 from edgestack.exporter.parity import ort_session
 from edgestack.exporter.passes import compact_embeddings
-from edgestack.core.quality import (cosine_rows, held_sentences, mean_pool, ort_runner,
-                                        tokenize)
 
 SEQ = 128
 SKIP = ("pooler",)

@@ -214,7 +214,8 @@ def load(tier):
     del m.graph.input[:]; m.graph.input.extend(ins)
     for n in pkg.layers:
         info = pkg.layers[n]
-        m.graph.input.append(helper.make_tensor_value_info(info.attrs['output'], 1, list(info.shape)))
+        m.graph.input.append(helper.make_tensor_value_info(info.attrs['output'], 1,
+                                                           list(info.shape)))
     # non-BitStack weights resident, as edgestack.runtime holds them (same treatment: the
     # difference measured is the block handling); ORT gets them without a copy
     so = onnxruntime.SessionOptions()
@@ -235,7 +236,8 @@ def load(tier):
     with open(os.path.join(folder, 'model.data'), 'wb') as f:
         f.truncate(weights.size)
     so.add_session_config_entry('session.model_external_initializers_file_folder_path', folder)
-    sess = onnxruntime.InferenceSession(m.SerializeToString(), so, providers=['CPUExecutionProvider'])
+    sess = onnxruntime.InferenceSession(m.SerializeToString(), so,
+                                        providers=['CPUExecutionProvider'])
     sess._keep = (weights, keep_alive)
     return sess, dense, read, pkg
 t0 = time.perf_counter()
@@ -327,8 +329,9 @@ def run_all(pkg: Path, reps: int = 11, rounds: int = 40, runs: int = 20,
     for g in grow["grow"]:
         g["ratio_vs_sequential"] = g["read_s"] / max(g["sequential_s"], 1e-9)
     worst = max(grow["grow"], key=lambda g: g["ratio_vs_sequential"])
+    exact = all(g['bytes_read'] == g['expected_bytes'] for g in grow['grow'])
     print(f"grow one tier ({len(grow['grow'])} steps, median of {reps}): bytes read == new "
-          f"bytes in every step: {all(g['bytes_read'] == g['expected_bytes'] for g in grow['grow'])}"
+          f"bytes in every step: {exact}"
           f"; read time / sequential read: median "
           f"{np.median([g['ratio_vs_sequential'] for g in grow['grow']]):.2f}, worst "
           f"{worst['ratio_vs_sequential']:.2f} ({worst['bytes_read']} bytes); whole re-tier "

@@ -3,17 +3,18 @@
 Uses what ``make demo`` wrote (run it first): the 12-block MiniLM BitStack package
 (``edgestack-demo/packages/minilm-bitstack``), the baselines it built from the fp32 export
 (ORT fp32, dynamic int8 per-tensor and per-channel, MatMulNBits 8- and 4-bit, each with
-external data, and OpenVINO f32 and bf16; ``edgestack-demo/bench/work/baselines``) and the bench inputs (the first held
-sentence, seq 128). Serves the package with the runtime manager at ``--budgets`` (default:
-one per dense form the planner picks: int8, 8-bit weight-only, float32), and, with
-``--openvino`` (default: f32,bf16), the package served by OpenVINO in those precisions at
-each dense form (its top tier, every layer materialised), then times every
-subject interleaved in one process (``--rounds`` rounds, one call per subject each, pool
-threads not spinning, 2 threads), and prints p50 and the ratio of each plan to each ORT
+external data, and OpenVINO f32 and bf16; ``edgestack-demo/bench/work/baselines``) and the
+bench inputs (the first held sentence, seq 128). Serves the package with the runtime manager
+at ``--budgets`` (default: one per dense form the planner picks: int8, 8-bit weight-only,
+float32), and, with ``--openvino`` (default: f32,bf16), the package served by OpenVINO in
+those precisions at each dense form (its top tier, every layer materialised), then times
+every subject interleaved in one process (``--rounds`` rounds, one call per subject each,
+pool threads not spinning, 2 threads), and prints p50 and the ratio of each plan to each
 baseline, with the CPU's int8/bf16 extensions (latency ratios depend on them). Quality and
 memory are the demo's and ``bench/runtime_budgets.py``'s; this script times only.
 
-Run:  .venv/bin/python bench/runtime_latency.py [--rounds 60] [--out bench/results/runtime_latency.json]
+Run:  .venv/bin/python bench/runtime_latency.py [--rounds 60]
+          [--out bench/results/runtime_latency.json]
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         sess = cpu_session(Path(args.baselines, folder, "model.onnx"), args.threads,
                            spinning="off")
         names = {i.name for i in sess.get_inputs()}
-        subjects[label] = (lambda s=sess, f={k: v for k, v in feeds.items() if k in names}:
-                           s.run(None, f))
+        own = {k: v for k, v in feeds.items() if k in names}
+        subjects[label] = (lambda s=sess, f=own: s.run(None, f))
     ov = Path(args.baselines, "openvino")
     if ov.is_dir():   # OpenVINO f32 and bf16 (threads from the artifact's settings)
         from edgestack.targets import load_runner

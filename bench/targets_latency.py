@@ -43,9 +43,10 @@ Usage::
 
 A GEMM check times the int8 GEMMs (the graph the ``ort-cpu`` int8 lowering writes, which
 ORT fuses into ``DynamicQuantizeMatMul``) against the fp32 ``MatMul`` at MiniLM's shapes,
-the 36 GEMMs of 6 layers chained in one graph, nothing else: since attention, GELU and LayerNorm cost the fp32 and the int8
-model the same, the int8 model's ratio cannot go below that GEMM ratio. It also records the
-CPU's int8 dot-product extensions (VNNI), which the fast int8 kernels need. An operator
+the 36 GEMMs of 6 layers chained in one graph, nothing else: since attention, GELU and
+LayerNorm cost the fp32 and the int8 model the same, the int8 model's ratio cannot go below
+that GEMM ratio. It also records the CPU's int8 dot-product extensions (VNNI), which the fast
+int8 kernels need. An operator
 profile (ORT's profiler, one thread) of the tuned dense fp32 and edgestack int8 models splits
 each call into GEMMs and everything else.
 
@@ -125,7 +126,7 @@ def layernorm_kernels(seq: int, threads: int, iters: int = 200) -> dict[str, flo
                  ("Add + LayerNormalization", ["SkipLayerNormFusion"]))}
     times = interleaved([lambda s=s: s.run(None, feeds) for s in sessions.values()],
                         iters // 10, 10, rotate=False)
-    return {k: round(float(np.median(v)) * 1e3, 1) for k, v in zip(sessions, times)}
+    return {k: round(float(np.median(v)) * 1e3, 1) for k, v in zip(sessions, times, strict=True)}
 
 
 def gemm_kernels(seq: int, threads: int, d: int = 384, layers: int = 6, rounds: int = 20,
@@ -189,7 +190,7 @@ def gemm_kernels(seq: int, threads: int, d: int = 384, layers: int = 6, rounds: 
             sess.run(None, feeds)
         times = interleaved([lambda s=s: s.run(None, feeds) for s in sessions.values()],
                             rounds, per, clock, rotate=False)
-        med = {name: float(np.median(ts)) for name, ts in zip(sessions, times)}
+        med = {name: float(np.median(ts)) for name, ts in zip(sessions, times, strict=True)}
         out[key] = {"fp32_ms": round(med["fp32"], 2), "int8_ms": round(med["int8"], 2),
                     "gemm_ratio": round(med["int8"] / med["fp32"], 3)}
     from edgestack.profiler.latency import cpu_extensions
@@ -217,7 +218,7 @@ def cpu_times(entries: list, feeds: dict, spinning: str, iters: int, rounds: int
         keys.append(i)
         calls.append(lambda s=s, f=f: s.run(None, f))
     times = interleaved(calls, rounds, max(1, iters // rounds), time.thread_time)
-    return {k: round(float(np.median(v)), 2) for k, v in zip(keys, times)}
+    return {k: round(float(np.median(v)), 2) for k, v in zip(keys, times, strict=True)}
 
 
 def op_profile(entries: list, feeds: dict, calls: int = 30) -> dict[str, dict[str, float]]:
@@ -329,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ref = None
     cos, calls = [], []
-    for label, runner, *_ in entries:
+    for _label, runner, *_ in entries:
         f = {k: v for k, v in feeds.items() if k in runner.artifact.inputs}
         out = runner.infer(f)
         first = out[next(iter(out))].ravel().astype(np.float64)
@@ -343,7 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     ops = op_profile(entries, feeds)
     load1 = os.getloadavg()[0]
     rows = []
-    for i, ((label, runner, precision, tuning), ts, c) in enumerate(zip(entries, times, cos)):
+    for i, ((label, runner, precision, tuning), ts, c) in enumerate(zip(entries, times, cos,
+                                                                          strict=True)):
         art = runner.artifact
         runner.release()
         stats = latency_stats(ts)
@@ -372,12 +374,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nMiniLM batch 1, seq {args.seq}, {args.threads} threads, {len(times[0])} calls per "
           f"model in {args.rounds} interleaved rounds; ORT {onnxruntime.__version__}, OpenVINO "
           f"{openvino.__version__.split('-')[0]}; load average {load0:.1f} -> {load1:.1f}")
-    print("kernel check, [1, %d, 384], p50 us: %s" % (
-        args.seq, ", ".join(f"{k} {v:.1f}" for k, v in kernels.items())))
+    kernel_p50 = ", ".join(f"{k} {v:.1f}" for k, v in kernels.items())
+    print(f"kernel check, [1, {args.seq}, 384], p50 us: {kernel_p50}")
+    gemm_ratios = "; ".join(
+        f"{k}: fp32 {v['fp32_ms']:.2f} ms, int8 {v['int8_ms']:.2f} ms, int8/fp32 "
+        f"{v['gemm_ratio']:.2f}" for k, v in gemms.items() if isinstance(v, dict))
     print("GEMM check (the 36 GEMMs of 6 layers chained, nothing else; int8 dot extensions: "
-          "%s): %s" % (gemms["cpu_int8_dot_extensions"], "; ".join(
-              f"{k}: fp32 {v['fp32_ms']:.2f} ms, int8 {v['int8_ms']:.2f} ms, int8/fp32 "
-              f"{v['gemm_ratio']:.2f}" for k, v in gemms.items() if isinstance(v, dict))))
+          f"{gemms['cpu_int8_dot_extensions']}): {gemm_ratios}")
     for key, per_op in ops.items():
         gemm = sum(v for k, v in per_op.items() if k in GEMM_OPS)
         rest = sum(v for k, v in per_op.items() if k not in GEMM_OPS)

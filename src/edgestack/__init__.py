@@ -8,6 +8,7 @@ Importing ``edgestack`` imports neither torch nor any backend.
 """
 
 from edgestack.errors import (
+    BudgetError,
     CheckpointError,
     CompressError,
     EdgestackError,
@@ -18,7 +19,6 @@ from edgestack.errors import (
     ParityError,
     ProfileError,
     TargetError,
-    BudgetError,
 )
 
 __version__ = "0.1.0"

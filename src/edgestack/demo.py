@@ -37,9 +37,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 #: GPTQ statistics (shift rounding, BitStack signs) from the whole shipped corpus: 836
 #: sentences (``extra_texts``) instead of the 128 calibration batches (docs/quality.md)
@@ -160,7 +161,6 @@ def _environment() -> dict[str, Any]:
     import torch
 
     import edgestack
-
     from edgestack.profiler.latency import cpu_extensions
 
     env = {"edgestack": edgestack.__version__, "python": platform.python_version(),
@@ -240,10 +240,15 @@ def _methods_step(result: DemoResult, methods: dict[str, dict], seq: int, thread
     from edgestack import zoo
     from edgestack.compress import compress
     from edgestack.compress.calib import text_calib
-    from edgestack.exporter import export
-    from edgestack.core.quality import (compare_embeddings, embed, held_sentences,
-                                            ort_runner, tokenize)
     from edgestack.core.ort import cpu_session
+    from edgestack.core.quality import (
+        compare_embeddings,
+        embed,
+        held_sentences,
+        ort_runner,
+        tokenize,
+    )
+    from edgestack.exporter import export
 
     batches = result.held_batches = tokenize(zoo.minilm_path(), held_sentences(), seq)
     calib = text_calib(zoo.minilm_path(), n=128, seq=64, batch=8)
@@ -397,13 +402,12 @@ def _runtime_step(result: DemoResult, model: Path, threads: int,
     memory measured. A baseline below the smallest plan gets ``does_not_fit``."""
     import numpy as np
 
+    from edgestack.core.quality import compare_embeddings, embed
     from edgestack.errors import BudgetError
     from edgestack.package import Package
     from edgestack.package.archive import write_archive
     from edgestack.package.pack import pack
-    from edgestack.profiler.bench import (BUDGET_HEADROOM, Subject, measure_memory,
-                                          package_subjects)
-    from edgestack.core.quality import compare_embeddings, embed
+    from edgestack.profiler.bench import BUDGET_HEADROOM, Subject, measure_memory, package_subjects
     from edgestack.runtime import Runtime
 
     pkg_dir = result.out_dir / "packages" / "minilm-bitstack"
@@ -468,7 +472,7 @@ def _runtime_step(result: DemoResult, model: Path, threads: int,
                 log(f"    refused: {err}")
                 continue
             try:
-                emb = embed(lambda f: next(iter(rt.infer(f).values())), batches)
+                emb = embed(lambda f, rt=rt: next(iter(rt.infer(f).values())), batches)
                 test = rt.self_test()
                 row.update(tier=rt.tier, bits_per_weight=round(tier_bits[rt.tier], 3),
                            forms=_forms(rt.plan.modes), plan_mb=round(rt.plan.total / MB, 2),
@@ -526,9 +530,16 @@ def _runtime_step(result: DemoResult, model: Path, threads: int,
 def _bench_step(result: DemoResult, models: dict[str, Path], baselines: tuple[list[Any],
                 dict[str, str]], package: list[Any] | None, threads: int, iterations: int,
                 log: Callable[[str], None]) -> None:
-    from edgestack.profiler.bench import (BenchReport, QualityProbe, Subject, _files_bytes,
-                                          measure_subjects, reference_handle, write_report)
     from edgestack.core.quality import sentence_feeds
+    from edgestack.profiler.bench import (
+        BenchReport,
+        QualityProbe,
+        Subject,
+        _files_bytes,
+        measure_subjects,
+        reference_handle,
+        write_report,
+    )
     from edgestack.targets import get_target
     from edgestack.targets.base import Artifact
 
@@ -775,8 +786,8 @@ def write_report(result: DemoResult, seq: int, threads: int) -> None:
                 lines.append(head + f"not served at {_fmt(budget, '.2f')} MB (section 3) "
                              "| | | | | | missed |")
             else:
-                for (key, suffix), what in zip(RUNTIME_VARIANTS, ("budget", "budget, int8",
-                                                                  "budget, OpenVINO")):
+                whats = ("budget", "budget, int8", "budget, OpenVINO")
+                for (key, suffix), what in zip(RUNTIME_VARIANTS, whats, strict=True):
                     row = by_label.get(b.get(key))
                     if row is None:
                         continue

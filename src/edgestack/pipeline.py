@@ -16,8 +16,9 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -36,8 +37,8 @@ def export_source(source: str, method: str, options: Mapping[str, Any], folder: 
     ``options``) and export it to ``folder/exported.onnx``; also the source's example inputs
     (numpy), used as the golden inputs."""
     from edgestack.compress import compress
-    from edgestack.sources import load_source
     from edgestack.exporter import export
+    from edgestack.sources import load_source
 
     say(f"pack: loading {source}")
     src = load_source(source)

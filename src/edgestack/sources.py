@@ -138,7 +138,7 @@ def _call_factory(fn: Any, spec: str, batch: int | None, seq: int | None) -> Mod
     model, inputs = result
     if isinstance(inputs, (tuple, list)):
         names = list(inspect.signature(model.forward).parameters)
-        inputs = dict(zip(names, inputs))
+        inputs = dict(zip(names, inputs, strict=False))
     if not isinstance(inputs, dict):
         raise EdgestackError(
             f"factory {spec!r}: example_inputs must be a dict of tensors or a tuple, found "

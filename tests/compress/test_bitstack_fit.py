@@ -14,7 +14,8 @@ from edgestack.compress.bitstack_fit import gptq_signs, inverse_factor, refit_fa
 from edgestack.compress.gptq import h_error, hessian
 from edgestack.compress.layers import BitStackWeight
 from edgestack.errors import CompressError
-from mlp_cases import MLP, mlp_calib, out_err  # noqa: F401
+
+from mlp_cases import MLP, mlp_calib, out_err
 
 
 def correlated_layer(m: int = 48, n: int = 64, tokens: int = 2000, seed: int = 0
@@ -70,7 +71,7 @@ def test_decompose_with_hessian_beats_plain_and_stays_a_prefix_code():
     werr: list[float] = []
     stack, errors = decompose(w, 4, 2, scale, svd="exact", weighted_errors=werr, h=h,
                               signs="gptq", refit=1)
-    assert all(b < a for a, b in zip(werr, werr[1:])), werr
+    assert all(b < a for a, b in zip(werr, werr[1:], strict=False)), werr
     # the first blocks gain most (on a random Gaussian layer, blocks 3+ gain little or
     # nothing; on MiniLM every block gained: see docs/quality.md)
     assert werr[0] < 0.9 * werr_plain[0] and werr[1] < 0.95 * werr_plain[1], \

@@ -44,10 +44,10 @@ def test_near_miss_method_gets_a_hint():
 @pytest.mark.parametrize("method,option,listed", [
     ("shift", "n_blocks", "bits, bits_per_layer, extra_texts, finetune_lr, finetune_params, "
      "finetune_steps, finetune_val, max_seconds, rounding, scale, seed, sequential, skip, zero"),
-    ("bitstack", "bits", "act_aware, device, extra_texts, factor_bits, finetune_lr, finetune_steps, k, "
-     "max_seconds, n_blocks, refit, seed, signs, skip, svd"),
-    ("lowrank", "blocks", "act_aware, energy, extra_texts, max_keep, monarch_blocks, rank, ratio, skip, "
-     "structure"),
+    ("bitstack", "bits", "act_aware, device, extra_texts, factor_bits, finetune_lr, "
+     "finetune_steps, k, max_seconds, n_blocks, refit, seed, signs, skip, svd"),
+    ("lowrank", "blocks", "act_aware, energy, extra_texts, max_keep, monarch_blocks, rank, "
+     "ratio, skip, structure"),
     ("prune", "rank", "adaptive, bias_compensation, extra_texts, metric, ratio, skip"),
     ("none", "bits", "skip"),
 ])

@@ -12,6 +12,7 @@ import json
 
 import pytest
 import torch
+import transformers
 from safetensors.torch import save_file
 from torch import nn
 
@@ -20,9 +21,6 @@ from edgestack.compress.importers import IMPORTERS, load_checkpoint
 from edgestack.compress.layers import CompressedLayer, LowRankLinear
 from edgestack.compress.walk import get_module
 from edgestack.errors import CheckpointError
-
-import transformers  # noqa: E402
-
 
 # --- shared helpers ----------------------------------------------------------------------
 
@@ -518,7 +516,7 @@ def test_bitstack_odd_sizes_bias_and_no_avd():
     imported, report = load_checkpoint("bitstack", state, base=_llama(seed=1))
     layer = imported.layers[0].mlp.up_proj
     assert isinstance(layer, LowRankLinear) and layer.v.out_features == 4
-    expected = sum(a.float() @ b.float() for a, b in zip(u, vt))
+    expected = sum(a.float() @ b.float() for a, b in zip(u, vt, strict=True))
     torch.testing.assert_close(layer.u.weight @ layer.v.weight, expected)
 
 

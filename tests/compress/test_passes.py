@@ -23,7 +23,6 @@ from edgestack.compress.layers import (
 from edgestack.compress.walk import dense_weight, iter_layers
 from edgestack.formats import BitStackStack, ShiftCodes
 
-
 FACTORIES = {"small_cnn": zoo.small_cnn, "gpt2_tiny": zoo.gpt2_tiny,
              "conv1d_net": zoo.conv1d_net}
 
@@ -165,7 +164,7 @@ def test_bitstack_blocks_reduce_error_and_decode_like_the_op(originals):
         assert isinstance(wm, BitStackWeight)
         stack = wm.to_format()
         errs = report.layer(name).details["rel_error"]
-        assert len(errs) == 5 and all(b < a for a, b in zip(errs, errs[1:])), errs
+        assert len(errs) == 5 and all(b < a for a, b in zip(errs, errs[1:], strict=False)), errs
         # the stored stack decodes to exactly what was subtracted: errors match the decode
         for b in range(1, 6):
             approx = torch.from_numpy(stack.decode(b))
@@ -206,7 +205,7 @@ def test_bitstack_is_deterministic(originals):
     b = copy.deepcopy(a)
     compress(a, "bitstack", n_blocks=3)
     compress(b, "bitstack", n_blocks=3)
-    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb), ka
 
 
@@ -215,7 +214,7 @@ def test_bitstack_randomized_svd_close_to_exact(originals):
     b = copy.deepcopy(a)
     ra = compress(a, "bitstack", n_blocks=4, svd="randomized")
     rb = compress(b, "bitstack", n_blocks=4, svd="exact")
-    for la, lb in zip(ra.layers, rb.layers):
+    for la, lb in zip(ra.layers, rb.layers, strict=True):
         assert la.details["rel_error"][-1] == pytest.approx(lb.details["rel_error"][-1],
                                                             rel=0.02)
 

@@ -11,7 +11,6 @@ from edgestack import zoo
 from edgestack.compress import compress
 
 
-
 @pytest.fixture(scope="module")
 def minilm():
     """(model, inputs, last_hidden_state) of the original model, loaded once."""

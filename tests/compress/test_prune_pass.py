@@ -14,7 +14,6 @@ from edgestack.compress.prune import IMPORTANCE, find_structures, select_units
 from edgestack.errors import CompressError
 
 
-
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -118,13 +117,14 @@ def test_bias_compensation_lowers_output_error(factory, calib, run_model):
     r1 = compress(with_comp, "prune", ratio=0.5, calib=data)
     r2 = compress(without, "prune", ratio=0.5, calib=data, bias_compensation=False)
     # same importance metric and data: the same units go
-    for a, b in zip(r1.layers, r2.layers):
+    for a, b in zip(r1.layers, r2.layers, strict=True):
         assert a.details["out"] == b.details["out"] and a.details["in"] == b.details["in"]
     assert any(r.details["bias_compensated"] for r in r1.layers)
     assert not any(r.details["bias_compensated"] for r in r2.layers)
 
     def err(m):
-        return sum(float((run_model(m, x) - ref).pow(2).sum()) for x, ref in zip(data, refs))
+        return sum(float((run_model(m, x) - ref).pow(2).sum())
+                   for x, ref in zip(data, refs, strict=True))
 
     # measured: small_cnn 0.43, gpt2_tiny 0.90 of the uncompensated error
     assert err(with_comp) < 0.95 * err(without), (err(with_comp), err(without))

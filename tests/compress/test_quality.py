@@ -18,8 +18,8 @@ from edgestack.compress.calib import calib_sentences, check_calib_tokens, text_c
 from edgestack.compress.layers import BitStackWeight, MonarchLinear, ShiftWeight
 from edgestack.errors import CompressError
 from edgestack.formats import ShiftCodes
-from mlp_cases import MLP, mlp_calib, out_err  # noqa: F401
 
+from mlp_cases import MLP, mlp_calib, out_err
 
 # --------------------------------------------------------------------------- calibration
 
@@ -142,7 +142,7 @@ def test_finetune_schedule_and_split():
 
     lrs = [lr_factor(k, 100) for k in range(100)]
     assert lrs[0] < lrs[4] == pytest.approx(1.0)  # 5 warm-up steps
-    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:])) and lrs[-1] < 0.01
+    assert all(a >= b for a, b in zip(lrs[5:], lrs[6:], strict=False)) and lrs[-1] < 0.01
     tr, val = split_batches(20, 0.1, seed=3)
     assert len(val) == 2 and sorted(tr + val) == list(range(20))
     assert split_batches(20, 0.1, seed=3) == (tr, val)
@@ -244,9 +244,9 @@ def test_extra_texts_tokenized_like_the_calibration_batches():
     assert sum(x["input_ids"].shape[0] for x in extra) == 12
     assert extra[0]["input_ids"].shape[0] == 4 and extra[0]["input_ids"].shape[1] <= 32
     have = {tuple(r[:int(m.sum())]) for x in like
-            for r, m in zip(x["input_ids"].tolist(), x["attention_mask"])}
+            for r, m in zip(x["input_ids"].tolist(), x["attention_mask"], strict=True)}
     assert not have & {tuple(r[:int(m.sum())]) for x in extra
-                       for r, m in zip(x["input_ids"].tolist(), x["attention_mask"])}
+                       for r, m in zip(x["input_ids"].tolist(), x["attention_mask"], strict=True)}
 
 
 def test_shift_bits_per_layer_counts_bytes():
@@ -294,7 +294,7 @@ def test_bitstack_tier_curve_is_monotone():
         errs.append(out_err(model, ref, data))
         bits.append(tier["bits_per_weight"])
     assert bits == sorted(bits) and len(set(bits)) == len(bits)
-    assert all(a > b for a, b in zip(errs, errs[1:])), errs
+    assert all(a > b for a, b in zip(errs, errs[1:], strict=False)), errs
     tier = set_tier(model, rep, max_bits=bits[2] + 1e-6)
     assert tier["bits_per_weight"] <= bits[2] + 1e-6
     assert isinstance(model.fc1.weight_module, BitStackWeight)
@@ -398,7 +398,7 @@ def test_adaptive_prune_and_pruned_folder_round_trip(tmp_path):
     cfg = json.loads((tmp_path / "pruned" / "config.json").read_text())
     assert "edgestack_pruned" in cfg and cfg["edgestack_pruned"]["heads"]
     loaded = load_pruned(tmp_path / "pruned")
-    for a, b in zip(model.encoder.layer, loaded.encoder.layer):
+    for a, b in zip(model.encoder.layer, loaded.encoder.layer, strict=True):
         assert a.intermediate.dense.weight.shape == b.intermediate.dense.weight.shape
         assert a.attention.self.num_attention_heads == b.attention.self.num_attention_heads
     with torch.no_grad():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-
 from random_weights import random_shift, random_stack  # noqa: F401 (re-exported)
 
 # Options that keep the passes fast on 2 cores (no calibration, small blocks).

@@ -12,8 +12,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgestack.exporter.parity import ort_session
-from edgestack.exporter.passes import (META_COMPACT_EMBEDDINGS, CompactEmbeddingsPass,
-                                       compact_embeddings, dequantize_rows, quantize_rows)
+from edgestack.exporter.passes import (
+    META_COMPACT_EMBEDDINGS,
+    CompactEmbeddingsPass,
+    compact_embeddings,
+    dequantize_rows,
+    quantize_rows,
+)
 
 ROWS, DIM = 700, 96  # 700*96*4 = 262 KiB: above the default 256 KiB threshold
 
@@ -68,7 +73,7 @@ def _feeds() -> dict[str, np.ndarray]:
 
 def _run(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     sess = ort_session(model)
-    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, _feeds())))
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, _feeds()), strict=True))
 
 
 def test_quantize_rows_error_bound_and_zero_row() -> None:

@@ -14,6 +14,7 @@ from edgestack import zoo
 from edgestack.errors import ExportError
 from edgestack.exporter import export, ops
 from edgestack.exporter.export import EXTERNAL_DATA_THRESHOLD
+
 from exporter_models import compressed
 
 

@@ -59,7 +59,7 @@ def test_minilm_checker_names_and_nodes(exported: dict[str, Any]) -> None:
     }
     assert len(by_op["ShiftWeight"]) == len(by_op["BitStackWeight"]) == 6
     props = {p.key: p.value for p in proto.metadata_props}
-    assert json.loads(props[META_LOWRANK]) == [l.name for l in reports["lowrank"].layers]
+    assert json.loads(props[META_LOWRANK]) == [r.name for r in reports["lowrank"].layers]
     assert json.loads(props[META_COMPRESSION])["method"] == "shift"
     # the compressed layers' dense weights are nowhere in the file
     names = {t.name for t in proto.graph.initializer}

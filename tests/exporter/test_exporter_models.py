@@ -13,8 +13,15 @@ import torch
 
 from edgestack import zoo
 from edgestack.exporter import export, layer_sizes
-from edgestack.exporter.export import (META_COMPRESSION, META_DOMAIN_VERSION, META_LOWRANK,
-                                       META_VERSION, NODE_LAYER_KEY, compacted_tables)
+from edgestack.exporter.export import (
+    META_COMPRESSION,
+    META_DOMAIN_VERSION,
+    META_LOWRANK,
+    META_VERSION,
+    NODE_LAYER_KEY,
+    compacted_tables,
+)
+
 from exporter_models import compressed
 
 FACTORIES = {"small_cnn": zoo.small_cnn, "gpt2_tiny": zoo.gpt2_tiny,
@@ -96,7 +103,7 @@ def test_small_cnn_shift_bits_and_sizes(tmp_path: Path) -> None:
     model, inputs, report = compressed(zoo.small_cnn, "shift", bits=3, zero=True)
     export(model, inputs, tmp_path / "m.onnx", parity=False)
     sizes = layer_sizes(tmp_path / "m.onnx")
-    for row, layer in zip(sizes.layers, report.layers):
+    for row, layer in zip(sizes.layers, report.layers, strict=False):
         numel = int(np.prod(layer.shape))
         assert row.details == {"bits": 3, "zero": True}
         assert row.theoretical_bytes == numel * 3 / 8 + 4 * layer.shape[0]

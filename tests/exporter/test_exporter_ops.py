@@ -11,6 +11,7 @@ import torch
 from edgestack.compress.layers import BitStackWeight
 from edgestack.errors import ExportError
 from edgestack.exporter import ops
+
 from exporter_models import random_shift, random_stack
 
 SHAPES = [(7, 5), (13, 3, 3, 3), (1, 9), (6, 4, 5)]
@@ -144,8 +145,8 @@ def test_registry_schemas_and_translation_table() -> None:
 
 
 def test_function_bodies_on_openvino() -> None:
-    import openvino as ov
     import onnx.inliner
+    import openvino as ov
 
     core = ov.Core()
     rng = np.random.default_rng(3)

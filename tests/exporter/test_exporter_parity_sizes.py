@@ -15,6 +15,7 @@ from edgestack.errors import ExportError
 from edgestack.exporter.export import NODE_LAYER_KEY
 from edgestack.exporter.parity import ParityReport, check_parity, compare
 from edgestack.exporter.sizes import layer_sizes
+
 from exporter_models import random_shift, random_stack
 
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from random_weights import random_stack
 
 from edgestack.errors import FormatError
 from edgestack.formats import (
@@ -23,6 +22,8 @@ from edgestack.formats import (
 )
 from edgestack.formats.bitpack import packed_size
 from edgestack.formats.shift import levels
+
+from random_weights import random_stack
 
 
 def test_pack_bits_is_msb_first():
@@ -125,7 +126,8 @@ def test_bitstack_decode_is_sum_of_signed_blocks(shape):
     manual = np.zeros((m, n), np.float32)
     for i in range(3):
         bits = np.unpackbits(s.signs[i], count=m * n).reshape(m, n)
-        manual += np.where(bits == 1, 1, -1) * (s.u[i].astype(np.float32) @ s.v[i].astype(np.float32))
+        manual += np.where(bits == 1, 1, -1) * (s.u[i].astype(np.float32)
+                                                 @ s.v[i].astype(np.float32))
     assert np.allclose(s.decode(), manual.reshape(shape), atol=1e-5)
     assert np.allclose(s.decode(1), s.block(0).reshape(shape))
     assert np.array_equal(s.prefix(2).decode(), s.decode(2))
@@ -143,7 +145,8 @@ def test_bitstack_size_matches_formula():
 
 def test_bitstack_shape_errors_name_expected_and_found():
     s = random_stack(np.random.default_rng(0), (5, 7), 2, 2)
-    with pytest.raises(FormatError, match=r"bitstack v: expected shape \(2, 2, 7\).*found \(2, 2, 6\)"):
+    with pytest.raises(FormatError,
+                       match=r"bitstack v: expected shape \(2, 2, 7\).*found \(2, 2, 6\)"):
         BitStackStack(s.signs, s.u, s.v[:, :, :6], (5, 7))
     with pytest.raises(FormatError, match=r"asked for 3 blocks, the stack holds 0\.\.2"):
         s.decode(3)

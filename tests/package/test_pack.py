@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-import sys
 import tarfile
 from pathlib import Path
 
@@ -19,15 +18,9 @@ from edgestack.errors import EdgestackError, PackageError
 from edgestack.package import Package, extract_archive
 from edgestack.package.pack import choose_tiers, pack
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
-from runtime_helpers import (  # noqa: E402, F401 - small_model, small_pkg: fixtures
-    CREATED,
-    flip_byte,
-    importance_order,
-    small_model,
-    small_pkg,
-    synthetic_onnx,
-)
+# runtime_helpers: tests/runtime, put on sys.path by conftest.py (which also brings in the
+# small_model and small_pkg fixtures)
+from runtime_helpers import CREATED, flip_byte, importance_order, synthetic_onnx
 
 
 def copy_pkg(src: Path, tmp_path: Path) -> Path:
@@ -43,8 +36,8 @@ def test_manifest_blocks_in_importance_order(small_pkg, small_model):
         man = pkg.manifest
         assert man.target == "ort-cpu"
         assert [(r.layer, r.block) for r in pkg.block_index] == importance_order(stacks)
-        assert set(pkg.files) == {"model.onnx", "model.mixed.onnx", "model.int8.onnx", "model.fp32.onnx",
-                                      "model.nbits8.onnx", "model.f16.onnx",
+        assert set(pkg.files) == {"model.onnx", "model.mixed.onnx", "model.int8.onnx",
+                                  "model.fp32.onnx", "model.nbits8.onnx", "model.f16.onnx",
                                   "model.data", "blocks.bin", "golden/inputs.npz",
                                   "golden/outputs.npz"}
         assert pkg.files["model.mixed.onnx"].role == pkg.files["model.int8.onnx"].role == (

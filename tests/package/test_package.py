@@ -214,12 +214,11 @@ MANIFEST_SHA256 = "0456032a6e61cf1a86ed17b63582922b0ae5b6304f7d199ad4d5fd43b2581
 
 def test_exception_mid_pack_leaves_nothing(tmp_path: Path):
     out = tmp_path / "pkg"
-    with pytest.raises(RuntimeError, match="boom"):
-        with PackageWriter(out) as w:
-            w.begin(name="m", target="ort-cpu")
-            w.add_file("model.onnx", b"g", role="graph")
-            w.add_blocks(ORDER, make_stacks())
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), PackageWriter(out) as w:
+        w.begin(name="m", target="ort-cpu")
+        w.add_file("model.onnx", b"g", role="graph")
+        w.add_blocks(ORDER, make_stacks())
+        raise RuntimeError("boom")
     assert siblings(out) == []
 
 
@@ -247,9 +246,8 @@ def test_io_failure_mid_write_aborts_without_context_manager(tmp_path: Path, mon
 
 
 def test_leaving_the_with_block_without_finish(tmp_path: Path):
-    with pytest.raises(PackageError, match="without finish"):
-        with PackageWriter(tmp_path / "pkg") as w:
-            w.begin(name="m", target="ort-cpu")
+    with pytest.raises(PackageError, match="without finish"), PackageWriter(tmp_path / "pkg") as w:
+        w.begin(name="m", target="ort-cpu")
     assert siblings(tmp_path / "pkg") == []
 
 
@@ -339,9 +337,9 @@ def test_one_changed_byte_is_named_by_verify(pkg_dir: Path):
     expected = hashlib.sha256(data).hexdigest()
     data[300] ^= 0x01
     path.write_bytes(data)
-    with Package.open(pkg_dir) as pkg:  # sizes still match: open succeeds, verify does not
-        with pytest.raises(PackageError) as exc:
-            pkg.verify()
+    # sizes still match: open succeeds, verify does not
+    with Package.open(pkg_dir) as pkg, pytest.raises(PackageError) as exc:
+        pkg.verify()
     msg = str(exc.value)
     assert "file 'blocks.bin' is damaged" in msg
     assert f"sha256 expected {expected}, found {hashlib.sha256(data).hexdigest()}" in msg
@@ -471,7 +469,7 @@ def test_archive_round_trip(pkg_dir: Path, tmp_path: Path):
         for t in range(len(pkg.tiers)):
             assert pkg.read_blocks(t).data.tobytes() == ref.read_blocks(t).data.tobytes()
         for name in pkg.layers:
-            for a, b in zip(pkg.block_views(name), ref.block_views(name)):
+            for a, b in zip(pkg.block_views(name), ref.block_views(name), strict=True):
                 assert np.array_equal(a.u, b.u) and np.array_equal(a.v, b.v)
         assert pkg.golden()[0]["x"].shape == (2, 3)
         with pytest.raises(PackageError, match="extract it with"):

@@ -11,12 +11,12 @@ import onnx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "targets"))
-from targets_cases import linear_case, random_shift  # noqa: E402
+from edgestack.cli import main
+from edgestack.errors import EdgestackError
+from edgestack.profiler import bench as B
+from edgestack.profiler.latency import latency_stats
 
-from edgestack.cli import main  # noqa: E402
-from edgestack.errors import EdgestackError  # noqa: E402
-from edgestack.profiler import bench as B  # noqa: E402
-from edgestack.profiler.latency import latency_stats  # noqa: E402
+from targets_cases import linear_case, random_shift
 
 
 @pytest.fixture(scope="module")
@@ -153,9 +153,9 @@ def test_source_must_be_an_onnx_model(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def bitstack_package(tmp_path_factory) -> Path:
     """A package of one BitStack linear layer (48 -> 40, 6 blocks)."""
-    from targets_cases import random_stack
-
     from edgestack.package.pack import pack
+
+    from targets_cases import random_stack
 
     rng = np.random.default_rng(5)
     model, _, _ = linear_case(random_stack(rng, (40, 48), 6, 2), 1, 8, rng=rng)
@@ -268,8 +268,8 @@ def test_masked_cosine_ignores_padding_rows() -> None:
 
 
 def test_text_encoder_detection_and_sentence_feeds() -> None:
-    from edgestack.errors import EdgestackError
     from edgestack.core.quality import hidden_state_output, sentence_feeds
+    from edgestack.errors import EdgestackError
 
     mask = np.ones((1, 5), np.int64)
     feeds = {"input_ids": np.zeros((1, 5), np.int32), "attention_mask": mask,

@@ -7,10 +7,10 @@ import dataclasses
 import json
 import subprocess
 import sys
-import tomllib
 from importlib import resources
 
 import pytest
+import tomllib
 
 from edgestack.errors import EdgestackError, ProfileError
 from edgestack.profiles import (

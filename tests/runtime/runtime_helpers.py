@@ -21,7 +21,6 @@ import pytest
 
 from edgestack.formats import BitStackStack, pack_bits
 
-
 CREATED = "2026-01-01T00:00:00Z"
 """Creation time of the test packages (fixed, so packing is byte-reproducible)."""
 
@@ -30,7 +29,7 @@ def make_stacks(dims: tuple[int, ...], n_blocks: int, k: int, seed: int = 0
                 ) -> dict[str, BitStackStack]:
     rng = np.random.default_rng(seed)
     stacks = {}
-    for i, (d_in, d_out) in enumerate(zip(dims, dims[1:])):
+    for i, (d_in, d_out) in enumerate(zip(dims, dims[1:], strict=False)):
         m, n = d_out, d_in
         signs = np.stack([pack_bits(rng.integers(0, 2, m * n)) for _ in range(n_blocks)])
         scale = 0.5 ** np.arange(n_blocks)[:, None, None]

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from edgestack.cli import main
+
 from runtime_helpers import flip_byte
 
 

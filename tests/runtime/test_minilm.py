@@ -12,8 +12,8 @@ import pytest
 
 from edgestack.package import Package
 from edgestack.runtime import plan_tier, smallest_plan
-from runtime_helpers import peak_rss
 
+from runtime_helpers import peak_rss
 
 
 @pytest.fixture(scope="module")
@@ -57,16 +57,17 @@ def test_minilm_top_tier_equals_the_exported_model(minilm_onnx: Path, minilm_pac
         assert rt.tier == len(rt.package.tiers) - 1
         got = list(rt.infer(feeds).values())
     assert len(got) == len(ref) > 0
-    for g, r in zip(got, ref):
+    for g, r in zip(got, ref, strict=True):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
 def test_minilm_dense_graphs_and_the_auto_form(minilm_package: Path):
     """The int8 graph is one DynamicQuantizeMatMul per layer, or per query/key/value group,
-    with the Linear biases taken in (no bias Add left on its outputs); with memory for every layer float32 the planner serves the
-    fp32 graph (the tier's exact weights), with less the 8-bit weight-only graph, with less
-    int8; each further from float32 than the one before, all close."""
+    with the Linear biases taken in (no bias Add left on its outputs); with memory for every
+    layer float32 the planner serves the fp32 graph (the tier's exact weights), with less the
+    8-bit weight-only graph, with less int8; each further from float32 than the one before, all
+    close."""
     import numpy as np
     import onnx
 

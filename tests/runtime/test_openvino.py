@@ -10,6 +10,7 @@ import pytest
 from edgestack.errors import TargetError
 from edgestack.package import Package
 from edgestack.runtime import Runtime, calibrate, plan_memory
+
 from runtime_helpers import peak_rss, small_model, small_pkg  # noqa: F401 - fixtures
 
 

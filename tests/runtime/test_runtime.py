@@ -12,6 +12,7 @@ import pytest
 from edgestack.errors import BudgetError, TargetError
 from edgestack.package import Package
 from edgestack.runtime import Runtime, plan_memory, plan_tier, smallest_plan
+
 from runtime_helpers import flip_byte, peak_rss, reference_output, resident_bytes
 
 
@@ -302,7 +303,7 @@ def test_retier_while_serving(big_pkg):
             try:
                 while not stop.is_set():
                     results.append(rt.infer_with_tier(x))
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 errors.append(exc)
 
         threads = [threading.Thread(target=serve) for _ in range(2)]
@@ -431,6 +432,5 @@ def test_dense_data_file_on_a_memory_filesystem_warns(small_pkg, tmp_path, monke
 
     assert R.fs_type("/") != "" and R.fs_type("/nonexistent/deeper") == R.fs_type("/")
     monkeypatch.setattr(R, "fs_type", lambda path: "tmpfs")
-    with pytest.warns(RuntimeWarning, match="TMPDIR"):
-        with Runtime(small_pkg, form="int8") as rt:
-            assert rt.plan.graph == "int8"
+    with pytest.warns(RuntimeWarning, match="TMPDIR"), Runtime(small_pkg, form="int8") as rt:
+        assert rt.plan.graph == "int8"

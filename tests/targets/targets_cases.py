@@ -12,11 +12,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from random_weights import random_shift  # noqa: F401 (re-exported)
-from random_weights import random_stack as _random_stack
-
 from edgestack.exporter import ops
 from edgestack.formats import BitStackStack, ShiftCodes
+
+from random_weights import random_shift  # noqa: F401 (re-exported)
+from random_weights import random_stack as _random_stack
 
 OPSET = 20
 

@@ -20,6 +20,7 @@ from edgestack.formats import ShiftCodes
 from edgestack.targets import get_target
 from edgestack.targets.ort_arm import OrtArmRunner
 from edgestack.targets.ort_cpu import OrtCpuRunner
+
 from targets_cases import linear_case
 
 RNG = np.random.default_rng(11)

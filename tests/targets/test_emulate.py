@@ -42,7 +42,7 @@ def _x86(path: Path, feeds: dict[str, np.ndarray], level: str = "all") -> dict[s
     }[level]
     session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds)))
+    return dict(zip(names, session.run(names, feeds), strict=True))
 
 
 def _dense_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:

@@ -7,7 +7,6 @@ odd (no dim a multiple of 8), batch 1 and > 1, conv with groups, stride and padd
 
 from __future__ import annotations
 
-
 import numpy as np
 import onnx
 import pytest
@@ -16,6 +15,7 @@ from edgestack.targets import get_target
 from edgestack.targets.emulate import AArch64Emulator
 from edgestack.targets.parity import TOLERANCES, compare_output
 from edgestack.targets.passes.shift_int8 import shift_to_int8
+
 from targets_cases import conv_case, decode_case, linear_case, random_shift, random_stack
 
 RNG = np.random.default_rng(20261127)
@@ -89,7 +89,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
                 out[(name, label)] = (runner.infer(feeds), art)
     emu = AArch64Emulator.find()
     got = emu.run_many([(art.path(), feeds) for _, art, feeds in arm_jobs])
-    for (key, art, _), res in zip(arm_jobs, got):
+    for (key, art, _), res in zip(arm_jobs, got, strict=True):
         if isinstance(res, Exception):
             raise res
         out[key] = (res, art)

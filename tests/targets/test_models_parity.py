@@ -78,8 +78,8 @@ def _export_case(folder: Path, name: str, factory, method: str, **opts) -> Case:
     # the file stores the word/position tables as int8 per row: so does the reference
     with torch.no_grad(), compacted_tables(model, result.compact_embeddings):
         ref = [t.numpy() for _, t in flatten_outputs(model(*norm.args, **norm.kwargs))]
-    return Case(f"{name}:{method}", path, norm.numpy(), dict(zip(result.output_names, ref)),
-                "torch (compressed)")
+    return Case(f"{name}:{method}", path, norm.numpy(),
+                dict(zip(result.output_names, ref, strict=False)), "torch (compressed)")
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,8 @@ from edgestack.errors import TargetError
 from edgestack.formats import ShiftCodes
 from edgestack.targets import get_target
 from edgestack.targets.openvino_cpu import OpenVinoCpuRunner
-from targets_cases import linear_case
 
+from targets_cases import linear_case
 
 
 def _ov(model: onnx.ModelProto, feeds: dict) -> dict:

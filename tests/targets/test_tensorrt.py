@@ -21,6 +21,7 @@ from edgestack.formats import ShiftCodes
 from edgestack.profiles import load_profile
 from edgestack.targets import get_target
 from edgestack.targets.tensorrt_gpu.support import SUPPORTED, check_graph
+
 from targets_cases import conv_case, linear_case, random_stack
 
 RNG = np.random.default_rng(7)

@@ -21,11 +21,12 @@ import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
-from targets_cases import linear_case, random_shift
 
 from edgestack.errors import TargetError
 from edgestack.targets import get_target
 from edgestack.targets.parity import TOLERANCES, compare_output
+
+from targets_cases import linear_case, random_shift
 
 LAYERS, HEADS = 2, 4
 PLAIN = {"transformer": "off", "disabled_optimizers": []}

@@ -17,7 +17,7 @@ import json
 import sys
 import traceback
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 from edgestack import __version__
 from edgestack.errors import EdgestackError
@@ -30,8 +30,19 @@ EXIT_SKIPPED = 4
 
 
 def _commands() -> list:
-    from edgestack.cli import (bench, compile, demo, export, pack, parity, plan, profiles,
-                               quality, run, verify)
+    from edgestack.cli import (
+        bench,
+        compile,
+        demo,
+        export,
+        pack,
+        parity,
+        plan,
+        profiles,
+        quality,
+        run,
+        verify,
+    )
 
     return [export, quality, compile, parity, verify, bench, pack, plan, run, profiles, demo]
 
@@ -78,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"edgestack {args.command}: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # noqa: BLE001 - last-resort report of a bug
+    except Exception as exc:  # last-resort report of a bug
         traceback.print_exc()
         if want_json:
             emit_json({"ok": False, "error": f"internal error: {exc!r}",

@@ -105,8 +105,8 @@ def _log(args: argparse.Namespace, msg: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from edgestack.compress import compress
-    from edgestack.sources import load_source
     from edgestack.exporter import export
+    from edgestack.sources import load_source
 
     opts = method_options(args)
     t0 = time.perf_counter()

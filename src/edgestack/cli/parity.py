@@ -66,10 +66,10 @@ def _case_from_source(args: argparse.Namespace, tmp: Path):
     import torch
 
     from edgestack.compress import compress
-    from edgestack.sources import load_source
     from edgestack.exporter import export
     from edgestack.exporter.export import compacted_tables
     from edgestack.exporter.signature import flatten_outputs, normalize_inputs
+    from edgestack.sources import load_source
     from edgestack.targets.parity import Case
 
     src = load_source(args.model, batch=args.batch, seq=args.seq)
@@ -85,5 +85,5 @@ def _case_from_source(args: argparse.Namespace, tmp: Path):
         ref = [t.detach().numpy() for _, t in flatten_outputs(src.model(*norm.args,
                                                                         **norm.kwargs))]
     feeds = dict(norm.numpy())
-    return Case(f"{args.model}:{args.method}", out, feeds, dict(zip(result.output_names, ref)),
-                "torch (compressed model)")
+    return Case(f"{args.model}:{args.method}", out, feeds,
+                dict(zip(result.output_names, ref, strict=False)), "torch (compressed model)")

@@ -61,8 +61,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from edgestack.package import Package
-    from edgestack.runtime import (DEFAULT_COSTS, calibrate, check_engine, plan_memory,
-                                   resolve_budget)
+    from edgestack.runtime import (
+        DEFAULT_COSTS,
+        calibrate,
+        check_engine,
+        plan_memory,
+        resolve_budget,
+    )
 
     budget, source = resolve_budget(args.budget, profile=args.profile, auto=args.auto)
     with Package.open(args.package) as pkg:

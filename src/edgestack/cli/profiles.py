@@ -51,7 +51,7 @@ def table(profiles: list) -> str:
     lines = []
     for r in rows:
         cells = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in
-                 enumerate(zip(r, widths))]
+                 enumerate(zip(r, widths, strict=True))]
         lines.append("  ".join(cells).rstrip())
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

@@ -156,8 +156,8 @@ def run(args: argparse.Namespace) -> int:
         quality_rows,
         suite_configs,
     )
-    from edgestack.sources import load_source
     from edgestack.errors import CompressError
+    from edgestack.sources import load_source
 
     if not args.all and args.method is None:
         raise CompressError("quality: give --method METHOD or --all")

@@ -83,9 +83,9 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  self-test skipped: {test.get('reason')}")
             print("PASS" if report["ok"] else "FAIL")
         return EXIT_OK if report["ok"] else EXIT_CHECK_FAILED
-    from edgestack.targets.feeds import example_feeds
     from edgestack.errors import TargetError
     from edgestack.targets import Artifact, load_runner
+    from edgestack.targets.feeds import example_feeds
     from edgestack.targets.parity import TOLERANCES, CaseReport, TargetCheck, _judge
     from edgestack.targets.reference import reference_outputs
 

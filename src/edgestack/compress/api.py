@@ -22,9 +22,9 @@ import difflib
 import importlib
 import numbers
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -423,7 +423,7 @@ def run_calib(model: nn.Module, calib: list[dict[str, Any]], progress: bool,
         kwargs = inputs_to(inputs, device)
         try:
             model(**kwargs)
-        except Exception as exc:  # noqa: BLE001  (re-raised with context)
+        except Exception as exc:  # re-raised with context
             raise CompressError(
                 f"calibration input #{i} (keys {', '.join(inputs)}) failed in the model: "
                 f"{type(exc).__name__}: {exc}; pass inputs the model's forward accepts"

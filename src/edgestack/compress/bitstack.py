@@ -348,7 +348,7 @@ def run(ctx: PassContext) -> None:
                                 order, ctx.calib, targets, o["finetune_steps"],
                                 o["finetune_lr"], o["max_seconds"], o["seed"], ctx.progress)
         ctx.report.details["finetune"] = info
-        for rep, (lay, new) in zip(ctx.report.layers, replacements):
+        for rep, (lay, new) in zip(ctx.report.layers, replacements, strict=True):
             fmt = new.weight_module.to_format()
             # the original module, no longer in the model, still holds the untouched weight
             # (the fine-tune trains only the new layers' factors)

@@ -89,7 +89,7 @@ def refit_factors(r: torch.Tensor, signs: torch.Tensor, u: torch.Tensor, v: torc
         # v step: A(v) = u^T (S * ((S * (u v)) H)) = u^T (S * (R H)), by Jacobi-PCG
         b = u.t() @ rh_s
 
-        def apply(x: torch.Tensor) -> torch.Tensor:
+        def apply(x: torch.Tensor, u: torch.Tensor = u) -> torch.Tensor:
             return u.t() @ (((signs * (u @ x)) @ hf) * signs)
 
         prec = ((u * u).sum(0)[:, None] * hdiag[None, :]).clamp_min(1e-30)

@@ -19,11 +19,12 @@ Statistics over these batches are collected by
 
 from __future__ import annotations
 
-from importlib import resources
 import random
 import re
+from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from edgestack.errors import CompressError
 
@@ -82,7 +83,7 @@ def doc_sentences(modules: tuple[str, ...] = DOC_MODULES) -> list[str]:
         for name in modules:
             try:
                 mod = importlib.import_module(name)
-            except Exception:  # noqa: BLE001  (absent on this platform/version: skip)
+            except Exception:  # absent on this platform/version: skip
                 continue
             add(inspect.getdoc(mod))
             for _, obj in sorted(vars(mod).items()):
@@ -186,7 +187,8 @@ def model_text_calib(model: Any, n: int, like: Sequence[dict[str, Any]] | None =
         tok = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
         tok.enable_truncation(seq)
         tok.no_padding()
-        texts = [t for t, e in zip(texts, tok.encode_batch(texts)) if tuple(e.ids) not in have]
+        texts = [t for t, e in zip(texts, tok.encode_batch(texts), strict=True)
+                 if tuple(e.ids) not in have]
         if not texts:
             raise CompressError(
                 f"extra calibration text: all {n} corpus sentence(s) are already in the "

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -77,14 +78,14 @@ class _ShiftSTE(torch.autograd.Function):
     """``round(r) * s[:, None]`` forward; straight-through gradient to ``r`` and ``s``."""
 
     @staticmethod
-    def forward(ctx: Any, r: torch.Tensor, s: torch.Tensor, n_levels: int,  # noqa: ANN401
+    def forward(ctx: Any, r: torch.Tensor, s: torch.Tensor, n_levels: int,
                 zero: bool) -> torch.Tensor:
         q = shift_unit(r, n_levels, zero)
         ctx.save_for_backward(q, s)
         return q * s[:, None]
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:  # noqa: ANN401
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
         q, s = ctx.saved_tensors
         return grad * s[:, None], (grad * q).sum(1), None, None
 
@@ -308,7 +309,7 @@ def finetune_shift(
     finally:
         with torch.no_grad():
             if best is not None:
-                for p, b in zip(train + extra, best):
+                for p, b in zip(train + extra, best, strict=True):
                     p.copy_(b)
         thaw()
         for layer, tr in trainers:

@@ -11,7 +11,7 @@ error is minimised. What a column is quantized to is the caller's ``quantize`` c
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -116,7 +116,7 @@ class CompressedLayer(nn.Module):
         self.conv = dict(conv or {})
 
     @classmethod
-    def like(cls, layer: LayerInfo, weight: nn.Module) -> "CompressedLayer":
+    def like(cls, layer: LayerInfo, weight: nn.Module) -> CompressedLayer:
         """A compressed layer with ``layer``'s bias, kind and convolution settings."""
         m = layer.module
         conv = None

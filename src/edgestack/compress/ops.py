@@ -51,7 +51,7 @@ def shift_weight(
 
 
 @shift_weight.register_fake
-def _shift_weight_fake(codes, scale, bits, zero, shape):  # noqa: ANN001
+def _shift_weight_fake(codes, scale, bits, zero, shape):
     return scale.new_empty(shape, dtype=torch.float32)
 
 
@@ -70,7 +70,7 @@ def bitstack_weight(
 
 
 @bitstack_weight.register_fake
-def _bitstack_weight_fake(signs, u, v, shape):  # noqa: ANN001
+def _bitstack_weight_fake(signs, u, v, shape):
     return u.new_empty(shape, dtype=torch.float32)
 
 

@@ -72,8 +72,9 @@ def save_pruned(model: nn.Module, folder: str | Path) -> Path:
         )
     folder = Path(folder)
     config = model.config.__class__.from_dict(model.config.to_dict())
-    mlp = [l for l in iter_layers(model) if l.name.endswith(("intermediate.dense", "mlp.c_fc"))]
-    widths = {_sizes(l)[0] for l in mlp}
+    mlp = [layer for layer in iter_layers(model)
+           if layer.name.endswith(("intermediate.dense", "mlp.c_fc"))]
+    widths = {_sizes(layer)[0] for layer in mlp}
     if len(widths) == 1:
         width = widths.pop()
         if hasattr(config, "intermediate_size"):
@@ -84,14 +85,14 @@ def save_pruned(model: nn.Module, folder: str | Path) -> Path:
         delattr(config, KEY)
     config._attn_implementation = "eager"
     fresh = AutoModel.from_config(config)
-    built = {l.name: _sizes(l) + (getattr(l.module, "bias", None) is not None,)
-             for l in iter_layers(fresh)}
+    built = {layer.name: _sizes(layer) + (getattr(layer.module, "bias", None) is not None,)
+             for layer in iter_layers(fresh)}
     layers = {}
-    for l in iter_layers(model):
-        out_f, in_f = _sizes(l)
-        bias = getattr(l.module, "bias", None) is not None
-        if built.get(l.name) != (out_f, in_f, bias):
-            layers[l.name] = {"out": out_f, "in": in_f, "bias": bias}
+    for layer in iter_layers(model):
+        out_f, in_f = _sizes(layer)
+        bias = getattr(layer.module, "bias", None) is not None
+        if built.get(layer.name) != (out_f, in_f, bias):
+            layers[layer.name] = {"out": out_f, "in": in_f, "bias": bias}
     setattr(config, KEY, {"version": 1, "layers": layers, "heads": _heads(model)})
     model.config, saved = config, model.config
     try:
@@ -119,7 +120,7 @@ def load_pruned(folder: str | Path) -> nn.Module:
     if hasattr(config, "use_cache"):
         config.use_cache = False
     model = AutoModel.from_config(config)
-    by_name = {l.name: l for l in iter_layers(model)}
+    by_name = {layer.name: layer for layer in iter_layers(model)}
     for name, size in info.get("layers", {}).items():
         if name not in by_name:
             raise CheckpointError(f"load_pruned: config lists layer {name!r}, which the "

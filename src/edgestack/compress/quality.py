@@ -22,9 +22,10 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -51,7 +52,7 @@ class EmbeddingEval:
 
     @classmethod
     def for_model(cls, model: nn.Module, model_dir: str | Path,
-                  sentences: list[str] | None = None, seq: int = 128) -> "EmbeddingEval":
+                  sentences: list[str] | None = None, seq: int = 128) -> EmbeddingEval:
         """Tokenize ``sentences`` (default: the held set) and embed them with ``model``."""
         from tokenizers import Tokenizer
 
@@ -92,7 +93,7 @@ class OutputEval:
     ref: list[torch.Tensor]
 
     @classmethod
-    def for_model(cls, model: nn.Module, inputs: list[dict[str, Any]]) -> "OutputEval":
+    def for_model(cls, model: nn.Module, inputs: list[dict[str, Any]]) -> OutputEval:
         with torch.no_grad():
             ref = [first_tensor(model(**x)).float() for x in inputs]
         return cls(inputs, ref)
@@ -100,7 +101,7 @@ class OutputEval:
     def score(self, model: nn.Module) -> dict[str, float]:
         cos = []
         with torch.no_grad():
-            for x, r in zip(self.inputs, self.ref):
+            for x, r in zip(self.inputs, self.ref, strict=True):
                 out = first_tensor(model(**x)).float()
                 a, b = r.reshape(r.shape[0], -1), out.reshape(out.shape[0], -1)
                 cos.append(torch.nn.functional.cosine_similarity(a, b, dim=1))

@@ -62,6 +62,7 @@ Options:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -71,19 +72,20 @@ from torch import nn
 from edgestack.compress.api import (
     PassContext,
     _model_device,
-    first_tensor,
-    inputs_to,
     check_choice,
     check_float,
     check_int,
     collect_input_stats,
+    first_tensor,
+    inputs_to,
 )
-from edgestack.errors import CompressError
-from edgestack.compress.finetune import PARAMS as FINETUNE_PARAMS, check_finetune_options
+from edgestack.compress.finetune import PARAMS as FINETUNE_PARAMS
+from edgestack.compress.finetune import check_finetune_options
 from edgestack.compress.gptq import GPTQ_BLOCK, gptq_columns, h_error, hessian, inverse_factor
 from edgestack.compress.layers import CompressedLayer, ShiftWeight
 from edgestack.compress.report import LayerReport
 from edgestack.compress.walk import LayerInfo, dense_weight, replace_module
+from edgestack.errors import CompressError
 from edgestack.formats import ShiftCodes
 from edgestack.formats.shift import MAX_BITS, MIN_BITS, levels
 
@@ -263,10 +265,8 @@ def layer_input_stats(model: nn.Module, calib: list[dict[str, Any]], layer: Laye
     try:
         for x in calib:
             kw = inputs_to(x, device)
-            try:
+            with contextlib.suppress(_StopForward):
                 model(**kw)
-            except _StopForward:
-                pass
     finally:
         handle.remove()
     return st
@@ -315,11 +315,8 @@ def run(ctx: PassContext) -> None:
         bits = layer_bits(layer.name, bits0, o["bits_per_layer"])
         w = dense_weight(layer).cpu()
         w2 = w.reshape(w.shape[0], -1)
-        if sequential:
-            # GPTQ sees the inputs of the model quantized so far (earlier layers replaced)
-            st = layer_input_stats(ctx.model, ctx.calib, layer)
-        else:
-            st = stats.get(layer.name)
+        # sequential: GPTQ sees the inputs of the model quantized so far (earlier layers replaced)
+        st = layer_input_stats(ctx.model, ctx.calib, layer) if sequential else stats.get(layer.name)
         col_w = st.column_mean_sq(w2.shape[1]) if st is not None else None
         scale = choose_scale(w2, bits, zero, method, col_w)
         used = "nearest"
@@ -370,7 +367,7 @@ def run(ctx: PassContext) -> None:
                               o["finetune_params"], n_val / len(ctx.calib),
                               max(10, steps // 10))
         ctx.report.details["finetune"] = info
-        for rep, (_, new) in zip(ctx.report.layers, replacements):
+        for rep, (_, new) in zip(ctx.report.layers, replacements, strict=True):
             fmt = new.weight_module.to_format()
             rep.details["finetuned"] = True
             rep.compressed_bytes = fmt.nbytes

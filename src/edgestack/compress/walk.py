@@ -10,8 +10,8 @@ Layers with weights of other kinds (``nn.Conv3d``, transposed convolutions, ``nn
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn

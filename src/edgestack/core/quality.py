@@ -7,9 +7,10 @@ measured without downloads. Embeddings are the attention-mask-weighted mean of t
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +28,8 @@ def tokenize(model_dir: str | Path, sentences: list[str], seq: int) -> list[dict
     try:
         from tokenizers import Tokenizer
     except ImportError:
-        raise EdgestackError("quality needs the tokenizers package: pip install tokenizers") from None
+        raise EdgestackError("quality needs the tokenizers package: "
+                             "pip install tokenizers") from None
     tok_file = Path(model_dir) / "tokenizer.json"
     if not tok_file.is_file():
         raise EdgestackError(f"no tokenizer.json in {model_dir}; expected a Hugging Face folder")

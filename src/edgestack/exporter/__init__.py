@@ -12,8 +12,14 @@ Importing this package imports onnx and onnx-ir; torch is imported when a functi
 """
 
 from edgestack.exporter.export import ExportResult, export
-from edgestack.exporter.ops import (DOMAIN, DOMAIN_VERSION, OPS, EdgestackOp, get_op,
-                                    register_schemas)
+from edgestack.exporter.ops import (
+    DOMAIN,
+    DOMAIN_VERSION,
+    OPS,
+    EdgestackOp,
+    get_op,
+    register_schemas,
+)
 from edgestack.exporter.parity import OutputParity, ParityReport, check_parity
 from edgestack.exporter.sizes import LayerSize, SizeReport, layer_sizes
 

@@ -35,9 +35,10 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import onnx
 
@@ -46,8 +47,13 @@ from edgestack.errors import ExportError
 from edgestack.exporter import ops as es_ops
 from edgestack.exporter.parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityReport, check_parity
 from edgestack.exporter.passes import CompactEmbeddingsPass, describe, quantize_rows
-from edgestack.exporter.signature import (ModelInputs, flatten_outputs, normalize_inputs,
-                                          unique_names)
+from edgestack.exporter.signature import (
+    ModelInputs,
+    flatten_outputs,
+    normalize_inputs,
+    unique_names,
+)
+
 # the BitStack order (written when the model has ``edgestack_bitstack_order``) and the layer
 # tag of every edgestack node: defined with the format, so the packer needs no exporter
 from edgestack.formats.bitstack import META_BITSTACK_ORDER, NODE_LAYER_KEY
@@ -198,7 +204,7 @@ def _dynamic_shapes(inputs: ModelInputs) -> Any:
             spec[1] = Dim.DYNAMIC
         specs.append(spec or None)
     if inputs.kwargs:
-        return dict(zip(inputs.names, specs))
+        return dict(zip(inputs.names, specs, strict=True))
     return tuple(specs)
 
 
@@ -233,13 +239,13 @@ def _trace_inputs(inputs: ModelInputs, shapes: Any) -> ModelInputs:
 
     specs = list(shapes.values()) if isinstance(shapes, dict) else list(shapes)
     grown = []
-    for t, spec in zip(inputs.tensors(), specs):
+    for t, spec in zip(inputs.tensors(), specs, strict=True):
         for dim in (spec or {}):
             if t.shape[dim] == 1:
                 t = torch.cat([t, t], dim=dim)
         grown.append(t)
     if inputs.kwargs:
-        return ModelInputs((), dict(zip(inputs.names, grown)), inputs.names)
+        return ModelInputs((), dict(zip(inputs.names, grown, strict=True)), inputs.names)
     return ModelInputs(tuple(grown), {}, inputs.names)
 
 
@@ -313,7 +319,7 @@ def _postprocess(model_ir: Any, owners_by_name: dict[str, str], output_names: li
     _name_dynamic_dims(graph)
     if len(output_names) == len(graph.outputs):
         taken = {v.name for v in graph.inputs} | set(graph.initializers)
-        for value, name in zip(graph.outputs, output_names):
+        for value, name in zip(graph.outputs, output_names, strict=True):
             if value.name != name and name not in taken:
                 value.name = name
 
@@ -401,7 +407,7 @@ def _compacted_reference(model: Any, norm: ModelInputs, tables: list[dict[str, A
     if missing:
         notes.append(f"no torch tensor found for {', '.join(missing)}: compared against "
                      "the fp32 table, the int8 rounding counts as error")
-    for i, (q, r) in enumerate(zip(quantized, reference)):
+    for i, (q, r) in enumerate(zip(quantized, reference, strict=False)):
         if q.shape != r.shape or not q.numel() or not q.is_floating_point():
             continue
         max_abs, max_rel, cosine = error_stats(q.double().numpy().reshape(-1),

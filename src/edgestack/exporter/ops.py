@@ -28,7 +28,8 @@ exact on every backend.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -254,7 +255,7 @@ class EdgestackOp:
         """
         values = [ir.Value(name=name, type=ir.TensorType(ir.DataType.from_numpy(a.dtype)),
                            shape=ir.Shape(a.shape))
-                  for (name, _), a in zip(self.inputs, inputs)]
+                  for (name, _), a in zip(self.inputs, inputs, strict=False)]
         node = ir.Node(DOMAIN, self.name, values, attributes=ir.convenience.convert_attributes(
             {k: [int(x) for x in v] if isinstance(v, (list, tuple)) else int(v)
              for k, v in attrs.items()}), num_outputs=1)

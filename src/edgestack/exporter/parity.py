@@ -17,9 +17,10 @@ caller (the CLI) decides what it means.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -110,7 +111,8 @@ class ParityReport:
             rows.append((o.name, "x".join(map(str, o.shape)) or "scalar", f"{o.max_abs:.3g}",
                          f"{o.max_rel:.3g}", f"{o.cosine:.6f}", "yes" if o.passed else "NO"))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                 for r in rows]
         verdict = "passed" if self.passed else "FAILED"
         lines.append(f"parity {verdict} (atol={self.atol:g}, rtol={self.rtol:g}, "
                      f"{self.provider})")
@@ -218,7 +220,7 @@ def check_parity(
     rows = [
         compare(name, g, r.detach().cpu().numpy() if hasattr(r, "detach") else np.asarray(r),
                 atol, rtol)
-        for name, g, r in zip(names, got, reference)
+        for name, g, r in zip(names, got, reference, strict=True)
     ]
     return ParityReport(rows, atol, rtol)
 

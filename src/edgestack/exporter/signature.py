@@ -40,7 +40,7 @@ class ModelInputs:
 
     def by_name(self) -> dict[str, Any]:
         """``{name: tensor}``."""
-        return dict(zip(self.names, self.tensors()))
+        return dict(zip(self.names, self.tensors(), strict=True))
 
     def numpy(self) -> dict[str, np.ndarray]:
         """``{name: ndarray}``, what ONNX Runtime is fed."""

@@ -40,7 +40,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from edgestack.exporter.export import (META_COMPRESSION, META_LOWRANK, NODE_LAYER_KEY)
+from edgestack.exporter.export import META_COMPRESSION, META_LOWRANK, NODE_LAYER_KEY
 from edgestack.exporter.ops import DOMAIN
 from edgestack.formats import BitStackStack, ShiftCodes
 
@@ -129,7 +129,8 @@ class SizeReport:
             rows.append((r.layer, r.kind, shape, str(r.actual_bytes),
                          f"{r.theoretical_bytes:.0f}", f"{r.ratio:.3f}"))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                 for row in rows]
         lines.append(f"{len(self.layers)} compressed layer(s): {self.compressed_bytes} B of "
                      f"{self.initializer_bytes} B of initializers")
         return "\n".join(lines)

@@ -8,7 +8,7 @@ import numpy as np
 
 from edgestack.errors import FormatError
 
-_REGISTRY: dict[str, type["WeightFormat"]] = {}
+_REGISTRY: dict[str, type[WeightFormat]] = {}
 
 
 class WeightFormat:
@@ -45,7 +45,7 @@ class WeightFormat:
         raise NotImplementedError
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> "WeightFormat":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> WeightFormat:
         """Rebuild a container from :meth:`arrays` and :meth:`attrs`."""
         raise NotImplementedError
 

@@ -25,7 +25,6 @@ from edgestack.errors import FormatError
 from edgestack.formats.base import WeightFormat, check_array
 from edgestack.formats.bitpack import packed_size, unpack_bits
 
-
 META_BITSTACK_ORDER = "edgestack.bitstack_order"
 """ONNX model metadata key: JSON list of ``[layer, block]``, the BitStack importance order
 (torch layer names, as in the nodes' :data:`NODE_LAYER_KEY` tag). The exporter writes it; the
@@ -111,7 +110,7 @@ class BitStackStack(WeightFormat, name="bitstack"):
             w += self.block(i)
         return w.reshape(self.shape)
 
-    def prefix(self, n_blocks: int) -> "BitStackStack":
+    def prefix(self, n_blocks: int) -> BitStackStack:
         """The stack of the first ``n_blocks`` blocks (views, no copy)."""
         if not 1 <= n_blocks <= self.n_blocks:
             raise FormatError(
@@ -128,7 +127,7 @@ class BitStackStack(WeightFormat, name="bitstack"):
         return {"shape": list(self.shape)}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> "BitStackStack":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> BitStackStack:
         try:
             return cls(arrays["signs"], arrays["u"], arrays["v"], tuple(attrs["shape"]))
         except KeyError as exc:

@@ -45,7 +45,7 @@ class LowRankFactors(WeightFormat, name="lowrank"):
         return int(self.u.shape[1])
 
     @classmethod
-    def encode(cls, weight: np.ndarray, rank: int) -> "LowRankFactors":
+    def encode(cls, weight: np.ndarray, rank: int) -> LowRankFactors:
         """Truncated SVD of ``weight`` viewed as a matrix; singular values split evenly."""
         w = np.asarray(weight, dtype=np.float32)
         check_finite("lowrank", w)
@@ -73,7 +73,7 @@ class LowRankFactors(WeightFormat, name="lowrank"):
         return {"shape": list(self.shape)}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> "LowRankFactors":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> LowRankFactors:
         try:
             return cls(arrays["u"], arrays["v"], tuple(attrs["shape"]))
         except KeyError as exc:

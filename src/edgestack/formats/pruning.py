@@ -52,7 +52,7 @@ class PruneMap(WeightFormat, name="pruning"):
 
     @classmethod
     def from_mask(cls, mask: np.ndarray, dim: int = 0, shape: tuple[int, ...] | None = None
-                  ) -> "PruneMap":
+                  ) -> PruneMap:
         """Build from a boolean keep-mask."""
         mask = np.asarray(mask, dtype=bool).reshape(-1)
         return cls(np.nonzero(mask)[0].astype(np.int64), mask.size, dim, shape)
@@ -100,7 +100,7 @@ class PruneMap(WeightFormat, name="pruning"):
         return int(np.prod(self.shape)) if self.shape else self.size
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> "PruneMap":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> PruneMap:
         try:
             shape = attrs.get("shape")
             return cls(arrays["keep"], attrs["size"], attrs.get("dim", 0),

@@ -88,7 +88,7 @@ class ShiftCodes(WeightFormat, name="shift"):
         bits: int = 4,
         zero: bool = False,
         scale: np.ndarray | None = None,
-    ) -> "ShiftCodes":
+    ) -> ShiftCodes:
         """Round a dense weight to the nearest shift code (nearest in the linear domain).
 
         Args:
@@ -159,11 +159,10 @@ class ShiftCodes(WeightFormat, name="shift"):
         return {"shape": list(self.shape), "bits": self.bits, "zero": self.zero}
 
     @classmethod
-    def from_arrays(cls, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> "ShiftCodes":
+    def from_arrays(cls, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> ShiftCodes:
         try:
-            return cls(
-                arrays["codes"], arrays["scale"], tuple(attrs["shape"]), attrs["bits"], attrs["zero"]
-            )
+            return cls(arrays["codes"], arrays["scale"], tuple(attrs["shape"]), attrs["bits"],
+                       attrs["zero"])
         except KeyError as exc:
             raise FormatError(f"shift codes: missing {exc.args[0]!r} in arrays/attrs") from None
 

@@ -110,9 +110,10 @@ import functools
 import json
 import math
 import re
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Collection, Iterable, Mapping, Sequence
+from typing import Any
 
 from edgestack.errors import PackageError
 
@@ -553,7 +554,7 @@ class Manifest:
         return sum(e.size for e in self.files.values() if e.role in LOADED_ROLES)
 
     @classmethod
-    def from_bytes(cls, data: bytes, source: str = "package") -> "Manifest":
+    def from_bytes(cls, data: bytes, source: str = "package") -> Manifest:
         """Parse and validate ``manifest.json`` bytes.
 
         Checks everything that can be checked without the other files: size bound, UTF-8,
@@ -698,9 +699,9 @@ class _Parser:
                 "directory or .tar that edgestack's PackageWriter / write_archive produced"
             )
         version = top.get("schema_version")
-        if isinstance(version, int) and not isinstance(version, bool):
-            if version in SUPPORTED_SCHEMA_VERSIONS:
-                return version
+        if (isinstance(version, int) and not isinstance(version, bool)
+                and version in SUPPORTED_SCHEMA_VERSIONS):
+            return version
         from edgestack import __version__
 
         raise PackageError(
@@ -803,7 +804,7 @@ class _Parser:
             dtype = self.one_of(self.get(spec, "dtype", where), f"{where}.dtype", FACTOR_DTYPES)
             attrs = self.obj(spec.get("attrs", {}), f"{where}.attrs")
             sizes = part_sizes(shape, rank, dtype)
-            for key, expected in zip(("signs_bytes", "u_bytes", "v_bytes"), sizes):
+            for key, expected in zip(("signs_bytes", "u_bytes", "v_bytes"), sizes, strict=True):
                 found = self.get(spec, key, where)
                 if isinstance(found, bool) or found != expected:
                     raise self.fail(
@@ -926,7 +927,7 @@ class _Parser:
             "bytes": "the end of its last block record",
             "total_bytes": "bytes plus the sizes of the graph and weight files",
         }
-        for i, (tier, (blocks, item)) in enumerate(zip(tiers, parsed)):
+        for i, (tier, (blocks, item)) in enumerate(zip(tiers, parsed, strict=True)):
             where = f"tiers[{i}]"
             if dict(tier.blocks) != blocks:
                 raise self.fail(

@@ -34,22 +34,23 @@ The package is written atomically (the writer's temporary directory); ``out`` en
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from edgestack.errors import PackageError
-from edgestack.package.format import ARCHIVE_SUFFIX, SUPPORTED_TARGETS
+from edgestack.package.format import ARCHIVE_SUFFIX, DENSE_FILES, SUPPORTED_TARGETS, VARIANT_FILE
 from edgestack.package.tables import gather_rows, lookup_table
-from edgestack.package.format import DENSE_FILES, VARIANT_FILE
 from edgestack.package.variants import add_sites, dense_graph
 
 logger = logging.getLogger("edgestack.package")
@@ -96,8 +97,8 @@ def _check_target(target: str) -> str:
     if target not in SUPPORTED_TARGETS:
         raise PackageError(
             f"pack: target {target!r} is not supported for device packages; supported: "
-            f"{', '.join(SUPPORTED_TARGETS)} (the runtime serves ONNX Runtime and OpenVINO on CPUs). Use "
-            "`edgestack compile` for other targets"
+            f"{', '.join(SUPPORTED_TARGETS)} (the runtime serves ONNX Runtime and OpenVINO "
+            "on CPUs). Use `edgestack compile` for other targets"
         )
     return target
 
@@ -114,7 +115,7 @@ def choose_tiers(order: Sequence[tuple[str, int]], layers: Mapping[str, int],
             bounds.add(i)
     points = sorted(bounds)
     counts: set[int] = set(points)
-    for lo, hi in zip(points, points[1:]):
+    for lo, hi in zip(points, points[1:], strict=False):
         for s in range(1, max(1, steps_per_level)):
             counts.add(lo + round((hi - lo) * s / steps_per_level))
     out = sorted(c for c in counts if first <= c <= len(order))
@@ -267,16 +268,14 @@ def activation_bytes(model: Any, input_shapes: Mapping[str, Sequence[int]],
     for vi in g.input:
         if vi.name in input_shapes:
             dims = vi.type.tensor_type.shape.dim
-            for d, v in zip(dims, input_shapes[vi.name]):
+            for d, v in zip(dims, input_shapes[vi.name], strict=False):
                 d.Clear()
                 d.dim_value = int(v)
     for name, shape in bitstack_outputs.items():
         g.value_info.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT,
                                                           list(shape)))
-    try:
+    with contextlib.suppress(Exception):  # an estimate: fall back to what is known
         m = shape_inference.infer_shapes(m, data_prop=True)
-    except Exception:  # noqa: BLE001 - an estimate: fall back to what is known
-        pass
     sizes: dict[str, int] = {}
     for vi in list(m.graph.value_info) + list(m.graph.output):
         tt = vi.type.tensor_type
@@ -331,7 +330,7 @@ def read_onnx(src: Path, say: Callable[[str], None]) -> Any:
     say(f"pack: reading {src}")
     try:
         return onnx.load(str(src))
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise PackageError(f"pack: cannot read {src} as ONNX ({exc}); expected an ONNX file "
                            "written by `edgestack export`") from None
 
@@ -474,7 +473,7 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
         dim = f"nb_{idx}"
         for nm, arr, et in zip(node.input, (signs, u, v),
                                (onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT16,
-                                onnx.TensorProto.FLOAT16)):
+                                onnx.TensorProto.FLOAT16), strict=True):
             new_inputs.append(helper.make_tensor_value_info(nm, et, [dim, *arr.shape[1:]]))
             removed.add(nm)
         attrs[layer] = {"node": node.name, "signs": node.input[0], "u": node.input[1],
@@ -558,10 +557,11 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
             a = attrs[layer]
             full.update({a["signs"]: st.signs, a["u"]: st.u, a["v"]: st.v})
         outs = sess.run(None, full)
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         raise PackageError(f"pack: ONNX Runtime cannot run the packed graph on the golden "
-                           f"inputs ({str(exc)[:300]}); check the inputs' names and shapes") from None
-    golden_out = {o.name: np.asarray(v) for o, v in zip(sess.get_outputs(), outs)}
+                           f"inputs ({str(exc)[:300]}); check the inputs' names and "
+                           "shapes") from None
+    golden_out = {o.name: np.asarray(v) for o, v in zip(sess.get_outputs(), outs, strict=True)}
     del sess
     shapes = {k: list(v.shape) for k, v in feeds.items()}
     act = activation_bytes(model, {**shapes, **{k: list(np.shape(v)) for k, v in
@@ -625,6 +625,6 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
     return PackResult(out, len(stacks), len(order), tiers, order_source, files, warns)
 
 
-__all__ = ["pack", "PackResult", "choose_tiers", "activation_bytes", "gather_tables", "pregather_tables",
-           "SUPPORTED_TARGETS",
+__all__ = ["pack", "PackResult", "choose_tiers", "activation_bytes", "gather_tables",
+           "pregather_tables", "SUPPORTED_TARGETS",
            "GRAPH_FILE", "WEIGHTS_FILE"]

@@ -35,9 +35,10 @@ import stat
 import tarfile
 import threading
 import zipfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -322,7 +323,8 @@ class _DirSource(_Source):
             self._fds.clear()
 
     def __del__(self) -> None:
-        try:
+        # not contextlib.suppress: at interpreter shutdown its module global may be gone
+        try:  # noqa: SIM105
             self.close()
         except Exception:  # pragma: no cover - interpreter shutdown
             pass
@@ -365,7 +367,7 @@ class _TarSource(_Source):
         self.path = path
         self.display = str(path)
         try:
-            self._file = open(path, "rb")
+            self._file = open(path, "rb")  # noqa: SIM115 - held open, closed by close()
         except OSError as exc:
             raise PackageError(f"{self.display}: cannot open the archive ({exc})") from None
         try:
@@ -575,7 +577,7 @@ class Package:
 
     # ---- opening ----------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> "Package":
+    def open(cls, path: str | os.PathLike[str]) -> Package:
         """Open and check a package directory or ``.tar`` archive (no hashing: see
         :meth:`verify`).
 
@@ -613,7 +615,7 @@ class Package:
         self._map = None
         self._source.close()
 
-    def __enter__(self) -> "Package":
+    def __enter__(self) -> Package:
         return self
 
     def __exit__(self, *exc: Any) -> None:

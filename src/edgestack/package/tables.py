@@ -27,7 +27,7 @@ def table_spec(spec: Any, file_size: int,
     try:
         off, size = int(spec["offset"]), int(spec["bytes"])
         dtype, shape = np.dtype(str(spec["dtype"])), tuple(int(d) for d in spec["shape"])
-        ok = (dtype.kind in "biuf" and len(shape) >= 1 and 0 <= off and off + size <= file_size
+        ok = (dtype.kind in "biuf" and len(shape) >= 1 and off >= 0 and off + size <= file_size
               and size == int(np.prod(shape)) * dtype.itemsize)
     except (KeyError, TypeError, ValueError):
         ok = False

@@ -37,9 +37,11 @@ the plans that serve every layer in that form.
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-from edgestack.package.format import (DENSE_ALIGN, DENSE_DATA, NBITS_BLOCK)
+from edgestack.package.format import DENSE_ALIGN, DENSE_DATA, NBITS_BLOCK
+
 
 def _attr(node: Any, name: str, default: Any) -> Any:
     from onnx import helper

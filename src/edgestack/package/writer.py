@@ -28,15 +28,15 @@ import os
 import secrets
 import shutil
 import zipfile
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from edgestack.errors import InternalError, PackageError
 from edgestack.package.format import (
-    BlockRecord,
     BLOCK_FILE,
     FACTOR_DTYPES,
     GOLDEN_INPUTS,
@@ -50,6 +50,7 @@ from edgestack.package.format import (
     MAX_MANIFEST_BYTES,
     MAX_STRING,
     MAX_TIERS,
+    BlockRecord,
     FileEntry,
     Golden,
     LayerInfo,
@@ -128,7 +129,7 @@ class _HashingFile:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "xb")
+        self._f = open(path, "xb")  # noqa: SIM115 - held open, closed by close()
         self.size = 0
         self._sha = hashlib.sha256()
 
@@ -226,10 +227,10 @@ class PackageWriter:
                 f"{', '.join(map(repr, allowed))}); the call order is {_ORDER}"
             )
 
-    def _guard(self) -> "_AbortOnError":
+    def _guard(self) -> _AbortOnError:
         return _AbortOnError(self)
 
-    def __enter__(self) -> "PackageWriter":
+    def __enter__(self) -> PackageWriter:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -270,7 +271,7 @@ class PackageWriter:
         method: str = "",
         metadata: Mapping[str, Any] | None = None,
         created: str | None = None,
-    ) -> "PackageWriter":
+    ) -> PackageWriter:
         """Start the package: model ``name``, ``target`` (e.g. ``"ort-cpu"``), where the model
         came from (``source``), its compression ``method``, free-form JSON ``metadata``, and
         ``created`` (ISO 8601 UTC; default now; fix it for reproducible packages)."""
@@ -545,7 +546,7 @@ class PackageWriter:
                 f"last tier must hold every block: add a tier of {len(self._records)}"
             )
         result = tiers_for_counts(self._records, counts, self._layers, 0)
-        for i, (tier, spec) in enumerate(zip(result, tiers)):
+        for i, (tier, spec) in enumerate(zip(result, tiers, strict=True)):
             if isinstance(spec, Mapping):
                 full = {name: int(spec.get(name, 0)) for name in self._layers}
                 if full != dict(tier.blocks):
@@ -599,7 +600,7 @@ class PackageWriter:
         entries = []
         with self._guard():
             assert self._tmp is not None
-            for name, arrs in zip((GOLDEN_INPUTS, GOLDEN_OUTPUTS), arrays):
+            for name, arrs in zip((GOLDEN_INPUTS, GOLDEN_OUTPUTS), arrays, strict=True):
                 path = self._tmp / name
                 path.parent.mkdir(parents=True, exist_ok=True)
                 _write_npz(path, arrs)

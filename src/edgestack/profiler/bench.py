@@ -44,18 +44,29 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
+from edgestack.core.quality import (
+    cosine_rows,
+    embed,
+    held_sentences,
+    hidden_state_output,
+    sentence_feeds,
+    tokenize,
+)
 from edgestack.errors import InternalError, TargetError
 from edgestack.profiler.latency import latency_stats
-from edgestack.profiler.pareto import (at_baseline_markdown, at_baseline_table,
-                                       pareto_markdown, pareto_table)
-from edgestack.core.quality import (cosine_rows, embed, held_sentences,
-                                        hidden_state_output, sentence_feeds, tokenize)
+from edgestack.profiler.pareto import (
+    at_baseline_markdown,
+    at_baseline_table,
+    pareto_markdown,
+    pareto_table,
+)
 
 #: Baseline labels, in report order (module docstring).
 BASELINES = ("ORT fp32", "ORT dynamic int8 per-tensor", "ORT dynamic int8 per-channel",
@@ -304,7 +315,7 @@ def baseline_subjects(dense: Path, work: Path, threads: int,
     else:
         log("bench: baseline OpenVINO IR ...")
         art = ov.lower(dense, work / "openvino", None, threads=threads)
-        for prec, label in zip(("fp32", "bf16"), BASELINES[5:]):
+        for prec, label in zip(("fp32", "bf16"), BASELINES[5:], strict=True):
             subjects.append(Subject(label, "artifact", str(art.folder), "openvino-cpu",
                                     "baseline", prec, _files_bytes(art.folder),
                                     {"precision": prec}))
@@ -345,13 +356,14 @@ the runtime no room for a planner rounding; the plan itself carries the safety m
 
 
 def package_subjects(path: Path, count: int | str, log: Callable[[str], None],
-                     threads: int | None = None) -> tuple[list[Subject], dict[str, str], dict[str, np.ndarray], int]:
+                     threads: int | None = None
+                     ) -> tuple[list[Subject], dict[str, str], dict[str, np.ndarray], int]:
     """One subject per measured tier of a package: ``(subjects, skipped, golden inputs,
     largest tier)``. A package whose target cannot run here gives no subjects and says why
     in ``skipped``."""
     from edgestack.package import Package
-    from edgestack.runtime import calibrate, plan_tier
     from edgestack.package.format import SUPPORTED_TARGETS
+    from edgestack.runtime import calibrate, plan_tier
     from edgestack.targets import get_target
 
     with Package.open(path) as pkg:
@@ -396,7 +408,7 @@ def reference_handle(path: Path, *, tier: int | None = None, threads: int = 1) -
 
     session = cpu_session(path, threads, "all")
     names = [o.name for o in session.get_outputs()]
-    return Handle(lambda feeds: dict(zip(names, session.run(names, dict(feeds)))),
+    return Handle(lambda feeds: dict(zip(names, session.run(names, dict(feeds)), strict=True)),
                   lambda: None)
 
 
@@ -799,7 +811,7 @@ def measure_subjects(subjects: Sequence[Subject], feeds: Mapping[str, np.ndarray
                 tier=s.options.get("tier"), plan_bytes=s.plan_bytes, note=s.note)
             for s in subjects]
     if memory:
-        for i, (s, row) in enumerate(zip(subjects, rows)):
+        for i, (s, row) in enumerate(zip(subjects, rows, strict=True)):
             if s.memory is None:
                 log(f"bench: memory [{i + 1}/{len(subjects)}] {s.label} ...")
                 s.memory = measure_memory(s, feeds_path)
@@ -811,7 +823,7 @@ def measure_subjects(subjects: Sequence[Subject], feeds: Mapping[str, np.ndarray
             handles.append(open_subject(s.spec(feeds_path)))
         if handles:
             log(f"bench: quality of {len(handles)} subjects ({probe.metric}) ...")
-        for h, row in zip(handles, rows):
+        for h, row in zip(handles, rows, strict=True):
             _, row.max_abs, row.max_rel = _quality(h.infer(feeds), reference)
             row.cosine = probe.score(h.infer)
         if handles:
@@ -824,7 +836,7 @@ def measure_subjects(subjects: Sequence[Subject], feeds: Mapping[str, np.ndarray
         for h in handles:
             h.close()
     batch_n = next((v.shape[0] for v in feeds.values() if np.ndim(v)), 1)
-    for row, t in zip(rows, times):
+    for row, t in zip(rows, times, strict=True):
         for k, v in latency_stats(t, batch_n).items():
             setattr(row, k, v)
     base_row = next((r for r in rows if r.label == "ORT fp32"), rows[0] if rows else None)

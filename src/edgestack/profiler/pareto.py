@@ -20,7 +20,8 @@ timings (``iterations == 0``) or quality are left out.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 BASELINE_GROUP = "baseline"
 #: The precision rows are shown and compared at: MB and quality decimals.
@@ -58,7 +59,7 @@ def _points(rows: Sequence[Any]) -> tuple[list[Any], list[tuple[float, float]], 
     usable = _usable(rows)
     mem, axis = memory_axis(usable)
     return usable, [(round(m, MEMORY_DIGITS), round(r.cosine, QUALITY_DIGITS))
-                    for m, r in zip(mem, usable)], axis
+                    for m, r in zip(mem, usable, strict=True)], axis
 
 
 def pareto_table(rows: Sequence[Any]) -> dict[str, Any]:
@@ -81,7 +82,7 @@ def at_baseline_table(rows: Sequence[Any]) -> dict[str, Any]:
     usable, points, axis = _points(rows)
     ours = [i for i, r in enumerate(usable) if r.group != BASELINE_GROUP]
     out = []
-    for b, (mem, quality) in zip(usable, points):
+    for b, (mem, quality) in zip(usable, points, strict=True):
         if b.group != BASELINE_GROUP:
             continue
         fits = [i for i in ours if points[i][0] <= mem]

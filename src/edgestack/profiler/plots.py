@@ -52,7 +52,7 @@ def plot_bench(report: Any, out_dir: str | Path) -> dict[str, str]:
              for i, r in enumerate(rows)}
 
     fig, ax = plt.subplots(figsize=(8, 4.8))
-    for r, x in zip(rows, mem):
+    for r, x in zip(rows, mem, strict=True):
         color, marker = style[r.label]
         ax.errorbar([x], [r.p50_ms], yerr=[[r.p50_ms - r.p10_ms], [r.p90_ms - r.p50_ms]],
                     fmt=marker, color=color, capsize=3, label=r.label)
@@ -68,11 +68,12 @@ def plot_bench(report: Any, out_dir: str | Path) -> dict[str, str]:
     files["latency_plot"] = str(path)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    tiers = [(x, r.cosine) for r, x in zip(rows, mem) if r.tier is not None and r.cosine]
+    tiers = [(x, r.cosine) for r, x in zip(rows, mem, strict=True)
+             if r.tier is not None and r.cosine]
     if len(tiers) > 1:
-        xs, ys = zip(*sorted(tiers))
+        xs, ys = zip(*sorted(tiers), strict=True)
         ax.plot(xs, ys, "-", color="tab:blue", alpha=0.6, label="package tiers")
-    for r, x in zip(rows, mem):
+    for r, x in zip(rows, mem, strict=True):
         if r.cosine is None:
             continue
         color, marker = style[r.label]
@@ -101,12 +102,12 @@ def _plot_pareto(plt: Any, rows: list[Any], style: dict[str, Any], path: Path) -
     rows = [r for r in rows if r.cosine is not None]
     mem, xlabel = _memory(rows)
     fig, ax = plt.subplots(figsize=(8, 5))
-    flags = pareto_flags([(x, r.cosine) for r, x in zip(rows, mem)])
-    front = sorted((x, r.cosine) for r, x, ok in zip(rows, mem, flags) if ok)
+    flags = pareto_flags([(x, r.cosine) for r, x in zip(rows, mem, strict=True)])
+    front = sorted((x, r.cosine) for r, x, ok in zip(rows, mem, flags, strict=True) if ok)
     if len(front) > 1:
-        xs, ys = zip(*front)
+        xs, ys = zip(*front, strict=True)
         ax.step(xs, ys, where="post", color="gray", alpha=0.6, label="Pareto front")
-    for r, x, ok in zip(rows, mem, flags):
+    for r, x, ok in zip(rows, mem, flags, strict=True):
         color, marker = style[r.label]
         ax.plot([x], [r.cosine], marker, color=color, label=r.label,
                 markeredgecolor="black" if ok else color)
@@ -135,7 +136,7 @@ def plot_quality_vs_bits(points: list[tuple[str, float, float]],
     for i, (label, bits, cos) in enumerate(points):
         ax.plot([bits], [cos], "o", color=cmap(i % 10), label=label)
     if tiers:
-        xs, ys = zip(*sorted((b, c) for _, b, c in tiers))
+        xs, ys = zip(*sorted((b, c) for _, b, c in tiers), strict=True)
         ax.plot(xs, ys, "s--", color="black", alpha=0.6, label="BitStack package tiers (runtime)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("bits per weight of the compressed layers (log2 scale)")

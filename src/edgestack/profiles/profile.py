@@ -12,8 +12,9 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from edgestack.errors import ProfileError
 from edgestack.profiles.sizes import EXPECTED as _SIZE_EXPECTED

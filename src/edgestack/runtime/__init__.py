@@ -17,19 +17,19 @@ See docs/runtime.md.
 
 from edgestack.runtime.budget import available_memory, cgroup_limit_left, resolve_budget
 from edgestack.runtime.calibrate import calibrate
+from edgestack.runtime.openvino import ENGINES, PRECISIONS, check_engine
 from edgestack.runtime.plan import (
-    DEFAULT_COSTS,
     DECODE_TEMP_BYTES,
-    Costs,
+    DEFAULT_COSTS,
     MATERIALISE_TEMP_BYTES,
     RUNTIME_OVERHEAD,
+    Costs,
     LayerPlan,
     MemoryPlan,
     plan_memory,
     plan_tier,
     smallest_plan,
 )
-from edgestack.runtime.openvino import ENGINES, PRECISIONS, check_engine
 from edgestack.runtime.runtime import RetierResult, Runtime
 
 __all__ = [

@@ -26,9 +26,10 @@ planner measures them where it runs:
 
 The result is cached as JSON under :func:`cache_dir`, keyed by the package's manifest hash
 and the machine (architecture, Python, numpy and ONNX Runtime versions, C library, page
-size, CPU count, threads, optimization level) and a digest of the runtime's own source, so each package is measured once per machine
-and setting. Where a measurement cannot run (no subprocess, a crash) :func:`calibrate` warns
-and returns the documented constants (:data:`~edgestack.runtime.plan.DEFAULT_COSTS`).
+size, CPU count, threads, optimization level) and a digest of the runtime's own source, so
+each package is measured once per machine and setting. Where a measurement cannot run (no
+subprocess, a crash) :func:`calibrate` warns and returns the documented constants
+(:data:`~edgestack.runtime.plan.DEFAULT_COSTS`).
 
 ``edgestack plan PKG --budget B`` calibrates on first use (``--recalibrate`` measures again,
 ``--no-calibrate`` plans with the documented constants).
@@ -44,8 +45,9 @@ import platform
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from edgestack.runtime.plan import DEFAULT_COSTS, Costs, graph_sizes, plan_tier
 
@@ -70,7 +72,8 @@ from edgestack.profiler.probe import peak_rss
 if sys.argv[1] == 'base':
     print(json.dumps({'hwm': peak_rss()}))
     sys.exit(0)
-pkg, tier, mat, threads, opt = sys.argv[4], int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]), sys.argv[8]
+pkg, tier, mat = sys.argv[4], int(sys.argv[5]), int(sys.argv[6])
+threads, opt = int(sys.argv[7]), sys.argv[8]
 graph = sys.argv[10] if sys.argv[10] != 'auto' else None
 extra = {'engine': engine, 'precision': precision} if engine == 'openvino' else {}
 rt = R.Runtime(pkg, tier=tier, materialize=mat, threads=threads or None, optimization=opt,

@@ -60,7 +60,7 @@ class OpenVINOSession:
             config["INFERENCE_PRECISION_HINT"] = precision
         try:
             self.compiled = ov.Core().compile_model(path, "CPU", config)
-        except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own types
+        except Exception as exc:
             raise TargetError(f"OpenVINO cannot compile {path} ({str(exc)[:300]}); repack "
                               "the model, or serve it with engine='onnxruntime'") from None
         self.request = self.compiled.create_infer_request()

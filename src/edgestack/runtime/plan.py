@@ -37,8 +37,9 @@ total, because it removes that layer's decode temporaries from the arena.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from edgestack.errors import BudgetError, PackageError
 from edgestack.package.format import DENSE_FILES, FORMS, VARIANT_FILE
@@ -310,7 +311,8 @@ def _runtime_meta(manifest: Any) -> Mapping[str, Any]:
 
 
 def _count(value: Any) -> int:
-    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return int(value) if ok else 0
 
 
 FAULT_AROUND = 64 * 1024
@@ -523,5 +525,6 @@ def plan_memory(package: Any, budget: int | None, *, tier: int | None = None,
 
 
 __all__ = ["MemoryPlan", "LayerPlan", "Costs", "DEFAULT_COSTS", "plan_memory", "plan_tier",
-           "smallest_plan", "layer_forms", "graph_sizes", "dense_bytes", "FORMS", "DENSE_ONLY", "SAFETY_FRACTION", "SAFETY_MIN", "RUNTIME_OVERHEAD", "DECODE_TEMP_BYTES", "OTF_LAYER_OVERHEAD",
-           "MATERIALIZED_LAYER_OVERHEAD", "MATERIALISE_TEMP_BYTES"]
+           "smallest_plan", "layer_forms", "graph_sizes", "dense_bytes", "FORMS", "DENSE_ONLY",
+           "SAFETY_FRACTION", "SAFETY_MIN", "RUNTIME_OVERHEAD", "DECODE_TEMP_BYTES",
+           "OTF_LAYER_OVERHEAD", "MATERIALIZED_LAYER_OVERHEAD", "MATERIALISE_TEMP_BYTES"]

@@ -21,10 +21,11 @@ package's weights file itself (the session's external-data folder is the package
 lookup tables (``metadata.runtime.tables``) are mapped by the runtime, handed over with
 ``SessionOptions.add_initializer`` and their pages handed back after every call. Sessions run
 with ``enable_mem_pattern=False``, and ``session.disable_prepacking=1`` except on the dense
-graphs, so memory follows the plan; ONNX Runtime's arena is on only for the dense graphs: measured on a 12-block MiniLM
-package (2 threads, avx512_vnni), the arena made the int8 graph 18% faster (13.0 -> 10.7 ms) at
-the same peak RSS, and the plain graph 2.4-4x faster on the fly but at +13-20% peak RSS (it
-keeps the decode temporaries); the memory pattern added 5-13 MB for no speed.
+graphs, so memory follows the plan; ONNX Runtime's arena is on only for the dense graphs:
+measured on a 12-block MiniLM package (2 threads, avx512_vnni), the arena made the int8
+graph 18% faster (13.0 -> 10.7 ms) at the same peak RSS, and the plain graph 2.4-4x faster
+on the fly but at +13-20% peak RSS (it keeps the decode temporaries); the memory pattern
+added 5-13 MB for no speed.
 
 Serving state (tier, plan, session, feeds) is an immutable snapshot swapped under a lock;
 ``infer`` takes the snapshot current at its start, so in-flight calls finish on the tier
@@ -42,23 +43,29 @@ import os
 import threading
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
 from edgestack.core.compare import agree
 from edgestack.errors import PackageError, TargetError
-from edgestack.package.format import BLOCK_FILE, SUPPORTED_TARGETS
+from edgestack.package.format import (
+    BLOCK_FILE,
+    DENSE_DATA,
+    DENSE_FILES,
+    NBITS_BLOCK,
+    SUPPORTED_TARGETS,
+    VARIANT_FILE,
+)
 from edgestack.package.reader import Package
 from edgestack.package.tables import check_ids, table_spec
-from edgestack.package.format import DENSE_DATA, DENSE_FILES, NBITS_BLOCK, VARIANT_FILE
 from edgestack.runtime.budget import resolve_budget
 from edgestack.runtime.calibrate import calibrate as calibrate_costs
 from edgestack.runtime.openvino import OpenVINOSession, check_engine
-from edgestack.runtime.plan import (DEFAULT_COSTS, FORMS, Costs, MemoryPlan, page_up,
-                                    plan_memory)
+from edgestack.runtime.plan import DEFAULT_COSTS, FORMS, Costs, MemoryPlan, page_up, plan_memory
 
 _FIX_REPACK = "copy the package again or repack the model"
 
@@ -96,7 +103,7 @@ def trim_heap() -> bool:
         return False
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _libc() -> Any:
     """The C library (``ctypes.CDLL``), loaded once (``find_library`` takes milliseconds and
     :func:`trim_heap` runs on every shrink); None where it cannot be loaded."""
@@ -186,7 +193,7 @@ class _LayerStore:
         """Give back the pages of rows ``nb..``; return the bytes released."""
         freed = 0
         for mm, row in zip(self.maps, (self.info.signs_bytes, self.info.u_bytes,
-                                       self.info.v_bytes)):
+                                       self.info.v_bytes), strict=True):
             start = page_up(nb * row)
             if start < len(mm):
                 mm.madvise(mmap.MADV_DONTNEED, start, len(mm) - start)
@@ -646,7 +653,7 @@ class Runtime:
         model = pkg.read_file(name, verify=self._verify)  # hashed while read
         try:
             return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise TargetError(f"{pkg.path}: ONNX Runtime cannot load the package's graph "
                               f"{name!r} ({str(exc)[:300]}); repack the model") from None
 
@@ -868,12 +875,12 @@ class Runtime:
                     run_feeds[value] = reader.rows(feeds[ids], ids, distinct[ids])
             try:
                 outs = st.session.run(None, run_feeds)
-            except Exception as exc:  # noqa: BLE001 - wrong shapes/dtypes from the caller
+            except Exception as exc:  # wrong shapes/dtypes from the caller
                 raise TargetError(f"infer: ONNX Runtime refused the inputs: "
                                   f"{str(exc)[:300]}") from None
             finally:
                 self._drop_tables()
-            return st.tier, dict(zip(st.outputs, outs))
+            return st.tier, dict(zip(st.outputs, outs, strict=True))
         finally:
             with st.cond:
                 st.active -= 1
@@ -1016,7 +1023,7 @@ class Runtime:
         if getattr(self, "_data_cleanup", None) is not None:
             self._data_cleanup()
 
-    def __enter__(self) -> "Runtime":
+    def __enter__(self) -> Runtime:
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from edgestack.errors import BudgetError
 from edgestack.runtime.budget import available_memory
@@ -34,7 +35,7 @@ class Watcher:
         self._thread = threading.Thread(target=self._loop, name="edgestack-watcher",
                                         daemon=True)
 
-    def start(self) -> "Watcher":
+    def start(self) -> Watcher:
         self._thread.start()
         return self
 
@@ -72,7 +73,7 @@ class Watcher:
         while not self._stop.wait(self.interval):
             try:
                 self.check()
-            except Exception as exc:  # noqa: BLE001 - keep serving; record the problem
+            except Exception as exc:  # keep serving; record the problem
                 self.events.append({"time": time.time(), "error": repr(exc)})
 
 

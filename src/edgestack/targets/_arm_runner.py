@@ -28,6 +28,7 @@ import json
 import sys
 import traceback
 
+
 def session_options(ort, threads: int, level: str):
     """ORT session options as :func:`edgestack.core.ort.session_options` makes them on the
     host: ``threads`` intra-op threads, one inter-op thread, sequential, graph optimization

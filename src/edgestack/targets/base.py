@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -199,7 +200,7 @@ class Runner:
                                   f"{arr.dtype.name}")
             shape = spec["shape"]
             if len(shape) != arr.ndim or any(isinstance(d, int) and d != s
-                                             for d, s in zip(shape, arr.shape)):
+                                             for d, s in zip(shape, arr.shape, strict=True)):
                 raise TargetError(f"input {name!r}: expected shape {shape}, found "
                                   f"{list(arr.shape)}")
 

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgestack.errors import TargetError
 from edgestack.core.ort import LEVELS
+from edgestack.errors import TargetError
 
 ENV_VAR = "EDGESTACK_ARM_ENV"
 """Environment variable naming the environment folder; overrides the search."""
@@ -359,7 +359,7 @@ class AArch64Emulator:
                     )
                 names = list(feeds)
                 arrays = [np.asarray(feeds[name]) for name in names]
-                for name, array in zip(names, arrays):
+                for name, array in zip(names, arrays, strict=True):
                     if array.dtype.hasobject:
                         raise TargetError(
                             f"Feed {name!r} has dtype object, which cannot cross to the "
@@ -380,7 +380,7 @@ class AArch64Emulator:
             proc = self.run_python(_RUNNER, ["--jobs", str(folder / "jobs.json")],
                                    timeout=timeout)
             results: list[dict[str, np.ndarray] | TargetError] = []
-            for i, (model, spec) in enumerate(zip(models, specs)):
+            for i, (model, spec) in enumerate(zip(models, specs, strict=True)):
                 meta = json.loads(Path(spec["meta"]).read_text(encoding="utf-8"))
                 if "error" in meta:
                     err = meta["error"]

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -177,7 +178,7 @@ def cross_check(cases: Sequence[Case], targets: Sequence[str] | str = "all", *,
                 for c in cases]
         reports = [CaseReport(c.name, c.reference_name, []) for c in cases]
         arm_jobs: list[tuple[int, TargetCheck, Any]] = []
-        for tname, target in zip(names, resolved):
+        for tname, target in zip(names, resolved, strict=True):
             ok, why = target.available()
             for i, case in enumerate(cases):
                 check = TargetCheck(tname, "skipped", reason=why)
@@ -206,7 +207,7 @@ def cross_check(cases: Sequence[Case], targets: Sequence[str] | str = "all", *,
             emu = AArch64Emulator.find()
             results = emu.run_many([(art.path(), cases[i].feeds) for i, _, art in arm_jobs])
             each = round((time.perf_counter() - t0) / len(arm_jobs), 3)
-            for (i, check, _), res in zip(arm_jobs, results):
+            for (i, check, _), res in zip(arm_jobs, results, strict=True):
                 check.seconds = each
                 if isinstance(res, TargetError):
                     check.status, check.reason = "error", str(res)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 
@@ -15,4 +15,4 @@ def reference_outputs(model_path: str | Path, feeds: Mapping[str, np.ndarray],
 
     s = cpu_session(model_path, threads, "all")
     names = [o.name for o in s.get_outputs()]
-    return dict(zip(names, s.run(names, {k: np.asarray(v) for k, v in feeds.items()})))
+    return dict(zip(names, s.run(names, {k: np.asarray(v) for k, v in feeds.items()}), strict=True))

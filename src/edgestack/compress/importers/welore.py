@@ -39,7 +39,7 @@ from edgestack.formats import LowRankFactors
 OPTIONS: dict[str, object] = {}
 
 
-def _factor(t: torch.Tensor):  # noqa: ANN202
+def _factor(t: torch.Tensor):
     t = t.detach()
     if t.dtype in (torch.float32, torch.float16):
         return t.cpu().numpy().copy()

@@ -13,15 +13,20 @@ ONNX file exported without it.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import onnx
 import onnx_ir as ir
 
-from edgestack.exporter.passes.compact_embeddings import (BITS, DEFAULT_MIN_BYTES,
-                                                          META_COMPACT_EMBEDDINGS,
-                                                          CompactEmbeddingsPass,
-                                                          dequantize_rows, quantize_rows)
+from edgestack.exporter.passes.compact_embeddings import (
+    BITS,
+    DEFAULT_MIN_BYTES,
+    META_COMPACT_EMBEDDINGS,
+    CompactEmbeddingsPass,
+    dequantize_rows,
+    quantize_rows,
+)
 
 logger = logging.getLogger("edgestack.exporter")
 

@@ -3,7 +3,9 @@
 Lowering passes: with ``int8=weights`` (``auto``: for int8 profiles) shift codes that fit
 int8 -> exact ``DequantizeLinear(int8, 2^k scale)`` (OpenVINO keeps them as compressed int8
 weights and decompresses exactly: 4x smaller, but measured ~2x slower than materialized f32
-on MiniLM here, hence not the default for fp32/bf16), every other ``edgestack`` node materialized to float32, then ``ov.convert_model`` and ``ov.save_model`` (no fp16 weight compression).
+on MiniLM here, hence not the default for fp32/bf16), every other ``edgestack`` node
+materialized to float32, then ``ov.convert_model`` and ``ov.save_model`` (no fp16 weight
+compression).
 
 ``weights=keep`` is refused: inlined decode bodies (OpenVINO's ONNX frontend does not read
 model-local functions, so they must be inlined) gave WRONG values on OpenVINO 2026.4 CPU
@@ -55,7 +57,7 @@ class OpenVinoCpuRunner(Runner):
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         res = self.request.infer(feeds)
-        return {n: np.array(res[o]) for n, o in zip(self.names, self.compiled.outputs)}
+        return {n: np.array(res[o]) for n, o in zip(self.names, self.compiled.outputs, strict=True)}
 
     def release_impl(self) -> None:
         self.request = self.compiled = None
@@ -111,7 +113,7 @@ class OpenVinoCpuTarget(Target):
         ir.save(model, onnx_path)
         try:
             ov_model = ov.convert_model(str(onnx_path))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise TargetError(f"OpenVINO could not convert {onnx_path}: {exc}") from exc
         ov.save_model(ov_model, str(out_dir / "model.xml"), compress_to_fp16=False)
         inputs, outputs = io_spec(model)

@@ -23,8 +23,15 @@ import numpy as np
 
 from edgestack.errors import TargetError
 from edgestack.targets.base import Artifact, Runner, host_arch, io_spec
-from edgestack.targets.ort_cpu import (OrtCpuRunner, OrtCpuTarget, _precision, lower_for_ort,
-                                       portable_options, save_model, session_options)
+from edgestack.targets.ort_cpu import (
+    OrtCpuRunner,
+    OrtCpuTarget,
+    _precision,
+    lower_for_ort,
+    portable_options,
+    save_model,
+    session_options,
+)
 
 
 def required_operators(model: Any) -> str:
@@ -104,7 +111,7 @@ class OrtArmTarget(OrtCpuTarget):
         try:
             ort.InferenceSession(str(out_dir / "model.onnx"), so,
                                  providers=["CPUExecutionProvider"])
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise TargetError(f"converting to ORT format failed: {exc}") from exc
         (out_dir / "required_operators.config").write_text(required_operators(model),
                                                            encoding="utf-8")

@@ -98,7 +98,7 @@ def lower_for_ort(model_path: Path, options: dict[str, Any], profile: Any | None
             + ". To fix: compile with transformer=auto (fuse what matches) or off"
             + (", or pass num_heads" if any("num_heads" in r for r in skipped.values())
                else "") + ".")
-    check_domains(model, "ort", ORT_DOMAINS + ((("edgestack",) if model.functions else ())))
+    check_domains(model, "ort", ORT_DOMAINS + (("edgestack",) if model.functions else ()))
     return model, report, int8
 
 
@@ -153,13 +153,13 @@ class OrtCpuRunner(Runner):
                                        opts.get("disabled_optimizers"))
         except TargetError:
             raise
-        except Exception as exc:  # noqa: BLE001 - ORT raises its own types
+        except Exception as exc:  # ORT raises its own types
             raise TargetError(f"ONNX Runtime could not load {self.artifact.path()}: {exc}"
                               ) from exc
         self.names = [o.name for o in self.session.get_outputs()]
 
     def infer_impl(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.names, self.session.run(self.names, feeds)))
+        return dict(zip(self.names, self.session.run(self.names, feeds), strict=True))
 
     def release_impl(self) -> None:
         self.session = None

@@ -8,7 +8,8 @@ that ran before it.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import onnx_ir as ir
 
@@ -32,7 +33,7 @@ def run_passes(model: ir.Model, passes: Sequence[ir.passes.PassBase]) -> dict[st
         name = type(p).__name__
         try:
             result = p(model)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the pass history
+        except Exception as exc:  # re-raised with the pass history
             raise TargetError(f"lowering pass {name} failed after "
                               f"[{', '.join(done) or 'none'}]: {type(exc).__name__}: {exc}"
                               ) from exc

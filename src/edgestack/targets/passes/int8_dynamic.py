@@ -23,8 +23,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from edgestack.targets.passes._util import (add_initializer, attrs, const_array,
-                                            drop_unused_initializers, replace_node)
+from edgestack.targets.passes._util import (
+    add_initializer,
+    attrs,
+    const_array,
+    drop_unused_initializers,
+    replace_node,
+)
 from edgestack.targets.passes.shift_int8 import INT8_TAG
 
 
@@ -86,7 +91,7 @@ class DynamicInt8MatMulPass(ir.passes.InPlacePass):
             else:
                 dql = _node("DynamicQuantizeLinear", [x], f"{base}_dql", 3)
                 xq, xs, xzp = dql.outputs
-                for v, suffix in zip(dql.outputs, ("xq", "xs", "xzp")):
+                for v, suffix in zip(dql.outputs, ("xq", "xs", "xzp"), strict=True):
                     v.name = f"{base}_{suffix}"
                 quantized[id(x)] = (xq, xs, xzp)
                 new.append(dql)

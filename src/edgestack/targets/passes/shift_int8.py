@@ -22,8 +22,13 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from edgestack.targets.passes._util import (add_initializer, attrs, const_array,
-                                            drop_unused_initializers, replace_node)
+from edgestack.targets.passes._util import (
+    add_initializer,
+    attrs,
+    const_array,
+    drop_unused_initializers,
+    replace_node,
+)
 
 INT8_TAG = "edgestack.int8"
 

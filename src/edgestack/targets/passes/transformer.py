@@ -38,8 +38,12 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from edgestack.targets.passes._util import (attrs, const_array, drop_unused_initializers,
-                                            replace_node)
+from edgestack.targets.passes._util import (
+    attrs,
+    const_array,
+    drop_unused_initializers,
+    replace_node,
+)
 
 log = logging.getLogger(__name__)
 MS_DOMAIN = "com.microsoft"

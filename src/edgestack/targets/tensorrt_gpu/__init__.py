@@ -37,7 +37,9 @@ import tensorrt as trt
 SETTINGS = json.loads({settings!r})
 logger = trt.Logger(trt.Logger.WARNING)
 builder = trt.Builder(logger)
-flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if SETTINGS["strongly_typed"] else 0
+flags = 0
+if SETTINGS["strongly_typed"]:
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 network = builder.create_network(flags)
 parser = trt.OnnxParser(network, logger)
 if not parser.parse_from_file(SETTINGS["onnx"]):

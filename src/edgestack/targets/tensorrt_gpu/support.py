@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from typing import Any
 
-F = ("float32", "float16", "bfloat16")
-I = ("int32", "int64")
-B = ("bool",)
+FLOATS = ("float32", "float16", "bfloat16")
+INTS = ("int32", "int64")
+BOOLS = ("bool",)
 
 #: op type -> dtypes of its (main) tensors TensorRT 10 accepts.
 SUPPORTED: dict[str, tuple[str, ...]] = {
-    **{op: F for op in (
+    **{op: FLOATS for op in (
         "Acos", "Acosh", "Asin", "Asinh", "Atan", "Atanh", "BatchNormalization", "Ceil",
         "Celu", "Cos", "Cosh", "Elu", "Erf", "Exp", "Floor", "Gelu", "GlobalLpPool",
         "GRU", "HardSigmoid", "HardSwish", "InstanceNormalization", "GroupNormalization",
@@ -33,19 +33,19 @@ SUPPORTED: dict[str, tuple[str, ...]] = {
         "Sqrt", "Tan", "Tanh", "ThresholdedRelu", "Dropout", "Einsum", "Trilu",
         "QuantizeLinear", "ConvTranspose", "Conv", "MatMul", "Gemm", "AveragePool",
         "GlobalAveragePool", "GlobalMaxPool", "MaxPool", "Relu", "Clip", "Shrink")},
-    **{op: F + I for op in (
+    **{op: FLOATS + INTS for op in (
         "Abs", "Add", "ArgMax", "ArgMin", "CumSum", "Div", "Equal", "Greater",
         "GreaterOrEqual", "Less", "LessOrEqual", "Max", "Mean", "Min", "Mod", "Mul", "Neg",
         "ReduceMax", "ReduceMean", "ReduceMin", "ReduceProd", "ReduceSum", "Range", "Sign",
         "Sub", "Sum", "TopK", "NonZero", "OneHot")},
-    **{op: F + I + B + ("int8",) for op in (
+    **{op: FLOATS + INTS + BOOLS + ("int8",) for op in (
         "Cast", "Concat", "Constant", "ConstantOfShape", "DepthToSpace", "Expand", "EyeLike",
         "Flatten", "Gather", "GatherElements", "GatherND", "Identity", "If", "Loop", "Pad",
         "Reshape", "ScatterElements", "ScatterND", "Shape", "Size", "Slice", "SpaceToDepth",
         "Split", "Squeeze", "Tile", "Transpose", "Unsqueeze", "Where", "Scan",
         "ReverseSequence", "Compress")},
-    **{op: B for op in ("And", "Or", "Xor", "Not")},
-    "IsNaN": F, "IsInf": F,
+    **{op: BOOLS for op in ("And", "Or", "Xor", "Not")},
+    "IsNaN": FLOATS, "IsInf": FLOATS,
     "DequantizeLinear": ("int8", "int4", "float8e4m3fn"),
 }
 
