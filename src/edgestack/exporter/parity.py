@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from edgestack.core.compare import agree
+from edgestack.core.compare import Agreement, agree
 from edgestack.errors import ExportError
 from edgestack.exporter.signature import flatten_outputs, normalize_inputs
 
@@ -33,25 +33,14 @@ DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4
 
 
-@dataclass
-class OutputParity:
-    """Comparison of one output.
+@dataclass(frozen=True)
+class OutputParity(Agreement):
+    """Comparison of one output (:class:`edgestack.core.compare.Agreement`: ``shape`` is the
+    ONNX Runtime output's, ``ref_shape`` the torch output's; ``passed`` is
+    ``shape == ref_shape and (max_abs <= atol or max_rel <= rtol)``), with its ONNX output
+    ``name``."""
 
-    Attributes:
-        name: the ONNX output name.
-        shape: the ONNX Runtime output's shape.
-        ref_shape: the torch output's shape.
-        max_abs, max_rel, cosine: see the module docstring.
-        passed: ``shape == ref_shape and (max_abs <= atol or max_rel <= rtol)``.
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    ref_shape: tuple[int, ...]
-    max_abs: float
-    max_rel: float
-    cosine: float
-    passed: bool
+    name: str = ""
 
 
 @dataclass
@@ -128,7 +117,7 @@ def compare(name: str, got: np.ndarray, ref: np.ndarray, atol: float, rtol: floa
     """Compare one output (``got`` from ONNX, ``ref`` from torch) by
     :func:`edgestack.core.compare.agree`."""
     r = agree(got, ref, atol, rtol)
-    return OutputParity(name, r.shape, r.ref_shape, r.max_abs, r.max_rel, r.cosine, r.passed)
+    return OutputParity(**vars(r), name=name)
 
 
 def ort_session(model: str | Path | onnx.ModelProto | Any) -> Any:
