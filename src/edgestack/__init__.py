@@ -1,8 +1,10 @@
 """edgestack: compressed neural networks on edge devices.
 
-Layers (each imports only the ones below it)::
+Layers (each imports only the ones to its left; docs/architecture.md, checked by
+``make lint``)::
 
-    formats (numpy) <- compress (torch) <- exporter <- targets <- package <- runtime
+    errors <- core <- formats <- profiles <- compress <- zoo <- sources <- exporter
+    <- targets <- package <- runtime <- profiler <- pipeline <- demo <- cli
 
 Importing ``edgestack`` imports neither torch nor any backend.
 """

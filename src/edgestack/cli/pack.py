@@ -22,8 +22,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help=".onnx file from `edgestack export`, or a model source (folder, "
                    "module:factory, built-in name such as minilm)")
     p.add_argument("--target", default="ort-cpu",
-                   help="package target: ort-cpu (default; served with ONNX Runtime) or "
-                   "openvino-cpu (the same files, served with OpenVINO)")
+                   help="package target: ort-cpu (default; served with ONNX Runtime), ort-arm "
+                   "(the same, on aarch64) or openvino-cpu (the same files, served with "
+                   "OpenVINO)")
     p.add_argument("--profile", default=None,
                    help="device profile (name or .toml); its target must be the package's")
     p.add_argument("--out", required=True, help="package directory, or PATH.tar")

@@ -126,10 +126,11 @@ BLOCK_FILE = "blocks.bin"
 GOLDEN_INPUTS = "golden/inputs.npz"
 GOLDEN_OUTPUTS = "golden/outputs.npz"
 ARCHIVE_SUFFIX = ".tar"
-SUPPORTED_TARGETS = ("ort-cpu", "openvino-cpu")
-"""Targets a device package can be made for: the runtime serves ``ort-cpu`` packages with
-ONNX Runtime and ``openvino-cpu`` packages with OpenVINO (the same files; the target names the
-default engine, see :mod:`edgestack.runtime.openvino`)."""
+SUPPORTED_TARGETS = ("ort-cpu", "ort-arm", "openvino-cpu")
+"""Targets a device package can be made for: the runtime serves ``ort-cpu`` (x86) and
+``ort-arm`` (aarch64) packages with ONNX Runtime and ``openvino-cpu`` packages with OpenVINO
+(the same files; the target names the default engine, see :mod:`edgestack.runtime.openvino`,
+and the machine it is meant for)."""
 
 # graph variants the packer writes beside the plain graph (see edgestack.package.variants)
 FORMS = ("on-the-fly", "int8", "nbits8", "f16", "fp32")

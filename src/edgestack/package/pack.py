@@ -26,8 +26,9 @@ package
   ``activation_bytes`` (peak of live intermediate tensors for the golden input shapes, from
   ONNX shape inference and a liveness scan in node order), ``input_shapes``, ``weights_file``.
 
-Targets ``ort-cpu`` and ``openvino-cpu`` are supported (:data:`SUPPORTED_TARGETS`: the same
-files, served by ONNX Runtime or OpenVINO); other targets are refused.
+Targets ``ort-cpu``, ``ort-arm`` and ``openvino-cpu`` are supported (:data:`SUPPORTED_TARGETS`:
+the same files, served by ONNX Runtime on x86 or aarch64, or by OpenVINO); other targets are
+refused.
 The package is written atomically (the writer's temporary directory); ``out`` ending in
 ``.tar`` gives the one-file archive form.
 """
@@ -374,7 +375,7 @@ def pack(
             BitStack nodes the package has one tier); with ``model``, only what the manifest
             records as the source.
         out: the package directory, or an archive path ending in ``.tar``.
-        target: the package's target: ``ort-cpu`` or ``openvino-cpu`` (see
+        target: the package's target: ``ort-cpu``, ``ort-arm`` or ``openvino-cpu`` (see
             :data:`SUPPORTED_TARGETS`).
         profile: a :class:`~edgestack.profiles.Profile` or name; its target must match and
             its name is recorded in the manifest metadata.

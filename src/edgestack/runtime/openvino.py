@@ -23,7 +23,7 @@ from edgestack.errors import TargetError
 ENGINES = ("onnxruntime", "openvino")
 """What can run a package's graphs."""
 
-TARGET_ENGINES = {"ort-cpu": "onnxruntime", "openvino-cpu": "openvino"}
+TARGET_ENGINES = {"ort-cpu": "onnxruntime", "ort-arm": "onnxruntime", "openvino-cpu": "openvino"}
 """The engine a package of each target is served with by default."""
 
 PRECISIONS = ("f32", "bf16", "f16")

@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import mmap
 import os
+import re
 import threading
 import time
 import warnings
@@ -127,20 +128,25 @@ MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")
 
 def fs_type(path: str) -> str:
     """The type of the file system holding ``path`` (the longest mount point above it, from
-    ``psutil.disk_partitions``), or ``""`` when unknown."""
-    import psutil
-
+    ``/proc/self/mounts``), or ``""`` when unknown (no ``/proc``). Read directly, not with
+    psutil: the device runtime serves without it (psutil only measures memory)."""
     real = os.path.realpath(path)
     best, kind = "", ""
     try:
-        parts = psutil.disk_partitions(all=True)
-    except (OSError, RuntimeError):
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
         return ""
-    for part in parts:
-        mount = part.mountpoint.rstrip("/") or "/"
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        # the kernel escapes space, tab, newline and backslash in mount points as octal
+        mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
+        mount = mount.rstrip("/") or "/"
         inside = real == mount or real.startswith(mount.rstrip("/") + "/")
         if inside and len(mount) >= len(best):
-            best, kind = mount, part.fstype
+            best, kind = mount, fields[2]
     return kind
 
 
