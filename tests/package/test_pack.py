@@ -37,7 +37,7 @@ def test_manifest_blocks_in_importance_order(small_pkg, small_model):
         assert man.target == "ort-cpu"
         assert [(r.layer, r.block) for r in pkg.block_index] == importance_order(stacks)
         assert set(pkg.files) == {"model.onnx", "model.mixed.onnx", "model.int8.onnx",
-                                  "model.fp32.onnx", "model.nbits8.onnx", "model.f16.onnx",
+                                  "model.fp32.onnx", "model.nbits8.onnx",
                                   "model.data", "blocks.bin", "golden/inputs.npz",
                                   "golden/outputs.npz"}
         assert pkg.files["model.mixed.onnx"].role == pkg.files["model.int8.onnx"].role == (

@@ -28,11 +28,10 @@ def _x(pkg):
     return Package.open(pkg).golden()[0]
 
 
-@pytest.mark.parametrize("form", ["fp32", "f16", "nbits8", "int8"])
+@pytest.mark.parametrize("form", ["fp32", "nbits8", "int8"])
 def test_openvino_serves_each_dense_form_as_onnxruntime_does(small_pkg, form):  # noqa: F811
     x = _x(small_pkg)
-    with Runtime(small_pkg, form=form, materialize=None if form == "f16" else 3,
-                 verify=False) as ort_rt:
+    with Runtime(small_pkg, form=form, materialize=3, verify=False) as ort_rt:
         ref = ort_rt.infer(x)
         assert ort_rt.plan.graph == form and ort_rt.engine == "onnxruntime"
     with Runtime(small_pkg, form=form, engine="openvino", precision="f32") as rt:
@@ -42,7 +41,7 @@ def test_openvino_serves_each_dense_form_as_onnxruntime_does(small_pkg, form):  
     assert set(got) == set(ref)
     for name in ref:
         # int8: ORT quantizes activations per call, OpenVINO its own way; the rest in f32
-        tol = 0.05 if form == "int8" else 1e-3 if form == "f16" else 1e-4
+        tol = 0.05 if form == "int8" else 1e-4
         peak = float(np.abs(ref[name]).max())
         assert float(np.abs(got[name] - ref[name]).max()) <= tol * peak, (form, name)
 
@@ -103,7 +102,7 @@ def test_openvino_cpu_package_defaults_to_openvino_and_verifies(ov_pkg, capsys):
 
 
 def test_openvino_plans_hold_in_fresh_processes(big_pkg, calib_cache):
-    """An OpenVINO package's budgets, planned with OpenVINO's calibrated costs, hold: four
+    """An OpenVINO package's budgets, planned with OpenVINO's calibrated costs, hold: three
     budgets (each dense form's plan + 1 MiB) in fresh processes over a baseline that has
     imported openvino."""
     pkg = Package.open(big_pkg)
@@ -111,9 +110,8 @@ def test_openvino_plans_hold_in_fresh_processes(big_pkg, calib_cache):
     assert costs.source.startswith("calibrated") and costs.overhead_fp32 is not None
     base = peak_rss("base", engine="openvino")["hwm"]
     plans = {form: plan_memory(pkg, None, form=form, dense=True, costs=costs)
-             for form in ("int8", "nbits8", "f16", "fp32")}
-    assert (plans["int8"].total < plans["nbits8"].total < plans["f16"].total
-            < plans["fp32"].total)
+             for form in ("int8", "nbits8", "fp32")}
+    assert plans["int8"].total < plans["nbits8"].total < plans["fp32"].total
     for form, plan in plans.items():
         budget = plan.total + 2**20
         chosen = plan_memory(pkg, budget, dense=True, costs=costs)

@@ -25,11 +25,10 @@ def add_package_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--auto", action="store_true",
                    help="budget from available memory and the cgroup limit, minus a margin")
     p.add_argument("--tier", type=int, default=None, help="force a tier")
-    p.add_argument("--form", choices=("auto", "int8", "nbits8", "f16", "fp32"), default="auto",
+    p.add_argument("--form", choices=("auto", "int8", "nbits8", "fp32"), default="auto",
                    help="what materialised layers become: auto (default: the most exact "
-                   "form whose plan fits the budget: fp32, then (OpenVINO) f16, then 8-bit "
-                   "weight-only nbits8, then int8), or int8 (the fastest on ONNX Runtime), "
-                   "nbits8, f16, fp32")
+                   "form whose plan fits the budget: fp32, then 8-bit weight-only nbits8, "
+                   "then int8), or int8 (the fastest), nbits8, fp32")
     p.add_argument("--engine", choices=("auto", "onnxruntime", "openvino"), default="auto",
                    help="what runs the graphs: auto (default: the package target's; "
                    "openvino-cpu packages -> openvino), onnxruntime, or openvino (every layer "

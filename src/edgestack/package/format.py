@@ -133,22 +133,20 @@ SUPPORTED_TARGETS = ("ort-cpu", "ort-arm", "openvino-cpu")
 and the machine it is meant for)."""
 
 # graph variants the packer writes beside the plain graph (see edgestack.package.variants)
-FORMS = ("on-the-fly", "int8", "nbits8", "f16", "fp32")
+FORMS = ("on-the-fly", "int8", "nbits8", "fp32")
 """How a BitStack layer is served (see :mod:`edgestack.package.variants`): decoded by ONNX
 Runtime on every call, or materialised once per tier as int8 (1 byte a weight, integer
-kernels), 8-bit weight-only MatMulNBits (1.16 bytes a weight, every layer at once), float16
-(2 bytes a weight, cast to float32 in the graph: for OpenVINO, which keeps it compressed;
-every layer at once) or float32 (4 bytes a weight, the tier's exact weight)."""
+kernels), 8-bit weight-only MatMulNBits (1.16 bytes a weight, every layer at once) or float32
+(4 bytes a weight, the tier's exact weight)."""
 VARIANT_FILE = "model.mixed.onnx"
 INT8_FILE = "model.int8.onnx"
 FP32_FILE = "model.fp32.onnx"
 NBITS8_FILE = "model.nbits8.onnx"
-F16_FILE = "model.f16.onnx"
-DENSE_FILES = {"int8": INT8_FILE, "nbits8": NBITS8_FILE, "f16": F16_FILE, "fp32": FP32_FILE}
+DENSE_FILES = {"int8": INT8_FILE, "nbits8": NBITS8_FILE, "fp32": FP32_FILE}
 """The dense variants: every layer in one form, no ``If``
 (see :func:`edgestack.package.variants.dense_graph`)."""
 
-DENSE_DATA = {"int8": "int8.bin", "nbits8": "nbits8.bin", "f16": "f16.bin", "fp32": "fp32.bin"}
+DENSE_DATA = {"int8": "int8.bin", "nbits8": "nbits8.bin", "fp32": "fp32.bin"}
 """The external-data file each dense graph reads its site tensors from. The runtime writes it
 for the plan it serves, in a folder of its own, at the offsets the packer recorded in
 ``site["file"][form]`` (see :func:`edgestack.package.variants.dense_graph`)."""

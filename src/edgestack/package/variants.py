@@ -260,8 +260,7 @@ def _concat_biases(names: list[str | None], g: Any, base_dir: str | None) -> Any
 
 def dense_graph(model: Any, attrs: Mapping[str, dict[str, Any]], form: str,
                 base_dir: str | None = None) -> Any | None:
-    """The **int8**, **nbits8**, **f16** or **fp32** variant (``form``): every BitStack site
-    is its dense form
+    """The **int8** or **fp32** variant (``form``): every BitStack site is its dense form
     directly, no ``If``, no decode and no block inputs: what a plan with every layer in
     ``form`` runs. The site tensors are **initializers** in the external-data file
     :data:`DENSE_DATA` ``[form]``, which the runtime writes per plan: ONNX Runtime then
@@ -276,10 +275,7 @@ def dense_graph(model: Any, attrs: Mapping[str, dict[str, Any]], form: str,
     - nbits8: ``com.microsoft.MatMulNBits`` 8-bit, symmetric, block 32, ``accuracy_level=4``
       over ``<p>.b`` ``[m, n/32, 32]`` uint8 and ``<p>.s`` ``[m, n/32]`` (the weight-only form:
       1.16 bytes a weight, the tier's quality within rounding), the bias taken in as for int8;
-    - fp32: ``MatMul(X, <p>.w)`` / ``Gemm(X, <p>.w, C, transB=1)``, the layer's own op;
-    - f16: the same over ``<p>.w = Cast(<p>.w16, float)``, ``<p>.w16`` float16 (2 bytes a
-      weight: OpenVINO reads the pattern as a compressed weight and keeps it so; ONNX
-      Runtime folds the cast into a float32 constant, so the runtime plans it for OpenVINO).
+    - fp32: ``MatMul(X, <p>.w)`` / ``Gemm(X, <p>.w, C, transB=1)``, the layer's own op.
 
     In the quantized forms, layers that read the same input (attention's query, key and
     value) are **fused**: one matmul over their weights side by side, then a ``Split`` (their
@@ -299,7 +295,7 @@ def dense_graph(model: Any, attrs: Mapping[str, dict[str, Any]], form: str,
     if form not in DENSE_DATA:
         raise ValueError(f"form must be one of {sorted(DENSE_DATA)}, found {form!r}")
     if not attrs or any(a.get("site", {}).get("kind", "generic") == "generic"
-                        or (form not in ("fp32", "f16") and not a["site"].get("int8"))
+                        or (form != "fp32" and not a["site"].get("int8"))
                         for a in attrs.values()):
         return None
     m, consumers, graph_outputs, by_output = _copy(model)
@@ -339,20 +335,14 @@ def dense_graph(model: Any, attrs: Mapping[str, dict[str, Any]], form: str,
         m_out, n_in = site["dims"]
         drop |= {id(decode), *(id(nd) for nd in moved[:-1])}
         drop_inputs |= {a["signs"], a["u"], a["v"]}
-        if form in ("fp32", "f16"):
-            mm = (helper.make_node("MatMul", [x, site["w"]], [y], name=f"{p}.matmul")
-                  if kind == "matmul" else
-                  helper.make_node("Gemm", [x, site["w"], *last.input[2:3]], [y], transB=1,
-                                   name=f"{p}.gemm"))
+        if form == "fp32":
+            replace[id(last)] = (
+                helper.make_node("MatMul", [x, site["w"]], [y], name=f"{p}.matmul")
+                if kind == "matmul" else
+                helper.make_node("Gemm", [x, site["w"], *last.input[2:3]], [y], transB=1,
+                                 name=f"{p}.gemm"))
             dims = [n_in, m_out] if kind == "matmul" else [m_out, n_in]
-            if form == "fp32":
-                replace[id(last)] = mm
-                layout[layer] = {"w": external(site["w"], TensorProto.FLOAT, dims, 4)}
-            else:   # float16 weight, cast to float32 in the graph
-                cast = helper.make_node("Cast", [f"{p}.w16"], [site["w"]],
-                                        to=TensorProto.FLOAT, name=f"{p}.cast")
-                replace[id(last)] = [cast, mm]
-                layout[layer] = {"w": external(f"{p}.w16", TensorProto.FLOAT16, dims, 2)}
+            layout[layer] = {"w": external(site["w"], TensorProto.FLOAT, dims, 4)}
             continue
         bias = last.input[2:3] if kind == "gemm" else []
         found = _bias_of(g, y, consumers, graph_outputs) if kind == "matmul" else None

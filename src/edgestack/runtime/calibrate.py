@@ -15,8 +15,7 @@ planner measures them where it runs:
    baseline were 3 MB short for a process that imports the runtime first (the bench's and
    the demo's probes). The smaller baseline makes the plans conservative for either order;
 2. a fresh interpreter serves the package's **top tier with every layer materialised**:
-   int8 on the mixed graph, and each dense graph in its form (int8, nbits8, fp32; with
-   OpenVINO also f16, the form only OpenVINO keeps compressed), and runs
+   int8 on the mixed graph, and each dense graph in its form (int8, nbits8, fp32), and runs
    the golden inputs three times: its peak minus the baseline, minus what the plan counts
    without overhead, is that graph's fixed overhead;
 3. **tier 0 and the top tier with every layer decoded on the fly** (plain graph): the
@@ -173,7 +172,7 @@ def measure(package: Any, *, threads: int | None = None, optimization: str = "al
     if engine == "openvino":
         result: dict[str, Any] = {"baseline_hwm": base, "engine": engine,
                                   "precision": precision}
-        overheads = _dense_overheads(man, run, ("int8", "nbits8", "f16", "fp32"), result)
+        overheads = _dense_overheads(man, run, ("int8", "nbits8", "fp32"), result)
         result["costs"] = {"overhead": DEFAULT_COSTS.overhead, "overhead_mixed": None,
                            **{f"overhead_{g}": v for g, v in overheads.items()},
                            "decode_temp_bytes": DEFAULT_COSTS.decode_temp_bytes}
@@ -205,8 +204,9 @@ def measure(package: Any, *, threads: int | None = None, optimization: str = "al
                                         "decode_temp_raw": raw}
     overhead = max(0, int(inc0 - plan0.expected_bytes - decode * work0))
     overheads = _dense_overheads(man, run, ("mixed", "int8", "nbits8", "fp32"), result)
-    result["costs"] = {"overhead": overhead,
-                       **{f"overhead_{g}": v for g, v in overheads.items()},
+    result["costs"] = {"overhead": overhead, "overhead_mixed": overheads["mixed"],
+                       "overhead_int8": overheads["int8"], "overhead_fp32": overheads["fp32"],
+                       "overhead_nbits8": overheads["nbits8"],
                        "decode_temp_bytes": round(decode, 3)}
     return result
 
@@ -282,8 +282,7 @@ def _costs(c: Mapping[str, Any], path: Path) -> Costs:
 
     return Costs(int(c["overhead"]), float(c["decode_temp_bytes"]),
                  f"calibrated on this machine ({path.name})", opt("overhead_mixed"),
-                 opt("overhead_int8"), opt("overhead_fp32"), opt("overhead_nbits8"),
-                 opt("overhead_f16"))
+                 opt("overhead_int8"), opt("overhead_fp32"), opt("overhead_nbits8"))
 
 
 __all__ = ["calibrate", "measure", "machine_key", "cache_dir", "DECODE_TEMP_RANGE"]

@@ -71,7 +71,7 @@ MATERIALISE_TEMP_BYTES = 10
 block's float32 magnitudes and unpacked signs (int8 quantization then works row-chunk by
 row-chunk)."""
 
-DENSE_ONLY = ("nbits8", "f16")
+DENSE_ONLY = ("nbits8",)
 """Forms only the dense graph has (every layer in that form, nothing on the fly)."""
 
 SAFETY_FRACTION = 0.05
@@ -108,14 +108,12 @@ class Costs:
     """The overhead with the fp32 graph (``model.fp32.onnx``); None: as the mixed graph's."""
     overhead_nbits8: int | None = None
     """The overhead with the nbits8 graph (``model.nbits8.onnx``); None: as the mixed graph's."""
-    overhead_f16: int | None = None
-    """The overhead with the f16 graph (``model.f16.onnx``); None: as the mixed graph's."""
 
     def overhead_for(self, graph: str) -> int:
         """The overhead of serving with ``graph`` (``"plain"``, ``"mixed"`` or a dense graph:
         ``"int8"``, ``"nbits8"``, ``"fp32"``)."""
         dense = {"int8": self.overhead_int8, "nbits8": self.overhead_nbits8,
-                 "f16": self.overhead_f16, "fp32": self.overhead_fp32}
+                 "fp32": self.overhead_fp32}
         for value in ((dense[graph],) if graph in dense else ()) + (
                 (self.overhead_mixed,) if graph != "plain" else ()):
             if value is not None:
@@ -125,7 +123,7 @@ class Costs:
     def to_dict(self) -> dict[str, Any]:
         return {"overhead": self.overhead, "overhead_mixed": self.overhead_mixed,
                 "overhead_int8": self.overhead_int8, "overhead_fp32": self.overhead_fp32,
-                "overhead_nbits8": self.overhead_nbits8, "overhead_f16": self.overhead_f16,
+                "overhead_nbits8": self.overhead_nbits8,
                 "decode_temp_bytes": self.decode_temp_bytes, "source": self.source}
 
 
@@ -275,8 +273,8 @@ def layer_forms(info: Any) -> tuple[str, ...]:
     site = info.attrs.get("site") if isinstance(info.attrs, Mapping) else None
     if not isinstance(site, Mapping):
         return ("on-the-fly",)
-    return (("on-the-fly", "int8", "nbits8", "f16", "fp32") if site.get("int8")
-            else ("on-the-fly", "f16", "fp32"))
+    return ("on-the-fly", "int8", "nbits8", "fp32") if site.get("int8") else ("on-the-fly",
+                                                                                "fp32")
 
 
 def dense_bytes(info: Any, form: str) -> int:
@@ -287,8 +285,6 @@ def dense_bytes(info: Any, form: str) -> int:
     if form == "nbits8":
         kb = -(-n // 32)                          # 8-bit codes + a float scale per 32
         return page_up(m * kb * 32) + page_up(4 * m * kb)
-    if form == "f16":
-        return page_up(2 * m * n)
     return page_up(4 * m * n) if form == "fp32" else 0
 
 
@@ -487,8 +483,7 @@ def plan_memory(package: Any, budget: int | None, *, tier: int | None = None,
     if form == "auto":
         form = "int8"
         if (budget is not None and materialize is None or dense) and man.layers:
-            # OpenVINO keeps float16 weights compressed; ONNX Runtime would not
-            for exact_form in ("fp32", "f16", "nbits8") if dense else ("fp32", "nbits8"):
+            for exact_form in ("fp32", "nbits8"):
                 if exact_form not in graph_sizes(man):
                     continue
                 exact = plan_tier(man, candidates[0], budget, materialize=len(man.layers),

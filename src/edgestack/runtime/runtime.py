@@ -312,7 +312,7 @@ def quantize_nbits8(w: np.ndarray, block: int = NBITS_BLOCK) -> tuple[np.ndarray
     return codes, scales
 
 
-QUANTIZED_FORMS = ("int8", "nbits8", "f16")
+QUANTIZED_FORMS = ("int8", "nbits8")
 """Forms that round the tier's weights (the golden outputs hold the exact ones)."""
 
 
@@ -709,8 +709,6 @@ class Runtime:
                     else:
                         arrays = {"w": self._decode(lp.name, lp.blocks,
                                                     site.get("kind") == "matmul", flat=True)}
-                        if graph == "f16":
-                            arrays["w"] = arrays["w"].astype(np.float16)
                     for key, arr in arrays.items():
                         offset, size = layout[key]
                         cols = layout.get(f"{key}_cols")
