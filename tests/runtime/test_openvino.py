@@ -115,7 +115,10 @@ def test_openvino_plans_hold_in_fresh_processes(big_pkg, calib_cache):
     for form, plan in plans.items():
         budget = plan.total + 2**20
         chosen = plan_memory(pkg, budget, dense=True, costs=costs)
-        assert chosen.graph == form, (form, chosen.graph)    # auto: the most exact that fits
+        # auto: the most exact form that fits (the fp32 plan may fit nbits8's budget: in bf16
+        # OpenVINO keeps its weights as float16)
+        exact = next(f for f in ("fp32", "nbits8", "int8") if plans[f].total <= budget)
+        assert chosen.graph == exact, (form, chosen.graph)
         run = peak_rss("run", str(big_pkg), str(budget), engine="openvino")
         increase = run["hwm"] - base
         assert increase <= budget, (form, increase, budget, run)

@@ -639,7 +639,8 @@ class Runtime:
         if self.engine == "openvino":   # a dense graph, in the folder beside its data
             path = Path(folder or self._external_data_dir(), name)
             path.write_bytes(pkg.read_file(name, verify=self._verify))  # hashed while read
-            return OpenVINOSession(str(path), threads=self.threads, precision=self.precision)
+            return OpenVINOSession(str(path), threads=self.threads, precision=self.precision,
+                                   compress=graph == "fp32")
         import onnxruntime as ort
 
         from edgestack.core.ort import session_options
