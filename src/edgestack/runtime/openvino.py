@@ -15,9 +15,10 @@ The graphs that decode BitStack blocks on every call (plain and mixed) need ONNX
 an OpenVINO plan has every layer materialised, and its memory does not depend on the tier.
 
 ``precision`` is OpenVINO's ``INFERENCE_PRECISION_HINT`` (``f32``, ``bf16``, ``f16``; None:
-OpenVINO's default for the CPU). Measured on MiniLM (seq 128, 2 threads, avx512_bf16): the
-nbits8 graph in bf16 ran as fast as OpenVINO's own bf16 model of the fp32 export, at
-two-thirds of its peak memory (bench/runtime_latency.py, docs/runtime.md).
+OpenVINO's default for the CPU). Measured on the 12-block MiniLM package (seq 128, 2 threads,
+avx512_bf16 and avx512_vnni; bench/runtime_latency.py, docs/measured.md): the nbits8 plan in
+bf16 8.85 ms, 0.89x OpenVINO's own bf16 model of the fp32 export and 0.83x ONNX Runtime's
+per-channel int8 model, at +124 MB peak RSS (that bf16 model: +170 MB).
 """
 
 from __future__ import annotations
