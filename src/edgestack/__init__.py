@@ -18,7 +18,6 @@ from edgestack.errors import (
     FormatError,
     InternalError,
     PackageError,
-    ParityError,
     ProfileError,
     TargetError,
 )
@@ -32,7 +31,6 @@ __all__ = [
     "CompressError",
     "CheckpointError",
     "ExportError",
-    "ParityError",
     "TargetError",
     "BudgetError",
     "ProfileError",

@@ -28,10 +28,6 @@ class ExportError(EdgestackError):
     """The model cannot be exported to ONNX, or the exported file fails its checks."""
 
 
-class ParityError(ExportError):
-    """An exported model's outputs differ from the reference beyond tolerance."""
-
-
 class TargetError(EdgestackError):
     """A target is unknown, unavailable, or cannot run the given model."""
 
@@ -58,7 +54,6 @@ __all__ = [
     "CompressError",
     "CheckpointError",
     "ExportError",
-    "ParityError",
     "TargetError",
     "BudgetError",
     "ProfileError",

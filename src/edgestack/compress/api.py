@@ -218,10 +218,6 @@ class PassContext:
 
         check_calib_tokens(self.calib)
 
-    def is_skipped(self, name: str) -> bool:
-        """Whether ``name`` matches a ``skip`` prefix."""
-        return _matches(name, self.options["skip"]) is not None
-
 
 def progress_iter(items: Iterable[Any], enabled: bool, desc: str,
                   total: int | None = None) -> Iterable[Any]:

@@ -547,11 +547,6 @@ class Manifest:
         compact form fits in 100 characters on one line, final newline."""
         return (_dump(self.to_dict(), 0) + "\n").encode("ascii")
 
-    @property
-    def loaded_bytes(self) -> int:
-        """Bytes of the files every tier loads besides the block prefix (graph + weights)."""
-        return sum(e.size for e in self.files.values() if e.role in LOADED_ROLES)
-
     @classmethod
     def from_bytes(cls, data: bytes, source: str = "package") -> Manifest:
         """Parse and validate ``manifest.json`` bytes.
