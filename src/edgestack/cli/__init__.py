@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from edgestack import __version__
 from edgestack.errors import EdgestackError
@@ -57,10 +59,49 @@ def build_parser() -> argparse.ArgumentParser:
         "error, 4 skipped (backend not available). `edgestack COMMAND --help` for details.",
     )
     parser.add_argument("--version", action="version", version=f"edgestack {__version__}")
+    g = parser.add_mutually_exclusive_group()
+    g.add_argument("-q", "--quiet", action="store_true",
+                   help="only warnings and errors on stderr (no progress lines)")
+    g.add_argument("-v", "--verbose", action="store_true",
+                   help="debug messages of edgestack's libraries too")
+    g.add_argument("--log-level", choices=LOG_LEVELS, default=None,
+                   help="stderr log level (default info: progress lines)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _commands():
         module.add_parser(sub)
     return parser
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+"""``--log-level`` values: the ``logging`` level of the ``edgestack`` loggers on stderr."""
+
+
+def progress(command: str) -> Callable[[str], None]:
+    """The progress function of a command: ``[edgestack COMMAND] message`` lines on stderr at
+    INFO through the ``edgestack.cli`` logger (``-q`` hides them); ``--json`` output on stdout
+    stays one object."""
+    logger = logging.getLogger(f"edgestack.cli.{command}")
+    return lambda message: logger.info("[edgestack %s] %s", command, message)
+
+
+def warn(command: str, message: str) -> None:
+    """A warning line of a command on stderr (shown unless ``--log-level error``)."""
+    logging.getLogger(f"edgestack.cli.{command}").warning("warning: %s", message)
+
+
+def _configure_logging(args: argparse.Namespace) -> logging.Handler:
+    """Send the ``edgestack`` loggers (the CLI's progress, the libraries' messages) to stderr
+    at the level the flags ask; returns the handler so :func:`main` can take it off again
+    (the root logger and other libraries' loggers are left alone)."""
+    level = args.log_level or ("warning" if args.quiet else "debug" if args.verbose
+                               else "info")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("edgestack")
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    logger.propagate = False
+    return handler
 
 
 def emit_json(obj: object) -> None:
@@ -79,8 +120,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     want_json = getattr(args, "json", False)
     # torch 2.13's own use of a deprecated pytree API inside torch.export: not actionable
     warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+    handler = _configure_logging(args)
     try:
-        return int(args.run(args))
+        code = int(args.run(args))
+        sys.stdout.flush()              # a closed pipe shows here, inside the handler below
+        return code
+    except BrokenPipeError:
+        # the reader went away (`edgestack profiles list | head -1`): end quietly, as Unix
+        # tools do, with stdout pointed at /dev/null so the interpreter's final flush is quiet
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
     except EdgestackError as exc:
         if want_json:
             emit_json({"ok": False, "error": str(exc), "error_type": type(exc).__name__})
@@ -97,6 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"edgestack {args.command}: internal error (a bug in edgestack): {exc!r}",
               file=sys.stderr)
         return EXIT_INTERNAL
+    finally:
+        logging.getLogger("edgestack").removeHandler(handler)
 
 
 def cli_entry() -> None:  # pragma: no cover - console-script shim

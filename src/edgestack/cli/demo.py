@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from edgestack.cli import EXIT_CHECK_FAILED, EXIT_OK, emit_json
+from edgestack.cli import EXIT_CHECK_FAILED, EXIT_OK, emit_json, progress
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -62,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     result = run_demo(args.out, methods=methods, seq=args.seq, threads=args.threads,
                       iterations=args.iterations, targets=targets,
                       bench=not args.no_bench,
-                      log=lambda m: print(m, file=sys.stderr, flush=True))
+                      log=progress("demo"))
     if args.json:
         emit_json({"report": str(result.report_path), **result.to_dict()})
     else:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import warnings
 
-from edgestack.cli import EXIT_CHECK_FAILED, EXIT_OK, emit_json
+from edgestack.cli import EXIT_CHECK_FAILED, EXIT_OK, emit_json, progress, warn
 
 METHODS = ("none", "prune", "shift", "lowrank", "bitstack")
 IMPORTERS = ("deepshift", "welore", "flap", "bitstack")
@@ -99,10 +98,6 @@ def method_options(args: argparse.Namespace) -> dict:
     return opts
 
 
-def _log(args: argparse.Namespace, msg: str) -> None:
-    print(f"[edgestack export] {msg}", file=sys.stderr, flush=True)
-
-
 def run(args: argparse.Namespace) -> int:
     from edgestack.compress import compress
     from edgestack.exporter import export
@@ -110,20 +105,21 @@ def run(args: argparse.Namespace) -> int:
 
     opts = method_options(args)
     t0 = time.perf_counter()
-    _log(args, f"loading {args.model}" + (f" ({args.from_} checkpoint)" if args.from_ else ""))
+    _log = progress("export")
+    _log(f"loading {args.model}" + (f" ({args.from_} checkpoint)" if args.from_ else ""))
     src = load_source(args.model, from_=args.from_, base=args.base, batch=args.batch,
                       seq=args.seq)
     calib, calib_text = ((None, "none") if args.method == "none"
                          else src.calibration(args.calib_n))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _log(args, f"compressing: method={args.method} {opts or ''}"
+        _log(f"compressing: method={args.method} {opts or ''}"
              + (f", calibration: {calib_text}" if calib else ""))
         report = compress(src.model, args.method, calib=calib, **opts)
     notes = [str(w.message) for w in caught if "edgestack" in str(w.filename)]
     for note in notes:
-        print(f"warning: {note}", file=sys.stderr)
-    _log(args, f"exporting to {args.out}")
+        warn("export", note)
+    _log(f"exporting to {args.out}")
     result = export(src.model, src.inputs, args.out, external_data=args.external_data,
                     atol=args.atol, rtol=args.rtol, compact_embeddings=args.compact_embeddings,
                     metadata={"method": args.method, "source": src.description,

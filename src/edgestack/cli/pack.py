@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from edgestack.cli import EXIT_OK, emit_json
+from edgestack.cli import EXIT_OK, emit_json, progress, warn
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -60,8 +59,7 @@ def run(args: argparse.Namespace) -> int:
     result = pack_model(args.model, args.out, target=args.target, profile=args.profile,
                         name=args.name, method=args.method, options=opts,
                         steps_per_level=args.steps_per_level, overwrite=args.overwrite,
-                        log=lambda m: print(f"[edgestack pack] {m}", file=sys.stderr,
-                                            flush=True))
+                        log=progress("pack"))
     if args.json:
         emit_json({"ok": True, **result.to_dict()})
     else:
@@ -71,5 +69,5 @@ def run(args: argparse.Namespace) -> int:
               f"{tiers[0]['total_bytes'] / 2**20:.2f}..{tiers[-1]['total_bytes'] / 2**20:.2f} "
               "MiB loaded")
         for w in result.warnings:
-            print(f"warning: {w}", file=sys.stderr)
+            warn("pack", w)
     return EXIT_OK

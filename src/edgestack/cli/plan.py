@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edgestack.cli import EXIT_OK, emit_json
-
-
-def print_progress(message: str) -> None:
-    """Progress lines go to stderr, so ``--json`` output stays one object on stdout."""
-    import sys
-
-    print(message, file=sys.stderr, flush=True)
+from edgestack.cli import EXIT_OK, emit_json, progress
 
 
 def add_package_args(p: argparse.ArgumentParser) -> None:
@@ -74,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         costs = DEFAULT_COSTS
         if args.calibrate and budget is not None:
             costs = calibrate(pkg, threads=args.threads, refresh=args.recalibrate,
-                              log=print_progress, engine=engine, precision=args.precision)
+                              log=progress("plan"), engine=engine, precision=args.precision)
         plan = plan_memory(pkg, budget, tier=args.tier, budget_source=source, costs=costs,
                            form=args.form, dense=engine == "openvino")
         if args.json:

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from edgestack.cli import EXIT_OK, emit_json
+from edgestack.cli import EXIT_OK, emit_json, progress
 
 METHODS = ("shift", "bitstack", "lowrank", "prune")
 
@@ -142,8 +141,7 @@ def _parse_tiers(text: str | None) -> tuple:
     return tuple(out)
 
 
-def _log(msg: str) -> None:
-    print(f"[edgestack quality] {msg}", file=sys.stderr, flush=True)
+_log = progress("quality")
 
 
 def run(args: argparse.Namespace) -> int:

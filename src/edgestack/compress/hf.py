@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,6 @@ def load_hf_model(folder: str | Path, config: Any = None) -> Any:
             f"model folder {str(folder)!r} has no config.json; expected a Hugging Face model "
             "folder, found files: " + ", ".join(sorted(p.name for p in folder.iterdir())[:10])
         )
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if config is None:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
     config._attn_implementation = "eager"

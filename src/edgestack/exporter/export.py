@@ -43,6 +43,7 @@ from typing import Any
 import onnx
 
 from edgestack.core.compare import error_stats
+from edgestack.core.logs import quiet_loggers
 from edgestack.errors import ExportError
 from edgestack.exporter import ops as es_ops
 from edgestack.exporter.parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityReport, check_parity
@@ -432,18 +433,6 @@ _NOISY_LOGGERS = ("onnxscript.optimizer._constant_folding",
                   "torch.onnx._internal.exporter._registration")
 
 
-@contextlib.contextmanager
-def _quiet_third_party_loggers() -> Iterator[None]:
-    saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in _NOISY_LOGGERS]
-    for lg, _ in saved:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in saved:
-            lg.setLevel(level)
-
-
 def export(
     model: Any,
     inputs: Any,
@@ -518,7 +507,7 @@ def export(
     start = time.perf_counter()
     table = es_ops.translation_table()
 
-    with _export_mode(model), torch.no_grad(), _quiet_third_party_loggers():
+    with _export_mode(model), torch.no_grad(), quiet_loggers(_NOISY_LOGGERS):
         # 1. the reference forward pass
         t0 = time.perf_counter()
         try:

@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from edgestack.core.logs import quiet_loggers
 from edgestack.core.quality import (
     cosine_rows,
     embed,
@@ -256,6 +257,15 @@ def _baseline(work: Path, name: str, label: str, precision: str, threads: int,
 
 def baseline_subjects(dense: Path, work: Path, threads: int,
                       log: Callable[[str], None]) -> tuple[list[Subject], dict[str, str]]:
+    """The baselines a user would otherwise pick (see :func:`_baseline_subjects`), with ONNX
+    Runtime's quantizer quiet (it logs every node at INFO, some on the root logger) for as
+    long as it runs."""
+    with quiet_loggers(("onnxruntime.quantization", "root"), logging.WARNING):
+        return _baseline_subjects(dense, work, threads, log)
+
+
+def _baseline_subjects(dense: Path, work: Path, threads: int,
+                       log: Callable[[str], None]) -> tuple[list[Subject], dict[str, str]]:
     """The baselines a user would otherwise pick, built from the dense float32 model
     (:data:`BASELINES`, module docstring). A quantized baseline in which the quantizer
     rewrote nothing (e.g. MatMulNBits on a CNN: no MatMul) is relabelled
@@ -266,8 +276,6 @@ def baseline_subjects(dense: Path, work: Path, threads: int,
 
     from edgestack.targets import get_target
 
-    for noisy in ("onnxruntime.quantization", "root"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     skipped: dict[str, str] = {}
     dense_proto = onnx.load(str(dense))
 

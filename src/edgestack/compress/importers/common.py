@@ -220,7 +220,6 @@ def build_model(base: Any, ckpt: Checkpoint) -> tuple[nn.Module, list[str]]:
             "next to the weights; expected a Hugging Face checkpoint folder with config.json, "
             "or pass base (an nn.Module of the architecture, e.g. from module:factory)"
         )
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoConfig, AutoModel
 
     try:

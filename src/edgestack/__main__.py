@@ -1,0 +1,5 @@
+"""``python -m edgestack``: the ``edgestack`` command."""
+
+from edgestack.cli import cli_entry
+
+cli_entry()
