@@ -66,7 +66,7 @@ class ModelSource:
             CompressError: ``n`` is negative (or not an integer).
         """
         if n is not None:
-            from edgestack.compress.api import check_int
+            from edgestack.compress.options import check_int
 
             check_int("n (calibration sentences)", n, 0, None,
                       "0 uses the example inputs")

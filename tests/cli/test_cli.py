@@ -173,6 +173,39 @@ def test_bits_out_of_range_writes_nothing(tmp_path, capsys):
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("argv,what", [
+    (["--method", "shift", "--bits", "9"], "bits"),
+    (["--method", "bitstack", "--blocks", "0"], "n_blocks"),
+    (["--method", "prune", "--ratio", "0.95"], "ratio"),
+    (["--method", "none", "--atol", "-1"], "--atol"),
+    (["--method", "none", "--seq", "0"], "--seq"),
+])
+def test_bad_arguments_fail_before_the_model_is_loaded(tmp_path, capsys, monkeypatch, argv,
+                                                       what):
+    import edgestack.sources
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(edgestack.sources, "load_source", boom)
+    code = main(["export", "minilm", *argv, "--out", str(tmp_path / "x.onnx")])
+    err = capsys.readouterr().err
+    assert code == 2 and what in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_creates_the_output_folder_and_never_overwrites_its_input(tmp_path, capsys):
+    out = tmp_path / "new" / "sub" / "cnn.onnx"
+    assert main(["export", "small-cnn", "--method", "none", "--out", str(out)]) == 0
+    assert out.is_file()
+    capsys.readouterr()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    assert main(["export", str(src), "--method", "none", "--out", str(src)]) == 2
+    assert "is the input" in capsys.readouterr().err
+
+
 def test_option_for_another_method_is_refused(tmp_path, capsys):
     code = main(["export", "small-cnn", "--method", "shift", "--blocks", "3",
                  "--out", str(tmp_path / "x.onnx")])

@@ -99,9 +99,38 @@ def _configure_logging(args: argparse.Namespace) -> logging.Handler:
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("edgestack")
     logger.addHandler(handler)
-    logger.setLevel(level.upper())
+    # by default the commands' progress lines, and only warnings from the libraries
+    # (their INFO lines, e.g. each export stage, show with -v or --log-level info)
+    explicit = args.log_level is not None or args.verbose
+    logger.setLevel(level.upper() if explicit else max(logging.WARNING,
+                                                       logging.getLevelName(level.upper())))
+    logging.getLogger("edgestack.cli").setLevel(level.upper())
     logger.propagate = False
     return handler
+
+
+def prepare_output(out: str, inputs: Sequence[str] = ()) -> None:
+    """The one output rule of every command, checked before any slow work: the output's
+    folder is created when missing (a file in its way is an error), and an output that is one
+    of the command's ``inputs`` is refused (an input is never overwritten).
+
+    Raises:
+        EdgestackError: the output is an input, or its folder cannot be created.
+    """
+    from pathlib import Path
+
+    path = Path(out)
+    for given in inputs:
+        if given and Path(given).exists() and path.exists() and path.resolve() == Path(
+                given).resolve():
+            raise EdgestackError(f"output {out!r} is the input {given!r}; expected a new path "
+                                 "for the output (an input is never overwritten)")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EdgestackError(f"cannot create the output folder {str(path.parent)!r} "
+                             f"({exc.strerror or exc}); pass --out in a writable folder"
+                             ) from None
 
 
 def emit_json(obj: object) -> None:
@@ -149,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERNAL
     finally:
         logging.getLogger("edgestack").removeHandler(handler)
+        logging.getLogger("edgestack").setLevel(logging.NOTSET)
+        logging.getLogger("edgestack.cli").setLevel(logging.NOTSET)
 
 
 def cli_entry() -> None:  # pragma: no cover - console-script shim

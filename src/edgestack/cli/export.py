@@ -6,7 +6,8 @@ import argparse
 import time
 import warnings
 
-from edgestack.cli import EXIT_CHECK_FAILED, EXIT_OK, emit_json, progress, warn
+from edgestack.cli import EXIT_CHECK_FAILED, EXIT_OK, emit_json, prepare_output, progress, warn
+from edgestack.errors import EdgestackError
 
 METHODS = ("none", "prune", "shift", "lowrank", "bitstack")
 IMPORTERS = ("deepshift", "welore", "flap", "bitstack")
@@ -99,11 +100,24 @@ def method_options(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    from edgestack.compress.options import check_options  # torch-free: fails fast
+
+    opts = method_options(args)
+    check_options(args.method, **opts)                # bad values fail before loading
+    bad = [f"{flag} {v!r} (expected {want})" for flag, v, ok, want in (
+        ("--atol", args.atol, args.atol >= 0, ">= 0"),
+        ("--rtol", args.rtol, args.rtol >= 0, ">= 0"),
+        ("--batch", args.batch, args.batch is None or args.batch >= 1, ">= 1"),
+        ("--seq", args.seq, args.seq is None or args.seq >= 1, ">= 1"),
+        ("--calib-n", args.calib_n, args.calib_n is None or args.calib_n >= 1, ">= 1"))
+        if not ok]
+    if bad:
+        raise EdgestackError(f"bad {'; '.join(bad)}")
+    prepare_output(args.out, [args.model])
     from edgestack.compress import compress
     from edgestack.exporter import export
     from edgestack.sources import load_source
 
-    opts = method_options(args)
     t0 = time.perf_counter()
     _log = progress("export")
     _log(f"loading {args.model}" + (f" ({args.from_} checkpoint)" if args.from_ else ""))

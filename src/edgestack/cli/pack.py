@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edgestack.cli import EXIT_OK, emit_json, progress, warn
+from edgestack.cli import EXIT_OK, emit_json, prepare_output, progress, warn
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -51,6 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    prepare_output(args.out, [args.model])
     from edgestack.pipeline import pack_model
 
     opts = {k: v for k, v in (("n_blocks", args.blocks), ("k", args.k),

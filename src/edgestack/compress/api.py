@@ -7,8 +7,9 @@ them, and runs the pass under ``torch.no_grad`` with the model in eval mode.
 
 A pass is a module (``shift``, ``bitstack``, ``lowrank``, ``prune``) with:
 
-- ``OPTIONS``: ``{name: default}`` (``skip`` is added for every method);
-- ``check_options(options)``: raise :class:`~edgestack.errors.CompressError` on bad values;
+- its options, their defaults and their check in the torch-free
+  :mod:`edgestack.compress.options` (``PASS_OPTIONS``; ``skip`` is added for every method),
+  which :func:`compress` runs first;
 - ``run(ctx)``: modify ``ctx.model`` in place and fill ``ctx.report``.
 
 Calibration statistics (:func:`collect_input_stats`) are running sums kept per watched
@@ -18,9 +19,7 @@ matrix of the layer's matrix input), so memory stays bounded whatever the calibr
 
 from __future__ import annotations
 
-import difflib
 import importlib
-import numbers
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,6 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgestack.compress.options import (  # re-exported: the passes import them from here
+    METHODS,
+    check_options,
+    method_options,
+)
 from edgestack.compress.report import CompressReport, SkippedLayer
 from edgestack.compress.walk import (
     LayerInfo,
@@ -39,8 +43,6 @@ from edgestack.compress.walk import (
 )
 from edgestack.errors import CompressError
 
-METHODS = ("none", "prune", "shift", "lowrank", "bitstack")
-
 _PASS_MODULES = {
     "prune": "edgestack.compress.prune",
     "shift": "edgestack.compress.shift",
@@ -48,104 +50,9 @@ _PASS_MODULES = {
     "bitstack": "edgestack.compress.bitstack",
 }
 
-COMMON_OPTIONS: dict[str, Any] = {"skip": ()}
-#: options of every method but "none" (see :func:`compress`)
-CALIB_OPTIONS: dict[str, Any] = {"extra_texts": 0}
-
-
-# --------------------------------------------------------------------------- options
-
 
 def _pass_module(method: str) -> Any:
     return importlib.import_module(_PASS_MODULES[method])
-
-
-def method_options(method: str) -> dict[str, Any]:
-    """The options ``method`` takes, with their defaults (``skip`` included).
-
-    Raises:
-        CompressError: unknown method.
-    """
-    _check_method(method)
-    if method == "none":
-        return dict(COMMON_OPTIONS)
-    return {**_pass_module(method).OPTIONS, **CALIB_OPTIONS, **COMMON_OPTIONS}
-
-
-def _check_method(method: Any) -> None:
-    if method not in METHODS:
-        hint = difflib.get_close_matches(str(method), METHODS, n=1)
-        raise CompressError(
-            f"unknown compression method {method!r}; valid methods are {', '.join(METHODS)}"
-            + (f" (did you mean {hint[0]!r}?)" if hint else "")
-        )
-
-
-def _resolve_options(method: str, given: dict[str, Any]) -> dict[str, Any]:
-    valid = method_options(method)
-    unknown = [name for name in given if name not in valid]
-    if unknown:
-        name = unknown[0]
-        owners = [m for m in METHODS[1:] if m != method and name in method_options(m)]
-        hint = difflib.get_close_matches(name, list(valid), n=1)
-        raise CompressError(
-            f"method {method!r} has no option {name!r}; its options are "
-            f"{', '.join(sorted(valid))}"
-            + (f" (did you mean {hint[0]!r}?)" if hint else "")
-            + (f"; {name!r} is an option of {', '.join(owners)}" if owners else "")
-        )
-    opts = {**valid, **given}
-    opts["skip"] = _check_skip(opts["skip"])
-    if method != "none":
-        check_int("extra_texts", opts["extra_texts"], 0, None)
-        _pass_module(method).check_options(opts)
-    return opts
-
-
-def _check_skip(skip: Any) -> tuple[str, ...]:
-    if isinstance(skip, str):
-        skip = (skip,)
-    if not isinstance(skip, (tuple, list)) or not all(isinstance(s, str) for s in skip):
-        raise CompressError(
-            f"option skip: expected a tuple of module-name prefixes (str), found {skip!r}; "
-            "pass e.g. skip=('pooler', 'encoder.layer.0')"
-        )
-    return tuple(s.rstrip(".") for s in skip)
-
-
-def check_int(name: str, value: Any, lo: int, hi: int | None = None, hint: str = "") -> None:
-    """Refuse ``value`` unless it is an int in ``[lo, hi]`` (``hi`` None: unbounded)."""
-    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    ok = ok and lo <= value and (hi is None or value <= hi)
-    if not ok:
-        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
-        raise CompressError(
-            f"option {name}: expected an integer {rng}, found {value!r}"
-            + (f"; {hint}" if hint else "")
-        )
-
-
-def check_float(name: str, value: Any, lo: float, hi: float, lo_open: bool = False,
-                hint: str = "") -> None:
-    """Refuse ``value`` unless it is a real number in ``[lo, hi]`` (``(lo, hi]`` if lo_open)."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    ok = ok and (lo < value if lo_open else lo <= value) and value <= hi
-    if not ok:
-        rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
-        raise CompressError(
-            f"option {name}: expected a number in {rng}, found {value!r}"
-            + (f"; {hint}" if hint else "")
-        )
-
-
-def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
-    """Refuse ``value`` unless it is one of ``choices``."""
-    choices = tuple(choices)
-    if value not in choices or isinstance(value, bool) != isinstance(choices[0], bool):
-        raise CompressError(
-            f"option {name}: expected one of {', '.join(repr(c) for c in choices)}, "
-            f"found {value!r}"
-        )
 
 
 # --------------------------------------------------------------------------- context
@@ -524,8 +431,7 @@ def compress(
         CompressError: unknown method or option, option out of range, no supported layer,
             or a weight holding NaN/Inf (checked before anything is changed).
     """
-    _check_method(method)
-    opts = _resolve_options(method, options)
+    opts = check_options(method, **options)
     calib = check_calib(calib)
     if not isinstance(model, nn.Module):
         raise CompressError(

@@ -99,9 +99,6 @@ from torch import nn
 
 from edgestack.compress.api import (
     PassContext,
-    check_choice,
-    check_float,
-    check_int,
     collect_input_stats,
 )
 from edgestack.compress.bitstack_fit import (
@@ -110,41 +107,26 @@ from edgestack.compress.bitstack_fit import (
     inverse_factor,
     refit_factors,
 )
-from edgestack.compress.finetune import check_finetune_options
 from edgestack.compress.gptq import h_error, hessian
 from edgestack.compress.layers import BitStackWeight, CompressedLayer
+from edgestack.compress.options import check_bitstack
 from edgestack.compress.report import LayerReport
 from edgestack.compress.shift import model_outputs
 from edgestack.compress.walk import dense_weight, replace_module
 from edgestack.errors import CompressError
 from edgestack.formats import BitStackStack, pack_bits
 
-OPTIONS: dict[str, Any] = {
-    "n_blocks": 4, "k": None, "factor_bits": 0.25, "act_aware": True, "svd": "randomized",
-    "device": "cpu", "signs": "auto", "refit": 0, "finetune_steps": 0, "finetune_lr": 5e-4,
-    "max_seconds": None, "seed": 0,
-}
-SIGNS = ("auto", "gptq", "plain")
-MAX_REFIT = 20
 #: Oversampling and power iterations of the randomized SVD.
 OVERSAMPLE = 8
 POWER_ITERS = 4
-MAX_BLOCKS = 64
 _FP16_MAX = 65504.0
 
 
 def check_options(opts: dict[str, Any]) -> None:
-    """Refuse out-of-range bitstack options (and ``device="cuda"`` without CUDA)."""
-    check_int("n_blocks", opts["n_blocks"], 1, MAX_BLOCKS)
-    if opts["k"] is not None:
-        check_int("k", opts["k"], 1, None, "or k=None to choose it by shape")
-    check_float("factor_bits", opts["factor_bits"], 0.0, 16.0, lo_open=True)
-    check_choice("act_aware", opts["act_aware"], (True, False))
-    check_choice("svd", opts["svd"], ("randomized", "exact"))
-    check_choice("device", opts["device"], ("cpu", "cuda"))
-    check_choice("signs", opts["signs"], SIGNS)
-    check_int("refit", opts["refit"], 0, MAX_REFIT)
-    check_finetune_options(opts)
+    """Refuse out-of-range bitstack options
+    (:func:`edgestack.compress.options.check_bitstack`) and ``device="cuda"`` without
+    CUDA."""
+    check_bitstack(opts)
     if opts["device"] == "cuda" and not torch.cuda.is_available():
         raise CompressError(
             "option device: 'cuda' was requested but torch sees no CUDA device "
@@ -276,6 +258,7 @@ def _column_scale(mean_sq: torch.Tensor) -> torch.Tensor:
 def run(ctx: PassContext) -> None:
     """Replace each layer of ``ctx.layers`` by its BitStack twin (see module docstring)."""
     o = ctx.options
+    check_options(o)   # the CUDA check (the values were checked before any work)
     layers = ctx.decodable_layers()
     ctx.require_calib([opt for opt, on in (("signs='gptq'", o["signs"] == "gptq"),
                                            ("finetune_steps", o["finetune_steps"] > 0)) if on],

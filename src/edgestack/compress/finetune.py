@@ -29,30 +29,19 @@ import torch
 from torch import nn
 
 from edgestack.compress.api import (
-    check_float,
-    check_int,
     first_tensor,
     inputs_to,
     progress_iter,
 )
 from edgestack.compress.layers import ShiftWeight
+from edgestack.compress.options import FINETUNE_PARAMS
 from edgestack.errors import CompressError
 from edgestack.formats import ShiftCodes
 from edgestack.formats.shift import levels
 
 #: Share of the steps spent on the linear learning-rate warm-up.
 WARMUP = 0.05
-PARAMS = ("all", "scales", "all+norms")
-
-
-def check_finetune_options(opts: dict[str, Any]) -> None:
-    """Refuse out-of-range ``finetune_steps``, ``finetune_lr``, ``max_seconds`` and ``seed``
-    (the fine-tune options shared by the shift and bitstack passes)."""
-    check_int("finetune_steps", opts["finetune_steps"], 0, None)
-    check_float("finetune_lr", opts["finetune_lr"], 0.0, 1.0, lo_open=True)
-    if opts["max_seconds"] is not None:
-        check_float("max_seconds", opts["max_seconds"], 0.0, 1e9, lo_open=True)
-    check_int("seed", opts["seed"], 0, None)
+PARAMS = FINETUNE_PARAMS
 
 
 def shift_unit(r: torch.Tensor, n_levels: int, zero: bool) -> torch.Tensor:

@@ -59,55 +59,18 @@ Options:
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
 from edgestack.compress.api import (
     InputStats,
     PassContext,
-    check_choice,
-    check_float,
-    check_int,
     collect_input_stats,
 )
 from edgestack.compress.layers import LowRankConv, LowRankLinear
 from edgestack.compress.report import LayerReport
 from edgestack.compress.walk import LayerInfo, dense_weight, replace_module
-from edgestack.errors import CompressError
 from edgestack.formats import LowRankFactors
-
-OPTIONS: dict[str, Any] = {"rank": None, "ratio": None, "energy": None, "max_keep": 0.8,
-                           "structure": "lowrank", "monarch_blocks": 4, "act_aware": True}
-DEFAULT_RATIO = 0.5
-
-
-def check_options(opts: dict[str, Any]) -> None:
-    """Refuse bad low-rank options; fill in the default ``ratio`` when no rank is given."""
-    if opts["rank"] is not None and opts["ratio"] is not None:
-        raise CompressError(
-            f"lowrank: give rank or ratio, not both (found rank={opts['rank']!r}, "
-            f"ratio={opts['ratio']!r})"
-        )
-    if opts["energy"] is not None:
-        if opts["rank"] is not None or opts["ratio"] is not None:
-            raise CompressError("lowrank: give energy alone, not with rank or ratio")
-        check_float("energy", opts["energy"], 0.0, 1.0, lo_open=True)
-        if opts["structure"] != "lowrank":
-            raise CompressError("lowrank: energy= chooses low-rank ranks; use ratio= or "
-                                "rank= with structure='monarch'")
-    check_float("max_keep", opts["max_keep"], 0.0, 1.0, lo_open=True)
-    check_choice("structure", opts["structure"], ("lowrank", "monarch"))
-    check_int("monarch_blocks", opts["monarch_blocks"], 1, None)
-    if opts["energy"] is None:  # energy= picks ranks itself; else rank= or ratio=
-        if opts["rank"] is not None:
-            check_int("rank", opts["rank"], 1, None, "or pass ratio= instead")
-        else:
-            if opts["ratio"] is None:
-                opts["ratio"] = DEFAULT_RATIO
-            check_float("ratio", opts["ratio"], 0.0, 1.0, lo_open=True,
-                        hint="the fraction of each layer's parameters to keep")
-    check_choice("act_aware", opts["act_aware"], (True, False))
 
 
 def layer_rank(m: int, n: int, rank: int | None, ratio: float | None) -> int:

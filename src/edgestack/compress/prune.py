@@ -81,18 +81,13 @@ from torch import nn
 from edgestack.compress.api import (
     InputStats,
     PassContext,
-    check_choice,
-    check_float,
     collect_input_stats,
 )
+from edgestack.compress.options import IMPORTANCE_METRICS
 from edgestack.compress.report import LayerReport
 from edgestack.compress.resize import shrink_layer, sync_attention_heads
 from edgestack.compress.walk import LayerInfo, dense_weight, layer_kind, replace_module
 from edgestack.errors import CompressError
-
-OPTIONS: dict[str, Any] = {"ratio": 0.25, "metric": "auto", "bias_compensation": True,
-                           "adaptive": False}
-MAX_RATIO = 0.9
 
 _ELEMENTWISE: tuple[type, ...] = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.SELU,
@@ -202,15 +197,7 @@ IMPORTANCE: dict[str, Metric] = {
     "activation": activation_importance,
     "fluctuation": fluctuation_importance,
 }
-
-
-def check_options(opts: dict[str, Any]) -> None:
-    """Refuse out-of-range prune options."""
-    check_float("ratio", opts["ratio"], 0.0, MAX_RATIO,
-                hint="the fraction of heads/channels removed per block")
-    check_choice("metric", opts["metric"], ("auto", *IMPORTANCE))
-    check_choice("bias_compensation", opts["bias_compensation"], (True, False))
-    check_choice("adaptive", opts["adaptive"], (False, True))
+assert tuple(IMPORTANCE) == IMPORTANCE_METRICS, "options.IMPORTANCE_METRICS is out of date"
 
 
 # --------------------------------------------------------------------------- discovery

@@ -72,55 +72,21 @@ from torch import nn
 from edgestack.compress.api import (
     PassContext,
     _model_device,
-    check_choice,
-    check_float,
-    check_int,
     collect_input_stats,
     first_tensor,
     inputs_to,
 )
-from edgestack.compress.finetune import PARAMS as FINETUNE_PARAMS
-from edgestack.compress.finetune import check_finetune_options
 from edgestack.compress.gptq import GPTQ_BLOCK, gptq_columns, h_error, hessian, inverse_factor
 from edgestack.compress.layers import CompressedLayer, ShiftWeight
 from edgestack.compress.report import LayerReport
 from edgestack.compress.walk import LayerInfo, dense_weight, replace_module
-from edgestack.errors import CompressError
 from edgestack.formats import ShiftCodes
-from edgestack.formats.shift import MAX_BITS, MIN_BITS, levels
+from edgestack.formats.shift import levels
 
-OPTIONS: dict[str, Any] = {
-    "bits": 4, "zero": False, "scale": "mse", "rounding": "nearest", "bits_per_layer": None,
-    "finetune_steps": 0, "finetune_lr": 1e-3, "max_seconds": None, "seed": 0,
-    "sequential": False, "finetune_params": "all", "finetune_val": 0.1,
-}
-SCALES = ("mse", "maxabs")
-ROUNDINGS = ("nearest", "gptq")
 #: Most calibration batches held out of the fine-tune for its early stop.
 MAX_VAL_BATCHES = 8
 #: Exponents ``t`` of the candidate scales ``maxabs * 2^-t`` tried by ``scale="mse"``.
 SCALE_CANDIDATES = tuple(-0.25 + 1.25 * i / 15 for i in range(16))
-
-
-def check_options(opts: dict[str, Any]) -> None:
-    """Refuse out-of-range shift options."""
-    check_int("bits", opts["bits"], MIN_BITS, MAX_BITS, "shift codes are 2..5 bits wide")
-    check_choice("zero", opts["zero"], (False, True))
-    check_choice("scale", opts["scale"], SCALES)
-    check_choice("rounding", opts["rounding"], ROUNDINGS)
-    bpl = opts["bits_per_layer"]
-    if bpl is not None:
-        if not isinstance(bpl, dict) or not all(isinstance(k, str) for k in bpl):
-            raise CompressError(
-                f"option bits_per_layer: expected a dict of module-name prefix -> bits, "
-                f"found {bpl!r}; e.g. {{'encoder.layer.0': 5}}"
-            )
-        for name, b in bpl.items():
-            check_int(f"bits_per_layer[{name!r}]", b, MIN_BITS, MAX_BITS)
-    check_finetune_options(opts)
-    check_choice("sequential", opts["sequential"], (False, True))
-    check_choice("finetune_params", opts["finetune_params"], FINETUNE_PARAMS)
-    check_float("finetune_val", opts["finetune_val"], 0.0, 0.5)
 
 
 def shift_values(w2: torch.Tensor, scale: torch.Tensor, bits: int, zero: bool) -> torch.Tensor:
