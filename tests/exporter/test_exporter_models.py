@@ -183,14 +183,19 @@ def test_metadata_props(tmp_path: Path) -> None:
 
     model, inputs, report = compressed(zoo.conv1d_net, "lowrank")
     result = export(model, inputs, tmp_path / "m.onnx", parity=False,
-                    metadata={"compression": report, "note": "hello", "extra": {"a": 1}})
+                    metadata={"compression": report, "note": "hello", "extra": {"a": 1},
+                              "acme.run": "7"})
     assert result.parity is None
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     assert props[META_VERSION] == edgestack.__version__
     assert props[META_DOMAIN_VERSION] == "1"
     assert json.loads(props[META_LOWRANK]) == ["net.0", "net.2"] == result.lowrank_layers
     assert json.loads(props[META_COMPRESSION]) == json.loads(json.dumps(report.to_dict()))
-    assert props["note"] == "hello" and json.loads(props["extra"]) == {"a": 1}
+    # a caller's keys go into the edgestack. namespace unless they name their own
+    assert props["edgestack.note"] == "hello" and json.loads(props["edgestack.extra"]) == {"a": 1}
+    assert props["acme.run"] == "7" and "note" not in props
+    proto = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    assert (proto.producer_name, proto.producer_version) == ("edgestack", edgestack.__version__)
 
 
 def test_positional_inputs_and_tuple_outputs(tmp_path: Path) -> None:

@@ -67,6 +67,12 @@ EXTERNAL_DATA_THRESHOLD = 100 * 2**20
 EXTERNAL_MIN_TENSOR_BYTES = 1024
 """Tensors below this size stay inside the ``.onnx`` file even with external data."""
 
+def meta_key(key: str) -> str:
+    """A caller's metadata key in the ``edgestack.`` namespace (a key that already names a
+    namespace, ``a.b``, is kept)."""
+    return key if "." in key else f"edgestack.{key}"
+
+
 # Model metadata_props keys written by export().
 META_VERSION = "edgestack.version"
 META_DOMAIN_VERSION = "edgestack.domain_version"
@@ -325,6 +331,7 @@ def _postprocess(model_ir: Any, owners_by_name: dict[str, str], output_names: li
                 value.name = name
 
     props = model_ir.metadata_props
+    model_ir.producer_name, model_ir.producer_version = "edgestack", edgestack.__version__
     props[META_VERSION] = edgestack.__version__
     props[META_DOMAIN_VERSION] = str(es_ops.DOMAIN_VERSION)
     props[META_LOWRANK] = json.dumps(lowrank)
@@ -332,9 +339,8 @@ def _postprocess(model_ir: Any, owners_by_name: dict[str, str], output_names: li
     if metadata is not None:
         if isinstance(metadata, dict):
             for key, value in metadata.items():
-                if key == "compression":
-                    key = META_COMPRESSION
-                props[str(key)] = _metadata_json(value)
+                key = META_COMPRESSION if key == "compression" else meta_key(str(key))
+                props[key] = _metadata_json(value)
         else:  # a compression report object
             props[META_COMPRESSION] = _metadata_json(metadata)
     return counts, layers
@@ -464,8 +470,10 @@ def export(
         parity: run the ONNX Runtime vs torch check on the example inputs.
         atol, rtol: parity tolerances (rule in :mod:`edgestack.exporter.parity`).
         metadata: extra model metadata: a dict (``"compression"`` is stored under
-            ``edgestack.compression``; other keys as given, non-strings as JSON), or a
-            compression report object (``to_dict()`` or a dataclass).
+            ``edgestack.compression``; other keys under ``edgestack.<key>`` unless they name
+            a namespace of their own, ``a.b``; non-strings as JSON), or a compression report
+            object (``to_dict()`` or a dataclass). The model's ``producer_name`` is
+            ``edgestack``.
         compact_embeddings: for a compressed model (``edgestack`` nodes, low-rank layers,
             or ``metadata`` naming a method other than ``none``), store float tables of
             256 KiB or more read only by ``Gather`` (word/position embeddings) as int8 with

@@ -585,11 +585,12 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
     }
     props = {p.key: p.value for p in model.metadata_props}
     method = ""
-    if "method" in props:
+    key = next((k for k in ("edgestack.method", "method") if k in props), None)  # new, old
+    if key is not None:
         try:
-            method = str(json.loads(props["method"]))
+            method = str(json.loads(props[key]))
         except ValueError:
-            method = props["method"]
+            method = props[key]
     elif stacks:
         method = "bitstack"
     tier_counts = choose_tiers(order, counts, steps_per_level) if stacks else []
