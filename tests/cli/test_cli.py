@@ -194,6 +194,24 @@ def test_bad_arguments_fail_before_the_model_is_loaded(tmp_path, capsys, monkeyp
     assert not list(tmp_path.iterdir())
 
 
+def test_export_dynamic_axes_and_opset(tmp_path, capsys):
+    from edgestack.cli.export import MIN_OPSET
+    from edgestack.exporter.ops import MIN_OPSET as EXPORTER_MIN_OPSET
+
+    assert MIN_OPSET == EXPORTER_MIN_OPSET
+    out = tmp_path / "d.onnx"
+    assert main(["export", "small-cnn", "--method", "shift", "--dynamic", "batch,sequence",
+                 "--opset", "21", "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["parity"]["passed"]
+    model = onnx.load(str(out))
+    assert [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim
+            ][0] == "batch"
+    assert {o.domain: o.version for o in model.opset_import}[""] == 21
+    assert main(["export", "small-cnn", "--opset", str(MIN_OPSET - 1), "--out",
+                 str(tmp_path / "o.onnx")]) == 2
+    assert "--opset" in capsys.readouterr().err
+
+
 def test_export_creates_the_output_folder_and_never_overwrites_its_input(tmp_path, capsys):
     out = tmp_path / "new" / "sub" / "cnn.onnx"
     assert main(["export", "small-cnn", "--method", "none", "--out", str(out)]) == 0

@@ -15,6 +15,11 @@ DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4
 
 
+MIN_OPSET = 18
+"""``edgestack.exporter.ops.MIN_OPSET``, checked here before anything imports torch (a test
+keeps the two equal)."""
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
@@ -57,6 +62,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--batch", type=int, default=None, help="example batch size (default 1)")
     e.add_argument("--seq", type=int, default=None,
                    help="example sequence length for token models (default 128)")
+    e.add_argument("--dynamic", choices=("batch,sequence",), default=None,
+                   help="make the batch (dim 0 of every input) and sequence (dim 1 of 2-D "
+                   "integer inputs) dimensions dynamic; dims the model specialises stay "
+                   "static (default: static shapes, the fastest on every backend)")
+    e.add_argument("--opset", type=int, default=20,
+                   help=f"ONNX opset (default 20; at least {MIN_OPSET} for the edgestack "
+                   "functions)")
     e.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
                    help="store initializers in OUT.data (auto: when large)")
     e.add_argument("--no-compact-embeddings", dest="compact_embeddings", action="store_false",
@@ -109,7 +121,9 @@ def run(args: argparse.Namespace) -> int:
         ("--rtol", args.rtol, args.rtol >= 0, ">= 0"),
         ("--batch", args.batch, args.batch is None or args.batch >= 1, ">= 1"),
         ("--seq", args.seq, args.seq is None or args.seq >= 1, ">= 1"),
-        ("--calib-n", args.calib_n, args.calib_n is None or args.calib_n >= 1, ">= 1"))
+        ("--calib-n", args.calib_n, args.calib_n is None or args.calib_n >= 0, ">= 0"),
+        ("--opset", args.opset, args.opset >= MIN_OPSET, f">= {MIN_OPSET}: the edgestack "
+         "function bodies use BitwiseAnd and ReduceProd with an axes input"))
         if not ok]
     if bad:
         raise EdgestackError(f"bad {'; '.join(bad)}")
@@ -135,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
         warn("export", note)
     _log(f"exporting to {args.out}")
     result = export(src.model, src.inputs, args.out, external_data=args.external_data,
+                    opset=args.opset, dynamic=args.dynamic is not None,
                     atol=args.atol, rtol=args.rtol, compact_embeddings=args.compact_embeddings,
                     metadata={"method": args.method, "source": src.description,
                               "compression": report.to_dict()})
