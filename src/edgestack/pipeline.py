@@ -32,7 +32,8 @@ factor bits 0.125 is the best measured on MiniLM (docs/quality.md)."""
 
 
 def export_source(source: str, method: str, options: Mapping[str, Any], folder: Path,
-                  say: Callable[[str], None]) -> tuple[Path, dict[str, np.ndarray]]:
+                  say: Callable[[str], None], task: str | None = None
+                  ) -> tuple[Path, dict[str, np.ndarray]]:
     """Compress ``source`` with ``method`` (BitStack: :data:`BITSTACK_DEFAULTS` under
     ``options``) and export it to ``folder/exported.onnx``; also the source's example inputs
     (numpy), used as the golden inputs."""
@@ -41,7 +42,7 @@ def export_source(source: str, method: str, options: Mapping[str, Any], folder: 
     from edgestack.sources import load_source
 
     say(f"pack: loading {source}")
-    src = load_source(source)
+    src = load_source(source, task=task)
     calib, calib_text = src.calibration()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -65,7 +66,7 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
                target: str = "ort-cpu", name: str | None = None,
                golden_inputs: Mapping[str, np.ndarray] | None = None,
                overwrite: bool = False, log: Callable[[str], None] | None = None,
-               **pack_options: Any) -> Any:
+               task: str | None = None, **pack_options: Any) -> Any:
     """Write a device package for ``source`` at ``out`` (a directory, or ``.tar``).
 
     Args:
@@ -76,6 +77,7 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
             compression).
         name: the model name in the manifest (default: the ONNX file's stem, or
             ``<source>-<method>``).
+        task: a Hugging Face folder's task (see :func:`edgestack.sources.load_source`).
         golden_inputs, log, pack_options: passed to :func:`edgestack.package.pack.pack`
             (``profile``, ``steps_per_level``, ``created``).
 
@@ -100,7 +102,8 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
                     f"pack: {src} is not an .onnx file; expected an ONNX file written by "
                     "`edgestack export`, or a model source (folder, module:factory, built-in)")
             name = name or f"{Path(str(source).rstrip('/')).name.split(':')[-1]}-{method}"
-            src, examples = export_source(str(source), method, options or {}, work, say)
+            src, examples = export_source(str(source), method, options or {}, work, say,
+                                         task)
             golden_inputs = golden_inputs or examples or None
         model = compact_embeddings(read_onnx(src, say), log=say)  # int8 embedding tables
         return pack(source, out, target=target, name=name or src.stem, model=model,

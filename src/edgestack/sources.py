@@ -80,18 +80,40 @@ class ModelSource:
         return batches, f"{count} sentences of the shipped corpus"
 
 
-def _token_inputs(model: Any, batch: int, seq: int) -> dict[str, Any]:
+DEFAULT_SEQ = 128
+"""Example sequence length of a token model whose positions allow it."""
+
+
+def example_inputs(model: Any, batch: int, seq: int | None) -> dict[str, Any]:
+    """Example inputs that follow a Hugging Face model's config: ``pixel_values``
+    ``[batch, channels, size, size]`` for an image model; else ``input_ids`` spread over the
+    vocabulary (above the first 1000 ids, which hold special tokens, when the vocabulary is
+    large) and an all-ones ``attention_mask``, ``seq`` long (default: 128, or the model's
+    position count when smaller: ``max_position_embeddings`` / ``n_positions``)."""
     import torch
 
     cfg = getattr(model, "config", None)
+    g = torch.Generator().manual_seed(0)
+    size, channels = getattr(cfg, "image_size", None), getattr(cfg, "num_channels", None)
+    if getattr(cfg, "vocab_size", None) is None and size and channels:
+        side = size if isinstance(size, int) else int(size[0])
+        return {"pixel_values": torch.randn(batch, int(channels), side, side, generator=g)}
     vocab = getattr(cfg, "vocab_size", None)
     if vocab is None:
         raise EdgestackError(
             f"cannot make example inputs for {type(model).__name__}: its config has no "
-            "vocab_size; pass a module:factory that returns (model, inputs) instead"
+            "vocab_size (nor image_size and num_channels); pass a module:factory that "
+            "returns (model, inputs) instead"
         )
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(min(1000, vocab - 1), vocab, (batch, seq), generator=g)
+    positions = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions",
+                                                                         None)
+    if seq is None:
+        seq = min(DEFAULT_SEQ, int(positions)) if positions else DEFAULT_SEQ
+    elif positions and seq > int(positions):
+        raise EdgestackError(f"--seq {seq} is longer than the model's {positions} positions; "
+                             f"pass --seq {positions} or less (or leave it out)")
+    low = 1000 if vocab > 2000 else min(1, vocab - 1)
+    ids = torch.randint(low, vocab, (batch, seq), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.int64)}
 
 
@@ -154,6 +176,7 @@ def load_source(
     base: str | None = None,
     batch: int | None = None,
     seq: int | None = None,
+    task: str | None = None,
 ) -> ModelSource:
     """Load a model source (see the module docstring).
 
@@ -161,8 +184,10 @@ def load_source(
         spec: folder, ``module:factory``, or built-in name; with ``from_``, the checkpoint.
         from_: upstream checkpoint kind (``deepshift``, ``welore``, ``flap``, ``bitstack``).
         base: architecture source for a checkpoint without config.json.
-        batch, seq: example-input sizes for token models (defaults 1 and 128) and for
-            factories that take them.
+        batch, seq: example-input sizes for token models (defaults 1, and 128 or the
+            model's position count if smaller) and for factories that take them.
+        task: a Hugging Face folder's task (:data:`edgestack.compress.hf.TASKS`; default:
+            from the class it was saved as, so its head comes with it).
 
     Raises:
         EdgestackError: the source cannot be found or loaded; the message says why.
@@ -175,8 +200,8 @@ def load_source(
     if path.is_dir():
         from edgestack.compress.hf import load_hf_model
 
-        model = load_hf_model(path)
-        return ModelSource(model, _token_inputs(model, batch or 1, seq or 128), str(path))
+        model = load_hf_model(path, task=task)
+        return ModelSource(model, example_inputs(model, batch or 1, seq), str(path))
     if ":" in spec and not path.exists():
         return _call_factory(_factory(spec), spec, batch, seq)
     if spec in zoo.MODELS:
@@ -198,9 +223,7 @@ def _load_checkpoint(spec: str, kind: str, base: str | None, batch: int | None,
 
     base_src = load_source(base, batch=batch, seq=seq) if base is not None else None
     model, report = load_checkpoint(kind, spec, base=base_src.model if base_src else None)
-    if base_src is not None:
-        inputs = base_src.inputs
-    else:
-        inputs = _token_inputs(model, batch or 1, seq or 128)
+    inputs = (base_src.inputs if base_src is not None
+              else example_inputs(model, batch or 1, seq))
     return ModelSource(model.eval(), inputs, f"{kind} checkpoint {spec}",
                        {"import": report.to_dict()})

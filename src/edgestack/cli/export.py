@@ -15,6 +15,11 @@ DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4
 
 
+TASK_NAMES = ("feature-extraction", "text-classification", "token-classification", "fill-mask",
+              "text-generation", "image-classification")
+"""``edgestack.compress.hf.TASKS`` (a test keeps them equal; listed here without importing
+torch)."""
+
 MIN_OPSET = 18
 """``edgestack.exporter.ops.MIN_OPSET``, checked here before anything imports torch (a test
 keeps the two equal)."""
@@ -39,6 +44,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", default=None,
                    help="architecture for a checkpoint without config.json "
                    "(model folder, module:factory or built-in name)")
+    p.add_argument("--task", choices=TASK_NAMES, default=None,
+                   help="a Hugging Face folder's task (default: from the class it was saved "
+                   "as, config.architectures; its head is exported with the body)")
     p.add_argument("--out", required=True, help="output .onnx path")
     g = p.add_argument_group("method options")
     g.add_argument("--bits", type=int, default=None, help="shift: code width 2..5 (default 4)")
@@ -136,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
     _log = progress("export")
     _log(f"loading {args.model}" + (f" ({args.from_} checkpoint)" if args.from_ else ""))
     src = load_source(args.model, from_=args.from_, base=args.base, batch=args.batch,
+                      task=args.task,
                       seq=args.seq)
     calib, calib_text = ((None, "none") if args.method == "none"
                          else src.calibration(args.calib_n))

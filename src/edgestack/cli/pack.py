@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from edgestack.cli import EXIT_OK, emit_json, prepare_output, progress, warn
+from edgestack.cli.export import TASK_NAMES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +29,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="device profile (name or .toml); its target must be the package's")
     p.add_argument("--out", required=True, help="package directory, or PATH.tar")
     p.add_argument("--name", default=None, help="model name in the manifest")
+    p.add_argument("--task", choices=TASK_NAMES, default=None,
+                   help="a Hugging Face folder's task (default: from the class it was saved "
+                   "as; its head is packed with the body)")
     p.add_argument("--method", default="bitstack",
                    help="compression when MODEL is not an .onnx file (default bitstack)")
     p.add_argument("--blocks", type=int, default=None,
@@ -58,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
                               ("factor_bits", args.factor_bits), ("signs", args.signs),
                               ("extra_texts", args.extra_texts)) if v is not None}
     result = pack_model(args.model, args.out, target=args.target, profile=args.profile,
-                        name=args.name, method=args.method, options=opts,
+                        name=args.name, method=args.method, options=opts, task=args.task,
                         steps_per_level=args.steps_per_level, overwrite=args.overwrite,
                         log=progress("pack"))
     if args.json:
