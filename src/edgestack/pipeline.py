@@ -32,8 +32,8 @@ factor bits 0.125 is the best measured on MiniLM (docs/quality.md)."""
 
 
 def export_source(source: str, method: str, options: Mapping[str, Any], folder: Path,
-                  say: Callable[[str], None], task: str | None = None
-                  ) -> tuple[Path, dict[str, np.ndarray]]:
+                  say: Callable[[str], None], task: str | None = None,
+                  calib_file: str | None = None) -> tuple[Path, dict[str, np.ndarray]]:
     """Compress ``source`` with ``method`` (BitStack: :data:`BITSTACK_DEFAULTS` under
     ``options``) and export it to ``folder/exported.onnx``; also the source's example inputs
     (numpy), used as the golden inputs."""
@@ -43,7 +43,7 @@ def export_source(source: str, method: str, options: Mapping[str, Any], folder: 
 
     say(f"pack: loading {source}")
     src = load_source(source, task=task)
-    calib, calib_text = src.calibration()
+    calib, calib_text = src.calibration(file=calib_file)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         opts = {**(BITSTACK_DEFAULTS if method == "bitstack" else {}), **dict(options)}
@@ -66,7 +66,8 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
                target: str = "ort-cpu", name: str | None = None,
                golden_inputs: Mapping[str, np.ndarray] | None = None,
                overwrite: bool = False, log: Callable[[str], None] | None = None,
-               task: str | None = None, **pack_options: Any) -> Any:
+               task: str | None = None, calib: str | None = None,
+               **pack_options: Any) -> Any:
     """Write a device package for ``source`` at ``out`` (a directory, or ``.tar``).
 
     Args:
@@ -78,6 +79,8 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
         name: the model name in the manifest (default: the ONNX file's stem, or
             ``<source>-<method>``).
         task: a Hugging Face folder's task (see :func:`edgestack.sources.load_source`).
+        calib: a calibration file for a model source (see
+            :meth:`edgestack.sources.ModelSource.calibration`).
         golden_inputs, log, pack_options: passed to :func:`edgestack.package.pack.pack`
             (``profile``, ``steps_per_level``, ``created``).
 
@@ -103,7 +106,7 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
                     "`edgestack export`, or a model source (folder, module:factory, built-in)")
             name = name or f"{Path(str(source).rstrip('/')).name.split(':')[-1]}-{method}"
             src, examples = export_source(str(source), method, options or {}, work, say,
-                                         task)
+                                         task, calib)
             golden_inputs = golden_inputs or examples or None
         model = compact_embeddings(read_onnx(src, say), log=say)  # int8 embedding tables
         return pack(source, out, target=target, name=name or src.stem, model=model,

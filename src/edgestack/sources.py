@@ -48,7 +48,8 @@ class ModelSource:
 
         return tokenizer_folder(self.model)
 
-    def calibration(self, n: int | None = None, seq: int = 64) -> tuple[list[dict], str]:
+    def calibration(self, n: int | None = None, seq: int = 64, file: str | None = None
+                    ) -> tuple[list[dict], str]:
         """Calibration batches for :func:`~edgestack.compress.compress` and what they are.
 
         A text model with a tokenizer (:attr:`text_folder`) gets the first ``n`` sentences
@@ -57,7 +58,9 @@ class ModelSource:
         real text, where the random example tokens would give the passes meaningless
         activation statistics (BitStack 4 blocks on MiniLM: cosine 0.921 on the example
         inputs, 0.952 on 128 corpus sentences). Any other model, or ``n == 0``, gets its
-        example inputs.
+        example inputs. A ``file`` (:func:`edgestack.compress.calib.read_calib_file`: text
+        lines, JSONL, or an ``.npz`` of model inputs) replaces both: its texts are tokenized
+        like the corpus (``n``: the first ``n``), its arrays fed in batches of 8.
 
         Returns:
             ``(batches, description)``.
@@ -71,6 +74,8 @@ class ModelSource:
             check_int("n (calibration sentences)", n, 0, None,
                       "0 uses the example inputs")
         folder = self.text_folder
+        if file is not None:
+            return self._file_calibration(file, n, seq, folder)
         if folder is None or n == 0:
             return [self.inputs], "the example inputs"
         from edgestack.compress.calib import text_calib
@@ -78,6 +83,33 @@ class ModelSource:
         batches = text_calib(folder, n=n, seq=seq, batch=8)
         count = sum(int(b["input_ids"].shape[0]) for b in batches)
         return batches, f"{count} sentences of the shipped corpus"
+
+    def _file_calibration(self, file: str, n: int | None, seq: int, folder: Path | None
+                          ) -> tuple[list[dict], str]:
+        import torch
+
+        from edgestack.compress.calib import read_calib_file, text_calib
+
+        kind, data = read_calib_file(file)
+        if kind == "texts":
+            if folder is None:
+                raise EdgestackError(
+                    f"calibration file {file!r} holds text, but {self.description} has no "
+                    "tokenizer.json to tokenize it; give an .npz of its inputs "
+                    f"({', '.join(self.inputs)}) instead")
+            batches = text_calib(folder, data, n=n or None, seq=seq, batch=8)
+            count = sum(int(b["input_ids"].shape[0]) for b in batches)
+            return batches, f"{count} texts from {file}"
+        missing = sorted(set(self.inputs) - set(data))
+        extra = sorted(set(data) - set(self.inputs))
+        if missing or extra:
+            raise EdgestackError(f"calibration file {file!r}: expected arrays named like the "
+                                 f"model's inputs {sorted(self.inputs)}; missing {missing}, "
+                                 f"unknown {extra}")
+        total = len(next(iter(data.values())))
+        batches = [{k: torch.from_numpy(v[i:i + 8]) for k, v in data.items()}
+                   for i in range(0, total, 8)]
+        return batches, f"{total} examples from {file}"
 
 
 DEFAULT_SEQ = 128

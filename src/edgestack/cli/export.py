@@ -62,6 +62,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "of heads/channels removed (default 0.25)")
     g.add_argument("--skip", action="append", default=[], metavar="PREFIX",
                    help="leave modules whose name starts with PREFIX dense (repeatable)")
+    g.add_argument("--calib", default=None, metavar="FILE",
+                   help="calibrate on your data: text lines, JSONL with a 'text' field "
+                   "(tokenized with the model's tokenizer.json), or an .npz of model inputs")
     g.add_argument("--calib-n", type=int, default=None,
                    help="text models with a tokenizer: calibrate on this many sentences of "
                    "the shipped corpus (default: all 836; 0: on the example inputs, as for "
@@ -136,6 +139,10 @@ def run(args: argparse.Namespace) -> int:
     if bad:
         raise EdgestackError(f"bad {'; '.join(bad)}")
     prepare_output(args.out, [args.model])
+    if args.calib is not None:
+        from edgestack.compress.calib import read_calib_file
+
+        read_calib_file(args.calib)                   # a bad file fails before loading
     from edgestack.compress import compress
     from edgestack.exporter import export
     from edgestack.sources import load_source
@@ -147,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
                       task=args.task,
                       seq=args.seq)
     calib, calib_text = ((None, "none") if args.method == "none"
-                         else src.calibration(args.calib_n))
+                         else src.calibration(args.calib_n, file=args.calib))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _log(f"compressing: method={args.method} {opts or ''}"

@@ -32,6 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", choices=TASK_NAMES, default=None,
                    help="a Hugging Face folder's task (default: from the class it was saved "
                    "as; its head is packed with the body)")
+    p.add_argument("--calib", default=None, metavar="FILE",
+                   help="a model source: calibrate on your data (text lines, JSONL with a "
+                   "'text' field, or an .npz of model inputs)")
     p.add_argument("--method", default="bitstack",
                    help="compression when MODEL is not an .onnx file (default bitstack)")
     p.add_argument("--blocks", type=int, default=None,
@@ -56,6 +59,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     prepare_output(args.out, [args.model])
+    if args.calib is not None:
+        from edgestack.compress.calib import read_calib_file
+
+        read_calib_file(args.calib)                   # a bad file fails before loading
     from edgestack.pipeline import pack_model
 
     opts = {k: v for k, v in (("n_blocks", args.blocks), ("k", args.k),
@@ -63,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
                               ("extra_texts", args.extra_texts)) if v is not None}
     result = pack_model(args.model, args.out, target=args.target, profile=args.profile,
                         name=args.name, method=args.method, options=opts, task=args.task,
+                        calib=args.calib,
                         steps_per_level=args.steps_per_level, overwrite=args.overwrite,
                         log=progress("pack"))
     if args.json:

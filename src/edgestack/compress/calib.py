@@ -288,5 +288,67 @@ def text_calib(
     return out
 
 
-__all__ = ["DOC_MODULES", "MIN_TOKENS", "calib_sentences", "check_calib_tokens",
+CALIB_TEXT_FIELDS = ("text", "sentence", "content")
+"""JSON fields a ``--calib`` JSONL line's text is read from (the first present)."""
+
+
+def read_calib_file(path: str | Path) -> tuple[str, Any]:
+    """A user's calibration file: ``("texts", [str, ...])`` from a text file (one text a
+    line, blank lines skipped) or JSONL (one object a line with a ``text``, ``sentence`` or
+    ``content`` field), or ``("arrays", {input name: array})`` from an ``.npz`` of model
+    inputs (first dimension: examples). Reads only the file; checked before any model is
+    loaded.
+
+    Raises:
+        CompressError: the file is missing, empty, or not in one of these forms (the message
+            names the line).
+    """
+    import json
+
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise CompressError(f"calibration file {str(path)!r} does not exist; expected text "
+                            "lines, JSONL with a 'text' field, or an .npz of model inputs")
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.files}
+        except (OSError, ValueError) as exc:
+            raise CompressError(f"calibration file {str(path)!r} is not a readable .npz "
+                                f"({exc})") from None
+        if not arrays or len({len(a) if a.ndim else 0 for a in arrays.values()}) != 1 or (
+                not len(next(iter(arrays.values())))):
+            raise CompressError(f"calibration file {str(path)!r}: expected arrays of model "
+                                "inputs with the same number of examples (first dimension, "
+                                f"at least 1), found {({k: a.shape for k, a in arrays.items()})}")
+        return "arrays", arrays
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise CompressError(f"calibration file {str(path)!r} is not UTF-8 text ({exc})") from None
+    texts: list[str] = []
+    jsonl = path.suffix in (".jsonl", ".json")
+    for no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            texts.append(line.strip())
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            raise CompressError(f"{path}:{no}: not a JSON object ({exc})") from None
+        field = next((f for f in CALIB_TEXT_FIELDS if isinstance(obj, dict) and f in obj), None)
+        if field is None or not isinstance(obj[field], str):
+            raise CompressError(f"{path}:{no}: expected an object with a text field "
+                                f"({', '.join(CALIB_TEXT_FIELDS)}), found {line[:80]!r}")
+        texts.append(obj[field])
+    if not texts:
+        raise CompressError(f"calibration file {str(path)!r} holds no text")
+    return "texts", texts
+
+
+__all__ = ["DOC_MODULES", "MIN_TOKENS", "calib_sentences", "check_calib_tokens", "read_calib_file",
            "corpus_sentences", "doc_sentences", "model_text_calib", "text_calib"]
