@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from edgestack.cli import EXIT_OK, emit_json, progress
+from edgestack.cli.export import TASK_NAMES
 
 METHODS = ("shift", "bitstack", "lowrank", "prune")
 
@@ -79,6 +80,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--extra-texts", type=int, default=None,
                    help="any method: more corpus sentences for the pass only (compress()'s "
                    "extra_texts: the baselines and --calib-n are unchanged; text models)")
+    e = p.add_argument_group("evaluation on your data")
+    e.add_argument("--eval", default=None, metavar="FILE",
+                   help="measure on FILE with the task's metric: JSONL with a text field and "
+                   "a label for a classifier (accuracy), text lines or JSONL for a language "
+                   "model (perplexity) or an encoder (sentence-embedding cosine vs fp32); an "
+                   "fp32 row gives the uncompressed model's value")
+    e.add_argument("--task", choices=TASK_NAMES, default=None,
+                   help="the model's task (default: from the class it was saved as)")
     p.add_argument("--out", default=None, help="also write the JSON rows to this file")
     p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
     p.set_defaults(run=run)
@@ -144,6 +153,27 @@ def _parse_tiers(text: str | None) -> tuple:
 _log = progress("quality")
 
 
+def _eval_file(src: object, model_dir: Path | None, path: str, task: str | None
+               ) -> tuple[object, str]:
+    """The evaluator and metric of ``quality --eval FILE`` for the model's task."""
+    from edgestack.compress.calib import read_calib_file
+    from edgestack.compress.hf import detect_task
+    from edgestack.compress.quality import EmbeddingEval, TaskEval
+    from edgestack.errors import CompressError
+
+    if model_dir is None:
+        raise CompressError(f"--eval {path}: {src.description} has no tokenizer.json to read "
+                            "the file with; --eval needs a Hugging Face text model folder")
+    task = task or detect_task(src.model.config)
+    if task == "feature-extraction":
+        texts = read_calib_file(path)[1]
+        return (EmbeddingEval.for_model(src.model, model_dir, sentences=texts),
+                f"mean-pooled sentence-embedding cosine vs fp32 on {len(texts)} texts of {path}")
+    ev = TaskEval.from_file(src.model, model_dir, path, task)
+    what = "accuracy" if task == "text-classification" else "perplexity"
+    return ev, f"{what} on {path} ({task})"
+
+
 def run(args: argparse.Namespace) -> int:
     from edgestack.compress.quality import (
         BASELINES,
@@ -159,10 +189,16 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.all and args.method is None:
         raise CompressError("quality: give --method METHOD or --all")
-    src = load_source(args.model)
+    if args.eval is not None and not Path(args.eval).is_file():
+        raise CompressError(f"--eval file {args.eval!r} does not exist")
+    src = load_source(args.model, task=args.task)
     model_dir = src.text_folder
     calib, _ = src.calibration(args.calib_n, args.calib_seq)
-    if model_dir is not None:
+    reference: list[QualityConfig] = []
+    if args.eval is not None:
+        evaluator, metric = _eval_file(src, model_dir, args.eval, args.task)
+        reference = [QualityConfig("fp32", "fp32", {})]
+    elif model_dir is not None:
         evaluator = EmbeddingEval.for_model(src.model, model_dir)
         metric = "mean-pooled sentence-embedding cosine vs fp32 on the held sentence set"
     else:
@@ -178,7 +214,7 @@ def run(args: argparse.Namespace) -> int:
         opts = method_options(args)
         tiers = _parse_tiers(args.tiers) if args.method == "bitstack" else ()
         configs.append(QualityConfig(f"{args.method} {opts}", args.method, opts, tiers=tiers))
-    rows = quality_rows(src.model, evaluator.score, configs, calib,
+    rows = quality_rows(src.model, evaluator.score, reference + configs, calib,
                         log=None if args.json else _log)
     doc = {"ok": True, "model": src.description, "metric": metric, "rows": rows}
     if args.out:

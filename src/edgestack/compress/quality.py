@@ -109,6 +109,107 @@ class OutputEval:
         return {"cosine_mean": round(float(c.mean()), 5), "cosine_min": round(float(c.min()), 5)}
 
 
+@dataclass
+class TaskEval:
+    """A task metric on the user's file (``edgestack quality --eval FILE``).
+
+    - ``text-classification``: accuracy of ``argmax(logits)`` against the file's labels
+      (JSONL lines with a text field and ``label``: an int, or a name of
+      ``config.label2id``);
+    - ``text-generation``: perplexity, ``exp`` of the mean next-token negative log-likelihood
+      over every real (non-padding) token of the file's texts.
+
+    Attributes:
+        task: one of the two above.
+        batches: tokenized batches (torch int64).
+        labels: the labels of each batch (classification), else empty.
+    """
+
+    task: str
+    batches: list[dict[str, torch.Tensor]]
+    labels: list[torch.Tensor]
+
+    TASKS = ("text-classification", "text-generation")
+
+    @classmethod
+    def from_file(cls, model: nn.Module, model_dir: str | Path, path: str | Path, task: str,
+                  seq: int = 128, batch: int = 16) -> TaskEval:
+        """Read ``path`` and tokenize it with ``model_dir``'s ``tokenizer.json``.
+
+        Raises:
+            CompressError: an unsupported task, a file without labels for a classifier, a
+                label the model does not know.
+        """
+        import json
+
+        from tokenizers import Tokenizer
+
+        from edgestack.compress.calib import CALIB_TEXT_FIELDS, read_calib_file
+
+        if task not in cls.TASKS:
+            raise CompressError(f"--eval measures {', '.join(cls.TASKS)} (and sentence "
+                                f"embeddings of a feature-extraction model); found task "
+                                f"{task!r}")
+        labels: list[int] = []
+        if task == "text-classification":
+            label2id = {str(k): int(v) for k, v in
+                        (getattr(model.config, "label2id", None) or {}).items()}
+            n_labels = int(getattr(model.config, "num_labels", 0) or 0)
+            texts = []
+            for no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                    text = next(obj[f] for f in CALIB_TEXT_FIELDS if f in obj)
+                    label = obj["label"]
+                except (ValueError, TypeError, KeyError, StopIteration):
+                    raise CompressError(f"{path}:{no}: expected a JSON object with a text "
+                                        f"field and a label, found {line[:80]!r}") from None
+                label = label2id.get(str(label), label) if isinstance(label, str) else label
+                if not isinstance(label, int) or not 0 <= label < n_labels:
+                    raise CompressError(f"{path}:{no}: label {obj['label']!r} is not one of "
+                                        f"the model's {n_labels} labels "
+                                        f"({', '.join(label2id) or 'ids 0..' + str(n_labels - 1)})")
+                texts.append(text)
+                labels.append(label)
+            if not texts:
+                raise CompressError(f"{path}: no labelled lines")
+        else:
+            texts = read_calib_file(path)[1]
+        tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+        tok.enable_truncation(seq)
+        tok.enable_padding(pad_id=0)
+        batches, label_batches = [], []
+        for i in range(0, len(texts), batch):
+            enc = tok.encode_batch(texts[i:i + batch])
+            ids = torch.tensor([e.ids for e in enc], dtype=torch.int64)
+            mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.int64)
+            batches.append({"input_ids": ids, "attention_mask": mask})
+            label_batches.append(torch.tensor(labels[i:i + batch], dtype=torch.int64))
+        return cls(task, batches, label_batches if labels else [])
+
+    def score(self, model: nn.Module) -> dict[str, float]:
+        """``{"accuracy"}`` or ``{"perplexity"}`` of ``model`` on the file."""
+        with torch.no_grad():
+            if self.task == "text-classification":
+                right = total = 0
+                for b, y in zip(self.batches, self.labels, strict=True):
+                    pred = first_tensor(model(**b)).argmax(-1)
+                    right += int((pred == y).sum())
+                    total += len(y)
+                return {"accuracy": round(right / total, 5)}
+            nll = count = 0.0
+            for b in self.batches:
+                logits = first_tensor(model(**b)).float()
+                mask = b["attention_mask"][:, 1:].bool()
+                logp = torch.log_softmax(logits[:, :-1], -1)
+                tok = logp.gather(-1, b["input_ids"][:, 1:, None])[..., 0]
+                nll -= float(tok[mask].sum())
+                count += int(mask.sum())
+            return {"perplexity": round(math.exp(nll / max(count, 1)), 4)}
+
+
 # --------------------------------------------------------------------------- baselines
 
 
