@@ -83,3 +83,28 @@ def test_language_model_perplexity_on_a_text_file(tmp_path, capsys):
     assert rows["fp32"]["perplexity"] == pytest.approx(math.exp(float(loss)), rel=1e-3)
     shifted = next(r for k, r in rows.items() if k != "fp32")["perplexity"]
     assert shifted > 0 and math.isfinite(shifted)
+
+
+def test_max_drop_returns_the_smallest_configuration_within_it(tmp_path, capsys):
+    from edgestack.compress.quality import smallest_within
+
+    rows = [{"label": "fp32", "method": "fp32", "bits_per_weight": 32.0, "accuracy": 0.90},
+            {"label": "a", "method": "shift", "bits_per_weight": 4.0, "accuracy": 0.895},
+            {"label": "b", "method": "shift", "bits_per_weight": 3.0, "accuracy": 0.85},
+            {"label": "c", "method": "int8", "bits_per_weight": 8.0, "accuracy": 0.90}]
+    best, table = smallest_within(rows, 0.01)
+    assert best["label"] == "a" and [r["label"] for r in table] == ["b", "a", "c"]
+    assert [r["within"] for r in table] == [False, True, True]
+    ppl = [{"label": "fp32", "method": "fp32", "bits_per_weight": 32.0, "perplexity": 10.0},
+           {"label": "x", "method": "shift", "bits_per_weight": 4.0, "perplexity": 10.5}]
+    assert smallest_within(ppl, 0.04)[0] is None and smallest_within(ppl, 0.06)[0]["label"] == "x"
+    # end to end on a small model (cosine of the first output vs fp32)
+    assert main(["quality", "small-cnn", "--max-drop", "0.05", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["max_drop"] == 0.05 and doc["searched"]
+    within = [r for r in doc["searched"] if r["within"]]
+    if within:
+        assert doc["chosen"]["bits_per_weight"] == min(r["bits_per_weight"] for r in within)
+    assert all(r["drop"] == pytest.approx(1.0 - r["cosine_mean"], abs=1e-4)
+               for r in doc["searched"])
+    assert main(["quality", "small-cnn", "--max-drop", "0.05", "--method", "shift"]) == 2

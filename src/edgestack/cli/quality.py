@@ -34,6 +34,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=METHODS, default=None, help="compression method")
     p.add_argument("--all", action="store_true",
                    help="the full comparison: baselines and every method (minutes)")
+    p.add_argument("--max-drop", type=float, default=None, metavar="D",
+                   help="accuracy-aware search: the smallest configuration (bits per weight) "
+                   "across methods, bits and BitStack tiers whose metric drop vs fp32 is at "
+                   "most D (cosine or accuracy: absolute; perplexity: relative), with the "
+                   "table searched (minutes)")
     p.add_argument("--no-baselines", action="store_true", help="skip the int8/int4 baselines")
     g = p.add_argument_group("method options")
     g.add_argument("--bits", type=int, default=None, help="shift: code width 2..5")
@@ -182,13 +187,20 @@ def run(args: argparse.Namespace) -> int:
         QualityConfig,
         markdown_table,
         quality_rows,
+        search_configs,
+        smallest_within,
         suite_configs,
     )
     from edgestack.errors import CompressError
     from edgestack.sources import load_source
 
-    if not args.all and args.method is None:
-        raise CompressError("quality: give --method METHOD or --all")
+    modes = [m for m, on in (("--method", args.method is not None), ("--all", args.all),
+                             ("--max-drop", args.max_drop is not None)) if on]
+    if len(modes) != 1:
+        raise CompressError(f"quality: give one of --method METHOD, --all or --max-drop D; "
+                            f"found {', '.join(modes) or 'none'}")
+    if args.max_drop is not None and not 0 <= args.max_drop < 1:
+        raise CompressError(f"--max-drop: expected a number in [0, 1), found {args.max_drop}")
     if args.eval is not None and not Path(args.eval).is_file():
         raise CompressError(f"--eval file {args.eval!r} does not exist")
     src = load_source(args.model, task=args.task)
@@ -206,7 +218,10 @@ def run(args: argparse.Namespace) -> int:
         metric = "cosine of the first output vs fp32 on the example inputs"
     skip = tuple(args.skip)
     sk = {"skip": skip} if skip else {}
-    if args.all:
+    if args.max_drop is not None:
+        configs = search_configs(skip)
+        reference = reference or [QualityConfig("fp32", "fp32", {})]
+    elif args.all:
         configs = suite_configs(skip)
     else:
         configs = [] if args.no_baselines else [
@@ -217,6 +232,9 @@ def run(args: argparse.Namespace) -> int:
     rows = quality_rows(src.model, evaluator.score, reference + configs, calib,
                         log=None if args.json else _log)
     doc = {"ok": True, "model": src.description, "metric": metric, "rows": rows}
+    if args.max_drop is not None:
+        best, table = smallest_within(rows, args.max_drop)
+        doc.update(max_drop=args.max_drop, chosen=best, searched=table)
     if args.out:
         Path(args.out).write_text(json.dumps(doc, indent=2, default=str) + "\n")
     if args.json:
@@ -224,4 +242,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"quality of {src.description} ({metric}):")
         print(markdown_table(rows))
+        if args.max_drop is not None:
+            print(f"smallest configuration within a drop of {args.max_drop}: "
+                  + (f"{best['label']} ({best['bits_per_weight']:.3f} bits/weight, "
+                     f"{best['metric']} drop {best['drop']:.4f})" if best else
+                     "none of the searched configurations"))
     return EXIT_OK

@@ -403,18 +403,77 @@ def _fmt(row: dict[str, Any]) -> str:
     return f"{row['label']}: {row['bits_per_weight']} bits/weight, {metric}, {row['seconds']} s"
 
 
+METRICS = {"cosine_mean": "cosine", "spearman_pairwise": "Spearman", "accuracy": "accuracy",
+           "perplexity": "perplexity"}
+"""Metric keys a row can hold -> column titles (cosine_min is in the JSON only)."""
+
+LOWER_IS_BETTER = ("perplexity",)
+
+
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """The rows as a markdown table."""
-    head = "| configuration | bits/weight | MB (compressed layers) | cosine | Spearman | s |"
-    lines = [head, "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    """The rows as a markdown table (the metric columns the rows hold)."""
+    keys = [k for k in METRICS if any(k in r for r in rows)]
+    head = ("| configuration | bits/weight | MB (compressed layers) | "
+            + " | ".join(METRICS[k] for k in keys) + " | s |")
+    lines = [head, "| --- | ---: | ---: | " + " | ".join("---:" for _ in keys) + " | ---: |"]
     for r in rows:
         mb = "" if r.get("bytes") is None else f"{r['bytes'] / 1e6:.2f}"
-        sp = r.get("spearman_pairwise", "")
-        lines.append(f"| {r['label']} | {r['bits_per_weight']:.3f} | {mb} | "
-                     f"{r['cosine_mean']:.4f} | {sp if sp == '' else f'{sp:.4f}'} | "
+        vals = " | ".join("" if r.get(k) is None else f"{r[k]:.4f}" for k in keys)
+        lines.append(f"| {r['label']} | {r['bits_per_weight']:.3f} | {mb} | {vals} | "
                      f"{r['seconds']} |")
     return "\n".join(lines)
 
 
-__all__ = ["BASELINES", "EmbeddingEval", "OutputEval", "QualityConfig", "fake_quantize",
-           "markdown_table", "quality_rows", "suite_configs"]
+def search_configs(skip: tuple[str, ...] = ()) -> list[QualityConfig]:
+    """What ``edgestack quality --max-drop D`` searches, cheapest first within a method:
+    BitStack (GPTQ signs, factor bits 0.125, 12 blocks, every whole tier from 2 blocks:
+    one compression scores them all), shift 5/4/3-bit GPTQ, low-rank keeping 70/50% of the
+    parameters, pruning 10/25%, and the int8 / int4 baselines."""
+    sk = {"skip": skip} if skip else {}
+    return [
+        QualityConfig("bitstack 12 blocks, GPTQ signs, factor bits 0.125", "bitstack",
+                      {"n_blocks": 12, "signs": "gptq", "factor_bits": 0.125, **sk},
+                      tiers=tuple(range(2, 12))),
+        *(QualityConfig(f"shift {b}-bit GPTQ", "shift", {"bits": b, "rounding": "gptq", **sk})
+          for b in (3, 4, 5)),
+        *(QualityConfig(f"lowrank ratio {r}", "lowrank", {"ratio": r, **sk})
+          for r in (0.5, 0.7)),
+        *(QualityConfig(f"prune ratio {r}", "prune", {"ratio": r, **sk}) for r in (0.25, 0.1)),
+        *(QualityConfig(b, b, dict(sk)) for b in BASELINES),
+    ]
+
+
+def metric_drop(row: dict[str, Any], reference: dict[str, Any] | None) -> tuple[str, float]:
+    """``(metric, drop)`` of ``row`` against ``reference`` (the fp32 row; for the cosine
+    vs fp32 without one, 1.0): the reference minus the row for a higher-is-better metric,
+    the relative increase for perplexity."""
+    key = next(k for k in ("accuracy", "perplexity", "cosine_mean") if k in row)
+    ref = reference.get(key) if reference else None
+    if ref is None:
+        ref = 1.0
+    if key in LOWER_IS_BETTER:
+        return key, row[key] / ref - 1.0
+    return key, ref - row[key]
+
+
+def smallest_within(rows: list[dict[str, Any]], max_drop: float
+                    ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The row with the fewest compressed bytes (bits per weight, then) whose metric drop
+    (:func:`metric_drop`, vs the ``fp32`` row) is at most ``max_drop``, or None; and every
+    row with its ``drop`` and whether it is ``within``."""
+    reference = next((r for r in rows if r["method"] == "fp32"), None)
+    table = []
+    for r in rows:
+        if r["method"] == "fp32":
+            continue
+        key, drop = metric_drop(r, reference)
+        table.append({**r, "metric": key, "drop": round(drop, 5),
+                      "within": drop <= max_drop})
+    fits = [r for r in table if r["within"]]
+    best = min(fits, key=lambda r: (r["bits_per_weight"], r["drop"])) if fits else None
+    return best, sorted(table, key=lambda r: r["bits_per_weight"])
+
+
+__all__ = ["BASELINES", "EmbeddingEval", "OutputEval", "QualityConfig", "TaskEval",
+           "fake_quantize", "markdown_table", "metric_drop", "quality_rows", "search_configs",
+           "smallest_within", "suite_configs"]
