@@ -56,8 +56,11 @@ def test_quiet_and_verbose_flags_set_the_progress_lines(tmp_path, capsys):
     import logging
 
     # the CLI configures only the edgestack loggers, and takes its handler off again
+    from edgestack.cli import CLI_HANDLER
+
     assert logging.getLogger().level == logging.WARNING
-    assert not logging.getLogger("edgestack").handlers
+    lg = logging.getLogger("edgestack")
+    assert CLI_HANDLER not in [h.get_name() for h in lg.handlers] and lg.propagate
 
 
 @pytest.mark.parametrize("method,extra", [

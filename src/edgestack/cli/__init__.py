@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+CLI_HANDLER = "edgestack-cli"
+"""Name of the stderr handler :func:`main` puts on the ``edgestack`` logger (and takes off)."""
+
 LOG_LEVELS = ("debug", "info", "warning", "error")
 """``--log-level`` values: the ``logging`` level of the ``edgestack`` loggers on stderr."""
 
@@ -96,6 +99,7 @@ def _configure_logging(args: argparse.Namespace) -> logging.Handler:
     level = args.log_level or ("warning" if args.quiet else "debug" if args.verbose
                                else "info")
     handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(CLI_HANDLER)
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger = logging.getLogger("edgestack")
     logger.addHandler(handler)
@@ -177,8 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return EXIT_INTERNAL
     finally:
-        logging.getLogger("edgestack").removeHandler(handler)
-        logging.getLogger("edgestack").setLevel(logging.NOTSET)
+        logger = logging.getLogger("edgestack")
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+        logger.propagate = True
         logging.getLogger("edgestack.cli").setLevel(logging.NOTSET)
 
 
