@@ -37,6 +37,7 @@ def _commands() -> list:
         compile,
         demo,
         export,
+        inspect,
         pack,
         parity,
         plan,
@@ -46,7 +47,8 @@ def _commands() -> list:
         verify,
     )
 
-    return [export, quality, compile, parity, verify, bench, pack, plan, run, profiles, demo]
+    return [export, quality, compile, parity, verify, bench, pack, inspect, plan, run, profiles,
+            demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
