@@ -191,7 +191,7 @@ def test_not_a_module():
 
 def test_method_options_defaults():
     assert method_options("shift") == {
-        "bits": 4, "zero": False, "scale": "mse", "rounding": "nearest", "bits_per_layer": None,
+        "bits": 4, "zero": False, "scale": "mse", "rounding": "auto", "bits_per_layer": None,
         "finetune_steps": 0, "finetune_lr": 1e-3, "max_seconds": None, "seed": 0,
         "sequential": False, "finetune_params": "all", "finetune_val": 0.1, "extra_texts": 0,
         "skip": ()}

@@ -310,7 +310,7 @@ def test_report_totals_and_summary(originals):
     assert "6 layer(s) compressed" in text and "bits/weight" in text
     d = report.to_dict()
     assert d["layers"][0]["shape"] == list(report.layers[0].shape)
-    assert d["options"] == {"bits": 4, "zero": False, "scale": "mse", "rounding": "nearest",
+    assert d["options"] == {"bits": 4, "zero": False, "scale": "mse", "rounding": "auto",
                             "bits_per_layer": None, "finetune_steps": 0, "finetune_lr": 1e-3,
                             "max_seconds": None, "seed": 0, "sequential": False,
                             "finetune_params": "all", "finetune_val": 0.1, "extra_texts": 0,

@@ -75,7 +75,7 @@ def test_gptq_rounding_beats_nearest_on_output_error():
     data = mlp_calib()
     ref = MLP()
     near, gptq = copy.deepcopy(ref), copy.deepcopy(ref)
-    compress(near, "shift", calib=data)
+    compress(near, "shift", calib=data, rounding="nearest")
     rep = compress(gptq, "shift", calib=data, rounding="gptq")
     for layer in rep.layers:
         d = layer.details
@@ -88,6 +88,14 @@ def test_gptq_rounding_beats_nearest_on_output_error():
     # still exact shift codes
     for mod in (gptq.fc1, gptq.fc2):
         assert isinstance(mod.weight_module, ShiftWeight)
+    # the default, rounding="auto", is GPTQ when there is enough calibration data
+    auto = copy.deepcopy(ref)
+    rep = compress(auto, "shift", calib=data)
+    assert rep.options["rounding"] == "auto"
+    assert all(layer.details["rounding"] == "gptq" for layer in rep.layers)
+    assert out_err(auto, ref, data) == pytest.approx(out_err(gptq, ref, data))
+    rep = compress(copy.deepcopy(ref), "shift")               # no data: nearest
+    assert all(layer.details["rounding"] == "nearest" for layer in rep.layers)
 
 
 def gptq3(model: nn.Module, data: list[dict], **options):

@@ -43,8 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("method options")
     g.add_argument("--bits", type=int, default=None, help="shift: code width 2..5")
     g.add_argument("--zero", action="store_true", help="shift: DeepShift codes with zero")
-    g.add_argument("--rounding", choices=("nearest", "gptq"), default=None,
-                   help="shift: nearest or GPTQ rounding (needs calibration)")
+    g.add_argument("--rounding", choices=("auto", "nearest", "gptq"), default=None,
+                   help="shift: auto (default: GPTQ when calibrated), nearest or GPTQ "
+                   "(needs calibration)")
     g.add_argument("--finetune-steps", type=int, default=None,
                    help="shift: steps of STE fine-tune; bitstack: steps of factor fine-tune "
                    "(default 0)")

@@ -88,12 +88,12 @@ def check_finetune_options(opts: dict[str, Any]) -> None:
 
 # --------------------------------------------------------------------------- shift
 SHIFT_OPTIONS: dict[str, Any] = {
-    "bits": 4, "zero": False, "scale": "mse", "rounding": "nearest", "bits_per_layer": None,
+    "bits": 4, "zero": False, "scale": "mse", "rounding": "auto", "bits_per_layer": None,
     "finetune_steps": 0, "finetune_lr": 1e-3, "max_seconds": None, "seed": 0,
     "sequential": False, "finetune_params": "all", "finetune_val": 0.1,
 }
 SCALES = ("mse", "maxabs")
-ROUNDINGS = ("nearest", "gptq")
+ROUNDINGS = ("auto", "nearest", "gptq")
 
 
 def check_shift(opts: dict[str, Any]) -> None:
