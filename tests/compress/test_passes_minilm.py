@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
-from edgestack import zoo
-from edgestack.compress import compress
-
 
 @pytest.fixture(scope="module")
-def minilm():
-    """(model, inputs, last_hidden_state) of the original model, loaded once."""
-    model, inputs = zoo.minilm(seq=16)
+def ref(minilm_s16) -> torch.Tensor:
+    """last_hidden_state of the original model (tests/conftest.py: seq 16, loaded once)."""
+    model, inputs = minilm_s16
     with torch.no_grad():
-        ref = model(**inputs).last_hidden_state
-    return model, inputs, ref
+        return model(**inputs).last_hidden_state
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -39,10 +33,9 @@ CASES = [
 
 @pytest.mark.parametrize("method,options,use_calib,bound,bpw", CASES,
                          ids=[c[0] for c in CASES])
-def test_minilm_method(minilm, method, options, use_calib, bound, bpw):
-    original, inputs, ref = minilm
-    model = copy.deepcopy(original)
-    report = compress(model, method, calib=[inputs] if use_calib else None, **options)
+def test_minilm_method(minilm_compressed, ref, method, options, use_calib, bound, bpw):
+    # shared with tests/exporter/test_exporter_matrix.py where the configuration is the same
+    model, inputs, report = minilm_compressed(method, calib=use_calib, **options)
     with torch.no_grad():
         out = model(**inputs).last_hidden_state
     assert out.shape == ref.shape and torch.isfinite(out).all()
@@ -55,10 +48,8 @@ def test_minilm_method(minilm, method, options, use_calib, bound, bpw):
         assert len(report.layers) == 37  # 6 x (q, k, v, o, up, down) + pooler
 
 
-def test_minilm_prune_updates_heads(minilm):
-    original, inputs, _ = minilm
-    model = copy.deepcopy(original)
-    report = compress(model, "prune", ratio=0.25)
+def test_minilm_prune_updates_heads(minilm_compressed):
+    model, inputs, report = minilm_compressed("prune", calib=False, ratio=0.25)
     for layer in model.encoder.layer:
         att = layer.attention.self
         assert att.num_attention_heads == 9 and att.all_head_size == 288

@@ -240,11 +240,11 @@ def test_corpus_is_large_deterministic_and_never_holds_a_held_sentence():
         compress(MLP(), "bitstack", extra_texts=-1)
 
 
-def test_extra_texts_tokenized_like_the_calibration_batches():
+def test_extra_texts_tokenized_like_the_calibration_batches(minilm_s16):
     from edgestack import zoo
     from edgestack.compress.calib import model_text_calib
 
-    model, _ = zoo.minilm()
+    model, _ = minilm_s16  # tests/conftest.py: only its tokenizer folder is read
     like = text_calib(zoo.minilm_path(), n=8, seq=32, batch=4)
     extra = model_text_calib(model, 20, like, seq=32)
     # the 8 sentences already in `like` are left out: 12 new ones, batches of 4

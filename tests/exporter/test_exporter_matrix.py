@@ -19,8 +19,9 @@ from edgestack.compress import compress
 from edgestack.exporter import export, layer_sizes
 from edgestack.formats import BitStackStack
 
+#: "minilm" (seq 16) comes from tests/conftest.py's session fixtures: compressed once per
+#: method and options, shared with tests/compress/test_passes_minilm.py where they match.
 MODELS = {
-    "minilm": lambda: zoo.minilm(seq=16),
     "gpt2-tiny": zoo.gpt2_tiny,
     "small-cnn": zoo.small_cnn,
 }
@@ -33,13 +34,19 @@ METHODS = {
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-@pytest.mark.parametrize("name", list(MODELS))
-def test_every_model_every_method(tmp_path, name, method):
-    model, inputs = MODELS[name]()
-    dense_params = sum(p.numel() for p in model.parameters())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        report = compress(model, method, calib=[inputs], **METHODS[method])
+@pytest.mark.parametrize("name", ["minilm", *MODELS])
+def test_every_model_every_method(request, tmp_path, name, method):
+    if name == "minilm":
+        dense, _ = request.getfixturevalue("minilm_s16")
+        dense_params = sum(p.numel() for p in dense.parameters())
+        model, inputs, report = request.getfixturevalue("minilm_compressed")(
+            method, calib=True, **METHODS[method])
+    else:
+        model, inputs = MODELS[name]()
+        dense_params = sum(p.numel() for p in model.parameters())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            report = compress(model, method, calib=[inputs], **METHODS[method])
     assert report.layers, f"{method} compressed nothing in {name}"
     out = tmp_path / f"{name}-{method}.onnx"
 

@@ -6,6 +6,7 @@ one ~5 s dynamo export checks all three methods on a real Hugging Face model.
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -14,7 +15,6 @@ from typing import Any
 import onnx
 import pytest
 
-from edgestack import zoo
 from edgestack.exporter import export, layer_sizes
 from edgestack.exporter.export import META_COMPRESSION, META_LOWRANK, NODE_LAYER_KEY
 
@@ -25,10 +25,10 @@ ALL = [f"encoder.layer.{i}" for i in range(6)] + ["pooler"]
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def exported(tmp_path_factory: pytest.TempPathFactory, minilm_s16) -> dict[str, Any]:
     from edgestack.compress import compress
 
-    model, inputs = zoo.minilm(seq=16)
+    model, inputs = copy.deepcopy(minilm_s16[0]), minilm_s16[1]  # tests/conftest.py, seq 16
     reports = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
