@@ -4,7 +4,10 @@ A model source is one of, in this order:
 
 1. an existing folder: a Hugging Face model folder (config.json + weights);
 2. ``module:factory`` (or ``module.py:factory``): a callable returning ``(model, inputs)``;
-3. a built-in model name from :mod:`edgestack.zoo` (``minilm``, ``gpt2-tiny``, ...).
+3. a built-in model name from :mod:`edgestack.zoo` (``minilm``, ``gpt2-tiny``, ...);
+4. a Hugging Face Hub id (``org/name``): its snapshot in the local Hugging Face cache, else
+   downloaded when the network allows (``HF_HUB_OFFLINE=1``: the cache only), with a clear
+   error when neither works.
 
 With ``from_`` set, the source is an upstream compressed checkpoint (a folder or a weights
 file) read by :mod:`edgestack.compress.importers`; ``base`` (any source of the kinds above)
@@ -16,6 +19,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,6 +180,39 @@ def _factory(spec: str) -> Any:
     return fn
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+"""A Hugging Face Hub model id, ``org/name``."""
+
+
+def hub_folder(repo_id: str) -> Path:
+    """The local folder of Hugging Face Hub model ``repo_id``: its snapshot in the local
+    cache (``HF_HOME`` / ``HF_HUB_CACHE``), else downloaded (config, weights, tokenizer)
+    unless ``HF_HUB_OFFLINE`` is set.
+
+    Raises:
+        CheckpointError: not in the cache and it cannot be downloaded (offline, no network,
+            no such model); the message says which and how to fix it.
+    """
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model"]
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True,
+                                      allow_patterns=patterns))
+    except Exception:  # not in the cache (huggingface_hub raises its own types)
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:
+        why = (str(exc).splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"model {repo_id!r} is not in the local Hugging Face cache and could not be "
+            f"downloaded ({type(exc).__name__}: {why}); "
+            "download it where there is a network (`huggingface-cli download "
+            f"{repo_id}`) and copy the cache, or pass the model folder"
+        ) from None
+
+
 def _call_factory(fn: Any, spec: str, batch: int | None, seq: int | None) -> ModelSource:
     params = inspect.signature(fn).parameters
     kwargs = {}
@@ -243,9 +280,16 @@ def load_source(
             f"{spec!r} is a file, not a model folder; a single weights file needs "
             "--from {deepshift,welore,flap,bitstack} (and --base for the architecture)"
         )
+    if HUB_ID.fullmatch(spec):
+        from edgestack.compress.hf import load_hf_model
+
+        folder = hub_folder(spec)
+        model = load_hf_model(folder, task=task)
+        return ModelSource(model, example_inputs(model, batch or 1, seq), spec)
     raise CheckpointError(
         f"model {spec!r} not found: expected an existing Hugging Face model folder, "
-        f"module:factory, or a built-in model ({', '.join(zoo.MODELS)})"
+        f"module:factory, a built-in model ({', '.join(zoo.MODELS)}), or a Hugging Face "
+        "Hub id (org/name)"
     )
 
 
