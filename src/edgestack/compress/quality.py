@@ -54,14 +54,11 @@ class EmbeddingEval:
     def for_model(cls, model: nn.Module, model_dir: str | Path,
                   sentences: list[str] | None = None, seq: int = 128) -> EmbeddingEval:
         """Tokenize ``sentences`` (default: the held set) and embed them with ``model``."""
-        from tokenizers import Tokenizer
-
+        from edgestack.compress.calib import load_tokenizer
         from edgestack.core.quality import held_sentences
 
         sentences = held_sentences() if sentences is None else sentences
-        tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
-        tok.enable_truncation(seq)
-        tok.enable_padding(pad_id=0)
+        tok = load_tokenizer(model_dir, seq)
         enc = tok.encode_batch(sentences)
         ids = torch.tensor([e.ids for e in enc], dtype=torch.int64)
         mask = torch.tensor([e.attention_mask for e in enc], dtype=torch.int64)
@@ -140,11 +137,12 @@ class TaskEval:
             CompressError: an unsupported task, a file without labels for a classifier, a
                 label the model does not know.
         """
-        import json
-
-        from tokenizers import Tokenizer
-
-        from edgestack.compress.calib import CALIB_TEXT_FIELDS, read_calib_file
+        from edgestack.compress.calib import (
+            jsonl_records,
+            load_tokenizer,
+            read_calib_file,
+            text_field,
+        )
 
         if task not in cls.TASKS:
             raise CompressError(f"--eval measures {', '.join(cls.TASKS)} (and sentence "
@@ -156,17 +154,13 @@ class TaskEval:
                         (getattr(model.config, "label2id", None) or {}).items()}
             n_labels = int(getattr(model.config, "num_labels", 0) or 0)
             texts = []
-            for no, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                    text = next(obj[f] for f in CALIB_TEXT_FIELDS if f in obj)
-                    label = obj["label"]
-                except (ValueError, TypeError, KeyError, StopIteration):
+            for no, obj in jsonl_records(path):
+                text = text_field(obj)
+                if text is None or "label" not in obj:
                     raise CompressError(f"{path}:{no}: expected a JSON object with a text "
-                                        f"field and a label, found {line[:80]!r}") from None
-                label = label2id.get(str(label), label) if isinstance(label, str) else label
+                                        f"field and a label, found {str(obj)[:80]!r}")
+                label = obj["label"]
+                label = label2id.get(label, label) if isinstance(label, str) else label
                 if not isinstance(label, int) or not 0 <= label < n_labels:
                     raise CompressError(f"{path}:{no}: label {obj['label']!r} is not one of "
                                         f"the model's {n_labels} labels "
@@ -177,9 +171,7 @@ class TaskEval:
                 raise CompressError(f"{path}: no labelled lines")
         else:
             texts = read_calib_file(path)[1]
-        tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
-        tok.enable_truncation(seq)
-        tok.enable_padding(pad_id=0)
+        tok = load_tokenizer(model_dir, seq)
         batches, label_batches = [], []
         for i in range(0, len(texts), batch):
             enc = tok.encode_batch(texts[i:i + batch])

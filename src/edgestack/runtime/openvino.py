@@ -36,6 +36,9 @@ TARGET_ENGINES = {"ort-cpu": "onnxruntime", "ort-arm": "onnxruntime", "openvino-
 PRECISIONS = ("f32", "bf16", "f16")
 """OpenVINO inference precisions (``INFERENCE_PRECISION_HINT``)."""
 
+PROFILE_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+"""A device profile's (or a baseline's) precision -> OpenVINO's inference precision."""
+
 
 class _Port:
     """An input or output as ONNX Runtime's session lists them (``.name``)."""
@@ -122,4 +125,5 @@ def check_engine(engine: str, precision: str | None, target: str) -> str:
     return engine
 
 
-__all__ = ["OpenVINOSession", "check_engine", "ENGINES", "TARGET_ENGINES", "PRECISIONS"]
+__all__ = ["OpenVINOSession", "check_engine", "ENGINES", "TARGET_ENGINES", "PRECISIONS",
+           "PROFILE_PRECISIONS"]

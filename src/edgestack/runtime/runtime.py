@@ -65,7 +65,7 @@ from edgestack.package.reader import Package
 from edgestack.package.tables import check_ids, table_spec
 from edgestack.runtime.budget import resolve_budget
 from edgestack.runtime.calibrate import calibrate as calibrate_costs
-from edgestack.runtime.openvino import OpenVINOSession, check_engine
+from edgestack.runtime.openvino import PROFILE_PRECISIONS, OpenVINOSession, check_engine
 from edgestack.runtime.plan import DEFAULT_COSTS, FORMS, Costs, MemoryPlan, page_up, plan_memory
 
 _FIX_REPACK = "copy the package again or repack the model"
@@ -453,8 +453,7 @@ class Runtime:
                 if threads is None:
                     threads = profile.threads
                 if self.engine == "openvino" and self.precision is None:
-                    self.precision = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}.get(
-                        profile.precision)
+                    self.precision = PROFILE_PRECISIONS.get(profile.precision)
             self.budget, self.budget_source = resolve_budget(budget, profile=profile,
                                                              auto=auto)
             self._materialize = materialize
