@@ -84,9 +84,16 @@ class ModelSource:
             return [self.inputs], "the example inputs"
         from edgestack.compress.calib import text_calib
 
-        batches = text_calib(folder, n=n, seq=seq, batch=8)
+        batches = self._like_inputs(text_calib(folder, n=n, seq=seq, batch=8))
         count = sum(int(b["input_ids"].shape[0]) for b in batches)
         return batches, f"{count} sentences of the shipped corpus"
+
+    def _like_inputs(self, batches: list[dict]) -> list[dict]:
+        """Token batches with only the inputs the model's example inputs have: the tokenizer
+        also gives ``token_type_ids``, which a GPT-2 would add to its embeddings (its example
+        inputs, the exported graph's, have none; a BERT takes zeros either way)."""
+        keep = set(self.inputs)
+        return [{k: v for k, v in b.items() if k in keep} for b in batches]
 
     def _file_calibration(self, file: str, n: int | None, seq: int, folder: Path | None
                           ) -> tuple[list[dict], str]:
@@ -101,7 +108,8 @@ class ModelSource:
                     f"calibration file {file!r} holds text, but {self.description} has no "
                     "tokenizer.json to tokenize it; give an .npz of its inputs "
                     f"({', '.join(self.inputs)}) instead")
-            batches = text_calib(folder, data, n=n or None, seq=seq, batch=8)
+            batches = self._like_inputs(text_calib(folder, data, n=n or None, seq=seq,
+                                                   batch=8))
             count = sum(int(b["input_ids"].shape[0]) for b in batches)
             return batches, f"{count} texts from {file}"
         missing = sorted(set(self.inputs) - set(data))

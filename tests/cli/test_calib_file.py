@@ -67,3 +67,29 @@ def test_export_calibrates_a_text_model_on_a_user_file(tmp_path, capsys):
     # a missing file fails before the model is loaded
     assert main(["export", "minilm", "--method", "prune", "--calib", str(tmp_path / "no.txt"),
                  "--out", str(tmp_path / "n.onnx")]) == 2
+
+
+def test_text_calibration_feeds_only_the_model_inputs(tmp_path):
+    """A GPT-2 adds token_type_ids to its embeddings: the tokenizer's token_type_ids must not
+    reach it in calibration (its example inputs have none)."""
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from edgestack.sources import load_source
+
+    folder = tmp_path / "gpt2"
+    cfg = transformers.GPT2Config(vocab_size=60, n_embd=16, n_layer=1, n_head=2, n_positions=32)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(folder)
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(50)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(folder / "tokenizer.json"))
+    txt = tmp_path / "t.txt"
+    txt.write_text("\n".join(" ".join(f"w{(i * 7 + j) % 50}" for j in range(10))
+                             for i in range(12)))
+    src = load_source(str(folder))
+    assert set(src.inputs) == {"input_ids", "attention_mask"}
+    for batches, _ in (src.calibration(file=str(txt)), src.calibration()):
+        assert batches and all(set(b) == set(src.inputs) for b in batches)
+        assert all(b["input_ids"].dtype == torch.int64 for b in batches)
