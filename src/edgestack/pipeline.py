@@ -12,11 +12,13 @@ torch or the exporter.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -116,4 +118,94 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
         shutil.rmtree(work, ignore_errors=True)
 
 
-__all__ = ["pack_model", "export_source", "BITSTACK_DEFAULTS"]
+def compile_model(model: str | os.PathLike[str], target: str, out: str | os.PathLike[str], *,
+                  profile: Any = None, options: Mapping[str, Any] | None = None,
+                  golden_inputs: Mapping[str, np.ndarray] | None = None,
+                  name: str | None = None, overwrite: bool = False,
+                  log: Callable[[str], None] | None = None, created: str | None = None) -> Any:
+    """Compile an exported ONNX model for ``target`` into a device package at ``out``.
+
+    The target lowers the graph (:meth:`edgestack.targets.base.Target.lower`: shift codes to
+    int8, attention fusion, every other edgestack op materialised, ...) and the lowered ONNX
+    is packed (:func:`edgestack.package.pack.pack`: one dense tier, weights as external
+    data). Its golden outputs are the lowered graph's on x86 ONNX Runtime, judged with the
+    target precision's tolerance (:data:`edgestack.targets.parity.TOLERANCES`): the device
+    self-test checks that it computes what x86 computes. The lowered graph itself is checked
+    against the source model on the same inputs (target parity, :func:`_judge`: the rule
+    plus cosine/top-1 for quantized precisions); the result, with the lowering's options,
+    report and precision (and TensorRT's engine build settings) is the manifest's
+    ``metadata.compile``.
+
+    Args:
+        model: an ONNX file written by ``edgestack export``.
+        target: one of :data:`edgestack.targets.TARGET_NAMES`.
+        out: the package directory, or ``.tar``.
+        profile: a device profile (name or object) for the lowering's defaults.
+        options: the target's lowering options (see each target's docstring).
+        golden_inputs: the self-test's inputs (default: generated from the graph's inputs).
+        name, overwrite, log, created: as :func:`edgestack.package.pack.pack`.
+
+    Returns:
+        The :class:`~edgestack.package.pack.PackResult`, with ``compile`` set (the
+        ``metadata.compile`` it wrote).
+
+    Raises:
+        TargetError: a bad option, or the lowering failed. PackageError: as ``pack``.
+    """
+    import onnx
+
+    from edgestack.package.pack import check_out, logger, pack, read_onnx
+    from edgestack.profiles import load_profile
+    from edgestack.targets import get_target
+    from edgestack.targets.feeds import example_feeds
+    from edgestack.targets.parity import TOLERANCES, TargetCheck, _judge
+    from edgestack.targets.reference import reference_outputs
+
+    say = log or logger.info
+    tgt = get_target(target)
+    check_out(out, target, overwrite)
+    src = Path(model)
+    if src.suffix != ".onnx" or not src.is_file():
+        read_onnx(src, say)  # raises: not ONNX, or no such file
+    if isinstance(profile, str):
+        profile = load_profile(profile)
+    work = Path(tempfile.mkdtemp(prefix=".edgestack-compile-"))
+    try:
+        feeds = dict(golden_inputs) if golden_inputs else example_feeds(src, batch=1, seq=16)
+        say(f"compile: lowering {src} for {target}")
+        art = tgt.lower(src, work / "lowered", profile, golden=feeds, **dict(options or {}))
+        golden = art.golden()
+        assert golden is not None  # lower() stores it when given inputs
+        feeds, source_ref = golden
+        lowered_path = art.folder / "model.onnx"
+        got = reference_outputs(lowered_path, feeds)
+        check = TargetCheck(target, "fail", precision=art.precision, reason="x86 ORT")
+        _judge(check, got, source_ref, TOLERANCES)
+        parity = {"passed": check.status == "pass",
+                  "outputs": [asdict(o) for o in check.outputs], "reason": check.reason}
+        if not parity["passed"]:
+            worst = min((o.cosine for o in check.outputs), default=0.0)
+            logging.getLogger("edgestack.pipeline").warning(
+                "compile: the %s graph differs from the source model on x86 ONNX Runtime by "
+                "more than the %s tolerance on the golden inputs (lowest cosine %.5f; "
+                "metadata.compile.parity has every output)", target, art.precision, worst)
+        tol = TOLERANCES[art.precision]
+        info: dict[str, Any] = {"precision": art.precision, "arch": art.arch,
+                                "options": art.options, "report": art.report,
+                                "parity": parity}
+        if "build" in art.report:  # TensorRT: the engine is built on the device
+            info["build"] = {**art.report["build"], "onnx": "model.onnx",
+                             "engine": "model.engine"}
+        result = pack(src, out, target=target, name=name or src.stem,
+                      model=onnx.load(str(lowered_path)), golden_inputs=feeds,
+                      golden_outputs=got, tolerance=(tol.rtol, tol.atol),
+                      metadata={"compile": info}, overwrite=overwrite, log=say,
+                      created=created,
+                      profile=profile if getattr(profile, "target", None) == target else None)
+        result.compile = info
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+__all__ = ["pack_model", "compile_model", "export_source", "BITSTACK_DEFAULTS"]

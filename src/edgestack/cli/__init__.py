@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Callable, Sequence
 
 from edgestack import __version__
-from edgestack.errors import EdgestackError
+from edgestack.errors import BackendUnavailable, EdgestackError
 
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
@@ -166,6 +166,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
+    except BackendUnavailable as exc:  # the input is fine; this machine cannot run it
+        if want_json:
+            emit_json({"ok": False, "skipped": True, "error": str(exc),
+                       "error_type": type(exc).__name__})
+        print(f"edgestack {args.command}: skipped: {exc}", file=sys.stderr)
+        return EXIT_SKIPPED
     except EdgestackError as exc:
         if want_json:
             emit_json({"ok": False, "error": str(exc), "error_type": type(exc).__name__})
