@@ -86,6 +86,12 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
         golden_inputs, log, pack_options: passed to :func:`edgestack.package.pack.pack`
             (``profile``, ``steps_per_level``, ``created``).
 
+    A graph with BitStack layers packed for a tiered target (``ort-cpu``, ``ort-arm``,
+    ``openvino-cpu``) becomes a tiered package; any other graph, or any graph for
+    ``tensorrt-gpu``, is compiled for the target first (:func:`compile_model`: one dense
+    tier; BitStack layers at their full stack), so a shift model's package serves the same
+    int8 graph as ``edgestack compile``.
+
     Returns:
         The :class:`~edgestack.package.pack.PackResult`.
 
@@ -94,6 +100,7 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
             (:func:`edgestack.package.pack.read_onnx`).
     """
     from edgestack.exporter.passes import compact_embeddings
+    from edgestack.package.format import TIERED_TARGETS
     from edgestack.package.pack import check_out, logger, pack, read_onnx
 
     say = log or logger.info
@@ -111,6 +118,21 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
                                          task, calib)
             golden_inputs = golden_inputs or examples or None
         model = compact_embeddings(read_onnx(src, say), log=say)  # int8 embedding tables
+        tiered = any(n.domain == "edgestack" and n.op_type == "BitStackWeight"
+                     for n in model.graph.node)
+        if not tiered or target not in TIERED_TARGETS:
+            # nothing to tier, or a target that serves no tiers: the target's compiled graph
+            # (shift codes as int8, attention fused, every other edgestack op materialised)
+            import onnx
+
+            dense = work / "dense.onnx"
+            onnx.save_model(model, str(dense), save_as_external_data=True,
+                            location="dense.onnx.data")
+            del model
+            pack_options.pop("steps_per_level", None)
+            return compile_model(dense, target, out, name=name or src.stem,
+                                 golden_inputs=golden_inputs, overwrite=overwrite, log=say,
+                                 **pack_options)
         return pack(source, out, target=target, name=name or src.stem, model=model,
                     golden_inputs=golden_inputs, overwrite=overwrite, log=say,
                     **pack_options)

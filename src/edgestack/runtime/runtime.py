@@ -652,15 +652,18 @@ class Runtime:
                                    compress=graph in ("fp32", "plain"))
         import onnxruntime as ort
 
-        from edgestack.core.ort import session_options
+        from edgestack.core.ort import disabled_optimizers, session_options
 
         # the ort-cpu target's options (threads 0 = ORT's default; level checked in
         # __init__), plus the runtime's own: memory follows the plan
+        compiled = not pkg.layers   # a compiled graph: every weight is an initializer
         so = session_options(int(self.threads or 0), self.optimization, self.spinning)
-        so.enable_cpu_mem_arena = graph in DENSE_FILES   # see the module doc
+        so.enable_cpu_mem_arena = graph in DENSE_FILES or compiled  # see the module doc
         so.enable_mem_pattern = False
-        if graph not in DENSE_FILES:  # the dense graphs' site weights are prepacked
+        if graph not in DENSE_FILES and not compiled:  # fed blocks: nothing to prepack
             so.add_session_config_entry("session.disable_prepacking", "1")
+        options = (pkg.manifest.metadata or {}).get("compile", {}).get("options", {})
+        disabled = disabled_optimizers(options.get("disabled_optimizers"))
         so.log_severity_level = 3
         for tname, value in self._weights.items():
             so.add_initializer(tname, value)  # no copy: ORT uses our map
@@ -668,7 +671,9 @@ class Runtime:
                                     folder or self._external_data_dir())
         model = pkg.read_file(name, verify=self._verify)  # hashed while read
         try:
-            return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"],
+                                        **({"disabled_optimizers": disabled} if disabled
+                                           else {}))
         except Exception as exc:
             raise TargetError(f"{pkg.path}: ONNX Runtime cannot load the package's graph "
                               f"{name!r} ({str(exc)[:300]}); repack the model") from None
