@@ -57,8 +57,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="bitstack: rank per block (default: chosen per matrix shape)")
     g.add_argument("--rank", type=int, default=None, help="lowrank: rank for every layer")
     g.add_argument("--ratio", type=float, default=None,
-                   help="lowrank: fraction of parameters kept (default 0.5); prune: fraction "
-                   "of heads/channels removed (default 0.25)")
+                   help="fraction of each layer's parameters removed, for both methods. "
+                   "lowrank: the rank is chosen so the factors hold at most 1-R of the "
+                   "weight (default 0.5, the same model as before --ratio meant the fraction "
+                   "removed); prune: heads/channels removed per block (default 0.25)")
     g.add_argument("--skip", action="append", default=[], metavar="PREFIX",
                    help="leave modules whose name starts with PREFIX dense (repeatable)")
     g.add_argument("--calib", default=None, metavar="FILE",
