@@ -6,7 +6,15 @@ import argparse
 import time
 import warnings
 
-from edgestack.cli import EXIT_CHECK_FAILED, EXIT_OK, emit_json, prepare_output, progress, warn
+from edgestack.cli import (
+    EXIT_CHECK_FAILED,
+    EXIT_OK,
+    bars,
+    emit_json,
+    prepare_output,
+    progress,
+    warn,
+)
 from edgestack.compress.hf import TASKS
 from edgestack.errors import EdgestackError
 
@@ -160,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         _log(f"compressing: method={args.method} {opts or ''}"
              + (f", calibration: {calib_text}" if calib else ""))
-        report = compress(src.model, args.method, calib=calib, **opts)
+        report = compress(src.model, args.method, calib=calib, progress=bars(args), **opts)
     notes = [str(w.message) for w in caught if "edgestack" in str(w.filename)]
     for note in notes:
         warn("export", note)
@@ -168,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
     result = export(src.model, src.inputs, args.out, external_data=args.external_data,
                     opset=args.opset, dynamic=args.dynamic is not None,
                     atol=args.atol, rtol=args.rtol, compact_embeddings=args.compact_embeddings,
+                    progress=bars(args),
                     metadata={"method": args.method, "source": src.description,
                               "compression": report.to_dict()})
     parity = result.parity

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from edgestack.core.logs import quiet_loggers
+from edgestack.core.progress import Progress, progress_bar, progress_iter
 from edgestack.core.quality import (
     cosine_rows,
     embed,
@@ -194,12 +195,14 @@ def _files_bytes(folder: Path) -> int:
 
 
 def target_subjects(model: Path, work: Path, targets: Sequence[str], profile: Any,
-                    log: Callable[[str], None]) -> tuple[list[Subject], dict[str, str]]:
-    """Compile ``model`` for each target that can run here; ``(subjects, skipped)``."""
+                    log: Callable[[str], None], progress: Progress = False,
+                    ) -> tuple[list[Subject], dict[str, str]]:
+    """Compile ``model`` for each target that can run here; ``(subjects, skipped)``
+    (``progress``: a bar over the targets, :mod:`edgestack.core.progress`)."""
     from edgestack.targets import get_target
 
     subjects, skipped = [], {}
-    for name in targets:
+    for name in progress_iter(targets, progress, "bench: compile"):
         target = get_target(name)
         ok, why = target.available()
         if name == "ort-arm":
@@ -255,17 +258,18 @@ def _baseline(work: Path, name: str, label: str, precision: str, threads: int,
                    _files_bytes(folder), note=note)
 
 
-def baseline_subjects(dense: Path, work: Path, threads: int,
-                      log: Callable[[str], None]) -> tuple[list[Subject], dict[str, str]]:
+def baseline_subjects(dense: Path, work: Path, threads: int, log: Callable[[str], None],
+                      progress: Progress = False) -> tuple[list[Subject], dict[str, str]]:
     """The baselines a user would otherwise pick (see :func:`_baseline_subjects`), with ONNX
     Runtime's quantizer quiet (it logs every node at INFO, some on the root logger) for as
-    long as it runs."""
+    long as it runs; ``progress``: a bar over the baselines built
+    (:mod:`edgestack.core.progress`)."""
     with quiet_loggers(("onnxruntime.quantization", "root"), logging.WARNING):
-        return _baseline_subjects(dense, work, threads, log)
+        return _baseline_subjects(dense, work, threads, log, progress)
 
 
-def _baseline_subjects(dense: Path, work: Path, threads: int,
-                       log: Callable[[str], None]) -> tuple[list[Subject], dict[str, str]]:
+def _baseline_subjects(dense: Path, work: Path, threads: int, log: Callable[[str], None],
+                       progress: Progress = False) -> tuple[list[Subject], dict[str, str]]:
     """The baselines a user would otherwise pick, built from the dense float32 model
     (:data:`BASELINES`, module docstring). A quantized baseline in which the quantizer
     rewrote nothing (e.g. MatMulNBits on a CNN: no MatMul) is relabelled
@@ -310,7 +314,7 @@ def _baseline_subjects(dense: Path, work: Path, threads: int,
               ("ort_nbits8", BASELINES[3], "int8", weight_only(8)),
               ("ort_nbits4", BASELINES[4], "int4", weight_only(4))]
     subjects = []
-    for name, label, precision, write in builds:
+    for name, label, precision, write in progress_iter(builds, progress, "bench: baselines"):
         log(f"bench: baseline {label} ...")
         subj = _baseline(work, name, label, precision, threads, write)
         if subj.note.startswith(NOTHING_QUANTIZED):
@@ -693,7 +697,8 @@ def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
               feeds: Mapping[str, np.ndarray] | None = None, memory: bool = True,
               plots: bool = True, threads: int | None = None, tiers: int | str = 5,
               tokenizer: str | Path | None = None,
-              log: Callable[[str], None] | None = None) -> BenchReport:
+              log: Callable[[str], None] | None = None,
+              progress: Progress = False) -> BenchReport:
     """Benchmark an exported model on its targets, or a package at its tiers (and the
     baselines); write the results.
 
@@ -721,6 +726,11 @@ def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
         tokenizer: A folder with the model's ``tokenizer.json``: a text encoder is then
             scored on :data:`BENCH_SENTENCES` held sentences (:class:`QualityProbe`);
             without it, on the bench inputs.
+        log: Progress lines (default: printed to stderr).
+        progress: tqdm bars on stderr over the targets compiled, the baselines built, the
+            subjects measured in fresh processes and scored, and the timing rounds:
+            ``True`` (even when stderr is not a terminal), ``False`` (default: none) or
+            ``None`` (when stderr is a terminal); see :mod:`edgestack.core.progress`.
 
     Raises:
         EdgestackError: a bad source, profile or target name.
@@ -758,11 +768,11 @@ def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
         feeds = dict(feeds) if feeds is not None else golden
     else:
         feeds = dict(feeds) if feeds is not None else bench_feeds(src, batch, seq)
-        subjects, skipped = target_subjects(src, work, list(targets), prof, log)
+        subjects, skipped = target_subjects(src, work, list(targets), prof, log, progress)
     if baseline:
         if dense is None:
             dense = dense_of(src, work / "dense.onnx")
-        base, skip2 = baseline_subjects(dense, work / "baselines", threads, log)
+        base, skip2 = baseline_subjects(dense, work / "baselines", threads, log, progress)
         subjects = base + subjects
         skipped.update(skip2)
     if dense is not None:
@@ -789,7 +799,7 @@ def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
             ref.close()
     rows = measure_subjects(subjects, feeds, reference, work, quality=probe,
                             iterations=iterations, warmup=warmup, seconds=seconds,
-                            memory=memory, log=log)
+                            memory=memory, log=log, progress=progress)
     from edgestack.profiler.latency import cpu_extensions
 
     settings = {"threads": threads, "cpu_extensions": cpu_extensions(),
@@ -806,11 +816,13 @@ def measure_subjects(subjects: Sequence[Subject], feeds: Mapping[str, np.ndarray
                      reference: Mapping[str, np.ndarray], work: Path, *,
                      quality: QualityProbe | None = None, iterations: int = 30,
                      warmup: int = 3, seconds: float | None = None, memory: bool = True,
-                     log: Callable[[str], None] = lambda m: None) -> list[Row]:
+                     log: Callable[[str], None] = lambda m: None,
+                     progress: Progress = False) -> list[Row]:
     """Measure ``subjects`` (module docstring, steps 1-3): ``reference`` is the reference's
     outputs on ``feeds`` (max abs/rel errors), ``quality`` scores quality (default: output
     cosine on ``feeds``); ratios against ``ORT fp32`` when it is a subject, else the
-    first."""
+    first. ``progress``: bars over the subjects (memory, quality) and the timing rounds
+    (:mod:`edgestack.core.progress`)."""
     work.mkdir(parents=True, exist_ok=True)
     feeds_path = work / "feeds.npz"
     np.savez(feeds_path, **feeds)
@@ -819,7 +831,9 @@ def measure_subjects(subjects: Sequence[Subject], feeds: Mapping[str, np.ndarray
                 tier=s.options.get("tier"), plan_bytes=s.plan_bytes, note=s.note)
             for s in subjects]
     if memory:
-        for i, (s, row) in enumerate(zip(subjects, rows, strict=True)):
+        pairs = progress_iter(list(zip(subjects, rows, strict=True)), progress,
+                              "bench: memory")
+        for i, (s, row) in enumerate(pairs):
             if s.memory is None:
                 log(f"bench: memory [{i + 1}/{len(subjects)}] {s.label} ...")
                 s.memory = measure_memory(s, feeds_path)
@@ -831,15 +845,22 @@ def measure_subjects(subjects: Sequence[Subject], feeds: Mapping[str, np.ndarray
             handles.append(open_subject(s.spec(feeds_path)))
         if handles:
             log(f"bench: quality of {len(handles)} subjects ({probe.metric}) ...")
-        for h, row in zip(handles, rows, strict=True):
+        for h, row in progress_iter(list(zip(handles, rows, strict=True)), progress,
+                                    "bench: quality"):
             _, row.max_abs, row.max_rel = _quality(h.infer(feeds), reference)
             row.cosine = probe.score(h.infer)
         if handles:
             log(f"bench: timing {len(handles)} subjects interleaved, {iterations} calls "
                 "each ...")
-            times = interleaved_latency(
-                handles, feeds, iterations=iterations, warmup=warmup, seconds=seconds,
-                progress=lambda r, n: log(f"bench: round {r}/{n}") if r % 5 == 0 else None)
+            rounds = max(1, math.ceil(iterations / 2))
+            with progress_bar(rounds, progress, "bench: timing", unit="round") as bar:
+                def tick(r: int, n: int) -> None:
+                    bar.update(1)
+                    if r % 5 == 0:
+                        log(f"bench: round {r}/{n}")
+
+                times = interleaved_latency(handles, feeds, iterations=iterations,
+                                            warmup=warmup, seconds=seconds, progress=tick)
     finally:
         for h in handles:
             h.close()
