@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from edgestack.core.progress import Progress
 from edgestack.errors import PackageError
 
 BITSTACK_DEFAULTS: dict[str, Any] = {"n_blocks": 12, "factor_bits": 0.125}
@@ -35,10 +36,12 @@ factor bits 0.125 is the best measured on MiniLM (docs/quality.md)."""
 
 def export_source(source: str, method: str, options: Mapping[str, Any], folder: Path,
                   say: Callable[[str], None], task: str | None = None,
-                  calib_file: str | None = None) -> tuple[Path, dict[str, np.ndarray]]:
+                  calib_file: str | None = None, progress: Progress = False,
+                  ) -> tuple[Path, dict[str, np.ndarray]]:
     """Compress ``source`` with ``method`` (BitStack: :data:`BITSTACK_DEFAULTS` under
     ``options``) and export it to ``folder/exported.onnx``; also the source's example inputs
-    (numpy), used as the golden inputs."""
+    (numpy), used as the golden inputs. ``progress``: tqdm bars of the compression and the
+    export on stderr (:mod:`edgestack.core.progress`)."""
     from edgestack.compress import compress
     from edgestack.exporter import export
     from edgestack.sources import load_source
@@ -50,10 +53,10 @@ def export_source(source: str, method: str, options: Mapping[str, Any], folder: 
         warnings.simplefilter("ignore")
         opts = {**(BITSTACK_DEFAULTS if method == "bitstack" else {}), **dict(options)}
         say(f"pack: compressing with method={method} {opts or ''}, calibration: {calib_text}")
-        report = compress(src.model, method, calib=calib, **opts)
+        report = compress(src.model, method, calib=calib, progress=progress, **opts)
     out = folder / "exported.onnx"
     say("pack: exporting to ONNX")
-    result = export(src.model, src.inputs, out, parity=False, log=say,
+    result = export(src.model, src.inputs, out, parity=False, log=say, progress=progress,
                     metadata={"method": method, "source": src.description,
                               "compression": report.to_dict()})
     examples = {k: v.detach().cpu().numpy() for k, v in src.inputs.items()
@@ -69,7 +72,7 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
                golden_inputs: Mapping[str, np.ndarray] | None = None,
                overwrite: bool = False, log: Callable[[str], None] | None = None,
                task: str | None = None, calib: str | None = None,
-               **pack_options: Any) -> Any:
+               progress: Progress = False, **pack_options: Any) -> Any:
     """Write a device package for ``source`` at ``out`` (a directory, or ``.tar``).
 
     Args:
@@ -83,6 +86,8 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
         task: a Hugging Face folder's task (see :func:`edgestack.sources.load_source`).
         calib: a calibration file for a model source (see
             :meth:`edgestack.sources.ModelSource.calibration`).
+        progress: a model source: tqdm bars of its compression and export on stderr
+            (``True``, ``False`` (default) or ``None``: when stderr is a terminal).
         golden_inputs, log, pack_options: passed to :func:`edgestack.package.pack.pack`
             (``profile``, ``steps_per_level``, ``created``).
 
@@ -115,7 +120,7 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
                     "`edgestack export`, or a model source (folder, module:factory, built-in)")
             name = name or f"{Path(str(source).rstrip('/')).name.split(':')[-1]}-{method}"
             src, examples = export_source(str(source), method, options or {}, work, say,
-                                         task, calib)
+                                         task, calib, progress)
             golden_inputs = golden_inputs or examples or None
         model = compact_embeddings(read_onnx(src, say), log=say)  # int8 embedding tables
         tiered = any(n.domain == "edgestack" and n.op_type == "BitStackWeight"

@@ -78,8 +78,9 @@ def test_option_of_another_method_is_named():
     ("bitstack", {"factor_bits": 0}, "option factor_bits: expected a number in (0, 16]"),
     ("bitstack", {"device": "tpu"}, "option device: expected one of 'cpu', 'cuda'"),
     ("lowrank", {"rank": 0}, "option rank: expected an integer >= 1, found 0"),
-    ("lowrank", {"ratio": 0.0}, "option ratio: expected a number in (0, 1], found 0.0"),
-    ("lowrank", {"ratio": 1.5}, "option ratio: expected a number in (0, 1], found 1.5"),
+    ("lowrank", {"ratio": 1.0}, "option ratio: expected a number in [0, 1), found 1.0; "
+     "the fraction of each layer's parameters removed"),
+    ("lowrank", {"ratio": -0.5}, "option ratio: expected a number in [0, 1), found -0.5"),
     ("lowrank", {"rank": 4, "ratio": 0.5}, "give rank or ratio, not both"),
     ("prune", {"ratio": -0.1}, "option ratio: expected a number in [0, 0.9], found -0.1"),
     ("prune", {"ratio": 0.95}, "option ratio: expected a number in [0, 0.9], found 0.95"),

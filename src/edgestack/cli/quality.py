@@ -66,7 +66,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "budgets (float), e.g. 2,3,4.5")
     g.add_argument("--rank", type=int, default=None, help="lowrank: rank for every layer")
     g.add_argument("--ratio", type=float, default=None,
-                   help="lowrank: parameters kept; prune: fraction removed")
+                   help="fraction of each layer's parameters removed (lowrank: the rank "
+                   "keeps at most 1-R, default 0.5; prune: heads/channels removed, default "
+                   "0.25)")
     g.add_argument("--energy", type=float, default=None,
                    help="lowrank: rank from the spectrum (WeLore split)")
     g.add_argument("--structure", choices=("lowrank", "monarch"), default=None,

@@ -41,6 +41,10 @@ from edgestack.compress.walk import (
     iter_layers,
     unsupported_layers,
 )
+from edgestack.core.progress import (  # re-exported: the passes import it from here
+    Progress,
+    progress_iter,
+)
 from edgestack.errors import CompressError
 
 _PASS_MODULES = {
@@ -68,7 +72,8 @@ class PassContext:
         options: resolved options (defaults filled in, ``skip`` a tuple).
         layers: supported layers the pass may touch (finite weights, not skipped).
         calib: calibration inputs (``model(**x)``) or None.
-        progress: show tqdm progress bars.
+        progress: tqdm progress bars on stderr (:mod:`edgestack.core.progress`: True,
+            False, or None for "when stderr is a terminal").
         report: the report the pass fills.
     """
 
@@ -77,7 +82,7 @@ class PassContext:
     options: dict[str, Any]
     layers: list[LayerInfo]
     calib: list[dict[str, Any]] | None
-    progress: bool
+    progress: Progress
     report: CompressReport = field(init=False)
 
     def __post_init__(self) -> None:
@@ -124,18 +129,6 @@ class PassContext:
         from edgestack.compress.calib import check_calib_tokens
 
         check_calib_tokens(self.calib)
-
-
-def progress_iter(items: Iterable[Any], enabled: bool, desc: str,
-                  total: int | None = None) -> Iterable[Any]:
-    """Wrap ``items`` in a tqdm progress bar (stderr) when ``enabled`` and tqdm is installed."""
-    if not enabled:
-        return items
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional: no bar, same work
-        return items
-    return tqdm(items, desc=desc, total=total, leave=False)
 
 
 def _matches(name: str, prefixes: tuple[str, ...]) -> str | None:
@@ -318,7 +311,7 @@ def check_calib(calib: Any) -> list[dict[str, Any]] | None:
     return [dict(x) for x in calib]
 
 
-def run_calib(model: nn.Module, calib: list[dict[str, Any]], progress: bool,
+def run_calib(model: nn.Module, calib: list[dict[str, Any]], progress: Progress,
               desc: str = "calibration") -> None:
     """Run ``model(**x)`` for every calibration input (no grad), moving tensors to the model."""
     device = _model_device(model)
@@ -338,7 +331,7 @@ def collect_input_stats(
     calib: list[dict[str, Any]],
     layers: Iterable[LayerInfo],
     gram: Callable[[LayerInfo], bool] | bool = False,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> dict[str, InputStats]:
     """Run the calibration inputs and return input statistics for each layer, by name.
 
@@ -399,7 +392,7 @@ def compress(
     method: str,
     *,
     calib: list[dict[str, Any]] | None = None,
-    progress: bool = False,
+    progress: Progress = False,
     **options: Any,
 ) -> CompressReport:
     """Compress ``model`` in place with ``method`` and report what changed.
@@ -411,7 +404,9 @@ def compress(
             (SVD factors) or ``"bitstack"`` (sign + rank-k residual blocks).
         calib: optional calibration inputs, a list of dicts (``model(**x)``); passes use
             activation statistics from them (collected with hooks as running sums).
-        progress: show tqdm progress bars.
+        progress: tqdm progress bars on stderr: ``True`` (even when stderr is not a
+            terminal), ``False`` (default: none) or ``None`` (when stderr is a terminal);
+            see :mod:`edgestack.core.progress`.
         **options: method options (see :func:`method_options`); every method takes
             ``skip``, a tuple of module-name prefixes to leave dense, and every method but
             ``"none"`` takes ``extra_texts``: 0 (default) or a number of sentences of

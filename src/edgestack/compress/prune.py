@@ -56,7 +56,8 @@ Saving: a pruned Hugging Face model is written as a model folder with per-layer 
 BERT heads of the same size or per-layer MLP widths; see that module).
 
 Options:
-    ratio: fraction of units removed per structure, in [0, 0.9] (default 0.25).
+    ratio: fraction of units removed per structure, in [0, 0.9] (default 0.25), so about
+        that fraction of its parameters: the meaning ``ratio`` has for every method.
     metric: ``"auto"`` (``"activation"`` with calib, else ``"weight"``), ``"weight"``,
         ``"activation"`` or ``"fluctuation"`` (both need calib).
     adaptive: False (default: the same ratio in every structure) or True (global

@@ -375,7 +375,7 @@ def suite_configs(skip: tuple[str, ...] = (), finetune_seconds: float = 300.0
                        "extra_texts": 836, "finetune_steps": 150, "finetune_lr": 5e-4, **sk},
                       tiers=(3, 4, 4.5, 5)),
         QualityConfig("lowrank act-aware ratio 0.5", "lowrank", {"ratio": 0.5, **sk}),
-        QualityConfig("lowrank act-aware ratio 0.75", "lowrank", {"ratio": 0.75, **sk}),
+        QualityConfig("lowrank act-aware ratio 0.25", "lowrank", {"ratio": 0.25, **sk}),
         QualityConfig("lowrank energy 0.95 (WeLore split)", "lowrank",
                       {"energy": 0.95, **sk}),
         QualityConfig("lowrank energy 0.99 (WeLore split)", "lowrank",
@@ -420,8 +420,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def search_configs(skip: tuple[str, ...] = ()) -> list[QualityConfig]:
     """What ``edgestack quality --max-drop D`` searches, cheapest first within a method:
     BitStack (GPTQ signs, factor bits 0.125, 12 blocks, every whole tier from 2 blocks:
-    one compression scores them all), shift 5/4/3-bit GPTQ, low-rank keeping 70/50% of the
-    parameters, pruning 10/25%, and the int8 / int4 baselines."""
+    one compression scores them all), shift 5/4/3-bit GPTQ, low-rank removing 50/30% of the
+    parameters, pruning 25/10%, and the int8 / int4 baselines (``ratio``: the fraction of
+    the parameters removed, for both methods)."""
     sk = {"skip": skip} if skip else {}
     return [
         QualityConfig("bitstack 12 blocks, GPTQ signs, factor bits 0.125", "bitstack",
@@ -430,7 +431,7 @@ def search_configs(skip: tuple[str, ...] = ()) -> list[QualityConfig]:
         *(QualityConfig(f"shift {b}-bit GPTQ", "shift", {"bits": b, "rounding": "gptq", **sk})
           for b in (3, 4, 5)),
         *(QualityConfig(f"lowrank ratio {r}", "lowrank", {"ratio": r, **sk})
-          for r in (0.5, 0.7)),
+          for r in (0.5, 0.3)),
         *(QualityConfig(f"prune ratio {r}", "prune", {"ratio": r, **sk}) for r in (0.25, 0.1)),
         *(QualityConfig(b, b, dict(sk)) for b in BASELINES),
     ]
