@@ -440,17 +440,17 @@ def test_baselines_use_per_channel_and_external_data_opened_from_path(
     assert len(ort_subjects) == 5
     # per-channel int8: one scale per output column; per-tensor: one scale
     def scales(label):
-        model = onnx.load(str(Path(by[label].path) / "model.onnx"))
+        model = onnx.load(by[label].path)
         return [list(i.dims) for i in model.graph.initializer if i.name.endswith("_scale")]
 
     assert scales("ORT dynamic int8 per-tensor") == [[]]
     assert scales("ORT dynamic int8 per-channel") == [[48]]
     bits = {}
     for s in ort_subjects:
-        folder = Path(s.path)
+        folder = Path(s.path).parent
         data = folder / B.EXTERNAL_DATA
-        assert data.is_file() and data.stat().st_size > 1024, s.label
-        model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+        assert s.kind == "model" and data.is_file() and data.stat().st_size > 1024, s.label
+        model = onnx.load(s.path, load_external_data=False)
         external = [i.name for i in model.graph.initializer
                     if i.data_location == onnx.TensorProto.EXTERNAL]
         assert external, f"{s.label}: no weight in external data"
@@ -478,7 +478,7 @@ def test_baselines_use_per_channel_and_external_data_opened_from_path(
             assert handle.infer(feeds)["y"].shape == (1, 8, 48)
         finally:
             handle.close()
-    assert opened == [str(Path(s.path) / "model.onnx") for s in ort_subjects]
+    assert opened == [s.path for s in ort_subjects]
 
 
 def test_weight_only_baseline_of_a_model_without_matmul_says_nothing_quantized(

@@ -1,7 +1,8 @@
 """``edgestack bench``: latency, memory and quality of a model on its targets, with baselines.
 
-One run measures every *subject* (a compiled artifact of the model for one target, a
-package at one tier, or a baseline a user would otherwise pick) in three steps:
+One run measures every *subject* (the model compiled into a device package for one target,
+a package at one tier, both served by the runtime manager, or a baseline a user would
+otherwise pick, served as its own library serves it) in three steps:
 
 1. **Memory and cold load**, each subject in a fresh process
    (:mod:`edgestack.profiler.probe`): peak RSS after loading and running, minus the peak
@@ -24,13 +25,13 @@ or the source with its compressed weights decoded) on ONNX Runtime fp32; ``quant
 int8 per-tensor and ``per_channel=True``; weight-only ``MatMulNBits`` 8-bit and 4-bit
 (``MatMulNBitsQuantizer``, RTN, block 32, symmetric, ``accuracy_level=4``); OpenVINO f32 and
 bf16. Every ORT baseline keeps its weights in ONNX external data (``model.onnx.data``), which
-ONNX Runtime memory-maps when the runner creates the session from the file path. Each
+ONNX Runtime memory-maps when the session is created from the file path. Each
 quantized baseline counts the weight layers it quantized (:func:`quantization_summary`:
 ``quantized_layers`` of ``weight_layers``, in the row, its note and the JSON); one that
 quantized none (MatMulNBits on a CNN: no MatMul) gives a row labelled
 ``(nothing quantized)``, precision fp32, with a note saying why.
 
-Sizes: ``disk_bytes`` is what a subject is stored as (an artifact's model and weight files;
+Sizes: ``disk_bytes`` is what a subject is stored as (a baseline's model and weight files;
 a package: all its files, :func:`package_disk_bytes`, the same for every tier),
 ``tier_bytes`` what a package tier reads (its blocks, graph and weights) and ``plan_bytes``
 the runtime's memory plan for the tier.
@@ -104,12 +105,14 @@ class Subject:
 
     Attributes:
         label: Row label.
-        kind: ``artifact`` (a compiled folder) or ``package`` (a device package at ``tier``).
-        path: The artifact folder or package path.
+        kind: ``model`` (a baseline: an ONNX or OpenVINO IR file, served as a user would
+            serve it: an ONNX Runtime session, or OpenVINO) or ``package`` (a device
+            package at ``tier``, served by :class:`edgestack.runtime.Runtime`).
+        path: The model file or package path.
         target: The compile target that runs it.
         group: ``edgestack`` or ``baseline``.
         precision: What it computes in (``fp32``, ``int8``, ``int4``, ``bf16`` ...).
-        disk_bytes: Bytes on disk of what it is stored as (artifact: its model and weight
+        disk_bytes: Bytes on disk of what it is stored as (model: its graph and weight
             files; package: all the package's files, :func:`package_disk_bytes`, the same
             for every tier).
         tier_bytes: Packages: what the tier reads from the package (its ``total_bytes``:
@@ -162,20 +165,30 @@ def preload(spec: Mapping[str, Any]) -> None:
         import edgestack.runtime  # noqa: F401
     if spec["target"] in ("ort-cpu", "ort-arm"):
         import onnxruntime  # noqa: F401
-    elif spec["target"] == "openvino-cpu":
+    elif spec["target"] == "openvino-cpu" or spec["options"].get("engine") == "openvino":
         import openvino  # noqa: F401
 
 
 def open_subject(spec: Mapping[str, Any]) -> Handle:
     """Load a subject from its :meth:`Subject.spec`."""
-    if spec["kind"] == "artifact":
-        from edgestack.targets import load_runner
+    if spec["kind"] == "model":
+        opts = spec["options"]
+        if spec["target"] == "openvino-cpu":
+            from edgestack.runtime.openvino import PROFILE_PRECISIONS, OpenVINOSession
 
-        kwargs = {}
-        if spec["target"] == "openvino-cpu" and "precision" in spec.get("options", {}):
-            kwargs["precision"] = spec["options"]["precision"]
-        runner = load_runner(spec["path"], **kwargs).activate()
-        return Handle(runner.infer, runner.release)
+            sess: Any = OpenVINOSession(spec["path"], threads=opts.get("threads"),
+                                        precision=PROFILE_PRECISIONS.get(opts.get("precision")))
+        else:
+            from edgestack.core.ort import cpu_session
+
+            sess = cpu_session(spec["path"], opts.get("threads") or 0, "all",
+                               opts.get("spinning", "on"))
+        names = [o.name for o in sess.get_outputs()]
+
+        def infer(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return dict(zip(names, sess.run(None, dict(feeds)), strict=True))
+
+        return Handle(infer, lambda: None)
     if spec["kind"] == "package":
         from edgestack.runtime import Runtime
 
@@ -199,25 +212,21 @@ def bench_feeds(model_path: str | Path, batch: int = 1, seq: int = 128,
 
 
 # ---- subjects -------------------------------------------------------------------------
-def _files_bytes(folder: Path) -> int:
-    """Bytes of the files an artifact loads (its model and weight files, not its source)."""
-    from edgestack.targets.base import Artifact
-
-    art = Artifact.load(folder)
-    paths: set[Path] = set()
-    for role, name in art.files.items():
-        if role in ("model", "weights", "bin"):
-            paths.update(folder.glob(name + "*"))       # model.onnx + model.onnx.data
-    if art.target == "openvino-cpu":
-        paths.update(folder.glob("*.bin"))
-    return sum(p.stat().st_size for p in paths)
+def _files_bytes(model: Path) -> int:
+    """Bytes of a model file and its weights (``model.onnx`` + ``model.onnx.data``, or
+    ``model.xml`` + ``model.bin``)."""
+    paths = {model, *model.parent.glob(model.name + ".*"), model.with_suffix(".bin")}
+    return sum(p.stat().st_size for p in paths if p.is_file())
 
 
 def target_subjects(model: Path, work: Path, targets: Sequence[str], profile: Any,
                     log: Callable[[str], None], progress: Progress = False,
                     ) -> tuple[list[Subject], dict[str, str]]:
-    """Compile ``model`` for each target that can run here; ``(subjects, skipped)``
-    (``progress``: a bar over the targets, :mod:`edgestack.core.progress`)."""
+    """Compile ``model`` into a device package for each target that can run here
+    (:func:`edgestack.pipeline.compile_model`), each served by the runtime manager;
+    ``(subjects, skipped)`` (``progress``: a bar over the targets,
+    :mod:`edgestack.core.progress`)."""
+    from edgestack.pipeline import compile_model
     from edgestack.targets import get_target
 
     subjects, skipped = [], {}
@@ -225,17 +234,21 @@ def target_subjects(model: Path, work: Path, targets: Sequence[str], profile: An
         target = get_target(name)
         ok, why = target.available()
         if name == "ort-arm":
-            ok, why = False, ("its artifacts run only under qemu emulation on this machine; "
+            ok, why = False, ("its packages run only under qemu emulation on this machine; "
                               "latency there measures the emulator, not the device")
         if not ok:
             skipped[name] = why
             log(f"bench: skipping {name}: {why}")
             continue
         log(f"bench: compiling for {name} ...")
-        art = target.lower(model, work / name, profile)
-        subjects.append(Subject(f"edgestack {name} {art.precision}", "artifact",
-                                str(art.folder), name, precision=art.precision,
-                                disk_bytes=_files_bytes(art.folder)))
+        pkg = work / name
+        result = compile_model(model, name, pkg, profile=profile, overwrite=True, log=log)
+        precision = (result.compile or {}).get("precision", "fp32")
+        threads = getattr(profile, "threads", None)
+        subjects.append(Subject(f"edgestack {name} {precision}", "package", str(pkg), name,
+                                precision=precision, disk_bytes=package_disk_bytes(pkg),
+                                tier_bytes=result.tiers[0]["total_bytes"],
+                                options={"budget": None, "tier": 0, "threads": threads}))
     return subjects, skipped
 
 
@@ -329,21 +342,18 @@ def _baseline(work: Path, name: str, label: str, precision: str, threads: int,
               write: Callable[[Path], Quantization | None],
               target: str = "ort-cpu") -> Subject:
     """A baseline subject: ``write(path)`` puts its model at ``work/name/model.onnx`` and
-    returns what its quantizer did (``None``: not quantized); the folder gets an
-    ``artifact.json`` (no edgestack lowering) so every runner can load it. A quantizer that
-    rewrote nothing makes the row ``LABEL (nothing quantized)``, precision ``fp32``."""
-    from edgestack.targets.base import Artifact
-
+    returns what its quantizer did (``None``: not quantized); it is served as a user would
+    serve it (an ONNX Runtime session on the file, weights memory-mapped from its external
+    data). A quantizer that rewrote nothing makes the row ``LABEL (nothing quantized)``,
+    precision ``fp32``."""
     folder = work / name
     folder.mkdir(parents=True, exist_ok=True)
-    quant = write(folder / "model.onnx")
+    path = folder / "model.onnx"
+    quant = write(path)
     if quant is not None and quant.nothing:
         label, precision = f"{label} ({NOTHING_QUANTIZED})", "fp32"
-    Artifact(folder=folder, target=target, arch="x86_64" if target == "ort-cpu" else "any",
-             precision=precision, files={"model": "model.onnx"},
-             options={"threads": threads}).save()
-    subject = Subject(label, "artifact", str(folder), target, "baseline", precision,
-                      _files_bytes(folder))
+    subject = Subject(label, "model", str(path), target, "baseline", precision,
+                      _files_bytes(path), {"threads": threads})
     if quant is not None:
         subject.note = quant.note
         subject.quantized_layers, subject.weight_layers = (quant.quantized_layers,
@@ -371,8 +381,6 @@ def _baseline_subjects(dense: Path, work: Path, threads: int, log: Callable[[str
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    from edgestack.targets import get_target
 
     skipped: dict[str, str] = {}
     dense_proto = onnx.load(str(dense))
@@ -412,17 +420,19 @@ def _baseline_subjects(dense: Path, work: Path, threads: int, log: Callable[[str
     for name, label, precision, write in progress_iter(builds, progress, "bench: baselines"):
         log(f"bench: baseline {label} ...")
         subjects.append(_baseline(work, name, label, precision, threads, write))
-    ov = get_target("openvino-cpu")
-    ok, why = ov.available()
-    if not ok:
-        skipped["OpenVINO"] = why
-    else:
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        skipped["OpenVINO"] = f"openvino cannot be imported ({exc}); pip install openvino"
+    else:   # OpenVINO's own model of the dense export, as its docs convert one
         log("bench: baseline OpenVINO IR ...")
-        art = ov.lower(dense, work / "openvino", None, threads=threads)
+        ir = work / "openvino" / "model.xml"
+        ir.parent.mkdir(parents=True, exist_ok=True)
+        ov.save_model(ov.convert_model(str(dense)), str(ir), compress_to_fp16=False)
         for prec, label in zip(("fp32", "bf16"), BASELINES[5:], strict=True):
-            subjects.append(Subject(label, "artifact", str(art.folder), "openvino-cpu",
-                                    "baseline", prec, _files_bytes(art.folder),
-                                    {"precision": prec}))
+            subjects.append(Subject(label, "model", str(ir), "openvino-cpu", "baseline", prec,
+                                    _files_bytes(ir), {"precision": prec,
+                                                       "threads": threads}))
     return subjects, skipped
 
 
@@ -780,7 +790,7 @@ class BenchReport:
         lines.append("")
         lines.append(f"quality: {'; '.join(metrics) or 'not measured'}, against "
                      f"{self.settings.get('reference', 'the reference')}. disk MB: bytes on "
-                     f"disk (an artifact's model and weight files; a package: all its files, "
+                     f"disk (a baseline's model and weight files; a package: all its files, "
                      f"the same for every tier); tier MB: what a package tier reads (its "
                      f"blocks, graph and weights); plan MB: the runtime's memory plan for the "
                      f"tier (its budget), not bytes on disk; ratio: p50 / "
@@ -819,7 +829,7 @@ def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
             loaded by :class:`edgestack.runtime.Runtime` with its plan's budget, the inputs
             are the package's golden inputs, and the reference is ``dense_model`` or the
             largest tier.
-        out_dir: Where compiled artifacts, ``bench.json``, ``bench.md`` and plots go.
+        out_dir: Where compiled packages, ``bench.json``, ``bench.md`` and plots go.
         profile: A profile (name, path or :class:`~edgestack.profiles.Profile`): its target,
             threads and precision; ``None``: ``ort-cpu`` with 2 threads.
         targets: Target names, ``"all"``, or ``None`` (the profile's target).

@@ -1,8 +1,8 @@
 """Memory against quality (and latency) over bench rows: the Pareto views of the report.
 
 - :func:`memory_axis`: the memory rows are compared on: the measured peak RSS increase when
-  every row has one, else the bytes each subject reads from disk (``--no-memory``: an
-  artifact's files, a package tier's ``tier_bytes``, not the whole package); the tables and
+  every row has one, else the bytes each subject reads from disk (``--no-memory``: a
+  baseline's files, a package tier's ``tier_bytes``, not the whole package); the tables and
   plots say which.
 - :func:`pareto_table`: the rows sorted by memory, with quality and latency ratio; a row is
   **Pareto-optimal** when no other row has less or equal memory and higher or equal quality
@@ -42,7 +42,7 @@ READ_AXIS = "MB read from disk"
 
 def read_bytes(row: Any) -> int:
     """Bytes ``row``'s subject reads from disk: a package tier's ``tier_bytes``, else its
-    ``disk_bytes`` (an artifact loads all its files)."""
+    ``disk_bytes`` (a baseline loads all its files)."""
     tier = getattr(row, "tier_bytes", None)
     return row.disk_bytes if tier is None else tier
 
