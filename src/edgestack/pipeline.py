@@ -12,6 +12,7 @@ torch or the exporter.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -223,6 +224,7 @@ def compile_model(model: str | os.PathLike[str], target: str, out: str | os.Path
         if "build" in art.report:  # TensorRT: the engine is built on the device
             info["build"] = {**art.report["build"], "onnx": "model.onnx",
                              "engine": "model.engine"}
+        info = json.loads(json.dumps(info, default=str))  # as the manifest stores it
         result = pack(src, out, target=target, name=name or src.stem,
                       model=onnx.load(str(lowered_path)), golden_inputs=feeds,
                       golden_outputs=got, tolerance=(tol.rtol, tol.atol),
