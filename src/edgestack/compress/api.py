@@ -445,12 +445,15 @@ class StatsCache:
 # --------------------------------------------------------------------------- entry point
 
 
-def _select_layers(model: nn.Module, skip: tuple[str, ...], only: tuple[str, ...] | None
-                   ) -> tuple[list[LayerInfo], list[SkippedLayer], list[str], int]:
-    """Layers a pass may touch; skipped ones with reasons; unsupported names; supported count.
+def select_layers(model: nn.Module, skip: tuple[str, ...] = (),
+                  only: tuple[str, ...] | None = None
+                  ) -> tuple[list[LayerInfo], list[SkippedLayer], list[str], int]:
+    """Layers a pass may touch; skipped ones with reasons; unsupported names; supported count
+    (what :func:`compress` runs before a pass).
 
-    ``only`` (the ``layers`` option): None, or the exact names of the layers a pass may touch
-    (each must be a supported layer of the model; the others are recorded as skipped)."""
+    ``skip``: module-name prefixes left dense; ``only`` (the ``layers`` option): None, or the
+    exact names of the layers a pass may touch (each must be a supported layer of the model;
+    the others are recorded as skipped)."""
     unsupported = unsupported_layers(model)
     unsupported_names = [n for n, _ in unsupported]
     skipped = [SkippedLayer(n, f"unsupported layer type {t}: left dense") for n, t in unsupported]
@@ -538,7 +541,7 @@ def compress(
     model.eval()
     if method == "none":
         return CompressReport("none", opts)
-    layers, skipped, unsupported, n_supported = _select_layers(model, opts["skip"],
+    layers, skipped, unsupported, n_supported = select_layers(model, opts["skip"],
                                                                opts["layers"])
     if n_supported == 0:
         found = f"; found only unsupported layers: {', '.join(unsupported)}" if unsupported else ""
@@ -579,6 +582,7 @@ __all__ = [
     "InputStats",
     "collect_input_stats",
     "StatsCache",
+    "select_layers",
     "run_calib",
     "check_calib",
     "progress_iter",
