@@ -4,7 +4,6 @@ ONNX through the name scopes, and bad input (exit 2, one line, before anything r
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -95,9 +94,11 @@ def test_a_perturbed_weight_diverges_first_at_the_node_that_reads_it(models, cap
 def test_inputs_file_and_a_folder_holding_model_onnx(models, capsys, tmp_path):
     feeds = example_feeds(models["dense"], seed=5)
     np.savez(tmp_path / "in.npz", **feeds)
-    art = tmp_path / "artifact"
+    art = tmp_path / "artifact"      # a compile output / package: weights in model.data
     art.mkdir()
-    shutil.copy(models["dense"], art / "model.onnx")
+    onnx.save(onnx.load(str(models["dense"])), str(art / "model.onnx"),
+              save_as_external_data=True, location="model.data", size_threshold=0)
+    assert (art / "model.data").stat().st_size > 10000
     code, doc = diff_json(capsys, str(models["dense"]), str(art), "--inputs",
                           str(tmp_path / "in.npz"))
     assert code == 0 and doc["b"]["model"] == str(art / "model.onnx")
@@ -137,8 +138,19 @@ def _bad_cases(tmp_path, dense):
     np.savez(tmp_path / "wrong_name.npz", pixels=np.zeros((1, 3, 32, 32), np.float32))
     np.savez(tmp_path / "wrong_shape.npz", pixel_values=np.zeros((1, 3, 16, 16), np.float32))
     (tmp_path / "empty").mkdir()
+    m = onnx.load(str(dense))
+    m.graph.input.append(onnx.helper.make_tensor_value_info("extra", onnx.TensorProto.FLOAT,
+                                                            [1]))
+    onnx.save(m, str(tmp_path / "extra_input.onnx"))
+    onnx.save(onnx.load(str(dense)), str(tmp_path / "ext.onnx"), save_as_external_data=True,
+              location="ext.data", size_threshold=0)
+    (tmp_path / "ext.data").unlink()
     d = str(dense)
     return [
+        ([str(tmp_path / "extra_input.onnx"), d], "A and B take different inputs",
+         "['extra'] only on one side"),
+        ([d, str(tmp_path / "extra_input.onnx")], "B: input(s) ['extra']", "are not in"),
+        ([d, str(tmp_path / "ext.onnx")], "'ext.data'", "missing next to it"),
         ([d, str(tmp_path / "missing.onnx")], "B: ", "does not exist"),
         ([str(tmp_path / "text.onnx"), d], "A: ", "is not an ONNX model"),
         ([d, str(tmp_path / "empty")], "B: folder", "neither model.onnx"),

@@ -162,6 +162,8 @@ def capture_onnx(path: str | Path, feeds: Mapping[str, np.ndarray], label: str |
     path = Path(path)
     label = label or str(path)
     model = ir.load(str(path))
+    # external data into memory: the session gets the model as bytes (or a fresh file)
+    ir.external_data.load_to_model(model)
     modules, unmatched, aliases = module_values(model.graph)
     inits = {}
     for name, v in model.graph.initializers.items():

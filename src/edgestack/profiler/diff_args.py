@@ -170,8 +170,9 @@ def make_feeds(refs: list[ModelRef], inputs: str | None, seed: int
     first model's own example inputs are used).
 
     Raises:
-        TargetError: the file cannot be read, or the feeds do not fit a graph's inputs, or
-            an input of one side is missing from them.
+        TargetError: the file cannot be read, the feeds do not fit a graph's inputs, an
+            input of one side is missing from them, or (generated inputs) the two graphs
+            take different inputs.
     """
     onnx_refs = [r for r in refs if r.kind == "onnx"]
     if inputs is not None:
@@ -182,9 +183,18 @@ def make_feeds(refs: list[ModelRef], inputs: str | None, seed: int
         source = f"example inputs of {first.label} (seed {seed})"
     else:
         return {}, "the example inputs of A's model source"
+    names = {}
     for ref, which in zip(refs, ("A", "B"), strict=False):
         if ref.kind == "onnx":
-            check_feeds(feeds, graph_inputs(ref.path), which, source)
+            specs = graph_inputs(ref.path)
+            check_feeds(feeds, specs, which, source)
+            names[which] = {s.name for s in specs}
+    if inputs is None and len(names) == 2 and names["A"] != names["B"]:
+        extra = sorted(names["A"] ^ names["B"])
+        raise TargetError(f"A and B take different inputs ({extra} only on one side, e.g. a "
+                          "device package graph's BitStack blocks); generated example inputs "
+                          "would feed those random values: give --inputs FILE.npz with every "
+                          "input of both graphs")
     return feeds, source
 
 
