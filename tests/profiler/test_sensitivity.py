@@ -138,3 +138,14 @@ def test_a_pattern_matching_nothing_exits_2(capsys):
     err = capsys.readouterr().err
     assert "no layers to score match the patterns ['encoder.*']" in err
     assert "body.0" in err and len(err.strip().splitlines()) == 1
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["sensitivity", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--method", "--layers", "--top", "--json", "--out", "--eval", "--calib",
+                 "--bits", "--blocks", "--ratio", "--skip"):
+        assert flag in out
+    assert "--tiers" not in out

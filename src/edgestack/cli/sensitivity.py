@@ -115,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
            "calibration": calib_what, **report.to_dict()}
     title = (f"sensitivity of {src.description} to {args.method} ({given}) "
              f"({metric}; fp32 {report.metric} = {report.reference[report.metric]}), "
-             f"{len(report.rows)} layers in {report.seconds:.1f} s")
+             f"{len(report.rows)} {'structures' if args.method == 'prune' else 'layers'} in "
+             f"{report.seconds:.1f} s")
     if args.out:
         Path(args.out).write_text(f"# {title}\n\n{report.table()}\n")
     if args.json:
