@@ -343,7 +343,7 @@ def test_report_totals_and_summary(originals):
                             "bits_per_layer": None, "finetune_steps": 0, "finetune_lr": 1e-3,
                             "max_seconds": None, "seed": 0, "sequential": False,
                             "finetune_params": "all", "finetune_val": 0.1, "extra_texts": 0,
-                            "skip": []}
+                            "skip": [], "layers": None}
 
 
 def test_compressed_layers_have_expected_kinds(originals):

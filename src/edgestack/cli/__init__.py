@@ -37,6 +37,7 @@ def _commands() -> list:
         bench,
         compile,
         demo,
+        diff,
         export,
         inspect,
         pack,
@@ -45,11 +46,12 @@ def _commands() -> list:
         profiles,
         quality,
         run,
+        sensitivity,
         verify,
     )
 
-    return [export, quality, compile, parity, verify, bench, pack, inspect, plan, run, profiles,
-            demo]
+    return [export, quality, sensitivity, compile, parity, verify, diff, bench, pack, inspect,
+            plan, run, profiles, demo]
 
 
 def build_parser() -> argparse.ArgumentParser:

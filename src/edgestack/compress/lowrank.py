@@ -67,7 +67,6 @@ import torch
 from edgestack.compress.api import (
     InputStats,
     PassContext,
-    collect_input_stats,
 )
 from edgestack.compress.layers import LowRankConv, LowRankLinear
 from edgestack.compress.report import LayerReport
@@ -215,8 +214,7 @@ def run(ctx: PassContext) -> None:
         plan.append((layer, k))
     stats: dict[str, InputStats] = {}
     if ctx.calib is not None and o["act_aware"] and plan:
-        stats = collect_input_stats(ctx.model, ctx.calib, [lay for lay, _ in plan], gram=True,
-                                    progress=ctx.progress)
+        stats = ctx.input_stats([lay for lay, _ in plan], gram=True)
     replacements = []
     for layer, k in ctx.iterate(plan, "lowrank"):
         w = dense_weight(layer).cpu()

@@ -18,7 +18,7 @@ from edgestack.formats.shift import MAX_BITS, MIN_BITS
 
 METHODS = ("none", "prune", "shift", "lowrank", "bitstack")
 
-COMMON_OPTIONS: dict[str, Any] = {"skip": ()}
+COMMON_OPTIONS: dict[str, Any] = {"skip": (), "layers": None}
 #: options of every method but "none" (see :func:`edgestack.compress.compress`)
 CALIB_OPTIONS: dict[str, Any] = {"extra_texts": 0}
 
@@ -71,6 +71,26 @@ def check_skip(skip: Any) -> tuple[str, ...]:
             "pass e.g. skip=('pooler', 'encoder.layer.0')"
         )
     return tuple(s.rstrip(".") for s in skip)
+
+
+def check_layers(layers: Any) -> tuple[str, ...] | None:
+    """``layers`` (None: every supported layer; else the exact module names a pass may touch)
+    as a sorted tuple without duplicates. Whether each name is a supported layer of the
+    model is :func:`edgestack.compress.compress`'s check (it needs the model)."""
+    if layers is None:
+        return None
+    if isinstance(layers, str):
+        layers = (layers,)
+    if not isinstance(layers, (tuple, list, set, frozenset)) or not all(
+            isinstance(s, str) and s for s in layers):
+        raise CompressError(
+            f"option layers: expected None or a collection of module names (non-empty str), "
+            f"found {layers!r}; pass e.g. layers={{'encoder.layer.0.attention.self.query'}}"
+        )
+    if not layers:
+        raise CompressError("option layers: the collection of module names is empty; pass "
+                            "layers=None to compress every supported layer")
+    return tuple(sorted(set(layers)))
 
 
 # --------------------------------------------------------------------------- fine-tune
@@ -227,7 +247,7 @@ def check_method(method: Any) -> None:
 
 
 def method_options(method: str) -> dict[str, Any]:
-    """The options ``method`` takes, with their defaults (``skip`` included).
+    """The options ``method`` takes, with their defaults (``skip`` and ``layers`` included).
 
     Raises:
         CompressError: unknown method.
@@ -259,6 +279,7 @@ def check_options(method: str, **options: Any) -> dict[str, Any]:
         )
     opts = {**valid, **options}
     opts["skip"] = check_skip(opts["skip"])
+    opts["layers"] = check_layers(opts["layers"])
     if method != "none":
         check_int("extra_texts", opts["extra_texts"], 0, None)
         PASS_OPTIONS[method][1](opts)

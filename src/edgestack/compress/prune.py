@@ -82,7 +82,6 @@ from torch import nn
 from edgestack.compress.api import (
     InputStats,
     PassContext,
-    collect_input_stats,
 )
 from edgestack.compress.options import IMPORTANCE_METRICS
 from edgestack.compress.report import LayerReport
@@ -450,8 +449,7 @@ def run(ctx: PassContext) -> None:
     stats: dict[str, InputStats] = {}
     if ctx.calib is not None and usable:
         consumers = {st.consumer.name: st.consumer for st in usable}
-        stats = collect_input_stats(ctx.model, ctx.calib, consumers.values(),
-                                    progress=ctx.progress)
+        stats = ctx.input_stats(consumers.values())
     elif metric_name != "weight" and usable:
         metric(usable[0], None)  # raises the "needs calibration" error
 
