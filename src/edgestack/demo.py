@@ -447,11 +447,6 @@ def _targets_step(result: DemoResult, models: dict[str, Path], targets: Any,
         f"{len(bad)} failed")
 
 
-def _artifact_dir(result: DemoResult, method: str, target: str) -> Path:
-    index = [r["method"] for r in result.rows].index(method)
-    return result.work_dir / "targets" / f"{index}_{method}" / target
-
-
 # ---- 3. baselines: build, measure memory ----------------------------------------------------
 def _feeds_file(result: DemoResult) -> Path:
     """The first held sentence as an ``.npz``: what every memory probe runs."""
@@ -533,7 +528,13 @@ def _runtime_step(result: DemoResult, model: Path, threads: int,
     from edgestack.package import Package
     from edgestack.package.archive import write_archive
     from edgestack.package.pack import pack
-    from edgestack.profiler.bench import BUDGET_HEADROOM, Subject, measure_memory, package_subjects
+    from edgestack.profiler.bench import (
+        BUDGET_HEADROOM,
+        Subject,
+        measure_memory,
+        package_disk_bytes,
+        package_subjects,
+    )
     from edgestack.runtime import Runtime
     from edgestack.runtime.openvino import PROFILE_PRECISIONS
 
@@ -618,7 +619,8 @@ def _runtime_step(result: DemoResult, model: Path, threads: int,
                            f"{f', OpenVINO {precision}' if ov else ''})",
                            "package", str(pkg_dir), "openvino-cpu" if ov else "ort-cpu",
                            precision=_precision(row["forms"]),
-                           disk_bytes=tier_disk[row["tier"]], plan_bytes=plan_bytes,
+                           disk_bytes=package_disk_bytes(pkg_dir),
+                           tier_bytes=tier_disk[row["tier"]], plan_bytes=plan_bytes,
                            options={"budget": budget, "bits": tier_bits[row["tier"]],
                                     "threads": threads, "form": form, "engine": engine,
                                     "precision": precision})
@@ -658,17 +660,16 @@ def _bench_step(result: DemoResult, models: dict[str, Path], baselines: tuple[li
                 dict[str, str]], package: list[Any] | None, threads: int, iterations: int,
                 log: Callable[[str], None]) -> None:
     from edgestack.core.quality import sentence_feeds
+    from edgestack.pipeline import compile_model
     from edgestack.profiler.bench import (
         BenchReport,
         QualityProbe,
         Subject,
-        _files_bytes,
         measure_subjects,
+        package_disk_bytes,
         reference_handle,
         write_report,
     )
-    from edgestack.targets import get_target
-    from edgestack.targets.base import Artifact
 
     out = result.out_dir / "bench"                       # kept: tables and plots
     out.mkdir(exist_ok=True)
@@ -681,29 +682,34 @@ def _bench_step(result: DemoResult, models: dict[str, Path], baselines: tuple[li
         probe = QualityProbe.build(feeds, reference, ref.infer,
                                    sentence_feeds(result.held_batches, feeds))
     finally:
-        ref.close()
+        ref.release()
     subjects, skipped = list(baselines[0]), dict(baselines[1])
+
+    def compiled(label: str, method: str, target: str, opts: dict[str, Any],
+                 name: str) -> Subject:
+        """``models[method]`` compiled into a device package, served by the runtime."""
+        pkg = work / "packages" / name
+        res = compile_model(models[method], target, pkg, options=opts, overwrite=True,
+                            log=lambda m: None)
+        precision = res.compile["precision"]
+        suffix = "" if name.endswith(target) else " (int8 activations)"
+        return Subject(f"{label} {precision}{suffix}", "package", str(pkg),
+                       target, precision=precision, disk_bytes=package_disk_bytes(pkg),
+                       tier_bytes=res.tiers[0]["total_bytes"],
+                       options={"budget": None, "tier": 0, "threads": threads})
+
     for method in models:
         if method == "none":
             continue
         for target in BENCH_TARGETS:
-            folder = _artifact_dir(result, method, target)
-            if not (folder / "artifact.json").is_file():
+            if target in result.skipped:
                 continue
-            art = Artifact.load(folder)
-            art.options["threads"] = threads
-            art.save()
-            subjects.append(Subject(f"{method} {target} {art.precision}", "artifact",
-                                    str(folder), target, precision=art.precision,
-                                    disk_bytes=_files_bytes(folder)))
+            subjects.append(compiled(f"{method} {target}", method, target,
+                                     TARGET_OPTIONS.get(target, {}), f"{method}-{target}"))
     for method, opts in FAST_OPTIONS.items():
         if method in models:
-            art = get_target("ort-cpu").lower(models[method], work / f"{method}-fast", None,
-                                              threads=threads, **opts)
-            subjects.append(Subject(f"{method} ort-cpu {art.precision} (int8 activations)",
-                                    "artifact", str(art.folder), "ort-cpu",
-                                    precision=art.precision,
-                                    disk_bytes=_files_bytes(art.folder)))
+            subjects.append(compiled(f"{method} ort-cpu", method, "ort-cpu", opts,
+                                     f"{method}-fast"))
     if package:
         subjects.extend(package)
     rows = measure_subjects(subjects, feeds, reference, work, quality=probe,
