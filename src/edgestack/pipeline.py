@@ -136,7 +136,7 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
                             location="dense.onnx.data")
             del model
             pack_options.pop("steps_per_level", None)
-            return compile_model(dense, target, out, name=name or src.stem,
+            return compile_model(dense, target, out, name=name or src.stem, source=str(source),
                                  golden_inputs=golden_inputs, overwrite=overwrite, log=say,
                                  **pack_options)
         return pack(source, out, target=target, name=name or src.stem, model=model,
@@ -150,7 +150,8 @@ def compile_model(model: str | os.PathLike[str], target: str, out: str | os.Path
                   profile: Any = None, options: Mapping[str, Any] | None = None,
                   golden_inputs: Mapping[str, np.ndarray] | None = None,
                   name: str | None = None, overwrite: bool = False,
-                  log: Callable[[str], None] | None = None, created: str | None = None) -> Any:
+                  log: Callable[[str], None] | None = None, created: str | None = None,
+                  source: str | None = None) -> Any:
     """Compile an exported ONNX model for ``target`` into a device package at ``out``.
 
     The target lowers the graph (:meth:`edgestack.targets.base.Target.lower`: shift codes to
@@ -172,6 +173,7 @@ def compile_model(model: str | os.PathLike[str], target: str, out: str | os.Path
         options: the target's lowering options (see each target's docstring).
         golden_inputs: the self-test's inputs (default: generated from the graph's inputs).
         name, overwrite, log, created: as :func:`edgestack.package.pack.pack`.
+        source: what the manifest records as the model's source (default: ``model``).
 
     Returns:
         The :class:`~edgestack.package.pack.PackResult`, with ``compile`` set (the
@@ -225,7 +227,7 @@ def compile_model(model: str | os.PathLike[str], target: str, out: str | os.Path
             info["build"] = {**art.report["build"], "onnx": "model.onnx",
                              "engine": "model.engine"}
         info = json.loads(json.dumps(info, default=str))  # as the manifest stores it
-        result = pack(src, out, target=target, name=name or src.stem,
+        result = pack(source or src, out, target=target, name=name or src.stem,
                       model=onnx.load(str(lowered_path)), golden_inputs=feeds,
                       golden_outputs=got, tolerance=(tol.rtol, tol.atol),
                       metadata={"compile": info}, overwrite=overwrite, log=say,

@@ -15,6 +15,7 @@ from edgestack.cli import (
     progress,
     warn,
 )
+from edgestack.cli.options import add_method_options, method_options
 from edgestack.compress.hf import TASKS
 from edgestack.errors import EdgestackError
 
@@ -55,22 +56,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a Hugging Face folder's task (default: from the class it was saved "
                    "as, config.architectures; its head is exported with the body)")
     p.add_argument("--out", required=True, help="output .onnx path")
-    g = p.add_argument_group("method options")
-    g.add_argument("--bits", type=int, default=None, help="shift: code width 2..5 (default 4)")
-    g.add_argument("--zero", action="store_true",
-                   help="shift: DeepShift codes with zero (default: zero-free DenseShift)")
-    g.add_argument("--blocks", type=int, default=None,
-                   help="bitstack: number of residual blocks (default 4)")
-    g.add_argument("--k", type=int, default=None,
-                   help="bitstack: rank per block (default: chosen per matrix shape)")
-    g.add_argument("--rank", type=int, default=None, help="lowrank: rank for every layer")
-    g.add_argument("--ratio", type=float, default=None,
-                   help="fraction of each layer's parameters removed, for both methods. "
-                   "lowrank: the rank is chosen so the factors hold at most 1-R of the "
-                   "weight (default 0.5, the same model as before --ratio meant the fraction "
-                   "removed); prune: heads/channels removed per block (default 0.25)")
-    g.add_argument("--skip", action="append", default=[], metavar="PREFIX",
-                   help="leave modules whose name starts with PREFIX dense (repeatable)")
+    add_method_options(p)
+    g = p.add_argument_group("calibration")
+    g.add_argument("--extra-texts", type=int, default=None,
+                   help="text models: more corpus sentences for the pass's statistics "
+                   "(compress()'s extra_texts)")
     g.add_argument("--calib", default=None, metavar="FILE",
                    help="calibrate on your data: text lines, JSONL with a 'text' field "
                    "(tokenized with the model's tokenizer.json), or an .npz of model inputs")
@@ -101,34 +91,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    f"(default {DEFAULT_RTOL:g})")
     p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
     p.set_defaults(run=run)
-
-
-def method_options(args: argparse.Namespace) -> dict:
-    """The compress() options given on the command line for ``args.method``."""
-    per_method = {
-        "shift": {"bits": args.bits, "zero": args.zero or None},
-        "bitstack": {"n_blocks": args.blocks, "k": args.k},
-        "lowrank": {"rank": args.rank, "ratio": args.ratio},
-        "prune": {"ratio": args.ratio},
-        "none": {},
-    }
-    opts = {k: v for k, v in per_method[args.method].items() if v is not None}
-    given = {"--bits": args.bits, "--zero": args.zero or None, "--blocks": args.blocks,
-             "--k": args.k, "--rank": args.rank, "--ratio": args.ratio}
-    allowed = {"shift": {"--bits", "--zero"}, "bitstack": {"--blocks", "--k"},
-               "lowrank": {"--rank", "--ratio"}, "prune": {"--ratio"}, "none": set()}
-    stray = [flag for flag, v in given.items() if v is not None
-             and flag not in allowed[args.method]]
-    if stray:
-        from edgestack.errors import CompressError
-
-        raise CompressError(
-            f"option(s) {', '.join(stray)} do not apply to --method {args.method}; "
-            f"it takes {', '.join(sorted(allowed[args.method])) or 'no options'}"
-        )
-    if args.skip:
-        opts["skip"] = tuple(args.skip)
-    return opts
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ import argparse
 
 from edgestack.cli import EXIT_OK, bars, emit_json, prepare_output, progress, warn
 from edgestack.cli.export import TASK_NAMES
+from edgestack.cli.options import METHODS, add_method_options, method_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,17 +36,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--calib", default=None, metavar="FILE",
                    help="a model source: calibrate on your data (text lines, JSONL with a "
                    "'text' field, or an .npz of model inputs)")
-    p.add_argument("--method", default="bitstack",
-                   help="compression when MODEL is not an .onnx file (default bitstack)")
-    p.add_argument("--blocks", type=int, default=None,
-                   help="bitstack blocks per matrix when compressing (default 12: the top "
-                   "tier reaches the original's quality)")
-    p.add_argument("--k", type=int, default=None, help="bitstack rank per block")
-    p.add_argument("--factor-bits", type=float, default=None,
-                   help="bitstack factor bits per weight per block, sets k by shape (default "
-                   "0.125)")
-    p.add_argument("--signs", choices=("auto", "gptq", "plain"), default=None,
-                   help="bitstack: how block signs are chosen (default auto)")
+    p.add_argument("--method", choices=METHODS, default="bitstack",
+                   help="compression when MODEL is not an .onnx file (default bitstack: 12 "
+                   "blocks, factor bits 0.125, so the top tier reaches the original's "
+                   "quality; other methods give a compiled package with one tier)")
+    add_method_options(p)
     p.add_argument("--extra-texts", type=int, default=None,
                    help="text models: more corpus sentences for the compression statistics "
                    "beyond the calibration batches (a built-in text model already calibrates "
@@ -63,11 +58,17 @@ def run(args: argparse.Namespace) -> int:
         from edgestack.compress.calib import read_calib_file
 
         read_calib_file(args.calib)                   # a bad file fails before loading
+    from pathlib import Path
+
+    from edgestack.compress.options import check_options
+    from edgestack.errors import CompressError
     from edgestack.pipeline import pack_model
 
-    opts = {k: v for k, v in (("n_blocks", args.blocks), ("k", args.k),
-                              ("factor_bits", args.factor_bits), ("signs", args.signs),
-                              ("extra_texts", args.extra_texts)) if v is not None}
+    opts = method_options(args)
+    if opts and Path(args.model).suffix == ".onnx":
+        raise CompressError(f"pack: {args.model} is already exported; compression options "
+                            f"({', '.join(sorted(opts))}) apply to a model source only")
+    check_options(args.method, **opts)                # bad values fail before loading
     result = pack_model(args.model, args.out, target=args.target, profile=args.profile,
                         name=args.name, method=args.method, options=opts, task=args.task,
                         calib=args.calib,

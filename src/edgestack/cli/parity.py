@@ -8,6 +8,7 @@ from pathlib import Path
 
 from edgestack.cli import EXIT_CHECK_FAILED, EXIT_OK, emit_json
 from edgestack.cli.compile import TARGETS
+from edgestack.cli.options import METHODS, add_method_options, method_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,8 +28,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", default=None, help="profile applied to every target")
     p.add_argument("--int8", choices=("off", "weights", "dynamic"), default=None,
                    help="int8 lowering for the ONNX Runtime targets (default: from profile)")
-    p.add_argument("--method", default="none",
-                   help="model sources only: compression method before export")
+    p.add_argument("--method", choices=("none", *METHODS), default="none",
+                   help="model sources only: compression method before export (calibrated "
+                   "like `edgestack export`)")
+    add_method_options(p)
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
@@ -36,6 +39,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from edgestack.compress.options import check_options
+
+    opts = method_options(args)       # a flag the method does not take: exit 2, first
+    if args.method != "none":
+        check_options(args.method, **opts)                   # bad values fail first
     from edgestack.targets.feeds import example_feeds
     from edgestack.targets.parity import Case, cross_check
 
@@ -74,7 +82,8 @@ def _case_from_source(args: argparse.Namespace, tmp: Path):
 
     src = load_source(args.model, batch=args.batch, seq=args.seq)
     if args.method != "none":
-        compress(src.model, args.method, calib=[src.inputs])
+        calib, _what = src.calibration()        # as export and pack calibrate
+        compress(src.model, args.method, calib=calib, **method_options(args))
     out = tmp / "model.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from edgestack.cli import EXIT_OK, emit_json, prepare_output, progress
 from edgestack.cli.export import TASK_NAMES
-from edgestack.cli.quality import METHODS, add_method_options, method_options
+from edgestack.cli.options import METHODS, add_method_options, method_options
 
 _log = progress("sensitivity")
 
