@@ -1,32 +1,23 @@
 """Read a device package (a directory or an uncompressed ``.tar``) without trusting its bytes.
 
-:meth:`Package.open` checks, before handing anything out: the manifest's size bound, UTF-8 and
-JSON syntax, magic, schema version, keys and types, file names (inside the package, no
-duplicates), the block layout and the tiers (see :mod:`edgestack.package.format`), and that
-every listed file is present, a regular file, and has its listed size. :meth:`Package.verify`
-hashes every file. Everything a user can break raises :class:`~edgestack.errors.PackageError`.
+:meth:`Package.open` checks, before handing anything out: the manifest (size bound, UTF-8 and
+JSON syntax, magic, schema version, keys and types, file names, and what it must agree with
+itself on: see :class:`~edgestack.package.format.Manifest`), and that every listed file is
+present, a regular file, and has its listed size. :meth:`Package.verify` hashes every file.
+Everything a user can break raises :class:`~edgestack.errors.PackageError`.
 
-Reading blocks. Two paths, with different accounting:
-
-- :meth:`Package.read_prefix` / :meth:`Package.read_blocks` read block-file bytes with
-  ``os.preadv`` (``pread``) straight into freshly allocated numpy buffers that the caller owns;
-  :meth:`Package.read_into` reads into buffers the caller gives (the runtime's layer stores).
-  The :class:`ByteCounter` at :attr:`Package.counter` adds exactly the bytes those system
-  calls returned, so ``counter.bytes_read`` is an honest count of the block-file bytes the
-  package read from the file (whether the OS served them from disk or its page cache):
-  growing tier ``t`` to ``t+1`` with ``read_blocks(t + 1, start_tier=t)`` adds
-  ``tiers[t+1].bytes - tiers[t].bytes`` and nothing else. Buffers are offset so that every
-  byte keeps its file offset's alignment modulo 64 in memory (block parts stay 64-byte
-  aligned). :meth:`verify` and whole-file reads (:meth:`read_file`) are not counted.
-- :meth:`Package.block_views` returns zero-copy views into a read-only memory map of the block
-  file; the OS pages them in when they are touched, which no user-space counter can see
-  honestly. These views are counted separately, as ``counter.bytes_mapped`` (the bytes the
-  views span), never as ``bytes_read``.
+Reading blocks: :meth:`Package.read_into` reads a listed file's bytes with ``os.preadv``
+straight into buffers the caller gives (the runtime's layer stores), :meth:`Package.read_prefix`
+into a fresh numpy buffer placed so that every byte keeps its file offset's alignment modulo 64
+in memory (block parts stay 64-byte aligned; :meth:`Package.views_of` slices it into blocks).
+The :class:`ByteCounter` at :attr:`Package.counter` adds exactly the block-file bytes those
+system calls returned, whether the OS served them from disk or its page cache: reading the
+bytes tier ``t+1`` adds to tier ``t`` counts ``tiers[t+1].bytes - tiers[t].bytes`` and nothing
+else. :meth:`verify` and whole-file reads (:meth:`read_file`) are not counted.
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import io
 import mmap
@@ -36,7 +27,6 @@ import tarfile
 import threading
 import zipfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -80,8 +70,6 @@ class ByteCounter:
         bytes_read: bytes returned by ``pread`` calls made by ``read_prefix``/``read_blocks``.
         reads: how many ranges were read.
         ranges: the ``(start, end)`` byte ranges read, in order.
-        bytes_mapped: bytes spanned by zero-copy memory-map views from ``block_views``
-            (paged in lazily by the OS; not counted as read).
     """
 
     def __init__(self) -> None:
@@ -94,7 +82,6 @@ class ByteCounter:
             self.bytes_read = 0
             self.reads = 0
             self.ranges: list[tuple[int, int]] = []
-            self.bytes_mapped = 0
 
     def _add_read(self, start: int, end: int) -> None:
         with self._lock:
@@ -102,15 +89,8 @@ class ByteCounter:
             self.reads += 1
             self.ranges.append((start, end))
 
-    def _add_mapped(self, nbytes: int) -> None:
-        with self._lock:
-            self.bytes_mapped += nbytes
-
     def __repr__(self) -> str:
-        return (
-            f"ByteCounter(bytes_read={self.bytes_read}, reads={self.reads}, "
-            f"bytes_mapped={self.bytes_mapped})"
-        )
+        return f"ByteCounter(bytes_read={self.bytes_read}, reads={self.reads})"
 
 
 class BlockView(NamedTuple):
@@ -122,24 +102,6 @@ class BlockView(NamedTuple):
     signs: np.ndarray
     u: np.ndarray
     v: np.ndarray
-
-
-@dataclass(frozen=True)
-class BlockChunk:
-    """Block-file bytes ``[start, end)`` in an owned, read-only buffer, and views of the
-    blocks whose records lie in that range (storage order)."""
-
-    start: int
-    end: int
-    data: np.ndarray = field(repr=False)
-    blocks: tuple[BlockView, ...] = field(repr=False)
-
-    def by_layer(self) -> dict[str, list[BlockView]]:
-        """The chunk's blocks grouped by layer, each list in block order."""
-        out: dict[str, list[BlockView]] = {}
-        for view in self.blocks:
-            out.setdefault(view.layer, []).append(view)
-        return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -184,32 +146,6 @@ def _pread_into(fd: int, bufs: memoryview | list[memoryview], offset: int, what:
     return done
 
 
-class _Source:
-    """Access to the files of a package; subclasses: directory, tar archive."""
-
-    display: str
-    is_archive: bool
-
-    def manifest_bytes(self) -> bytes:
-        raise NotImplementedError
-
-    def check_files(self, manifest: Manifest) -> None:
-        raise NotImplementedError
-
-    def locate(self, name: str) -> tuple[int, int]:
-        """``(fd, base offset)`` of a listed file's bytes."""
-        raise NotImplementedError
-
-    def memmap(self, name: str, size: int) -> np.ndarray:
-        raise NotImplementedError
-
-    def local_path(self, name: str) -> Path | None:
-        return None
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-
 def _size_error(display: str, name: str, expected: int, found: int) -> PackageError:
     hint = "larger than listed"
     if found < expected:
@@ -220,7 +156,7 @@ def _size_error(display: str, name: str, expected: int, found: int) -> PackageEr
     )
 
 
-class _DirSource(_Source):
+class _DirSource:
     is_archive = False
 
     def __init__(self, root: Path) -> None:
@@ -305,17 +241,6 @@ class _DirSource(_Source):
     def locate(self, name: str) -> tuple[int, int]:
         return self._open(name)
 
-    def memmap(self, name: str, size: int) -> np.ndarray:
-        try:
-            return np.memmap(self.root / name, dtype=np.uint8, mode="r", shape=(size,))
-        except (OSError, ValueError) as exc:
-            raise PackageError(
-                f"{self.display}: cannot memory-map {name!r} ({exc}); {_FIX_COPY}"
-            ) from None
-
-    def local_path(self, name: str) -> Path | None:
-        return self.root / name
-
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():
@@ -360,7 +285,7 @@ class _GuardedFile(io.RawIOBase):
         return self._raw.tell()
 
 
-class _TarSource(_Source):
+class _TarSource:
     is_archive = True
 
     def __init__(self, path: Path) -> None:
@@ -496,15 +421,6 @@ class _TarSource(_Source):
     def locate(self, name: str) -> tuple[int, int]:
         return self._file.fileno(), self.members[name][0]
 
-    def memmap(self, name: str, size: int) -> np.ndarray:
-        try:
-            offset = self.members[name][0]
-            return np.memmap(self.path, dtype=np.uint8, mode="r", offset=offset, shape=(size,))
-        except (OSError, ValueError) as exc:
-            raise PackageError(
-                f"{self.display}: cannot memory-map {name!r} ({exc}); {_FIX_COPY}"
-            ) from None
-
     def close(self) -> None:
         self._file.close()
 
@@ -564,16 +480,11 @@ class Package:
     ``with`` block; views and chunks handed out stay valid after closing.
     """
 
-    def __init__(self, path: Path, source: _Source, manifest: Manifest) -> None:
+    def __init__(self, path: Path, source: _DirSource | _TarSource, manifest: Manifest) -> None:
         self.path = path
         self.manifest = manifest
         self.counter = ByteCounter()
         self._source = source
-        self._map: np.ndarray | None = None
-        self._layer_records: dict[str, list[BlockRecord]] = {name: [] for name in manifest.layers}
-        for rec in manifest.block_index:
-            self._layer_records[rec.layer].append(rec)
-        self._offsets = [rec.offset for rec in manifest.block_index]
 
     # ---- opening ----------------------------------------------------------------------
     @classmethod
@@ -594,7 +505,7 @@ class Package:
         except OSError as exc:
             raise PackageError(f"{p}: cannot access ({exc})") from None
         if stat.S_ISDIR(st.st_mode):
-            source: _Source = _DirSource(p)
+            source: _DirSource | _TarSource = _DirSource(p)
         elif stat.S_ISREG(st.st_mode):
             source = _TarSource(p)
         else:
@@ -611,8 +522,7 @@ class Package:
         return cls(p, source, manifest)
 
     def close(self) -> None:
-        """Close the package's files (views already handed out stay valid)."""
-        self._map = None
+        """Close the package's files (buffers already handed out stay valid)."""
         self._source.close()
 
     def __enter__(self) -> Package:
@@ -719,27 +629,6 @@ class Package:
         assert data is not None
         return data
 
-    def read_file_into(self, name: str, out: Any, *, verify: bool = True) -> int:
-        """Read the whole content of a listed file into ``out`` (a writable buffer of exactly
-        the file's size, e.g. an anonymous map: no intermediate copy), hash-checked while
-        reading by default; return the bytes read.
-
-        Raises:
-            PackageError: unknown file, ``out`` of another size, a read error, or (with
-                ``verify``) a sha256 that differs from the manifest's (naming the file).
-        """
-        entry = self._entry(name)
-        view = memoryview(out).cast("B")
-        if len(view) != entry.size:
-            raise PackageError(f"{self.path}: {name}: a {len(view)}-byte buffer cannot hold "
-                               f"the {entry.size}-byte file")
-        if verify:
-            self._check_hash(entry, self._read_hashed(entry, view))
-        elif entry.size:
-            fd, base = self._source.locate(name)
-            _pread_into(fd, view, base, f"{self.path}: {name}")
-        return entry.size
-
     def locate(self, name: str) -> tuple[int, int]:
         """``(file descriptor, offset)`` of a listed file's first byte (the package file's
         own descriptor in an archive; valid until :meth:`close`).
@@ -758,21 +647,6 @@ class Package:
         """
         fd, base = self.locate(name)
         return FileMap(fd, base, self._entry(name).size, f"{self.path}: {name}")
-
-    def file_path(self, name: str) -> Path:
-        """Filesystem path of a listed file; directory packages only.
-
-        Raises:
-            PackageError: unknown file, or the package is an archive (extract it first).
-        """
-        entry = self._entry(name)
-        path = self._source.local_path(entry.name)
-        if path is None:
-            raise PackageError(
-                f"{self.path}: {name!r} is inside an archive and has no path of its own; "
-                "extract it with edgestack.package.extract_archive() first"
-            )
-        return path
 
     def golden(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """The golden ``(inputs, outputs)`` arrays for the self-test (hash-checked).
@@ -850,16 +724,6 @@ class Package:
             self.counter._add_read(offset, offset + got)
         return got
 
-    def records_between(self, start: int, end: int) -> list[BlockRecord]:
-        """Block records lying wholly inside bytes ``[start, end)``, in storage order."""
-        i = bisect.bisect_left(self._offsets, start)
-        out = []
-        for rec in self.block_index[i:]:
-            if rec.end > end:
-                break
-            out.append(rec)
-        return out
-
     def _view(self, rec: BlockRecord, buf: np.ndarray, base: int) -> BlockView:
         info = self.layers[rec.layer]
         m, n = info.matrix_shape
@@ -877,60 +741,9 @@ class Package:
             raise PackageError(
                 f"{self.path}: expected a 1-D uint8 buffer, found {data.dtype} {data.shape}"
             )
-        records = self.records_between(start, start + data.size)
-        return [self._view(rec, data, start) for rec in records]
-
-    def read_blocks(self, tier: int, *, start_tier: int | None = None) -> BlockChunk:
-        """Read the block-file bytes tier ``tier`` needs (one sequential read) and view them.
-
-        With ``start_tier=s`` (``s <= tier``) only the bytes that tier ``tier`` adds to tier
-        ``s``, ``[tiers[s].bytes, tiers[tier].bytes)``, are read: that is how a runtime grows.
-        """
-        last = len(self.tiers) - 1
-        tier = self._int_arg(tier, "tier", 0, last)
-        start = 0
-        if start_tier is not None:
-            start_tier = self._int_arg(start_tier, f"start_tier (<= tier {tier})", 0, tier)
-            start = self.tiers[start_tier].bytes
-        end = self.tiers[tier].bytes
-        data = self.read_prefix(start, end)
-        blocks = tuple(self.views_of(data, start))
-        data.flags.writeable = False
-        return BlockChunk(start, end, data, blocks)
-
-    def block_views(self, layer: str, n: int | None = None) -> list[BlockView]:
-        """Zero-copy views (memory map) of the first ``n`` blocks of ``layer`` (default all).
-
-        Not counted as reads: the OS pages the bytes in on first touch (see the module doc).
-        """
-        if not isinstance(layer, str) or layer not in self.layers:
-            known = ", ".join(map(repr, list(self.layers)[:10]))
-            raise PackageError(f"{self.path}: no BitStack layer {layer!r}; layers: {known}")
-        total = self.layers[layer].n_blocks
-        n = total if n is None else self._int_arg(n, f"n (blocks of {layer!r})", 0, total)
-        if self._map is None:
-            self._map = self._source.memmap(BLOCK_FILE, self.block_file_size)
-        views = [self._view(rec, self._map, 0) for rec in self._layer_records[layer][:n]]
-        self.counter._add_mapped(sum(rec.length for rec in self._layer_records[layer][:n]))
-        return views
-
-    def layer_stack(self, layer: str, n: int | None = None) -> Any:
-        """The first ``n`` blocks of ``layer`` as an :class:`~edgestack.formats.BitStackStack`
-        (stacked copies of the memory-mapped views)."""
-        from edgestack.formats.bitstack import BitStackStack
-
-        views = self.block_views(layer, n)
-        if not views:
-            raise PackageError(
-                f"{self.path}: a BitStack stack needs at least one block of {layer!r}, asked for 0"
-            )
-        info = self.layers[layer]
-        return BitStackStack(
-            np.stack([b.signs for b in views]),
-            np.stack([b.u for b in views]).astype(np.float16),
-            np.stack([b.v for b in views]).astype(np.float16),
-            info.shape,
-        )
+        end = start + data.size
+        return [self._view(rec, data, start) for rec in self.block_index
+                if start <= rec.offset and rec.end <= end]
 
 
-__all__ = ["ByteCounter", "BlockView", "BlockChunk", "FileMap", "Package"]
+__all__ = ["ByteCounter", "BlockView", "FileMap", "Package"]
