@@ -240,18 +240,13 @@ def test_io_failure_mid_write_aborts_without_context_manager(tmp_path: Path, mon
     w = PackageWriter(out)
     w.begin(name="m", target="ort-cpu")
     w.add_file("model.onnx", b"g", role="graph")
-    calls = {"n": 0}
-    real = writer_mod._HashingFile.write
+    def full_disk(fd):  # delayed allocation: the disk is found full when the data is synced
+        raise OSError(28, "No space left on device")
 
-    def failing(self, data):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise OSError(28, "No space left on device")
-        return real(self, data)
-
-    monkeypatch.setattr(writer_mod._HashingFile, "write", failing)
+    monkeypatch.setattr(writer_mod.os, "fsync", full_disk)
     with pytest.raises(OSError, match="No space"):
         w.add_blocks(ORDER, make_stacks())
+    monkeypatch.undo()
     assert w.state == "aborted"
     assert siblings(out) == []
     with pytest.raises(PackageError, match="state 'aborted'"):

@@ -39,27 +39,7 @@ from edgestack.package.format import (
 from edgestack.package.reader import BlockView, ByteCounter, Package
 from edgestack.package.writer import PackageWriter
 
-__all__ = [
-    "PackageWriter",
-    "Package",
-    "ByteCounter",
-    "BlockView",
-    "write_archive",
-    "extract_archive",
-    "Manifest",
-    "FileEntry",
-    "LayerInfo",
-    "LayerGraph",
-    "Site",
-    "RuntimeInfo",
-    "Table",
-    "BlockRecord",
-    "Tier",
-    "Golden",
-    "ModelInfo",
-    "BLOCK_ALIGN",
-    "BLOCK_FILE",
-    "MANIFEST_NAME",
-    "SCHEMA_VERSION",
-    "SUPPORTED_SCHEMA_VERSIONS",
-]
+__all__ = ["PackageWriter", "Package", "ByteCounter", "BlockView", "write_archive",
+           "extract_archive", "Manifest", "FileEntry", "LayerInfo", "LayerGraph", "Site",
+           "RuntimeInfo", "Table", "BlockRecord", "Tier", "Golden", "ModelInfo", "BLOCK_ALIGN",
+           "BLOCK_FILE", "MANIFEST_NAME", "SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS"]

@@ -6,7 +6,7 @@ an uncompressed tar keeps every member's bytes contiguous at a 512-byte aligned 
 block file stays seekable and memory-mappable inside the archive, and a 64-byte aligned
 block record stays 64-byte aligned. Compressed archives (``.tar.gz`` ...) are refused.
 
-Contents::
+Contents (file roles: FILE_ROLES)::
 
     manifest.json          the manifest (below); UTF-8 JSON object, at most 16 MiB
     model.onnx             the model graph (role "graph", opaque bytes to this layer)
@@ -25,8 +25,8 @@ directory members are skipped; any other member type (symlink, hard link, device
 sparse file) is refused, as is any member not listed in the manifest. In a directory, listed
 files must be regular files (not symlinks) inside the package; unlisted files are ignored.
 
-Manifest (``manifest.json``). It stores only what cannot be derived; a reader computes the
-rest once (every block record's offsets, the part sizes of a block, the tiers' bytes). Readers
+Manifest (``manifest.json``). It stores only what cannot be derived: a reader computes the
+rest once (every block record's offsets, a block's part sizes, the tiers' bytes). Readers
 ignore keys they do not know, so additive changes keep the schema version; anything else bumps
 ``schema_version``, and a package of another version is refused with the fix (an older one:
 repack it with this edgestack)::
@@ -38,7 +38,6 @@ repack it with this edgestack)::
     model             {"name": str, "source": str, "method": str}
     target            str, e.g. "ort-cpu"
     files             {path: {"size": int, "sha256": 64 lowercase hex, "role": ROLE}}
-                      every file but manifest.json; ROLE in FILE_ROLES
     layers            {name: {"shape": [m, d1, ...], "rank": k, "n_blocks": N,
                               "dtype": "float16", "graph": GRAPH or null}}
     order             [layer, ...]  one layer name per block record, in storage order: the
@@ -69,31 +68,21 @@ reads it; typed: :class:`LayerGraph`, :class:`Site`, :class:`RuntimeInfo`, :clas
 
 Block file (``blocks.bin``, present iff ``layers`` is not empty). A BitStack layer of dense
 shape ``[m, d1, ...]`` is the matrix ``[m, n]`` with ``n = d1 * ...`` (see
-:mod:`edgestack.formats.bitstack`); its block ``i`` is three parts:
+:mod:`edgestack.formats.bitstack`); its block ``i`` is three parts: signs (``ceil(m*n/8)``
+bytes, C-order ``[m, n]`` signs packed MSB first, 1 = +1), u (``2*m*k`` bytes, float16
+little-endian ``[m, k]``, C order) and v (``2*k*n`` bytes, float16 ``[k, n]``). A block record
+is its parts in that order, **each starting at a multiple of BLOCK_ALIGN (64) bytes** from the
+start of the file, zero bytes between. Records are stored back to back in ``order`` (the
+importance order the packer chose): the first at 0, each next one at ``align_up(previous end,
+64)``, and the file ends exactly at the end of the last record. So every offset follows from
+``layers`` and ``order`` (:func:`layout_records`). A layer's blocks are stored 0, 1, 2, ...
+(its first ``n`` blocks are its ``n``-block approximation), each exactly once.
 
-======== ============================= =========================================
-part     bytes                         content
-======== ============================= =========================================
-signs    ``ceil(m*n/8)``               C-order ``[m, n]`` signs, MSB first, 1 = +1
-u        ``2*m*k``                     float16 little-endian ``[m, k]``, C order
-v        ``2*k*n``                     float16 little-endian ``[k, n]``, C order
-======== ============================= =========================================
-
-A block record is the parts in the order signs, u, v, **each starting at a multiple of
-BLOCK_ALIGN (64) bytes** from the start of the file; the gaps are zero bytes. Records are
-stored back to back in ``order`` (the importance order the packer chose): the first record
-starts at 0, each next one at ``align_up(previous end, 64)``, and the file ends exactly at the
-end of the last record (no holes beyond alignment, no trailing bytes). So every offset follows
-from ``layers`` and ``order`` (:func:`layout_records`). Within one layer blocks are stored
-0, 1, 2, ... (a layer's first ``n`` blocks are its ``n``-block approximation), and ``order``
-names every layer exactly ``n_blocks`` times.
-
-Tiers. Tier ``t`` loads the first ``c_t`` records of the block file, so it needs exactly the
-prefix ``[0, end of record c_t - 1)`` (:attr:`Tier.bytes`). ``c_t`` strictly increases, the
-first tier holds at least one block of every layer and the last one every record (growing
-from ``t`` to ``t+1`` reads only the bytes between their ends). A tier's
-:attr:`Tier.total_bytes` is everything it loads: its block bytes plus the sizes of the files
-whose role is in LOADED_ROLES. A package without BitStack layers has ``"tiers": [0]``.
+Tiers. Tier ``t`` loads the first ``c_t`` records of the block file, the prefix
+``[0, end of record c_t - 1)`` (:attr:`Tier.bytes`). ``c_t`` strictly increases, the first
+tier holds a block of every layer and the last one every record, so growing from ``t`` to
+``t+1`` reads only the bytes between their ends. :attr:`Tier.total_bytes` adds the sizes of
+the files whose role is in LOADED_ROLES. A package without BitStack layers has ``[0]``.
 
 Golden data: ``.npz`` files (numpy ``savez`` layout, no pickled objects) mapping graph input
 and output names to arrays; ``outputs`` are what the graph gave for ``inputs`` with tier
@@ -245,28 +234,20 @@ def check_path(name: Any, where: str) -> str:
     if not isinstance(name, str):
         raise PackageError(f"{where}: expected a file name (string), found {describe(name)}")
     parts = name.split("/")
-    problem = ""
-    if not name:
-        problem = "it is empty"
-    elif len(name) > MAX_PATH_CHARS:
-        problem = f"it is {len(name)} characters long (at most {MAX_PATH_CHARS})"
-    elif name.startswith("/"):
-        problem = "it is absolute"
-    elif ".." in parts:
-        problem = "it contains '..'"
-    elif len(parts) > MAX_PATH_DEPTH:
-        problem = f"it has {len(parts)} components (at most {MAX_PATH_DEPTH})"
-    else:
-        for part in parts:
-            if len(part) > MAX_COMPONENT_CHARS:
-                problem = f"component {part[:20]!r}... is longer than {MAX_COMPONENT_CHARS}"
-            elif not _COMPONENT.fullmatch(part):
-                problem = (
-                    f"component {part!r} is empty, starts with '.' or '-', or has a character "
-                    "outside [A-Za-z0-9._-]"
-                )
-            if problem:
-                break
+    bad = [p for p in parts if len(p) > MAX_COMPONENT_CHARS or not _COMPONENT.fullmatch(p)]
+    problem = (
+        "it is empty" if not name
+        else f"it is {len(name)} characters long (at most {MAX_PATH_CHARS})"
+        if len(name) > MAX_PATH_CHARS
+        else "it is absolute" if name.startswith("/")
+        else "it contains '..'" if ".." in parts
+        else f"it has {len(parts)} components (at most {MAX_PATH_DEPTH})"
+        if len(parts) > MAX_PATH_DEPTH
+        else f"component {bad[0][:20]!r}... is longer than {MAX_COMPONENT_CHARS}"
+        if bad and len(bad[0]) > MAX_COMPONENT_CHARS
+        else f"component {bad[0]!r} is empty, starts with '.' or '-', or has a character "
+        "outside [A-Za-z0-9._-]" if bad
+        else "")
     if problem:
         raise PackageError(
             f"{where}: file name {name[:80]!r} is not allowed: {problem}. Package files are "
@@ -768,21 +749,6 @@ class _Parser:
             raise self.fail(where, f"expected a JSON object, found {describe(value)}")
         return value
 
-    def arr(self, value: Any, where: str, lo: int, hi: int) -> list[Any]:
-        if not isinstance(value, list):
-            raise self.fail(where, f"expected a JSON array, found {describe(value)}")
-        if not lo <= len(value) <= hi:
-            raise self.fail(where, f"expected {lo} to {hi} items, found {len(value)}")
-        return value
-
-    def int_(self, value: Any, where: str, lo: int = 0, hi: int = MAX_INT) -> int:
-        expected = f"expected an integer in [{lo}, {hi}]"
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(where, f"{expected}, found {describe(value)}")
-        if not lo <= value <= hi:
-            raise self.fail(where, f"{expected}, found {value}")
-        return value
-
     def str_(self, value: Any, where: str, checks: Mapping[str, Any]) -> str:
         if "choices" in checks:
             allowed = list(checks["choices"])
@@ -797,14 +763,6 @@ class _Parser:
         if "pattern" in checks and not checks["pattern"].fullmatch(value):
             raise self.fail(where, f"expected {checks['what']}, found {describe(value)}")
         return value
-
-    def float_(self, value: Any, where: str) -> float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not ok or not math.isfinite(value) or value < 0:
-            raise self.fail(
-                where, f"expected a finite non-negative number, found {describe(value)}"
-            )
-        return float(value)
 
     def load(self, tp: Any, value: Any, where: str, checks: Mapping[str, Any],
              key: str | None = None) -> Any:
@@ -834,12 +792,16 @@ class _Parser:
                 raise self.fail("", str(exc)) from None
         item = checks.get("item", {})
         if origin is tuple:
-            items = self.arr(value, where, checks.get("min", 0), checks.get("max", MAX_DIMS))
-            kinds = [args[0]] * len(items) if args[-1] is Ellipsis else list(args)
-            if len(kinds) != len(items):
-                raise self.fail(where, f"expected {len(kinds)} items, found {len(items)}")
+            if not isinstance(value, list):
+                raise self.fail(where, f"expected a JSON array, found {describe(value)}")
+            fixed = args[-1] is not Ellipsis   # tuple[str, str]; else tuple[int, ...]
+            kinds = list(args) if fixed else [args[0]] * len(value)
+            lo, hi = ((len(args),) * 2 if fixed
+                      else (checks.get("min", 0), checks.get("max", MAX_ITEMS)))
+            if not lo <= len(value) <= hi:
+                raise self.fail(where, f"expected {lo} to {hi} items, found {len(value)}")
             return tuple(self.load(t, v, f"{where}[{i}]", item)
-                         for i, (t, v) in enumerate(zip(kinds, items, strict=True)))
+                         for i, (t, v) in enumerate(zip(kinds, value, strict=True)))
         if origin is Mapping:
             obj = self.obj(value, where)
             if len(obj) > checks.get("max", MAX_ITEMS):
@@ -849,10 +811,18 @@ class _Parser:
                 return MappingProxyType(obj)
             return MappingProxyType({k: self.load(args[1], v, f"{where}[{k[:80]!r}]", item, k)
                                      for k, v in obj.items()})
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if tp is int:
-            return self.int_(value, where, checks.get("lo", 0), checks.get("hi", MAX_INT))
+            lo, hi = checks.get("lo", 0), checks.get("hi", MAX_INT)
+            if not (number and isinstance(value, int) and lo <= value <= hi):
+                raise self.fail(where, f"expected an integer in [{lo}, {hi}], found "
+                                       f"{describe(value)}")
+            return value
         if tp is float:
-            return self.float_(value, where)
+            if not (number and 0 <= value < math.inf):
+                raise self.fail(where, f"expected a finite non-negative number, found "
+                                       f"{describe(value)}")
+            return float(value)
         return self.str_(value, where, checks)
 
     # ---- parsing ------------------------------------------------------------------------
@@ -931,45 +901,11 @@ class _Parser:
             "version, or repack the model with this version of edgestack")
 
 
-__all__ = [
-    "FORMAT_MAGIC",
-    "SCHEMA_VERSION",
-    "SUPPORTED_SCHEMA_VERSIONS",
-    "MANIFEST_NAME",
-    "BLOCK_FILE",
-    "GOLDEN_INPUTS",
-    "GOLDEN_OUTPUTS",
-    "ARCHIVE_SUFFIX",
-    "BLOCK_ALIGN",
-    "FACTOR_DTYPES",
-    "FILE_ROLES",
-    "LOADED_ROLES",
-    "SITE_KINDS",
-    "MAX_MANIFEST_BYTES",
-    "MAX_INT",
-    "MAX_FILES",
-    "MAX_LAYERS",
-    "MAX_BLOCKS",
-    "MAX_TIERS",
-    "MAX_DIMS",
-    "MAX_PATH_CHARS",
-    "MAX_PATH_DEPTH",
-    "MAX_ARCHIVE_MEMBERS",
-    "align_up",
-    "check_path",
-    "check_names",
-    "part_sizes",
-    "layout_records",
-    "derive_tiers",
-    "FileEntry",
-    "LayerInfo",
-    "LayerGraph",
-    "Site",
-    "BlockRecord",
-    "Tier",
-    "Golden",
-    "ModelInfo",
-    "Table",
-    "RuntimeInfo",
-    "Manifest",
-]
+__all__ = ["FORMAT_MAGIC", "SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS", "MANIFEST_NAME",
+           "BLOCK_FILE", "GOLDEN_INPUTS", "GOLDEN_OUTPUTS", "ARCHIVE_SUFFIX", "BLOCK_ALIGN",
+           "FACTOR_DTYPES", "FILE_ROLES", "LOADED_ROLES", "SITE_KINDS", "MAX_MANIFEST_BYTES",
+           "MAX_INT", "MAX_FILES", "MAX_LAYERS", "MAX_BLOCKS", "MAX_TIERS", "MAX_DIMS",
+           "MAX_PATH_CHARS", "MAX_PATH_DEPTH", "MAX_ARCHIVE_MEMBERS", "align_up", "check_path",
+           "check_names", "part_sizes", "layout_records", "derive_tiers", "FileEntry", "LayerInfo",
+           "LayerGraph", "Site", "BlockRecord", "Tier", "Golden", "ModelInfo", "Table",
+           "RuntimeInfo", "Manifest"]

@@ -26,7 +26,7 @@ import stat
 import tarfile
 import threading
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -320,7 +320,7 @@ class _TarSource:
         members: dict[str, tuple[int, int]] = {}
         try:
             with tarfile.open(fileobj=_GuardedFile(self._file, self.display), mode="r:") as tar:
-                for count, info in enumerate(_iter_tar(tar)):
+                for count, info in enumerate(iter(tar.next, None)):
                     if count >= MAX_ARCHIVE_MEMBERS:
                         raise PackageError(
                             f"{self.display}: more than {MAX_ARCHIVE_MEMBERS} archive members; not "
@@ -423,14 +423,6 @@ class _TarSource:
 
     def close(self) -> None:
         self._file.close()
-
-
-def _iter_tar(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
-    while True:
-        info = tar.next()
-        if info is None:
-            return
-        yield info
 
 
 # ------------------------------------------------------------------------------------------
@@ -583,32 +575,27 @@ class Package:
             )
         return self.files[name]
 
-    def _read_hashed(self, entry: FileEntry, out: memoryview | None) -> str:
-        """Read the whole file in chunks, hashing as it goes: into ``out`` (``entry.size``
-        bytes) when given, else through one chunk-sized scratch buffer; the sha256 hex."""
-        fd, base = self._source.locate(entry.name)
+    def _read_hashed(self, name: str, keep: bool, verify: bool = True) -> bytes | None:
+        """Read a whole listed file in chunks, hashing as it goes (into one buffer that is
+        returned with ``keep``, else through a chunk-sized scratch buffer); with ``verify``
+        its sha256 must be the manifest's."""
+        entry = self._entry(name)
+        fd, base = self._source.locate(name)
         digest = hashlib.sha256()
-        buf = None if out is not None else memoryview(bytearray(min(_CHUNK, max(entry.size, 1))))
+        out = memoryview(bytearray(entry.size if keep else min(_CHUNK, entry.size)))
         pos = 0
         while pos < entry.size:
             n = min(_CHUNK, entry.size - pos)
-            view = out[pos : pos + n] if out is not None else buf[:n]  # type: ignore[index]
-            _pread_into(fd, view, base + pos, f"{self.path}: {entry.name}")
+            view = out[pos : pos + n] if keep else out[:n]
+            _pread_into(fd, view, base + pos, f"{self.path}: {name}")
             digest.update(view)
             pos += n
-        return digest.hexdigest()
-
-    def _hash_file(self, entry: FileEntry, keep: bool) -> tuple[str, bytes | None]:
-        out = bytearray(entry.size) if keep else None
-        found = self._read_hashed(entry, memoryview(out) if out is not None else None)
-        return found, (bytes(out) if out is not None else None)
-
-    def _check_hash(self, entry: FileEntry, found: str) -> None:
-        if found != entry.sha256:
+        if verify and digest.hexdigest() != entry.sha256:
             raise PackageError(
-                f"{self.path}: file {entry.name!r} is damaged: sha256 expected {entry.sha256}, "
-                f"found {found} ({entry.size} bytes); it changed after packing: {_FIX_COPY}"
-            )
+                f"{self.path}: file {name!r} is damaged: sha256 expected {entry.sha256}, found "
+                f"{digest.hexdigest()} ({entry.size} bytes); it changed after packing: "
+                f"{_FIX_COPY}")
+        return out.tobytes() if keep else None
 
     def verify(self, names: list[str] | None = None) -> None:
         """Hash every listed file (or ``names``) and compare with the manifest.
@@ -617,15 +604,11 @@ class Package:
             PackageError: naming the first file whose sha256 differs, expected vs found.
         """
         for name in self.files if names is None else names:
-            entry = self._entry(name)
-            self._check_hash(entry, self._hash_file(entry, keep=False)[0])
+            self._read_hashed(name, keep=False)
 
     def read_file(self, name: str, *, verify: bool = True) -> bytes:
         """The whole content of a listed file (e.g. the graph), hash-checked by default."""
-        entry = self._entry(name)
-        found, data = self._hash_file(entry, keep=True)
-        if verify:
-            self._check_hash(entry, found)
+        data = self._read_hashed(name, keep=True, verify=verify)
         assert data is not None
         return data
 

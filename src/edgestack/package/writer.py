@@ -22,14 +22,16 @@ is briefly absent). A process killed mid-write leaves only the hidden temporary 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
+import io
 import json
 import os
 import secrets
 import shutil
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -127,35 +129,6 @@ def replace_dir(tmp: Path, dest: Path, overwrite: bool, what: str) -> None:
     _fsync_dir(dest.parent)
 
 
-class _HashingFile:
-    """A binary file opened for writing that tracks its size and sha256."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "xb")  # noqa: SIM115 - held open, closed by close()
-        self.size = 0
-        self._sha = hashlib.sha256()
-
-    def write(self, data: Any) -> None:
-        view = memoryview(data).cast("B")
-        self._f.write(view)
-        self._sha.update(view)
-        self.size += len(view)
-
-    def pad_to(self, offset: int) -> None:
-        if offset > self.size:
-            self.write(bytes(offset - self.size))
-
-    def close(self) -> tuple[int, str]:
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        return self.size, self._sha.hexdigest()
-
-    def discard(self) -> None:
-        self._f.close()
-
-
 def _check_json(value: Any, what: str) -> dict[str, Any]:
     if value is None:
         return {}
@@ -230,8 +203,33 @@ class PackageWriter:
                 f"{', '.join(map(repr, allowed))}); the call order is {_ORDER}"
             )
 
-    def _guard(self) -> _AbortOnError:
-        return _AbortOnError(self)
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        """An exception inside aborts the writer (the temporary directory goes)."""
+        try:
+            yield
+        except BaseException:
+            self.abort()
+            raise
+
+    def _write(self, name: str, chunks: Iterable[Any], role: str) -> FileEntry:
+        """Write the bytes-like ``chunks`` as the package file ``name``, computing its size
+        and sha256 on the way, and list it."""
+        assert self._tmp is not None
+        path = self._tmp / name
+        digest, size = hashlib.sha256(), 0
+        with self._guard():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "xb") as f:
+                for chunk in chunks:
+                    view = memoryview(chunk).cast("B")
+                    f.write(view)
+                    digest.update(view)
+                    size += len(view)
+                f.flush()
+                os.fsync(f.fileno())
+        self._files[name] = FileEntry(name, size, digest.hexdigest(), role)
+        return self._files[name]
 
     def __enter__(self) -> PackageWriter:
         return self
@@ -361,36 +359,16 @@ class PackageWriter:
                 "holds exactly one graph"
             )
         if isinstance(source, (str, os.PathLike)):
-            path = Path(source)
-            if not path.is_file():
-                raise PackageError(f"add_file({name!r}): source {path} is not a file")
-            content: Any = path
-        else:
-            try:
-                content = memoryview(source).cast("B")
-            except TypeError:
-                raise PackageError(
-                    f"add_file({name!r}): source must be bytes-like or a path, found "
-                    f"{type(source).__name__}"
-                ) from None
-        with self._guard():
-            assert self._tmp is not None
-            out = _HashingFile(self._tmp / name)
-            try:
-                if isinstance(content, Path):
-                    with open(content, "rb") as f:
-                        while chunk := f.read(_CHUNK):
-                            out.write(chunk)
-                else:
-                    for i in range(0, len(content), _CHUNK):
-                        out.write(content[i : i + _CHUNK])
-            except BaseException:
-                out.discard()
-                raise
-            size, digest = out.close()
-        entry = FileEntry(name, size, digest, role)
-        self._files[name] = entry
-        return entry
+            if not Path(source).is_file():
+                raise PackageError(f"add_file({name!r}): source {source} is not a file")
+            return self._write(name, _file_chunks(Path(source)), role)
+        try:
+            content = memoryview(source).cast("B")
+        except TypeError:
+            raise PackageError(f"add_file({name!r}): source must be bytes-like or a path, "
+                               f"found {type(source).__name__}") from None
+        return self._write(name, (content[i:i + _CHUNK] for i in range(0, len(content), _CHUNK)),
+                           role)
 
     def add_blocks(
         self,
@@ -460,24 +438,19 @@ class PackageWriter:
         except PackageError as exc:
             raise PackageError(f"add_blocks: {exc}") from None
         dtype = np.dtype(FACTOR_DTYPES["float16"])
-        with self._guard():
-            assert self._tmp is not None
-            out = _HashingFile(self._tmp / BLOCK_FILE)
-            try:
-                for rec in records:
-                    st = stacks[rec.layer]
-                    for offset, part in (
-                        (rec.signs, st.signs[rec.block]),
-                        (rec.u, st.u[rec.block].astype(dtype, copy=False)),
-                        (rec.v, st.v[rec.block].astype(dtype, copy=False)),
-                    ):
-                        out.pad_to(offset)
-                        out.write(np.ascontiguousarray(part))
-            except BaseException:
-                out.discard()
-                raise
-            size, digest = out.close()
-        self._files[BLOCK_FILE] = FileEntry(BLOCK_FILE, size, digest, "blocks")
+
+        def parts() -> Iterator[Any]:   # every part at its offset, zero bytes between
+            pos = 0
+            for rec in records:
+                st = stacks[rec.layer]
+                for offset, part in ((rec.signs, st.signs[rec.block]),
+                                     (rec.u, st.u[rec.block].astype(dtype, copy=False)),
+                                     (rec.v, st.v[rec.block].astype(dtype, copy=False))):
+                    yield bytes(offset - pos)
+                    yield np.ascontiguousarray(part)
+                    pos = offset + part.nbytes
+
+        self._write(BLOCK_FILE, parts(), "blocks")
         self._layers = layers
         self._records = records
         return records
@@ -541,16 +514,8 @@ class PackageWriter:
         for name in (GOLDEN_INPUTS, GOLDEN_OUTPUTS):
             self._new_name(name, "add_golden")
         arrays = [self._golden_arrays(inputs, "inputs"), self._golden_arrays(outputs, "outputs")]
-        entries = []
-        with self._guard():
-            assert self._tmp is not None
-            for name, arrs in zip((GOLDEN_INPUTS, GOLDEN_OUTPUTS), arrays, strict=True):
-                path = self._tmp / name
-                path.parent.mkdir(parents=True, exist_ok=True)
-                _write_npz(path, arrs)
-                entries.append(FileEntry(name, path.stat().st_size, _sha256_file(path), "golden"))
-        for entry in entries:
-            self._files[entry.name] = entry
+        for name, arrs in zip((GOLDEN_INPUTS, GOLDEN_OUTPUTS), arrays, strict=True):
+            self._write(name, [_npz_bytes(arrs)], "golden")
         self._golden = Golden(GOLDEN_INPUTS, GOLDEN_OUTPUTS, int(tier), float(rtol), float(atol))
         self.state = "golden"
         return self._golden
@@ -607,48 +572,33 @@ class PackageWriter:
                 Manifest.from_bytes(data, "PackageWriter.finish")
             except PackageError as exc:
                 raise PackageError(f"finish: the manifest would be refused: {exc}") from None
-            out = _HashingFile(self._tmp / MANIFEST_NAME)
-            out.write(data)
-            out.close()
+            with open(self._tmp / MANIFEST_NAME, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             replace_dir(self._tmp, self.out_dir, self.overwrite, "out_dir")
             self._tmp = None
             self.state = "finished"
         return self.out_dir
 
 
-class _AbortOnError:
-    """Context manager: an exception while writing discards the temporary directory."""
-
-    def __init__(self, writer: PackageWriter) -> None:
-        self.writer = writer
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is not None:
-            self.writer.abort()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+def _file_chunks(path: Path) -> Iterator[bytes]:
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+            yield chunk
 
 
-def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     """``numpy.savez`` layout, stored members and a fixed timestamp: same arrays, same bytes."""
-    with zipfile.ZipFile(path, "x", compression=zipfile.ZIP_STORED) as zf:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
         for key, arr in arrays.items():
             info = zipfile.ZipInfo(key + ".npy", date_time=_ZIP_TIME)
             info.compress_type = zipfile.ZIP_STORED
             info.external_attr = 0o644 << 16
             with zf.open(info, "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+    return buf.getvalue()
 
 
 __all__ = ["PackageWriter", "replace_dir", "temp_sibling"]

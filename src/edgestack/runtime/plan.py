@@ -36,6 +36,7 @@ total, because it removes that layer's decode temporaries from the arena.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -121,10 +122,7 @@ class Costs:
         return self.overhead
 
     def to_dict(self) -> dict[str, Any]:
-        return {"overhead": self.overhead, "overhead_mixed": self.overhead_mixed,
-                "overhead_int8": self.overhead_int8, "overhead_fp32": self.overhead_fp32,
-                "overhead_nbits8": self.overhead_nbits8,
-                "decode_temp_bytes": self.decode_temp_bytes, "source": self.source}
+        return dataclasses.asdict(self)
 
 
 DEFAULT_COSTS = Costs()
