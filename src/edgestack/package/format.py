@@ -343,28 +343,14 @@ class Site(_Stored):
     files: Mapping[str, Mapping[str, tuple[int, ...]]] = _f(factory=dict, item={"item": {
         "max": 3}})
 
-    @property
-    def fp32(self) -> str:
-        """The boolean input that selects the float32 branch."""
-        return f"{self.prefix}.fp32"
-
-    @property
-    def w(self) -> str:
-        """The float32 weight input."""
-        return f"{self.prefix}.w"
-
-    @property
-    def int8(self) -> str | None:
-        """The boolean input that selects the int8 branch (None: a generic site has none)."""
-        return None if self.kind == "generic" else f"{self.prefix}.int8"
-
-    @property
-    def q(self) -> str:
-        return f"{self.prefix}.q"
-
-    @property
-    def scale(self) -> str:
-        return f"{self.prefix}.scale"
+    # the site's graph inputs (derived): the flags that select the float32 and int8
+    # branches (a generic site has no int8 one: None), the float32 weight, the int8 weight
+    # and its per-channel scales
+    fp32 = property(lambda self: f"{self.prefix}.fp32")
+    int8 = property(lambda self: None if self.kind == "generic" else f"{self.prefix}.int8")
+    w = property(lambda self: f"{self.prefix}.w")
+    q = property(lambda self: f"{self.prefix}.q")
+    scale = property(lambda self: f"{self.prefix}.scale")
 
 
 @dataclass(frozen=True)
@@ -401,23 +387,13 @@ class LayerInfo(_Stored):
         return self.shape[0], math.prod(self.shape[1:])
 
     @functools.cached_property
-    def _sizes(self) -> tuple[int, int, int]:
+    def part_bytes(self) -> tuple[int, int, int]:
+        """Bytes of one block's signs, u and v (:func:`part_sizes`)."""
         return part_sizes(self.shape, self.rank, self.dtype)
 
-    @property
-    def signs_bytes(self) -> int:
-        """Bytes of one block's signs (derived)."""
-        return self._sizes[0]
-
-    @property
-    def u_bytes(self) -> int:
-        """Bytes of one block's ``u`` (derived)."""
-        return self._sizes[1]
-
-    @property
-    def v_bytes(self) -> int:
-        """Bytes of one block's ``v`` (derived)."""
-        return self._sizes[2]
+    signs_bytes = property(lambda self: self.part_bytes[0])
+    u_bytes = property(lambda self: self.part_bytes[1])
+    v_bytes = property(lambda self: self.part_bytes[2])
 
 
 @dataclass(frozen=True)

@@ -146,18 +146,61 @@ def _pread_into(fd: int, bufs: memoryview | list[memoryview], offset: int, what:
     return done
 
 
-def _size_error(display: str, name: str, expected: int, found: int) -> PackageError:
-    hint = "larger than listed"
-    if found < expected:
-        hint = "truncated (an interrupted copy or download?)"
-    return PackageError(
-        f"{display}: file {name!r} is {hint}: expected {expected} bytes (manifest), found "
-        f"{found}; {_FIX_COPY}"
-    )
+class _Source:
+    """Where the files of a package live (a directory or a tar archive): ``size(name)``
+    (None when absent), ``locate(name)`` (file descriptor, offset), the archive's
+    ``members`` (a directory has none: its unlisted files are ignored)."""
+
+    display: str
+    kind: str
+    members: dict[str, tuple[int, int]] = {}
+
+    def size(self, name: str) -> int | None:
+        raise NotImplementedError
+
+    def locate(self, name: str) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def manifest_bytes(self) -> bytes:
+        size = self.size(MANIFEST_NAME)
+        if size is None:
+            raise PackageError(
+                f"{self.display}: no {MANIFEST_NAME} in this {self.kind}, so it is not a device "
+                "package; pass the directory or .tar that PackageWriter.finish(), "
+                "write_archive() or extract_archive() made")
+        if size > MAX_MANIFEST_BYTES:
+            raise PackageError(
+                f"{self.display}: {MANIFEST_NAME} is {size} bytes, more than the "
+                f"{MAX_MANIFEST_BYTES} allowed; it is not an edgestack manifest, or is damaged")
+        fd, base = self.locate(MANIFEST_NAME)
+        buf = bytearray(size)
+        _pread_into(fd, memoryview(buf), base, f"{self.display}: {MANIFEST_NAME}")
+        return bytes(buf)
+
+    def check_files(self, manifest: Manifest) -> None:
+        """Every listed file is present with its listed size; an archive holds nothing else."""
+        for name, entry in manifest.files.items():
+            found = self.size(name)
+            if found is None:
+                raise PackageError(
+                    f"{self.display}: file {name!r} (role {entry.role}, {entry.size} bytes) is "
+                    f"listed in {MANIFEST_NAME} but missing from the {self.kind}; {_FIX_COPY}")
+            if found != entry.size:
+                hint = ("truncated (an interrupted copy or download?)" if found < entry.size
+                        else "larger than listed")
+                raise PackageError(
+                    f"{self.display}: file {name!r} is {hint}: expected {entry.size} bytes "
+                    f"(manifest), found {found}; {_FIX_COPY}")
+        extra = [n for n in self.members if n != MANIFEST_NAME and n not in manifest.files]
+        if extra:
+            raise PackageError(
+                f"{self.display}: archive members {', '.join(map(repr, extra[:5]))} are not listed "
+                f"in {MANIFEST_NAME}; a package archive holds only listed files: {_FIX_COPY}")
 
 
-class _DirSource:
+class _DirSource(_Source):
     is_archive = False
+    kind = "directory"
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -198,35 +241,11 @@ class _DirSource:
                 return st
         return None  # pragma: no cover
 
-    def manifest_bytes(self) -> bytes:
-        st = self._lstat(MANIFEST_NAME)
-        if st is None:
-            raise PackageError(
-                f"{self.display}: no {MANIFEST_NAME} in this directory, so it is not a device "
-                "package; pass the directory that PackageWriter.finish() or extract_archive() made"
-            )
-        if st.st_size > MAX_MANIFEST_BYTES:
-            raise PackageError(
-                f"{self.display}: {MANIFEST_NAME} is {st.st_size} bytes, more than the "
-                f"{MAX_MANIFEST_BYTES} allowed; it is not an edgestack manifest, or is damaged"
-            )
-        fd, base = self._open(MANIFEST_NAME)
-        buf = bytearray(st.st_size)
-        _pread_into(fd, memoryview(buf), base, f"{self.display}: {MANIFEST_NAME}")
-        return bytes(buf)
+    def size(self, name: str) -> int | None:
+        st = self._lstat(name)
+        return None if st is None else st.st_size
 
-    def check_files(self, manifest: Manifest) -> None:
-        for name, entry in manifest.files.items():
-            st = self._lstat(name)
-            if st is None:
-                raise PackageError(
-                    f"{self.display}: file {name!r} (role {entry.role}, {entry.size} bytes) is "
-                    f"listed in {MANIFEST_NAME} but missing; {_FIX_COPY}"
-                )
-            if st.st_size != entry.size:
-                raise _size_error(self.display, name, entry.size, st.st_size)
-
-    def _open(self, name: str) -> tuple[int, int]:
+    def locate(self, name: str) -> tuple[int, int]:
         with self._lock:
             if name not in self._fds:
                 flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
@@ -237,9 +256,6 @@ class _DirSource:
                         f"{self.display}: cannot open {name!r} ({exc}); {_FIX_COPY}"
                     ) from None
             return self._fds[name], 0
-
-    def locate(self, name: str) -> tuple[int, int]:
-        return self._open(name)
 
     def close(self) -> None:
         with self._lock:
@@ -285,8 +301,9 @@ class _GuardedFile(io.RawIOBase):
         return self._raw.tell()
 
 
-class _TarSource:
+class _TarSource(_Source):
     is_archive = True
+    kind = "archive"
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -296,7 +313,7 @@ class _TarSource:
         except OSError as exc:
             raise PackageError(f"{self.display}: cannot open the archive ({exc})") from None
         try:
-            self.size = os.fstat(self._file.fileno()).st_size
+            self.archive_size = os.fstat(self._file.fileno()).st_size
             self.members = self._scan()
         except BaseException:
             self._file.close()
@@ -376,47 +393,17 @@ class _TarSource:
                 f"{where} {name!r} appears twice; the archive is ambiguous: {_FIX_COPY}"
             )
         end = info.offset_data + info.size
-        if end > self.size:
+        if end > self.archive_size:
             raise PackageError(
                 f"{where} {name!r} is truncated: expected {info.size} bytes at offset "
-                f"{info.offset_data}, the archive ends at {self.size} "
-                f"({max(0, self.size - info.offset_data)} bytes of the member present); {_FIX_COPY}"
+                f"{info.offset_data}, the archive ends at {self.archive_size} "
+                f"({max(0, self.archive_size - info.offset_data)} bytes of the member "
+                f"present); {_FIX_COPY}"
             )
         members[name] = (info.offset_data, info.size)
 
-    def manifest_bytes(self) -> bytes:
-        if MANIFEST_NAME not in self.members:
-            raise PackageError(
-                f"{self.display}: the archive holds no {MANIFEST_NAME}, so it is not a package "
-                "archive"
-            )
-        offset, size = self.members[MANIFEST_NAME]
-        if size > MAX_MANIFEST_BYTES:
-            raise PackageError(
-                f"{self.display}: {MANIFEST_NAME} is {size} bytes, more than the "
-                f"{MAX_MANIFEST_BYTES} allowed; it is not an edgestack manifest, or is damaged"
-            )
-        buf = bytearray(size)
-        what = f"{self.display}: {MANIFEST_NAME}"
-        _pread_into(self._file.fileno(), memoryview(buf), offset, what)
-        return bytes(buf)
-
-    def check_files(self, manifest: Manifest) -> None:
-        for name, entry in manifest.files.items():
-            if name not in self.members:
-                raise PackageError(
-                    f"{self.display}: file {name!r} (role {entry.role}, {entry.size} bytes) is "
-                    f"listed in {MANIFEST_NAME} but not in the archive; {_FIX_COPY}"
-                )
-            found = self.members[name][1]
-            if found != entry.size:
-                raise _size_error(self.display, name, entry.size, found)
-        extra = [n for n in self.members if n != MANIFEST_NAME and n not in manifest.files]
-        if extra:
-            raise PackageError(
-                f"{self.display}: archive members {', '.join(map(repr, extra[:5]))} are not listed "
-                f"in {MANIFEST_NAME}; a package archive holds only listed files: {_FIX_COPY}"
-            )
+    def size(self, name: str) -> int | None:
+        return self.members[name][1] if name in self.members else None
 
     def locate(self, name: str) -> tuple[int, int]:
         return self._file.fileno(), self.members[name][0]
@@ -472,7 +459,7 @@ class Package:
     ``with`` block; views and chunks handed out stay valid after closing.
     """
 
-    def __init__(self, path: Path, source: _DirSource | _TarSource, manifest: Manifest) -> None:
+    def __init__(self, path: Path, source: _Source, manifest: Manifest) -> None:
         self.path = path
         self.manifest = manifest
         self.counter = ByteCounter()
@@ -497,7 +484,7 @@ class Package:
         except OSError as exc:
             raise PackageError(f"{p}: cannot access ({exc})") from None
         if stat.S_ISDIR(st.st_mode):
-            source: _DirSource | _TarSource = _DirSource(p)
+            source: _Source = _DirSource(p)
         elif stat.S_ISREG(st.st_mode):
             source = _TarSource(p)
         else:
@@ -707,7 +694,9 @@ class Package:
             self.counter._add_read(offset, offset + got)
         return got
 
-    def _view(self, rec: BlockRecord, buf: np.ndarray, base: int) -> BlockView:
+    def view(self, rec: BlockRecord, buf: np.ndarray, base: int) -> BlockView:
+        """Views of the parts of block record ``rec`` in ``buf``, block-file bytes from
+        offset ``base``."""
         info = self.layers[rec.layer]
         m, n = info.matrix_shape
         dtype = np.dtype(FACTOR_DTYPES[info.dtype])
@@ -725,7 +714,7 @@ class Package:
                 f"{self.path}: expected a 1-D uint8 buffer, found {data.dtype} {data.shape}"
             )
         end = start + data.size
-        return [self._view(rec, data, start) for rec in self.block_index
+        return [self.view(rec, data, start) for rec in self.block_index
                 if start <= rec.offset and rec.end <= end]
 
 

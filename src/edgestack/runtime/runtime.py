@@ -592,24 +592,19 @@ class Runtime:
         st = self._stores[name]
         if st.loaded >= nb:
             return decode_blocks(st.info, st.blocks(nb), transposed, flat)
-        info = st.info
-        m, n = info.matrix_shape
-        k = info.rank
         recs = self._records[name][:nb]
         fd, base = self.package.locate(BLOCK_FILE)
-        buf = np.empty(max((r.end - r.offset for r in recs), default=0), np.uint8)
+        buf = np.empty(max((r.length for r in recs), default=0), np.uint8)
 
         def blocks() -> Any:
             for r in recs:
-                size, o = r.end - r.offset, r.offset
-                if os.preadv(fd, [memoryview(buf)[:size]], base + o) != size:
+                if os.preadv(fd, [memoryview(buf)[:r.length]], base + r.offset) != r.length:
                     raise PackageError(f"{self.package.path}: {BLOCK_FILE}: short read of "
                                        f"block {r.block} of {name}; {_FIX_REPACK}")
-                yield (buf[r.signs - o:r.signs - o + info.signs_bytes],
-                       buf[r.u - o:r.u - o + info.u_bytes].view("<f2").reshape(m, k),
-                       buf[r.v - o:r.v - o + info.v_bytes].view("<f2").reshape(k, n))
+                view = self.package.view(r, buf, r.offset)
+                yield view.signs, view.u, view.v
 
-        return decode_blocks(info, blocks(), transposed, flat)
+        return decode_blocks(st.info, blocks(), transposed, flat)
 
     # ---- sessions and states ---------------------------------------------------------
     def _graph_for(self, plan: MemoryPlan) -> str:
@@ -656,7 +651,7 @@ class Runtime:
 
     def _dense_session(self, plan: MemoryPlan, graph: str) -> Any:
         """A session on a dense graph (``"int8"``/``"fp32"``) for ``plan``: each layer is
-        decoded, put in its form and written at its offset (``site["file"][graph]``) into
+        decoded, put in its form and written at its offset (``graph.site.files[graph]``) into
         the graph's data file (:data:`~edgestack.package.format.DENSE_DATA`) in a
         temporary folder beside a link (or kernel copy) of the package's weights files; ONNX
         Runtime maps that file and prepacks the weights. The folder goes once the session
