@@ -67,7 +67,7 @@ class ByteCounter:
     """Counts the block-file bytes a :class:`Package` read from storage.
 
     Attributes:
-        bytes_read: bytes returned by ``pread`` calls made by ``read_prefix``/``read_blocks``.
+        bytes_read: bytes returned by ``pread`` calls made by ``read_prefix``/``read_into``.
         reads: how many ranges were read.
         ranges: the ``(start, end)`` byte ranges read, in order.
     """
