@@ -279,13 +279,6 @@ def check_names(names: Iterable[str], where: str) -> None:
                 )
 
 
-def part_sizes(shape: Sequence[int], rank: int, dtype: str = "float16") -> tuple[int, int, int]:
-    """``(signs_bytes, u_bytes, v_bytes)`` of one block of a layer."""
-    m, n = shape[0], math.prod(shape[1:])
-    item = int(FACTOR_DTYPES[dtype][-1])
-    return (m * n + 7) // 8, item * m * rank, item * rank * n
-
-
 # --------------------------------------------------------------------------------------
 # The manifest's types. Field metadata are the checks a reader makes (see _Parser.load):
 # key (the field is the mapping key), json (the JSON key, when not the field name),
@@ -388,8 +381,9 @@ class LayerInfo(_Stored):
 
     @functools.cached_property
     def part_bytes(self) -> tuple[int, int, int]:
-        """Bytes of one block's signs, u and v (:func:`part_sizes`)."""
-        return part_sizes(self.shape, self.rank, self.dtype)
+        """Bytes of one block's signs (a bit a weight), u (``[m, k]``) and v (``[k, n]``)."""
+        (m, n), item = self.matrix_shape, int(FACTOR_DTYPES[self.dtype][-1])
+        return (m * n + 7) // 8, item * m * self.rank, item * self.rank * n
 
     signs_bytes = property(lambda self: self.part_bytes[0])
     u_bytes = property(lambda self: self.part_bytes[1])
@@ -882,6 +876,6 @@ __all__ = ["FORMAT_MAGIC", "SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS", "MANIF
            "FACTOR_DTYPES", "FILE_ROLES", "LOADED_ROLES", "SITE_KINDS", "MAX_MANIFEST_BYTES",
            "MAX_INT", "MAX_FILES", "MAX_LAYERS", "MAX_BLOCKS", "MAX_TIERS", "MAX_DIMS",
            "MAX_PATH_CHARS", "MAX_PATH_DEPTH", "MAX_ARCHIVE_MEMBERS", "align_up", "check_path",
-           "check_names", "part_sizes", "layout_records", "derive_tiers", "FileEntry", "LayerInfo",
+           "check_names", "layout_records", "derive_tiers", "FileEntry", "LayerInfo",
            "LayerGraph", "Site", "BlockRecord", "Tier", "Golden", "ModelInfo", "Table",
            "RuntimeInfo", "Manifest"]

@@ -418,7 +418,7 @@ def inspect_package(path: str | os.PathLike[str]) -> dict[str, Any]:
         files = [{"name": n, "role": e.role, "size": e.size} for n, e in pkg.files.items()]
         layers = []
         for name, info in pkg.layers.items():
-            block = info.signs_bytes + info.u_bytes + info.v_bytes
+            block = sum(info.part_bytes)
             numel = math.prod(info.shape)
             layers.append({
                 "name": name, "shape": list(info.shape), "n_blocks": info.n_blocks,

@@ -185,8 +185,7 @@ class _LayerStore:
         self.info = info
         m, n = info.matrix_shape
         nbk, k = info.n_blocks, info.rank
-        self.maps = [_anon(nbk * info.signs_bytes), _anon(nbk * info.u_bytes),
-                     _anon(nbk * info.v_bytes)]
+        self.maps = [_anon(nbk * row) for row in info.part_bytes]
         self.signs = np.frombuffer(self.maps[0], np.uint8, nbk * info.signs_bytes).reshape(
             nbk, info.signs_bytes)
         self.u = np.frombuffer(self.maps[1], "<f2", nbk * m * k).reshape(nbk, m, k)
@@ -199,8 +198,7 @@ class _LayerStore:
     def release_after(self, nb: int) -> int:
         """Give back the pages of rows ``nb..``; return the bytes released."""
         freed = 0
-        for mm, row in zip(self.maps, (self.info.signs_bytes, self.info.u_bytes,
-                                       self.info.v_bytes), strict=True):
+        for mm, row in zip(self.maps, self.info.part_bytes, strict=True):
             start = page_up(nb * row)
             if start < len(mm):
                 mm.madvise(mmap.MADV_DONTNEED, start, len(mm) - start)
