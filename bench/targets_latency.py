@@ -8,11 +8,15 @@ Rows (batch 1, seq 128 by default, 2 threads, median of timed calls):
   tuning (``transformer=auto``: MultiHeadAttention + BiasGelu fusions; the session's
   ``disabled_optimizers=SkipLayerNormFusion``): the *honest* fp32 reference, since every
   tuning that helps the int8 model helps it too;
-- ORT ``quantize_dynamic`` int8 of the dense model, plain and with the same ort-cpu tuning
-  (the baseline a user would pick);
-- edgestack shift 4-bit DeepShift (7 levels: exact int8) compiled for ``ort-cpu`` with
+- ORT ``quantize_dynamic`` int8 of the dense model, per-tensor and ``per_channel=True``
+  (the careful baseline; weights in external data, session opened from the path), plain and
+  with the same ort-cpu tuning;
+- edgestack shift, the default configuration (4-bit codes, GPTQ rounding calibrated on the
+  shipped corpus; exact int8) compiled for ``ort-cpu`` with
   ``int8=dynamic`` (integer kernels), plain and tuned, and with ``int8=off`` (materialized
   fp32, tuned);
+- the shift model's **device package** (``edgestack pack``: compiled for ``ort-cpu``, the
+  integer kernels) served by ``edgestack.runtime.Runtime``, with the same threads and spinning;
 - OpenVINO f32 and bf16 on the dense and the shift models (``openvino-cpu``; the shift
   model materialized, and with exact int8 weights).
 
@@ -25,7 +29,9 @@ Every model is timed in ``--rounds`` interleaved rounds (each round runs every m
 ``iters / rounds`` calls, in an order rotated every round), so machine load hits all of them
 alike; the ratios are the numbers to read. Columns: p50 and p10 ms, p50 ratio to both fp32
 references, cosine of the first output against the plain dense model on random tokens
-(compression + activation rounding, not parity).
+(compression + activation rounding, not parity), and the quality a user sees: the masked
+mean-pooled sentence-embedding cosine against the dense fp32 model over ``--sentences`` held
+sentences (``edgestack.core.quality``, the bench's metric).
 
 Because this machine is often shared, a second phase times the ORT models with ONE intra-op
 thread by CPU time (``time.thread_time``, p50): the work per call, which preemption by other
@@ -68,19 +74,77 @@ import numpy as np
 from edgestack.core.ort import cpu_session
 
 
+class PackageRow:
+    """A device package served by the runtime, with the part of a target runner the bench
+    reads (``artifact.inputs/report/options/target``, ``infer``, ``release``)."""
+
+    def __init__(self, path: Path, threads: int, spinning: str) -> None:
+        from types import SimpleNamespace
+
+        from edgestack.runtime import Runtime
+
+        self.rt = Runtime(path, threads=threads, spinning=spinning)
+        self.artifact = SimpleNamespace(inputs=set(self.rt.input_names), report={},
+                                        options={"spinning": spinning}, target="package")
+
+    def infer(self, feeds: dict) -> dict:
+        return self.rt.infer(feeds)
+
+    def release(self) -> None:
+        self.rt.close()
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's int8 dot-product / matrix extensions (``/proc/cpuinfo``)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    return sorted({f for f in ("avx512_vnni", "avx_vnni", "amx_int8", "avx512_bf16")
+                   if f" {f}" in text})
+
+
+def sentence_cosines(entries: list, seq: int, count: int) -> list[float]:
+    """Mean masked mean-pooled sentence-embedding cosine of every entry against the first
+    (the plain dense fp32 model) over ``count`` held sentences."""
+    from edgestack.core.quality import (
+        compare_embeddings,
+        embed,
+        held_sentences,
+        sentence_feeds,
+        tokenize,
+    )
+    from edgestack.zoo import minilm_path
+
+    batches = tokenize(minilm_path(), held_sentences()[:count], seq)
+    out, ref = [], None
+    for _label, runner, *_ in entries:
+        like = {k: np.zeros((1, seq), np.int64) for k in runner.artifact.inputs}
+        feeds = sentence_feeds(batches, like)
+        e = embed(lambda f, r=runner: r.infer(f)["last_hidden_state"], feeds)
+        ref = e if ref is None else ref
+        out.append(compare_embeddings(ref, e)["cosine_mean"])
+    return out
+
+
 def export_models(work: Path, seq: int) -> dict[str, Path]:
+    """The dense MiniLM and the default shift configuration (4-bit codes, GPTQ rounding on the
+    shipped corpus: what ``edgestack export minilm --method shift`` builds), exported at
+    ``seq``."""
     from edgestack import zoo
     from edgestack.compress import compress
     from edgestack.exporter import export
+    from edgestack.sources import load_source
 
     out = {}
-    for name, opts in (("dense", None), ("shift4z", {"bits": 4, "zero": True})):
+    for name in ("dense", "shift4"):
         path = work / f"minilm_s{seq}_{name}.onnx"
         if not path.exists():
             print(f"exporting {path.name} ...", file=sys.stderr, flush=True)
             model, inputs = zoo.minilm(seq=seq)
-            if opts:
-                compress(model, "shift", calib=[inputs], **opts)
+            if name == "shift4":
+                calib, _what = load_source("minilm").calibration()
+                compress(model, "shift", calib=calib)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 export(model, inputs, path, parity=False)
@@ -227,7 +291,7 @@ def op_profile(entries: list, feeds: dict, calls: int = 30) -> dict[str, dict[st
     import tempfile
 
     wanted = {("ORT fp32 dense", "ort-cpu tuned"): "dense fp32",
-              ("edgestack shift4 DeepShift, ort-cpu int8", "ort-cpu tuned"): "edgestack int8"}
+              ("edgestack shift4, ort-cpu int8", "ort-cpu tuned"): "edgestack int8"}
     out: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, runner, _p, tuning in entries:
@@ -266,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                          "every ORT row twice, each compared with the fp32 rows of its setting")
     ap.add_argument("--work", default=".cache/bench-targets")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--sentences", type=int, default=40,
+                    help="held sentences for the sentence-embedding cosine")
     args = ap.parse_args(argv)
 
     import onnxruntime
@@ -282,6 +348,15 @@ def main(argv: list[str] | None = None) -> int:
     qd = work / f"minilm_s{args.seq}_dense_qdyn.onnx"
     if not qd.exists():
         quantize_dynamic(str(models["dense"]), str(qd), weight_type=QuantType.QInt8)
+    qdc = work / f"minilm_s{args.seq}_dense_qdyn_pc.onnx"
+    if not qdc.exists():
+        quantize_dynamic(str(models["dense"]), str(qdc), weight_type=QuantType.QInt8,
+                         per_channel=True, use_external_data_format=True)
+    pkg = work / f"minilm_s{args.seq}_shift4.pkg"
+    if not pkg.exists():
+        from edgestack.pipeline import pack_model
+
+        pack_model(models["shift4"], pkg, log=lambda m: None)   # compiled: int8 kernels
 
     load0 = os.getloadavg()[0]
     kernels = layernorm_kernels(args.seq, args.threads)
@@ -313,21 +388,28 @@ def main(argv: list[str] | None = None) -> int:
                 "int8")
         ort_row("ORT quantize_dynamic int8 (baseline)", qd, "a_qdyn_tuned" + sfx, "off", t,
                 "ort-cpu tuned", "int8")
-        ort_row("edgestack shift4 DeepShift, ort-cpu int8", models["shift4z"],
+        ort_row("ORT quantize_dynamic int8 per-channel (baseline)", qdc, "a_qdync" + sfx,
+                "off", p, "plain", "int8")
+        ort_row("ORT quantize_dynamic int8 per-channel (baseline)", qdc,
+                "a_qdync_tuned" + sfx, "off", t, "ort-cpu tuned", "int8")
+        ort_row("edgestack shift4, ort-cpu int8", models["shift4"],
                 "a_shift_dyn" + sfx, "dynamic", p, "plain", "int8")
-        ort_row("edgestack shift4 DeepShift, ort-cpu int8", models["shift4z"],
+        ort_row("edgestack shift4, ort-cpu int8", models["shift4"],
                 "a_shift_dyn_tuned" + sfx, "dynamic", t, "ort-cpu tuned", "int8")
-        ort_row("edgestack shift4 DeepShift, ort-cpu fp32", models["shift4z"],
+        ort_row("edgestack shift4, ort-cpu fp32", models["shift4"],
                 "a_shift_f32_tuned" + sfx, "off", t, "ort-cpu tuned", "fp32")
-    for name, int8 in (("dense", "off"), ("shift4z", "off"), ("shift4z", "weights")):
+        entries.append(("edgestack shift4 package, runtime (ort-cpu int8)",
+                        PackageRow(pkg, args.threads, spin), "int8", "ort-cpu tuned"))
+    for name, int8 in (("dense", "off"), ("shift4", "off"), ("shift4", "weights")):
         art = ov.lower(models[name], work / f"ov_{name}_{int8}", threads=args.threads,
                        int8=int8)
-        label = {"dense": "OpenVINO dense", "shift4z": "OpenVINO shift4 DeepShift"}[name]
+        label = {"dense": "OpenVINO dense", "shift4": "OpenVINO shift4"}[name]
         for prec in ("fp32", "bf16"):
             entries.append((f"{label}, int8 weights={int8}",
                             OpenVinoCpuRunner(art, precision=prec).activate(), prec,
                             "openvino"))
 
+    sentence_cos = sentence_cosines(entries, args.seq, args.sentences)
     ref = None
     cos, calls = [], []
     for _label, runner, *_ in entries:
@@ -355,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
                      "p50_ms": round(stats["p50_ms"], 2), "p10_ms": round(stats["p10_ms"], 2),
                      "cpu_1thread_ms": cpu.get(i),
                      "attention_fused": fusion.get("attention_fused", 0),
-                     "cosine_vs_fp32": round(c, 5)})
+                     "cosine_vs_fp32": round(c, 5),
+                     "sentence_cosine": round(sentence_cos[i], 5)})
     refs = {}      # spinning -> (plain dense fp32, tuned dense fp32) p50
     for r in rows:
         if r["model"] == "ORT fp32 dense":
@@ -388,15 +471,15 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{k} {v:.2f}" for k, v in list(per_op.items())[:6]) + ")")
     print("| model | tuning | spinning | precision | p50 ms | p10 ms | vs ORT fp32 (plain) | "
           "vs ORT fp32 (tuned) | 1-thread CPU ms | CPU vs plain fp32 | CPU vs tuned fp32 | "
-          "cosine vs ORT fp32 dense |")
-    print("| --- " * 12 + "|")
+          "cosine vs ORT fp32 dense | sentence cosine |")
+    print("| --- " * 13 + "|")
     for r in rows:
         c = (f"{r['cpu_1thread_ms']:.2f} | {r['cpu_ratio']:.2f}x | "
              f"{r['cpu_ratio_vs_tuned_fp32']:.2f}x" if r["cpu_1thread_ms"] else "- | - | -")
         print(f"| {r['model']} | {r['tuning']} | {r['spinning']} | {r['precision']} | "
               f"{r['p50_ms']:.2f} | "
               f"{r['p10_ms']:.2f} | {r['ratio']:.2f}x | {r['ratio_vs_tuned_fp32']:.2f}x | "
-              f"{c} | {r['cosine_vs_fp32']:.4f} |")
+              f"{c} | {r['cosine_vs_fp32']:.4f} | {r['sentence_cosine']:.4f} |")
     if args.json:
         meta = {"seq": args.seq, "batch": 1, "threads": args.threads, "calls": len(times[0]),
                 "rounds": args.rounds, "onnxruntime": onnxruntime.__version__,
@@ -411,7 +494,10 @@ def main(argv: list[str] | None = None) -> int:
                 "spinning": "session.intra_op.allow_spinning on (ORT default) / off; ratios "
                             "are against the fp32 dense rows with the same setting",
                 "cpu_1thread_ms": "p50 thread CPU time of one call with 1 intra-op thread "
-                                  "(work per call, robust to other processes)"}
+                                  "(work per call, robust to other processes)",
+                "sentence_cosine": f"masked mean-pooled embedding cosine vs the dense fp32 "
+                                   f"model, {args.sentences} held sentences, seq {args.seq}",
+                "cpu_flags": cpu_flags()}
         Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n",
                                    encoding="utf-8")
     return 0

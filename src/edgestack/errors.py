@@ -32,6 +32,11 @@ class TargetError(EdgestackError):
     """A target is unknown, unavailable, or cannot run the given model."""
 
 
+class BackendUnavailable(TargetError):
+    """A backend a command needs (TensorRT, a GPU, OpenVINO) is not on this machine: the
+    command line exits 4 (skipped), not 2, since the input itself is fine."""
+
+
 class BudgetError(EdgestackError):
     """A memory budget cannot be met."""
 

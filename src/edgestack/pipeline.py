@@ -12,16 +12,20 @@ torch or the exporter.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgestack.core.progress import Progress
 from edgestack.errors import PackageError
 
 BITSTACK_DEFAULTS: dict[str, Any] = {"n_blocks": 12, "factor_bits": 0.125}
@@ -33,10 +37,12 @@ factor bits 0.125 is the best measured on MiniLM (docs/quality.md)."""
 
 def export_source(source: str, method: str, options: Mapping[str, Any], folder: Path,
                   say: Callable[[str], None], task: str | None = None,
-                  calib_file: str | None = None) -> tuple[Path, dict[str, np.ndarray]]:
+                  calib_file: str | None = None, progress: Progress = False,
+                  ) -> tuple[Path, dict[str, np.ndarray]]:
     """Compress ``source`` with ``method`` (BitStack: :data:`BITSTACK_DEFAULTS` under
     ``options``) and export it to ``folder/exported.onnx``; also the source's example inputs
-    (numpy), used as the golden inputs."""
+    (numpy), used as the golden inputs. ``progress``: tqdm bars of the compression and the
+    export on stderr (:mod:`edgestack.core.progress`)."""
     from edgestack.compress import compress
     from edgestack.exporter import export
     from edgestack.sources import load_source
@@ -48,10 +54,10 @@ def export_source(source: str, method: str, options: Mapping[str, Any], folder: 
         warnings.simplefilter("ignore")
         opts = {**(BITSTACK_DEFAULTS if method == "bitstack" else {}), **dict(options)}
         say(f"pack: compressing with method={method} {opts or ''}, calibration: {calib_text}")
-        report = compress(src.model, method, calib=calib, **opts)
+        report = compress(src.model, method, calib=calib, progress=progress, **opts)
     out = folder / "exported.onnx"
     say("pack: exporting to ONNX")
-    result = export(src.model, src.inputs, out, parity=False, log=say,
+    result = export(src.model, src.inputs, out, parity=False, log=say, progress=progress,
                     metadata={"method": method, "source": src.description,
                               "compression": report.to_dict()})
     examples = {k: v.detach().cpu().numpy() for k, v in src.inputs.items()
@@ -67,7 +73,7 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
                golden_inputs: Mapping[str, np.ndarray] | None = None,
                overwrite: bool = False, log: Callable[[str], None] | None = None,
                task: str | None = None, calib: str | None = None,
-               **pack_options: Any) -> Any:
+               progress: Progress = False, **pack_options: Any) -> Any:
     """Write a device package for ``source`` at ``out`` (a directory, or ``.tar``).
 
     Args:
@@ -81,8 +87,16 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
         task: a Hugging Face folder's task (see :func:`edgestack.sources.load_source`).
         calib: a calibration file for a model source (see
             :meth:`edgestack.sources.ModelSource.calibration`).
+        progress: a model source: tqdm bars of its compression and export on stderr
+            (``True``, ``False`` (default) or ``None``: when stderr is a terminal).
         golden_inputs, log, pack_options: passed to :func:`edgestack.package.pack.pack`
             (``profile``, ``steps_per_level``, ``created``).
+
+    A graph with BitStack layers packed for a tiered target (``ort-cpu``, ``ort-arm``,
+    ``openvino-cpu``) becomes a tiered package; any other graph, or any graph for
+    ``tensorrt-gpu``, is compiled for the target first (:func:`compile_model`: one dense
+    tier; BitStack layers at their full stack), so a shift model's package serves the same
+    int8 graph as ``edgestack compile``.
 
     Returns:
         The :class:`~edgestack.package.pack.PackResult`.
@@ -92,6 +106,7 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
             (:func:`edgestack.package.pack.read_onnx`).
     """
     from edgestack.exporter.passes import compact_embeddings
+    from edgestack.package.format import TIERED_TARGETS
     from edgestack.package.pack import check_out, logger, pack, read_onnx
 
     say = log or logger.info
@@ -106,9 +121,24 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
                     "`edgestack export`, or a model source (folder, module:factory, built-in)")
             name = name or f"{Path(str(source).rstrip('/')).name.split(':')[-1]}-{method}"
             src, examples = export_source(str(source), method, options or {}, work, say,
-                                         task, calib)
+                                         task, calib, progress)
             golden_inputs = golden_inputs or examples or None
         model = compact_embeddings(read_onnx(src, say), log=say)  # int8 embedding tables
+        tiered = any(n.domain == "edgestack" and n.op_type == "BitStackWeight"
+                     for n in model.graph.node)
+        if not tiered or target not in TIERED_TARGETS:
+            # nothing to tier, or a target that serves no tiers: the target's compiled graph
+            # (shift codes as int8, attention fused, every other edgestack op materialised)
+            import onnx
+
+            dense = work / "dense.onnx"
+            onnx.save_model(model, str(dense), save_as_external_data=True,
+                            location="dense.onnx.data")
+            del model
+            pack_options.pop("steps_per_level", None)
+            return compile_model(dense, target, out, name=name or src.stem,
+                                 golden_inputs=golden_inputs, overwrite=overwrite, log=say,
+                                 **pack_options)
         return pack(source, out, target=target, name=name or src.stem, model=model,
                     golden_inputs=golden_inputs, overwrite=overwrite, log=say,
                     **pack_options)
@@ -116,4 +146,95 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
         shutil.rmtree(work, ignore_errors=True)
 
 
-__all__ = ["pack_model", "export_source", "BITSTACK_DEFAULTS"]
+def compile_model(model: str | os.PathLike[str], target: str, out: str | os.PathLike[str], *,
+                  profile: Any = None, options: Mapping[str, Any] | None = None,
+                  golden_inputs: Mapping[str, np.ndarray] | None = None,
+                  name: str | None = None, overwrite: bool = False,
+                  log: Callable[[str], None] | None = None, created: str | None = None) -> Any:
+    """Compile an exported ONNX model for ``target`` into a device package at ``out``.
+
+    The target lowers the graph (:meth:`edgestack.targets.base.Target.lower`: shift codes to
+    int8, attention fusion, every other edgestack op materialised, ...) and the lowered ONNX
+    is packed (:func:`edgestack.package.pack.pack`: one dense tier, weights as external
+    data). Its golden outputs are the lowered graph's on x86 ONNX Runtime, judged with the
+    target precision's tolerance (:data:`edgestack.targets.parity.TOLERANCES`): the device
+    self-test checks that it computes what x86 computes. The lowered graph itself is checked
+    against the source model on the same inputs (target parity, :func:`_judge`: the rule
+    plus cosine/top-1 for quantized precisions); the result, with the lowering's options,
+    report and precision (and TensorRT's engine build settings) is the manifest's
+    ``metadata.compile``.
+
+    Args:
+        model: an ONNX file written by ``edgestack export``.
+        target: one of :data:`edgestack.targets.TARGET_NAMES`.
+        out: the package directory, or ``.tar``.
+        profile: a device profile (name or object) for the lowering's defaults.
+        options: the target's lowering options (see each target's docstring).
+        golden_inputs: the self-test's inputs (default: generated from the graph's inputs).
+        name, overwrite, log, created: as :func:`edgestack.package.pack.pack`.
+
+    Returns:
+        The :class:`~edgestack.package.pack.PackResult`, with ``compile`` set (the
+        ``metadata.compile`` it wrote).
+
+    Raises:
+        TargetError: a bad option, or the lowering failed. PackageError: as ``pack``.
+    """
+    import onnx
+
+    from edgestack.package.pack import check_out, logger, pack, read_onnx
+    from edgestack.profiles import load_profile
+    from edgestack.targets import get_target
+    from edgestack.targets.feeds import example_feeds
+    from edgestack.targets.parity import TOLERANCES, TargetCheck, _judge
+    from edgestack.targets.reference import reference_outputs
+
+    say = log or logger.info
+    tgt = get_target(target)
+    check_out(out, target, overwrite)
+    src = Path(model)
+    if src.suffix != ".onnx" or not src.is_file():
+        read_onnx(src, say)  # raises: not ONNX, or no such file
+    if isinstance(profile, str):
+        profile = load_profile(profile)
+    work = Path(tempfile.mkdtemp(prefix=".edgestack-compile-"))
+    try:
+        feeds = dict(golden_inputs) if golden_inputs else example_feeds(src, batch=1, seq=16)
+        say(f"compile: lowering {src} for {target}")
+        art = tgt.lower(src, work / "lowered", profile, golden=feeds, **dict(options or {}))
+        golden = art.golden()
+        assert golden is not None  # lower() stores it when given inputs
+        feeds, source_ref = golden
+        lowered_path = art.folder / "model.onnx"
+        got = reference_outputs(lowered_path, feeds)
+        check = TargetCheck(target, "fail", precision=art.precision, reason="x86 ORT")
+        _judge(check, got, source_ref, TOLERANCES)
+        parity = {"passed": check.status == "pass",
+                  "outputs": [asdict(o) for o in check.outputs], "reason": check.reason}
+        if not parity["passed"]:
+            worst = min((o.cosine for o in check.outputs), default=0.0)
+            logging.getLogger("edgestack.pipeline").warning(
+                "compile: the %s graph differs from the source model on x86 ONNX Runtime by "
+                "more than the %s tolerance on the golden inputs (lowest cosine %.5f; "
+                "metadata.compile.parity has every output)", target, art.precision, worst)
+        tol = TOLERANCES[art.precision]
+        info: dict[str, Any] = {"precision": art.precision, "arch": art.arch,
+                                "options": art.options, "report": art.report,
+                                "parity": parity}
+        if "build" in art.report:  # TensorRT: the engine is built on the device
+            info["build"] = {**art.report["build"], "onnx": "model.onnx",
+                             "engine": "model.engine"}
+        info = json.loads(json.dumps(info, default=str))  # as the manifest stores it
+        result = pack(src, out, target=target, name=name or src.stem,
+                      model=onnx.load(str(lowered_path)), golden_inputs=feeds,
+                      golden_outputs=got, tolerance=(tol.rtol, tol.atol),
+                      metadata={"compile": info}, overwrite=overwrite, log=say,
+                      created=created,
+                      profile=profile if getattr(profile, "target", None) == target else None)
+        result.compile = info
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+__all__ = ["pack_model", "compile_model", "export_source", "BITSTACK_DEFAULTS"]

@@ -91,6 +91,29 @@ def test_export_small_cnn_json(tmp_path, capsys, method, extra):
     assert doc["calibration"] == ("none" if method == "none" else "the example inputs")
 
 
+def test_ratio_is_the_fraction_removed_for_lowrank_and_prune(tmp_path, capsys):
+    """``--ratio`` means one thing for both methods: the fraction of parameters removed."""
+    for method, ratio in (("lowrank", 0.75), ("prune", 0.5)):
+        out = tmp_path / f"{method}.onnx"
+        assert main(["export", "small-cnn", "--method", method, "--ratio", str(ratio),
+                     "--out", str(out), "--json"]) == 0
+        layers = json.loads(capsys.readouterr().out)["compression"]["layers"]
+        assert layers
+        kept = sum(r["compressed_bytes"] for r in layers) / sum(r["dense_bytes"]
+                                                                for r in layers)
+        # lowrank: at most 1 - ratio per layer; prune: a layer between two pruned blocks
+        # loses rows and columns, so the total kept is well under 1 - ratio
+        assert kept <= 1 - ratio, (method, kept)
+        if method == "lowrank":
+            assert all(r["details"]["params_kept"] <= 1 - ratio for r in layers)
+            assert kept > 0.5 * (1 - ratio)
+    r = run_cli("export", "--help")
+    assert "fraction of each layer's parameters removed" in " ".join(r.stdout.split())
+    assert main(["export", "small-cnn", "--method", "lowrank", "--ratio", "1",
+                 "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "[0, 1)" in capsys.readouterr().err
+
+
 def test_text_models_calibrate_on_the_shipped_corpus(tmp_path):
     from edgestack.compress.calib import calib_sentences
     from edgestack.sources import load_source

@@ -43,13 +43,14 @@ def test_near_miss_method_gets_a_hint():
 
 @pytest.mark.parametrize("method,option,listed", [
     ("shift", "n_blocks", "bits, bits_per_layer, extra_texts, finetune_lr, finetune_params, "
-     "finetune_steps, finetune_val, max_seconds, rounding, scale, seed, sequential, skip, zero"),
+     "finetune_steps, finetune_val, layers, max_seconds, rounding, scale, seed, sequential, "
+     "skip, zero"),
     ("bitstack", "bits", "act_aware, device, extra_texts, factor_bits, finetune_lr, "
-     "finetune_steps, k, max_seconds, n_blocks, refit, seed, signs, skip, svd"),
-    ("lowrank", "blocks", "act_aware, energy, extra_texts, max_keep, monarch_blocks, rank, "
-     "ratio, skip, structure"),
-    ("prune", "rank", "adaptive, bias_compensation, extra_texts, metric, ratio, skip"),
-    ("none", "bits", "skip"),
+     "finetune_steps, k, layers, max_seconds, n_blocks, refit, seed, signs, skip, svd"),
+    ("lowrank", "blocks", "act_aware, energy, extra_texts, layers, max_keep, monarch_blocks, "
+     "rank, ratio, skip, structure"),
+    ("prune", "rank", "adaptive, bias_compensation, extra_texts, layers, metric, ratio, skip"),
+    ("none", "bits", "layers, skip"),
 ])
 def test_unknown_option_lists_the_methods_options(method, option, listed):
     model = small()
@@ -78,8 +79,9 @@ def test_option_of_another_method_is_named():
     ("bitstack", {"factor_bits": 0}, "option factor_bits: expected a number in (0, 16]"),
     ("bitstack", {"device": "tpu"}, "option device: expected one of 'cpu', 'cuda'"),
     ("lowrank", {"rank": 0}, "option rank: expected an integer >= 1, found 0"),
-    ("lowrank", {"ratio": 0.0}, "option ratio: expected a number in (0, 1], found 0.0"),
-    ("lowrank", {"ratio": 1.5}, "option ratio: expected a number in (0, 1], found 1.5"),
+    ("lowrank", {"ratio": 1.0}, "option ratio: expected a number in [0, 1), found 1.0; "
+     "the fraction of each layer's parameters removed"),
+    ("lowrank", {"ratio": -0.5}, "option ratio: expected a number in [0, 1), found -0.5"),
     ("lowrank", {"rank": 4, "ratio": 0.5}, "give rank or ratio, not both"),
     ("prune", {"ratio": -0.1}, "option ratio: expected a number in [0, 0.9], found -0.1"),
     ("prune", {"ratio": 0.95}, "option ratio: expected a number in [0, 0.9], found 0.95"),
@@ -194,7 +196,7 @@ def test_method_options_defaults():
         "bits": 4, "zero": False, "scale": "mse", "rounding": "auto", "bits_per_layer": None,
         "finetune_steps": 0, "finetune_lr": 1e-3, "max_seconds": None, "seed": 0,
         "sequential": False, "finetune_params": "all", "finetune_val": 0.1, "extra_texts": 0,
-        "skip": ()}
+        "skip": (), "layers": None}
     assert method_options("prune")["ratio"] == 0.25
     assert method_options("bitstack")["n_blocks"] == 4
     assert method_options("lowrank")["rank"] is None

@@ -224,7 +224,7 @@ def test_bitstack_randomized_svd_close_to_exact(originals):
 
 def test_lowrank_ratio_sets_rank_and_skips_no_gain(originals):
     model, _, _, weights = fresh(originals, "small_cnn")
-    report = compress(model, "lowrank", ratio=0.3)
+    report = compress(model, "lowrank", ratio=0.7)      # 70% of the parameters removed
     skipped = {s.name: s.reason for s in report.skipped}
     assert "grouped convolution" in skipped["features.4"]
     for rep in report.layers:
@@ -236,6 +236,35 @@ def test_lowrank_ratio_sets_rank_and_skips_no_gain(originals):
         assert isinstance(mod, LowRankLinear if rep.kind == "linear" else LowRankConv)
         assert mod.v.weight.shape[0] == k
     assert {r.name for r in report.layers} | set(skipped) == set(weights)
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75])
+def test_lowrank_ratio_is_the_fraction_of_parameters_removed(originals, ratio):
+    """``ratio`` means what it means for prune: the fraction of each layer's parameters
+    removed. The factors hold at most ``(1 - ratio)`` of the dense weight's parameters, and
+    no more than one rank's worth less (the rank is rounded down)."""
+    model, _, _, _ = fresh(originals, "gpt2_tiny")
+    report = compress(model, "lowrank", ratio=ratio)
+    assert report.layers
+    for rep in report.layers:
+        mod = model.get_submodule(rep.name)
+        factors = mod.u.weight.numel() + mod.v.weight.numel()
+        m, n = rep.shape[0], rep.numel // rep.shape[0]
+        assert factors <= (1 - ratio) * m * n
+        assert factors > (1 - ratio) * m * n - (m + n)          # one rank below
+        assert rep.details["params_kept"] == pytest.approx(factors / (m * n), abs=1e-4)
+
+
+def test_lowrank_default_ratio_is_the_old_default_model(originals):
+    """The default (ratio 0.5, removed) gives the rank the old default (0.5, kept) gave."""
+    from edgestack.compress.options import DEFAULT_RATIO
+
+    model, _, _, weights = fresh(originals, "gpt2_tiny")
+    report = compress(model, "lowrank")
+    assert report.options["ratio"] == DEFAULT_RATIO == 0.5
+    for rep in report.layers:
+        m, n = rep.shape[0], rep.numel // rep.shape[0]
+        assert rep.details["rank"] == min(m, n, math.floor(0.5 * m * n / (m + n)))
 
 
 def test_lowrank_leaves_layers_without_gain_dense(originals):
@@ -314,7 +343,7 @@ def test_report_totals_and_summary(originals):
                             "bits_per_layer": None, "finetune_steps": 0, "finetune_lr": 1e-3,
                             "max_seconds": None, "seed": 0, "sequential": False,
                             "finetune_params": "all", "finetune_val": 0.1, "extra_texts": 0,
-                            "skip": []}
+                            "skip": [], "layers": None}
 
 
 def test_compressed_layers_have_expected_kinds(originals):

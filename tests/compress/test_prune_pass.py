@@ -52,6 +52,25 @@ def test_small_cnn_chains_and_grouped_conv(run_model):
         assert r.compressed_bytes < r.dense_bytes
 
 
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+def test_ratio_is_the_fraction_of_parameters_removed(ratio):
+    """``ratio`` means what it means for lowrank: the fraction removed. Each MLP loses
+    ``floor(ratio * channels)`` of its channels, so about ``ratio`` of its two layers'
+    weights."""
+    model, _ = zoo.gpt2_tiny()
+    dense = {n: m.weight.numel() for n, m in model.named_modules()
+             if n.endswith(("mlp.c_fc", "mlp.c_proj"))}
+    report = compress(model, "prune", ratio=ratio)
+    for block in model.h:
+        channels = block.mlp.c_fc.weight.shape[1]
+        assert channels == 512 - int(ratio * 512)
+    for name, before in dense.items():
+        after = report.layer(name).compressed_bytes // 4
+        assert after == pytest.approx((1 - ratio) * before, rel=1e-6)
+        info = report.layer(name).details["structures"][name.rsplit(".", 1)[0]]
+        assert len(info["removed"]) / info["units"] == pytest.approx(ratio, abs=1 / 512)
+
+
 def test_grouped_consumer_chain_is_reported():
     model, _ = zoo.small_cnn()
     structures, refused = find_structures(model)

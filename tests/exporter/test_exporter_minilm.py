@@ -20,7 +20,7 @@ from edgestack.exporter.export import META_COMPRESSION, META_LOWRANK, NODE_LAYER
 
 PLAN = {"shift": ("encoder.layer.0", {"bits": 4, "scale": "maxabs"}),
         "bitstack": ("encoder.layer.1", {"n_blocks": 2, "k": 4}),
-        "lowrank": ("encoder.layer.2", {"ratio": 0.25})}
+        "lowrank": ("encoder.layer.2", {"ratio": 0.75})}
 ALL = [f"encoder.layer.{i}" for i in range(6)] + ["pooler"]
 
 

@@ -525,6 +525,8 @@ def test_archive_round_trip(pkg_dir: Path, tmp_path: Path):
         for a, b in zip(tier_views(pkg, 4), tier_views(ref, 4), strict=True):
             assert np.array_equal(a.u, b.u) and np.array_equal(a.v, b.v)
         assert pkg.golden()[0]["x"].shape == (2, 3)
+        with pytest.raises(PackageError, match="extract it with"):
+            pkg.file_path("model.onnx")
     out = extract_archive(tar, tmp_path / "extracted")
     names = ["manifest.json", "model.onnx", "blocks.bin", "weights/extra.data", "golden/inputs.npz"]
     for name in names:

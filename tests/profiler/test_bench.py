@@ -76,7 +76,10 @@ def test_bench_with_baselines_writes_report_and_plots(shift_model: Path,
     assert by["edgestack ort-cpu fp32"].cosine > 0.99999
     for label in B.BASELINES[1:5]:          # every ORT quantizer rewrote the one MatMul
         assert 0.95 < by[label].cosine < 1.0, label
-        assert by[label].note.startswith("quantizer added 1 "), by[label].note
+        assert by[label].note.startswith("quantized 1 of 1 weight layers (1 MatMul)"), \
+            by[label].note
+        assert (by[label].quantized_layers, by[label].weight_layers) == (1, 1)
+    assert by["ORT fp32"].quantized_layers is None
     assert by["ORT int4 weight-only MatMulNBits g32"].cosine < by[
         "ORT int8 weight-only MatMulNBits g32"].cosine
     for r in report.rows:
@@ -87,6 +90,7 @@ def test_bench_with_baselines_writes_report_and_plots(shift_model: Path,
     assert by["ORT dynamic int8 per-tensor"].disk_bytes < by["ORT fp32"].disk_bytes
     doc = json.loads((out / "bench.json").read_text())
     assert [r["label"] for r in doc["rows"]] == labels
+    assert [r["quantized_layers"] for r in doc["rows"][:5]] == [None, 1, 1, 1, 1]
     assert {r["label"] for r in doc["pareto"]["rows"]} == set(labels)
     assert [r["baseline"] for r in doc["at_baseline"]["rows"]] == list(B.BASELINES)
     for name in ("latency_vs_memory.png", "quality_vs_memory.png", "pareto.png"):
@@ -176,13 +180,31 @@ def test_bench_package_measures_tiers(bitstack_package: Path, tmp_path: Path) ->
     assert report.rows[-1].cosine == pytest.approx(1.0, abs=1e-9)
     assert 0.5 < report.rows[0].cosine < 1.0
     assert all(r.peak_rss_increase and r.iterations >= 4 for r in report.rows)
-    # disk MB: what the tier loads from the package; plan MB: the runtime's plan (budget)
+    # disk MB: the package's files on disk (every tier the same); tier MB: what the tier
+    # reads from it; plan MB: the runtime's memory plan (its budget), in a column of its own
     man = Package.open(bitstack_package).manifest
-    assert [r.disk_bytes for r in report.rows] == [man.tiers[t].total_bytes for t in tiers]
+    on_disk = sum(f.stat().st_size for f in bitstack_package.rglob("*") if f.is_file())
+    assert B.package_disk_bytes(bitstack_package) == on_disk    # nothing unlisted in it
+    assert [r.disk_bytes for r in report.rows] == [on_disk] * len(tiers)
+    assert [r.tier_bytes for r in report.rows] == [man.tiers[t].total_bytes for t in tiers]
+    assert all(r.tier_bytes < on_disk for r in report.rows[:-1])
     plans = [r.plan_bytes for r in report.rows]
     assert plans == sorted(plans) and all(p > 0 for p in plans)
     assert plans != [r.disk_bytes for r in report.rows]
-    assert "plan MB" in (tmp_path / "o" / "bench.md").read_text()
+    md = (tmp_path / "o" / "bench.md").read_text()
+    head = next(line for line in md.splitlines() if line.startswith("| subject"))
+    assert "| disk MB | tier MB | plan MB |" in head
+    row0 = next(line for line in md.splitlines() if line.startswith(f"| {report.rows[0].label}"))
+    cells = [c.strip() for c in row0.split("|")[1:-1]]
+    assert cells[3:6] == [f"{on_disk / 1e6:.2f}", f"{report.rows[0].tier_bytes / 1e6:.2f}",
+                          f"{report.rows[0].plan_bytes / 1e6:.2f}"]
+    doc = json.loads((tmp_path / "o" / "bench.json").read_text())
+    assert doc["rows"][0]["disk_bytes"] == on_disk and doc["rows"][0]["tier_bytes"]
+    # a .tar package: the archive's bytes
+    from edgestack.package.archive import write_archive
+
+    tar = write_archive(bitstack_package, tmp_path / "p.tar")
+    assert B.package_disk_bytes(tmp_path / "p.tar") == Path(tar).stat().st_size
 
 
 def test_bench_package_of_unavailable_target_skips(bitstack_package: Path, tmp_path: Path,
@@ -349,10 +371,16 @@ def test_pareto_marks_the_undominated_rows() -> None:
     assert flags == {"tier0": True, "same-as-tier0": True, "int8": True, "tier1": False,
                      "fp32": True, "bloated": False}
     assert table["rows"][2]["ratio"] == pytest.approx(0.4)
-    # without measured memory the bytes on disk are the axis
+    # without measured memory the bytes read from disk are the axis: a package tier's own
+    from edgestack.profiler.pareto import READ_AXIS
+
     for r in rows:
-        r.peak_rss_increase, r.disk_bytes = None, 1000
-    assert pareto_table(rows)["memory"] == "disk MB"
+        r.peak_rss_increase, r.disk_bytes = None, 1_000_000
+    rows[2].tier_bytes = 400_000
+    table = pareto_table(rows)
+    assert table["memory"] == READ_AXIS
+    mem = {r["label"]: r["memory_mb"] for r in table["rows"]}
+    assert mem["tier0"] == 0.4 and mem["tier1"] == 1.0
 
 
 def test_at_baseline_table_picks_the_best_subject_within_each_baseline() -> None:
@@ -412,17 +440,17 @@ def test_baselines_use_per_channel_and_external_data_opened_from_path(
     assert len(ort_subjects) == 5
     # per-channel int8: one scale per output column; per-tensor: one scale
     def scales(label):
-        model = onnx.load(str(Path(by[label].path) / "model.onnx"))
+        model = onnx.load(by[label].path)
         return [list(i.dims) for i in model.graph.initializer if i.name.endswith("_scale")]
 
     assert scales("ORT dynamic int8 per-tensor") == [[]]
     assert scales("ORT dynamic int8 per-channel") == [[48]]
     bits = {}
     for s in ort_subjects:
-        folder = Path(s.path)
+        folder = Path(s.path).parent
         data = folder / B.EXTERNAL_DATA
-        assert data.is_file() and data.stat().st_size > 1024, s.label
-        model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+        assert s.kind == "model" and data.is_file() and data.stat().st_size > 1024, s.label
+        model = onnx.load(s.path, load_external_data=False)
         external = [i.name for i in model.graph.initializer
                     if i.data_location == onnx.TensorProto.EXTERNAL]
         assert external, f"{s.label}: no weight in external data"
@@ -450,7 +478,7 @@ def test_baselines_use_per_channel_and_external_data_opened_from_path(
             assert handle.infer(feeds)["y"].shape == (1, 8, 48)
         finally:
             handle.close()
-    assert opened == [str(Path(s.path) / "model.onnx") for s in ort_subjects]
+    assert opened == [s.path for s in ort_subjects]
 
 
 def test_weight_only_baseline_of_a_model_without_matmul_says_nothing_quantized(
@@ -460,15 +488,61 @@ def test_weight_only_baseline_of_a_model_without_matmul_says_nothing_quantized(
     by = {s.label: s for s in subjects}
     for label in B.BASELINES[3:5]:
         subj = by[f"{label} ({B.NOTHING_QUANTIZED})"]
-        assert subj.precision == "fp32" and subj.note.startswith(B.NOTHING_QUANTIZED)
-        assert "MatMul" in subj.note
-    # dynamic quantization does rewrite the Conv: no such note there
-    assert "1 ConvInteger" in by["ORT dynamic int8 per-tensor"].note
-    rows = [B.Row(s.label, s.target, s.group, s.precision, s.disk_bytes, note=s.note)
+        assert subj.precision == "fp32" and (subj.quantized_layers, subj.weight_layers) == (0, 1)
+        assert subj.note == (
+            f"{B.NOTHING_QUANTIZED}: 0 of 1 weight layers (1 Conv) quantized; MatMulNBits "
+            "rewrites only MatMul with a constant weight and the model has none, so this is "
+            "the fp32 model")
+    # dynamic quantization does rewrite the Conv: counted, no such flag there
+    int8 = by["ORT dynamic int8 per-tensor"]
+    assert (int8.precision, int8.quantized_layers, int8.weight_layers) == ("int8", 1, 1)
+    assert int8.note.startswith("quantized 1 of 1 weight layers (1 Conv), adding ")
+    assert "1 ConvInteger" in int8.note
+    rows = [B.Row(s.label, s.target, s.group, s.precision, s.disk_bytes, note=s.note,
+                  quantized_layers=s.quantized_layers, weight_layers=s.weight_layers)
             for s in subjects]
-    md = B.BenchReport("conv", rows, {}, {}).markdown()
+    report = B.BenchReport("conv", rows, {}, {})
+    md = report.markdown()
     assert f"ORT int4 weight-only MatMulNBits g32 ({B.NOTHING_QUANTIZED}) | ort-cpu | fp32" in md
-    assert f"{B.NOTHING_QUANTIZED}: the quantizer found no MatMul" in md
+    assert f"{B.NOTHING_QUANTIZED}: 0 of 1 weight layers (1 Conv) quantized" in md
+    doc = {r["label"]: r for r in report.to_dict()["rows"]}
+    nbits4 = doc[f"{B.BASELINES[4]} ({B.NOTHING_QUANTIZED})"]
+    assert (nbits4["quantized_layers"], nbits4["weight_layers"]) == (0, 1)
+
+
+def test_int8_baselines_that_quantize_nothing_say_so(tmp_path: Path) -> None:
+    """quantize_dynamic does not rewrite ConvTranspose: the int8 rows are the fp32 model."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(2).standard_normal((8, 4, 3, 3)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("ConvTranspose", ["x", "w"], ["y"])], "deconv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 7, 7])],
+        [numpy_helper.from_array(w, "w")])
+    dense = tmp_path / "deconv.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              str(dense))
+    subjects, _ = B.baseline_subjects(dense, tmp_path / "b", 1, lambda m: None)
+    by = {s.label: s for s in subjects}
+    for label in B.BASELINES[1:5]:
+        subj = by[f"{label} ({B.NOTHING_QUANTIZED})"]
+        assert subj.precision == "fp32" and (subj.quantized_layers, subj.weight_layers) == (0, 1)
+        assert "0 of 1 weight layers (1 ConvTranspose) quantized" in subj.note
+
+
+def test_weight_layers_count_constant_weights_only() -> None:
+    from onnx import helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    b = numpy_helper.from_array(np.ones(4, np.float32), "b")
+    q = numpy_helper.from_array(np.ones((4, 4), np.int8), "q")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["a"]),       # a weight layer
+             helper.make_node("MatMul", ["a", "x"], ["c"]),       # two activations: none
+             helper.make_node("Gather", ["q", "i"], ["g"]),       # int8 table: quantized
+             helper.make_node("Gather", ["b", "i"], ["h"])]       # 1-D: not a weight
+    graph = helper.make_graph(nodes, "g", [], [], [w, b, q])
+    assert B.weight_layers(helper.make_model(graph)) == {"MatMul": 1}
 
 
 def test_cpu_extensions_names_the_int8_and_matrix_flags(tmp_path: Path) -> None:

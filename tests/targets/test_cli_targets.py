@@ -40,18 +40,38 @@ def model(tmp_path_factory) -> Path:
     return path
 
 
-def test_compile_json_and_verify_arm_under_emulation(main, model, tmp_path, capsys) -> None:
+def test_compile_writes_a_package_verified_under_emulation(main, model, tmp_path,
+                                                            capsys) -> None:
+    from edgestack.package import Package
+
     out = tmp_path / "arm"
     assert main(["compile", str(model), "--target", "ort-arm", "--profile", "arm64-phone-2gb",
-                 "--out", str(out), "--golden", "--json"]) == 0
+                 "--out", str(out), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["ok"] and data["target"] == "ort-arm" and data["arch"] == "aarch64"
-    assert data["precision"] == "int8" and data["files"]["model"] == "model.ort"
-    assert (out / "required_operators.config").read_text().count("ai.onnx;20;") == 1
-    assert "MatMulInteger" in (out / "required_operators.config").read_text()
+    assert data["ok"] and data["target"] == "ort-arm" and data["compile"]["arch"] == "aarch64"
+    assert data["compile"]["precision"] == "int8" and data["compile"]["parity"]["passed"]
+    assert data["compile"]["report"]["passes"]["DynamicInt8MatMulPass"]["rewritten"] == 1
+    with Package.open(out) as pkg:   # the device package format, the same as `pack` writes
+        assert pkg.manifest.target == "ort-arm" and len(pkg.tiers) == 1
+        assert {"model.onnx", "golden/inputs.npz", "golden/outputs.npz"} <= set(pkg.files)
+        assert pkg.golden_info.rtol == pytest.approx(0.08)     # the int8 tolerance
+        assert pkg.manifest.metadata["compile"]["options"]["int8"] == "dynamic"
     assert main(["verify", str(out), "--emulate", "aarch64", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
-    assert rep["ok"] and rep["targets"][0]["status"] == "pass"
+    assert rep["ok"] and rep["emulated"] == "aarch64" and rep["self_test"]["passed"]
+    # an existing package is kept unless --overwrite
+    assert main(["compile", str(model), "--target", "ort-cpu", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["compile", str(model), "--target", "ort-cpu", "--out", str(out),
+                 "--overwrite", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["target"] == "ort-cpu"
+
+
+def test_verify_refuses_an_old_artifact_folder(main, tmp_path, capsys) -> None:
+    (tmp_path / "artifact.json").write_text("{}")
+    assert main(["verify", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "older edgestack" in err and "edgestack compile" in err
 
 
 def test_parity_all_targets_table(main, model, capsys) -> None:
@@ -123,10 +143,21 @@ def test_missing_backend_names_the_extra(monkeypatch, main, model, tmp_path, cap
     code = main(["compile", str(model), "--target", target, "--out", str(tmp_path / "o")])
     out = capsys.readouterr()
     if target == "openvino-cpu":
-        assert code == 4 and extra in out.out       # skipped: nothing to write without it
-    else:   # TensorRT: lowered ONNX + build script written, engine skipped with the reason
-        assert code == 0 and extra in out.out
-        assert (tmp_path / "o" / "build_engine.py").is_file()
+        # skipped (exit 4): lowering needs openvino itself, nothing is written without it
+        assert code == 4 and extra in out.err and not (tmp_path / "o").exists()
+        return
+    # TensorRT: the package holds the lowered graph and the engine build settings; the engine
+    # is built on the device on first use, so `verify` checks the files and exits 4 here
+    from edgestack.package import Package
+
+    assert code == 0 and extra in out.out
+    with Package.open(tmp_path / "o") as pkg:
+        build = pkg.manifest.metadata["compile"]["build"]
+        assert pkg.manifest.target == "tensorrt-gpu" and build["onnx"] == "model.onnx"
+        assert build["precision"] == "fp32" and "workspace_bytes" in build
+    assert main(["verify", str(tmp_path / "o"), "--json"]) == 4
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["hashes"] == "ok" and rep["ok"] is None and "tensorrt" in rep["self_test"]["reason"]
 
 
 def test_artifact_for_another_architecture(model, tmp_path) -> None:

@@ -141,7 +141,7 @@ def test_non_transformer_compiles_unchanged_and_logs_why(tmp_path, caplog) -> No
     onnx.save(model, tmp_path / "lin.onnx")
     t = get_target("ort-cpu")
     with caplog.at_level(logging.INFO, logger="edgestack.targets.passes.transformer"):
-        art = t.lower(tmp_path / "lin.onnx", tmp_path / "a")
+        art = t.lower(tmp_path / "lin.onnx", tmp_path / "a", int8="off")
     rep = art.report["passes"]["TransformerFusionPass"]
     assert rep["attention_fused"] == 0 and rep["modified"] is False
     assert "not a transformer" in caplog.text

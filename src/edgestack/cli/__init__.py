@@ -22,7 +22,8 @@ import warnings
 from collections.abc import Callable, Sequence
 
 from edgestack import __version__
-from edgestack.errors import EdgestackError
+from edgestack.core.progress import Progress, logging_through_bars
+from edgestack.errors import BackendUnavailable, EdgestackError
 
 EXIT_OK = 0
 EXIT_CHECK_FAILED = 1
@@ -36,6 +37,7 @@ def _commands() -> list:
         bench,
         compile,
         demo,
+        diff,
         export,
         inspect,
         pack,
@@ -44,11 +46,12 @@ def _commands() -> list:
         profiles,
         quality,
         run,
+        sensitivity,
         verify,
     )
 
-    return [export, quality, compile, parity, verify, bench, pack, inspect, plan, run, profiles,
-            demo]
+    return [export, quality, sensitivity, compile, parity, verify, diff, bench, pack, inspect,
+            plan, run, profiles, demo]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="debug messages of edgestack's libraries too")
     g.add_argument("--log-level", choices=LOG_LEVELS, default=None,
                    help="stderr log level (default info: progress lines)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bars (tqdm) on stderr: --progress shows them even when "
+                        "stderr is not a terminal, --no-progress never (default: when stderr "
+                        "is a terminal and progress lines are shown, i.e. not with -q)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _commands():
         module.add_parser(sub)
@@ -87,6 +94,21 @@ def progress(command: str) -> Callable[[str], None]:
     stays one object."""
     logger = logging.getLogger(f"edgestack.cli.{command}")
     return lambda message: logger.info("[edgestack %s] %s", command, message)
+
+
+def bars(args: argparse.Namespace) -> Progress:
+    """The ``progress`` setting the command's library calls get
+    (:mod:`edgestack.core.progress`): ``--progress`` / ``--no-progress`` when given, else
+    none when the progress lines are hidden (``-q``, ``--log-level warning|error``), else
+    ``None`` (bars when stderr is a terminal). Bars go to stderr, never into ``--json``
+    output on stdout."""
+    given = getattr(args, "progress", None)
+    if given is not None:
+        return bool(given)
+    level = getattr(args, "log_level", None)
+    if getattr(args, "quiet", False) or level in ("warning", "error"):
+        return False
+    return None
 
 
 def warn(command: str, message: str) -> None:
@@ -157,7 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     handler = _configure_logging(args)
     try:
-        code = int(args.run(args))
+        # log lines printed while a bar is on stderr go through tqdm, above the bar
+        with logging_through_bars(bars(args), [logging.getLogger("edgestack")]):
+            code = int(args.run(args))
         sys.stdout.flush()              # a closed pipe shows here, inside the handler below
         return code
     except BrokenPipeError:
@@ -166,6 +190,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
+    except BackendUnavailable as exc:  # the input is fine; this machine cannot run it
+        if want_json:
+            emit_json({"ok": False, "skipped": True, "error": str(exc),
+                       "error_type": type(exc).__name__})
+        print(f"edgestack {args.command}: skipped: {exc}", file=sys.stderr)
+        return EXIT_SKIPPED
     except EdgestackError as exc:
         if want_json:
             emit_json({"ok": False, "error": str(exc), "error_type": type(exc).__name__})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edgestack.cli import EXIT_OK, EXIT_SKIPPED, emit_json
+from edgestack.cli import EXIT_OK, EXIT_SKIPPED, bars, emit_json, progress
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -84,13 +84,16 @@ def run(args: argparse.Namespace) -> int:
     targets = args.targets
     if targets not in (None, "all"):
         targets = [t.strip() for t in targets.split(",") if t.strip()]
+    say = progress("bench")
     report = run_bench(
         args.source, args.out, profile=args.profile, targets=targets, baseline=args.baseline,
         dense_model=args.dense, iterations=args.iterations, warmup=args.warmup,
         seconds=args.seconds, batch=args.batch, seq=args.seq,
         feeds=load_feeds(args.input) if args.input else None, memory=not args.no_memory,
         plots=not args.no_plots, threads=args.threads, tokenizer=args.tokenizer,
-        tiers=args.tiers if args.tiers == "all" else _count(args.tiers))
+        tiers=args.tiers if args.tiers == "all" else _count(args.tiers),
+        log=lambda line: say(line.removeprefix("bench: ")),
+        progress=bars(args))
     if args.json:
         emit_json({"ok": report.ran, "skipped_all": not report.ran, **report.to_dict()})
     else:

@@ -6,7 +6,15 @@ import argparse
 import time
 import warnings
 
-from edgestack.cli import EXIT_CHECK_FAILED, EXIT_OK, emit_json, prepare_output, progress, warn
+from edgestack.cli import (
+    EXIT_CHECK_FAILED,
+    EXIT_OK,
+    bars,
+    emit_json,
+    prepare_output,
+    progress,
+    warn,
+)
 from edgestack.compress.hf import TASKS
 from edgestack.errors import EdgestackError
 
@@ -57,8 +65,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="bitstack: rank per block (default: chosen per matrix shape)")
     g.add_argument("--rank", type=int, default=None, help="lowrank: rank for every layer")
     g.add_argument("--ratio", type=float, default=None,
-                   help="lowrank: fraction of parameters kept (default 0.5); prune: fraction "
-                   "of heads/channels removed (default 0.25)")
+                   help="fraction of each layer's parameters removed, for both methods. "
+                   "lowrank: the rank is chosen so the factors hold at most 1-R of the "
+                   "weight (default 0.5, the same model as before --ratio meant the fraction "
+                   "removed); prune: heads/channels removed per block (default 0.25)")
     g.add_argument("--skip", action="append", default=[], metavar="PREFIX",
                    help="leave modules whose name starts with PREFIX dense (repeatable)")
     g.add_argument("--calib", default=None, metavar="FILE",
@@ -158,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         warnings.simplefilter("always")
         _log(f"compressing: method={args.method} {opts or ''}"
              + (f", calibration: {calib_text}" if calib else ""))
-        report = compress(src.model, args.method, calib=calib, **opts)
+        report = compress(src.model, args.method, calib=calib, progress=bars(args), **opts)
     notes = [str(w.message) for w in caught if "edgestack" in str(w.filename)]
     for note in notes:
         warn("export", note)
@@ -166,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
     result = export(src.model, src.inputs, args.out, external_data=args.external_data,
                     opset=args.opset, dynamic=args.dynamic is not None,
                     atol=args.atol, rtol=args.rtol, compact_embeddings=args.compact_embeddings,
+                    progress=bars(args),
                     metadata={"method": args.method, "source": src.description,
                               "compression": report.to_dict()})
     parity = result.parity

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edgestack.cli import EXIT_OK, emit_json, prepare_output, progress, warn
+from edgestack.cli import EXIT_OK, bars, emit_json, prepare_output, progress, warn
 from edgestack.cli.export import TASK_NAMES
 
 
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
                         name=args.name, method=args.method, options=opts, task=args.task,
                         calib=args.calib,
                         steps_per_level=args.steps_per_level, overwrite=args.overwrite,
-                        log=progress("pack"))
+                        log=progress("pack"), progress=bars(args))
     if args.json:
         emit_json({"ok": True, **result.to_dict()})
     else:

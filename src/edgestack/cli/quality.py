@@ -40,6 +40,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "most D (cosine or accuracy: absolute; perplexity: relative), with the "
                    "table searched (minutes)")
     p.add_argument("--no-baselines", action="store_true", help="skip the int8/int4 baselines")
+    add_method_options(p)
+    c = p.add_argument_group("calibration")
+    c.add_argument("--calib-n", type=int, default=128,
+                   help="calibration sentences from the shipped corpus (default 128)")
+    c.add_argument("--calib-seq", type=int, default=64, help="tokens per sentence (default 64)")
+    c.add_argument("--extra-texts", type=int, default=None,
+                   help="any method: more corpus sentences for the pass only (compress()'s "
+                   "extra_texts: the baselines and --calib-n are unchanged; text models)")
+    e = p.add_argument_group("evaluation on your data")
+    e.add_argument("--eval", default=None, metavar="FILE",
+                   help="measure on FILE with the task's metric: JSONL with a text field and "
+                   "a label for a classifier (accuracy), text lines or JSONL for a language "
+                   "model (perplexity) or an encoder (sentence-embedding cosine vs fp32); an "
+                   "fp32 row gives the uncompressed model's value")
+    e.add_argument("--task", choices=TASK_NAMES, default=None,
+                   help="the model's task (default: from the class it was saved as)")
+    p.add_argument("--out", default=None, help="also write the JSON rows to this file")
+    p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
+    p.set_defaults(run=run)
+
+
+def add_method_options(p: argparse.ArgumentParser, tiers: bool = True) -> None:
+    """The method options of ``quality`` (also ``sensitivity``'s; ``tiers``: with
+    ``--tiers``), read back by :func:`method_options`."""
     g = p.add_argument_group("method options")
     g.add_argument("--bits", type=int, default=None, help="shift: code width 2..5")
     g.add_argument("--zero", action="store_true", help="shift: DeepShift codes with zero")
@@ -61,12 +85,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(default 0.25; 0.125 is best on MiniLM)")
     g.add_argument("--signs", choices=("auto", "gptq", "plain"), default=None,
                    help="bitstack: how block signs are chosen (default auto)")
-    g.add_argument("--tiers", default=None,
-                   help="bitstack: comma-separated tiers to score: whole levels (int) or bit "
-                   "budgets (float), e.g. 2,3,4.5")
+    if tiers:
+        g.add_argument("--tiers", default=None,
+                       help="bitstack: comma-separated tiers to score: whole levels (int) or "
+                       "bit budgets (float), e.g. 2,3,4.5")
     g.add_argument("--rank", type=int, default=None, help="lowrank: rank for every layer")
     g.add_argument("--ratio", type=float, default=None,
-                   help="lowrank: parameters kept; prune: fraction removed")
+                   help="fraction of each layer's parameters removed (lowrank: the rank "
+                   "keeps at most 1-R, default 0.5; prune: heads/channels removed, default "
+                   "0.25)")
     g.add_argument("--energy", type=float, default=None,
                    help="lowrank: rank from the spectrum (WeLore split)")
     g.add_argument("--structure", choices=("lowrank", "monarch"), default=None,
@@ -79,24 +106,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="bitstack/lowrank: ignore calibration statistics")
     g.add_argument("--skip", action="append", default=[], metavar="PREFIX",
                    help="leave modules whose name starts with PREFIX dense (repeatable)")
-    c = p.add_argument_group("calibration")
-    c.add_argument("--calib-n", type=int, default=128,
-                   help="calibration sentences from the shipped corpus (default 128)")
-    c.add_argument("--calib-seq", type=int, default=64, help="tokens per sentence (default 64)")
-    c.add_argument("--extra-texts", type=int, default=None,
-                   help="any method: more corpus sentences for the pass only (compress()'s "
-                   "extra_texts: the baselines and --calib-n are unchanged; text models)")
-    e = p.add_argument_group("evaluation on your data")
-    e.add_argument("--eval", default=None, metavar="FILE",
-                   help="measure on FILE with the task's metric: JSONL with a text field and "
-                   "a label for a classifier (accuracy), text lines or JSONL for a language "
-                   "model (perplexity) or an encoder (sentence-embedding cosine vs fp32); an "
-                   "fp32 row gives the uncompressed model's value")
-    e.add_argument("--task", choices=TASK_NAMES, default=None,
-                   help="the model's task (default: from the class it was saved as)")
-    p.add_argument("--out", default=None, help="also write the JSON rows to this file")
-    p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
-    p.set_defaults(run=run)
 
 
 def _flags(args: argparse.Namespace) -> list[tuple[str, object, dict[str, str | None]]]:
@@ -117,7 +126,7 @@ def _flags(args: argparse.Namespace) -> list[tuple[str, object, dict[str, str | 
         ("--k", args.k, {"bitstack": "k"}),
         ("--factor-bits", args.factor_bits, {"bitstack": "factor_bits"}),
         ("--signs", args.signs, {"bitstack": "signs"}),
-        ("--tiers", args.tiers, {"bitstack": None}),
+        ("--tiers", getattr(args, "tiers", None), {"bitstack": None}),
         ("--rank", args.rank, {"lowrank": "rank"}),
         ("--ratio", args.ratio, {"lowrank": "ratio", "prune": "ratio"}),
         ("--energy", args.energy, {"lowrank": "energy"}),
@@ -159,33 +168,11 @@ def _parse_tiers(text: str | None) -> tuple:
 _log = progress("quality")
 
 
-def _eval_file(src: object, model_dir: Path | None, path: str, task: str | None
-               ) -> tuple[object, str]:
-    """The evaluator and metric of ``quality --eval FILE`` for the model's task."""
-    from edgestack.compress.calib import read_calib_file
-    from edgestack.compress.hf import detect_task
-    from edgestack.compress.quality import EmbeddingEval, TaskEval
-    from edgestack.errors import CompressError
-
-    if model_dir is None:
-        raise CompressError(f"--eval {path}: {src.description} has no tokenizer.json to read "
-                            "the file with; --eval needs a Hugging Face text model folder")
-    task = task or detect_task(src.model.config)
-    if task == "feature-extraction":
-        texts = read_calib_file(path)[1]
-        return (EmbeddingEval.for_model(src.model, model_dir, sentences=texts),
-                f"mean-pooled sentence-embedding cosine vs fp32 on {len(texts)} texts of {path}")
-    ev = TaskEval.from_file(src.model, model_dir, path, task)
-    what = "accuracy" if task == "text-classification" else "perplexity"
-    return ev, f"{what} on {path} ({task})"
-
-
 def run(args: argparse.Namespace) -> int:
     from edgestack.compress.quality import (
         BASELINES,
-        EmbeddingEval,
-        OutputEval,
         QualityConfig,
+        choose_evaluator,
         markdown_table,
         quality_rows,
         search_configs,
@@ -207,16 +194,9 @@ def run(args: argparse.Namespace) -> int:
     src = load_source(args.model, task=args.task)
     model_dir = src.text_folder
     calib, _ = src.calibration(args.calib_n, args.calib_seq)
-    reference: list[QualityConfig] = []
-    if args.eval is not None:
-        evaluator, metric = _eval_file(src, model_dir, args.eval, args.task)
-        reference = [QualityConfig("fp32", "fp32", {})]
-    elif model_dir is not None:
-        evaluator = EmbeddingEval.for_model(src.model, model_dir)
-        metric = "mean-pooled sentence-embedding cosine vs fp32 on the held sentence set"
-    else:
-        evaluator = OutputEval.for_model(src.model, [src.inputs])
-        metric = "cosine of the first output vs fp32 on the example inputs"
+    evaluator, metric = choose_evaluator(src.model, model_dir, src.inputs, args.eval,
+                                         args.task, src.description)
+    reference = [QualityConfig("fp32", "fp32", {})] if args.eval is not None else []
     skip = tuple(args.skip)
     sk = {"skip": skip} if skip else {}
     if args.max_drop is not None:

@@ -19,6 +19,8 @@ matrix of the layer's matrix input), so memory stays bounded whatever the calibr
 
 from __future__ import annotations
 
+import copy
+import difflib
 import importlib
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -40,6 +42,10 @@ from edgestack.compress.walk import (
     check_finite_weight,
     iter_layers,
     unsupported_layers,
+)
+from edgestack.core.progress import (  # re-exported: the passes import it from here
+    Progress,
+    progress_iter,
 )
 from edgestack.errors import CompressError
 
@@ -68,7 +74,10 @@ class PassContext:
         options: resolved options (defaults filled in, ``skip`` a tuple).
         layers: supported layers the pass may touch (finite weights, not skipped).
         calib: calibration inputs (``model(**x)``) or None.
-        progress: show tqdm progress bars.
+        progress: tqdm progress bars on stderr (:mod:`edgestack.core.progress`: True,
+            False, or None for "when stderr is a terminal").
+        stats_cache: input statistics shared with other :func:`compress` calls (see
+            :class:`StatsCache`), or None.
         report: the report the pass fills.
     """
 
@@ -77,7 +86,8 @@ class PassContext:
     options: dict[str, Any]
     layers: list[LayerInfo]
     calib: list[dict[str, Any]] | None
-    progress: bool
+    progress: Progress
+    stats_cache: StatsCache | None = None
     report: CompressReport = field(init=False)
 
     def __post_init__(self) -> None:
@@ -86,6 +96,15 @@ class PassContext:
     def skip(self, name: str, reason: str) -> None:
         """Record a layer left dense."""
         self.report.skipped.append(SkippedLayer(name, reason))
+
+    def input_stats(self, layers: Iterable[LayerInfo],
+                    gram: Callable[[LayerInfo], bool] | bool = False) -> dict[str, InputStats]:
+        """Input statistics of ``layers`` on ``calib`` (:func:`collect_input_stats`), from
+        :attr:`stats_cache` when there is one."""
+        if self.stats_cache is not None:
+            return self.stats_cache.get(self.model, self.calib, layers, gram, self.progress)
+        return collect_input_stats(self.model, self.calib, layers, gram=gram,
+                                   progress=self.progress)
 
     def iterate(self, items: Iterable[Any], desc: str, total: int | None = None) -> Iterable[Any]:
         """``items``, wrapped in a tqdm bar when ``progress`` is on."""
@@ -126,18 +145,6 @@ class PassContext:
         check_calib_tokens(self.calib)
 
 
-def progress_iter(items: Iterable[Any], enabled: bool, desc: str,
-                  total: int | None = None) -> Iterable[Any]:
-    """Wrap ``items`` in a tqdm progress bar (stderr) when ``enabled`` and tqdm is installed."""
-    if not enabled:
-        return items
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional: no bar, same work
-        return items
-    return tqdm(items, desc=desc, total=total, leave=False)
-
-
 def _matches(name: str, prefixes: tuple[str, ...]) -> str | None:
     for p in prefixes:
         if name == p or name.startswith(p + ".") or p == "":
@@ -168,10 +175,13 @@ class InputStats:
         count: number of vectors seen per channel.
         sum, sum_abs, sum_sq: float64 ``[channels]``.
         gram: float64 ``[n, n]`` or None; ``gram_count`` rows went into it.
+        gram_requested: whether the Gram matrix was asked for (``gram`` may still be None:
+            a convolution with string padding has no unfolded form here).
     """
 
     def __init__(self, layer: LayerInfo, channels: int, gram: bool) -> None:
         self.layer = layer
+        self.gram_requested = gram
         self.count = 0
         self.sum = torch.zeros(channels, dtype=torch.float64)
         self.sum_abs = torch.zeros(channels, dtype=torch.float64)
@@ -318,7 +328,7 @@ def check_calib(calib: Any) -> list[dict[str, Any]] | None:
     return [dict(x) for x in calib]
 
 
-def run_calib(model: nn.Module, calib: list[dict[str, Any]], progress: bool,
+def run_calib(model: nn.Module, calib: list[dict[str, Any]], progress: Progress,
               desc: str = "calibration") -> None:
     """Run ``model(**x)`` for every calibration input (no grad), moving tensors to the model."""
     device = _model_device(model)
@@ -338,7 +348,7 @@ def collect_input_stats(
     calib: list[dict[str, Any]],
     layers: Iterable[LayerInfo],
     gram: Callable[[LayerInfo], bool] | bool = False,
-    progress: bool = False,
+    progress: Progress = False,
 ) -> dict[str, InputStats]:
     """Run the calibration inputs and return input statistics for each layer, by name.
 
@@ -369,28 +379,105 @@ def collect_input_stats(
     return stats
 
 
+class StatsCache:
+    """Calibration statistics shared by several :func:`compress` calls on one model and one
+    calibration set (``compress(..., stats_cache=cache)``), so that the calibration batches
+    run once instead of once per call: what compressing one layer at a time needs
+    (:mod:`edgestack.profiler.sensitivity`).
+
+    The first request runs the calibration and keeps the input statistics of the requested
+    layers and of every layer named in ``watch``; later requests for those layers are
+    answered from the cache. A pass that does not want a layer's Gram matrix gets the cached
+    statistics without it, so a pass sees exactly what it would have collected itself.
+
+    Valid only while the inputs of the cached layers do not change: the caller promises the
+    same ``calib`` and that no layer upstream of a cached one is changed between the calls
+    (each call compresses layers whose outputs no other cached layer reads, and the model
+    is restored after it).
+
+    Attributes:
+        watch: names of the layers collected along with any request.
+        stats: the cached statistics by layer name.
+        runs: how many times the calibration batches were run.
+    """
+
+    def __init__(self, watch: Iterable[str] = ()) -> None:
+        self.watch = tuple(watch)
+        self.stats: dict[str, InputStats] = {}
+        self.runs = 0
+
+    def get(self, model: nn.Module, calib: list[dict[str, Any]], layers: Iterable[LayerInfo],
+            gram: Callable[[LayerInfo], bool] | bool = False, progress: Progress = False
+            ) -> dict[str, InputStats]:
+        """Statistics of ``layers`` (as :func:`collect_input_stats` would return them),
+        running the calibration only for layers not cached yet (with every uncached
+        ``watch`` layer)."""
+        def wants(layer: LayerInfo) -> bool:
+            return bool(gram(layer) if callable(gram) else gram)
+
+        layers = list(layers)
+        missing = [lay for lay in layers if lay.name not in self.stats
+                   or (wants(lay) and not self.stats[lay.name].gram_requested)]
+        if missing:
+            asked = {lay.name for lay in missing}
+            extra = [lay for lay in iter_layers(model) if lay.name in self.watch
+                     and lay.name not in asked and lay.name not in self.stats]
+            self.stats.update(collect_input_stats(model, calib, missing + extra, gram=gram,
+                                                  progress=progress))
+            self.runs += 1
+        out = {}
+        for lay in layers:
+            st = self.stats[lay.name]
+            if st.gram is not None and not wants(lay):
+                st = copy.copy(st)
+                st.gram, st.gram_count, st.want_gram, st.gram_requested = None, 0, False, False
+            out[lay.name] = st
+        return out
+
+
 # --------------------------------------------------------------------------- entry point
 
 
-def _select_layers(model: nn.Module, skip: tuple[str, ...]
-                   ) -> tuple[list[LayerInfo], list[SkippedLayer], list[str], int]:
-    """Layers a pass may touch; skipped ones with reasons; unsupported names; supported count."""
+def select_layers(model: nn.Module, skip: tuple[str, ...] = (),
+                  only: tuple[str, ...] | None = None
+                  ) -> tuple[list[LayerInfo], list[SkippedLayer], list[str], int]:
+    """Layers a pass may touch; skipped ones with reasons; unsupported names; supported count
+    (what :func:`compress` runs before a pass).
+
+    ``skip``: module-name prefixes left dense; ``only`` (the ``layers`` option): None, or the
+    exact names of the layers a pass may touch (each must be a supported layer of the model;
+    the others are recorded as skipped)."""
     unsupported = unsupported_layers(model)
     unsupported_names = [n for n, _ in unsupported]
     skipped = [SkippedLayer(n, f"unsupported layer type {t}: left dense") for n, t in unsupported]
     layers: list[LayerInfo] = []
     n_supported = 0
+    found: set[str] = set()
     for layer in iter_layers(model):
         inside = _matches(layer.name, tuple(unsupported_names))
         if inside is not None:  # e.g. MultiheadAttention.out_proj: its parent reads .weight
             skipped.append(SkippedLayer(layer.name, f"inside unsupported module {inside!r}"))
             continue
         n_supported += 1
+        found.add(layer.name)
         prefix = _matches(layer.name, skip)
         if prefix is not None:
             skipped.append(SkippedLayer(layer.name, f"matches skip prefix {prefix!r}"))
             continue
+        if only is not None and layer.name not in only:
+            skipped.append(SkippedLayer(layer.name, "not in the layers option"))
+            continue
         layers.append(layer)
+    missing = [n for n in only or () if n not in found]
+    if missing:
+        hint = difflib.get_close_matches(missing[0], sorted(found), n=1)
+        raise CompressError(
+            f"option layers: {missing[0]!r} is not a supported layer of the model "
+            f"({type(model).__name__}, {len(found)} supported layers"
+            + (f"; did you mean {hint[0]!r}?" if hint else "") + "); expected exact module "
+            "names as model.named_modules() gives them (nn.Linear, nn.Conv1d, nn.Conv2d, "
+            "GPT-2 Conv1D)"
+        )
     return layers, skipped, [f"{n} ({t})" for n, t in unsupported], n_supported
 
 
@@ -399,7 +486,8 @@ def compress(
     method: str,
     *,
     calib: list[dict[str, Any]] | None = None,
-    progress: bool = False,
+    progress: Progress = False,
+    stats_cache: StatsCache | None = None,
     **options: Any,
 ) -> CompressReport:
     """Compress ``model`` in place with ``method`` and report what changed.
@@ -411,9 +499,17 @@ def compress(
             (SVD factors) or ``"bitstack"`` (sign + rank-k residual blocks).
         calib: optional calibration inputs, a list of dicts (``model(**x)``); passes use
             activation statistics from them (collected with hooks as running sums).
-        progress: show tqdm progress bars.
+        progress: tqdm progress bars on stderr: ``True`` (even when stderr is not a
+            terminal), ``False`` (default: none) or ``None`` (when stderr is a terminal);
+            see :mod:`edgestack.core.progress`.
+        stats_cache: calibration statistics shared with other calls on the same model and
+            ``calib`` (:class:`StatsCache`; its validity is the caller's promise).
         **options: method options (see :func:`method_options`); every method takes
-            ``skip``, a tuple of module-name prefixes to leave dense, and every method but
+            ``skip``, a tuple of module-name prefixes to leave dense, and ``layers``: None
+            (default: every supported layer) or the exact module names of the only layers
+            the pass may touch (e.g. ``{"encoder.layer.0.attention.self.query"}``; a name
+            that is not a supported layer of the model is refused; pruning touches a
+            structure only when all its layers are named), and every method but
             ``"none"`` takes ``extra_texts``: 0 (default) or a number of sentences of
             edgestack's text corpus (:func:`edgestack.compress.calib.corpus_sentences`: the
             shipped corpus, then sentences from Python standard-library docstrings; never
@@ -440,7 +536,8 @@ def compress(
     model.eval()
     if method == "none":
         return CompressReport("none", opts)
-    layers, skipped, unsupported, n_supported = _select_layers(model, opts["skip"])
+    layers, skipped, unsupported, n_supported = select_layers(model, opts["skip"],
+                                                               opts["layers"])
     if n_supported == 0:
         found = f"; found only unsupported layers: {', '.join(unsupported)}" if unsupported else ""
         raise CompressError(
@@ -451,7 +548,8 @@ def compress(
     if not layers:
         raise CompressError(
             f"method {method!r}: all {n_supported} supported layer(s) match skip={opts['skip']!r}"
-            "; remove some prefixes from skip, or use method 'none'"
+            + (f" or are not in layers={opts['layers']!r}" if opts["layers"] else "")
+            + "; remove some prefixes from skip, or use method 'none'"
         )
     for layer in layers:
         check_finite_weight(layer)
@@ -459,7 +557,7 @@ def compress(
         from edgestack.compress.calib import model_text_calib
 
         calib = list(calib or []) + model_text_calib(model, opts["extra_texts"], calib)
-    ctx = PassContext(model, method, opts, layers, calib, progress)
+    ctx = PassContext(model, method, opts, layers, calib, progress, stats_cache)
     ctx.report.skipped.extend(skipped)
     if unsupported:
         msg = (f"{len(unsupported)} layer(s) of unsupported type left dense: "
@@ -478,6 +576,8 @@ __all__ = [
     "PassContext",
     "InputStats",
     "collect_input_stats",
+    "StatsCache",
+    "select_layers",
     "run_calib",
     "check_calib",
     "progress_iter",

@@ -99,7 +99,6 @@ from torch import nn
 
 from edgestack.compress.api import (
     PassContext,
-    collect_input_stats,
 )
 from edgestack.compress.bitstack_fit import (
     finetune_factors,
@@ -270,8 +269,8 @@ def run(ctx: PassContext) -> None:
     use_h = ctx.calib is not None and (o["signs"] != "plain" or o["refit"] > 0)
     stats = {}
     if ctx.calib is not None and (o["act_aware"] or use_h):
-        stats = collect_input_stats(ctx.model, ctx.calib, layers, progress=ctx.progress,
-                                    gram=(lambda lay: lay.kind == "linear") if use_h else False)
+        stats = ctx.input_stats(layers,
+                                gram=(lambda lay: lay.kind == "linear") if use_h else False)
     signs = "plain" if o["signs"] == "plain" else "gptq"
     replacements = []
     gains: list[tuple[int, float, int, str]] = []

@@ -8,8 +8,10 @@ original kernel, then a 1x1 conv). Works in place. Both export as standard ops.
 Rank per layer, for the weight viewed as ``[m, n]``:
 
 - ``rank=r``: ``r`` for every layer (clamped to ``min(m, n)``);
-- else ``ratio`` (default 0.5): keep that fraction of the layer's parameters,
-  ``k = floor(ratio * m*n / (m+n))``.
+- else ``ratio`` (default 0.5): remove that fraction of the layer's parameters, as
+  ``prune``'s ``ratio`` does, so the factors hold at most ``(1 - ratio) * m*n`` of them:
+  ``k = floor((1 - ratio) * m*n / (m+n))``. (``ratio`` was once the fraction kept; the
+  default 0.5 gives the same rank either way.)
 
 A layer is factorised only when ``k*(m+n) < m*n`` (else left dense, reason "no gain");
 grouped convolutions are left dense.
@@ -36,14 +38,14 @@ Monarch (``structure="monarch"``, linear layers): the weight becomes a
 permutation between them, ``monarch_blocks`` x ``monarch_blocks`` blocks of rank ``t``)
 fitted by the exact Frobenius Monarch projection (:func:`~edgestack.compress.layers.
 monarch_factors`: one truncated SVD per block); ``t`` follows ``ratio``/``rank`` like the
-low-rank ``k`` (parameters ``blocks * t * (m + n)``). It exports as standard
-Reshape/Transpose/MatMul. The Monarch fit is not activation-aware (whitening mixes the
-column blocks).
+low-rank ``k`` (parameters ``blocks * t * (m + n)``, at most ``(1 - ratio) * m*n``). It
+exports as standard Reshape/Transpose/MatMul. The Monarch fit is not activation-aware
+(whitening mixes the column blocks).
 
 Options:
     rank: explicit rank (>= 1) for every layer, or None.
-    ratio: fraction of parameters kept, in (0, 1] (default 0.5 when neither ``rank`` nor
-        ``energy`` is given).
+    ratio: fraction of each layer's parameters removed, in [0, 1) (default 0.5 when
+        neither ``rank`` nor ``energy`` is given): the same meaning as ``prune``'s.
     energy: rank per layer from the spectrum (see above), in (0, 1), or None.
     max_keep: with ``energy``, the largest fraction of parameters a factorised layer may
         keep (default 0.8); above it the layer stays full rank.
@@ -65,7 +67,6 @@ import torch
 from edgestack.compress.api import (
     InputStats,
     PassContext,
-    collect_input_stats,
 )
 from edgestack.compress.layers import LowRankConv, LowRankLinear
 from edgestack.compress.report import LayerReport
@@ -73,11 +74,19 @@ from edgestack.compress.walk import LayerInfo, dense_weight, replace_module
 from edgestack.formats import LowRankFactors
 
 
+def ratio_rank(params: int, per_rank: int, ratio: float) -> int:
+    """The largest rank whose factors (``per_rank`` parameters per unit of rank) hold at most
+    ``(1 - ratio)`` of a weight's ``params``: ``ratio`` is the fraction removed. (The
+    ``1e-9`` keeps a product that lands on an integer from rounding down.)"""
+    return math.floor((1.0 - ratio) * params / per_rank + 1e-9)
+
+
 def layer_rank(m: int, n: int, rank: int | None, ratio: float | None) -> int:
-    """The rank used for an ``[m, n]`` weight."""
+    """The rank used for an ``[m, n]`` weight: ``rank`` (clamped), else the rank that removes
+    ``ratio`` of its ``m*n`` parameters (:func:`ratio_rank`)."""
     if rank is not None:
         return min(rank, m, n)
-    return min(m, n, math.floor(ratio * m * n / (m + n) + 1e-9))
+    return min(m, n, ratio_rank(m * n, m + n, ratio))
 
 
 def svd_factors(w2: torch.Tensor, k: int, chol: torch.Tensor | None = None
@@ -154,7 +163,7 @@ def _run_monarch(ctx: PassContext) -> None:
             continue
         a, d = m // nb, n // nb
         t = min(o["rank"], a, d) if o["rank"] is not None else \
-            min(a, d, math.floor(o["ratio"] * m * n / (nb * (m + n)) + 1e-9))
+            min(a, d, ratio_rank(m * n, nb * (m + n), o["ratio"]))
         params = nb * t * (m + n)
         if t < 1 or params >= m * n:
             ctx.skip(layer.name, f"no gain: monarch rank {t} holds {params} parameters, the "
@@ -195,7 +204,8 @@ def run(ctx: PassContext) -> None:
             continue
         k = layer_rank(m, n, o["rank"], o["ratio"])
         if k < 1:
-            ctx.skip(layer.name, f"rank 0 at ratio {o['ratio']} for a {m}x{n} weight")
+            ctx.skip(layer.name, f"rank 0: removing {o['ratio']:g} of a {m}x{n} weight's "
+                                 "parameters leaves less than one rank")
             continue
         if k * (m + n) >= m * n:
             ctx.skip(layer.name, f"no gain: rank {k} factors hold {k * (m + n)} parameters, "
@@ -204,8 +214,7 @@ def run(ctx: PassContext) -> None:
         plan.append((layer, k))
     stats: dict[str, InputStats] = {}
     if ctx.calib is not None and o["act_aware"] and plan:
-        stats = collect_input_stats(ctx.model, ctx.calib, [lay for lay, _ in plan], gram=True,
-                                    progress=ctx.progress)
+        stats = ctx.input_stats([lay for lay, _ in plan], gram=True)
     replacements = []
     for layer, k in ctx.iterate(plan, "lowrank"):
         w = dense_weight(layer).cpu()

@@ -18,7 +18,7 @@ from edgestack.formats.shift import MAX_BITS, MIN_BITS
 
 METHODS = ("none", "prune", "shift", "lowrank", "bitstack")
 
-COMMON_OPTIONS: dict[str, Any] = {"skip": ()}
+COMMON_OPTIONS: dict[str, Any] = {"skip": (), "layers": None}
 #: options of every method but "none" (see :func:`edgestack.compress.compress`)
 CALIB_OPTIONS: dict[str, Any] = {"extra_texts": 0}
 
@@ -37,12 +37,14 @@ def check_int(name: str, value: Any, lo: int, hi: int | None = None, hint: str =
 
 
 def check_float(name: str, value: Any, lo: float, hi: float, lo_open: bool = False,
-                hint: str = "") -> None:
-    """Refuse ``value`` unless it is a real number in ``[lo, hi]`` (``(lo, hi]`` if lo_open)."""
+                hint: str = "", hi_open: bool = False) -> None:
+    """Refuse ``value`` unless it is a real number in ``[lo, hi]`` (``(lo`` if ``lo_open``,
+    ``hi)`` if ``hi_open``)."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    ok = ok and (lo < value if lo_open else lo <= value) and value <= hi
+    ok = ok and (lo < value if lo_open else lo <= value)
+    ok = ok and (value < hi if hi_open else value <= hi)
     if not ok:
-        rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
         raise CompressError(
             f"option {name}: expected a number in {rng}, found {value!r}"
             + (f"; {hint}" if hint else "")
@@ -69,6 +71,26 @@ def check_skip(skip: Any) -> tuple[str, ...]:
             "pass e.g. skip=('pooler', 'encoder.layer.0')"
         )
     return tuple(s.rstrip(".") for s in skip)
+
+
+def check_layers(layers: Any) -> tuple[str, ...] | None:
+    """``layers`` (None: every supported layer; else the exact module names a pass may touch)
+    as a sorted tuple without duplicates. Whether each name is a supported layer of the
+    model is :func:`edgestack.compress.compress`'s check (it needs the model)."""
+    if layers is None:
+        return None
+    if isinstance(layers, str):
+        layers = (layers,)
+    if not isinstance(layers, (tuple, list, set, frozenset)) or not all(
+            isinstance(s, str) and s for s in layers):
+        raise CompressError(
+            f"option layers: expected None or a collection of module names (non-empty str), "
+            f"found {layers!r}; pass e.g. layers={{'encoder.layer.0.attention.self.query'}}"
+        )
+    if not layers:
+        raise CompressError("option layers: the collection of module names is empty; pass "
+                            "layers=None to compress every supported layer")
+    return tuple(sorted(set(layers)))
 
 
 # --------------------------------------------------------------------------- fine-tune
@@ -143,11 +165,20 @@ def check_bitstack(opts: dict[str, Any]) -> None:
     check_finetune_options(opts)
 
 
+# --------------------------------------------------------------------------- ratio
+RATIO_MEANING = "the fraction of each layer's parameters removed"
+"""What ``ratio`` means for every method that takes it (``lowrank``, ``prune``)."""
+
+
 # --------------------------------------------------------------------------- lowrank
 LOWRANK_OPTIONS: dict[str, Any] = {"rank": None, "ratio": None, "energy": None,
                                    "max_keep": 0.8, "structure": "lowrank",
                                    "monarch_blocks": 4, "act_aware": True}
 DEFAULT_RATIO = 0.5
+"""``ratio`` of ``lowrank`` when neither ``rank`` nor ``energy`` is given: half of each
+layer's parameters removed. ``ratio`` used to be the fraction *kept* for ``lowrank`` (also
+0.5 by default); the rank ``floor((1 - ratio) * m*n / (m+n))`` is the same, so the default
+low-rank model is unchanged."""
 
 
 def check_lowrank(opts: dict[str, Any]) -> None:
@@ -173,8 +204,8 @@ def check_lowrank(opts: dict[str, Any]) -> None:
         else:
             if opts["ratio"] is None:
                 opts["ratio"] = DEFAULT_RATIO
-            check_float("ratio", opts["ratio"], 0.0, 1.0, lo_open=True,
-                        hint="the fraction of each layer's parameters to keep")
+            check_float("ratio", opts["ratio"], 0.0, 1.0, hi_open=True,
+                        hint=f"{RATIO_MEANING} (0.25 keeps about 75%)")
     check_choice("act_aware", opts["act_aware"], (True, False))
 
 
@@ -189,7 +220,7 @@ IMPORTANCE_METRICS = ("weight", "activation", "fluctuation")
 def check_prune(opts: dict[str, Any]) -> None:
     """Refuse out-of-range prune options."""
     check_float("ratio", opts["ratio"], 0.0, MAX_RATIO,
-                hint="the fraction of heads/channels removed per block")
+                hint=f"{RATIO_MEANING}: heads/channels removed per block")
     check_choice("metric", opts["metric"], ("auto", *IMPORTANCE_METRICS))
     check_choice("bias_compensation", opts["bias_compensation"], (True, False))
     check_choice("adaptive", opts["adaptive"], (False, True))
@@ -216,7 +247,7 @@ def check_method(method: Any) -> None:
 
 
 def method_options(method: str) -> dict[str, Any]:
-    """The options ``method`` takes, with their defaults (``skip`` included).
+    """The options ``method`` takes, with their defaults (``skip`` and ``layers`` included).
 
     Raises:
         CompressError: unknown method.
@@ -248,6 +279,7 @@ def check_options(method: str, **options: Any) -> dict[str, Any]:
         )
     opts = {**valid, **options}
     opts["skip"] = check_skip(opts["skip"])
+    opts["layers"] = check_layers(opts["layers"])
     if method != "none":
         check_int("extra_texts", opts["extra_texts"], 0, None)
         PASS_OPTIONS[method][1](opts)

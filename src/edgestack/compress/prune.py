@@ -56,7 +56,8 @@ Saving: a pruned Hugging Face model is written as a model folder with per-layer 
 BERT heads of the same size or per-layer MLP widths; see that module).
 
 Options:
-    ratio: fraction of units removed per structure, in [0, 0.9] (default 0.25).
+    ratio: fraction of units removed per structure, in [0, 0.9] (default 0.25), so about
+        that fraction of its parameters: the meaning ``ratio`` has for every method.
     metric: ``"auto"`` (``"activation"`` with calib, else ``"weight"``), ``"weight"``,
         ``"activation"`` or ``"fluctuation"`` (both need calib).
     adaptive: False (default: the same ratio in every structure) or True (global
@@ -81,7 +82,6 @@ from torch import nn
 from edgestack.compress.api import (
     InputStats,
     PassContext,
-    collect_input_stats,
 )
 from edgestack.compress.options import IMPORTANCE_METRICS
 from edgestack.compress.report import LayerReport
@@ -449,8 +449,7 @@ def run(ctx: PassContext) -> None:
     stats: dict[str, InputStats] = {}
     if ctx.calib is not None and usable:
         consumers = {st.consumer.name: st.consumer for st in usable}
-        stats = collect_input_stats(ctx.model, ctx.calib, consumers.values(),
-                                    progress=ctx.progress)
+        stats = ctx.input_stats(consumers.values())
     elif metric_name != "weight" and usable:
         metric(usable[0], None)  # raises the "needs calibration" error
 

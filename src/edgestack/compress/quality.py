@@ -45,10 +45,12 @@ class EmbeddingEval:
     Attributes:
         batch: the tokenized held sentences (one padded batch, torch int64).
         ref: the reference (fp32 model's) mean-pooled embeddings ``[n, h]``.
+        digits: decimals the scores are rounded to.
     """
 
     batch: dict[str, torch.Tensor]
     ref: np.ndarray
+    digits: int = 5
 
     @classmethod
     def for_model(cls, model: nn.Module, model_dir: str | Path,
@@ -79,15 +81,18 @@ class EmbeddingEval:
         """``{"cosine_mean", "cosine_min", "spearman_pairwise"}`` vs the reference."""
         from edgestack.core.quality import compare_embeddings
 
-        return {k: round(v, 5) for k, v in compare_embeddings(self.ref, self.embed(model)).items()}
+        return {k: round(v, self.digits)
+                for k, v in compare_embeddings(self.ref, self.embed(model)).items()}
 
 
 @dataclass
 class OutputEval:
-    """Generic quality: cosine of each example's flattened first output vs the reference."""
+    """Generic quality: cosine of each example's flattened first output vs the reference
+    (scores rounded to ``digits`` decimals)."""
 
     inputs: list[dict[str, Any]]
     ref: list[torch.Tensor]
+    digits: int = 5
 
     @classmethod
     def for_model(cls, model: nn.Module, inputs: list[dict[str, Any]]) -> OutputEval:
@@ -103,7 +108,8 @@ class OutputEval:
                 a, b = r.reshape(r.shape[0], -1), out.reshape(out.shape[0], -1)
                 cos.append(torch.nn.functional.cosine_similarity(a, b, dim=1))
         c = torch.cat(cos)
-        return {"cosine_mean": round(float(c.mean()), 5), "cosine_min": round(float(c.min()), 5)}
+        return {"cosine_mean": round(float(c.mean()), self.digits),
+                "cosine_min": round(float(c.min()), self.digits)}
 
 
 @dataclass
@@ -200,6 +206,67 @@ class TaskEval:
                 nll -= float(tok[mask].sum())
                 count += int(mask.sum())
             return {"perplexity": round(math.exp(nll / max(count, 1)), 4)}
+
+
+Evaluator = EmbeddingEval | OutputEval | TaskEval
+"""What :func:`choose_evaluator` returns: ``.score(model) -> {metric: value}``."""
+
+
+def choose_evaluator(model: nn.Module, model_dir: str | Path | None, inputs: dict[str, Any],
+                     eval_file: str | Path | None = None, task: str | None = None,
+                     description: str = "the model", digits: int = 5
+                     ) -> tuple[Evaluator, str]:
+    """The evaluator of ``edgestack quality`` (and ``edgestack sensitivity``) for ``model``,
+    with a description of its metric.
+
+    - ``eval_file`` given: the task's metric on the file (a classifier's accuracy, a language
+      model's perplexity, an encoder's sentence-embedding cosine vs fp32 on the file's
+      texts); ``task`` defaults to the class the model was saved as.
+    - else, a text model with a ``tokenizer.json`` (``model_dir``): the mean-pooled
+      sentence-embedding cosine vs fp32 on the held sentence set;
+    - else: the cosine of the first output vs fp32 on the example ``inputs``.
+
+    Args:
+        model: the fp32 model (the reference is computed from it now).
+        model_dir: the folder of its ``tokenizer.json``, or None.
+        inputs: its example inputs (``model(**inputs)``).
+        eval_file: the user's evaluation file, or None.
+        task: the model's task (:data:`edgestack.compress.hf.TASKS`), or None.
+        description: how errors name the model.
+        digits: decimals a cosine is rounded to (ranking many small drops wants more than
+            the quality table's 5).
+
+    Raises:
+        CompressError: an evaluation file for a model without a tokenizer, or a task or file
+            the metric cannot use.
+    """
+    if eval_file is not None:
+        from edgestack.compress.calib import read_calib_file
+        from edgestack.compress.hf import detect_task
+
+        if model_dir is None:
+            raise CompressError(f"--eval {eval_file}: {description} has no tokenizer.json to "
+                                "read the file with; --eval needs a Hugging Face text model "
+                                "folder")
+        task = task or detect_task(model.config)
+        if task == "feature-extraction":
+            texts = read_calib_file(eval_file)[1]
+            ev = EmbeddingEval.for_model(model, model_dir, sentences=texts)
+            ev.digits = digits
+            return (ev,
+                    f"mean-pooled sentence-embedding cosine vs fp32 on {len(texts)} texts of "
+                    f"{eval_file}")
+        ev = TaskEval.from_file(model, model_dir, eval_file, task)
+        what = "accuracy" if task == "text-classification" else "perplexity"
+        return ev, f"{what} on {eval_file} ({task})"
+    if model_dir is not None:
+        ev = EmbeddingEval.for_model(model, model_dir)
+        what = "mean-pooled sentence-embedding cosine vs fp32 on the held sentence set"
+    else:
+        ev = OutputEval.for_model(model, [inputs])
+        what = "cosine of the first output vs fp32 on the example inputs"
+    ev.digits = digits
+    return ev, what
 
 
 # --------------------------------------------------------------------------- baselines
@@ -375,7 +442,7 @@ def suite_configs(skip: tuple[str, ...] = (), finetune_seconds: float = 300.0
                        "extra_texts": 836, "finetune_steps": 150, "finetune_lr": 5e-4, **sk},
                       tiers=(3, 4, 4.5, 5)),
         QualityConfig("lowrank act-aware ratio 0.5", "lowrank", {"ratio": 0.5, **sk}),
-        QualityConfig("lowrank act-aware ratio 0.75", "lowrank", {"ratio": 0.75, **sk}),
+        QualityConfig("lowrank act-aware ratio 0.25", "lowrank", {"ratio": 0.25, **sk}),
         QualityConfig("lowrank energy 0.95 (WeLore split)", "lowrank",
                       {"energy": 0.95, **sk}),
         QualityConfig("lowrank energy 0.99 (WeLore split)", "lowrank",
@@ -420,8 +487,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def search_configs(skip: tuple[str, ...] = ()) -> list[QualityConfig]:
     """What ``edgestack quality --max-drop D`` searches, cheapest first within a method:
     BitStack (GPTQ signs, factor bits 0.125, 12 blocks, every whole tier from 2 blocks:
-    one compression scores them all), shift 5/4/3-bit GPTQ, low-rank keeping 70/50% of the
-    parameters, pruning 10/25%, and the int8 / int4 baselines."""
+    one compression scores them all), shift 5/4/3-bit GPTQ, low-rank removing 50/30% of the
+    parameters, pruning 25/10%, and the int8 / int4 baselines (``ratio``: the fraction of
+    the parameters removed, for both methods)."""
     sk = {"skip": skip} if skip else {}
     return [
         QualityConfig("bitstack 12 blocks, GPTQ signs, factor bits 0.125", "bitstack",
@@ -430,7 +498,7 @@ def search_configs(skip: tuple[str, ...] = ()) -> list[QualityConfig]:
         *(QualityConfig(f"shift {b}-bit GPTQ", "shift", {"bits": b, "rounding": "gptq", **sk})
           for b in (3, 4, 5)),
         *(QualityConfig(f"lowrank ratio {r}", "lowrank", {"ratio": r, **sk})
-          for r in (0.5, 0.7)),
+          for r in (0.5, 0.3)),
         *(QualityConfig(f"prune ratio {r}", "prune", {"ratio": r, **sk}) for r in (0.25, 0.1)),
         *(QualityConfig(b, b, dict(sk)) for b in BASELINES),
     ]
@@ -467,6 +535,6 @@ def smallest_within(rows: list[dict[str, Any]], max_drop: float
     return best, sorted(table, key=lambda r: r["bits_per_weight"])
 
 
-__all__ = ["BASELINES", "EmbeddingEval", "OutputEval", "QualityConfig", "TaskEval",
-           "fake_quantize", "markdown_table", "metric_drop", "quality_rows", "search_configs",
-           "smallest_within", "suite_configs"]
+__all__ = ["BASELINES", "EmbeddingEval", "Evaluator", "OutputEval", "QualityConfig", "TaskEval",
+           "choose_evaluator", "fake_quantize", "markdown_table", "metric_drop", "quality_rows",
+           "search_configs", "smallest_within", "suite_configs"]

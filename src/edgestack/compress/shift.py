@@ -75,7 +75,6 @@ from torch import nn
 from edgestack.compress.api import (
     PassContext,
     _model_device,
-    collect_input_stats,
     first_tensor,
     inputs_to,
 )
@@ -290,11 +289,9 @@ def run(ctx: PassContext) -> None:
     stats: dict[str, Any] = {}
     sequential = rounding == "gptq" and o["sequential"]
     if ctx.calib is not None and method != "maxabs" and rounding == "nearest":
-        stats = collect_input_stats(ctx.model, ctx.calib, layers, progress=ctx.progress)
+        stats = ctx.input_stats(layers)
     elif rounding == "gptq" and not sequential and layers:  # (gptq: calib checked above)
-        stats = collect_input_stats(ctx.model, ctx.calib, layers,
-                                    gram=lambda lay: lay.kind == "linear",
-                                    progress=ctx.progress)
+        stats = ctx.input_stats(layers, gram=lambda lay: lay.kind == "linear")
     replacements = []
     for layer in ctx.iterate(layers, "shift"):
         bits = layer_bits(layer.name, bits0, o["bits_per_layer"])

@@ -44,6 +44,7 @@ import onnx
 
 from edgestack.core.compare import error_stats
 from edgestack.core.logs import quiet_loggers
+from edgestack.core.progress import Progress, Stages
 from edgestack.errors import ExportError
 from edgestack.exporter import ops as es_ops
 from edgestack.exporter.parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityReport, check_parity
@@ -453,6 +454,7 @@ def export(
     metadata: Any = None,
     compact_embeddings: bool = True,
     log: Callable[[str], None] | None = None,
+    progress: Progress = False,
 ) -> ExportResult:
     """Export a (compressed) torch model to ONNX, keeping compressed weights compressed.
 
@@ -481,6 +483,10 @@ def export(
             tables shared with an LM head stay float. An uncompressed model is never
             changed. Parity then uses the int8 tables in the torch reference too.
         log: progress callback taking one line; default: the ``edgestack.exporter`` logger.
+        progress: a tqdm bar on stderr over the steps (forward, torch.export, ONNX
+            conversion, save, checker, parity): ``True`` (even when stderr is not a
+            terminal), ``False`` (default: none) or ``None`` (when stderr is a terminal);
+            see :mod:`edgestack.core.progress`.
 
     Returns:
         :class:`ExportResult`; ``result.parity.passed`` is False when parity failed (this
@@ -510,142 +516,150 @@ def export(
         raise ExportError(
             f"export: output folder {str(out.parent)!r} does not exist; create it first"
         )
-    norm = normalize_inputs(model, inputs)
-    seconds: dict[str, float] = {}
-    start = time.perf_counter()
-    table = es_ops.translation_table()
+    names = ["forward", "torch.export", "ONNX conversion", "save", "onnx.checker"]
+    with Stages([*names, "parity"] if parity else names, progress, "export") as stages:
+        norm = normalize_inputs(model, inputs)
+        seconds: dict[str, float] = {}
+        start = time.perf_counter()
+        table = es_ops.translation_table()
 
-    with _export_mode(model), torch.no_grad(), quiet_loggers(_NOISY_LOGGERS):
-        # 1. the reference forward pass
-        t0 = time.perf_counter()
-        try:
-            outputs = model(*norm.args, **norm.kwargs)
-        except Exception as exc:
-            given = ", ".join(f"{n}: {tuple(t.shape)} {t.dtype}"
-                              for n, t in norm.by_name().items())
-            raise ExportError(
-                f"export: the model's forward failed on the example inputs ({given}): "
-                f"{_head(exc, 4)}; expected inputs the model accepts, e.g. what its zoo "
-                "factory returns"
-            ) from exc
-        flat = flatten_outputs(outputs)
-        if not flat:
-            raise ExportError(
-                f"export: the model returned no tensors (found {type(outputs).__name__}); "
-                "expected a tensor, a tuple/dict of tensors or a ModelOutput"
-            )
-        output_names = unique_names([n for n, _ in flat])
-        reference = [t.detach().clone() for _, t in flat]
-        seconds["forward"] = time.perf_counter() - t0
-
-        # 2. torch.export
-        say(f"export: torch.export of {type(model).__name__} "
-            f"(inputs {', '.join(norm.names)}; dynamic={dynamic})")
-        t0 = time.perf_counter()
-        owners = _weight_owner(model)
-        shapes = _dynamic_shapes(norm) if dynamic else None
-        trace = _trace_inputs(norm, shapes) if dynamic else norm
-        try:
-            program = torch.export.export(
-                model, trace.args, trace.kwargs or None, dynamic_shapes=shapes, strict=False,
-            )
-        except Exception as exc:
-            raise ExportError(
-                f"export: torch.export failed: {_head(exc)}\n"
-                "expected a model that torch.export can trace; fix the model code named above "
-                "(data-dependent control flow, unsupported Python) or try dynamic=False"
-            ) from exc
-        seconds["torch_export"] = time.perf_counter() - t0
-        _check_translations(program, table)
-        owners_by_name = _owners_by_input_name(model, owners)
-
-        # 3. ONNX conversion
-        t0 = time.perf_counter()
-        say(f"export: converting to ONNX (opset {opset})")
-        try:
-            onnx_program = torch.onnx.export(
-                program, trace.args, kwargs=trace.kwargs or None, dynamo=True,
-                opset_version=opset, custom_translation_table=table, optimize=True,
-                verbose=False, input_names=list(norm.names), output_names=output_names,
-            )
-        except Exception as exc:
-            raise ExportError(
-                f"export: torch.onnx conversion failed: {_head(exc)}\n"
-                "expected every op of the exported program to have an ONNX translation; "
-                "an unsupported aten op needs a custom_translation_table entry"
-            ) from exc
-        model_ir = onnx_program.model
-        lowrank = _lowrank_layers(model)
-        counts, layers = _postprocess(model_ir, owners_by_name, output_names, lowrank,
-                                      metadata)
-        tables: list[dict[str, Any]] = []
-        parity_notes: list[str] = []
-        if compact_embeddings and _is_compressed(counts, lowrank, metadata):
-            compact = CompactEmbeddingsPass()
-            compact(model_ir)
-            for line in describe(compact.report):
-                say(f"export: {line}")
-            tables = compact.report["tables"]
-            if tables and parity:
-                reference, parity_notes = _compacted_reference(model, norm, tables, reference)
-        order = getattr(model, "edgestack_bitstack_order", None)
-        if order:
-            model_ir.metadata_props[META_BITSTACK_ORDER] = json.dumps(
-                [[str(n), int(b)] for n, b in order])
-        seconds["onnx"] = time.perf_counter() - t0
-
-    # 4. save, check, parity in a temporary folder; then move into place
-    init_bytes = _initializer_bytes(model_ir)
-    external = _resolve_external(external_data, init_bytes)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        t0 = time.perf_counter()
-        tmp_path = tmp / out.name
-        data_name = out.name + ".data"
-        say(f"export: writing {out} ({init_bytes / 2**20:.1f} MiB of initializers"
-            f"{', external data ' + data_name if external else ''})")
-        _save(model_ir, tmp_path, data_name if external else None)
-        seconds["save"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
-        try:
-            onnx.checker.check_model(str(tmp_path), full_check=True)
-        except Exception as exc:
-            raise ExportError(
-                f"export: onnx.checker rejected the exported model: {_head(exc, 6)}\n"
-                "expected a valid ONNX model; this is a bug in the exporter or a custom "
-                "translation, please report it with the model"
-            ) from exc
-        seconds["check"] = time.perf_counter() - t0
-
-        report = None
-        if parity:
+        with _export_mode(model), torch.no_grad(), quiet_loggers(_NOISY_LOGGERS):
+            # 1. the reference forward pass
+            stages.start("forward")
             t0 = time.perf_counter()
-            report = check_parity(tmp_path, model, inputs, atol, rtol, reference=reference)
-            report.notes.extend(parity_notes)
-            seconds["parity"] = time.perf_counter() - t0
-            say(f"export: parity {'passed' if report.passed else 'FAILED'} "
-                f"(max_abs {report.max_abs:.3g}, max_rel {report.max_rel:.3g})")
+            try:
+                outputs = model(*norm.args, **norm.kwargs)
+            except Exception as exc:
+                given = ", ".join(f"{n}: {tuple(t.shape)} {t.dtype}"
+                                  for n, t in norm.by_name().items())
+                raise ExportError(
+                    f"export: the model's forward failed on the example inputs ({given}): "
+                    f"{_head(exc, 4)}; expected inputs the model accepts, e.g. what its zoo "
+                    "factory returns"
+                ) from exc
+            flat = flatten_outputs(outputs)
+            if not flat:
+                raise ExportError(
+                    f"export: the model returned no tensors (found {type(outputs).__name__}); "
+                    "expected a tensor, a tuple/dict of tensors or a ModelOutput"
+                )
+            output_names = unique_names([n for n, _ in flat])
+            reference = [t.detach().clone() for _, t in flat]
+            seconds["forward"] = time.perf_counter() - t0
 
-        data_path = out.with_name(data_name) if (tmp / data_name).exists() else None
-        if data_path is not None:
-            os.replace(tmp / data_name, data_path)
-        os.replace(tmp_path, out)
-        stale = out.with_name(data_name)
-        if data_path is None and stale.exists():
-            stale.unlink()  # the previous export's data; this model does not use it
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            # 2. torch.export
+            stages.start("torch.export")
+            say(f"export: torch.export of {type(model).__name__} "
+                f"(inputs {', '.join(norm.names)}; dynamic={dynamic})")
+            t0 = time.perf_counter()
+            owners = _weight_owner(model)
+            shapes = _dynamic_shapes(norm) if dynamic else None
+            trace = _trace_inputs(norm, shapes) if dynamic else norm
+            try:
+                program = torch.export.export(
+                    model, trace.args, trace.kwargs or None, dynamic_shapes=shapes, strict=False,
+                )
+            except Exception as exc:
+                raise ExportError(
+                    f"export: torch.export failed: {_head(exc)}\n"
+                    "expected a model that torch.export can trace; fix the model code named above "
+                    "(data-dependent control flow, unsupported Python) or try dynamic=False"
+                ) from exc
+            seconds["torch_export"] = time.perf_counter() - t0
+            _check_translations(program, table)
+            owners_by_name = _owners_by_input_name(model, owners)
 
-    seconds["total"] = time.perf_counter() - start
-    file_bytes = out.stat().st_size + (data_path.stat().st_size if data_path else 0)
-    say(f"export: wrote {out} ({file_bytes / 2**20:.2f} MiB) in {seconds['total']:.1f} s")
-    return ExportResult(
-        path=out, data_path=data_path, input_names=[v.name for v in model_ir.graph.inputs],
-        output_names=[v.name for v in model_ir.graph.outputs], custom_nodes=counts,
-        layers=layers, lowrank_layers=lowrank, parity=report, file_bytes=file_bytes,
-        seconds=seconds, compact_embeddings=tables,
-    )
+            # 3. ONNX conversion
+            stages.start("ONNX conversion")
+            t0 = time.perf_counter()
+            say(f"export: converting to ONNX (opset {opset})")
+            try:
+                onnx_program = torch.onnx.export(
+                    program, trace.args, kwargs=trace.kwargs or None, dynamo=True,
+                    opset_version=opset, custom_translation_table=table, optimize=True,
+                    verbose=False, input_names=list(norm.names), output_names=output_names,
+                )
+            except Exception as exc:
+                raise ExportError(
+                    f"export: torch.onnx conversion failed: {_head(exc)}\n"
+                    "expected every op of the exported program to have an ONNX translation; "
+                    "an unsupported aten op needs a custom_translation_table entry"
+                ) from exc
+            model_ir = onnx_program.model
+            lowrank = _lowrank_layers(model)
+            counts, layers = _postprocess(model_ir, owners_by_name, output_names, lowrank,
+                                          metadata)
+            tables: list[dict[str, Any]] = []
+            parity_notes: list[str] = []
+            if compact_embeddings and _is_compressed(counts, lowrank, metadata):
+                compact = CompactEmbeddingsPass()
+                compact(model_ir)
+                for line in describe(compact.report):
+                    say(f"export: {line}")
+                tables = compact.report["tables"]
+                if tables and parity:
+                    reference, parity_notes = _compacted_reference(model, norm, tables, reference)
+            order = getattr(model, "edgestack_bitstack_order", None)
+            if order:
+                model_ir.metadata_props[META_BITSTACK_ORDER] = json.dumps(
+                    [[str(n), int(b)] for n, b in order])
+            seconds["onnx"] = time.perf_counter() - t0
+
+        # 4. save, check, parity in a temporary folder; then move into place
+        init_bytes = _initializer_bytes(model_ir)
+        external = _resolve_external(external_data, init_bytes)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        try:
+            stages.start("save")
+            t0 = time.perf_counter()
+            tmp_path = tmp / out.name
+            data_name = out.name + ".data"
+            say(f"export: writing {out} ({init_bytes / 2**20:.1f} MiB of initializers"
+                f"{', external data ' + data_name if external else ''})")
+            _save(model_ir, tmp_path, data_name if external else None)
+            seconds["save"] = time.perf_counter() - t0
+
+            stages.start("onnx.checker")
+            t0 = time.perf_counter()
+            try:
+                onnx.checker.check_model(str(tmp_path), full_check=True)
+            except Exception as exc:
+                raise ExportError(
+                    f"export: onnx.checker rejected the exported model: {_head(exc, 6)}\n"
+                    "expected a valid ONNX model; this is a bug in the exporter or a custom "
+                    "translation, please report it with the model"
+                ) from exc
+            seconds["check"] = time.perf_counter() - t0
+
+            report = None
+            if parity:
+                stages.start("parity")
+                t0 = time.perf_counter()
+                report = check_parity(tmp_path, model, inputs, atol, rtol, reference=reference)
+                report.notes.extend(parity_notes)
+                seconds["parity"] = time.perf_counter() - t0
+                say(f"export: parity {'passed' if report.passed else 'FAILED'} "
+                    f"(max_abs {report.max_abs:.3g}, max_rel {report.max_rel:.3g})")
+
+            data_path = out.with_name(data_name) if (tmp / data_name).exists() else None
+            if data_path is not None:
+                os.replace(tmp / data_name, data_path)
+            os.replace(tmp_path, out)
+            stale = out.with_name(data_name)
+            if data_path is None and stale.exists():
+                stale.unlink()  # the previous export's data; this model does not use it
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+        seconds["total"] = time.perf_counter() - start
+        file_bytes = out.stat().st_size + (data_path.stat().st_size if data_path else 0)
+        say(f"export: wrote {out} ({file_bytes / 2**20:.2f} MiB) in {seconds['total']:.1f} s")
+        return ExportResult(
+            path=out, data_path=data_path, input_names=[v.name for v in model_ir.graph.inputs],
+            output_names=[v.name for v in model_ir.graph.outputs], custom_nodes=counts,
+            layers=layers, lowrank_layers=lowrank, parity=report, file_bytes=file_bytes,
+            seconds=seconds, compact_embeddings=tables,
+        )
 
 
 def _save(model_ir: Any, path: Path, data_name: str | None) -> None:

@@ -131,11 +131,15 @@ BLOCK_FILE = "blocks.bin"
 GOLDEN_INPUTS = "golden/inputs.npz"
 GOLDEN_OUTPUTS = "golden/outputs.npz"
 ARCHIVE_SUFFIX = ".tar"
-SUPPORTED_TARGETS = ("ort-cpu", "ort-arm", "openvino-cpu")
+SUPPORTED_TARGETS = ("ort-cpu", "ort-arm", "openvino-cpu", "tensorrt-gpu")
 """Targets a device package can be made for: the runtime serves ``ort-cpu`` (x86) and
-``ort-arm`` (aarch64) packages with ONNX Runtime and ``openvino-cpu`` packages with OpenVINO
+``ort-arm`` (aarch64) packages with ONNX Runtime, ``openvino-cpu`` packages with OpenVINO
 (the same files; the target names the default engine, see :mod:`edgestack.runtime.openvino`,
-and the machine it is meant for)."""
+and the machine it is meant for) and ``tensorrt-gpu`` packages with a TensorRT engine built
+from the package's graph on first use (:mod:`edgestack.runtime.tensorrt`)."""
+TIERED_TARGETS = ("ort-cpu", "ort-arm", "openvino-cpu")
+"""Targets whose packages may hold BitStack tiers (the others hold one dense tier: a compiled
+graph with every layer materialised)."""
 
 # graph variants the packer writes beside the plain graph (see edgestack.package.variants)
 FORMS = ("on-the-fly", "int8", "nbits8", "fp32")

@@ -27,9 +27,12 @@ package
   ``activation_bytes`` (peak of live intermediate tensors for the golden input shapes, from
   ONNX shape inference and a liveness scan in node order), ``input_shapes``, ``weights_file``.
 
-Targets ``ort-cpu``, ``ort-arm`` and ``openvino-cpu`` are supported (:data:`SUPPORTED_TARGETS`:
-the same files, served by ONNX Runtime on x86 or aarch64, or by OpenVINO); other targets are
-refused.
+Every target of :data:`SUPPORTED_TARGETS` is packed: ``ort-cpu``, ``ort-arm`` and
+``openvino-cpu`` (the same files, served by ONNX Runtime on x86 or aarch64, or by OpenVINO;
+BitStack layers become tiers) and ``tensorrt-gpu`` (one dense tier: its graph is the compiled
+one, every layer materialised, and the engine is built on the device; a BitStack node is
+refused). :func:`edgestack.pipeline.compile_model` packs a target's lowered graph with the
+x86 reference outputs of the source model as the golden outputs.
 The package is written atomically (the writer's temporary directory); ``out`` ending in
 ``.tar`` gives the one-file archive form.
 """
@@ -55,6 +58,7 @@ from edgestack.package.format import (
     ARCHIVE_SUFFIX,
     DENSE_FILES,
     SUPPORTED_TARGETS,
+    TIERED_TARGETS,
     VARIANT_FILE,
     LayerGraph,
     RuntimeInfo,
@@ -81,11 +85,14 @@ class PackResult:
     order_source: str
     files: dict[str, int]
     warnings: list[str] = field(default_factory=list)
+    compile: dict[str, Any] | None = None
+    """What a target's lowering did (``metadata.compile``), for a compiled package."""
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "layers": self.n_layers, "blocks": self.n_blocks,
                 "tiers": self.tiers, "order_source": self.order_source, "files": self.files,
-                "warnings": self.warnings}
+                "warnings": self.warnings,
+                **({"compile": self.compile} if self.compile is not None else {})}
 
 
 def _name_nodes(graph: Any) -> None:
@@ -106,9 +113,8 @@ def _name_nodes(graph: Any) -> None:
 def _check_target(target: str) -> str:
     if target not in SUPPORTED_TARGETS:
         raise PackageError(
-            f"pack: target {target!r} is not supported for device packages; supported: "
-            f"{', '.join(SUPPORTED_TARGETS)} (the runtime serves ONNX Runtime and OpenVINO "
-            "on CPUs). Use `edgestack compile` for other targets"
+            f"pack: target {target!r} is not supported for device packages; expected one of "
+            f"{', '.join(SUPPORTED_TARGETS)}"
         )
     return target
 
@@ -344,6 +350,29 @@ def read_onnx(src: Path, say: Callable[[str], None]) -> Any:
                            "written by `edgestack export`") from None
 
 
+def _golden_outputs(graph: Path, feeds: Mapping[str, Any], stacks: Mapping[str, Any],
+                    attrs: Mapping[str, LayerGraph],
+                    say: Callable[[str], None]) -> dict[str, np.ndarray]:
+    """What ONNX Runtime gives on the packed ``graph`` for ``feeds``, every block fed."""
+    say("pack: computing golden outputs with ONNX Runtime (every block)")
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    try:
+        sess = ort.InferenceSession(str(graph), so, providers=["CPUExecutionProvider"])
+        full = dict(feeds)
+        for layer, st in stacks.items():
+            a = attrs[layer]
+            full.update({a.signs: st.signs, a.u: st.u, a.v: st.v})
+        outs = sess.run(None, full)
+    except Exception as exc:
+        raise PackageError(f"pack: ONNX Runtime cannot run the packed graph on the golden "
+                           f"inputs ({str(exc)[:300]}); check the inputs' names and "
+                           "shapes") from None
+    return {o.name: np.asarray(v) for o, v in zip(sess.get_outputs(), outs, strict=True)}
+
+
 def check_out(out: str | os.PathLike[str], target: str, overwrite: bool) -> Path:
     """``out`` as a Path, after checking that ``target`` is packed and that ``out`` may be
     written (checked before any slow work).
@@ -371,6 +400,9 @@ def pack(
     created: str | None = None,
     log: Callable[[str], None] | None = None,
     model: Any = None,
+    golden_outputs: Mapping[str, np.ndarray] | None = None,
+    tolerance: tuple[float, float] | None = None,
+    metadata: Mapping[str, Any] | None = None,
 ) -> PackResult:
     """Write a device package for ``source`` at ``out`` (a directory, or ``.tar``).
 
@@ -395,6 +427,12 @@ def pack(
         overwrite: replace an existing package at ``out``.
         created: ISO 8601 creation time (fix it for byte-identical packages).
         log: progress callback (default: the ``edgestack.package`` logger).
+        golden_outputs: the golden outputs for ``golden_inputs`` (default: what ONNX
+            Runtime gives on the packed graph, every block fed), e.g. the source model's
+            outputs for a compiled graph.
+        tolerance: ``(rtol, atol)`` of the self-test (default ``(1e-3, 1e-4)``).
+        metadata: more manifest metadata (free-form extras, e.g. ``{"compile": ...}``: what
+            a target's lowering did); ``profile`` is the packer's.
 
     Raises:
         PackageError: unsupported target, a source that is not an edgestack ONNX file, a
@@ -424,7 +462,9 @@ def pack(
         result = _pack_model(model, out, archive=archive, target=target, profile=profile,
                              name=name or src.stem, source=str(source), work=work,
                              golden_inputs=golden_inputs, steps_per_level=steps_per_level,
-                             overwrite=overwrite, created=created, say=say, warns=warns)
+                             overwrite=overwrite, created=created, say=say, warns=warns,
+                             golden_outputs=golden_outputs, tolerance=tolerance,
+                             extra=dict(metadata or {}))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result
@@ -433,7 +473,9 @@ def pack(
 def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: Any, name: str,
                 source: str, work: Path, golden_inputs: Any, steps_per_level: int,
                 overwrite: bool, created: str | None, say: Callable[[str], None],
-                warns: list[str]) -> PackResult:
+                warns: list[str], golden_outputs: Mapping[str, np.ndarray] | None = None,
+                tolerance: tuple[float, float] | None = None,
+                extra: dict[str, Any] | None = None) -> PackResult:
     import onnx
     from onnx import helper, numpy_helper
 
@@ -489,6 +531,11 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
                                   node.output[0], meta.get(LAYER_KEY, ""))
         bs_outputs[node.output[0]] = shape
 
+    if stacks and target not in TIERED_TARGETS:
+        raise PackageError(
+            f"pack: target {target} serves no BitStack tiers (tiered targets: "
+            f"{', '.join(TIERED_TARGETS)}); found {len(stacks)} BitStack layer(s). To fix: "
+            f"`edgestack compile MODEL --target {target}` materialises them")
     keep = [t for t in g.initializer if t.name not in removed]
     del g.initializer[:]
     g.initializer.extend(keep)
@@ -552,25 +599,10 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
             if dense is not None:
                 onnx.save_model(dense, str(gdir / fname))
             del dense
-    say("pack: computing golden outputs with ONNX Runtime (every block)")
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    try:
-        sess = ort.InferenceSession(str(gdir / GRAPH_FILE), so,
-                                    providers=["CPUExecutionProvider"])
-        full = dict(feeds_run)
-        for layer, st in stacks.items():
-            a = attrs[layer]
-            full.update({a.signs: st.signs, a.u: st.u, a.v: st.v})
-        outs = sess.run(None, full)
-    except Exception as exc:
-        raise PackageError(f"pack: ONNX Runtime cannot run the packed graph on the golden "
-                           f"inputs ({str(exc)[:300]}); check the inputs' names and "
-                           "shapes") from None
-    golden_out = {o.name: np.asarray(v) for o, v in zip(sess.get_outputs(), outs, strict=True)}
-    del sess
+    if golden_outputs is not None:
+        golden_out = {k: np.asarray(v) for k, v in golden_outputs.items()}
+    else:
+        golden_out = _golden_outputs(gdir / GRAPH_FILE, feeds_run, stacks, attrs, say)
     shapes = {k: list(v.shape) for k, v in feeds.items()}
     act = activation_bytes(model, {**shapes, **{k: list(np.shape(v)) for k, v in
                                                 feeds_run.items()}}, bs_outputs)
@@ -582,6 +614,7 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
                           order_source=order_source, steps_per_level=steps_per_level,
                           rows_per_call=rows, tables=tables, gathered=gathered)
     metadata = {"profile": getattr(profile, "name", None)}
+    metadata.update({k: v for k, v in (extra or {}).items() if k not in metadata})
     props = {p.key: p.value for p in model.metadata_props}
     method = ""
     key = next((k for k in ("edgestack.method", "method") if k in props), None)  # new, old
@@ -612,7 +645,8 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
         if stacks:
             w.add_blocks(order, stacks, graphs=attrs)
             w.set_tiers(tier_counts)
-        w.add_golden(feeds, golden_out, tier=None)
+        rtol, atol = tolerance or (1e-3, 1e-4)
+        w.add_golden(feeds, golden_out, tier=None, rtol=rtol, atol=atol)
         w.finish()
     if archive:
         write_archive(dest, out, overwrite=overwrite)

@@ -618,6 +618,18 @@ class Package:
         fd, base = self.locate(name)
         return FileMap(fd, base, self._entry(name).size, f"{self.path}: {name}")
 
+    def file_path(self, name: str) -> Path:
+        """Filesystem path of a listed file; directory packages only.
+
+        Raises:
+            PackageError: unknown file, or the package is an archive (extract it first).
+        """
+        if self.is_archive:
+            raise PackageError(
+                f"{self.path}: {name!r} is inside an archive and has no path of its own; "
+                "extract it with edgestack.package.extract_archive() first")
+        return self.path / self._entry(name).name
+
     def golden(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """The golden ``(inputs, outputs)`` arrays for the self-test (hash-checked).
 

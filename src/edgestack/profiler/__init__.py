@@ -1,1 +1,4 @@
-"""Latency, memory and quality measurement (used by the demo and ``edgestack bench``)."""
+"""Measuring and looking inside: latency, memory and quality (the demo and ``edgestack
+bench``), per-layer sensitivity to a compression method (``edgestack sensitivity``:
+:mod:`~edgestack.profiler.sensitivity`) and the layer-by-layer diff of two models
+(``edgestack diff``: :mod:`~edgestack.profiler.diff`)."""

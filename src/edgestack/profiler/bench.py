@@ -1,7 +1,8 @@
 """``edgestack bench``: latency, memory and quality of a model on its targets, with baselines.
 
-One run measures every *subject* (a compiled artifact of the model for one target, a
-package at one tier, or a baseline a user would otherwise pick) in three steps:
+One run measures every *subject* (the model compiled into a device package for one target,
+a package at one tier, both served by the runtime manager, or a baseline a user would
+otherwise pick, served as its own library serves it) in three steps:
 
 1. **Memory and cold load**, each subject in a fresh process
    (:mod:`edgestack.profiler.probe`): peak RSS after loading and running, minus the peak
@@ -24,8 +25,16 @@ or the source with its compressed weights decoded) on ONNX Runtime fp32; ``quant
 int8 per-tensor and ``per_channel=True``; weight-only ``MatMulNBits`` 8-bit and 4-bit
 (``MatMulNBitsQuantizer``, RTN, block 32, symmetric, ``accuracy_level=4``); OpenVINO f32 and
 bf16. Every ORT baseline keeps its weights in ONNX external data (``model.onnx.data``), which
-ONNX Runtime memory-maps when the runner creates the session from the file path. A quantizer
-that rewrote nothing (MatMulNBits on a CNN) gives a row labelled ``(nothing quantized)``.
+ONNX Runtime memory-maps when the session is created from the file path. Each
+quantized baseline counts the weight layers it quantized (:func:`quantization_summary`:
+``quantized_layers`` of ``weight_layers``, in the row, its note and the JSON); one that
+quantized none (MatMulNBits on a CNN: no MatMul) gives a row labelled
+``(nothing quantized)``, precision fp32, with a note saying why.
+
+Sizes: ``disk_bytes`` is what a subject is stored as (a baseline's model and weight files;
+a package: all its files, :func:`package_disk_bytes`, the same for every tier),
+``tier_bytes`` what a package tier reads (its blocks, graph and weights) and ``plan_bytes``
+the runtime's memory plan for the tier.
 Ratios are against the ORT fp32 baseline when measured, else against the first subject.
 
 The report adds the Pareto views of :mod:`edgestack.profiler.pareto`.
@@ -52,6 +61,7 @@ from typing import Any
 import numpy as np
 
 from edgestack.core.logs import quiet_loggers
+from edgestack.core.progress import Progress, progress_bar, progress_iter
 from edgestack.core.quality import (
     cosine_rows,
     embed,
@@ -79,10 +89,13 @@ NBITS_BLOCK = 32
 NBITS_ACCURACY_LEVEL = 4
 #: File every ORT baseline keeps its weights in (ONNX external data, memory-mapped by ORT).
 EXTERNAL_DATA = "model.onnx.data"
-#: Ops a quantizer adds; a baseline with none more than the dense model quantized nothing.
+#: Ops a quantizer adds (named in a quantized baseline's note).
 QUANTIZED_OPS = frozenset({"MatMulNBits", "MatMulInteger", "ConvInteger",
                            "DynamicQuantizeLinear", "DynamicQuantizeMatMul",
                            "DequantizeLinear", "QAttention", "QLinearMatMul", "QLinearConv"})
+#: Weight layers, by op: the input that holds the weight. A node is a weight layer when
+#: that input is a float initializer of 2 or more dimensions (:func:`weight_layers`).
+WEIGHT_INPUTS = {"MatMul": 1, "Gemm": 1, "Conv": 1, "ConvTranspose": 1, "Gather": 0}
 NOTHING_QUANTIZED = "nothing quantized"
 
 
@@ -92,15 +105,22 @@ class Subject:
 
     Attributes:
         label: Row label.
-        kind: ``artifact`` (a compiled folder) or ``package`` (a device package at ``tier``).
-        path: The artifact folder or package path.
+        kind: ``model`` (a baseline: an ONNX or OpenVINO IR file, served as a user would
+            serve it: an ONNX Runtime session, or OpenVINO) or ``package`` (a device
+            package at ``tier``, served by :class:`edgestack.runtime.Runtime`).
+        path: The model file or package path.
         target: The compile target that runs it.
         group: ``edgestack`` or ``baseline``.
         precision: What it computes in (``fp32``, ``int8``, ``int4``, ``bf16`` ...).
-        disk_bytes: Bytes on disk of what it loads (artifact: model and weight files;
-            package tier: the tier's ``total_bytes``, block prefix plus graph and weights).
+        disk_bytes: Bytes on disk of what it is stored as (model: its graph and weight
+            files; package: all the package's files, :func:`package_disk_bytes`, the same
+            for every tier).
+        tier_bytes: Packages: what the tier reads from the package (its ``total_bytes``:
+            block prefix, graph and weights).
         plan_bytes: Packages: the runtime's memory plan for the tier (its budget).
         note: What the report should say about it (e.g. a quantizer that changed nothing).
+        quantized_layers / weight_layers: Quantized baselines: the weight layers the
+            quantizer rewrote, of all the dense model's (:func:`quantization_summary`).
         options: ``precision`` (OpenVINO runner hint); packages: ``budget``, ``tier``,
             ``bits`` (bits per BitStack weight of the tier), ``threads``.
         memory: ``{"load_s", "increase"}`` when already measured in a fresh process
@@ -118,6 +138,9 @@ class Subject:
     memory: dict[str, Any] | None = None
     plan_bytes: int | None = None
     note: str = ""
+    tier_bytes: int | None = None
+    quantized_layers: int | None = None
+    weight_layers: int | None = None
 
     def spec(self, feeds: Path, calls: int = 3) -> dict[str, Any]:
         """The JSON description :func:`open_subject` and the probe process read."""
@@ -142,20 +165,30 @@ def preload(spec: Mapping[str, Any]) -> None:
         import edgestack.runtime  # noqa: F401
     if spec["target"] in ("ort-cpu", "ort-arm"):
         import onnxruntime  # noqa: F401
-    elif spec["target"] == "openvino-cpu":
+    elif spec["target"] == "openvino-cpu" or spec["options"].get("engine") == "openvino":
         import openvino  # noqa: F401
 
 
 def open_subject(spec: Mapping[str, Any]) -> Handle:
     """Load a subject from its :meth:`Subject.spec`."""
-    if spec["kind"] == "artifact":
-        from edgestack.targets import load_runner
+    if spec["kind"] == "model":
+        opts = spec["options"]
+        if spec["target"] == "openvino-cpu":
+            from edgestack.runtime.openvino import PROFILE_PRECISIONS, OpenVINOSession
 
-        kwargs = {}
-        if spec["target"] == "openvino-cpu" and "precision" in spec.get("options", {}):
-            kwargs["precision"] = spec["options"]["precision"]
-        runner = load_runner(spec["path"], **kwargs).activate()
-        return Handle(runner.infer, runner.release)
+            sess: Any = OpenVINOSession(spec["path"], threads=opts.get("threads"),
+                                        precision=PROFILE_PRECISIONS.get(opts.get("precision")))
+        else:
+            from edgestack.core.ort import cpu_session
+
+            sess = cpu_session(spec["path"], opts.get("threads") or 0, "all",
+                               opts.get("spinning", "on"))
+        names = [o.name for o in sess.get_outputs()]
+
+        def infer(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return dict(zip(names, sess.run(None, dict(feeds)), strict=True))
+
+        return Handle(infer, lambda: None)
     if spec["kind"] == "package":
         from edgestack.runtime import Runtime
 
@@ -179,41 +212,43 @@ def bench_feeds(model_path: str | Path, batch: int = 1, seq: int = 128,
 
 
 # ---- subjects -------------------------------------------------------------------------
-def _files_bytes(folder: Path) -> int:
-    """Bytes of the files an artifact loads (its model and weight files, not its source)."""
-    from edgestack.targets.base import Artifact
-
-    art = Artifact.load(folder)
-    paths: set[Path] = set()
-    for role, name in art.files.items():
-        if role in ("model", "weights", "bin"):
-            paths.update(folder.glob(name + "*"))       # model.onnx + model.onnx.data
-    if art.target == "openvino-cpu":
-        paths.update(folder.glob("*.bin"))
-    return sum(p.stat().st_size for p in paths)
+def _files_bytes(model: Path) -> int:
+    """Bytes of a model file and its weights (``model.onnx`` + ``model.onnx.data``, or
+    ``model.xml`` + ``model.bin``)."""
+    paths = {model, *model.parent.glob(model.name + ".*"), model.with_suffix(".bin")}
+    return sum(p.stat().st_size for p in paths if p.is_file())
 
 
 def target_subjects(model: Path, work: Path, targets: Sequence[str], profile: Any,
-                    log: Callable[[str], None]) -> tuple[list[Subject], dict[str, str]]:
-    """Compile ``model`` for each target that can run here; ``(subjects, skipped)``."""
+                    log: Callable[[str], None], progress: Progress = False,
+                    ) -> tuple[list[Subject], dict[str, str]]:
+    """Compile ``model`` into a device package for each target that can run here
+    (:func:`edgestack.pipeline.compile_model`), each served by the runtime manager;
+    ``(subjects, skipped)`` (``progress``: a bar over the targets,
+    :mod:`edgestack.core.progress`)."""
+    from edgestack.pipeline import compile_model
     from edgestack.targets import get_target
 
     subjects, skipped = [], {}
-    for name in targets:
+    for name in progress_iter(targets, progress, "bench: compile"):
         target = get_target(name)
         ok, why = target.available()
         if name == "ort-arm":
-            ok, why = False, ("its artifacts run only under qemu emulation on this machine; "
+            ok, why = False, ("its packages run only under qemu emulation on this machine; "
                               "latency there measures the emulator, not the device")
         if not ok:
             skipped[name] = why
             log(f"bench: skipping {name}: {why}")
             continue
         log(f"bench: compiling for {name} ...")
-        art = target.lower(model, work / name, profile)
-        subjects.append(Subject(f"edgestack {name} {art.precision}", "artifact",
-                                str(art.folder), name, precision=art.precision,
-                                disk_bytes=_files_bytes(art.folder)))
+        pkg = work / name
+        result = compile_model(model, name, pkg, profile=profile, overwrite=True, log=log)
+        precision = (result.compile or {}).get("precision", "fp32")
+        threads = getattr(profile, "threads", None)
+        subjects.append(Subject(f"edgestack {name} {precision}", "package", str(pkg), name,
+                                precision=precision, disk_bytes=package_disk_bytes(pkg),
+                                tier_bytes=result.tiers[0]["total_bytes"],
+                                options={"budget": None, "tier": 0, "threads": threads}))
     return subjects, skipped
 
 
@@ -238,43 +273,114 @@ def _added_ops(model: Any, dense: Any) -> dict[str, int]:
     return dict(sorted((count(model) - count(dense)).items()))
 
 
-def _baseline(work: Path, name: str, label: str, precision: str, threads: int,
-              write: Callable[[Path], Any], target: str = "ort-cpu") -> Subject:
-    """A baseline subject: ``write(path)`` puts its model at ``work/name/model.onnx`` and
-    returns a note (or ``None``); the folder gets an ``artifact.json`` (no edgestack
-    lowering) so every runner can load it."""
-    from edgestack.targets.base import Artifact
+def weight_layers(model: Any) -> Counter:
+    """The float weight layers of an ONNX ``ModelProto``, counted by op: nodes of
+    :data:`WEIGHT_INPUTS` whose weight input is a float initializer of 2+ dimensions (the
+    layers a weight quantizer may rewrite; a ``MatMul`` of two activations is none)."""
+    from onnx import TensorProto
 
+    floats = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16,
+              TensorProto.DOUBLE}
+    inits = {i.name: i for i in model.graph.initializer}
+    found: Counter = Counter()
+    for node in model.graph.node:
+        k = WEIGHT_INPUTS.get(node.op_type)
+        init = inits.get(node.input[k]) if k is not None and len(node.input) > k else None
+        if init is not None and init.data_type in floats and len(init.dims) >= 2:
+            found[node.op_type] += 1
+    return found
+
+
+@dataclass
+class Quantization:
+    """What a baseline quantizer did (:func:`quantization_summary`).
+
+    Attributes:
+        quantized_layers: Weight layers it rewrote.
+        weight_layers: Weight layers of the dense model (:func:`weight_layers`).
+        note: The report's note, e.g. ``quantized 36 of 37 weight layers ...`` or
+            ``nothing quantized: 0 of 4 weight layers ...``.
+    """
+
+    quantized_layers: int
+    weight_layers: int
+    note: str
+
+    @property
+    def nothing(self) -> bool:
+        """Whether it quantized no layer (the baseline is the fp32 model)."""
+        return self.quantized_layers == 0
+
+
+def _counts(c: Mapping[str, int]) -> str:
+    return ", ".join(f"{n} {op}" for op, n in sorted(c.items()) if n)
+
+
+def quantization_summary(dense: Any, quantized: Any, quantizer: str,
+                         ops: Sequence[str]) -> Quantization:
+    """How many of ``dense``'s weight layers ``quantizer`` (which rewrites ``ops``) turned
+    into quantized ones in ``quantized``: those no longer float weight layers."""
+    before, after = weight_layers(dense), weight_layers(quantized)
+    total = sum(before.values())
+    done = max(0, total - sum(after.values()))
+    layers = f"{total} weight layers" + (f" ({_counts(before)})" if total else "")
+    if done:
+        added = _added_ops(quantized, dense)
+        left = f"; left float: {_counts(after)}" if after else ""
+        return Quantization(done, total, f"quantized {done} of {layers}"
+                            + (f", adding {_counts(added)}" if added else "") + left)
+    eligible = sum(before[op] for op in ops)
+    names = "/".join(ops)
+    why = (f"{quantizer} rewrites only {names} with a constant weight and the model has none"
+           if not eligible else
+           f"{quantizer} left the model's {eligible} {names} layers as they were")
+    return Quantization(0, total, f"{NOTHING_QUANTIZED}: 0 of {layers} quantized; {why}, so "
+                                  "this is the fp32 model")
+
+
+def _baseline(work: Path, name: str, label: str, precision: str, threads: int,
+              write: Callable[[Path], Quantization | None],
+              target: str = "ort-cpu") -> Subject:
+    """A baseline subject: ``write(path)`` puts its model at ``work/name/model.onnx`` and
+    returns what its quantizer did (``None``: not quantized); it is served as a user would
+    serve it (an ONNX Runtime session on the file, weights memory-mapped from its external
+    data). A quantizer that rewrote nothing makes the row ``LABEL (nothing quantized)``,
+    precision ``fp32``."""
     folder = work / name
     folder.mkdir(parents=True, exist_ok=True)
-    note = write(folder / "model.onnx") or ""
-    Artifact(folder=folder, target=target, arch="x86_64" if target == "ort-cpu" else "any",
-             precision=precision, files={"model": "model.onnx"},
-             options={"threads": threads}).save()
-    return Subject(label, "artifact", str(folder), target, "baseline", precision,
-                   _files_bytes(folder), note=note)
+    path = folder / "model.onnx"
+    quant = write(path)
+    if quant is not None and quant.nothing:
+        label, precision = f"{label} ({NOTHING_QUANTIZED})", "fp32"
+    subject = Subject(label, "model", str(path), target, "baseline", precision,
+                      _files_bytes(path), {"threads": threads})
+    if quant is not None:
+        subject.note = quant.note
+        subject.quantized_layers, subject.weight_layers = (quant.quantized_layers,
+                                                           quant.weight_layers)
+    return subject
 
 
-def baseline_subjects(dense: Path, work: Path, threads: int,
-                      log: Callable[[str], None]) -> tuple[list[Subject], dict[str, str]]:
+def baseline_subjects(dense: Path, work: Path, threads: int, log: Callable[[str], None],
+                      progress: Progress = False) -> tuple[list[Subject], dict[str, str]]:
     """The baselines a user would otherwise pick (see :func:`_baseline_subjects`), with ONNX
     Runtime's quantizer quiet (it logs every node at INFO, some on the root logger) for as
-    long as it runs."""
+    long as it runs; ``progress``: a bar over the baselines built
+    (:mod:`edgestack.core.progress`)."""
     with quiet_loggers(("onnxruntime.quantization", "root"), logging.WARNING):
-        return _baseline_subjects(dense, work, threads, log)
+        return _baseline_subjects(dense, work, threads, log, progress)
 
 
-def _baseline_subjects(dense: Path, work: Path, threads: int,
-                       log: Callable[[str], None]) -> tuple[list[Subject], dict[str, str]]:
+def _baseline_subjects(dense: Path, work: Path, threads: int, log: Callable[[str], None],
+                       progress: Progress = False) -> tuple[list[Subject], dict[str, str]]:
     """The baselines a user would otherwise pick, built from the dense float32 model
-    (:data:`BASELINES`, module docstring). A quantized baseline in which the quantizer
-    rewrote nothing (e.g. MatMulNBits on a CNN: no MatMul) is relabelled
-    ``... (nothing quantized)``, precision ``fp32``, with a note."""
+    (:data:`BASELINES`, module docstring). Each quantized one counts the weight layers it
+    quantized (:func:`quantization_summary`); one in which the quantizer rewrote nothing
+    (e.g. MatMulNBits on a CNN: no MatMul) is relabelled ``... (nothing quantized)``,
+    precision ``fp32``, with a note saying why."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    from edgestack.targets import get_target
 
     skipped: dict[str, str] = {}
     dense_proto = onnx.load(str(dense))
@@ -282,26 +388,27 @@ def _baseline_subjects(dense: Path, work: Path, threads: int,
     def fp32(path: Path) -> None:
         save_external(onnx.load(str(dense)), path)
 
-    def dynamic(per_channel: bool) -> Callable[[Path], str]:
-        def write(path: Path) -> str:
+    def dynamic(per_channel: bool) -> Callable[[Path], Quantization]:
+        def write(path: Path) -> Quantization:
             tmp = path.with_name("quantized.tmp.onnx")
             quantize_dynamic(str(dense), str(tmp), weight_type=QuantType.QInt8,
                              per_channel=per_channel)
             model = onnx.load(str(tmp))
             tmp.unlink()
             save_external(model, path)
-            return _note(_added_ops(model, dense_proto), "MatMul/Conv/Gather")
+            return quantization_summary(dense_proto, model, "quantize_dynamic",
+                                        ("MatMul", "Gemm", "Conv", "Gather"))
         return write
 
-    def weight_only(bits: int) -> Callable[[Path], str]:
-        def write(path: Path) -> str:
+    def weight_only(bits: int) -> Callable[[Path], Quantization]:
+        def write(path: Path) -> Quantization:
             quant = MatMulNBitsQuantizer(onnx.load(str(dense)), bits=bits,
                                          block_size=NBITS_BLOCK, is_symmetric=True,
                                          accuracy_level=NBITS_ACCURACY_LEVEL)
             quant.process()                               # rewrites the model in place
             model = quant.model.model
             save_external(model, path)
-            return _note(_added_ops(model, dense_proto), "MatMul")
+            return quantization_summary(dense_proto, model, "MatMulNBits", ("MatMul",))
         return write
 
     builds = [("ort_fp32", BASELINES[0], "fp32", fp32),
@@ -310,31 +417,39 @@ def _baseline_subjects(dense: Path, work: Path, threads: int,
               ("ort_nbits8", BASELINES[3], "int8", weight_only(8)),
               ("ort_nbits4", BASELINES[4], "int4", weight_only(4))]
     subjects = []
-    for name, label, precision, write in builds:
+    for name, label, precision, write in progress_iter(builds, progress, "bench: baselines"):
         log(f"bench: baseline {label} ...")
-        subj = _baseline(work, name, label, precision, threads, write)
-        if subj.note.startswith(NOTHING_QUANTIZED):
-            subj.label, subj.precision = f"{label} ({NOTHING_QUANTIZED})", "fp32"
-        subjects.append(subj)
-    ov = get_target("openvino-cpu")
-    ok, why = ov.available()
-    if not ok:
-        skipped["OpenVINO"] = why
-    else:
+        subjects.append(_baseline(work, name, label, precision, threads, write))
+    try:
+        import openvino as ov
+    except ImportError as exc:
+        skipped["OpenVINO"] = f"openvino cannot be imported ({exc}); pip install openvino"
+    else:   # OpenVINO's own model of the dense export, as its docs convert one
         log("bench: baseline OpenVINO IR ...")
-        art = ov.lower(dense, work / "openvino", None, threads=threads)
+        ir = work / "openvino" / "model.xml"
+        ir.parent.mkdir(parents=True, exist_ok=True)
+        ov.save_model(ov.convert_model(str(dense)), str(ir), compress_to_fp16=False)
         for prec, label in zip(("fp32", "bf16"), BASELINES[5:], strict=True):
-            subjects.append(Subject(label, "artifact", str(art.folder), "openvino-cpu",
-                                    "baseline", prec, _files_bytes(art.folder),
-                                    {"precision": prec}))
+            subjects.append(Subject(label, "model", str(ir), "openvino-cpu", "baseline", prec,
+                                    _files_bytes(ir), {"precision": prec,
+                                                       "threads": threads}))
     return subjects, skipped
 
 
-def _note(added: dict[str, int], ops: str) -> str:
-    if added:
-        return "quantizer added " + ", ".join(f"{n} {op}" for op, n in added.items())
-    return (f"{NOTHING_QUANTIZED}: the quantizer found no {ops} node to rewrite, so this "
-            f"is the fp32 model")
+def package_disk_bytes(path: str | Path) -> int:
+    """Bytes on disk of a device package: a ``.tar`` archive's size, or a folder's
+    ``manifest.json`` plus every file the manifest lists (their sizes, which
+    :meth:`~edgestack.package.Package.open` checks); files it does not list are not part of
+    the package."""
+    from edgestack.package import Package
+    from edgestack.package.format import MANIFEST_NAME
+
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    with Package.open(path) as pkg:
+        listed = sum(entry.size for entry in pkg.manifest.files.values())
+    return (path / MANIFEST_NAME).stat().st_size + listed
 
 
 def is_package_path(path: Path) -> bool:
@@ -390,6 +505,7 @@ def package_subjects(path: Path, count: int | str, log: Callable[[str], None],
             return [], {man.target: why}, golden, top
         numel = sum(int(np.prod(info.shape)) for info in man.layers.values()) or 1
         costs = calibrate(pkg, threads=threads, log=log)  # as the runtime will plan
+        disk = package_disk_bytes(path)
         subjects = []
         for t in pick_tiers(len(man.tiers), count):
             # the tier's smallest plan on this machine, plus headroom: never exactly the plan
@@ -398,7 +514,7 @@ def package_subjects(path: Path, count: int | str, log: Callable[[str], None],
             subjects.append(Subject(
                 f"tier {t} ({bits:.2f} bits/weight, plan {budget / 1e6:.1f} MB)", "package",
                 str(path), man.target, precision="fp32",
-                disk_bytes=man.tiers[t].total_bytes, plan_bytes=budget,
+                disk_bytes=disk, tier_bytes=man.tiers[t].total_bytes, plan_bytes=budget,
                 options={"budget": budget, "tier": t, "bits": bits, "threads": threads}))
     return subjects, {}, golden, top
 
@@ -450,7 +566,8 @@ def dense_of(model: Path, out: Path) -> Path:
 class Row:
     """One subject's measurements: ``cosine`` is the quality under ``metric``
     (:class:`QualityProbe`); ``max_abs`` / ``max_rel`` are the worst output errors on the
-    bench inputs; ``disk_bytes`` / ``plan_bytes`` as in :class:`Subject`."""
+    bench inputs; ``disk_bytes``, ``tier_bytes``, ``plan_bytes``, ``quantized_layers`` and
+    ``weight_layers`` as in :class:`Subject`."""
 
     label: str
     target: str
@@ -477,6 +594,9 @@ class Row:
     tier: int | None = None
     plan_bytes: int | None = None
     note: str = ""
+    tier_bytes: int | None = None
+    quantized_layers: int | None = None
+    weight_layers: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v)
@@ -646,9 +766,10 @@ class BenchReport:
         """The rows as a markdown table, then the Pareto tables (what bench.md and the
         terminal show); ``at_baseline=False`` leaves out the at-each-baseline's-memory table
         (the demo report has its own)."""
-        head = ("| subject | target | precision | disk MB | plan MB | peak RSS +MB | load s | "
-                "p50 ms | p90 ms | p99 ms | ± ms | items/s | ratio | quality | max abs |")
-        lines = [head, "|" + " --- |" * 3 + " ---: |" * 12]
+        head = ("| subject | target | precision | disk MB | tier MB | plan MB | peak RSS +MB | "
+                "load s | p50 ms | p90 ms | p99 ms | ± ms | items/s | ratio | quality | "
+                "max abs |")
+        lines = [head, "|" + " --- |" * 3 + " ---: |" * 13]
 
         def f(v: Any, fmt: str) -> str:
             return "" if v is None or (isinstance(v, float) and not math.isfinite(v)) \
@@ -657,18 +778,22 @@ class BenchReport:
         for r in self.rows:
             rss = None if r.peak_rss_increase is None else r.peak_rss_increase / 1e6
             plan = None if r.plan_bytes is None else r.plan_bytes / 1e6
+            tier = None if r.tier_bytes is None else r.tier_bytes / 1e6
             lines.append(
                 f"| {r.label} | {r.target} | {r.precision} | {f(r.disk_bytes / 1e6, '.2f')} | "
-                f"{f(plan, '.2f')} | {f(rss, '.1f')} | {f(r.load_s, '.2f')} | "
+                f"{f(tier, '.2f')} | {f(plan, '.2f')} | {f(rss, '.1f')} | "
+                f"{f(r.load_s, '.2f')} | "
                 f"{f(r.p50_ms, '.2f')} | {f(r.p90_ms, '.2f')} | {f(r.p99_ms, '.2f')} | "
                 f"{f(r.spread_ms, '.2f')} | {f(r.throughput, '.1f')} | {f(r.ratio, '.3f')} | "
                 f"{f(r.cosine, '.5f')} | {f(r.max_abs, '.3g')} |")
         metrics = sorted({r.metric for r in self.rows if r.metric})
         lines.append("")
         lines.append(f"quality: {'; '.join(metrics) or 'not measured'}, against "
-                     f"{self.settings.get('reference', 'the reference')}. disk MB: the files "
-                     f"loaded (a package tier: its blocks, graph and weights); plan MB: the "
-                     f"runtime's memory plan for the tier; ratio: p50 / "
+                     f"{self.settings.get('reference', 'the reference')}. disk MB: bytes on "
+                     f"disk (a baseline's model and weight files; a package: all its files, "
+                     f"the same for every tier); tier MB: what a package tier reads (its "
+                     f"blocks, graph and weights); plan MB: the runtime's memory plan for the "
+                     f"tier (its budget), not bytes on disk; ratio: p50 / "
                      f"{self.settings.get('ratio_base') or 'the first subject'}.")
         notes = [f"- {r.label}: {r.note}" for r in self.rows if r.note]
         if notes:
@@ -693,7 +818,8 @@ def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
               feeds: Mapping[str, np.ndarray] | None = None, memory: bool = True,
               plots: bool = True, threads: int | None = None, tiers: int | str = 5,
               tokenizer: str | Path | None = None,
-              log: Callable[[str], None] | None = None) -> BenchReport:
+              log: Callable[[str], None] | None = None,
+              progress: Progress = False) -> BenchReport:
     """Benchmark an exported model on its targets, or a package at its tiers (and the
     baselines); write the results.
 
@@ -703,7 +829,7 @@ def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
             loaded by :class:`edgestack.runtime.Runtime` with its plan's budget, the inputs
             are the package's golden inputs, and the reference is ``dense_model`` or the
             largest tier.
-        out_dir: Where compiled artifacts, ``bench.json``, ``bench.md`` and plots go.
+        out_dir: Where compiled packages, ``bench.json``, ``bench.md`` and plots go.
         profile: A profile (name, path or :class:`~edgestack.profiles.Profile`): its target,
             threads and precision; ``None``: ``ort-cpu`` with 2 threads.
         targets: Target names, ``"all"``, or ``None`` (the profile's target).
@@ -721,6 +847,11 @@ def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
         tokenizer: A folder with the model's ``tokenizer.json``: a text encoder is then
             scored on :data:`BENCH_SENTENCES` held sentences (:class:`QualityProbe`);
             without it, on the bench inputs.
+        log: Progress lines (default: printed to stderr).
+        progress: tqdm bars on stderr over the targets compiled, the baselines built, the
+            subjects measured in fresh processes and scored, and the timing rounds:
+            ``True`` (even when stderr is not a terminal), ``False`` (default: none) or
+            ``None`` (when stderr is a terminal); see :mod:`edgestack.core.progress`.
 
     Raises:
         EdgestackError: a bad source, profile or target name.
@@ -758,11 +889,11 @@ def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
         feeds = dict(feeds) if feeds is not None else golden
     else:
         feeds = dict(feeds) if feeds is not None else bench_feeds(src, batch, seq)
-        subjects, skipped = target_subjects(src, work, list(targets), prof, log)
+        subjects, skipped = target_subjects(src, work, list(targets), prof, log, progress)
     if baseline:
         if dense is None:
             dense = dense_of(src, work / "dense.onnx")
-        base, skip2 = baseline_subjects(dense, work / "baselines", threads, log)
+        base, skip2 = baseline_subjects(dense, work / "baselines", threads, log, progress)
         subjects = base + subjects
         skipped.update(skip2)
     if dense is not None:
@@ -789,7 +920,7 @@ def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
             ref.close()
     rows = measure_subjects(subjects, feeds, reference, work, quality=probe,
                             iterations=iterations, warmup=warmup, seconds=seconds,
-                            memory=memory, log=log)
+                            memory=memory, log=log, progress=progress)
     from edgestack.profiler.latency import cpu_extensions
 
     settings = {"threads": threads, "cpu_extensions": cpu_extensions(),
@@ -806,20 +937,26 @@ def measure_subjects(subjects: Sequence[Subject], feeds: Mapping[str, np.ndarray
                      reference: Mapping[str, np.ndarray], work: Path, *,
                      quality: QualityProbe | None = None, iterations: int = 30,
                      warmup: int = 3, seconds: float | None = None, memory: bool = True,
-                     log: Callable[[str], None] = lambda m: None) -> list[Row]:
+                     log: Callable[[str], None] = lambda m: None,
+                     progress: Progress = False) -> list[Row]:
     """Measure ``subjects`` (module docstring, steps 1-3): ``reference`` is the reference's
     outputs on ``feeds`` (max abs/rel errors), ``quality`` scores quality (default: output
     cosine on ``feeds``); ratios against ``ORT fp32`` when it is a subject, else the
-    first."""
+    first. ``progress``: bars over the subjects (memory, quality) and the timing rounds
+    (:mod:`edgestack.core.progress`)."""
     work.mkdir(parents=True, exist_ok=True)
     feeds_path = work / "feeds.npz"
     np.savez(feeds_path, **feeds)
     probe = quality or QualityProbe.outputs(feeds, reference)
     rows = [Row(s.label, s.target, s.group, s.precision, s.disk_bytes, metric=probe.metric,
-                tier=s.options.get("tier"), plan_bytes=s.plan_bytes, note=s.note)
+                tier=s.options.get("tier"), plan_bytes=s.plan_bytes, note=s.note,
+                tier_bytes=s.tier_bytes, quantized_layers=s.quantized_layers,
+                weight_layers=s.weight_layers)
             for s in subjects]
     if memory:
-        for i, (s, row) in enumerate(zip(subjects, rows, strict=True)):
+        pairs = progress_iter(list(zip(subjects, rows, strict=True)), progress,
+                              "bench: memory")
+        for i, (s, row) in enumerate(pairs):
             if s.memory is None:
                 log(f"bench: memory [{i + 1}/{len(subjects)}] {s.label} ...")
                 s.memory = measure_memory(s, feeds_path)
@@ -831,15 +968,22 @@ def measure_subjects(subjects: Sequence[Subject], feeds: Mapping[str, np.ndarray
             handles.append(open_subject(s.spec(feeds_path)))
         if handles:
             log(f"bench: quality of {len(handles)} subjects ({probe.metric}) ...")
-        for h, row in zip(handles, rows, strict=True):
+        for h, row in progress_iter(list(zip(handles, rows, strict=True)), progress,
+                                    "bench: quality"):
             _, row.max_abs, row.max_rel = _quality(h.infer(feeds), reference)
             row.cosine = probe.score(h.infer)
         if handles:
             log(f"bench: timing {len(handles)} subjects interleaved, {iterations} calls "
                 "each ...")
-            times = interleaved_latency(
-                handles, feeds, iterations=iterations, warmup=warmup, seconds=seconds,
-                progress=lambda r, n: log(f"bench: round {r}/{n}") if r % 5 == 0 else None)
+            rounds = max(1, math.ceil(iterations / 2))
+            with progress_bar(rounds, progress, "bench: timing", unit="round") as bar:
+                def tick(r: int, n: int) -> None:
+                    bar.update(1)
+                    if r % 5 == 0:
+                        log(f"bench: round {r}/{n}")
+
+                times = interleaved_latency(handles, feeds, iterations=iterations,
+                                            warmup=warmup, seconds=seconds, progress=tick)
     finally:
         for h in handles:
             h.close()
@@ -867,8 +1011,8 @@ def write_report(report: BenchReport, out: Path, plots: bool = True) -> BenchRep
     return report
 
 
-__all__ = ["BASELINES", "BenchReport", "Handle", "Row", "Subject", "bench_feeds",
-           "baseline_subjects", "dense_of", "interleaved_latency",
-           "measure_memory", "measure_subjects", "open_subject",
-           "package_subjects", "pick_tiers", "is_package_path", "run_bench", "target_subjects",
-           "write_report"]
+__all__ = ["BASELINES", "BenchReport", "Handle", "Quantization", "Row", "Subject",
+           "bench_feeds", "baseline_subjects", "dense_of", "interleaved_latency",
+           "measure_memory", "measure_subjects", "open_subject", "package_disk_bytes",
+           "package_subjects", "pick_tiers", "is_package_path", "quantization_summary",
+           "run_bench", "target_subjects", "weight_layers", "write_report"]

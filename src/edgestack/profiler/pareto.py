@@ -1,7 +1,9 @@
 """Memory against quality (and latency) over bench rows: the Pareto views of the report.
 
 - :func:`memory_axis`: the memory rows are compared on: the measured peak RSS increase when
-  every row has one, else the bytes on disk (``--no-memory``); the tables and plots say which.
+  every row has one, else the bytes each subject reads from disk (``--no-memory``: a
+  baseline's files, a package tier's ``tier_bytes``, not the whole package); the tables and
+  plots say which.
 - :func:`pareto_table`: the rows sorted by memory, with quality and latency ratio; a row is
   **Pareto-optimal** when no other row has less or equal memory and higher or equal quality
   with at least one of the two strictly better, compared at the precision the table shows
@@ -13,7 +15,8 @@
   baseline's p50: below 1 is faster).
 
 Rows are :class:`edgestack.profiler.bench.Row` (any object with ``label``, ``group``,
-``peak_rss_increase``, ``disk_bytes``, ``cosine``, ``p50_ms`` and ``ratio``); rows without
+``peak_rss_increase``, ``disk_bytes``, ``tier_bytes`` (optional), ``cosine``, ``p50_ms`` and
+``ratio``); rows without
 timings (``iterations == 0``) or quality are left out.
 """
 
@@ -33,12 +36,23 @@ def _usable(rows: Sequence[Any]) -> list[Any]:
     return [r for r in rows if r.iterations and r.cosine is not None]
 
 
+READ_AXIS = "MB read from disk"
+"""The memory axis without peak RSS: what each subject reads (a package tier: its tier MB)."""
+
+
+def read_bytes(row: Any) -> int:
+    """Bytes ``row``'s subject reads from disk: a package tier's ``tier_bytes``, else its
+    ``disk_bytes`` (a baseline loads all its files)."""
+    tier = getattr(row, "tier_bytes", None)
+    return row.disk_bytes if tier is None else tier
+
+
 def memory_axis(rows: Sequence[Any]) -> tuple[list[float], str]:
     """``(memory in MB per row, what it is)``: peak RSS increase when every row has it, else
-    bytes on disk."""
+    the bytes each subject reads from disk (:func:`read_bytes`)."""
     if rows and all(r.peak_rss_increase is not None for r in rows):
         return [r.peak_rss_increase / 1e6 for r in rows], "peak RSS increase MB"
-    return [r.disk_bytes / 1e6 for r in rows], "disk MB"
+    return [read_bytes(r) / 1e6 for r in rows], READ_AXIS
 
 
 def pareto_flags(points: Sequence[tuple[float, float]]) -> list[bool]:
@@ -127,5 +141,5 @@ def at_baseline_markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["at_baseline_markdown", "at_baseline_table", "memory_axis", "pareto_flags",
-           "pareto_markdown", "pareto_table"]
+__all__ = ["READ_AXIS", "at_baseline_markdown", "at_baseline_table", "memory_axis",
+           "pareto_flags", "pareto_markdown", "pareto_table", "read_bytes"]

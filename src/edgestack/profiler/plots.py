@@ -1,8 +1,8 @@
 """PNG plots of bench results (matplotlib, headless ``Agg`` backend).
 
 - ``latency_vs_memory.png``: p50 latency (with the p10-p90 band) against memory, one point
-  per subject; memory is the measured peak RSS increase, or the bytes on disk when memory
-  was not measured (the axis label says which).
+  per subject; memory is the measured peak RSS increase, or the bytes each subject reads
+  from disk when memory was not measured (the axis label says which).
 - ``quality_vs_memory.png``: quality (the bench's ``metric``) against the same memory axis;
   package tiers are joined by a line so the tier curve shows.
 - ``pareto.png``: peak RSS increase (x) against quality (y), each point labelled with its
@@ -35,7 +35,7 @@ def _pyplot() -> Any:
 def _memory(rows: list[Any]) -> tuple[list[float], str]:
     mem, axis = memory_axis(rows)
     return mem, ("peak RSS increase (MB)" if axis.startswith("peak")
-                 else "weights on disk (MB)")
+                 else "read from disk (MB; a package tier: its blocks, graph, weights)")
 
 
 def plot_bench(report: Any, out_dir: str | Path) -> dict[str, str]:

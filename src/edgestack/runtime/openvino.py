@@ -27,10 +27,11 @@ from typing import Any
 
 from edgestack.errors import TargetError
 
-ENGINES = ("onnxruntime", "openvino")
+ENGINES = ("onnxruntime", "openvino", "tensorrt")
 """What can run a package's graphs."""
 
-TARGET_ENGINES = {"ort-cpu": "onnxruntime", "ort-arm": "onnxruntime", "openvino-cpu": "openvino"}
+TARGET_ENGINES = {"ort-cpu": "onnxruntime", "ort-arm": "onnxruntime", "openvino-cpu": "openvino",
+                  "tensorrt-gpu": "tensorrt"}
 """The engine a package of each target is served with by default."""
 
 PRECISIONS = ("f32", "bf16", "f16")
@@ -122,6 +123,11 @@ def check_engine(engine: str, precision: str | None, target: str) -> str:
         raise TargetError(f"precision is OpenVINO's inference precision, one of "
                           f"{', '.join(PRECISIONS)}, with engine='openvino'; found "
                           f"precision={precision!r} with engine={engine!r}")
+    if (engine == "tensorrt") != (target == "tensorrt-gpu"):
+        raise TargetError(f"a {target} package is served with "
+                          f"{TARGET_ENGINES.get(target, 'onnxruntime')}, found engine="
+                          f"{engine!r} (TensorRT serves tensorrt-gpu packages only, and they "
+                          "need it)")
     return engine
 
 

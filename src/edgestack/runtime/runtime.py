@@ -434,14 +434,14 @@ class Runtime:
                     "written by `edgestack pack`; repack the model with it")
             self.engine = check_engine(engine, precision, man.target)
             self.precision = precision
-            if self.engine == "openvino":
+            if self.engine != "onnxruntime" and man.layers:
                 if graph is not None or materialize not in (None, len(man.layers)):
                     raise TargetError(
                         f"OpenVINO serves the dense graphs only (every layer materialised); "
                         f"found graph={graph!r}, materialize={materialize!r}; leave them "
                         "unset or serve with engine='onnxruntime'")
                 missing = [f for f in DENSE_FILES.values() if f not in man.files]
-                if len(missing) == len(DENSE_FILES):
+                if len(missing) == len(DENSE_FILES) or self.engine == "tensorrt":
                     raise TargetError(f"{self.package.path}: the package has no dense graph "
                                       f"({', '.join(DENSE_FILES.values())}) for OpenVINO to "
                                       "serve; repack the model with this edgestack")
@@ -619,22 +619,35 @@ class Runtime:
         into ``folder``."""
         pkg = self.package
         name = {"plain": pkg.graph_file, "mixed": VARIANT_FILE, **DENSE_FILES}[graph]
+        if self.engine == "tensorrt":   # the compiled graph; the engine is cached beside
+            from edgestack.runtime.tensorrt import TensorRTSession
+
+            build = (pkg.manifest.metadata or {}).get("compile", {}).get("build") or {}
+            cache = Path(f"{pkg.path}.engines")
+            return TensorRTSession(pkg.read_file(name, verify=self._verify),
+                                   pkg.files[name].sha256, build, cache)
         if self.engine == "openvino":   # a dense graph, in the folder beside its data
-            path = Path(folder or self._external_data_dir(), name)
-            path.write_bytes(pkg.read_file(name, verify=self._verify))  # hashed while read
+            if folder is None and not pkg.is_archive:  # the package's own (hashed at open)
+                path = pkg.file_path(name)
+            else:
+                path = Path(folder or self._external_data_dir(), name)
+                path.write_bytes(pkg.read_file(name, verify=self._verify))  # hashed while read
             return OpenVINOSession(str(path), threads=self.threads, precision=self.precision,
-                                   compress=graph == "fp32")
+                                   compress=graph in ("fp32", "plain"))
         import onnxruntime as ort
 
-        from edgestack.core.ort import session_options
+        from edgestack.core.ort import disabled_optimizers, session_options
 
         # the ort-cpu target's options (threads 0 = ORT's default; level checked in
         # __init__), plus the runtime's own: memory follows the plan
+        compiled = not pkg.layers   # a compiled graph: every weight is an initializer
         so = session_options(int(self.threads or 0), self.optimization, self.spinning)
-        so.enable_cpu_mem_arena = graph in DENSE_FILES   # see the module doc
+        so.enable_cpu_mem_arena = graph in DENSE_FILES or compiled  # see the module doc
         so.enable_mem_pattern = False
-        if graph not in DENSE_FILES:  # the dense graphs' site weights are prepacked
+        if graph not in DENSE_FILES and not compiled:  # fed blocks: nothing to prepack
             so.add_session_config_entry("session.disable_prepacking", "1")
+        options = (pkg.manifest.metadata or {}).get("compile", {}).get("options", {})
+        disabled = disabled_optimizers(options.get("disabled_optimizers"))
         so.log_severity_level = 3
         for tname, value in self._weights.items():
             so.add_initializer(tname, value)  # no copy: ORT uses our map
@@ -642,7 +655,9 @@ class Runtime:
                                     folder or self._external_data_dir())
         model = pkg.read_file(name, verify=self._verify)  # hashed while read
         try:
-            return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+            return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"],
+                                        **({"disabled_optimizers": disabled} if disabled
+                                           else {}))
         except Exception as exc:
             raise TargetError(f"{pkg.path}: ONNX Runtime cannot load the package's graph "
                               f"{name!r} ({str(exc)[:300]}); repack the model") from None
@@ -990,7 +1005,7 @@ class Runtime:
         reason = ("" if judged else f"tier {tier} is not the golden tier {info.tier}"
                   if tier != info.tier else f"{len(quantized)} layers are served as "
                   f"{'/'.join(sorted(set(quantized)))}" if quantized else
-                  f"OpenVINO computes in {self.precision}")
+                  f"OpenVINO computes in {self.precision or 'its default precision'}")
         return {"ran": True, "tier": tier, "golden_tier": info.tier, "judged": judged,
                 "reason": reason,
                 "passed": passed if judged else None, "outputs": worst,

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from edgestack.errors import TargetError
+from edgestack.errors import BackendUnavailable, TargetError
 
 ARTIFACT_VERSION = 1
 ARTIFACT_FILE = "artifact.json"
@@ -340,13 +340,13 @@ def import_package(module: str, target: str, extra: str, where: str = "") -> Any
     """Import ``module``, the backend package of ``target``.
 
     Raises:
-        TargetError: it cannot be imported; the message names ``pip install
+        BackendUnavailable: it cannot be imported; the message names ``pip install
             'edgestack[extra]'`` (``where``: a note appended to that advice).
     """
     try:
         return __import__(module)     # a top-level package name: the module itself
     except ImportError as exc:
-        raise TargetError(f"target {target} needs the {module} package, which cannot be "
+        raise BackendUnavailable(f"target {target} needs the {module} package, which cannot be "
                           f"imported ({exc}). To fix: pip install 'edgestack[{extra}]'{where}."
                           ) from exc
 

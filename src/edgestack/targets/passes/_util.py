@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from edgestack.exporter.passes.compact_embeddings import add_initializer  # noqa: F401 - re-export
 
@@ -47,10 +48,9 @@ def replace_node(graph: ir.Graph, node: ir.Node, new_output: ir.Value,
     graph.remove(node, safe=True)
 
 
-def drop_unused_initializers(graph: ir.Graph) -> int:
-    """Remove initializers nothing reads; returns how many."""
-    dead = [n for n, v in graph.initializers.items()
-            if not v.uses() and v not in graph.outputs and v not in graph.inputs]
-    for n in dead:
-        del graph.initializers[n]
-    return len(dead)
+def drop_unused_initializers(model: ir.Model) -> int:
+    """Remove dead nodes and the initializers nothing reads (onnx-ir's
+    ``RemoveUnusedNodesPass``); returns how many initializers went."""
+    before = len(model.graph.initializers)
+    RemoveUnusedNodesPass()(model)
+    return before - len(model.graph.initializers)

@@ -116,7 +116,7 @@ class DynamicInt8MatMulPass(ir.passes.InPlacePass):
                 graph.remove(tr, safe=True)
             graph.remove(dq, safe=True)
             done += 1
-        drop_unused_initializers(graph)
+        drop_unused_initializers(model)
         self.report = {"rewritten": done, "shared_activation_quantizers": shared,
                        "kept_dequantize": skipped}
         return ir.passes.PassResult(model, bool(done))

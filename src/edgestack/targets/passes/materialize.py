@@ -50,6 +50,6 @@ class MaterializePass(ir.passes.InPlacePass):
             value = add_initializer(graph, f"{node.name or node.op_type}_weight", weight)
             replace_node(graph, node, value, [])
             folded.append(node.name)
-        removed = drop_unused_initializers(graph)
+        removed = drop_unused_initializers(model)
         self.report = {"folded": len(folded), "kept": kept, "initializers_removed": removed}
         return ir.passes.PassResult(model, bool(folded))

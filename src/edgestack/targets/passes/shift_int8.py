@@ -99,6 +99,6 @@ class ShiftToInt8Pass(ir.passes.InPlacePass):
             out.shape = ir.Shape(list(q.shape))
             replace_node(graph, node, out, [dq])
             lowered.append(node.name)
-        drop_unused_initializers(graph)
+        drop_unused_initializers(model)
         self.report = {"lowered": len(lowered), "fallback": fallback}
         return ir.passes.PassResult(model, bool(lowered))

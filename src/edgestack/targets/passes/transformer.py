@@ -260,7 +260,7 @@ class TransformerFusionPass(ir.passes.InPlacePass):
             why = ("no Softmax in the graph (not a transformer)" if not skipped else
                    "; ".join(sorted(set(skipped.values()))))
             log.info("attention fusion skipped: %s", why)
-        drop_unused_initializers(graph)
+        drop_unused_initializers(model)
         self.report = {"attention_fused": fused, "num_heads": sorted(heads),
                        "attention_skipped": skipped, "bias_gelu_fused": gelu}
         return ir.passes.PassResult(model, bool(fused or gelu))
