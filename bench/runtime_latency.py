@@ -1,10 +1,12 @@
 """The runtime's plans against the baselines a user would deploy, timed in one process.
 
-Uses what ``make demo`` wrote (run it first): the 12-block MiniLM BitStack package
-(``edgestack-demo/packages/minilm-bitstack``), the baselines it built from the fp32 export
-(ORT fp32, dynamic int8 per-tensor and per-channel, MatMulNBits 8- and 4-bit, each with
-external data, and OpenVINO f32 and bf16; ``edgestack-demo/bench/work/baselines``) and the
-bench inputs (the first held sentence, seq 128). Serves the package with the runtime manager
+Uses what ``edgestack demo --keep-work`` wrote (run it first): the 12-block MiniLM BitStack
+package (``edgestack-demo/packages/minilm-bitstack``), the baselines it built from the fp32
+export (ORT fp32, dynamic int8 per-tensor and per-channel, MatMulNBits 8- and 4-bit, each with
+external data, and OpenVINO f32 and bf16; ``edgestack-demo/work/bench/baselines``) and the
+bench inputs (the first held sentence, seq 128; ``edgestack-demo/work/bench/feeds.npz``).
+Without ``--keep-work`` (``make demo``) the demo removes its scratch folder ``work/``, and
+with it the baselines and the bench inputs. Serves the package with the runtime manager
 at ``--budgets`` (default: one per dense form the planner picks: int8, 8-bit weight-only,
 float32), and, with ``--openvino`` (default: f32,bf16), the package served by OpenVINO in
 those precisions at each dense form (its top tier, every layer materialised), then times
@@ -13,7 +15,8 @@ pool threads not spinning, 2 threads), and prints p50 and the ratio of each plan
 baseline, with the CPU's int8/bf16 extensions (latency ratios depend on them). Quality and
 memory are the demo's and ``bench/runtime_budgets.py``'s; this script times only.
 
-Run:  .venv/bin/python bench/runtime_latency.py [--rounds 60]
+Run:  .venv/bin/edgestack demo --keep-work
+      .venv/bin/python bench/runtime_latency.py [--rounds 60]
           [--out bench/results/runtime_latency.json]
 """
 
@@ -37,8 +40,8 @@ BASELINES = {"ORT fp32": "ort_fp32", "ORT dynamic int8 per-tensor": "ort_int8",
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--package", default=str(DEMO / "packages" / "minilm-bitstack"))
-    ap.add_argument("--baselines", default=str(DEMO / "bench" / "work" / "baselines"))
-    ap.add_argument("--feeds", default=str(DEMO / "bench" / "work" / "feeds.npz"))
+    ap.add_argument("--baselines", default=str(DEMO / "work" / "bench" / "baselines"))
+    ap.add_argument("--feeds", default=str(DEMO / "work" / "bench" / "feeds.npz"))
     ap.add_argument("--budgets", default="int8,nbits8,fp32",
                     help="comma-separated budgets (e.g. 40MB) or forms: a form is served at "
                     "its top-tier plan + 1 MiB")
@@ -57,8 +60,10 @@ def main(argv: list[str] | None = None) -> int:
 
     for path in (args.package, args.baselines, args.feeds):
         if not Path(path).exists():
-            print(f"error: {path} does not exist; run `make demo` first (it writes the "
-                  "package, the baselines and the bench inputs)", file=sys.stderr)
+            print(f"error: {path} does not exist; run `.venv/bin/edgestack demo "
+                  "--keep-work` first (it writes the package, and with --keep-work keeps the "
+                  "baselines and the bench inputs in edgestack-demo/work, which `make demo` "
+                  "removes)", file=sys.stderr)
             return 2
     with np.load(args.feeds) as npz:
         feeds = {k: npz[k] for k in npz.files}

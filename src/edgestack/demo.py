@@ -1,7 +1,9 @@
 """The demo: the main job of edgestack on the embedded default model.
 
 all-MiniLM-L6-v2 (real weights, offline, from an installed package) goes through the whole
-toolchain, and everything lands in one folder:
+toolchain; the report, the plots and the BitStack package land in one folder a user can keep
+(:data:`OUTPUT_FILES`), the scratch work in its ``work/`` folder (:data:`WORK`), removed at the
+end unless ``keep_work``:
 
 1. **compress** with each method and **export** to ONNX with edgestack ops (parity against
    the compressed torch model), measuring stored bytes and embedding quality vs the fp32
@@ -25,6 +27,17 @@ toolchain, and everything lands in one folder:
 Without the bench (``bench=False``) no baseline is built and the package runs at the
 smallest plan of its first and last tiers (+ 1 MiB each).
 
+The output folder keeps ``report.md``, ``report.json``, the plots (``quality_vs_bits.png``,
+``bench/``), the package the runtime served (``packages/``) and the export of
+:data:`KEEP_MODEL` when it is at most :data:`KEEP_MODEL_BYTES` (``models/``): about 0.1 GB for
+the full demo. Everything else is scratch under ``work/``: every method's export
+(``work/models``), the compiled artifacts of every target (``work/targets``), the baselines and
+the bench inputs (``work/bench``), several GB for the full demo. It is removed when the demo
+ends, passing, failing or raising, unless ``keep_work`` (``bench/runtime_latency.py`` reads the
+baselines there); a killed run's ``work/`` goes when the next run replaces the folder. The
+report ends with a "Files" section: what the folder holds and each entry's measured size
+(:func:`output_files`).
+
 :attr:`DemoResult.ok` (the CLI's exit status) is whether every check held
 (:attr:`DemoResult.checks`): export parity, every target check that ran, and for every
 package row the runtime's promise, measured peak RSS increase <= budget (and the self-test
@@ -41,6 +54,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from edgestack.errors import EdgestackError
 
 #: GPTQ statistics (shift rounding, BitStack signs) from the whole shipped corpus: 836
 #: sentences (``extra_texts``) instead of the 128 calibration batches (docs/quality.md)
@@ -65,6 +80,29 @@ BENCH_TARGETS = ("ort-cpu", "openvino-cpu")
 
 MB = 1e6
 
+WORK = "work"
+"""The scratch folder inside the output folder: removed when the demo ends, unless
+``keep_work``."""
+KEEP_MODEL = "bitstack"
+"""The method whose export the output folder keeps (``models/``): the one packed and served."""
+KEEP_MODEL_BYTES = 64 * MB
+"""... when its files total at most this (the full demo's BitStack export: 31 MB)."""
+OUTPUT_FILES = {
+    "report.md": "this report",
+    "report.json": "every table and check, for machines",
+    "quality_vs_bits.png": "plot: quality vs bits/weight",
+    "bench/bench.md": "the bench tables, with edgestack's best subject per baseline memory",
+    "bench/bench.json": "the bench rows, for machines",
+    "bench/latency_vs_memory.png": "plot: latency vs peak RSS increase",
+    "bench/quality_vs_memory.png": "plot: quality vs peak RSS increase",
+    "bench/pareto.png": "plot: the bench's Pareto front",
+    "packages/minilm-bitstack": "the BitStack device package the runtime served (folder)",
+    "packages/minilm-bitstack.tar": "the same package as one archive",
+    f"models/minilm-{KEEP_MODEL}.onnx": "the exported BitStack model that was packed",
+    WORK: "scratch kept by --keep-work: every export, compiled artifact, baseline",
+}
+"""What the output folder holds (relative path -> what it is), for the report's "Files"."""
+
 
 @dataclass
 class DemoResult:
@@ -86,10 +124,22 @@ class DemoResult:
     environment: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    keep_work: bool = False
+    files: list[dict[str, Any]] | None = None       # None: not measured (output_files)
 
     @property
     def report_path(self) -> Path:
         return self.out_dir / "report.md"
+
+    @property
+    def work_dir(self) -> Path:
+        """The scratch folder (:data:`WORK`)."""
+        return self.out_dir / WORK
+
+    @property
+    def output_bytes(self) -> int | None:
+        """The output folder's size as last measured (:attr:`files`), or None."""
+        return None if self.files is None else sum(f["bytes"] for f in self.files)
 
     @property
     def checks(self) -> list[dict[str, Any]]:
@@ -138,7 +188,8 @@ class DemoResult:
                 "seconds": round(self.seconds, 1), "timings": self.timings,
                 "methods": self.rows, "targets": self.targets, "baselines": self.baselines,
                 "runtime": self.runtime, "package": self.package, "bench": self.bench,
-                "skipped": self.skipped, "plots": self.plots}
+                "skipped": self.skipped, "plots": self.plots, "keep_work": self.keep_work,
+                "files": self.files, "output_bytes": self.output_bytes}
 
 
 def runtime_budgets(baseline_memory: dict[str, int], smallest_plan: int,
@@ -179,12 +230,13 @@ def _environment() -> dict[str, Any]:
 def run_demo(out_dir: str | Path = "edgestack-demo", methods: dict[str, dict] | None = None,
              seq: int = 128, threads: int = 2, iterations: int = 20,
              targets: tuple[str, ...] | str = "all", bench: bool = True,
-             baselines: tuple[str, ...] | None = None,
+             baselines: tuple[str, ...] | None = None, keep_work: bool = False,
              log: Callable[[str], None] = print) -> DemoResult:
-    """Run the demo and write ``out_dir/report.md``, ``report.json`` and plots.
+    """Run the demo and write ``out_dir/report.md``, ``report.json``, plots and the package.
 
     Args:
-        out_dir: Folder for the report, models, artifacts and packages (replaced).
+        out_dir: Folder for the report, plots, package and kept model (replaced when it is
+            empty or a demo's output; any other folder is refused).
         methods: Method name -> compress() options (default :data:`DEFAULT_METHODS`); the
             first is the fp32 reference and must be ``none``.
         seq: Sequence length of the exported models.
@@ -196,17 +248,22 @@ def run_demo(out_dir: str | Path = "edgestack-demo", methods: dict[str, dict] | 
             plans of its first and last tiers only.
         baselines: Labels (:data:`edgestack.profiler.bench.BASELINES`) of the baselines to
             measure and budget at; ``None``: every baseline that can run here.
+        keep_work: Keep the scratch folder ``out_dir/work`` (:data:`WORK`); by default it
+            is removed when the demo ends, whether it passed, failed or raised.
         log: Progress callback.
+
+    Raises:
+        EdgestackError: ``out_dir`` is a file, or a non-empty folder that is not a demo's
+            output.
     """
     t_start = time.perf_counter()
     out = Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    (out / "models").mkdir(parents=True)
+    _replace_output(out)
+    (out / WORK / "models").mkdir(parents=True)
     methods = dict(DEFAULT_METHODS if methods is None else methods)
     if next(iter(methods), None) != "none":
         methods = {"none": {}, **methods}
-    result = DemoResult(out, environment=_environment())
+    result = DemoResult(out, environment=_environment(), keep_work=keep_work)
 
     def step(name: str, fn: Callable[[], Any]) -> Any:
         t0 = time.perf_counter()
@@ -214,24 +271,93 @@ def run_demo(out_dir: str | Path = "edgestack-demo", methods: dict[str, dict] | 
         result.timings[name] = round(time.perf_counter() - t0, 1)
         return value
 
-    models = step("compress+export", lambda: _methods_step(result, methods, seq, threads, log))
-    step("targets", lambda: _targets_step(result, models, targets, log))
-    base: tuple[list[Any], dict[str, str]] | None = None
-    if bench:
-        base = step("baselines", lambda: _baselines_step(result, models["none"], threads,
-                                                        baselines, log))
-    package = None
-    if "bitstack" in models:
-        package = step("pack+runtime",
-                       lambda: _runtime_step(result, models["bitstack"], threads,
-                                             base[0] if base else None, log))
-    if base is not None:
-        step("bench", lambda: _bench_step(result, models, base, package, threads, iterations,
-                                          log))
-    step("plots", lambda: _plots_step(result))
+    try:
+        models = step("compress+export",
+                      lambda: _methods_step(result, methods, seq, threads, log))
+        step("targets", lambda: _targets_step(result, models, targets, log))
+        base: tuple[list[Any], dict[str, str]] | None = None
+        if bench:
+            base = step("baselines", lambda: _baselines_step(result, models["none"], threads,
+                                                            baselines, log))
+        package = None
+        if "bitstack" in models:
+            package = step("pack+runtime",
+                           lambda: _runtime_step(result, models["bitstack"], threads,
+                                                 base[0] if base else None, log))
+        if base is not None:
+            step("bench", lambda: _bench_step(result, models, base, package, threads,
+                                              iterations, log))
+        step("plots", lambda: _plots_step(result))
+        _keep_model(result, models.get(KEEP_MODEL), log)
+    finally:
+        if not keep_work:
+            shutil.rmtree(result.work_dir, ignore_errors=True)
+            if result.work_dir.exists():
+                log(f"could not remove the scratch folder {result.work_dir}; remove it by hand")
     result.seconds = time.perf_counter() - t_start
+    result.files = output_files(out)
     write_report(result, seq=seq, threads=threads)
     return result
+
+
+def _replace_output(out: Path) -> None:
+    """Remove ``out`` (a previous demo's output, or a killed run's leftovers: its ``work/``)
+    so that the demo starts from an empty folder; refuse anything else."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise EdgestackError(f"demo: the output folder {out} is a file; expected a folder. "
+                             "To fix: pass --out with a new folder name")
+    names = {p.name for p in out.iterdir()}
+    if names and not names & {"report.json", "report.md", WORK}:
+        raise EdgestackError(
+            f"demo: the output folder {out} is not empty and is not a demo's output (it has "
+            f"no report.json, report.md or {WORK}/; found {', '.join(sorted(names)[:5])}"
+            f"{', ...' if len(names) > 5 else ''}). The demo replaces its output folder. "
+            "To fix: pass --out with a new or empty folder, or a previous demo's output")
+    shutil.rmtree(out)
+
+
+def _keep_model(result: DemoResult, model: Path | None, log: Callable[[str], None]) -> None:
+    """Put the export of :data:`KEEP_MODEL` (``model``: its path under ``work/models``) in
+    ``out/models`` when its files total at most :data:`KEEP_MODEL_BYTES`: moved, or copied
+    with ``keep_work`` (the scratch folder stays whole)."""
+    if model is None:
+        return
+    files = [f for f in (model, Path(str(model) + ".data")) if f.is_file()]
+    size = sum(f.stat().st_size for f in files)
+    if size > KEEP_MODEL_BYTES:
+        log(f"not keeping {model.name}: {size / MB:.1f} MB > {KEEP_MODEL_BYTES / MB:.0f} MB")
+        return
+    dest = result.out_dir / "models"
+    dest.mkdir(exist_ok=True)
+    for f in files:
+        (shutil.copy2 if result.keep_work else shutil.move)(f, dest / f.name)
+
+
+def output_files(out: Path) -> list[dict[str, Any]]:
+    """What the output folder ``out`` holds, measured: each file at its top level and one
+    folder down, each folder deeper than that (a package) and the scratch folder
+    (:data:`WORK`) as one entry; ``[{"path", "bytes", "what"}]`` in the order of
+    :data:`OUTPUT_FILES` (anything else last, by path), ``bytes`` the sum of the files' sizes,
+    ``what`` from :data:`OUTPUT_FILES` (empty for anything else)."""
+
+    def size(p: Path) -> int:
+        if p.is_file():
+            return p.stat().st_size
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+    entries = []
+    for top in sorted(out.iterdir()):
+        subs = ([top] if top.is_file() or top.name == WORK
+                else sorted(top.iterdir()))
+        for p in subs:
+            rel = p.relative_to(out).as_posix()
+            entries.append({"path": rel + ("" if p.is_file() else "/"), "bytes": size(p),
+                            "what": OUTPUT_FILES.get(rel, "")})
+    order = {rel: i for i, rel in enumerate(OUTPUT_FILES)}
+    return sorted(entries, key=lambda e: (order.get(e["path"].rstrip("/"), len(order)),
+                                          e["path"]))
 
 
 # ---- 1. compress and export ---------------------------------------------------------------
@@ -261,7 +387,7 @@ def _methods_step(result: DemoResult, methods: dict[str, dict], seq: int, thread
         report = compress(model, method, calib=calib if method != "none" else None,
                           **({"skip": ["pooler"]} if method != "none" else {}), **opts)
         t_compress = time.perf_counter() - t0
-        path = result.out_dir / "models" / f"minilm-{method}.onnx"
+        path = result.work_dir / "models" / f"minilm-{method}.onnx"
         t0 = time.perf_counter()
         res = export(model, inputs, path, metadata={"compression": report})
         t_export = time.perf_counter() - t0
@@ -307,7 +433,7 @@ def _targets_step(result: DemoResult, models: dict[str, Path], targets: Any,
     feeds = result.held_batches[0]                       # a real sentence
     cases = [Case(m, p, dict(feeds)) for m, p in models.items()]
     reports = cross_check(cases, names, options=TARGET_OPTIONS,
-                          work_dir=result.out_dir / "targets")
+                          work_dir=result.work_dir / "targets")
     for rep in reports:
         for chk in rep.checks:
             worst = min((o.cosine for o in chk.outputs), default=None)
@@ -323,7 +449,7 @@ def _targets_step(result: DemoResult, models: dict[str, Path], targets: Any,
 
 def _artifact_dir(result: DemoResult, method: str, target: str) -> Path:
     index = [r["method"] for r in result.rows].index(method)
-    return result.out_dir / "targets" / f"{index}_{method}" / target
+    return result.work_dir / "targets" / f"{index}_{method}" / target
 
 
 # ---- 3. baselines: build, measure memory ----------------------------------------------------
@@ -331,7 +457,7 @@ def _feeds_file(result: DemoResult) -> Path:
     """The first held sentence as an ``.npz``: what every memory probe runs."""
     import numpy as np
 
-    path = result.out_dir / "bench" / "work" / "memory_feeds.npz"
+    path = result.work_dir / "bench" / "memory_feeds.npz"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez(path, **result.held_batches[0])
@@ -347,7 +473,7 @@ def _baselines_step(result: DemoResult, dense: Path, threads: int,
     from edgestack.profiler.bench import baseline_subjects, measure_memory
 
     log("[3/5 baselines] building the baselines from the dense model ...")
-    subjects, skipped = baseline_subjects(dense, result.out_dir / "bench" / "work" / "baselines",
+    subjects, skipped = baseline_subjects(dense, result.work_dir / "bench" / "baselines",
                                           threads, lambda m: log(f"[3/5 baselines] {m}"))
     if labels is not None:
         subjects = [s for s in subjects if s.label.split(" (")[0] in labels]
@@ -544,8 +670,9 @@ def _bench_step(result: DemoResult, models: dict[str, Path], baselines: tuple[li
     from edgestack.targets import get_target
     from edgestack.targets.base import Artifact
 
-    out = result.out_dir / "bench"
-    work = out / "work"
+    out = result.out_dir / "bench"                       # kept: tables and plots
+    out.mkdir(exist_ok=True)
+    work = result.work_dir / "bench"
     dense = models["none"]
     feeds = result.held_batches[0]                       # the first held sentence: timing
     ref = reference_handle(dense, threads=threads)
@@ -660,8 +787,25 @@ def _fmt(value: Any, spec: str, empty: str = "") -> str:
     return empty if value is None else format(value, spec)
 
 
+def _size_text(n: int) -> str:
+    return f"{n / MB:.1f} MB" if n >= MB else f"{n / 1e3:.1f} kB"
+
+
 def write_report(result: DemoResult, seq: int, threads: int) -> None:
-    """Write report.md and report.json into ``result.out_dir``."""
+    """Write report.md and report.json into ``result.out_dir``. Where :attr:`DemoResult.files`
+    is measured, both end with the folder's files and sizes, their own included: written
+    again until the sizes they list are the ones measured."""
+    for _ in range(10):
+        _write_report(result, seq, threads)
+        if result.files is None:
+            return
+        files = output_files(result.out_dir)
+        if files == result.files:
+            return
+        result.files = files
+
+
+def _write_report(result: DemoResult, seq: int, threads: int) -> None:
     from edgestack.core.quality import held_sentences
 
     out = result.out_dir
@@ -819,4 +963,17 @@ def write_report(result: DemoResult, seq: int, threads: int) -> None:
         lines += [f"- {k}: {v}" for k, v in result.skipped.items()]
     env = result.environment
     lines += ["", "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
+    if result.files is not None:
+        lines += ["## Files", "",
+                  f"What `{out}` holds: {_size_text(result.output_bytes)} in all (sizes "
+                  "measured: the sum of each entry's file sizes). "
+                  + (f"The scratch folder `{WORK}/` is kept (`--keep-work`): every method's "
+                     "export, the compiled artifacts of every target, the baselines and the "
+                     "bench inputs." if result.keep_work else
+                     f"The scratch work (every method's export, the compiled artifacts of every "
+                     f"target, the baselines and the bench inputs) was removed; "
+                     f"`edgestack demo --keep-work` keeps it in `{WORK}/`."),
+                  "", "| file | size | what |", "| --- | ---: | --- |",
+                  *[f"| `{f['path']}` | {_size_text(f['bytes'])} | {f['what']} |"
+                    for f in result.files], ""]
     (out / "report.md").write_text("\n".join(lines))

@@ -1,5 +1,7 @@
-"""The demo: budget choice and checks on synthetic results (fast), then the demo end to end on
-a small configuration (MiniLM at seq 16, two methods, ort-cpu, three baselines)."""
+"""The demo: budget choice and checks on synthetic results (fast), the output folder's
+replacement and scratch cleanup (fast: the steps stubbed), then the demo end to end on a small
+configuration (MiniLM at seq 16, two methods, ort-cpu, three baselines) and through the CLI with
+``--keep-work`` (one method, no bench)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from edgestack.demo import DemoResult, run_demo, runtime_budgets, write_report
+from edgestack import demo as demo_module
+from edgestack.cli import main
+from edgestack.demo import WORK, DemoResult, output_files, run_demo, runtime_budgets, write_report
+from edgestack.errors import EdgestackError
 
 MiB = 2**20
 
@@ -112,6 +117,62 @@ def test_refused_budget_and_failed_self_test_fail_the_demo(tmp_path: Path) -> No
     assert not parity.ok
 
 
+# ---- the output folder: replaced, scratch removed -------------------------------------------
+def _tree_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def test_report_files_section_lists_every_file_with_its_measured_size(tmp_path: Path) -> None:
+    result = _result(tmp_path, [_runtime_row(31_000_000, 29_000_000)])
+    (tmp_path / "packages" / "pkg" / "sub").mkdir(parents=True)
+    (tmp_path / "packages" / "pkg" / "sub" / "blocks.bin").write_bytes(b"x" * 150_000)
+    (tmp_path / "packages" / "pkg.tar").write_bytes(b"y" * 1000)
+    result.files = output_files(tmp_path)
+    write_report(result, seq=16, threads=2)
+    doc = json.loads((tmp_path / "report.json").read_text())
+    assert doc["files"] == output_files(tmp_path)          # its own size included, exact
+    by_path = {f["path"]: f["bytes"] for f in doc["files"]}
+    assert by_path["packages/pkg/"] == 150_000 and by_path["packages/pkg.tar"] == 1000
+    assert by_path["report.json"] == (tmp_path / "report.json").stat().st_size
+    assert doc["output_bytes"] == _tree_bytes(tmp_path) == sum(by_path.values())
+    md = (tmp_path / "report.md").read_text()
+    assert md.startswith("# edgestack demo report\n\n## What passed / what failed\n")
+    files = md[md.index("## Files"):]
+    assert "| `packages/pkg/` | 150.0 kB |  |" in files
+    assert "| `packages/pkg.tar` | 1.0 kB |  |" in files
+    assert f"| `report.md` | {(tmp_path / 'report.md').stat().st_size / 1e3:.1f} kB | this " \
+        "report |" in files
+
+
+def test_output_folder_that_is_not_a_demo_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "thesis.tex").write_text("mine")
+    with pytest.raises(EdgestackError, match="is not a demo's output .* found thesis.tex"):
+        run_demo(tmp_path, log=lambda m: None)
+    assert (tmp_path / "thesis.tex").read_text() == "mine"   # untouched
+    with pytest.raises(EdgestackError, match="is a file"):
+        run_demo(tmp_path / "thesis.tex", log=lambda m: None)
+
+
+@pytest.mark.parametrize("keep_work", [False, True])
+def test_scratch_removed_when_a_step_raises_unless_kept(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        keep_work: bool) -> None:
+    out = tmp_path / "demo"
+    (out / WORK / "targets").mkdir(parents=True)           # a killed run's leftovers
+    (out / WORK / "targets" / "stale.onnx").write_bytes(b"0" * 100)
+
+    def methods_step(result: DemoResult, *args: object) -> None:
+        assert not (result.work_dir / "targets").exists()  # the leftovers went first
+        (result.work_dir / "models" / "minilm-none.onnx").write_bytes(b"1" * 100)
+        raise RuntimeError("export broke")
+
+    monkeypatch.setattr(demo_module, "_methods_step", methods_step)
+    with pytest.raises(RuntimeError, match="export broke"):
+        run_demo(out, keep_work=keep_work, log=lambda m: None)
+    assert (out / WORK / "models" / "minilm-none.onnx").is_file() == keep_work
+    assert (out / WORK).exists() == keep_work
+
+
 # ---- the demo, reduced ----------------------------------------------------------------------
 BASELINES = ("ORT fp32", "ORT dynamic int8 per-tensor", "OpenVINO f32")
 
@@ -149,6 +210,59 @@ def test_demo_writes_report_plots_packages(demo: DemoResult) -> None:
         assert data[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "packages" / "minilm-bitstack" / "manifest.json").is_file()
     assert (out / "packages" / "minilm-bitstack.tar").is_file()
+
+
+@pytest.mark.slow
+def test_demo_keeps_the_report_package_and_model_not_the_scratch(demo: DemoResult) -> None:
+    out = demo.out_dir
+    assert not (out / WORK).exists() and not demo.keep_work
+    assert sorted(p.name for p in out.iterdir()) == [
+        "bench", "models", "packages", "quality_vs_bits.png", "report.json", "report.md"]
+    assert [p.name for p in (out / "models").iterdir()] == ["minilm-bitstack.onnx"]
+    assert not list((out / "bench").glob("*/"))             # the bench's work went with WORK
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["files"] == output_files(out) and doc["keep_work"] is False
+    listed = {f["path"]: f["bytes"] for f in doc["files"]}
+    assert listed["packages/minilm-bitstack/"] == _tree_bytes(out / "packages/minilm-bitstack")
+    assert listed["models/minilm-bitstack.onnx"] == (
+        out / "models" / "minilm-bitstack.onnx").stat().st_size
+    assert all(f["what"] for f in doc["files"])             # each kept file is described
+    md = (out / "report.md").read_text()
+    files = md[md.index("## Files"):]
+    for f in doc["files"]:
+        assert f"| `{f['path']}` | " in files
+    # the folder: the package (folder and archive) and the kept model, plus reports and plots
+    kept = sum(listed[p] for p in ("packages/minilm-bitstack/", "packages/minilm-bitstack.tar",
+                                   "models/minilm-bitstack.onnx"))
+    total = _tree_bytes(out)
+    assert total == doc["output_bytes"] == sum(listed.values())
+    assert total < kept + 2_000_000, (total, kept)
+
+
+@pytest.mark.slow
+def test_cli_keep_work_keeps_the_scratch_and_lists_it(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "demo"
+    args = ["demo", "--out", str(out), "--methods", "none", "--targets", "ort-cpu",
+            "--no-bench", "--seq", "16"]
+    assert main([*args, "--keep-work"]) == 0
+    printed = capsys.readouterr().out
+    assert (out / WORK / "models" / "minilm-none.onnx").is_file()
+    assert (out / WORK / "targets" / "0_none" / "ort-cpu" / "artifact.json").is_file()
+    doc = json.loads((out / "report.json").read_text())
+    listed = {f["path"]: f["bytes"] for f in doc["files"]}
+    assert listed[f"{WORK}/"] == _tree_bytes(out / WORK) > 0 and doc["keep_work"] is True
+    assert doc["output_bytes"] == _tree_bytes(out)
+    assert printed.rstrip().endswith(f"output folder {out.resolve()}: "
+                                     f"{doc['output_bytes'] / 1e6:.1f} MB (scratch work/ "
+                                     "kept: --keep-work)")
+    md = (out / "report.md").read_text()
+    assert f"| `{WORK}/` | {listed[f'{WORK}/'] / 1e6:.1f} MB | scratch kept" in md
+    # the same folder again, without --keep-work: the scratch goes, the report stays
+    assert main(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == [   # no bench, no package, no model
+        "quality_vs_bits.png", "report.json", "report.md"]
+    assert "(scratch work removed; --keep-work keeps it)" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -477,7 +477,7 @@ def test_baselines_use_per_channel_and_external_data_opened_from_path(
         try:
             assert handle.infer(feeds)["y"].shape == (1, 8, 48)
         finally:
-            handle.close()
+            handle.release()
     assert opened == [s.path for s in ort_subjects]
 
 

@@ -19,10 +19,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "measure their peak RSS increase; pack the BitStack model and run it with the runtime "
         "manager at a budget equal to each baseline's memory (those below the package's "
         "smallest plan are reported, not run) and at its smallest plan; bench everything. "
-        "Writes OUT/report.md (opening with what passed and what failed), report.json, PNG "
-        "plots, models, artifacts and packages. Exit 1 when a check fails: export parity, a "
-        "target check, a self-test, or a package row whose measured peak RSS increase is "
-        "over its budget.",
+        "Writes OUT/report.md (opening with what passed and what failed, ending with the "
+        "files OUT holds and their sizes), report.json, PNG plots, the BitStack package and "
+        "its exported model (about 0.1 GB); the scratch work (every export, compiled "
+        "artifact and baseline) goes to OUT/work, removed at the end unless --keep-work. "
+        "OUT is replaced (it must be new, empty or a previous demo's output). Exit 1 when a "
+        "check fails: export parity, a target check, a self-test, or a package row whose "
+        "measured peak RSS increase is over its budget.",
     )
     p.add_argument("--out", default="edgestack-demo", help="output folder (default: %(default)s)")
     p.add_argument("--seq", type=int, default=128, help="sequence length (default 128)")
@@ -35,6 +38,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "smallest plans of its first and last tiers)")
     p.add_argument("--methods", default=None,
                    help="comma-separated subset of none,shift,bitstack,lowrank,prune")
+    p.add_argument("--keep-work", action="store_true",
+                   help="keep the scratch folder OUT/work: every method's export, the "
+                   "compiled artifacts of every target, the baselines and the bench inputs "
+                   "(several GB for the full demo; bench/runtime_latency.py reads them)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(run=run)
 
@@ -60,11 +67,14 @@ def run(args: argparse.Namespace) -> int:
                              f"found {args.seq}, {args.threads}, {args.iterations}")
     result = run_demo(args.out, methods=methods, seq=args.seq, threads=args.threads,
                       iterations=args.iterations, targets=targets,
-                      bench=not args.no_bench,
+                      bench=not args.no_bench, keep_work=args.keep_work,
                       log=progress("demo"))
     if args.json:
         emit_json({"report": str(result.report_path), **result.to_dict()})
     else:
         print(result.report_path.read_text())
         print(f"report written to {result.report_path.resolve()}")
+        print(f"output folder {result.out_dir.resolve()}: {result.output_bytes / 1e6:.1f} MB"
+              + (" (scratch work/ kept: --keep-work)" if args.keep_work else
+                 " (scratch work removed; --keep-work keeps it)"))
     return EXIT_OK if result.ok else EXIT_CHECK_FAILED

@@ -70,6 +70,7 @@ from edgestack.core.quality import (
     sentence_feeds,
     tokenize,
 )
+from edgestack.core.runner import Runner, SessionRunner
 from edgestack.errors import InternalError, TargetError
 from edgestack.profiler.latency import latency_stats
 from edgestack.profiler.pareto import (
@@ -149,15 +150,6 @@ class Subject:
                 "calls": calls}
 
 
-class Handle:
-    """A loaded subject: :meth:`infer` and :meth:`close`."""
-
-    def __init__(self, infer: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]],
-                 close: Callable[[], None]) -> None:
-        self.infer = infer
-        self.close = close
-
-
 def preload(spec: Mapping[str, Any]) -> None:
     """Import what loading ``spec`` needs (the backend library, the runtime manager), so that
     import cost is not counted as the model's memory."""
@@ -169,34 +161,28 @@ def preload(spec: Mapping[str, Any]) -> None:
         import openvino  # noqa: F401
 
 
-def open_subject(spec: Mapping[str, Any]) -> Handle:
-    """Load a subject from its :meth:`Subject.spec`."""
+def open_subject(spec: Mapping[str, Any]) -> Runner:
+    """Load a subject from its :meth:`Subject.spec`: a
+    :class:`~edgestack.core.runner.Runner` (the runtime for a package, a plain session for a
+    baseline model file)."""
+    opts = spec["options"]
     if spec["kind"] == "model":
-        opts = spec["options"]
         if spec["target"] == "openvino-cpu":
             from edgestack.runtime.openvino import PROFILE_PRECISIONS, OpenVINOSession
 
-            sess: Any = OpenVINOSession(spec["path"], threads=opts.get("threads"),
-                                        precision=PROFILE_PRECISIONS.get(opts.get("precision")))
-        else:
-            from edgestack.core.ort import cpu_session
+            return SessionRunner(OpenVINOSession(
+                spec["path"], threads=opts.get("threads"),
+                precision=PROFILE_PRECISIONS.get(opts.get("precision"))))
+        from edgestack.core.ort import cpu_session
 
-            sess = cpu_session(spec["path"], opts.get("threads") or 0, "all",
-                               opts.get("spinning", "on"))
-        names = [o.name for o in sess.get_outputs()]
-
-        def infer(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-            return dict(zip(names, sess.run(None, dict(feeds)), strict=True))
-
-        return Handle(infer, lambda: None)
+        return SessionRunner(cpu_session(spec["path"], opts.get("threads") or 0, "all",
+                                         opts.get("spinning", "on")))
     if spec["kind"] == "package":
         from edgestack.runtime import Runtime
 
-        opts = spec["options"]
-        rt = Runtime(spec["path"], budget=opts["budget"], tier=opts.get("tier"),
-                     threads=opts.get("threads"), form=opts.get("form", "auto"),
-                     engine=opts.get("engine", "auto"), precision=opts.get("precision"))
-        return Handle(rt.infer, rt.close)
+        return Runtime(spec["path"], budget=opts["budget"], tier=opts.get("tier"),
+                       threads=opts.get("threads"), form=opts.get("form", "auto"),
+                       engine=opts.get("engine", "auto"), precision=opts.get("precision"))
     raise InternalError(f"unknown bench subject kind {spec['kind']!r}")
 
 
@@ -519,21 +505,17 @@ def package_subjects(path: Path, count: int | str, log: Callable[[str], None],
     return subjects, {}, golden, top
 
 
-def reference_handle(path: Path, *, tier: int | None = None, threads: int = 1) -> Handle:
+def reference_handle(path: Path, *, tier: int | None = None, threads: int = 1) -> Runner:
     """The quality reference, loaded once: an ONNX model on ORT CPU (all optimizations,
     like :func:`edgestack.targets.reference.reference_outputs`), or a package at ``tier``
     (the runtime manager, no budget limit, the tier's exact float32 weights)."""
     if tier is not None:
         from edgestack.runtime import Runtime
 
-        rt = Runtime(path, tier=tier, form="fp32")
-        return Handle(rt.infer, rt.close)
+        return Runtime(path, tier=tier, form="fp32")
     from edgestack.core.ort import cpu_session
 
-    session = cpu_session(path, threads, "all")
-    names = [o.name for o in session.get_outputs()]
-    return Handle(lambda feeds: dict(zip(names, session.run(names, dict(feeds)), strict=True)),
-                  lambda: None)
+    return SessionRunner(cpu_session(path, threads, "all"))
 
 
 def dense_of(model: Path, out: Path) -> Path:
@@ -620,7 +602,7 @@ def measure_memory(subject: Subject, feeds_path: Path, timeout: float = 600.0
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def interleaved_latency(handles: Sequence[Handle], feeds: Mapping[str, np.ndarray], *,
+def interleaved_latency(handles: Sequence[Runner], feeds: Mapping[str, np.ndarray], *,
                         iterations: int, warmup: int, per_round: int = 2,
                         seconds: float | None = None,
                         progress: Callable[[int, int], None] | None = None
@@ -917,7 +899,7 @@ def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
                                                   seq_len), feeds)
             probe = QualityProbe.build(feeds, reference, ref.infer, batches)
         finally:
-            ref.close()
+            ref.release()
     rows = measure_subjects(subjects, feeds, reference, work, quality=probe,
                             iterations=iterations, warmup=warmup, seconds=seconds,
                             memory=memory, log=log, progress=progress)
@@ -961,7 +943,7 @@ def measure_subjects(subjects: Sequence[Subject], feeds: Mapping[str, np.ndarray
                 log(f"bench: memory [{i + 1}/{len(subjects)}] {s.label} ...")
                 s.memory = measure_memory(s, feeds_path)
             row.load_s, row.peak_rss_increase = s.memory["load_s"], s.memory["increase"]
-    handles: list[Handle] = []
+    handles: list[Runner] = []
     times: list[list[float]] = []
     try:
         for s in subjects:
@@ -986,7 +968,7 @@ def measure_subjects(subjects: Sequence[Subject], feeds: Mapping[str, np.ndarray
                                             warmup=warmup, seconds=seconds, progress=tick)
     finally:
         for h in handles:
-            h.close()
+            h.release()
     batch_n = next((v.shape[0] for v in feeds.values() if np.ndim(v)), 1)
     for row, t in zip(rows, times, strict=True):
         for k, v in latency_stats(t, batch_n).items():
@@ -1011,7 +993,7 @@ def write_report(report: BenchReport, out: Path, plots: bool = True) -> BenchRep
     return report
 
 
-__all__ = ["BASELINES", "BenchReport", "Handle", "Quantization", "Row", "Subject",
+__all__ = ["BASELINES", "BenchReport", "Quantization", "Row", "Subject",
            "bench_feeds", "baseline_subjects", "dense_of", "interleaved_latency",
            "measure_memory", "measure_subjects", "open_subject", "package_disk_bytes",
            "package_subjects", "pick_tiers", "is_package_path", "quantization_summary",

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(int(spec.get("calls", 3))):
         handle.infer(feeds)
     peak = peak_rss()
-    handle.close()
+    handle.release()
     print(json.dumps({"import_rss": before, "load_s": load_s, "peak_rss": peak,
                       "increase": peak - before}))
     return 0

@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 
 from edgestack.core.compare import agree
+from edgestack.core.runner import Runner
 from edgestack.errors import PackageError, TargetError
 from edgestack.package.format import (
     BLOCK_FILE,
@@ -356,8 +357,10 @@ class RetierResult:
                 "released_bytes": self.released_bytes, "plan": self.plan.to_dict()}
 
 
-class Runtime:
-    """Serve a device package within a memory budget.
+class Runtime(Runner):
+    """Serve a device package within a memory budget. A :class:`~edgestack.core.runner.Runner`
+    like every target's runner: ``infer`` (timed: :attr:`last_ms`), ``release`` (=
+    :meth:`close`), a context manager; it loads in its constructor.
 
     Args:
         package: a package path (directory or ``.tar``) or an open :class:`Package`.
@@ -896,8 +899,12 @@ class Runtime:
                 st.cond.notify_all()
 
     def infer(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Run the model on ``feeds`` (graph input name -> array) at the current tier."""
-        return self.infer_with_tier(feeds)[1]
+        """Run the model on ``feeds`` (graph input name -> array) at the current tier;
+        :attr:`last_ms` is the call's wall time."""
+        t0 = time.perf_counter()
+        out = self.infer_with_tier(feeds)[1]
+        self.last_ms = (time.perf_counter() - t0) * 1e3
+        return out
 
     def plan_for(self, budget: int | None, *, tier: int | None = None,
                  budget_source: str = "", prefer: frozenset[str] | None = None) -> MemoryPlan:
@@ -1032,10 +1039,8 @@ class Runtime:
         if getattr(self, "_data_cleanup", None) is not None:
             self._data_cleanup()
 
-    def __enter__(self) -> Runtime:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
+    def release(self) -> None:
+        """:meth:`close` (the :class:`~edgestack.core.runner.Runner` interface)."""
         self.close()
 
     def __repr__(self) -> str:

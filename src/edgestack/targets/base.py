@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from edgestack.core.runner import Runner as CoreRunner
 from edgestack.errors import BackendUnavailable, TargetError
 
 ARTIFACT_VERSION = 1
@@ -131,8 +132,9 @@ def _dtype_name(dtype: Any) -> str:
     return np.dtype(dtype).name
 
 
-class Runner:
-    """Runs one artifact. Use as a context manager or call :meth:`activate` / :meth:`release`.
+class Runner(CoreRunner):
+    """Runs one artifact (:class:`edgestack.core.runner.Runner`, as the device runtime). Use
+    as a context manager or call :meth:`activate` / :meth:`release`.
 
     Subclasses implement :meth:`activate_impl`, :meth:`infer_impl` and :meth:`release_impl`;
     this class checks the feeds against the artifact's inputs and times each call
@@ -151,8 +153,6 @@ class Runner:
             self.activate_impl()
             self.active = True
         return self
-
-    load = activate
 
     def infer(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once. Returns output name -> array, in the artifact's output order.
@@ -174,12 +174,6 @@ class Runner:
         if self.active:
             self.release_impl()
             self.active = False
-
-    def __enter__(self) -> Runner:
-        return self.activate()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
     # ---- checks -----------------------------------------------------------------------
     def _check_feeds(self, feeds: Mapping[str, np.ndarray]) -> None:
