@@ -199,22 +199,22 @@ def load(tier):
         nb = pkg.tiers[tier].blocks[name]
         st = BitStackStack(np.stack([v.signs for v in views]), np.stack([v.u for v in views]),
                            np.stack([v.v for v in views]), info.shape)
-        dense[info.attrs['output']] = st.decode(nb)           # drop the unused blocks
+        dense[info.graph.output] = st.decode(nb)           # drop the unused blocks
         del st
     read = pkg.counter.bytes_read
     del data, by_layer
     m = onnx.load(str(pkg.path / 'model.onnx'), load_external_data=False)
-    nodes = {pkg.layers[n].attrs['node'] for n in pkg.layers}
+    nodes = {pkg.layers[n].graph.node for n in pkg.layers}
     drop = set()
     for n in pkg.layers:
-        a = pkg.layers[n].attrs; drop |= {a['signs'], a['u'], a['v']}
+        a = pkg.layers[n].graph; drop |= {a.signs, a.u, a.v}
     keep = [nd for nd in m.graph.node if nd.name not in nodes]
     del m.graph.node[:]; m.graph.node.extend(keep)
     ins = [vi for vi in m.graph.input if vi.name not in drop]
     del m.graph.input[:]; m.graph.input.extend(ins)
     for n in pkg.layers:
         info = pkg.layers[n]
-        m.graph.input.append(helper.make_tensor_value_info(info.attrs['output'], 1,
+        m.graph.input.append(helper.make_tensor_value_info(info.graph.output, 1,
                                                            list(info.shape)))
     # non-BitStack weights resident, as edgestack.runtime holds them (same treatment: the
     # difference measured is the block handling); ORT gets them without a copy
@@ -246,9 +246,9 @@ load_s = time.perf_counter() - t0
 x = dict(pkg.golden()[0])
 from edgestack.package.tables import gather_rows, lookup_table
 wdata = np.memmap(pkg.path / 'model.data', dtype=np.uint8, mode='r')
-for spec in (pkg.manifest.metadata['runtime'].get('gathered') or {}).values():
+for spec in pkg.manifest.runtime.gathered.values():
     table = lookup_table(wdata, spec)      # pre-gathered lookups, as the runtime feeds them
-    for ids, value in spec['lookups']:
+    for ids, value in spec.lookups:
         x[value] = gather_rows(table, x[ids], ids)
 sess.run(None, {**x, **dense})
 hwm1 = peak_rss()

@@ -42,22 +42,24 @@ def test_manifest_blocks_in_importance_order(small_pkg, small_model):
                                   "golden/outputs.npz"}
         assert pkg.files["model.mixed.onnx"].role == pkg.files["model.int8.onnx"].role == (
             "variant")
+        views = pkg.views_of(pkg.read_prefix(0, pkg.block_file_size), 0)
         for name, st in stacks.items():
-            got = pkg.layer_stack(name)
-            np.testing.assert_array_equal(got.signs, st.signs)
-            np.testing.assert_array_equal(got.u, st.u)
-            np.testing.assert_array_equal(got.v, st.v)
-            attrs = pkg.layers[name].attrs
-            assert attrs["signs"] == f"{name}.weight_module.signs"
-            assert attrs["output"] == f"w_{name}" and attrs["torch_layer"] == name
-            assert attrs["site"]["kind"] == "gemm" and attrs["site"]["int8"]  # Gemm transB=1
+            mine = [v for v in views if v.layer == name]
+            np.testing.assert_array_equal(np.stack([v.signs for v in mine]), st.signs)
+            np.testing.assert_array_equal(np.stack([v.u for v in mine]), st.u)
+            np.testing.assert_array_equal(np.stack([v.v for v in mine]), st.v)
+            graph = pkg.layers[name].graph
+            assert graph.signs == f"{name}.weight_module.signs"
+            assert graph.output == f"w_{name}" and graph.torch_layer == name
+            assert graph.site.kind == "gemm" and graph.site.int8  # Gemm transB=1
+            assert set(graph.site.files) == {"int8", "nbits8", "fp32"}
         # tiers: block 0 of every layer first, then every level boundary is a tier
         counts = [t.n_records for t in pkg.tiers]
         assert counts[0] == len(stacks) and counts[-1] == sum(s.n_blocks for s in stacks.values())
         assert {3, 6, 9} <= set(counts)
         assert man.golden is not None and man.golden.tier == len(pkg.tiers) - 1
-        assert man.metadata["runtime"]["order_source"] == "model"
-        assert man.metadata["runtime"]["activation_bytes"] > 0
+        assert man.runtime.order_source == "model" and man.runtime.activation_bytes > 0
+        assert man.runtime.weights_file == "model.data" and man.metadata["profile"] is None
         graph = onnx.load_from_string(pkg.read_file("model.onnx"))
     inputs = {vi.name: vi for vi in graph.graph.input}
     dim = inputs["fc0.weight_module.signs"].type.tensor_type.shape.dim[0]
@@ -211,10 +213,11 @@ _VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 2**60), st.text(ma
 
 @settings(max_examples=100, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(path=st.lists(st.sampled_from(["tiers", "layers", "block_index", "files", "metadata",
-                                      "golden", "0", "blocks", "fc0", "attrs", "runtime",
-                                      "activation_bytes", "size", "bytes", "shape", "rank",
-                                      "signs", "output", "total_bytes"]),
+@given(path=st.lists(st.sampled_from(["tiers", "layers", "order", "files", "metadata",
+                                      "golden", "0", "fc0", "graph", "runtime", "site",
+                                      "files", "int8", "q", "activation_bytes", "size",
+                                      "shape", "rank", "signs", "output", "kind", "prefix",
+                                      "weights_file", "rows_per_call"]),
                      min_size=1, max_size=5),
        value=_VALUES)
 def test_fuzz_manifest_runtime_raises_only_edgestack_errors(tmp_path_factory, small_pkg,

@@ -16,6 +16,7 @@ from edgestack.errors import EdgestackError, PackageError
 from edgestack.formats import BitStackStack, pack_bits
 from edgestack.package import (
     BLOCK_ALIGN,
+    LayerGraph,
     Package,
     PackageWriter,
     extract_archive,
@@ -30,6 +31,8 @@ ORDER = [
 ]
 TIERS = [3, 5, 6, 8, 9]
 CREATED = "2026-01-02T03:04:05Z"
+HEAD = LayerGraph(node="head_decode", signs="head.signs", u="head.u", v="head.v",
+                  output="head.weight", torch_layer="head")
 
 
 def make_stacks(seed: int = 0) -> dict[str, BitStackStack]:
@@ -50,7 +53,7 @@ def write_package(out: Path, stacks: dict[str, BitStackStack] | None = None, **k
         w.begin(name="tiny", target="ort-cpu", source="test", method="bitstack", created=CREATED)
         w.add_file("model.onnx", b"fake onnx graph bytes", role="graph")
         w.add_file("weights/extra.data", bytes(range(100)), role="weights")
-        w.add_blocks(ORDER, stacks, layer_attrs={"head": {"initializer": "head.weight"}})
+        w.add_blocks(ORDER, stacks, graphs={"head": HEAD})
         w.set_tiers(TIERS)
         x = np.arange(6, dtype=np.float32).reshape(2, 3)
         w.add_golden({"x": x}, {"y": np.ones(4, np.float32)})
@@ -67,6 +70,17 @@ def siblings(path: Path) -> list[str]:
     return sorted(p.name for p in path.parent.iterdir())
 
 
+def tier_views(pkg: Package, tier: int, start_tier: int | None = None) -> list:
+    """The blocks tier ``tier`` adds to ``start_tier`` (default: all of them), read with one
+    counted ``read_prefix``."""
+    start = 0 if start_tier is None else pkg.tiers[start_tier].bytes
+    return pkg.views_of(pkg.read_prefix(start, pkg.tiers[tier].bytes), start)
+
+
+def layer_views(pkg: Package, layer: str) -> list:
+    return [v for v in tier_views(pkg, len(pkg.tiers) - 1) if v.layer == layer]
+
+
 # ---- round trip ---------------------------------------------------------------------------
 
 
@@ -77,7 +91,7 @@ def test_round_trip_views_tiers_and_counter(pkg_dir: Path):
         assert pkg.graph_file == "model.onnx"
         assert pkg.read_file("model.onnx") == b"fake onnx graph bytes"
         assert [t.n_records for t in pkg.tiers] == TIERS
-        assert dict(pkg.layers["head"].attrs) == {"initializer": "head.weight"}
+        assert pkg.layers["head"].graph == HEAD and pkg.layers["conv"].graph is None
         blocks_bin = (pkg_dir / "blocks.bin").read_bytes()
         assert pkg.tiers[-1].bytes == len(blocks_bin) == pkg.block_file_size
         for rec in pkg.block_index:
@@ -85,23 +99,24 @@ def test_round_trip_views_tiers_and_counter(pkg_dir: Path):
 
         # Each tier is a prefix of the file, and its blocks are the first records in order.
         for t, tier in enumerate(pkg.tiers):
-            chunk = pkg.read_blocks(t)
-            assert chunk.data.tobytes() == blocks_bin[: tier.bytes]
-            assert [(b.layer, b.block) for b in chunk.blocks] == ORDER[: TIERS[t]]
-            counts = {name: len(views) for name, views in chunk.by_layer().items()}
-            assert counts == dict(tier.blocks)
+            data = pkg.read_prefix(0, tier.bytes)
+            assert data.tobytes() == blocks_bin[: tier.bytes]
+            views = pkg.views_of(data, 0)
+            assert [(b.layer, b.block) for b in views] == ORDER[: TIERS[t]]
+            assert {n: sum(v.layer == n for v in views) for n in SHAPES} == dict(tier.blocks)
             assert tier.total_bytes == tier.bytes + len(b"fake onnx graph bytes") + 100
-            assert not chunk.data.flags.writeable
 
-        # Views (mmap and read) equal the written arrays.
+        # Views equal the written arrays.
         for name, stack in stacks.items():
-            views = pkg.block_views(name)
+            views = layer_views(pkg, name)
             assert len(views) == stack.n_blocks
             for i, view in enumerate(views):
                 assert np.array_equal(view.signs, stack.signs[i])
                 assert np.array_equal(view.u, stack.u[i]) and view.u.dtype == np.float16
                 assert np.array_equal(view.v, stack.v[i])
-            two = pkg.layer_stack(name, 2)
+            two = BitStackStack(np.stack([v.signs for v in views[:2]]),
+                                np.stack([v.u for v in views[:2]]),
+                                np.stack([v.v for v in views[:2]]), stack.shape)
             np.testing.assert_array_equal(two.decode(), stack.prefix(2).decode())
 
         golden_in, golden_out = pkg.golden()
@@ -112,23 +127,19 @@ def test_round_trip_views_tiers_and_counter(pkg_dir: Path):
 
 def test_growing_a_tier_reads_only_the_new_bytes(pkg_dir: Path):
     with Package.open(pkg_dir) as pkg:
-        pkg.block_views("conv")  # memory-mapped: counted as mapped, never as read
-        assert pkg.counter.bytes_read == 0 and pkg.counter.bytes_mapped > 0
-        first = pkg.read_blocks(0)
+        chunks = [tier_views(pkg, 0)]
         assert pkg.counter.bytes_read == pkg.tiers[0].bytes
-        chunks = [first]
         for t in range(1, len(pkg.tiers)):
             before = pkg.counter.bytes_read
-            chunk = pkg.read_blocks(t, start_tier=t - 1)
+            chunks.append(tier_views(pkg, t, start_tier=t - 1))
             assert pkg.counter.bytes_read - before == pkg.tiers[t].bytes - pkg.tiers[t - 1].bytes
             assert pkg.counter.ranges[-1] == (pkg.tiers[t - 1].bytes, pkg.tiers[t].bytes)
-            assert [(b.layer, b.block) for b in chunk.blocks] == ORDER[TIERS[t - 1] : TIERS[t]]
-            chunks.append(chunk)
+            assert [(b.layer, b.block) for b in chunks[-1]] == ORDER[TIERS[t - 1] : TIERS[t]]
         assert pkg.counter.bytes_read == pkg.block_file_size
         assert pkg.counter.reads == len(pkg.tiers)
         # buffers keep file-offset alignment: every part view starts 64-byte aligned in memory
-        for chunk in chunks:
-            for view in chunk.blocks:
+        for views in chunks:
+            for view in views:
                 for part in (view.signs, view.u, view.v):
                     assert part.ctypes.data % BLOCK_ALIGN == 0
         data = pkg.read_prefix(7, 700)
@@ -136,8 +147,6 @@ def test_growing_a_tier_reads_only_the_new_bytes(pkg_dir: Path):
         assert [(v.layer, v.block) for v in pkg.views_of(data, 7)] == ORDER[1:3]
         with pytest.raises(PackageError, match=r"end must be an integer in \[0, 1944\], found 5"):
             pkg.read_prefix(0, 5000)
-        with pytest.raises(PackageError, match="tier must be an integer"):
-            pkg.read_blocks(5)
 
 
 def test_package_without_blocks_has_one_tier(tmp_path: Path):
@@ -149,7 +158,7 @@ def test_package_without_blocks_has_one_tier(tmp_path: Path):
         w.finish()
     with Package.open(tmp_path / "p") as pkg:
         assert len(pkg.tiers) == 1 and pkg.tiers[0].bytes == 0 and pkg.tiers[0].total_bytes == 5
-        assert pkg.read_blocks(0).blocks == ()
+        assert pkg.views_of(pkg.read_prefix(0, 0), 0) == []
         assert "blocks.bin" not in pkg.files
         with pytest.raises(PackageError, match="no golden data"):
             pkg.golden()
@@ -175,17 +184,21 @@ def test_golden_bytes_of_a_tiny_package(tmp_path: Path):
         w.begin(name="tiny", target="ort-cpu", created="2026-01-01T00:00:00Z")
         w.add_file("model.onnx", b"graph", role="graph")
         w.add_blocks([("a", 0), ("b", 0), ("a", 1)], tiny_stacks())
-        w.set_tiers([2, {"a": 2, "b": 1}])
+        w.set_tiers([2, 3])
         w.finish()
     blocks = (out / "blocks.bin").read_bytes()
     manifest = json.loads((out / "manifest.json").read_text())
-    assert [(r["layer"], r["block"], r["offset"], r["length"], r["signs"], r["u"], r["v"])
-            for r in manifest["block_index"]] == [
-        ("a", 0, 0, 138, 0, 64, 128),
-        ("b", 0, 192, 136, 192, 256, 320),
-        ("a", 1, 384, 138, 384, 448, 512),
-    ]
-    assert [(t["bytes"], t["total_bytes"]) for t in manifest["tiers"]] == [(328, 333), (522, 527)]
+    assert manifest["order"] == ["a", "b", "a"] and manifest["tiers"] == [2, 3]
+    assert set(manifest["layers"]["a"]) == {"shape", "rank", "n_blocks", "dtype", "graph"}
+    with Package.open(out) as pkg:   # derived: offsets from shapes and order, tier bytes
+        assert [(r.layer, r.block, r.offset, r.length, r.signs, r.u, r.v)
+                for r in pkg.block_index] == [
+            ("a", 0, 0, 138, 0, 64, 128),
+            ("b", 0, 192, 136, 192, 256, 320),
+            ("a", 1, 384, 138, 384, 448, 512),
+        ]
+        assert [(t.bytes, t.total_bytes) for t in pkg.tiers] == [(328, 333), (522, 527)]
+        assert [dict(t.blocks) for t in pkg.tiers] == [{"a": 1, "b": 1}, {"a": 2, "b": 1}]
     assert len(blocks) == 522
     assert blocks[2:64] == bytes(62) and blocks[138:192] == bytes(54)  # zero padding
     assert hashlib.sha256(blocks).hexdigest() == BLOCKS_SHA256
@@ -206,7 +219,7 @@ def test_golden_bytes_of_a_tiny_package(tmp_path: Path):
 
 
 BLOCKS_SHA256 = "7c534f60ac06d4b04179018bb57591cd4e1faadbe31db9696312e707475d576c"
-MANIFEST_SHA256 = "0456032a6e61cf1a86ed17b63582922b0ae5b6304f7d199ad4d5fd43b25819a4"
+MANIFEST_SHA256 = "72d93eb6cf5f0f8d2e7dc53e979b06b7d76614d9b6ca0c790e484630facc8f36"
 
 
 # ---- atomicity and the state machine -------------------------------------------------------
@@ -227,18 +240,13 @@ def test_io_failure_mid_write_aborts_without_context_manager(tmp_path: Path, mon
     w = PackageWriter(out)
     w.begin(name="m", target="ort-cpu")
     w.add_file("model.onnx", b"g", role="graph")
-    calls = {"n": 0}
-    real = writer_mod._HashingFile.write
+    def full_disk(fd):  # delayed allocation: the disk is found full when the data is synced
+        raise OSError(28, "No space left on device")
 
-    def failing(self, data):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise OSError(28, "No space left on device")
-        return real(self, data)
-
-    monkeypatch.setattr(writer_mod._HashingFile, "write", failing)
+    monkeypatch.setattr(writer_mod.os, "fsync", full_disk)
     with pytest.raises(OSError, match="No space"):
         w.add_blocks(ORDER, make_stacks())
+    monkeypatch.undo()
     assert w.state == "aborted"
     assert siblings(out) == []
     with pytest.raises(PackageError, match="state 'aborted'"):
@@ -293,18 +301,23 @@ def test_writer_validates_order_tiers_and_files(tmp_path: Path):
         with pytest.raises(PackageError, match="already has a graph file"):
             w.add_file("other.onnx", b"g", role="graph")
         bad = [("conv", 1)] + [p for p in ORDER if p != ("conv", 1)]
-        with pytest.raises(PackageError, match="expected block 0 of layer 'conv'"):
+        with pytest.raises(PackageError, match=r"add_blocks: order\[0\]: expected block 0 of "
+                                               "layer 'conv'"):
             w.add_blocks(bad, stacks)
         with pytest.raises(PackageError, match="missing blocks"):
             w.add_blocks(ORDER[:-1], stacks)
+        with pytest.raises(PackageError, match="not a LayerGraph"):
+            w.add_blocks(ORDER, stacks, graphs={"head": {"node": "x"}})
         w.add_blocks(ORDER, stacks)
-        with pytest.raises(PackageError, match="not a prefix of the storage order"):
+        with pytest.raises(PackageError, match="expected a list of 1 to 1024 record counts"):
             w.set_tiers([{"enc.q": 1, "conv": 2, "head": 1}, 9])
-        with pytest.raises(PackageError, match="holds no block of layers \\['head'\\]"):
+        with pytest.raises(PackageError, match=r"set_tiers: tiers\[0\]: the first 2 records "
+                                               r"hold no block of layers \['head'\]"):
             w.set_tiers([2, 9])
         with pytest.raises(PackageError, match="last tier must hold every block"):
             w.set_tiers([3, 5])
-        with pytest.raises(PackageError, match="not more than tier 0"):
+        with pytest.raises(PackageError, match=r"tiers\[1\]: expected a record count in "
+                                               r"\[6, 9\].*found 5"):
             w.set_tiers([5, 5, 9])
         w.set_tiers(TIERS)
         w.finish()
@@ -317,7 +330,7 @@ def test_overwrite_rules(tmp_path: Path):
     write_package(out, stacks=make_stacks(seed=1), overwrite=True)
     with Package.open(out) as pkg:
         pkg.verify()
-        assert np.array_equal(pkg.block_views("head")[0].u, make_stacks(seed=1)["head"].u[0])
+        assert np.array_equal(layer_views(pkg, "head")[0].u, make_stacks(seed=1)["head"].u[0])
     assert siblings(out) == ["pkg"]
     precious = tmp_path / "precious"
     precious.mkdir()
@@ -376,15 +389,40 @@ def edit_manifest(pkg_dir: Path, edit) -> None:
     path.write_text(json.dumps(data))
 
 
-def test_unknown_schema_version(pkg_dir: Path):
-    edit_manifest(pkg_dir, lambda m: m.update(schema_version=2))
+def test_older_and_newer_schema_versions_are_refused_with_the_fix(pkg_dir: Path):
+    edit_manifest(pkg_dir, lambda m: m.update(schema_version=1))
     with pytest.raises(PackageError) as exc:
         Package.open(pkg_dir)
     assert str(exc.value) == (
-        f"{pkg_dir}: package schema_version 2 (int) is not supported by edgestack 0.1.0 "
-        "(supported: 1). Upgrade edgestack to read packages written by a newer version, or "
+        f"{pkg_dir}: package schema_version 1 (int) is older than what edgestack 0.1.0 "
+        f"reads (schema_version 2): repack it with `edgestack pack test --out {pkg_dir}` "
+        "(edgestack >= 0.1.0)"
+    )
+    edit_manifest(pkg_dir, lambda m: m.update(schema_version=3))
+    with pytest.raises(PackageError) as exc:
+        Package.open(pkg_dir)
+    assert str(exc.value) == (
+        f"{pkg_dir}: package schema_version 3 (int) is not supported: edgestack 0.1.0 reads "
+        "schema_version 2. Upgrade edgestack to read packages written by a newer version, or "
         "repack the model with this version of edgestack"
     )
+
+
+def test_a_schema_1_manifest_is_refused(tmp_path: Path):
+    """A real version-1 manifest (derived values stored, free-form attrs): refused, naming
+    its source in the repack command."""
+    v1 = {"format": "edgestack-package", "schema_version": 1, "edgestack_version": "0.1.0",
+          "created": CREATED, "model": {"name": "m", "source": "hf:minilm", "method": ""},
+          "target": "ort-cpu", "metadata": {}, "block_align": 64,
+          "files": {"model.onnx": {"size": 1, "sha256": "0" * 64, "role": "graph"}},
+          "layers": {}, "block_index": [],
+          "tiers": [{"index": 0, "blocks": {}, "bytes": 0, "total_bytes": 1}], "golden": None}
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(v1))
+    (tmp_path / "old" / "model.onnx").write_bytes(b"g")
+    with pytest.raises(PackageError, match=r"repack it with `edgestack pack hf:minilm --out "
+                                           r".*old` \(edgestack >= 0.1.0\)"):
+        Package.open(tmp_path / "old")
 
 
 @pytest.mark.parametrize(
@@ -395,22 +433,37 @@ def test_unknown_schema_version(pkg_dir: Path):
             lambda m: m["files"]["model.onnx"].update(size="21"),
             r"files\['model.onnx'\].size: expected an integer",
         ),
-        (
-            lambda m: m["tiers"][1]["blocks"].update({"conv": 1, "head": 2}),
-            r"tiers\[1\].blocks: expected the per-layer counts",
-        ),
-        (lambda m: m["tiers"][2].update(bytes=1100), r"tiers\[2\].bytes: expected 1240"),
-        (lambda m: m["tiers"].reverse(), r"tiers\[0\].index: expected an integer in \[0, 0\]"),
-        (lambda m: m["block_index"][3].update(offset=600), r"block_index\[3\].offset: expected 7"),
-        (lambda m: m["block_index"].pop(), r"block_index: every block of every layer must have"),
+        (lambda m: m.update(tiers=[3, 5, 5, 9]), r"tiers\[2\]: expected a record count in \[6, 9"),
+        (lambda m: m.update(tiers=[2, 9]), r"tiers\[0\]: the first 2 records hold no block"),
+        (lambda m: m.update(tiers=[3, 8]), r"tiers\[1\]: the last tier must hold every block"),
+        (lambda m: m["tiers"].reverse(), r"tiers\[1\]: expected a record count in \[10, 9\]"),
+        (lambda m: m["order"].pop(), r"order: every block of every layer must be stored once"),
+        (lambda m: m["order"].append("conv"), r"order\[9\]: layer 'conv' has 4 blocks"),
+        (lambda m: m["order"].insert(0, "nope"), r"order\[0\]: unknown layer 'nope'"),
+        (lambda m: m["order"].reverse(), r"files\['blocks.bin'\].size: expected 1940"),
         (lambda m: m["files"].update({"../evil": m["files"]["model.onnx"]}), r"contains '\.\.'"),
         (lambda m: m["files"].update({"/etc/passwd": m["files"]["model.onnx"]}), "it is absolute"),
         (lambda m: m["layers"]["conv"].update(shape=[3, 12, 1]), None),  # same matrix: still valid
-        (lambda m: m["layers"]["conv"].update(rank=2), r"layers\['conv'\].u_bytes: expected 12"),
+        (lambda m: m["layers"]["conv"].update(rank=2), r"\['blocks.bin'\].size: expected 1968"),
+        (lambda m: m["layers"]["conv"].update(shape=[3]), r"layers\['conv'\].shape: expected 2 to"),
+        (lambda m: m["layers"]["head"]["graph"].pop("u"),
+         r"layers\['head'\].graph: missing required key 'u'"),
+        (lambda m: m["layers"]["head"]["graph"].update(site={"kind": "dense", "prefix": "es.0"}),
+         r"layers\['head'\].graph.site.kind: expected one of 'matmul', 'gemm', 'generic'"),
         (
             lambda m: m["golden"].update(inputs="model.onnx"),
-            r"golden.inputs: expected one of 'golden/inputs.npz', 'golden/outputs.npz'",
+            r"golden.inputs: expected a file with role 'golden', found 'model.onnx'",
         ),
+        (lambda m: m["golden"].update(tier=5), r"golden.tier: expected a tier in \[0, 4\]"),
+        (lambda m: m["runtime"].update(weights_file="model.onnx"),
+         r"runtime.weights_file: expected a file with role 'weights'"),
+        (lambda m: m["runtime"].update(weights_file="weights/extra.data", tables={
+            "emb": {"offset": 90, "shape": [3, 2], "dtype": "<f4"}}),
+         r"runtime.tables\['emb'\]: expected a table inside the weights file .* found bytes "
+         r"\[90, 114\)"),
+        (lambda m: m["runtime"].update(weights_file="weights/extra.data", gathered={
+            "emb": {"offset": 0, "shape": [3], "dtype": "object"}}),
+         r"runtime.gathered\['emb'\].dtype: expected a numpy dtype of numbers"),
         (lambda m: m.update(format="something-else"), "not an edgestack package manifest"),
     ],
 )
@@ -467,10 +520,10 @@ def test_archive_round_trip(pkg_dir: Path, tmp_path: Path):
         pkg.verify()
         assert pkg.manifest == ref.manifest
         for t in range(len(pkg.tiers)):
-            assert pkg.read_blocks(t).data.tobytes() == ref.read_blocks(t).data.tobytes()
-        for name in pkg.layers:
-            for a, b in zip(pkg.block_views(name), ref.block_views(name), strict=True):
-                assert np.array_equal(a.u, b.u) and np.array_equal(a.v, b.v)
+            end = pkg.tiers[t].bytes
+            assert pkg.read_prefix(0, end).tobytes() == ref.read_prefix(0, end).tobytes()
+        for a, b in zip(tier_views(pkg, 4), tier_views(ref, 4), strict=True):
+            assert np.array_equal(a.u, b.u) and np.array_equal(a.v, b.v)
         assert pkg.golden()[0]["x"].shape == (2, 3)
         with pytest.raises(PackageError, match="extract it with"):
             pkg.file_path("model.onnx")
@@ -547,7 +600,7 @@ def test_archive_made_by_tar_with_dot_prefix_is_accepted(pkg_dir: Path, tmp_path
         tar.add(pkg_dir, arcname=".")
     with Package.open(tmp_path / "dot.tar") as pkg:
         pkg.verify()
-        assert len(pkg.read_blocks(4).blocks) == 9
+        assert len(tier_views(pkg, 4)) == 9
 
 
 def test_truncated_archive_names_the_member(pkg_dir: Path, tmp_path: Path):

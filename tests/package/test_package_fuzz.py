@@ -53,21 +53,31 @@ def workdir():
     shutil.rmtree(root, ignore_errors=True)
 
 
-def exercise(path: Path) -> None:
-    """Open and use a package fully; only PackageError may escape."""
+def use(path: Path) -> None:
+    """Open and use a package fully (every tier's blocks, every file, golden data)."""
+    with Package.open(path) as pkg:
+        pkg.verify()
+        for t in range(len(pkg.tiers)):
+            start = pkg.tiers[t - 1].bytes if t else 0
+            views = pkg.views_of(pkg.read_prefix(start, pkg.tiers[t].bytes), start)
+            assert len(views) == pkg.tiers[t].n_records - (pkg.tiers[t - 1].n_records if t
+                                                           else 0)
+        pkg.read_file(pkg.graph_file)
+        if pkg.golden_info is not None:
+            pkg.golden()
+
+
+def exercise(path: Path) -> bool:
+    """:func:`use` the package; whether it was accepted (only PackageError may escape)."""
     try:
-        with Package.open(path) as pkg:
-            pkg.verify()
-            for t in range(len(pkg.tiers)):
-                pkg.read_blocks(t, start_tier=t - 1 if t else None)
-            for name in pkg.layers:
-                pkg.block_views(name)
-                pkg.layer_stack(name, 1)
-            pkg.read_file(pkg.graph_file)
-            if pkg.golden_info is not None:
-                pkg.golden()
+        use(path)
     except PackageError:
-        pass
+        return False
+    return True
+
+
+def test_the_valid_package_and_archive_are_accepted(workdir):
+    assert exercise(workdir / "pkg") and exercise(workdir / "pkg.tar")
 
 
 json_values = st.recursive(
@@ -79,21 +89,21 @@ json_values = st.recursive(
 )
 
 
-def with_manifest(workdir: Path, data: bytes) -> Path:
+def with_manifest(workdir: Path, data: bytes) -> bool:
+    """Whether the package with manifest ``data`` is accepted."""
     manifest = workdir / "pkg" / "manifest.json"
     original = manifest.read_bytes()
     manifest.write_bytes(data)
     try:
-        exercise(workdir / "pkg")
+        return exercise(workdir / "pkg")
     finally:
         manifest.write_bytes(original)
-    return manifest
 
 
 @FUZZ
 @given(value=json_values)
 def test_random_json_manifest(workdir, value):
-    with_manifest(workdir, json.dumps(value).encode())
+    assert not with_manifest(workdir, json.dumps(value).encode())
 
 
 @FUZZ
@@ -147,6 +157,39 @@ def test_mutated_manifest_values(workdir, data):
         else:
             parent[path[-1]] = data.draw(json_values)
     with_manifest(workdir, json.dumps(manifest).encode())
+
+
+@FUZZ
+@given(data=st.data())
+def test_structural_mutations_are_refused(workdir, data):
+    """What the block layout and the bytes read follow from (the storage order, the tiers'
+    record counts, block counts, file sizes and hashes) cannot change unnoticed."""
+    manifest = json.loads((workdir / "pkg" / "manifest.json").read_text())
+    order, tiers, files = manifest["order"], manifest["tiers"], manifest["files"]
+    name = data.draw(st.sampled_from(sorted(files)))
+    what = data.draw(st.sampled_from(["order-swap", "order-drop", "order-add", "tiers-last",
+                                      "tiers-drop-last", "n_blocks", "size", "sha256"]))
+    if what == "order-swap":
+        i = data.draw(st.integers(0, len(order) - 1))
+        order[i] = {"a": "b", "b": "a"}[order[i]]
+    elif what == "order-drop":
+        del order[data.draw(st.integers(0, len(order) - 1))]
+    elif what == "order-add":
+        order.insert(data.draw(st.integers(0, len(order))), data.draw(st.sampled_from("ab")))
+    elif what == "tiers-last":
+        tiers[-1] += data.draw(st.sampled_from([-1, 1, 64]))
+    elif what == "tiers-drop-last":
+        tiers.pop()
+    elif what == "n_blocks":
+        manifest["layers"][data.draw(st.sampled_from("ab"))]["n_blocks"] += data.draw(
+            st.sampled_from([-1, 1, 2]))
+    elif what == "size":
+        files[name]["size"] += data.draw(st.sampled_from([-1, 1, 64]))
+    else:
+        digest = files[name]["sha256"]
+        files[name]["sha256"] = data.draw(st.text("0123456789abcdef", min_size=64, max_size=64)
+                                          .filter(lambda d, old=digest: d != old))
+    assert not with_manifest(workdir, json.dumps(manifest).encode())
 
 
 @FUZZ

@@ -86,8 +86,8 @@ def test_minilm_dense_graphs_and_the_auto_form(minilm_package: Path):
     assert all(len(n.output) == 3 and n.input[0] in {o for d in dq for o in d.output}
                for n in splits)
     with Package.open(minilm_package) as pkg:
-        fused = [a["site"]["file"]["int8"] for a in (i.attrs for i in pkg.layers.values())
-                 if "q_cols" in a["site"]["file"]["int8"]]
+        fused = [f for f in (i.graph.site.files["int8"] for i in pkg.layers.values())
+                 if "q_cols" in f]
     assert len(fused) == 18 and {tuple(f["q_cols"])[2] for f in fused} == {3 * 384}
     outs = {o for n in dq for o in n.output}
     biases = {t.name for t in graph.initializer if len(t.dims) == 1}

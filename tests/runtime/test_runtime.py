@@ -377,8 +377,8 @@ def test_table_metadata_outside_the_weights_file_is_refused(tmp_path):
     from onnx import TensorProto, helper, numpy_helper
 
     from edgestack.errors import PackageError
+    from edgestack.package import Package
     from edgestack.package.pack import pack
-    from edgestack.package.tables import table_spec
 
     table = np.random.default_rng(0).standard_normal((300, 64)).astype(np.float32)
     graph = helper.make_graph(
@@ -390,7 +390,8 @@ def test_table_metadata_outside_the_weights_file_is_refused(tmp_path):
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]),
               tmp_path / "g.onnx")
     pkg = pack(tmp_path / "g.onnx", tmp_path / "g.pkg").path
-    spec = json.loads((pkg / "manifest.json").read_text())["metadata"]["runtime"]["gathered"]
+    man = json.loads((pkg / "manifest.json").read_text())
+    spec = man["runtime"]["gathered"]
     assert list(spec) == ["emb"] and spec["emb"]["lookups"] == [["ids", "e"]]
     ids = np.array([[299, 0, 5, 5, 17, 200, 1, 2]])
     with Runtime(pkg) as rt:
@@ -399,11 +400,13 @@ def test_table_metadata_outside_the_weights_file_is_refused(tmp_path):
             rt.infer({"ids": ids + 1})
     size = (pkg / "model.data").stat().st_size
     good = spec["emb"]
-    assert table_spec(good, size, "t")[3] == (300, 64)
-    for bad in ({**good, "offset": size}, {k: v for k, v in good.items() if k != "dtype"},
-                {**good, "shape": [300, 65]}):
-        with pytest.raises(PackageError, match="does not describe a table"):
-            table_spec(bad, size, "t")
+    for bad, match in (({**good, "offset": size}, "a table inside the weights file"),
+                       ({k: v for k, v in good.items() if k != "dtype"}, "key 'dtype'"),
+                       ({**good, "shape": [300, 65]}, "a table inside the weights file")):
+        man["runtime"]["gathered"]["emb"] = bad
+        (pkg / "manifest.json").write_text(json.dumps(man))
+        with pytest.raises(PackageError, match=rf"runtime.gathered\['emb'\].*{match}"):
+            Package.open(pkg)
 
 
 def test_dense_plan_without_its_data_layout_is_refused(small_pkg, tmp_path):
@@ -417,9 +420,9 @@ def test_dense_plan_without_its_data_layout_is_refused(small_pkg, tmp_path):
     pkg = tmp_path / "p"
     shutil.copytree(small_pkg, pkg)
     man = json.loads((pkg / "manifest.json").read_text())
-    del man["layers"]["fc1"]["attrs"]["site"]["file"]["int8"]
+    del man["layers"]["fc1"]["graph"]["site"]["files"]["int8"]
     (pkg / "manifest.json").write_text(json.dumps(man))
-    with pytest.raises(PackageError, match=r"'fc1'.*site\.file\.int8"):
+    with pytest.raises(PackageError, match=r"'fc1'.*site\.files\.int8"):
         Runtime(pkg, form="int8", verify=False)
     with Runtime(pkg, form="fp32", verify=False) as rt:    # the other dense graphs still serve
         assert rt.plan.graph == "fp32" and rt.infer(rt.package.golden()[0])["output"].size

@@ -6,8 +6,7 @@ Imports numpy and the standard library only, so the on-device runtime can use it
 
 - :class:`PackageWriter`: ``begin -> add_file/add_blocks -> set_tiers -> add_golden -> finish``.
 - :class:`Package`: ``Package.open(path)`` checks before trusting bytes; ``verify()`` hashes;
-  ``read_blocks(tier, start_tier=...)`` / ``read_prefix`` read counted bytes;
-  ``block_views(layer, n)`` maps.
+  ``read_into`` / ``read_prefix`` read counted bytes, ``views_of`` slices them into blocks.
 - :func:`write_archive` / :func:`extract_archive`: the one-file form, atomic and safe.
 - :func:`edgestack.package.pack.pack` (host side; imports onnx and onnxruntime, never torch
   or the exporter): an exported model -> a package. Not imported here, so ``import
@@ -28,32 +27,19 @@ from edgestack.package.format import (
     BlockRecord,
     FileEntry,
     Golden,
+    LayerGraph,
     LayerInfo,
     Manifest,
     ModelInfo,
+    RuntimeInfo,
+    Site,
+    Table,
     Tier,
 )
-from edgestack.package.reader import BlockChunk, BlockView, ByteCounter, Package
+from edgestack.package.reader import BlockView, ByteCounter, Package
 from edgestack.package.writer import PackageWriter
 
-__all__ = [
-    "PackageWriter",
-    "Package",
-    "ByteCounter",
-    "BlockView",
-    "BlockChunk",
-    "write_archive",
-    "extract_archive",
-    "Manifest",
-    "FileEntry",
-    "LayerInfo",
-    "BlockRecord",
-    "Tier",
-    "Golden",
-    "ModelInfo",
-    "BLOCK_ALIGN",
-    "BLOCK_FILE",
-    "MANIFEST_NAME",
-    "SCHEMA_VERSION",
-    "SUPPORTED_SCHEMA_VERSIONS",
-]
+__all__ = ["PackageWriter", "Package", "ByteCounter", "BlockView", "write_archive",
+           "extract_archive", "Manifest", "FileEntry", "LayerInfo", "LayerGraph", "Site",
+           "RuntimeInfo", "Table", "BlockRecord", "Tier", "Golden", "ModelInfo", "BLOCK_ALIGN",
+           "BLOCK_FILE", "MANIFEST_NAME", "SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS"]

@@ -1,4 +1,4 @@
-"""Device package format, schema version 1. This docstring is the spec.
+"""Device package format, schema version 2. This docstring is the spec.
 
 A device package is a **directory** or, holding exactly the same files, one **uncompressed
 POSIX tar archive** (``.tar``). Both are read in place by :class:`edgestack.package.Package`:
@@ -6,7 +6,7 @@ an uncompressed tar keeps every member's bytes contiguous at a 512-byte aligned 
 block file stays seekable and memory-mappable inside the archive, and a 64-byte aligned
 block record stays 64-byte aligned. Compressed archives (``.tar.gz`` ...) are refused.
 
-Contents::
+Contents (file roles: FILE_ROLES)::
 
     manifest.json          the manifest (below); UTF-8 JSON object, at most 16 MiB
     model.onnx             the model graph (role "graph", opaque bytes to this layer)
@@ -25,66 +25,64 @@ directory members are skipped; any other member type (symlink, hard link, device
 sparse file) is refused, as is any member not listed in the manifest. In a directory, listed
 files must be regular files (not symlinks) inside the package; unlisted files are ignored.
 
-Manifest (``manifest.json``; readers ignore keys they do not know, so additive changes keep
-the schema version; anything else bumps ``schema_version``)::
+Manifest (``manifest.json``). It stores only what cannot be derived: a reader computes the
+rest once (every block record's offsets, a block's part sizes, the tiers' bytes). Readers
+ignore keys they do not know, so additive changes keep the schema version; anything else bumps
+``schema_version``, and a package of another version is refused with the fix (an older one:
+repack it with this edgestack)::
 
     format            "edgestack-package"                      (the magic)
-    schema_version    1                                        (SUPPORTED_SCHEMA_VERSIONS)
+    schema_version    2                                        (SUPPORTED_SCHEMA_VERSIONS)
     edgestack_version "0.1.0"                                  (the writer's version)
     created           "2026-11-02T10:00:00Z"                   (UTC, ISO 8601)
     model             {"name": str, "source": str, "method": str}
     target            str, e.g. "ort-cpu"
-    metadata          JSON object, free-form (may be {})
     files             {path: {"size": int, "sha256": 64 lowercase hex, "role": ROLE}}
-                      every file but manifest.json; ROLE in FILE_ROLES
-    block_align       64                                       (BLOCK_ALIGN)
     layers            {name: {"shape": [m, d1, ...], "rank": k, "n_blocks": N,
-                              "dtype": "float16", "signs_bytes": int, "u_bytes": int,
-                              "v_bytes": int, "attrs": {...}}}
-    block_index       [{"layer": name, "block": i, "offset": int, "length": int,
-                        "signs": int, "u": int, "v": int}, ...]  (storage order)
-    tiers             [{"index": t, "blocks": {layer: n}, "bytes": int,
-                        "total_bytes": int}, ...]
+                              "dtype": "float16", "graph": GRAPH or null}}
+    order             [layer, ...]  one layer name per block record, in storage order: the
+                      i-th time a layer is named is its block i
+    tiers             [c_0, c_1, ...]  how many block records each tier loads
     golden            null or {"inputs": path, "outputs": path, "tier": t,
                                "rtol": float, "atol": float}
+    runtime           RUNTIME (may be {})
+    metadata          JSON object of free-form extras (may be {})
 
-Conventions of the packer (:mod:`edgestack.package.pack`) that the runtime relies on (free-form
-to this layer, so other writers may differ): ``layers[L].attrs`` = ``{"node", "signs", "u",
-"v", "output", "torch_layer"}``, the graph's ``BitStackWeight`` node of the layer, its three
-input names (graph inputs whose first dimension is symbolic) and its output's name;
-``metadata.runtime`` = ``{"activation_bytes", "input_shapes", "weights_file", "order_source",
-"steps_per_level"}``, what the memory planner needs without parsing the graph.
+The packer-runtime contract (:mod:`edgestack.package.pack` writes it, :mod:`edgestack.runtime`
+reads it; typed: :class:`LayerGraph`, :class:`Site`, :class:`RuntimeInfo`, :class:`Table`)::
+
+    GRAPH    {"node": the layer's BitStackWeight node, "signs", "u", "v": its three inputs
+              (graph inputs whose first dimension is symbolic), "output": the decoded
+              weight's value, "torch_layer": the torch module name, "site": SITE or null}
+    SITE     {"kind": "matmul" | "gemm" | "generic", "prefix": "es.<i>",
+              "files": {form: {tensor: [offset, bytes], ...}}}
+             the layer in the mixed graph (inputs <prefix>.fp32, .w and, unless generic,
+             .int8, .q, .scale: see edgestack.package.variants) and, per dense form, where its
+             tensors go in the data file the runtime writes (a fused int8 layer's "q" is its
+             group's, with "q_cols": [first, end, total], its columns)
+    RUNTIME  {"activation_bytes": int, "input_shapes": {input: [dims]},
+              "weights_file": path or null, "order_source": str, "steps_per_level": int,
+              "rows_per_call": int, "tables": {name: TABLE}, "gathered": {name: TABLE}}
+    TABLE    {"offset": int, "shape": [rows, ...], "dtype": numpy dtype string,
+              "lookups": [[ids input, value], ...]}   a lookup table in the weights file
 
 Block file (``blocks.bin``, present iff ``layers`` is not empty). A BitStack layer of dense
 shape ``[m, d1, ...]`` is the matrix ``[m, n]`` with ``n = d1 * ...`` (see
-:mod:`edgestack.formats.bitstack`); its block ``i`` is three parts:
+:mod:`edgestack.formats.bitstack`); its block ``i`` is three parts: signs (``ceil(m*n/8)``
+bytes, C-order ``[m, n]`` signs packed MSB first, 1 = +1), u (``2*m*k`` bytes, float16
+little-endian ``[m, k]``, C order) and v (``2*k*n`` bytes, float16 ``[k, n]``). A block record
+is its parts in that order, **each starting at a multiple of BLOCK_ALIGN (64) bytes** from the
+start of the file, zero bytes between. Records are stored back to back in ``order`` (the
+importance order the packer chose): the first at 0, each next one at ``align_up(previous end,
+64)``, and the file ends exactly at the end of the last record. So every offset follows from
+``layers`` and ``order`` (:func:`layout_records`). A layer's blocks are stored 0, 1, 2, ...
+(its first ``n`` blocks are its ``n``-block approximation), each exactly once.
 
-======== ============================= =========================================
-part     bytes                         content
-======== ============================= =========================================
-signs    ``ceil(m*n/8)``               C-order ``[m, n]`` signs, MSB first, 1 = +1
-u        ``2*m*k``                     float16 little-endian ``[m, k]``, C order
-v        ``2*k*n``                     float16 little-endian ``[k, n]``, C order
-======== ============================= =========================================
-
-A block record is the parts in the order signs, u, v, **each starting at a multiple of
-BLOCK_ALIGN (64) bytes** from the start of the file; the gaps are zero bytes. ``offset`` is
-the record's start (= its ``signs``), ``length`` runs to the end of its ``v``. Records are
-stored back to back in the global importance order that the packer chose: the first record
-starts at 0, each next one at ``align_up(previous end, 64)``, and the file ends exactly at the
-end of the last record (no holes beyond alignment, no trailing bytes). Within one layer,
-blocks appear in the order 0, 1, 2, ... (a layer's first ``n`` blocks are its ``n``-block
-approximation), and every block of every layer appears exactly once.
-
-Tiers. Tier ``t`` loads the first ``c_t`` records of the block file, so it needs exactly the
-prefix ``[0, tiers[t].bytes)``, where ``bytes`` is the end of record ``c_t - 1``;
-``blocks`` is how many of those records belong to each layer (every layer has at least one,
-and ``sum(blocks) == c_t``). Tiers are listed in index order 0, 1, ... with ``c_t`` strictly
-increasing (so prefixes grow: growing from ``t`` to ``t+1`` reads only
-``[tiers[t].bytes, tiers[t+1].bytes)``), and the last tier holds every record.
-``total_bytes`` is everything the tier loads: ``bytes`` plus the sizes of the files whose
-role is in LOADED_ROLES (graph and weights). A package without BitStack layers has one tier
-``{"index": 0, "blocks": {}, "bytes": 0, "total_bytes": ...}``.
+Tiers. Tier ``t`` loads the first ``c_t`` records of the block file, the prefix
+``[0, end of record c_t - 1)`` (:attr:`Tier.bytes`). ``c_t`` strictly increases, the first
+tier holds a block of every layer and the last one every record, so growing from ``t`` to
+``t+1`` reads only the bytes between their ends. :attr:`Tier.total_bytes` adds the sizes of
+the files whose role is in LOADED_ROLES. A package without BitStack layers has ``[0]``.
 
 Golden data: ``.npz`` files (numpy ``savez`` layout, no pickled objects) mapping graph input
 and output names to arrays; ``outputs`` are what the graph gave for ``inputs`` with tier
@@ -101,25 +99,32 @@ JSON rules and limits (a reader refuses anything else): UTF-8, at most MAX_MANIF
 nesting at most MAX_JSON_DEPTH, no duplicate keys in an object, no NaN/Infinity. Integers are
 non-negative and at most ``MAX_INT`` (2**53, exact in every JSON parser; booleans are not
 integers); shape dimensions, ``rank`` and ``n_blocks`` are at least 1; exactly one file has
-role ``graph``. Counts are bounded by the other ``MAX_*`` constants below.
+role ``graph``; a table lies inside ``runtime.weights_file``. Counts are bounded by the other
+``MAX_*`` constants below.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
 import re
-from collections.abc import Collection, Iterable, Mapping, Sequence
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
+
+from edgestack import __version__
 from edgestack.errors import PackageError
 
 FORMAT_MAGIC = "edgestack-package"
-SCHEMA_VERSION = 1
-SUPPORTED_SCHEMA_VERSIONS = (1,)
+SCHEMA_VERSION = 2
+SUPPORTED_SCHEMA_VERSIONS = (2,)
 
 MANIFEST_NAME = "manifest.json"
 BLOCK_FILE = "blocks.bin"
@@ -142,6 +147,9 @@ FORMS = ("on-the-fly", "int8", "nbits8", "fp32")
 Runtime on every call, or materialised once per tier as int8 (1 byte a weight, integer
 kernels), 8-bit weight-only MatMulNBits (1.16 bytes a weight, every layer at once) or float32
 (4 bytes a weight, the tier's exact weight)."""
+SITE_KINDS = ("matmul", "gemm", "generic")
+"""How a layer's decoded weight is used in the graph (:class:`Site`); a ``generic`` site has no
+int8 form."""
 VARIANT_FILE = "model.mixed.onnx"
 INT8_FILE = "model.int8.onnx"
 FP32_FILE = "model.fp32.onnx"
@@ -153,7 +161,7 @@ DENSE_FILES = {"int8": INT8_FILE, "nbits8": NBITS8_FILE, "fp32": FP32_FILE}
 DENSE_DATA = {"int8": "int8.bin", "nbits8": "nbits8.bin", "fp32": "fp32.bin"}
 """The external-data file each dense graph reads its site tensors from. The runtime writes it
 for the plan it serves, in a folder of its own, at the offsets the packer recorded in
-``site["file"][form]`` (see :func:`edgestack.package.variants.dense_graph`)."""
+``Site.files[form]`` (see :func:`edgestack.package.variants.dense_graph`)."""
 
 NBITS_BLOCK = 32
 """Weights per scale of the ``nbits8`` form (``MatMulNBits`` ``block_size``, as the weight-only
@@ -188,6 +196,7 @@ MAX_LAYERS = 100_000
 MAX_BLOCKS = 2**20
 MAX_TIERS = 1_024
 MAX_DIMS = 8
+MAX_ITEMS = 10_000
 MAX_STRING = 4_096
 MAX_PATH_CHARS = 255
 MAX_COMPONENT_CHARS = 128
@@ -229,28 +238,20 @@ def check_path(name: Any, where: str) -> str:
     if not isinstance(name, str):
         raise PackageError(f"{where}: expected a file name (string), found {describe(name)}")
     parts = name.split("/")
-    problem = ""
-    if not name:
-        problem = "it is empty"
-    elif len(name) > MAX_PATH_CHARS:
-        problem = f"it is {len(name)} characters long (at most {MAX_PATH_CHARS})"
-    elif name.startswith("/"):
-        problem = "it is absolute"
-    elif ".." in parts:
-        problem = "it contains '..'"
-    elif len(parts) > MAX_PATH_DEPTH:
-        problem = f"it has {len(parts)} components (at most {MAX_PATH_DEPTH})"
-    else:
-        for part in parts:
-            if len(part) > MAX_COMPONENT_CHARS:
-                problem = f"component {part[:20]!r}... is longer than {MAX_COMPONENT_CHARS}"
-            elif not _COMPONENT.fullmatch(part):
-                problem = (
-                    f"component {part!r} is empty, starts with '.' or '-', or has a character "
-                    "outside [A-Za-z0-9._-]"
-                )
-            if problem:
-                break
+    bad = [p for p in parts if len(p) > MAX_COMPONENT_CHARS or not _COMPONENT.fullmatch(p)]
+    problem = (
+        "it is empty" if not name
+        else f"it is {len(name)} characters long (at most {MAX_PATH_CHARS})"
+        if len(name) > MAX_PATH_CHARS
+        else "it is absolute" if name.startswith("/")
+        else "it contains '..'" if ".." in parts
+        else f"it has {len(parts)} components (at most {MAX_PATH_DEPTH})"
+        if len(parts) > MAX_PATH_DEPTH
+        else f"component {bad[0][:20]!r}... is longer than {MAX_COMPONENT_CHARS}"
+        if bad and len(bad[0]) > MAX_COMPONENT_CHARS
+        else f"component {bad[0]!r} is empty, starts with '.' or '-', or has a character "
+        "outside [A-Za-z0-9._-]" if bad
+        else "")
     if problem:
         raise PackageError(
             f"{where}: file name {name[:80]!r} is not allowed: {problem}. Package files are "
@@ -282,36 +283,98 @@ def check_names(names: Iterable[str], where: str) -> None:
                 )
 
 
-def part_sizes(shape: Sequence[int], rank: int, dtype: str = "float16") -> tuple[int, int, int]:
-    """``(signs_bytes, u_bytes, v_bytes)`` of one block of a layer."""
-    m, n = shape[0], math.prod(shape[1:])
-    item = int(FACTOR_DTYPES[dtype][-1])
-    return (m * n + 7) // 8, item * m * rank, item * rank * n
+# --------------------------------------------------------------------------------------
+# The manifest's types. Field metadata are the checks a reader makes (see _Parser.load):
+# key (the field is the mapping key), json (the JSON key, when not the field name),
+# lo/hi (integer bounds), min/max (item counts), item (checks of each item),
+# choices, pattern, nonempty (strings). Fields with a default may be absent.
+# --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class FileEntry:
-    """One listed file: relative ``name``, ``size`` in bytes, ``sha256`` hex, ``role``."""
+def _f(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING,
+       **checks: Any) -> Any:
+    return field(default=default, default_factory=factory, metadata=checks)
 
-    name: str
-    size: int
-    sha256: str
-    role: str
+
+def _derived() -> Any:
+    return field(init=False, repr=False, compare=False)
+
+
+def _to_json(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.metadata.get("json", f.name): _to_json(getattr(value, f.name))
+                for f in dataclasses.fields(value) if f.init and not f.metadata.get("key")}
+    if isinstance(value, Mapping):
+        return {k: _to_json(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_to_json(v) for v in value]
+    return value
+
+
+class _Stored:
+    """A part of the manifest; :meth:`to_dict` is its JSON (stored fields only)."""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"size": self.size, "sha256": self.sha256, "role": self.role}
+        return _to_json(self)
 
 
 @dataclass(frozen=True)
-class LayerInfo:
+class FileEntry(_Stored):
+    """One listed file: relative ``name``, ``size`` in bytes, ``sha256`` hex, ``role``."""
+
+    name: str = _f(key=True)
+    size: int = _f()
+    sha256: str = _f(pattern=_SHA256, what="64 lowercase hex digits")
+    role: str = _f(choices=FILE_ROLES)
+
+
+@dataclass(frozen=True)
+class Site(_Stored):
+    """A BitStack layer's site in the mixed graph (see :mod:`edgestack.package.variants`):
+    how its weight is used (``kind``), the prefix of its inputs, and per dense form where
+    its tensors go in that form's data file (``files[form][tensor]`` = ``[offset, bytes]``;
+    a fused int8 layer's ``q_cols`` = ``[first, end, total]``)."""
+
+    kind: str = _f(choices=SITE_KINDS)
+    prefix: str = _f(nonempty=True)
+    files: Mapping[str, Mapping[str, tuple[int, ...]]] = _f(factory=dict, item={"item": {
+        "max": 3}})
+
+    # the site's graph inputs (derived): the flags that select the float32 and int8
+    # branches (a generic site has no int8 one: None), the float32 weight, the int8 weight
+    # and its per-channel scales
+    fp32 = property(lambda self: f"{self.prefix}.fp32")
+    int8 = property(lambda self: None if self.kind == "generic" else f"{self.prefix}.int8")
+    w = property(lambda self: f"{self.prefix}.w")
+    q = property(lambda self: f"{self.prefix}.q")
+    scale = property(lambda self: f"{self.prefix}.scale")
+
+
+@dataclass(frozen=True)
+class LayerGraph(_Stored):
+    """How a BitStack layer appears in the package's graphs (the packer-runtime contract):
+    its ``BitStackWeight`` node, the three graph inputs the runtime feeds its blocks to, the
+    decoded weight's value, the torch module it came from, and its :class:`Site`."""
+
+    node: str = _f(nonempty=True)
+    signs: str = _f(nonempty=True)
+    u: str = _f(nonempty=True)
+    v: str = _f(nonempty=True)
+    output: str = _f(nonempty=True)
+    torch_layer: str = _f("")
+    site: Site | None = _f(None)
+
+
+@dataclass(frozen=True)
+class LayerInfo(_Stored):
     """A BitStack layer in the block file (what the runtime needs to slice its blocks)."""
 
-    name: str
-    shape: tuple[int, ...]
-    rank: int
-    n_blocks: int
-    dtype: str = "float16"
-    attrs: Mapping[str, Any] = field(default_factory=dict)
+    name: str = _f(key=True)
+    shape: tuple[int, ...] = _f(min=2, max=MAX_DIMS, item={"lo": 1})
+    rank: int = _f(lo=1)
+    n_blocks: int = _f(lo=1, hi=MAX_BLOCKS)
+    dtype: str = _f("float16", choices=FACTOR_DTYPES)
+    graph: LayerGraph | None = _f(None)
 
     # Derived sizes are computed once per (frozen) layer: the planner reads them on every
     # re-tier. cached_property stores into the instance __dict__, which frozen allows.
@@ -321,39 +384,19 @@ class LayerInfo:
         return self.shape[0], math.prod(self.shape[1:])
 
     @functools.cached_property
-    def _sizes(self) -> tuple[int, int, int]:
-        """``(signs_bytes, u_bytes, v_bytes)`` of one block (:func:`part_sizes`)."""
-        return part_sizes(self.shape, self.rank, self.dtype)
+    def part_bytes(self) -> tuple[int, int, int]:
+        """Bytes of one block's signs (a bit a weight), u (``[m, k]``) and v (``[k, n]``)."""
+        (m, n), item = self.matrix_shape, int(FACTOR_DTYPES[self.dtype][-1])
+        return (m * n + 7) // 8, item * m * self.rank, item * self.rank * n
 
-    @functools.cached_property
-    def signs_bytes(self) -> int:
-        return self._sizes[0]
-
-    @functools.cached_property
-    def u_bytes(self) -> int:
-        return self._sizes[1]
-
-    @functools.cached_property
-    def v_bytes(self) -> int:
-        return self._sizes[2]
-
-    def to_dict(self) -> dict[str, Any]:
-        sb, ub, vb = self._sizes
-        return {
-            "shape": list(self.shape),
-            "rank": self.rank,
-            "n_blocks": self.n_blocks,
-            "dtype": self.dtype,
-            "signs_bytes": sb,
-            "u_bytes": ub,
-            "v_bytes": vb,
-            "attrs": dict(self.attrs),
-        }
+    signs_bytes = property(lambda self: self.part_bytes[0])
+    u_bytes = property(lambda self: self.part_bytes[1])
+    v_bytes = property(lambda self: self.part_bytes[2])
 
 
 @dataclass(frozen=True)
 class BlockRecord:
-    """One block's record in the block file (absolute byte offsets)."""
+    """One block's record in the block file (absolute byte offsets; derived)."""
 
     layer: str
     block: int
@@ -368,21 +411,11 @@ class BlockRecord:
         """Offset one past the record's last byte."""
         return self.offset + self.length
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "layer": self.layer,
-            "block": self.block,
-            "offset": self.offset,
-            "length": self.length,
-            "signs": self.signs,
-            "u": self.u,
-            "v": self.v,
-        }
-
 
 @dataclass(frozen=True)
 class Tier:
-    """A memory tier: the first ``n_records`` block records, bytes ``[0, bytes)``."""
+    """A memory tier (derived): the first ``n_records`` block records, block-file bytes
+    ``[0, bytes)``, ``blocks`` of each layer; ``total_bytes`` adds the graph and weights."""
 
     index: int
     blocks: Mapping[str, int]
@@ -394,45 +427,59 @@ class Tier:
         """How many records of the block file the tier loads."""
         return sum(self.blocks.values())
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "blocks": dict(self.blocks),
-            "bytes": self.bytes,
-            "total_bytes": self.total_bytes,
-        }
-
 
 @dataclass(frozen=True)
-class Golden:
+class Golden(_Stored):
     """Golden self-test data: two npz file names, the tier that made them, tolerances."""
 
-    inputs: str
-    outputs: str
-    tier: int
-    rtol: float
-    atol: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "inputs": self.inputs,
-            "outputs": self.outputs,
-            "tier": self.tier,
-            "rtol": self.rtol,
-            "atol": self.atol,
-        }
+    inputs: str = _f()
+    outputs: str = _f()
+    tier: int = _f()
+    rtol: float = _f()
+    atol: float = _f()
 
 
 @dataclass(frozen=True)
-class ModelInfo:
+class ModelInfo(_Stored):
     """Where the packed model came from."""
 
-    name: str
-    source: str = ""
-    method: str = ""
+    name: str = _f(nonempty=True)
+    source: str = _f("")
+    method: str = _f("")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "source": self.source, "method": self.method}
+
+@dataclass(frozen=True)
+class Table(_Stored):
+    """A lookup table (embedding) in the weights file: ``shape`` rows of ``dtype`` at
+    ``offset``; ``lookups``: ``(ids input, value)`` pairs the runtime gathers itself."""
+
+    offset: int = _f()
+    shape: tuple[int, ...] = _f(min=1, max=MAX_DIMS, item={"lo": 1})
+    dtype: str = _f(nonempty=True)
+    lookups: tuple[tuple[str, str], ...] = _f((), max=MAX_ITEMS)
+
+    @property
+    def bytes(self) -> int:
+        """The table's size in bytes (derived)."""
+        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+
+@dataclass(frozen=True)
+class RuntimeInfo(_Stored):
+    """What the memory planner and the runtime need without parsing the graph: the peak of
+    live activations for ``input_shapes``, the weights file and its lookup tables (mapped:
+    ``tables``; read row by row: ``gathered``), the largest integer input (``rows_per_call``),
+    and how the block order and tiers were chosen."""
+
+    activation_bytes: int = _f(0)
+    input_shapes: Mapping[str, tuple[int, ...]] = _f(factory=dict, max=MAX_ITEMS,
+                                                     item={"max": MAX_DIMS})
+    weights_file: str | None = _f(None)
+    order_source: str = _f("")
+    steps_per_level: int = _f(0)
+    rows_per_call: int = _f(0)
+    tables: Mapping[str, Table] = _f(factory=dict, max=MAX_ITEMS)
+    gathered: Mapping[str, Table] = _f(factory=dict, max=MAX_ITEMS)
 
 
 def layout_records(
@@ -444,67 +491,77 @@ def layout_records(
         PackageError: ``order`` names an unknown layer, skips or repeats a block, or lists a
             layer's blocks out of their 0, 1, 2, ... order.
     """
-    nxt = {name: 0 for name in layers}
+    nxt = dict.fromkeys(layers, 0)
     records: list[BlockRecord] = []
     pos = 0
     for i, item in enumerate(order):
         if not (isinstance(item, (tuple, list)) and len(item) == 2):
-            raise PackageError(
-                f"block order[{i}]: expected a (layer, block) pair, found {describe(item)}"
-            )
+            raise PackageError(f"order[{i}]: expected a (layer, block) pair, found "
+                               f"{describe(item)}")
         name, block = item
         if name not in layers:
-            raise PackageError(
-                f"block order[{i}]: unknown layer {name!r}; layers are "
-                f"{', '.join(map(repr, list(layers)[:10]))}"
-            )
+            raise PackageError(f"order[{i}]: unknown layer {describe(name)}; layers are "
+                               f"{', '.join(map(repr, list(layers)[:10]))}")
+        info = layers[name]
         if isinstance(block, bool) or not isinstance(block, int) or block != nxt[name]:
             raise PackageError(
-                f"block order[{i}]: expected block {nxt[name]} of layer {name!r} (a layer's "
-                f"blocks are stored in the order 0, 1, 2, ...), found {describe(block)}"
-            )
-        info = layers[name]
+                f"order[{i}]: expected block {nxt[name]} of layer {name!r} (a layer's blocks "
+                f"are stored in the order 0, 1, 2, ...), found {describe(block)}")
         if block >= info.n_blocks:
-            raise PackageError(
-                f"block order[{i}]: layer {name!r} has {info.n_blocks} blocks, found block {block}"
-            )
+            raise PackageError(f"order[{i}]: layer {name!r} has {info.n_blocks} blocks, found "
+                               f"block {block}")
         nxt[name] += 1
-        sb, ub, vb = part_sizes(info.shape, info.rank, info.dtype)
         start = align_up(pos)
-        u = align_up(start + sb)
-        v = align_up(u + ub)
-        records.append(BlockRecord(name, block, start, v + vb - start, start, u, v))
-        pos = v + vb
-    missing = [
-        f"{n!r}: {nxt[n]} of {info.n_blocks}"
-        for n, info in layers.items()
-        if nxt[n] != info.n_blocks
-    ]
+        u = align_up(start + info.signs_bytes)
+        v = align_up(u + info.u_bytes)
+        records.append(BlockRecord(name, block, start, v + info.v_bytes - start, start, u, v))
+        pos = v + info.v_bytes
+    missing = [f"{n!r}: {nxt[n]} of {info.n_blocks}" for n, info in layers.items()
+               if nxt[n] != info.n_blocks]
     if missing:
         raise PackageError(
-            f"block order: every block of every layer must be stored once; missing blocks "
-            f"({'; '.join(missing[:5])}): add the missing (layer, block) pairs to the order"
-        )
+            f"order: every block of every layer must be stored once; missing blocks "
+            f"({'; '.join(missing[:5])}): add the missing blocks to the order")
     return records
 
 
-def tiers_for_counts(
-    records: Sequence[BlockRecord], counts: Sequence[int], layer_names: Iterable[str], loaded: int
-) -> list[Tier]:
-    """Tiers loading the first ``counts[t]`` records each (``loaded``: graph+weights bytes).
+def derive_tiers(layers: Iterable[str], records: Sequence[BlockRecord],
+                 counts: Sequence[int], loaded: int) -> tuple[Tier, ...]:
+    """The tiers loading the first ``counts[t]`` records each (``loaded``: bytes of the
+    graph and weights files), checked: counts strictly grow, the first tier holds a block
+    of every layer, the last every record (``[0]`` without records).
 
-    ``counts`` must be non-decreasing and at most ``len(records)``; one pass over the records.
+    Raises:
+        PackageError: naming the tier, expected vs found.
     """
-    running = {name: 0 for name in layer_names}
-    tiers: list[Tier] = []
+    if not records:
+        if list(counts) != [0]:
+            raise PackageError(f"tiers: a package without BitStack layers has the one tier "
+                               f"[0], found {describe(list(counts))}")
+        return (Tier(0, MappingProxyType({}), 0, loaded),)
+    running = dict.fromkeys(layers, 0)
+    tiers = []
     pos = 0
-    for index, count in enumerate(counts):
+    for i, count in enumerate(counts):
+        if not pos < count <= len(records):
+            raise PackageError(
+                f"tiers[{i}]: expected a record count in [{pos + 1}, {len(records)}] (tiers "
+                f"list record counts, smallest first, each larger), found {count}")
         for rec in records[pos:count]:
             running[rec.layer] += 1
-        pos = max(pos, count)
-        nbytes = records[count - 1].end if count else 0
-        tiers.append(Tier(index, MappingProxyType(dict(running)), nbytes, nbytes + loaded))
-    return tiers
+        pos = count
+        empty = [name for name, n in running.items() if n == 0]
+        if empty:
+            raise PackageError(
+                f"tiers[{i}]: the first {count} records hold no block of layers {empty[:5]}; "
+                "every tier needs block 0 of every layer: make the tier larger, or store every "
+                "layer's block 0 earlier")
+        end = records[count - 1].end
+        tiers.append(Tier(i, MappingProxyType(dict(running)), end, end + loaded))
+    if pos != len(records):
+        raise PackageError(f"tiers[{len(counts) - 1}]: the last tier must hold every block "
+                           f"record ({len(records)}), found {pos}")
+    return tuple(tiers)
 
 
 # --------------------------------------------------------------------------------------
@@ -512,39 +569,101 @@ def tiers_for_counts(
 # --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Manifest:
-    """A parsed, validated manifest (see the module docstring for the meaning of fields)."""
+@dataclass(frozen=True, kw_only=True)
+class Manifest(_Stored):
+    """A validated manifest (see the module docstring for the meaning of fields).
 
-    model: ModelInfo
-    target: str
-    files: Mapping[str, FileEntry]
-    layers: Mapping[str, LayerInfo]
-    block_index: tuple[BlockRecord, ...]
-    tiers: tuple[Tier, ...]
-    golden: Golden | None
-    created: str
-    edgestack_version: str
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-    schema_version: int = SCHEMA_VERSION
+    Stored fields are what ``manifest.json`` holds; ``block_index`` and ``tiers`` are derived
+    on construction, which also checks everything one manifest must agree with itself on.
+
+    Raises:
+        PackageError: ``"<key path>: <what>, expected vs found"``.
+    """
+
+    schema_version: int = _f(SCHEMA_VERSION)
+    edgestack_version: str = _f()
+    created: str = _f()
+    model: ModelInfo = _f()
+    target: str = _f(nonempty=True)
+    files: Mapping[str, FileEntry] = _f(max=MAX_FILES)
+    layers: Mapping[str, LayerInfo] = _f(max=MAX_LAYERS)
+    order: tuple[str, ...] = _f(max=MAX_BLOCKS)
+    tier_records: tuple[int, ...] = _f(json="tiers", min=1, max=MAX_TIERS)
+    golden: Golden | None = _f()
+    runtime: RuntimeInfo = _f(factory=RuntimeInfo)
+    metadata: Mapping[str, Any] = _f(factory=dict)
+    block_index: tuple[BlockRecord, ...] = _derived()
+    tiers: tuple[Tier, ...] = _derived()
+
+    def __post_init__(self) -> None:
+        files = self.files
+        for name, entry in files.items():
+            check_path(name, f"files[{name[:80]!r}]")
+            if name == MANIFEST_NAME:
+                raise PackageError(f"files: {MANIFEST_NAME} must not list itself")
+            if (entry.role == "blocks") != (name == BLOCK_FILE):
+                raise PackageError(f"files[{name!r}].role: role 'blocks' belongs to "
+                                   f"{BLOCK_FILE!r} only, found role {entry.role!r}")
+        check_names(files, "files")
+        graphs = [n for n, e in files.items() if e.role == "graph"]
+        if len(graphs) != 1:
+            raise PackageError(f"files: expected exactly one file with role 'graph', found "
+                               f"{len(graphs)} {', '.join(map(repr, graphs[:5]))}")
+        if bool(self.layers) != (BLOCK_FILE in files):
+            raise PackageError(f"files: expected {BLOCK_FILE!r} exactly when there are BitStack "
+                               f"layers; found {len(self.layers)} layers and "
+                               f"{'a' if BLOCK_FILE in files else 'no'} {BLOCK_FILE!r}")
+        seen: dict[str, int] = {}
+        pairs = []
+        for name in self.order:
+            pairs.append((name, seen.get(name, 0)))
+            seen[name] = pairs[-1][1] + 1
+        records = layout_records(self.layers, pairs)
+        if records and records[-1].end != files[BLOCK_FILE].size:
+            raise PackageError(f"files[{BLOCK_FILE!r}].size: expected {records[-1].end} (the "
+                               f"end of the last block record), found {files[BLOCK_FILE].size}")
+        loaded = sum(e.size for e in files.values() if e.role in LOADED_ROLES)
+        tiers = derive_tiers(self.layers, records, self.tier_records, loaded)
+        golden = self.golden
+        if golden is not None:
+            for key in ("inputs", "outputs"):
+                entry = files.get(getattr(golden, key))
+                if entry is None or entry.role != "golden":
+                    raise PackageError(f"golden.{key}: expected a file with role 'golden', "
+                                       f"found {describe(getattr(golden, key))}")
+            if golden.tier >= len(tiers):
+                raise PackageError(f"golden.tier: expected a tier in [0, {len(tiers) - 1}], "
+                                   f"found {golden.tier}")
+        self._check_runtime()
+        object.__setattr__(self, "block_index", tuple(records))
+        object.__setattr__(self, "tiers", tiers)
+
+    def _check_runtime(self) -> None:
+        rt = self.runtime
+        wfile = self.files.get(rt.weights_file) if rt.weights_file is not None else None
+        if rt.weights_file is not None and (wfile is None or wfile.role != "weights"):
+            raise PackageError(f"runtime.weights_file: expected a file with role 'weights', "
+                               f"found {describe(rt.weights_file)}")
+        for key in ("tables", "gathered"):
+            for name, table in getattr(rt, key).items():
+                where = f"runtime.{key}[{name[:80]!r}]"
+                try:
+                    kind = np.dtype(table.dtype).kind
+                except Exception:  # numpy's dtype parser raises several types
+                    kind = ""
+                if kind not in ("b", "i", "u", "f"):
+                    raise PackageError(f"{where}.dtype: expected a numpy dtype of numbers "
+                                       f"(e.g. '<f4', '|i1'), found {describe(table.dtype)}")
+                size = wfile.size if wfile is not None else 0
+                if table.offset + table.bytes > size:
+                    raise PackageError(
+                        f"{where}: expected a table inside the weights file "
+                        f"({describe(rt.weights_file)}, {size} bytes), found bytes "
+                        f"[{table.offset}, {table.offset + table.bytes})")
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest as the JSON object stored in ``manifest.json``."""
-        return {
-            "format": FORMAT_MAGIC,
-            "schema_version": self.schema_version,
-            "edgestack_version": self.edgestack_version,
-            "created": self.created,
-            "model": self.model.to_dict(),
-            "target": self.target,
-            "metadata": dict(self.metadata),
-            "files": {name: entry.to_dict() for name, entry in self.files.items()},
-            "block_align": BLOCK_ALIGN,
-            "layers": {name: info.to_dict() for name, info in self.layers.items()},
-            "block_index": [rec.to_dict() for rec in self.block_index],
-            "tiers": [tier.to_dict() for tier in self.tiers],
-            "golden": self.golden.to_dict() if self.golden else None,
-        }
+        return {"format": FORMAT_MAGIC, **_to_json(self)}
 
     def to_json_bytes(self) -> bytes:
         """Canonical ``manifest.json`` bytes: ASCII JSON, one-space indent, containers whose
@@ -557,12 +676,15 @@ class Manifest:
 
         Checks everything that can be checked without the other files: size bound, UTF-8,
         JSON syntax (no duplicate keys, no NaN), magic, schema version, required keys and
-        types, file names, block layout, tiers and golden references.
+        types, file names, the block order, tiers, golden and runtime references.
 
         Raises:
             PackageError: naming ``source``, the offending key, expected vs found, and the fix.
         """
-        return _Parser(source).parse(data)
+        parser = _Parser(source)
+        top = parser.load_json(data)
+        parser.check_version(top)
+        return parser.load(cls, top, "", {})
 
 
 def _dump(value: Any, depth: int) -> str:
@@ -580,6 +702,11 @@ def _dump(value: Any, depth: int) -> str:
     return "[\n" + ",\n".join(items) + "\n" + " " * depth + "]"
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
 class _Parser:
     """Validation of one manifest; every error names the source and the key path."""
 
@@ -591,54 +718,86 @@ class _Parser:
         return PackageError(f"{self.source}: {MANIFEST_NAME}{at}: {msg}; {fix}")
 
     # ---- typed getters ------------------------------------------------------------------
-    def get(self, obj: dict[str, Any], key: str, where: str) -> Any:
-        if key not in obj:
-            raise self.fail(where, f"missing required key {key!r}")
-        return obj[key]
-
     def obj(self, value: Any, where: str) -> dict[str, Any]:
         if not isinstance(value, dict):
             raise self.fail(where, f"expected a JSON object, found {describe(value)}")
         return value
 
-    def arr(self, value: Any, where: str, max_len: int) -> list[Any]:
-        if not isinstance(value, list):
-            raise self.fail(where, f"expected a JSON array, found {describe(value)}")
-        if len(value) > max_len:
-            raise self.fail(where, f"expected at most {max_len} items, found {len(value)}")
+    def str_(self, value: Any, where: str, checks: Mapping[str, Any]) -> str:
+        if "choices" in checks:
+            allowed = list(checks["choices"])
+            if not isinstance(value, str) or value not in allowed:
+                names = ", ".join(map(repr, allowed[:10])) + (", ..." if len(allowed) > 10
+                                                               else "")
+                raise self.fail(where, f"expected one of {names}, found {describe(value)}")
+        empty = not checks.get("nonempty")
+        if not isinstance(value, str) or len(value) > MAX_STRING or not (empty or value):
+            raise self.fail(where, f"expected {'a' if empty else 'a non-empty'} string of at "
+                                   f"most {MAX_STRING} characters, found {describe(value)}")
+        if "pattern" in checks and not checks["pattern"].fullmatch(value):
+            raise self.fail(where, f"expected {checks['what']}, found {describe(value)}")
         return value
 
-    def int_(self, value: Any, where: str, lo: int = 0, hi: int = MAX_INT) -> int:
-        expected = f"expected an integer in [{lo}, {hi}]"
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(where, f"{expected}, found {describe(value)}")
-        if not lo <= value <= hi:
-            raise self.fail(where, f"{expected}, found {value}")
-        return value
-
-    def str_(self, value: Any, where: str, allow_empty: bool = True) -> str:
-        if not isinstance(value, str) or len(value) > MAX_STRING or not (allow_empty or value):
-            need = "a string" if allow_empty else "a non-empty string"
-            raise self.fail(
-                where, f"expected {need} of at most {MAX_STRING} characters, found "
-                f"{describe(value)}"
-            )
-        return value
-
-    def float_(self, value: Any, where: str) -> float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not ok or not math.isfinite(value) or value < 0:
-            raise self.fail(
-                where, f"expected a finite non-negative number, found {describe(value)}"
-            )
-        return float(value)
-
-    def one_of(self, value: Any, where: str, allowed: Collection[str]) -> str:
-        if not isinstance(value, str) or value not in allowed:
-            first = list(allowed)
-            names = ", ".join(map(repr, first[:10])) + (", ..." if len(first) > 10 else "")
-            raise self.fail(where, f"expected one of {names}, found {describe(value)}")
-        return value
+    def load(self, tp: Any, value: Any, where: str, checks: Mapping[str, Any],
+             key: str | None = None) -> Any:
+        """``value`` (JSON) as type ``tp`` (a manifest dataclass, int, float, str, a tuple,
+        a str-keyed Mapping, ``X | None`` or Any), checked by the field's ``checks``."""
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if origin in (typing.Union, types.UnionType):
+            inner = next(a for a in args if a is not type(None))
+            return None if value is None else self.load(inner, value, where, checks)
+        if dataclasses.is_dataclass(tp):
+            obj = self.obj(value, where)
+            kwargs: dict[str, Any] = {}
+            for f in dataclasses.fields(tp):
+                name = f.metadata.get("json", f.name)
+                if not f.init:
+                    continue
+                if f.metadata.get("key"):
+                    kwargs[f.name] = key
+                elif name in obj:
+                    sub = f"{where}.{name}" if where else name
+                    kwargs[f.name] = self.load(_hints(tp)[f.name], obj[name], sub, f.metadata)
+                elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                    raise self.fail(where, f"missing required key {name!r}")
+            try:
+                return tp(**kwargs)
+            except PackageError as exc:  # Manifest's own checks: "<key path>: <what>"
+                raise self.fail("", str(exc)) from None
+        item = checks.get("item", {})
+        if origin is tuple:
+            if not isinstance(value, list):
+                raise self.fail(where, f"expected a JSON array, found {describe(value)}")
+            fixed = args[-1] is not Ellipsis   # tuple[str, str]; else tuple[int, ...]
+            kinds = list(args) if fixed else [args[0]] * len(value)
+            lo, hi = ((len(args),) * 2 if fixed
+                      else (checks.get("min", 0), checks.get("max", MAX_ITEMS)))
+            if not lo <= len(value) <= hi:
+                raise self.fail(where, f"expected {lo} to {hi} items, found {len(value)}")
+            return tuple(self.load(t, v, f"{where}[{i}]", item)
+                         for i, (t, v) in enumerate(zip(kinds, value, strict=True)))
+        if origin is Mapping:
+            obj = self.obj(value, where)
+            if len(obj) > checks.get("max", MAX_ITEMS):
+                raise self.fail(where, f"expected at most {checks.get('max', MAX_ITEMS)} "
+                                       f"entries, found {len(obj)}")
+            if args[1] is Any:
+                return MappingProxyType(obj)
+            return MappingProxyType({k: self.load(args[1], v, f"{where}[{k[:80]!r}]", item, k)
+                                     for k, v in obj.items()})
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if tp is int:
+            lo, hi = checks.get("lo", 0), checks.get("hi", MAX_INT)
+            if not (number and isinstance(value, int) and lo <= value <= hi):
+                raise self.fail(where, f"expected an integer in [{lo}, {hi}], found "
+                                       f"{describe(value)}")
+            return value
+        if tp is float:
+            if not (number and 0 <= value < math.inf):
+                raise self.fail(where, f"expected a finite non-negative number, found "
+                                       f"{describe(value)}")
+            return float(value)
+        return self.str_(value, where, checks)
 
     # ---- parsing ------------------------------------------------------------------------
     def load_json(self, data: bytes) -> Any:
@@ -688,7 +847,7 @@ class _Parser:
             elif isinstance(item, float) and not math.isfinite(item):
                 raise self.fail("", "expected finite numbers, found a number out of float range")
 
-    def check_version(self, top: Any) -> int:
+    def check_version(self, top: Any) -> None:
         if not isinstance(top, dict) or top.get("format") != FORMAT_MAGIC:
             found = describe(top.get("format")) if isinstance(top, dict) else describe(top)
             raise PackageError(
@@ -697,302 +856,30 @@ class _Parser:
                 "directory or .tar that edgestack's PackageWriter / write_archive produced"
             )
         version = top.get("schema_version")
-        if (isinstance(version, int) and not isinstance(version, bool)
-                and version in SUPPORTED_SCHEMA_VERSIONS):
-            return version
-        from edgestack import __version__
-
+        ok = isinstance(version, int) and not isinstance(version, bool)
+        if ok and version in SUPPORTED_SCHEMA_VERSIONS:
+            return
+        found = f"package schema_version {describe(version)}"
+        reads = ", ".join(map(str, SUPPORTED_SCHEMA_VERSIONS))
+        if ok and version < min(SUPPORTED_SCHEMA_VERSIONS):
+            model = top.get("model")
+            source = model.get("source") if isinstance(model, dict) else None
+            source = source if isinstance(source, str) and source else "<source>"
+            raise PackageError(
+                f"{self.source}: {found} is older than what edgestack {__version__} reads "
+                f"(schema_version {reads}): repack it with `edgestack pack {source} --out "
+                f"{self.source}` (edgestack >= {__version__})")
         raise PackageError(
-            f"{self.source}: package schema_version {describe(version)} is not supported by "
-            f"edgestack {__version__} (supported: {', '.join(map(str, SUPPORTED_SCHEMA_VERSIONS))})"
-            ". Upgrade edgestack to read packages written by a newer version, or repack the "
-            "model with this version of edgestack"
-        )
-
-    def parse(self, data: bytes) -> Manifest:
-        top = self.load_json(data)
-        version = self.check_version(top)
-        model = self.obj(self.get(top, "model", ""), "model")
-        model_info = ModelInfo(
-            self.str_(self.get(model, "name", "model"), "model.name", allow_empty=False),
-            self.str_(model.get("source", ""), "model.source"),
-            self.str_(model.get("method", ""), "model.method"),
-        )
-        align = self.int_(self.get(top, "block_align", ""), "block_align", 1, 2**20)
-        if align != BLOCK_ALIGN:
-            raise self.fail("block_align", f"expected {BLOCK_ALIGN}, found {align}")
-        files = self.parse_files(self.get(top, "files", ""))
-        layers = self.parse_layers(self.get(top, "layers", ""))
-        records = self.parse_block_index(self.get(top, "block_index", ""), layers, files)
-        loaded = sum(e.size for e in files.values() if e.role in LOADED_ROLES)
-        tiers = self.parse_tiers(self.get(top, "tiers", ""), layers, records, loaded)
-        return Manifest(
-            model=model_info,
-            target=self.str_(self.get(top, "target", ""), "target", allow_empty=False),
-            files=MappingProxyType(files),
-            layers=MappingProxyType(layers),
-            block_index=tuple(records),
-            tiers=tuple(tiers),
-            golden=self.parse_golden(self.get(top, "golden", ""), files, len(tiers)),
-            created=self.str_(self.get(top, "created", ""), "created"),
-            edgestack_version=self.str_(
-                self.get(top, "edgestack_version", ""), "edgestack_version"
-            ),
-            metadata=MappingProxyType(self.obj(top.get("metadata", {}), "metadata")),
-            schema_version=version,
-        )
-
-    def parse_files(self, value: Any) -> dict[str, FileEntry]:
-        raw = self.obj(value, "files")
-        if len(raw) > MAX_FILES:
-            raise self.fail("files", f"expected at most {MAX_FILES} files, found {len(raw)}")
-        files: dict[str, FileEntry] = {}
-        for name, spec in raw.items():
-            where = f"files[{name[:80]!r}]"
-            try:
-                check_path(name, f"{self.source}: {MANIFEST_NAME} {where}")
-            except PackageError as exc:
-                raise PackageError(f"{exc}; {_FIX_MANIFEST}") from None
-            if name == MANIFEST_NAME:
-                raise self.fail(where, f"{MANIFEST_NAME} must not list itself")
-            spec = self.obj(spec, where)
-            size = self.int_(self.get(spec, "size", where), f"{where}.size")
-            digest = self.get(spec, "sha256", where)
-            if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
-                raise self.fail(
-                    f"{where}.sha256", f"expected 64 lowercase hex digits, found {describe(digest)}"
-                )
-            role = self.one_of(self.get(spec, "role", where), f"{where}.role", FILE_ROLES)
-            if (role == "blocks") != (name == BLOCK_FILE):
-                raise self.fail(
-                    where, f"role 'blocks' belongs to {BLOCK_FILE!r} only, found role {role!r}"
-                )
-            files[name] = FileEntry(name, size, digest, role)
-        try:
-            check_names(files, f"{self.source}: {MANIFEST_NAME} files")
-        except PackageError as exc:
-            raise PackageError(f"{exc}; {_FIX_MANIFEST}") from None
-        graphs = [n for n, e in files.items() if e.role == "graph"]
-        if len(graphs) != 1:
-            found = ", ".join(map(repr, graphs[:5]))
-            raise self.fail(
-                "files", f"expected exactly one file with role 'graph', found {len(graphs)} {found}"
-            )
-        return files
-
-    def parse_layers(self, value: Any) -> dict[str, LayerInfo]:
-        raw = self.obj(value, "layers")
-        if len(raw) > MAX_LAYERS:
-            raise self.fail("layers", f"expected at most {MAX_LAYERS} layers, found {len(raw)}")
-        layers: dict[str, LayerInfo] = {}
-        for name, spec in raw.items():
-            where = f"layers[{name[:80]!r}]"
-            self.str_(name, where, allow_empty=False)
-            spec = self.obj(spec, where)
-            shape_raw = self.arr(self.get(spec, "shape", where), f"{where}.shape", MAX_DIMS)
-            if len(shape_raw) < 2:
-                raise self.fail(
-                    f"{where}.shape", f"expected 2 to {MAX_DIMS} dimensions, found {len(shape_raw)}"
-                )
-            shape = tuple(self.int_(d, f"{where}.shape[{i}]", 1) for i, d in enumerate(shape_raw))
-            rank = self.int_(self.get(spec, "rank", where), f"{where}.rank", 1)
-            n_blocks = self.int_(
-                self.get(spec, "n_blocks", where), f"{where}.n_blocks", 1, MAX_BLOCKS
-            )
-            dtype = self.one_of(self.get(spec, "dtype", where), f"{where}.dtype", FACTOR_DTYPES)
-            attrs = self.obj(spec.get("attrs", {}), f"{where}.attrs")
-            sizes = part_sizes(shape, rank, dtype)
-            for key, expected in zip(("signs_bytes", "u_bytes", "v_bytes"), sizes, strict=True):
-                found = self.get(spec, key, where)
-                if isinstance(found, bool) or found != expected:
-                    raise self.fail(
-                        f"{where}.{key}",
-                        f"expected {expected} for shape {list(shape)} and rank {rank}, found "
-                        f"{describe(found)}",
-                    )
-            layers[name] = LayerInfo(name, shape, rank, n_blocks, dtype, MappingProxyType(attrs))
-        return layers
-
-    def parse_block_index(
-        self, value: Any, layers: Mapping[str, LayerInfo], files: Mapping[str, FileEntry]
-    ) -> list[BlockRecord]:
-        raw = self.arr(value, "block_index", MAX_BLOCKS)
-        if layers and BLOCK_FILE not in files:
-            raise self.fail("files", f"the package has BitStack layers but no {BLOCK_FILE!r}")
-        if not layers:
-            if raw:
-                raise self.fail("block_index", f"expected no records (no layers), found {len(raw)}")
-            if BLOCK_FILE in files:
-                raise self.fail("files", f"{BLOCK_FILE!r} is listed but there are no layers")
-            return []
-        nxt = {name: 0 for name in layers}
-        records: list[BlockRecord] = []
-        pos = 0
-        for i, item in enumerate(raw):
-            where = f"block_index[{i}]"
-            item = self.obj(item, where)
-            name = self.one_of(self.get(item, "layer", where), f"{where}.layer", layers)
-            info = layers[name]
-            block = self.int_(self.get(item, "block", where), f"{where}.block")
-            if block != nxt[name] or block >= info.n_blocks:
-                raise self.fail(
-                    f"{where}.block",
-                    f"expected block {nxt[name]} of layer {name!r} ({info.n_blocks} blocks, "
-                    f"stored in the order 0, 1, ...), found {block}",
-                )
-            nxt[name] += 1
-            sb, ub, vb = part_sizes(info.shape, info.rank, info.dtype)
-            start = align_up(pos)
-            u = align_up(start + sb)
-            v = align_up(u + ub)
-            expected = {"offset": start, "length": v + vb - start, "signs": start, "u": u, "v": v}
-            for key, exp in expected.items():
-                found = self.int_(self.get(item, key, where), f"{where}.{key}")
-                if found != exp:
-                    raise self.fail(
-                        f"{where}.{key}",
-                        f"expected {exp} (records are stored back to back at {BLOCK_ALIGN}-byte "
-                        f"aligned offsets, parts signs/u/v each aligned), found {found}; the "
-                        "block index does not match the block layout",
-                    )
-            records.append(BlockRecord(name, block, start, v + vb - start, start, u, v))
-            pos = v + vb
-        short = [f"{n!r} ({nxt[n]} of {info.n_blocks})" for n, info in layers.items()
-                 if nxt[n] != info.n_blocks]
-        if short:
-            raise self.fail(
-                "block_index",
-                "every block of every layer must have a record; incomplete: "
-                + ", ".join(short[:5]),
-            )
-        size = files[BLOCK_FILE].size
-        if pos != size:
-            raise self.fail(
-                f"files[{BLOCK_FILE!r}].size",
-                f"expected {pos} (the end of the last block record), found {size}",
-            )
-        return records
-
-    def parse_tiers(
-        self,
-        value: Any,
-        layers: Mapping[str, LayerInfo],
-        records: Sequence[BlockRecord],
-        loaded: int,
-    ) -> list[Tier]:
-        raw = self.arr(value, "tiers", MAX_TIERS)
-        if not raw:
-            raise self.fail("tiers", "expected at least one tier, found none")
-        if not records and len(raw) != 1:
-            raise self.fail(
-                "tiers", f"a package without BitStack layers has exactly one tier, found {len(raw)}"
-            )
-        lo = 1 if records else 0
-        counts: list[int] = []
-        parsed: list[tuple[dict[str, int], dict[str, Any]]] = []
-        for i, item in enumerate(raw):
-            where = f"tiers[{i}]"
-            item = self.obj(item, where)
-            self.int_(self.get(item, "index", where), f"{where}.index", i, i)
-            blocks_raw = self.obj(self.get(item, "blocks", where), f"{where}.blocks")
-            if set(blocks_raw) != set(layers):
-                extra = sorted(set(blocks_raw) - set(layers))[:3]
-                missing = sorted(set(layers) - set(blocks_raw))[:3]
-                raise self.fail(
-                    f"{where}.blocks",
-                    f"expected one count per layer; unknown layers {extra}, missing {missing}",
-                )
-            blocks = {
-                name: self.int_(blocks_raw[name], f"{where}.blocks[{name[:80]!r}]", lo, n.n_blocks)
-                for name, n in layers.items()
-            }
-            count = sum(blocks.values())
-            if counts and count <= counts[-1]:
-                raise self.fail(
-                    where,
-                    f"expected more block records than tier {i - 1} ({counts[-1]}), found "
-                    f"{count}: tiers must grow",
-                )
-            counts.append(count)
-            parsed.append((blocks, item))
-        if records and counts[-1] != len(records):
-            raise self.fail(
-                f"tiers[{len(raw) - 1}]",
-                f"the last tier must hold every block record ({len(records)}), found {counts[-1]}",
-            )
-        tiers = tiers_for_counts(records, counts, layers, loaded)
-        meaning = {
-            "bytes": "the end of its last block record",
-            "total_bytes": "bytes plus the sizes of the graph and weight files",
-        }
-        for i, (tier, (blocks, item)) in enumerate(zip(tiers, parsed, strict=True)):
-            where = f"tiers[{i}]"
-            if dict(tier.blocks) != blocks:
-                raise self.fail(
-                    f"{where}.blocks",
-                    f"expected the per-layer counts of the first {counts[i]} records in storage "
-                    f"order, {dict(tier.blocks)}, found {blocks}: a tier must be a prefix of the "
-                    "block file",
-                )
-            for key, what in meaning.items():
-                found = self.int_(self.get(item, key, where), f"{where}.{key}")
-                if found != getattr(tier, key):
-                    raise self.fail(
-                        f"{where}.{key}", f"expected {getattr(tier, key)} ({what}), found {found}"
-                    )
-        return tiers
-
-    def parse_golden(
-        self, value: Any, files: Mapping[str, FileEntry], n_tiers: int
-    ) -> Golden | None:
-        if value is None:
-            return None
-        raw = self.obj(value, "golden")
-        golden = [n for n, e in files.items() if e.role == "golden"]
-        names = [
-            self.one_of(self.get(raw, key, "golden"), f"golden.{key}", golden)
-            for key in ("inputs", "outputs")
-        ]
-        tier = self.int_(self.get(raw, "tier", "golden"), "golden.tier", 0, n_tiers - 1)
-        rtol = self.float_(self.get(raw, "rtol", "golden"), "golden.rtol")
-        atol = self.float_(self.get(raw, "atol", "golden"), "golden.atol")
-        return Golden(names[0], names[1], tier, rtol, atol)
+            f"{self.source}: {found} is not supported: edgestack {__version__} reads "
+            f"schema_version {reads}. Upgrade edgestack to read packages written by a newer "
+            "version, or repack the model with this version of edgestack")
 
 
-__all__ = [
-    "FORMAT_MAGIC",
-    "SCHEMA_VERSION",
-    "SUPPORTED_SCHEMA_VERSIONS",
-    "MANIFEST_NAME",
-    "BLOCK_FILE",
-    "GOLDEN_INPUTS",
-    "GOLDEN_OUTPUTS",
-    "ARCHIVE_SUFFIX",
-    "BLOCK_ALIGN",
-    "FACTOR_DTYPES",
-    "FILE_ROLES",
-    "LOADED_ROLES",
-    "MAX_MANIFEST_BYTES",
-    "MAX_INT",
-    "MAX_FILES",
-    "MAX_LAYERS",
-    "MAX_BLOCKS",
-    "MAX_TIERS",
-    "MAX_DIMS",
-    "MAX_PATH_CHARS",
-    "MAX_PATH_DEPTH",
-    "MAX_ARCHIVE_MEMBERS",
-    "align_up",
-    "check_path",
-    "check_names",
-    "part_sizes",
-    "layout_records",
-    "tiers_for_counts",
-    "FileEntry",
-    "LayerInfo",
-    "BlockRecord",
-    "Tier",
-    "Golden",
-    "ModelInfo",
-    "Manifest",
-]
+__all__ = ["FORMAT_MAGIC", "SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS", "MANIFEST_NAME",
+           "BLOCK_FILE", "GOLDEN_INPUTS", "GOLDEN_OUTPUTS", "ARCHIVE_SUFFIX", "BLOCK_ALIGN",
+           "FACTOR_DTYPES", "FILE_ROLES", "LOADED_ROLES", "SITE_KINDS", "MAX_MANIFEST_BYTES",
+           "MAX_INT", "MAX_FILES", "MAX_LAYERS", "MAX_BLOCKS", "MAX_TIERS", "MAX_DIMS",
+           "MAX_PATH_CHARS", "MAX_PATH_DEPTH", "MAX_ARCHIVE_MEMBERS", "align_up", "check_path",
+           "check_names", "layout_records", "derive_tiers", "FileEntry", "LayerInfo",
+           "LayerGraph", "Site", "BlockRecord", "Tier", "Golden", "ModelInfo", "Table",
+           "RuntimeInfo", "Manifest"]

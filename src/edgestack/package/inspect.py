@@ -418,16 +418,15 @@ def inspect_package(path: str | os.PathLike[str]) -> dict[str, Any]:
         files = [{"name": n, "role": e.role, "size": e.size} for n, e in pkg.files.items()]
         layers = []
         for name, info in pkg.layers.items():
-            block = info.signs_bytes + info.u_bytes + info.v_bytes
+            block = sum(info.part_bytes)
             numel = math.prod(info.shape)
             layers.append({
                 "name": name, "shape": list(info.shape), "n_blocks": info.n_blocks,
                 "rank": info.rank, "dtype": info.dtype, "block_bytes": block,
                 "bytes": block * info.n_blocks,
                 "bits_per_weight": _bits_per_weight(block * info.n_blocks, numel),
-                "torch_layer": info.attrs.get("torch_layer"),
-                "site": (info.attrs.get("site") or {}).get("kind")
-                if isinstance(info.attrs.get("site"), dict) else None,
+                "torch_layer": info.graph.torch_layer if info.graph else None,
+                "site": info.graph.site.kind if info.graph and info.graph.site else None,
             })
         tiers = [{"index": t.index, "blocks_loaded": t.n_records, "blocks": dict(t.blocks),
                   "bytes": t.bytes, "total_bytes": t.total_bytes} for t in pkg.tiers]
@@ -437,8 +436,6 @@ def inspect_package(path: str | os.PathLike[str]) -> dict[str, Any]:
         golden = pkg.golden_info.to_dict() if pkg.golden_info is not None else None
         if golden is not None:
             golden["bytes"] = sum(pkg.files[golden[k]].size for k in ("inputs", "outputs"))
-        runtime = man.metadata.get("runtime")
-        runtime = runtime if isinstance(runtime, dict) else {}
         graph_name = pkg.graph_file
         import onnx
 
@@ -448,7 +445,8 @@ def inspect_package(path: str | os.PathLike[str]) -> dict[str, Any]:
                                                         pkg.files[graph_name].size)
             graph.pop("kind")
             graph.pop("path")
-            fed = {info.attrs.get(k) for info in pkg.layers.values() for k in ("signs", "u", "v")}
+            fed = {name for info in pkg.layers.values() if info.graph
+                   for name in (info.graph.signs, info.graph.u, info.graph.v)}
             graph["block_inputs"] = sum(v["name"] in fed for v in graph["inputs"])
             graph["inputs"] = [v for v in graph["inputs"] if v["name"] not in fed]
             for ext in graph["external_data"]:  # a package's weights files are its own
@@ -475,9 +473,8 @@ def inspect_package(path: str | os.PathLike[str]) -> dict[str, Any]:
             "block_file_bytes": pkg.block_file_size,
             "variants": variants,
             "golden": golden,
-            "runtime": {k: runtime[k] for k in ("activation_bytes", "input_shapes",
-                                                "weights_file", "order_source",
-                                                "steps_per_level") if k in runtime},
+            "runtime": {k: v for k, v in man.runtime.to_dict().items()
+                        if k not in ("tables", "gathered", "rows_per_call")},
             "graph": graph,
         }
 

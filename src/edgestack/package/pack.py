@@ -10,9 +10,9 @@ package
   and become **graph inputs** whose first dimension is symbolic (``nb_<i>``); their blocks go
   to ``blocks.bin`` in the model's importance order (metadata ``edgestack.bitstack_order``,
   written by the exporter; level-major order with a warning when absent), so every tier is a
-  prefix of the block file. ``layers[L].attrs`` records ``node`` (the node name), ``signs``,
-  ``u``, ``v`` (the three input names), ``output`` (the decoded weight's value name) and
-  ``torch_layer`` (the torch module name);
+  prefix of the block file. ``layers[L].graph`` (:class:`~.format.LayerGraph`) records
+  ``node`` (the node name), ``signs``, ``u``, ``v`` (the three input names), ``output`` (the
+  decoded weight's value name), ``torch_layer`` (the torch module name) and its ``site``;
 - every other initializer of 1024 bytes or more goes to ``model.data`` (ONNX external data,
   role ``weights``), so ``model.onnx`` stays small and the runtime can place the weights;
 - tiers: every level boundary (each layer has ``b`` blocks) plus ``steps_per_level - 1``
@@ -22,7 +22,8 @@ package
   normal; symbolic dims: 1 for the first, 16 for the others) unless given (a model source's
   example inputs are used when pack exports it); golden outputs
   are what ONNX Runtime gives on the packed graph with every block fed (the last tier);
-- ``metadata.runtime`` holds what the planner needs without parsing the graph:
+- ``runtime`` (:class:`~.format.RuntimeInfo`) holds what the planner needs without parsing
+  the graph:
   ``activation_bytes`` (peak of live intermediate tensors for the golden input shapes, from
   ONNX shape inference and a liveness scan in node order), ``input_shapes``, ``weights_file``.
 
@@ -46,7 +47,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,9 @@ from edgestack.package.format import (
     SUPPORTED_TARGETS,
     TIERED_TARGETS,
     VARIANT_FILE,
+    LayerGraph,
+    RuntimeInfo,
+    Table,
 )
 from edgestack.package.tables import gather_rows, lookup_table
 from edgestack.package.variants import add_sites, dense_graph
@@ -181,10 +185,10 @@ TABLE_MIN_BYTES = 64 * 1024
 """Smallest external tensor the runtime treats as a lookup table (see :func:`gather_tables`)."""
 
 
-def gather_tables(model: Any) -> dict[str, dict[str, int]]:
+def gather_tables(model: Any) -> dict[str, Table]:
     """External initializers of at least :data:`TABLE_MIN_BYTES` read only as the data of a
-    ``Gather`` on axis 0 (embedding tables): ``{name: {"offset", "bytes", "shape",
-    "dtype"}}`` (``dtype``: numpy's ``dtype.str``).
+    ``Gather`` on axis 0 (embedding tables), as :class:`~.format.Table` (``dtype``: numpy's
+    ``dtype.str``).
 
     A call reads only the rows its indices name: :func:`pregather_tables` moves the lookups
     with graph-input indices out of the graph (the runtime reads those rows itself); the
@@ -218,13 +222,12 @@ def gather_tables(model: Any) -> dict[str, dict[str, int]]:
         length = int(info.get("length", 0))
         users = uses.get(t.name, [])
         if length >= TABLE_MIN_BYTES and users and all(gather0(nd, i) for nd, i in users):
-            out[t.name] = {"offset": int(info.get("offset", 0)), "bytes": length,
-                           "shape": list(t.dims),
-                           "dtype": np.dtype(tensor_dtype_to_np_dtype(t.data_type)).str}
+            out[t.name] = Table(int(info.get("offset", 0)), tuple(t.dims),
+                                np.dtype(tensor_dtype_to_np_dtype(t.data_type)).str)
     return out
 
 
-def pregather_tables(model: Any, tables: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def pregather_tables(model: Any, tables: dict[str, Table]) -> dict[str, Table]:
     """Move the lookups of tables whose indices are a graph input out of the graph.
 
     For every table of ``tables`` (see :func:`gather_tables`; the model already saved with
@@ -233,7 +236,7 @@ def pregather_tables(model: Any, tables: dict[str, dict[str, Any]]) -> dict[str,
     a graph input: the runtime reads exactly those rows from the weights file with ``pread``
     (no mapping, so no page-cache fault-around: a memory-mapped table read by 128 scattered
     ids made up to 16 pages resident per id) and feeds them. The table's initializer leaves
-    the graph. Returns ``{table: {...tables entry, "lookups": [[ids input, value], ...]}}``
+    the graph. Returns ``{table: the tables entry with its lookups (ids input, value)}``
     and removes those tables from ``tables``; tables read with computed indices stay.
     """
     from onnx import helper
@@ -252,14 +255,14 @@ def pregather_tables(model: Any, tables: dict[str, dict[str, Any]]) -> dict[str,
         for nd in users:
             ids = inputs[nd.input[1]]
             dims = [d.dim_param or d.dim_value for d in ids.type.tensor_type.shape.dim]
-            et = helper.np_dtype_to_tensor_dtype(np.dtype(spec["dtype"]))
+            et = helper.np_dtype_to_tensor_dtype(np.dtype(spec.dtype))
             g.input.append(helper.make_tensor_value_info(nd.output[0], et,
-                                                         [*dims, *spec["shape"][1:]]))
-            lookups.append([nd.input[1], nd.output[0]])
+                                                         [*dims, *spec.shape[1:]]))
+            lookups.append((nd.input[1], nd.output[0]))
             g.node.remove(nd)
         init = next(t for t in g.initializer if t.name == name)
         g.initializer.remove(init)
-        out[name] = {**spec, "lookups": lookups}
+        out[name] = replace(spec, lookups=tuple(lookups))
     return out
 
 
@@ -348,7 +351,7 @@ def read_onnx(src: Path, say: Callable[[str], None]) -> Any:
 
 
 def _golden_outputs(graph: Path, feeds: Mapping[str, Any], stacks: Mapping[str, Any],
-                    attrs: Mapping[str, Mapping[str, Any]],
+                    attrs: Mapping[str, LayerGraph],
                     say: Callable[[str], None]) -> dict[str, np.ndarray]:
     """What ONNX Runtime gives on the packed ``graph`` for ``feeds``, every block fed."""
     say("pack: computing golden outputs with ONNX Runtime (every block)")
@@ -361,7 +364,7 @@ def _golden_outputs(graph: Path, feeds: Mapping[str, Any], stacks: Mapping[str, 
         full = dict(feeds)
         for layer, st in stacks.items():
             a = attrs[layer]
-            full.update({a["signs"]: st.signs, a["u"]: st.u, a["v"]: st.v})
+            full.update({a.signs: st.signs, a.u: st.u, a.v: st.v})
         outs = sess.run(None, full)
     except Exception as exc:
         raise PackageError(f"pack: ONNX Runtime cannot run the packed graph on the golden "
@@ -428,8 +431,8 @@ def pack(
             Runtime gives on the packed graph, every block fed), e.g. the source model's
             outputs for a compiled graph.
         tolerance: ``(rtol, atol)`` of the self-test (default ``(1e-3, 1e-4)``).
-        metadata: more manifest metadata (e.g. ``{"compile": ...}``: what a target's
-            lowering did); ``runtime`` and ``profile`` are the packer's.
+        metadata: more manifest metadata (free-form extras, e.g. ``{"compile": ...}``: what
+            a target's lowering did); ``profile`` is the packer's.
 
     Raises:
         PackageError: unsupported target, a source that is not an edgestack ONNX file, a
@@ -484,7 +487,7 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     stacks: dict[str, BitStackStack] = {}
-    attrs: dict[str, dict[str, Any]] = {}
+    attrs: dict[str, LayerGraph] = {}
     removed: set[str] = set()
     new_inputs = []
     bs_outputs: dict[str, list[int]] = {}     # BitStack node output -> weight shape
@@ -524,9 +527,8 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
                                 onnx.TensorProto.FLOAT16), strict=True):
             new_inputs.append(helper.make_tensor_value_info(nm, et, [dim, *arr.shape[1:]]))
             removed.add(nm)
-        attrs[layer] = {"node": node.name, "signs": node.input[0], "u": node.input[1],
-                        "v": node.input[2], "output": node.output[0],
-                        "torch_layer": meta.get(LAYER_KEY, "")}
+        attrs[layer] = LayerGraph(node.name, node.input[0], node.input[1], node.input[2],
+                                  node.output[0], meta.get(LAYER_KEY, ""))
         bs_outputs[node.output[0]] = shape
 
     if stacks and target not in TIERED_TARGETS:
@@ -544,7 +546,7 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
     order: list[tuple[str, int]] = []
     order_source = "none"
     if stacks:
-        torch_names = {layer: a["torch_layer"] or layer for layer, a in attrs.items()}
+        torch_names = {layer: a.torch_layer or layer for layer, a in attrs.items()}
         got, why = _order_from_metadata(model, torch_names, counts)
         if got is None:
             msg = (f"no usable BitStack importance order ({why}); storing blocks level-major "
@@ -583,7 +585,7 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
         data = np.memmap(gdir / WEIGHTS_FILE, dtype=np.uint8, mode="r")
         for spec in gathered.values():
             table = lookup_table(data, spec)
-            for ids, value in spec["lookups"]:
+            for ids, value in spec.lookups:
                 feeds_run[value] = gather_rows(table, feeds[ids], value)
         del data
     else:
@@ -607,19 +609,11 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
     rows = max((int(np.asarray(v).size) for v in feeds.values()
                 if np.asarray(v).dtype.kind in "iu"), default=0)
 
-    metadata = {
-        "runtime": {
-            "activation_bytes": act,
-            "input_shapes": shapes,
-            "weights_file": WEIGHTS_FILE if has_weights else None,
-            "order_source": order_source,
-            "steps_per_level": steps_per_level,
-            "tables": tables,
-            "gathered": gathered,
-            "rows_per_call": rows,
-        },
-        "profile": getattr(profile, "name", None),
-    }
+    runtime = RuntimeInfo(activation_bytes=act, input_shapes=shapes,
+                          weights_file=WEIGHTS_FILE if has_weights else None,
+                          order_source=order_source, steps_per_level=steps_per_level,
+                          rows_per_call=rows, tables=tables, gathered=gathered)
+    metadata = {"profile": getattr(profile, "name", None)}
     metadata.update({k: v for k, v in (extra or {}).items() if k not in metadata})
     props = {p.key: p.value for p in model.metadata_props}
     method = ""
@@ -639,7 +633,7 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
         f"{len(tier_counts) or 1} tiers)")
     with PackageWriter(dest, overwrite=overwrite) as w:
         w.begin(name=name, target=target, source=source, method=method, metadata=metadata,
-                created=created)
+                created=created, runtime=runtime)
         w.add_file(GRAPH_FILE, gdir / GRAPH_FILE, role="graph")
         if stacks:
             w.add_file(VARIANT_FILE, gdir / VARIANT_FILE, role="variant")
@@ -649,7 +643,7 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
         if has_weights:
             w.add_file(WEIGHTS_FILE, gdir / WEIGHTS_FILE, role="weights")
         if stacks:
-            w.add_blocks(order, stacks, layer_attrs=attrs)
+            w.add_blocks(order, stacks, graphs=attrs)
             w.set_tiers(tier_counts)
         rtol, atol = tolerance or (1e-3, 1e-4)
         w.add_golden(feeds, golden_out, tier=None, rtol=rtol, atol=atol)

@@ -1,32 +1,23 @@
 """Read a device package (a directory or an uncompressed ``.tar``) without trusting its bytes.
 
-:meth:`Package.open` checks, before handing anything out: the manifest's size bound, UTF-8 and
-JSON syntax, magic, schema version, keys and types, file names (inside the package, no
-duplicates), the block layout and the tiers (see :mod:`edgestack.package.format`), and that
-every listed file is present, a regular file, and has its listed size. :meth:`Package.verify`
-hashes every file. Everything a user can break raises :class:`~edgestack.errors.PackageError`.
+:meth:`Package.open` checks, before handing anything out: the manifest (size bound, UTF-8 and
+JSON syntax, magic, schema version, keys and types, file names, and what it must agree with
+itself on: see :class:`~edgestack.package.format.Manifest`), and that every listed file is
+present, a regular file, and has its listed size. :meth:`Package.verify` hashes every file.
+Everything a user can break raises :class:`~edgestack.errors.PackageError`.
 
-Reading blocks. Two paths, with different accounting:
-
-- :meth:`Package.read_prefix` / :meth:`Package.read_blocks` read block-file bytes with
-  ``os.preadv`` (``pread``) straight into freshly allocated numpy buffers that the caller owns;
-  :meth:`Package.read_into` reads into buffers the caller gives (the runtime's layer stores).
-  The :class:`ByteCounter` at :attr:`Package.counter` adds exactly the bytes those system
-  calls returned, so ``counter.bytes_read`` is an honest count of the block-file bytes the
-  package read from the file (whether the OS served them from disk or its page cache):
-  growing tier ``t`` to ``t+1`` with ``read_blocks(t + 1, start_tier=t)`` adds
-  ``tiers[t+1].bytes - tiers[t].bytes`` and nothing else. Buffers are offset so that every
-  byte keeps its file offset's alignment modulo 64 in memory (block parts stay 64-byte
-  aligned). :meth:`verify` and whole-file reads (:meth:`read_file`) are not counted.
-- :meth:`Package.block_views` returns zero-copy views into a read-only memory map of the block
-  file; the OS pages them in when they are touched, which no user-space counter can see
-  honestly. These views are counted separately, as ``counter.bytes_mapped`` (the bytes the
-  views span), never as ``bytes_read``.
+Reading blocks: :meth:`Package.read_into` reads a listed file's bytes with ``os.preadv``
+straight into buffers the caller gives (the runtime's layer stores), :meth:`Package.read_prefix`
+into a fresh numpy buffer placed so that every byte keeps its file offset's alignment modulo 64
+in memory (block parts stay 64-byte aligned; :meth:`Package.views_of` slices it into blocks).
+The :class:`ByteCounter` at :attr:`Package.counter` adds exactly the block-file bytes those
+system calls returned, whether the OS served them from disk or its page cache: reading the
+bytes tier ``t+1`` adds to tier ``t`` counts ``tiers[t+1].bytes - tiers[t].bytes`` and nothing
+else. :meth:`verify` and whole-file reads (:meth:`read_file`) are not counted.
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import io
 import mmap
@@ -35,8 +26,7 @@ import stat
 import tarfile
 import threading
 import zipfile
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -77,11 +67,9 @@ class ByteCounter:
     """Counts the block-file bytes a :class:`Package` read from storage.
 
     Attributes:
-        bytes_read: bytes returned by ``pread`` calls made by ``read_prefix``/``read_blocks``.
+        bytes_read: bytes returned by ``pread`` calls made by ``read_prefix``/``read_into``.
         reads: how many ranges were read.
         ranges: the ``(start, end)`` byte ranges read, in order.
-        bytes_mapped: bytes spanned by zero-copy memory-map views from ``block_views``
-            (paged in lazily by the OS; not counted as read).
     """
 
     def __init__(self) -> None:
@@ -94,7 +82,6 @@ class ByteCounter:
             self.bytes_read = 0
             self.reads = 0
             self.ranges: list[tuple[int, int]] = []
-            self.bytes_mapped = 0
 
     def _add_read(self, start: int, end: int) -> None:
         with self._lock:
@@ -102,15 +89,8 @@ class ByteCounter:
             self.reads += 1
             self.ranges.append((start, end))
 
-    def _add_mapped(self, nbytes: int) -> None:
-        with self._lock:
-            self.bytes_mapped += nbytes
-
     def __repr__(self) -> str:
-        return (
-            f"ByteCounter(bytes_read={self.bytes_read}, reads={self.reads}, "
-            f"bytes_mapped={self.bytes_mapped})"
-        )
+        return f"ByteCounter(bytes_read={self.bytes_read}, reads={self.reads})"
 
 
 class BlockView(NamedTuple):
@@ -122,24 +102,6 @@ class BlockView(NamedTuple):
     signs: np.ndarray
     u: np.ndarray
     v: np.ndarray
-
-
-@dataclass(frozen=True)
-class BlockChunk:
-    """Block-file bytes ``[start, end)`` in an owned, read-only buffer, and views of the
-    blocks whose records lie in that range (storage order)."""
-
-    start: int
-    end: int
-    data: np.ndarray = field(repr=False)
-    blocks: tuple[BlockView, ...] = field(repr=False)
-
-    def by_layer(self) -> dict[str, list[BlockView]]:
-        """The chunk's blocks grouped by layer, each list in block order."""
-        out: dict[str, list[BlockView]] = {}
-        for view in self.blocks:
-            out.setdefault(view.layer, []).append(view)
-        return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -185,43 +147,60 @@ def _pread_into(fd: int, bufs: memoryview | list[memoryview], offset: int, what:
 
 
 class _Source:
-    """Access to the files of a package; subclasses: directory, tar archive."""
+    """Where the files of a package live (a directory or a tar archive): ``size(name)``
+    (None when absent), ``locate(name)`` (file descriptor, offset), the archive's
+    ``members`` (a directory has none: its unlisted files are ignored)."""
 
     display: str
-    is_archive: bool
+    kind: str
+    members: dict[str, tuple[int, int]] = {}
 
-    def manifest_bytes(self) -> bytes:
-        raise NotImplementedError
-
-    def check_files(self, manifest: Manifest) -> None:
+    def size(self, name: str) -> int | None:
         raise NotImplementedError
 
     def locate(self, name: str) -> tuple[int, int]:
-        """``(fd, base offset)`` of a listed file's bytes."""
         raise NotImplementedError
 
-    def memmap(self, name: str, size: int) -> np.ndarray:
-        raise NotImplementedError
+    def manifest_bytes(self) -> bytes:
+        size = self.size(MANIFEST_NAME)
+        if size is None:
+            raise PackageError(
+                f"{self.display}: no {MANIFEST_NAME} in this {self.kind}, so it is not a device "
+                "package; pass the directory or .tar that PackageWriter.finish(), "
+                "write_archive() or extract_archive() made")
+        if size > MAX_MANIFEST_BYTES:
+            raise PackageError(
+                f"{self.display}: {MANIFEST_NAME} is {size} bytes, more than the "
+                f"{MAX_MANIFEST_BYTES} allowed; it is not an edgestack manifest, or is damaged")
+        fd, base = self.locate(MANIFEST_NAME)
+        buf = bytearray(size)
+        _pread_into(fd, memoryview(buf), base, f"{self.display}: {MANIFEST_NAME}")
+        return bytes(buf)
 
-    def local_path(self, name: str) -> Path | None:
-        return None
-
-    def close(self) -> None:
-        raise NotImplementedError
-
-
-def _size_error(display: str, name: str, expected: int, found: int) -> PackageError:
-    hint = "larger than listed"
-    if found < expected:
-        hint = "truncated (an interrupted copy or download?)"
-    return PackageError(
-        f"{display}: file {name!r} is {hint}: expected {expected} bytes (manifest), found "
-        f"{found}; {_FIX_COPY}"
-    )
+    def check_files(self, manifest: Manifest) -> None:
+        """Every listed file is present with its listed size; an archive holds nothing else."""
+        for name, entry in manifest.files.items():
+            found = self.size(name)
+            if found is None:
+                raise PackageError(
+                    f"{self.display}: file {name!r} (role {entry.role}, {entry.size} bytes) is "
+                    f"listed in {MANIFEST_NAME} but missing from the {self.kind}; {_FIX_COPY}")
+            if found != entry.size:
+                hint = ("truncated (an interrupted copy or download?)" if found < entry.size
+                        else "larger than listed")
+                raise PackageError(
+                    f"{self.display}: file {name!r} is {hint}: expected {entry.size} bytes "
+                    f"(manifest), found {found}; {_FIX_COPY}")
+        extra = [n for n in self.members if n != MANIFEST_NAME and n not in manifest.files]
+        if extra:
+            raise PackageError(
+                f"{self.display}: archive members {', '.join(map(repr, extra[:5]))} are not listed "
+                f"in {MANIFEST_NAME}; a package archive holds only listed files: {_FIX_COPY}")
 
 
 class _DirSource(_Source):
     is_archive = False
+    kind = "directory"
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -262,35 +241,11 @@ class _DirSource(_Source):
                 return st
         return None  # pragma: no cover
 
-    def manifest_bytes(self) -> bytes:
-        st = self._lstat(MANIFEST_NAME)
-        if st is None:
-            raise PackageError(
-                f"{self.display}: no {MANIFEST_NAME} in this directory, so it is not a device "
-                "package; pass the directory that PackageWriter.finish() or extract_archive() made"
-            )
-        if st.st_size > MAX_MANIFEST_BYTES:
-            raise PackageError(
-                f"{self.display}: {MANIFEST_NAME} is {st.st_size} bytes, more than the "
-                f"{MAX_MANIFEST_BYTES} allowed; it is not an edgestack manifest, or is damaged"
-            )
-        fd, base = self._open(MANIFEST_NAME)
-        buf = bytearray(st.st_size)
-        _pread_into(fd, memoryview(buf), base, f"{self.display}: {MANIFEST_NAME}")
-        return bytes(buf)
+    def size(self, name: str) -> int | None:
+        st = self._lstat(name)
+        return None if st is None else st.st_size
 
-    def check_files(self, manifest: Manifest) -> None:
-        for name, entry in manifest.files.items():
-            st = self._lstat(name)
-            if st is None:
-                raise PackageError(
-                    f"{self.display}: file {name!r} (role {entry.role}, {entry.size} bytes) is "
-                    f"listed in {MANIFEST_NAME} but missing; {_FIX_COPY}"
-                )
-            if st.st_size != entry.size:
-                raise _size_error(self.display, name, entry.size, st.st_size)
-
-    def _open(self, name: str) -> tuple[int, int]:
+    def locate(self, name: str) -> tuple[int, int]:
         with self._lock:
             if name not in self._fds:
                 flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
@@ -301,20 +256,6 @@ class _DirSource(_Source):
                         f"{self.display}: cannot open {name!r} ({exc}); {_FIX_COPY}"
                     ) from None
             return self._fds[name], 0
-
-    def locate(self, name: str) -> tuple[int, int]:
-        return self._open(name)
-
-    def memmap(self, name: str, size: int) -> np.ndarray:
-        try:
-            return np.memmap(self.root / name, dtype=np.uint8, mode="r", shape=(size,))
-        except (OSError, ValueError) as exc:
-            raise PackageError(
-                f"{self.display}: cannot memory-map {name!r} ({exc}); {_FIX_COPY}"
-            ) from None
-
-    def local_path(self, name: str) -> Path | None:
-        return self.root / name
 
     def close(self) -> None:
         with self._lock:
@@ -362,6 +303,7 @@ class _GuardedFile(io.RawIOBase):
 
 class _TarSource(_Source):
     is_archive = True
+    kind = "archive"
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -371,7 +313,7 @@ class _TarSource(_Source):
         except OSError as exc:
             raise PackageError(f"{self.display}: cannot open the archive ({exc})") from None
         try:
-            self.size = os.fstat(self._file.fileno()).st_size
+            self.archive_size = os.fstat(self._file.fileno()).st_size
             self.members = self._scan()
         except BaseException:
             self._file.close()
@@ -395,7 +337,7 @@ class _TarSource(_Source):
         members: dict[str, tuple[int, int]] = {}
         try:
             with tarfile.open(fileobj=_GuardedFile(self._file, self.display), mode="r:") as tar:
-                for count, info in enumerate(_iter_tar(tar)):
+                for count, info in enumerate(iter(tar.next, None)):
                     if count >= MAX_ARCHIVE_MEMBERS:
                         raise PackageError(
                             f"{self.display}: more than {MAX_ARCHIVE_MEMBERS} archive members; not "
@@ -451,70 +393,23 @@ class _TarSource(_Source):
                 f"{where} {name!r} appears twice; the archive is ambiguous: {_FIX_COPY}"
             )
         end = info.offset_data + info.size
-        if end > self.size:
+        if end > self.archive_size:
             raise PackageError(
                 f"{where} {name!r} is truncated: expected {info.size} bytes at offset "
-                f"{info.offset_data}, the archive ends at {self.size} "
-                f"({max(0, self.size - info.offset_data)} bytes of the member present); {_FIX_COPY}"
+                f"{info.offset_data}, the archive ends at {self.archive_size} "
+                f"({max(0, self.archive_size - info.offset_data)} bytes of the member "
+                f"present); {_FIX_COPY}"
             )
         members[name] = (info.offset_data, info.size)
 
-    def manifest_bytes(self) -> bytes:
-        if MANIFEST_NAME not in self.members:
-            raise PackageError(
-                f"{self.display}: the archive holds no {MANIFEST_NAME}, so it is not a package "
-                "archive"
-            )
-        offset, size = self.members[MANIFEST_NAME]
-        if size > MAX_MANIFEST_BYTES:
-            raise PackageError(
-                f"{self.display}: {MANIFEST_NAME} is {size} bytes, more than the "
-                f"{MAX_MANIFEST_BYTES} allowed; it is not an edgestack manifest, or is damaged"
-            )
-        buf = bytearray(size)
-        what = f"{self.display}: {MANIFEST_NAME}"
-        _pread_into(self._file.fileno(), memoryview(buf), offset, what)
-        return bytes(buf)
-
-    def check_files(self, manifest: Manifest) -> None:
-        for name, entry in manifest.files.items():
-            if name not in self.members:
-                raise PackageError(
-                    f"{self.display}: file {name!r} (role {entry.role}, {entry.size} bytes) is "
-                    f"listed in {MANIFEST_NAME} but not in the archive; {_FIX_COPY}"
-                )
-            found = self.members[name][1]
-            if found != entry.size:
-                raise _size_error(self.display, name, entry.size, found)
-        extra = [n for n in self.members if n != MANIFEST_NAME and n not in manifest.files]
-        if extra:
-            raise PackageError(
-                f"{self.display}: archive members {', '.join(map(repr, extra[:5]))} are not listed "
-                f"in {MANIFEST_NAME}; a package archive holds only listed files: {_FIX_COPY}"
-            )
+    def size(self, name: str) -> int | None:
+        return self.members[name][1] if name in self.members else None
 
     def locate(self, name: str) -> tuple[int, int]:
         return self._file.fileno(), self.members[name][0]
 
-    def memmap(self, name: str, size: int) -> np.ndarray:
-        try:
-            offset = self.members[name][0]
-            return np.memmap(self.path, dtype=np.uint8, mode="r", offset=offset, shape=(size,))
-        except (OSError, ValueError) as exc:
-            raise PackageError(
-                f"{self.display}: cannot memory-map {name!r} ({exc}); {_FIX_COPY}"
-            ) from None
-
     def close(self) -> None:
         self._file.close()
-
-
-def _iter_tar(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
-    while True:
-        info = tar.next()
-        if info is None:
-            return
-        yield info
 
 
 # ------------------------------------------------------------------------------------------
@@ -569,11 +464,6 @@ class Package:
         self.manifest = manifest
         self.counter = ByteCounter()
         self._source = source
-        self._map: np.ndarray | None = None
-        self._layer_records: dict[str, list[BlockRecord]] = {name: [] for name in manifest.layers}
-        for rec in manifest.block_index:
-            self._layer_records[rec.layer].append(rec)
-        self._offsets = [rec.offset for rec in manifest.block_index]
 
     # ---- opening ----------------------------------------------------------------------
     @classmethod
@@ -611,8 +501,7 @@ class Package:
         return cls(p, source, manifest)
 
     def close(self) -> None:
-        """Close the package's files (views already handed out stay valid)."""
-        self._map = None
+        """Close the package's files (buffers already handed out stay valid)."""
         self._source.close()
 
     def __enter__(self) -> Package:
@@ -673,32 +562,27 @@ class Package:
             )
         return self.files[name]
 
-    def _read_hashed(self, entry: FileEntry, out: memoryview | None) -> str:
-        """Read the whole file in chunks, hashing as it goes: into ``out`` (``entry.size``
-        bytes) when given, else through one chunk-sized scratch buffer; the sha256 hex."""
-        fd, base = self._source.locate(entry.name)
+    def _read_hashed(self, name: str, keep: bool, verify: bool = True) -> bytes | None:
+        """Read a whole listed file in chunks, hashing as it goes (into one buffer that is
+        returned with ``keep``, else through a chunk-sized scratch buffer); with ``verify``
+        its sha256 must be the manifest's."""
+        entry = self._entry(name)
+        fd, base = self._source.locate(name)
         digest = hashlib.sha256()
-        buf = None if out is not None else memoryview(bytearray(min(_CHUNK, max(entry.size, 1))))
+        out = memoryview(bytearray(entry.size if keep else min(_CHUNK, entry.size)))
         pos = 0
         while pos < entry.size:
             n = min(_CHUNK, entry.size - pos)
-            view = out[pos : pos + n] if out is not None else buf[:n]  # type: ignore[index]
-            _pread_into(fd, view, base + pos, f"{self.path}: {entry.name}")
+            view = out[pos : pos + n] if keep else out[:n]
+            _pread_into(fd, view, base + pos, f"{self.path}: {name}")
             digest.update(view)
             pos += n
-        return digest.hexdigest()
-
-    def _hash_file(self, entry: FileEntry, keep: bool) -> tuple[str, bytes | None]:
-        out = bytearray(entry.size) if keep else None
-        found = self._read_hashed(entry, memoryview(out) if out is not None else None)
-        return found, (bytes(out) if out is not None else None)
-
-    def _check_hash(self, entry: FileEntry, found: str) -> None:
-        if found != entry.sha256:
+        if verify and digest.hexdigest() != entry.sha256:
             raise PackageError(
-                f"{self.path}: file {entry.name!r} is damaged: sha256 expected {entry.sha256}, "
-                f"found {found} ({entry.size} bytes); it changed after packing: {_FIX_COPY}"
-            )
+                f"{self.path}: file {name!r} is damaged: sha256 expected {entry.sha256}, found "
+                f"{digest.hexdigest()} ({entry.size} bytes); it changed after packing: "
+                f"{_FIX_COPY}")
+        return out.tobytes() if keep else None
 
     def verify(self, names: list[str] | None = None) -> None:
         """Hash every listed file (or ``names``) and compare with the manifest.
@@ -707,38 +591,13 @@ class Package:
             PackageError: naming the first file whose sha256 differs, expected vs found.
         """
         for name in self.files if names is None else names:
-            entry = self._entry(name)
-            self._check_hash(entry, self._hash_file(entry, keep=False)[0])
+            self._read_hashed(name, keep=False)
 
     def read_file(self, name: str, *, verify: bool = True) -> bytes:
         """The whole content of a listed file (e.g. the graph), hash-checked by default."""
-        entry = self._entry(name)
-        found, data = self._hash_file(entry, keep=True)
-        if verify:
-            self._check_hash(entry, found)
+        data = self._read_hashed(name, keep=True, verify=verify)
         assert data is not None
         return data
-
-    def read_file_into(self, name: str, out: Any, *, verify: bool = True) -> int:
-        """Read the whole content of a listed file into ``out`` (a writable buffer of exactly
-        the file's size, e.g. an anonymous map: no intermediate copy), hash-checked while
-        reading by default; return the bytes read.
-
-        Raises:
-            PackageError: unknown file, ``out`` of another size, a read error, or (with
-                ``verify``) a sha256 that differs from the manifest's (naming the file).
-        """
-        entry = self._entry(name)
-        view = memoryview(out).cast("B")
-        if len(view) != entry.size:
-            raise PackageError(f"{self.path}: {name}: a {len(view)}-byte buffer cannot hold "
-                               f"the {entry.size}-byte file")
-        if verify:
-            self._check_hash(entry, self._read_hashed(entry, view))
-        elif entry.size:
-            fd, base = self._source.locate(name)
-            _pread_into(fd, view, base, f"{self.path}: {name}")
-        return entry.size
 
     def locate(self, name: str) -> tuple[int, int]:
         """``(file descriptor, offset)`` of a listed file's first byte (the package file's
@@ -765,14 +624,11 @@ class Package:
         Raises:
             PackageError: unknown file, or the package is an archive (extract it first).
         """
-        entry = self._entry(name)
-        path = self._source.local_path(entry.name)
-        if path is None:
+        if self.is_archive:
             raise PackageError(
                 f"{self.path}: {name!r} is inside an archive and has no path of its own; "
-                "extract it with edgestack.package.extract_archive() first"
-            )
-        return path
+                "extract it with edgestack.package.extract_archive() first")
+        return self.path / self._entry(name).name
 
     def golden(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """The golden ``(inputs, outputs)`` arrays for the self-test (hash-checked).
@@ -850,17 +706,9 @@ class Package:
             self.counter._add_read(offset, offset + got)
         return got
 
-    def records_between(self, start: int, end: int) -> list[BlockRecord]:
-        """Block records lying wholly inside bytes ``[start, end)``, in storage order."""
-        i = bisect.bisect_left(self._offsets, start)
-        out = []
-        for rec in self.block_index[i:]:
-            if rec.end > end:
-                break
-            out.append(rec)
-        return out
-
-    def _view(self, rec: BlockRecord, buf: np.ndarray, base: int) -> BlockView:
+    def view(self, rec: BlockRecord, buf: np.ndarray, base: int) -> BlockView:
+        """Views of the parts of block record ``rec`` in ``buf``, block-file bytes from
+        offset ``base``."""
         info = self.layers[rec.layer]
         m, n = info.matrix_shape
         dtype = np.dtype(FACTOR_DTYPES[info.dtype])
@@ -877,60 +725,9 @@ class Package:
             raise PackageError(
                 f"{self.path}: expected a 1-D uint8 buffer, found {data.dtype} {data.shape}"
             )
-        records = self.records_between(start, start + data.size)
-        return [self._view(rec, data, start) for rec in records]
-
-    def read_blocks(self, tier: int, *, start_tier: int | None = None) -> BlockChunk:
-        """Read the block-file bytes tier ``tier`` needs (one sequential read) and view them.
-
-        With ``start_tier=s`` (``s <= tier``) only the bytes that tier ``tier`` adds to tier
-        ``s``, ``[tiers[s].bytes, tiers[tier].bytes)``, are read: that is how a runtime grows.
-        """
-        last = len(self.tiers) - 1
-        tier = self._int_arg(tier, "tier", 0, last)
-        start = 0
-        if start_tier is not None:
-            start_tier = self._int_arg(start_tier, f"start_tier (<= tier {tier})", 0, tier)
-            start = self.tiers[start_tier].bytes
-        end = self.tiers[tier].bytes
-        data = self.read_prefix(start, end)
-        blocks = tuple(self.views_of(data, start))
-        data.flags.writeable = False
-        return BlockChunk(start, end, data, blocks)
-
-    def block_views(self, layer: str, n: int | None = None) -> list[BlockView]:
-        """Zero-copy views (memory map) of the first ``n`` blocks of ``layer`` (default all).
-
-        Not counted as reads: the OS pages the bytes in on first touch (see the module doc).
-        """
-        if not isinstance(layer, str) or layer not in self.layers:
-            known = ", ".join(map(repr, list(self.layers)[:10]))
-            raise PackageError(f"{self.path}: no BitStack layer {layer!r}; layers: {known}")
-        total = self.layers[layer].n_blocks
-        n = total if n is None else self._int_arg(n, f"n (blocks of {layer!r})", 0, total)
-        if self._map is None:
-            self._map = self._source.memmap(BLOCK_FILE, self.block_file_size)
-        views = [self._view(rec, self._map, 0) for rec in self._layer_records[layer][:n]]
-        self.counter._add_mapped(sum(rec.length for rec in self._layer_records[layer][:n]))
-        return views
-
-    def layer_stack(self, layer: str, n: int | None = None) -> Any:
-        """The first ``n`` blocks of ``layer`` as an :class:`~edgestack.formats.BitStackStack`
-        (stacked copies of the memory-mapped views)."""
-        from edgestack.formats.bitstack import BitStackStack
-
-        views = self.block_views(layer, n)
-        if not views:
-            raise PackageError(
-                f"{self.path}: a BitStack stack needs at least one block of {layer!r}, asked for 0"
-            )
-        info = self.layers[layer]
-        return BitStackStack(
-            np.stack([b.signs for b in views]),
-            np.stack([b.u for b in views]).astype(np.float16),
-            np.stack([b.v for b in views]).astype(np.float16),
-            info.shape,
-        )
+        end = start + data.size
+        return [self.view(rec, data, start) for rec in self.block_index
+                if start <= rec.offset and rec.end <= end]
 
 
-__all__ = ["ByteCounter", "BlockView", "BlockChunk", "FileMap", "Package"]
+__all__ = ["ByteCounter", "BlockView", "FileMap", "Package"]

@@ -1,47 +1,21 @@
-"""Pre-gathered lookup tables: the packer-runtime contract for the tables that
-``metadata.runtime.tables`` / ``gathered`` describe (offset, bytes, dtype, shape inside the
-weights file), and the checked row lookup both sides use (the packer for its golden run, the
-runtime for every call)."""
+"""Pre-gathered lookup tables: the row lookup of a :class:`~edgestack.package.format.Table`
+(``runtime.tables`` / ``gathered``, checked to lie inside the weights file when the manifest is
+read), checked the same way on both sides (the packer for its golden run, the runtime for
+every call)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from edgestack.errors import PackageError, TargetError
-
-_FIX_REPACK = "copy the package again or repack the model"
-
-
-def table_spec(spec: Any, file_size: int,
-               what: str) -> tuple[int, int, np.dtype, tuple[int, ...]]:
-    """``(offset, bytes, dtype, shape)`` of a table entry of ``metadata.runtime.tables`` or
-    ``gathered`` (written by the packer), checked to describe bytes inside a weights file of
-    ``file_size`` bytes.
-
-    Raises:
-        PackageError: a missing or malformed field, or bytes outside the file.
-    """
-    try:
-        off, size = int(spec["offset"]), int(spec["bytes"])
-        dtype, shape = np.dtype(str(spec["dtype"])), tuple(int(d) for d in spec["shape"])
-        ok = (dtype.kind in "biuf" and len(shape) >= 1 and off >= 0 and off + size <= file_size
-              and size == int(np.prod(shape)) * dtype.itemsize)
-    except (KeyError, TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise PackageError(f"{what}: {str(spec)[:200]} does not describe a table inside the "
-                           f"{file_size}-byte weights file; {_FIX_REPACK}")
-    return off, size, dtype, shape
+from edgestack.errors import TargetError
+from edgestack.package.format import Table
 
 
-def lookup_table(data: np.ndarray, spec: Mapping[str, Any]) -> np.ndarray:
-    """The table ``spec`` (see :func:`table_spec`) as a view of ``data``, the weights file's
-    bytes (uint8)."""
-    off, size, dtype, shape = table_spec(spec, data.size, "table")
-    return data[off:off + size].view(dtype).reshape(shape)
+def lookup_table(data: np.ndarray, table: Table) -> np.ndarray:
+    """``table`` as a view of ``data``, the weights file's bytes (uint8)."""
+    return data[table.offset:table.offset + table.bytes].view(table.dtype).reshape(table.shape)
 
 
 def check_ids(ids: Any, rows: int, what: str) -> np.ndarray:

@@ -26,8 +26,9 @@ where ``<p>`` is ``es.<i>``: the runtime feeds the two booleans and the chosen f
 and empty arrays to the branches not taken, so one session serves every mix of forms and a
 re-tier never rebuilds it. A layer whose weight feeds something else (a ``Conv``, several
 nodes) is a ``generic`` site, ``If(<p>.fp32) then Identity(<p>.w) else BitStackWeight``: no
-int8 form. :func:`add_sites` records each site in the layer's attrs (``site``), the contract
-the runtime reads.
+int8 form. :func:`add_sites` records each site as the layer's
+:class:`~edgestack.package.format.Site` (its ``kind`` and input ``prefix``), the contract the
+runtime reads.
 
 Beside it, :func:`dense_graph` writes ``model.int8.onnx``, ``model.nbits8.onnx`` and
 ``model.fp32.onnx``: every layer in one form with no ``If`` and no decode, its weights
@@ -37,10 +38,12 @@ the plans that serve every layer in that form.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
-from edgestack.package.format import DENSE_ALIGN, DENSE_DATA, NBITS_BLOCK
+from edgestack.package.format import DENSE_ALIGN, DENSE_DATA, NBITS_BLOCK, LayerGraph, Site
 
 
 def _attr(node: Any, name: str, default: Any) -> Any:
@@ -91,32 +94,28 @@ def _site_of(graph: Any, output: str, consumers: Mapping[str, list[Any]],
     return "generic", []
 
 
-def add_sites(model: Any, attrs: dict[str, dict[str, Any]],
+def add_sites(model: Any, graphs: dict[str, LayerGraph],
               shapes: Mapping[str, list[int]]) -> Any:
     """The mixed variant of ``model`` (a new ModelProto; ``model`` is unchanged) whose
-    BitStack layers (``attrs``: layer -> the packer's attrs, ``shapes``: layer -> dense
-    shape) are sites (see the module doc); adds ``attrs[layer]["site"]``."""
+    BitStack layers (``graphs``: layer -> its :class:`LayerGraph`, ``shapes``: layer -> dense
+    shape) are sites (see the module doc); sets each ``graphs[layer].site``."""
     import onnx
     from onnx import TensorProto, helper
 
     m, consumers, graph_outputs, by_output = _copy(model)
     g = m.graph
-    replace: dict[int, Any] = {}        # id(node) -> the If node taking its place
+    swap: dict[int, Any] = {}        # id(node) -> the If node taking its place
     drop: set[int] = set()
     new_inputs = []
 
     def boolean(name: str) -> Any:
         return helper.make_tensor_value_info(name, TensorProto.BOOL, [])
 
-    for i, (layer, a) in enumerate(attrs.items()):
+    for i, (layer, a) in enumerate(graphs.items()):
         p = f"es.{i}"
-        decode = by_output[a["output"]]
-        kind, moved = _site_of(g, a["output"], consumers, graph_outputs)
+        decode = by_output[a.output]
+        kind, moved = _site_of(g, a.output, consumers, graph_outputs)
         shape = list(shapes[layer])
-        m_out, n_in = shape[0], 1
-        for d in shape[1:]:
-            n_in *= d
-        site = {"kind": kind, "fp32": f"{p}.fp32", "w": f"{p}.w"}
         last = moved[-1] if moved else decode
         y = last.output[0]
         inner = f"{p}.y"                 # the moved nodes' output, renamed inside the branch
@@ -151,7 +150,7 @@ def add_sites(model: Any, attrs: dict[str, dict[str, Any]],
                        helper.make_tensor_value_info(f"{p}.w", TensorProto.FLOAT, w_shape)]
         if kind == "generic":
             inner_if.output[0] = y
-            replace[id(decode)] = inner_if
+            swap[id(decode)] = inner_if
         else:
             bias = moved[0].input[2:3] if kind == "gemm" else []
             dq = helper.make_node("DynamicQuantizeMatMul",
@@ -165,19 +164,17 @@ def add_sites(model: Any, attrs: dict[str, dict[str, Any]],
                                                                     None)])
             outer = helper.make_node("If", [f"{p}.int8"], [y], then_branch=int8,
                                      else_branch=rest, name=f"{p}.if_int8")
-            replace[id(last)] = outer
+            swap[id(last)] = outer
             new_inputs += [boolean(f"{p}.int8"),
                            helper.make_tensor_value_info(f"{p}.q", TensorProto.INT8,
                                                          [f"{p}.n", f"{p}.m"]),
                            helper.make_tensor_value_info(f"{p}.scale", TensorProto.FLOAT,
                                                          [f"{p}.m"])]
-            site.update({"int8": f"{p}.int8", "q": f"{p}.q", "scale": f"{p}.scale"})
-        site["dims"] = [m_out, n_in]
-        a["site"] = site
+        graphs[layer] = replace(a, site=Site(kind, p))
     nodes = []
     for nd in g.node:
-        if id(nd) in replace:
-            nodes.append(replace[id(nd)])
+        if id(nd) in swap:
+            nodes.append(swap[id(nd)])
         elif id(nd) not in drop:
             nodes.append(nd)
     del g.node[:]
@@ -258,7 +255,7 @@ def _concat_biases(names: list[str | None], g: Any, base_dir: str | None) -> Any
         return False
 
 
-def dense_graph(model: Any, attrs: Mapping[str, dict[str, Any]], form: str,
+def dense_graph(model: Any, graphs: dict[str, LayerGraph], form: str,
                 base_dir: str | None = None) -> Any | None:
     """The **int8** or **fp32** variant (``form``): every BitStack site is its dense form
     directly, no ``If``, no decode and no block inputs: what a plan with every layer in
@@ -283,24 +280,22 @@ def dense_graph(model: Any, attrs: Mapping[str, dict[str, Any]], form: str,
     have a bias, they stay apart). Measured on MiniLM int8: 10.4 -> 9.7 ms a call, outputs
     bit-identical (per-column quantization does not see its neighbours).
 
-    Records in each ``attrs[layer]["site"]["file"][form]`` the tensors' ``[offset, bytes]``
+    Records in each ``graphs[layer].site.files[form]`` the tensors' ``[offset, bytes]``
     in the data file (``q``/``scale``, ``b``/``s`` or ``w``, page-aligned, in layer order; a
     fused int8 layer's ``q`` is its group's, with ``q_cols`` ``[first, end, total]``: its
     columns). None when a
     layer has no such form (a ``generic`` site has no int8 form and no site node of its
-    own). ``attrs`` must hold the sites (:func:`add_sites` first); ``model`` is unchanged."""
+    own). ``graphs`` must hold the sites (:func:`add_sites` first); ``model`` is unchanged."""
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
     if form not in DENSE_DATA:
         raise ValueError(f"form must be one of {sorted(DENSE_DATA)}, found {form!r}")
-    if not attrs or any(a.get("site", {}).get("kind", "generic") == "generic"
-                        or (form != "fp32" and not a["site"].get("int8"))
-                        for a in attrs.values()):
+    if not graphs or any(a.site is None or a.site.kind == "generic" for a in graphs.values()):
         return None
     m, consumers, graph_outputs, by_output = _copy(model)
     g = m.graph
-    replace: dict[int, Any] = {}
+    swap: dict[int, Any] = {}
     drop: set[int] = set()
     drop_inputs: set[str] = set()
     initializers = []
@@ -323,26 +318,28 @@ def dense_graph(model: Any, attrs: Mapping[str, dict[str, Any]], form: str,
         return entry
 
     entries = []
-    for layer, a in attrs.items():
-        site = a["site"]
-        decode = by_output[a["output"]]
-        kind, moved = _site_of(g, a["output"], consumers, graph_outputs)
-        if kind != site["kind"]:
+    for layer, a in graphs.items():
+        site = a.site
+        assert site is not None
+        decode = by_output[a.output]
+        kind, moved = _site_of(g, a.output, consumers, graph_outputs)
+        if kind != site.kind:
             return None
         last = moved[-1]
         x, y = last.input[0], last.output[0]
-        p = site["w"][: -len(".w")]
-        m_out, n_in = site["dims"]
+        p = site.prefix
+        shape = list(_attr(decode, "shape", []))
+        m_out, n_in = shape[0], math.prod(shape[1:])
         drop |= {id(decode), *(id(nd) for nd in moved[:-1])}
-        drop_inputs |= {a["signs"], a["u"], a["v"]}
+        drop_inputs |= {a.signs, a.u, a.v}
         if form == "fp32":
-            replace[id(last)] = (
-                helper.make_node("MatMul", [x, site["w"]], [y], name=f"{p}.matmul")
+            swap[id(last)] = (
+                helper.make_node("MatMul", [x, site.w], [y], name=f"{p}.matmul")
                 if kind == "matmul" else
-                helper.make_node("Gemm", [x, site["w"], *last.input[2:3]], [y], transB=1,
+                helper.make_node("Gemm", [x, site.w, *last.input[2:3]], [y], transB=1,
                                  name=f"{p}.gemm"))
             dims = [n_in, m_out] if kind == "matmul" else [m_out, n_in]
-            layout[layer] = {"w": external(site["w"], TensorProto.FLOAT, dims, 4)}
+            layout[layer] = {"w": external(site.w, TensorProto.FLOAT, dims, 4)}
             continue
         bias = last.input[2:3] if kind == "gemm" else []
         found = _bias_of(g, y, consumers, graph_outputs) if kind == "matmul" else None
@@ -363,7 +360,7 @@ def dense_graph(model: Any, attrs: Mapping[str, dict[str, Any]], form: str,
         biases = _concat_biases([e[3] for e in members], g, base_dir)
         if len(members) < 2 or biases is False:
             for layer, _x, y, bias, last, p, m_out, n_in in members:
-                replace[id(last)], layout[layer] = _quantized_site(
+                swap[id(last)], layout[layer] = _quantized_site(
                     form, x, y, bias, p, m_out, n_in, external)
             continue
         p = members[0][5] + ".group"
@@ -384,7 +381,7 @@ def dense_graph(model: Any, attrs: Mapping[str, dict[str, Any]], form: str,
         else:
             split = helper.make_node("Split", [f"{p}.y"], outs, axis=-1, split=sizes,
                                      name=f"{p}.split")
-        replace[id(members[0][4])] = [node, split]
+        swap[id(members[0][4])] = [node, split]
         drop |= {id(e[4]) for e in members[1:]}
         col = 0
         for layer, _x, _y, _b, _last, _p, m_out, n_in in members:
@@ -393,7 +390,7 @@ def dense_graph(model: Any, attrs: Mapping[str, dict[str, Any]], form: str,
     nodes = []
     for nd in g.node:
         if id(nd) not in drop:
-            new = replace.get(id(nd), nd)
+            new = swap.get(id(nd), nd)
             nodes.extend(new if isinstance(new, list) else [new])
     del g.node[:]
     g.node.extend(nodes)
@@ -402,7 +399,10 @@ def dense_graph(model: Any, attrs: Mapping[str, dict[str, Any]], form: str,
     g.input.extend(inputs)
     g.initializer.extend(initializers)
     for layer, entry in layout.items():
-        attrs[layer]["site"].setdefault("file", {})[form] = entry
+        site = graphs[layer].site
+        assert site is not None
+        graphs[layer] = replace(graphs[layer], site=replace(site, files={**site.files,
+                                                                          form: entry}))
     return m
 
 

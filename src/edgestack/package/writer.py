@@ -11,8 +11,9 @@ state)::
 
 Files are written into a temporary sibling directory ``.<name>.tmp-<random>`` (same file
 system, so the final rename is atomic); sizes and sha256 are computed while writing.
-:meth:`PackageWriter.finish` writes ``manifest.json``, re-opens the temporary package with the
-reader as a self-check, fsyncs, and renames it to ``out_dir``. An existing ``out_dir`` is
+:meth:`PackageWriter.finish` writes ``manifest.json`` (after parsing its bytes with the reader's
+parser: a manifest the reader would refuse is never written), fsyncs, and renames the
+directory to ``out_dir``. An existing ``out_dir`` is
 refused unless ``overwrite=True``, and even then only if it is a package directory (it has a
 ``manifest.json``) or an empty directory: it is renamed aside, the new package renamed in,
 and the old one deleted (on POSIX a directory cannot be replaced in one rename, so ``out_dir``
@@ -21,21 +22,24 @@ is briefly absent). A process killed mid-write leaves only the hidden temporary 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
+import io
 import json
 import os
 import secrets
 import shutil
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import numpy as np
 
-from edgestack.errors import InternalError, PackageError
+from edgestack import __version__
+from edgestack.errors import FormatError, PackageError
+from edgestack.formats.bitstack import BitStackStack
 from edgestack.package.format import (
     BLOCK_FILE,
     FACTOR_DTYPES,
@@ -47,20 +51,21 @@ from edgestack.package.format import (
     MAX_FILES,
     MAX_JSON_DEPTH,
     MAX_LAYERS,
-    MAX_MANIFEST_BYTES,
     MAX_STRING,
     MAX_TIERS,
     BlockRecord,
     FileEntry,
     Golden,
+    LayerGraph,
     LayerInfo,
     Manifest,
     ModelInfo,
+    RuntimeInfo,
     Tier,
     check_names,
     check_path,
+    derive_tiers,
     layout_records,
-    tiers_for_counts,
 )
 
 _CHUNK = 1 << 20
@@ -122,35 +127,6 @@ def replace_dir(tmp: Path, dest: Path, overwrite: bool, what: str) -> None:
     else:
         os.rename(tmp, dest)
     _fsync_dir(dest.parent)
-
-
-class _HashingFile:
-    """A binary file opened for writing that tracks its size and sha256."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "xb")  # noqa: SIM115 - held open, closed by close()
-        self.size = 0
-        self._sha = hashlib.sha256()
-
-    def write(self, data: Any) -> None:
-        view = memoryview(data).cast("B")
-        self._f.write(view)
-        self._sha.update(view)
-        self.size += len(view)
-
-    def pad_to(self, offset: int) -> None:
-        if offset > self.size:
-            self.write(bytes(offset - self.size))
-
-    def close(self) -> tuple[int, str]:
-        self._f.flush()
-        os.fsync(self._f.fileno())
-        self._f.close()
-        return self.size, self._sha.hexdigest()
-
-    def discard(self) -> None:
-        self._f.close()
 
 
 def _check_json(value: Any, what: str) -> dict[str, Any]:
@@ -227,8 +203,33 @@ class PackageWriter:
                 f"{', '.join(map(repr, allowed))}); the call order is {_ORDER}"
             )
 
-    def _guard(self) -> _AbortOnError:
-        return _AbortOnError(self)
+    @contextlib.contextmanager
+    def _guard(self) -> Iterator[None]:
+        """An exception inside aborts the writer (the temporary directory goes)."""
+        try:
+            yield
+        except BaseException:
+            self.abort()
+            raise
+
+    def _write(self, name: str, chunks: Iterable[Any], role: str) -> FileEntry:
+        """Write the bytes-like ``chunks`` as the package file ``name``, computing its size
+        and sha256 on the way, and list it."""
+        assert self._tmp is not None
+        path = self._tmp / name
+        digest, size = hashlib.sha256(), 0
+        with self._guard():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "xb") as f:
+                for chunk in chunks:
+                    view = memoryview(chunk).cast("B")
+                    f.write(view)
+                    digest.update(view)
+                    size += len(view)
+                f.flush()
+                os.fsync(f.fileno())
+        self._files[name] = FileEntry(name, size, digest.hexdigest(), role)
+        return self._files[name]
 
     def __enter__(self) -> PackageWriter:
         return self
@@ -271,11 +272,16 @@ class PackageWriter:
         method: str = "",
         metadata: Mapping[str, Any] | None = None,
         created: str | None = None,
+        runtime: RuntimeInfo | None = None,
     ) -> PackageWriter:
         """Start the package: model ``name``, ``target`` (e.g. ``"ort-cpu"``), where the model
-        came from (``source``), its compression ``method``, free-form JSON ``metadata``, and
-        ``created`` (ISO 8601 UTC; default now; fix it for reproducible packages)."""
+        came from (``source``), its compression ``method``, free-form JSON ``metadata``,
+        ``created`` (ISO 8601 UTC; default now; fix it for reproducible packages), and what the
+        runtime needs (:class:`~.format.RuntimeInfo`, the packer's)."""
         self._require("begin", "new")
+        if runtime is not None and not isinstance(runtime, RuntimeInfo):
+            raise PackageError(f"begin(runtime): expected a RuntimeInfo, found "
+                               f"{type(runtime).__name__}")
         model = ModelInfo(
             _text(name, "begin(name)", allow_empty=False),
             _text(source, "begin(source)"),
@@ -288,6 +294,7 @@ class PackageWriter:
             "target": _text(target, "begin(target)", allow_empty=False),
             "metadata": _check_json(metadata, "begin(metadata)"),
             "created": _text(created, "begin(created)"),
+            "runtime": runtime or RuntimeInfo(),
         }
         if os.path.lexists(self.out_dir) and not self.overwrite:
             raise PackageError(
@@ -352,44 +359,24 @@ class PackageWriter:
                 "holds exactly one graph"
             )
         if isinstance(source, (str, os.PathLike)):
-            path = Path(source)
-            if not path.is_file():
-                raise PackageError(f"add_file({name!r}): source {path} is not a file")
-            content: Any = path
-        else:
-            try:
-                content = memoryview(source).cast("B")
-            except TypeError:
-                raise PackageError(
-                    f"add_file({name!r}): source must be bytes-like or a path, found "
-                    f"{type(source).__name__}"
-                ) from None
-        with self._guard():
-            assert self._tmp is not None
-            out = _HashingFile(self._tmp / name)
-            try:
-                if isinstance(content, Path):
-                    with open(content, "rb") as f:
-                        while chunk := f.read(_CHUNK):
-                            out.write(chunk)
-                else:
-                    for i in range(0, len(content), _CHUNK):
-                        out.write(content[i : i + _CHUNK])
-            except BaseException:
-                out.discard()
-                raise
-            size, digest = out.close()
-        entry = FileEntry(name, size, digest, role)
-        self._files[name] = entry
-        return entry
+            if not Path(source).is_file():
+                raise PackageError(f"add_file({name!r}): source {source} is not a file")
+            return self._write(name, _file_chunks(Path(source)), role)
+        try:
+            content = memoryview(source).cast("B")
+        except TypeError:
+            raise PackageError(f"add_file({name!r}): source must be bytes-like or a path, "
+                               f"found {type(source).__name__}") from None
+        return self._write(name, (content[i:i + _CHUNK] for i in range(0, len(content), _CHUNK)),
+                           role)
 
     def add_blocks(
         self,
         order: Sequence[tuple[str, int]],
         blocks: Mapping[str, Any],
         *,
-        layer_attrs: Mapping[str, Mapping[str, Any]] | None = None,
-    ) -> list[Any]:
+        graphs: Mapping[str, LayerGraph] | None = None,
+    ) -> list[BlockRecord]:
         """Write ``blocks.bin``: every block of every layer, in the global ``order``.
 
         Args:
@@ -397,8 +384,8 @@ class PackageWriter:
                 appear as 0, 1, 2, ... and every block exactly once.
             blocks: layer name -> :class:`~edgestack.formats.BitStackStack` (or any object
                 with ``signs``, ``u``, ``v`` and ``shape`` in that layout).
-            layer_attrs: optional JSON attributes per layer (e.g. the graph initializer names
-                the runtime must feed), stored as ``layers[name].attrs``.
+            graphs: per layer, how the graph uses it (:class:`~.format.LayerGraph`, the
+                packer-runtime contract), stored as ``layers[name].graph``.
 
         Returns:
             The block records (offsets) in storage order.
@@ -409,36 +396,27 @@ class PackageWriter:
                 "add_blocks() was already called; a package has one block file: pass every layer "
                 "in one call"
             )
-        from edgestack.errors import FormatError
-        from edgestack.formats.bitstack import BitStackStack
-
         if not isinstance(blocks, Mapping) or not blocks:
             raise PackageError(
                 "add_blocks: expected a non-empty mapping of layer name -> BitStackStack, found "
                 f"{blocks!r:.60}"
             )
-        attrs = dict(layer_attrs or {})
-        unknown = set(attrs) - set(blocks)
-        if unknown:
-            raise PackageError(
-                f"add_blocks: layer_attrs names unknown layers {sorted(unknown)[:5]}"
-            )
-        stacks: dict[str, Any] = {}
+        graphs = dict(graphs or {})
+        unknown = set(graphs) - set(blocks)
+        bad = [n for n, g in graphs.items() if not isinstance(g, LayerGraph)]
+        if unknown or bad:
+            raise PackageError(f"add_blocks: graphs must map layers of blocks to LayerGraph; "
+                               f"unknown layers {sorted(unknown)[:5]}, not a LayerGraph {bad[:5]}")
+        stacks: dict[str, BitStackStack] = {}
         layers: dict[str, LayerInfo] = {}
         for name, stack in blocks.items():
             _text(name, "add_blocks layer name", allow_empty=False)
-            if len(getattr(stack, "shape", ())) > MAX_DIMS:
-                raise PackageError(
-                    f"add_blocks: layer {name!r} has {len(stack.shape)} dimensions; at most "
-                    f"{MAX_DIMS} are supported"
-                )
             try:
-                stack = BitStackStack(
-                    np.asarray(stack.signs),
-                    np.asarray(stack.u),
-                    np.asarray(stack.v),
-                    tuple(stack.shape),
-                )
+                if len(stack.shape) > MAX_DIMS:
+                    raise FormatError(f"{len(stack.shape)} dimensions; at most {MAX_DIMS} are "
+                                      "supported")
+                stack = BitStackStack(np.asarray(stack.signs), np.asarray(stack.u),
+                                      np.asarray(stack.v), tuple(stack.shape))
             except AttributeError:
                 raise PackageError(
                     f"add_blocks: layer {name!r}: expected a BitStackStack (signs, u, v, shape), "
@@ -447,52 +425,43 @@ class PackageWriter:
             except FormatError as exc:
                 raise PackageError(f"add_blocks: layer {name!r}: {exc}") from None
             stacks[name] = stack
-            layers[name] = LayerInfo(
-                name, stack.shape, stack.rank, stack.n_blocks, "float16",
-                MappingProxyType(_check_json(attrs.get(name), f"add_blocks layer_attrs[{name!r}]")),
-            )
+            layers[name] = LayerInfo(name, stack.shape, stack.rank, stack.n_blocks, "float16",
+                                     graphs.get(name))
         total = sum(info.n_blocks for info in layers.values())
         if len(layers) > MAX_LAYERS or total > MAX_BLOCKS:
             raise PackageError(
                 f"add_blocks: {len(layers)} layers with {total} blocks; a package holds at most "
                 f"{MAX_LAYERS} layers and {MAX_BLOCKS} blocks: pack fewer blocks per layer"
             )
-        records = layout_records(layers, list(order))
+        try:
+            records = layout_records(layers, list(order))
+        except PackageError as exc:
+            raise PackageError(f"add_blocks: {exc}") from None
         dtype = np.dtype(FACTOR_DTYPES["float16"])
-        with self._guard():
-            assert self._tmp is not None
-            out = _HashingFile(self._tmp / BLOCK_FILE)
-            try:
-                for rec in records:
-                    st = stacks[rec.layer]
-                    for offset, part in (
-                        (rec.signs, st.signs[rec.block]),
-                        (rec.u, st.u[rec.block].astype(dtype, copy=False)),
-                        (rec.v, st.v[rec.block].astype(dtype, copy=False)),
-                    ):
-                        out.pad_to(offset)
-                        out.write(np.ascontiguousarray(part))
-                    if out.size != rec.end:  # pragma: no cover - layout_records guarantees it
-                        raise InternalError(f"block {rec} ends at {out.size}")
-            except BaseException:
-                out.discard()
-                raise
-            size, digest = out.close()
-        self._files[BLOCK_FILE] = FileEntry(BLOCK_FILE, size, digest, "blocks")
+
+        def parts() -> Iterator[Any]:   # every part at its offset, zero bytes between
+            pos = 0
+            for rec in records:
+                st = stacks[rec.layer]
+                for offset, part in ((rec.signs, st.signs[rec.block]),
+                                     (rec.u, st.u[rec.block].astype(dtype, copy=False)),
+                                     (rec.v, st.v[rec.block].astype(dtype, copy=False))):
+                    yield bytes(offset - pos)
+                    yield np.ascontiguousarray(part)
+                    pos = offset + part.nbytes
+
+        self._write(BLOCK_FILE, parts(), "blocks")
         self._layers = layers
         self._records = records
-        return list(records)
+        return records
 
-    def set_tiers(self, tiers: Sequence[int | Mapping[str, int]]) -> list[Tier]:
-        """Define the memory tiers, smallest first.
-
-        Each tier is either a number of leading block records in storage order, or a
-        ``{layer: n_blocks}`` mapping that must equal the per-layer counts of such a prefix.
-        Tiers must strictly grow, every tier must hold at least one block of every layer, and
-        the last tier must hold every block.
+    def set_tiers(self, tiers: Sequence[int]) -> tuple[Tier, ...]:
+        """Define the memory tiers, smallest first: each is how many leading block records
+        (in storage order) it loads. Tiers must strictly grow, the first must hold a block of
+        every layer, and the last every block.
 
         Returns:
-            The tiers (their ``total_bytes`` is completed by :meth:`finish`).
+            The tiers (their ``total_bytes`` counts the files added so far).
         """
         self._require("set_tiers", "open")
         if not self._records:
@@ -500,68 +469,16 @@ class PackageWriter:
                 "set_tiers: no blocks were added; tiers apply to BitStack block files: call "
                 "add_blocks() first, or skip set_tiers() for a package without blocks"
             )
-        if isinstance(tiers, (str, bytes, Mapping)) or not isinstance(tiers, Sequence) or not tiers:
-            raise PackageError(
-                f"set_tiers: expected a non-empty list of tiers, found {tiers!r:.60}"
-            )
-        if len(tiers) > MAX_TIERS:
-            raise PackageError(f"set_tiers: {len(tiers)} tiers; at most {MAX_TIERS} are allowed")
-        counts: list[int] = []
-        for i, tier in enumerate(tiers):
-            if isinstance(tier, Mapping):
-                bad = {
-                    k: v
-                    for k, v in tier.items()
-                    if k not in self._layers
-                    or isinstance(v, bool)
-                    or not isinstance(v, int)
-                    or v < 0
-                }
-                if bad:
-                    raise PackageError(
-                        f"set_tiers: tier {i} has unknown layers or bad counts "
-                        f"{dict(list(bad.items())[:5])}"
-                    )
-                count = sum(tier.values())
-            elif isinstance(tier, (int, np.integer)) and not isinstance(tier, bool):
-                count = int(tier)
-            else:
-                raise PackageError(
-                    f"set_tiers: tier {i}: expected a record count or a {{layer: n}} mapping, "
-                    f"found {tier!r:.60}"
-                )
-            if not 1 <= count <= len(self._records):
-                raise PackageError(
-                    f"set_tiers: tier {i} holds {count} blocks; expected 1 to {len(self._records)}"
-                )
-            if counts and count <= counts[-1]:
-                raise PackageError(
-                    f"set_tiers: tier {i} holds {count} blocks, not more than tier {i - 1} "
-                    f"({counts[-1]}); list tiers smallest first, each larger"
-                )
-            counts.append(count)
-        if counts[-1] != len(self._records):
-            raise PackageError(
-                f"set_tiers: the last tier holds {counts[-1]} of {len(self._records)} blocks; the "
-                f"last tier must hold every block: add a tier of {len(self._records)}"
-            )
-        result = tiers_for_counts(self._records, counts, self._layers, 0)
-        for i, (tier, spec) in enumerate(zip(result, tiers, strict=True)):
-            if isinstance(spec, Mapping):
-                full = {name: int(spec.get(name, 0)) for name in self._layers}
-                if full != dict(tier.blocks):
-                    raise PackageError(
-                        f"set_tiers: tier {i} {full} is not a prefix of the storage order: the "
-                        f"first {counts[i]} blocks hold {dict(tier.blocks)}; choose counts that "
-                        "match the order given to add_blocks(), or pass record counts"
-                    )
-            empty = [name for name, n in tier.blocks.items() if n == 0]
-            if empty:
-                raise PackageError(
-                    f"set_tiers: tier {i} (first {counts[i]} blocks) holds no block of layers "
-                    f"{empty[:5]}; every tier needs block 0 of every layer: make tier {i} larger, "
-                    "or put every layer's block 0 earlier in the order"
-                )
+        ok = isinstance(tiers, Sequence) and not isinstance(tiers, (str, bytes)) and tiers
+        counts = [int(t) for t in tiers if isinstance(t, (int, np.integer))
+                  and not isinstance(t, bool)] if ok else []
+        if not counts or len(counts) != len(tiers) or len(counts) > MAX_TIERS:
+            raise PackageError(f"set_tiers: expected a list of 1 to {MAX_TIERS} record counts, "
+                               f"found {tiers!r:.60}")
+        try:
+            result = derive_tiers(self._layers, self._records, counts, 0)
+        except PackageError as exc:
+            raise PackageError(f"set_tiers: {exc}") from None
         self._counts = counts
         self.state = "tiered"
         return result
@@ -597,16 +514,8 @@ class PackageWriter:
         for name in (GOLDEN_INPUTS, GOLDEN_OUTPUTS):
             self._new_name(name, "add_golden")
         arrays = [self._golden_arrays(inputs, "inputs"), self._golden_arrays(outputs, "outputs")]
-        entries = []
-        with self._guard():
-            assert self._tmp is not None
-            for name, arrs in zip((GOLDEN_INPUTS, GOLDEN_OUTPUTS), arrays, strict=True):
-                path = self._tmp / name
-                path.parent.mkdir(parents=True, exist_ok=True)
-                _write_npz(path, arrs)
-                entries.append(FileEntry(name, path.stat().st_size, _sha256_file(path), "golden"))
-        for entry in entries:
-            self._files[entry.name] = entry
+        for name, arrs in zip((GOLDEN_INPUTS, GOLDEN_OUTPUTS), arrays, strict=True):
+            self._write(name, [_npz_bytes(arrs)], "golden")
         self._golden = Golden(GOLDEN_INPUTS, GOLDEN_OUTPUTS, int(tier), float(rtol), float(atol))
         self.state = "golden"
         return self._golden
@@ -647,80 +556,49 @@ class PackageWriter:
                 "finish: the package has no graph file; add it with add_file(name, data, "
                 "role='graph')"
             )
-        from edgestack import __version__
-        from edgestack.package.reader import Package
-
         with self._guard():
             assert self._tmp is not None
-            loaded = sum(e.size for e in self._files.values() if e.role in ("graph", "weights"))
-            counts = self._counts if self._records else [0]
-            manifest = Manifest(
-                model=self._info["model"],
-                target=self._info["target"],
-                files=MappingProxyType(dict(self._files)),
-                layers=MappingProxyType(dict(self._layers)),
-                block_index=tuple(self._records),
-                tiers=tuple(tiers_for_counts(self._records, counts, self._layers, loaded)),
-                golden=self._golden,
-                created=self._info["created"],
-                edgestack_version=__version__,
-                metadata=MappingProxyType(self._info["metadata"]),
-            )
-            data = manifest.to_json_bytes()
-            if len(data) > MAX_MANIFEST_BYTES:
-                raise PackageError(
-                    f"finish: the manifest would be {len(data)} bytes, more than the "
-                    f"{MAX_MANIFEST_BYTES} allowed: use fewer blocks, layers or metadata"
-                )
-            out = _HashingFile(self._tmp / MANIFEST_NAME)
-            out.write(data)
-            out.close()
             try:
-                with Package.open(self._tmp) as pkg:
-                    if pkg.manifest != manifest:
-                        raise InternalError("the manifest read back differs from the one written")
+                manifest = Manifest(
+                    model=self._info["model"], target=self._info["target"],
+                    files=dict(self._files), layers=dict(self._layers),
+                    order=tuple(rec.layer for rec in self._records),
+                    tier_records=tuple(self._counts) if self._records else (0,),
+                    golden=self._golden, created=self._info["created"],
+                    edgestack_version=__version__, runtime=self._info["runtime"],
+                    metadata=self._info["metadata"])
+                data = manifest.to_json_bytes()
+                # the reader's own parse: a package it would refuse is never written
+                Manifest.from_bytes(data, "PackageWriter.finish")
             except PackageError as exc:
-                msg = f"PackageWriter wrote a package its reader refuses: {exc}"
-                raise InternalError(msg) from exc
+                raise PackageError(f"finish: the manifest would be refused: {exc}") from None
+            with open(self._tmp / MANIFEST_NAME, "xb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             replace_dir(self._tmp, self.out_dir, self.overwrite, "out_dir")
             self._tmp = None
             self.state = "finished"
         return self.out_dir
 
 
-class _AbortOnError:
-    """Context manager: an exception while writing discards the temporary directory."""
-
-    def __init__(self, writer: PackageWriter) -> None:
-        self.writer = writer
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is not None:
-            self.writer.abort()
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+def _file_chunks(path: Path) -> Iterator[bytes]:
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+            yield chunk
 
 
-def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+def _npz_bytes(arrays: Mapping[str, np.ndarray]) -> bytes:
     """``numpy.savez`` layout, stored members and a fixed timestamp: same arrays, same bytes."""
-    with zipfile.ZipFile(path, "x", compression=zipfile.ZIP_STORED) as zf:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
         for key, arr in arrays.items():
             info = zipfile.ZipInfo(key + ".npy", date_time=_ZIP_TIME)
             info.compress_type = zipfile.ZIP_STORED
             info.external_attr = 0o644 << 16
             with zf.open(info, "w", force_zip64=True) as f:
                 np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
+    return buf.getvalue()
 
 
 __all__ = ["PackageWriter", "replace_dir", "temp_sibling"]

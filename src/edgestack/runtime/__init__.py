@@ -32,24 +32,7 @@ from edgestack.runtime.plan import (
 )
 from edgestack.runtime.runtime import RetierResult, Runtime
 
-__all__ = [
-    "Runtime",
-    "RetierResult",
-    "MemoryPlan",
-    "LayerPlan",
-    "plan_memory",
-    "calibrate",
-    "Costs",
-    "DEFAULT_COSTS",
-    "plan_tier",
-    "smallest_plan",
-    "resolve_budget",
-    "available_memory",
-    "cgroup_limit_left",
-    "RUNTIME_OVERHEAD",
-    "DECODE_TEMP_BYTES",
-    "MATERIALISE_TEMP_BYTES",
-    "ENGINES",
-    "PRECISIONS",
-    "check_engine",
-]
+__all__ = ["Runtime", "RetierResult", "MemoryPlan", "LayerPlan", "plan_memory", "calibrate",
+           "Costs", "DEFAULT_COSTS", "plan_tier", "smallest_plan", "resolve_budget",
+           "available_memory", "cgroup_limit_left", "RUNTIME_OVERHEAD", "DECODE_TEMP_BYTES",
+           "MATERIALISE_TEMP_BYTES", "ENGINES", "PRECISIONS", "check_engine"]

@@ -127,9 +127,9 @@ def _code_digest() -> str:
 
 
 def _cache_path(package: Any, key: dict[str, Any]) -> Path:
-    # the files and the metadata the planner reads (a repack may change only the latter)
+    # the files and the runtime section the planner reads (a repack may change only the latter)
     ident = [sorted((name, e.sha256, e.size) for name, e in package.files.items()),
-             json.dumps(package.manifest.metadata, sort_keys=True, default=str)]
+             json.dumps(package.manifest.runtime.to_dict(), sort_keys=True)]
     digest = hashlib.sha256(json.dumps([ident, key], sort_keys=True).encode()).hexdigest()
     return cache_dir() / f"{digest[:32]}.json"
 

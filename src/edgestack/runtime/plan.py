@@ -36,8 +36,9 @@ total, because it removes that layer's decode temporaries from the arena.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,10 +122,7 @@ class Costs:
         return self.overhead
 
     def to_dict(self) -> dict[str, Any]:
-        return {"overhead": self.overhead, "overhead_mixed": self.overhead_mixed,
-                "overhead_int8": self.overhead_int8, "overhead_fp32": self.overhead_fp32,
-                "overhead_nbits8": self.overhead_nbits8,
-                "decode_temp_bytes": self.decode_temp_bytes, "source": self.source}
+        return dataclasses.asdict(self)
 
 
 DEFAULT_COSTS = Costs()
@@ -268,13 +266,12 @@ def _manifest(package: Any) -> Any:
 
 
 def layer_forms(info: Any) -> tuple[str, ...]:
-    """The forms a packed layer can be served in (its ``attrs.site``, written by the packer;
-    a package without the mixed graph serves every layer on the fly)."""
-    site = info.attrs.get("site") if isinstance(info.attrs, Mapping) else None
-    if not isinstance(site, Mapping):
+    """The forms a packed layer can be served in (its ``graph.site``, written by the packer;
+    a layer without a site is served on the fly only)."""
+    site = info.graph.site if info.graph is not None else None
+    if site is None:
         return ("on-the-fly",)
-    return ("on-the-fly", "int8", "nbits8", "fp32") if site.get("int8") else ("on-the-fly",
-                                                                                "fp32")
+    return FORMS if site.int8 is not None else ("on-the-fly", "fp32")
 
 
 def dense_bytes(info: Any, form: str) -> int:
@@ -299,16 +296,6 @@ def _layer_costs(manifest: Any, tier: int) -> list[tuple[str, int, int, int, int
                        + page_up(nb * info.v_bytes))
         out.append((name, nb, info.n_blocks, block_bytes, nb * m * n))
     return out
-
-
-def _runtime_meta(manifest: Any) -> Mapping[str, Any]:
-    meta = manifest.metadata.get("runtime", {}) if manifest.metadata else {}
-    return meta if isinstance(meta, Mapping) else {}
-
-
-def _count(value: Any) -> int:
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
-    return int(value) if ok else 0
 
 
 FAULT_AROUND = 64 * 1024
@@ -338,32 +325,18 @@ def graph_sizes(manifest: Any) -> dict[str, int]:
 
 def _fixed(manifest: Any) -> tuple[dict[str, int], int, int]:
     """``({graph: file bytes}, resident weight bytes, activation bytes)``: weights
-    are memory-mapped from the package; lookup tables (``metadata.runtime.tables``) count the
+    are memory-mapped from the package; lookup tables (``runtime.tables``) count the
     pages one call can make resident (:func:`table_bound`), pre-gathered tables
-    (``metadata.runtime.gathered``) one call's rows, everything else counts whole."""
-    meta = _runtime_meta(manifest)
-    graphs = graph_sizes(manifest)
+    (``runtime.gathered``) one call's rows, everything else counts whole."""
+    rt = manifest.runtime
     weights = sum(e.size for e in manifest.files.values() if e.role == "weights")
-    rows = _count(meta.get("rows_per_call"))
-
-    def entries(key: str) -> list[tuple[int, int, int]]:
-        """``(bytes, row bytes, lookups)`` of each table under ``metadata.runtime[key]``
-        (the row size derived from bytes and rows; malformed entries count nothing)."""
-        out = []
-        for t in (meta.get(key) or {}).values() if isinstance(meta.get(key), Mapping) else ():
-            shape = t.get("shape") if isinstance(t, Mapping) else None
-            size = _count(t.get("bytes")) if isinstance(t, Mapping) else 0
-            n_rows = _count(shape[0]) if isinstance(shape, list) and shape else 0
-            if n_rows and size <= weights:
-                out.append((size, size // n_rows, len(t.get("lookups", ()))))
-        return out
-
+    rows = rt.rows_per_call
     if rows:
-        for size, row, _n in entries("tables"):       # mapped: one call's resident pages
-            weights -= size - table_bound(row, rows, size)
-    for size, row, n in entries("gathered"):           # read per call with pread: its rows
-        weights -= size - min(size, n * page_up(rows * row))
-    return graphs, weights, _count(meta.get("activation_bytes", 0))
+        for t in rt.tables.values():          # mapped: one call's resident pages
+            weights -= t.bytes - table_bound(t.bytes // t.shape[0], rows, t.bytes)
+    for t in rt.gathered.values():            # read per call with pread: its rows
+        weights -= t.bytes - min(t.bytes, len(t.lookups) * page_up(rows * t.bytes // t.shape[0]))
+    return graph_sizes(manifest), weights, rt.activation_bytes
 
 
 def plan_tier(package: Any, tier: int, budget: int | None = None, *,

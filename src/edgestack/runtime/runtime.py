@@ -18,7 +18,7 @@ layer has one form, through that form's dense graph (``model.int8.onnx``,
 that ONNX Runtime maps and prepacks (:meth:`Runtime._dense_session`). The runtime never
 edits a graph and does not import ``onnx``. Weights are memory-mapped: ONNX Runtime maps the
 package's weights file itself (the session's external-data folder is the package folder);
-lookup tables (``metadata.runtime.tables``) are mapped by the runtime, handed over with
+lookup tables (``runtime.tables``) are mapped by the runtime, handed over with
 ``SessionOptions.add_initializer`` and their pages handed back after every call. Sessions run
 with ``enable_mem_pattern=False``, and ``session.disable_prepacking=1`` except on the dense
 graphs, so memory follows the plan; ONNX Runtime's arena is on only for the dense graphs:
@@ -61,9 +61,10 @@ from edgestack.package.format import (
     NBITS_BLOCK,
     SUPPORTED_TARGETS,
     VARIANT_FILE,
+    Table,
 )
 from edgestack.package.reader import Package
-from edgestack.package.tables import check_ids, table_spec
+from edgestack.package.tables import check_ids, lookup_table
 from edgestack.runtime.budget import resolve_budget
 from edgestack.runtime.calibrate import calibrate as calibrate_costs
 from edgestack.runtime.openvino import PROFILE_PRECISIONS, OpenVINOSession, check_engine
@@ -185,8 +186,7 @@ class _LayerStore:
         self.info = info
         m, n = info.matrix_shape
         nbk, k = info.n_blocks, info.rank
-        self.maps = [_anon(nbk * info.signs_bytes), _anon(nbk * info.u_bytes),
-                     _anon(nbk * info.v_bytes)]
+        self.maps = [_anon(nbk * row) for row in info.part_bytes]
         self.signs = np.frombuffer(self.maps[0], np.uint8, nbk * info.signs_bytes).reshape(
             nbk, info.signs_bytes)
         self.u = np.frombuffer(self.maps[1], "<f2", nbk * m * k).reshape(nbk, m, k)
@@ -199,8 +199,7 @@ class _LayerStore:
     def release_after(self, nb: int) -> int:
         """Give back the pages of rows ``nb..``; return the bytes released."""
         freed = 0
-        for mm, row in zip(self.maps, (self.info.signs_bytes, self.info.u_bytes,
-                                       self.info.v_bytes), strict=True):
+        for mm, row in zip(self.maps, self.info.part_bytes, strict=True):
             start = page_up(nb * row)
             if start < len(mm):
                 mm.madvise(mmap.MADV_DONTNEED, start, len(mm) - start)
@@ -239,17 +238,12 @@ class _RowReader:
     """Reads the rows of one pre-gathered table from the weights file with ``pread``: only the
     rows a call names are read, into a fresh array; nothing of the table is mapped."""
 
-    def __init__(self, fd: int, base: int, spec: Mapping[str, Any], file_size: int,
-                 what: str) -> None:
-        off, _size, self.dtype, self.shape = table_spec(spec, file_size, what)
+    def __init__(self, fd: int, base: int, table: Table) -> None:
         self.fd = fd
-        self.start = base + off
-        self.row_bytes = int(np.prod(self.shape[1:])) * self.dtype.itemsize
-        try:
-            self.lookups = [(str(i), str(v)) for i, v in spec["lookups"]]
-        except (KeyError, TypeError, ValueError):
-            raise PackageError(f"{what}: expected lookups [[ids input, value], ...], found "
-                               f"{str(spec.get('lookups'))[:100]}; {_FIX_REPACK}") from None
+        self.start = base + table.offset
+        self.dtype, self.shape = np.dtype(table.dtype), table.shape
+        self.row_bytes = table.bytes // table.shape[0]
+        self.lookups = table.lookups
 
     def rows(self, ids: Any, what: str, distinct: Any = None) -> np.ndarray:
         """``table[ids]``: each distinct row read once (padding repeats one id: on the bench
@@ -435,6 +429,12 @@ class Runtime(Runner):
                     f"edgestack.runtime (it serves {', '.join(SUPPORTED_TARGETS)}); repack "
                     "with --target ort-cpu"
                 )
+            unbound = [name for name, info in man.layers.items() if info.graph is None]
+            if unbound:
+                raise PackageError(
+                    f"{self.package.path}: BitStack layers {unbound[:5]} have no layers[].graph "
+                    "(the graph inputs the runtime feeds their blocks to): the package was not "
+                    "written by `edgestack pack`; repack the model with it")
             self.engine = check_engine(engine, precision, man.target)
             self.precision = precision
             if self.engine != "onnxruntime" and man.layers:
@@ -501,41 +501,30 @@ class Runtime(Runner):
 
     # ---- loading -------------------------------------------------------------------
     def _map_tables(self) -> dict[str, Any]:
-        """Memory-map the package's lookup tables (``metadata.runtime.tables``, written by the
-        packer) and make OrtValues over the mapped bytes: ONNX Runtime reads them without a
-        copy and the runtime can hand their pages back after each call. Every other weight
-        ONNX Runtime memory-maps itself from the package folder."""
+        """Memory-map the package's lookup tables (``runtime.tables``, written by the packer;
+        the manifest checked they lie in its weights file) and make OrtValues over the mapped
+        bytes: ONNX Runtime reads them without a copy and the runtime can hand their pages
+        back after each call. Every other weight ONNX Runtime memory-maps itself from the
+        package folder."""
         import onnxruntime as ort
 
         pkg = self.package
-        meta = pkg.manifest.metadata.get("runtime", {}) if pkg.manifest.metadata else {}
-        meta = meta if isinstance(meta, Mapping) else {}
-        tables, wfile = meta.get("tables") or {}, meta.get("weights_file")
+        rt = pkg.manifest.runtime
         self._tables: list[tuple[Any, int, int]] = []
         self._readers: list[_RowReader] = []
-        gathered = meta.get("gathered") or {}
-        if gathered:
-            if not isinstance(gathered, Mapping) or wfile not in pkg.files:
-                raise PackageError(f"{pkg.path}: metadata.runtime.gathered needs a weights "
-                                   f"file (found {wfile!r}); {_FIX_REPACK}")
-            fd, base = pkg.locate(wfile)
-            self._readers = [_RowReader(fd, base, spec, pkg.files[wfile].size,
-                                        f"{pkg.path}: gathered table {name!r}")
-                             for name, spec in gathered.items()]
-        if not tables or self.engine == "openvino":   # OpenVINO reads them from the file
-            return {}
-        if not isinstance(tables, Mapping) or wfile not in pkg.files:
-            raise PackageError(f"{pkg.path}: metadata.runtime.tables {str(tables)[:100]!r} "
-                               f"needs a weights file (found {wfile!r}); {_FIX_REPACK}")
-        fmap = pkg.map_file(wfile)
+        if rt.gathered and rt.weights_file is not None:
+            fd, base = pkg.locate(rt.weights_file)
+            self._readers = [_RowReader(fd, base, t) for t in rt.gathered.values()]
+        if not rt.tables or rt.weights_file is None or self.engine == "openvino":
+            return {}   # OpenVINO reads them from the file
+        fmap = pkg.map_file(rt.weights_file)
         values: dict[str, Any] = {}
-        for name, t in tables.items():
-            off, size, dtype, shape = table_spec(t, fmap.size, f"{pkg.path}: table {name!r}")
-            arr = fmap.array[off:off + size].view(dtype).reshape(shape)
+        for name, t in rt.tables.items():
+            arr = lookup_table(fmap.array, t)
             if arr.ctypes.data % 64:
                 arr = arr.copy()  # unaligned: one copy of this tensor (rare)
-            values[str(name)] = ort.OrtValue.ortvalue_from_numpy(arr)
-            self._tables.append((fmap, off, off + size))
+            values[name] = ort.OrtValue.ortvalue_from_numpy(arr)
+            self._tables.append((fmap, t.offset, t.offset + t.bytes))
         return values
 
     def _drop_tables(self) -> None:
@@ -604,24 +593,19 @@ class Runtime(Runner):
         st = self._stores[name]
         if st.loaded >= nb:
             return decode_blocks(st.info, st.blocks(nb), transposed, flat)
-        info = st.info
-        m, n = info.matrix_shape
-        k = info.rank
         recs = self._records[name][:nb]
         fd, base = self.package.locate(BLOCK_FILE)
-        buf = np.empty(max((r.end - r.offset for r in recs), default=0), np.uint8)
+        buf = np.empty(max((r.length for r in recs), default=0), np.uint8)
 
         def blocks() -> Any:
             for r in recs:
-                size, o = r.end - r.offset, r.offset
-                if os.preadv(fd, [memoryview(buf)[:size]], base + o) != size:
+                if os.preadv(fd, [memoryview(buf)[:r.length]], base + r.offset) != r.length:
                     raise PackageError(f"{self.package.path}: {BLOCK_FILE}: short read of "
                                        f"block {r.block} of {name}; {_FIX_REPACK}")
-                yield (buf[r.signs - o:r.signs - o + info.signs_bytes],
-                       buf[r.u - o:r.u - o + info.u_bytes].view("<f2").reshape(m, k),
-                       buf[r.v - o:r.v - o + info.v_bytes].view("<f2").reshape(k, n))
+                view = self.package.view(r, buf, r.offset)
+                yield view.signs, view.u, view.v
 
-        return decode_blocks(info, blocks(), transposed, flat)
+        return decode_blocks(st.info, blocks(), transposed, flat)
 
     # ---- sessions and states ---------------------------------------------------------
     def _graph_for(self, plan: MemoryPlan) -> str:
@@ -683,7 +667,7 @@ class Runtime(Runner):
 
     def _dense_session(self, plan: MemoryPlan, graph: str) -> Any:
         """A session on a dense graph (``"int8"``/``"fp32"``) for ``plan``: each layer is
-        decoded, put in its form and written at its offset (``site["file"][graph]``) into
+        decoded, put in its form and written at its offset (``graph.site.files[graph]``) into
         the graph's data file (:data:`~edgestack.package.format.DENSE_DATA`) in a
         temporary folder beside a link (or kernel copy) of the package's weights files; ONNX
         Runtime maps that file and prepacks the weights. The folder goes once the session
@@ -712,11 +696,13 @@ class Runtime(Runner):
             groups: dict[int, list[Any]] = {}   # a fused int8 group's weight being filled
             try:
                 for lp in plan.layers:
-                    site = pkg.layers[lp.name].attrs.get("site") or {}
-                    layout = (site.get("file") or {}).get(graph)
-                    if not isinstance(layout, Mapping):
+                    a = pkg.layers[lp.name].graph
+                    site = a.site if a is not None else None
+                    layout = site.files.get(graph) if site is not None else None
+                    if layout is None:
                         raise PackageError(f"{pkg.path}: layer {lp.name!r} has no {graph} "
-                                           f"data layout (site.file.{graph}); {_FIX_REPACK}")
+                                           f"data layout (graph.site.files.{graph}); "
+                                           f"{_FIX_REPACK}")
                     if graph == "int8":
                         q, scale = quantize_int8(self._decode(lp.name, lp.blocks, True))
                         arrays = {"q": q, "scale": scale}
@@ -725,19 +711,23 @@ class Runtime(Runner):
                                                              flat=True))
                         arrays = {"b": b, "s": sc}
                     else:
-                        arrays = {"w": self._decode(lp.name, lp.blocks,
-                                                    site.get("kind") == "matmul", flat=True)}
+                        arrays = {"w": self._decode(lp.name, lp.blocks, site.kind == "matmul",
+                                                    flat=True)}
                     for key, arr in arrays.items():
+                        cols = layout.get(f"{key}_cols", (0, 0, 0))
+                        if len(layout.get(key, ())) != 2 or len(cols) != 3:
+                            raise PackageError(f"{pkg.path}: layer {lp.name!r}: graph.site."
+                                               f"files.{graph} has no [offset, bytes] of {key} "
+                                               f"(or a malformed {key}_cols); {_FIX_REPACK}")
                         offset, size = layout[key]
-                        cols = layout.get(f"{key}_cols")
-                        if cols is not None:   # its columns of a fused group's [K, total]
-                            first, end, total = (int(c) for c in cols)
+                        if f"{key}_cols" in layout:   # its columns of a fused group's [K, total]
+                            first, end, total = cols
                             group = groups.setdefault(offset, [np.zeros(
                                 (arr.shape[0], total), arr.dtype), 0])
                             if (end - first != arr.shape[1] or group[0].nbytes != size
                                     or group[0].shape[0] != arr.shape[0]):
-                                raise PackageError(f"{pkg.path}: layer {lp.name!r}: site.file."
-                                                   f"{graph}.{key}_cols {list(cols)} do not "
+                                raise PackageError(f"{pkg.path}: layer {lp.name!r}: graph.site."
+                                                   f"files.{graph}.{key}_cols {list(cols)} do not "
                                                    f"fit its {key} {list(arr.shape)}; "
                                                    f"{_FIX_REPACK}")
                             group[0][:, first:end] = arr
@@ -746,9 +736,9 @@ class Runtime(Runner):
                                 continue
                             arr = groups.pop(offset)[0]
                         if size != arr.nbytes:
-                            raise PackageError(f"{pkg.path}: layer {lp.name!r}: site.file."
-                                               f"{graph}.{key} holds {size} bytes, the layer's "
-                                               f"{key} has {arr.nbytes}; {_FIX_REPACK}")
+                            raise PackageError(f"{pkg.path}: layer {lp.name!r}: graph.site."
+                                               f"files.{graph}.{key} holds {size} bytes, the "
+                                               f"layer's {key} has {arr.nbytes}; {_FIX_REPACK}")
                         if os.pwrite(fd, memoryview(np.ascontiguousarray(arr)).cast("B"),
                                      offset) != size:
                             raise OSError(f"short write to {DENSE_DATA[graph]} in {folder}")
@@ -773,35 +763,35 @@ class Runtime(Runner):
                     old: _State | None) -> dict[str, np.ndarray]:
         """What the plain or mixed ``graph`` is fed for one layer served in ``mode`` at ``nb``
         blocks (the dense graphs hold their weights: :meth:`_dense_session`)."""
-        a = self.package.layers[name].attrs
+        a = self.package.layers[name].graph
+        assert a is not None  # checked in __init__
         st = self._stores[name]
         s, u, v = st.feeds(nb if mode == "on-the-fly" else 0)  # no rows: branch not taken
-        feeds: dict[str, np.ndarray] = {a["signs"]: s, a["u"]: u, a["v"]: v}
-        if graph == "plain":
+        feeds: dict[str, np.ndarray] = {a.signs: s, a.u: u, a.v: v}
+        site = a.site
+        if graph == "plain" or site is None:
             return feeds
-        site = a.get("site") or {}
-        kind = site.get("kind")
         reuse = (old is not None and old.plan.modes.get(name) == mode
                  and old.plan.blocks.get(name) == nb and mode != "on-the-fly")
-        feeds[site["fp32"]] = np.array(mode == "fp32")
+        feeds[site.fp32] = np.array(mode == "fp32")
         if mode == "fp32":
-            feeds[site["w"]] = (old.feeds[site["w"]] if reuse and old is not None else
-                                self._decode(name, nb, transposed=kind == "matmul",
-                                             flat=kind != "generic"))
+            feeds[site.w] = (old.feeds[site.w] if reuse and old is not None else
+                             self._decode(name, nb, transposed=site.kind == "matmul",
+                                          flat=site.kind != "generic"))
         else:
-            rank = 2 if kind in ("matmul", "gemm") else len(st.info.shape)
-            feeds[site["w"]] = self._empty_like("float32", rank)
-        if "int8" in site:
-            feeds[site["int8"]] = np.array(mode == "int8")
+            rank = 2 if site.kind != "generic" else len(st.info.shape)
+            feeds[site.w] = self._empty_like("float32", rank)
+        if site.int8 is not None:
+            feeds[site.int8] = np.array(mode == "int8")
             if mode == "int8":
                 if reuse and old is not None:
-                    q, scale = old.feeds[site["q"]], old.feeds[site["scale"]]
+                    q, scale = old.feeds[site.q], old.feeds[site.scale]
                 else:
                     q, scale = quantize_int8(self._decode(name, nb, transposed=True))
-                feeds.update({site["q"]: q, site["scale"]: scale})
+                feeds.update({site.q: q, site.scale: scale})
             else:
-                feeds.update({site["q"]: self._empty_like("int8", 2),
-                              site["scale"]: self._empty_like("float32", 1)})
+                feeds.update({site.q: self._empty_like("int8", 2),
+                              site.scale: self._empty_like("float32", 1)})
         return feeds
 
     def _external_data_dir(self) -> str:
@@ -847,7 +837,7 @@ class Runtime(Runner):
         known = {i.name for i in session.get_inputs()}
         unknown = sorted(set(feeds) - known)
         if unknown:
-            raise PackageError(f"{self.package.path}: the manifest's layers[].attrs name "
+            raise PackageError(f"{self.package.path}: the manifest's layers[].graph name "
                                f"inputs the {graph} graph does not have ({unknown[:4]}); "
                                f"{_FIX_REPACK}")
         return _State(plan, session, feeds, graph, rebuilt, gathered=self._gathered_values,
