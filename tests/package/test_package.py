@@ -219,7 +219,7 @@ def test_golden_bytes_of_a_tiny_package(tmp_path: Path):
 
 
 BLOCKS_SHA256 = "7c534f60ac06d4b04179018bb57591cd4e1faadbe31db9696312e707475d576c"
-MANIFEST_SHA256 = "72d93eb6cf5f0f8d2e7dc53e979b06b7d76614d9b6ca0c790e484630facc8f36"
+MANIFEST_SHA256 = "697bd20db0d1f518a38a344a95eeff63cd6f830766dac3fbe51ae663c584bc1f"
 
 
 # ---- atomicity and the state machine -------------------------------------------------------

@@ -32,6 +32,10 @@ def test_tensorrt_package_holds_the_build_settings_and_exits_4_here(tmp_path, mo
     result = pack_model(small_model[0], out, target="tensorrt-gpu", log=lambda m: None)
     build = result.compile["build"]
     assert result.n_layers == 0 and build["onnx"] == "model.onnx"
+    from edgestack.package import Package
+
+    with Package.open(out) as pkg:   # typed where the runtime reads it
+        assert dict(pkg.manifest.runtime.engine_build) == build
     assert build["precision"] == "fp32" and build["workspace_bytes"] == 1 << 30
     monkeypatch.setattr(builtins, "__import__", _no_tensorrt(builtins.__import__))
     with pytest.raises(BackendUnavailable, match="tensorrt cannot be imported"):

@@ -39,6 +39,10 @@ def test_every_cpu_target_compiles_to_a_package_the_runtime_serves(shift_model, 
     assert info["parity"]["passed"] and result.n_layers == 0 and len(result.tiers) == 1
     with Package.open(out) as pkg:
         assert pkg.manifest.target == target and pkg.manifest.metadata["compile"] == info
+        # what the runtime's session needs is typed in the manifest's runtime section
+        assert pkg.manifest.runtime.disabled_optimizers == (
+            ("SkipLayerNormFusion",) if target == "ort-cpu" else ())
+        assert pkg.manifest.runtime.engine_build is None
         pkg.verify()
     exact = {"precision": "f32"} if target == "openvino-cpu" else {}
     with Runtime(out, **exact) as rt:

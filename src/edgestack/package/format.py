@@ -469,7 +469,10 @@ class RuntimeInfo(_Stored):
     """What the memory planner and the runtime need without parsing the graph: the peak of
     live activations for ``input_shapes``, the weights file and its lookup tables (mapped:
     ``tables``; read row by row: ``gathered``), the largest integer input (``rows_per_call``),
-    and how the block order and tiers were chosen."""
+    and how the block order and tiers were chosen. A compiled package adds the ONNX Runtime
+    optimizers its session turns off (``disabled_optimizers``, the ort-cpu target's tuning)
+    and, for ``tensorrt-gpu``, the engine build settings the device builds it with
+    (``engine_build``; :mod:`edgestack.runtime.tensorrt`)."""
 
     activation_bytes: int = _f(0)
     input_shapes: Mapping[str, tuple[int, ...]] = _f(factory=dict, max=MAX_ITEMS,
@@ -480,6 +483,8 @@ class RuntimeInfo(_Stored):
     rows_per_call: int = _f(0)
     tables: Mapping[str, Table] = _f(factory=dict, max=MAX_ITEMS)
     gathered: Mapping[str, Table] = _f(factory=dict, max=MAX_ITEMS)
+    disabled_optimizers: tuple[str, ...] = _f(factory=tuple, max=MAX_ITEMS)
+    engine_build: Mapping[str, Any] | None = _f(None)
 
 
 def layout_records(

@@ -350,6 +350,17 @@ def read_onnx(src: Path, say: Callable[[str], None]) -> Any:
                            "written by `edgestack export`") from None
 
 
+def _session_info(compiled: Mapping[str, Any]) -> dict[str, Any]:
+    """What a compiled package's runtime session needs from ``metadata.compile``, typed into
+    the manifest's ``runtime``: the ORT optimizers to turn off, TensorRT's build settings."""
+    from edgestack.core.ort import disabled_optimizers
+
+    options = compiled.get("options") or {}
+    return {"disabled_optimizers": tuple(disabled_optimizers(
+                options.get("disabled_optimizers"))),
+            "engine_build": compiled.get("build")}
+
+
 def _golden_outputs(graph: Path, feeds: Mapping[str, Any], stacks: Mapping[str, Any],
                     attrs: Mapping[str, LayerGraph],
                     say: Callable[[str], None]) -> dict[str, np.ndarray]:
@@ -612,7 +623,8 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
     runtime = RuntimeInfo(activation_bytes=act, input_shapes=shapes,
                           weights_file=WEIGHTS_FILE if has_weights else None,
                           order_source=order_source, steps_per_level=steps_per_level,
-                          rows_per_call=rows, tables=tables, gathered=gathered)
+                          rows_per_call=rows, tables=tables, gathered=gathered,
+                          **_session_info((extra or {}).get("compile") or {}))
     metadata = {"profile": getattr(profile, "name", None)}
     metadata.update({k: v for k, v in (extra or {}).items() if k not in metadata})
     props = {p.key: p.value for p in model.metadata_props}

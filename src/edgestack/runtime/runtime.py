@@ -625,7 +625,7 @@ class Runtime(Runner):
         if self.engine == "tensorrt":   # the compiled graph; the engine is cached beside
             from edgestack.runtime.tensorrt import TensorRTSession
 
-            build = (pkg.manifest.metadata or {}).get("compile", {}).get("build") or {}
+            build = dict(pkg.manifest.runtime.engine_build or {})
             cache = Path(f"{pkg.path}.engines")
             return TensorRTSession(pkg.read_file(name, verify=self._verify),
                                    pkg.files[name].sha256, build, cache)
@@ -639,7 +639,7 @@ class Runtime(Runner):
                                    compress=graph in ("fp32", "plain"))
         import onnxruntime as ort
 
-        from edgestack.core.ort import disabled_optimizers, session_options
+        from edgestack.core.ort import session_options
 
         # the ort-cpu target's options (threads 0 = ORT's default; level checked in
         # __init__), plus the runtime's own: memory follows the plan
@@ -649,8 +649,7 @@ class Runtime(Runner):
         so.enable_mem_pattern = False
         if graph not in DENSE_FILES and not compiled:  # fed blocks: nothing to prepack
             so.add_session_config_entry("session.disable_prepacking", "1")
-        options = (pkg.manifest.metadata or {}).get("compile", {}).get("options", {})
-        disabled = disabled_optimizers(options.get("disabled_optimizers"))
+        disabled = list(pkg.manifest.runtime.disabled_optimizers)
         so.log_severity_level = 3
         for tname, value in self._weights.items():
             so.add_initializer(tname, value)  # no copy: ORT uses our map
