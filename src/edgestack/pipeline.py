@@ -19,7 +19,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,36 +35,77 @@ of fp32; 5 blocks: 0.9805), so one package spans from its smallest plan to full 
 factor bits 0.125 is the best measured on MiniLM (docs/quality.md)."""
 
 
+@dataclass
+class Exported:
+    """What :func:`compress_and_export` did: the loaded ``source``
+    (:class:`~edgestack.sources.ModelSource`), the compression ``report``, the exporter's
+    ``result`` (:class:`~edgestack.exporter.ExportResult`), what calibrated it
+    (``calibration``) and edgestack's warnings during compression (``notes``)."""
+
+    source: Any
+    report: Any
+    result: Any
+    calibration: str
+    notes: list[str] = field(default_factory=list)
+
+    def example_inputs(self) -> dict[str, np.ndarray]:
+        """The source's example inputs as numpy, when they are exactly the graph's inputs
+        (the golden inputs of a package), else ``{}``."""
+        examples = {k: v.detach().cpu().numpy() for k, v in self.source.inputs.items()
+                    if hasattr(v, "detach")}
+        return examples if set(examples) == set(self.result.input_names) else {}
+
+
+def compress_and_export(source: str, method: str, options: Mapping[str, Any],
+                        out: str | os.PathLike[str], *, log: Callable[[str], None],
+                        calib_file: str | None = None, calib_n: int | None = None,
+                        load: Mapping[str, Any] | None = None,
+                        export_options: Mapping[str, Any] | None = None,
+                        progress: Progress = False) -> Exported:
+    """The one compress -> export pipeline (``edgestack export``, ``pack``, ``parity``):
+    load ``source`` (:func:`edgestack.sources.load_source` with ``load``: ``task``,
+    ``from_``, ``base``, ``batch``, ``seq``), calibrate it
+    (:meth:`~edgestack.sources.ModelSource.calibration`: the shipped corpus for a text model,
+    ``calib_file``, or the example inputs; none for ``method="none"``), compress it with
+    ``method`` and ``options`` and export it to ``out`` (:func:`edgestack.exporter.export`
+    with ``export_options``), the compression report in the file's metadata.
+    ``progress``: tqdm bars (:mod:`edgestack.core.progress`)."""
+    from edgestack.compress import compress
+    from edgestack.exporter import export
+    from edgestack.sources import load_source
+
+    src = load_source(source, **dict(load or {}))
+    calib, calib_text = ((None, "none") if method == "none"
+                         else src.calibration(calib_n, file=calib_file))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        log(f"compressing: method={method} {dict(options) or ''}"
+            + (f", calibration: {calib_text}" if calib else ""))
+        report = compress(src.model, method, calib=calib, progress=progress, **options)
+    notes = [str(w.message) for w in caught if "edgestack" in str(w.filename)]
+    log(f"exporting to {out}")
+    result = export(src.model, src.inputs, out, progress=progress,
+                    metadata={"method": method, "source": src.description,
+                              "compression": report.to_dict()},
+                    **{"log": log, **dict(export_options or {})})
+    return Exported(src, report, result, calib_text, notes)
+
+
 def export_source(source: str, method: str, options: Mapping[str, Any], folder: Path,
                   say: Callable[[str], None], task: str | None = None,
                   calib_file: str | None = None, progress: Progress = False,
                   ) -> tuple[Path, dict[str, np.ndarray]]:
     """Compress ``source`` with ``method`` (BitStack: :data:`BITSTACK_DEFAULTS` under
-    ``options``) and export it to ``folder/exported.onnx``; also the source's example inputs
-    (numpy), used as the golden inputs. ``progress``: tqdm bars of the compression and the
-    export on stderr (:mod:`edgestack.core.progress`)."""
-    from edgestack.compress import compress
-    from edgestack.exporter import export
-    from edgestack.sources import load_source
-
+    ``options``) and export it to ``folder/exported.onnx`` (:func:`compress_and_export`, no
+    parity check: the packer checks the package); also the source's example inputs (numpy),
+    used as the golden inputs."""
     say(f"pack: loading {source}")
-    src = load_source(source, task=task)
-    calib, calib_text = src.calibration(file=calib_file)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        opts = {**(BITSTACK_DEFAULTS if method == "bitstack" else {}), **dict(options)}
-        say(f"pack: compressing with method={method} {opts or ''}, calibration: {calib_text}")
-        report = compress(src.model, method, calib=calib, progress=progress, **opts)
+    opts = {**(BITSTACK_DEFAULTS if method == "bitstack" else {}), **dict(options)}
     out = folder / "exported.onnx"
-    say("pack: exporting to ONNX")
-    result = export(src.model, src.inputs, out, parity=False, log=say, progress=progress,
-                    metadata={"method": method, "source": src.description,
-                              "compression": report.to_dict()})
-    examples = {k: v.detach().cpu().numpy() for k, v in src.inputs.items()
-                if hasattr(v, "detach")}
-    if set(examples) != set(result.input_names):
-        examples = {}
-    return out, examples
+    done = compress_and_export(source, method, opts, out, log=lambda m: say(f"pack: {m}"),
+                               calib_file=calib_file, load={"task": task},
+                               export_options={"parity": False}, progress=progress)
+    return out, done.example_inputs()
 
 
 def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
@@ -239,4 +280,5 @@ def compile_model(model: str | os.PathLike[str], target: str, out: str | os.Path
         shutil.rmtree(work, ignore_errors=True)
 
 
-__all__ = ["pack_model", "compile_model", "export_source", "BITSTACK_DEFAULTS"]
+__all__ = ["pack_model", "compile_model", "compress_and_export", "export_source", "Exported",
+           "BITSTACK_DEFAULTS"]
