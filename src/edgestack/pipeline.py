@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
@@ -24,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from edgestack.core import atomic
 from edgestack.core.progress import Progress
 from edgestack.errors import PackageError
 
@@ -111,7 +111,7 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
     say = log or logger.info
     check_out(out, target, overwrite)
     src = Path(source)
-    work = Path(tempfile.mkdtemp(prefix=".edgestack-pipeline-"))
+    work = atomic.temp_dir("pipeline")  # removed below; after a kill, by the next run
     try:
         if src.suffix != ".onnx":
             if src.is_file():
@@ -192,11 +192,10 @@ def compile_model(model: str | os.PathLike[str], target: str, out: str | os.Path
     tgt = get_target(target)
     check_out(out, target, overwrite)
     src = Path(model)
-    if src.suffix != ".onnx" or not src.is_file():
-        read_onnx(src, say)  # raises: not ONNX, or no such file
+    read_onnx(src, say, load_external_data=False, what="compile")  # fails before work
     if isinstance(profile, str):
         profile = load_profile(profile)
-    work = Path(tempfile.mkdtemp(prefix=".edgestack-compile-"))
+    work = atomic.temp_dir("compile")  # removed below; after a kill, by the next run
     try:
         feeds = dict(golden_inputs) if golden_inputs else example_feeds(src, batch=1, seq=16)
         say(f"compile: lowering {src} for {target}")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
 from edgestack.cli import EXIT_CHECK_FAILED, EXIT_OK, emit_json
 from edgestack.cli.compile import TARGETS
+from edgestack.core import atomic
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     options = {}
     if args.int8:
         options = {"ort-cpu": {"int8": args.int8}, "ort-arm": {"int8": args.int8}}
-    with tempfile.TemporaryDirectory(prefix="edgestack-parity-") as tmp:
+    with atomic.scratch("parity") as tmp:
         path = Path(args.model)
         if path.suffix == ".onnx" and path.is_file():
             case = Case(path.stem, path, example_feeds(path, batch=2, seq=2))
