@@ -7,9 +7,12 @@ import time
 import warnings
 
 from edgestack.cli import (
+    COUNT,
     EXIT_CHECK_FAILED,
     EXIT_OK,
+    NONNEG,
     bars,
+    bounds,
     emit_json,
     prepare_output,
     progress,
@@ -54,7 +57,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", choices=TASK_NAMES, default=None,
                    help="a Hugging Face folder's task (default: from the class it was saved "
                    "as, config.architectures; its head is exported with the body)")
-    p.add_argument("--out", required=True, help="output .onnx path")
+    p.add_argument("--out", required=True,
+                   help="output .onnx path (large weights go beside it, in "
+                   "OUT.<sha256 prefix>.data)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT (only an earlier export; its data file goes "
+                   "with it, no other file is touched)")
     g = p.add_argument_group("method options")
     g.add_argument("--bits", type=int, default=None, help="shift: code width 2..5 (default 4)")
     g.add_argument("--zero", action="store_true",
@@ -101,6 +109,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    f"(default {DEFAULT_RTOL:g})")
     p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
     p.set_defaults(run=run)
+    bounds(p, atol=NONNEG, rtol=NONNEG, batch=COUNT, seq=COUNT, calib_n=NONNEG)
 
 
 def method_options(args: argparse.Namespace) -> dict:
@@ -136,18 +145,15 @@ def run(args: argparse.Namespace) -> int:
 
     opts = method_options(args)
     check_options(args.method, **opts)                # bad values fail before loading
-    bad = [f"{flag} {v!r} (expected {want})" for flag, v, ok, want in (
-        ("--atol", args.atol, args.atol >= 0, ">= 0"),
-        ("--rtol", args.rtol, args.rtol >= 0, ">= 0"),
-        ("--batch", args.batch, args.batch is None or args.batch >= 1, ">= 1"),
-        ("--seq", args.seq, args.seq is None or args.seq >= 1, ">= 1"),
-        ("--calib-n", args.calib_n, args.calib_n is None or args.calib_n >= 0, ">= 0"),
-        ("--opset", args.opset, args.opset >= MIN_OPSET, f">= {MIN_OPSET}: the edgestack "
-         "function bodies use BitwiseAnd and ReduceProd with an axes input"))
-        if not ok]
-    if bad:
-        raise EdgestackError(f"bad {'; '.join(bad)}")
-    prepare_output(args.out, [args.model])
+    if args.opset < MIN_OPSET:
+        raise EdgestackError(f"bad --opset {args.opset!r} (expected >= {MIN_OPSET}: the "
+                             "edgestack function bodies use BitwiseAnd and ReduceProd with an "
+                             "axes input)")
+    out = prepare_output(args.out, [args.model, args.base, args.calib],
+                         overwrite=args.overwrite, kind="onnx")
+    from edgestack.exporter.output import replaced_files
+
+    replaced_files(out, args.overwrite)               # only an earlier export is replaced
     if args.calib is not None:
         from edgestack.compress.calib import read_calib_file
 
@@ -173,7 +179,9 @@ def run(args: argparse.Namespace) -> int:
     for note in notes:
         warn("export", note)
     _log(f"exporting to {args.out}")
-    result = export(src.model, src.inputs, args.out, external_data=args.external_data,
+    out.parent.mkdir(parents=True, exist_ok=True)   # made only now: a failed run leaves none
+    result = export(src.model, src.inputs, out, external_data=args.external_data,
+                    overwrite=args.overwrite,
                     opset=args.opset, dynamic=args.dynamic is not None,
                     atol=args.atol, rtol=args.rtol, compact_embeddings=args.compact_embeddings,
                     progress=bars(args),

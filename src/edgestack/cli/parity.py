@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from edgestack.cli import EXIT_CHECK_FAILED, EXIT_OK, emit_json
+from edgestack.cli import COUNT, EXIT_CHECK_FAILED, EXIT_OK, bounds, emit_json
 from edgestack.cli.compile import TARGETS
 from edgestack.core import atomic
 
@@ -33,6 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
     p.set_defaults(run=run)
+    bounds(p, batch=COUNT, seq=COUNT)
 
 
 def run(args: argparse.Namespace) -> int:

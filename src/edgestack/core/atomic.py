@@ -143,6 +143,17 @@ def scratch(kind: str) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def check_writable(folder: str | os.PathLike[str]) -> None:
+    """Create and remove a ``probe`` folder in ``folder``: the write an output will need.
+
+    Raises:
+        OSError: ``folder`` cannot be written (read-only, no permission, ``/proc``, ...).
+    """
+    path = Path(folder) / _name("probe")
+    path.mkdir()
+    path.rmdir()
+
+
 # ---- liveness and leftovers ----------------------------------------------------------------
 def pid_alive(pid: int) -> bool:
     """Whether a process ``pid`` runs (a pid we may not signal counts as running)."""
@@ -397,5 +408,6 @@ def install(staging: Path, main: str, companions: Sequence[str], old: Sequence[s
 
 
 __all__ = ["PREFIX", "JOURNAL", "FAULT_ENV", "sibling", "temp_dir", "scratch", "sweep",
+           "check_writable",
            "pid_alive", "fsync_dir", "rename", "replace_file", "remove", "exchange",
            "replace_dir", "write_file", "install"]

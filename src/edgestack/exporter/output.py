@@ -116,13 +116,13 @@ def replaced_files(out: Path, overwrite: bool) -> list[str]:
                           "replace it, or choose another path")
     if out.is_symlink() or not out.is_file():
         raise ExportError(f"export: {out} exists and is not a regular file; refusing to replace "
-                          "it: remove it yourself or choose another path")
+                          "it even with --overwrite: choose a new path")
     try:
         names = external_files(out)
     except ExportError:
         raise ExportError(f"export: {out} exists and is not an ONNX file; refusing to replace "
                           "it even with --overwrite (only an earlier export is replaced): "
-                          "remove it yourself or choose another path") from None
+                          "choose a new path") from None
     return [n for n in names if is_data_name(out.name, n)]
 
 
