@@ -86,9 +86,8 @@ def _check_kind(path: Path, given: str, kind: str, flag: str, marker: str | None
             raise EdgestackError(f"{flag} {given} exists and is not a regular file; {never}")
         return
     if not path.is_dir():
-        what = "a package" if kind == "package" else "an output folder"
-        raise EdgestackError(f"{flag} {given} exists and is a file, not {what} folder; "
-                             f"{never}")
+        what = "a package folder" if kind == "package" else "an output folder"
+        raise EdgestackError(f"{flag} {given} exists and is a file, not {what}; {never}")
     try:
         entries = {e.name for e in os.scandir(path)}
     except OSError as exc:

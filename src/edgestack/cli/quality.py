@@ -219,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
         raise CompressError(f"--max-drop: expected a number in [0, 1), found {args.max_drop}")
     if args.eval is not None and not Path(args.eval).is_file():
         raise CompressError(f"--eval file {args.eval!r} does not exist")
-    if args.out:
+    if args.out is not None:
         prepare_output(args.out, [args.model, args.eval], overwrite=args.overwrite)
     src = load_source(args.model, task=args.task)
     model_dir = src.text_folder
@@ -253,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
     if args.max_drop is not None:
         best, table = smallest_within(rows, args.max_drop)
         doc.update(max_drop=args.max_drop, chosen=best, searched=table)
-    if args.out:
+    if args.out is not None:
         data = (json.dumps(doc, indent=2, default=str) + "\n").encode()
         atomic.write_file(args.out, lambda f: f.write(data))
     if args.json:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import numpy as np
 
 from edgestack.cli import COUNT, EXIT_OK, bounds, emit_json, prepare_output
 from edgestack.cli.plan import add_package_args
+from edgestack.cli.verify import check_golden, golden_inputs_of
 from edgestack.core import atomic
 
 
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from edgestack.runtime import Runtime
     from edgestack.targets.feeds import load_feeds
 
-    if args.output:
+    if args.output is not None:
         prepare_output(args.output, [args.package, args.input, args.profile],
                        overwrite=args.overwrite, kind="file", flag="--output")
     given = load_feeds(args.input) if args.input else None      # bad input fails before loading
@@ -46,13 +48,18 @@ def run(args: argparse.Namespace) -> int:
                  tier=args.tier, threads=args.threads, calibrate=args.calibrate,
                  form=args.form, engine=args.engine, precision=args.precision) as rt:
         load_s = time.perf_counter() - t0
-        feeds = given if given is not None else rt.package.golden()[0]
+        feeds = given
+        if feeds is None:
+            feeds = rt.package.golden()[0]
+            check_golden(rt.package.path, "inputs", feeds)
         times = []
-        for _ in range(args.repeat):
-            t = time.perf_counter()
-            out = rt.infer(feeds)
-            times.append(time.perf_counter() - t)
-        if args.output:
+        with contextlib.nullcontext() if given is not None else golden_inputs_of(
+                rt.package.path):
+            for _ in range(args.repeat):
+                t = time.perf_counter()
+                out = rt.infer(feeds)
+                times.append(time.perf_counter() - t)
+        if args.output is not None:
             atomic.write_file(args.output, lambda f: np.savez(f, **out))
         summary = {k: {"shape": list(v.shape), "dtype": str(v.dtype),
                        "mean": float(np.mean(v)), "std": float(np.std(v))}

@@ -5,6 +5,8 @@ pack``): the sha256 of every file, its structure, and its golden self-test on th
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 
 from edgestack.cli import EXIT_CHECK_FAILED, EXIT_OK, EXIT_SKIPPED, emit_json
 
@@ -51,9 +53,11 @@ def verify_package(path: str) -> dict:
         check_golden(pkg.path, "outputs", outputs)
         try:
             with Runtime(pkg, tier=golden.tier, verify=False, form="fp32", **exact) as rt:
-                test = rt.self_test()
-                if not test.get("passed"):  # a golden file that is not this graph's: exit 2
-                    check_golden_fits(pkg.path, outputs, rt.infer_with_tier(inputs)[1])
+                with golden_inputs_of(pkg.path):
+                    test = rt.self_test()
+                    got = None if test.get("passed") else rt.infer_with_tier(inputs)[1]
+                if got is not None:  # a golden file that is not this graph's: exit 2
+                    check_golden_fits(pkg.path, outputs, got)
         except BackendUnavailable as exc:  # the files are checked; the engine cannot run here
             return {**info, "ok": None, "skipped": True,
                     "self_test": {"ran": False, "reason": str(exc)}}
@@ -71,6 +75,22 @@ def check_golden(path: object, what: str, arrays: dict) -> None:
             raise PackageError(
                 f"{path}: golden {what} {name!r} has dtype {arr.dtype}; expected numbers (the "
                 "package's golden file is damaged or not edgestack's): re-pack the model")
+
+
+@contextlib.contextmanager
+def golden_inputs_of(path: object) -> Iterator[None]:
+    """Errors of running the package's own golden inputs name them and the fix (the inputs
+    are the package's, so the package is damaged)."""
+    from edgestack.errors import BackendUnavailable, EdgestackError, PackageError
+
+    try:
+        yield
+    except BackendUnavailable:
+        raise
+    except EdgestackError as exc:
+        raise PackageError(f"{path}: the package's golden inputs do not run: {exc}; the golden "
+                           "file is damaged or belongs to another model: re-pack the model"
+                           ) from None
 
 
 def check_golden_fits(path: object, outputs: dict, got: dict) -> None:
