@@ -413,3 +413,10 @@ def test_leftovers_of_killed_runs_are_swept(ws):
     assert not tmp.exists() and not scratch.exists() and live.exists()
     assert (ws / "pkg3" / "manifest.json").is_file() and not old.exists()
     assert len(done) == 3
+
+
+def test_the_cli_knows_the_manifest_name():
+    from edgestack.cli import outputs
+    from edgestack.package.format import MANIFEST_NAME
+
+    assert outputs.MANIFEST == MANIFEST_NAME

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from typing import NoReturn
 
 from edgestack import __version__
 from edgestack.cli.outputs import input_paths, prepare_output  # noqa: F401 - for the commands
+from edgestack.core import atomic
 from edgestack.core.progress import Progress, logging_through_bars
 from edgestack.errors import BackendUnavailable, EdgestackError
 
@@ -238,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # log lines printed while a bar is on stderr go through tqdm, above the bar
         check_bounds(args)
+        atomic.sweep(tempfile.gettempdir())  # scratch folders of killed runs (never raises)
         with logging_through_bars(bars(args), [logging.getLogger("edgestack")]):
             code = int(args.run(args))
         sys.stdout.flush()              # a closed pipe shows here, inside the handler below
