@@ -27,11 +27,12 @@ staging folder with a journal; see there.
 longer running (the pid in the name is not alive): ``tmp``, ``probe`` and scratch folders
 are deleted, an ``old`` folder is put back when its destination is missing (else deleted),
 and a ``swap`` folder is finished or rolled back from its journal. Entries of live
-processes are never touched. Scratch folders of earlier edgestack versions, which had no
-pid in their names (``.edgestack-pack-XXXXXXXX``, ``edgestack-rt-XXXXXXXX``, ...), and their
-temporary siblings (``.NAME.tmp-XXXXXXXX``, ``.NAME.old-XXXXXXXX``) are removed (an ``old``
-one put back) once a day old. Every writer sweeps the folders it writes into, once per
-process, before it starts.
+processes are never touched (pids are this pid namespace's: two containers writing into one
+shared folder at the same moment do not see each other's processes). Scratch folders of
+earlier edgestack versions, which had no pid in their names (``.edgestack-pack-XXXXXXXX``,
+``edgestack-rt-XXXXXXXX``, ...), and their temporary siblings (``.NAME.tmp-XXXXXXXX``,
+``.NAME.old-XXXXXXXX``) are removed (an ``old`` one put back) once a day old. Every writer
+sweeps the folders it writes into, once per process, before it starts.
 
 **Fault injection.** ``EDGESTACK_FAULT=<op>:<n>[:raise]`` (``op`` is ``rename`` or
 ``remove``) kills the process with SIGKILL just before its ``n``-th rename (every
