@@ -377,6 +377,23 @@ def test_export_replaces_only_its_own_files(capsys, ws):
             "is not an ONNX file; refusing to replace it even with --overwrite")
 
 
+def test_export_replaces_the_data_file_of_an_earlier_version(capsys, ws):
+    """An export of an earlier edgestack (data in ``OUT.data``) is replaced with its data."""
+    argv = ["export", "fac.py:build", "--out", "old.onnx", "--external-data", "always"]
+    assert cli(capsys, argv)[0] == 0
+    model = onnx.load(str(ws / "old.onnx"), load_external_data=False)
+    (data,) = ws.glob("old.onnx.*.data")
+    data.rename(ws / "old.onnx.data")
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "old.onnx.data"
+    onnx.save(model, str(ws / "old.onnx"))
+    assert cli(capsys, [*argv, "--overwrite"])[0] == 0
+    left = sorted(p.name for p in ws.glob("old.onnx*"))
+    assert len(left) == 2 and "old.onnx.data" not in left
+
+
 def test_package_and_file_outputs_replaced_only_with_overwrite(capsys, ws):
     refused(capsys, ws, ["compile", "model.onnx", "--target", "ort-cpu", "--out", "pkg"],
             "pkg already exists; pass --overwrite")
