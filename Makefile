@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/edgestack demo
+	$(VENV)/bin/edgestack demo --overwrite
 
 # aarch64 Python + ONNX Runtime under qemu-user, for the ARM target's tests (idempotent:
 # ~10 ms once built). Needs root the first time (apt-get, dpkg --add-architecture arm64).

@@ -40,6 +40,7 @@ from edgestack.compress.bitstack import set_tier
 from edgestack.compress.calib import text_calib
 from edgestack.core.quality import cosine_rows, held_sentences, mean_pool, ort_runner, tokenize
 from edgestack.exporter import export
+from edgestack.exporter.output import external_files
 from edgestack.exporter.parity import ort_session
 from edgestack.exporter.passes import compact_embeddings
 
@@ -57,9 +58,8 @@ def _say(msg: str) -> None:
 
 
 def _files(path: Path) -> dict[str, int]:
-    data = path.with_name(path.name + ".data")
     graph = path.stat().st_size
-    ext = data.stat().st_size if data.exists() else 0
+    ext = sum((path.parent / name).stat().st_size for name in external_files(path))
     return {"graph_bytes": graph, "data_bytes": ext, "total_bytes": graph + ext}
 
 

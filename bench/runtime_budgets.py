@@ -63,7 +63,7 @@ def build_package(blocks: int, rebuild: bool) -> Path:
             report = compress(model, "bitstack", calib=calib, n_blocks={blocks}, signs="plain")
         print(f"compressed in {{time.time() - t0:.0f}} s", flush=True)
         onnx_path = Path({str(CACHE)!r}) / "minilm-bitstack-{blocks}.onnx"
-        export(model, inputs, onnx_path, parity=False,
+        export(model, inputs, onnx_path, parity=False, overwrite=True,
                metadata={{"method": "bitstack", "source": "minilm",
                           "compression": report.to_dict()}})
         pack(onnx_path, {str(pkg)!r}, overwrite=True, name="all-MiniLM-L6-v2", log=print)

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from edgestack.core import atomic
 from edgestack.core.progress import Progress
 from edgestack.errors import PackageError
 
@@ -84,6 +84,7 @@ def compress_and_export(source: str, method: str, options: Mapping[str, Any],
         report = compress(src.model, method, calib=calib, progress=progress, **options)
     notes = [str(w.message) for w in caught if "edgestack" in str(w.filename)]
     log(f"exporting to {out}")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves none
     result = export(src.model, src.inputs, out, progress=progress,
                     metadata={"method": method, "source": src.description,
                               "compression": report.to_dict()},
@@ -153,7 +154,7 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
     say = log or logger.info
     check_out(out, target, overwrite)
     src = Path(source)
-    work = Path(tempfile.mkdtemp(prefix=".edgestack-pipeline-"))
+    work = atomic.temp_dir("pipeline")  # removed below; after a kill, by the next run
     try:
         if src.suffix != ".onnx":
             if src.is_file():
@@ -236,11 +237,10 @@ def compile_model(model: str | os.PathLike[str], target: str, out: str | os.Path
     tgt = get_target(target)
     check_out(out, target, overwrite)
     src = Path(model)
-    if src.suffix != ".onnx" or not src.is_file():
-        read_onnx(src, say)  # raises: not ONNX, or no such file
+    read_onnx(src, say, load_external_data=False, what="compile")  # fails before work
     if isinstance(profile, str):
         profile = load_profile(profile)
-    work = Path(tempfile.mkdtemp(prefix=".edgestack-compile-"))
+    work = atomic.temp_dir("compile")  # removed below; after a kill, by the next run
     try:
         feeds = dict(golden_inputs) if golden_inputs else example_feeds(src, batch=1, seq=16)
         say(f"compile: lowering {src} for {target}")

@@ -169,7 +169,12 @@ def _factory(spec: str) -> Any:
         mspec = importlib.util.spec_from_file_location(path.stem, path)
         module = importlib.util.module_from_spec(mspec)
         sys.modules[path.stem] = module
-        mspec.loader.exec_module(module)
+        try:
+            mspec.loader.exec_module(module)
+        except (Exception, SystemExit) as exc:
+            sys.modules.pop(path.stem, None)
+            raise _user_code_error(f"factory file {mod_name!r} failed to load", exc,
+                                   f"python {mod_name}") from None
     else:
         try:
             module = importlib.import_module(mod_name)
@@ -178,6 +183,9 @@ def _factory(spec: str) -> Any:
                 f"cannot import module {mod_name!r} for factory {spec!r}: {exc}; check the "
                 "module is on PYTHONPATH (or pass path/to/file.py:factory)"
             ) from None
+        except (Exception, SystemExit) as exc:
+            raise _user_code_error(f"module {mod_name!r} of factory {spec!r} failed to load",
+                                   exc, f"python -c 'import {mod_name}'") from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise EdgestackError(
@@ -220,20 +228,46 @@ def hub_folder(repo_id: str) -> Path:
         ) from None
 
 
-def _call_factory(fn: Any, spec: str, batch: int | None, seq: int | None) -> ModelSource:
+def _user_code_error(what: str, exc: BaseException, rerun: str) -> EdgestackError:
+    """An error raised by the user's own code (a factory), reported as such: one line naming
+    the exception, and how to see its traceback."""
+    why = " ".join(str(exc).split())[:300]
+    return EdgestackError(f"{what}: {type(exc).__name__}{': ' + why if why else ''}; this is "
+                          f"an error in that code, not in edgestack: fix it (`{rerun}` shows "
+                          "the traceback)")
+
+
+def _call_factory(fn: Any, spec: str, batch: int | None, seq: int | None,
+                  user: bool = True) -> ModelSource:
     params = inspect.signature(fn).parameters
     kwargs = {}
     if batch is not None and "batch" in params:
         kwargs["batch"] = batch
     if seq is not None and "seq" in params:
         kwargs["seq"] = seq
-    result = fn(**kwargs)
+    if user:
+        try:
+            result = fn(**kwargs)
+        except EdgestackError:
+            raise
+        except (Exception, SystemExit) as exc:
+            mod, _, name = spec.rpartition(":")
+            rerun = (f"python -c 'import runpy; runpy.run_path(\"{mod}\")[\"{name}\"]()'"
+                     if mod.endswith(".py") else f"python -c 'import {mod}; {mod}.{name}()'")
+            raise _user_code_error(f"factory {spec!r} raised", exc, rerun) from None
+    else:
+        result = fn(**kwargs)
     if not (isinstance(result, tuple) and len(result) == 2):
         raise EdgestackError(
             f"factory {spec!r} must return (model, example_inputs), found "
             f"{type(result).__name__}"
         )
     model, inputs = result
+    if not (callable(getattr(model, "eval", None)) and callable(getattr(model, "forward", None))):
+        raise EdgestackError(
+            f"factory {spec!r} must return (model, example_inputs) with a torch.nn.Module "
+            f"model, found {type(model).__name__}"
+        )
     if isinstance(inputs, (tuple, list)):
         names = list(inspect.signature(model.forward).parameters)
         inputs = dict(zip(names, inputs, strict=False))
@@ -281,7 +315,7 @@ def load_source(
     if ":" in spec and not path.exists():
         return _call_factory(_factory(spec), spec, batch, seq)
     if spec in zoo.MODELS:
-        return _call_factory(zoo.MODELS[spec], spec, batch, seq)
+        return _call_factory(zoo.MODELS[spec], spec, batch, seq, user=False)
     if path.exists():
         raise CheckpointError(
             f"{spec!r} is a file, not a model folder; a single weights file needs "

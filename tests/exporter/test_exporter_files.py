@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -32,15 +34,19 @@ def test_external_data_always_then_never(tmp_path: Path) -> None:
     out = tmp_path / "m.onnx"
     result = export(model, inputs, out, external_data="always")
 
-    data = tmp_path / "m.onnx.data"
-    assert result.data_path == data and data.is_file() and data.stat().st_size > 10_000
-    assert leftovers(tmp_path) == ["m.onnx", "m.onnx.data"]
+    # the data file is named by its sha256: only this version of m.onnx refers to it
+    data = result.data_path
+    assert data is not None and data.parent == tmp_path and data.is_file()
+    assert re.fullmatch(r"m\.onnx\.[0-9a-f]{12}\.data", data.name)
+    assert data.name[7:19] == hashlib.sha256(data.read_bytes()).hexdigest()[:12]
+    assert data.stat().st_size > 10_000
+    assert leftovers(tmp_path) == ["m.onnx", data.name]
     assert out.stat().st_size < data.stat().st_size
     proto = onnx.load(str(out), load_external_data=False)
     external = [t.name for t in proto.graph.initializer
                 if t.data_location == onnx.TensorProto.EXTERNAL]
     assert "features.2.v.weight" in external
-    assert all(e.value == "m.onnx.data" for t in proto.graph.initializer
+    assert all(e.value == data.name for t in proto.graph.initializer
                if t.data_location == onnx.TensorProto.EXTERNAL
                for e in t.external_data if e.key == "location")
     onnx.checker.check_model(str(out), full_check=True)
@@ -50,8 +56,16 @@ def test_external_data_always_then_never(tmp_path: Path) -> None:
     with torch.no_grad():
         np.testing.assert_allclose(got, model(**inputs).numpy(), atol=1e-5)
 
-    # re-export inline over it: the stale .data goes too
-    result = export(model, inputs, out, external_data="never", parity=False)
+    # the same weights again: the same name and bytes
+    graph = out.read_bytes()
+    again = export(model, inputs, out, external_data="always", parity=False, overwrite=True)
+    assert again.data_path == data and out.read_bytes() == graph
+    assert leftovers(tmp_path) == ["m.onnx", data.name]
+
+    # re-export inline over it (only with overwrite): its data file goes too
+    with pytest.raises(ExportError, match=r"m\.onnx already exists; pass --overwrite"):
+        export(model, inputs, out, external_data="never", parity=False)
+    result = export(model, inputs, out, external_data="never", parity=False, overwrite=True)
     assert result.data_path is None
     assert leftovers(tmp_path) == ["m.onnx"]
     assert result.file_bytes == out.stat().st_size
@@ -78,25 +92,37 @@ def test_failed_export_leaves_nothing_and_keeps_existing_file(tmp_path: Path) ->
     assert "expected inputs the model accepts" in msg
     assert leftovers(tmp_path) == []
 
-    out.write_bytes(b"previous export")
-    (tmp_path / "m.onnx.data").write_bytes(b"previous data")
-    with pytest.raises(ExportError):
-        export(Boom(), (torch.randn(2, 3),), out, external_data="always")
-    assert out.read_bytes() == b"previous export"
-    assert (tmp_path / "m.onnx.data").read_bytes() == b"previous data"
-    assert leftovers(tmp_path) == ["m.onnx", "m.onnx.data"]
+    model, inputs, _ = compressed(zoo.small_cnn, "lowrank")  # tensors big enough for .data
+    first = export(model, inputs, out, parity=False, external_data="always")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ExportError, match="the model's forward failed"):
+        export(Boom(), (torch.randn(2, 3),), out, external_data="always", overwrite=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
-    model, inputs, _ = compressed(zoo.conv1d_net, "shift")
-    export(model, inputs, out, parity=False)
+    # an existing file that is no export is never replaced, even with overwrite
+    other = tmp_path / "notes.onnx"
+    other.write_bytes(b"previous export")
+    with pytest.raises(ExportError, match=r"notes\.onnx exists and is not an ONNX file; "
+                                          r"refusing to replace it even with --overwrite"):
+        export(model, inputs, other, parity=False, overwrite=True)
+    assert other.read_bytes() == b"previous export"
+    other.unlink()
+
+    # a stray m.onnx.data is the user's: kept (the export's data file has its own name)
+    (tmp_path / "m.onnx.data").write_bytes(b"notes")
+    export(model, inputs, out, parity=False, overwrite=True)
     onnx.checker.check_model(str(out))
-    assert leftovers(tmp_path) == ["m.onnx"]  # replaced, stale data removed
+    assert (tmp_path / "m.onnx.data").read_bytes() == b"notes"
+    assert leftovers(tmp_path) == ["m.onnx", "m.onnx.data"]  # the old pair's data went
+    assert first.data_path is not None and not first.data_path.exists()
 
 
 def test_checker_failure_is_export_error_and_atomic(tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     model, inputs, _ = compressed(zoo.conv1d_net, "shift")
     out = tmp_path / "m.onnx"
-    out.write_bytes(b"keep me")
+    export(model, inputs, out, parity=False)
+    kept = out.read_bytes()
     body = ops.SHIFT_WEIGHT.function
 
     # a function whose default-domain opset differs from the model's: the checker refuses it
@@ -104,8 +130,8 @@ def test_checker_failure_is_export_error_and_atomic(tmp_path: Path,
     with pytest.raises(ExportError, match=r"^export: onnx.checker rejected the exported model: "
                                           r"ValidationError: .*imports version 18 whereas "
                                           r"model imports version 20"):
-        export(model, inputs, out)
-    assert out.read_bytes() == b"keep me"
+        export(model, inputs, out, overwrite=True)
+    assert out.read_bytes() == kept
     assert leftovers(tmp_path) == ["m.onnx"]
 
 

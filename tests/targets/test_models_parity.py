@@ -73,7 +73,7 @@ def _export_case(folder: Path, name: str, factory, method: str, **opts) -> Case:
     path = folder / "model.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = export(model, inputs, path, parity=False)
+        result = export(model, inputs, path, parity=False, overwrite=True)  # a cache folder
     norm = normalize_inputs(model, inputs)
     # the file stores the word/position tables as int8 per row: so does the reference
     with torch.no_grad(), compacted_tables(model, result.compact_embeddings):

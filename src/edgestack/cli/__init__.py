@@ -15,13 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
+import tempfile
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NoReturn
 
 from edgestack import __version__
+from edgestack.cli.outputs import input_paths, prepare_output  # noqa: F401 - for the commands
+from edgestack.core import atomic
 from edgestack.core.progress import Progress, logging_through_bars
 from edgestack.errors import BackendUnavailable, EdgestackError
 
@@ -54,9 +60,19 @@ def _commands() -> list:
             plan, run, profiles, demo]
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line on stderr (exit 2), like every
+    other input error: ``edgestack run: error: argument --repeat: ...; see `edgestack run
+    --help```. Sub-command parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        line = " ".join(message.split())
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {line}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="edgestack",
         description="Compressed neural networks on edge devices: export compressed models "
         "to ONNX without re-densifying them, compile for edge targets, fit memory budgets.",
@@ -137,28 +153,73 @@ def _configure_logging(args: argparse.Namespace) -> logging.Handler:
     return handler
 
 
-def prepare_output(out: str, inputs: Sequence[str] = ()) -> None:
-    """The one output rule of every command, checked before any slow work: the output's
-    folder is created when missing (a file in its way is an error), and an output that is one
-    of the command's ``inputs`` is refused (an input is never overwritten).
+@dataclass(frozen=True)
+class Bound:
+    """The values a numeric option accepts: ``lo`` <= value (``lo`` < value with ``above``),
+    value <= ``hi``; ``cpus``: at most this machine's CPU count (``os.cpu_count()``: more
+    threads than CPUs only slow a run down, and a huge count would hang it). Integers and
+    finite floats only (argparse gives the type)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    above: bool = False
+    cpus: bool = False
+
+    def problem(self, value: float) -> str | None:
+        """Why ``value`` is refused (the expected range), or None."""
+        hi = (os.cpu_count() or 1) if self.cpus else self.hi
+        ok = math.isfinite(value) and (self.lo is None or (
+            value > self.lo if self.above else value >= self.lo)) and (hi is None or value <= hi)
+        if ok:
+            return None
+        kind = "an integer" if isinstance(value, int) else "a number"
+        if self.lo is not None and hi is not None:
+            want = f"{kind} from {self.lo:g} to {hi:g}"
+        elif self.lo is not None:
+            want = f"{kind} {'>' if self.above else '>='} {self.lo:g}"
+        else:
+            want = f"{kind} <= {hi:g}"
+        return want + (" (this machine's CPUs)" if self.cpus else "")
+
+
+COUNT = Bound(1)
+"""A count of one or more (``--repeat``, ``--batch``, ``--iterations``, ...)."""
+NONNEG = Bound(0)
+"""Zero or more (tolerances, ``--warmup``, ``--calib-n``, ...)."""
+POSITIVE = Bound(0, above=True)
+"""More than zero (``--seconds``, ``--factor-bits``, ...)."""
+THREADS = Bound(1, cpus=True)
+"""``--threads``: 1 to the CPUs of this machine."""
+
+
+def bounds(parser: argparse.ArgumentParser, **limits: Bound) -> None:
+    """Declare the accepted range of numeric options of a command (by ``dest``); :func:`main`
+    checks them before the command runs, so a bad count exits 2 at once."""
+    parser.set_defaults(_bounds={**(parser.get_default("_bounds") or {}), **limits})
+
+
+def check_bounds(args: argparse.Namespace) -> None:
+    """Refuse the numeric options outside their :func:`bounds`, all in one line.
 
     Raises:
-        EdgestackError: the output is an input, or its folder cannot be created.
+        EdgestackError: ``--repeat 0: expected an integer >= 1, found 0; ...``.
     """
-    from pathlib import Path
+    bad = []
+    for dest, bound in (getattr(args, "_bounds", None) or {}).items():
+        value = getattr(args, dest, None)
+        if value is None or isinstance(value, bool):
+            continue
+        want = bound.problem(value)
+        if want is not None:
+            bad.append(f"--{dest.replace('_', '-')} {value!r}: expected {want}")
+    if bad:
+        raise EdgestackError(f"bad {'; bad '.join(bad)}; pass a value in the range")
 
-    path = Path(out)
-    for given in inputs:
-        if given and Path(given).exists() and path.exists() and path.resolve() == Path(
-                given).resolve():
-            raise EdgestackError(f"output {out!r} is the input {given!r}; expected a new path "
-                                 "for the output (an input is never overwritten)")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise EdgestackError(f"cannot create the output folder {str(path.parent)!r} "
-                             f"({exc.strerror or exc}); pass --out in a writable folder"
-                             ) from None
+
+def one_line(message: object) -> str:
+    """An error message as one line (its lines joined, whitespace runs collapsed): every
+    input error is one line on stderr."""
+    return " ".join(str(message).split())
 
 
 def emit_json(obj: object) -> None:
@@ -180,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handler = _configure_logging(args)
     try:
         # log lines printed while a bar is on stderr go through tqdm, above the bar
+        check_bounds(args)
+        atomic.sweep(tempfile.gettempdir())  # scratch folders of killed runs (never raises)
         with logging_through_bars(bars(args), [logging.getLogger("edgestack")]):
             code = int(args.run(args))
         sys.stdout.flush()              # a closed pipe shows here, inside the handler below
@@ -194,12 +257,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if want_json:
             emit_json({"ok": False, "skipped": True, "error": str(exc),
                        "error_type": type(exc).__name__})
-        print(f"edgestack {args.command}: skipped: {exc}", file=sys.stderr)
+        print(f"edgestack {args.command}: skipped: {one_line(exc)}", file=sys.stderr)
         return EXIT_SKIPPED
     except EdgestackError as exc:
         if want_json:
             emit_json({"ok": False, "error": str(exc), "error_type": type(exc).__name__})
-        print(f"edgestack {args.command}: error: {exc}", file=sys.stderr)
+        print(f"edgestack {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"edgestack {args.command}: interrupted", file=sys.stderr)

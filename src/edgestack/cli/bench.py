@@ -4,7 +4,19 @@ from __future__ import annotations
 
 import argparse
 
-from edgestack.cli import EXIT_OK, EXIT_SKIPPED, bars, emit_json, progress
+from edgestack.cli import (
+    COUNT,
+    EXIT_OK,
+    EXIT_SKIPPED,
+    NONNEG,
+    POSITIVE,
+    THREADS,
+    bars,
+    bounds,
+    emit_json,
+    prepare_output,
+    progress,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -56,8 +68,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="skip the fresh-process load time / peak RSS measurement")
     p.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     p.add_argument("--out", default="edgestack-bench", help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into an existing output folder of an earlier bench (one with a "
+                   "bench.json)")
     p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
     p.set_defaults(run=run)
+    bounds(p, iterations=COUNT, warmup=NONNEG, seconds=POSITIVE, batch=COUNT, seq=COUNT,
+           threads=THREADS)
 
 
 def _count(text: str) -> int:
@@ -73,14 +90,11 @@ def _count(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgestack.errors import EdgestackError
     from edgestack.profiler.bench import run_bench
     from edgestack.targets.feeds import load_feeds
 
-    if args.iterations < 1 or args.warmup < 0 or args.batch < 1 or args.seq < 1:
-        raise EdgestackError(
-            f"bench: --iterations, --batch and --seq must be >= 1 and --warmup >= 0; found "
-            f"{args.iterations}, {args.batch}, {args.seq}, {args.warmup}")
+    prepare_output(args.out, [args.source, args.dense, args.input, args.profile, args.tokenizer],
+                   overwrite=args.overwrite, kind="folder", marker="bench.json")
     targets = args.targets
     if targets not in (None, "all"):
         targets = [t.strip() for t in targets.split(",") if t.strip()]

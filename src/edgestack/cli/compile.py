@@ -32,7 +32,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="device profile name or TOML file (threads, precision, memory budget)")
     p.add_argument("--out", required=True,
                    help="the package: a new folder, or a file ending in .tar")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing package")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing package (a package folder or .tar only; swapped "
+                   "in whole)")
     p.add_argument("--name", default=None, help="model name in the manifest (default: the "
                    "file's stem)")
     p.add_argument("--int8", choices=("auto", "off", "weights", "dynamic"), default=None,
@@ -51,7 +53,8 @@ def run(args: argparse.Namespace) -> int:
     from edgestack.targets import get_target
 
     target = get_target(args.target)       # an unknown target fails before any work
-    prepare_output(args.out, [args.model])
+    prepare_output(args.out, [args.model, args.profile], overwrite=args.overwrite,
+                   kind="package")
     opts = {}
     if target.name != "tensorrt-gpu":
         opts = {k: v for k, v in (("int8", args.int8), ("weights", args.weights))

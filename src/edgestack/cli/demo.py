@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import argparse
 
-from edgestack.cli import EXIT_CHECK_FAILED, EXIT_OK, emit_json, progress
+from edgestack.cli import (
+    COUNT,
+    EXIT_CHECK_FAILED,
+    EXIT_OK,
+    THREADS,
+    bounds,
+    emit_json,
+    prepare_output,
+    progress,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -28,6 +37,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "measured peak RSS increase is over its budget.",
     )
     p.add_argument("--out", default="edgestack-demo", help="output folder (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the output folder of an earlier demo (one with a report.json)")
     p.add_argument("--seq", type=int, default=128, help="sequence length (default 128)")
     p.add_argument("--threads", type=int, default=2, help="ORT threads (default 2)")
     p.add_argument("--iterations", type=int, default=20, help="timed calls per bench subject")
@@ -44,6 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(several GB for the full demo; bench/runtime_latency.py reads them)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(run=run)
+    bounds(p, seq=COUNT, threads=THREADS, iterations=COUNT)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,9 +74,8 @@ def run(args: argparse.Namespace) -> int:
         methods = {m: DEFAULT_METHODS[m] for m in names}
     targets = args.targets if args.targets == "all" else tuple(
         t.strip() for t in args.targets.split(",") if t.strip())
-    if args.seq < 1 or args.threads < 1 or args.iterations < 1:
-        raise EdgestackError(f"demo: --seq, --threads and --iterations must be >= 1; "
-                             f"found {args.seq}, {args.threads}, {args.iterations}")
+    # the demo replaces its whole folder: only an empty one or an earlier demo's
+    prepare_output(args.out, overwrite=args.overwrite, kind="folder", marker="report.json")
     result = run_demo(args.out, methods=methods, seq=args.seq, threads=args.threads,
                       iterations=args.iterations, targets=targets,
                       bench=not args.no_bench, keep_work=args.keep_work,

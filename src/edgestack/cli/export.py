@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import time
-import warnings
 
 from edgestack.cli import (
+    COUNT,
     EXIT_CHECK_FAILED,
     EXIT_OK,
+    NONNEG,
     bars,
+    bounds,
     emit_json,
     prepare_output,
     progress,
@@ -55,7 +57,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", choices=TASK_NAMES, default=None,
                    help="a Hugging Face folder's task (default: from the class it was saved "
                    "as, config.architectures; its head is exported with the body)")
-    p.add_argument("--out", required=True, help="output .onnx path")
+    p.add_argument("--out", required=True,
+                   help="output .onnx path (large weights go beside it, in "
+                   "OUT.<sha256 prefix>.data)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT (only an earlier export; its data file goes "
+                   "with it, no other file is touched)")
     add_method_options(p)
     g = p.add_argument_group("calibration")
     g.add_argument("--extra-texts", type=int, default=None,
@@ -91,6 +98,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    f"(default {DEFAULT_RTOL:g})")
     p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
     p.set_defaults(run=run)
+    bounds(p, atol=NONNEG, rtol=NONNEG, batch=COUNT, seq=COUNT, calib_n=NONNEG)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,49 +106,37 @@ def run(args: argparse.Namespace) -> int:
 
     opts = method_options(args)
     check_options(args.method, **opts)                # bad values fail before loading
-    bad = [f"{flag} {v!r} (expected {want})" for flag, v, ok, want in (
-        ("--atol", args.atol, args.atol >= 0, ">= 0"),
-        ("--rtol", args.rtol, args.rtol >= 0, ">= 0"),
-        ("--batch", args.batch, args.batch is None or args.batch >= 1, ">= 1"),
-        ("--seq", args.seq, args.seq is None or args.seq >= 1, ">= 1"),
-        ("--calib-n", args.calib_n, args.calib_n is None or args.calib_n >= 0, ">= 0"),
-        ("--opset", args.opset, args.opset >= MIN_OPSET, f">= {MIN_OPSET}: the edgestack "
-         "function bodies use BitwiseAnd and ReduceProd with an axes input"))
-        if not ok]
-    if bad:
-        raise EdgestackError(f"bad {'; '.join(bad)}")
-    prepare_output(args.out, [args.model])
+    if args.opset < MIN_OPSET:
+        raise EdgestackError(f"bad --opset {args.opset!r} (expected >= {MIN_OPSET}: the "
+                             "edgestack function bodies use BitwiseAnd and ReduceProd with an "
+                             "axes input)")
+    out = prepare_output(args.out, [args.model, args.base, args.calib],
+                         overwrite=args.overwrite, kind="onnx")
+    from edgestack.exporter.output import replaced_files
+
+    replaced_files(out, args.overwrite)               # only an earlier export is replaced
     if args.calib is not None:
         from edgestack.compress.calib import read_calib_file
 
         read_calib_file(args.calib)                   # a bad file fails before loading
-    from edgestack.compress import compress
-    from edgestack.exporter import export
-    from edgestack.sources import load_source
+    from edgestack.pipeline import compress_and_export
 
     t0 = time.perf_counter()
     _log = progress("export")
     _log(f"loading {args.model}" + (f" ({args.from_} checkpoint)" if args.from_ else ""))
-    src = load_source(args.model, from_=args.from_, base=args.base, batch=args.batch,
-                      task=args.task,
-                      seq=args.seq)
-    calib, calib_text = ((None, "none") if args.method == "none"
-                         else src.calibration(args.calib_n, file=args.calib))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _log(f"compressing: method={args.method} {opts or ''}"
-             + (f", calibration: {calib_text}" if calib else ""))
-        report = compress(src.model, args.method, calib=calib, progress=bars(args), **opts)
-    notes = [str(w.message) for w in caught if "edgestack" in str(w.filename)]
+    done = compress_and_export(
+        args.model, args.method, opts, out, log=_log, calib_file=args.calib,
+        calib_n=args.calib_n, progress=bars(args),
+        load={"from_": args.from_, "base": args.base, "batch": args.batch, "task": args.task,
+              "seq": args.seq},
+        export_options={"external_data": args.external_data, "overwrite": args.overwrite,
+                        "opset": args.opset, "dynamic": args.dynamic is not None,
+                        "atol": args.atol, "rtol": args.rtol,
+                        "compact_embeddings": args.compact_embeddings})
+    src, report, result, calib_text, notes = (done.source, done.report, done.result,
+                                              done.calibration, done.notes)
     for note in notes:
         warn("export", note)
-    _log(f"exporting to {args.out}")
-    result = export(src.model, src.inputs, args.out, external_data=args.external_data,
-                    opset=args.opset, dynamic=args.dynamic is not None,
-                    atol=args.atol, rtol=args.rtol, compact_embeddings=args.compact_embeddings,
-                    progress=bars(args),
-                    metadata={"method": args.method, "source": src.description,
-                              "compression": report.to_dict()})
     parity = result.parity
     elapsed = time.perf_counter() - t0
     if args.json:

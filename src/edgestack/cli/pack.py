@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import argparse
 
-from edgestack.cli import EXIT_OK, bars, emit_json, prepare_output, progress, warn
+from edgestack.cli import (
+    COUNT,
+    EXIT_OK,
+    NONNEG,
+    POSITIVE,
+    bars,
+    bounds,
+    emit_json,
+    prepare_output,
+    progress,
+    warn,
+)
 from edgestack.cli.export import TASK_NAMES
 from edgestack.cli.options import METHODS, add_method_options, method_options
 
@@ -47,13 +58,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "on the whole shipped corpus)")
     p.add_argument("--steps-per-level", type=int, default=4,
                    help="tiers between BitStack level boundaries (default 4)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing package")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing package (a package folder or .tar only; swapped "
+                   "in whole)")
     p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
     p.set_defaults(run=run)
+    bounds(p, steps_per_level=COUNT, blocks=COUNT, k=COUNT, factor_bits=POSITIVE,
+           extra_texts=NONNEG)
 
 
 def run(args: argparse.Namespace) -> int:
-    prepare_output(args.out, [args.model])
+    prepare_output(args.out, [args.model, args.calib, args.profile], overwrite=args.overwrite,
+                   kind="package")
     if args.calib is not None:
         from edgestack.compress.calib import read_calib_file
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import tempfile
 from pathlib import Path
 
-from edgestack.cli import EXIT_CHECK_FAILED, EXIT_OK, emit_json
+from edgestack.cli import COUNT, EXIT_CHECK_FAILED, EXIT_OK, bounds, emit_json
 from edgestack.cli.compile import TARGETS
 from edgestack.cli.options import METHODS, add_method_options, method_options
+from edgestack.core import atomic
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,6 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
     p.set_defaults(run=run)
+    bounds(p, batch=COUNT, seq=COUNT)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     options = {}
     if args.int8:
         options = {"ort-cpu": {"int8": args.int8}, "ort-arm": {"int8": args.int8}}
-    with tempfile.TemporaryDirectory(prefix="edgestack-parity-") as tmp:
+    with atomic.scratch("parity") as tmp:
         path = Path(args.model)
         if path.suffix == ".onnx" and path.is_file():
             case = Case(path.stem, path, example_feeds(path, batch=2, seq=2))
@@ -73,21 +74,19 @@ def _case_from_source(args: argparse.Namespace, tmp: Path):
 
     import torch
 
-    from edgestack.compress import compress
-    from edgestack.exporter import export
     from edgestack.exporter.export import compacted_tables
     from edgestack.exporter.signature import flatten_outputs, normalize_inputs
-    from edgestack.sources import load_source
+    from edgestack.pipeline import compress_and_export
     from edgestack.targets.parity import Case
 
-    src = load_source(args.model, batch=args.batch, seq=args.seq)
-    if args.method != "none":
-        calib, _what = src.calibration()        # as export and pack calibrate
-        compress(src.model, args.method, calib=calib, **method_options(args))
     out = tmp / "model.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = export(src.model, src.inputs, out, parity=False)
+        done = compress_and_export(args.model, args.method, method_options(args), out,
+                                   log=lambda m: None,
+                                   load={"batch": args.batch, "seq": args.seq},
+                                   export_options={"parity": False})
+    src, result = done.source, done.result
     norm = normalize_inputs(src.model, src.inputs)
     # the file stores the compacted embedding tables as int8: so does the reference
     with torch.no_grad(), compacted_tables(src.model, result.compact_embeddings):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edgestack.cli import EXIT_OK, emit_json, progress
+from edgestack.cli import EXIT_OK, NONNEG, THREADS, bounds, emit_json, progress
 
 
 def add_package_args(p: argparse.ArgumentParser) -> None:
@@ -29,12 +29,14 @@ def add_package_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("f32", "bf16", "f16"), default=None,
                    help="OpenVINO's inference precision (default: OpenVINO's, bf16 where the "
                    "CPU has it); only with the openvino engine")
-    p.add_argument("--threads", type=int, default=None, help="inference threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help="inference threads (1 to this machine's CPUs)")
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                    help="plan with the documented memory constants instead of this machine's "
                    "measured fixed costs (measured once per package, a few seconds, cached)")
     p.add_argument("--recalibrate", action="store_true",
                    help="measure this machine's fixed costs again (ignore the cached ones)")
+    bounds(p, threads=THREADS, tier=NONNEG)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -14,9 +14,19 @@ import argparse
 import json
 from pathlib import Path
 
-from edgestack.cli import EXIT_OK, emit_json, progress
+from edgestack.cli import (
+    COUNT,
+    EXIT_OK,
+    NONNEG,
+    POSITIVE,
+    bounds,
+    emit_json,
+    prepare_output,
+    progress,
+)
 from edgestack.cli.export import TASK_NAMES
 from edgestack.cli.options import METHODS, add_method_options, method_options
+from edgestack.core import atomic
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -56,8 +66,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--task", choices=TASK_NAMES, default=None,
                    help="the model's task (default: from the class it was saved as)")
     p.add_argument("--out", default=None, help="also write the JSON rows to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
     p.set_defaults(run=run)
+    bounds(p, calib_n=NONNEG, calib_seq=COUNT, extra_texts=NONNEG, finetune_steps=NONNEG,
+           finetune_lr=POSITIVE, max_seconds=POSITIVE)
 
 
 def _parse_tiers(text: str | None) -> tuple:
@@ -100,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
         raise CompressError(f"--max-drop: expected a number in [0, 1), found {args.max_drop}")
     if args.eval is not None and not Path(args.eval).is_file():
         raise CompressError(f"--eval file {args.eval!r} does not exist")
+    if args.out is not None:
+        prepare_output(args.out, [args.model, args.eval], overwrite=args.overwrite)
     src = load_source(args.model, task=args.task)
     model_dir = src.text_folder
     calib, _ = src.calibration(args.calib_n, args.calib_seq)
@@ -125,8 +140,9 @@ def run(args: argparse.Namespace) -> int:
     if args.max_drop is not None:
         best, table = smallest_within(rows, args.max_drop)
         doc.update(max_drop=args.max_drop, chosen=best, searched=table)
-    if args.out:
-        Path(args.out).write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    if args.out is not None:
+        data = (json.dumps(doc, indent=2, default=str) + "\n").encode()
+        atomic.write_file(args.out, lambda f: f.write(data))
     if args.json:
         emit_json(doc)
     else:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import numpy as np
 
-from edgestack.cli import EXIT_OK, emit_json
+from edgestack.cli import COUNT, EXIT_OK, bounds, emit_json, prepare_output
 from edgestack.cli.plan import add_package_args
+from edgestack.cli.verify import check_golden, golden_inputs_of
+from edgestack.core import atomic
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,30 +25,42 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_package_args(p)
     p.add_argument("--input", default=None, help=".npz of inputs (default: golden inputs)")
-    p.add_argument("--output", default=None, help="write the outputs to this .npz")
+    p.add_argument("--output", default=None,
+                   help="write the outputs to this .npz (never an input, nor inside the "
+                   "package; written whole)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--repeat", type=int, default=1, help="run N times, report the median")
     p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
     p.set_defaults(run=run)
+    bounds(p, repeat=COUNT)
 
 
 def run(args: argparse.Namespace) -> int:
     from edgestack.runtime import Runtime
     from edgestack.targets.feeds import load_feeds
 
+    if args.output is not None:
+        prepare_output(args.output, [args.package, args.input, args.profile],
+                       overwrite=args.overwrite, kind="file", flag="--output")
     given = load_feeds(args.input) if args.input else None      # bad input fails before loading
     t0 = time.perf_counter()
     with Runtime(args.package, args.budget, profile=args.profile, auto=args.auto,
                  tier=args.tier, threads=args.threads, calibrate=args.calibrate,
                  form=args.form, engine=args.engine, precision=args.precision) as rt:
         load_s = time.perf_counter() - t0
-        feeds = given if given is not None else rt.package.golden()[0]
+        feeds = given
+        if feeds is None:
+            feeds = rt.package.golden()[0]
+            check_golden(rt.package.path, "inputs", feeds)
         times = []
-        for _ in range(max(1, args.repeat)):
-            t = time.perf_counter()
-            out = rt.infer(feeds)
-            times.append(time.perf_counter() - t)
-        if args.output:
-            np.savez(args.output, **out)
+        with contextlib.nullcontext() if given is not None else golden_inputs_of(
+                rt.package.path):
+            for _ in range(args.repeat):
+                t = time.perf_counter()
+                out = rt.infer(feeds)
+                times.append(time.perf_counter() - t)
+        if args.output is not None:
+            atomic.write_file(args.output, lambda f: np.savez(f, **out))
         summary = {k: {"shape": list(v.shape), "dtype": str(v.dtype),
                        "mean": float(np.mean(v)), "std": float(np.std(v))}
                    for k, v in out.items()}

@@ -5,6 +5,8 @@ pack``): the sha256 of every file, its structure, and its golden self-test on th
 from __future__ import annotations
 
 import argparse
+import contextlib
+from collections.abc import Iterator
 
 from edgestack.cli import EXIT_CHECK_FAILED, EXIT_OK, EXIT_SKIPPED, emit_json
 
@@ -46,14 +48,67 @@ def verify_package(path: str) -> dict:
             return {**info, "ok": True, "self_test": {"ran": False,
                                                        "reason": "no golden data"}}
         exact = {"precision": "f32"} if pkg.manifest.target == "openvino-cpu" else {}
+        inputs, outputs = pkg.golden()
+        check_golden(pkg.path, "inputs", inputs)
+        check_golden(pkg.path, "outputs", outputs)
         try:
             with Runtime(pkg, tier=golden.tier, verify=False, form="fp32", **exact) as rt:
-                test = rt.self_test()
+                with golden_inputs_of(pkg.path):
+                    test = rt.self_test()
+                    got = None if test.get("passed") else rt.infer_with_tier(inputs)[1]
+                if got is not None:  # a golden file that is not this graph's: exit 2
+                    check_golden_fits(pkg.path, outputs, got)
         except BackendUnavailable as exc:  # the files are checked; the engine cannot run here
             return {**info, "ok": None, "skipped": True,
                     "self_test": {"ran": False, "reason": str(exc)}}
     return {**info, "ok": bool(test.get("passed")), "self_test": test,
             "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def check_golden(path: object, what: str, arrays: dict) -> None:
+    """Golden arrays are numbers (a package whose golden file holds strings or objects is
+    damaged, however its hash reads: exit 2, not a failed self-test)."""
+    from edgestack.errors import PackageError
+
+    for name, arr in arrays.items():
+        if arr.dtype.kind not in "biufc":
+            raise PackageError(
+                f"{path}: golden {what} {name!r} has dtype {arr.dtype}; expected numbers (the "
+                "package's golden file is damaged or not edgestack's): re-pack the model")
+
+
+@contextlib.contextmanager
+def golden_inputs_of(path: object) -> Iterator[None]:
+    """Errors of running the package's own golden inputs name them and the fix (the inputs
+    are the package's, so the package is damaged)."""
+    from edgestack.errors import BackendUnavailable, EdgestackError, PackageError
+
+    try:
+        yield
+    except BackendUnavailable:
+        raise
+    except EdgestackError as exc:
+        raise PackageError(f"{path}: the package's golden inputs do not run: {exc}; the golden "
+                           "file is damaged or belongs to another model: re-pack the model"
+                           ) from None
+
+
+def check_golden_fits(path: object, outputs: dict, got: dict) -> None:
+    """The golden outputs have the names and shapes the graph gives for the golden inputs; a
+    mismatch is a golden file that belongs to another graph (exit 2), not a numeric failure."""
+    from edgestack.errors import PackageError
+
+    for name, ref in outputs.items():
+        if name not in got:
+            raise PackageError(
+                f"{path}: golden output {name!r} is not an output of the package's graph "
+                f"(it has {sorted(got)[:8]}); the golden file belongs to another model: "
+                "re-pack the model")
+        if tuple(got[name].shape) != tuple(ref.shape):
+            raise PackageError(
+                f"{path}: golden output {name!r} has shape {tuple(ref.shape)}, but the graph "
+                f"gives {tuple(got[name].shape)} for the golden inputs; the golden file "
+                "belongs to another model: re-pack the model")
 
 
 EMULATED = """

@@ -14,14 +14,16 @@ Steps, each failing with an :class:`~edgestack.errors.ExportError` that names th
    compressed model, store the large embedding tables as int8 per row
    (:mod:`edgestack.exporter.passes.compact_embeddings`, ``compact_embeddings=False`` to
    keep them float);
-5. save into a temporary folder next to ``out`` (initializers as external data
-   ``<out>.data`` when large), run ``onnx.checker.check_model(path, full_check=True)``;
+5. save into a staging folder next to ``out`` (initializers as external data when large),
+   run ``onnx.checker.check_model(path, full_check=True)``;
 6. parity: ONNX Runtime vs torch (:mod:`edgestack.exporter.parity`); a failed parity is
    reported in the result, never raised. When embedding tables were compacted, the torch
    reference runs with those tables replaced by their stored int8 values times the row
    scale (:func:`compacted_tables`): parity checks the export at the usual tolerance, and
    a note gives what the int8 tables change against the fp32-table torch model;
-7. move the files into place (atomic rename): on any failure nothing is left at ``out``.
+7. move the files into place (:mod:`edgestack.exporter.output`: the data file is named
+   ``<out>.<sha256 prefix>.data``, and the new pair replaces an earlier export so that a
+   kill at any instant leaves one whole pair): on any failure ``out`` is left as it was.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -42,11 +43,13 @@ from typing import Any
 
 import onnx
 
+from edgestack.core import atomic
 from edgestack.core.compare import error_stats
 from edgestack.core.logs import quiet_loggers
 from edgestack.core.progress import Progress, Stages
 from edgestack.errors import ExportError
 from edgestack.exporter import ops as es_ops
+from edgestack.exporter import output as files
 from edgestack.exporter.parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityReport, check_parity
 from edgestack.exporter.passes import CompactEmbeddingsPass, describe, quantize_rows
 from edgestack.exporter.signature import (
@@ -453,6 +456,7 @@ def export(
     rtol: float = DEFAULT_RTOL,
     metadata: Any = None,
     compact_embeddings: bool = True,
+    overwrite: bool = False,
     log: Callable[[str], None] | None = None,
     progress: Progress = False,
 ) -> ExportResult:
@@ -463,12 +467,14 @@ def export(
             BitStack weights) become ``edgestack``-domain decode nodes.
         inputs: example inputs, a dict of keyword tensors (graph inputs named after the keys)
             or a tuple of positional tensors.
-        out: the ``.onnx`` path to write; replaced only when the export succeeds.
+        out: the ``.onnx`` path to write (its folder must exist); written only when the
+            export succeeds.
         opset: default-domain opset (>= 18, the function bodies' minimum).
         dynamic: make dim 0 (batch) of every input and dim 1 (sequence) of 2-D integer
             inputs dynamic; dims the model specialises stay static (see docs/ops.md).
         external_data: ``"auto"`` (external above 100 MiB of initializers), ``"always"`` or
-            ``"never"``; external data goes to ``<out>.data``.
+            ``"never"``; external data goes to ``<out>.<sha256 prefix>.data``
+            (:mod:`edgestack.exporter.output`).
         parity: run the ONNX Runtime vs torch check on the example inputs.
         atol, rtol: parity tolerances (rule in :mod:`edgestack.exporter.parity`).
         metadata: extra model metadata: a dict (``"compression"`` is stored under
@@ -482,6 +488,8 @@ def export(
             a per-row scale (:class:`~edgestack.exporter.passes.CompactEmbeddingsPass`);
             tables shared with an LM head stay float. An uncompressed model is never
             changed. Parity then uses the int8 tables in the torch reference too.
+        overwrite: replace an existing ``out`` (only an earlier export: a file that reads as
+            ONNX; its own data files go with it, no other file is touched).
         log: progress callback taking one line; default: the ``edgestack.exporter`` logger.
         progress: a tqdm bar on stderr over the steps (forward, torch.export, ONNX
             conversion, save, checker, parity): ``True`` (even when stderr is not a
@@ -495,7 +503,8 @@ def export(
     Raises:
         ExportError: the forward pass fails on the inputs, ``torch.export`` fails, a
             ``torch.ops.edgestack`` op has no ONNX translation, the ONNX conversion fails,
-            the checker rejects the model, or ONNX Runtime cannot load it.
+            the checker rejects the model, or ONNX Runtime cannot load it; ``out`` exists
+            and ``overwrite`` is false, or is not an earlier export.
     """
     import torch
 
@@ -516,6 +525,7 @@ def export(
         raise ExportError(
             f"export: output folder {str(out.parent)!r} does not exist; create it first"
         )
+    files.replaced_files(out, overwrite)  # an output it may not replace fails before work
     names = ["forward", "torch.export", "ONNX conversion", "save", "onnx.checker"]
     with Stages([*names, "parity"] if parity else names, progress, "export") as stages:
         norm = normalize_inputs(model, inputs)
@@ -608,14 +618,19 @@ def export(
         # 4. save, check, parity in a temporary folder; then move into place
         init_bytes = _initializer_bytes(model_ir)
         external = _resolve_external(external_data, init_bytes)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        tmp = atomic.sibling(out, "swap")  # the next run settles it if this one is killed
+        try:
+            tmp.mkdir()
+        except OSError as exc:
+            raise ExportError(f"export: cannot write in {out.parent} ({exc.strerror or exc}); "
+                              "choose an output in a writable folder") from None
         try:
             stages.start("save")
             t0 = time.perf_counter()
             tmp_path = tmp / out.name
             data_name = out.name + ".data"
             say(f"export: writing {out} ({init_bytes / 2**20:.1f} MiB of initializers"
-                f"{', external data ' + data_name if external else ''})")
+                f"{' in an external data file' if external else ''})")
             _save(model_ir, tmp_path, data_name if external else None)
             seconds["save"] = time.perf_counter() - t0
 
@@ -641,13 +656,7 @@ def export(
                 say(f"export: parity {'passed' if report.passed else 'FAILED'} "
                     f"(max_abs {report.max_abs:.3g}, max_rel {report.max_rel:.3g})")
 
-            data_path = out.with_name(data_name) if (tmp / data_name).exists() else None
-            if data_path is not None:
-                os.replace(tmp / data_name, data_path)
-            os.replace(tmp_path, out)
-            stale = out.with_name(data_name)
-            if data_path is None and stale.exists():
-                stale.unlink()  # the previous export's data; this model does not use it
+            data_path = files.install(tmp, out, data_name if external else None, overwrite)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

@@ -25,10 +25,11 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from edgestack.core import atomic
 from edgestack.errors import PackageError
 from edgestack.package.format import MANIFEST_NAME
 from edgestack.package.reader import Package, _pread_into
-from edgestack.package.writer import _fsync_dir, replace_dir, temp_sibling
+from edgestack.package.writer import replace_dir, temp_sibling
 
 _CHUNK = 1 << 20
 
@@ -122,8 +123,7 @@ def write_archive(
                             raise _hash_error(pkg, name, found)
                 raw.flush()
                 os.fsync(raw.fileno())
-            os.replace(tmp, dest)
-            _fsync_dir(dest.parent)
+            atomic.replace_file(tmp, dest)  # one rename: the old archive or the new one
         except OSError as exc:
             raise PackageError(
                 f"cannot write the archive {dest} ({exc}); check the path and free space"

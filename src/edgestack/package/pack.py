@@ -45,7 +45,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -53,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from edgestack.core import atomic
 from edgestack.errors import PackageError
 from edgestack.package.format import (
     ARCHIVE_SUFFIX,
@@ -325,29 +325,48 @@ def activation_bytes(model: Any, input_shapes: Mapping[str, Sequence[int]],
     return int(peak)
 
 
-def read_onnx(src: Path, say: Callable[[str], None]) -> Any:
-    """The ONNX model at ``src`` (external data loaded).
+def read_onnx(src: Path, say: Callable[[str], None], *, load_external_data: bool = True,
+              what: str = "pack") -> Any:
+    """The ONNX model at ``src`` (its external data loaded unless ``load_external_data`` is
+    False: then only checked to exist, for a quick look before slow work); ``what`` starts
+    the messages (the command).
 
     Raises:
         PackageError: ``src`` is not an ``.onnx`` file (a model source: ``edgestack pack
             SOURCE`` or :func:`edgestack.pipeline.pack_model` exports it first), is missing,
-            or cannot be read as ONNX.
+            cannot be read as ONNX (text, a truncated or corrupt file, a model without a
+            graph), or names an external data file that is missing.
     """
     import onnx
 
     if src.suffix != ".onnx":
         raise PackageError(
-            f"pack: {src} is not an .onnx file; expected an ONNX file written by `edgestack "
+            f"{what}: {src} is not an .onnx file; expected an ONNX file written by `edgestack "
             "export` (a model source: `edgestack pack SOURCE` or edgestack.pipeline.pack_model "
             "compresses and exports it first)")
     if not src.is_file():
-        raise PackageError(f"pack: {src}: no such ONNX file")
-    say(f"pack: reading {src}")
+        raise PackageError(f"{what}: {src}: no such ONNX file")
+    say(f"{what}: reading {src}")
+    fix = "expected an ONNX file written by `edgestack export`: export the model again"
     try:
-        return onnx.load(str(src))
+        model = onnx.load(str(src), load_external_data=load_external_data)
     except Exception as exc:
-        raise PackageError(f"pack: cannot read {src} as ONNX ({exc}); expected an ONNX file "
-                           "written by `edgestack export`") from None
+        why = " ".join(str(exc).split())[:200]
+        raise PackageError(f"{what}: cannot read {src} as ONNX ({type(exc).__name__}: {why}); "
+                           f"{fix}") from None
+    if not model.graph.output or not (model.graph.node or model.graph.input):
+        raise PackageError(f"{what}: {src} holds no ONNX graph (no nodes or outputs: an empty, "
+                           f"text or corrupt file); {fix}")
+    if not load_external_data:
+        for t in model.graph.initializer:
+            if t.data_location != onnx.TensorProto.EXTERNAL:
+                continue
+            loc = next((e.value for e in t.external_data if e.key == "location"), "")
+            if not loc or not (src.parent / loc).is_file():
+                raise PackageError(f"{what}: {src}: initializer {t.name!r} is stored in the "
+                                   f"external data file {loc!r}, which is missing next to it; "
+                                   "copy the model with its data file(s), or export it again")
+    return model
 
 
 def _session_info(compiled: Mapping[str, Any]) -> dict[str, Any]:
@@ -466,7 +485,7 @@ def pack(
     out = check_out(out, target, overwrite)
     archive = out.suffix == ARCHIVE_SUFFIX
     src = Path(source)
-    work = Path(tempfile.mkdtemp(prefix=".edgestack-pack-"))
+    work = atomic.temp_dir("pack")  # removed below; after a kill, by the next run
     try:
         if model is None:
             model = read_onnx(src, say)

@@ -9,15 +9,16 @@ state)::
     tiered ──finish()──▶ finished    (golden data is optional)
     any ──abort() or an exception in a with-block──▶ aborted
 
-Files are written into a temporary sibling directory ``.<name>.tmp-<random>`` (same file
-system, so the final rename is atomic); sizes and sha256 are computed while writing.
+Files are written into a temporary sibling directory ``.edgestack-tmp-<pid>-<hex>-<name>``
+(same file system, so the final rename is atomic); sizes and sha256 are computed while writing.
 :meth:`PackageWriter.finish` writes ``manifest.json`` (after parsing its bytes with the reader's
 parser: a manifest the reader would refuse is never written), fsyncs, and renames the
 directory to ``out_dir``. An existing ``out_dir`` is
 refused unless ``overwrite=True``, and even then only if it is a package directory (it has a
-``manifest.json``) or an empty directory: it is renamed aside, the new package renamed in,
-and the old one deleted (on POSIX a directory cannot be replaced in one rename, so ``out_dir``
-is briefly absent). A process killed mid-write leaves only the hidden temporary directory.
+``manifest.json``) or an empty directory: the two folders are exchanged in one step and the
+old one deleted (:func:`replace_dir`), so a kill at any instant leaves the old package or the
+new one. A process killed mid-write leaves only the hidden temporary directory, which the next
+run removes (:mod:`edgestack.core.atomic`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import hashlib
 import io
 import json
 import os
-import secrets
 import shutil
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from edgestack import __version__
+from edgestack.core import atomic
 from edgestack.errors import FormatError, PackageError
 from edgestack.formats.bitstack import BitStackStack
 from edgestack.package.format import (
@@ -74,31 +75,25 @@ _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
 
 def temp_sibling(path: Path, tag: str) -> Path:
-    """A fresh hidden name next to ``path`` (same directory, so renames are atomic)."""
-    return path.parent / f".{path.name}.{tag}-{secrets.token_hex(4)}"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
+    """A fresh hidden name next to ``path`` (same directory, so renames are atomic), named by
+    :func:`edgestack.core.atomic.sibling` (``.edgestack-<tag>-<pid>-<hex>-<name>``): the next
+    run removes it if this process is killed (the folder's leftovers are swept first)."""
+    return atomic.sibling(path, tag)
 
 
 def replace_dir(tmp: Path, dest: Path, overwrite: bool, what: str) -> None:
     """Rename the finished directory ``tmp`` to ``dest``.
 
+    An existing ``dest`` is swapped with ``tmp`` in one step where the file system can
+    (``renameat2(RENAME_EXCHANGE)``) and the old package deleted, so a kill at any instant
+    leaves the old package or the new one at ``dest``; elsewhere the old one is renamed aside
+    first and put back by the next run if a kill left ``dest`` missing
+    (:func:`edgestack.core.atomic.replace_dir`).
+
     Raises:
         PackageError: ``dest`` exists and ``overwrite`` is false, or ``dest`` is something
             that is not a package directory or an empty directory (never deleted).
     """
-    _fsync_dir(tmp)
     if os.path.lexists(dest):
         if not overwrite:
             raise PackageError(
@@ -116,17 +111,7 @@ def replace_dir(tmp: Path, dest: Path, overwrite: bool, what: str) -> None:
                 "to replace it with overwrite=True: remove it yourself or choose another "
                 f"{what} path"
             )
-        old = temp_sibling(dest, "old")
-        os.rename(dest, old)
-        try:
-            os.rename(tmp, dest)
-        except BaseException:
-            os.rename(old, dest)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, dest)
-    _fsync_dir(dest.parent)
+    atomic.replace_dir(tmp, dest)
 
 
 def _check_json(value: Any, what: str) -> dict[str, Any]:

@@ -46,6 +46,10 @@ UNITS_HELP = "B, kB, MB, GB, TB (powers of 1000) or KiB, MiB, GiB, TiB (powers o
 
 _SIZE_RE = re.compile(r"^\s*([+-]?)\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
 
+MAX_SIZE = 2**64
+"""The largest size accepted (16 EiB): larger numbers are typos, and beyond Decimal's 28
+digits rounding them would fail."""
+
 EXPECTED = ("a positive number of bytes (an integer, or a string with a unit such as '48MB' "
             "or '1.5GiB')")
 
@@ -76,6 +80,8 @@ def size_problem(value: object) -> tuple[int | None, str | None]:
             return None, "a size cannot be negative"
         if value == 0:
             return None, "a size must be more than 0 bytes"
+        if value > MAX_SIZE:
+            return None, "more than 2^64 bytes (what a 64-bit machine can address) is not a size"
         return value, None
     if isinstance(value, float):
         return None, ("a float is not a number of bytes; write an integer, or a string "
@@ -99,6 +105,8 @@ def size_problem(value: object) -> tuple[int | None, str | None]:
         return None, "a size cannot be negative"
     if exact == 0:
         return None, "a size must be more than 0 bytes"
+    if exact > MAX_SIZE:
+        return None, "more than 2^64 bytes (what a 64-bit machine can address) is not a size"
     if factor == 1 and exact != exact.to_integral_value():
         return None, "a fraction of a byte is not a size"
     n = int(exact.quantize(Decimal(1), rounding=ROUND_HALF_UP))
@@ -165,4 +173,5 @@ def _trim(d: Decimal) -> str:
     return text
 
 
-__all__ = ["UNITS", "UNITS_HELP", "EXPECTED", "parse_size", "format_size", "size_problem"]
+__all__ = ["UNITS", "UNITS_HELP", "EXPECTED", "MAX_SIZE", "parse_size", "format_size",
+           "size_problem"]

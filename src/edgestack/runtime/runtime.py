@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from edgestack.core import atomic
 from edgestack.core.compare import agree
 from edgestack.core.runner import Runner
 from edgestack.errors import PackageError, TargetError
@@ -675,10 +676,9 @@ class Runtime(Runner):
         made under ``$TMPDIR``, which should be a disk (on a tmpfs the file would be held in
         memory)."""
         import shutil
-        import tempfile
 
         pkg = self.package
-        folder = tempfile.mkdtemp(prefix="edgestack-dense-")
+        folder = str(atomic.temp_dir("dense"))  # removed below; after a kill, by the next run
         kind = fs_type(folder)
         if kind in MEMORY_FILESYSTEMS:
             warnings.warn(f"the runtime's {DENSE_DATA[graph]} goes to {folder}, on a "
@@ -809,10 +809,9 @@ class Runtime(Runner):
                 self._data_dir = str(pkg.path)
                 return self._data_dir
             import shutil
-            import tempfile
             import weakref
 
-            folder = tempfile.mkdtemp(prefix="edgestack-rt-")
+            folder = str(atomic.temp_dir("rt"))  # after a kill: removed by the next run
             self._data_cleanup = weakref.finalize(self, shutil.rmtree, folder, True)
             for name, entry in pkg.files.items():
                 if entry.role == "weights":

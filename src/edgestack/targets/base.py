@@ -27,6 +27,7 @@ import numpy as np
 
 from edgestack.core.runner import Runner as CoreRunner
 from edgestack.errors import BackendUnavailable, TargetError
+from edgestack.exporter.output import external_files
 
 ARTIFACT_VERSION = 1
 ARTIFACT_FILE = "artifact.json"
@@ -292,9 +293,10 @@ class Target:
         src = out / SOURCE_FILE
         if model_path.resolve() != src.resolve():
             shutil.copyfile(model_path, src)
-            data = model_path.with_name(model_path.name + ".data")
-            if data.exists():
-                shutil.copyfile(data, out / data.name)
+            for name in external_files(model_path):  # its external data, by the graph's names
+                data = model_path.parent / name
+                if Path(name).name == name and data.is_file() and not (out / name).exists():
+                    shutil.copyfile(data, out / name)
         art.files.setdefault("source", SOURCE_FILE)
         if golden is not None:
             from edgestack.targets.reference import reference_outputs

@@ -24,12 +24,12 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from edgestack.core import atomic
 from edgestack.core.ort import LEVELS
 from edgestack.errors import TargetError
 
@@ -347,8 +347,7 @@ class AArch64Emulator:
             )
         if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
             raise TargetError(f"threads must be a positive int, found {threads!r}.")
-        with tempfile.TemporaryDirectory(prefix="edgestack-arm-") as tmp:
-            folder = Path(tmp)
+        with atomic.scratch("arm") as folder:
             models, specs = [], []
             for i, (model_path, feeds) in enumerate(jobs):
                 model = Path(model_path)

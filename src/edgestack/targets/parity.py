@@ -16,7 +16,7 @@ check. Emulated aarch64 runs of every case are batched into ONE emulated process
 
 from __future__ import annotations
 
-import tempfile
+import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from edgestack.core import atomic
 from edgestack.core.compare import agree
 from edgestack.errors import TargetError
 
@@ -170,8 +171,7 @@ def cross_check(cases: Sequence[Case], targets: Sequence[str] | str = "all", *,
     resolved = [get_target(n) for n in names]      # unknown names fail before any work
     tmp = None
     if work_dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="edgestack-parity-")
-        work_dir = tmp.name
+        tmp = work_dir = atomic.temp_dir("parity")  # after a kill: removed by the next run
     work = Path(work_dir)
     try:
         refs = [c.reference if c.reference is not None else reference_outputs(c.model, c.feeds)
@@ -217,7 +217,7 @@ def cross_check(cases: Sequence[Case], targets: Sequence[str] | str = "all", *,
         return reports
     finally:
         if tmp is not None:
-            tmp.cleanup()
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 __all__ = ["Tolerance", "TOLERANCES", "OutputCheck", "TargetCheck", "CaseReport", "Case",
