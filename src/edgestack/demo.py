@@ -322,9 +322,12 @@ def _keep_model(result: DemoResult, model: Path | None, log: Callable[[str], Non
     """Put the export of :data:`KEEP_MODEL` (``model``: its path under ``work/models``) in
     ``out/models`` when its files total at most :data:`KEEP_MODEL_BYTES`: moved, or copied
     with ``keep_work`` (the scratch folder stays whole)."""
+    from edgestack.exporter.output import is_data_name
+
     if model is None:
         return
-    files = [f for f in (model, Path(str(model) + ".data")) if f.is_file()]
+    files = [model, *(f for f in model.parent.iterdir()
+                      if is_data_name(model.name, f.name))]
     size = sum(f.stat().st_size for f in files)
     if size > KEEP_MODEL_BYTES:
         log(f"not keeping {model.name}: {size / MB:.1f} MB > {KEEP_MODEL_BYTES / MB:.0f} MB")
@@ -396,7 +399,7 @@ def _methods_step(result: DemoResult, methods: dict[str, dict], seq: int, thread
         if ref_emb is None:
             ref_emb = result.reference_embeddings = emb  # "none": the fp32 reference
         quality = compare_embeddings(ref_emb, emb)
-        files = [path, Path(str(path) + ".data")]
+        files = [path, *([res.data_path] if res.data_path else [])]
         row = {
             "method": method, "options": opts,
             "layers_compressed": len(report.layers),
