@@ -253,16 +253,12 @@ def test_usage_errors_are_one_line(capsys, ws, argv, needle):
 
 # ---- 3. broken and tampered inputs x their kinds -------------------------------------------
 def _rehash(pkg: Path, name: str) -> None:
-    """Record ``pkg/name``'s new size and sha256 in the manifest (a tamperer's fix-up), with
-    the tiers' byte totals that include it."""
+    """Record ``pkg/name``'s new size and sha256 in the manifest (a tamperer's fix-up; the
+    tiers' byte totals are derived from the file sizes, schema 2)."""
     man = json.loads((pkg / "manifest.json").read_text())
     entry = man["files"][name]
     data = (pkg / name).read_bytes()
-    delta = len(data) - entry["size"]
     entry["sha256"], entry["size"] = hashlib.sha256(data).hexdigest(), len(data)
-    if man["files"][name].get("role") in ("graph", "weights"):
-        for tier in man["tiers"]:
-            tier["total_bytes"] += delta
     (pkg / "manifest.json").write_text(json.dumps(man))
 
 

@@ -258,8 +258,9 @@ def test_cli_keep_work_keeps_the_scratch_and_lists_it(tmp_path: Path,
                                      "kept: --keep-work)")
     md = (out / "report.md").read_text()
     assert f"| `{WORK}/` | {listed[f'{WORK}/'] / 1e6:.1f} MB | scratch kept" in md
-    # the same folder again, without --keep-work: the scratch goes, the report stays
-    assert main(args) == 0
+    # the same folder again (an earlier demo's: --overwrite), without --keep-work: the
+    # scratch goes, the report stays
+    assert main([*args, "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == [   # no bench, no package, no model
         "quality_vs_bits.png", "report.json", "report.md"]
     assert "(scratch work removed; --keep-work keeps it)" in capsys.readouterr().out

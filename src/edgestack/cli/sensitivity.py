@@ -13,6 +13,7 @@ from pathlib import Path
 from edgestack.cli import EXIT_OK, emit_json, prepare_output, progress
 from edgestack.cli.export import TASK_NAMES
 from edgestack.cli.options import METHODS, add_method_options, method_options
+from edgestack.core import atomic
 
 _log = progress("sensitivity")
 
@@ -61,6 +62,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="the model's task (default: from the class it was saved as)")
     p.add_argument("--out", default=None, metavar="FILE.md",
                    help="also write the table (markdown; every row) to this file")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (only a file, never an input)")
     p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
     p.set_defaults(run=run)
 
@@ -89,7 +92,8 @@ def check_args(args: argparse.Namespace) -> dict:
             raise CompressError(f"{flag} file {path!r} does not exist; expected a readable "
                                 "file")
     if args.out:
-        prepare_output(args.out, [args.model, args.eval or "", args.calib or ""])
+        prepare_output(args.out, [args.model, args.eval, args.calib],
+                       overwrite=args.overwrite)
     return opts
 
 
@@ -118,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
              f"{len(report.rows)} {'structures' if args.method == 'prune' else 'layers'} in "
              f"{report.seconds:.1f} s")
     if args.out:
-        Path(args.out).write_text(f"# {title}\n\n{report.table()}\n")
+        text = f"# {title}\n\n{report.table()}\n".encode()
+        atomic.write_file(args.out, lambda f: f.write(text))   # whole or not at all
     if args.json:
         emit_json(doc)
     else:

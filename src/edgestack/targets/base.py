@@ -27,7 +27,6 @@ import numpy as np
 
 from edgestack.core.runner import Runner as CoreRunner
 from edgestack.errors import BackendUnavailable, TargetError
-from edgestack.exporter.output import external_files
 
 ARTIFACT_VERSION = 1
 ARTIFACT_FILE = "artifact.json"
@@ -293,6 +292,8 @@ class Target:
         src = out / SOURCE_FILE
         if model_path.resolve() != src.resolve():
             shutil.copyfile(model_path, src)
+            from edgestack.exporter.output import external_files  # (imports onnx-ir)
+
             for name in external_files(model_path):  # its external data, by the graph's names
                 data = model_path.parent / name
                 if Path(name).name == name and data.is_file() and not (out / name).exists():
