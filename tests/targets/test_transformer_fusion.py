@@ -229,6 +229,7 @@ def test_gpt2_sdpa_attention_fuses(tmp_path) -> None:
     plain = t.lower(tmp_path / "gpt2.onnx", tmp_path / "p", int8="off", **PLAIN)
     rep = fused.report["passes"]["TransformerFusionPass"]
     assert rep["attention_fused"] == 2 and rep["num_heads"] == [4], rep
+    assert rep["rules"]["sdpa_via_mha"] == 2      # the 2-D head merge: onnxscript's MHA guarded
     assert "Softmax" not in _ops(fused)
     feeds = {k: v.numpy() for k, v in inputs.items()}
     a, b = _run(plain, feeds), _run(fused, feeds)

@@ -10,12 +10,12 @@ runs all of them plus a global optimizer; see "Not used" below). Rewrites (``q``
 ``[B, S, D]`` tensors, whatever computes them: fp32 MatMul + Add, integer matmuls, ...):
 
 - ``sdpa``: ``Softmax(Add(Mul|Div(MatMul(Q, K^T), c), mask), axis=-1) @ V`` with ``Q``/``K``
-  optionally pre-scaled, and the ``Where(IsNaN(P), 0, P)`` guard of ``attn_implementation=
-  "sdpa"`` exports (gpt2) -> a temporary ``ai.onnxruntime._fusion.SDPA`` node;
+  optionally pre-scaled and an optional ``Where(IsNaN(P), 0, P)`` guard (both as in gpt2's
+  ``attn_implementation="sdpa"`` export) -> a temporary ``ai.onnxruntime._fusion.SDPA`` node;
 - ``mha``: SDPA with its ``Reshape``/``Transpose`` head split and merge ->
   ``com.microsoft.MultiHeadAttention(q, k, v, attention_bias=mask, num_heads, scale)`` (head
   count and head size from the inferred shapes; ``scale`` omitted when it is the default
-  ``1/sqrt(d)``); ``mha_bias``: the q/k/v bias ``Add`` s move into MHA's ``bias`` input;
+  ``1/sqrt(d)``); ``mha_bias``: the q/k/v bias additions move into MHA's ``bias`` input;
   ``sdpa_via_mha``: an SDPA whose heads are not merged back to ``[B, S, D]`` (e.g. GPT-2's
   ``Gemm`` reads ``[B*S, D]``) -> ``MultiHeadAttention`` between 4-D/3-D ``Reshape``s;
 - ``gelu``: the erf/tanh GELU formulas -> ``com.microsoft.Gelu``/``FastGelu``;
@@ -32,13 +32,14 @@ MHA output where gpt2_tiny's pruned export reads a 2-D ``[32, 96]``: ORT refused
 Around the rules: onnx-ir's ``ShapeInferencePass`` (the rules read shapes; it only annotates
 values), then onnx-ir's ``RemoveUnusedNodesPass`` (the replaced nodes and the initializers only
 they read). **Not used**, with the evidence: onnxscript's ``_pre_optimize``/``optimize``
-(inlines every model-local function, so ``weights=keep``'s ``ShiftWeight`` calls became
-inlined ``BitShift`` decodes with partly folded uint8 constants on gpt2_tiny and MiniLM, and
-folds constants up to 512x512 elements); ``fuse_skip_layer_normalization`` (ORT's
-``SkipLayerNormalization`` CPU kernel measured ~3.5x slower than ``Add + LayerNormalization``
-here; the ort-cpu target disables ORT's own ``SkipLayerNormFusion`` for that reason);
-``fuse_attention`` (packs Q/K/V weights into one fp32 ``Attention`` op: it would undo the int8
-matmuls). Weights are never touched: the int8 lowering's exact shift weights stay as they are.
+(it inlines every model-local function, so ``weights=keep``'s ``ShiftWeight`` calls became
+inlined decodes with partly folded uint8 constants: 8x the uint8 bytes on the test BERT; it
+left the int8 ``DequantizeLinear``/``MatMulInteger`` weights alone);
+``fuse_skip_layer_normalization`` (ORT's ``SkipLayerNormalization`` CPU kernel measured ~3.5x
+slower than ``Add + LayerNormalization`` here; the ort-cpu target disables ORT's own
+``SkipLayerNormFusion`` for that reason); ``fuse_attention`` (packs Q/K/V weights into one
+fp32 ``Attention`` op: it would undo the int8 matmuls). Weights are never touched: the int8
+lowering's exact shift weights stay as they are.
 
 Pinned: the ``ort_fusions`` modules used (``sdpa``, ``mha``, ``mha_bias``, ``gelu``,
 ``bias_gelu``, ``sdpa_via_mha``) and ``rewriter._basics.MatchFailureError`` are not
