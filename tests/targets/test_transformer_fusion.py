@@ -1,5 +1,5 @@
-"""ort-cpu transformer fusions (TransformerFusionPass) and its session options
-(``disabled_optimizers``, ``spinning``).
+"""ort-cpu transformer fusions (TransformerFusionPass: onnxscript's ORT fusion rules) and its
+session options (``disabled_optimizers``, ``spinning``).
 
 A tiny BERT (transformers ``BertModel``: 2 layers, 4 heads, hidden 64, the same dynamo-exported
 attention as MiniLM), shift 4-bit DeepShift (7 levels: exact int8), compiled for ``ort-cpu``
@@ -9,7 +9,13 @@ with the fusions (default) and without (``transformer=off``, no disabled optimiz
 - fp32: fused == unfused to fp32 summation noise, with a padded attention mask;
 - int8: the integer matmul weights times their scales equal the shift decode bit for bit,
   and the fused int8 model is within int8 tolerance of the unfused one and of torch;
-- non-transformers: ``auto`` compiles them unchanged and logs why, ``require`` fails clearly.
+- every int8 mode and ``weights=keep``: the fusion leaves the earlier passes' initializers and
+  functions alone (its weights are small enough that onnxscript's global optimizer, not used,
+  would fold them);
+- gpt2_tiny's SDPA-form attention fuses; a head merge to 2-D fuses through
+  ``sdpa_via_mha`` (the guard on onnxscript's MHA rule); a hidden head count is skipped;
+- non-transformers: ``auto`` compiles them unchanged and logs why, ``require`` fails clearly;
+  without onnxscript (or another version) the pass changes nothing and says why.
 """
 
 from __future__ import annotations
@@ -19,12 +25,16 @@ import warnings
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
+from edgestack.core.ort import cpu_session
 from edgestack.errors import TargetError
 from edgestack.targets import get_target
 from edgestack.targets.parity import TOLERANCES, compare_output
+from edgestack.targets.passes import TransformerFusionPass
+from edgestack.targets.passes import transformer as fusion
 
 from targets_cases import linear_case, random_shift
 
@@ -82,7 +92,8 @@ def test_fused_fp32_graph_matches_unfused(tiny_bert, tmp_path) -> None:
     fused = t.lower(path, tmp_path / "fused", int8="off")
     rep = fused.report["passes"]["TransformerFusionPass"]
     assert rep["attention_fused"] == LAYERS and rep["num_heads"] == [HEADS]
-    assert rep["bias_gelu_fused"] == LAYERS
+    assert rep["bias_gelu_fused"] == LAYERS and rep["attention_skipped"] == {}
+    assert rep["rules"]["sdpa"] == rep["rules"]["mha"] == rep["rules"]["mha_bias"] == LAYERS
     ops = _ops(fused)
     assert ops.count("MultiHeadAttention") == LAYERS and "Softmax" not in ops
     assert ops.count("BiasGelu") == LAYERS and "Gelu" not in ops
@@ -145,6 +156,8 @@ def test_non_transformer_compiles_unchanged_and_logs_why(tmp_path, caplog) -> No
     rep = art.report["passes"]["TransformerFusionPass"]
     assert rep["attention_fused"] == 0 and rep["modified"] is False
     assert "not a transformer" in caplog.text
+    assert _ops(art) == _ops(t.lower(tmp_path / "lin.onnx", tmp_path / "c", int8="off",
+                                     transformer="off"))
     out = _run(art, feeds)
     assert compare_output("y", out["y"], ref["y"], TOLERANCES["fp32"]).passed
     with pytest.raises(TargetError, match="transformer=require.*not a transformer"):
@@ -163,10 +176,173 @@ def test_softmax_outside_attention_is_skipped_with_its_reason(tmp_path) -> None:
     t = get_target("ort-cpu")
     art = t.lower(tmp_path / "cls.onnx", tmp_path / "a")
     skipped = art.report["passes"]["TransformerFusionPass"]["attention_skipped"]
-    assert list(skipped) == ["head_softmax"] and "MatMul(P, V)" in skipped["head_softmax"]
+    assert list(skipped) == ["head_softmax"]
+    assert skipped["head_softmax"].startswith(fusion.NO_MATCH)
+    assert "not read by a MatMul(P, V)" in skipped["head_softmax"]
     assert "MultiHeadAttention" not in _ops(art) and "Softmax" in _ops(art)
     with pytest.raises(TargetError, match="head_softmax.*MatMul\\(P, V\\)"):
         t.lower(tmp_path / "cls.onnx", tmp_path / "b", transformer="require")
+
+
+
+
+@pytest.mark.parametrize("int8,weights", [("off", "materialize"), ("weights", "materialize"),
+                                          ("dynamic", "materialize"), ("off", "keep")])
+def test_fusion_leaves_the_earlier_passes_weights_alone(tiny_bert, tmp_path, int8,
+                                                        weights) -> None:
+    """Every initializer of the fused graph is the unfused graph's, byte for byte (only those
+    the replaced nodes read are gone), and the functions are the same: no folding of the int8
+    weights to float32 and no inlining of ``weights=keep``'s decode functions."""
+    path, _, _ = tiny_bert
+    t = get_target("ort-cpu")
+    fused = t.lower(path, tmp_path / "f", int8=int8, weights=weights)
+    plain = t.lower(path, tmp_path / "p", int8=int8, weights=weights, transformer="off")
+    assert fused.report["passes"]["TransformerFusionPass"]["attention_fused"] == LAYERS
+    f, p = onnx.load(str(fused.path())), onnx.load(str(plain.path()))
+    before = {i.name: numpy_helper.to_array(i) for i in p.graph.initializer}
+    after = {i.name: numpy_helper.to_array(i) for i in f.graph.initializer}
+    assert set(after) <= set(before)
+    for name, arr in after.items():
+        assert arr.dtype == before[name].dtype and np.array_equal(arr, before[name]), name
+    gone = {before[n].dtype for n in set(before) - set(after)}
+    assert gone <= {np.dtype(np.float32), np.dtype(np.int64)}   # scales, reshape shapes
+    kept = {k: v.nbytes for k, v in before.items() if v.dtype in (np.int8, np.uint8)}
+    assert kept == {k: after[k].nbytes for k in kept}
+    assert ([(fn.domain, fn.name) for fn in f.functions]
+            == [(fn.domain, fn.name) for fn in p.functions])
+    assert {o.domain for o in f.opset_import} == {o.domain for o in p.opset_import} | {
+        "com.microsoft"}
+
+
+def test_gpt2_sdpa_attention_fuses(tmp_path) -> None:
+    """zoo.gpt2_tiny (``attn_implementation="sdpa"``: ``q``/``k`` pre-scaled, ``IsNaN``/``Where``
+    guard after the Softmax, ``Conv1D`` reading the merged heads as ``[B*S, D]``)."""
+    from edgestack import zoo
+    from edgestack.exporter import export
+
+    model, inputs = zoo.gpt2_tiny(seq=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export(model, inputs, tmp_path / "gpt2.onnx", parity=False)
+    t = get_target("ort-cpu")
+    fused = t.lower(tmp_path / "gpt2.onnx", tmp_path / "f", int8="off")
+    plain = t.lower(tmp_path / "gpt2.onnx", tmp_path / "p", int8="off", **PLAIN)
+    rep = fused.report["passes"]["TransformerFusionPass"]
+    assert rep["attention_fused"] == 2 and rep["num_heads"] == [4], rep
+    assert rep["rules"]["sdpa_via_mha"] == 2      # the 2-D head merge: onnxscript's MHA guarded
+    assert "Softmax" not in _ops(fused)
+    feeds = {k: v.numpy() for k, v in inputs.items()}
+    a, b = _run(plain, feeds), _run(fused, feeds)
+    for name in a:
+        chk = compare_output(name, b[name], a[name], TOLERANCES["fp32"])
+        assert chk.passed and chk.max_rel < 1e-5, chk
+
+
+def _ort(model: ir.Model | onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
+    proto = ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
+    return cpu_session(proto.SerializeToString(), 1, "all", "on", []).run(None, feeds)
+
+
+def _qkv_feeds(hidden: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {n: rng.standard_normal((1, 5, hidden)).astype(np.float32) for n in "qkv"}
+
+
+def test_heads_merged_to_2d_fuse_through_sdpa_via_mha() -> None:
+    """onnxscript 0.7.2's MHA rule would replace a merge to ``[S, D]`` with a 3-D MHA output;
+    the guard leaves it to ``sdpa_via_mha``, which keeps the graph's own reshapes."""
+    proto = _bare_attention(hidden=32, heads=4, shape=[1, 5, 32], merge=[5, 32])
+    m = ir.serde.deserialize_model(proto)
+    p = TransformerFusionPass()
+    p(m)
+    assert p.report["attention_fused"] == 1 and p.report["num_heads"] == [4]
+    assert p.report["rules"]["mha"] == 0 and p.report["rules"]["sdpa_via_mha"] == 1
+    assert not [n for n in m.graph if n.domain == fusion.FUSION_DOMAIN]
+    assert fusion.FUSION_DOMAIN not in m.opset_imports
+    feeds = _qkv_feeds(32)
+    (want,), (got,) = _ort(proto, feeds), _ort(m, feeds)
+    assert got.shape == (5, 32)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_static_heads_fuse_and_a_hidden_head_count_is_skipped(tmp_path) -> None:
+    """``Reshape(q, [B, S, -1, d])``: the head count comes from the inferred shapes; with the
+    hidden size unknown it cannot (each Reshape gets its own unknown head dim), and the Softmax
+    is reported with onnxscript's reason."""
+    proto = _bare_attention(hidden=32, heads=4, shape=[1, 5, 32])
+    m = ir.serde.deserialize_model(proto)
+    p = TransformerFusionPass()
+    p(m)
+    assert p.report["attention_fused"] == 1 and p.report["num_heads"] == [4]
+    (mha,) = [n for n in m.graph if n.op_type == "MultiHeadAttention"]
+    assert mha.attributes["num_heads"].as_int() == 4
+    assert "scale" not in mha.attributes            # 1/sqrt(head size): the default
+    feeds = _qkv_feeds(32)
+    np.testing.assert_allclose(_ort(m, feeds)[0], _ort(proto, feeds)[0], rtol=1e-5, atol=1e-6)
+
+    m = ir.serde.deserialize_model(_bare_attention(hidden=32, heads=4, shape=[1, 5, "D"]))
+    p = TransformerFusionPass()
+    result = p(m)
+    assert p.report["attention_fused"] == 0 and not result.modified
+    assert p.report["attention_skipped"]["sm"].startswith(fusion.NO_MATCH)
+    assert "does not have expected size" in p.report["attention_skipped"]["sm"]
+    assert not [n for n in m.graph if n.domain == fusion.FUSION_DOMAIN]
+
+
+def test_opset12_softmax_default_axis_is_not_the_last() -> None:
+    """Before opset 13 a Softmax without ``axis`` normalizes over axis 1 onwards: not fused."""
+    m = ir.serde.deserialize_model(_bare_attention(hidden=32, heads=4, opset=12,
+                                                   shape=[1, 5, 32]))
+    p = TransformerFusionPass()
+    p(m)
+    assert p.report["attention_fused"] == 0
+    assert p.report["attention_skipped"] == {"sm": fusion.NO_MATCH}
+
+
+def _bare_attention(hidden: int, heads: int, opset: int = 20, shape: list | None = None,
+                    merge: list[int] | None = None) -> onnx.ModelProto:
+    """q, k, v graph inputs (``shape``) -> unmasked attention with ``-1`` heads in the
+    Reshapes, scaled by ``1/sqrt(d)``, heads merged to ``merge`` (default ``[1, 5, -1]``)
+    (opset < 13: the Softmax has no ``axis``, i.e. the old default 1)."""
+    d = hidden // heads
+    inits = [numpy_helper.from_array(np.array([1, 5, -1, d], np.int64), "s4"),
+             numpy_helper.from_array(np.array(merge or [1, 5, -1], np.int64), "s3"),
+             numpy_helper.from_array(np.array(d ** -0.5, np.float32), "c")]
+    nodes = []
+    for n, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
+        nodes += [helper.make_node("Reshape", [n, "s4"], [f"{n}4"]),
+                  helper.make_node("Transpose", [f"{n}4"], [f"{n}t"], perm=perm)]
+    nodes += [helper.make_node("MatMul", ["qt", "kt"], ["sc"]),
+              helper.make_node("Mul", ["sc", "c"], ["scs"]),
+              (helper.make_node("Softmax", ["scs"], ["p"], axis=-1, name="sm") if opset >= 13
+               else helper.make_node("Softmax", ["scs"], ["p"], name="sm")),
+              helper.make_node("MatMul", ["p", "vt"], ["pv"]),
+              helper.make_node("Transpose", ["pv"], ["pvt"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["pvt", "s3"], ["o"])]
+    ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in "qkv"]
+    out = helper.make_tensor_value_info("o", TensorProto.FLOAT, None)
+    return helper.make_model(helper.make_graph(nodes, "att", ins, [out], inits),
+                             opset_imports=[helper.make_opsetid("", opset)])
+
+
+@pytest.mark.parametrize("approximate,op", [("none", "BiasGelu"), ("tanh", "FastGelu")])
+def test_gelu_with_bias(approximate: str, op: str) -> None:
+    """``Gelu(Add(x, b))`` -> ``BiasGelu`` (onnxscript's rule), or ``FastGelu`` for the tanh
+    form (this module's rule: onnxscript's skips it)."""
+    b = np.linspace(-1, 1, 8, dtype=np.float32)
+    proto = helper.make_model(helper.make_graph(
+        [helper.make_node("Add", ["b", "x"], ["xb"]),
+         helper.make_node("Gelu", ["xb"], ["y"], approximate=approximate)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+        [numpy_helper.from_array(b, "b")]), opset_imports=[helper.make_opsetid("", 20)])
+    m = ir.serde.deserialize_model(proto)
+    p = TransformerFusionPass()
+    assert p(m).modified
+    assert [(n.domain, n.op_type) for n in m.graph] == [("com.microsoft", op)]
+    assert p.report["bias_gelu_fused"] == 1 and p.report["attention_fused"] == 0
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32)}
+    np.testing.assert_allclose(_ort(m, feeds)[0], _ort(proto, feeds)[0], rtol=1e-5, atol=1e-6)
 
 
 def test_bad_options_fail_clearly(tiny_bert, tmp_path) -> None:
@@ -174,8 +350,9 @@ def test_bad_options_fail_clearly(tiny_bert, tmp_path) -> None:
     t = get_target("ort-cpu")
     with pytest.raises(TargetError, match="transformer must be one of auto, off, require"):
         t.lower(path, tmp_path / "a", transformer="yes")
-    with pytest.raises(TargetError, match="num_heads must be a positive integer"):
-        t.lower(path, tmp_path / "b", num_heads=0)
+    with pytest.raises(TargetError, match="num_heads=12: the option was removed.*graph's "
+                                          "shapes.*To fix: drop num_heads"):
+        t.lower(path, tmp_path / "b", num_heads=12)
     with pytest.raises(TargetError, match="disabled_optimizers"):
         t.lower(path, tmp_path / "c", disabled_optimizers="Skip LayerNorm")
     with pytest.raises(TargetError, match="spinning must be 'on' or 'off'"):
@@ -189,75 +366,30 @@ def test_bad_options_fail_clearly(tiny_bert, tmp_path) -> None:
         assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
-def test_num_heads_option_when_the_graph_hides_it(tmp_path) -> None:
-    """``Reshape(q, [B, S, -1, d])`` and no shape/bias to read the hidden size from: the head
-    count must come from the option (without it: skipped, and the reason names num_heads)."""
-    import onnx_ir as ir
-
-    from edgestack.targets.passes import TransformerFusionPass
-
-    model = _bare_attention(hidden=32, heads=4)
-    onnx.save(model, tmp_path / "att.onnx")
-
-    def load() -> ir.Model:
-        m = ir.load(tmp_path / "att.onnx")
-        for v in m.graph.inputs:
-            v.shape = ir.Shape([1, 5, "D"])      # rank known, hidden size not
-        return m
-
-    p = TransformerFusionPass()
-    p(load())
-    assert p.report["attention_fused"] == 0
-    assert "num_heads" in p.report["attention_skipped"]["sm"]
-    m = load()
-    p = TransformerFusionPass(num_heads=4)
-    p(m)
-    assert p.report["attention_fused"] == 1 and p.report["num_heads"] == [4]
-    (mha,) = [n for n in m.graph if n.op_type == "MultiHeadAttention"]
-    assert mha.attributes["num_heads"].value == 4
-    assert mha.attributes["scale"].value == pytest.approx(8 ** -0.5)
-
-
-def test_opset12_softmax_default_axis_is_not_the_last(tmp_path) -> None:
-    """Before opset 13 a Softmax without ``axis`` normalizes over axis 1 onwards: not fused."""
-    import onnx_ir as ir
-
-    from edgestack.targets.passes import TransformerFusionPass
-
-    onnx.save(_bare_attention(hidden=32, heads=4, opset=12), tmp_path / "att12.onnx")
-    m = ir.load(tmp_path / "att12.onnx")
-    for v in m.graph.inputs:
-        v.shape = ir.Shape([1, 5, 32])
-    p = TransformerFusionPass()
-    p(m)
-    assert p.report["attention_fused"] == 0
-    assert p.report["attention_skipped"] == {"sm": "Softmax is not over the last axis"}
-
-
-def _bare_attention(hidden: int, heads: int, opset: int = 20) -> onnx.ModelProto:
-    """q, k, v graph inputs -> unmasked attention with ``-1`` heads in the Reshapes (opset
-    < 13: the Softmax has no ``axis``, i.e. the old default 1)."""
-    from onnx import TensorProto, helper
-
-    d = hidden // heads
-    inits = [numpy_helper.from_array(np.array([1, 5, -1, d], np.int64), "s4"),
-             numpy_helper.from_array(np.array([1, 5, -1], np.int64), "s3"),
-             numpy_helper.from_array(np.array(d ** -0.5, np.float32), "c")]
-    nodes = []
-    for n, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
-        nodes += [helper.make_node("Reshape", [n, "s4"], [f"{n}4"]),
-                  helper.make_node("Transpose", [f"{n}4"], [f"{n}t"], perm=perm)]
-    nodes += [helper.make_node("MatMul", ["qt", "kt"], ["sc"]),
-              helper.make_node("Mul", ["sc", "c"], ["scs"]),
-              (helper.make_node("Softmax", ["scs"], ["p"], axis=-1, name="sm") if opset >= 13
-               else helper.make_node("Softmax", ["scs"], ["p"], name="sm")),
-              helper.make_node("MatMul", ["p", "vt"], ["pv"]),
-              helper.make_node("Transpose", ["pv"], ["pvt"], perm=[0, 2, 1, 3]),
-              helper.make_node("Reshape", ["pvt", "s3"], ["o"])]
-    ins = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "qkv"]
-    out = helper.make_tensor_value_info("o", TensorProto.FLOAT, None)
-    return helper.make_model(helper.make_graph(nodes, "att", ins, [out], inits),
-                             opset_imports=[helper.make_opsetid("", opset)])
+@pytest.mark.parametrize("onnxscript", ["0.9.1", None])
+def test_without_the_tested_onnxscript_nothing_changes(tiny_bert, tmp_path, monkeypatch,
+                                                       onnxscript) -> None:
+    """onnxscript missing, or another minor version (its ort_fusions modules are not public
+    API): ``auto`` compiles the graph unfused and reports why; ``require`` fails with the fix."""
+    path, _, _ = tiny_bert
+    if onnxscript is None:
+        monkeypatch.setattr(fusion, "onnxscript", None)
+        monkeypatch.setattr(fusion, "_IMPORT_ERROR", "onnxscript's ORT fusions cannot be "
+                            "imported (No module named 'onnxscript')", raising=False)
+        why = "cannot be imported"
+    else:
+        monkeypatch.setattr(fusion.onnxscript, "__version__", onnxscript)
+        why = "onnxscript 0.9.1 is not the 0.7.x"
+    t = get_target("ort-cpu")
+    art = t.lower(path, tmp_path / "a", int8="off")
+    rep = art.report["passes"]["TransformerFusionPass"]
+    assert rep["attention_fused"] == 0 and rep["modified"] is False
+    assert why in rep["unavailable"] and "To fix: pip install" in rep["unavailable"]
+    assert len(rep["attention_skipped"]) == LAYERS
+    assert "MultiHeadAttention" not in _ops(art) and _ops(art).count("Softmax") == LAYERS
+    with pytest.raises(TargetError, match=r"transformer=require.*" + why + r".*pip install "
+                                          r"'onnxscript==0.7.\*'"):
+        t.lower(path, tmp_path / "b", transformer="require")
 
 
 def test_ort_arm_keeps_the_portable_defaults() -> None:

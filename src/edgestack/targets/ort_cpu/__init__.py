@@ -13,13 +13,15 @@ Lowering (:func:`lower_for_ort`), passes in this order:
    initializer (fastest: no decode per run); ``keep`` leaves them as function calls that ORT
    inlines and decodes each run (smallest file and memory).
 3. ``transformer`` (``ort-cpu`` only; ``auto`` default, ``off``, ``require``):
-   :class:`~edgestack.targets.passes.TransformerFusionPass` fuses each self-attention block
-   into ``com.microsoft.MultiHeadAttention`` and ``Add + Gelu`` into ``BiasGelu`` (ORT's own
-   attention fusions do not match the dynamo exporter's graph). ``auto`` fuses what matches and
-   records (and logs) why the rest was skipped, so a CNN compiles unchanged; ``require`` fails
-   with :class:`~edgestack.errors.TargetError` when no attention block matched. ``num_heads``
-   overrides the head count when the graph does not give it. Weights are untouched (the int8
-   weights stay the exact shift codes).
+   :class:`~edgestack.targets.passes.TransformerFusionPass` (onnxscript's ORT fusion rules)
+   fuses each self-attention block into ``com.microsoft.MultiHeadAttention`` and
+   ``Add + Gelu`` into ``BiasGelu`` (ORT's own attention fusions do not match the dynamo
+   exporter's graph). ``auto`` fuses what matches and records (and logs) why the rest was
+   skipped, so a CNN compiles unchanged; ``require`` fails with
+   :class:`~edgestack.errors.TargetError` when no attention block was fused. The head count
+   comes from the graph's shapes; the former ``num_heads`` option is refused with an error
+   saying so (removed after one release). Weights are untouched (the int8 weights stay the
+   exact shift codes).
 4. A check that every node is in a domain ORT's CPU EP runs.
 
 Session options come from the profile: ``threads`` (intra-op), ``graph_optimization``; and
@@ -78,10 +80,13 @@ def lower_for_ort(model_path: Path, options: dict[str, Any], profile: Any | None
     if transformer not in TRANSFORMER_MODES:
         raise TargetError(f"transformer must be one of {', '.join(TRANSFORMER_MODES)}, found "
                           f"{transformer!r}")
-    heads = options.get("num_heads")
-    if heads is not None and (not isinstance(heads, int) or isinstance(heads, bool)
-                              or heads <= 0):
-        raise TargetError(f"num_heads must be a positive integer, found {heads!r}")
+    if options.get("num_heads") is not None:
+        raise TargetError(
+            f"num_heads={options['num_heads']!r}: the option was removed; the transformer "
+            "fusion (onnxscript's rules) reads the head count from the graph's shapes, and an "
+            "attention whose head count is not static is skipped with that reason in "
+            "report.passes.TransformerFusionPass.attention_skipped. To fix: drop num_heads "
+            "(and export with static shapes if the attention is skipped).")
     model = ir.load(model_path)
     int8 = resolve_int8(options["int8"], profile, shift=any(
         n.domain == "edgestack" and n.op_type == "ShiftWeight" for n in model.graph))
@@ -93,19 +98,24 @@ def lower_for_ort(model_path: Path, options: dict[str, Any], profile: Any | None
     if options["weights"] == "materialize":
         chain.append(P.MaterializePass())
     if transformer != "off":
-        chain.append(P.TransformerFusionPass(num_heads=heads))
+        chain.append(P.TransformerFusionPass())
     report = P.run_passes(model, chain)
     fusion = report.get("TransformerFusionPass")
     if transformer == "require" and not fusion["attention_fused"]:
         skipped = fusion["attention_skipped"]
+        if "unavailable" in fusion:
+            why = f"({fusion['unavailable']})"
+        elif skipped:
+            first = next(iter(skipped))
+            why = f"({len(skipped)} Softmax node(s); first: {first!r}: {skipped[first]})"
+        else:
+            why = "(the graph has no Softmax: not a transformer)"
         raise TargetError(
-            f"transformer=require: no self-attention block of {model_path} matched the fusion "
-            + (f"({len(skipped)} Softmax node(s); first: {next(iter(skipped))!r}: "
-               f"{next(iter(skipped.values()))})" if skipped else "(the graph has no Softmax: "
-               "not a transformer)")
-            + ". To fix: compile with transformer=auto (fuse what matches) or off"
-            + (", or pass num_heads" if any("num_heads" in r for r in skipped.values())
-               else "") + ".")
+            f"transformer=require: no self-attention block of {model_path} was fused {why}. "
+            "To fix: compile with transformer=auto (fuse what matches) or off"
+            + ("" if "unavailable" in fusion else
+               ", or export the attention with static shapes (torch.onnx.export(dynamo=True) "
+               "of an eager or sdpa attention)") + ".")
     check_domains(model, "ort", ORT_DOMAINS + (("edgestack",) if model.functions else ()))
     return model, report, int8
 
@@ -193,6 +203,7 @@ class OrtCpuTarget(Target):
 
     def default_options(self, profile: Any | None) -> dict[str, Any]:
         # the portable options plus the x86 tuning (ort-arm keeps ORT's defaults)
+        # num_heads: removed (refused with an error when given); drop the key next release
         return {**portable_options(profile), "transformer": "auto", "num_heads": None,
                 "disabled_optimizers": list(DEFAULT_DISABLED_OPTIMIZERS), "spinning": "on"}
 

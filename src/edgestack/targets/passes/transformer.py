@@ -1,267 +1,235 @@
-"""Transformer fusions for ONNX Runtime's CPU kernels (``com.microsoft`` contrib ops).
+"""Transformer fusions for ONNX Runtime's CPU kernels (``com.microsoft`` contrib ops), done by
+onnxscript's stock ORT fusion rules.
 
-ONNX Runtime's own optimizer already fuses ``Add + LayerNormalization`` into
-``SkipLayerNormalization`` and the int8 matmul graph into ``DynamicQuantizeMatMul``, but its
-attention fusion (C++ and ``onnxruntime.transformers.optimizer``) does not recognize the
-self-attention that ``torch.onnx.export(dynamo=True)`` writes (keys transposed with
-``perm=[0, 2, 3, 1]``, the scale multiplied after ``Q @ K^T``, an additive ``Where`` mask):
-``optimize_model(model_type="bert")`` reports 0 ``Attention`` on MiniLM. This pass matches
-that form itself, so the attention runs in one kernel.
+ONNX Runtime's own attention fusion (C++ and ``onnxruntime.transformers.optimizer``) does not
+recognize the self-attention that ``torch.onnx.export(dynamo=True)`` writes (keys transposed with
+``perm=[0, 2, 3, 1]``, the scale after ``Q @ K^T``, a ``Where`` mask; ``optimize_model(
+model_type="bert")`` reports 0 ``Attention`` on MiniLM). onnxscript's ``ort_fusions`` rules do,
+so this pass runs a chosen subset of them (``onnxscript.rewriter.ort_fusions.optimize_for_ort``
+runs all of them plus a global optimizer; see "Not used" below). Rewrites (``q``, ``k``, ``v``:
+``[B, S, D]`` tensors, whatever computes them: fp32 MatMul + Add, integer matmuls, ...):
 
-Rewrites (``q``, ``k``, ``v``: ``[B, S, D]`` tensors, whatever computes them: fp32 MatMul + Add,
-integer matmuls, ...):
+- ``sdpa``: ``Softmax(Add(Mul|Div(MatMul(Q, K^T), c), mask), axis=-1) @ V`` with ``Q``/``K``
+  optionally pre-scaled and an optional ``Where(IsNaN(P), 0, P)`` guard (both as in gpt2's
+  ``attn_implementation="sdpa"`` export) -> a temporary ``ai.onnxruntime._fusion.SDPA`` node;
+- ``mha``: SDPA with its ``Reshape``/``Transpose`` head split and merge ->
+  ``com.microsoft.MultiHeadAttention(q, k, v, attention_bias=mask, num_heads, scale)`` (head
+  count and head size from the inferred shapes; ``scale`` omitted when it is the default
+  ``1/sqrt(d)``); ``mha_bias``: the q/k/v bias additions move into MHA's ``bias`` input;
+  ``sdpa_via_mha``: an SDPA whose heads are not merged back to ``[B, S, D]`` (e.g. GPT-2's
+  ``Gemm`` reads ``[B*S, D]``) -> ``MultiHeadAttention`` between 4-D/3-D ``Reshape``s;
+- ``gelu``: the erf/tanh GELU formulas -> ``com.microsoft.Gelu``/``FastGelu``;
+  ``bias_gelu``: ``Gelu(Add(x, b))`` with a 1-D ``b`` -> ``BiasGelu(x, b)``, and (a rule of
+  this module: onnxscript skips the tanh form) ``Gelu(Add(x, b), approximate="tanh")`` ->
+  ``FastGelu(x, b)``.
 
-- self-attention::
+Two guards are added to onnxscript's rules (subclasses below): an SDPA is only formed when the
+head count is a static integer (otherwise no later rule can lower it and an
+``ai.onnxruntime._fusion.SDPA`` node, which no runtime runs, would stay), and the MHA rule only
+replaces a head merge whose output is 3-D (onnxscript 0.7.2 does not check it and wrote a 3-D
+MHA output where gpt2_tiny's pruned export reads a 2-D ``[32, 96]``: ORT refused the model).
 
-      Q = Transpose(Reshape(q, [B, S, H, d]), [0, 2, 1, 3])
-      K = Transpose(Reshape(k, [B, S, H, d]), [0, 2, 3, 1])
-      V = Transpose(Reshape(v, [B, S, H, d]), [0, 2, 1, 3])
-      P = Softmax(Add(Mul(MatMul(Q, K), c), mask), axis=-1)     # Mul by c or Div by 1/c;
-      out = Reshape(Transpose(MatMul(P, V), [0, 2, 1, 3]), [B, S, D])   # the Add is optional
+Around the rules: onnx-ir's ``ShapeInferencePass`` (the rules read shapes; it only annotates
+values), then onnx-ir's ``RemoveUnusedNodesPass`` (the replaced nodes and the initializers only
+they read). **Not used**, with the evidence: onnxscript's ``_pre_optimize``/``optimize``
+(it inlines every model-local function, so ``weights=keep``'s ``ShiftWeight`` calls became
+inlined decodes with partly folded uint8 constants: 8x the uint8 bytes on the test BERT; it
+left the int8 ``DequantizeLinear``/``MatMulInteger`` weights alone);
+``fuse_skip_layer_normalization`` (ORT's ``SkipLayerNormalization`` CPU kernel measured ~3.5x
+slower than ``Add + LayerNormalization`` here; the ort-cpu target disables ORT's own
+``SkipLayerNormFusion`` for that reason); ``fuse_attention`` (packs Q/K/V weights into one
+fp32 ``Attention`` op: it would undo the int8 matmuls). Weights are never touched: the int8
+lowering's exact shift weights stay as they are.
 
-  -> ``com.microsoft.MultiHeadAttention(q, k, v, attention_bias=mask, num_heads=H, scale=c)``
-  (``mask`` must be 4-D ``[B|1, H|1, S, T]`` with the scores' ``S, T``; q/k/v float32 and 3-D;
-  the head count comes from the Reshape shape, from ``D / d``, or from the ``num_heads``
-  option). Same math in fp32 (summation order differs).
-- ``Gelu(Add(x, b))`` with a constant 1-D ``b`` -> ``com.microsoft.BiasGelu(x, b)`` (erf form)
-  or ``com.microsoft.FastGelu(x, b)`` (``approximate="tanh"``).
+Pinned: the ``ort_fusions`` modules used (``sdpa``, ``mha``, ``mha_bias``, ``gelu``,
+``bias_gelu``, ``sdpa_via_mha``) and ``rewriter._basics.MatchFailureError`` are not
+onnxscript's public API, so the pass runs only with the onnxscript minor version it was
+checked with (:data:`ONNXSCRIPT_TESTED`). onnxscript is the ``export`` extra: without it, or
+with another version, the pass changes nothing and reports why.
 
-A graph with no attention match is left alone; the pass records why in its report
-(``attention_skipped``: Softmax node -> reason) and logs it, so non-transformer models
-compile unchanged.
+A graph with no attention match is left alone; every ``Softmax`` left unfused is reported with a
+reason (``attention_skipped``) and logged, so non-transformer models compile unchanged.
+Measured against the hand-written matcher this replaced (docs/targets.md): same fused op counts
+and initializer bytes on MiniLM (dense and shift x int8 off/weights/dynamic), fp32 outputs
+within 1e-6 relative, same latency; gpt2_tiny's SDPA-form attention now fuses too.
 """
 
 from __future__ import annotations
 
 import logging
 
-import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
-from edgestack.targets.passes._util import (
-    attrs,
-    const_array,
-    drop_unused_initializers,
-    replace_node,
-)
+from edgestack.errors import InternalError
+
+try:  # the ``export`` extra; without it the pass reports why and changes nothing
+    import onnxscript
+    from onnxscript.rewriter import MatchResult, RewriteRuleClassBase, RewriteRuleSet
+    from onnxscript.rewriter._basics import MatchFailureError
+    from onnxscript.rewriter.ort_fusions import (
+        bias_gelu,
+        gelu,
+        mha,
+        mha_bias,
+        sdpa,
+        sdpa_via_mha,
+    )
+except ImportError as exc:  # tests: monkeypatched (onnxscript is installed there)
+    onnxscript = None
+    _IMPORT_ERROR = f"onnxscript's ORT fusions cannot be imported ({exc})"
 
 log = logging.getLogger(__name__)
 MS_DOMAIN = "com.microsoft"
+FUSION_DOMAIN = "ai.onnxruntime._fusion"
+#: the onnxscript minor version whose (non-public) ort_fusions modules this pass was checked with
+ONNXSCRIPT_TESTED = "0.7"
+NO_MATCH = "onnxscript's SDPA/MHA patterns did not match this Softmax"
 
 
-def _producer(value: ir.Value | None, op: str) -> ir.Node | None:
-    node = value.producer() if value is not None else None
-    if node is None or node.op_type != op or node.domain not in ("", "ai.onnx"):
-        return None
-    return node
+def _unavailable() -> str | None:
+    """Why onnxscript's fusions cannot run here, with the fix; ``None`` when they can."""
+    if onnxscript is None:
+        return (f"{_IMPORT_ERROR}. To fix: pip install 'onnxscript=={ONNXSCRIPT_TESTED}.*' "
+                "(the export extra)")
+    version = onnxscript.__version__
+    if version.split(".")[:2] != ONNXSCRIPT_TESTED.split("."):
+        return (f"onnxscript {version} is not the {ONNXSCRIPT_TESTED}.x this pass was checked "
+                "with (it uses onnxscript.rewriter.ort_fusions modules that are not public API). "
+                f"To fix: pip install 'onnxscript=={ONNXSCRIPT_TESTED}.*', or check the fusions "
+                "on the new version (tests/targets/test_transformer_fusion.py) and update "
+                "ONNXSCRIPT_TESTED")
+    return None
 
 
-def _single_use(value: ir.Value) -> bool:
-    return len(list(value.uses())) == 1 and not value.is_graph_output()
+if onnxscript is not None:
+    class _StaticHeadsSDPA(sdpa.SDPA):
+        """onnxscript's SDPA rule, forming an SDPA only when its head count is static, and
+        recording why it rejected a matched Softmax (``why``: Softmax node -> reason)."""
+
+        def __init__(self, why: dict[ir.Node, str]) -> None:
+            super().__init__()
+            self.why = why
+
+        def check(self, context, query, key, value, mask, key_format, **bindings):
+            softmax = next((n for n in context.nodes if n.op_type == "Softmax"), None)
+            try:
+                result = super().check(context, query, key, value, mask, key_format,
+                                       **bindings)
+            except MatchFailureError as err:
+                result = MatchResult().fail(err.reason)
+            if result and not isinstance(query.shape[1], int):
+                result = MatchResult().fail(
+                    f"the head count {query.shape[1]} of the attention's query is not static "
+                    "(export with static shapes)")
+            if not result and softmax is not None:
+                self.why[softmax] = f"{NO_MATCH}: {result.reason}"
+            return result
+
+    class _MergedHeadsMHA(mha.MultiHeadAttention):
+        """onnxscript's MHA rule, only where the heads are merged back to 3-D ``[B, S, D]``
+        (else ``sdpa_via_mha`` lowers the SDPA and keeps the graph's own reshapes)."""
+
+        def check(self, op, attention_reshaped=None, **bindings):
+            result = super().check(op, **bindings)
+            shape = attention_reshaped.shape if attention_reshaped is not None else None
+            if result and (shape is None or shape.rank() != 3):
+                return result.fail(f"heads merged to {shape}, not [B, S, D]")
+            return result
+
+    class _BiasFastGelu(RewriteRuleClassBase):
+        """``Gelu(Add(x, b), approximate="tanh")`` with a 1-D ``b`` -> ``FastGelu(x, b)``."""
+
+        def pattern(self, op, x, b):
+            return op.Gelu(op.Add(x, b), approximate="tanh")
+
+        def check(self, context, x, b, **_):
+            if b.shape is None or b.shape.rank() != 1:
+                return MatchResult().fail("bias is not 1-D", b)
+            return MatchResult()
+
+        def rewrite(self, op, x, b, **_):
+            return op.FastGelu(x, b, _domain=MS_DOMAIN)
 
 
-def _perm(node: ir.Node | None) -> list[int] | None:
-    return None if node is None else attrs(node).get("perm")
+def _mha_rules() -> RewriteRuleSet:
+    # onnxscript's fuse_mha1 (past key/value) then fuse_mha2 variants, with the 3-D guard
+    combos = [(rotary, past, cross) for past in (True, False) for rotary in (False, True)
+              for cross in ((False,) if past else (False, True))]
+    return RewriteRuleSet([
+        _MergedHeadsMHA.rule(f"MHA{'_Rotary' * r}{'_Past' * p}{'_CrossAttention' * c}",
+                             is_rotary=r, has_past_present=p, is_cross_attention=c)
+        for r, p, c in combos])
 
 
-def _scalar(value: ir.Value | None) -> float | None:
-    arr = const_array(value)
-    if arr is None or arr.size != 1 or not np.issubdtype(arr.dtype, np.floating):
-        return None
-    return float(arr.reshape(()))
+def _mha_nodes(model: ir.Model) -> list[ir.Node]:
+    return [n for n in model.graph if n.domain == MS_DOMAIN
+            and n.op_type == "MultiHeadAttention"]
 
 
-class _NoMatch(Exception):
-    pass
-
-
-def _need(cond: object, why: str) -> None:
-    if not cond:
-        raise _NoMatch(why)
+def _hint(softmax: ir.Node) -> str:
+    if not any(u.node.op_type == "MatMul" for u in softmax.outputs[0].uses()):
+        return f"{NO_MATCH} (its output is not read by a MatMul(P, V): not an attention)"
+    return NO_MATCH
 
 
 class TransformerFusionPass(ir.passes.InPlacePass):
-    """Fuse self-attention into ``MultiHeadAttention`` and ``Add + Gelu`` into ``BiasGelu``.
+    """Fuse self-attention into ``MultiHeadAttention`` and ``Add + Gelu`` into ``BiasGelu``
+    with onnxscript's ORT fusion rules (module docstring).
 
-    Args:
-        num_heads: head count to use when the graph does not say (the Reshape has ``-1`` heads
-            and the hidden size is unknown); ``None``: infer, skip the layer if impossible.
+    ``report``: ``attention_fused``, ``num_heads`` (sorted, read from the fused nodes),
+    ``attention_skipped`` (Softmax node -> reason), ``bias_gelu_fused``, ``rules`` (rewrites
+    per rule) and ``onnxscript`` (its version); instead ``unavailable`` (why, and the fix)
+    when onnxscript's fusions cannot run here.
     """
 
-    def __init__(self, num_heads: int | None = None) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.num_heads = num_heads
         self.report: dict = {}
 
-    # ---- attention ----------------------------------------------------------------------
-    def _split_heads(self, t: ir.Node | None, perm: list[int], what: str
-                     ) -> tuple[ir.Value, ir.Node, ir.Node, list[int]]:
-        _need(t is not None and t.op_type == "Transpose" and _perm(t) == perm,
-              f"{what} is not Transpose(perm={perm})")
-        rs = _producer(t.inputs[0], "Reshape")
-        _need(rs is not None, f"{what}: Transpose input is not a Reshape")
-        shape = const_array(rs.inputs[1])
-        _need(shape is not None and shape.size == 4 and int(shape[3]) > 0,
-              f"{what}: Reshape shape is not a constant [B, S, H, d] with d > 0")
-        _need(_single_use(t.outputs[0]) and _single_use(rs.outputs[0]),
-              f"{what}: head split read by other nodes")
-        return rs.inputs[0], rs, t, [int(x) for x in shape]
-
-    def _heads(self, shape: list[int], x: ir.Value) -> int:
-        if shape[2] > 0:
-            return shape[2]
-        hidden = x.shape[-1] if x.shape is not None and len(x.shape) else None
-        if isinstance(hidden, int) and hidden % shape[3] == 0:
-            return hidden // shape[3]
-        # the hidden size from a constant bias added just before (Linear's Add)
-        add = _producer(x, "Add")
-        for inp in (add.inputs if add is not None else ()):
-            b = const_array(inp)
-            if b is not None and b.ndim == 1 and b.size % shape[3] == 0:
-                return b.size // shape[3]
-        _need(self.num_heads, "head count unknown (Reshape has -1 heads, hidden size not "
-              "inferable); pass num_heads")
-        return int(self.num_heads)
-
-    def _match_attention(self, sm: ir.Node, opset: int) -> tuple[dict, list[ir.Node]]:
-        # opset < 13: Softmax flattens at ``axis`` (default 1); 3 on 4-D scores is the last axis
-        axis = attrs(sm).get("axis", -1 if opset >= 13 else 1)
-        _need(axis in (-1, 3), "Softmax is not over the last axis")
-        pv_uses = list(sm.outputs[0].uses())
-        _need(len(pv_uses) == 1 and pv_uses[0].node.op_type == "MatMul" and pv_uses[0].idx == 0,
-              "Softmax output is not only read by MatMul(P, V)")
-        pv = pv_uses[0].node
-        x = sm.inputs[0]
-        mask = None
-        nodes = [sm, pv]
-        add = _producer(x, "Add")
-        if add is not None:
-            _need(_single_use(x), "masked scores read by other nodes")
-            a, b = add.inputs
-            mul_a = _producer(a, "Mul") or _producer(a, "Div") or _producer(a, "MatMul")
-            x, mask = (a, b) if mul_a is not None else (b, a)
-            nodes.append(add)
-        scale = None
-        sc = _producer(x, "Mul") or _producer(x, "Div")
-        if sc is not None:
-            _need(_single_use(x), "scaled scores read by other nodes")
-            c = _scalar(sc.inputs[1])
-            x = sc.inputs[0]
-            if c is None and sc.op_type == "Mul":
-                c, x = _scalar(sc.inputs[0]), sc.inputs[1]
-            _need(c is not None and c != 0, f"score scale {sc.op_type} is not by a scalar")
-            scale = c if sc.op_type == "Mul" else 1.0 / c
-            nodes.append(sc)
-        qk = _producer(x, "MatMul")
-        _need(qk is not None and _single_use(x), "scores are not a single-use MatMul(Q, K^T)")
-        nodes.append(qk)
-        q, rq, tq, sq = self._split_heads(qk.inputs[0].producer(), [0, 2, 1, 3], "Q")
-        k, rk, tk, sk = self._split_heads(qk.inputs[1].producer(), [0, 2, 3, 1], "K^T")
-        v, rv, tv, sv = self._split_heads(pv.inputs[1].producer(), [0, 2, 1, 3], "V")
-        _need(sq[3] == sk[3] == sv[3], "Q, K, V head sizes differ")
-        nodes += [rq, tq, rk, tk, rv, tv]
-        _need(_single_use(pv.outputs[0]), "attention output read by other nodes")
-        to = pv.outputs[0].uses()
-        to = next(iter(to)).node
-        _need(to.op_type == "Transpose" and _perm(to) == [0, 2, 1, 3] and
-              _single_use(to.outputs[0]), "attention output is not Transpose([0, 2, 1, 3])")
-        ro = next(iter(to.outputs[0].uses())).node
-        oshape = const_array(ro.inputs[1]) if ro.op_type == "Reshape" else None
-        _need(oshape is not None and oshape.size == 3, "heads are not merged by a Reshape "
-              "to [B, S, D]")
-        nodes += [to, ro]
-        heads = self._heads(sq, q)
-        _need(sk[2] in (-1, heads) and sv[2] in (-1, heads), "Q, K, V head counts differ")
-        if scale is None:
-            scale = 1.0
-        for name, val in (("Q", q), ("K", k), ("V", v)):
-            _need(val.shape is not None and len(val.shape) == 3,
-                  f"{name} input is not known to be 3-D [B, S, D]")
-            _need(val.dtype in (None, ir.DataType.FLOAT), f"{name} is {val.dtype}, not float32 "
-                  "(ONNX Runtime's CPU MultiHeadAttention runs float32)")
-            hidden = val.shape[-1]
-            _need(not isinstance(hidden, int) or hidden == heads * sq[3],
-                  f"{name} has {hidden} features, not num_heads {heads} x head size {sq[3]}")
-        if mask is not None:
-            ms, ss = mask.shape, add.outputs[0].shape
-            _need(ms is not None and ss is not None and len(ms) == 4 and len(ss) == 4
-                  and ms[2] == ss[2] and ms[3] == ss[3] and ms[0] in (1, ss[0])
-                  and ms[1] in (1, ss[1]),
-                  f"mask shape {ms} is not [B|1, H|1, S, T] of scores {ss} (MultiHeadAttention "
-                  "takes that attention_bias only)")
-        return {"q": q, "k": k, "v": v, "mask": mask, "heads": heads, "scale": scale,
-                "head_size": sq[3], "out": ro}, nodes
-
-    def _fuse_attention(self, graph: ir.Graph, opset: int
-                        ) -> tuple[int, dict[str, str], set[int]]:
-        fused, skipped, heads = 0, {}, set()
-        for sm in [n for n in graph if n.op_type == "Softmax" and n.domain in ("", "ai.onnx")]:
-            try:
-                m, nodes = self._match_attention(sm, opset)
-            except _NoMatch as exc:
-                skipped[sm.name] = str(exc)
-                continue
-            base = sm.name or "attn"
-            inputs = [m["q"], m["k"], m["v"], None, None, m["mask"]]
-            while inputs and inputs[-1] is None:
-                inputs.pop()
-            mha = ir.Node(MS_DOMAIN, "MultiHeadAttention", inputs, attributes=[
-                ir.AttrInt64("num_heads", m["heads"]), ir.AttrFloat32("scale", m["scale"])],
-                name=f"{base}_mha", num_outputs=1)
-            out = mha.outputs[0]
-            out.name = f"{base}_mha_out"
-            out.dtype = ir.DataType.FLOAT
-            old = m["out"]
-            if old.outputs[0].shape is not None:
-                out.shape = old.outputs[0].shape
-            replace_node(graph, old, out, [mha])
-            # the rest of the matched subgraph, now unused
-            graph.remove([n for n in nodes if n is not old], safe=True)
-            fused += 1
-            heads.add(m["heads"])
-        return fused, skipped, heads
-
-    # ---- gelu ---------------------------------------------------------------------------
-    def _fuse_gelu(self, graph: ir.Graph) -> int:
-        done = 0
-        for g in [n for n in graph if n.op_type == "Gelu" and n.domain in ("", "ai.onnx")]:
-            add = _producer(g.inputs[0], "Add")
-            if add is None or not _single_use(add.outputs[0]):
-                continue
-            a, b = add.inputs
-            ba = const_array(b)
-            if ba is None or ba.ndim != 1:
-                a, b = b, a
-                ba = const_array(b)
-            if ba is None or ba.ndim != 1 or ba.dtype != np.float32:
-                continue
-            op = {"none": "BiasGelu", "tanh": "FastGelu"}.get(
-                attrs(g).get("approximate", "none"))
-            if op is None:
-                continue
-            node = ir.Node(MS_DOMAIN, op, [a, b], name=f"{g.name or 'gelu'}_{op}",
-                           num_outputs=1)
-            node.outputs[0].name = f"{g.name or 'gelu'}_{op}_out"
-            node.outputs[0].dtype = g.outputs[0].dtype
-            node.outputs[0].shape = g.outputs[0].shape
-            replace_node(graph, g, node.outputs[0], [node])
-            graph.remove(add, safe=True)
-            done += 1
-        return done
-
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 13))
-        fused, skipped, heads = self._fuse_attention(graph, opset)
-        gelu = self._fuse_gelu(graph)
-        if fused or gelu:
+        softmaxes = [n for n in model.graph if n.op_type == "Softmax"
+                     and n.domain in ("", "ai.onnx")]
+        why_not = _unavailable()
+        if why_not is not None:
+            log.log(logging.WARNING if softmaxes else logging.INFO,
+                    "attention fusion skipped: %s", why_not)
+            self.report = {"attention_fused": 0, "num_heads": [], "bias_gelu_fused": 0,
+                           "attention_skipped": {n.name: why_not for n in softmaxes},
+                           "unavailable": why_not}
+            return ir.passes.PassResult(model, False)
+        mha_before = set(_mha_nodes(model))
+        why: dict[ir.Node, str] = {}
+        rules = dict.fromkeys(("sdpa", "mha", "mha_bias", "sdpa_via_mha"), 0)
+        if softmaxes:
+            ShapeInferencePass()(model)     # the attention rules read shapes
+            rules["sdpa"] = RewriteRuleSet([_StaticHeadsSDPA.rule(why=why)]).apply_to_model(
+                model)
+            ShapeInferencePass()(model)     # as onnxscript does after its SDPA fusion
+            rules["mha"] = _mha_rules().apply_to_model(model)
+            rules["mha_bias"] = mha_bias.fuse_mha_bias(model)
+        rules["gelu"] = gelu.fuse_gelu(model)
+        rules["bias_gelu"] = (bias_gelu.fuse_bias_gelu(model) + RewriteRuleSet(
+            _BiasFastGelu.rule().commute()).apply_to_model(model))
+        if softmaxes:
+            rules["sdpa_via_mha"] = sdpa_via_mha.replace_sdpa_by_mha(model)
+        left = [n.name for n in model.graph if n.domain == FUSION_DOMAIN]
+        if left:
+            raise InternalError(f"onnxscript's SDPA nodes {left} were not lowered to "
+                                "MultiHeadAttention: the static-heads guard should prevent it")
+        model.opset_imports.pop(FUSION_DOMAIN, None)
+        modified = any(rules.values())
+        if modified:
+            RemoveUnusedNodesPass()(model)
             model.opset_imports.setdefault(MS_DOMAIN, 1)
+        fused = [n for n in _mha_nodes(model) if n not in mha_before]
+        alive = set(model.graph)
+        skipped = {n.name: why.get(n) or _hint(n) for n in softmaxes if n in alive}
         if not fused:
-            why = ("no Softmax in the graph (not a transformer)" if not skipped else
-                   "; ".join(sorted(set(skipped.values()))))
-            log.info("attention fusion skipped: %s", why)
-        drop_unused_initializers(model)
-        self.report = {"attention_fused": fused, "num_heads": sorted(heads),
-                       "attention_skipped": skipped, "bias_gelu_fused": gelu}
-        return ir.passes.PassResult(model, bool(fused or gelu))
-
+            log.info("attention fusion skipped: %s", "; ".join(sorted(set(skipped.values())))
+                     if skipped else "no Softmax in the graph (not a transformer)")
+        self.report = {"attention_fused": len(fused), "attention_skipped": skipped,
+                       "num_heads": sorted({n.attributes["num_heads"].as_int() for n in fused}),
+                       "bias_gelu_fused": rules["bias_gelu"], "rules": rules,
+                       "onnxscript": onnxscript.__version__}
+        return ir.passes.PassResult(model, modified)
