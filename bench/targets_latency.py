@@ -11,8 +11,8 @@ Rows (batch 1, seq 128 by default, 2 threads, median of timed calls):
 - ORT ``quantize_dynamic`` int8 of the dense model, per-tensor and ``per_channel=True``
   (the careful baseline; weights in external data, session opened from the path), plain and
   with the same ort-cpu tuning;
-- edgestack shift, the default configuration (4-bit codes, GPTQ rounding calibrated on the
-  shipped corpus; exact int8) compiled for ``ort-cpu`` with
+- edgestack shift 4-bit DeepShift (codes with zero, GPTQ rounding calibrated on the shipped
+  corpus; exact int8) compiled for ``ort-cpu`` with
   ``int8=dynamic`` (integer kernels), plain and tuned, and with ``int8=off`` (materialized
   fp32, tuned);
 - the shift model's **device package** (``edgestack pack``: compiled for ``ort-cpu``, the
@@ -128,23 +128,24 @@ def sentence_cosines(entries: list, seq: int, count: int) -> list[float]:
 
 
 def export_models(work: Path, seq: int) -> dict[str, Path]:
-    """The dense MiniLM and the default shift configuration (4-bit codes, GPTQ rounding on the
-    shipped corpus: what ``edgestack export minilm --method shift`` builds), exported at
-    ``seq``."""
+    """The dense MiniLM and shift 4-bit DeepShift codes (with zero: at most 7 exponent levels
+    a channel, so exact int8; GPTQ rounding calibrated on the shipped corpus: ``edgestack
+    export minilm --method shift --zero``), exported at ``seq``. (The zero-free default has 8
+    levels: not exact int8, so ort-cpu's int8 lowering leaves it float32.)"""
     from edgestack import zoo
     from edgestack.compress import compress
     from edgestack.exporter import export
     from edgestack.sources import load_source
 
     out = {}
-    for name in ("dense", "shift4"):
+    for name in ("dense", "shift4z"):
         path = work / f"minilm_s{seq}_{name}.onnx"
         if not path.exists():
             print(f"exporting {path.name} ...", file=sys.stderr, flush=True)
             model, inputs = zoo.minilm(seq=seq)
-            if name == "shift4":
+            if name == "shift4z":
                 calib, _what = load_source("minilm").calibration()
-                compress(model, "shift", calib=calib)
+                compress(model, "shift", calib=calib, bits=4, zero=True)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 export(model, inputs, path, parity=False)
@@ -291,7 +292,7 @@ def op_profile(entries: list, feeds: dict, calls: int = 30) -> dict[str, dict[st
     import tempfile
 
     wanted = {("ORT fp32 dense", "ort-cpu tuned"): "dense fp32",
-              ("edgestack shift4, ort-cpu int8", "ort-cpu tuned"): "edgestack int8"}
+              ("edgestack shift4 DeepShift, ort-cpu int8", "ort-cpu tuned"): "edgestack int8"}
     out: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, runner, _p, tuning in entries:
@@ -352,11 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     if not qdc.exists():
         quantize_dynamic(str(models["dense"]), str(qdc), weight_type=QuantType.QInt8,
                          per_channel=True, use_external_data_format=True)
-    pkg = work / f"minilm_s{args.seq}_shift4.pkg"
+    pkg = work / f"minilm_s{args.seq}_shift4z.pkg"
     if not pkg.exists():
         from edgestack.pipeline import pack_model
 
-        pack_model(models["shift4"], pkg, log=lambda m: None)   # compiled: int8 kernels
+        pack_model(models["shift4z"], pkg, log=lambda m: None)   # compiled: int8 kernels
 
     load0 = os.getloadavg()[0]
     kernels = layernorm_kernels(args.seq, args.threads)
@@ -392,18 +393,18 @@ def main(argv: list[str] | None = None) -> int:
                 "off", p, "plain", "int8")
         ort_row("ORT quantize_dynamic int8 per-channel (baseline)", qdc,
                 "a_qdync_tuned" + sfx, "off", t, "ort-cpu tuned", "int8")
-        ort_row("edgestack shift4, ort-cpu int8", models["shift4"],
+        ort_row("edgestack shift4 DeepShift, ort-cpu int8", models["shift4z"],
                 "a_shift_dyn" + sfx, "dynamic", p, "plain", "int8")
-        ort_row("edgestack shift4, ort-cpu int8", models["shift4"],
+        ort_row("edgestack shift4 DeepShift, ort-cpu int8", models["shift4z"],
                 "a_shift_dyn_tuned" + sfx, "dynamic", t, "ort-cpu tuned", "int8")
-        ort_row("edgestack shift4, ort-cpu fp32", models["shift4"],
+        ort_row("edgestack shift4 DeepShift, ort-cpu fp32", models["shift4z"],
                 "a_shift_f32_tuned" + sfx, "off", t, "ort-cpu tuned", "fp32")
-        entries.append(("edgestack shift4 package, runtime (ort-cpu int8)",
+        entries.append(("edgestack shift4 DeepShift package, runtime (ort-cpu int8)",
                         PackageRow(pkg, args.threads, spin), "int8", "ort-cpu tuned"))
-    for name, int8 in (("dense", "off"), ("shift4", "off"), ("shift4", "weights")):
+    for name, int8 in (("dense", "off"), ("shift4z", "off"), ("shift4z", "weights")):
         art = ov.lower(models[name], work / f"ov_{name}_{int8}", threads=args.threads,
                        int8=int8)
-        label = {"dense": "OpenVINO dense", "shift4": "OpenVINO shift4"}[name]
+        label = {"dense": "OpenVINO dense", "shift4z": "OpenVINO shift4 DeepShift"}[name]
         for prec in ("fp32", "bf16"):
             entries.append((f"{label}, int8 weights={int8}",
                             OpenVinoCpuRunner(art, precision=prec).activate(), prec,
