@@ -480,7 +480,6 @@ class Runtime(Runner):
             self._retired: list[_State] = []
             self._stores = {name: _LayerStore(info) for name, info in man.layers.items()}
             self._empty: dict[tuple[str, int], np.ndarray] = {}
-            self._scratch = memoryview(bytearray(64))  # alignment gaps (< 64 bytes) land here
             self._iov_cache: dict[tuple[str, int], list[memoryview]] = {}
             self._data_dir: str | None = None
             self._weights = self._map_tables()
@@ -535,17 +534,23 @@ class Runtime(Runner):
             fmap.drop(start, end)
 
     def _record_iovs(self, rec: Any) -> list[memoryview]:
-        """Scatter buffers for one block record: its signs/u/v rows in the layer store, and
-        the alignment gaps before u and v into a scratch buffer (built once per record)."""
+        """Scatter buffers for one block record's span (``[rec.span_start, rec.end)``): its
+        signs/u/v rows in the layer store, and the alignment padding before the record and
+        between its parts into a small buffer of the record's own (built once per record),
+        so the whole span can be hashed once it is read (:meth:`Package.check_record`)."""
         iovs = self._iov_cache.get((rec.layer, rec.block))
         if iovs is None:
             st = self._stores[rec.layer]
+            dests = ((rec.signs, st.signs[rec.block]), (rec.u, st.u[rec.block]),
+                     (rec.v, st.v[rec.block]))
+            pad = memoryview(bytearray(rec.length + rec.offset - rec.span_start
+                                       - sum(d.nbytes for _o, d in dests)))
             iovs = []
-            pos = rec.offset
-            for off, dest in ((rec.signs, st.signs[rec.block]), (rec.u, st.u[rec.block]),
-                              (rec.v, st.v[rec.block])):
+            pos, used = rec.span_start, 0
+            for off, dest in dests:
                 if off > pos:
-                    iovs.append(self._scratch[: off - pos])
+                    iovs.append(pad[used:used + off - pos])
+                    used += off - pos
                 mv = memoryview(dest).cast("B")
                 iovs.append(mv)
                 pos = off + len(mv)
@@ -555,9 +560,16 @@ class Runtime(Runner):
     def _fill(self, plan: MemoryPlan) -> int:
         """Read into the layer stores the blocks that the plan's on-the-fly layers need and
         do not hold yet (a store holds a prefix of its layer's blocks); materialised layers
-        keep nothing there (see :meth:`_decode`). Consecutive records are read with one
-        ``preadv`` (gaps of record alignment go to a scratch buffer); the bytes are counted
-        in ``package.counter`` and :attr:`bytes_read`."""
+        keep nothing there (see :meth:`_decode`). Records whose spans are consecutive are
+        read with one ``preadv``; the bytes are counted in ``package.counter`` and
+        :attr:`bytes_read`. Every record read is checked against the manifest's hash
+        (:meth:`Package.check_record`) before any store counts it as loaded: on a mismatch
+        the rows read are handed back and nothing changes (the stores still hold what the
+        serving plan feeds).
+
+        Raises:
+            PackageError: a record's bytes changed on disk (naming the file and record).
+        """
         want = []
         for lp in plan.layers:
             st = self._stores[lp.name]
@@ -565,19 +577,21 @@ class Runtime(Runner):
                 want += self._records[lp.name][st.loaded:lp.blocks]
         got = 0
         run: list[Any] = []
-        for rec in sorted(want, key=lambda r: r.offset) + [None]:
-            if run and (rec is None or rec.offset - run[-1].end >= len(self._scratch)):
-                iovs: list[memoryview] = []
-                pos = run[0].offset
-                for r in run:
-                    if r.offset > pos:  # the gap between records (record alignment)
-                        iovs.append(self._scratch[: r.offset - pos])
-                    iovs.extend(self._record_iovs(r))
-                    pos = r.end
-                got += self.package.read_into(BLOCK_FILE, iovs, run[0].offset)
-                run = []
-            if rec is not None:
-                run.append(rec)
+        try:
+            for rec in sorted(want, key=lambda r: r.offset) + [None]:
+                if run and (rec is None or rec.span_start != run[-1].end):
+                    iovs = [mv for r in run for mv in self._record_iovs(r)]
+                    got += self.package.read_into(BLOCK_FILE, iovs, run[0].span_start)
+                    for r in run:
+                        self.package.check_record(r, self._record_iovs(r))
+                    run = []
+                if rec is not None:
+                    run.append(rec)
+        except BaseException:
+            for st in self._stores.values():
+                st.release_after(st.loaded)   # the rows read: not fed, not kept
+            self.bytes_read += got
+            raise
         for lp in plan.layers:
             st = self._stores[lp.name]
             if lp.mode == "on-the-fly":
@@ -586,24 +600,31 @@ class Runtime(Runner):
         return got
 
     def _decode(self, name: str, nb: int, transposed: bool, flat: bool = False) -> np.ndarray:
-        """A materialised layer's weight at ``nb`` blocks: from its store when it holds them,
-        else read from the block file record by record with ``pread`` into one reused buffer
-        (a materialised layer keeps no blocks resident, and nothing of the file is mapped:
-        measured on a 12-block MiniLM package, reading through a memory map left 5.6 MB of
-        fault-around pages resident until the whole map was dropped)."""
+        """A materialised layer's weight at ``nb`` blocks: from its store when it holds them
+        (checked when read), else read from the block file record by record with ``pread``
+        into one reused buffer, each record's span checked against the manifest's hash
+        before it is decoded (a materialised layer keeps no blocks resident, and nothing of
+        the file is mapped: measured on a 12-block MiniLM package, reading through a memory
+        map left 5.6 MB of fault-around pages resident until the whole map was dropped).
+
+        Raises:
+            PackageError: a record's bytes changed on disk (naming the file and record).
+        """
         st = self._stores[name]
         if st.loaded >= nb:
             return decode_blocks(st.info, st.blocks(nb), transposed, flat)
         recs = self._records[name][:nb]
         fd, base = self.package.locate(BLOCK_FILE)
-        buf = np.empty(max((r.length for r in recs), default=0), np.uint8)
+        buf = np.empty(max((r.end - r.span_start for r in recs), default=0), np.uint8)
 
         def blocks() -> Any:
             for r in recs:
-                if os.preadv(fd, [memoryview(buf)[:r.length]], base + r.offset) != r.length:
+                span = memoryview(buf)[:r.end - r.span_start]
+                if os.preadv(fd, [span], base + r.span_start) != len(span):
                     raise PackageError(f"{self.package.path}: {BLOCK_FILE}: short read of "
                                        f"block {r.block} of {name}; {_FIX_REPACK}")
-                view = self.package.view(r, buf, r.offset)
+                self.package.check_record(r, [span])
+                view = self.package.view(r, buf, r.span_start)
                 yield view.signs, view.u, view.v
 
         return decode_blocks(st.info, blocks(), transposed, flat)
@@ -954,9 +975,17 @@ class Runtime(Runner):
             plan = self.plan_for(new_budget, tier=tier, budget_source=source,
                                  prefer=old.plan.materialized)
             tr = time.perf_counter()
-            read = self._fill(plan)
-            read_s = time.perf_counter() - tr
-            new = self._make_state(plan, old)
+            try:   # refused as a whole: the old tier is served, its rows untouched
+                read = self._fill(plan)
+                read_s = time.perf_counter() - tr
+                new = self._make_state(plan, old)
+            except PackageError as exc:
+                self._keep_only(old.plan)
+                raise PackageError(f"{exc}; the re-tier to tier {plan.tier} was refused and "
+                                   f"tier {old_tier} is still served") from None
+            except BaseException:
+                self._keep_only(old.plan)
+                raise
             with self._lock:
                 self._state = new
                 self.budget, self.budget_source = new_budget, source
@@ -976,6 +1005,12 @@ class Runtime(Runner):
                 self._retired = [s for s in self._retired if s.active > 0]
             return RetierResult(old_tier, plan.tier, read, time.perf_counter() - t0, read_s,
                                 new.rebuilt, released, plan)
+
+    def _keep_only(self, plan: MemoryPlan) -> None:
+        """Hand back the store rows beyond what ``plan`` (being served) feeds: after a
+        refused re-tier, what it read for the new plan."""
+        for lp in plan.layers:
+            self._stores[lp.name].release_after(lp.blocks if lp.mode == "on-the-fly" else 0)
 
     # ---- self-test, watcher, closing ---------------------------------------------------
     def self_test(self) -> dict[str, Any]:
