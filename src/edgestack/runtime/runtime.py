@@ -850,6 +850,8 @@ class Runtime(Runner):
         if session is None:
             session = self._dense_session(plan, graph) if dense else self._session(graph)
             self._drop_tables()  # what building the session read of them
+            if not dense:
+                self._check_block_inputs(session, graph)
         feeds: dict[str, np.ndarray] = {}
         for lp in ([] if dense else plan.layers):
             feeds.update(self._form_feeds(lp.name, lp.mode, lp.blocks, graph, old))
@@ -861,6 +863,42 @@ class Runtime(Runner):
                                f"{_FIX_REPACK}")
         return _State(plan, session, feeds, graph, rebuilt, gathered=self._gathered_values,
                       lookup_ids=self._lookup_ids)
+
+    def _check_block_inputs(self, session: Any, graph: str) -> None:
+        """The manifest's layers agree with the graph the runtime feeds, as ONNX Runtime
+        reports its inputs (the runtime reads no graph itself): each layer's ``signs``,
+        ``u``, ``v`` are inputs of types uint8, float16, float16 whose first dimension is
+        symbolic (the block count) and whose other dimensions are the manifest's
+        ``[ceil(m*n/8)]``, ``[m, k]``, ``[k, n]``. (The dense graphs hold their weights as
+        initializers, which ONNX Runtime does not list: ``edgestack verify`` checks those,
+        and each ``BitStackWeight`` node's ``shape``, against the manifest with onnx:
+        :func:`edgestack.package.graphcheck.check_graphs`.)
+
+        Raises:
+            PackageError: naming the layer, the input, expected vs found.
+        """
+        inputs = {i.name: i for i in session.get_inputs()}
+        for name, info in self.package.layers.items():
+            a = info.graph
+            assert a is not None  # checked in __init__
+            (m, n), k = info.matrix_shape, info.rank
+            for part, dtype, dims in ((a.signs, "tensor(uint8)", [info.signs_bytes]),
+                                      (a.u, "tensor(float16)", [m, k]),
+                                      (a.v, "tensor(float16)", [k, n])):
+                got = inputs.get(part)
+                shape = list(got.shape) if got is not None and got.shape is not None else None
+                ok = (got is not None and got.type == dtype and shape is not None
+                      and len(shape) == len(dims) + 1
+                      and not isinstance(shape[0], int) and shape[1:] == dims)
+                if not ok:
+                    found = ("no such input" if got is None else
+                             f"{got.type} {shape}")
+                    raise PackageError(
+                        f"{self.package.path}: layer {name!r} (shape {list(info.shape)}, rank "
+                        f"{k}) does not match the {graph} graph: its input {part!r} should be "
+                        f"{dtype} [blocks, {', '.join(map(str, dims))}] (the first dimension "
+                        f"symbolic), found {found}; the manifest and the graph disagree: "
+                        f"{_FIX_REPACK}")
 
     # ---- serving ---------------------------------------------------------------------
     @property
