@@ -8,7 +8,7 @@ import argparse
 import contextlib
 from collections.abc import Iterator
 
-from edgestack.cli import EXIT_CHECK_FAILED, EXIT_OK, EXIT_SKIPPED, emit_json
+from edgestack.cli import EXIT_CHECK_FAILED, EXIT_OK, EXIT_SKIPPED, emit_json, printable
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -160,21 +160,21 @@ def run(args: argparse.Namespace) -> int:
         emit_json(report)
     else:
         where = " (aarch64, emulated)" if args.emulate else ""
-        print(f"{report['package']}: {report['model']} ({report['target']}), "
-              f"{report['files']} files, {report['tiers']} tiers: hashes ok{where}; "
-              f"manifest vs graphs {report.get('graphs', 'not checked')}")
+        print(printable(f"{report['package']}: {report['model']} ({report['target']}), "
+                        f"{report['files']} files, {report['tiers']} tiers: hashes ok{where}; "
+                        f"manifest vs graphs {report.get('graphs', 'not checked')}"))
         test = report["self_test"]
         if test.get("ran"):
             for name, r in test["outputs"].items():
                 if r.get("missing"):
-                    print(f"  golden {name}: missing from the runtime's outputs (FAIL; "
-                          f"tier {test['tier']})")
+                    print(printable(f"  golden {name}: missing from the runtime's outputs "
+                                    f"(FAIL; tier {test['tier']})"))
                     continue
-                print(f"  golden {name}: max_abs {r['max_abs']:.3g} "
-                      f"({'ok' if r['ok'] else 'FAIL'}; rtol {test['rtol']:g}, "
-                      f"atol {test['atol']:g}, tier {test['tier']})")
+                print(printable(f"  golden {name}: max_abs {r['max_abs']:.3g} "
+                                f"({'ok' if r['ok'] else 'FAIL'}; rtol {test['rtol']:g}, "
+                                f"atol {test['atol']:g}, tier {test['tier']})"))
         else:
-            print(f"  self-test skipped: {test.get('reason')}")
+            print(printable(f"  self-test skipped: {test.get('reason')}"))
         print("SKIPPED" if report["ok"] is None else "PASS" if report["ok"] else "FAIL")
     if report["ok"] is None:
         return EXIT_SKIPPED
