@@ -32,21 +32,22 @@ from typing import Any
 import numpy as np
 
 from edgestack.errors import PackageError
-from edgestack.package.format import DENSE_DATA, DENSE_FILES, VARIANT_FILE
+from edgestack.package.format import DENSE_DATA, DENSE_FILES, NBITS_BLOCK, VARIANT_FILE
 from edgestack.package.reader import Package
 
 _FIX = "the manifest and the graph disagree: repack the model"
 
 
-def _nodes(graph: Any) -> Iterator[Any]:
-    """Every node of ``graph`` and of its subgraphs (``If`` branches, loops), depth first."""
+def _nodes(graph: Any, parents: tuple[str, ...] = ()) -> Iterator[tuple[Any, tuple[str, ...]]]:
+    """Every node of ``graph`` and of its subgraphs (``If`` branches, loops), depth first,
+    with the names of the nodes whose subgraphs hold it (outermost first)."""
     for node in graph.node:
-        yield node
+        yield node, parents
         for attr in node.attribute:
             if attr.HasField("g"):
-                yield from _nodes(attr.g)
+                yield from _nodes(attr.g, (*parents, node.name))
             for sub in attr.graphs:
-                yield from _nodes(sub)
+                yield from _nodes(sub, (*parents, node.name))
 
 
 def _dims(value_info: Any) -> list[int | str | None]:
@@ -95,7 +96,10 @@ def check_graphs(pkg: Package) -> list[str]:
             checked.append(name)
             continue
         inputs = {vi.name: vi for vi in g.input}
-        nodes = {nd.name: nd for nd in _nodes(g) if nd.name}
+        nodes, within = {}, {}
+        for nd, parents in _nodes(g):
+            if nd.name:
+                nodes[nd.name], within[nd.name] = nd, parents
         for layer, info in layers.items():
             a = info.graph
             if a is None:
@@ -142,58 +146,83 @@ def check_graphs(pkg: Package) -> list[str]:
                 if missing:
                     raise PackageError(f"{where}: layer {layer!r}: site inputs {missing} are "
                                        f"not inputs of the mixed graph; {_FIX}")
+                if f"{site.prefix}.if_fp32" not in within[a.node]:
+                    raise PackageError(
+                        f"{where}: layer {layer!r}: site {site.prefix!r} is not the layer's "
+                        f"(its node {a.node!r} lies in {list(within[a.node]) or 'the graph'}, "
+                        f"not in {site.prefix}.if_fp32); {_FIX}")
         if name == pkg.graph_file:
             _check_tables(g, pkg, where)
         checked.append(name)
     return checked
 
 
+def _dense_dims(form: str, key: str, kind: str, m: int, n: int) -> list[int] | None:
+    """The dims the packer gives a layer's own (unfused) tensor ``key`` in the ``form``
+    graph (see :mod:`edgestack.package.variants`)."""
+    kb = -(-n // NBITS_BLOCK)
+    return {("fp32", "w"): [n, m] if kind == "matmul" else [m, n],
+            ("int8", "q"): [n, m], ("int8", "scale"): [m],
+            ("nbits8", "b"): [m, kb, NBITS_BLOCK], ("nbits8", "s"): [m, kb]}.get((form, key))
+
+
 def _check_dense(g: Any, pkg: Package, form: str, where: str) -> None:
-    """The dense graph reads exactly the ranges of its data file the manifest names."""
+    """The dense graph reads exactly the ranges of its data file the manifest names, each
+    layer's from its own tensor (``<prefix>.<key>``, with the layer's dims) or from its fused
+    group's (``<first prefix>.group.<key>``, the members' slices tiling it)."""
     data = DENSE_DATA[form]
-    graph_ranges: set[tuple[int, int]] = set()
+    tensors: dict[tuple[int, int], tuple[str, list[int]]] = {}
     for t in g.initializer:
         ext = _external(t)
         if ext.get("location") != data:
             continue
         try:
-            graph_ranges.add((int(ext.get("offset", "0")), int(ext["length"])))
+            tensors[(int(ext.get("offset", "0")), int(ext["length"]))] = (t.name, list(t.dims))
         except (KeyError, ValueError):
             raise PackageError(f"{where}: initializer {t.name!r} in {data} has no integer "
                                f"offset and length ({ext}); {_FIX}") from None
-    want: set[tuple[int, int]] = set()
+    want: dict[tuple[int, int], str] = {}
     for layer, info in pkg.layers.items():
         site = info.graph.site if info.graph is not None else None
         layout = site.files.get(form) if site is not None else None
-        if layout is None:
+        if site is None or layout is None:
             raise PackageError(f"{where}: layer {layer!r} has no {form} layout "
                                f"(graph.site.files.{form}); {_FIX}")
         for key, entry in layout.items():
-            if not key.endswith("_cols"):
-                if len(entry) != 2:
-                    raise PackageError(f"{where}: layer {layer!r}: graph.site.files.{form}."
-                                       f"{key} is {list(entry)}, expected [offset, bytes]; {_FIX}")
-                want.add((entry[0], entry[1]))
+            if key.endswith("_cols"):
+                continue
+            if len(entry) != 2:
+                raise PackageError(f"{where}: layer {layer!r}: graph.site.files.{form}.{key} "
+                                   f"is {list(entry)}, expected [offset, bytes]; {_FIX}")
+            rng = (entry[0], entry[1])
+            want[rng] = layer
+            own = tensors.get(rng)
+            if own is not None and own[0] == f"{site.prefix}.{key}":
+                dims = _dense_dims(form, key, site.kind, *info.matrix_shape)
+                if dims is not None and own[1] != dims:
+                    raise PackageError(
+                        f"{where}: layer {layer!r}: tensor {own[0]!r} has dims {own[1]}, the "
+                        f"layer's shape {list(info.shape)} gives {dims}; {_FIX}")
+                continue
+            holder = next((name for (o, b), (name, _d) in tensors.items()
+                           if o <= rng[0] and rng[0] + rng[1] <= o + b), None)
+            if holder is None or not holder.endswith(f".group.{key}"):
+                found = f"in no tensor of {data}" if holder is None else f"in {holder!r}"
+                raise PackageError(
+                    f"{where}: layer {layer!r}: graph.site.files.{form}.{key} {list(rng)} is "
+                    f"{found}, expected {site.prefix}.{key} (or its fused group's); {_FIX}")
     # a fused group's tensor is written in slices, one per layer (its scales, its rows):
-    # the manifest's ranges must tile each of the graph's tensors exactly, and lie in one
-    problems = []
-    left = sorted(want)
-    for start, size in sorted(graph_ranges):
-        inside = [r for r in left if start <= r[0] and r[0] + r[1] <= start + size]
+    # the manifest's ranges must tile each of the graph's tensors exactly
+    for (start, size), (name, _dims) in sorted(tensors.items()):
         pos = start
-        for o, b in inside:
+        for o, b in sorted(r for r in want if start <= r[0] and r[0] + r[1] <= start + size):
             if o != pos:
                 break
             pos = o + b
         if pos != start + size:
-            problems.append(f"the graph's tensor [{start}, {size}] is not covered exactly by "
-                            f"the manifest's ranges {[list(r) for r in inside[:4]]}")
-        left = [r for r in left if r not in inside]
-    if left:
-        problems.append(f"the manifest's ranges {[list(r) for r in left[:4]]} are in no "
-                        f"tensor the graph reads from {data}")
-    if problems:
-        raise PackageError(f"{where}: {problems[0]}; {_FIX}")
+            raise PackageError(
+                f"{where}: tensor {name!r} ({data} [{start}, {size}]) is not written whole by "
+                f"the layers' graph.site.files.{form} (they cover it up to byte {pos}); {_FIX}")
 
 
 def _check_tables(g: Any, pkg: Package, where: str) -> None:
