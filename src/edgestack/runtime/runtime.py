@@ -27,6 +27,10 @@ graph 18% faster (13.0 -> 10.7 ms) at the same peak RSS, and the plain graph 2.4
 on the fly but at +13-20% peak RSS (it keeps the decode temporaries); the memory pattern
 added 5-13 MB for no speed.
 
+What is served is what was verified: every block record read (at open, on a re-tier, for a
+materialised layer) is hashed in the runtime's own memory before it is fed or decoded
+(the manifest's ``block_sha256``); a record changed on disk refuses the whole re-tier.
+
 Serving state (tier, plan, session, feeds) is an immutable snapshot swapped under a lock;
 ``infer`` takes the snapshot current at its start, so in-flight calls finish on the tier
 they started with. Re-tiering waits for calls on older snapshots before releasing memory.
@@ -374,7 +378,9 @@ class Runtime(Runner):
         threads: ONNX Runtime intra-op threads (default: the profile's, else ORT's).
         verify: hash every file before serving (a changed byte raises
             :class:`PackageError` naming the file; nothing is served). The block file is
-            streamed through the hash, not kept.
+            streamed through the hash, not kept. Whatever this is, every block record read
+            for serving (now and on a re-tier) is hash-checked before it is used
+            (:meth:`Package.check_record`).
         optimization: ONNX Runtime graph optimization level: "all", "extended", "basic",
             "disable".
         spinning: "on" (ORT's default: idle pool threads spin for the next parallel op) or
@@ -1001,6 +1007,11 @@ class Runtime(Runner):
         finished. In-flight calls
         finish on their tier. A budget below the smallest tier raises :class:`BudgetError`
         and keeps the current tier.
+
+        Every block record read is hash-checked before it is used: a record changed on disk
+        since packing raises :class:`PackageError` naming the file and the record, the
+        re-tier is refused as a whole (what it read is handed back) and the current tier is
+        still served, untouched.
         """
         with self._retier_lock:
             t0 = time.perf_counter()
