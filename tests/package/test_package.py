@@ -202,6 +202,10 @@ def test_golden_bytes_of_a_tiny_package(tmp_path: Path):
     assert len(blocks) == 522
     assert blocks[2:64] == bytes(62) and blocks[138:192] == bytes(54)  # zero padding
     assert hashlib.sha256(blocks).hexdigest() == BLOCKS_SHA256
+    # each record's span, from the previous record's end to its own, is hashed: the spans
+    # tile the file (so the padding before a record is checked with it)
+    assert manifest["block_sha256"] == [hashlib.sha256(blocks[a:b]).hexdigest()
+                                        for a, b in ((0, 138), (138, 328), (328, 522))]
     text = (out / "manifest.json").read_bytes()
     text = text.replace(b'"edgestack_version": "0.1.0"', b'"edgestack_version": "X"')
     import edgestack
@@ -219,7 +223,7 @@ def test_golden_bytes_of_a_tiny_package(tmp_path: Path):
 
 
 BLOCKS_SHA256 = "7c534f60ac06d4b04179018bb57591cd4e1faadbe31db9696312e707475d576c"
-MANIFEST_SHA256 = "697bd20db0d1f518a38a344a95eeff63cd6f830766dac3fbe51ae663c584bc1f"
+MANIFEST_SHA256 = "ad15b92e85f4e07b10ab15aa3552fef857aad2fff8cce49e072b8d93d94bbbf9"
 
 
 # ---- atomicity and the state machine -------------------------------------------------------

@@ -29,6 +29,7 @@ from edgestack import __version__
 from edgestack.cli.outputs import input_paths, prepare_output  # noqa: F401 - for the commands
 from edgestack.core import atomic
 from edgestack.core.progress import Progress, logging_through_bars
+from edgestack.core.text import printable, printable_lines
 from edgestack.errors import BackendUnavailable, EdgestackError
 
 EXIT_OK = 0
@@ -128,8 +129,10 @@ def bars(args: argparse.Namespace) -> Progress:
 
 
 def warn(command: str, message: str) -> None:
-    """A warning line of a command on stderr (shown unless ``--log-level error``)."""
-    logging.getLogger(f"edgestack.cli.{command}").warning("warning: %s", message)
+    """A warning line of a command on stderr (shown unless ``--log-level error``); what it
+    quotes of a package or model is escaped (:func:`~edgestack.core.text.printable`)."""
+    logging.getLogger(f"edgestack.cli.{command}").warning("warning: %s",
+                                                          printable_lines(message))
 
 
 def _configure_logging(args: argparse.Namespace) -> logging.Handler:
@@ -217,9 +220,11 @@ def check_bounds(args: argparse.Namespace) -> None:
 
 
 def one_line(message: object) -> str:
-    """An error message as one line (its lines joined, whitespace runs collapsed): every
-    input error is one line on stderr."""
-    return " ".join(str(message).split())
+    """An error message as one line (its lines joined, whitespace runs collapsed, other
+    control characters escaped: :func:`~edgestack.core.text.printable`): every input error
+    is one line on stderr, and a name it quotes from a package cannot write to the
+    terminal."""
+    return printable(" ".join(str(message).split()))
 
 
 def emit_json(obj: object) -> None:

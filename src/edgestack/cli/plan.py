@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from edgestack.cli import EXIT_OK, NONNEG, THREADS, bounds, emit_json, progress
+from edgestack.cli import EXIT_OK, NONNEG, THREADS, bounds, emit_json, printable, progress
 
 
 def add_package_args(p: argparse.ArgumentParser) -> None:
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
             emit_json({"ok": True, "package": str(pkg.path), "model": pkg.manifest.model.name,
                        "target": pkg.manifest.target, "engine": engine, "plan": plan.to_dict()})
         else:
-            print(f"{pkg.path}: {pkg.manifest.model.name} ({pkg.manifest.target}, served "
-                  f"with {engine}), {len(pkg.tiers)} tiers")
+            print(printable(f"{pkg.path}: {pkg.manifest.model.name} ({pkg.manifest.target}, "
+                            f"served with {engine}), {len(pkg.tiers)} tiers"))
             print(plan.table())
     return EXIT_OK

@@ -8,7 +8,7 @@ import time
 
 import numpy as np
 
-from edgestack.cli import COUNT, EXIT_OK, bounds, emit_json, prepare_output
+from edgestack.cli import COUNT, EXIT_OK, bounds, emit_json, prepare_output, printable
 from edgestack.cli.plan import add_package_args
 from edgestack.cli.verify import check_golden, golden_inputs_of
 from edgestack.core import atomic
@@ -75,5 +75,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"loaded in {load_s:.2f} s ({rt.bytes_read} block bytes read); "
                   f"infer median {median_ms:.2f} ms over {len(times)} run(s)")
             for k, s in summary.items():
-                print(f"  {k}: {s['shape']} {s['dtype']} mean {s['mean']:.4g} std {s['std']:.4g}")
+                print(printable(f"  {k}: {s['shape']} {s['dtype']} mean {s['mean']:.4g} std "
+                                f"{s['std']:.4g}"))
     return EXIT_OK

@@ -8,7 +8,7 @@ import argparse
 import contextlib
 from collections.abc import Iterator
 
-from edgestack.cli import EXIT_CHECK_FAILED, EXIT_OK, EXIT_SKIPPED, emit_json
+from edgestack.cli import EXIT_CHECK_FAILED, EXIT_OK, EXIT_SKIPPED, emit_json, printable
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,7 +17,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="check a device package: hashes, structure, golden self-test",
         description="PACKAGE (a directory with manifest.json, or .tar) from `edgestack "
         "compile` or `edgestack pack`: check its structure and the sha256 of every file (a "
-        "mismatch names the file), then load it with edgestack.runtime at the golden tier and "
+        "mismatch names the file, and the block record), that the manifest agrees with the "
+        "graphs (layer shapes and inputs, dense data layouts, tables; where onnx is "
+        "installed), then load it with edgestack.runtime at the golden tier and "
         "compare with the golden outputs (with --emulate aarch64: in an emulated aarch64 "
         "Python, under qemu). Exit 1 when the check fails, 2 when the package is damaged, 4 "
         "when this machine cannot run its target (the hashes were checked).",
@@ -40,10 +42,18 @@ def verify_package(path: str) -> dict:
     t0 = time.perf_counter()
     with Package.open(path) as pkg:
         pkg.verify()
+        try:
+            import onnx  # noqa: F401 - the graph check reads the graphs with it (host side)
+        except ImportError:   # a device without onnx: the runtime checks what ORT reports
+            graphs = "skipped: onnx is not installed"
+        else:
+            from edgestack.package.graphcheck import check_graphs
+
+            graphs = f"ok ({len(check_graphs(pkg))} checked)"
         golden = pkg.golden_info
         info = {"package": str(pkg.path), "model": pkg.manifest.model.name,
                 "target": pkg.manifest.target, "files": len(pkg.files),
-                "tiers": len(pkg.tiers), "hashes": "ok"}
+                "tiers": len(pkg.tiers), "hashes": "ok", "graphs": graphs}
         if golden is None:
             return {**info, "ok": True, "self_test": {"ran": False,
                                                        "reason": "no golden data"}}
@@ -150,20 +160,21 @@ def run(args: argparse.Namespace) -> int:
         emit_json(report)
     else:
         where = " (aarch64, emulated)" if args.emulate else ""
-        print(f"{report['package']}: {report['model']} ({report['target']}), "
-              f"{report['files']} files, {report['tiers']} tiers: hashes ok{where}")
+        print(printable(f"{report['package']}: {report['model']} ({report['target']}), "
+                        f"{report['files']} files, {report['tiers']} tiers: hashes ok{where}; "
+                        f"manifest vs graphs {report.get('graphs', 'not checked')}"))
         test = report["self_test"]
         if test.get("ran"):
             for name, r in test["outputs"].items():
                 if r.get("missing"):
-                    print(f"  golden {name}: missing from the runtime's outputs (FAIL; "
-                          f"tier {test['tier']})")
+                    print(printable(f"  golden {name}: missing from the runtime's outputs "
+                                    f"(FAIL; tier {test['tier']})"))
                     continue
-                print(f"  golden {name}: max_abs {r['max_abs']:.3g} "
-                      f"({'ok' if r['ok'] else 'FAIL'}; rtol {test['rtol']:g}, "
-                      f"atol {test['atol']:g}, tier {test['tier']})")
+                print(printable(f"  golden {name}: max_abs {r['max_abs']:.3g} "
+                                f"({'ok' if r['ok'] else 'FAIL'}; rtol {test['rtol']:g}, "
+                                f"atol {test['atol']:g}, tier {test['tier']})"))
         else:
-            print(f"  self-test skipped: {test.get('reason')}")
+            print(printable(f"  self-test skipped: {test.get('reason')}"))
         print("SKIPPED" if report["ok"] is None else "PASS" if report["ok"] else "FAIL")
     if report["ok"] is None:
         return EXIT_SKIPPED

@@ -42,6 +42,8 @@ repack it with this edgestack)::
                               "dtype": "float16", "graph": GRAPH or null}}
     order             [layer, ...]  one layer name per block record, in storage order: the
                       i-th time a layer is named is its block i
+    block_sha256      [64 lowercase hex, ...]  one per block record, in storage order: the
+                      sha256 of the record's span (below); [] without BitStack layers
     tiers             [c_0, c_1, ...]  how many block records each tier loads
     golden            null or {"inputs": path, "outputs": path, "tier": t,
                                "rtol": float, "atol": float}
@@ -77,6 +79,14 @@ importance order the packer chose): the first at 0, each next one at ``align_up(
 64)``, and the file ends exactly at the end of the last record. So every offset follows from
 ``layers`` and ``order`` (:func:`layout_records`). A layer's blocks are stored 0, 1, 2, ...
 (its first ``n`` blocks are its ``n``-block approximation), each exactly once.
+
+Record hashes. A record's **span** runs from the end of the previous record (0 for the first)
+to its own end: the alignment padding before the record, then the record. The spans tile the
+block file, every tier's prefix and every tier step is a run of whole spans, and
+``block_sha256[i]`` is the sha256 of span ``i``. A reader checks each span's hash when it
+reads the span for serving (:meth:`edgestack.package.Package.check_record`), not only when it
+hashes the whole file: bytes changed on disk after a package was opened are refused when they
+are read, never served.
 
 Tiers. Tier ``t`` loads the first ``c_t`` records of the block file, the prefix
 ``[0, end of record c_t - 1)`` (:attr:`Tier.bytes`). ``c_t`` strictly increases, the first
@@ -396,7 +406,10 @@ class LayerInfo(_Stored):
 
 @dataclass(frozen=True)
 class BlockRecord:
-    """One block's record in the block file (absolute byte offsets; derived)."""
+    """One block's record in the block file (absolute byte offsets; derived), with where its
+    span starts (``span_start``: the previous record's end, 0 for the first; the span is
+    ``[span_start, end)``) and the span's sha256 (the manifest's ``block_sha256``; ``""``
+    while a writer lays records out)."""
 
     layer: str
     block: int
@@ -405,6 +418,8 @@ class BlockRecord:
     signs: int
     u: int
     v: int
+    span_start: int = 0
+    sha256: str = ""
 
     @property
     def end(self) -> int:
@@ -488,9 +503,11 @@ class RuntimeInfo(_Stored):
 
 
 def layout_records(
-    layers: Mapping[str, LayerInfo], order: Sequence[tuple[str, int]]
+    layers: Mapping[str, LayerInfo], order: Sequence[tuple[str, int]],
+    digests: Sequence[str] = (),
 ) -> list[BlockRecord]:
-    """Block records for blocks stored in ``order`` (``(layer, block)`` pairs).
+    """Block records for blocks stored in ``order`` (``(layer, block)`` pairs), with their
+    spans' sha256 ``digests`` when given (one per record, in order).
 
     Raises:
         PackageError: ``order`` names an unknown layer, skips or repeats a block, or lists a
@@ -519,7 +536,8 @@ def layout_records(
         start = align_up(pos)
         u = align_up(start + info.signs_bytes)
         v = align_up(u + info.u_bytes)
-        records.append(BlockRecord(name, block, start, v + info.v_bytes - start, start, u, v))
+        records.append(BlockRecord(name, block, start, v + info.v_bytes - start, start, u, v,
+                                   pos, digests[i] if digests else ""))
         pos = v + info.v_bytes
     missing = [f"{n!r}: {nxt[n]} of {info.n_blocks}" for n, info in layers.items()
                if nxt[n] != info.n_blocks]
@@ -593,6 +611,8 @@ class Manifest(_Stored):
     files: Mapping[str, FileEntry] = _f(max=MAX_FILES)
     layers: Mapping[str, LayerInfo] = _f(max=MAX_LAYERS)
     order: tuple[str, ...] = _f(max=MAX_BLOCKS)
+    block_sha256: tuple[str, ...] = _f((), max=MAX_BLOCKS, item={
+        "pattern": _SHA256, "what": "64 lowercase hex digits"})
     tier_records: tuple[int, ...] = _f(json="tiers", min=1, max=MAX_TIERS)
     golden: Golden | None = _f()
     runtime: RuntimeInfo = _f(factory=RuntimeInfo)
@@ -623,10 +643,18 @@ class Manifest(_Stored):
         for name in self.order:
             pairs.append((name, seen.get(name, 0)))
             seen[name] = pairs[-1][1] + 1
-        records = layout_records(self.layers, pairs)
+        digests = self.block_sha256
+        records = layout_records(self.layers, pairs,
+                                 digests if len(digests) == len(pairs) else ())
         if records and records[-1].end != files[BLOCK_FILE].size:
             raise PackageError(f"files[{BLOCK_FILE!r}].size: expected {records[-1].end} (the "
                                f"end of the last block record), found {files[BLOCK_FILE].size}")
+        if len(self.block_sha256) != len(records):
+            raise PackageError(
+                f"block_sha256: expected {len(records)} digests (one per block record, in "
+                f"storage order), found {len(self.block_sha256)}"
+                + ("; the package was written before block records were hashed: repack it"
+                   if not self.block_sha256 else ""))
         loaded = sum(e.size for e in files.values() if e.role in LOADED_ROLES)
         tiers = derive_tiers(self.layers, records, self.tier_records, loaded)
         golden = self.golden

@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from edgestack.core.text import printable
 from edgestack.errors import EdgestackError
 from edgestack.package.format import (
     ARCHIVE_SUFFIX,
@@ -652,7 +653,9 @@ def _package_text(r: dict[str, Any]) -> list[str]:
 def render_text(report: dict[str, Any]) -> str:
     """The readable form of an :func:`inspect_path` report."""
     lines = _package_text(report) if report["kind"] == "package" else _onnx_text(report)
-    return "\n".join(lines)
+    # names, metadata and paths come from the file: each line escaped (a name could hold an
+    # ANSI escape or a newline)
+    return "\n".join(printable(line) for line in lines)
 
 
 __all__ = ["inspect_path", "inspect_onnx", "inspect_package", "render_text", "FORM_FILES",

@@ -26,7 +26,7 @@ import stat
 import tarfile
 import threading
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -585,13 +585,91 @@ class Package:
         return out.tobytes() if keep else None
 
     def verify(self, names: list[str] | None = None) -> None:
-        """Hash every listed file (or ``names``) and compare with the manifest.
+        """Hash every listed file (or ``names``) and compare with the manifest; the block
+        file's records are hashed on the same pass (``block_sha256``), so a package that
+        verifies serves every tier.
 
         Raises:
-            PackageError: naming the first file whose sha256 differs, expected vs found.
+            PackageError: naming the first file (and block record) whose sha256 differs,
+                expected vs found.
         """
         for name in self.files if names is None else names:
-            self._read_hashed(name, keep=False)
+            if name == BLOCK_FILE:
+                self._verify_blocks()
+            else:
+                self._read_hashed(name, keep=False)
+
+    def _verify_blocks(self) -> None:
+        """Hash the block file in chunks, the whole file and each record's span (the spans
+        tile the file), and compare with the manifest; the error names the first record
+        that differs."""
+        entry = self._entry(BLOCK_FILE)
+        fd, base = self._source.locate(BLOCK_FILE)
+        whole = hashlib.sha256()
+        records = self.block_index
+        buf = memoryview(bytearray(min(_CHUNK, entry.size)))
+        i, span, pos = 0, hashlib.sha256(), 0
+        first_bad = ""
+        while pos < entry.size:
+            n = min(_CHUNK, entry.size - pos)
+            view = buf[:n]
+            _pread_into(fd, view, base + pos, f"{self.path}: {BLOCK_FILE}")
+            whole.update(view)
+            done = 0
+            while done < n:
+                rec = records[i]
+                take = min(n - done, rec.end - (pos + done))
+                span.update(view[done:done + take])
+                done += take
+                if pos + done == rec.end:
+                    if not first_bad and span.hexdigest() != rec.sha256:
+                        first_bad = (f"block record {i} ({self._record_text(rec)}) is the "
+                                     f"first that differs: sha256 {span.hexdigest()}, "
+                                     f"block_sha256[{i}] {rec.sha256}")
+                    i, span = i + 1, hashlib.sha256()
+            pos += n
+        found = whole.hexdigest()
+        if found == entry.sha256 and first_bad:
+            raise PackageError(
+                f"{self.path}: {MANIFEST_NAME} is damaged: {BLOCK_FILE!r} has the listed "
+                f"sha256, but {first_bad}; {_FIX_COPY}")
+        if found != entry.sha256:
+            why = first_bad or ("every block record matches block_sha256, so the manifest's "
+                                "files entry is wrong")
+            raise PackageError(
+                f"{self.path}: file {BLOCK_FILE!r} is damaged: sha256 expected {entry.sha256}, "
+                f"found {found} ({entry.size} bytes); {why}; it changed after packing: "
+                f"{_FIX_COPY}")
+
+    @staticmethod
+    def _record_text(rec: BlockRecord) -> str:
+        return (f"layer {rec.layer!r}, block {rec.block}, bytes [{rec.span_start}, "
+                f"{rec.end})")
+
+    def check_record(self, rec: BlockRecord, parts: Sequence[Any]) -> None:
+        """Check bytes read for serving: ``parts`` (byte buffers, in file order) are record
+        ``rec``'s span, ``[rec.span_start, rec.end)``, as packed (their sha256 is the
+        manifest's ``block_sha256`` of the record). Call it on the bytes that will be used,
+        after reading them into memory the caller owns, before using them.
+
+        Raises:
+            PackageError: naming the file and the record, expected vs found.
+        """
+        digest = hashlib.sha256()
+        size = 0
+        for part in parts:
+            digest.update(part)
+            size += memoryview(part).nbytes
+        if size != rec.end - rec.span_start:
+            raise PackageError(f"{self.path}: check_record: expected the {rec.end - rec.span_start}"
+                               f" bytes of the record's span, found {size}")
+        found = digest.hexdigest()
+        if found != rec.sha256:
+            index = self.block_index.index(rec)
+            raise PackageError(
+                f"{self.path}: file {BLOCK_FILE!r} changed on disk: block record {index} "
+                f"({self._record_text(rec)}) has sha256 {found}, the manifest's "
+                f"block_sha256[{index}] is {rec.sha256}; its bytes are not used: {_FIX_COPY}")
 
     def read_file(self, name: str, *, verify: bool = True) -> bytes:
         """The whole content of a listed file (e.g. the graph), hash-checked by default."""
@@ -666,11 +744,16 @@ class Package:
             )
         return int(value)
 
-    def read_prefix(self, start: int, end: int) -> np.ndarray:
+    def read_prefix(self, start: int, end: int, *, verify: bool = True) -> np.ndarray:
         """Read block-file bytes ``[start, end)`` into a new uint8 buffer (counted).
 
         The buffer is placed so that ``buffer[i]`` has the alignment of file offset
-        ``start + i`` modulo 64.
+        ``start + i`` modulo 64. With ``verify``, every record whose span lies inside the
+        range is checked (:meth:`check_record`); a tier's prefix and a tier step are whole
+        spans.
+
+        Raises:
+            PackageError: a bad range, a read error, or a record that does not match.
         """
         size = self.block_file_size
         end = self._int_arg(end, "end", 0, size)
@@ -681,6 +764,10 @@ class Package:
         data = raw[shift : shift + n]
         if n:
             self.read_into(BLOCK_FILE, [memoryview(data)], start)
+        if verify:
+            for rec in self.block_index:
+                if start <= rec.span_start and rec.end <= end:
+                    self.check_record(rec, [data[rec.span_start - start : rec.end - start]])
         return data
 
     def read_into(self, name: str, buffers: list[memoryview], offset: int) -> int:
@@ -718,8 +805,9 @@ class Package:
         return BlockView(rec.layer, rec.block, signs, u, v)
 
     def views_of(self, data: np.ndarray, start: int) -> list[BlockView]:
-        """Views of the blocks wholly inside ``data``, a buffer of block-file bytes from
-        offset ``start`` (as returned by :meth:`read_prefix`)."""
+        """Views of the blocks whose spans lie wholly inside ``data``, a buffer of
+        block-file bytes from offset ``start`` (as returned by :meth:`read_prefix`, which
+        checked exactly those records)."""
         data = np.asarray(data)
         if data.dtype != np.uint8 or data.ndim != 1:
             raise PackageError(
@@ -727,7 +815,7 @@ class Package:
             )
         end = start + data.size
         return [self.view(rec, data, start) for rec in self.block_index
-                if start <= rec.offset and rec.end <= end]
+                if start <= rec.span_start and rec.end <= end]
 
 
 __all__ = ["ByteCounter", "BlockView", "FileMap", "Package"]

@@ -32,6 +32,7 @@ import os
 import shutil
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -423,22 +424,28 @@ class PackageWriter:
         except PackageError as exc:
             raise PackageError(f"add_blocks: {exc}") from None
         dtype = np.dtype(FACTOR_DTYPES["float16"])
+        digests: list[str] = []
 
         def parts() -> Iterator[Any]:   # every part at its offset, zero bytes between
             pos = 0
-            for rec in records:
+            for rec in records:        # a record's span: the padding before it, then it
                 st = stacks[rec.layer]
+                span = hashlib.sha256()
                 for offset, part in ((rec.signs, st.signs[rec.block]),
                                      (rec.u, st.u[rec.block].astype(dtype, copy=False)),
                                      (rec.v, st.v[rec.block].astype(dtype, copy=False))):
-                    yield bytes(offset - pos)
-                    yield np.ascontiguousarray(part)
+                    gap, data = bytes(offset - pos), np.ascontiguousarray(part)
+                    span.update(gap)
+                    span.update(data)
+                    yield gap
+                    yield data
                     pos = offset + part.nbytes
+                digests.append(span.hexdigest())
 
         self._write(BLOCK_FILE, parts(), "blocks")
         self._layers = layers
-        self._records = records
-        return records
+        self._records = [replace(r, sha256=h) for r, h in zip(records, digests, strict=True)]
+        return self._records
 
     def set_tiers(self, tiers: Sequence[int]) -> tuple[Tier, ...]:
         """Define the memory tiers, smallest first: each is how many leading block records
@@ -548,6 +555,7 @@ class PackageWriter:
                     model=self._info["model"], target=self._info["target"],
                     files=dict(self._files), layers=dict(self._layers),
                     order=tuple(rec.layer for rec in self._records),
+                    block_sha256=tuple(rec.sha256 for rec in self._records),
                     tier_records=tuple(self._counts) if self._records else (0,),
                     golden=self._golden, created=self._info["created"],
                     edgestack_version=__version__, runtime=self._info["runtime"],

@@ -42,6 +42,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgestack.core.text import printable
 from edgestack.errors import BudgetError, PackageError
 from edgestack.package.format import DENSE_FILES, FORMS, VARIANT_FILE
 
@@ -258,7 +259,7 @@ class MemoryPlan:
                f"{'fits' if self.fits else 'DOES NOT FIT'}" if self.budget is not None else ""),
         ]
         lines += [f"  note: {n}" for n in self.notes]
-        return "\n".join(lines)
+        return "\n".join(printable(line) for line in lines)  # layer names are the package's
 
 
 def _manifest(package: Any) -> Any:

@@ -27,6 +27,10 @@ graph 18% faster (13.0 -> 10.7 ms) at the same peak RSS, and the plain graph 2.4
 on the fly but at +13-20% peak RSS (it keeps the decode temporaries); the memory pattern
 added 5-13 MB for no speed.
 
+What is served is what was verified: every block record read (at open, on a re-tier, for a
+materialised layer) is hashed in the runtime's own memory before it is fed or decoded
+(the manifest's ``block_sha256``); a record changed on disk refuses the whole re-tier.
+
 Serving state (tier, plan, session, feeds) is an immutable snapshot swapped under a lock;
 ``infer`` takes the snapshot current at its start, so in-flight calls finish on the tier
 they started with. Re-tiering waits for calls on older snapshots before releasing memory.
@@ -374,7 +378,9 @@ class Runtime(Runner):
         threads: ONNX Runtime intra-op threads (default: the profile's, else ORT's).
         verify: hash every file before serving (a changed byte raises
             :class:`PackageError` naming the file; nothing is served). The block file is
-            streamed through the hash, not kept.
+            streamed through the hash, not kept. Whatever this is, every block record read
+            for serving (now and on a re-tier) is hash-checked before it is used
+            (:meth:`Package.check_record`).
         optimization: ONNX Runtime graph optimization level: "all", "extended", "basic",
             "disable".
         spinning: "on" (ORT's default: idle pool threads spin for the next parallel op) or
@@ -480,7 +486,6 @@ class Runtime(Runner):
             self._retired: list[_State] = []
             self._stores = {name: _LayerStore(info) for name, info in man.layers.items()}
             self._empty: dict[tuple[str, int], np.ndarray] = {}
-            self._scratch = memoryview(bytearray(64))  # alignment gaps (< 64 bytes) land here
             self._iov_cache: dict[tuple[str, int], list[memoryview]] = {}
             self._data_dir: str | None = None
             self._weights = self._map_tables()
@@ -535,17 +540,23 @@ class Runtime(Runner):
             fmap.drop(start, end)
 
     def _record_iovs(self, rec: Any) -> list[memoryview]:
-        """Scatter buffers for one block record: its signs/u/v rows in the layer store, and
-        the alignment gaps before u and v into a scratch buffer (built once per record)."""
+        """Scatter buffers for one block record's span (``[rec.span_start, rec.end)``): its
+        signs/u/v rows in the layer store, and the alignment padding before the record and
+        between its parts into a small buffer of the record's own (built once per record),
+        so the whole span can be hashed once it is read (:meth:`Package.check_record`)."""
         iovs = self._iov_cache.get((rec.layer, rec.block))
         if iovs is None:
             st = self._stores[rec.layer]
+            dests = ((rec.signs, st.signs[rec.block]), (rec.u, st.u[rec.block]),
+                     (rec.v, st.v[rec.block]))
+            pad = memoryview(bytearray(rec.length + rec.offset - rec.span_start
+                                       - sum(d.nbytes for _o, d in dests)))
             iovs = []
-            pos = rec.offset
-            for off, dest in ((rec.signs, st.signs[rec.block]), (rec.u, st.u[rec.block]),
-                              (rec.v, st.v[rec.block])):
+            pos, used = rec.span_start, 0
+            for off, dest in dests:
                 if off > pos:
-                    iovs.append(self._scratch[: off - pos])
+                    iovs.append(pad[used:used + off - pos])
+                    used += off - pos
                 mv = memoryview(dest).cast("B")
                 iovs.append(mv)
                 pos = off + len(mv)
@@ -555,9 +566,16 @@ class Runtime(Runner):
     def _fill(self, plan: MemoryPlan) -> int:
         """Read into the layer stores the blocks that the plan's on-the-fly layers need and
         do not hold yet (a store holds a prefix of its layer's blocks); materialised layers
-        keep nothing there (see :meth:`_decode`). Consecutive records are read with one
-        ``preadv`` (gaps of record alignment go to a scratch buffer); the bytes are counted
-        in ``package.counter`` and :attr:`bytes_read`."""
+        keep nothing there (see :meth:`_decode`). Records whose spans are consecutive are
+        read with one ``preadv``; the bytes are counted in ``package.counter`` and
+        :attr:`bytes_read`. Every record read is checked against the manifest's hash
+        (:meth:`Package.check_record`) before any store counts it as loaded: on a mismatch
+        the rows read are handed back and nothing changes (the stores still hold what the
+        serving plan feeds).
+
+        Raises:
+            PackageError: a record's bytes changed on disk (naming the file and record).
+        """
         want = []
         for lp in plan.layers:
             st = self._stores[lp.name]
@@ -565,19 +583,21 @@ class Runtime(Runner):
                 want += self._records[lp.name][st.loaded:lp.blocks]
         got = 0
         run: list[Any] = []
-        for rec in sorted(want, key=lambda r: r.offset) + [None]:
-            if run and (rec is None or rec.offset - run[-1].end >= len(self._scratch)):
-                iovs: list[memoryview] = []
-                pos = run[0].offset
-                for r in run:
-                    if r.offset > pos:  # the gap between records (record alignment)
-                        iovs.append(self._scratch[: r.offset - pos])
-                    iovs.extend(self._record_iovs(r))
-                    pos = r.end
-                got += self.package.read_into(BLOCK_FILE, iovs, run[0].offset)
-                run = []
-            if rec is not None:
-                run.append(rec)
+        try:
+            for rec in sorted(want, key=lambda r: r.offset) + [None]:
+                if run and (rec is None or rec.span_start != run[-1].end):
+                    iovs = [mv for r in run for mv in self._record_iovs(r)]
+                    got += self.package.read_into(BLOCK_FILE, iovs, run[0].span_start)
+                    for r in run:
+                        self.package.check_record(r, self._record_iovs(r))
+                    run = []
+                if rec is not None:
+                    run.append(rec)
+        except BaseException:
+            for st in self._stores.values():
+                st.release_after(st.loaded)   # the rows read: not fed, not kept
+            self.bytes_read += got
+            raise
         for lp in plan.layers:
             st = self._stores[lp.name]
             if lp.mode == "on-the-fly":
@@ -586,24 +606,31 @@ class Runtime(Runner):
         return got
 
     def _decode(self, name: str, nb: int, transposed: bool, flat: bool = False) -> np.ndarray:
-        """A materialised layer's weight at ``nb`` blocks: from its store when it holds them,
-        else read from the block file record by record with ``pread`` into one reused buffer
-        (a materialised layer keeps no blocks resident, and nothing of the file is mapped:
-        measured on a 12-block MiniLM package, reading through a memory map left 5.6 MB of
-        fault-around pages resident until the whole map was dropped)."""
+        """A materialised layer's weight at ``nb`` blocks: from its store when it holds them
+        (checked when read), else read from the block file record by record with ``pread``
+        into one reused buffer, each record's span checked against the manifest's hash
+        before it is decoded (a materialised layer keeps no blocks resident, and nothing of
+        the file is mapped: measured on a 12-block MiniLM package, reading through a memory
+        map left 5.6 MB of fault-around pages resident until the whole map was dropped).
+
+        Raises:
+            PackageError: a record's bytes changed on disk (naming the file and record).
+        """
         st = self._stores[name]
         if st.loaded >= nb:
             return decode_blocks(st.info, st.blocks(nb), transposed, flat)
         recs = self._records[name][:nb]
         fd, base = self.package.locate(BLOCK_FILE)
-        buf = np.empty(max((r.length for r in recs), default=0), np.uint8)
+        buf = np.empty(max((r.end - r.span_start for r in recs), default=0), np.uint8)
 
         def blocks() -> Any:
             for r in recs:
-                if os.preadv(fd, [memoryview(buf)[:r.length]], base + r.offset) != r.length:
+                span = memoryview(buf)[:r.end - r.span_start]
+                if os.preadv(fd, [span], base + r.span_start) != len(span):
                     raise PackageError(f"{self.package.path}: {BLOCK_FILE}: short read of "
                                        f"block {r.block} of {name}; {_FIX_REPACK}")
-                view = self.package.view(r, buf, r.offset)
+                self.package.check_record(r, [span])
+                view = self.package.view(r, buf, r.span_start)
                 yield view.signs, view.u, view.v
 
         return decode_blocks(st.info, blocks(), transposed, flat)
@@ -829,6 +856,8 @@ class Runtime(Runner):
         if session is None:
             session = self._dense_session(plan, graph) if dense else self._session(graph)
             self._drop_tables()  # what building the session read of them
+            if not dense:
+                self._check_block_inputs(session, graph)
         feeds: dict[str, np.ndarray] = {}
         for lp in ([] if dense else plan.layers):
             feeds.update(self._form_feeds(lp.name, lp.mode, lp.blocks, graph, old))
@@ -840,6 +869,42 @@ class Runtime(Runner):
                                f"{_FIX_REPACK}")
         return _State(plan, session, feeds, graph, rebuilt, gathered=self._gathered_values,
                       lookup_ids=self._lookup_ids)
+
+    def _check_block_inputs(self, session: Any, graph: str) -> None:
+        """The manifest's layers agree with the graph the runtime feeds, as ONNX Runtime
+        reports its inputs (the runtime reads no graph itself): each layer's ``signs``,
+        ``u``, ``v`` are inputs of types uint8, float16, float16 whose first dimension is
+        symbolic (the block count) and whose other dimensions are the manifest's
+        ``[ceil(m*n/8)]``, ``[m, k]``, ``[k, n]``. (The dense graphs hold their weights as
+        initializers, which ONNX Runtime does not list: ``edgestack verify`` checks those,
+        and each ``BitStackWeight`` node's ``shape``, against the manifest with onnx:
+        :func:`edgestack.package.graphcheck.check_graphs`.)
+
+        Raises:
+            PackageError: naming the layer, the input, expected vs found.
+        """
+        inputs = {i.name: i for i in session.get_inputs()}
+        for name, info in self.package.layers.items():
+            a = info.graph
+            assert a is not None  # checked in __init__
+            (m, n), k = info.matrix_shape, info.rank
+            for part, dtype, dims in ((a.signs, "tensor(uint8)", [info.signs_bytes]),
+                                      (a.u, "tensor(float16)", [m, k]),
+                                      (a.v, "tensor(float16)", [k, n])):
+                got = inputs.get(part)
+                shape = list(got.shape) if got is not None and got.shape is not None else None
+                ok = (got is not None and got.type == dtype and shape is not None
+                      and len(shape) == len(dims) + 1
+                      and not isinstance(shape[0], int) and shape[1:] == dims)
+                if not ok:
+                    found = ("no such input" if got is None else
+                             f"{got.type} {shape}")
+                    raise PackageError(
+                        f"{self.package.path}: layer {name!r} (shape {list(info.shape)}, rank "
+                        f"{k}) does not match the {graph} graph: its input {part!r} should be "
+                        f"{dtype} [blocks, {', '.join(map(str, dims))}] (the first dimension "
+                        f"symbolic), found {found}; the manifest and the graph disagree: "
+                        f"{_FIX_REPACK}")
 
     # ---- serving ---------------------------------------------------------------------
     @property
@@ -942,6 +1007,11 @@ class Runtime(Runner):
         finished. In-flight calls
         finish on their tier. A budget below the smallest tier raises :class:`BudgetError`
         and keeps the current tier.
+
+        Every block record read is hash-checked before it is used: a record changed on disk
+        since packing raises :class:`PackageError` naming the file and the record, the
+        re-tier is refused as a whole (what it read is handed back) and the current tier is
+        still served, untouched.
         """
         with self._retier_lock:
             t0 = time.perf_counter()
@@ -954,9 +1024,17 @@ class Runtime(Runner):
             plan = self.plan_for(new_budget, tier=tier, budget_source=source,
                                  prefer=old.plan.materialized)
             tr = time.perf_counter()
-            read = self._fill(plan)
-            read_s = time.perf_counter() - tr
-            new = self._make_state(plan, old)
+            try:   # refused as a whole: the old tier is served, its rows untouched
+                read = self._fill(plan)
+                read_s = time.perf_counter() - tr
+                new = self._make_state(plan, old)
+            except PackageError as exc:
+                self._keep_only(old.plan)
+                raise PackageError(f"{exc}; the re-tier to tier {plan.tier} was refused and "
+                                   f"tier {old_tier} is still served") from None
+            except BaseException:
+                self._keep_only(old.plan)
+                raise
             with self._lock:
                 self._state = new
                 self.budget, self.budget_source = new_budget, source
@@ -976,6 +1054,12 @@ class Runtime(Runner):
                 self._retired = [s for s in self._retired if s.active > 0]
             return RetierResult(old_tier, plan.tier, read, time.perf_counter() - t0, read_s,
                                 new.rebuilt, released, plan)
+
+    def _keep_only(self, plan: MemoryPlan) -> None:
+        """Hand back the store rows beyond what ``plan`` (being served) feeds: after a
+        refused re-tier, what it read for the new plan."""
+        for lp in plan.layers:
+            self._stores[lp.name].release_after(lp.blocks if lp.mode == "on-the-fly" else 0)
 
     # ---- self-test, watcher, closing ---------------------------------------------------
     def self_test(self) -> dict[str, Any]:
