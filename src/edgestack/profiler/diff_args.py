@@ -23,7 +23,7 @@ import onnx
 
 from edgestack.errors import TargetError
 from edgestack.sources import HUB_ID
-from edgestack.targets.feeds import example_feeds, load_feeds
+from edgestack.targets.feeds import example_feeds, input_specs, load_feeds
 from edgestack.zoo import MODELS
 
 GRAPH_FILE = "model.onnx"
@@ -120,20 +120,7 @@ def _check_onnx_file(path: Path, which: str, expected: str) -> None:
 def graph_inputs(path: Path) -> list[InputSpec]:
     """The inputs a graph must be fed (initializers listed as inputs left out)."""
     proto = onnx.load(str(path), load_external_data=False)
-    inits = {t.name for t in proto.graph.initializer}
-    out = []
-    for inp in proto.graph.input:
-        if inp.name in inits:
-            continue
-        tt = inp.type.tensor_type
-        try:
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
-        except (KeyError, TypeError, ValueError):
-            dtype = np.dtype(object)
-        shape = tuple(int(d.dim_value) if d.HasField("dim_value") else None
-                      for d in tt.shape.dim)
-        out.append(InputSpec(inp.name, dtype, shape))
-    return out
+    return [InputSpec(*spec) for spec in input_specs(proto.graph)]
 
 
 def check_feeds(feeds: Mapping[str, np.ndarray], specs: list[InputSpec], which: str,

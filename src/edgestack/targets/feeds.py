@@ -12,6 +12,30 @@ import numpy as np
 from edgestack.errors import TargetError
 
 
+def input_specs(graph: Any, skip: Collection[str] = ()
+                ) -> list[tuple[str, np.dtype, tuple[int | None, ...]]]:
+    """``(name, numpy dtype, shape)`` of every input a graph must be fed (an
+    ``onnx.GraphProto``; initializers listed as inputs and ``skip`` left out). The dtype is
+    ``object`` for an element type numpy has no dtype for; a dimension is ``None`` when it
+    is symbolic or unknown."""
+    import onnx
+
+    leave = set(skip) | {i.name for i in graph.initializer}
+    out = []
+    for inp in graph.input:
+        if inp.name in leave:
+            continue
+        tt = inp.type.tensor_type
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+        except (KeyError, TypeError, ValueError):
+            dtype = np.dtype(object)
+        out.append((inp.name, dtype, tuple(int(d.dim_value) if d.HasField("dim_value")
+                                           and d.dim_value > 0 else None
+                                           for d in tt.shape.dim)))
+    return out
+
+
 def example_feeds(model: str | Path | Any, *, batch: int = 1, seq: int = 16, seed: int = 0,
                   high: int = 100, skip: Collection[str] = ()) -> dict[str, np.ndarray]:
     """Deterministic inputs for every graph input of an ONNX model.
@@ -34,36 +58,23 @@ def example_feeds(model: str | Path | Any, *, batch: int = 1, seq: int = 16, see
     if isinstance(model, (str, Path)):
         model = onnx.load(str(model), load_external_data=False)
     graph = model.graph if isinstance(model, onnx.ModelProto) else model
-    leave = set(skip) | {i.name for i in graph.initializer}
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
-    for inp in graph.input:
-        if inp.name in leave:
-            continue
-        tt = inp.type.tensor_type
-        try:
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
-        except (KeyError, TypeError, ValueError):
-            dtype = np.dtype(object)
+    for name, dtype, dims in input_specs(graph, skip):
         if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
-            raise TargetError(f"graph input {inp.name!r} has ONNX element type {tt.elem_type}, "
+            raise TargetError(f"graph input {name!r} has a type ({dtype}) "
                               "which the example-input generator does not support; give the "
                               "inputs explicitly (an .npz file or a mapping)")
-        shape, first = [], True
-        for d in tt.shape.dim:
-            if d.HasField("dim_value") and d.dim_value > 0:
-                shape.append(int(d.dim_value))
-            else:
-                shape.append(batch if first else seq)
-            first = False
-        name = inp.name.lower()
-        if dtype == np.bool_ or (np.issubdtype(dtype, np.integer) and "mask" in name):
-            feeds[inp.name] = np.ones(shape, dtype)
+        shape = [d if d is not None else batch if i == 0 else seq
+                 for i, d in enumerate(dims)]
+        low = name.lower()
+        if dtype == np.bool_ or (np.issubdtype(dtype, np.integer) and "mask" in low):
+            feeds[name] = np.ones(shape, dtype)
         elif np.issubdtype(dtype, np.integer):
-            feeds[inp.name] = (np.zeros(shape, dtype) if "type" in name
-                               else rng.integers(0, high, shape).astype(dtype))
+            feeds[name] = (np.zeros(shape, dtype) if "type" in low
+                           else rng.integers(0, high, shape).astype(dtype))
         else:
-            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
+            feeds[name] = rng.standard_normal(shape).astype(dtype)
     return feeds
 
 
