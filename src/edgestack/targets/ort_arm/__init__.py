@@ -99,7 +99,7 @@ class OrtArmTarget(OrtCpuTarget):
                    options: dict[str, Any]) -> Artifact:
         import onnxruntime as ort
 
-        model, report, int8 = lower_for_ort(model_path, options, profile)
+        model, report, int8 = lower_for_ort(model_path, options, profile, auto_shift=False)
         if model.functions:     # ORT inlines them at load; the .ort file must not need them
             from edgestack.targets.passes import InlineFunctionsPass, run_passes
 

@@ -66,9 +66,11 @@ def resolve_int8(option: str, profile: Any | None, shift: bool = False) -> str:
     return option
 
 
-def lower_for_ort(model_path: Path, options: dict[str, Any], profile: Any | None):
+def lower_for_ort(model_path: Path, options: dict[str, Any], profile: Any | None,
+                  auto_shift: bool = True):
     """Load ``model_path`` and run the ORT lowering passes. Returns ``(ir model, report,
-    int8 mode)``."""
+    int8 mode)``. ``auto_shift``: ``int8=auto`` without a profile lowers shift codes to the
+    integer kernels (ort-cpu; ort-arm keeps float32 unless its profile says int8)."""
     import onnx_ir as ir
 
     from edgestack.targets import passes as P
@@ -88,7 +90,7 @@ def lower_for_ort(model_path: Path, options: dict[str, Any], profile: Any | None
             "report.passes.TransformerFusionPass.attention_skipped. To fix: drop num_heads "
             "(and export with static shapes if the attention is skipped).")
     model = ir.load(model_path)
-    int8 = resolve_int8(options["int8"], profile, shift=any(
+    int8 = resolve_int8(options["int8"], profile, shift=auto_shift and any(
         n.domain == "edgestack" and n.op_type == "ShiftWeight" for n in model.graph))
     chain: list = []
     if int8 in ("weights", "dynamic"):
