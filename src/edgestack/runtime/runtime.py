@@ -692,6 +692,48 @@ class Runtime(Runner):
             raise TargetError(f"{pkg.path}: ONNX Runtime cannot load the package's graph "
                               f"{name!r} ({str(exc)[:300]}); repack the model") from None
 
+    def _check_dense_layout(self, plan: MemoryPlan, graph: str) -> None:
+        """Refuse a dense graph that reads its data file elsewhere than the manifest says the
+        runtime must write each layer (``graph.site.files[graph]``): every manifest range
+        lies inside one tensor the graph reads from that file, and every such tensor is
+        covered by the manifest's ranges (:func:`edgestack.package.wire.external_ranges`,
+        no onnx)."""
+        from edgestack.package.wire import external_ranges
+
+        pkg, data = self.package, DENSE_DATA[graph]
+        name = DENSE_FILES[graph]
+        try:
+            reads = sorted((off, off + size) for loc, off, size in
+                           external_ranges(pkg.read_file(name, verify=False)).values()
+                           if loc == data)
+        except PackageError as exc:
+            raise PackageError(f"{pkg.path}: {name}: {exc}; {_FIX_REPACK}") from None
+        written: set[tuple[int, int]] = set()
+        for lp in plan.layers:
+            site = pkg.layers[lp.name].graph.site if pkg.layers[lp.name].graph else None
+            if site is None or graph not in site.files:
+                return  # the session's own check names the layer without a layout
+            for key, value in site.files[graph].items():
+                if not key.endswith("_cols") and len(value) == 2:
+                    written.add((int(value[0]), int(value[0]) + int(value[1])))
+        outside = [r for r in sorted(written)
+                   if not any(lo <= r[0] and r[1] <= hi for lo, hi in reads)]
+        covered = 0
+        for lo, hi in reads:
+            inside = sorted((max(a, lo), min(b, hi)) for a, b in written if a < hi and b > lo)
+            end = lo
+            for a, b in inside:
+                if a > end:
+                    break
+                end = max(end, b)
+            covered += end >= hi
+        if outside or covered != len(reads):
+            what = (f"the manifest writes bytes {list(outside[0])} the graph never reads"
+                    if outside else "the graph reads bytes no layer of the manifest writes")
+            raise PackageError(f"{pkg.path}: {name} disagrees with the manifest's "
+                               f"graph.site.files.{graph}: {what} in {data}; nothing is "
+                               f"served from it. {_FIX_REPACK}")
+
     def _dense_session(self, plan: MemoryPlan, graph: str) -> Any:
         """A session on a dense graph (``"int8"``/``"fp32"``) for ``plan``: each layer is
         decoded, put in its form and written at its offset (``graph.site.files[graph]``) into
@@ -705,6 +747,7 @@ class Runtime(Runner):
         import shutil
 
         pkg = self.package
+        self._check_dense_layout(plan, graph)
         folder = str(atomic.temp_dir("dense"))  # removed below; after a kill, by the next run
         kind = fs_type(folder)
         if kind in MEMORY_FILESYSTEMS:
