@@ -367,8 +367,6 @@ def output_files(out: Path) -> list[dict[str, Any]]:
 def _methods_step(result: DemoResult, methods: dict[str, dict], seq: int, threads: int,
                   log: Callable[[str], None]) -> dict[str, Path]:
     from edgestack import zoo
-    from edgestack.compress import compress
-    from edgestack.compress.calib import text_calib
     from edgestack.core.ort import cpu_session
     from edgestack.core.quality import (
         compare_embeddings,
@@ -377,23 +375,20 @@ def _methods_step(result: DemoResult, methods: dict[str, dict], seq: int, thread
         ort_runner,
         tokenize,
     )
-    from edgestack.exporter import export
+    from edgestack.pipeline import compress_and_export
 
     batches = result.held_batches = tokenize(zoo.minilm_path(), held_sentences(), seq)
-    calib = text_calib(zoo.minilm_path(), n=128, seq=64, batch=8)
     ref_emb = None
     models: dict[str, Path] = {}
     for i, (method, opts) in enumerate(methods.items(), 1):
         log(f"[1/5 methods {i}/{len(methods)}] {method} {opts or ''}: compress, export, check")
-        model, inputs = zoo.minilm(seq=seq)
-        t0 = time.perf_counter()
-        report = compress(model, method, calib=calib if method != "none" else None,
-                          **({"skip": ["pooler"]} if method != "none" else {}), **opts)
-        t_compress = time.perf_counter() - t0
         path = result.work_dir / "models" / f"minilm-{method}.onnx"
-        t0 = time.perf_counter()
-        res = export(model, inputs, path, metadata={"compression": report})
-        t_export = time.perf_counter() - t0
+        # the one compress -> export pipeline; calibration: the first 128 corpus sentences
+        done = compress_and_export(
+            "minilm", method, {**({"skip": ("pooler",)} if method != "none" else {}), **opts},
+            path, log=lambda m: None, calib_n=128, load={"seq": seq})
+        report, res = done.report, done.result
+        t_compress, t_export = done.compress_s, done.export_s
         sess = cpu_session(path, threads)
         emb = embed(ort_runner(sess), batches)
         if ref_emb is None:

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -40,13 +41,16 @@ class Exported:
     """What :func:`compress_and_export` did: the loaded ``source``
     (:class:`~edgestack.sources.ModelSource`), the compression ``report``, the exporter's
     ``result`` (:class:`~edgestack.exporter.ExportResult`), what calibrated it
-    (``calibration``) and edgestack's warnings during compression (``notes``)."""
+    (``calibration``), edgestack's warnings during compression (``notes``) and the seconds
+    each step took (``compress_s``, ``export_s``)."""
 
     source: Any
     report: Any
     result: Any
     calibration: str
     notes: list[str] = field(default_factory=list)
+    compress_s: float = 0.0
+    export_s: float = 0.0
 
     def example_inputs(self) -> dict[str, np.ndarray]:
         """The source's example inputs as numpy, when they are exactly the graph's inputs
@@ -77,19 +81,22 @@ def compress_and_export(source: str, method: str, options: Mapping[str, Any],
     src = load_source(source, **dict(load or {}))
     calib, calib_text = ((None, "none") if method == "none"
                          else src.calibration(calib_n, file=calib_file))
+    t0 = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         log(f"compressing: method={method} {dict(options) or ''}"
             + (f", calibration: {calib_text}" if calib else ""))
         report = compress(src.model, method, calib=calib, progress=progress, **options)
     notes = [str(w.message) for w in caught if "edgestack" in str(w.filename)]
+    t1 = time.perf_counter()
     log(f"exporting to {out}")
     Path(out).parent.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves none
     result = export(src.model, src.inputs, out, progress=progress,
                     metadata={"method": method, "source": src.description,
                               "compression": report.to_dict()},
                     **{"log": log, **dict(export_options or {})})
-    return Exported(src, report, result, calib_text, notes)
+    return Exported(src, report, result, calib_text, notes, t1 - t0,
+                    time.perf_counter() - t1)
 
 
 def export_source(source: str, method: str, options: Mapping[str, Any], folder: Path,
