@@ -209,7 +209,8 @@ def compile_model(model: str | os.PathLike[str], target: str, out: str | os.Path
     data). Its golden outputs are the lowered graph's on x86 ONNX Runtime, judged with the
     target precision's tolerance (:data:`edgestack.targets.parity.TOLERANCES`): the device
     self-test checks that it computes what x86 computes. The lowered graph itself is checked
-    against the source model on the same inputs (target parity, :func:`_judge`: the rule
+    against the source model on the same inputs (target parity,
+    :func:`~edgestack.targets.parity.judge`: the rule
     plus cosine/top-1 for quantized precisions); the result, with the lowering's options,
     report and precision (and TensorRT's engine build settings) is the manifest's
     ``metadata.compile``.
@@ -237,7 +238,7 @@ def compile_model(model: str | os.PathLike[str], target: str, out: str | os.Path
     from edgestack.profiles import load_profile
     from edgestack.targets import get_target
     from edgestack.targets.feeds import example_feeds
-    from edgestack.targets.parity import TOLERANCES, TargetCheck, _judge
+    from edgestack.targets.parity import TOLERANCES, TargetCheck, judge
     from edgestack.targets.reference import reference_outputs
 
     say = log or logger.info
@@ -249,16 +250,15 @@ def compile_model(model: str | os.PathLike[str], target: str, out: str | os.Path
         profile = load_profile(profile)
     work = atomic.temp_dir("compile")  # removed below; after a kill, by the next run
     try:
-        feeds = dict(golden_inputs) if golden_inputs else example_feeds(src, batch=1, seq=16)
+        feeds = {k: np.asarray(v) for k, v in (golden_inputs or example_feeds(
+            src, batch=1, seq=16)).items()}
         say(f"compile: lowering {src} for {target}")
-        art = tgt.lower(src, work / "lowered", profile, golden=feeds, **dict(options or {}))
-        golden = art.golden()
-        assert golden is not None  # lower() stores it when given inputs
-        feeds, source_ref = golden
+        art = tgt.lower(src, work / "lowered", profile, **dict(options or {}))
+        source_ref = reference_outputs(src, feeds)       # what the source model computes
         lowered_path = art.folder / "model.onnx"
         got = reference_outputs(lowered_path, feeds)
         check = TargetCheck(target, "fail", precision=art.precision, reason="x86 ORT")
-        _judge(check, got, source_ref, TOLERANCES)
+        judge(check, got, source_ref, TOLERANCES)
         parity = {"passed": check.status == "pass",
                   "outputs": [asdict(o) for o in check.outputs], "reason": check.reason}
         if not parity["passed"]:

@@ -10,7 +10,7 @@ imports its heavy package (openvino, tensorrt) lazily inside those.
 
     {"version": 1, "target": "ort-cpu", "arch": "x86_64", "precision": "fp32",
      "files": {"model": "model.onnx", ...}, "inputs": {name: {"shape", "dtype"}},
-     "outputs": [name, ...], "options": {...}, "report": {...}, "source": "in.onnx"}
+     "outputs": [name, ...], "options": {...}, "report": {...}}
 """
 
 from __future__ import annotations
@@ -30,8 +30,6 @@ from edgestack.errors import BackendUnavailable, TargetError
 
 ARTIFACT_VERSION = 1
 ARTIFACT_FILE = "artifact.json"
-SOURCE_FILE = "source.onnx"
-GOLDEN_FILE = "golden.npz"
 
 
 @dataclass
@@ -109,16 +107,6 @@ class Artifact:
             if not (folder / name).exists():
                 raise TargetError(f"artifact {folder}: its {role} file {name} is missing")
         return art
-
-    def golden(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None:
-        """The golden ``(inputs, outputs)`` stored at compile time (x86 reference), if any."""
-        if "golden" not in self.files:
-            return None
-        with np.load(self.path("golden"), allow_pickle=False) as npz:
-            feeds = {k[3:]: npz[k] for k in npz.files if k.startswith("in:")}
-            outs = {k[4:]: npz[k] for k in npz.files if k.startswith("out:")}
-        return feeds, outs
-
 
 def host_arch() -> str:
     """This machine's CPU architecture as edgestack names it (``x86_64``/``aarch64``)."""
@@ -250,7 +238,6 @@ class Target:
         return {}
 
     def lower(self, model_path: str | Path, out_dir: str | Path, profile: Any | None = None,
-              *, golden: Mapping[str, np.ndarray] | None = None,
               **options: Any) -> Artifact:
         """Compile ``model_path`` into ``out_dir``.
 
@@ -258,8 +245,6 @@ class Target:
             model_path: An exported ONNX model (edgestack ops allowed).
             out_dir: Output folder (created; files inside are replaced).
             profile: A :class:`edgestack.profiles.Profile` or name; ``None``: defaults.
-            golden: Inputs to store with x86 ORT reference outputs of the *source* model
-                (``golden.npz``), for ``edgestack verify``.
             **options: Target options (see each target's docstring); unknown ones raise.
 
         Returns:
@@ -288,24 +273,14 @@ class Target:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         art = self.lower_impl(model_path, out, profile, opts)
-        # Keep the source model so `verify` can compute a reference on x86.
-        src = out / SOURCE_FILE
-        if model_path.resolve() != src.resolve():
-            shutil.copyfile(model_path, src)
-            from edgestack.exporter.output import external_files  # (imports onnx-ir)
+        # a lowered graph may still read tensors it did not rewrite from the source's external
+        # data (onnx-ir saves them as references): that data goes beside it
+        from edgestack.exporter.output import external_files  # (imports onnx-ir)
 
-            for name in external_files(model_path):  # its external data, by the graph's names
-                data = model_path.parent / name
-                if Path(name).name == name and data.is_file() and not (out / name).exists():
-                    shutil.copyfile(data, out / name)
-        art.files.setdefault("source", SOURCE_FILE)
-        if golden is not None:
-            from edgestack.targets.reference import reference_outputs
-
-            ref = reference_outputs(model_path, golden)
-            np.savez(out / GOLDEN_FILE, **{f"in:{k}": np.asarray(v) for k, v in golden.items()},
-                     **{f"out:{k}": v for k, v in ref.items()})
-            art.files["golden"] = GOLDEN_FILE
+        for name in external_files(model_path):  # by the names the graph gives them
+            data = model_path.parent / name
+            if Path(name).name == name and data.is_file() and not (out / name).exists():
+                shutil.copyfile(data, out / name)
         art.save()
         return art
 

@@ -135,8 +135,10 @@ def compare_output(name: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance) 
     return OutputCheck(name, r.shape, r.max_abs, r.max_rel, r.cosine, top1, bool(ok))
 
 
-def _judge(check: TargetCheck, got: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray],
-           tolerances: Mapping[str, Tolerance]) -> None:
+def judge(check: TargetCheck, got: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray],
+          tolerances: Mapping[str, Tolerance]) -> None:
+    """Fill ``check`` (status, per-output results) from ``got`` against ``ref`` with the
+    tolerance of the check's precision."""
     tol = tolerances[check.precision or "fp32"]
     missing = [n for n in ref if n not in got]
     if missing:
@@ -199,7 +201,7 @@ def cross_check(cases: Sequence[Case], targets: Sequence[str] | str = "all", *,
                     check.status, check.reason = "error", str(exc)
                     continue
                 check.seconds = round(time.perf_counter() - t0, 3)
-                _judge(check, got, refs[i], tols)
+                judge(check, got, refs[i], tols)
         if arm_jobs:
             from edgestack.targets.emulate import AArch64Emulator
 
@@ -213,7 +215,7 @@ def cross_check(cases: Sequence[Case], targets: Sequence[str] | str = "all", *,
                     check.status, check.reason = "error", str(res)
                 else:
                     check.reason = "aarch64 under qemu emulation"
-                    _judge(check, res, refs[i], tols)
+                    judge(check, res, refs[i], tols)
         return reports
     finally:
         if tmp is not None:
@@ -221,4 +223,4 @@ def cross_check(cases: Sequence[Case], targets: Sequence[str] | str = "all", *,
 
 
 __all__ = ["Tolerance", "TOLERANCES", "OutputCheck", "TargetCheck", "CaseReport", "Case",
-           "compare_output", "cross_check"]
+           "compare_output", "cross_check", "judge"]
