@@ -65,9 +65,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "with it, no other file is touched)")
     add_method_options(p)
     g = p.add_argument_group("calibration")
-    g.add_argument("--extra-texts", type=int, default=None,
-                   help="text models: more corpus sentences for the pass's statistics "
-                   "(compress()'s extra_texts)")
     g.add_argument("--calib", default=None, metavar="FILE",
                    help="calibrate on your data: text lines, JSONL with a 'text' field "
                    "(tokenized with the model's tokenizer.json), or an .npz of model inputs")

@@ -57,6 +57,10 @@ def add_method_options(p: argparse.ArgumentParser, tiers: bool = True) -> None:
                    help="bitstack/lowrank: ignore calibration statistics")
     g.add_argument("--skip", action="append", default=[], metavar="PREFIX",
                    help="leave modules whose name starts with PREFIX dense (repeatable)")
+    g.add_argument("--extra-texts", type=int, default=None,
+                   help="text models, any method: more corpus sentences for the pass's "
+                   "statistics beyond the calibration batches (compress()'s extra_texts; "
+                   "baselines and --calib-n unchanged)")
 
 
 def _flags(args: argparse.Namespace) -> list[tuple[str, object, dict[str, str | None]]]:
@@ -85,8 +89,7 @@ def _flags(args: argparse.Namespace) -> list[tuple[str, object, dict[str, str | 
         ("--metric", args.metric, {"prune": "metric"}),
         ("--adaptive", True if args.adaptive else None, {"prune": "adaptive"}),
         ("--no-act-aware", no_act, {"bitstack": "act_aware", "lowrank": "act_aware"}),
-        ("--extra-texts", getattr(args, "extra_texts", None),
-         {m: "extra_texts" for m in METHODS}),
+        ("--extra-texts", args.extra_texts, {m: "extra_texts" for m in METHODS}),
     ]
 
 

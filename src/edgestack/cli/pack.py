@@ -52,10 +52,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "blocks, factor bits 0.125, so the top tier reaches the original's "
                    "quality; other methods give a compiled package with one tier)")
     add_method_options(p)
-    p.add_argument("--extra-texts", type=int, default=None,
-                   help="text models: more corpus sentences for the compression statistics "
-                   "beyond the calibration batches (a built-in text model already calibrates "
-                   "on the whole shipped corpus)")
     p.add_argument("--steps-per-level", type=int, default=4,
                    help="tiers between BitStack level boundaries (default 4)")
     p.add_argument("--overwrite", action="store_true",

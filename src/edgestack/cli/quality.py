@@ -54,9 +54,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--calib-n", type=int, default=128,
                    help="calibration sentences from the shipped corpus (default 128)")
     c.add_argument("--calib-seq", type=int, default=64, help="tokens per sentence (default 64)")
-    c.add_argument("--extra-texts", type=int, default=None,
-                   help="any method: more corpus sentences for the pass only (compress()'s "
-                   "extra_texts: the baselines and --calib-n are unchanged; text models)")
     e = p.add_argument_group("evaluation on your data")
     e.add_argument("--eval", default=None, metavar="FILE",
                    help="measure on FILE with the task's metric: JSONL with a text field and "

@@ -52,9 +52,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="calibration sentences from the shipped corpus or --calib (default "
                    "128)")
     c.add_argument("--calib-seq", type=int, default=64, help="tokens per sentence (default 64)")
-    c.add_argument("--extra-texts", type=int, default=None,
-                   help="more corpus sentences for the pass (compress()'s extra_texts; text "
-                   "models)")
     e = p.add_argument_group("evaluation on your data")
     e.add_argument("--eval", default=None, metavar="FILE",
                    help="measure with the task's metric on FILE, as `edgestack quality --eval`")
