@@ -12,9 +12,9 @@ Imports numpy and the standard library only, so the on-device runtime can use it
   or the exporter): an exported model -> a package. Not imported here, so ``import
   edgestack.package`` stays numpy-only. A model source is compressed and exported first by
   :func:`edgestack.pipeline.pack_model` (``edgestack pack``).
-- :func:`edgestack.package.inspect.inspect_path` (host side; imports onnx, never torch; not
-  imported here either): what is inside an ONNX file or a package, loading no weights
-  (``edgestack inspect``).
+
+What is inside an ONNX file or a package (``edgestack inspect``) is a report of the profiler
+layer: :func:`edgestack.profiler.inspect.inspect_path`.
 """
 
 from edgestack.package.archive import extract_archive, write_archive

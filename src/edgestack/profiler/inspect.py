@@ -36,6 +36,11 @@ from typing import Any
 
 from edgestack.core.text import printable
 from edgestack.errors import EdgestackError
+from edgestack.exporter.export import META_COMPRESSION as _COMPRESSION
+from edgestack.exporter.export import META_LAYERS as _LAYERS
+from edgestack.exporter.export import META_LOWRANK as _LOWRANK
+from edgestack.exporter.ops import DOMAIN as EDGESTACK_DOMAIN
+from edgestack.formats.bitstack import NODE_LAYER_KEY as _NODE_LAYER
 from edgestack.package.format import (
     ARCHIVE_SUFFIX,
     DENSE_FILES,
@@ -43,15 +48,8 @@ from edgestack.package.format import (
     VARIANT_FILE,
 )
 
-EDGESTACK_DOMAIN = "edgestack"
-"""The ONNX domain of edgestack's decode ops (``edgestack.exporter.ops.DOMAIN``)."""
-
 _META_PREFIX = "edgestack."
-_COMPRESSION = "edgestack.compression"
-_LAYERS = "edgestack.layers"
-_LOWRANK = "edgestack.lowrank_layers"
 _METHOD = "edgestack.method"
-_NODE_LAYER = "edgestack.layer"
 _PASS_THROUGH = ("Identity", "Cast")
 _DTYPE_NAMES = {"FLOAT": "float32", "DOUBLE": "float64"}
 _FOUR_BIT = ("INT4", "UINT4", "FLOAT4E2M1")
