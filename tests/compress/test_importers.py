@@ -182,7 +182,9 @@ def test_deepshift_exponent_range_too_wide():
     imported, report = load_checkpoint("deepshift", state, base=zoo.small_cnn()[0], clamp=True)
     w = imported.head[0].weight_module()
     assert w[5, 1] == 2.0**-14 and w[5, 0] == 1.0
-    assert any("clamped 1 weight" in x for x in report.warnings)
+    change = f"largest change {2.0**-14 - 2.0**-20:.3g}"  # 2^-20 rose to 2^-14
+    assert any("clamped (clamp=True): 1 weight(s)" in x and change in x
+               for x in report.warnings), report.warnings
 
 
 def test_deepshift_sign_without_shift():
@@ -544,6 +546,39 @@ class _Opaque:  # a pickled Python object that weights_only loading refuses
     pass
 
 
+class _Runs:
+    """Unpickling it would run a command (``subprocess.call`` or ``os.system``) that creates
+    ``marker``."""
+
+    def __init__(self, how: str, marker):
+        self.how, self.marker = how, marker
+
+    def __reduce__(self):
+        import os
+        import subprocess
+
+        if self.how == "system":
+            return os.system, (f"touch {self.marker}",)
+        return subprocess.call, (["touch", str(self.marker)],)
+
+
+def test_pickled_objects_are_skipped_without_running(tmp_path):
+    """A training checkpoint with pickled objects is read; none of their code runs."""
+    model, _ = zoo.small_cnn()
+    state, weights = _deepshift_ps(model, prefix="")
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": state, "hook": _Runs("call", marker), "note": _Opaque()},
+               tmp_path / "ckpt.pt")
+    imported, report = load_checkpoint("deepshift", tmp_path / "ckpt.pt", base=model)
+    assert not marker.exists()
+    # (pickle protocol 2 names subprocess.call by its Python 2 module, commands)
+    assert ".call object: not constructed" in report.skipped["hook"]
+    assert "_Opaque object: not constructed" in report.skipped["note"]
+    assert any("without running pickled code" in w and "'hook', 'note'" in w
+               for w in report.warnings), report.warnings
+    assert torch.equal(imported.head[2].weight_module(), weights["head.2"])
+
+
 def test_checkpoint_path_errors(tmp_path):
     base = zoo.small_cnn()[0]
     with pytest.raises(CheckpointError, match="does not exist"):
@@ -557,9 +592,15 @@ def test_checkpoint_path_errors(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="cannot read .* as a torch checkpoint"):
         load_checkpoint("deepshift", tmp_path / "bad.pt", base=base)
-    torch.save({"state_dict": base.state_dict(), "scheduler": _Opaque()}, tmp_path / "obj.pt")
-    with pytest.raises(CheckpointError, match="holds Python objects other than tensors"):
+    torch.save(_Opaque(), tmp_path / "obj.pt")  # nothing but a pickled object
+    with pytest.raises(CheckpointError, match=r"obj.pt.*expected a state dict.*found a "
+                                              r"pickled .*_Opaque object"):
         load_checkpoint("deepshift", tmp_path / "obj.pt", base=base)
+    torch.save({"state_dict": {}, "x": _Runs("system", tmp_path / "pwned")}, tmp_path / "os.pt")
+    with pytest.raises(CheckpointError, match=r"cannot read .*os.pt.*GLOBAL posix.system whose "
+                                              r"module posix is blocked"):
+        load_checkpoint("deepshift", tmp_path / "os.pt", base=base)
+    assert not (tmp_path / "pwned").exists()
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="holds no weight file"):
         load_checkpoint("flap", tmp_path / "empty")

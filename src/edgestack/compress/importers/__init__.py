@@ -76,10 +76,8 @@ def load_checkpoint(kind: str, checkpoint: Any, base: Any = None,
         )
     ckpt = read_checkpoint(checkpoint)
     report = ImportReport(kind=kind, source=ckpt.source)
-    if ckpt.dropped:
-        report.warnings.append(
-            f"ignored non-tensor entries of the checkpoint: {', '.join(ckpt.dropped[:8])}"
-        )
+    report.skipped = dict(ckpt.skipped)
+    report.warnings += ckpt.notes
     model, notes = build_model(base, ckpt)
     report.warnings += notes
     state = align_keys(ckpt.state, model, report)
