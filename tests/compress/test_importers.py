@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -184,6 +185,217 @@ def test_deepshift_exponent_range_too_wide():
     assert w[5, 1] == 2.0**-14 and w[5, 0] == 1.0
     change = f"largest change {2.0**-14 - 2.0**-20:.3g}"  # 2^-20 rose to 2^-14
     assert any("clamped (clamp=True): 1 weight(s)" in x and change in x
+               for x in report.warnings), report.warnings
+
+
+# --- DeepShift training files, as its scripts write them ---------------------------------
+
+
+class _LinearShift(nn.Module):
+    """deepshift.modules.LinearShift's parameters (shift, sign, bias)."""
+
+    def __init__(self, lin: nn.Linear, g: torch.Generator):
+        super().__init__()
+        shape = lin.weight.shape
+        self.shift = nn.Parameter(torch.empty(shape).uniform_(-14, 0, generator=g))
+        self.sign = nn.Parameter(torch.empty(shape).uniform_(-1, 1, generator=g))
+        self.bias = nn.Parameter(lin.bias.detach().clone())
+
+
+class _Conv2dShift(_LinearShift):
+    """deepshift.modules.Conv2dShift: ``reset_parameters`` draws shift from (-10, -1)."""
+
+    def __init__(self, conv: nn.Conv2d, g: torch.Generator):
+        super().__init__(conv, g)
+        with torch.no_grad():
+            self.shift.uniform_(-10, -1, generator=g)
+
+
+def _convert_to_shift(module: nn.Module, g: torch.Generator) -> nn.Module:
+    """convert.py ``convert_to_shift(shift_type='PS')`` for our test classes."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.Linear):
+            setattr(module, name, _LinearShift(child, g))
+        elif isinstance(child, nn.Conv2d):
+            setattr(module, name, _Conv2dShift(child, g))
+        else:
+            _convert_to_shift(child, g)
+    return module
+
+
+class _SmallCNN(nn.Module):
+    """zoo.small_cnn's modules in a class that pickle can name (torch.save(model))."""
+
+    def __init__(self, src: nn.Module):
+        super().__init__()
+        self.features, self.pool, self.head = src.features, src.pool, src.head
+
+
+def _clampabs(w: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+    """deepshift/utils.py: clampabs."""
+    w = w.clone()
+    w[w > hi] = hi
+    w[w < -hi] = -hi
+    w[(w > 0) & (w < lo)] = lo
+    w[(w < 0) & (w > -lo)] = -lo
+    return w
+
+
+def _round_power_of_2(w: torch.Tensor) -> torch.Tensor:
+    """deepshift/utils.py: round_power_of_2 (deterministic rounding)."""
+    shift = (torch.log(w.abs()) / np.log(2)).round()
+    return (2.0 ** shift) * torch.sign(w)
+
+
+def _round_to_fixed(x: torch.Tensor, integer_bits: int = 16, fraction_bits: int = 16):
+    """deepshift/utils.py: round_to_fixed."""
+    delta, bound = 2.0 ** -fraction_bits, 2.0 ** (integer_bits - 1)
+    return torch.clamp(torch.floor(x / delta) * delta, -bound, bound - 1)
+
+
+def _train_step_and_save(model: nn.Module, path, g: torch.Generator) -> None:
+    """cifar10.py: the optimizer's three parameter groups, a MultiStepLR, one step, then
+    ``save_checkpoint({...})`` with the scheduler object and a numpy ``best_acc1``."""
+    groups = {"other": [], "sign": [], "shift": []}
+    for name, p in model.named_parameters():
+        groups["sign" if name.endswith(".sign") else
+               "shift" if name.endswith(".shift") else "other"].append(p)
+    optimizer = torch.optim.SGD([{"params": groups["other"]},
+                                 {"params": groups["sign"], "lr": 0.01, "weight_decay": 0},
+                                 {"params": groups["shift"], "lr": 0.01, "weight_decay": 0}],
+                                0.01, momentum=0.9, weight_decay=1e-4)
+    lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[80, 120, 160])
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=g) * 1e-3
+    optimizer.step()
+    lr_scheduler.step()
+    best_acc1 = torch.tensor([37.5]).cpu().numpy()  # validate(): top1.avg.cpu().numpy()
+    torch.save({"epoch": 1, "arch": "small_cnn", "state_dict": model.state_dict(),
+                "best_acc1": best_acc1, "optimizer": optimizer.state_dict(),
+                "lr_scheduler": lr_scheduler}, path)
+
+
+def _ps_reference(trained: nn.Module, base: nn.Module) -> nn.Module:
+    """``base`` holding the weights DeepShift-PS computes with (modules.py forward)."""
+    ref = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, mod in trained.named_modules():
+            if isinstance(mod, _LinearShift):
+                name = name.replace("module.", "")  # the DataParallel wrapper
+                layer = ref.get_submodule(name)
+                layer.weight.copy_(2 ** mod.shift.round() * mod.sign.round().sign())
+                layer.bias.copy_(mod.bias)
+    return ref
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_deepshift_training_checkpoint_with_scheduler(tmp_path, legacy):
+    """checkpoint.pth.tar as cifar10.py writes it, features in DataParallel (imagenet.py
+    for alexnet/vgg); legacy: the pre-1.6 non-zip torch.save format."""
+    g = _gen(40)
+    trained = _convert_to_shift(zoo.small_cnn()[0], g)
+    trained.features = nn.DataParallel(trained.features)
+    path = tmp_path / "checkpoint.pth.tar"
+    if legacy:
+        save = torch.save
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch, "save", lambda obj, f: save(
+                obj, f, _use_new_zipfile_serialization=False))
+            _train_step_and_save(trained, path, g)
+    else:
+        _train_step_and_save(trained, path, g)
+    assert "features.module.0.shift" in torch.load(path, weights_only=False)["state_dict"]
+
+    base, inputs = zoo.small_cnn()
+    ref = _ps_reference(trained, base)
+    imported, report = load_checkpoint("deepshift", path, base=zoo.small_cnn()[0])
+    assert report.unwrapped == ["features.module."] and report.stripped_prefix == ""
+    assert len(report.converted) == 6
+    assert "MultiStepLR object: not constructed" in report.skipped["lr_scheduler"]
+    assert "numpy array" in report.skipped["best_acc1"]
+    assert report.skipped["optimizer"].startswith("optimizer state_dict")
+    assert report.skipped["epoch"] == "int 1: training metadata"
+    assert any("without running pickled code" in w for w in report.warnings)
+    torch.testing.assert_close(_out(imported, inputs), _out(ref, inputs))
+
+
+def test_deepshift_pickled_model_file(tmp_path):
+    """model.pth: ``torch.save(model_rounded)`` of the whole DataParallel-wrapped model."""
+    g = _gen(41)
+    trained = _convert_to_shift(_SmallCNN(zoo.small_cnn()[0]), g)
+    trained.features = nn.DataParallel(trained.features)
+    with torch.no_grad():  # convert.py round_shift_weights
+        for mod in trained.modules():
+            if isinstance(mod, _LinearShift):
+                mod.shift.copy_(mod.shift.round())
+                mod.sign.copy_(mod.sign.round().sign())
+                mod.bias.copy_(_round_to_fixed(mod.bias))
+    torch.save(trained, tmp_path / "model.pth")
+    base, inputs = zoo.small_cnn()
+    ref = _ps_reference(trained, base)
+    imported, report = load_checkpoint("deepshift", tmp_path / "model.pth",
+                                       base=zoo.small_cnn()[0])
+    assert "_SmallCNN module: its 18 parameters" in report.skipped["<model>"]
+    assert report.unwrapped == ["features.module."]
+    torch.testing.assert_close(_out(imported, inputs), _out(ref, inputs))
+
+
+def _deepshift_q_weights(model: nn.Module, g: torch.Generator, weight_bits: int = 5):
+    """weights.pth of a DeepShift-Q model: round_shift_weights on every layer
+    (``shift_range = (-(2**(weight_bits-1) - 1), 0)``), the bias to 16.16 fixed point."""
+    lo = 2.0 ** -(2 ** (weight_bits - 1) - 1)
+    state = {}
+    for name, t in model.state_dict().items():
+        if name.endswith(".weight"):  # log-uniform over 2^-16 .. 2^0.4: every exponent hit
+            mag = 2.0 ** torch.empty(t.shape).uniform_(-16.0, 0.4, generator=g)
+            w = mag * (torch.randint(0, 2, t.shape, generator=g) * 2 - 1)
+            state[name] = _round_power_of_2(_clampabs(w, lo, 1.0))
+        else:
+            state[name] = _round_to_fixed(t)
+    return state
+
+
+def test_deepshift_q_default_weight_bits_is_exact(tmp_path):
+    """DeepShift-Q at weight_bits=5: 16 exponents (2^0 .. 2^-15) per channel, no zero."""
+    base, inputs = zoo.small_cnn()
+    state = _deepshift_q_weights(base, _gen(42))
+    torch.save({"module." + k: v for k, v in state.items()}, tmp_path / "weights.pth")
+    ref = copy.deepcopy(base)
+    ref.load_state_dict(state)
+    imported, report = load_checkpoint("deepshift", tmp_path / "weights.pth",
+                                       base=zoo.small_cnn()[0])
+    assert len(report.converted) == 6
+    head = report.converted["head.0"]
+    assert "DeepShift-Q" in head and "bits=5 (zero-free), widest exponent span 16" in head
+    for name in report.converted:
+        codes = get_module(imported, name).weight_module
+        assert codes.bits == 5 and not codes.zero
+        assert torch.equal(codes(), state[name + ".weight"]), name  # bit-exact
+    torch.testing.assert_close(_out(imported, inputs), _out(ref, inputs))
+
+    # an exact zero in a layer that spans 16 exponents: 5-bit codes with zero hold 15
+    state["head.0.weight"][3, 7] = 0.0
+    with pytest.raises(CheckpointError, match=r"layer 'head.0'.*span 16 powers of two.*holds "
+                                              r"1 zero weight.*hold 15 magnitudes.*16 without "
+                                              r"a zero.*clamp=True.*with 1 weight\(s\) changed: 1 "
+                                              r"zero weight\(s\) become \+2\^\(largest-15\)"):
+        load_checkpoint("deepshift", state, base=zoo.small_cnn()[0])
+    imported, report = load_checkpoint("deepshift", state, base=zoo.small_cnn()[0], clamp=True)
+    w, q = state["head.0.weight"], imported.head[0].weight_module()
+    assert not imported.head[0].weight_module.zero
+    assert q[3, 7] == w[3].abs().max() * 2.0**-15  # the zero became the smallest level
+    changed = q != w
+    assert int(changed.sum()) == 1 and changed[3, 7]
+    assert any("clamped (clamp=True): 1 zero weight(s)" in x and "largest change" in x
+               for x in report.warnings), report.warnings
+    # many zeros: raising the 2^(largest-15) weights instead changes fewer weights
+    state["head.0.weight"][:, :40] = 0.0
+    imported, report = load_checkpoint("deepshift", state, base=zoo.small_cnn()[0], clamp=True)
+    q = imported.head[0].weight_module()
+    low = (w != 0) & (w.abs() < w.abs().amax(dim=1, keepdim=True) * 2.0**-14)
+    assert imported.head[0].weight_module.zero
+    assert torch.equal(q[~low], w[~low]) and torch.equal(q[low], 2 * w[low])
+    assert any(f"clamped (clamp=True): {int(low.sum())} weight(s) more than 14" in x
                for x in report.warnings), report.warnings
 
 

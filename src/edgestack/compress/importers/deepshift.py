@@ -113,30 +113,26 @@ def shift_codes_from_pow2(name: str, sign: np.ndarray, exponent: np.ndarray,
     bits = next((b for b in range(MIN_BITS, MAX_BITS + 1) if levels(b, zero) >= widest + 1),
                 None)
     if bits is None:
-        top = levels(MAX_BITS, zero)
         c = int(span.argmax())
-        low = pmax[:, None] - (top - 1)
-        hit = nz & (p < low)
-        n_clamped = int(hit.sum())
-        # each clamped weight grows from 2^p to 2^low: by 2^low - 2^p (< 2^low) in magnitude
-        change = float(np.max(np.where(hit, np.exp2(low.astype(np.float64))
-                                       - np.exp2(p.astype(np.float64)), 0.0)))
-        what = (f"{n_clamped} weight(s) more than {top - 1} exponents below their channel's "
-                f"largest rise to 2^(largest-{top - 1}) (largest change {change:.3g}; each "
-                f"change is below 2^(largest-{top - 1}))")
+        choice = min((_re_express(s, p, nz, pmax, zf) for zf in ((True, False) if zero
+                                                                   else (False,))),
+                     key=lambda r: r[0])
         if not clamp:
-            why = (f"the layer holds {int((~nz).sum())} zero weight(s), so its codes need the "
-                   f"zero field and hold {top} magnitudes per channel ({MAX_BITS} bits; "
-                   f"{levels(MAX_BITS, False)} without a zero weight in the layer)"
-                   if zero else
-                   f"shift codes hold at most {top} magnitudes per channel ({MAX_BITS} bits)")
+            n_changed, what = choice[:2]
+            why = (f"the layer holds {int((~nz).sum())} zero weight(s), so exact codes need "
+                   f"the zero field and hold {levels(MAX_BITS, True)} magnitudes per channel "
+                   f"({MAX_BITS} bits; {levels(MAX_BITS, False)} without a zero weight in the "
+                   "layer)" if zero else
+                   f"shift codes hold at most {levels(MAX_BITS, False)} magnitudes per channel "
+                   f"({MAX_BITS} bits)")
             raise CheckpointError(
                 f"layer {name!r}: DeepShift exponents span {widest + 1} powers of two in "
                 f"output channel {c} (2^{int(pmax[c])} down to 2^{int(pmin[c])}); {why}; "
-                f"pass clamp=True to import it with those weights changed: {what}"
+                f"pass clamp=True to import it with {n_changed} weight(s) changed: {what}"
             )
+        _, what, s, p, zero = choice
         bits = MAX_BITS
-        p = np.maximum(p, low)
+        nz = s != 0
         notes.append(f"layer {name!r}: clamped (clamp=True): {what}")
     zero_field = levels(bits, True)
     e = np.where(nz, pmax[:, None] - p, zero_field if zero else 0)
@@ -151,6 +147,35 @@ def shift_codes_from_pow2(name: str, sign: np.ndarray, exponent: np.ndarray,
                f"{widest + 1}, exponents 2^{int(pmin[has].min()) if has.any() else 0}"
                f"..2^{int(pmax[has].max()) if has.any() else 0}")
     return result, details, notes
+
+
+def _re_express(s: np.ndarray, p: np.ndarray, nz: np.ndarray, pmax: np.ndarray,
+                zero: bool) -> tuple[int, str, np.ndarray, np.ndarray, bool]:
+    """The nearest weights 5-bit codes (``zero``: with the zero field) hold, for a layer whose
+    exponent span is too wide: exponents more than ``levels - 1`` below their channel's
+    largest rise to that level; zero-free, zero weights become ``+2^(largest-15)`` too.
+
+    Returns:
+        ``(weights changed, what changed, sign, exponent, zero)``.
+    """
+    top = levels(MAX_BITS, zero)
+    low = pmax[:, None] - (top - 1)
+    hit = nz & (p < low)
+    # a clamped weight grows from 2^p to 2^low (by less than 2^low); a zero becomes 2^low
+    grow = np.where(hit, np.exp2(low.astype(np.float64)) - np.exp2(p.astype(np.float64)), 0.0)
+    if not zero:
+        grow = np.where(nz, grow, np.exp2(low.astype(np.float64)))
+    n_hit, n_zero = int(hit.sum()), 0 if zero else int((~nz).sum())
+    parts = [f"{n_hit} weight(s) more than {top - 1} exponents below their channel's largest "
+             f"rise to 2^(largest-{top - 1})"] if n_hit else []
+    if n_zero:
+        parts.append(f"{n_zero} zero weight(s) become +2^(largest-{top - 1}) (zero-free codes)")
+    what = (" and ".join(parts) + f" (largest change {float(grow.max()):.3g}; no change "
+            f"exceeds 2^(largest-{top - 1}))")
+    p = np.maximum(p, low)
+    if not zero:  # (a zero's own exponent is meaningless)
+        s, p = np.where(nz, s, 1), np.where(nz, p, low)
+    return n_hit + n_zero, what, s, p, zero
 
 
 def _ps_weight(name: str, shift: torch.Tensor, sign: torch.Tensor, weight_bits: int | None,
