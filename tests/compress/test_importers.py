@@ -10,13 +10,13 @@ from __future__ import annotations
 import copy
 import json
 
-import numpy as np
 import pytest
 import torch
 import transformers
 from safetensors.torch import save_file
 from torch import nn
 
+import upstream_layouts as up
 from edgestack import zoo
 from edgestack.compress.importers import IMPORTERS, load_checkpoint
 from edgestack.compress.layers import CompressedLayer, LowRankLinear
@@ -188,99 +188,12 @@ def test_deepshift_exponent_range_too_wide():
                for x in report.warnings), report.warnings
 
 
-# --- DeepShift training files, as its scripts write them ---------------------------------
-
-
-class _LinearShift(nn.Module):
-    """deepshift.modules.LinearShift's parameters (shift, sign, bias)."""
-
-    def __init__(self, lin: nn.Linear, g: torch.Generator):
-        super().__init__()
-        shape = lin.weight.shape
-        self.shift = nn.Parameter(torch.empty(shape).uniform_(-14, 0, generator=g))
-        self.sign = nn.Parameter(torch.empty(shape).uniform_(-1, 1, generator=g))
-        self.bias = nn.Parameter(lin.bias.detach().clone())
-
-
-class _Conv2dShift(_LinearShift):
-    """deepshift.modules.Conv2dShift: ``reset_parameters`` draws shift from (-10, -1)."""
-
-    def __init__(self, conv: nn.Conv2d, g: torch.Generator):
-        super().__init__(conv, g)
-        with torch.no_grad():
-            self.shift.uniform_(-10, -1, generator=g)
-
-
-def _convert_to_shift(module: nn.Module, g: torch.Generator) -> nn.Module:
-    """convert.py ``convert_to_shift(shift_type='PS')`` for our test classes."""
-    for name, child in list(module.named_children()):
-        if isinstance(child, nn.Linear):
-            setattr(module, name, _LinearShift(child, g))
-        elif isinstance(child, nn.Conv2d):
-            setattr(module, name, _Conv2dShift(child, g))
-        else:
-            _convert_to_shift(child, g)
-    return module
-
-
-class _SmallCNN(nn.Module):
-    """zoo.small_cnn's modules in a class that pickle can name (torch.save(model))."""
-
-    def __init__(self, src: nn.Module):
-        super().__init__()
-        self.features, self.pool, self.head = src.features, src.pool, src.head
-
-
-def _clampabs(w: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """deepshift/utils.py: clampabs."""
-    w = w.clone()
-    w[w > hi] = hi
-    w[w < -hi] = -hi
-    w[(w > 0) & (w < lo)] = lo
-    w[(w < 0) & (w > -lo)] = -lo
-    return w
-
-
-def _round_power_of_2(w: torch.Tensor) -> torch.Tensor:
-    """deepshift/utils.py: round_power_of_2 (deterministic rounding)."""
-    shift = (torch.log(w.abs()) / np.log(2)).round()
-    return (2.0 ** shift) * torch.sign(w)
-
-
-def _round_to_fixed(x: torch.Tensor, integer_bits: int = 16, fraction_bits: int = 16):
-    """deepshift/utils.py: round_to_fixed."""
-    delta, bound = 2.0 ** -fraction_bits, 2.0 ** (integer_bits - 1)
-    return torch.clamp(torch.floor(x / delta) * delta, -bound, bound - 1)
-
-
-def _train_step_and_save(model: nn.Module, path, g: torch.Generator) -> None:
-    """cifar10.py: the optimizer's three parameter groups, a MultiStepLR, one step, then
-    ``save_checkpoint({...})`` with the scheduler object and a numpy ``best_acc1``."""
-    groups = {"other": [], "sign": [], "shift": []}
-    for name, p in model.named_parameters():
-        groups["sign" if name.endswith(".sign") else
-               "shift" if name.endswith(".shift") else "other"].append(p)
-    optimizer = torch.optim.SGD([{"params": groups["other"]},
-                                 {"params": groups["sign"], "lr": 0.01, "weight_decay": 0},
-                                 {"params": groups["shift"], "lr": 0.01, "weight_decay": 0}],
-                                0.01, momentum=0.9, weight_decay=1e-4)
-    lr_scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[80, 120, 160])
-    for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=g) * 1e-3
-    optimizer.step()
-    lr_scheduler.step()
-    best_acc1 = torch.tensor([37.5]).cpu().numpy()  # validate(): top1.avg.cpu().numpy()
-    torch.save({"epoch": 1, "arch": "small_cnn", "state_dict": model.state_dict(),
-                "best_acc1": best_acc1, "optimizer": optimizer.state_dict(),
-                "lr_scheduler": lr_scheduler}, path)
-
-
 def _ps_reference(trained: nn.Module, base: nn.Module) -> nn.Module:
     """``base`` holding the weights DeepShift-PS computes with (modules.py forward)."""
     ref = copy.deepcopy(base)
     with torch.no_grad():
         for name, mod in trained.named_modules():
-            if isinstance(mod, _LinearShift):
+            if isinstance(mod, up.LinearShift):
                 name = name.replace("module.", "")  # the DataParallel wrapper
                 layer = ref.get_submodule(name)
                 layer.weight.copy_(2 ** mod.shift.round() * mod.sign.round().sign())
@@ -293,7 +206,7 @@ def test_deepshift_training_checkpoint_with_scheduler(tmp_path, legacy):
     """checkpoint.pth.tar as cifar10.py writes it, features in DataParallel (imagenet.py
     for alexnet/vgg); legacy: the pre-1.6 non-zip torch.save format."""
     g = _gen(40)
-    trained = _convert_to_shift(zoo.small_cnn()[0], g)
+    trained = up.convert_to_shift(zoo.small_cnn()[0], g)
     trained.features = nn.DataParallel(trained.features)
     path = tmp_path / "checkpoint.pth.tar"
     if legacy:
@@ -301,9 +214,9 @@ def test_deepshift_training_checkpoint_with_scheduler(tmp_path, legacy):
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(torch, "save", lambda obj, f: save(
                 obj, f, _use_new_zipfile_serialization=False))
-            _train_step_and_save(trained, path, g)
+            up.train_step_and_save(trained, path, g)
     else:
-        _train_step_and_save(trained, path, g)
+        up.train_step_and_save(trained, path, g)
     assert "features.module.0.shift" in torch.load(path, weights_only=False)["state_dict"]
 
     base, inputs = zoo.small_cnn()
@@ -322,43 +235,28 @@ def test_deepshift_training_checkpoint_with_scheduler(tmp_path, legacy):
 def test_deepshift_pickled_model_file(tmp_path):
     """model.pth: ``torch.save(model_rounded)`` of the whole DataParallel-wrapped model."""
     g = _gen(41)
-    trained = _convert_to_shift(_SmallCNN(zoo.small_cnn()[0]), g)
+    trained = up.convert_to_shift(up.SmallCNN(zoo.small_cnn()[0]), g)
     trained.features = nn.DataParallel(trained.features)
     with torch.no_grad():  # convert.py round_shift_weights
         for mod in trained.modules():
-            if isinstance(mod, _LinearShift):
+            if isinstance(mod, up.LinearShift):
                 mod.shift.copy_(mod.shift.round())
                 mod.sign.copy_(mod.sign.round().sign())
-                mod.bias.copy_(_round_to_fixed(mod.bias))
+                mod.bias.copy_(up.round_to_fixed(mod.bias))
     torch.save(trained, tmp_path / "model.pth")
     base, inputs = zoo.small_cnn()
     ref = _ps_reference(trained, base)
     imported, report = load_checkpoint("deepshift", tmp_path / "model.pth",
                                        base=zoo.small_cnn()[0])
-    assert "_SmallCNN module: its 18 parameters" in report.skipped["<model>"]
+    assert "SmallCNN module: its 18 parameters" in report.skipped["<model>"]
     assert report.unwrapped == ["features.module."]
     torch.testing.assert_close(_out(imported, inputs), _out(ref, inputs))
-
-
-def _deepshift_q_weights(model: nn.Module, g: torch.Generator, weight_bits: int = 5):
-    """weights.pth of a DeepShift-Q model: round_shift_weights on every layer
-    (``shift_range = (-(2**(weight_bits-1) - 1), 0)``), the bias to 16.16 fixed point."""
-    lo = 2.0 ** -(2 ** (weight_bits - 1) - 1)
-    state = {}
-    for name, t in model.state_dict().items():
-        if name.endswith(".weight"):  # log-uniform over 2^-16 .. 2^0.4: every exponent hit
-            mag = 2.0 ** torch.empty(t.shape).uniform_(-16.0, 0.4, generator=g)
-            w = mag * (torch.randint(0, 2, t.shape, generator=g) * 2 - 1)
-            state[name] = _round_power_of_2(_clampabs(w, lo, 1.0))
-        else:
-            state[name] = _round_to_fixed(t)
-    return state
 
 
 def test_deepshift_q_default_weight_bits_is_exact(tmp_path):
     """DeepShift-Q at weight_bits=5: 16 exponents (2^0 .. 2^-15) per channel, no zero."""
     base, inputs = zoo.small_cnn()
-    state = _deepshift_q_weights(base, _gen(42))
+    state = up.deepshift_q_weights(base, _gen(42))
     torch.save({"module." + k: v for k, v in state.items()}, tmp_path / "weights.pth")
     ref = copy.deepcopy(base)
     ref.load_state_dict(state)
@@ -640,38 +538,6 @@ def test_flap_inconsistent_heads(tmp_path):
 # --- BitStack ----------------------------------------------------------------------------
 
 
-def _pack_sign(w_sign: torch.Tensor) -> torch.Tensor:
-    """bitstack/utils/pack_utils.py: pack_sign."""
-    binary = ((w_sign + 1) // 2).view(-1)
-    n_padding = (8 - binary.numel() % 8) % 8
-    binary = torch.cat([binary, torch.zeros(n_padding, dtype=binary.dtype)]).view(-1, 8)
-    packed = torch.zeros(binary.size(0), dtype=torch.uint8)
-    for i in range(8):
-        packed |= (binary[:, i] << (7 - i)).to(torch.uint8)
-    return packed
-
-
-def _unpack_sign(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """bitstack/utils/pack_utils.py: unpack_sign."""
-    masks = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-    unpacked = ((packed.unsqueeze(-1) & masks) > 0).to(torch.int8).view(-1)
-    return unpacked[: shape.numel()].view(shape) * 2 - 1
-
-
-def _bitstack_layer(state, key, shape, n, k, g):
-    """BitStackLinear buffers for one layer; returns the dense weight it stands for."""
-    w = torch.zeros(shape)
-    for i in range(n):
-        sign = torch.randint(0, 2, shape, generator=g).to(torch.int8) * 2 - 1
-        u = (torch.rand(shape[0], k, generator=g) * 0.3).half()
-        vt = (torch.rand(k, shape[1], generator=g) * 0.3).half()
-        state[f"{key}.qweight_{i}"] = _pack_sign(sign)
-        state[f"{key}.u_{i}"], state[f"{key}.vt_{i}"] = u, vt
-        packed = state[f"{key}.qweight_{i}"]
-        w += _unpack_sign(packed, torch.Size(shape)).float() * (u.float() @ vt.float())
-    return w
-
-
 def test_bitstack_llama_folder(tmp_path):
     cfg = _llama_config()
     dense = _llama(cfg)
@@ -683,7 +549,7 @@ def test_bitstack_llama_folder(tmp_path):
         if isinstance(mod, nn.Linear):
             del state[f"model.{name}.weight"]
             n = 3 if name.startswith("layers.0") else 2  # compression_config: bits per layer
-            weights[name] = _bitstack_layer(state, f"model.{name}", tuple(mod.weight.shape),
+            weights[name] = up.bitstack_layer(state, f"model.{name}", tuple(mod.weight.shape),
                                             n, 4, g)
     folder = _hf_folder(tmp_path, cfg, state)
     ref = _llama(cfg, seed=6)
@@ -710,7 +576,7 @@ def test_bitstack_odd_sizes_bias_and_no_avd():
     g = _gen(32)
     state = dict(model.state_dict())
     del state["net.0.weight"]
-    w = _bitstack_layer(state, "net.0", (19, 15), 2, 3, g).reshape(19, 5, 3)
+    w = up.bitstack_layer(state, "net.0", (19, 15), 2, 3, g).reshape(19, 5, 3)
     state["net.0.bias_0"] = torch.zeros(19, dtype=torch.float16)
     ref = copy.deepcopy(model)
     with torch.no_grad():
@@ -739,7 +605,7 @@ def test_bitstack_missing_companion_and_scales():
     g = _gen(33)
     state = dict(dense.state_dict())
     del state["layers.1.self_attn.o_proj.weight"]
-    _bitstack_layer(state, "layers.1.self_attn.o_proj", (64, 64), 2, 2, g)
+    up.bitstack_layer(state, "layers.1.self_attn.o_proj", (64, 64), 2, 2, g)
     broken = dict(state)
     del broken["layers.1.self_attn.o_proj.u_1"]
     with pytest.raises(CheckpointError, match=r"has layers\.1\.self_attn\.o_proj\.qweight_1 but "
@@ -855,3 +721,52 @@ def test_dense_tensor_shape_and_missing_tensors():
         load_checkpoint("deepshift", state, base=zoo.small_cnn()[0])
     _, report = load_checkpoint("deepshift", state, base=zoo.small_cnn()[0], strict=False)
     assert any("kept the model's own values" in w for w in report.warnings)
+
+
+@pytest.mark.parametrize("files", [("compression_config.json", "reduced_ppl_average.json"),
+                                   ("reduced_ppl_average.json",), ("compression_config.json",)])
+def test_bitstack_importance_files_give_the_block_order(tmp_path, files):
+    """BitStack's own importance (its perplexity ranking, its memory-ordered configs) becomes
+    the imported model's block order; the LlamaForCausalLM keeps its lm_head."""
+    folder = tmp_path / "bitstack"
+    cfg, weights, expected = up.bitstack_llama_folder(folder, files=files)
+    imported, report = load_checkpoint("bitstack", folder)
+    assert isinstance(imported, transformers.LlamaForCausalLM)
+    assert report.unused_keys == [] and not report.warnings, report.warnings
+    assert imported.edgestack_bitstack_order == expected
+    assert report.details["importance_order"]["source"].endswith(files[0])
+    assert sorted(report.converted) == sorted(weights)
+    # a NaN layer goes last in its level, as sort_layers_and_bits_average puts it
+    level1 = [n for n, b in expected if b == 1]
+    assert level1[-1] == "model.layers.0.self_attn.o_proj"  # the 4th layer had NaN
+    for name, w in weights.items():
+        torch.testing.assert_close(get_module(imported, name).weight_module(), w,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_bitstack_importance_file_errors(tmp_path):
+    folder = tmp_path / "bitstack"
+    up.bitstack_llama_folder(folder, files=("compression_config.json",))
+    (folder / "compression_config.json").unlink()
+    _, report = load_checkpoint("bitstack", folder)  # no files: a warning says what follows
+    assert not hasattr(_, "edgestack_bitstack_order")
+    assert any("no compression_config.json or reduced_ppl_average.json" in w
+               for w in report.warnings)
+    configs = [{"memory": 10, "layers": {"layer.0.self_attn.q_proj": 1}},
+               {"memory": 20, "layers": {"layer.0.self_attn.q_proj": 3}}]
+    (folder / "compression_config.json").write_text(json.dumps(configs))
+    with pytest.raises(CheckpointError, match=r"compression_config.json.*config #1.*one layer "
+                                              r"with one block more"):
+        load_checkpoint("bitstack", folder)
+    configs[1]["layers"]["layer.0.self_attn.q_proj"] = 2
+    (folder / "compression_config.json").write_text(json.dumps(configs))
+    with pytest.raises(CheckpointError, match=r"does not cover 40 block\(s\) the checkpoint "
+                                              r"holds, e.g. \[\('model.layers.0.mlp.down_proj', 0\)"):
+        load_checkpoint("bitstack", folder)
+    configs = [{"memory": 10, "layers": {"layer.7.mlp.up_proj": 1}}]
+    (folder / "compression_config.json").write_text(json.dumps(configs))
+    with pytest.raises(CheckpointError, match=r"'layer.7.mlp.up_proj' names no BitStack layer"):
+        load_checkpoint("bitstack", folder)
+    (folder / "compression_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"cannot read BitStack importance file"):
+        load_checkpoint("bitstack", folder)

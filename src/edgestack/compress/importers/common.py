@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgestack.compress.hf import model_from_config
 from edgestack.compress.importers import pickled
 from edgestack.compress.walk import LayerInfo, iter_layers
 from edgestack.errors import CheckpointError
@@ -51,6 +52,8 @@ class ImportReport:
             optimizer state, pickled objects that were not constructed, ...).
         unwrapped: key segments removed because the model lacks them (DataParallel's
             ``module.`` inside a key, e.g. ``features.module.``).
+        details: importer-specific facts (bitstack: ``importance_order``, where the block
+            order came from).
         warnings: everything the user should know (dropped tensors, clamped values, ...).
     """
 
@@ -63,6 +66,7 @@ class ImportReport:
     unused_keys: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     unwrapped: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -81,6 +85,15 @@ class Checkpoint:
     folder: Path | None = None
     skipped: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def where(self) -> Path | None:
+        """The folder holding the checkpoint (its own folder, or a weight file's folder);
+        None for an in-memory state dict."""
+        if self.folder is not None:
+            return self.folder
+        path = Path(self.source)
+        return path.parent if path.is_file() else None
 
 
 def _few(items: list[str] | Any, n: int = _SHOW) -> str:
@@ -224,8 +237,10 @@ def read_checkpoint(checkpoint: Any) -> Checkpoint:
 def build_model(base: Any, ckpt: Checkpoint) -> tuple[nn.Module, list[str]]:
     """The model to import into: ``base``, or a model built from the folder's config.json.
 
-    A model built from a config is transformers' ``AutoModel`` (no task head), fp32, eager
-    attention, eval mode, built offline; its weights are random until the import loads them.
+    A model built from a config (:func:`edgestack.compress.hf.model_from_config`) has the
+    class it was saved as (``config.architectures``: ``LlamaForCausalLM`` keeps its
+    ``lm_head``; none given: the bare ``AutoModel``), fp32, eager attention, eval mode, built
+    offline; its weights are random until the import loads them.
 
     Returns:
         ``(model, notes)``; notes go to the report's warnings.
@@ -250,20 +265,7 @@ def build_model(base: Any, ckpt: Checkpoint) -> tuple[nn.Module, list[str]]:
             "next to the weights; expected a Hugging Face checkpoint folder with config.json, "
             "or pass base (an nn.Module of the architecture, e.g. from module:factory)"
         )
-    from transformers import AutoConfig, AutoModel
-
-    try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"cannot read {str(folder / 'config.json')!r} as a transformers config "
-            f"({type(exc).__name__}: {exc}); pass base (an nn.Module) instead"
-        ) from None
-    config._attn_implementation = "eager"
-    if hasattr(config, "use_cache"):
-        config.use_cache = False
-    model = AutoModel.from_config(config)
-    return model.float().eval(), notes
+    return model_from_config(folder), notes
 
 
 # --- key prefixes -----------------------------------------------------------------------
