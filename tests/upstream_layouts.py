@@ -158,7 +158,7 @@ def generate_configs(sorted_layer_bits: list[str], memory_per_bit: dict[str, int
                      total_memory: int) -> list[dict]:
     """bitstack/utils/model_utils.py: generate_configs."""
     configs = []
-    layers = {layer: 1 for layer in memory_per_bit.keys()}
+    layers = {layer: 1 for layer in memory_per_bit}
     configs.append({"memory": total_memory, "layers": layers.copy()})
     for layer in sorted_layer_bits:
         total_memory += memory_per_bit[layer]

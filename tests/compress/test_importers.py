@@ -761,7 +761,8 @@ def test_bitstack_importance_file_errors(tmp_path):
     configs[1]["layers"]["layer.0.self_attn.q_proj"] = 2
     (folder / "compression_config.json").write_text(json.dumps(configs))
     with pytest.raises(CheckpointError, match=r"does not cover 40 block\(s\) the checkpoint "
-                                              r"holds, e.g. \[\('model.layers.0.mlp.down_proj', 0\)"):
+                                              r"holds, e.g. \[\('model.layers.0.mlp.down_proj', "
+                                              r"0\)"):
         load_checkpoint("bitstack", folder)
     configs = [{"memory": 10, "layers": {"layer.7.mlp.up_proj": 1}}]
     (folder / "compression_config.json").write_text(json.dumps(configs))
