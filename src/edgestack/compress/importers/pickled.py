@@ -70,10 +70,8 @@ class Skipped:
 
 
 def _stand_in(name: str) -> Any:
-    if name == "collections.defaultdict":
-        return _plain_dict
-    if name in _BUILTINS:
-        return _BUILTINS[name]
+    if name in _AS_IS:
+        return _AS_IS[name]
     return type("Skipped", (Skipped,), {"global_name": name})
 
 
@@ -82,8 +80,10 @@ def _plain_dict(*args: Any) -> dict:
     return {}
 
 
-_BUILTINS = {"builtins.dict": dict, "builtins.list": list, "builtins.set": set,
-             "builtins.frozenset": frozenset}
+# read as these plain containers (the weights-only unpickler fills only exact dicts and lists)
+_AS_IS: dict[str, Any] = {"builtins.dict": dict, "builtins.list": list, "builtins.set": set,
+                          "builtins.frozenset": frozenset,
+                          "collections.defaultdict": _plain_dict}
 
 
 def _scan(path: Path) -> set[str]:
@@ -95,6 +95,10 @@ def _scan(path: Path) -> set[str]:
 
 def load_torch(path: Path) -> tuple[Any, list[str]]:
     """``torch.load`` a file with torch's weights-only unpickler, standing in for globals.
+
+    The stand-ins are allowlisted with :class:`torch.serialization.safe_globals`, which is
+    process-wide while the file loads: another thread's ``torch.load`` in that moment would
+    get stand-ins for those names too (never the real objects).
 
     Returns:
         ``(object, names)``: the loaded object (pickled objects replaced by :class:`Skipped`
@@ -111,7 +115,7 @@ def load_torch(path: Path) -> tuple[Any, list[str]]:
         try:
             with torch.serialization.safe_globals(allowed):
                 obj = torch.load(str(path), map_location="cpu", weights_only=True)
-            return obj, sorted(n for n in names if n not in _BUILTINS)
+            return obj, sorted(n for n in names if n not in _AS_IS)
         except pickle.UnpicklingError as exc:
             found = _UNSUPPORTED.search(str(exc))
             name = found.group(1) if found else None
