@@ -143,6 +143,17 @@ def _unwrap(obj: Any, where: str) -> tuple[dict[str, torch.Tensor], dict[str, st
     )
 
 
+def _skip_notes(where: str, skipped: dict[str, str], globals_: list[str]) -> list[str]:
+    """The warning naming what a checkpoint held beside the weights (none: nothing)."""
+    if not skipped and not globals_:
+        return []
+    note = f"{where}: entries that are not model weights were not loaded: {_few(skipped, 6)}"
+    if globals_:
+        note += (f"; read without running pickled code, {len(globals_)} pickled global(s) "
+                 f"stood in for ({_few(globals_, 4)})")
+    return [note + " (see the report's skipped)"]
+
+
 def _load_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
     """``(state, skipped entries, notes)`` of one weights file."""
     name = path.name.lower()
@@ -160,14 +171,7 @@ def _load_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], lis
     if name.endswith(TORCH_SUFFIXES):
         obj, globals_ = pickled.load_torch(path)
         state, skipped = _unwrap(obj, str(path))
-        notes = []
-        objects = {k: v for k, v in skipped.items() if "pickled" in v}
-        if globals_:
-            notes.append(
-                f"{path.name}: read without running pickled code; stood in for "
-                f"{len(globals_)} pickled global(s) ({_few(globals_, 4)}); entries not "
-                f"loaded: {_few(list(objects or skipped), 6)} (see the report's skipped)")
-        return state, skipped, notes
+        return state, skipped, _skip_notes(path.name, skipped, globals_)
     raise CheckpointError(
         f"unsupported checkpoint file type {path.suffix or path.name!r} ({str(path)!r}); "
         f"expected one of {', '.join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)} or a folder "
@@ -197,7 +201,8 @@ def read_checkpoint(checkpoint: Any) -> Checkpoint:
     """
     if isinstance(checkpoint, Mapping):
         state, skipped = _unwrap(checkpoint, "checkpoint")
-        return Checkpoint(state, "<state dict>", None, skipped)
+        return Checkpoint(state, "<state dict>", None, skipped,
+                          _skip_notes("checkpoint", skipped, []))
     if not isinstance(checkpoint, (str, os.PathLike)):
         raise CheckpointError(
             f"checkpoint: expected a path (str or Path) or a state dict, found "
