@@ -11,7 +11,8 @@ A model source is one of, in this order:
 
 With ``from_`` set, the source is an upstream compressed checkpoint (a folder or a weights
 file) read by :mod:`edgestack.compress.importers`; ``base`` (any source of the kinds above)
-then gives the architecture and example inputs when the checkpoint has no config.json.
+then gives the architecture and example inputs when the checkpoint has no config.json (a
+folder by its config.json alone: it may hold no weights).
 """
 
 from __future__ import annotations
