@@ -11,7 +11,8 @@ A model source is one of, in this order:
 
 With ``from_`` set, the source is an upstream compressed checkpoint (a folder or a weights
 file) read by :mod:`edgestack.compress.importers`; ``base`` (any source of the kinds above)
-then gives the architecture and example inputs when the checkpoint has no config.json.
+then gives the architecture and example inputs when the checkpoint has no config.json (a
+folder by its config.json alone: it may hold no weights).
 """
 
 from __future__ import annotations
@@ -303,7 +304,7 @@ def load_source(
         EdgestackError: the source cannot be found or loaded; the message says why.
     """
     if from_ is not None:
-        return _load_checkpoint(spec, from_, base, batch, seq)
+        return _load_checkpoint(spec, from_, base, batch, seq, task)
     from edgestack import zoo
 
     path = Path(spec)
@@ -335,10 +336,20 @@ def load_source(
 
 
 def _load_checkpoint(spec: str, kind: str, base: str | None, batch: int | None,
-                     seq: int | None) -> ModelSource:
+                     seq: int | None, task: str | None = None) -> ModelSource:
+    """An upstream checkpoint read by its importer into ``base``'s architecture. A ``base``
+    folder gives the architecture by its config.json alone (no weights are read from it, and
+    it may hold none: the checkpoint has them all); any other base is loaded as a source."""
     from edgestack.compress.importers import load_checkpoint
 
-    base_src = load_source(base, batch=batch, seq=seq) if base is not None else None
+    if base is not None and Path(base).is_dir():
+        from edgestack.compress.hf import model_from_config
+
+        arch = model_from_config(base, task=task)
+        base_src = ModelSource(arch, example_inputs(arch, batch or 1, seq),
+                               f"architecture of {base}")
+    else:
+        base_src = load_source(base, batch=batch, seq=seq) if base is not None else None
     model, report = load_checkpoint(kind, spec, base=base_src.model if base_src else None)
     inputs = (base_src.inputs if base_src is not None
               else example_inputs(model, batch or 1, seq))

@@ -16,6 +16,7 @@ import transformers
 from safetensors.torch import save_file
 from torch import nn
 
+import upstream_layouts as up
 from edgestack import zoo
 from edgestack.compress.importers import IMPORTERS, load_checkpoint
 from edgestack.compress.layers import CompressedLayer, LowRankLinear
@@ -182,7 +183,118 @@ def test_deepshift_exponent_range_too_wide():
     imported, report = load_checkpoint("deepshift", state, base=zoo.small_cnn()[0], clamp=True)
     w = imported.head[0].weight_module()
     assert w[5, 1] == 2.0**-14 and w[5, 0] == 1.0
-    assert any("clamped 1 weight" in x for x in report.warnings)
+    change = f"largest change {2.0**-14 - 2.0**-20:.3g}"  # 2^-20 rose to 2^-14
+    assert any("clamped (clamp=True): 1 weight(s)" in x and change in x
+               for x in report.warnings), report.warnings
+
+
+def _ps_reference(trained: nn.Module, base: nn.Module) -> nn.Module:
+    """``base`` holding the weights DeepShift-PS computes with (modules.py forward)."""
+    ref = copy.deepcopy(base)
+    with torch.no_grad():
+        for name, mod in trained.named_modules():
+            if isinstance(mod, up.LinearShift):
+                name = name.replace("module.", "")  # the DataParallel wrapper
+                layer = ref.get_submodule(name)
+                layer.weight.copy_(2 ** mod.shift.round() * mod.sign.round().sign())
+                layer.bias.copy_(mod.bias)
+    return ref
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_deepshift_training_checkpoint_with_scheduler(tmp_path, legacy):
+    """checkpoint.pth.tar as cifar10.py writes it, features in DataParallel (imagenet.py
+    for alexnet/vgg); legacy: the pre-1.6 non-zip torch.save format."""
+    g = _gen(40)
+    trained = up.convert_to_shift(zoo.small_cnn()[0], g)
+    trained.features = nn.DataParallel(trained.features)
+    path = tmp_path / "checkpoint.pth.tar"
+    if legacy:
+        save = torch.save
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch, "save", lambda obj, f: save(
+                obj, f, _use_new_zipfile_serialization=False))
+            up.train_step_and_save(trained, path, g)
+    else:
+        up.train_step_and_save(trained, path, g)
+    assert "features.module.0.shift" in torch.load(path, weights_only=False)["state_dict"]
+
+    base, inputs = zoo.small_cnn()
+    ref = _ps_reference(trained, base)
+    imported, report = load_checkpoint("deepshift", path, base=zoo.small_cnn()[0])
+    assert report.unwrapped == ["features.module."] and report.stripped_prefix == ""
+    assert len(report.converted) == 6
+    assert "MultiStepLR object: not constructed" in report.skipped["lr_scheduler"]
+    assert "numpy array" in report.skipped["best_acc1"]
+    assert report.skipped["optimizer"].startswith("optimizer state_dict")
+    assert report.skipped["epoch"] == "int 1: training metadata"
+    assert any("without running pickled code" in w for w in report.warnings)
+    torch.testing.assert_close(_out(imported, inputs), _out(ref, inputs))
+
+
+def test_deepshift_pickled_model_file(tmp_path):
+    """model.pth: ``torch.save(model_rounded)`` of the whole DataParallel-wrapped model."""
+    g = _gen(41)
+    trained = up.convert_to_shift(up.SmallCNN(zoo.small_cnn()[0]), g)
+    trained.features = nn.DataParallel(trained.features)
+    with torch.no_grad():  # convert.py round_shift_weights
+        for mod in trained.modules():
+            if isinstance(mod, up.LinearShift):
+                mod.shift.copy_(mod.shift.round())
+                mod.sign.copy_(mod.sign.round().sign())
+                mod.bias.copy_(up.round_to_fixed(mod.bias))
+    torch.save(trained, tmp_path / "model.pth")
+    base, inputs = zoo.small_cnn()
+    ref = _ps_reference(trained, base)
+    imported, report = load_checkpoint("deepshift", tmp_path / "model.pth",
+                                       base=zoo.small_cnn()[0])
+    assert "SmallCNN module: its 18 parameters" in report.skipped["<model>"]
+    assert report.unwrapped == ["features.module."]
+    torch.testing.assert_close(_out(imported, inputs), _out(ref, inputs))
+
+
+def test_deepshift_q_default_weight_bits_is_exact(tmp_path):
+    """DeepShift-Q at weight_bits=5: 16 exponents (2^0 .. 2^-15) per channel, no zero."""
+    base, inputs = zoo.small_cnn()
+    state = up.deepshift_q_weights(base, _gen(42))
+    torch.save({"module." + k: v for k, v in state.items()}, tmp_path / "weights.pth")
+    ref = copy.deepcopy(base)
+    ref.load_state_dict(state)
+    imported, report = load_checkpoint("deepshift", tmp_path / "weights.pth",
+                                       base=zoo.small_cnn()[0])
+    assert len(report.converted) == 6
+    head = report.converted["head.0"]
+    assert "DeepShift-Q" in head and "bits=5 (zero-free), widest exponent span 16" in head
+    for name in report.converted:
+        codes = get_module(imported, name).weight_module
+        assert codes.bits == 5 and not codes.zero
+        assert torch.equal(codes(), state[name + ".weight"]), name  # bit-exact
+    torch.testing.assert_close(_out(imported, inputs), _out(ref, inputs))
+
+    # an exact zero in a layer that spans 16 exponents: 5-bit codes with zero hold 15
+    state["head.0.weight"][3, 7] = 0.0
+    with pytest.raises(CheckpointError, match=r"layer 'head.0'.*span 16 powers of two.*holds "
+                                              r"1 zero weight.*hold 15 magnitudes.*16 without "
+                                              r"a zero.*clamp=True.*with 1 weight\(s\) changed: 1 "
+                                              r"zero weight\(s\) become \+2\^\(largest-15\)"):
+        load_checkpoint("deepshift", state, base=zoo.small_cnn()[0])
+    imported, report = load_checkpoint("deepshift", state, base=zoo.small_cnn()[0], clamp=True)
+    w, q = state["head.0.weight"], imported.head[0].weight_module()
+    assert not imported.head[0].weight_module.zero
+    assert q[3, 7] == w[3].abs().max() * 2.0**-15  # the zero became the smallest level
+    changed = q != w
+    assert int(changed.sum()) == 1 and changed[3, 7]
+    assert any("clamped (clamp=True): 1 zero weight(s)" in x and "largest change" in x
+               for x in report.warnings), report.warnings
+    # many zeros: raising the 2^(largest-15) weights instead changes fewer weights
+    state["head.0.weight"][:, :40] = 0.0
+    imported, report = load_checkpoint("deepshift", state, base=zoo.small_cnn()[0], clamp=True)
+    q = imported.head[0].weight_module()
+    low = (w != 0) & (w.abs() < w.abs().amax(dim=1, keepdim=True) * 2.0**-14)
+    assert imported.head[0].weight_module.zero
+    assert torch.equal(q[~low], w[~low]) and torch.equal(q[low], 2 * w[low])
+    assert any(f"clamped (clamp=True): {int(low.sum())} weight(s) more than 14" in x
+               for x in report.warnings), report.warnings
 
 
 def test_deepshift_sign_without_shift():
@@ -426,38 +538,6 @@ def test_flap_inconsistent_heads(tmp_path):
 # --- BitStack ----------------------------------------------------------------------------
 
 
-def _pack_sign(w_sign: torch.Tensor) -> torch.Tensor:
-    """bitstack/utils/pack_utils.py: pack_sign."""
-    binary = ((w_sign + 1) // 2).view(-1)
-    n_padding = (8 - binary.numel() % 8) % 8
-    binary = torch.cat([binary, torch.zeros(n_padding, dtype=binary.dtype)]).view(-1, 8)
-    packed = torch.zeros(binary.size(0), dtype=torch.uint8)
-    for i in range(8):
-        packed |= (binary[:, i] << (7 - i)).to(torch.uint8)
-    return packed
-
-
-def _unpack_sign(packed: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """bitstack/utils/pack_utils.py: unpack_sign."""
-    masks = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-    unpacked = ((packed.unsqueeze(-1) & masks) > 0).to(torch.int8).view(-1)
-    return unpacked[: shape.numel()].view(shape) * 2 - 1
-
-
-def _bitstack_layer(state, key, shape, n, k, g):
-    """BitStackLinear buffers for one layer; returns the dense weight it stands for."""
-    w = torch.zeros(shape)
-    for i in range(n):
-        sign = torch.randint(0, 2, shape, generator=g).to(torch.int8) * 2 - 1
-        u = (torch.rand(shape[0], k, generator=g) * 0.3).half()
-        vt = (torch.rand(k, shape[1], generator=g) * 0.3).half()
-        state[f"{key}.qweight_{i}"] = _pack_sign(sign)
-        state[f"{key}.u_{i}"], state[f"{key}.vt_{i}"] = u, vt
-        packed = state[f"{key}.qweight_{i}"]
-        w += _unpack_sign(packed, torch.Size(shape)).float() * (u.float() @ vt.float())
-    return w
-
-
 def test_bitstack_llama_folder(tmp_path):
     cfg = _llama_config()
     dense = _llama(cfg)
@@ -469,7 +549,7 @@ def test_bitstack_llama_folder(tmp_path):
         if isinstance(mod, nn.Linear):
             del state[f"model.{name}.weight"]
             n = 3 if name.startswith("layers.0") else 2  # compression_config: bits per layer
-            weights[name] = _bitstack_layer(state, f"model.{name}", tuple(mod.weight.shape),
+            weights[name] = up.bitstack_layer(state, f"model.{name}", tuple(mod.weight.shape),
                                             n, 4, g)
     folder = _hf_folder(tmp_path, cfg, state)
     ref = _llama(cfg, seed=6)
@@ -496,7 +576,7 @@ def test_bitstack_odd_sizes_bias_and_no_avd():
     g = _gen(32)
     state = dict(model.state_dict())
     del state["net.0.weight"]
-    w = _bitstack_layer(state, "net.0", (19, 15), 2, 3, g).reshape(19, 5, 3)
+    w = up.bitstack_layer(state, "net.0", (19, 15), 2, 3, g).reshape(19, 5, 3)
     state["net.0.bias_0"] = torch.zeros(19, dtype=torch.float16)
     ref = copy.deepcopy(model)
     with torch.no_grad():
@@ -525,7 +605,7 @@ def test_bitstack_missing_companion_and_scales():
     g = _gen(33)
     state = dict(dense.state_dict())
     del state["layers.1.self_attn.o_proj.weight"]
-    _bitstack_layer(state, "layers.1.self_attn.o_proj", (64, 64), 2, 2, g)
+    up.bitstack_layer(state, "layers.1.self_attn.o_proj", (64, 64), 2, 2, g)
     broken = dict(state)
     del broken["layers.1.self_attn.o_proj.u_1"]
     with pytest.raises(CheckpointError, match=r"has layers\.1\.self_attn\.o_proj\.qweight_1 but "
@@ -544,6 +624,39 @@ class _Opaque:  # a pickled Python object that weights_only loading refuses
     pass
 
 
+class _Runs:
+    """Unpickling it would run a command (``subprocess.call`` or ``os.system``) that creates
+    ``marker``."""
+
+    def __init__(self, how: str, marker):
+        self.how, self.marker = how, marker
+
+    def __reduce__(self):
+        import os
+        import subprocess
+
+        if self.how == "system":
+            return os.system, (f"touch {self.marker}",)
+        return subprocess.call, (["touch", str(self.marker)],)
+
+
+def test_pickled_objects_are_skipped_without_running(tmp_path):
+    """A training checkpoint with pickled objects is read; none of their code runs."""
+    model, _ = zoo.small_cnn()
+    state, weights = _deepshift_ps(model, prefix="")
+    marker = tmp_path / "ran"
+    torch.save({"state_dict": state, "hook": _Runs("call", marker), "note": _Opaque()},
+               tmp_path / "ckpt.pt")
+    imported, report = load_checkpoint("deepshift", tmp_path / "ckpt.pt", base=model)
+    assert not marker.exists()
+    # (pickle protocol 2 names subprocess.call by its Python 2 module, commands)
+    assert ".call object: not constructed" in report.skipped["hook"]
+    assert "_Opaque object: not constructed" in report.skipped["note"]
+    assert any("without running pickled code" in w and "'hook', 'note'" in w
+               for w in report.warnings), report.warnings
+    assert torch.equal(imported.head[2].weight_module(), weights["head.2"])
+
+
 def test_checkpoint_path_errors(tmp_path):
     base = zoo.small_cnn()[0]
     with pytest.raises(CheckpointError, match="does not exist"):
@@ -557,9 +670,15 @@ def test_checkpoint_path_errors(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="cannot read .* as a torch checkpoint"):
         load_checkpoint("deepshift", tmp_path / "bad.pt", base=base)
-    torch.save({"state_dict": base.state_dict(), "scheduler": _Opaque()}, tmp_path / "obj.pt")
-    with pytest.raises(CheckpointError, match="holds Python objects other than tensors"):
+    torch.save(_Opaque(), tmp_path / "obj.pt")  # nothing but a pickled object
+    with pytest.raises(CheckpointError, match=r"obj.pt.*expected a state dict.*found a "
+                                              r"pickled .*_Opaque object"):
         load_checkpoint("deepshift", tmp_path / "obj.pt", base=base)
+    torch.save({"state_dict": {}, "x": _Runs("system", tmp_path / "pwned")}, tmp_path / "os.pt")
+    with pytest.raises(CheckpointError, match=r"cannot read .*os.pt.*GLOBAL posix.system whose "
+                                              r"module posix is blocked"):
+        load_checkpoint("deepshift", tmp_path / "os.pt", base=base)
+    assert not (tmp_path / "pwned").exists()
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="holds no weight file"):
         load_checkpoint("flap", tmp_path / "empty")
@@ -602,3 +721,53 @@ def test_dense_tensor_shape_and_missing_tensors():
         load_checkpoint("deepshift", state, base=zoo.small_cnn()[0])
     _, report = load_checkpoint("deepshift", state, base=zoo.small_cnn()[0], strict=False)
     assert any("kept the model's own values" in w for w in report.warnings)
+
+
+@pytest.mark.parametrize("files", [("compression_config.json", "reduced_ppl_average.json"),
+                                   ("reduced_ppl_average.json",), ("compression_config.json",)])
+def test_bitstack_importance_files_give_the_block_order(tmp_path, files):
+    """BitStack's own importance (its perplexity ranking, its memory-ordered configs) becomes
+    the imported model's block order; the LlamaForCausalLM keeps its lm_head."""
+    folder = tmp_path / "bitstack"
+    cfg, weights, expected = up.bitstack_llama_folder(folder, files=files)
+    imported, report = load_checkpoint("bitstack", folder)
+    assert isinstance(imported, transformers.LlamaForCausalLM)
+    assert report.unused_keys == [] and not report.warnings, report.warnings
+    assert imported.edgestack_bitstack_order == expected
+    assert report.details["importance_order"]["source"].endswith(files[0])
+    assert sorted(report.converted) == sorted(weights)
+    # a NaN layer goes last in its level, as sort_layers_and_bits_average puts it
+    level1 = [n for n, b in expected if b == 1]
+    assert level1[-1] == "model.layers.0.self_attn.o_proj"  # the 4th layer had NaN
+    for name, w in weights.items():
+        torch.testing.assert_close(get_module(imported, name).weight_module(), w,
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_bitstack_importance_file_errors(tmp_path):
+    folder = tmp_path / "bitstack"
+    up.bitstack_llama_folder(folder, files=("compression_config.json",))
+    (folder / "compression_config.json").unlink()
+    _, report = load_checkpoint("bitstack", folder)  # no files: a warning says what follows
+    assert not hasattr(_, "edgestack_bitstack_order")
+    assert any("no compression_config.json or reduced_ppl_average.json" in w
+               for w in report.warnings)
+    configs = [{"memory": 10, "layers": {"layer.0.self_attn.q_proj": 1}},
+               {"memory": 20, "layers": {"layer.0.self_attn.q_proj": 3}}]
+    (folder / "compression_config.json").write_text(json.dumps(configs))
+    with pytest.raises(CheckpointError, match=r"compression_config.json.*config #1.*one layer "
+                                              r"with one block more"):
+        load_checkpoint("bitstack", folder)
+    configs[1]["layers"]["layer.0.self_attn.q_proj"] = 2
+    (folder / "compression_config.json").write_text(json.dumps(configs))
+    with pytest.raises(CheckpointError, match=r"does not cover 40 block\(s\) the checkpoint "
+                                              r"holds, e.g. \[\('model.layers.0.mlp.down_proj', "
+                                              r"0\)"):
+        load_checkpoint("bitstack", folder)
+    configs = [{"memory": 10, "layers": {"layer.7.mlp.up_proj": 1}}]
+    (folder / "compression_config.json").write_text(json.dumps(configs))
+    with pytest.raises(CheckpointError, match=r"'layer.7.mlp.up_proj' names no BitStack layer"):
+        load_checkpoint("bitstack", folder)
+    (folder / "compression_config.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"cannot read BitStack importance file"):
+        load_checkpoint("bitstack", folder)

@@ -12,7 +12,8 @@ it reads (with the upstream files it follows):
     flap       HF folder with an unpruned config.json and smaller tensors -> smaller dense
                layers, added o_proj/down_proj biases, updated head counts.
     bitstack   ``<layer>.qweight_{i}``, ``u_{i}``, ``vt_{i}``
-               -> ``CompressedLayer(BitStackWeight)``.
+               -> ``CompressedLayer(BitStackWeight)``; the block order from BitStack's
+               ``compression_config.json`` / ``reduced_ppl_average.json`` beside them.
 """
 
 from __future__ import annotations
@@ -50,9 +51,12 @@ def load_checkpoint(kind: str, checkpoint: Any, base: Any = None,
             ``{"state_dict": ...}``/``{"model": ...}``), or an in-memory state dict.
         base: the architecture, an ``nn.Module`` (or a zoo factory's ``(model, inputs)``);
             it is modified in place and returned. None: build the model from the folder's
-            config.json (transformers ``AutoModel``, fp32, eager attention, offline).
+            config.json (the class it was saved as, its head included; ``AutoModel`` when
+            config.json names none; fp32, eager attention, offline).
         **options: ``strict`` (default True: every model tensor must be in the checkpoint),
-            and the importer's own options (deepshift: ``weight_bits``, ``clamp``).
+            and the importer's own options (deepshift: ``weight_bits``, ``clamp``;
+            bitstack: ``importance``, BitStack's ``compression_config.json`` or
+            ``reduced_ppl_average.json`` or their folder, default: beside the checkpoint).
 
     Returns:
         ``(model, report)`` with the model in eval mode.
@@ -76,15 +80,16 @@ def load_checkpoint(kind: str, checkpoint: Any, base: Any = None,
         )
     ckpt = read_checkpoint(checkpoint)
     report = ImportReport(kind=kind, source=ckpt.source)
-    if ckpt.dropped:
-        report.warnings.append(
-            f"ignored non-tensor entries of the checkpoint: {', '.join(ckpt.dropped[:8])}"
-        )
+    report.skipped = dict(ckpt.skipped)
+    report.warnings += ckpt.notes
     model, notes = build_model(base, ckpt)
     report.warnings += notes
     state = align_keys(ckpt.state, model, report)
     replaced, consumed = module.convert(model, state, report, **options)
     load_dense(model, state, consumed, replaced, report, strict=bool(strict))
+    finish = getattr(module, "finish", None)
+    if finish is not None:  # e.g. BitStack's importance files beside the weights
+        finish(model, ckpt, report, **options)
     return model.eval(), report
 
 

@@ -22,6 +22,12 @@ Layout, per decomposed layer ``<layer>`` (every ``nn.Linear`` in the decoder blo
   ``ScaledActivation`` (keys ``<op>.scales`` and ``<op>.act.*``); such checkpoints are
   refused with CheckpointError (they would need the scales folded at float16 precision).
 
+Block order: BitStack ranks the blocks by calibration perplexity
+(``reduced_ppl_average.json``) and stacks them by memory (``compression_config.json``), both
+beside the weights; :func:`finish` makes that the model's ``edgestack_bitstack_order``
+(:mod:`edgestack.compress.importers.bitstack_order`), so a device package's tiers are
+upstream's memory-ordered stack.
+
 This layout is exactly edgestack's :class:`~edgestack.formats.BitStackStack`: the blocks are
 stacked as they are, bit for bit. A ``<layer>.bias`` in the checkpoint (not upstream) is used
 as the bias. For GPT-2 ``Conv1D`` the sign matrix is over ``[out, in]`` (edgestack's
@@ -31,11 +37,14 @@ orientation); for convolutions over ``[out, in*kh*kw]``.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import numpy as np
 import torch
 
+from edgestack.compress.importers.bitstack_order import apply_importance
 from edgestack.compress.importers.common import (
+    Checkpoint,
     ImportReport,
     bias_parameter,
     check_shape,
@@ -49,7 +58,7 @@ from edgestack.errors import CheckpointError
 from edgestack.formats import BitStackStack, LowRankFactors
 from edgestack.formats.bitpack import packed_size
 
-OPTIONS: dict[str, object] = {}
+OPTIONS: dict[str, object] = {"importance": None}
 _BLOCK = re.compile(r"^(qweight|u|vt|bias)_(\d+)$")
 
 
@@ -75,8 +84,9 @@ def _fp16(name: str, what: str, t: torch.Tensor, report: ImportReport) -> np.nda
 
 
 def convert(model: torch.nn.Module, state: dict[str, torch.Tensor],
-            report: ImportReport) -> tuple[list[str], set[str]]:
-    """Replace layers with BitStack blocks by BitStack-decoded layers.
+            report: ImportReport, importance: Any = None) -> tuple[list[str], set[str]]:
+    """Replace layers with BitStack blocks by BitStack-decoded layers (``importance`` is
+    read by :func:`finish`).
 
     Returns:
         ``(replaced layer names, consumed checkpoint keys)``.
@@ -178,3 +188,12 @@ def convert(model: torch.nn.Module, state: dict[str, torch.Tensor],
             f"{', '.join(repr(k) for k in list(state)[:5])}"
         )
     return replaced, consumed
+
+
+def finish(model: torch.nn.Module, ckpt: Checkpoint, report: ImportReport,
+           importance: Any = None) -> None:
+    """Give the imported model BitStack's own block order
+    (:mod:`edgestack.compress.importers.bitstack_order`): from ``importance`` (a file or
+    folder), else from ``compression_config.json`` / ``reduced_ppl_average.json`` beside the
+    checkpoint; without them the report warns that a package will not be importance-ranked."""
+    apply_importance(model, ckpt.where, report, importance)

@@ -3,9 +3,13 @@ loading the tensors that stay dense, and the :class:`ImportReport`.
 
 Checkpoints are read without running pickled code: ``.safetensors`` files with
 ``safetensors.torch.load_file`` and torch files (``.pt``, ``.pth``, ``.bin``, ``.tar``,
-``.ckpt``) with ``torch.load(weights_only=True)``. A torch file may hold the state dict itself
-or a dict wrapping it under ``state_dict``, ``model``, ``model_state_dict`` or ``module`` (the
-training scripts of DeepShift save ``{"epoch", "state_dict", "optimizer", ...}``).
+``.ckpt``) with torch's weights-only unpickler, pickled objects stood in for
+(:mod:`edgestack.compress.importers.pickled`). A torch file may hold the state dict itself,
+a dict wrapping it under ``state_dict``, ``model``, ``model_state_dict`` or ``module`` (the
+training scripts of DeepShift save ``{"epoch", "arch", "state_dict", "best_acc1",
+"optimizer", "lr_scheduler"}``, the scheduler a pickled object), or a whole pickled
+``nn.Module`` (DeepShift's ``model.pth``). Every entry that is not model weights is named in
+:attr:`ImportReport.skipped` with what it holds.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from edgestack.compress.hf import model_from_config
+from edgestack.compress.importers import pickled
 from edgestack.compress.walk import LayerInfo, iter_layers
 from edgestack.errors import CheckpointError
 
@@ -42,6 +48,12 @@ class ImportReport:
         stripped_prefix: key prefix removed from the checkpoint keys (``""``: none).
         added_prefix: key prefix put before the checkpoint keys (``""``: none).
         unused_keys: checkpoint keys that were not loaded into the model.
+        skipped: checkpoint entries that are not model weights -> what they hold (epoch,
+            optimizer state, pickled objects that were not constructed, ...).
+        unwrapped: key segments removed because the model lacks them (DataParallel's
+            ``module.`` inside a key, e.g. ``features.module.``).
+        details: importer-specific facts (bitstack: ``importance_order``, where the block
+            order came from).
         warnings: everything the user should know (dropped tensors, clamped values, ...).
     """
 
@@ -52,6 +64,9 @@ class ImportReport:
     stripped_prefix: str = ""
     added_prefix: str = ""
     unused_keys: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    unwrapped: list[str] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -61,12 +76,24 @@ class ImportReport:
 
 @dataclass
 class Checkpoint:
-    """A checkpoint read into memory: its tensors, and the folder it came from (if any)."""
+    """A checkpoint read into memory: its tensors, the folder it came from (if any), the
+    entries that are not model weights (``{entry: what it holds}``) and notes for the
+    report's warnings."""
 
     state: dict[str, torch.Tensor]
     source: str
     folder: Path | None = None
-    dropped: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def where(self) -> Path | None:
+        """The folder holding the checkpoint (its own folder, or a weight file's folder);
+        None for an in-memory state dict."""
+        if self.folder is not None:
+            return self.folder
+        path = Path(self.source)
+        return path.parent if path.is_file() else None
 
 
 def _few(items: list[str] | Any, n: int = _SHOW) -> str:
@@ -75,37 +102,66 @@ def _few(items: list[str] | Any, n: int = _SHOW) -> str:
     return shown + (f", ... ({len(items)} in all)" if len(items) > n else "") if items else "none"
 
 
-def _unwrap(obj: Any, where: str) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """The state dict inside a loaded object; non-tensor entries are returned as dropped."""
+def _unwrap(obj: Any, where: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict inside a loaded object, and ``{entry: what it holds}`` for every
+    entry beside it that is not model weights (epoch, optimizer, pickled objects, ...)."""
+    skipped: dict[str, str] = {}
+    path = ""
     for _ in range(3):
+        if pickled.is_module(obj):  # torch.save(model): a whole pickled nn.Module
+            tensors = pickled.module_tensors(obj)
+            if tensors:
+                skipped[path or "<model>"] = (
+                    f"pickled {obj.global_name} module: its {len(tensors)} parameters and "
+                    "buffers were read, the object was not constructed")
+                return tensors, skipped
+            break
         if not isinstance(obj, Mapping):
             break
         if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return {str(k): v for k, v in obj.items()}, []
-        inner = next((obj[k] for k in _WRAPPER_KEYS
-                      if k in obj and isinstance(obj[k], Mapping)), None)
-        if inner is None:
+            return {str(k): v for k, v in obj.items()}, skipped
+        key = next((k for k in _WRAPPER_KEYS if k in obj and (
+            isinstance(obj[k], Mapping) or pickled.is_module(obj[k]))), None)
+        if key is None:
             tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
             if tensors:
-                dropped = [str(k) for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-                return tensors, dropped
+                skipped.update({path + str(k): pickled.describe(v) for k, v in obj.items()
+                                if not isinstance(v, torch.Tensor)})
+                return tensors, skipped
             break
-        obj = inner
+        skipped.update({path + str(k): pickled.describe(v) for k, v in obj.items()
+                        if k != key})
+        path += f"{key}."
+        obj = obj[key]
     keys = list(obj.keys()) if isinstance(obj, Mapping) else []
+    found = (f"a pickled {obj.global_name} object" if isinstance(obj, pickled.Skipped)
+             else f"{type(obj).__name__} with keys {_few(keys)}")
     raise CheckpointError(
-        f"{where}: expected a state dict (a dict of tensors) or a dict holding one under "
-        f"{'/'.join(_WRAPPER_KEYS)}, found {type(obj).__name__} with keys {_few(keys)}; "
-        "save the model's state_dict() with torch.save or safetensors"
+        f"{where}: expected a state dict (a dict of tensors), a dict holding one under "
+        f"{'/'.join(_WRAPPER_KEYS)}, or a pickled nn.Module, found {found}; save the "
+        "model's state_dict() with torch.save or safetensors"
     )
 
 
-def _load_file(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+def _skip_notes(where: str, skipped: dict[str, str], globals_: list[str]) -> list[str]:
+    """The warning naming what a checkpoint held beside the weights (none: nothing)."""
+    if not skipped and not globals_:
+        return []
+    note = f"{where}: entries that are not model weights were not loaded: {_few(skipped, 6)}"
+    if globals_:
+        note += (f"; read without running pickled code, {len(globals_)} pickled global(s) "
+                 f"stood in for ({_few(globals_, 4)})")
+    return [note + " (see the report's skipped)"]
+
+
+def _load_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], list[str]]:
+    """``(state, skipped entries, notes)`` of one weights file."""
     name = path.name.lower()
     if name.endswith(SAFETENSORS_SUFFIXES):
         from safetensors.torch import load_file
 
         try:
-            return load_file(str(path)), []
+            return load_file(str(path)), {}, []
         except Exception as exc:  # safetensors raises its own error types
             raise CheckpointError(
                 f"cannot read {str(path)!r} as safetensors ({type(exc).__name__}: {exc}); "
@@ -113,22 +169,9 @@ def _load_file(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
                 "complete (not a Git LFS pointer or a partial download)"
             ) from None
     if name.endswith(TORCH_SUFFIXES):
-        try:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as exc:  # UnpicklingError, RuntimeError (zip), EOFError, ...
-            text = str(exc).splitlines()[0] if str(exc) else ""
-            hint = (
-                "it holds Python objects other than tensors; if you trust the file, load it "
-                "with torch.load(path, weights_only=False) yourself and pass its state dict "
-                "(a dict of tensors) as the checkpoint"
-                if "weights_only" in str(exc) or "Unsupported global" in str(exc)
-                else "check that it is a complete file written by torch.save"
-            )
-            raise CheckpointError(
-                f"cannot read {str(path)!r} as a torch checkpoint ({type(exc).__name__}: "
-                f"{text}); {hint}"
-            ) from None
-        return _unwrap(obj, str(path))
+        obj, globals_ = pickled.load_torch(path)
+        state, skipped = _unwrap(obj, str(path))
+        return state, skipped, _skip_notes(path.name, skipped, globals_)
     raise CheckpointError(
         f"unsupported checkpoint file type {path.suffix or path.name!r} ({str(path)!r}); "
         f"expected one of {', '.join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)} or a folder "
@@ -157,8 +200,9 @@ def read_checkpoint(checkpoint: Any) -> Checkpoint:
             cannot be read, or it holds no state dict.
     """
     if isinstance(checkpoint, Mapping):
-        state, dropped = _unwrap(checkpoint, "checkpoint")
-        return Checkpoint(state, "<state dict>", None, dropped)
+        state, skipped = _unwrap(checkpoint, "checkpoint")
+        return Checkpoint(state, "<state dict>", None, skipped,
+                          _skip_notes("checkpoint", skipped, []))
     if not isinstance(checkpoint, (str, os.PathLike)):
         raise CheckpointError(
             f"checkpoint: expected a path (str or Path) or a state dict, found "
@@ -175,9 +219,11 @@ def read_checkpoint(checkpoint: Any) -> Checkpoint:
         )
     if path.is_dir():
         state: dict[str, torch.Tensor] = {}
-        dropped: list[str] = []
-        for f in _weight_files(path):
-            part, drop = _load_file(f)
+        skipped: dict[str, str] = {}
+        notes: list[str] = []
+        files = _weight_files(path)
+        for f in files:
+            part, skip, note = _load_file(f)
             clash = sorted(set(part) & set(state))
             if clash:
                 raise CheckpointError(
@@ -185,17 +231,21 @@ def read_checkpoint(checkpoint: Any) -> Checkpoint:
                     f"another file ({_few(clash)}); keep one copy of the weights in the folder"
                 )
             state.update(part)
-            dropped += drop
-        return Checkpoint(state, str(path), path, dropped)
-    state, dropped = _load_file(path)
-    return Checkpoint(state, str(path), None, dropped)
+            skipped.update({(f"{f.name}:{k}" if len(files) > 1 else k): v
+                            for k, v in skip.items()})
+            notes += note
+        return Checkpoint(state, str(path), path, skipped, notes)
+    state, skipped, notes = _load_file(path)
+    return Checkpoint(state, str(path), None, skipped, notes)
 
 
 def build_model(base: Any, ckpt: Checkpoint) -> tuple[nn.Module, list[str]]:
     """The model to import into: ``base``, or a model built from the folder's config.json.
 
-    A model built from a config is transformers' ``AutoModel`` (no task head), fp32, eager
-    attention, eval mode, built offline; its weights are random until the import loads them.
+    A model built from a config (:func:`edgestack.compress.hf.model_from_config`) has the
+    class it was saved as (``config.architectures``: ``LlamaForCausalLM`` keeps its
+    ``lm_head``; none given: the bare ``AutoModel``), fp32, eager attention, eval mode, built
+    offline; its weights are random until the import loads them.
 
     Returns:
         ``(model, notes)``; notes go to the report's warnings.
@@ -220,20 +270,7 @@ def build_model(base: Any, ckpt: Checkpoint) -> tuple[nn.Module, list[str]]:
             "next to the weights; expected a Hugging Face checkpoint folder with config.json, "
             "or pass base (an nn.Module of the architecture, e.g. from module:factory)"
         )
-    from transformers import AutoConfig, AutoModel
-
-    try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    except Exception as exc:
-        raise CheckpointError(
-            f"cannot read {str(folder / 'config.json')!r} as a transformers config "
-            f"({type(exc).__name__}: {exc}); pass base (an nn.Module) instead"
-        ) from None
-    config._attn_implementation = "eager"
-    if hasattr(config, "use_cache"):
-        config.use_cache = False
-    model = AutoModel.from_config(config)
-    return model.float().eval(), notes
+    return model_from_config(folder), notes
 
 
 # --- key prefixes -----------------------------------------------------------------------
@@ -259,30 +296,66 @@ def _score(keys: list[str], model_keys: set[str], modules: set[str], layers: set
     return n
 
 
+def _unwrap_inner(key: str) -> tuple[str, str | None]:
+    """``key`` without the ``module`` path segments after its first one, and the key prefix
+    up to the first one removed (``features.module.0.weight`` -> ``features.0.weight``,
+    ``features.module.``)."""
+    parts = key.split(".")
+    inner = [i for i in range(1, len(parts) - 1) if parts[i] == "module"]
+    if not inner:
+        return key, None
+    where = ".".join(parts[:inner[0] + 1]) + "."
+    return ".".join(p for i, p in enumerate(parts) if i not in inner), where
+
+
 def align_keys(state: dict[str, torch.Tensor], model: nn.Module,
                report: ImportReport) -> dict[str, torch.Tensor]:
-    """Rename checkpoint keys to the model's names, stripping or adding a leading prefix.
+    """Rename checkpoint keys to the model's names: strip or add a leading prefix, and drop
+    DataParallel's ``module`` segments inside keys.
 
     A key matches when it names a model tensor, its module is a module of the model, or its
     module's parent is a layer of the model (``q_proj`` for ``q_proj.U.weight``). The prefix
     that makes the most keys match wins (``module.`` from DataParallel, ``model.`` from a
-    causal-LM wrapper, ``bert.``, ...); keys without the prefix are kept as they are.
+    causal-LM wrapper, ``bert.``, ...); keys without the prefix are kept as they are. When the
+    model has no module named ``module``, ``module`` segments after a key's first one are
+    dropped if that makes more keys match: DeepShift's ImageNet script wraps only
+    ``model.features`` of AlexNet and VGG in ``DataParallel`` (``features.module.0.weight``).
+    The segments dropped are listed in ``report.unwrapped``.
 
     Raises:
         CheckpointError: no key matches the model whatever the prefix.
     """
-    keys = list(state)
     model_keys = set(model.state_dict().keys())
     modules = {n for n, _ in model.named_modules() if n}
     layers = {info.name for info in iter_layers(model)}
-    best = (_score(keys, model_keys, modules, layers), 0, "", "")
-    for p in _prefixes(keys):
-        stripped = [k[len(p):] if k.startswith(p) else k for k in keys]
-        best = max(best, (_score(stripped, model_keys, modules, layers), -len(p), p, ""))
-    for a in _prefixes(list(model_keys)):
-        added = [a + k for k in keys]
-        best = max(best, (_score(added, model_keys, modules, layers), -len(a), "", a))
-    score, _, strip, add = best
+    candidates = [(dict(state), [])]
+    if not any("module" in n.split(".") for n in modules):
+        renamed: dict[str, torch.Tensor] = {}
+        wrappers: list[str] = []
+        for k, v in state.items():
+            new, where = _unwrap_inner(k)
+            if where is not None and where not in wrappers:
+                wrappers.append(where)
+            if new in renamed or (new != k and new in state):
+                wrappers = []  # both forms present: not a DataParallel wrapper
+                break
+            renamed[new] = v
+        if wrappers:
+            candidates.append((renamed, wrappers))
+    best = None
+    for cand, wrappers in candidates:
+        keys = list(cand)
+        found = (_score(keys, model_keys, modules, layers), 0, "", "")
+        for p in _prefixes(keys):
+            stripped = [k[len(p):] if k.startswith(p) else k for k in keys]
+            found = max(found, (_score(stripped, model_keys, modules, layers), -len(p), p, ""))
+        for a in _prefixes(list(model_keys)):
+            added = [a + k for k in keys]
+            found = max(found, (_score(added, model_keys, modules, layers), -len(a), "", a))
+        if best is None or found[0] > best[0][0]:
+            best = (found, cand, wrappers)
+    (score, _, strip, add), state, wrappers = best
+    keys = list(state)
     if score == 0:
         raise CheckpointError(
             "no tensor in the checkpoint matches a layer of the model, even after stripping "
@@ -291,6 +364,7 @@ def align_keys(state: dict[str, torch.Tensor], model: nn.Module,
             "architecture the checkpoint was made from"
         )
     report.stripped_prefix, report.added_prefix = strip, add
+    report.unwrapped = list(wrappers)
     if not strip and not add:
         return dict(state)
     out: dict[str, torch.Tensor] = {}

@@ -1,4 +1,4 @@
-"""DeepShift checkpoints -> edgestack shift codes with zero (``ShiftCodes(zero=True)``).
+"""DeepShift checkpoints -> edgestack shift codes (``ShiftCodes``, with zero where needed).
 
 Upstream: github.com/mostafaelhoushi/DeepShift, ``pytorch/deepshift/modules.py`` (PS),
 ``modules_q.py`` (Q), ``convert.py`` (``round_shift_weights``), ``utils.py``, ``ste.py``.
@@ -10,24 +10,39 @@ Layouts, per converted layer ``<layer>`` (``nn.Linear`` -> ``LinearShift[Q]``,
   (``[out, in]``; ``[out, in/groups, kh, kw]``), plus ``<layer>.bias``. The forward pass uses
   ``w = 2 ** round(clamp(shift, -(2**(weight_bits-1) - 2), 0)) * sign(round(sign))``
   (``torch.round``: half to even); ``sign(round(sign)) == 0`` is a zero weight. The training
-  checkpoint (``checkpoint.pth.tar``: ``{"state_dict": ...}``, keys often prefixed
-  ``module.``) holds the unrounded values; ``weights.pth`` (saved after
+  checkpoint holds the unrounded values; ``weights.pth`` (saved after
   ``round_shift_weights``) holds ``shift.round()`` and ``sign.round().sign()`` and a bias
   rounded to 16.16 fixed point. Both convert to the same weights.
 - DeepShift-Q: ``<layer>.weight``. In ``weights.pth`` it is already rounded to signed powers
-  of two (``sign(w) * 2 ** round(log2|w|)``, zero stays zero); a layer is taken as
-  DeepShift-Q when every non-zero ``|w|`` is a power of two. The training checkpoint holds
-  the unrounded shadow weight: such layers are indistinguishable from dense ones and are
-  loaded dense (the report says so).
+  of two (``round_shift_weights``: ``clampabs(w, 2**-(2**(weight_bits-1) - 1), 1)`` then
+  ``sign(w) * 2 ** round(log2|w|)``; zero stays zero): at the default ``weight_bits=5`` the
+  exponents run from 0 down to -15, 16 of them. A layer is taken as DeepShift-Q when every
+  non-zero ``|w|`` is a power of two. The training checkpoint holds the unrounded shadow
+  weight: such layers are indistinguishable from dense ones and are loaded dense (the report
+  says so).
+
+Files (``imagenet.py``, ``cifar10.py``): the training checkpoint ``checkpoint.pth.tar`` is
+``{"epoch", "arch", "state_dict", "best_acc1", "optimizer", "lr_scheduler"}``, where
+``lr_scheduler`` is a pickled scheduler object (``StepLR``/``MultiStepLR`` in ``cifar10.py``,
+None in ``imagenet.py``) and ``best_acc1`` a tensor or a numpy scalar; it is read without
+constructing those objects (:mod:`edgestack.compress.importers.pickled`; the report's
+``skipped`` names them). ``model.pth`` (``torch.save(model)``) is read the same way: the
+tensors of the pickled module, no class constructed. State-dict keys carry ``module.``
+(``DataParallel`` around the model) or, for AlexNet and VGG, ``features.module.`` (the
+ImageNet script wraps only ``model.features``); both are mapped to the model's names.
 
 Conversion (exact): per layer, each weight is ``s * 2**p`` with ``s`` in {-1, 0, +1}. Each
 output channel gets ``scale = 2**max(p)`` over its non-zero weights, codes hold
-``e = max(p) - p`` and the all-ones exponent field for zeros. ``bits`` is the smallest in
-2..5 whose ``2**(bits-1) - 1`` levels cover the widest channel's exponent span
-(DeepShift's default ``weight_bits=5``, 15 exponents, fits in 5 bits). A wider span raises
-CheckpointError unless ``clamp=True``, which raises the exponents below
-``max(p) - 14`` to that level (as DeepShift's own range clamp would; those weights change).
-Decoded weights equal the upstream weights bit for bit (checked on every layer).
+``e = max(p) - p``. A layer holding a zero weight gets codes with zero (the all-ones exponent
+field; ``2**(bits-1) - 1`` exponents per channel), a layer without one zero-free codes
+(``2**(bits-1)`` exponents). ``bits`` is the smallest in 2..5 that covers the widest channel's
+exponent span: DeepShift-PS at ``weight_bits=5`` (15 exponents and zero) fits 5-bit codes with
+zero, DeepShift-Q at ``weight_bits=5`` (16 exponents, no zero) 5-bit zero-free codes. A wider
+span (a larger ``weight_bits``, or a DeepShift-Q layer holding an exact zero and all 16
+exponents) raises CheckpointError unless ``clamp=True``, which raises the exponents more than
+``levels - 1`` below their channel's largest to that level (as DeepShift's own range clamp
+would); the report says how many weights change and by how much at most. Decoded weights
+equal the upstream weights bit for bit (checked on every layer).
 
 Options:
     weight_bits: apply upstream's forward-pass clamp of PS shifts to
@@ -62,7 +77,11 @@ OPTIONS = {"weight_bits": None, "clamp": False}
 
 def shift_codes_from_pow2(name: str, sign: np.ndarray, exponent: np.ndarray,
                           clamp: bool = False) -> tuple[ShiftCodes, str, list[str]]:
-    """Exact shift codes (with zero) for weights ``sign * 2**exponent``.
+    """Exact shift codes for weights ``sign * 2**exponent``.
+
+    A layer holding a zero weight gets codes with zero (``2**(bits-1) - 1`` levels); a layer
+    without one gets zero-free codes (``2**(bits-1)`` levels: DeepShift-Q's default
+    ``weight_bits=5`` spans 16 exponents, which only zero-free 5-bit codes hold).
 
     Args:
         name: layer name, for messages.
@@ -78,6 +97,7 @@ def shift_codes_from_pow2(name: str, sign: np.ndarray, exponent: np.ndarray,
     s = sign.reshape(out, -1).astype(np.int64)
     p = exponent.reshape(out, -1).astype(np.int64)
     nz = s != 0
+    zero = bool((~nz).any())
     has = nz.any(axis=1)
     pmax = np.where(has, np.where(nz, p, np.iinfo(np.int64).min).max(axis=1), 0)
     pmin = np.where(has, np.where(nz, p, np.iinfo(np.int64).max).min(axis=1), 0)
@@ -90,40 +110,72 @@ def shift_codes_from_pow2(name: str, sign: np.ndarray, exponent: np.ndarray,
     span = pmax - pmin
     widest = int(span.max()) if out else 0
     notes: list[str] = []
-    bits = next((b for b in range(MIN_BITS, MAX_BITS + 1) if levels(b, True) >= widest + 1),
+    bits = next((b for b in range(MIN_BITS, MAX_BITS + 1) if levels(b, zero) >= widest + 1),
                 None)
     if bits is None:
-        top = levels(MAX_BITS, True)
         c = int(span.argmax())
+        choice = min((_re_express(s, p, nz, pmax, zf) for zf in ((True, False) if zero
+                                                                   else (False,))),
+                     key=lambda r: r[0])
         if not clamp:
+            n_changed, what = choice[:2]
+            why = (f"the layer holds {int((~nz).sum())} zero weight(s), so exact codes need "
+                   f"the zero field and hold {levels(MAX_BITS, True)} magnitudes per channel "
+                   f"({MAX_BITS} bits; {levels(MAX_BITS, False)} without a zero weight in the "
+                   "layer)" if zero else
+                   f"shift codes hold at most {levels(MAX_BITS, False)} magnitudes per channel "
+                   f"({MAX_BITS} bits)")
             raise CheckpointError(
                 f"layer {name!r}: DeepShift exponents span {widest + 1} powers of two in "
-                f"output channel {c} (2^{int(pmax[c])} down to 2^{int(pmin[c])}); shift codes "
-                f"with zero hold at most {top} per channel ({MAX_BITS} bits); retrain with "
-                f"weight_bits <= {MAX_BITS}, or pass clamp=True to raise the smaller exponents "
-                f"to 2^(max-{top - 1}) (those weights change)"
+                f"output channel {c} (2^{int(pmax[c])} down to 2^{int(pmin[c])}); {why}; "
+                f"pass clamp=True to import it with {n_changed} weight(s) changed: {what}"
             )
+        _, what, s, p, zero = choice
         bits = MAX_BITS
-        low = pmax[:, None] - (top - 1)
-        n_clamped = int((nz & (p < low)).sum())
-        p = np.maximum(p, low)
-        notes.append(
-            f"layer {name!r}: clamped {n_clamped} weight(s) whose exponent was more than "
-            f"{top - 1} below their channel's largest (clamp=True; they are now larger)"
-        )
+        nz = s != 0
+        notes.append(f"layer {name!r}: clamped (clamp=True): {what}")
     zero_field = levels(bits, True)
-    e = np.where(nz, pmax[:, None] - p, zero_field)
+    e = np.where(nz, pmax[:, None] - p, zero_field if zero else 0)
     neg = (s < 0).astype(np.int64)
     codes = (neg << (bits - 1)) | e
     scale = np.where(has, np.ldexp(np.float32(1), pmax.astype(np.int32)), np.float32(1))
-    result = ShiftCodes(pack_uint(codes, bits), scale.astype(np.float32), shape, bits, True)
+    result = ShiftCodes(pack_uint(codes, bits), scale.astype(np.float32), shape, bits, zero)
     expected = np.where(nz, s * np.ldexp(np.float32(1), p.astype(np.int32)), 0).astype(np.float32)
     if not np.array_equal(result.decode().reshape(out, -1), expected):
         raise InternalError(f"layer {name!r}: shift codes do not decode to the DeepShift weights")
-    details = (f"bits={bits} (zero), widest exponent span {widest + 1}, "
-               f"exponents 2^{int(pmin[has].min()) if has.any() else 0}"
+    details = (f"bits={bits} ({'with zero' if zero else 'zero-free'}), widest exponent span "
+               f"{widest + 1}, exponents 2^{int(pmin[has].min()) if has.any() else 0}"
                f"..2^{int(pmax[has].max()) if has.any() else 0}")
     return result, details, notes
+
+
+def _re_express(s: np.ndarray, p: np.ndarray, nz: np.ndarray, pmax: np.ndarray,
+                zero: bool) -> tuple[int, str, np.ndarray, np.ndarray, bool]:
+    """The nearest weights 5-bit codes (``zero``: with the zero field) hold, for a layer whose
+    exponent span is too wide: exponents more than ``levels - 1`` below their channel's
+    largest rise to that level; zero-free, zero weights become ``+2^(largest-15)`` too.
+
+    Returns:
+        ``(weights changed, what changed, sign, exponent, zero)``.
+    """
+    top = levels(MAX_BITS, zero)
+    low = pmax[:, None] - (top - 1)
+    hit = nz & (p < low)
+    # a clamped weight grows from 2^p to 2^low (by less than 2^low); a zero becomes 2^low
+    grow = np.where(hit, np.exp2(low.astype(np.float64)) - np.exp2(p.astype(np.float64)), 0.0)
+    if not zero:
+        grow = np.where(nz, grow, np.exp2(low.astype(np.float64)))
+    n_hit, n_zero = int(hit.sum()), 0 if zero else int((~nz).sum())
+    parts = [f"{n_hit} weight(s) more than {top - 1} exponents below their channel's largest "
+             f"rise to 2^(largest-{top - 1})"] if n_hit else []
+    if n_zero:
+        parts.append(f"{n_zero} zero weight(s) become +2^(largest-{top - 1}) (zero-free codes)")
+    what = (" and ".join(parts) + f" (largest change {float(grow.max()):.3g}; no change "
+            f"exceeds 2^(largest-{top - 1}))")
+    p = np.maximum(p, low)
+    if not zero:  # (a zero's own exponent is meaningless)
+        s, p = np.where(nz, s, 1), np.where(nz, p, low)
+    return n_hit + n_zero, what, s, p, zero
 
 
 def _ps_weight(name: str, shift: torch.Tensor, sign: torch.Tensor, weight_bits: int | None,
