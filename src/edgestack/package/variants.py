@@ -95,8 +95,8 @@ def _replace(graph: ir.Graph, at: ir.Node, nodes: list[ir.Node], old: list[ir.Va
     graph.insert_before(at, nodes)
     for before, after in zip(old, nodes[-1].outputs, strict=True):
         before.replace_all_uses_with(after, replace_graph_outputs=True)
-        after.name, after.type, after.shape, before.name = before.name, before.type, \
-            before.shape, None
+        after.name, before.name = before.name, None
+        after.type, after.shape = before.type, before.shape
 
 
 def _branch(name: str, node: ir.Node, output: str) -> ir.Graph:
