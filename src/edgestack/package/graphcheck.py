@@ -84,7 +84,9 @@ def check_graphs(pkg: Package) -> list[str]:
             model = ir.from_proto(onnx.load_model_from_string(pkg.read_file(name)))
         except PackageError:
             raise
-        except Exception as exc:  # DecodeError and friends
+        except Exception as exc:  # DecodeError, a bad external-data offset, ...
+            while (exc.__cause__ or exc.__context__) is not None:  # the error that names
+                exc = exc.__cause__ or exc.__context__   # the field (onnx-ir wraps it)
             raise PackageError(f"{pkg.path}: graph {name!r} is not readable ONNX "
                                f"({type(exc).__name__}: {str(exc)[:120]}); repack the model"
                                ) from None
