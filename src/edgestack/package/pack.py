@@ -112,15 +112,6 @@ class PackResult:
                 **({"compile": self.compile} if self.compile is not None else {})}
 
 
-def _check_target(target: str) -> str:
-    if target not in SUPPORTED_TARGETS:
-        raise PackageError(
-            f"pack: target {target!r} is not supported for device packages; expected one of "
-            f"{', '.join(SUPPORTED_TARGETS)}"
-        )
-    return target
-
-
 def choose_tiers(order: Sequence[tuple[str, int]], layers: Mapping[str, int],
                  steps_per_level: int = DEFAULT_STEPS_PER_LEVEL) -> list[int]:
     """Record counts of the tiers: the smallest prefix holding block 0 of every layer, every
@@ -357,7 +348,9 @@ def check_out(out: str | os.PathLike[str], target: str, overwrite: bool) -> Path
     Raises:
         PackageError: an unsupported target, or ``out`` exists without ``overwrite``.
     """
-    _check_target(target)
+    if target not in SUPPORTED_TARGETS:
+        raise PackageError(f"pack: target {target!r} is not supported for device packages; "
+                           f"expected one of {', '.join(SUPPORTED_TARGETS)}")
     out = Path(out)
     if os.path.lexists(out) and not overwrite:
         raise PackageError(f"pack: {out} already exists; pass --overwrite to replace it")
