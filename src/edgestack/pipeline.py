@@ -231,6 +231,8 @@ def compile_model(model: str | os.PathLike[str], target: str, out: str | os.Path
     Raises:
         TargetError: a bad option, or the lowering failed. PackageError: as ``pack``.
     """
+    import onnx_ir as ir
+
     from edgestack.package.pack import check_out, logger, pack, read_onnx
     from edgestack.profiles import load_profile
     from edgestack.targets import get_target
@@ -273,7 +275,7 @@ def compile_model(model: str | os.PathLike[str], target: str, out: str | os.Path
                              "engine": "model.engine"}
         info = json.loads(json.dumps(info, default=str))  # as the manifest stores it
         result = pack(source or src, out, target=target, name=name or src.stem,
-                      model=read_onnx(lowered_path, say, what="compile"), golden_inputs=feeds,
+                      model=ir.load(lowered_path), golden_inputs=feeds,
                       golden_outputs=got, tolerance=(tol.rtol, tol.atol),
                       metadata={"compile": info}, overwrite=overwrite, log=say,
                       created=created,
