@@ -174,15 +174,14 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
             golden_inputs = golden_inputs or examples or None
         model = compact_embeddings(read_onnx(src, say), log=say)  # int8 embedding tables
         tiered = any(n.domain == "edgestack" and n.op_type == "BitStackWeight"
-                     for n in model.graph.node)
+                     for n in model.graph)
         if not tiered or target not in TIERED_TARGETS:
             # nothing to tier, or a target that serves no tiers: the target's compiled graph
             # (shift codes as int8, attention fused, every other edgestack op materialised)
-            import onnx
+            import onnx_ir as ir
 
             dense = work / "dense.onnx"
-            onnx.save_model(model, str(dense), save_as_external_data=True,
-                            location="dense.onnx.data")
+            ir.save(model, dense, external_data="dense.onnx.data")
             del model
             pack_options.pop("steps_per_level", None)
             return compile_model(dense, target, out, name=name or src.stem, source=str(source),
@@ -232,7 +231,7 @@ def compile_model(model: str | os.PathLike[str], target: str, out: str | os.Path
     Raises:
         TargetError: a bad option, or the lowering failed. PackageError: as ``pack``.
     """
-    import onnx
+    import onnx_ir as ir
 
     from edgestack.package.pack import check_out, logger, pack, read_onnx
     from edgestack.profiles import load_profile
@@ -245,7 +244,7 @@ def compile_model(model: str | os.PathLike[str], target: str, out: str | os.Path
     tgt = get_target(target)
     check_out(out, target, overwrite)
     src = Path(model)
-    read_onnx(src, say, load_external_data=False, what="compile")  # fails before work
+    read_onnx(src, say, what="compile")  # fails before work (reads no weights)
     if isinstance(profile, str):
         profile = load_profile(profile)
     work = atomic.temp_dir("compile")  # removed below; after a kill, by the next run
@@ -276,7 +275,7 @@ def compile_model(model: str | os.PathLike[str], target: str, out: str | os.Path
                              "engine": "model.engine"}
         info = json.loads(json.dumps(info, default=str))  # as the manifest stores it
         result = pack(source or src, out, target=target, name=name or src.stem,
-                      model=onnx.load(str(lowered_path)), golden_inputs=feeds,
+                      model=ir.load(lowered_path), golden_inputs=feeds,
                       golden_outputs=got, tolerance=(tol.rtol, tol.atol),
                       metadata={"compile": info}, overwrite=overwrite, log=say,
                       created=created,

@@ -146,6 +146,47 @@ def test_non_bitstack_model_gives_one_tier(tmp_path):
         assert rt.self_test()["passed"]
 
 
+def test_external_weights_stay_lazy_and_a_missing_data_file_is_named(tmp_path, small_model):
+    import onnx_ir as ir
+
+    from edgestack.package.pack import read_onnx
+
+    src = tmp_path / "ext" / "mlp.onnx"
+    src.parent.mkdir()
+    ir.save(ir.load(small_model[0]), src, external_data="mlp.onnx.data")
+    model = read_onnx(src, lambda _m: None)   # weights stay in their file until written
+    assert all(isinstance(v.const_value, ir.ExternalTensor)
+               for v in model.graph.initializers.values() if v.const_value.nbytes > 256)
+    pack(src, tmp_path / "p.pkg", created=CREATED)
+    with Package.open(tmp_path / "p.pkg") as pkg:
+        from edgestack.package.graphcheck import check_graphs
+
+        pkg.verify()
+        assert len(check_graphs(pkg)) == 5
+    (src.parent / "mlp.onnx.data").unlink()
+    with pytest.raises(PackageError, match=r"mlp\.onnx\.data.*missing next to it"):
+        pack(src, tmp_path / "q.pkg")
+    assert not (tmp_path / "q.pkg").exists()
+
+
+def test_unnamed_and_repeated_node_names_get_unique_names(tmp_path, small_model):
+    m = onnx.load(str(small_model[0]))
+    for i, node in enumerate(m.graph.node):   # ONNX allows both
+        node.name = "" if i % 2 else "same"
+    path = tmp_path / "anon.onnx"
+    onnx.save(m, path)
+    pack(path, tmp_path / "p.pkg", created=CREATED)
+    from edgestack.package.graphcheck import check_graphs
+    from edgestack.runtime import Runtime
+
+    with Package.open(tmp_path / "p.pkg") as pkg:
+        nodes = [info.graph.node for info in pkg.layers.values()]
+        assert len(set(nodes)) == len(nodes) == 3 and all(nodes)
+        check_graphs(pkg)       # each names its layer's BitStackWeight node, in every graph
+    with Runtime(tmp_path / "p.pkg", form="fp32") as rt:
+        assert rt.self_test()["passed"]
+
+
 def test_choose_tiers_level_boundaries():
     layers = {"a": 2, "b": 2, "c": 2}
     order = [("c", 0), ("a", 0), ("b", 0), ("b", 1), ("a", 1), ("c", 1)]

@@ -8,7 +8,7 @@ Imports numpy and the standard library only, so the on-device runtime can use it
 - :class:`Package`: ``Package.open(path)`` checks before trusting bytes; ``verify()`` hashes;
   ``read_into`` / ``read_prefix`` read counted bytes, ``views_of`` slices them into blocks.
 - :func:`write_archive` / :func:`extract_archive`: the one-file form, atomic and safe.
-- :func:`edgestack.package.pack.pack` (host side; imports onnx and onnxruntime, never torch
+- :func:`edgestack.package.pack.pack` (host side; imports onnx-ir and onnxruntime, never torch
   or the exporter): an exported model -> a package. Not imported here, so ``import
   edgestack.package`` stays numpy-only. A model source is compressed and exported first by
   :func:`edgestack.pipeline.pack_model` (``edgestack pack``).

@@ -1,4 +1,4 @@
-"""Check a package's manifest against its graphs (host side: reads the graphs with onnx).
+"""Check a package's manifest against its graphs (host side: reads the graphs with onnx-ir).
 
 The manifest tells the runtime what the graphs hold, so that the runtime never parses a
 graph (it imports no onnx). What the runtime relies on is checked here, against the graph
@@ -21,15 +21,17 @@ installed; the runtime checks what ONNX Runtime reports of the graphs it loads, 
 - each mapped lookup table (``runtime.tables``) is an initializer of the plain graph stored in
   ``runtime.weights_file`` at the table's offset, with its bytes, shape and dtype.
 
-Imports onnx inside :func:`check_graphs` (the package layer stays importable without it).
+Reads the graphs with onnx-ir (``import edgestack.package`` does not import this module, so
+the package layer stays importable without onnx).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
+import onnx
+import onnx_ir as ir
 
 from edgestack.errors import PackageError
 from edgestack.package.format import DENSE_DATA, DENSE_FILES, NBITS_BLOCK, VARIANT_FILE
@@ -38,28 +40,29 @@ from edgestack.package.reader import Package
 _FIX = "the manifest and the graph disagree: repack the model"
 
 
-def _nodes(graph: Any, parents: tuple[str, ...] = ()) -> Iterator[tuple[Any, tuple[str, ...]]]:
+def _nodes(graph: ir.Graph, parents: tuple[str, ...] = ()
+           ) -> Iterator[tuple[ir.Node, tuple[str, ...]]]:
     """Every node of ``graph`` and of its subgraphs (``If`` branches, loops), depth first,
     with the names of the nodes whose subgraphs hold it (outermost first)."""
-    for node in graph.node:
+    for node in graph:
         yield node, parents
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                yield from _nodes(attr.g, (*parents, node.name))
-            for sub in attr.graphs:
-                yield from _nodes(sub, (*parents, node.name))
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                yield from _nodes(attr.as_graph(), (*parents, str(node.name)))
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for sub in attr.as_graphs():
+                    yield from _nodes(sub, (*parents, str(node.name)))
 
 
-def _dims(value_info: Any) -> list[int | str | None]:
-    tt = value_info.type.tensor_type
-    if not tt.HasField("shape"):
-        return []
-    return [d.dim_value if d.HasField("dim_value") else d.dim_param or None
-            for d in tt.shape.dim]
+def _dims(value: ir.Value) -> list[int | str | None]:
+    return [d if isinstance(d, int) else d.value for d in value.shape or []]
 
 
-def _external(tensor: Any) -> dict[str, str]:
-    return {e.key: e.value for e in tensor.external_data}
+def _dtype(dtype: ir.DataType | None) -> str:
+    try:
+        return str(dtype.numpy()) if dtype is not None else "untyped"
+    except TypeError:  # no numpy dtype
+        return dtype.name if dtype is not None else "untyped"
 
 
 def check_graphs(pkg: Package) -> list[str]:
@@ -72,19 +75,18 @@ def check_graphs(pkg: Package) -> list[str]:
         PackageError: the first disagreement, naming the graph file, the layer or table,
             expected vs found.
     """
-    import onnx
-    from onnx import TensorProto, helper
-
     checked = []
     layers = pkg.layers
     for name in (pkg.graph_file, VARIANT_FILE, *DENSE_FILES.values()):
         if name not in pkg.files:
             continue
         try:
-            model = onnx.load_model_from_string(pkg.read_file(name))
+            model = ir.from_proto(onnx.load_model_from_string(pkg.read_file(name)))
         except PackageError:
             raise
-        except Exception as exc:  # DecodeError and friends
+        except Exception as exc:  # DecodeError, a bad external-data offset, ...
+            while (exc.__cause__ or exc.__context__) is not None:  # the error that names
+                exc = exc.__cause__ or exc.__context__   # the field (onnx-ir wraps it)
             raise PackageError(f"{pkg.path}: graph {name!r} is not readable ONNX "
                                f"({type(exc).__name__}: {str(exc)[:120]}); repack the model"
                                ) from None
@@ -95,7 +97,7 @@ def check_graphs(pkg: Package) -> list[str]:
             _check_dense(g, pkg, dense, where)
             checked.append(name)
             continue
-        inputs = {vi.name: vi for vi in g.input}
+        inputs = {v.name: v for v in g.inputs}
         nodes, within = {}, {}
         for nd, parents in _nodes(g):
             if nd.name:
@@ -105,39 +107,37 @@ def check_graphs(pkg: Package) -> list[str]:
             if a is None:
                 raise PackageError(f"{where}: layer {layer!r} has no layers[].graph; {_FIX}")
             node = nodes.get(a.node)
-            shape = (next((list(x.ints) for x in node.attribute if x.name == "shape"), None)
-                     if node is not None else None)
             if (node is None or node.domain != "edgestack" or node.op_type != "BitStackWeight"
-                    or list(node.input) != [a.signs, a.u, a.v]
-                    or list(node.output) != [a.output]):
+                    or [v and v.name for v in node.inputs] != [a.signs, a.u, a.v]
+                    or [v.name for v in node.outputs] != [a.output]):
                 found = ("no node of that name" if node is None else
-                         f"{node.domain or 'ai.onnx'}.{node.op_type}({', '.join(node.input)}) "
-                         f"-> {', '.join(node.output)}")
+                         f"{node.domain or 'ai.onnx'}.{node.op_type}"
+                         f"({', '.join(str(v and v.name) for v in node.inputs)}) -> "
+                         f"{', '.join(str(v.name) for v in node.outputs)}")
                 raise PackageError(
                     f"{where}: layer {layer!r}: expected node {a.node!r} to be "
                     f"edgestack.BitStackWeight({a.signs}, {a.u}, {a.v}) -> {a.output}, found "
                     f"{found}; {_FIX}")
-            if shape != list(info.shape):
+            shape = node.attributes.get_ints("shape")
+            if shape is None or list(shape) != list(info.shape):
                 raise PackageError(
-                    f"{where}: layer {layer!r}: node {a.node!r} has shape {shape}, the "
-                    f"manifest's layer has {list(info.shape)}; {_FIX}")
+                    f"{where}: layer {layer!r}: node {a.node!r} has shape "
+                    f"{shape if shape is None else list(shape)}, the manifest's layer has "
+                    f"{list(info.shape)}; {_FIX}")
             (m, n), k = info.matrix_shape, info.rank
-            for part, dtype, want in ((a.signs, TensorProto.UINT8, [info.signs_bytes]),
-                                      (a.u, TensorProto.FLOAT16, [m, k]),
-                                      (a.v, TensorProto.FLOAT16, [k, n])):
-                vi = inputs.get(part)
-                dims = _dims(vi) if vi is not None else []
-                if (vi is None or vi.type.tensor_type.elem_type != dtype
-                        or len(dims) != len(want) + 1 or isinstance(dims[0], int)
-                        or dims[1:] != want):
-                    found = ("not a graph input" if vi is None else
-                             f"{helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type)}"
-                             f" {dims}" if vi.type.tensor_type.elem_type else "untyped")
+            for part, dtype, want in ((a.signs, ir.DataType.UINT8, [info.signs_bytes]),
+                                      (a.u, ir.DataType.FLOAT16, [m, k]),
+                                      (a.v, ir.DataType.FLOAT16, [k, n])):
+                v = inputs.get(part)
+                dims = _dims(v) if v is not None else []
+                if (v is None or v.dtype != dtype or len(dims) != len(want) + 1
+                        or isinstance(dims[0], int) or dims[1:] != want):
+                    found = "not a graph input" if v is None else f"{_dtype(v.dtype)} {dims}"
                     raise PackageError(
                         f"{where}: layer {layer!r}: input {part!r} should be "
-                        f"{np.dtype(helper.tensor_dtype_to_np_dtype(dtype))} [blocks, "
-                        f"{', '.join(map(str, want))}] (first dimension symbolic) for shape "
-                        f"{list(info.shape)} and rank {k}, found {found}; {_FIX}")
+                        f"{_dtype(dtype)} [blocks, {', '.join(map(str, want))}] (first "
+                        f"dimension symbolic) for shape {list(info.shape)} and rank {k}, found "
+                        f"{found}; {_FIX}")
             site = a.site
             if name == VARIANT_FILE and site is not None:
                 fed = [site.fp32, site.w] + ([site.int8, site.q, site.scale]
@@ -166,21 +166,25 @@ def _dense_dims(form: str, key: str, kind: str, m: int, n: int) -> list[int] | N
             ("nbits8", "b"): [m, kb, NBITS_BLOCK], ("nbits8", "s"): [m, kb]}.get((form, key))
 
 
-def _check_dense(g: Any, pkg: Package, form: str, where: str) -> None:
+def _external(graph: ir.Graph) -> dict[str, ir.ExternalTensor]:
+    """The graph's initializers stored as external data, by name."""
+    return {str(v.name): v.const_value for v in graph.initializers.values()
+            if isinstance(v.const_value, ir.ExternalTensor)}
+
+
+def _check_dense(g: ir.Graph, pkg: Package, form: str, where: str) -> None:
     """The dense graph reads exactly the ranges of its data file the manifest names, each
     layer's from its own tensor (``<prefix>.<key>``, with the layer's dims) or from its fused
     group's (``<first prefix>.group.<key>``, the members' slices tiling it)."""
     data = DENSE_DATA[form]
     tensors: dict[tuple[int, int], tuple[str, list[int]]] = {}
-    for t in g.initializer:
-        ext = _external(t)
-        if ext.get("location") != data:
+    for tname, t in _external(g).items():
+        if t.location != data:
             continue
-        try:
-            tensors[(int(ext.get("offset", "0")), int(ext["length"]))] = (t.name, list(t.dims))
-        except (KeyError, ValueError):
-            raise PackageError(f"{where}: initializer {t.name!r} in {data} has no integer "
-                               f"offset and length ({ext}); {_FIX}") from None
+        if t.length is None:
+            raise PackageError(f"{where}: initializer {tname!r} in {data} has no length; "
+                               f"{_FIX}")
+        tensors[(t.offset or 0, t.length)] = (tname, [int(d) for d in t.shape])
     want: dict[tuple[int, int], str] = {}
     for layer, info in pkg.layers.items():
         site = info.graph.site if info.graph is not None else None
@@ -225,23 +229,16 @@ def _check_dense(g: Any, pkg: Package, form: str, where: str) -> None:
                 f"the layers' graph.site.files.{form} (they cover it up to byte {pos}); {_FIX}")
 
 
-def _check_tables(g: Any, pkg: Package, where: str) -> None:
+def _check_tables(g: ir.Graph, pkg: Package, where: str) -> None:
     """Each mapped table is the graph's initializer at its offset in the weights file."""
-    from onnx import helper
-
     rt = pkg.manifest.runtime
-    inits = {t.name: t for t in g.initializer}
+    external = _external(g)
     for tname, table in rt.tables.items():
-        t = inits.get(tname)
-        ext = _external(t) if t is not None else {}
-        try:
-            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)) if t else None
-            found = (ext.get("location"), int(ext.get("offset", "0")),
-                     int(ext.get("length", "-1")), tuple(t.dims) if t else None, dtype)
-        except (ValueError, KeyError, TypeError):
-            found = (ext.get("location"), ext.get("offset"), ext.get("length"), None, None)
+        t = external.get(tname)
+        found = t and (str(t.location), t.offset or 0, t.length,
+                       tuple(int(d) for d in t.shape), _dtype(t.dtype))
         want = (rt.weights_file, table.offset, table.bytes, tuple(table.shape),
-                np.dtype(table.dtype))
+                str(np.dtype(table.dtype)))
         if t is None or found != want:
             raise PackageError(
                 f"{where}: runtime.tables[{tname!r}]: expected an initializer in "

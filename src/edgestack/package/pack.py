@@ -35,11 +35,15 @@ refused). :func:`edgestack.pipeline.compile_model` packs a target's lowered grap
 x86 reference outputs of the source model as the golden outputs.
 The package is written atomically (the writer's temporary directory); ``out`` ending in
 ``.tar`` gives the one-file archive form.
+
+Every graph edit is onnx-ir (``NameFixPass`` names the nodes, ``RemoveUnusedNodesPass`` drops
+dead code, ``ShapeInferencePass`` sizes the activations); weights stay lazy, memory-mapped
+external tensors from reading the source to writing ``model.data``, so a large model is not
+copied in memory.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -51,9 +55,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass, ShapeInferencePass
 
 from edgestack.core import atomic
+from edgestack.core.ort import disabled_optimizers
 from edgestack.errors import PackageError
+from edgestack.formats.bitstack import META_BITSTACK_ORDER as ORDER_KEY
+from edgestack.formats.bitstack import NODE_LAYER_KEY as LAYER_KEY
+from edgestack.formats.bitstack import BitStackStack
+from edgestack.package.archive import write_archive
 from edgestack.package.format import (
     ARCHIVE_SUFFIX,
     DENSE_FILES,
@@ -61,11 +72,17 @@ from edgestack.package.format import (
     TIERED_TARGETS,
     VARIANT_FILE,
     LayerGraph,
+    LayerInfo,
     RuntimeInfo,
     Table,
+    layout_records,
 )
+from edgestack.package.reader import Package
 from edgestack.package.tables import gather_rows, lookup_table
 from edgestack.package.variants import add_sites, dense_graph
+from edgestack.package.writer import PackageWriter
+from edgestack.profiles import load_profile
+from edgestack.targets.feeds import example_feeds
 
 logger = logging.getLogger("edgestack.package")
 
@@ -95,30 +112,6 @@ class PackResult:
                 **({"compile": self.compile} if self.compile is not None else {})}
 
 
-def _name_nodes(graph: Any) -> None:
-    """Give every unnamed (or repeated-name) node a unique name: the manifest refers to the
-    BitStack nodes by name, and ONNX allows empty and repeated names."""
-    seen: set[str] = set()
-    for i, node in enumerate(graph.node):
-        if not node.name or node.name in seen:
-            base = f"{node.op_type}_{i}"
-            name, k = base, 0
-            while name in seen:
-                k += 1
-                name = f"{base}_{k}"
-            node.name = name
-        seen.add(node.name)
-
-
-def _check_target(target: str) -> str:
-    if target not in SUPPORTED_TARGETS:
-        raise PackageError(
-            f"pack: target {target!r} is not supported for device packages; expected one of "
-            f"{', '.join(SUPPORTED_TARGETS)}"
-        )
-    return target
-
-
 def choose_tiers(order: Sequence[tuple[str, int]], layers: Mapping[str, int],
                  steps_per_level: int = DEFAULT_STEPS_PER_LEVEL) -> list[int]:
     """Record counts of the tiers: the smallest prefix holding block 0 of every layer, every
@@ -141,17 +134,10 @@ def choose_tiers(order: Sequence[tuple[str, int]], layers: Mapping[str, int],
     return out
 
 
-def _level_major(layers: Mapping[str, int]) -> list[tuple[str, int]]:
-    top = max(layers.values())
-    return [(name, b) for b in range(top) for name, n in layers.items() if b < n]
-
-
-def _order_from_metadata(model: Any, torch_names: Mapping[str, str],
+def _order_from_metadata(props: Mapping[str, str], torch_names: Mapping[str, str],
                          layers: Mapping[str, int]) -> tuple[list[tuple[str, int]] | None, str]:
-    """The importance order in manifest layer names, or ``(None, why)``."""
-    from edgestack.formats.bitstack import META_BITSTACK_ORDER as ORDER_KEY
-
-    props = {p.key: p.value for p in model.metadata_props}
+    """The importance order in manifest layer names (from the model's metadata ``props``),
+    or ``(None, why)``."""
     raw = props.get(ORDER_KEY)
     if raw is None:
         return None, f"the model has no {ORDER_KEY!r} metadata (exported before it existed, " \
@@ -169,8 +155,6 @@ def _order_from_metadata(model: Any, torch_names: Mapping[str, str],
                 order.append((name, b))
     except (ValueError, TypeError, IndexError, KeyError) as exc:
         return None, f"{ORDER_KEY} is not a JSON list of [layer, block] ({exc})"
-    from edgestack.package.format import LayerInfo, layout_records
-
     fake = {n: LayerInfo(n, (1, 1), 1, k) for n, k in layers.items()}
     try:
         layout_records(fake, order)
@@ -185,7 +169,7 @@ TABLE_MIN_BYTES = 64 * 1024
 """Smallest external tensor the runtime treats as a lookup table (see :func:`gather_tables`)."""
 
 
-def gather_tables(model: Any) -> dict[str, Table]:
+def gather_tables(model: ir.Model) -> dict[str, Table]:
     """External initializers of at least :data:`TABLE_MIN_BYTES` read only as the data of a
     ``Gather`` on axis 0 (embedding tables), as :class:`~.format.Table` (``dtype``: numpy's
     ``dtype.str``).
@@ -195,39 +179,19 @@ def gather_tables(model: Any) -> dict[str, Table]:
     runtime memory-maps the others and hands their pages back after each call. Uses in
     nested graphs count: a table used by anything else is not a table.
     """
-    from onnx import TensorProto, helper
-    from onnx.helper import tensor_dtype_to_np_dtype
-
-    uses: dict[str, list[tuple[Any, int]]] = {}
-
-    def scan(graph: Any) -> None:
-        for nd in graph.node:
-            for i, name in enumerate(nd.input):
-                uses.setdefault(name, []).append((nd, i))
-            for a in nd.attribute:
-                for sub in ([a.g] if a.type == a.GRAPH else list(a.graphs)):
-                    scan(sub)
-
-    scan(model.graph)
-
-    def gather0(nd: Any, i: int) -> bool:
-        axis = next((helper.get_attribute_value(a) for a in nd.attribute if a.name == "axis"), 0)
-        return nd.op_type == "Gather" and nd.domain in ("", "ai.onnx") and i == 0 and axis == 0
-
     out = {}
-    for t in model.graph.initializer:
-        if t.data_location != TensorProto.EXTERNAL or len(t.dims) < 1 or t.dims[0] < 1:
-            continue
-        info = {kv.key: kv.value for kv in t.external_data}
-        length = int(info.get("length", 0))
-        users = uses.get(t.name, [])
-        if length >= TABLE_MIN_BYTES and users and all(gather0(nd, i) for nd, i in users):
-            out[t.name] = Table(int(info.get("offset", 0)), tuple(t.dims),
-                                np.dtype(tensor_dtype_to_np_dtype(t.data_type)).str)
+    for v in model.graph.initializers.values():
+        t, uses = v.const_value, v.uses()
+        if (isinstance(t, ir.ExternalTensor) and (t.length or 0) >= TABLE_MIN_BYTES
+                and t.shape.rank() >= 1 and t.shape[0] >= 1 and uses
+                and all(u.node.op_type == "Gather" and u.node.domain == "" and u.idx == 0
+                        and u.node.attributes.get_int("axis", 0) == 0 for u in uses)):
+            out[str(v.name)] = Table(t.offset or 0, tuple(int(d) for d in t.shape),
+                                     t.dtype.numpy().str)
     return out
 
 
-def pregather_tables(model: Any, tables: dict[str, Table]) -> dict[str, Table]:
+def pregather_tables(model: ir.Model, tables: dict[str, Table]) -> dict[str, Table]:
     """Move the lookups of tables whose indices are a graph input out of the graph.
 
     For every table of ``tables`` (see :func:`gather_tables`; the model already saved with
@@ -239,97 +203,76 @@ def pregather_tables(model: Any, tables: dict[str, Table]) -> dict[str, Table]:
     the graph. Returns ``{table: the tables entry with its lookups (ids input, value)}``
     and removes those tables from ``tables``; tables read with computed indices stay.
     """
-    from onnx import helper
-
     g = model.graph
-    inputs = {vi.name: vi for vi in g.input}
-    outputs = {o.name for o in g.output}
-    out: dict[str, dict[str, Any]] = {}
+    out: dict[str, Table] = {}
     for name in list(tables):
-        users = [nd for nd in g.node if name in nd.input]
-        if not users or not all(nd.input[1] in inputs and nd.output[0] not in outputs
-                                for nd in users):
+        users = [u.node for u in g.initializers[name].uses()]
+        if not all(nd.graph is g and nd.inputs[1] is not None and nd.inputs[1].is_graph_input()
+                   and not nd.outputs[0].is_graph_output() for nd in users):
             continue
         spec = tables.pop(name)
         lookups = []
         for nd in users:
-            ids = inputs[nd.input[1]]
-            dims = [d.dim_param or d.dim_value for d in ids.type.tensor_type.shape.dim]
-            et = helper.np_dtype_to_tensor_dtype(np.dtype(spec.dtype))
-            g.input.append(helper.make_tensor_value_info(nd.output[0], et,
-                                                         [*dims, *spec.shape[1:]]))
-            lookups.append((nd.input[1], nd.output[0]))
-            g.node.remove(nd)
-        init = next(t for t in g.initializer if t.name == name)
-        g.initializer.remove(init)
+            ids, rows = nd.inputs[1], nd.outputs[0]
+            assert ids is not None
+            fed = ir.val(rows.name, ir.DataType.from_numpy(np.dtype(spec.dtype)),
+                         [*(ids.shape or []), *spec.shape[1:]])
+            rows.replace_all_uses_with(fed)
+            g.inputs.append(fed)
+            lookups.append((str(ids.name), str(rows.name)))
         out[name] = replace(spec, lookups=tuple(lookups))
+    RemoveUnusedNodesPass()(model)   # the lookups and the tables' initializers
     return out
 
 
-def activation_bytes(model: Any, input_shapes: Mapping[str, Sequence[int]],
+def _nbytes(v: ir.Value) -> int | None:
+    """Bytes of a value whose element type and dimensions are known, else None."""
+    dims = list(v.shape) if v.shape is not None else [0]
+    try:
+        if v.dtype is not None and all(isinstance(d, int) and d > 0 for d in dims):
+            return int(v.dtype.itemsize * math.prod(dims))
+    except TypeError:  # an element type without a size (string, undefined)
+        pass
+    return None
+
+
+def activation_bytes(model: ir.Model, input_shapes: Mapping[str, Sequence[int]],
                      bitstack_outputs: Mapping[str, Sequence[int]]) -> int:
     """Estimate of the peak bytes of live intermediate tensors of one run.
 
-    ONNX shape inference with the given input shapes (decoded BitStack weights, whose shapes
-    the node attribute gives, are excluded: the planner counts them per layer), then a
-    liveness scan in node order: a value lives from its producer to its last consumer.
+    ONNX shape inference (onnx-ir's ``ShapeInferencePass`` on a copy sharing the tensors)
+    with the given input shapes (decoded BitStack weights, whose shapes the node attribute
+    gives, are excluded: the planner counts them per layer), then a liveness scan in node
+    order: a value lives from its producer to its last consumer.
     """
-    import onnx
-    from onnx import helper, shape_inference
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m = model.clone()
     g = m.graph
-    for vi in g.input:
-        if vi.name in input_shapes:
-            dims = vi.type.tensor_type.shape.dim
-            for d, v in zip(dims, input_shapes[vi.name], strict=False):
-                d.Clear()
-                d.dim_value = int(v)
-    for name, shape in bitstack_outputs.items():
-        g.value_info.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT,
-                                                          list(shape)))
-    with contextlib.suppress(Exception):  # an estimate: fall back to what is known
-        m = shape_inference.infer_shapes(m, data_prop=True)
-    sizes: dict[str, int] = {}
-    for vi in list(m.graph.value_info) + list(m.graph.output):
-        tt = vi.type.tensor_type
-        if not tt.HasField("shape"):
-            continue
-        try:
-            dt = helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        except (KeyError, TypeError, ValueError):  # undefined or unknown element type
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in tt.shape.dim]
-        if any(d <= 0 for d in dims) and dims:
-            continue
-        sizes[vi.name] = int(np.dtype(dt).itemsize * math.prod(dims))
-    for name in bitstack_outputs:
-        sizes.pop(name, None)
-    nodes = list(m.graph.node)
-    last_use: dict[str, int] = {}
-    for i, node in enumerate(nodes):
-        for name in node.input:
-            last_use[name] = i
-    outputs = {o.name for o in m.graph.output}
-    live: dict[str, int] = {}
+    for v in g.inputs:
+        if v.name in input_shapes:
+            v.shape = ir.Shape([int(d) for d in input_shapes[v.name]])
+    for nd in g:
+        for v in nd.outputs:
+            if v.name in bitstack_outputs:
+                v.dtype, v.shape = ir.DataType.FLOAT, ir.Shape(list(bitstack_outputs[v.name]))
+    ShapeInferencePass(check_type=False, strict_mode=False)(m)  # on failure: what is known
+    order = {nd: i for i, nd in enumerate(g)}
+    live: dict[ir.Value, int] = {}
     peak = 0
-    for i, node in enumerate(nodes):
-        for name in node.output:
-            if name in sizes:
-                live[name] = sizes[name]
+    for i, nd in enumerate(g):
+        live.update({v: n for v in nd.outputs
+                     if v.name not in bitstack_outputs and (n := _nbytes(v)) is not None})
         peak = max(peak, sum(live.values()))
-        for name in list(live):
-            if last_use.get(name, -1) <= i and name not in outputs:
-                del live[name]
+        for v in list(live):
+            if not v.is_graph_output() and max((order.get(u.node, -1) for u in v.uses()),
+                                               default=-1) <= i:
+                del live[v]
     return int(peak)
 
 
-def read_onnx(src: Path, say: Callable[[str], None], *, load_external_data: bool = True,
-              what: str = "pack") -> Any:
-    """The ONNX model at ``src`` (its external data loaded unless ``load_external_data`` is
-    False: then only checked to exist, for a quick look before slow work); ``what`` starts
-    the messages (the command).
+def read_onnx(src: Path, say: Callable[[str], None], *, what: str = "pack") -> ir.Model:
+    """The ONNX model at ``src`` as an onnx-ir model whose external weights stay in their
+    files (lazy tensors: read when used, memory-mapped); ``what`` starts the messages (the
+    command).
 
     Raises:
         PackageError: ``src`` is not an ``.onnx`` file (a model source: ``edgestack pack
@@ -337,8 +280,6 @@ def read_onnx(src: Path, say: Callable[[str], None], *, load_external_data: bool
             cannot be read as ONNX (text, a truncated or corrupt file, a model without a
             graph), or names an external data file that is missing.
     """
-    import onnx
-
     if src.suffix != ".onnx":
         raise PackageError(
             f"{what}: {src} is not an .onnx file; expected an ONNX file written by `edgestack "
@@ -349,31 +290,28 @@ def read_onnx(src: Path, say: Callable[[str], None], *, load_external_data: bool
     say(f"{what}: reading {src}")
     fix = "expected an ONNX file written by `edgestack export`: export the model again"
     try:
-        model = onnx.load(str(src), load_external_data=load_external_data)
+        model = ir.load(src)
     except Exception as exc:
         why = " ".join(str(exc).split())[:200]
         raise PackageError(f"{what}: cannot read {src} as ONNX ({type(exc).__name__}: {why}); "
                            f"{fix}") from None
-    if not model.graph.output or not (model.graph.node or model.graph.input):
+    if not model.graph.outputs or not (len(model.graph) or model.graph.inputs):
         raise PackageError(f"{what}: {src} holds no ONNX graph (no nodes or outputs: an empty, "
                            f"text or corrupt file); {fix}")
-    if not load_external_data:
-        for t in model.graph.initializer:
-            if t.data_location != onnx.TensorProto.EXTERNAL:
-                continue
-            loc = next((e.value for e in t.external_data if e.key == "location"), "")
-            if not loc or not (src.parent / loc).is_file():
-                raise PackageError(f"{what}: {src}: initializer {t.name!r} is stored in the "
-                                   f"external data file {loc!r}, which is missing next to it; "
-                                   "copy the model with its data file(s), or export it again")
+    for g in model.graphs():
+        for v in g.initializers.values():
+            t = v.const_value
+            if isinstance(t, ir.ExternalTensor) and not Path(t.path).is_file():
+                raise PackageError(f"{what}: {src}: initializer {v.name!r} is stored in the "
+                                   f"external data file {str(t.location)!r}, which is missing "
+                                   "next to it; copy the model with its data file(s), or "
+                                   "export it again")
     return model
 
 
 def _session_info(compiled: Mapping[str, Any]) -> dict[str, Any]:
     """What a compiled package's runtime session needs from ``metadata.compile``, typed into
     the manifest's ``runtime``: the ORT optimizers to turn off, TensorRT's build settings."""
-    from edgestack.core.ort import disabled_optimizers
-
     options = compiled.get("options") or {}
     return {"disabled_optimizers": tuple(disabled_optimizers(
                 options.get("disabled_optimizers"))),
@@ -410,11 +348,127 @@ def check_out(out: str | os.PathLike[str], target: str, overwrite: bool) -> Path
     Raises:
         PackageError: an unsupported target, or ``out`` exists without ``overwrite``.
     """
-    _check_target(target)
+    if target not in SUPPORTED_TARGETS:
+        raise PackageError(f"pack: target {target!r} is not supported for device packages; "
+                           f"expected one of {', '.join(SUPPORTED_TARGETS)}")
     out = Path(out)
     if os.path.lexists(out) and not overwrite:
         raise PackageError(f"pack: {out} already exists; pass --overwrite to replace it")
     return out
+
+
+def _block_order(props: Mapping[str, str], attrs: Mapping[str, LayerGraph],
+                 counts: Mapping[str, int], warns: list[str]) -> tuple[list[tuple[str, int]], str]:
+    """``(the blocks' storage order, where it came from)``: the model's importance order, or
+    level-major in graph order (with a warning) when it has no usable one."""
+    if not counts:
+        return [], "none"
+    torch_names = {layer: a.torch_layer or layer for layer, a in attrs.items()}
+    order, why = _order_from_metadata(props, torch_names, counts)
+    if order is not None:
+        return order, "model"
+    msg = (f"no usable BitStack importance order ({why}); storing blocks level-major in graph "
+           "order: tiers are valid but not importance-ranked. Re-export with this edgestack to "
+           "keep the measured order")
+    logger.warning(msg)
+    warns.append(msg)
+    return [(name, b) for b in range(max(counts.values()))
+            for name, n in counts.items() if b < n], "level-major"
+
+
+def _blocks_to_inputs(g: ir.Graph) -> tuple[dict[str, BitStackStack], dict[str, LayerGraph]]:
+    """Every ``BitStackWeight`` node's ``signs``/``u``/``v`` initializers become graph inputs
+    with a symbolic first dimension ``nb_<i>``: ``(layer -> its stack, layer -> its
+    LayerGraph)``."""
+    stacks: dict[str, BitStackStack] = {}
+    attrs: dict[str, LayerGraph] = {}
+    nodes = [nd for nd in g if nd.domain == "edgestack" and nd.op_type == "BitStackWeight"]
+    for idx, node in enumerate(nodes):
+        parts = [v for v in node.inputs if v is not None]
+        missing = [v.name for v in parts if v.const_value is None]
+        if len(node.inputs) != 3 or len(parts) != 3 or missing:
+            raise PackageError(
+                f"pack: BitStackWeight node {node.name!r} reads "
+                f"{missing or [v and v.name for v in node.inputs]} which are not initializers; "
+                "expected the exporter's layout (signs, u, v initializers)")
+        shared = [v.name for v in parts if len(v.uses()) != 1]
+        if shared:
+            raise PackageError(f"pack: initializers {shared} of node {node.name!r} are also "
+                               "used by other nodes; a BitStack layer must own its blocks")
+        shape = list(node.attributes.get_ints("shape", []))
+        if not shape:
+            raise PackageError(f"pack: BitStackWeight node {node.name!r} has no 'shape'")
+        torch_layer = node.metadata_props.get(LAYER_KEY, "")
+        layer = torch_layer or str(node.name)
+        if layer in stacks:
+            layer = f"{layer}#{node.name}"
+        try:
+            signs, u, v = (p.const_value.numpy() for p in parts)  # type: ignore[union-attr]
+            stacks[layer] = BitStackStack(signs, u, v, tuple(shape))
+        except Exception as exc:  # FormatError
+            raise PackageError(f"pack: node {node.name!r}: {exc}") from None
+        st = stacks[layer]
+        for p, arr, dtype in zip(parts, (st.signs, st.u, st.v), (ir.DataType.UINT8,
+                                 ir.DataType.FLOAT16, ir.DataType.FLOAT16), strict=True):
+            g.initializers.pop(str(p.name))
+            p.const_value, p.dtype = None, dtype
+            p.shape = ir.Shape([f"nb_{idx}", *arr.shape[1:]])
+            g.inputs.append(p)
+        attrs[layer] = LayerGraph(str(node.name), *(str(p.name) for p in parts),
+                                  str(node.outputs[0].name), torch_layer)
+    return stacks, attrs
+
+
+def _write_graphs(model: ir.Model, gdir: Path, stacks: Mapping[str, BitStackStack],
+                  attrs: dict[str, LayerGraph], golden_inputs: Mapping[str, Any] | None
+                  ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Table], dict[str, Table]]:
+    """Write ``model.onnx`` with its weights file, the mixed and dense variants into ``gdir``:
+    ``(golden inputs, what the packed graph is fed for them, mapped tables, gathered
+    tables)``."""
+    removed = {n for a in attrs.values() for n in (a.signs, a.u, a.v)}
+    user_inputs = {str(v.name) for v in model.graph.inputs} - removed
+    # the weights go to their file first: from here on every large initializer is a lazy
+    # view of that file (the golden run loads the graph by path, nothing holds a copy)
+    ir.external_data.unload_from_model(model, gdir, WEIGHTS_FILE,
+                                       size_threshold_bytes=EXTERNAL_MIN_BYTES - 1)
+    if not (gdir / WEIGHTS_FILE).stat().st_size:
+        (gdir / WEIGHTS_FILE).unlink()
+    ir.save(model, gdir / GRAPH_FILE)
+    feeds = dict(golden_inputs) if golden_inputs else example_feeds(
+        gdir / GRAPH_FILE, batch=1, seq=16, skip=removed)
+    unknown = set(feeds) - user_inputs
+    if unknown:
+        raise PackageError(f"pack: golden inputs {sorted(unknown)} are not graph inputs; "
+                           f"the graph takes {sorted(user_inputs)}")
+    tables = gather_tables(model)
+    gathered = pregather_tables(model, tables)
+    feeds_run = dict(feeds)
+    if gathered:  # the graph without those lookups (their bytes stay in the weights file)
+        ir.save(model, gdir / GRAPH_FILE)
+        data = np.memmap(gdir / WEIGHTS_FILE, dtype=np.uint8, mode="r")
+        for spec in gathered.values():
+            for ids, value in spec.lookups:
+                feeds_run[value] = gather_rows(lookup_table(data, spec), feeds[ids], value)
+        del data
+    if stacks:  # every BitStack layer as a site (forms on-the-fly / int8 / fp32)
+        shapes = {layer: list(st.shape) for layer, st in stacks.items()}
+        ir.save(add_sites(model, attrs, shapes), gdir / VARIANT_FILE)  # the same weights
+        for form, fname in DENSE_FILES.items():  # every layer int8 / nbits8 / fp32: no If
+            dense = dense_graph(model, attrs, form)   # None: a generic site
+            if dense is not None:
+                ir.save(dense, gdir / fname)
+    return feeds, feeds_run, tables, gathered
+
+
+def _method(props: Mapping[str, str], tiered: bool) -> str:
+    """The compression method the model's metadata names (JSON or plain; new key, old key)."""
+    key = next((k for k in ("edgestack.method", "method") if k in props), None)
+    if key is None:
+        return "bitstack" if tiered else ""
+    try:
+        return str(json.loads(props[key]))
+    except ValueError:
+        return props[key]
 
 
 def pack(
@@ -429,7 +483,7 @@ def pack(
     overwrite: bool = False,
     created: str | None = None,
     log: Callable[[str], None] | None = None,
-    model: Any = None,
+    model: ir.Model | None = None,
     golden_outputs: Mapping[str, np.ndarray] | None = None,
     tolerance: tuple[float, float] | None = None,
     metadata: Mapping[str, Any] | None = None,
@@ -450,8 +504,8 @@ def pack(
         profile: a :class:`~edgestack.profiles.Profile` or name; its target must match and
             its name is recorded in the manifest metadata.
         name: the model name in the manifest (default: the source's stem).
-        model: the ONNX ``ModelProto`` to pack (external data loaded) instead of reading
-            ``source``.
+        model: the onnx-ir model to pack instead of reading ``source`` (changed: pack edits
+            it in place; its external tensors may stay lazy).
         golden_inputs: inputs for the self-test (default: generated, see module doc).
         steps_per_level: tiers between level boundaries (default 4).
         overwrite: replace an existing package at ``out``.
@@ -470,219 +524,71 @@ def pack(
             is left at ``out``).
     """
     say = log or logger.info
-    warns: list[str] = []
-    if profile is not None:
-        if isinstance(profile, str):
-            from edgestack.profiles import load_profile
-
-            profile = load_profile(profile)
-        if target != profile.target:
-            raise PackageError(
-                f"pack: profile {profile.name!r} targets {profile.target!r} but the "
-                f"package target is {target!r}; packages support "
-                f"{', '.join(SUPPORTED_TARGETS)}: use a profile with one of those targets"
-            )
+    if isinstance(profile, str):
+        profile = load_profile(profile)
+    if profile is not None and target != profile.target:
+        raise PackageError(
+            f"pack: profile {profile.name!r} targets {profile.target!r} but the package target "
+            f"is {target!r}; packages support {', '.join(SUPPORTED_TARGETS)}: use a profile "
+            "with one of those targets")
     out = check_out(out, target, overwrite)
-    archive = out.suffix == ARCHIVE_SUFFIX
-    src = Path(source)
     work = atomic.temp_dir("pack")  # removed below; after a kill, by the next run
     try:
         if model is None:
-            model = read_onnx(src, say)
-        result = _pack_model(model, out, archive=archive, target=target, profile=profile,
-                             name=name or src.stem, source=str(source), work=work,
-                             golden_inputs=golden_inputs, steps_per_level=steps_per_level,
-                             overwrite=overwrite, created=created, say=say, warns=warns,
-                             golden_outputs=golden_outputs, tolerance=tolerance,
-                             extra=dict(metadata or {}))
+            model = read_onnx(Path(source), say)
+        NameFixPass()(model)  # the manifest names BitStack nodes: ONNX allows empty, repeated
+        stacks, attrs = _blocks_to_inputs(model.graph)
+        if stacks and target not in TIERED_TARGETS:
+            raise PackageError(
+                f"pack: target {target} serves no BitStack tiers (tiered targets: "
+                f"{', '.join(TIERED_TARGETS)}); found {len(stacks)} BitStack layer(s). To "
+                f"fix: `edgestack compile MODEL --target {target}` materialises them")
+        warns: list[str] = []
+        counts = {n: s.n_blocks for n, s in stacks.items()}
+        order, order_source = _block_order(model.metadata_props, attrs, counts, warns)
+        gdir = work / "graph"
+        gdir.mkdir()
+        feeds, feeds_run, tables, gathered = _write_graphs(model, gdir, stacks, attrs,
+                                                           golden_inputs)
+        # golden outputs at the last tier (every block fed)
+        golden_out = ({k: np.asarray(v) for k, v in golden_outputs.items()}
+                      if golden_outputs is not None else
+                      _golden_outputs(gdir / GRAPH_FILE, feeds_run, stacks, attrs, say))
+        extra = dict(metadata or {})
+        runtime = RuntimeInfo(
+            activation_bytes=activation_bytes(
+                model, {k: list(np.shape(v)) for k, v in feeds_run.items()},
+                {a.output: stacks[layer].shape for layer, a in attrs.items()}),
+            input_shapes={k: list(np.shape(v)) for k, v in feeds.items()},
+            weights_file=WEIGHTS_FILE if (gdir / WEIGHTS_FILE).exists() else None,
+            order_source=order_source, steps_per_level=steps_per_level,
+            rows_per_call=max((int(np.asarray(v).size) for v in feeds.values()
+                               if np.asarray(v).dtype.kind in "iu"), default=0),
+            tables=tables, gathered=gathered, **_session_info(extra.get("compile") or {}))
+        tier_counts = choose_tiers(order, counts, steps_per_level) if stacks else []
+        dest = work / "pkgdir" if out.suffix == ARCHIVE_SUFFIX else out
+        say(f"pack: writing {out} ({len(stacks)} BitStack layers, {len(order)} blocks, "
+            f"{len(tier_counts) or 1} tiers)")
+        with PackageWriter(dest, overwrite=overwrite) as w:
+            w.begin(name=name or Path(source).stem, target=target, source=str(source),
+                    method=_method(model.metadata_props, bool(stacks)),
+                    metadata={"profile": getattr(profile, "name", None),
+                              **{k: v for k, v in extra.items() if k != "profile"}},
+                    created=created, runtime=runtime)
+            for fname in (GRAPH_FILE, VARIANT_FILE, *DENSE_FILES.values(), WEIGHTS_FILE):
+                if (gdir / fname).exists():
+                    w.add_file(fname, gdir / fname, role="graph" if fname == GRAPH_FILE else
+                               "weights" if fname == WEIGHTS_FILE else "variant")
+            if stacks:
+                w.add_blocks(order, stacks, graphs=attrs)
+                w.set_tiers(tier_counts)
+            rtol, atol = tolerance or (1e-3, 1e-4)
+            w.add_golden(feeds, golden_out, tier=None, rtol=rtol, atol=atol)
+            w.finish()
+        if dest != out:
+            write_archive(dest, out, overwrite=overwrite)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return result
-
-
-def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: Any, name: str,
-                source: str, work: Path, golden_inputs: Any, steps_per_level: int,
-                overwrite: bool, created: str | None, say: Callable[[str], None],
-                warns: list[str], golden_outputs: Mapping[str, np.ndarray] | None = None,
-                tolerance: tuple[float, float] | None = None,
-                extra: dict[str, Any] | None = None) -> PackResult:
-    import onnx
-    from onnx import helper, numpy_helper
-
-    from edgestack.formats.bitstack import NODE_LAYER_KEY as LAYER_KEY
-    from edgestack.formats.bitstack import BitStackStack
-    from edgestack.package.archive import write_archive
-    from edgestack.package.writer import PackageWriter
-
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    stacks: dict[str, BitStackStack] = {}
-    attrs: dict[str, LayerGraph] = {}
-    removed: set[str] = set()
-    new_inputs = []
-    bs_outputs: dict[str, list[int]] = {}     # BitStack node output -> weight shape
-    uses: dict[str, int] = {}
-    _name_nodes(g)
-    for node in g.node:
-        for i in node.input:
-            uses[i] = uses.get(i, 0) + 1
-    for idx, node in enumerate(n for n in g.node
-                               if n.domain == "edgestack" and n.op_type == "BitStackWeight"):
-        missing = [i for i in node.input[:3] if i not in inits]
-        if len(node.input) != 3 or missing:
-            raise PackageError(
-                f"pack: BitStackWeight node {node.name!r} reads {missing or list(node.input)} "
-                "which are not initializers; expected the exporter's layout (signs, u, v "
-                "initializers)"
-            )
-        shared = [i for i in node.input if uses.get(i, 0) != 1]
-        if shared:
-            raise PackageError(f"pack: initializers {shared} of node {node.name!r} are also "
-                               "used by other nodes; a BitStack layer must own its blocks")
-        shape = next((list(a.ints) for a in node.attribute if a.name == "shape"), None)
-        if not shape:
-            raise PackageError(f"pack: BitStackWeight node {node.name!r} has no 'shape'")
-        meta = {p.key: p.value for p in node.metadata_props}
-        layer = meta.get(LAYER_KEY) or node.name or f"bitstack_{idx}"
-        if layer in stacks:
-            layer = f"{layer}#{node.name or idx}"
-        signs, u, v = (numpy_helper.to_array(inits[i]) for i in node.input)
-        try:
-            stacks[layer] = BitStackStack(signs, u, v, tuple(shape))
-        except Exception as exc:  # FormatError
-            raise PackageError(f"pack: node {node.name!r}: {exc}") from None
-        dim = f"nb_{idx}"
-        for nm, arr, et in zip(node.input, (signs, u, v),
-                               (onnx.TensorProto.UINT8, onnx.TensorProto.FLOAT16,
-                                onnx.TensorProto.FLOAT16), strict=True):
-            new_inputs.append(helper.make_tensor_value_info(nm, et, [dim, *arr.shape[1:]]))
-            removed.add(nm)
-        attrs[layer] = LayerGraph(node.name, node.input[0], node.input[1], node.input[2],
-                                  node.output[0], meta.get(LAYER_KEY, ""))
-        bs_outputs[node.output[0]] = shape
-
-    if stacks and target not in TIERED_TARGETS:
-        raise PackageError(
-            f"pack: target {target} serves no BitStack tiers (tiered targets: "
-            f"{', '.join(TIERED_TARGETS)}); found {len(stacks)} BitStack layer(s). To fix: "
-            f"`edgestack compile MODEL --target {target}` materialises them")
-    keep = [t for t in g.initializer if t.name not in removed]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    g.input.extend(new_inputs)
-    user_inputs = {vi.name for vi in g.input} - removed
-
-    counts = {n: s.n_blocks for n, s in stacks.items()}
-    order: list[tuple[str, int]] = []
-    order_source = "none"
-    if stacks:
-        torch_names = {layer: a.torch_layer or layer for layer, a in attrs.items()}
-        got, why = _order_from_metadata(model, torch_names, counts)
-        if got is None:
-            msg = (f"no usable BitStack importance order ({why}); storing blocks level-major "
-                   "in graph order: tiers are valid but not importance-ranked. Re-export with "
-                   "this edgestack to keep the measured order")
-            logger.warning(msg)
-            warns.append(msg)
-            order, order_source = _level_major(counts), "level-major"
-        else:
-            order, order_source = got, "model"
-
-    # golden inputs/outputs at the last tier (every block fed)
-    if golden_inputs:
-        feeds = dict(golden_inputs)
-    else:
-        from edgestack.targets.feeds import example_feeds
-
-        feeds = example_feeds(g, batch=1, seq=16, skip=removed)
-    unknown = set(feeds) - user_inputs
-    if unknown:
-        raise PackageError(f"pack: golden inputs {sorted(unknown)} are not graph inputs; "
-                           f"the graph takes {sorted(user_inputs)}")
-    # write the graph with external weights first: the golden run then loads the file and
-    # the later steps work on a proto that no longer holds the weight bytes (no full copy)
-    gdir = work / "graph"
-    gdir.mkdir()
-    onnx.save_model(model, str(gdir / GRAPH_FILE), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location=WEIGHTS_FILE,
-                    size_threshold=EXTERNAL_MIN_BYTES)
-    has_weights = (gdir / WEIGHTS_FILE).exists()
-    tables = gather_tables(model) if has_weights else {}
-    gathered = pregather_tables(model, tables)
-    if gathered:  # the graph without those lookups (their bytes stay in the weights file)
-        onnx.save_model(model, str(gdir / GRAPH_FILE))
-        feeds_run = dict(feeds)
-        data = np.memmap(gdir / WEIGHTS_FILE, dtype=np.uint8, mode="r")
-        for spec in gathered.values():
-            table = lookup_table(data, spec)
-            for ids, value in spec.lookups:
-                feeds_run[value] = gather_rows(table, feeds[ids], value)
-        del data
-    else:
-        feeds_run = feeds
-    if stacks:  # every BitStack layer as a site (forms on-the-fly / int8 / fp32)
-        variant = add_sites(model, attrs, {layer: list(st.shape) for layer, st in stacks.items()})
-        onnx.save_model(variant, str(gdir / VARIANT_FILE))  # same external data, same offsets
-        del variant
-        for form, fname in DENSE_FILES.items():  # every layer int8 / fp32: no If
-            dense = dense_graph(model, attrs, form, str(gdir))   # None: a generic site
-            if dense is not None:
-                onnx.save_model(dense, str(gdir / fname))
-            del dense
-    if golden_outputs is not None:
-        golden_out = {k: np.asarray(v) for k, v in golden_outputs.items()}
-    else:
-        golden_out = _golden_outputs(gdir / GRAPH_FILE, feeds_run, stacks, attrs, say)
-    shapes = {k: list(v.shape) for k, v in feeds.items()}
-    act = activation_bytes(model, {**shapes, **{k: list(np.shape(v)) for k, v in
-                                                feeds_run.items()}}, bs_outputs)
-    rows = max((int(np.asarray(v).size) for v in feeds.values()
-                if np.asarray(v).dtype.kind in "iu"), default=0)
-
-    runtime = RuntimeInfo(activation_bytes=act, input_shapes=shapes,
-                          weights_file=WEIGHTS_FILE if has_weights else None,
-                          order_source=order_source, steps_per_level=steps_per_level,
-                          rows_per_call=rows, tables=tables, gathered=gathered,
-                          **_session_info((extra or {}).get("compile") or {}))
-    metadata = {"profile": getattr(profile, "name", None)}
-    metadata.update({k: v for k, v in (extra or {}).items() if k not in metadata})
-    props = {p.key: p.value for p in model.metadata_props}
-    method = ""
-    key = next((k for k in ("edgestack.method", "method") if k in props), None)  # new, old
-    if key is not None:
-        try:
-            method = str(json.loads(props[key]))
-        except ValueError:
-            method = props[key]
-    elif stacks:
-        method = "bitstack"
-    tier_counts = choose_tiers(order, counts, steps_per_level) if stacks else []
-    dest = out
-    if archive:
-        dest = work / "pkgdir"
-    say(f"pack: writing {out} ({len(stacks)} BitStack layers, {len(order)} blocks, "
-        f"{len(tier_counts) or 1} tiers)")
-    with PackageWriter(dest, overwrite=overwrite) as w:
-        w.begin(name=name, target=target, source=source, method=method, metadata=metadata,
-                created=created, runtime=runtime)
-        w.add_file(GRAPH_FILE, gdir / GRAPH_FILE, role="graph")
-        if stacks:
-            w.add_file(VARIANT_FILE, gdir / VARIANT_FILE, role="variant")
-            for fname in DENSE_FILES.values():
-                if (gdir / fname).exists():
-                    w.add_file(fname, gdir / fname, role="variant")
-        if has_weights:
-            w.add_file(WEIGHTS_FILE, gdir / WEIGHTS_FILE, role="weights")
-        if stacks:
-            w.add_blocks(order, stacks, graphs=attrs)
-            w.set_tiers(tier_counts)
-        rtol, atol = tolerance or (1e-3, 1e-4)
-        w.add_golden(feeds, golden_out, tier=None, rtol=rtol, atol=atol)
-        w.finish()
-    if archive:
-        write_archive(dest, out, overwrite=overwrite)
-    from edgestack.package.reader import Package
-
     with Package.open(out) as pkg:
         tiers = [{"index": t.index, "records": t.n_records, "bytes": t.bytes,
                   "total_bytes": t.total_bytes} for t in pkg.tiers]
@@ -692,5 +598,5 @@ def _pack_model(model: Any, out: Path, *, archive: bool, target: str, profile: A
 
 
 __all__ = ["pack", "PackResult", "choose_tiers", "activation_bytes", "gather_tables",
-           "pregather_tables", "SUPPORTED_TARGETS",
-           "GRAPH_FILE", "WEIGHTS_FILE"]
+           "pregather_tables", "read_onnx", "check_out", "SUPPORTED_TARGETS", "GRAPH_FILE",
+           "WEIGHTS_FILE"]

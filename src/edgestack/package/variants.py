@@ -34,191 +34,164 @@ Beside it, :func:`dense_graph` writes ``model.int8.onnx``, ``model.nbits8.onnx``
 ``model.fp32.onnx``: every layer in one form with no ``If`` and no decode, its weights
 initializers in a data file the runtime writes per plan (so ONNX Runtime prepacks them), for
 the plans that serve every layer in that form.
+
+Both edit a copy of the packed model with onnx-ir (the copy shares its tensors, so no weight
+is copied): the site's nodes move into the ``If`` branch, new values take the old ones' uses
+and names, and the dense graphs leave dead code to ``RemoveUnusedNodesPass``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import replace
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from edgestack.package.format import DENSE_ALIGN, DENSE_DATA, NBITS_BLOCK, LayerGraph, Site
 
-
-def _attr(node: Any, name: str, default: Any) -> Any:
-    from onnx import helper
-
-    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name),
-                default)
+FLOAT = ir.DataType.FLOAT
+Place = Callable[[str, ir.DataType, list[int]], tuple[ir.Value, list[int]]]
+"""``place(name, dtype, dims)``: a new initializer in the dense data file and its
+``[offset, bytes]`` there."""
 
 
-def _copy(model: Any) -> tuple[Any, dict[str, list[Any]], set[str], dict[str, Any]]:
-    """A copy of ``model`` importing ``com.microsoft``, with its main graph's consumers by
-    value, output names and nodes by output."""
-    import onnx
-    from onnx import helper
-
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    if not any(o.domain == "com.microsoft" for o in m.opset_import):
-        m.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    consumers: dict[str, list[Any]] = {}
-    for nd in m.graph.node:
-        for i in nd.input:
-            consumers.setdefault(i, []).append(nd)
-    return (m, consumers, {o.name for o in m.graph.output},
-            {o: nd for nd in m.graph.node for o in nd.output})
+def _is(node: ir.Node, op_type: str) -> bool:
+    return node.op_type == op_type and node.domain == ""
 
 
-def _site_of(graph: Any, output: str, consumers: Mapping[str, list[Any]],
-             graph_outputs: set[str]) -> tuple[str, list[Any]]:
-    """``(kind, nodes after the decode node that move into the site)``."""
-    users = consumers.get(output, [])
-    if output in graph_outputs or len(users) != 1:
+def _only_use(value: ir.Value) -> ir.Usage | None:
+    """The one use of ``value`` when it has exactly one, in its own graph, and is no graph
+    output."""
+    uses = value.uses()
+    if value.is_graph_output() or len(uses) != 1 or uses[0].node.graph is not value.graph:
+        return None
+    return uses[0]
+
+
+def _site_of(w: ir.Value) -> tuple[str, list[ir.Node]]:
+    """``(kind, nodes after the decode node that move into the site)`` of a decoded weight."""
+    use = _only_use(w)
+    if use is None:
         return "generic", []
-    nd = users[0]
-    if (nd.op_type == "Transpose" and nd.domain in ("", "ai.onnx")
-            and list(_attr(nd, "perm", [1, 0])) == [1, 0]
-            and nd.output[0] not in graph_outputs):
-        nxt = consumers.get(nd.output[0], [])
-        if (len(nxt) == 1 and nxt[0].op_type == "MatMul" and nxt[0].domain in ("", "ai.onnx")
-                and list(nxt[0].input) == [nxt[0].input[0], nd.output[0]]
-                and nxt[0].input[0] != nd.output[0]):
-            return "matmul", [nd, nxt[0]]
-    if (nd.op_type == "Gemm" and nd.domain in ("", "ai.onnx") and len(nd.input) >= 2
-            and nd.input[1] == output and nd.input[0] != output
-            and _attr(nd, "transB", 0) == 1 and _attr(nd, "transA", 0) == 0
-            and _attr(nd, "alpha", 1.0) == 1.0 and _attr(nd, "beta", 1.0) == 1.0):
+    nd, idx = use
+    if _is(nd, "Transpose") and list(nd.attributes.get_ints("perm", [1, 0])) == [1, 0]:
+        nxt = _only_use(nd.outputs[0])
+        if nxt is not None and _is(nxt.node, "MatMul") and nxt.idx == 1:
+            return "matmul", [nd, nxt.node]
+    a = nd.attributes
+    if (_is(nd, "Gemm") and idx == 1 and a.get_int("transB", 0) == 1
+            and a.get_int("transA", 0) == 0 and a.get_float("alpha", 1.0) == 1.0
+            and a.get_float("beta", 1.0) == 1.0):
         return "gemm", [nd]
     return "generic", []
 
 
-def add_sites(model: Any, graphs: dict[str, LayerGraph],
-              shapes: Mapping[str, list[int]]) -> Any:
-    """The mixed variant of ``model`` (a new ModelProto; ``model`` is unchanged) whose
-    BitStack layers (``graphs``: layer -> its :class:`LayerGraph`, ``shapes``: layer -> dense
-    shape) are sites (see the module doc); sets each ``graphs[layer].site``."""
-    import onnx
-    from onnx import TensorProto, helper
+def _replace(graph: ir.Graph, at: ir.Node, nodes: list[ir.Node], old: list[ir.Value]) -> None:
+    """Insert ``nodes`` before ``at``; the last one's outputs take the place (uses, graph
+    outputs, names) of ``old``, whose producers become dead code."""
+    graph.insert_before(at, nodes)
+    for before, after in zip(old, nodes[-1].outputs, strict=True):
+        before.replace_all_uses_with(after, replace_graph_outputs=True)
+        after.name, before.name = before.name, None
+        after.type, after.shape = before.type, before.shape
 
-    m, consumers, graph_outputs, by_output = _copy(model)
+
+def _branch(name: str, node: ir.Node, output: str) -> ir.Graph:
+    """An ``If`` branch of one node whose output (float) is named ``output``."""
+    y = node.outputs[0]
+    y.name, y.dtype = output, y.dtype or FLOAT
+    return ir.Graph([], [y], nodes=[node], name=name)
+
+
+def _if(cond: ir.Value, then: ir.Graph, other: ir.Graph, name: str) -> ir.Node:
+    return ir.node("If", [cond], {"then_branch": then, "else_branch": other}, name=name)
+
+
+def add_sites(model: ir.Model, graphs: dict[str, LayerGraph],
+              shapes: Mapping[str, list[int]]) -> ir.Model:
+    """The mixed variant of ``model`` (a copy sharing its tensors; ``model`` is unchanged)
+    whose BitStack layers (``graphs``: layer -> its :class:`LayerGraph`, ``shapes``: layer ->
+    dense shape) are sites (see the module doc); sets each ``graphs[layer].site``."""
+    m = model.clone()
+    m.opset_imports.setdefault("com.microsoft", 1)
     g = m.graph
-    swap: dict[int, Any] = {}        # id(node) -> the If node taking its place
-    drop: set[int] = set()
-    new_inputs = []
+    nodes = {nd.name: nd for nd in g}
 
-    def boolean(name: str) -> Any:
-        return helper.make_tensor_value_info(name, TensorProto.BOOL, [])
+    def value(name: str, dtype: ir.DataType, shape: list[int | str]) -> ir.Value:
+        v = ir.val(name, dtype, shape)
+        g.inputs.append(v)
+        return v
 
     for i, (layer, a) in enumerate(graphs.items()):
         p = f"es.{i}"
-        decode = by_output[a.output]
-        kind, moved = _site_of(g, a.output, consumers, graph_outputs)
-        shape = list(shapes[layer])
-        last = moved[-1] if moved else decode
-        y = last.output[0]
-        inner = f"{p}.y"                 # the moved nodes' output, renamed inside the branch
-        otf_nodes = []
-        for nd in [decode, *moved]:
-            c = onnx.NodeProto()
-            c.CopyFrom(nd)
-            if nd is last:
-                c.output[0] = inner
-            otf_nodes.append(c)
-            drop.add(id(nd))
-        otf = helper.make_graph(otf_nodes, f"{p}.on_the_fly", [],
-                                [helper.make_tensor_value_info(inner, TensorProto.FLOAT, None)])
-        if kind == "matmul":
-            x = moved[1].input[0]
-            dense_node = helper.make_node("MatMul", [x, f"{p}.w"], [f"{p}.yd"])
-            w_shape = [f"{p}.n", f"{p}.m"]          # W^T, as the MatMul reads it
-        elif kind == "gemm":
-            x = moved[0].input[0]
-            dense_node = helper.make_node("Gemm", [x, f"{p}.w", *moved[0].input[2:3]],
-                                          [f"{p}.yd"], transB=1)
-            w_shape = [f"{p}.m", f"{p}.n"]
-        else:
-            dense_node = helper.make_node("Identity", [f"{p}.w"], [f"{p}.yd"])
-            w_shape = [f"{p}.d{j}" for j in range(len(shape))]
-        fp32 = helper.make_graph([dense_node], f"{p}.fp32_branch", [],
-                                 [helper.make_tensor_value_info(f"{p}.yd", TensorProto.FLOAT,
-                                                                None)])
-        inner_if = helper.make_node("If", [f"{p}.fp32"], [f"{p}.ye"], then_branch=fp32,
-                                    else_branch=otf, name=f"{p}.if_fp32")
-        new_inputs += [boolean(f"{p}.fp32"),
-                       helper.make_tensor_value_info(f"{p}.w", TensorProto.FLOAT, w_shape)]
+        decode = nodes[a.node]
+        kind, moved = _site_of(decode.outputs[0])
+        site_nodes = [decode, *moved]
+        y = site_nodes[-1].outputs[0]
+        fp32 = value(f"{p}.fp32", ir.DataType.BOOL, [])
         if kind == "generic":
-            inner_if.output[0] = y
-            swap[id(decode)] = inner_if
+            w = value(f"{p}.w", FLOAT, [f"{p}.d{j}" for j in range(len(shapes[layer]))])
+            dense = ir.node("Identity", [w], name=f"{p}.identity")
         else:
-            bias = moved[0].input[2:3] if kind == "gemm" else []
-            dq = helper.make_node("DynamicQuantizeMatMul",
-                                  [x, f"{p}.q", f"{p}.scale", *(["", bias[0]] if bias else [])],
-                                  [f"{p}.yq"], domain="com.microsoft")
-            int8 = helper.make_graph([dq], f"{p}.int8_branch", [],
-                                     [helper.make_tensor_value_info(f"{p}.yq", TensorProto.FLOAT,
-                                                                    None)])
-            rest = helper.make_graph([inner_if], f"{p}.rest", [],
-                                     [helper.make_tensor_value_info(f"{p}.ye", TensorProto.FLOAT,
-                                                                    None)])
-            outer = helper.make_node("If", [f"{p}.int8"], [y], then_branch=int8,
-                                     else_branch=rest, name=f"{p}.if_int8")
-            swap[id(last)] = outer
-            new_inputs += [boolean(f"{p}.int8"),
-                           helper.make_tensor_value_info(f"{p}.q", TensorProto.INT8,
-                                                         [f"{p}.n", f"{p}.m"]),
-                           helper.make_tensor_value_info(f"{p}.scale", TensorProto.FLOAT,
-                                                         [f"{p}.m"])]
+            x = site_nodes[-1].inputs[0]
+            w = value(f"{p}.w", FLOAT, [f"{p}.n", f"{p}.m"] if kind == "matmul"
+                      else [f"{p}.m", f"{p}.n"])             # W^T as the MatMul reads it
+            dense = (ir.node("MatMul", [x, w], name=f"{p}.matmul") if kind == "matmul" else
+                     ir.node("Gemm", [x, w, *moved[0].inputs[2:3]], {"transB": 1},
+                             name=f"{p}.gemm"))
+        on_the_fly = ir.Graph([], [], nodes=[], name=f"{p}.on_the_fly")
+        site = _if(fp32, _branch(f"{p}.fp32_branch", dense, f"{p}.yd"), on_the_fly,
+                   f"{p}.if_fp32")
+        if kind != "generic":
+            int8 = value(f"{p}.int8", ir.DataType.BOOL, [])
+            q = value(f"{p}.q", ir.DataType.INT8, [f"{p}.n", f"{p}.m"])
+            scale = value(f"{p}.scale", FLOAT, [f"{p}.m"])
+            bias = list(moved[0].inputs[2:3]) if kind == "gemm" else []
+            dq = ir.node("DynamicQuantizeMatMul", [x, q, scale, *([None, *bias] if bias else [])],
+                         domain="com.microsoft", name=f"{p}.int8_matmul")
+            site = _if(int8, _branch(f"{p}.int8_branch", dq, f"{p}.yq"),
+                       _branch(f"{p}.rest", site, f"{p}.ye"), f"{p}.if_int8")
+        _replace(g, site_nodes[-1], [site], [y])
+        g.remove(site_nodes)                # the original decode serves the on-the-fly form
+        on_the_fly.extend(site_nodes)
+        on_the_fly.outputs.append(y)
+        y.name = f"{p}.y"
         graphs[layer] = replace(a, site=Site(kind, p))
-    nodes = []
-    for nd in g.node:
-        if id(nd) in swap:
-            nodes.append(swap[id(nd)])
-        elif id(nd) not in drop:
-            nodes.append(nd)
-    del g.node[:]
-    g.node.extend(nodes)
-    g.input.extend(new_inputs)
     return m
 
 
-def _bias_of(g: Any, y: str, consumers: Mapping[str, list[Any]],
-             graph_outputs: set[str]) -> tuple[str, Any] | None:
+def _bias_of(y: ir.Value) -> tuple[ir.Value, ir.Node] | None:
     """``(bias initializer, Add node)`` where the only consumer of ``y`` adds a 1-D
     initializer to it (a ``Linear``'s bias after its ``MatMul``), else None."""
-    users = consumers.get(y, [])
-    if y in graph_outputs or len(users) != 1:
+    use = _only_use(y)
+    if use is None or not _is(use.node, "Add") or len(use.node.inputs) != 2:
         return None
-    add = users[0]
-    if add.op_type != "Add" or add.domain not in ("", "ai.onnx") or len(add.input) != 2:
+    other = use.node.inputs[1 - use.idx]
+    if (other is None or other is y or other.const_value is None
+            or len(other.const_value.shape) != 1):
         return None
-    other = add.input[1] if add.input[0] == y else add.input[0]
-    init = next((t for t in g.initializer if t.name == other), None)
-    if other == y or init is None or len(init.dims) != 1:
-        return None
-    return other, add
+    return other, use.node
 
 
-def _quantized_site(form: str, x: str, y: str, bias: str | None, p: str, m_out: int,
-                    n_in: int, external: Any) -> tuple[Any, dict[str, list[int]]]:
-    """The int8 or nbits8 node ``y = X @ W^T [+ bias]`` over ``[n_in] -> [m_out]`` and its
-    data-file entries (``external(name, dtype, dims, itemsize)`` places a tensor)."""
-    from onnx import TensorProto, helper
-
+def _quantized_site(form: str, x: ir.Value, bias: ir.Value | None, p: str, m_out: int,
+                    n_in: int, place: Place) -> tuple[ir.Node, dict[str, list[int]]]:
+    """The int8 or nbits8 node ``X @ W^T [+ bias]`` over ``[n_in] -> [m_out]`` and where its
+    tensors go in the data file."""
     if form == "int8":
-        node = helper.make_node("DynamicQuantizeMatMul",
-                                [x, f"{p}.q", f"{p}.scale", *(["", bias] if bias else [])],
-                                [y], domain="com.microsoft", name=f"{p}.matmul")
-        return node, {"q": external(f"{p}.q", TensorProto.INT8, [n_in, m_out], 1),
-                      "scale": external(f"{p}.scale", TensorProto.FLOAT, [m_out], 4)}
+        (q, q_at), (scale, s_at) = (place(f"{p}.q", ir.DataType.INT8, [n_in, m_out]),
+                                    place(f"{p}.scale", FLOAT, [m_out]))
+        return ir.node("DynamicQuantizeMatMul", [x, q, scale, *([None, bias] if bias else [])],
+                       domain="com.microsoft", name=f"{p}.matmul"), {"q": q_at, "scale": s_at}
     kb = -(-n_in // NBITS_BLOCK)
-    node = helper.make_node("MatMulNBits", [x, f"{p}.b", f"{p}.s", *(["", "", bias] if bias
-                                                                      else [])],
-                            [y], domain="com.microsoft", name=f"{p}.matmul", K=n_in, N=m_out,
-                            bits=8, block_size=NBITS_BLOCK, accuracy_level=4)
-    return node, {"b": external(f"{p}.b", TensorProto.UINT8, [m_out, kb, NBITS_BLOCK], 1),
-                  "s": external(f"{p}.s", TensorProto.FLOAT, [m_out, kb], 4)}
+    (b, b_at), (s, s_at) = (place(f"{p}.b", ir.DataType.UINT8, [m_out, kb, NBITS_BLOCK]),
+                            place(f"{p}.s", FLOAT, [m_out, kb]))
+    return ir.node("MatMulNBits", [x, b, s, *([None, None, bias] if bias else [])],
+                   {"K": n_in, "N": m_out, "bits": 8, "block_size": NBITS_BLOCK,
+                    "accuracy_level": 4}, domain="com.microsoft", name=f"{p}.matmul"), \
+        {"b": b_at, "s": s_at}
 
 
 def _member_layout(form: str, entry: Mapping[str, list[int]], col: int, m_out: int,
@@ -237,29 +210,35 @@ def _member_layout(form: str, entry: Mapping[str, list[int]], col: int, m_out: i
             "s": [s_off + 4 * col * kb, 4 * m_out * kb]}
 
 
-def _concat_biases(names: list[str | None], g: Any, base_dir: str | None) -> Any:
+def _concat_biases(biases: list[ir.Value | None]) -> np.ndarray | None | bool:
     """The biases of a group's layers, concatenated (float32), None when no layer has one,
-    False when they cannot be fused (some have one, or a value cannot be read)."""
-    import numpy as np
-    from onnx import numpy_helper
-
-    if all(n is None for n in names):
+    False when they cannot be fused (some have one, or one is not a constant)."""
+    if all(b is None for b in biases):
         return None
-    if any(n is None for n in names):
+    if any(b is None or b.const_value is None for b in biases):
         return False
-    by_name = {t.name: t for t in g.initializer}
-    try:
-        return np.concatenate([numpy_helper.to_array(by_name[n], base_dir=base_dir or "")
-                               .astype(np.float32).ravel() for n in names])
-    except (KeyError, OSError, ValueError):
-        return False
+    return np.concatenate([b.const_value.numpy().astype(np.float32).ravel()
+                           for b in biases if b is not None and b.const_value is not None])
 
 
-def dense_graph(model: Any, graphs: dict[str, LayerGraph], form: str,
-                base_dir: str | None = None) -> Any | None:
-    """The **int8** or **fp32** variant (``form``): every BitStack site is its dense form
-    directly, no ``If``, no decode and no block inputs: what a plan with every layer in
-    ``form`` runs. The site tensors are **initializers** in the external-data file
+@dataclass
+class _Layer:
+    """A layer of a quantized dense graph: ``y = X @ W^T [+ bias]`` replaces ``last``."""
+
+    name: str
+    x: ir.Value
+    y: ir.Value
+    bias: ir.Value | None
+    last: ir.Node
+    prefix: str
+    m_out: int
+    n_in: int
+
+
+def dense_graph(model: ir.Model, graphs: dict[str, LayerGraph], form: str) -> ir.Model | None:
+    """The **int8**, **nbits8** or **fp32** variant (``form``): every BitStack site is its
+    dense form directly, no ``If``, no decode and no block inputs: what a plan with every
+    layer in ``form`` runs. The site tensors are **initializers** in the external-data file
     :data:`DENSE_DATA` ``[form]``, which the runtime writes per plan: ONNX Runtime then
     treats them as constants and prepacks them (measured on a 12-block MiniLM package, 2
     threads, avx512_vnni, interleaved: 9.8 ms vs 11.1 ms with the same int8 weights fed as
@@ -276,133 +255,107 @@ def dense_graph(model: Any, graphs: dict[str, LayerGraph], form: str,
 
     In the quantized forms, layers that read the same input (attention's query, key and
     value) are **fused**: one matmul over their weights side by side, then a ``Split`` (their
-    biases concatenated from ``base_dir``'s external data; without it, or when only some
-    have a bias, they stay apart). Measured on MiniLM int8: 10.4 -> 9.7 ms a call, outputs
-    bit-identical (per-column quantization does not see its neighbours).
+    biases concatenated; when only some have a constant bias, they stay apart). Measured on
+    MiniLM int8: 10.4 -> 9.7 ms a call, outputs bit-identical (per-column quantization does
+    not see its neighbours).
 
     Records in each ``graphs[layer].site.files[form]`` the tensors' ``[offset, bytes]``
     in the data file (``q``/``scale``, ``b``/``s`` or ``w``, page-aligned, in layer order; a
     fused int8 layer's ``q`` is its group's, with ``q_cols`` ``[first, end, total]``: its
-    columns). None when a
-    layer has no such form (a ``generic`` site has no int8 form and no site node of its
-    own). ``graphs`` must hold the sites (:func:`add_sites` first); ``model`` is unchanged."""
-    import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
-
+    columns). None when a layer has no such form (a ``generic`` site has no int8 form and no
+    site node of its own). ``graphs`` must hold the sites (:func:`add_sites` first);
+    ``model`` is unchanged (a copy sharing its tensors is edited, then dead code goes with
+    onnx-ir's ``RemoveUnusedNodesPass``)."""
     if form not in DENSE_DATA:
         raise ValueError(f"form must be one of {sorted(DENSE_DATA)}, found {form!r}")
     if not graphs or any(a.site is None or a.site.kind == "generic" for a in graphs.values()):
         return None
-    m, consumers, graph_outputs, by_output = _copy(model)
+    m = model.clone()
+    m.opset_imports.setdefault("com.microsoft", 1)
     g = m.graph
-    swap: dict[int, Any] = {}
-    drop: set[int] = set()
-    drop_inputs: set[str] = set()
-    initializers = []
+    nodes = {nd.name: nd for nd in g}
     layout: dict[str, dict[str, list[int]]] = {}
     offset = 0
 
-    def external(name: str, dtype: int, dims: list[int], itemsize: int) -> list[int]:
+    def place(name: str, dtype: ir.DataType, dims: list[int]) -> tuple[ir.Value, list[int]]:
         nonlocal offset
-        t = TensorProto(name=name, data_type=dtype, dims=dims,
-                        data_location=TensorProto.EXTERNAL)
-        size = itemsize
-        for d in dims:
-            size *= d
-        for key, value in (("location", DENSE_DATA[form]), ("offset", str(offset)),
-                           ("length", str(size))):
-            t.external_data.add(key=key, value=value)
-        initializers.append(t)
-        entry = [offset, size]
-        offset += -(-size // DENSE_ALIGN) * DENSE_ALIGN
-        return entry
+        size = int(dtype.itemsize * math.prod(dims))
+        v = ir.val(name, const_value=ir.ExternalTensor(
+            DENSE_DATA[form], offset, size, dtype, shape=ir.Shape(dims), name=name))
+        g.register_initializer(v)
+        at, offset = [offset, size], offset + -(-size // DENSE_ALIGN) * DENSE_ALIGN
+        return v, at
 
-    entries = []
+    layers = []
     for layer, a in graphs.items():
         site = a.site
         assert site is not None
-        decode = by_output[a.output]
-        kind, moved = _site_of(g, a.output, consumers, graph_outputs)
+        kind, moved = _site_of(nodes[a.node].outputs[0])
         if kind != site.kind:
             return None
-        last = moved[-1]
-        x, y = last.input[0], last.output[0]
-        p = site.prefix
-        shape = list(_attr(decode, "shape", []))
+        last, p = moved[-1], site.prefix
+        x, y = last.inputs[0], last.outputs[0]
+        shape = list(nodes[a.node].attributes.get_ints("shape", []))
         m_out, n_in = shape[0], math.prod(shape[1:])
-        drop |= {id(decode), *(id(nd) for nd in moved[:-1])}
-        drop_inputs |= {a.signs, a.u, a.v}
         if form == "fp32":
-            swap[id(last)] = (
-                helper.make_node("MatMul", [x, site.w], [y], name=f"{p}.matmul")
-                if kind == "matmul" else
-                helper.make_node("Gemm", [x, site.w, *last.input[2:3]], [y], transB=1,
-                                 name=f"{p}.gemm"))
-            dims = [n_in, m_out] if kind == "matmul" else [m_out, n_in]
-            layout[layer] = {"w": external(site.w, TensorProto.FLOAT, dims, 4)}
+            w, at = place(site.w, FLOAT, [n_in, m_out] if kind == "matmul" else [m_out, n_in])
+            layout[layer] = {"w": at}
+            _replace(g, last, [ir.node("MatMul", [x, w], name=f"{p}.matmul")
+                               if kind == "matmul" else
+                               ir.node("Gemm", [x, w, *last.inputs[2:3]], {"transB": 1},
+                                       name=f"{p}.gemm")], [y])
             continue
-        bias = last.input[2:3] if kind == "gemm" else []
-        found = _bias_of(g, y, consumers, graph_outputs) if kind == "matmul" else None
+        bias = last.inputs[2] if kind == "gemm" and len(last.inputs) > 2 else None
+        found = _bias_of(y) if kind == "matmul" else None
         if found is not None:
-            bias, add = [found[0]], found[1]
-            y = add.output[0]
-            drop.add(id(add))
-        entries.append((layer, x, y, bias[0] if bias else None, last, p, m_out, n_in))
+            bias, y = found[0], found[1].outputs[0]
+        layers.append(_Layer(layer, x, y, bias, last, p, m_out, n_in))
     # layers reading the same input (attention's query, key, value) become one matmul over
     # their concatenated weights and a Split: measured on MiniLM int8, 10.4 -> 9.7 ms a call
-    groups: dict[str, list[Any]] = {}
-    for e in entries:
-        groups.setdefault(e[1], []).append(e)
-    split_opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 13)
-    position = {id(nd): i for i, nd in enumerate(g.node)}
+    groups: dict[ir.Value, list[_Layer]] = {}
+    for e in layers:
+        groups.setdefault(e.x, []).append(e)
+    position = {nd: i for i, nd in enumerate(g)}
     for x, members in groups.items():
-        members.sort(key=lambda e: position[id(e[4])])   # the fused node takes the first place
-        biases = _concat_biases([e[3] for e in members], g, base_dir)
+        members.sort(key=lambda e: position[e.last])  # the fused node takes the first place
+        biases = _concat_biases([e.bias for e in members])
         if len(members) < 2 or biases is False:
-            for layer, _x, y, bias, last, p, m_out, n_in in members:
-                swap[id(last)], layout[layer] = _quantized_site(
-                    form, x, y, bias, p, m_out, n_in, external)
+            for e in members:
+                node, layout[e.name] = _quantized_site(form, x, e.bias, e.prefix, e.m_out,
+                                                       e.n_in, place)
+                _replace(g, e.last, [node], [e.y])
             continue
-        p = members[0][5] + ".group"
-        total = sum(e[6] for e in members)
-        bias_name = None
-        if biases is not None:
-            bias_name = f"{p}.bias"
-            initializers.append(numpy_helper.from_array(biases, bias_name))
-        node, entry = _quantized_site(form, x, f"{p}.y", bias_name, p, total, members[0][7],
-                                      external)
-        sizes = [e[6] for e in members]
-        outs = [e[2] for e in members]
-        if split_opset >= 13:
-            initializers.append(numpy_helper.from_array(np.array(sizes, np.int64),
-                                                        f"{p}.sizes"))
-            split = helper.make_node("Split", [f"{p}.y", f"{p}.sizes"], outs, axis=-1,
-                                     name=f"{p}.split")
+        p, total = members[0].prefix + ".group", sum(e.m_out for e in members)
+        bias = None
+        if isinstance(biases, np.ndarray):
+            bias = ir.val(f"{p}.bias", const_value=ir.tensor(biases, name=f"{p}.bias"))
+            g.register_initializer(bias)
+        node, entry = _quantized_site(form, x, bias, p, total, members[0].n_in, place)
+        sizes = [e.m_out for e in members]
+        if g.opset_imports.get("", 13) >= 13:
+            split_sizes = ir.val(f"{p}.sizes", const_value=ir.tensor(np.array(sizes, np.int64),
+                                                                     name=f"{p}.sizes"))
+            g.register_initializer(split_sizes)
+            split = ir.node("Split", [node.outputs[0], split_sizes], {"axis": -1},
+                            num_outputs=len(members), name=f"{p}.split")
         else:
-            split = helper.make_node("Split", [f"{p}.y"], outs, axis=-1, split=sizes,
-                                     name=f"{p}.split")
-        swap[id(members[0][4])] = [node, split]
-        drop |= {id(e[4]) for e in members[1:]}
+            split = ir.node("Split", [node.outputs[0]], {"axis": -1, "split": sizes},
+                            num_outputs=len(members), name=f"{p}.split")
+        node.outputs[0].name = f"{p}.y"
+        _replace(g, members[0].last, [node, split], [e.y for e in members])
         col = 0
-        for layer, _x, _y, _b, _last, _p, m_out, n_in in members:
-            layout[layer] = _member_layout(form, entry, col, m_out, total, n_in)
-            col += m_out
-    nodes = []
-    for nd in g.node:
-        if id(nd) not in drop:
-            new = swap.get(id(nd), nd)
-            nodes.extend(new if isinstance(new, list) else [new])
-    del g.node[:]
-    g.node.extend(nodes)
-    inputs = [vi for vi in g.input if vi.name not in drop_inputs]
-    del g.input[:]
-    g.input.extend(inputs)
-    g.initializer.extend(initializers)
-    for layer, entry in layout.items():
+        for e in members:
+            layout[e.name] = _member_layout(form, entry, col, e.m_out, total, e.n_in)
+            col += e.m_out
+    RemoveUnusedNodesPass()(m)   # the decode nodes, their Transposes, the replaced matmuls
+    blocks = {name for a in graphs.values() for name in (a.signs, a.u, a.v)}
+    for v in [v for v in g.inputs if v.name in blocks]:
+        g.inputs.remove(v)
+    for layer, at in layout.items():
         site = graphs[layer].site
         assert site is not None
         graphs[layer] = replace(graphs[layer], site=replace(site, files={**site.files,
-                                                                          form: entry}))
+                                                                          form: at}))
     return m
 
 
