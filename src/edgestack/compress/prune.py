@@ -15,6 +15,15 @@ Structures found (:func:`find_structures`):
 - GPT-2 attention (``*.attn.c_attn`` fused q|k|v ``Conv1D`` -> ``*.attn.c_proj``): heads,
   removed from the q, k and v sections alike. Cross-attention is left alone.
 - GPT-2 MLP (``*.mlp.c_fc`` -> ``*.mlp.c_proj``): channels.
+- Llama-style attention (Llama, Mistral, Qwen2: ``q_proj``, ``k_proj``, ``v_proj`` ->
+  ``o_proj``, ``head_dim``): a unit is one key/value head together with the
+  ``num_attention_heads / num_key_value_heads`` query heads that read it, so grouped-query
+  attention stays valid (``num_key_value_groups`` unchanged; the modules compute the head
+  counts from the projection sizes). With one key/value head nothing is removed.
+- Llama-style gated MLP (``gate_proj``, ``up_proj`` -> ``down_proj``): channels, removed
+  from the gate and up rows and the down columns together. Llama's projections have no
+  bias; bias compensation gives ``o_proj`` / ``down_proj`` one (saved by
+  :func:`~edgestack.compress.pruned.save_pruned`, exported as any bias).
 - Generic chains inside ``nn.Sequential``: a ``Linear``/``Conv`` producer followed, through
   elementwise modules (activations, dropout, identity) and per-channel ``BatchNorm`` (sliced
   too), by a consumer of the same family with ``groups=1``. A grouped-conv producer loses
@@ -112,6 +121,10 @@ class Structure:
         between: ``(name, module)`` of per-channel modules (BatchNorm) between producer and
             consumer; sliced with the producer, and their scale enters the weight metric.
         groups: a grouped-conv producer's group count (same removal in every group).
+        sizes: per producer name, its rows per unit when they differ from ``unit_size``
+            (grouped-query attention: a unit is one key/value head of ``head_dim`` rows in
+            ``k_proj``/``v_proj`` and its query heads, ``group * head_dim`` rows of
+            ``q_proj`` and columns of ``o_proj``).
     """
 
     name: str
@@ -123,6 +136,7 @@ class Structure:
     consumer: LayerInfo
     between: list[tuple[str, nn.Module]] = field(default_factory=list)
     groups: int = 1
+    sizes: dict[str, int] = field(default_factory=dict)
 
     @property
     def layers(self) -> list[LayerInfo]:
@@ -133,9 +147,16 @@ class Structure:
         base = units[:, None] * self.unit_size + torch.arange(self.unit_size)[None, :]
         return base.reshape(-1)
 
-    def rows(self, units: torch.Tensor, offsets: tuple[int, ...]) -> torch.Tensor:
-        """Producer output rows of ``units`` for each section offset, sorted."""
-        ch = self.channels(units)
+    def size_of(self, layer: LayerInfo) -> int:
+        """Rows per unit of producer ``layer``."""
+        return self.sizes.get(layer.name, self.unit_size)
+
+    def rows(self, units: torch.Tensor, offsets: tuple[int, ...], size: int | None = None
+             ) -> torch.Tensor:
+        """Producer output rows of ``units`` for each section offset, sorted (``size``: the
+        producer's rows per unit, default ``unit_size``)."""
+        size = self.unit_size if size is None else size
+        ch = (units[:, None] * size + torch.arange(size)[None, :]).reshape(-1)
         return torch.cat([off + ch for off in offsets])
 
 
@@ -152,8 +173,11 @@ def weight_importance(st: Structure, stats: InputStats | None) -> torch.Tensor:
     layer, offset = st.value
     pw = dense_weight(layer).cpu()
     pw = pw.reshape(pw.shape[0], -1)
-    rows = offset + torch.arange(st.n_units * st.unit_size)
-    ch = pw[rows].norm(dim=1) * _consumer_col_norm(st)
+    size = st.size_of(layer)  # GQA: a value head feeds the ``unit_size // size`` query heads
+    rows = offset + torch.arange(st.n_units * size)
+    norms = pw[rows].norm(dim=1).reshape(st.n_units, 1, size)
+    norms = norms.expand(st.n_units, st.unit_size // size, size).reshape(-1)
+    ch = norms * _consumer_col_norm(st)
     for _, bn in st.between:  # BatchNorm rescales each channel on the way
         gain = torch.ones(ch.numel())
         if bn.track_running_stats and bn.running_var is not None:
@@ -277,9 +301,55 @@ def find_structures(model: nn.Module) -> tuple[list[Structure], dict[str, str]]:
             if p and c and _out_features(p) == _in_features(c):
                 found.append(Structure(name, "channel", _out_features(p), 1, [(p, (0,))],
                                        (p, 0), c))
+        # Llama-style attention (Llama, Mistral, Qwen2, ...): q/k/v/o_proj, head_dim.
+        elif all(hasattr(mod, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")):
+            st = _llama_attention(model, name, mod)
+            if isinstance(st, str):
+                refused[name] = st
+            else:
+                found.append(st)
+        # Llama-style gated MLP: down_proj(act(gate_proj(x)) * up_proj(x)).
+        elif all(hasattr(mod, a) for a in ("gate_proj", "up_proj", "down_proj")):
+            g, u, d = (_info(model, _join(name, p)) for p in ("gate_proj", "up_proj",
+                                                               "down_proj"))
+            if g and u and d and _out_features(g) == _out_features(u) == _in_features(d):
+                found.append(Structure(name, "channel", _out_features(u), 1,
+                                       [(g, (0,)), (u, (0,))], (u, 0), d))
+            else:
+                refused[name] = "gated MLP layout not recognised"
         if isinstance(mod, nn.Sequential):
             found.extend(_sequential_chains(name, mod, refused))
     return found, refused
+
+
+def _llama_attention(model: nn.Module, name: str, mod: nn.Module) -> Structure | str:
+    """The structure of a Llama-style attention module, or why it has none.
+
+    A unit is one key/value head with the ``group = heads // kv_heads`` query heads that read
+    it (grouped-query attention): removing it takes ``head_dim`` rows out of ``k_proj`` and
+    ``v_proj`` and ``group * head_dim`` rows of ``q_proj`` / columns of ``o_proj``, so every
+    remaining query head still has its key/value head and ``num_key_value_groups`` is
+    unchanged. With one key/value head (multi-query attention) nothing can go.
+    """
+    hd = int(mod.head_dim)
+    q, k, v, o = (_info(model, _join(name, p)) for p in ("q_proj", "k_proj", "v_proj",
+                                                          "o_proj"))
+    if None in (q, k, v, o) or q.transposed or q.kind != "linear":
+        return "attention layout not recognised (q/k/v/o_proj are not nn.Linear)"
+    heads, kv = _out_features(q) // hd, _out_features(k) // hd
+    if (_out_features(q) != heads * hd or _out_features(k) != kv * hd
+            or _out_features(v) != kv * hd or _in_features(o) != heads * hd
+            or kv < 1 or heads % kv):
+        return (f"attention layout not recognised (q_proj {_out_features(q)}, k_proj "
+                f"{_out_features(k)}, v_proj {_out_features(v)} rows, o_proj "
+                f"{_in_features(o)} columns, head_dim {hd})")
+    group = heads // kv
+    if getattr(mod, "num_key_value_groups", group) != group:
+        return (f"num_key_value_groups {mod.num_key_value_groups} does not match "
+                f"{heads} query / {kv} key-value heads")
+    return Structure(name, "kv_group", kv, group * hd,
+                     [(q, (0,)), (k, (0,)), (v, (0,))], (v, 0), o,
+                     sizes={k.name: hd, v.name: hd})
 
 
 def _sequential_chains(seq_name: str, seq: nn.Sequential, refused: dict[str, str]
@@ -351,7 +421,7 @@ def adaptive_keep(structures: list[Structure], scores: dict[str, torch.Tensor], 
     units to keep per structure name.
     """
     keep: dict[str, torch.Tensor] = {}
-    for unit in ("head", "channel"):
+    for unit in dict.fromkeys(st.unit for st in structures):
         group = [st for st in structures if st.unit == unit and st.groups == 1]
         if not group:
             continue
@@ -471,9 +541,12 @@ def run(ctx: PassContext) -> None:
                                dtype=torch.int64)
         info = {"unit": st.unit, "units": st.n_units, "kept": int(keep.numel()),
                 "removed": removed.tolist(), "metric": metric_name}
+        if st.unit == "kv_group":  # each unit holds unit_size // head_dim query heads
+            per = st.unit_size // st.size_of(st.value[0])
+            info["query_heads"] = [st.n_units * per, int(keep.numel()) * per]
         for layer, offsets in st.producers:
             plan = plans.setdefault(layer.name, _LayerPlan(layer))
-            plan.keep_out = st.rows(keep, offsets)
+            plan.keep_out = st.rows(keep, offsets, st.size_of(layer))
             plan.structures[st.name] = info
         plan = plans.setdefault(st.consumer.name, _LayerPlan(st.consumer))
         plan.keep_in = st.channels(keep)
