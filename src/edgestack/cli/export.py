@@ -45,7 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", metavar="MODEL",
                    help="Hugging Face model folder, module:factory returning (model, inputs), "
-                   "a built-in model (minilm, gpt2-tiny, small-cnn, conv1d-net), or with "
+                   "a built-in model (minilm, gpt2-tiny, small-cnn, conv1d-net, resnet-tiny, "
+                   "mobilenet-tiny), or with "
                    "--from an upstream checkpoint (folder or weights file)")
     p.add_argument("--method", choices=METHODS, default="none",
                    help="compression method (default: none)")

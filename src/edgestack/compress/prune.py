@@ -24,19 +24,30 @@ Structures found (:func:`find_structures`):
   from the gate and up rows and the down columns together. Llama's projections have no
   bias; bias compensation gives ``o_proj`` / ``down_proj`` one (saved by
   :func:`~edgestack.compress.pruned.save_pruned`, exported as any bias).
-- Generic chains inside ``nn.Sequential``: a ``Linear``/``Conv`` producer followed, through
-  elementwise modules (activations, dropout, identity) and per-channel ``BatchNorm`` (sliced
-  too), by a consumer of the same family with ``groups=1``. A grouped-conv producer loses
-  the same number of channels in every group; a grouped consumer makes the chain unprunable.
+- Any other model that ``torch.fx`` can trace (plain torch CNNs and MLPs): *channel spaces*
+  (:mod:`edgestack.compress.prune_graph`). A residual stream is one structure: every conv
+  that writes it (the stem, each block's last conv, projection shortcuts) loses the same
+  output channels and every layer that reads it the same input channels, with the
+  BatchNorms on the way; depthwise convolutions inside a space lose the removed channels'
+  filters (``groups`` shrinks with them); grouped producers and consumers lose the same count
+  in every group (the space is split into ``lcm`` of their group counts equal blocks);
+  squeeze-and-excitation gates (``x * gate``) join the gate's producer to the space.
+  Channels that reach the model input or output, a concatenation, a reshape, a
+  normalisation across channels or any operation not known to keep channels in place are
+  left whole, with the reason in ``report.skipped``.
+- Models that cannot be traced (data-dependent control flow): chains inside
+  ``nn.Sequential`` only: a ``Linear``/``Conv`` producer followed, through elementwise
+  modules and per-channel ``BatchNorm`` (sliced too), by a consumer of the same family with
+  ``groups=1``; a grouped-conv producer loses the same number of channels in every group.
 
 Importance (:data:`IMPORTANCE`, option ``metric``; ``"auto"`` picks ``"activation"`` with
 calibration data, else ``"weight"``), per channel ``c`` of the consumer input, summed over a
 unit's channels:
 
 - ``"weight"``: ``||P[c, :]|| * ||C[:, c]||``, the L2 norm of the channel's incoming producer
-  weights (for heads: the value projection's rows) times that of its outgoing consumer
-  weights: how much the channel can carry from input to output (times
-  ``|gamma_c| / sqrt(var_c + eps)`` of a BatchNorm in between).
+  weights (for heads: the value projection's rows; for a channel space: its first
+  producer's) times that of its outgoing consumer weights: how much the channel can carry
+  from input to output (times ``|gamma_c| / sqrt(var_c + eps)`` of a BatchNorm in between).
 - ``"activation"``: ``E|a_c| * ||C[:, c]||``, the mean absolute consumer input from
   calibration times the outgoing weight norm (for heads, ``a`` is the context vector that the
   output projection reads).
@@ -45,7 +56,8 @@ unit's channels:
   input channel over the calibration data times the squared outgoing weight norm: the
   output error left after removing the channel and compensating its mean in the bias.
 
-A metric gets the structure and its consumer's :class:`~edgestack.compress.api.InputStats`.
+A metric gets the structure and its consumer's :class:`~edgestack.compress.api.InputStats`;
+a structure with several consumers (a residual stream) scores the sum over its consumers.
 
 Adaptive ratios (``adaptive=True``, FLAP's global standardized score): each structure's unit
 scores are standardized (``(s - mean) / std`` within the structure), then the units of all
@@ -82,7 +94,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -93,17 +105,17 @@ from edgestack.compress.api import (
     PassContext,
 )
 from edgestack.compress.options import IMPORTANCE_METRICS
+from edgestack.compress.prune_graph import PER_CHANNEL, channel_spaces, is_elementwise, trace
 from edgestack.compress.report import LayerReport
 from edgestack.compress.resize import shrink_layer, sync_attention_heads
-from edgestack.compress.walk import LayerInfo, dense_weight, layer_kind, replace_module
-from edgestack.errors import CompressError
-
-_ELEMENTWISE: tuple[type, ...] = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.SELU,
-    nn.CELU, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.Softsign,
-    nn.Tanhshrink, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity,
+from edgestack.compress.walk import (
+    LayerInfo,
+    dense_weight,
+    iter_layers,
+    layer_kind,
+    replace_module,
 )
-_PER_CHANNEL: tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
+from edgestack.errors import CompressError
 
 
 @dataclass
@@ -120,7 +132,11 @@ class Structure:
         consumer: unit ``u`` is its input columns ``u*unit_size + [0, unit_size)``.
         between: ``(name, module)`` of per-channel modules (BatchNorm) between producer and
             consumer; sliced with the producer, and their scale enters the weight metric.
-        groups: a grouped-conv producer's group count (same removal in every group).
+        groups: the units split into this many equal blocks, each losing the same count
+            (``lcm`` of the group counts of grouped-conv producers and consumers).
+        more_consumers: other layers reading the same units (a residual stream's readers).
+        depthwise: depthwise convolutions the units pass through (one filter per unit,
+            removed with it).
         sizes: per producer name, its rows per unit when they differ from ``unit_size``
             (grouped-query attention: a unit is one key/value head of ``head_dim`` rows in
             ``k_proj``/``v_proj`` and its query heads, ``group * head_dim`` rows of
@@ -137,10 +153,21 @@ class Structure:
     between: list[tuple[str, nn.Module]] = field(default_factory=list)
     groups: int = 1
     sizes: dict[str, int] = field(default_factory=dict)
+    more_consumers: list[LayerInfo] = field(default_factory=list)
+    depthwise: list[LayerInfo] = field(default_factory=list)
+
+    @property
+    def consumers(self) -> list[LayerInfo]:
+        """Every layer that reads the units (input columns removed)."""
+        return [self.consumer, *self.more_consumers]
 
     @property
     def layers(self) -> list[LayerInfo]:
-        return [p for p, _ in self.producers] + [self.consumer]
+        return [p for p, _ in self.producers] + self.consumers + self.depthwise
+
+    def reading(self, consumer: LayerInfo) -> Structure:
+        """This structure as seen by one of its consumers (what a metric scores)."""
+        return replace(self, consumer=consumer, more_consumers=[])
 
     def channels(self, units: torch.Tensor) -> torch.Tensor:
         """Consumer input columns of ``units`` (sorted units give sorted columns)."""
@@ -163,9 +190,17 @@ class Structure:
 Metric = Callable[[Structure, "InputStats | None"], torch.Tensor]
 
 
+def _by_group(layer: LayerInfo) -> torch.Tensor:
+    """The weight as ``[groups, out per group, in per group, kernel]`` (float32, CPU)."""
+    w = dense_weight(layer).cpu()
+    g = int(getattr(layer.module, "groups", 1))
+    return w.reshape(g, w.shape[0] // g, w.shape[1], -1)
+
+
 def _consumer_col_norm(st: Structure) -> torch.Tensor:
-    w = dense_weight(st.consumer).cpu()
-    return w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1)[: st.n_units * st.unit_size]
+    """Per input channel of the consumer (all groups), the norm of the weights reading it."""
+    w = _by_group(st.consumer)
+    return w.pow(2).sum(dim=(1, 3)).sqrt().reshape(-1)
 
 
 def weight_importance(st: Structure, stats: InputStats | None) -> torch.Tensor:
@@ -252,14 +287,62 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _is_elementwise(mod: nn.Module) -> bool:
-    return isinstance(mod, _ELEMENTWISE) or type(mod).__module__ == "transformers.activations"
-
-
 def find_structures(model: nn.Module) -> tuple[list[Structure], dict[str, str]]:
-    """Prunable structures of ``model`` and, by layer name, why a candidate was refused."""
+    """Prunable structures of ``model`` and, by layer name, why a candidate was refused.
+
+    Hugging Face attention and MLP blocks are found by their module names. A model with none
+    of them is traced with ``torch.fx`` and pruned by channel spaces
+    (:mod:`edgestack.compress.prune_graph`: residual streams, depthwise and grouped
+    convolutions); when it cannot be traced, chains inside ``nn.Sequential`` are used.
+    """
+    found, refused, chains, chain_refused = _named_structures(model)
+    if found:
+        return found, {**refused, **chain_refused}
+    try:
+        graph = trace(model)
+    except Exception as exc:  # any tracing failure: fall back to the Sequential chains
+        why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+        in_chain = {layer.name for st in chains for layer in st.layers}
+        refused.update(chain_refused)
+        for layer in iter_layers(model):
+            if layer.name not in in_chain:
+                refused.setdefault(layer.name, "not part of a prunable structure (torch.fx "
+                                   f"cannot trace the model: {why})")
+        return chains, refused
+    return _graph_structures(model, graph, refused), refused
+
+
+def _graph_structures(model: nn.Module, graph: Any, refused: dict[str, str]
+                      ) -> list[Structure]:
+    spaces, pinned = channel_spaces(model, graph)
+    refused.update(pinned)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    found = []
+    for space in spaces:
+        prod, cons, dws, norms = (sorted(names, key=order.__getitem__) for names in (
+            space.producers, space.consumers, space.depthwise, space.norms))
+        producers = [_info(model, n) for n in prod]
+        consumers = [_info(model, n) for n in cons]
+        depthwise = [_info(model, n) for n in dws]
+        if any(x is None for x in producers + consumers + depthwise):
+            continue  # not a supported layer (cannot happen for traced leaves)
+        name = "+".join(prod) + "->" + "+".join(cons)
+        found.append(Structure(
+            name, "channel", space.channels, 1, [(p, (0,)) for p in producers],
+            (producers[0], 0), consumers[0],
+            [(n, model.get_submodule(n)) for n in norms], space.groups,
+            more_consumers=consumers[1:], depthwise=depthwise))
+    return found
+
+
+def _named_structures(model: nn.Module) -> tuple[list[Structure], dict[str, str],
+                                                 list[Structure], dict[str, str]]:
+    """Structures found by module names, their refusals, the ``nn.Sequential`` chains and
+    theirs."""
     found: list[Structure] = []
+    chains: list[Structure] = []
     refused: dict[str, str] = {}
+    chain_refused: dict[str, str] = {}
     for name, mod in model.named_modules():
         # BERT-family self-attention: query/key/value, output projection in a sibling.
         if all(hasattr(mod, a) for a in ("query", "key", "value", "num_attention_heads",
@@ -318,8 +401,8 @@ def find_structures(model: nn.Module) -> tuple[list[Structure], dict[str, str]]:
             else:
                 refused[name] = "gated MLP layout not recognised"
         if isinstance(mod, nn.Sequential):
-            found.extend(_sequential_chains(name, mod, refused))
-    return found, refused
+            chains.extend(_sequential_chains(name, mod, chain_refused))
+    return found, refused, chains, chain_refused
 
 
 def _llama_attention(model: nn.Module, name: str, mod: nn.Module) -> Structure | str:
@@ -366,9 +449,9 @@ def _sequential_chains(seq_name: str, seq: nn.Sequential, refused: dict[str, str
         j = i + 1
         while j < len(children):
             mod = children[j][1]
-            if _is_elementwise(mod):
+            if is_elementwise(mod):
                 j += 1
-            elif isinstance(mod, _PER_CHANNEL) and mod.num_features == width:
+            elif isinstance(mod, PER_CHANNEL) and mod.num_features == width:
                 between.append((_join(seq_name, children[j][0]), mod))
                 j += 1
             else:
@@ -459,12 +542,18 @@ class _LayerPlan:
 
 
 def _compensation(st: Structure, stats: InputStats, removed: torch.Tensor) -> torch.Tensor:
-    w = dense_weight(st.consumer).cpu()
+    """``C[:, removed] @ E[a_removed]`` (kernel summed; each group's rows read only its own
+    input channels)."""
+    w = _by_group(st.consumer).sum(-1).to(torch.float64)  # [groups, out/g, in/g]
+    groups, per_out, per_in = w.shape
     cols = st.channels(removed)
-    wr = w.index_select(1, cols)
-    if wr.dim() > 2:
-        wr = wr.reshape(wr.shape[0], wr.shape[1], -1).sum(-1)
-    return wr.to(torch.float64) @ stats.mean.index_select(0, cols)
+    mean = stats.mean.index_select(0, cols)
+    delta = torch.zeros(groups, per_out, dtype=torch.float64)
+    for g in range(groups):
+        mine = (cols // per_in) == g
+        if mine.any():
+            delta[g] = w[g].index_select(1, cols[mine] % per_in) @ mean[mine]
+    return delta.reshape(-1)
 
 
 def _slice_norm(model: nn.Module, name: str, keep: torch.Tensor) -> None:
@@ -495,17 +584,18 @@ def run(ctx: PassContext) -> None:
     for st in structures:
         names = [layer.name for layer in st.layers]
         missing = [n for n in names if n not in allowed]
-        prod_names = {p.name for p, _ in st.producers}
+        prod_names = {p.name for p, _ in st.producers} | {d.name for d in st.depthwise}
+        cons_names = {c.name for c in st.consumers} | {d.name for d in st.depthwise}
         if missing:
             for n in names:
                 reasons.setdefault(n, f"structure {st.name!r} has a layer left dense "
                                       f"({missing[0]})")
-        elif prod_names & used_out or st.consumer.name in used_in:
+        elif prod_names & used_out or cons_names & used_in:
             for n in names:
                 reasons.setdefault(n, f"structure {st.name!r} overlaps another structure")
         else:
             used_out |= prod_names
-            used_in.add(st.consumer.name)
+            used_in |= cons_names
             usable.append(st)
     for link, why in refused.items():
         for n in allowed:
@@ -518,17 +608,17 @@ def run(ctx: PassContext) -> None:
     metric = IMPORTANCE[metric_name]
     stats: dict[str, InputStats] = {}
     if ctx.calib is not None and usable:
-        consumers = {st.consumer.name: st.consumer for st in usable}
+        consumers = {c.name: c for st in usable for c in st.consumers}
         stats = ctx.input_stats(consumers.values())
     elif metric_name != "weight" and usable:
         metric(usable[0], None)  # raises the "needs calibration" error
 
     plans: dict[str, _LayerPlan] = {}
     shrink_norms: list[tuple[str, torch.Tensor]] = []
-    all_scores = {st.name: metric(st, stats.get(st.consumer.name)) for st in usable}
+    all_scores = {st.name: sum(metric(st.reading(c), stats.get(c.name)) for c in st.consumers)
+                  for st in usable}
     global_keep = adaptive_keep(usable, all_scores, o["ratio"]) if o["adaptive"] else {}
     for st in ctx.iterate(usable, "prune"):
-        cst = stats.get(st.consumer.name)
         scores = all_scores[st.name]
         keep = global_keep[st.name] if st.name in global_keep else \
             select_units(scores, o["ratio"], st.groups)
@@ -548,12 +638,18 @@ def run(ctx: PassContext) -> None:
             plan = plans.setdefault(layer.name, _LayerPlan(layer))
             plan.keep_out = st.rows(keep, offsets, st.size_of(layer))
             plan.structures[st.name] = info
-        plan = plans.setdefault(st.consumer.name, _LayerPlan(st.consumer))
-        plan.keep_in = st.channels(keep)
-        plan.structures[st.name] = info
-        if cst is not None and o["bias_compensation"]:
-            plan.bias_delta = _compensation(st, cst, removed)
-            info["bias_compensated"] = True
+        for consumer in st.consumers:
+            plan = plans.setdefault(consumer.name, _LayerPlan(consumer))
+            plan.keep_in = st.channels(keep)
+            plan.structures[st.name] = info
+            cst = stats.get(consumer.name)
+            if cst is not None and o["bias_compensation"]:
+                plan.bias_delta = _compensation(st.reading(consumer), cst, removed)
+                info["bias_compensated"] = True
+        for dw in st.depthwise:  # one filter per channel: the removed channels' filters go
+            plan = plans.setdefault(dw.name, _LayerPlan(dw))
+            plan.keep_out = plan.keep_in = st.channels(keep)
+            plan.structures[st.name] = info
         for bn, _ in st.between:
             shrink_norms.append((bn, st.channels(keep)))
 
