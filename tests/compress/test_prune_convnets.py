@@ -113,7 +113,8 @@ def test_bias_compensation_lowers_error(name):
         with torch.no_grad():
             return sum(float((m(**x) - r).pow(2).sum()) for x, r in zip(data, refs, strict=True))
 
-    assert err(with_comp) < err(without), (err(with_comp), err(without))
+    # measured: resnet_tiny 0.005, mobilenet_tiny 0.014 of the uncompensated error
+    assert err(with_comp) < 0.5 * err(without), (err(with_comp), err(without))
 
 
 @pytest.mark.parametrize("name", list(FACTORIES))

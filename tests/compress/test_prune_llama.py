@@ -118,7 +118,8 @@ def test_llama_bias_compensation_creates_biases_and_lowers_error():
     def err(m):
         return sum(float((logits(m, x) - logits(ref, x)).pow(2).sum()) for x in data)
 
-    assert err(with_comp) < err(without), (err(with_comp), err(without))
+    # measured: 0.89 of the uncompensated error (random weights: small means to restore)
+    assert err(with_comp) < 0.95 * err(without), (err(with_comp), err(without))
 
 
 @pytest.mark.parametrize("build", [llama, lambda: llama(tie=True), qwen2],

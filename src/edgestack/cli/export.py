@@ -104,7 +104,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                      "(measured in this process on the example inputs); the search picks "
                      "the ratio, so --ratio is refused. Exit 1 when no ratio meets it")
     lat.add_argument("--latency-on", choices=TARGET_NAMES, default="ort-cpu",
-                     help="the target whose backend times the candidates (default ort-cpu)")
+                     help="the target whose backend times the candidates (default ort-cpu; "
+                     "ort-arm runs emulated on x86: its times are the emulator's)")
     lat.add_argument("--latency-step", type=float, default=0.1,
                      help="ratio step of the search (default 0.1)")
     p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
