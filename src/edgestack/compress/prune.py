@@ -296,8 +296,8 @@ def find_structures(model: nn.Module) -> tuple[list[Structure], dict[str, str]]:
     convolutions); when it cannot be traced, chains inside ``nn.Sequential`` are used.
     """
     found, refused, chains, chain_refused = _named_structures(model)
-    if found:
-        return found, {**refused, **chain_refused}
+    if found:  # a Hugging Face model: its named blocks and any nn.Sequential chains
+        return found + chains, {**refused, **chain_refused}
     try:
         graph = trace(model)
     except Exception as exc:  # any tracing failure: fall back to the Sequential chains
