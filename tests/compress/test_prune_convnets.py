@@ -168,3 +168,47 @@ def test_untraceable_model_falls_back_to_sequential_chains():
     assert model.net[0].out_features == 4
     reasons = {s.name: s.reason for s in report.skipped}
     assert "torch.fx cannot trace" in reasons["other"]
+
+
+def hf_resnet():
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    return ResNetForImageClassification(ResNetConfig(
+        embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic",
+        num_labels=10)).eval()
+
+
+def hf_mobilenet_v2():
+    from transformers import MobileNetV2Config, MobileNetV2ForImageClassification
+
+    torch.manual_seed(0)
+    return MobileNetV2ForImageClassification(MobileNetV2Config(
+        depth_multiplier=0.35, image_size=32, num_labels=10)).eval()
+
+
+@pytest.mark.parametrize("build", [hf_resnet, hf_mobilenet_v2], ids=["resnet", "mobilenet_v2"])
+def test_hugging_face_cnns_prune_through_torch_export(build, tmp_path):
+    """transformers' CNNs check shapes in Python, so torch.fx cannot trace them; with a
+    calibration input the torch.export graph gives their channel spaces."""
+    from edgestack.compress.pruned import load_pruned, save_pruned
+
+    model = build()
+    x = {"pixel_values": torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        untraced = compress(copy.deepcopy(model), "prune", ratio=0.5)  # no example input
+    assert not untraced.layers and "torch.fx cannot trace" in untraced.skipped[0].reason
+    before = sum(p.numel() for p in model.parameters())
+    report = compress(model, "prune", ratio=0.5, calib=[x])
+    assert report.layers and sum(p.numel() for p in model.parameters()) < 0.35 * before
+    depthwise = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert all(m.groups == m.in_channels == m.out_channels for m in depthwise)
+    save_pruned(model, tmp_path / "pruned")
+    loaded = load_pruned(tmp_path / "pruned")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**x).logits, model(**x).logits)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = export(model, x, tmp_path / "pruned.onnx")
+    assert result.parity.passed and result.parity.max_rel <= 1e-4, result.parity.table()

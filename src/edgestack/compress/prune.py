@@ -24,20 +24,22 @@ Structures found (:func:`find_structures`):
   from the gate and up rows and the down columns together. Llama's projections have no
   bias; bias compensation gives ``o_proj`` / ``down_proj`` one (saved by
   :func:`~edgestack.compress.pruned.save_pruned`, exported as any bias).
-- Any other model that ``torch.fx`` can trace (plain torch CNNs and MLPs): *channel spaces*
-  (:mod:`edgestack.compress.prune_graph`). A residual stream is one structure: every conv
-  that writes it (the stem, each block's last conv, projection shortcuts) loses the same
-  output channels and every layer that reads it the same input channels, with the
-  BatchNorms on the way; depthwise convolutions inside a space lose the removed channels'
-  filters (``groups`` shrinks with them); grouped producers and consumers lose the same count
-  in every group (the space is split into ``lcm`` of their group counts equal blocks);
-  squeeze-and-excitation gates (``x * gate``) join the gate's producer to the space.
-  Channels that reach the model input or output, a concatenation, a reshape, a
-  normalisation across channels or any operation not known to keep channels in place are
-  left whole, with the reason in ``report.skipped``.
-- Models that cannot be traced (data-dependent control flow): chains inside
-  ``nn.Sequential`` only: a ``Linear``/``Conv`` producer followed, through elementwise
-  modules and per-channel ``BatchNorm`` (sliced too), by a consumer of the same family with
+- Any other model that ``torch.fx`` can trace (plain torch CNNs and MLPs), or else that
+  ``torch.export`` can on the first calibration input (transformers' CNNs, which check
+  shapes in Python): *channel spaces* (:mod:`edgestack.compress.prune_graph`). A residual
+  stream is one structure: every conv that writes it (the stem, each block's last conv,
+  projection shortcuts) loses the same output channels and every layer that reads it the
+  same input channels, with the BatchNorms on the way; depthwise convolutions inside a space
+  lose the removed channels' filters (``groups`` shrinks with them); grouped producers and
+  consumers lose the same count in every group (the space is split into ``lcm`` of their
+  group counts equal blocks); squeeze-and-excitation gates (``x * gate``) join the gate's
+  producer to the space. Channels that reach the model input or output, a concatenation, a
+  reshape, a normalisation across channels or any operation not known to keep channels in
+  place are left whole, with the reason in ``report.skipped``.
+- Models that cannot be traced (data-dependent control flow, or no calibration input for
+  ``torch.export``): chains inside ``nn.Sequential`` only: a ``Linear``/``Conv`` producer
+  followed, through elementwise modules and per-channel ``BatchNorm`` (sliced too), by a
+  consumer of the same family with
   ``groups=1``; a grouped-conv producer loses the same number of channels in every group.
 
 Importance (:data:`IMPORTANCE`, option ``metric``; ``"auto"`` picks ``"activation"`` with
@@ -103,9 +105,16 @@ from torch import nn
 from edgestack.compress.api import (
     InputStats,
     PassContext,
+    inputs_to,
 )
 from edgestack.compress.options import IMPORTANCE_METRICS
-from edgestack.compress.prune_graph import PER_CHANNEL, channel_spaces, is_elementwise, trace
+from edgestack.compress.prune_graph import (
+    PER_CHANNEL,
+    channel_spaces,
+    export_graph,
+    is_elementwise,
+    trace,
+)
 from edgestack.compress.report import LayerReport
 from edgestack.compress.resize import shrink_layer, sync_attention_heads
 from edgestack.compress.walk import (
@@ -262,6 +271,10 @@ assert tuple(IMPORTANCE) == IMPORTANCE_METRICS, "options.IMPORTANCE_METRICS is o
 # --------------------------------------------------------------------------- discovery
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def _info(model: nn.Module, name: str) -> LayerInfo | None:
     try:
         mod = model.get_submodule(name)
@@ -287,21 +300,30 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def find_structures(model: nn.Module) -> tuple[list[Structure], dict[str, str]]:
+def find_structures(model: nn.Module, example: dict[str, Any] | None = None
+                    ) -> tuple[list[Structure], dict[str, str]]:
     """Prunable structures of ``model`` and, by layer name, why a candidate was refused.
 
     Hugging Face attention and MLP blocks are found by their module names. A model with none
     of them is traced with ``torch.fx`` and pruned by channel spaces
     (:mod:`edgestack.compress.prune_graph`: residual streams, depthwise and grouped
-    convolutions); when it cannot be traced, chains inside ``nn.Sequential`` are used.
+    convolutions); when ``torch.fx`` cannot trace it (control flow on shapes, as in Hugging
+    Face CNNs) and an ``example`` input is given, the ``torch.export`` graph of the model on
+    it is used; else chains inside ``nn.Sequential``.
     """
     found, refused, chains, chain_refused = _named_structures(model)
     if found:  # a Hugging Face model: its named blocks and any nn.Sequential chains
         return found + chains, {**refused, **chain_refused}
     try:
-        graph = trace(model)
-    except Exception as exc:  # any tracing failure: fall back to the Sequential chains
-        why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+        graph, owners = trace(model), None
+    except Exception as exc:  # any tracing failure: torch.export, else Sequential chains
+        graph, owners, why = None, None, _first_line(exc)
+        if example is not None:
+            try:
+                graph, owners = export_graph(model, example)
+            except Exception as exc2:  # reported as the reason
+                why += f"; torch.export on the calibration input: {_first_line(exc2)}"
+    if graph is None:
         in_chain = {layer.name for st in chains for layer in st.layers}
         refused.update(chain_refused)
         for layer in iter_layers(model):
@@ -309,12 +331,17 @@ def find_structures(model: nn.Module) -> tuple[list[Structure], dict[str, str]]:
                 refused.setdefault(layer.name, "not part of a prunable structure (torch.fx "
                                    f"cannot trace the model: {why})")
         return chains, refused
-    return _graph_structures(model, graph, refused), refused
+    return _graph_structures(model, graph, owners, refused), refused
 
 
-def _graph_structures(model: nn.Module, graph: Any, refused: dict[str, str]
-                      ) -> list[Structure]:
-    spaces, pinned = channel_spaces(model, graph)
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
+
+
+def _graph_structures(model: nn.Module, graph: Any, owners: dict[str, str] | None,
+                      refused: dict[str, str]) -> list[Structure]:
+    spaces, pinned = channel_spaces(model, graph, owners)
     refused.update(pinned)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     found = []
@@ -576,7 +603,8 @@ def run(ctx: PassContext) -> None:
     """Prune every structure of ``ctx.model`` whose layers are all in ``ctx.layers``."""
     o = ctx.options
     allowed = {layer.name: layer for layer in ctx.layers}
-    structures, refused = find_structures(ctx.model)
+    example = inputs_to(ctx.calib[0], _device(ctx.model)) if ctx.calib else None
+    structures, refused = find_structures(ctx.model, example)
     reasons: dict[str, str] = {}
     usable: list[Structure] = []
     used_out: set[str] = set()

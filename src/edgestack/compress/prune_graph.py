@@ -1,12 +1,14 @@
 """Channel spaces of a traced torch model: which layers must lose the same channels.
 
-The structured-pruning pass (:mod:`edgestack.compress.prune`) uses this for models that
-``torch.fx`` can trace (plain torch CNNs and MLPs; Hugging Face transformers keep their named
-structures). Every tensor of the traced graph belongs to a *channel space*; operations that
-keep channels in place (activations, dropout, BatchNorm, pooling, depthwise convolutions,
-global pooling followed by a flatten) pass the space on, and elementwise operations on two
-tensors (``x + y``, ``x * y``: residual connections, squeeze-and-excitation gates) merge
-the spaces of their inputs. A space is the set of channels that must be pruned together:
+The structured-pruning pass (:mod:`edgestack.compress.prune`) uses this for models without
+named Hugging Face blocks: on the module-level graph of ``torch.fx`` (:func:`trace`; plain
+torch CNNs and MLPs) or, when that fails, on the ATen graph ``torch.export`` records on an
+example input (:func:`export_graph`; transformers' CNNs, whose Python checks shapes). Every
+tensor of the traced graph belongs to a *channel space*; operations that keep channels in
+place (activations, dropout, BatchNorm, pooling, depthwise convolutions, global pooling
+followed by a flatten) pass the space on, and elementwise operations on two tensors (``x +
+y``, ``x * y``: residual connections, squeeze-and-excitation gates) merge the spaces of
+their inputs. A space is the set of channels that must be pruned together:
 
 - producers: ``nn.Linear`` / ``nn.Conv*`` whose output starts it (every conv that writes a
   residual stream is a producer of that stream's space);
@@ -155,8 +157,96 @@ def trace(model: nn.Module) -> fx.Graph:
     return _Tracer().trace(model)
 
 
-def channel_spaces(model: nn.Module, graph: fx.Graph) -> tuple[list[Space], dict[str, str]]:
-    """The unpinned channel spaces of ``model`` and, by producer name, why a space is pinned."""
+def export_graph(model: nn.Module, example: dict[str, Any]) -> tuple[fx.Graph, dict[str, str]]:
+    """The ATen graph of ``model`` run on ``example`` (``torch.export``, for models that
+    ``torch.fx`` cannot trace symbolically, e.g. Hugging Face CNNs checking shapes), and the
+    placeholder names of its parameters and buffers -> their module names."""
+    ep = torch.export.export(model, (), dict(example), strict=False)
+    sig = ep.graph_signature
+    owners = {ph: fqn.rpartition(".")[0] for ph, fqn in
+              {**sig.inputs_to_parameters, **sig.inputs_to_buffers}.items()}
+    return ep.graph, owners
+
+
+_A = torch.ops.aten
+_ATEN_LAYERS = {_A.conv1d.default, _A.conv2d.default, _A.linear.default}
+_ATEN_NORMS = {_A.batch_norm.default, _A._native_batch_norm_legit_no_training.default}
+_ATEN_UNARY = {
+    _A.relu.default, _A.relu_.default, _A.hardtanh.default, _A.hardtanh_.default,
+    _A.gelu.default, _A.silu.default, _A.silu_.default, _A.sigmoid.default,
+    _A.sigmoid_.default, _A.tanh.default, _A.hardswish.default, _A.hardswish_.default,
+    _A.hardsigmoid.default, _A.leaky_relu.default, _A.leaky_relu_.default, _A.elu.default,
+    _A.mish.default, _A.dropout.default, _A.dropout_.default, _A.clone.default,
+    _A.contiguous.default, _A.alias.default, _A.neg.default, _A.max_pool1d.default,
+    _A.max_pool2d.default, _A.avg_pool1d.default, _A.avg_pool2d.default,
+}
+_ATEN_BINARY = {_A.add.Tensor, _A.add_.Tensor, _A.sub.Tensor, _A.mul.Tensor, _A.mul_.Tensor,
+                _A.div.Tensor}
+_ATEN_TUPLES = {_A.max_pool2d_with_indices.default, _A.max_pool1d_with_indices.default,
+                _A._native_batch_norm_legit_no_training.default}  # [0] is the tensor
+
+
+def _shape(node: Any) -> tuple[int, ...] | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    shape = getattr(val, "shape", None)
+    return tuple(int(d) for d in shape) if shape is not None else None
+
+
+def _aten(sp: _Spaces, node: fx.Node, x: _T | None, modules: dict[str, nn.Module],
+          owners: dict[str, str], calls: dict[str, int], values: Any, unknown: Any,
+          only_first: Any) -> _T | None:
+    """One ATen node of an exported graph (see :func:`export_graph`)."""
+    target = node.target
+    label = str(target)
+    if target is operator.getitem:
+        src = node.args[0]
+        if isinstance(src, fx.Node) and src.target in _ATEN_TUPLES and node.args[1] == 0:
+            return x
+        return None if x is None else unknown(node, label)
+    if x is None and not values((node.args, node.kwargs)):
+        return None  # sizes, constants
+    if target in _ATEN_LAYERS or target in _ATEN_NORMS:
+        weight = node.args[1] if target in _ATEN_LAYERS or node.args[1] is not None \
+            else node.args[3]  # a BatchNorm without affine: its running mean
+        name = owners.get(getattr(weight, "name", ""), "")
+        mod = modules.get(name)
+        if mod is None:
+            return unknown(node, f"{label} with weights of no module")
+        if target in _ATEN_LAYERS and layer_kind(mod) is None:
+            return unknown(node, f"{label} of module {name!r}")
+        return _module(sp, name, mod, x, calls.get(name, 1), lambda what: unknown(node, what),
+                       only_first(node))
+    if target in _ATEN_BINARY:
+        return _binary(sp, values((node.args, node.kwargs)), lambda: unknown(node, label))
+    if x is None:
+        return unknown(node, label)
+    if (target in _ATEN_UNARY or target in _ATEN_TUPLES) and only_first(node):
+        return x
+    if target in (_A.pad.default, _A.constant_pad_nd.default) and only_first(node):
+        shape, pads = _shape(node.args[0]), node.args[1]
+        if shape is not None and x.layout == "c1" and len(pads) <= 2 * (len(shape) - 2):
+            return x  # pads spatial dims only
+    if target in (_A.adaptive_avg_pool2d.default, _A.adaptive_avg_pool1d.default,
+                  _A.adaptive_max_pool2d.default) and only_first(node):
+        sizes = node.args[1]
+        return _T(x.space, x.layout, x.pooled or all(v == 1 for v in sizes))
+    if target is _A.mean.dim and x.layout == "c1" and only_first(node) and \
+            _spatial_dims(node.args[1]):
+        keep = bool(node.args[2]) if len(node.args) > 2 else bool(node.kwargs.get("keepdim"))
+        return _T(x.space, "c1" if keep else "last", True)
+    shape_in, shape_out = _shape(node.args[0]), _shape(node)
+    if x.pooled and only_first(node) and shape_in and shape_out and len(shape_out) == 2 \
+            and shape_out == shape_in[:2]:  # flatten/view/squeeze of [B, C, 1, 1]
+        return _T(x.space, "last", True)
+    return unknown(node, label)
+
+
+def channel_spaces(model: nn.Module, graph: fx.Graph, owners: dict[str, str] | None = None
+                   ) -> tuple[list[Space], dict[str, str]]:
+    """The unpinned channel spaces of ``model`` and, by producer name, why a space is pinned.
+
+    ``graph``: the module-level graph of :func:`trace`, or with ``owners`` the ATen graph of
+    :func:`export_graph`."""
     sp = _Spaces()
     env: dict[fx.Node, _T | None] = {}
     modules = dict(model.named_modules())
@@ -164,6 +254,9 @@ def channel_spaces(model: nn.Module, graph: fx.Graph) -> tuple[list[Space], dict
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
+        elif owners is not None and node.target in _ATEN_LAYERS:
+            name = owners.get(getattr(node.args[1], "name", ""), "")
+            calls[name] = calls.get(name, 0) + 1
 
     def values(args: Any) -> list[_T]:
         found: list[_T] = []
@@ -186,7 +279,9 @@ def channel_spaces(model: nn.Module, graph: fx.Graph) -> tuple[list[Space], dict
         op, target = node.op, node.target
         x = first(node) if op in ("call_module", "call_function", "call_method") else None
         out: _T | None
-        if op == "placeholder":
+        if op == "placeholder" and owners is not None and node.name in owners:
+            out = None  # a parameter or buffer of the exported program
+        elif op == "placeholder":
             out = _T(sp.new(pinned="the model input"), "c1")
         elif op == "get_attr":
             out = _T(sp.new(pinned=f"parameter {target}"), "c1")
@@ -195,7 +290,10 @@ def channel_spaces(model: nn.Module, graph: fx.Graph) -> tuple[list[Space], dict
                 sp.pin(t.space, "its channels reach the model output")
             continue
         elif op == "call_module":
-            out = _module(sp, node, modules[target], x, calls[target], unknown, only_first)
+            out = _module(sp, str(target), modules[target], x, calls[target],
+                          lambda what, node=node: unknown(node, what), only_first(node))
+        elif op == "call_function" and owners is not None:
+            out = _aten(sp, node, x, modules, owners, calls, values, unknown, only_first)
         elif op in ("call_function", "call_method"):
             out = _function(sp, node, x, values, unknown, only_first)
         else:
@@ -204,20 +302,21 @@ def channel_spaces(model: nn.Module, graph: fx.Graph) -> tuple[list[Space], dict
     return _collect(sp)
 
 
-def _module(sp: _Spaces, node: fx.Node, mod: nn.Module, x: _T | None, n_calls: int,
-            unknown: Any, only_first: Any) -> _T | None:
-    name = str(node.target)
+def _module(sp: _Spaces, name: str, mod: nn.Module, x: _T | None, n_calls: int,
+            unknown: Any, only_first: bool) -> _T | None:
+    """A call of module ``name`` on ``x`` (``unknown(what)`` pins; ``only_first``: no other
+    argument carries channels)."""
     kind = layer_kind(mod)
-    if x is None or not only_first(node):
-        return unknown(node, f"module {name!r} ({type(mod).__name__})")
+    if x is None or not only_first:
+        return unknown(f"module {name!r} ({type(mod).__name__})")
     if kind is not None:
         if n_calls > 1:
-            return unknown(node, f"layer {name!r}, called {n_calls} times")
+            return unknown(f"layer {name!r}, called {n_calls} times")
         if kind[0] == "linear":
             width_in, width_out, groups, layout = _linear_sizes(mod, kind[1]) + (1, "last")
         elif is_depthwise(mod):
             if x.layout != "c1":
-                return unknown(node, f"depthwise convolution {name!r} over channels-last data")
+                return unknown(f"depthwise convolution {name!r} over channels-last data")
             sp.acc[sp.find(x.space)].depthwise.append((name, mod.in_channels))
             return _T(x.space, "c1")
         else:
@@ -241,7 +340,7 @@ def _module(sp: _Spaces, node: fx.Node, mod: nn.Module, x: _T | None, n_calls: i
         return _T(x.space, x.layout, x.pooled or all(s == 1 for s in sizes))
     if isinstance(mod, nn.Flatten) and mod.start_dim == 1 and x.pooled:
         return _T(x.space, "last", True)
-    return unknown(node, f"module {name!r} ({type(mod).__name__})")
+    return unknown(f"module {name!r} ({type(mod).__name__})")
 
 
 def _linear_sizes(mod: nn.Module, transposed: bool) -> tuple[int, int]:
@@ -266,13 +365,8 @@ def _function(sp: _Spaces, node: fx.Node, x: _T | None, values: Any, unknown: An
     if x is None and not values((node.args, node.kwargs)):
         return None  # arithmetic on sizes
     if target in _BINARY or method in _BINARY_METHODS:
-        ts = values((node.args, node.kwargs))
-        if len({t.layout for t in ts}) > 1:
-            return unknown(node, f"{label} of tensors with channels in different places")
-        space = ts[0].space
-        for t in ts[1:]:
-            space = sp.union(space, t.space)
-        return _T(space, ts[0].layout, all(t.pooled for t in ts))
+        return _binary(sp, values((node.args, node.kwargs)), lambda: unknown(
+            node, f"{label} of tensors with channels in different places"))
     if x is None:
         return unknown(node, label)
     if (target in _UNARY_FNS or method in _UNARY_METHODS) and only_first(node):
@@ -297,6 +391,16 @@ def _function(sp: _Spaces, node: fx.Node, x: _T | None, values: Any, unknown: An
         if method == "squeeze" or target is torch.squeeze:
             return _T(x.space, "last", True)
     return unknown(node, label)
+
+
+def _binary(sp: _Spaces, ts: list[_T], mismatch: Any) -> _T:
+    """An elementwise operation on tensors ``ts``: their spaces merge."""
+    if len({t.layout for t in ts}) > 1:
+        return mismatch()
+    space = ts[0].space
+    for t in ts[1:]:
+        space = sp.union(space, t.space)
+    return _T(space, ts[0].layout, all(t.pooled for t in ts))
 
 
 def _collect(sp: _Spaces) -> tuple[list[Space], dict[str, str]]:
@@ -326,4 +430,5 @@ def _collect(sp: _Spaces) -> tuple[list[Space], dict[str, str]]:
     return spaces, refused
 
 
-__all__ = ["Space", "channel_spaces", "trace", "is_depthwise", "is_elementwise"]
+__all__ = ["Space", "channel_spaces", "trace", "export_graph", "is_depthwise",
+           "is_elementwise"]

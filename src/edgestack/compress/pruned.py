@@ -12,10 +12,12 @@ heads of the same size cannot be written as a smaller ``num_attention_heads``) a
       {"version": 1,
        "layers": {"encoder.layer.0.intermediate.dense": {"out": 1152, "in": 384,
                                                          "bias": true}, ...},
-       "heads": {"encoder.layer.0.attention.self": 9, ...}}
+       "heads": {"encoder.layer.0.attention.self": 9, ...},
+       "norms": {"resnet.embedder.embedder.normalization": 8, ...}}
 
-  listing the size of every layer that differs from what the config builds, and the head
-  count of every attention module;
+  listing the size of every layer that differs from what the config builds (a
+  convolution's entry has its ``groups`` too), the head count of every attention module and
+  the channels of every BatchNorm that differs (``norms``, only when one does);
 - ``model.safetensors`` (and what ``save_pretrained`` writes next to it).
 
 :func:`load_pruned` builds the model from the config (the auto class of the task its
@@ -33,7 +35,7 @@ import torch
 from torch import nn
 
 from edgestack.compress.hf import TASKS, detect_task
-from edgestack.compress.resize import resize_layer_to, sync_attention_heads
+from edgestack.compress.resize import resize_layer_to, resize_norm_to, sync_attention_heads
 from edgestack.compress.walk import LayerInfo, iter_layers
 from edgestack.errors import CheckpointError, CompressError
 
@@ -47,6 +49,20 @@ def _sizes(layer: LayerInfo) -> tuple[int, int]:
     if layer.kind == "linear":
         return int(w.shape[0]), int(w.shape[1])
     return int(w.shape[0]), int(w.shape[1]) * int(layer.module.groups)
+
+
+def _entry(layer: LayerInfo) -> dict[str, Any]:
+    out_f, in_f = _sizes(layer)
+    entry = {"out": out_f, "in": in_f,
+             "bias": getattr(layer.module, "bias", None) is not None}
+    if layer.kind != "linear":  # a pruned depthwise conv has fewer groups
+        entry["groups"] = int(layer.module.groups)
+    return entry
+
+
+def _norms(model: nn.Module) -> dict[str, int]:
+    return {name: int(m.num_features) for name, m in model.named_modules()
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d))}
 
 
 def _auto_class(config: Any) -> Any:
@@ -98,15 +114,16 @@ def save_pruned(model: nn.Module, folder: str | Path) -> Path:
     config._attn_implementation = "eager"
     config.architectures = [type(model).__name__]  # what load_pruned rebuilds
     fresh = type(model)(config)
-    built = {layer.name: _sizes(layer) + (getattr(layer.module, "bias", None) is not None,)
-             for layer in iter_layers(fresh)}
+    built = {layer.name: _entry(layer) for layer in iter_layers(fresh)}
     layers = {}
     for layer in iter_layers(model):
-        out_f, in_f = _sizes(layer)
-        bias = getattr(layer.module, "bias", None) is not None
-        if built.get(layer.name) != (out_f, in_f, bias):
-            layers[layer.name] = {"out": out_f, "in": in_f, "bias": bias}
-    setattr(config, KEY, {"version": 1, "layers": layers, "heads": _heads(model)})
+        entry = _entry(layer)
+        if built.get(layer.name) != entry:
+            layers[layer.name] = entry
+    built_norms = _norms(fresh)
+    norms = {n: f for n, f in _norms(model).items() if built_norms.get(n) != f}
+    setattr(config, KEY, {"version": 1, "layers": layers, "heads": _heads(model),
+                          **({"norms": norms} if norms else {})})
     model.config, saved = config, model.config
     try:
         model.save_pretrained(folder, safe_serialization=True)
@@ -138,7 +155,10 @@ def load_pruned(folder: str | Path) -> nn.Module:
         if name not in by_name:
             raise CheckpointError(f"load_pruned: config lists layer {name!r}, which the "
                                   f"{type(model).__name__} built from the config lacks")
-        resize_layer_to(model, by_name[name], size["out"], size["in"], size["bias"])
+        resize_layer_to(model, by_name[name], size["out"], size["in"], size["bias"],
+                        size.get("groups"))
+    for name, features in info.get("norms", {}).items():
+        resize_norm_to(model, name, features)
     sync_attention_heads(model)
     state: dict[str, torch.Tensor] = {}
     for f in sorted(folder.glob("*.safetensors")):

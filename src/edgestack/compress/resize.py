@@ -182,7 +182,8 @@ def sync_attention_heads(model: nn.Module) -> list[tuple[str, int]]:
 
 
 def resize_layer_to(
-    model: nn.Module, layer: LayerInfo, out_features: int, in_features: int, bias: bool
+    model: nn.Module, layer: LayerInfo, out_features: int, in_features: int, bias: bool,
+    groups: int | None = None,
 ) -> nn.Module:
     """Replace ``layer`` by a layer of the same type and settings with new feature counts.
 
@@ -195,16 +196,33 @@ def resize_layer_to(
         out_features: output features (channels) of the new layer.
         in_features: input features (all input channels, for grouped convolutions).
         bias: whether the new layer has a bias (GPT-2 ``Conv1D`` always has one).
+        groups: a convolution's new group count (default: unchanged; a pruned depthwise
+            convolution has as many groups as channels left).
 
     Returns:
         The new module (already in the model).
     """
     m = layer.module
-    new = _new_like(layer, int(out_features), int(in_features), bool(bias))
+    new = _new_like(layer, int(out_features), int(in_features), bool(bias),
+                    None if groups is None else int(groups))
     with torch.no_grad():
         new.weight.zero_()
         if getattr(new, "bias", None) is not None:
             new.bias.zero_()
     new.to(dtype=m.weight.dtype, device=m.weight.device).requires_grad_(False)
     replace_module(model, layer.name, new)
+    return new
+
+
+def resize_norm_to(model: nn.Module, name: str, features: int) -> nn.Module:
+    """Replace the BatchNorm at ``name`` by one of the same type and settings over
+    ``features`` channels (default statistics; the caller loads its values)."""
+    bn = model.get_submodule(name)
+    if not isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        raise CompressError(f"module {name!r} is a {type(bn).__name__}, not a BatchNorm1d/2d")
+    new = type(bn)(int(features), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                   track_running_stats=bn.track_running_stats)
+    ref = next(iter(bn.buffers()), None)
+    new.to(device=None if ref is None else ref.device).eval().requires_grad_(False)
+    replace_module(model, name, new)
     return new
