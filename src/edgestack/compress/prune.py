@@ -39,8 +39,8 @@ Structures found (:func:`find_structures`):
 - Models that cannot be traced (data-dependent control flow, or no calibration input for
   ``torch.export``): chains inside ``nn.Sequential`` only: a ``Linear``/``Conv`` producer
   followed, through elementwise modules and per-channel ``BatchNorm`` (sliced too), by a
-  consumer of the same family with
-  ``groups=1``; a grouped-conv producer loses the same number of channels in every group.
+  consumer of the same family with ``groups=1``; a grouped-conv producer loses the same
+  number of channels in every group.
 
 Importance (:data:`IMPORTANCE`, option ``metric``; ``"auto"`` picks ``"activation"`` with
 calibration data, else ``"weight"``), per channel ``c`` of the consumer input, summed over a
