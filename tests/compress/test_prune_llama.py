@@ -153,3 +153,19 @@ def test_multi_query_attention_keeps_its_only_kv_head():
     reasons = {s.name: s.reason for s in report.skipped}
     assert "removes no kv_group of 1" in reasons["model.layers.0.self_attn.q_proj"]
     assert model.model.layers[0].mlp.up_proj.out_features == 48
+
+
+def test_cli_prunes_a_llama_folder_and_passes_parity(tmp_path, capsys):
+    from edgestack.cli import main
+
+    model = llama()
+    model.config.architectures = ["LlamaForCausalLM"]
+    model.save_pretrained(tmp_path / "llama")
+    rc = main(["export", str(tmp_path / "llama"), "--method", "prune", "--ratio", "0.5",
+               "--seq", "16", "--out", str(tmp_path / "m.onnx"), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 0 and doc["parity"]["passed"]
+    layers = {r["name"]: r for r in doc["compression"]["layers"]}
+    assert layers["model.layers.0.self_attn.q_proj"]["details"]["out"] == [64, 32]
+    assert layers["model.layers.1.mlp.down_proj"]["details"]["in"] == [96, 48]
+    assert "no structure was pruned" not in " ".join(doc["warnings"])
