@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -27,7 +28,7 @@ import numpy as np
 
 from edgestack.core import atomic
 from edgestack.core.progress import Progress
-from edgestack.errors import PackageError
+from edgestack.errors import CompressError, PackageError, TargetError
 
 BITSTACK_DEFAULTS: dict[str, Any] = {"n_blocks": 12, "factor_bits": 0.125}
 """BitStack options when packing a model source (any given option wins): 12 blocks reach the
@@ -42,7 +43,8 @@ class Exported:
     (:class:`~edgestack.sources.ModelSource`), the compression ``report``, the exporter's
     ``result`` (:class:`~edgestack.exporter.ExportResult`), what calibrated it
     (``calibration``), edgestack's warnings during compression (``notes``) and the seconds
-    each step took (``compress_s``, ``export_s``)."""
+    each step took (``compress_s``, ``export_s``); ``latency``: the latency search
+    (:class:`LatencySearch`) when a latency target chose the prune ratio."""
 
     source: Any
     report: Any
@@ -51,6 +53,7 @@ class Exported:
     notes: list[str] = field(default_factory=list)
     compress_s: float = 0.0
     export_s: float = 0.0
+    latency: LatencySearch | None = None
 
     def example_inputs(self) -> dict[str, np.ndarray]:
         """The source's example inputs as numpy, when they are exactly the graph's inputs
@@ -60,12 +63,149 @@ class Exported:
         return examples if set(examples) == set(self.result.input_names) else {}
 
 
+@dataclass
+class LatencyStep:
+    """One candidate of :func:`prune_to_latency`: its ``ratio``, the measured median and
+    half p10..p90 spread of its latency (``p50_ms``, ``spread_ms``), its parameter count and
+    whether it met the target."""
+
+    ratio: float
+    p50_ms: float
+    spread_ms: float
+    params: int
+    met: bool
+
+
+@dataclass
+class LatencySearch:
+    """What :func:`prune_to_latency` measured: on ``target``, toward ``target_ms``, every
+    candidate in ``steps``; ``ratio`` is the ratio of the model it returned and ``met``
+    whether that model met the target (else it is the most pruned candidate)."""
+
+    target: str
+    target_ms: float
+    steps: list[LatencyStep]
+    ratio: float
+    met: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        """The steps as a text table."""
+        rows = [f"latency search on {self.target} (target {self.target_ms:g} ms, median of "
+                "timed runs in this process):",
+                f"{'ratio':>6}  {'p50 ms':>9}  {'+-spread':>8}  {'params':>9}  met"]
+        rows += [f"{st.ratio:>6.2f}  {st.p50_ms:>9.3f}  {st.spread_ms:>8.3f}  {st.params:>9}  "
+                 f"{'yes' if st.met else 'no'}" for st in self.steps]
+        rows.append(f"reached ratio {self.ratio:g}: " + (
+            "target met" if self.met else "target NOT met by the most pruned candidate"))
+        return "\n".join(rows)
+
+
+def _ratios(step: float, max_ratio: float) -> list[float]:
+    n = int(math.floor(max_ratio / step + 1e-9))
+    ratios = [round(i * step, 6) for i in range(n + 1)]
+    return ratios + ([max_ratio] if ratios[-1] < max_ratio - 1e-9 else [])
+
+
+def prune_to_latency(model: Any, inputs: Mapping[str, Any], target_ms: float, *,
+                     target: str = "ort-cpu", options: Mapping[str, Any] | None = None,
+                     calib: list[dict[str, Any]] | None = None, step: float = 0.1,
+                     max_ratio: float | None = None, iterations: int = 30, warmup: int = 5,
+                     export_options: Mapping[str, Any] | None = None,
+                     log: Callable[[str], None] = lambda _m: None, progress: Progress = False
+                     ) -> tuple[Any, Any, LatencySearch]:
+    """Prune ``model`` step by step until its measured latency meets ``target_ms`` (the idea
+    of ZipLM: a latency target measured on the deployment backend, not a parameter count).
+
+    For ratio ``0, step, 2*step, ...`` up to ``max_ratio`` (default the prune maximum,
+    0.9), a copy of the model is pruned (``compress(copy, "prune", ratio=r, **options)``,
+    calibration statistics collected once), exported to ONNX, lowered for ``target``
+    (:func:`edgestack.targets.get_target`) and timed on the target's runner with the example
+    ``inputs`` (``warmup`` runs, then the median of ``iterations``), in this process. The
+    first candidate whose median is at most ``target_ms`` is returned; when none is, the most
+    pruned one is, with ``met=False``. The same ratio applies to every structure (or the
+    global ranking with ``adaptive=True``); unlike ZipLM, structures are not chosen by their
+    own latency.
+
+    Returns:
+        ``(pruned model, its CompressReport, LatencySearch)``; ``model`` is not changed.
+
+    Raises:
+        CompressError: bad options (``ratio`` is the search's to choose).
+        TargetError: unknown or unavailable target.
+    """
+    import copy
+    import tempfile
+
+    from edgestack.compress import compress
+    from edgestack.compress.api import StatsCache
+    from edgestack.compress.options import MAX_RATIO
+    from edgestack.errors import CompressError
+    from edgestack.exporter import export
+    from edgestack.targets import get_target
+
+    opts = dict(options or {})
+    if opts.get("ratio") is not None:
+        raise CompressError("prune to a latency target: the search chooses ratio; give "
+                            f"--ratio or --target-latency, not both (found ratio={opts['ratio']})")
+    opts.pop("ratio", None)
+    if not target_ms > 0:
+        raise CompressError(f"target latency must be > 0 ms, found {target_ms!r}")
+    max_ratio = MAX_RATIO if max_ratio is None else max_ratio
+    if not 0 < step <= max_ratio <= MAX_RATIO:
+        raise CompressError(f"latency search: expected 0 < step <= max_ratio <= {MAX_RATIO}, "
+                            f"found step={step!r}, max_ratio={max_ratio!r}")
+    tgt = get_target(target)
+    ok, why = tgt.available()
+    if not ok:
+        raise TargetError(f"target {target} cannot measure latency here: {why}")
+    cache = StatsCache()
+    steps: list[LatencyStep] = []
+    feeds = {k: v.detach().cpu().numpy() for k, v in inputs.items() if hasattr(v, "detach")}
+    best: tuple[Any, Any] | None = None
+    with tempfile.TemporaryDirectory(prefix="edgestack-latency-") as tmp:
+        for i, ratio in enumerate(_ratios(step, max_ratio)):
+            cand = copy.deepcopy(model)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # ratio 0 prunes nothing, by design
+                report = compress(cand, "prune", calib=calib, stats_cache=cache,
+                                  progress=progress, **{**opts, "ratio": ratio})
+                onnx_path = Path(tmp) / f"step{i}.onnx"
+                export(cand, dict(inputs), onnx_path,
+                       **{**dict(export_options or {}), "parity": False, "overwrite": True})
+            art = tgt.lower(onnx_path, Path(tmp) / f"step{i}")
+            runner = tgt.runner(art)
+            with runner:
+                run_feeds = {k: v for k, v in feeds.items() if not art.inputs or k in art.inputs}
+                for _ in range(warmup):
+                    runner.infer(run_feeds)
+                times = []
+                for _ in range(iterations):
+                    runner.infer(run_feeds)
+                    times.append(float(runner.last_ms))
+            p10, p50, p90 = (float(q) for q in np.quantile(times, [0.1, 0.5, 0.9]))
+            met = p50 <= target_ms
+            steps.append(LatencyStep(ratio, round(p50, 4), round((p90 - p10) / 2, 4),
+                                     sum(p.numel() for p in cand.parameters()), met))
+            log(f"latency search: ratio {ratio:g}: {p50:.3f} ms on {target} "
+                f"(target {target_ms:g} ms){' - met' if met else ''}")
+            best = (cand, report)
+            if met:
+                break
+    assert best is not None
+    return best[0], best[1], LatencySearch(target, float(target_ms), steps, steps[-1].ratio,
+                                           steps[-1].met)
+
+
 def compress_and_export(source: str, method: str, options: Mapping[str, Any],
                         out: str | os.PathLike[str], *, log: Callable[[str], None],
                         calib_file: str | None = None, calib_n: int | None = None,
                         load: Mapping[str, Any] | None = None,
                         export_options: Mapping[str, Any] | None = None,
-                        progress: Progress = False) -> Exported:
+                        progress: Progress = False,
+                        latency: Mapping[str, Any] | None = None) -> Exported:
     """The one compress -> export pipeline (``edgestack export``, ``pack``, ``parity``):
     load ``source`` (:func:`edgestack.sources.load_source` with ``load``: ``task``,
     ``from_``, ``base``, ``batch``, ``seq``), calibrate it
@@ -73,7 +213,10 @@ def compress_and_export(source: str, method: str, options: Mapping[str, Any],
     ``calib_file``, or the example inputs; none for ``method="none"``), compress it with
     ``method`` and ``options`` and export it to ``out`` (:func:`edgestack.exporter.export`
     with ``export_options``), the compression report in the file's metadata.
-    ``progress``: tqdm bars (:mod:`edgestack.core.progress`)."""
+    ``progress``: tqdm bars (:mod:`edgestack.core.progress`). ``latency`` (method ``prune``
+    only): the keyword arguments of :func:`prune_to_latency` (``target_ms``, ``target``,
+    ``step``, ...); the search picks the ratio and :attr:`Exported.latency` holds its
+    steps."""
     from edgestack.compress import compress
     from edgestack.exporter import export
     from edgestack.sources import load_source
@@ -86,17 +229,28 @@ def compress_and_export(source: str, method: str, options: Mapping[str, Any],
         warnings.simplefilter("always")
         log(f"compressing: method={method} {dict(options) or ''}"
             + (f", calibration: {calib_text}" if calib else ""))
-        report = compress(src.model, method, calib=calib, progress=progress, **options)
+        search = None
+        if latency is not None:
+            if method != "prune":
+                raise CompressError(f"a latency target needs method 'prune', found {method!r}")
+            src.model, report, search = prune_to_latency(
+                src.model, src.inputs, options=options, calib=calib, log=log,
+                progress=progress, export_options={
+                    k: v for k, v in dict(export_options or {}).items()
+                    if k in ("opset", "dynamic", "compact_embeddings")}, **dict(latency))
+        else:
+            report = compress(src.model, method, calib=calib, progress=progress, **options)
     notes = [str(w.message) for w in caught if "edgestack" in str(w.filename)]
     t1 = time.perf_counter()
     log(f"exporting to {out}")
     Path(out).parent.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves none
     result = export(src.model, src.inputs, out, progress=progress,
                     metadata={"method": method, "source": src.description,
-                              "compression": report.to_dict()},
+                              "compression": report.to_dict(),
+                              **({"latency_search": search.to_dict()} if search else {})},
                     **{"log": log, **dict(export_options or {})})
     return Exported(src, report, result, calib_text, notes, t1 - t0,
-                    time.perf_counter() - t1)
+                    time.perf_counter() - t1, search)
 
 
 def export_source(source: str, method: str, options: Mapping[str, Any], folder: Path,

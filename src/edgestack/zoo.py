@@ -114,9 +114,107 @@ def conv1d_net(batch: int = 1, length: int = 50) -> tuple[Any, dict[str, Any]]:
     return Wrap().eval(), {"signal": torch.randn(batch, 5, length, generator=g)}
 
 
+def resnet_tiny(batch: int = 1, size: int = 32) -> tuple[Any, dict[str, Any]]:
+    """A ResNet-like CNN: conv-BN stem, four basic residual blocks (one strided, with a 1x1
+    projection shortcut), global pooling, linear head. Random weights and BatchNorm
+    statistics (fixed seed)."""
+    import torch
+    from torch import nn
+
+    def conv_bn(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False),
+                             nn.BatchNorm2d(cout))
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+            super().__init__()
+            self.conv1, self.conv2 = conv_bn(cin, cout, 3, stride), conv_bn(cout, cout)
+            self.relu = nn.ReLU()
+            self.shortcut = conv_bn(cin, cout, 1, stride) if stride != 1 or cin != cout \
+                else nn.Identity()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.relu(self.conv2(self.relu(self.conv1(x))) + self.shortcut(x))
+
+    class ResNetTiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(conv_bn(3, 16), nn.ReLU())
+            self.layer1 = nn.Sequential(Block(16, 16), Block(16, 16))
+            self.layer2 = nn.Sequential(Block(16, 32, 2), Block(32, 32))
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Linear(32, 10)
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            x = self.layer2(self.layer1(self.stem(pixel_values)))
+            return self.fc(torch.flatten(self.pool(x), 1))
+
+    torch.manual_seed(0)
+    model = ResNetTiny()
+    _random_norms(model)
+    g = torch.Generator().manual_seed(0)
+    return model.eval(), {"pixel_values": torch.randn(batch, 3, size, size, generator=g)}
+
+
+def mobilenet_tiny(batch: int = 1, size: int = 32) -> tuple[Any, dict[str, Any]]:
+    """A MobileNet-like CNN: an inverted residual block (1x1 expand, depthwise 3x3, 1x1
+    project, skip), a grouped 3x3 conv (groups=4), a strided depthwise conv with a
+    squeeze-and-excitation gate, a grouped 1x1 conv (groups=2), pooling, linear head."""
+    import torch
+    from torch import nn
+
+    class MobileNetTiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16),
+                                      nn.ReLU6())
+            self.expand = nn.Sequential(nn.Conv2d(16, 48, 1, bias=False), nn.BatchNorm2d(48),
+                                        nn.ReLU6())
+            self.dw = nn.Sequential(nn.Conv2d(48, 48, 3, 1, 1, groups=48, bias=False),
+                                    nn.BatchNorm2d(48), nn.ReLU6())
+            self.project = nn.Sequential(nn.Conv2d(48, 16, 1, bias=False), nn.BatchNorm2d(16))
+            self.grouped = nn.Sequential(nn.Conv2d(16, 32, 3, 1, 1, groups=4), nn.ReLU())
+            self.dw2 = nn.Sequential(nn.Conv2d(32, 32, 3, 2, 1, groups=32), nn.ReLU())
+            self.se_reduce, self.se_expand = nn.Conv2d(32, 8, 1), nn.Conv2d(8, 32, 1)
+            self.head_conv = nn.Sequential(nn.Conv2d(32, 64, 1, groups=2), nn.ReLU())
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+            x = self.stem(pixel_values)
+            x = x + self.project(self.dw(self.expand(x)))
+            x = self.dw2(self.grouped(x))
+            gate = torch.sigmoid(self.se_expand(torch.relu(self.se_reduce(x.mean((2, 3),
+                                                                                keepdim=True)))))
+            x = self.head_conv(x * gate)
+            return self.fc(x.mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = MobileNetTiny()
+    _random_norms(model)
+    g = torch.Generator().manual_seed(0)
+    return model.eval(), {"pixel_values": torch.randn(batch, 3, size, size, generator=g)}
+
+
+def _random_norms(model: Any) -> None:
+    """Give every BatchNorm non-trivial statistics and affine parameters (seeded), as a
+    trained network has, so that pruning them is not a no-op in tests."""
+    import torch
+    from torch import nn
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.2, 1.2)
+                m.bias.uniform_(-0.2, 0.2)
+
+
 MODELS: dict[str, Callable[..., tuple[Any, dict[str, Any]]]] = {
     "minilm": minilm,
     "gpt2-tiny": gpt2_tiny,
     "small-cnn": small_cnn,
     "conv1d-net": conv1d_net,
+    "resnet-tiny": resnet_tiny,
+    "mobilenet-tiny": mobilenet_tiny,
 }

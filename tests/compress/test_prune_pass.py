@@ -36,7 +36,8 @@ def test_small_cnn_chains_and_grouped_conv(run_model):
     report = compress(model, "prune", ratio=0.25)
     f = model.features
     assert (f[0].out_channels, f[2].in_channels) == (18, 18)  # 24 - 6
-    assert (f[2].out_channels, f[4].in_channels) == (40, 40)  # grouped consumer: kept
+    # grouped consumer (groups=4, 10 inputs per group): 2 removed from every group
+    assert (f[2].out_channels, f[4].in_channels) == (32, 32)
     # grouped producer (groups=4, 10 per group): 2 removed from every group
     assert (f[4].out_channels, f[4].groups, f[6].in_channels) == (32, 4, 32)
     assert (model.head[0].out_features, model.head[2].in_features) == (54, 54)
@@ -71,12 +72,15 @@ def test_ratio_is_the_fraction_of_parameters_removed(ratio):
         assert len(info["removed"]) / info["units"] == pytest.approx(ratio, abs=1 / 512)
 
 
-def test_grouped_consumer_chain_is_reported():
+def test_grouped_consumer_loses_the_same_count_per_group():
     model, _ = zoo.small_cnn()
-    structures, refused = find_structures(model)
-    names = {s.name for s in structures}
-    assert "features.2->features.4" not in names and "features.4->features.6" in names
-    assert "grouped convolution" in refused["features.2->features.4"]
+    structures, _ = find_structures(model)
+    groups = {s.name: s.groups for s in structures}
+    assert groups["features.2->features.4"] == 4 and groups["features.4->features.6"] == 4
+    compress(model, "prune", ratio=0.25, layers=("features.2", "features.4"))
+    conv = model.features[4]
+    assert (conv.in_channels, conv.out_channels, conv.groups) == (32, 40, 4)
+    assert conv.weight.shape == (40, 8, 3, 3)
 
 
 def test_gpt2_heads_and_mlp(run_model):
@@ -249,7 +253,8 @@ def test_model_without_structures_warns_and_lists_reasons():
     with pytest.warns(UserWarning, match="no structure was pruned"):
         report = compress(model, "prune")
     assert report.layers == []
-    assert report.skipped[0].reason == "not part of a prunable structure"
+    assert report.skipped[0].reason == ("output channels left whole: its channels reach the "
+                                        "model output")
 
 
 def test_skip_keeps_whole_structure():

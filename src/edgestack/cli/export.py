@@ -10,6 +10,7 @@ from edgestack.cli import (
     EXIT_CHECK_FAILED,
     EXIT_OK,
     NONNEG,
+    POSITIVE,
     bars,
     bounds,
     emit_json,
@@ -19,7 +20,9 @@ from edgestack.cli import (
 )
 from edgestack.cli.options import add_method_options, method_options
 from edgestack.compress.hf import TASKS
+from edgestack.compress.options import MAX_RATIO
 from edgestack.errors import EdgestackError
+from edgestack.targets import TARGET_NAMES
 
 METHODS = ("none", "prune", "shift", "lowrank", "bitstack")
 IMPORTERS = ("deepshift", "welore", "flap", "bitstack")
@@ -45,7 +48,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", metavar="MODEL",
                    help="Hugging Face model folder, module:factory returning (model, inputs), "
-                   "a built-in model (minilm, gpt2-tiny, small-cnn, conv1d-net), or with "
+                   "a built-in model (minilm, gpt2-tiny, small-cnn, conv1d-net, resnet-tiny, "
+                   "mobilenet-tiny), or with "
                    "--from an upstream checkpoint (folder or weights file)")
     p.add_argument("--method", choices=METHODS, default="none",
                    help="compression method (default: none)")
@@ -93,9 +97,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
                    help=f"parity: relative tolerance, max|diff|/max|ref| "
                    f"(default {DEFAULT_RTOL:g})")
+    lat = p.add_argument_group("latency target (--method prune)")
+    lat.add_argument("--target-latency", type=float, default=None, metavar="MS",
+                     help="prune step by step (ratio 0, STEP, 2*STEP, ...) until the exported "
+                     "model's median latency on --latency-on is at most MS milliseconds "
+                     "(measured in this process on the example inputs); the search picks "
+                     "the ratio, so --ratio is refused. Exit 1 when no ratio meets it")
+    lat.add_argument("--latency-on", choices=TARGET_NAMES, default="ort-cpu",
+                     help="the target whose backend times the candidates (default ort-cpu; "
+                     "ort-arm runs emulated on x86: its times are the emulator's)")
+    lat.add_argument("--latency-step", type=float, default=0.1,
+                     help="ratio step of the search (default 0.1)")
     p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
     p.set_defaults(run=run)
-    bounds(p, atol=NONNEG, rtol=NONNEG, batch=COUNT, seq=COUNT, calib_n=NONNEG)
+    bounds(p, atol=NONNEG, rtol=NONNEG, batch=COUNT, seq=COUNT, calib_n=NONNEG,
+           target_latency=POSITIVE, latency_step=POSITIVE)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,6 +119,19 @@ def run(args: argparse.Namespace) -> int:
 
     opts = method_options(args)
     check_options(args.method, **opts)                # bad values fail before loading
+    latency = None
+    if args.target_latency is not None:
+        if args.method != "prune":
+            raise EdgestackError(f"--target-latency prunes to a latency: it needs --method "
+                                 f"prune, found --method {args.method}")
+        if "ratio" in opts:
+            raise EdgestackError("--target-latency chooses the prune ratio: give --ratio or "
+                                 "--target-latency, not both")
+        if args.latency_step > MAX_RATIO:
+            raise EdgestackError(f"bad --latency-step {args.latency_step!r}: expected at most "
+                                 f"{MAX_RATIO} (the largest prune ratio)")
+        latency = {"target_ms": args.target_latency, "target": args.latency_on,
+                   "step": args.latency_step}
     if args.opset < MIN_OPSET:
         raise EdgestackError(f"bad --opset {args.opset!r} (expected >= {MIN_OPSET}: the "
                              "edgestack function bodies use BitwiseAnd and ReduceProd with an "
@@ -123,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     _log(f"loading {args.model}" + (f" ({args.from_} checkpoint)" if args.from_ else ""))
     done = compress_and_export(
         args.model, args.method, opts, out, log=_log, calib_file=args.calib,
-        calib_n=args.calib_n, progress=bars(args),
+        calib_n=args.calib_n, progress=bars(args), latency=latency,
         load={"from_": args.from_, "base": args.base, "batch": args.batch, "task": args.task,
               "seq": args.seq},
         export_options={"external_data": args.external_data, "overwrite": args.overwrite,
@@ -148,15 +177,23 @@ def run(args: argparse.Namespace) -> int:
             "import": src.details.get("import"),
             "export": result.to_dict(),
             "parity": parity.to_dict(),
+            "latency": done.latency.to_dict() if done.latency else None,
             "tolerance": {"atol": args.atol, "rtol": args.rtol},
             "warnings": notes,
             "seconds": round(elapsed, 2),
         })
     else:
+        if done.latency:
+            print(done.latency.table())
         print(report.summary())
         print(result.summary())
         print(f"parity (ONNX Runtime vs compressed torch; atol={args.atol:g}, "
               f"rtol={args.rtol:g}):")
         print(parity.table())
         print(f"{'PASS' if parity.passed else 'FAIL'}: wrote {result.path} in {elapsed:.1f} s")
+    if done.latency and not done.latency.met:
+        warn("export", f"no prune ratio up to {done.latency.ratio:g} met the latency target "
+             f"{done.latency.target_ms:g} ms on {done.latency.target}; wrote the most pruned "
+             "candidate")
+        return EXIT_CHECK_FAILED
     return EXIT_OK if parity.passed else EXIT_CHECK_FAILED

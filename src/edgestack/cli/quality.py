@@ -39,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", metavar="MODEL",
                    help="Hugging Face model folder, module:factory or built-in name (minilm, "
-                   "gpt2-tiny, small-cnn, conv1d-net)")
+                   "gpt2-tiny, small-cnn, conv1d-net, resnet-tiny, mobilenet-tiny)")
     p.add_argument("--method", choices=METHODS, default=None, help="compression method")
     p.add_argument("--all", action="store_true",
                    help="the full comparison: baselines and every method (minutes)")

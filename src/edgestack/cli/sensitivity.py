@@ -36,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", metavar="MODEL",
                    help="Hugging Face model folder, module:factory or built-in name (minilm, "
-                   "gpt2-tiny, small-cnn, conv1d-net)")
+                   "gpt2-tiny, small-cnn, conv1d-net, resnet-tiny, mobilenet-tiny)")
     p.add_argument("--method", choices=METHODS, required=True, help="compression method")
     add_method_options(p, tiers=False)
     p.add_argument("--layers", action="append", default=[], metavar="PATTERN",

@@ -15,19 +15,41 @@ Structures found (:func:`find_structures`):
 - GPT-2 attention (``*.attn.c_attn`` fused q|k|v ``Conv1D`` -> ``*.attn.c_proj``): heads,
   removed from the q, k and v sections alike. Cross-attention is left alone.
 - GPT-2 MLP (``*.mlp.c_fc`` -> ``*.mlp.c_proj``): channels.
-- Generic chains inside ``nn.Sequential``: a ``Linear``/``Conv`` producer followed, through
-  elementwise modules (activations, dropout, identity) and per-channel ``BatchNorm`` (sliced
-  too), by a consumer of the same family with ``groups=1``. A grouped-conv producer loses
-  the same number of channels in every group; a grouped consumer makes the chain unprunable.
+- Llama-style attention (Llama, Mistral, Qwen2: ``q_proj``, ``k_proj``, ``v_proj`` ->
+  ``o_proj``, ``head_dim``): a unit is one key/value head together with the
+  ``num_attention_heads / num_key_value_heads`` query heads that read it, so grouped-query
+  attention stays valid (``num_key_value_groups`` unchanged; the modules compute the head
+  counts from the projection sizes). With one key/value head nothing is removed.
+- Llama-style gated MLP (``gate_proj``, ``up_proj`` -> ``down_proj``): channels, removed
+  from the gate and up rows and the down columns together. Llama's projections have no
+  bias; bias compensation gives ``o_proj`` / ``down_proj`` one (saved by
+  :func:`~edgestack.compress.pruned.save_pruned`, exported as any bias).
+- Any other model that ``torch.fx`` can trace (plain torch CNNs and MLPs), or else that
+  ``torch.export`` can on the first calibration input (transformers' CNNs, which check
+  shapes in Python): *channel spaces* (:mod:`edgestack.compress.prune_graph`). A residual
+  stream is one structure: every conv that writes it (the stem, each block's last conv,
+  projection shortcuts) loses the same output channels and every layer that reads it the
+  same input channels, with the BatchNorms on the way; depthwise convolutions inside a space
+  lose the removed channels' filters (``groups`` shrinks with them); grouped producers and
+  consumers lose the same count in every group (the space is split into ``lcm`` of their
+  group counts equal blocks); squeeze-and-excitation gates (``x * gate``) join the gate's
+  producer to the space. Channels that reach the model input or output, a concatenation, a
+  reshape, a normalisation across channels or any operation not known to keep channels in
+  place are left whole, with the reason in ``report.skipped``.
+- Models that cannot be traced (data-dependent control flow, or no calibration input for
+  ``torch.export``): chains inside ``nn.Sequential`` only: a ``Linear``/``Conv`` producer
+  followed, through elementwise modules and per-channel ``BatchNorm`` (sliced too), by a
+  consumer of the same family with ``groups=1``; a grouped-conv producer loses the same
+  number of channels in every group.
 
 Importance (:data:`IMPORTANCE`, option ``metric``; ``"auto"`` picks ``"activation"`` with
 calibration data, else ``"weight"``), per channel ``c`` of the consumer input, summed over a
 unit's channels:
 
 - ``"weight"``: ``||P[c, :]|| * ||C[:, c]||``, the L2 norm of the channel's incoming producer
-  weights (for heads: the value projection's rows) times that of its outgoing consumer
-  weights: how much the channel can carry from input to output (times
-  ``|gamma_c| / sqrt(var_c + eps)`` of a BatchNorm in between).
+  weights (for heads: the value projection's rows; for a channel space: its first
+  producer's) times that of its outgoing consumer weights: how much the channel can carry
+  from input to output (times ``|gamma_c| / sqrt(var_c + eps)`` of a BatchNorm in between).
 - ``"activation"``: ``E|a_c| * ||C[:, c]||``, the mean absolute consumer input from
   calibration times the outgoing weight norm (for heads, ``a`` is the context vector that the
   output projection reads).
@@ -36,7 +58,8 @@ unit's channels:
   input channel over the calibration data times the squared outgoing weight norm: the
   output error left after removing the channel and compensating its mean in the bias.
 
-A metric gets the structure and its consumer's :class:`~edgestack.compress.api.InputStats`.
+A metric gets the structure and its consumer's :class:`~edgestack.compress.api.InputStats`;
+a structure with several consumers (a residual stream) scores the sum over its consumers.
 
 Adaptive ratios (``adaptive=True``, FLAP's global standardized score): each structure's unit
 scores are standardized (``(s - mean) / std`` within the structure), then the units of all
@@ -73,7 +96,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -82,19 +105,26 @@ from torch import nn
 from edgestack.compress.api import (
     InputStats,
     PassContext,
+    inputs_to,
 )
 from edgestack.compress.options import IMPORTANCE_METRICS
+from edgestack.compress.prune_graph import (
+    PER_CHANNEL,
+    channel_spaces,
+    export_graph,
+    is_elementwise,
+    trace,
+)
 from edgestack.compress.report import LayerReport
 from edgestack.compress.resize import shrink_layer, sync_attention_heads
-from edgestack.compress.walk import LayerInfo, dense_weight, layer_kind, replace_module
-from edgestack.errors import CompressError
-
-_ELEMENTWISE: tuple[type, ...] = (
-    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.SELU,
-    nn.CELU, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.Softsign,
-    nn.Tanhshrink, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity,
+from edgestack.compress.walk import (
+    LayerInfo,
+    dense_weight,
+    iter_layers,
+    layer_kind,
+    replace_module,
 )
-_PER_CHANNEL: tuple[type, ...] = (nn.BatchNorm1d, nn.BatchNorm2d)
+from edgestack.errors import CompressError
 
 
 @dataclass
@@ -111,7 +141,15 @@ class Structure:
         consumer: unit ``u`` is its input columns ``u*unit_size + [0, unit_size)``.
         between: ``(name, module)`` of per-channel modules (BatchNorm) between producer and
             consumer; sliced with the producer, and their scale enters the weight metric.
-        groups: a grouped-conv producer's group count (same removal in every group).
+        groups: the units split into this many equal blocks, each losing the same count
+            (``lcm`` of the group counts of grouped-conv producers and consumers).
+        more_consumers: other layers reading the same units (a residual stream's readers).
+        depthwise: depthwise convolutions the units pass through (one filter per unit,
+            removed with it).
+        sizes: per producer name, its rows per unit when they differ from ``unit_size``
+            (grouped-query attention: a unit is one key/value head of ``head_dim`` rows in
+            ``k_proj``/``v_proj`` and its query heads, ``group * head_dim`` rows of
+            ``q_proj`` and columns of ``o_proj``).
     """
 
     name: str
@@ -123,28 +161,55 @@ class Structure:
     consumer: LayerInfo
     between: list[tuple[str, nn.Module]] = field(default_factory=list)
     groups: int = 1
+    sizes: dict[str, int] = field(default_factory=dict)
+    more_consumers: list[LayerInfo] = field(default_factory=list)
+    depthwise: list[LayerInfo] = field(default_factory=list)
+
+    @property
+    def consumers(self) -> list[LayerInfo]:
+        """Every layer that reads the units (input columns removed)."""
+        return [self.consumer, *self.more_consumers]
 
     @property
     def layers(self) -> list[LayerInfo]:
-        return [p for p, _ in self.producers] + [self.consumer]
+        return [p for p, _ in self.producers] + self.consumers + self.depthwise
+
+    def reading(self, consumer: LayerInfo) -> Structure:
+        """This structure as seen by one of its consumers (what a metric scores)."""
+        return replace(self, consumer=consumer, more_consumers=[])
 
     def channels(self, units: torch.Tensor) -> torch.Tensor:
         """Consumer input columns of ``units`` (sorted units give sorted columns)."""
         base = units[:, None] * self.unit_size + torch.arange(self.unit_size)[None, :]
         return base.reshape(-1)
 
-    def rows(self, units: torch.Tensor, offsets: tuple[int, ...]) -> torch.Tensor:
-        """Producer output rows of ``units`` for each section offset, sorted."""
-        ch = self.channels(units)
+    def size_of(self, layer: LayerInfo) -> int:
+        """Rows per unit of producer ``layer``."""
+        return self.sizes.get(layer.name, self.unit_size)
+
+    def rows(self, units: torch.Tensor, offsets: tuple[int, ...], size: int | None = None
+             ) -> torch.Tensor:
+        """Producer output rows of ``units`` for each section offset, sorted (``size``: the
+        producer's rows per unit, default ``unit_size``)."""
+        size = self.unit_size if size is None else size
+        ch = (units[:, None] * size + torch.arange(size)[None, :]).reshape(-1)
         return torch.cat([off + ch for off in offsets])
 
 
 Metric = Callable[[Structure, "InputStats | None"], torch.Tensor]
 
 
+def _by_group(layer: LayerInfo) -> torch.Tensor:
+    """The weight as ``[groups, out per group, in per group, kernel]`` (float32, CPU)."""
+    w = dense_weight(layer).cpu()
+    g = int(getattr(layer.module, "groups", 1))
+    return w.reshape(g, w.shape[0] // g, w.shape[1], -1)
+
+
 def _consumer_col_norm(st: Structure) -> torch.Tensor:
-    w = dense_weight(st.consumer).cpu()
-    return w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1)[: st.n_units * st.unit_size]
+    """Per input channel of the consumer (all groups), the norm of the weights reading it."""
+    w = _by_group(st.consumer)
+    return w.pow(2).sum(dim=(1, 3)).sqrt().reshape(-1)
 
 
 def weight_importance(st: Structure, stats: InputStats | None) -> torch.Tensor:
@@ -152,8 +217,11 @@ def weight_importance(st: Structure, stats: InputStats | None) -> torch.Tensor:
     layer, offset = st.value
     pw = dense_weight(layer).cpu()
     pw = pw.reshape(pw.shape[0], -1)
-    rows = offset + torch.arange(st.n_units * st.unit_size)
-    ch = pw[rows].norm(dim=1) * _consumer_col_norm(st)
+    size = st.size_of(layer)  # GQA: a value head feeds the ``unit_size // size`` query heads
+    rows = offset + torch.arange(st.n_units * size)
+    norms = pw[rows].norm(dim=1).reshape(st.n_units, 1, size)
+    norms = norms.expand(st.n_units, st.unit_size // size, size).reshape(-1)
+    ch = norms * _consumer_col_norm(st)
     for _, bn in st.between:  # BatchNorm rescales each channel on the way
         gain = torch.ones(ch.numel())
         if bn.track_running_stats and bn.running_var is not None:
@@ -203,6 +271,10 @@ assert tuple(IMPORTANCE) == IMPORTANCE_METRICS, "options.IMPORTANCE_METRICS is o
 # --------------------------------------------------------------------------- discovery
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
 def _info(model: nn.Module, name: str) -> LayerInfo | None:
     try:
         mod = model.get_submodule(name)
@@ -228,14 +300,76 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
-def _is_elementwise(mod: nn.Module) -> bool:
-    return isinstance(mod, _ELEMENTWISE) or type(mod).__module__ == "transformers.activations"
+def find_structures(model: nn.Module, example: dict[str, Any] | None = None
+                    ) -> tuple[list[Structure], dict[str, str]]:
+    """Prunable structures of ``model`` and, by layer name, why a candidate was refused.
+
+    Hugging Face attention and MLP blocks are found by their module names. A model with none
+    of them is traced with ``torch.fx`` and pruned by channel spaces
+    (:mod:`edgestack.compress.prune_graph`: residual streams, depthwise and grouped
+    convolutions); when ``torch.fx`` cannot trace it (control flow on shapes, as in Hugging
+    Face CNNs) and an ``example`` input is given, the ``torch.export`` graph of the model on
+    it is used; else chains inside ``nn.Sequential``.
+    """
+    found, refused, chains, chain_refused = _named_structures(model)
+    if found:  # a Hugging Face model: its named blocks and any nn.Sequential chains
+        return found + chains, {**refused, **chain_refused}
+    try:
+        graph, owners = trace(model), None
+    except Exception as exc:  # any tracing failure: torch.export, else Sequential chains
+        graph, owners, why = None, None, _first_line(exc)
+        if example is not None:
+            try:
+                graph, owners = export_graph(model, example)
+            except Exception as exc2:  # reported as the reason
+                why += f"; torch.export on the calibration input: {_first_line(exc2)}"
+    if graph is None:
+        in_chain = {layer.name for st in chains for layer in st.layers}
+        refused.update(chain_refused)
+        for layer in iter_layers(model):
+            if layer.name not in in_chain:
+                refused.setdefault(layer.name, "not part of a prunable structure (torch.fx "
+                                   f"cannot trace the model: {why})")
+        return chains, refused
+    return _graph_structures(model, graph, owners, refused), refused
 
 
-def find_structures(model: nn.Module) -> tuple[list[Structure], dict[str, str]]:
-    """Prunable structures of ``model`` and, by layer name, why a candidate was refused."""
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
+
+
+def _graph_structures(model: nn.Module, graph: Any, owners: dict[str, str] | None,
+                      refused: dict[str, str]) -> list[Structure]:
+    spaces, pinned = channel_spaces(model, graph, owners)
+    refused.update(pinned)
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    found = []
+    for space in spaces:
+        prod, cons, dws, norms = (sorted(names, key=order.__getitem__) for names in (
+            space.producers, space.consumers, space.depthwise, space.norms))
+        producers = [_info(model, n) for n in prod]
+        consumers = [_info(model, n) for n in cons]
+        depthwise = [_info(model, n) for n in dws]
+        if any(x is None for x in producers + consumers + depthwise):
+            continue  # not a supported layer (cannot happen for traced leaves)
+        name = "+".join(prod) + "->" + "+".join(cons)
+        found.append(Structure(
+            name, "channel", space.channels, 1, [(p, (0,)) for p in producers],
+            (producers[0], 0), consumers[0],
+            [(n, model.get_submodule(n)) for n in norms], space.groups,
+            more_consumers=consumers[1:], depthwise=depthwise))
+    return found
+
+
+def _named_structures(model: nn.Module) -> tuple[list[Structure], dict[str, str],
+                                                 list[Structure], dict[str, str]]:
+    """Structures found by module names, their refusals, the ``nn.Sequential`` chains and
+    theirs."""
     found: list[Structure] = []
+    chains: list[Structure] = []
     refused: dict[str, str] = {}
+    chain_refused: dict[str, str] = {}
     for name, mod in model.named_modules():
         # BERT-family self-attention: query/key/value, output projection in a sibling.
         if all(hasattr(mod, a) for a in ("query", "key", "value", "num_attention_heads",
@@ -277,9 +411,55 @@ def find_structures(model: nn.Module) -> tuple[list[Structure], dict[str, str]]:
             if p and c and _out_features(p) == _in_features(c):
                 found.append(Structure(name, "channel", _out_features(p), 1, [(p, (0,))],
                                        (p, 0), c))
+        # Llama-style attention (Llama, Mistral, Qwen2, ...): q/k/v/o_proj, head_dim.
+        elif all(hasattr(mod, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim")):
+            st = _llama_attention(model, name, mod)
+            if isinstance(st, str):
+                refused[name] = st
+            else:
+                found.append(st)
+        # Llama-style gated MLP: down_proj(act(gate_proj(x)) * up_proj(x)).
+        elif all(hasattr(mod, a) for a in ("gate_proj", "up_proj", "down_proj")):
+            g, u, d = (_info(model, _join(name, p)) for p in ("gate_proj", "up_proj",
+                                                               "down_proj"))
+            if g and u and d and _out_features(g) == _out_features(u) == _in_features(d):
+                found.append(Structure(name, "channel", _out_features(u), 1,
+                                       [(g, (0,)), (u, (0,))], (u, 0), d))
+            else:
+                refused[name] = "gated MLP layout not recognised"
         if isinstance(mod, nn.Sequential):
-            found.extend(_sequential_chains(name, mod, refused))
-    return found, refused
+            chains.extend(_sequential_chains(name, mod, chain_refused))
+    return found, refused, chains, chain_refused
+
+
+def _llama_attention(model: nn.Module, name: str, mod: nn.Module) -> Structure | str:
+    """The structure of a Llama-style attention module, or why it has none.
+
+    A unit is one key/value head with the ``group = heads // kv_heads`` query heads that read
+    it (grouped-query attention): removing it takes ``head_dim`` rows out of ``k_proj`` and
+    ``v_proj`` and ``group * head_dim`` rows of ``q_proj`` / columns of ``o_proj``, so every
+    remaining query head still has its key/value head and ``num_key_value_groups`` is
+    unchanged. With one key/value head (multi-query attention) nothing can go.
+    """
+    hd = int(mod.head_dim)
+    q, k, v, o = (_info(model, _join(name, p)) for p in ("q_proj", "k_proj", "v_proj",
+                                                          "o_proj"))
+    if None in (q, k, v, o) or q.transposed or q.kind != "linear":
+        return "attention layout not recognised (q/k/v/o_proj are not nn.Linear)"
+    heads, kv = _out_features(q) // hd, _out_features(k) // hd
+    if (_out_features(q) != heads * hd or _out_features(k) != kv * hd
+            or _out_features(v) != kv * hd or _in_features(o) != heads * hd
+            or kv < 1 or heads % kv):
+        return (f"attention layout not recognised (q_proj {_out_features(q)}, k_proj "
+                f"{_out_features(k)}, v_proj {_out_features(v)} rows, o_proj "
+                f"{_in_features(o)} columns, head_dim {hd})")
+    group = heads // kv
+    if getattr(mod, "num_key_value_groups", group) != group:
+        return (f"num_key_value_groups {mod.num_key_value_groups} does not match "
+                f"{heads} query / {kv} key-value heads")
+    return Structure(name, "kv_group", kv, group * hd,
+                     [(q, (0,)), (k, (0,)), (v, (0,))], (v, 0), o,
+                     sizes={k.name: hd, v.name: hd})
 
 
 def _sequential_chains(seq_name: str, seq: nn.Sequential, refused: dict[str, str]
@@ -296,9 +476,9 @@ def _sequential_chains(seq_name: str, seq: nn.Sequential, refused: dict[str, str
         j = i + 1
         while j < len(children):
             mod = children[j][1]
-            if _is_elementwise(mod):
+            if is_elementwise(mod):
                 j += 1
-            elif isinstance(mod, _PER_CHANNEL) and mod.num_features == width:
+            elif isinstance(mod, PER_CHANNEL) and mod.num_features == width:
                 between.append((_join(seq_name, children[j][0]), mod))
                 j += 1
             else:
@@ -351,7 +531,7 @@ def adaptive_keep(structures: list[Structure], scores: dict[str, torch.Tensor], 
     units to keep per structure name.
     """
     keep: dict[str, torch.Tensor] = {}
-    for unit in ("head", "channel"):
+    for unit in dict.fromkeys(st.unit for st in structures):
         group = [st for st in structures if st.unit == unit and st.groups == 1]
         if not group:
             continue
@@ -389,12 +569,18 @@ class _LayerPlan:
 
 
 def _compensation(st: Structure, stats: InputStats, removed: torch.Tensor) -> torch.Tensor:
-    w = dense_weight(st.consumer).cpu()
+    """``C[:, removed] @ E[a_removed]`` (kernel summed; each group's rows read only its own
+    input channels)."""
+    w = _by_group(st.consumer).sum(-1).to(torch.float64)  # [groups, out/g, in/g]
+    groups, per_out, per_in = w.shape
     cols = st.channels(removed)
-    wr = w.index_select(1, cols)
-    if wr.dim() > 2:
-        wr = wr.reshape(wr.shape[0], wr.shape[1], -1).sum(-1)
-    return wr.to(torch.float64) @ stats.mean.index_select(0, cols)
+    mean = stats.mean.index_select(0, cols)
+    delta = torch.zeros(groups, per_out, dtype=torch.float64)
+    for g in range(groups):
+        mine = (cols // per_in) == g
+        if mine.any():
+            delta[g] = w[g].index_select(1, cols[mine] % per_in) @ mean[mine]
+    return delta.reshape(-1)
 
 
 def _slice_norm(model: nn.Module, name: str, keep: torch.Tensor) -> None:
@@ -417,7 +603,8 @@ def run(ctx: PassContext) -> None:
     """Prune every structure of ``ctx.model`` whose layers are all in ``ctx.layers``."""
     o = ctx.options
     allowed = {layer.name: layer for layer in ctx.layers}
-    structures, refused = find_structures(ctx.model)
+    example = inputs_to(ctx.calib[0], _device(ctx.model)) if ctx.calib else None
+    structures, refused = find_structures(ctx.model, example)
     reasons: dict[str, str] = {}
     usable: list[Structure] = []
     used_out: set[str] = set()
@@ -425,17 +612,18 @@ def run(ctx: PassContext) -> None:
     for st in structures:
         names = [layer.name for layer in st.layers]
         missing = [n for n in names if n not in allowed]
-        prod_names = {p.name for p, _ in st.producers}
+        prod_names = {p.name for p, _ in st.producers} | {d.name for d in st.depthwise}
+        cons_names = {c.name for c in st.consumers} | {d.name for d in st.depthwise}
         if missing:
             for n in names:
                 reasons.setdefault(n, f"structure {st.name!r} has a layer left dense "
                                       f"({missing[0]})")
-        elif prod_names & used_out or st.consumer.name in used_in:
+        elif prod_names & used_out or cons_names & used_in:
             for n in names:
                 reasons.setdefault(n, f"structure {st.name!r} overlaps another structure")
         else:
             used_out |= prod_names
-            used_in.add(st.consumer.name)
+            used_in |= cons_names
             usable.append(st)
     for link, why in refused.items():
         for n in allowed:
@@ -448,17 +636,17 @@ def run(ctx: PassContext) -> None:
     metric = IMPORTANCE[metric_name]
     stats: dict[str, InputStats] = {}
     if ctx.calib is not None and usable:
-        consumers = {st.consumer.name: st.consumer for st in usable}
+        consumers = {c.name: c for st in usable for c in st.consumers}
         stats = ctx.input_stats(consumers.values())
     elif metric_name != "weight" and usable:
         metric(usable[0], None)  # raises the "needs calibration" error
 
     plans: dict[str, _LayerPlan] = {}
     shrink_norms: list[tuple[str, torch.Tensor]] = []
-    all_scores = {st.name: metric(st, stats.get(st.consumer.name)) for st in usable}
+    all_scores = {st.name: sum(metric(st.reading(c), stats.get(c.name)) for c in st.consumers)
+                  for st in usable}
     global_keep = adaptive_keep(usable, all_scores, o["ratio"]) if o["adaptive"] else {}
     for st in ctx.iterate(usable, "prune"):
-        cst = stats.get(st.consumer.name)
         scores = all_scores[st.name]
         keep = global_keep[st.name] if st.name in global_keep else \
             select_units(scores, o["ratio"], st.groups)
@@ -471,16 +659,25 @@ def run(ctx: PassContext) -> None:
                                dtype=torch.int64)
         info = {"unit": st.unit, "units": st.n_units, "kept": int(keep.numel()),
                 "removed": removed.tolist(), "metric": metric_name}
+        if st.unit == "kv_group":  # each unit holds unit_size // head_dim query heads
+            per = st.unit_size // st.size_of(st.value[0])
+            info["query_heads"] = [st.n_units * per, int(keep.numel()) * per]
         for layer, offsets in st.producers:
             plan = plans.setdefault(layer.name, _LayerPlan(layer))
-            plan.keep_out = st.rows(keep, offsets)
+            plan.keep_out = st.rows(keep, offsets, st.size_of(layer))
             plan.structures[st.name] = info
-        plan = plans.setdefault(st.consumer.name, _LayerPlan(st.consumer))
-        plan.keep_in = st.channels(keep)
-        plan.structures[st.name] = info
-        if cst is not None and o["bias_compensation"]:
-            plan.bias_delta = _compensation(st, cst, removed)
-            info["bias_compensated"] = True
+        for consumer in st.consumers:
+            plan = plans.setdefault(consumer.name, _LayerPlan(consumer))
+            plan.keep_in = st.channels(keep)
+            plan.structures[st.name] = info
+            cst = stats.get(consumer.name)
+            if cst is not None and o["bias_compensation"]:
+                plan.bias_delta = _compensation(st.reading(consumer), cst, removed)
+                info["bias_compensated"] = True
+        for dw in st.depthwise:  # one filter per channel: the removed channels' filters go
+            plan = plans.setdefault(dw.name, _LayerPlan(dw))
+            plan.keep_out = plan.keep_in = st.channels(keep)
+            plan.structures[st.name] = info
         for bn, _ in st.between:
             shrink_norms.append((bn, st.channels(keep)))
 
