@@ -54,7 +54,7 @@ def build_package(blocks: int, rebuild: bool) -> Path:
         from edgestack.compress import compress
         from edgestack.compress.calib import text_calib
         from edgestack.exporter import export
-        from edgestack.package.pack import pack
+        from edgestack.packer.pack import pack
         t0 = time.time()
         model, inputs = zoo.minilm()
         calib = text_calib(zoo.minilm_path(), n=32, seq=64, batch=8)

@@ -525,7 +525,7 @@ def _runtime_step(result: DemoResult, model: Path, threads: int,
     from edgestack.errors import BudgetError
     from edgestack.package import Package
     from edgestack.package.archive import write_archive
-    from edgestack.package.pack import pack
+    from edgestack.packer.pack import pack
     from edgestack.profiler.bench import (
         BUDGET_HEADROOM,
         Subject,

@@ -5,7 +5,7 @@
 calibration from the source) and exported (:func:`edgestack.exporter.export`) into a
 temporary folder first; either way the exporter's ``compact_embeddings`` pass stores large
 embedding tables int8 (a no-op on exports that already do), then
-:func:`edgestack.package.pack.pack` writes the package. This module sits above compress,
+:func:`edgestack.packer.pack.pack` writes the package. This module sits above compress,
 exporter and package, so the package layer (which the device runtime imports) never imports
 torch or the exporter.
 """
@@ -283,7 +283,7 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
         source: an ONNX file written by ``edgestack export``, or a model source (folder,
             ``module:factory``, built-in name) to compress with ``method`` and ``options``
             and export first (its example inputs become the golden inputs).
-        out, target, overwrite: as :func:`edgestack.package.pack.pack` (checked before any
+        out, target, overwrite: as :func:`edgestack.packer.pack.pack` (checked before any
             compression).
         name: the model name in the manifest (default: the ONNX file's stem, or
             ``<source>-<method>``).
@@ -292,7 +292,7 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
             :meth:`edgestack.sources.ModelSource.calibration`).
         progress: a model source: tqdm bars of its compression and export on stderr
             (``True``, ``False`` (default) or ``None``: when stderr is a terminal).
-        golden_inputs, log, pack_options: passed to :func:`edgestack.package.pack.pack`
+        golden_inputs, log, pack_options: passed to :func:`edgestack.packer.pack.pack`
             (``profile``, ``steps_per_level``, ``created``).
 
     A graph with BitStack layers packed for a tiered target (``ort-cpu``, ``ort-arm``,
@@ -302,15 +302,15 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
     int8 graph as ``edgestack compile``.
 
     Returns:
-        The :class:`~edgestack.package.pack.PackResult`.
+        The :class:`~edgestack.packer.pack.PackResult`.
 
     Raises:
-        PackageError: as :func:`edgestack.package.pack.pack`, or a file that is not ONNX
-            (:func:`edgestack.package.pack.read_onnx`).
+        PackageError: as :func:`edgestack.packer.pack.pack`, or a file that is not ONNX
+            (:func:`edgestack.packer.pack.read_onnx`).
     """
     from edgestack.exporter.passes import compact_embeddings
     from edgestack.package.format import TIERED_TARGETS
-    from edgestack.package.pack import check_out, logger, pack, read_onnx
+    from edgestack.packer.pack import check_out, logger, pack, read_onnx
 
     say = log or logger.info
     check_out(out, target, overwrite)
@@ -358,7 +358,7 @@ def compile_model(model: str | os.PathLike[str], target: str, out: str | os.Path
 
     The target lowers the graph (:meth:`edgestack.targets.base.Target.lower`: shift codes to
     int8, attention fusion, every other edgestack op materialised, ...) and the lowered ONNX
-    is packed (:func:`edgestack.package.pack.pack`: one dense tier, weights as external
+    is packed (:func:`edgestack.packer.pack.pack`: one dense tier, weights as external
     data). Its golden outputs are the lowered graph's on x86 ONNX Runtime, judged with the
     target precision's tolerance (:data:`edgestack.targets.parity.TOLERANCES`): the device
     self-test checks that it computes what x86 computes. The lowered graph itself is checked
@@ -375,11 +375,11 @@ def compile_model(model: str | os.PathLike[str], target: str, out: str | os.Path
         profile: a device profile (name or object) for the lowering's defaults.
         options: the target's lowering options (see each target's docstring).
         golden_inputs: the self-test's inputs (default: generated from the graph's inputs).
-        name, overwrite, log, created: as :func:`edgestack.package.pack.pack`.
+        name, overwrite, log, created: as :func:`edgestack.packer.pack.pack`.
         source: what the manifest records as the model's source (default: ``model``).
 
     Returns:
-        The :class:`~edgestack.package.pack.PackResult`, with ``compile`` set (the
+        The :class:`~edgestack.packer.pack.PackResult`, with ``compile`` set (the
         ``metadata.compile`` it wrote).
 
     Raises:
@@ -387,7 +387,7 @@ def compile_model(model: str | os.PathLike[str], target: str, out: str | os.Path
     """
     import onnx_ir as ir
 
-    from edgestack.package.pack import check_out, logger, pack, read_onnx
+    from edgestack.packer.pack import check_out, logger, pack, read_onnx
     from edgestack.profiles import load_profile
     from edgestack.targets import get_target
     from edgestack.targets.feeds import example_feeds

@@ -42,7 +42,7 @@ from test_hostile import cli, refused
 from edgestack.core.text import printable
 from edgestack.errors import EdgestackError, PackageError
 from edgestack.package import Package
-from edgestack.package.pack import pack
+from edgestack.packer.pack import pack
 from edgestack.runtime import Runtime
 
 from runtime_helpers import CREATED, synthetic_onnx

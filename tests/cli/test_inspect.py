@@ -187,7 +187,7 @@ def test_package_from_the_cli_dir_and_tar(exported, tmp_path, capsys):
 
 
 def test_synthetic_package_with_weights_and_dense_variants(tmp_path, capsys):
-    from edgestack.package.pack import pack
+    from edgestack.packer.pack import pack
 
     model = tmp_path / "mlp.onnx"
     stacks = synthetic_onnx(model)

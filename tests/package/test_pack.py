@@ -1,4 +1,4 @@
-"""The packer (edgestack.package.pack) and runtime-level checks of bad packages."""
+"""The packer (edgestack.packer.pack) and runtime-level checks of bad packages."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from edgestack.errors import EdgestackError, PackageError
 from edgestack.package import Package, extract_archive
-from edgestack.package.pack import choose_tiers, pack
+from edgestack.packer.pack import choose_tiers, pack
 
 # runtime_helpers: tests/runtime, put on sys.path by conftest.py (which also brings in the
 # small_model and small_pkg fixtures)
@@ -149,7 +149,7 @@ def test_non_bitstack_model_gives_one_tier(tmp_path):
 def test_external_weights_stay_lazy_and_a_missing_data_file_is_named(tmp_path, small_model):
     import onnx_ir as ir
 
-    from edgestack.package.pack import read_onnx
+    from edgestack.packer.pack import read_onnx
 
     src = tmp_path / "ext" / "mlp.onnx"
     src.parent.mkdir()
@@ -159,7 +159,7 @@ def test_external_weights_stay_lazy_and_a_missing_data_file_is_named(tmp_path, s
                for v in model.graph.initializers.values() if v.const_value.nbytes > 256)
     pack(src, tmp_path / "p.pkg", created=CREATED)
     with Package.open(tmp_path / "p.pkg") as pkg:
-        from edgestack.package.graphcheck import check_graphs
+        from edgestack.packer.graphcheck import check_graphs
 
         pkg.verify()
         assert len(check_graphs(pkg)) == 5
@@ -176,7 +176,7 @@ def test_unnamed_and_repeated_node_names_get_unique_names(tmp_path, small_model)
     path = tmp_path / "anon.onnx"
     onnx.save(m, path)
     pack(path, tmp_path / "p.pkg", created=CREATED)
-    from edgestack.package.graphcheck import check_graphs
+    from edgestack.packer.graphcheck import check_graphs
     from edgestack.runtime import Runtime
 
     with Package.open(tmp_path / "p.pkg") as pkg:

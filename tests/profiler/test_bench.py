@@ -157,7 +157,7 @@ def test_source_must_be_an_onnx_model(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def bitstack_package(tmp_path_factory) -> Path:
     """A package of one BitStack linear layer (48 -> 40, 6 blocks)."""
-    from edgestack.package.pack import pack
+    from edgestack.packer.pack import pack
 
     from targets_cases import random_stack
 

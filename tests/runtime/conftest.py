@@ -16,7 +16,7 @@ def big_model(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def big_pkg(tmp_path_factory, big_model):
-    from edgestack.package.pack import pack
+    from edgestack.packer.pack import pack
 
     out = tmp_path_factory.mktemp("big_pkg") / "big.pkg"
     pack(big_model[0], out)

@@ -109,7 +109,7 @@ def small_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def small_pkg(tmp_path_factory, small_model):
     """The directory package of ``small_model`` (fixed creation time)."""
-    from edgestack.package.pack import pack
+    from edgestack.packer.pack import pack
 
     out = tmp_path_factory.mktemp("small_pkg") / "mlp.pkg"
     pack(small_model[0], out, created=CREATED)

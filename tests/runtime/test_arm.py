@@ -49,7 +49,7 @@ print(json.dumps({"machine": platform.machine(), "tier": plan["tier"], "total": 
 
 @pytest.fixture(scope="module")
 def arm_pkg(tmp_path_factory, small_model):  # noqa: F811 - the fixture above
-    from edgestack.package.pack import pack
+    from edgestack.packer.pack import pack
 
     out = tmp_path_factory.mktemp("arm_pkg") / "mlp.pkg"
     pack(small_model[0], out, target="ort-arm")

@@ -12,7 +12,7 @@ def test_exported_bitstack_mlp_tiers_match_torch(tmp_path):
     from edgestack.compress import compress
     from edgestack.compress.bitstack import set_tier
     from edgestack.exporter import export
-    from edgestack.package.pack import pack
+    from edgestack.packer.pack import pack
     from edgestack.runtime import Runtime
 
     torch.manual_seed(0)
@@ -47,7 +47,7 @@ def test_pack_from_model_source_exports_first(tmp_path):
 
     from edgestack.errors import PackageError
     from edgestack.package import Package
-    from edgestack.package.pack import pack
+    from edgestack.packer.pack import pack
 
     factory = tmp_path / "fac.py"
     factory.write_text(

@@ -32,7 +32,7 @@ def minilm_onnx(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def minilm_package(minilm_onnx: Path) -> Path:
-    from edgestack.package.pack import pack
+    from edgestack.packer.pack import pack
 
     return pack(minilm_onnx, minilm_onnx.with_suffix(".pkg"), log=lambda m: None).path
 

@@ -17,7 +17,7 @@ from runtime_helpers import peak_rss, small_model, small_pkg  # noqa: F401 - fix
 @pytest.fixture(scope="module")
 def ov_pkg(tmp_path_factory, small_model):  # noqa: F811 - the fixture above
     """``small_model`` packed for the openvino-cpu target."""
-    from edgestack.package.pack import pack
+    from edgestack.packer.pack import pack
 
     out = tmp_path_factory.mktemp("ov_pkg") / "mlp.pkg"
     pack(small_model[0], out, target="openvino-cpu")

@@ -378,7 +378,7 @@ def test_table_metadata_outside_the_weights_file_is_refused(tmp_path):
 
     from edgestack.errors import PackageError
     from edgestack.package import Package
-    from edgestack.package.pack import pack
+    from edgestack.packer.pack import pack
 
     table = np.random.default_rng(0).standard_normal((300, 64)).astype(np.float32)
     graph = helper.make_graph(

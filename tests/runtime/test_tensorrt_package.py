@@ -46,7 +46,7 @@ def test_tensorrt_package_holds_the_build_settings_and_exits_4_here(tmp_path, mo
 
 
 def test_the_packer_refuses_bitstack_tiers_for_tensorrt(small_model, tmp_path) -> None:  # noqa: F811
-    from edgestack.package.pack import pack
+    from edgestack.packer.pack import pack
 
     with pytest.raises(PackageError, match="serves no BitStack tiers.*edgestack compile"):
         pack(small_model[0], tmp_path / "x", target="tensorrt-gpu")

@@ -47,7 +47,7 @@ def verify_package(path: str) -> dict:
         except ImportError:   # a device without onnx: the runtime checks what ORT reports
             graphs = "skipped: onnx is not installed"
         else:
-            from edgestack.package.graphcheck import check_graphs
+            from edgestack.packer.graphcheck import check_graphs
 
             graphs = f"ok ({len(check_graphs(pkg))} checked)"
         golden = pkg.golden_info

@@ -8,10 +8,9 @@ Imports numpy and the standard library only, so the on-device runtime can use it
 - :class:`Package`: ``Package.open(path)`` checks before trusting bytes; ``verify()`` hashes;
   ``read_into`` / ``read_prefix`` read counted bytes, ``views_of`` slices them into blocks.
 - :func:`write_archive` / :func:`extract_archive`: the one-file form, atomic and safe.
-- :func:`edgestack.package.pack.pack` (host side; imports onnx-ir and onnxruntime, never torch
-  or the exporter): an exported model -> a package. Not imported here, so ``import
-  edgestack.package`` stays numpy-only. A model source is compressed and exported first by
-  :func:`edgestack.pipeline.pack_model` (``edgestack pack``).
+
+Writing a package from an ONNX model is the host-side :mod:`edgestack.packer` (onnx-ir and
+ONNX Runtime); this layer is the container both sides share and imports neither.
 
 What is inside an ONNX file or a package (``edgestack inspect``) is a report of the profiler
 layer: :func:`edgestack.profiler.inspect.inspect_path`.

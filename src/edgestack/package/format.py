@@ -50,7 +50,7 @@ repack it with this edgestack)::
     runtime           RUNTIME (may be {})
     metadata          JSON object of free-form extras (may be {})
 
-The packer-runtime contract (:mod:`edgestack.package.pack` writes it, :mod:`edgestack.runtime`
+The packer-runtime contract (:mod:`edgestack.packer.pack` writes it, :mod:`edgestack.runtime`
 reads it; typed: :class:`LayerGraph`, :class:`Site`, :class:`RuntimeInfo`, :class:`Table`)::
 
     GRAPH    {"node": the layer's BitStackWeight node, "signs", "u", "v": its three inputs
@@ -59,7 +59,7 @@ reads it; typed: :class:`LayerGraph`, :class:`Site`, :class:`RuntimeInfo`, :clas
     SITE     {"kind": "matmul" | "gemm" | "generic", "prefix": "es.<i>",
               "files": {form: {tensor: [offset, bytes], ...}}}
              the layer in the mixed graph (inputs <prefix>.fp32, .w and, unless generic,
-             .int8, .q, .scale: see edgestack.package.variants) and, per dense form, where its
+             .int8, .q, .scale: see edgestack.packer.variants) and, per dense form, where its
              tensors go in the data file the runtime writes (a fused int8 layer's "q" is its
              group's, with "q_cols": [first, end, total], its columns)
     RUNTIME  {"activation_bytes": int, "input_shapes": {input: [dims]},
@@ -151,9 +151,9 @@ TIERED_TARGETS = ("ort-cpu", "ort-arm", "openvino-cpu")
 """Targets whose packages may hold BitStack tiers (the others hold one dense tier: a compiled
 graph with every layer materialised)."""
 
-# graph variants the packer writes beside the plain graph (see edgestack.package.variants)
+# graph variants the packer writes beside the plain graph (see edgestack.packer.variants)
 FORMS = ("on-the-fly", "int8", "nbits8", "fp32")
-"""How a BitStack layer is served (see :mod:`edgestack.package.variants`): decoded by ONNX
+"""How a BitStack layer is served (see :mod:`edgestack.packer.variants`): decoded by ONNX
 Runtime on every call, or materialised once per tier as int8 (1 byte a weight, integer
 kernels), 8-bit weight-only MatMulNBits (1.16 bytes a weight, every layer at once) or float32
 (4 bytes a weight, the tier's exact weight)."""
@@ -166,12 +166,12 @@ FP32_FILE = "model.fp32.onnx"
 NBITS8_FILE = "model.nbits8.onnx"
 DENSE_FILES = {"int8": INT8_FILE, "nbits8": NBITS8_FILE, "fp32": FP32_FILE}
 """The dense variants: every layer in one form, no ``If``
-(see :func:`edgestack.package.variants.dense_graph`)."""
+(see :func:`edgestack.packer.variants.dense_graph`)."""
 
 DENSE_DATA = {"int8": "int8.bin", "nbits8": "nbits8.bin", "fp32": "fp32.bin"}
 """The external-data file each dense graph reads its site tensors from. The runtime writes it
 for the plan it serves, in a folder of its own, at the offsets the packer recorded in
-``Site.files[form]`` (see :func:`edgestack.package.variants.dense_graph`)."""
+``Site.files[form]`` (see :func:`edgestack.packer.variants.dense_graph`)."""
 
 NBITS_BLOCK = 32
 """Weights per scale of the ``nbits8`` form (``MatMulNBits`` ``block_size``, as the weight-only
@@ -340,7 +340,7 @@ class FileEntry(_Stored):
 
 @dataclass(frozen=True)
 class Site(_Stored):
-    """A BitStack layer's site in the mixed graph (see :mod:`edgestack.package.variants`):
+    """A BitStack layer's site in the mixed graph (see :mod:`edgestack.packer.variants`):
     how its weight is used (``kind``), the prefix of its inputs, and per dense form where
     its tensors go in that form's data file (``files[form][tensor]`` = ``[offset, bytes]``;
     a fused int8 layer's ``q_cols`` = ``[first, end, total]``)."""

@@ -8,7 +8,7 @@ inputs on every run (ONNX Runtime wraps contiguous numpy inputs without a copy).
 reads only ``[tiers[old].bytes, tiers[new].bytes)`` into rows ``nb..nb'``; shrinking drops
 the rows beyond ``nb'`` with ``madvise(MADV_DONTNEED)`` once no call uses them.
 
-Forms (see :mod:`edgestack.package.variants`). A plan serves each layer on the fly (blocks
+Forms (see :mod:`edgestack.packer.variants`). A plan serves each layer on the fly (blocks
 fed, ONNX Runtime decodes every call: the package's plain graph ``model.onnx``) or
 materialised once per tier, decoded in numpy block by block and fed as int8 (per-channel,
 ``DynamicQuantizeMatMul``: 1 byte a weight) or float32 through the package's mixed graph
@@ -640,7 +640,7 @@ class Runtime(Runner):
         """The plan's graph (``"plain"``: ``model.onnx``, every layer on the fly; ``"int8"``
         / ``"fp32"``: ``model.int8.onnx`` / ``model.fp32.onnx``, every layer in that form;
         ``"mixed"``: ``model.mixed.onnx``, one site per layer: see
-        :mod:`edgestack.package.variants`), or the one forced at init."""
+        :mod:`edgestack.packer.variants`), or the one forced at init."""
         return self._graph_choice or plan.graph
 
     def _session(self, graph: str, folder: str | None = None) -> Any:
@@ -921,7 +921,7 @@ class Runtime(Runner):
         ``[ceil(m*n/8)]``, ``[m, k]``, ``[k, n]``. (The dense graphs hold their weights as
         initializers, which ONNX Runtime does not list: ``edgestack verify`` checks those,
         and each ``BitStackWeight`` node's ``shape``, against the manifest with onnx:
-        :func:`edgestack.package.graphcheck.check_graphs`.)
+        :func:`edgestack.packer.graphcheck.check_graphs`.)
 
         Raises:
             PackageError: naming the layer, the input, expected vs found.

@@ -79,12 +79,12 @@ from edgestack.package.format import (
 )
 from edgestack.package.reader import Package
 from edgestack.package.tables import gather_rows, lookup_table
-from edgestack.package.variants import add_sites, dense_graph
 from edgestack.package.writer import PackageWriter
+from edgestack.packer.variants import add_sites, dense_graph
 from edgestack.profiles import load_profile
 from edgestack.targets.feeds import example_feeds
 
-logger = logging.getLogger("edgestack.package")
+logger = logging.getLogger("edgestack.packer")
 
 GRAPH_FILE = "model.onnx"
 WEIGHTS_FILE = "model.data"

@@ -159,7 +159,7 @@ def check_graphs(pkg: Package) -> list[str]:
 
 def _dense_dims(form: str, key: str, kind: str, m: int, n: int) -> list[int] | None:
     """The dims the packer gives a layer's own (unfused) tensor ``key`` in the ``form``
-    graph (see :mod:`edgestack.package.variants`)."""
+    graph (see :mod:`edgestack.packer.variants`)."""
     kb = -(-n // NBITS_BLOCK)
     return {("fp32", "w"): [n, m] if kind == "matmul" else [m, n],
             ("int8", "q"): [n, m], ("int8", "scale"): [m],
