@@ -15,6 +15,10 @@ Structures found (:func:`find_structures`):
 - GPT-2 attention (``*.attn.c_attn`` fused q|k|v ``Conv1D`` -> ``*.attn.c_proj``): heads,
   removed from the q, k and v sections alike. Cross-attention is left alone.
 - GPT-2 MLP (``*.mlp.c_fc`` -> ``*.mlp.c_proj``): channels.
+- Gated MLP of Llama-style decoders (Llama, Qwen2, Mistral: ``*.mlp.{gate_proj,up_proj}``
+  -> ``*.mlp.down_proj``): channels, removed from gate and up alike. Their attention (grouped
+  key/value heads, rotary) is left whole, so the KV-cache shapes of an export stay those of
+  the config.
 - Generic chains inside ``nn.Sequential``: a ``Linear``/``Conv`` producer followed, through
   elementwise modules (activations, dropout, identity) and per-channel ``BatchNorm`` (sliced
   too), by a consumer of the same family with ``groups=1``. A grouped-conv producer loses
@@ -271,6 +275,15 @@ def find_structures(model: nn.Module) -> tuple[list[Structure], dict[str, str]]:
                 continue
             found.append(Structure(name, "head", heads, size, [(p, (0, e, 2 * e))],
                                    (p, 2 * e), c))
+        # Gated MLP (Llama, Qwen2, Mistral): act(gate_proj(x)) * up_proj(x) -> down_proj.
+        elif all(hasattr(mod, a) for a in ("gate_proj", "up_proj", "down_proj")):
+            g, u, c = (_info(model, _join(name, a)) for a in ("gate_proj", "up_proj",
+                                                              "down_proj"))
+            if g and u and c and _out_features(g) == _out_features(u) == _in_features(c):
+                found.append(Structure(name, "channel", _out_features(u), 1,
+                                       [(g, (0,)), (u, (0,))], (u, 0), c))
+            else:
+                refused[name] = "gated MLP layout not recognised"
         # GPT-2 MLP.
         elif hasattr(mod, "c_fc") and hasattr(mod, "c_proj"):
             p, c = _info(model, _join(name, "c_fc")), _info(model, _join(name, "c_proj"))
