@@ -57,8 +57,8 @@ class RetiePass(ir.passes.InPlacePass):
                     node = ir.node("Transpose", [kept], attributes={"perm": [1, 0]},
                                    name=f"retie_transpose_{kept_name}")
                     node.outputs[0].name = f"{kept_name}_transposed"
-                    node.outputs[0].type = kept.type
-                    node.outputs[0].shape = ir.Shape(list(reversed(list(kept.shape))))
+                    node.outputs[0].type = ir.TensorType(kept.const_value.dtype)
+                    node.outputs[0].shape = ir.Shape(list(ref.shape[::-1]))
                     if len(graph):
                         graph.insert_before(graph[0], node)
                     else:
