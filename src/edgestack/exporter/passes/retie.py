@@ -9,10 +9,16 @@ Rewrites, for each group of tied parameter names (``groups``; the kept initializ
 the first name of the group present in the graph):
 
 - an initializer holding exactly ``W`` under another name: its uses read ``W``; removed;
-- an initializer holding exactly ``W^T`` (2-D): its uses read ``Transpose(W)``, one node
-  added at the top of the graph; removed.
+- an initializer holding exactly ``W^T`` (2-D) read as input B of a ``MatMul`` (the head:
+  ``logits = h @ W^T``): the ``MatMul`` becomes ``Reshape(Gemm(Reshape(h, [-1, k]), W,
+  transB=1), [*h.shape[:-1], n])``, which reads ``W`` as stored. Not ``Transpose(W)``:
+  ONNX Runtime constant-folds a transpose of an initializer when it loads the model, which
+  would put the second copy back in memory (seen with ORT 1.32);
+- any other use of ``W^T`` reads ``Transpose(W)`` (one node at the top of the graph);
+- the ``W^T`` initializer is removed.
 
-The graph computes the same values; the file holds ``W`` once. The pass works in place;
+The graph computes the same values (the ``Gemm`` sums in its own order: float rounding
+differs from the ``MatMul`` by a few ulps); the file holds ``W`` once. The pass works in place;
 :attr:`report` lists per group ``kept``, ``removed`` and the bytes saved.
 """
 
@@ -54,22 +60,68 @@ class RetiePass(ir.passes.InPlacePass):
                 if how == "same":
                     value.replace_all_uses_with(kept, replace_graph_outputs=True)
                 else:
-                    node = ir.node("Transpose", [kept], attributes={"perm": [1, 0]},
-                                   name=f"retie_transpose_{kept_name}")
-                    node.outputs[0].name = f"{kept_name}_transposed"
-                    node.outputs[0].type = ir.TensorType(kept.const_value.dtype)
-                    node.outputs[0].shape = ir.Shape(list(ref.shape[::-1]))
-                    if len(graph):
-                        graph.insert_before(graph[0], node)
-                    else:
-                        graph.append(node)
-                    value.replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
+                    for user, index in list(value.uses()):
+                        if user.op_type == "MatMul" and user.domain == "" and index == 1 \
+                                and user.graph is graph:
+                            _gemm_trans_b(graph, user, kept, ref.shape)
+                    if value.uses() or value.is_graph_output():
+                        node = ir.node("Transpose", [kept], attributes={"perm": [1, 0]},
+                                       name=f"retie_transpose_{kept_name}")
+                        node.outputs[0].name = f"{kept_name}_transposed"
+                        node.outputs[0].type = ir.TensorType(kept.const_value.dtype)
+                        node.outputs[0].shape = ir.Shape(list(ref.shape[::-1]))
+                        if len(graph):
+                            graph.insert_before(graph[0], node)
+                        else:
+                            graph.append(node)
+                        value.replace_all_uses_with(node.outputs[0],
+                                                    replace_graph_outputs=True)
                 graph.initializers.pop(name)
                 entry["removed"].append({"name": name, "as": how})
                 entry["bytes_saved"] += int(ref.nbytes)
                 modified = True
             self.report["groups"].append(entry)
         return ir.passes.PassResult(model, modified)
+
+
+def _gemm_trans_b(graph: ir.Graph, matmul: ir.Node, w: ir.Value, shape: tuple[int, ...]
+                  ) -> None:
+    """Replace ``MatMul(h, W^T)`` by ``Reshape(Gemm(Reshape(h, [-1, k]), W, transB=1),
+    [*shape(h)[:-1], n])`` (``W`` is ``[n, k]``)."""
+    n, k = (int(d) for d in shape)
+    h = matmul.inputs[0]
+    tag = matmul.name or "matmul"
+
+    def const(name: str, values: list[int]) -> ir.Value:
+        node = ir.node("Constant", [], attributes={
+            "value": ir.tensor(np.array(values, dtype=np.int64), name=f"{tag}_{name}")})
+        new.append(node)
+        return node.outputs[0]
+
+    new: list[ir.Node] = []
+    flat = ir.node("Reshape", [h, const("rows", [-1, k])], name=f"{tag}_flatten")
+    new.append(flat)
+    gemm = ir.node("Gemm", [flat.outputs[0], w], attributes={"transB": 1}, name=f"{tag}_gemm")
+    new.append(gemm)
+    dims = ir.node("Shape", [h], attributes={"end": -1}, name=f"{tag}_lead")
+    new.append(dims)
+    target = ir.node("Concat", [dims.outputs[0], const("cols", [n])], attributes={"axis": 0},
+                     name=f"{tag}_shape")
+    new.append(target)
+    out = ir.node("Reshape", [gemm.outputs[0], target.outputs[0]], name=f"{tag}_unflatten")
+    new.append(out)
+    for i, node in enumerate(new):
+        for j, v in enumerate(node.outputs):
+            v.name = f"{tag}_retie_{i}_{j}"
+    old = matmul.outputs[0]
+    result = out.outputs[0]
+    result.type, result.shape = old.type, old.shape
+    graph.insert_before(matmul, new)
+    name = old.name
+    old.replace_all_uses_with(result, replace_graph_outputs=True)
+    old.name = f"{name}_replaced"
+    result.name = name  # a graph output (the logits) keeps its name
+    graph.remove(matmul, safe=True)
 
 
 def tensor_relation(tensor: Any, ref: np.ndarray) -> str | None:
