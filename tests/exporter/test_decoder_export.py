@@ -220,6 +220,28 @@ def test_retie_pass_drops_copies_and_keeps_values():
         np.testing.assert_array_equal(a, b)
 
 
+def test_retie_pass_reads_w_where_a_transpose_node_did():
+    """An unfolded ``MatMul(x, Transpose(W))`` (what the optimizer leaves for larger tables,
+    and ONNX Runtime would fold into a second copy at load) reads ``W`` through Gemm."""
+    w = np.arange(12, dtype=np.float32).reshape(3, 4)
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([2, 5, 4]))
+    wv = ir.Value(name="w", const_value=ir.tensor(w, name="w"))
+    t = ir.node("Transpose", [wv], attributes={"perm": [1, 0]})
+    mm = ir.node("MatMul", [x, t.outputs[0]])
+    mm.outputs[0].name = "logits"
+    graph = ir.Graph([x], mm.outputs, nodes=[t, mm], initializers=[wv], opset_imports={"": 20})
+    model = ir.Model(graph, ir_version=10)
+    feeds = {"x": np.random.default_rng(0).normal(size=(2, 5, 4)).astype(np.float32)}
+    before = ort_session(model).run(None, feeds)[0]
+    assert RetiePass([["w"]])(model).modified
+    assert sorted(n.op_type for n in model.graph if n.op_type != "Constant") == \
+        ["Concat", "Gemm", "Reshape", "Reshape", "Shape"]
+    after = ort_session(model).run(None, feeds)[0]
+    assert after.shape == (2, 5, 3)
+    np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-5)
+    assert [v.name for v in model.graph.outputs] == ["logits"]
+
+
 def test_contract_round_trip_and_errors():
     c = DecoderContract(num_layers=2, kv_heads=(2, 1), head_dim=8, vocab_size=50,
                         eos_token_ids=(3,), tied_weights=(("a.weight", "b.weight"),))

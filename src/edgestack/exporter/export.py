@@ -462,8 +462,11 @@ def _retie(model: Any, model_ir: Any, say: Callable[[str], None]) -> None:
     retie(model_ir)
     for entry in retie.report["groups"]:
         for removed in entry["removed"]:
-            say(f"export: tied weight {' = '.join(entry['parameters'])}: dropped the "
-                f"{removed['as']} copy {removed['name']}, reading {entry['kept']}")
+            what = ("a MatMul reads it through Gemm(transB=1) instead of the Transpose node "
+                    if removed["as"] == "transpose node"
+                    else f"dropped the {removed['as']} copy ")
+            say(f"export: tied weight {' = '.join(entry['parameters'])}: {what}"
+                f"{removed['name']}, reading {entry['kept']}")
 
 
 def _is_compressed(counts: dict[str, int], lowrank: list[str], metadata: Any) -> bool:

@@ -15,7 +15,10 @@ the first name of the group present in the graph):
   ONNX Runtime constant-folds a transpose of an initializer when it loads the model, which
   would put the second copy back in memory (seen with ORT 1.32);
 - any other use of ``W^T`` reads ``Transpose(W)`` (one node at the top of the graph);
-- the ``W^T`` initializer is removed.
+- the ``W^T`` initializer is removed;
+- a ``Transpose(W, perm=[1, 0])`` node read as input B of a ``MatMul`` (the optimizer left
+  the transpose unfolded): that ``MatMul`` becomes the ``Gemm`` form above, and the
+  ``Transpose`` goes when nothing else reads it.
 
 The graph computes the same values (the ``Gemm`` sums in its own order: float rounding
 differs from the ``MatMul`` by a few ulps); the file holds ``W`` once. The pass works in place;
@@ -80,6 +83,16 @@ class RetiePass(ir.passes.InPlacePass):
                 entry["removed"].append({"name": name, "as": how})
                 entry["bytes_saved"] += int(ref.nbytes)
                 modified = True
+            for user, _ in list(kept.uses()):
+                if _is_transpose_2d(user) and user.graph is graph:
+                    t_out = user.outputs[0]
+                    for reader, index in list(t_out.uses()):
+                        if reader.op_type == "MatMul" and reader.domain == "" and index == 1:
+                            _gemm_trans_b(graph, reader, kept, ref.shape)
+                            entry["removed"].append({"name": user.name, "as": "transpose node"})
+                            modified = True
+                    if not t_out.uses() and not t_out.is_graph_output():
+                        graph.remove(user, safe=True)
             self.report["groups"].append(entry)
         return ir.passes.PassResult(model, modified)
 
@@ -122,6 +135,13 @@ def _gemm_trans_b(graph: ir.Graph, matmul: ir.Node, w: ir.Value, shape: tuple[in
     old.name = f"{name}_replaced"
     result.name = name  # a graph output (the logits) keeps its name
     graph.remove(matmul, safe=True)
+
+
+def _is_transpose_2d(node: ir.Node) -> bool:
+    if node.op_type != "Transpose" or node.domain != "":
+        return False
+    perm = node.attributes.get("perm")
+    return perm is None or list(perm.as_ints()) == [1, 0]
 
 
 def tensor_relation(tensor: Any, ref: np.ndarray) -> str | None:
