@@ -10,7 +10,8 @@ Steps, each failing with an :class:`~edgestack.errors.ExportError` that names th
    become ``edgestack.ShiftWeight`` / ``edgestack.BitStackWeight`` nodes over the packed
    initializers (BitStack layers export their active prefix of blocks);
 4. add the ONNX functions of the ops used (``model.functions``), tag each ``edgestack`` node
-   with its torch layer (node metadata ``edgestack.layer``), write model metadata; for a
+   with its torch layer (node metadata ``edgestack.layer``), write model metadata, store
+   each tied tensor once (:mod:`edgestack.exporter.ties`); for a
    compressed model, store the large embedding tables as int8 per row
    (:mod:`edgestack.exporter.passes.compact_embeddings`, ``compact_embeddings=False`` to
    keep them float);
@@ -53,19 +54,14 @@ from edgestack.errors import ExportError
 from edgestack.exporter import ops as es_ops
 from edgestack.exporter import output as files
 from edgestack.exporter.parity import DEFAULT_ATOL, DEFAULT_RTOL, ParityReport, check_parity
-from edgestack.exporter.passes import (
-    CompactEmbeddingsPass,
-    RetiePass,
-    describe,
-    quantize_rows,
-    tensor_relation,
-)
+from edgestack.exporter.passes import CompactEmbeddingsPass, describe, quantize_rows
 from edgestack.exporter.signature import (
     ModelInputs,
     flatten_outputs,
     normalize_inputs,
     unique_names,
 )
+from edgestack.exporter.ties import META_TIED, retie, tied_weights
 
 # the BitStack order (written when the model has ``edgestack_bitstack_order``) and the layer
 # tag of every edgestack node: defined with the format, so the packer needs no exporter
@@ -91,7 +87,6 @@ META_DOMAIN_VERSION = "edgestack.domain_version"
 META_LOWRANK = "edgestack.lowrank_layers"
 META_COMPRESSION = "edgestack.compression"
 META_LAYERS = "edgestack.layers"
-META_TIED = "edgestack.tied_weights"
 
 _MESSAGE_LINES = 12
 
@@ -428,47 +423,6 @@ def _postprocess(model_ir: Any, owners_by_name: dict[str, str], output_names: li
     return counts, layers
 
 
-def tied_weights(model: Any, model_ir: Any) -> list[dict[str, Any]]:
-    """How the exported graph stores each group of tied torch parameters.
-
-    Returns one entry per group (:func:`edgestack.compress.walk.tied_parameters`):
-    ``parameters`` (the qualified names), ``initializers`` (the graph initializers holding
-    the tensor or its transpose, under any name), ``copies`` (how many; 1 when the file
-    keeps the tie) and ``bytes`` (of one copy).
-    """
-    from edgestack.compress.walk import tied_parameters
-
-    groups = tied_parameters(model)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    out = []
-    for group in groups:
-        ref = params[group[0]].detach().cpu().numpy()
-        held = [name for name, value in model_ir.graph.initializers.items()
-                if value.const_value is not None
-                and tensor_relation(value.const_value, ref) is not None]
-        out.append({"parameters": list(group), "initializers": held, "copies": len(held),
-                    "bytes": int(ref.nbytes)})
-    return out
-
-
-def _retie(model: Any, model_ir: Any, say: Callable[[str], None]) -> None:
-    """Store each tied tensor once (:class:`~edgestack.exporter.passes.RetiePass`)."""
-    from edgestack.compress.walk import tied_parameters
-
-    groups = tied_parameters(model)
-    if not groups:
-        return
-    retie = RetiePass(groups)
-    retie(model_ir)
-    for entry in retie.report["groups"]:
-        for removed in entry["removed"]:
-            what = ("a MatMul reads it through Gemm(transB=1) instead of the Transpose node "
-                    if removed["as"] == "transpose node"
-                    else f"dropped the {removed['as']} copy ")
-            say(f"export: tied weight {' = '.join(entry['parameters'])}: {what}"
-                f"{removed['name']}, reading {entry['kept']}")
-
-
 def _is_compressed(counts: dict[str, int], lowrank: list[str], metadata: Any) -> bool:
     """A compressed export: ``edgestack`` nodes, low-rank layers, or metadata naming a
     compression method other than ``none`` (pruned models have no marker modules)."""
@@ -724,7 +678,7 @@ def export(
             lowrank = _lowrank_layers(model)
             counts, layers = _postprocess(model_ir, owners_by_name, output_names, lowrank,
                                           metadata, axes)
-            _retie(model, model_ir, say)
+            retie(model, model_ir, say)
             tied = tied_weights(model, model_ir)
             if tied:
                 model_ir.metadata_props[META_TIED] = json.dumps(tied)
