@@ -12,8 +12,9 @@ Tied LM heads (GPT-2, Qwen2) stay dense and are stored once: one ``[vocab, hidde
 initializer, read by the embedding ``Gather`` and the head.
 
 Three cases run always: GPT-2 shift, Llama pruned then BitStack, Qwen2 low-rank (every
-method and architecture appears); the nine single-method cases left are ``slow`` (each
-export takes 7-20 s on 2 shared cores: torch.export of a transformers decoder).
+method and architecture appears: 25 s in all on an idle 2-core machine); the ten
+single-method cases left are ``slow`` (4-7 s each idle, up to 20 s on shared cores: mostly
+torch.export of a transformers decoder; the whole file 81 s idle).
 """
 
 from __future__ import annotations
