@@ -212,13 +212,15 @@ def compress_and_export(source: str, method: str, options: Mapping[str, Any],
     (:meth:`~edgestack.sources.ModelSource.calibration`: the shipped corpus for a text model,
     ``calib_file``, or the example inputs; none for ``method="none"``), compress it with
     ``method`` and ``options`` and export it to ``out`` (:func:`edgestack.exporter.export`
-    with ``export_options``), the compression report in the file's metadata.
-    ``progress``: tqdm bars (:mod:`edgestack.core.progress`). ``latency`` (method ``prune``
-    only): the keyword arguments of :func:`prune_to_latency` (``target_ms``, ``target``,
-    ``step``, ...); the search picks the ratio and :attr:`Exported.latency` holds its
-    steps."""
+    with ``export_options``), the compression report in the file's metadata. With
+    ``load["task"] == "text-generation"`` the export is a decoder with its LM head and a KV
+    cache (:func:`edgestack.exporter.export_decoder`: dynamic batch, sequence and past
+    length; a ``dynamic`` export option is ignored). ``progress``: tqdm bars
+    (:mod:`edgestack.core.progress`). ``latency`` (method ``prune`` only): the keyword
+    arguments of :func:`prune_to_latency` (``target_ms``, ``target``, ``step``, ...); the
+    search picks the ratio and :attr:`Exported.latency` holds its steps."""
     from edgestack.compress import compress
-    from edgestack.exporter import export
+    from edgestack.exporter import export, export_decoder
     from edgestack.sources import load_source
 
     src = load_source(source, **dict(load or {}))
@@ -244,11 +246,15 @@ def compress_and_export(source: str, method: str, options: Mapping[str, Any],
     t1 = time.perf_counter()
     log(f"exporting to {out}")
     Path(out).parent.mkdir(parents=True, exist_ok=True)  # only now: a failed run leaves none
-    result = export(src.model, src.inputs, out, progress=progress,
-                    metadata={"method": method, "source": src.description,
-                              "compression": report.to_dict(),
-                              **({"latency_search": search.to_dict()} if search else {})},
-                    **{"log": log, **dict(export_options or {})})
+    metadata = {"method": method, "source": src.description, "compression": report.to_dict(),
+                **({"latency_search": search.to_dict()} if search else {})}
+    opts = {"log": log, **dict(export_options or {})}
+    if (load or {}).get("task") == "text-generation":
+        opts.pop("dynamic", None)  # a decoder export is dynamic by its contract
+        result = export_decoder(src.model, out, progress=progress, metadata=metadata, **opts)
+    else:
+        result = export(src.model, src.inputs, out, progress=progress, metadata=metadata,
+                        **opts)
     return Exported(src, report, result, calib_text, notes, t1 - t0,
                     time.perf_counter() - t1, search)
 

@@ -239,9 +239,11 @@ def _user_code_error(what: str, exc: BaseException, rerun: str) -> EdgestackErro
 
 
 def _call_factory(fn: Any, spec: str, batch: int | None, seq: int | None,
-                  user: bool = True) -> ModelSource:
+                  user: bool = True, task: str | None = None) -> ModelSource:
     params = inspect.signature(fn).parameters
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
+    if task is not None and "task" in params:
+        kwargs["task"] = task
     if batch is not None and "batch" in params:
         kwargs["batch"] = batch
     if seq is not None and "seq" in params:
@@ -298,7 +300,8 @@ def load_source(
         batch, seq: example-input sizes for token models (defaults 1, and 128 or the
             model's position count if smaller) and for factories that take them.
         task: a Hugging Face folder's task (:data:`edgestack.compress.hf.TASKS`; default:
-            from the class it was saved as, so its head comes with it).
+            from the class it was saved as, so its head comes with it); also passed to a
+            factory (built-in or ``module:factory``) that takes a ``task`` parameter.
 
     Raises:
         EdgestackError: the source cannot be found or loaded; the message says why.
@@ -314,9 +317,9 @@ def load_source(
         model = load_hf_model(path, task=task)
         return ModelSource(model, example_inputs(model, batch or 1, seq), str(path))
     if ":" in spec and not path.exists():
-        return _call_factory(_factory(spec), spec, batch, seq)
+        return _call_factory(_factory(spec), spec, batch, seq, task=task)
     if spec in zoo.MODELS:
-        return _call_factory(zoo.MODELS[spec], spec, batch, seq, user=False)
+        return _call_factory(zoo.MODELS[spec], spec, batch, seq, user=False, task=task)
     if path.exists():
         raise CheckpointError(
             f"{spec!r} is a file, not a model folder; a single weights file needs "

@@ -46,17 +46,28 @@ def minilm(batch: int = 1, seq: int = 128) -> tuple[Any, dict[str, Any]]:
     return model, token_inputs(model.config.vocab_size, batch, seq)
 
 
-def gpt2_tiny(batch: int = 1, seq: int = 32) -> tuple[Any, dict[str, Any]]:
-    """A GPT-2-style decoder from a transformers config (2 layers, 4 heads, hidden 128)."""
+def gpt2_tiny(batch: int = 1, seq: int = 32, task: str = "feature-extraction"
+              ) -> tuple[Any, dict[str, Any]]:
+    """A GPT-2-style decoder from a transformers config (2 layers, 4 heads, hidden 128):
+    the bare model (``task="feature-extraction"``) or, with ``task="text-generation"``,
+    ``GPT2LMHeadModel`` (its LM head tied to the word embedding), eager attention."""
     import torch
-    from transformers import GPT2Config, GPT2Model
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Model
+
+    if task not in ("feature-extraction", "text-generation"):
+        raise EdgestackError(f"gpt2-tiny: task {task!r} is not built in; expected "
+                             "feature-extraction or text-generation")
 
     torch.manual_seed(0)
     cfg = GPT2Config(
         vocab_size=1000, n_positions=128, n_embd=128, n_layer=2, n_head=4,
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
     )
-    model = GPT2Model(cfg).eval()
+    if task == "text-generation":
+        model = GPT2LMHeadModel(cfg).eval()
+        model.config._attn_implementation = "eager"
+    else:
+        model = GPT2Model(cfg).eval()
     model.config.use_cache = False
     return model, token_inputs(cfg.vocab_size, batch, seq)
 

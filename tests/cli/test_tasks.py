@@ -77,3 +77,36 @@ def test_bert_with_64_positions_exports_packs_and_runs_with_no_seq(tmp_path, cap
     out = json.loads(capsys.readouterr().out)
     assert out["outputs"]["last_hidden_state"]["shape"] == [1, 64, 32]
     assert main(["verify", str(pkg), "--json"]) == 0
+
+
+def test_text_generation_exports_a_kv_cache_decoder(tmp_path, capsys):
+    """`--task text-generation` on a Llama folder (grouped-query attention): logits and the
+    KV cache in and out, the I/O contract in the JSON report and the file; the file alone
+    drives greedy decoding (numpy + ONNX Runtime)."""
+    import numpy as np
+
+    from edgestack.core.decoding import DecoderContract, greedy_generate
+    from edgestack.exporter.parity import ort_session
+
+    folder = _save(tmp_path, "LlamaForCausalLM", "LlamaConfig", vocab_size=99, hidden_size=32,
+                   intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=64)
+    out = tmp_path / "decoder.onnx"
+    assert main(["export", str(folder), "--task", "text-generation", "--method", "shift",
+                 "--out", str(out), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    dec = doc["decoder"]
+    assert dec == doc["export"]["decoder"]
+    assert (dec["num_layers"], dec["kv_heads"], dec["head_dim"], dec["vocab_size"]) == \
+        (2, [2, 2], 8, 99)
+    assert doc["export"]["input_names"] == [
+        "input_ids", "attention_mask", "position_ids", "past_key_values.0.key",
+        "past_key_values.0.value", "past_key_values.1.key", "past_key_values.1.value"]
+    assert doc["export"]["output_names"] == [
+        "logits", "present.0.key", "present.0.value", "present.1.key", "present.1.value"]
+    assert doc["export"]["custom_nodes"] == {"ShiftWeight": 15}  # 7 per layer + lm_head
+    assert doc["parity"]["passed"]
+    sess = ort_session(out)
+    assert DecoderContract.from_session(sess) == DecoderContract.from_json(json.dumps(dec))
+    tokens = greedy_generate(sess, np.array([[5, 6, 7]]), 4, eos_token_ids=())
+    assert tokens.shape == (1, 4) and tokens.dtype == np.int64

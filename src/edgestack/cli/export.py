@@ -60,7 +60,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(model folder, module:factory or built-in name)")
     p.add_argument("--task", choices=TASK_NAMES, default=None,
                    help="a Hugging Face folder's task (default: from the class it was saved "
-                   "as, config.architectures; its head is exported with the body)")
+                   "as, config.architectures; its head is exported with the body); "
+                   "text-generation exports a decoder with its LM head and a KV cache "
+                   "(past_key_values.{i}.key/value in, present.{i}.key/value out, dynamic "
+                   "batch, sequence and past length)")
     p.add_argument("--out", required=True,
                    help="output .onnx path (large weights go beside it, in "
                    "OUT.<sha256 prefix>.data)")
@@ -176,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
             "compression": report.to_dict(),
             "import": src.details.get("import"),
             "export": result.to_dict(),
+            "decoder": result.to_dict()["decoder"],
             "parity": parity.to_dict(),
             "latency": done.latency.to_dict() if done.latency else None,
             "tolerance": {"atol": args.atol, "rtol": args.rtol},

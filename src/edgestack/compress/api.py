@@ -41,6 +41,7 @@ from edgestack.compress.walk import (
     LayerInfo,
     check_finite_weight,
     iter_layers,
+    tied_parameters,
     unsupported_layers,
 )
 from edgestack.core.progress import (  # re-exported: the passes import it from here
@@ -450,6 +451,7 @@ def select_layers(model: nn.Module, skip: tuple[str, ...] = (),
     unsupported = unsupported_layers(model)
     unsupported_names = [n for n, _ in unsupported]
     skipped = [SkippedLayer(n, f"unsupported layer type {t}: left dense") for n, t in unsupported]
+    tied = {name: group for group in tied_parameters(model) for name in group}
     layers: list[LayerInfo] = []
     n_supported = 0
     found: set[str] = set()
@@ -460,6 +462,12 @@ def select_layers(model: nn.Module, skip: tuple[str, ...] = (),
             continue
         n_supported += 1
         found.add(layer.name)
+        group = tied.get(f"{layer.name}.weight")
+        if group is not None:  # e.g. an LM head tied to the input embedding
+            others = ", ".join(n for n in group if n != f"{layer.name}.weight")
+            skipped.append(SkippedLayer(layer.name, f"weight tied to {others}: left dense so "
+                                        "the tie holds and the export stores the tensor once"))
+            continue
         prefix = _matches(layer.name, skip)
         if prefix is not None:
             skipped.append(SkippedLayer(layer.name, f"matches skip prefix {prefix!r}"))

@@ -70,6 +70,18 @@ def iter_layers(model: nn.Module, skip: tuple[str, ...] = ()) -> Iterator[LayerI
         yield LayerInfo(name, module, kind[0], kind[1])
 
 
+def tied_parameters(model: nn.Module) -> list[list[str]]:
+    """Groups of qualified parameter names that are one tensor (tied weights), e.g.
+    ``["transformer.wte.weight", "lm_head.weight"]`` of a GPT-2 LM whose output layer reads
+    the input embedding; each group in model order, groups in the order of their first
+    name."""
+    owners: dict[int, list[str]] = {}
+    for mname, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append(f"{mname}.{pname}" if mname else pname)
+    return [names for names in owners.values() if len(names) > 1]
+
+
 def unsupported_layers(model: nn.Module) -> list[tuple[str, str]]:
     """``(name, type)`` of layers with weights that no pass handles (left dense)."""
     return [

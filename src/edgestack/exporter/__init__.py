@@ -2,6 +2,8 @@
 
 Public API:
     export(model, inputs, out, ...) -> ExportResult    (export.py)
+    export_decoder(causal_lm, out, ...) -> ExportResult: logits + KV cache, the I/O contract
+        of edgestack.core.decoding in the metadata (decoder.py)
     check_parity(onnx, torch_model, inputs, ...) -> ParityReport    (parity.py)
     layer_sizes(onnx) -> SizeReport    (sizes.py)
     compact_embeddings(onnx model) / CompactEmbeddingsPass: int8 per-row embedding tables
@@ -11,6 +13,7 @@ Public API:
 Importing this package imports onnx and onnx-ir; torch is imported when a function needs it.
 """
 
+from edgestack.exporter.decoder import export_decoder
 from edgestack.exporter.export import ExportResult, export
 from edgestack.exporter.ops import (
     DOMAIN,
@@ -25,6 +28,7 @@ from edgestack.exporter.sizes import LayerSize, SizeReport, layer_sizes
 
 __all__ = [
     "export",
+    "export_decoder",
     "ExportResult",
     "check_parity",
     "ParityReport",

@@ -10,7 +10,8 @@ Steps, each failing with an :class:`~edgestack.errors.ExportError` that names th
    become ``edgestack.ShiftWeight`` / ``edgestack.BitStackWeight`` nodes over the packed
    initializers (BitStack layers export their active prefix of blocks);
 4. add the ONNX functions of the ops used (``model.functions``), tag each ``edgestack`` node
-   with its torch layer (node metadata ``edgestack.layer``), write model metadata; for a
+   with its torch layer (node metadata ``edgestack.layer``), write model metadata, store
+   each tied tensor once (:mod:`edgestack.exporter.ties`); for a
    compressed model, store the large embedding tables as int8 per row
    (:mod:`edgestack.exporter.passes.compact_embeddings`, ``compact_embeddings=False`` to
    keep them float);
@@ -31,12 +32,14 @@ from __future__ import annotations
 import ast
 import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import os
+import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +61,7 @@ from edgestack.exporter.signature import (
     normalize_inputs,
     unique_names,
 )
+from edgestack.exporter.ties import META_TIED, retie, tied_weights
 
 # the BitStack order (written when the model has ``edgestack_bitstack_order``) and the layer
 # tag of every edgestack node: defined with the format, so the packer needs no exporter
@@ -105,6 +109,12 @@ class ExportResult:
         compact_embeddings: the tables stored as int8 per row (entries of the model
             metadata ``edgestack.compact_embeddings``: ``name``, ``bits``, ``rows``,
             ``cols``, ``bytes_before``, ``bytes_after``); empty when none were.
+        tied_weights: the torch parameters that are one tensor (an LM head tied to the
+            input embedding) and how the graph stores them (:func:`tied_weights`; model
+            metadata ``edgestack.tied_weights``); empty when none are.
+        decoder: a text-generation export's I/O contract
+            (:class:`edgestack.core.decoding.DecoderContract`, from
+            :func:`edgestack.exporter.decoder.export_decoder`), else None.
     """
 
     path: Path
@@ -118,6 +128,8 @@ class ExportResult:
     file_bytes: int
     seconds: dict[str, float] = field(default_factory=dict)
     compact_embeddings: list[dict[str, Any]] = field(default_factory=list)
+    tied_weights: list[dict[str, Any]] = field(default_factory=list)
+    decoder: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict."""
@@ -133,6 +145,8 @@ class ExportResult:
             "file_bytes": self.file_bytes,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "compact_embeddings": [dict(t) for t in self.compact_embeddings],
+            "tied_weights": [dict(t) for t in self.tied_weights],
+            "decoder": None if self.decoder is None else json.loads(self.decoder.to_json()),
         }
 
     def summary(self) -> str:
@@ -149,6 +163,16 @@ class ExportResult:
             lines.append("  int8 embedding tables: " + ", ".join(
                 f"{t['name']} ({t['bytes_before'] / 1e6:.1f} -> {t['bytes_after'] / 1e6:.1f} MB)"
                 for t in self.compact_embeddings))
+        if self.decoder is not None:
+            d = self.decoder
+            lines.append(f"  decoder with KV cache: {d.num_layers} layers, kv heads "
+                         f"{list(d.kv_heads)}, head_dim {d.head_dim}, vocab {d.vocab_size}; "
+                         f"cache {d.past_key.replace('{layer}', 'i')}/.value -> "
+                         f"{d.present_key.replace('{layer}', 'i')}/.value [batch, kv_heads, "
+                         "past_sequence(+sequence), head_dim]")
+        for t in self.tied_weights:
+            lines.append(f"  tied weights: {' = '.join(t['parameters'])} stored "
+                         f"{t['copies']}x ({t['bytes'] / 1e6:.2f} MB each)")
         lines += [
             f"  took {self.seconds.get('total', 0.0):.1f} s",
         ]
@@ -201,43 +225,89 @@ def _weight_owner(model: Any) -> dict[int, str]:
     return owners
 
 
-def _dynamic_shapes(inputs: ModelInputs) -> Any:
-    """Batch (dim 0) dynamic for every input; sequence (dim 1) for 2-D integer inputs."""
+DynamicAxes = Mapping[str, Mapping[int, str]]
+"""``{input name: {axis: dim name}}``: the dynamic axes of an export, named."""
+
+
+def _axes(inputs: ModelInputs, dynamic: bool | DynamicAxes) -> dict[str, dict[int, str]]:
+    """The named dynamic axes: ``dynamic=True`` gives batch (dim 0) of every input and
+    sequence (dim 1) of 2-D integer inputs; a mapping is checked against the inputs."""
     import torch
+
+    if isinstance(dynamic, Mapping):
+        by_name = inputs.by_name()
+        unknown = [n for n in dynamic if n not in by_name]
+        if unknown:
+            raise ExportError(
+                f"export: dynamic names input(s) {', '.join(map(repr, unknown))} that the "
+                f"model does not take; expected names among {', '.join(inputs.names)}"
+            )
+        out: dict[str, dict[int, str]] = {}
+        for name, axes in dynamic.items():
+            rank = by_name[name].dim()
+            bad = [a for a in axes if not 0 <= int(a) < rank]
+            if bad:
+                raise ExportError(f"export: dynamic axis {bad[0]} of input {name!r} is out of "
+                                  f"range for its rank {rank}; expected 0..{rank - 1}")
+            out[name] = {int(a): str(d) for a, d in axes.items()}
+        return out
+    if not dynamic:
+        return {}
+    out = {}
+    for name, t in inputs.by_name().items():
+        spec: dict[int, str] = {}
+        if t.dim() >= 1:
+            spec[0] = "batch"
+        if t.dim() == 2 and not torch.is_floating_point(t):
+            spec[1] = "sequence"
+        out[name] = spec
+    return out
+
+
+def _dynamic_shapes(model: Any, inputs: ModelInputs, axes: dict[str, dict[int, str]]) -> Any:
+    """``torch.export`` dynamic shapes for the named ``axes`` (``Dim.DYNAMIC``, so the tracer
+    finds relations such as ``total = past + sequence`` itself). Positional inputs follow the
+    ``forward`` signature: those that a ``*args`` parameter takes are one nested tuple."""
     from torch.export import Dim
 
-    specs = []
-    for t in inputs.tensors():
-        spec: dict[int, Any] = {}
-        if t.dim() >= 1:
-            spec[0] = Dim.DYNAMIC
-        if t.dim() == 2 and not torch.is_floating_point(t):
-            spec[1] = Dim.DYNAMIC
-        specs.append(spec or None)
+    specs = [{a: Dim.DYNAMIC for a in axes.get(n, {})} or None for n in inputs.names]
     if inputs.kwargs:
         return dict(zip(inputs.names, specs, strict=True))
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    for i, p in enumerate(params):
+        if p.kind == p.VAR_POSITIONAL:
+            return (*specs[:i], tuple(specs[i:]))
     return tuple(specs)
 
 
-def _name_dynamic_dims(graph: Any) -> None:
-    """Rename the tracer's symbols (``s43``) of input dims 0/1 to ``batch`` / ``sequence``."""
+def _name_dynamic_dims(graph: Any, axes: dict[str, dict[int, str]]) -> None:
+    """Rename the tracer's symbols (``s43``) of the dynamic input axes to their names
+    (``batch``, ``sequence``, ...), also inside output expressions (``s15 + s70``)."""
     import onnx_ir as ir
 
     names: dict[str, str] = {}
     for value in graph.inputs:
         dims = list(value.shape or ())
-        for axis, new in ((0, "batch"), (1, "sequence")):
+        for axis, new in axes.get(value.name, {}).items():
             if axis < len(dims) and isinstance(dims[axis], ir.SymbolicDim) and dims[axis].value:
                 names.setdefault(dims[axis].value, new)
     if not names:
         return
+    token = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+
+    def rename(dim: Any) -> Any:
+        if isinstance(dim, ir.SymbolicDim) and dim.value:
+            new = token.sub(lambda m: names[m.group(1)], dim.value)
+            return ir.SymbolicDim(new) if new != dim.value else dim
+        return dim
+
     values = list(graph.inputs) + [v for n in graph.all_nodes() for v in n.outputs]
     for value in values:
-        if value.shape is None:
-            continue
-        dims = [ir.SymbolicDim(names[d.value]) if isinstance(d, ir.SymbolicDim)
-                and d.value in names else d for d in value.shape]
-        value.shape = ir.Shape(dims)
+        if value.shape is not None:
+            value.shape = ir.Shape([rename(d) for d in value.shape])
 
 
 def _trace_inputs(inputs: ModelInputs, shapes: Any) -> ModelInputs:
@@ -249,6 +319,8 @@ def _trace_inputs(inputs: ModelInputs, shapes: Any) -> ModelInputs:
     import torch
 
     specs = list(shapes.values()) if isinstance(shapes, dict) else list(shapes)
+    if specs and isinstance(specs[-1], tuple):  # a *args parameter's nested specs
+        specs = [*specs[:-1], *specs[-1]]
     grown = []
     for t, spec in zip(inputs.tensors(), specs, strict=True):
         for dim in (spec or {}):
@@ -305,7 +377,8 @@ def _layer_of_node(node: Any, owners_by_name: dict[str, str]) -> str:
 
 
 def _postprocess(model_ir: Any, owners_by_name: dict[str, str], output_names: list[str],
-                 lowrank: list[str], metadata: Any) -> tuple[dict[str, int], dict[str, str]]:
+                 lowrank: list[str], metadata: Any, axes: dict[str, dict[int, str]]
+                 ) -> tuple[dict[str, int], dict[str, str]]:
     """Add functions, node layer tags, output names and metadata to the exported model."""
     import edgestack
 
@@ -327,7 +400,7 @@ def _postprocess(model_ir: Any, owners_by_name: dict[str, str], output_names: li
         model_ir.opset_imports[es_ops.DOMAIN] = es_ops.DOMAIN_VERSION
         graph.opset_imports[es_ops.DOMAIN] = es_ops.DOMAIN_VERSION
 
-    _name_dynamic_dims(graph)
+    _name_dynamic_dims(graph, axes)
     if len(output_names) == len(graph.outputs):
         taken = {v.name for v in graph.inputs} | set(graph.initializers)
         for value, name in zip(graph.outputs, output_names, strict=True):
@@ -449,7 +522,8 @@ def export(
     out: str | os.PathLike,
     *,
     opset: int = 20,
-    dynamic: bool = False,
+    dynamic: bool | DynamicAxes = False,
+    input_names: Sequence[str] | None = None,
     external_data: str = "auto",
     parity: bool = True,
     atol: float = DEFAULT_ATOL,
@@ -470,8 +544,12 @@ def export(
         out: the ``.onnx`` path to write (its folder must exist); written only when the
             export succeeds.
         opset: default-domain opset (>= 18, the function bodies' minimum).
-        dynamic: make dim 0 (batch) of every input and dim 1 (sequence) of 2-D integer
-            inputs dynamic; dims the model specialises stay static (see docs/ops.md).
+        dynamic: ``True``: make dim 0 (batch) of every input and dim 1 (sequence) of 2-D
+            integer inputs dynamic; or ``{input name: {axis: dim name}}`` naming exactly
+            the dynamic axes (the graph's symbolic dims get those names); dims the model
+            specialises stay static (see docs/ops.md).
+        input_names: ONNX names of positional ``inputs`` (default: the ``forward``
+            parameter names); needed for a ``forward(*args)``.
         external_data: ``"auto"`` (external above 100 MiB of initializers), ``"always"`` or
             ``"never"``; external data goes to ``<out>.<sha256 prefix>.data``
             (:mod:`edgestack.exporter.output`).
@@ -528,7 +606,8 @@ def export(
     files.replaced_files(out, overwrite)  # an output it may not replace fails before work
     names = ["forward", "torch.export", "ONNX conversion", "save", "onnx.checker"]
     with Stages([*names, "parity"] if parity else names, progress, "export") as stages:
-        norm = normalize_inputs(model, inputs)
+        norm = normalize_inputs(model, inputs, input_names)
+        axes = _axes(norm, dynamic)
         seconds: dict[str, float] = {}
         start = time.perf_counter()
         table = es_ops.translation_table()
@@ -560,11 +639,11 @@ def export(
             # 2. torch.export
             stages.start("torch.export")
             say(f"export: torch.export of {type(model).__name__} "
-                f"(inputs {', '.join(norm.names)}; dynamic={dynamic})")
+                f"(inputs {', '.join(norm.names)}; dynamic={bool(axes)})")
             t0 = time.perf_counter()
             owners = _weight_owner(model)
-            shapes = _dynamic_shapes(norm) if dynamic else None
-            trace = _trace_inputs(norm, shapes) if dynamic else norm
+            shapes = _dynamic_shapes(model, norm, axes) if axes else None
+            trace = _trace_inputs(norm, shapes) if axes else norm
             try:
                 program = torch.export.export(
                     model, trace.args, trace.kwargs or None, dynamic_shapes=shapes, strict=False,
@@ -598,7 +677,11 @@ def export(
             model_ir = onnx_program.model
             lowrank = _lowrank_layers(model)
             counts, layers = _postprocess(model_ir, owners_by_name, output_names, lowrank,
-                                          metadata)
+                                          metadata, axes)
+            retie(model, model_ir, say)
+            tied = tied_weights(model, model_ir)
+            if tied:
+                model_ir.metadata_props[META_TIED] = json.dumps(tied)
             tables: list[dict[str, Any]] = []
             parity_notes: list[str] = []
             if compact_embeddings and _is_compressed(counts, lowrank, metadata):
@@ -667,7 +750,7 @@ def export(
             path=out, data_path=data_path, input_names=[v.name for v in model_ir.graph.inputs],
             output_names=[v.name for v in model_ir.graph.outputs], custom_nodes=counts,
             layers=layers, lowrank_layers=lowrank, parity=report, file_bytes=file_bytes,
-            seconds=seconds, compact_embeddings=tables,
+            seconds=seconds, compact_embeddings=tables, tied_weights=tied,
         )
 
 
@@ -715,7 +798,8 @@ def _owners_by_input_name(model: Any, owners: dict[int, str]) -> dict[str, str]:
     return named
 
 
-__all__ = ["export", "ExportResult", "compacted_tables", "EXTERNAL_DATA_THRESHOLD",
+__all__ = ["export", "ExportResult", "compacted_tables", "tied_weights", "DynamicAxes",
+           "EXTERNAL_DATA_THRESHOLD", "META_TIED",
            "META_VERSION", "META_DOMAIN_VERSION", "META_LOWRANK", "META_COMPRESSION", "META_LAYERS",
            "META_BITSTACK_ORDER",
            "NODE_LAYER_KEY"]

@@ -11,7 +11,7 @@ is ``output``. This is the order in which ``torch.export`` flattens outputs too.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,11 +47,16 @@ class ModelInputs:
         return {n: t.detach().cpu().numpy() for n, t in self.by_name().items()}
 
 
-def normalize_inputs(model: Any, inputs: Any) -> ModelInputs:
+def normalize_inputs(model: Any, inputs: Any, names: Sequence[str] | None = None
+                     ) -> ModelInputs:
     """Check and normalise example inputs (dict of keyword tensors or tuple of tensors).
 
+    ``names``: the ONNX names of positional inputs (default: the ``forward`` parameters',
+    ``input_<i>`` past them, e.g. for ``*args``); keyword inputs are named by their keys.
+
     Raises:
-        ExportError: inputs are neither, or hold something other than tensors.
+        ExportError: inputs are neither, hold something other than tensors, or ``names``
+            does not name each positional input once.
     """
     import torch
 
@@ -74,7 +79,15 @@ def normalize_inputs(model: Any, inputs: Any) -> ModelInputs:
                 f"export inputs: expected a tuple of tensors, found non-tensor items at {bad}; "
                 "pass only tensors"
             )
-        return ModelInputs(args, {}, tuple(_positional_names(model, len(args))))
+        if names is None:
+            return ModelInputs(args, {}, tuple(_positional_names(model, len(args))))
+        names = tuple(str(n) for n in names)
+        if len(names) != len(args) or len(set(names)) != len(names):
+            raise ExportError(
+                f"export inputs: input_names must name each of the {len(args)} positional "
+                f"inputs once, found {len(names)} name(s) ({', '.join(names)})"
+            )
+        return ModelInputs(args, {}, names)
     raise ExportError(
         f"export inputs: expected a dict of keyword tensors or a tuple of tensors, found "
         f"{type(inputs).__name__}; e.g. pass the inputs an edgestack.zoo factory returns"

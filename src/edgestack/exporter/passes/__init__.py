@@ -27,6 +27,7 @@ from edgestack.exporter.passes.compact_embeddings import (
     dequantize_rows,
     quantize_rows,
 )
+from edgestack.exporter.passes.retie import RetiePass, tensor_relation
 
 logger = logging.getLogger("edgestack.exporter")
 
@@ -71,5 +72,6 @@ def compact_embeddings(model: M, *, min_bytes: int = DEFAULT_MIN_BYTES,
     return model
 
 
-__all__ = ["CompactEmbeddingsPass", "compact_embeddings", "describe", "quantize_rows",
-           "dequantize_rows", "META_COMPACT_EMBEDDINGS", "DEFAULT_MIN_BYTES", "BITS"]
+__all__ = ["CompactEmbeddingsPass", "RetiePass", "tensor_relation", "compact_embeddings",
+           "describe", "quantize_rows", "dequantize_rows", "META_COMPACT_EMBEDDINGS",
+           "DEFAULT_MIN_BYTES", "BITS"]
