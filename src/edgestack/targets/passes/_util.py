@@ -12,17 +12,10 @@ from edgestack.exporter.passes.compact_embeddings import add_initializer  # noqa
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """The numpy value of an initializer/constant input, else ``None``."""
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    prod = value.producer()
-    if prod is not None and prod.op_type == "Constant" and prod.domain in ("", "ai.onnx"):
-        attr = prod.attributes.get("value")
-        if attr is not None:
-            return attr.value.numpy()
-    return None
+    """The numpy value of an initializer/constant input (``Constant`` nodes included: onnx-ir's
+    ``get_const_tensor``), else ``None``."""
+    tensor = None if value is None else ir.convenience.get_const_tensor(value)
+    return None if tensor is None else tensor.numpy()
 
 
 def attrs(node: ir.Node) -> dict[str, Any]:
