@@ -22,6 +22,7 @@ import importlib.util
 import inspect
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,6 +291,7 @@ def load_source(
     batch: int | None = None,
     seq: int | None = None,
     task: str | None = None,
+    import_options: Mapping[str, Any] | None = None,
 ) -> ModelSource:
     """Load a model source (see the module docstring).
 
@@ -302,12 +304,15 @@ def load_source(
         task: a Hugging Face folder's task (:data:`edgestack.compress.hf.TASKS`; default:
             from the class it was saved as, so its head comes with it); also passed to a
             factory (built-in or ``module:factory``) that takes a ``task`` parameter.
+        import_options: with ``from_``, the importer's own options
+            (:func:`edgestack.compress.importers.load_checkpoint`: deepshift ``weight_bits``,
+            ``clamp``; bitstack ``importance``).
 
     Raises:
         EdgestackError: the source cannot be found or loaded; the message says why.
     """
     if from_ is not None:
-        return _load_checkpoint(spec, from_, base, batch, seq, task)
+        return _load_checkpoint(spec, from_, base, batch, seq, task, import_options)
     from edgestack import zoo
 
     path = Path(spec)
@@ -339,7 +344,8 @@ def load_source(
 
 
 def _load_checkpoint(spec: str, kind: str, base: str | None, batch: int | None,
-                     seq: int | None, task: str | None = None) -> ModelSource:
+                     seq: int | None, task: str | None = None,
+                     options: Mapping[str, Any] | None = None) -> ModelSource:
     """An upstream checkpoint read by its importer into ``base``'s architecture. A ``base``
     folder gives the architecture by its config.json alone (no weights are read from it, and
     it may hold none: the checkpoint has them all); any other base is loaded as a source."""
@@ -353,7 +359,8 @@ def _load_checkpoint(spec: str, kind: str, base: str | None, batch: int | None,
                                f"architecture of {base}")
     else:
         base_src = load_source(base, batch=batch, seq=seq) if base is not None else None
-    model, report = load_checkpoint(kind, spec, base=base_src.model if base_src else None)
+    model, report = load_checkpoint(kind, spec, base=base_src.model if base_src else None,
+                                    **dict(options or {}))
     inputs = (base_src.inputs if base_src is not None
               else example_inputs(model, batch or 1, seq))
     return ModelSource(model.eval(), inputs, f"{kind} checkpoint {spec}",

@@ -99,3 +99,27 @@ def test_bitstack_folder_packs_in_upstream_order(tmp_path, capsys):
         stored.append((torch_name[name], seen.get(name, 0)))
         seen[name] = seen.get(name, 0) + 1
     assert stored == expected
+
+
+def test_deepshift_q_with_a_zero_needs_clamp_on_the_cli(tmp_path, capsys):
+    """16 exponents and an exact zero: no 5-bit code holds the layer; the refusal names
+    `--clamp`, and `--clamp` imports it, reporting what changed."""
+    state = up.deepshift_q_weights(zoo.small_cnn()[0], torch.Generator().manual_seed(52))
+    state["head.2.weight"][0, 0] = 0.0
+    torch.save(state, tmp_path / "weights.pth")
+    args = [str(tmp_path / "weights.pth"), "--from", "deepshift", "--base", "small-cnn"]
+    code = main(["export", *args, "--out", str(tmp_path / "no.onnx")])
+    err = capsys.readouterr().err
+    assert code != 0 and "--clamp" in err and "head.2" in err
+    assert not (tmp_path / "no.onnx").exists()
+    doc = _export(capsys, *args, "--clamp", "--out", str(tmp_path / "yes.onnx"))
+    assert any("head.2" in w and "1 zero weight(s) become" in w
+               for w in doc["import"]["warnings"]), doc["import"]["warnings"]
+    assert _ops(tmp_path / "yes.onnx") == ["ShiftWeight"] * 6
+
+
+def test_importer_flags_belong_to_their_importer(tmp_path, capsys):
+    for flag in (["--clamp"], ["--importance", str(tmp_path)], ["--weight-bits", "5"]):
+        code = main(["export", "small-cnn", *flag, "--out", str(tmp_path / "x.onnx")])
+        err = capsys.readouterr().err
+        assert code == 2 and flag[0] in err and "--from" in err, err

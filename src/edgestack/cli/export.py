@@ -58,6 +58,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", default=None,
                    help="architecture for a checkpoint without config.json "
                    "(model folder, module:factory or built-in name)")
+    p.add_argument("--weight-bits", type=int, default=None,
+                   help="--from deepshift: the DeepShift-Q/PS weight_bits the checkpoint was "
+                   "trained with (default: read from the codes)")
+    p.add_argument("--clamp", action="store_true",
+                   help="--from deepshift: re-express a layer no shift code holds exactly "
+                   "(16 exponents and a zero) the way that changes fewest weights, and report "
+                   "how many and by how much")
+    p.add_argument("--importance", default=None,
+                   help="--from bitstack: BitStack's compression_config.json or "
+                   "reduced_ppl_average.json (or their folder) giving the block order "
+                   "(default: beside the checkpoint)")
     p.add_argument("--task", choices=TASK_NAMES, default=None,
                    help="a Hugging Face folder's task (default: from the class it was saved "
                    "as, config.architectures; its head is exported with the body); "
@@ -135,6 +146,16 @@ def run(args: argparse.Namespace) -> int:
                                  f"{MAX_RATIO} (the largest prune ratio)")
         latency = {"target_ms": args.target_latency, "target": args.latency_on,
                    "step": args.latency_step}
+    importer = {k: v for k, v in (("weight_bits", args.weight_bits),
+                                  ("clamp", args.clamp or None),
+                                  ("importance", args.importance)) if v is not None}
+    wants = {"weight_bits": "deepshift", "clamp": "deepshift", "importance": "bitstack"}
+    wrong = [k for k in importer if wants[k] != args.from_]
+    if wrong:
+        flag = "--" + wrong[0].replace("_", "-")
+        raise EdgestackError(f"{flag} is an option of --from {wants[wrong[0]]}, found --from "
+                             f"{args.from_}; drop {flag} or import a {wants[wrong[0]]} "
+                             "checkpoint")
     if args.opset < MIN_OPSET:
         raise EdgestackError(f"bad --opset {args.opset!r} (expected >= {MIN_OPSET}: the "
                              "edgestack function bodies use BitwiseAnd and ReduceProd with an "
@@ -157,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, args.method, opts, out, log=_log, calib_file=args.calib,
         calib_n=args.calib_n, progress=bars(args), latency=latency,
         load={"from_": args.from_, "base": args.base, "batch": args.batch, "task": args.task,
-              "seq": args.seq},
+              "seq": args.seq, **({"import_options": importer} if importer else {})},
         export_options={"external_data": args.external_data, "overwrite": args.overwrite,
                         "opset": args.opset, "dynamic": args.dynamic is not None,
                         "atol": args.atol, "rtol": args.rtol,

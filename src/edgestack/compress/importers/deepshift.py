@@ -105,7 +105,8 @@ def shift_codes_from_pow2(name: str, sign: np.ndarray, exponent: np.ndarray,
         raise CheckpointError(
             f"layer {name!r}: DeepShift exponents run from 2^{int(pmin[has].min())} to "
             f"2^{int(pmax[has].max())}, outside float32 (2^-149 .. 2^127); expected shifts "
-            "in DeepShift's range (-14..0 for weight_bits=5); pass weight_bits to clamp them"
+            "in DeepShift's range (-14..0 for weight_bits=5); pass weight_bits (`--weight-bits` "
+            "on the CLI) to clamp them"
         )
     span = pmax - pmin
     widest = int(span.max()) if out else 0
@@ -128,7 +129,8 @@ def shift_codes_from_pow2(name: str, sign: np.ndarray, exponent: np.ndarray,
             raise CheckpointError(
                 f"layer {name!r}: DeepShift exponents span {widest + 1} powers of two in "
                 f"output channel {c} (2^{int(pmax[c])} down to 2^{int(pmin[c])}); {why}; "
-                f"pass clamp=True to import it with {n_changed} weight(s) changed: {what}"
+                f"pass clamp=True (`--clamp` on the CLI) to import it with {n_changed} weight(s) "
+                f"changed: {what}"
             )
         _, what, s, p, zero = choice
         bits = MAX_BITS
