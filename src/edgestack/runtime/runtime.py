@@ -675,7 +675,8 @@ class Runtime(Runner):
         # __init__), plus the runtime's own: memory follows the plan
         compiled = not pkg.layers   # a compiled graph: every weight is an initializer
         so = session_options(int(self.threads or 0), self.optimization, self.spinning)
-        so.enable_cpu_mem_arena = graph in DENSE_FILES or compiled  # see the module doc
+        so.enable_cpu_mem_arena = (graph in DENSE_FILES or compiled) and (
+            pkg.manifest.runtime.decoder is None)   # see the module doc
         so.enable_mem_pattern = False
         if graph not in DENSE_FILES and not compiled:  # fed blocks: nothing to prepack
             so.add_session_config_entry("session.disable_prepacking", "1")
