@@ -42,4 +42,5 @@ from edgestack.package.writer import PackageWriter
 __all__ = ["PackageWriter", "Package", "ByteCounter", "BlockView", "write_archive",
            "extract_archive", "Manifest", "FileEntry", "LayerInfo", "LayerGraph", "Site",
            "RuntimeInfo", "DecoderInfo", "Table", "BlockRecord", "Tier", "Golden", "ModelInfo",
-           "BLOCK_ALIGN", "BLOCK_FILE", "MANIFEST_NAME", "SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS"]
+           "BLOCK_ALIGN", "BLOCK_FILE", "MANIFEST_NAME", "SCHEMA_VERSION",
+           "SUPPORTED_SCHEMA_VERSIONS"]
