@@ -311,7 +311,8 @@ def check_names(names: Iterable[str], where: str) -> None:
 # The manifest's types. Field metadata are the checks a reader makes (see _Parser.load):
 # key (the field is the mapping key), json (the JSON key, when not the field name),
 # lo/hi (integer bounds), min/max (item counts), item (checks of each item),
-# choices, pattern, nonempty (strings). Fields with a default may be absent.
+# choices, pattern, nonempty (strings). Fields with a default may be absent; omit_none: a None
+# value is not written (an optional field added later keeps older packages byte-identical).
 # --------------------------------------------------------------------------------------
 
 
@@ -327,7 +328,8 @@ def _derived() -> Any:
 def _to_json(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         return {f.metadata.get("json", f.name): _to_json(getattr(value, f.name))
-                for f in dataclasses.fields(value) if f.init and not f.metadata.get("key")}
+                for f in dataclasses.fields(value) if f.init and not f.metadata.get("key")
+                and not (f.metadata.get("omit_none") and getattr(value, f.name) is None)}
     if isinstance(value, Mapping):
         return {k: _to_json(v) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
@@ -547,7 +549,7 @@ class RuntimeInfo(_Stored):
     gathered: Mapping[str, Table] = _f(factory=dict, max=MAX_ITEMS)
     disabled_optimizers: tuple[str, ...] = _f(factory=tuple, max=MAX_ITEMS)
     engine_build: Mapping[str, Any] | None = _f(None)
-    decoder: DecoderInfo | None = _f(None)
+    decoder: DecoderInfo | None = _f(None, omit_none=True)   # absent: not a decoder
 
 
 def layout_records(
