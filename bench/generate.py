@@ -12,7 +12,8 @@ the weights' values, so the speed numbers hold; the text does not mean anything.
    (:func:`edgestack.exporter.export_decoder`); pack the compressed one
    (``--max-context``, max_batch 1);
 2. speed, one process, interleaved rounds: the package served by the runtime (its fastest
-   plan without a budget: every layer materialised, and the float32 plan) vs the
+   plan without a budget: every layer materialised int8; the float32 plan; the plan of the
+   largest budget of step 3) vs the
    uncompressed export on an ONNX Runtime CPU session with the same session options and
    threads; each generates ``--new`` greedy tokens after a ``--prompt``-token prompt with
    the same loop (:func:`edgestack.core.decoding.decode_steps`): prefill tokens/s (the
@@ -113,7 +114,19 @@ def build(args: argparse.Namespace) -> tuple[Path, Path, str, dict]:
     return fp32, pkg, what, info
 
 
-def speed(fp32: Path, pkg: Path, args: argparse.Namespace) -> list[dict]:
+def budgets(pkg: Path, args: argparse.Namespace) -> tuple[object, list[tuple[int, int]]]:
+    """This machine's calibrated costs and ``(tier, budget)`` for 3 tiers: each tier's
+    smallest plan + 1 MiB."""
+    from edgestack.package import Package
+    from edgestack.runtime import calibrate, smallest_plan
+
+    p = Package.open(pkg)
+    costs = calibrate(p, threads=args.threads)
+    n = len(p.tiers)
+    return costs, [(t, smallest_plan(p, t, costs).total + 2**20) for t in (0, n // 2, n - 1)]
+
+
+def speed(fp32: Path, pkg: Path, args: argparse.Namespace, budget: int) -> list[dict]:
     """Prefill and decode tokens/s of each subject, interleaved rounds, one process."""
     from edgestack.core.decoding import DecoderContract, decode_steps
     from edgestack.core.ort import cpu_session
@@ -126,6 +139,7 @@ def speed(fp32: Path, pkg: Path, args: argparse.Namespace) -> list[dict]:
     names = contract.output_names()
     rt_fast = Runtime(pkg, threads=args.threads, calibrate=False)   # fastest plan
     rt_fp32 = Runtime(pkg, threads=args.threads, calibrate=False, form="fp32")
+    rt_budget = Runtime(pkg, budget, threads=args.threads)     # the top budget's plan
     chunk = rt_fast.package.manifest.runtime.decoder.prefill_chunk
 
     def ort_run(n: int) -> tuple[float, float, np.ndarray]:
@@ -145,7 +159,9 @@ def speed(fp32: Path, pkg: Path, args: argparse.Namespace) -> list[dict]:
 
     subjects = {"ORT fp32 (uncompressed)": ort_run,
                 f"edgestack tier {rt_fast.tier} {rt_fast.plan.graph}": rt_run(rt_fast),
-                f"edgestack tier {rt_fp32.tier} {rt_fp32.plan.graph}": rt_run(rt_fp32)}
+                f"edgestack tier {rt_fp32.tier} {rt_fp32.plan.graph}": rt_run(rt_fp32),
+                f"edgestack {budget / 2**20:.0f} MiB: tier {rt_budget.tier} "
+                f"{rt_budget.plan.graph}": rt_run(rt_budget)}
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in subjects}
     for fn in subjects.values():
         fn(4)   # warm-up
@@ -164,9 +180,10 @@ def speed(fp32: Path, pkg: Path, args: argparse.Namespace) -> list[dict]:
     for r in rows:
         r["decode_vs_ort_fp32"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
         r["prefill_vs_ort_fp32"] = r["prefill_tokens_per_s"] / base["prefill_tokens_per_s"]
-    rows.append({"plans": {"fast": rt_fast.plan.to_dict(), "fp32": rt_fp32.plan.to_dict()}})
-    rt_fast.close()
-    rt_fp32.close()
+    rows.append({"plans": {"fast": rt_fast.plan.to_dict(), "fp32": rt_fp32.plan.to_dict(),
+                           "budget": rt_budget.plan.to_dict()}})
+    for rt in (rt_fast, rt_fp32, rt_budget):
+        rt.close()
     return rows
 
 
@@ -177,17 +194,16 @@ def peak(pkg: str, budget: int, tokens: int, threads: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def memory(pkg: Path, args: argparse.Namespace) -> dict:
+def memory(pkg: Path, args: argparse.Namespace, costs: object,
+           planned: list[tuple[int, int]]) -> dict:
     from edgestack.package import Package
-    from edgestack.runtime import calibrate, smallest_plan
+    from edgestack.runtime import plan_memory
 
     p = Package.open(pkg)
-    costs = calibrate(p, threads=args.threads)
-    n, ctx = len(p.tiers), p.manifest.runtime.decoder.max_context
+    ctx = p.manifest.runtime.decoder.max_context
     rows = []
-    for tier in (0, n // 2, n - 1):
-        plan = smallest_plan(p, tier, costs)
-        budget = plan.total + 2**20
+    for tier, budget in planned:
+        plan = plan_memory(p, budget, costs=costs)
         run = peak(str(pkg), budget, ctx, args.threads)
         inc = run["hwm"] - run["base"]
         rows.append({"tier_planned": tier, "budget": budget, "tier": run["tier"],
@@ -222,16 +238,17 @@ def main(argv: list[str] | None = None) -> int:
 
     fp32, pkg, what, info = build(args)
     print(f"model: {what}; build {info}", flush=True)
+    costs, planned = budgets(pkg, args)
     result = {"model": what, "build": info, "threads": args.threads,
               "cpu_extensions": cpu_extensions(), "max_context": args.max_context,
               "prompt": args.prompt, "new": args.new, "rounds": args.rounds,
-              "speed": speed(fp32, pkg, args)}
+              "speed": speed(fp32, pkg, args, planned[-1][1])}
     for r in result["speed"][:-1]:
-        print(f"{r['subject']:<36} prefill {r['prefill_tokens_per_s']:8.1f} tok/s "
+        print(f"{r['subject']:<40} prefill {r['prefill_tokens_per_s']:8.1f} tok/s "
               f"({r['prefill_vs_ort_fp32']:.2f}x)  decode {r['decode_tokens_per_s']:7.1f} "
               f"tok/s ({r['decode_vs_ort_fp32']:.2f}x)", flush=True)
     if not args.skip_memory:
-        result["memory"] = memory(pkg, args)
+        result["memory"] = memory(pkg, args, costs, planned)
         for r in result["memory"]["budgets"]:
             print(f"budget {r['budget'] / 2**20:7.1f} MiB: tier {r['tier']} ({r['graph']}), "
                   f"peak +{r['peak_increase'] / 2**20:6.1f} MiB ({r['peak_over_plan']:.2f} of "

@@ -334,3 +334,24 @@ def test_peak_rss_generating_to_max_context(tmp_path):
         assert run["kv"] == page_up(1024 * 256 * 2 * KV_ALIVE)
         increase = run["hwm"] - run["base"]
         assert increase <= budget, (increase, budget, run)
+
+
+def test_cli_pack_decoder_options(gpt2, small_model, tmp_path, capsys):
+    """`pack --max-context/--max-batch/--prefill-chunk/--tokenizer` reach the manifest; a
+    context beyond the model's positions and the options on a model that is not a decoder
+    are refused."""
+    src = gpt2[1].parent
+    out = tmp_path / "g.pkg"
+    assert main(["pack", str(src / "d.onnx"), "--out", str(out), "--max-context", "32",
+                 "--max-batch", "3", "--prefill-chunk", "8", "--tokenizer",
+                 str(src / "tok"), "--json"]) == 0
+    capsys.readouterr()
+    dec = Package.open(out).manifest.runtime.decoder
+    assert (dec.max_context, dec.max_batch, dec.prefill_chunk) == (32, 3, 8)
+    assert dec.tokenizer == ("tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json")
+    assert main(["pack", str(src / "d.onnx"), "--out", str(tmp_path / "h.pkg"),
+                 "--max-context", "300"]) == 2
+    assert "more than the model's 256 positions" in capsys.readouterr().err
+    assert main(["pack", str(small_model[0]), "--out", str(tmp_path / "i.pkg"),
+                 "--max-batch", "2"]) == 2
+    assert "max_batch apply to a decoder" in capsys.readouterr().err
