@@ -299,7 +299,9 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
         progress: a model source: tqdm bars of its compression and export on stderr
             (``True``, ``False`` (default) or ``None``: when stderr is a terminal).
         golden_inputs, log, pack_options: passed to :func:`edgestack.packer.pack.pack`
-            (``profile``, ``steps_per_level``, ``created``).
+            (``profile``, ``steps_per_level``, ``created``; a decoder's ``max_context``,
+            ``max_batch``, ``prefill_chunk``, ``tokenizer``: default, a source folder's
+            ``tokenizer.json``).
 
     A graph with BitStack layers packed for a tiered target (``ort-cpu``, ``ort-arm``,
     ``openvino-cpu``) becomes a tiered package; any other graph, or any graph for
@@ -331,6 +333,11 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
             name = name or f"{Path(str(source).rstrip('/')).name.split(':')[-1]}-{method}"
             src, examples = export_source(str(source), method, options or {}, work, say,
                                          task, calib, progress)
+            if task == "text-generation":   # the packer's golden prompt, not the trace's
+                examples = {}
+                if pack_options.get("tokenizer") is None and (
+                        Path(str(source)) / "tokenizer.json").is_file():
+                    pack_options["tokenizer"] = str(source)   # the folder's own tokenizer
             golden_inputs = golden_inputs or examples or None
         model = compact_embeddings(read_onnx(src, say), log=say)  # int8 embedding tables
         tiered = any(n.domain == "edgestack" and n.op_type == "BitStackWeight"
@@ -359,7 +366,7 @@ def compile_model(model: str | os.PathLike[str], target: str, out: str | os.Path
                   golden_inputs: Mapping[str, np.ndarray] | None = None,
                   name: str | None = None, overwrite: bool = False,
                   log: Callable[[str], None] | None = None, created: str | None = None,
-                  source: str | None = None) -> Any:
+                  source: str | None = None, **decoder_options: Any) -> Any:
     """Compile an exported ONNX model for ``target`` into a device package at ``out``.
 
     The target lowers the graph (:meth:`edgestack.targets.base.Target.lower`: shift codes to
@@ -383,6 +390,9 @@ def compile_model(model: str | os.PathLike[str], target: str, out: str | os.Path
         golden_inputs: the self-test's inputs (default: generated from the graph's inputs).
         name, overwrite, log, created: as :func:`edgestack.packer.pack.pack`.
         source: what the manifest records as the model's source (default: ``model``).
+        decoder_options: a decoder's ``max_context``, ``max_batch``, ``prefill_chunk``,
+            ``tokenizer`` (see :func:`edgestack.packer.pack.pack`); its default golden
+            inputs are a short prompt with an empty cache.
 
     Returns:
         The :class:`~edgestack.packer.pack.PackResult`, with ``compile`` set (the
@@ -393,6 +403,7 @@ def compile_model(model: str | os.PathLike[str], target: str, out: str | os.Path
     """
     import onnx_ir as ir
 
+    from edgestack.packer.decoder import contract_of, golden_prompt
     from edgestack.packer.pack import check_out, logger, pack, read_onnx
     from edgestack.profiles import load_profile
     from edgestack.targets import get_target
@@ -404,7 +415,9 @@ def compile_model(model: str | os.PathLike[str], target: str, out: str | os.Path
     tgt = get_target(target)
     check_out(out, target, overwrite)
     src = Path(model)
-    read_onnx(src, say, what="compile")  # fails before work (reads no weights)
+    contract = contract_of(read_onnx(src, say, what="compile").metadata_props)  # no weights
+    if contract is not None and golden_inputs is None:
+        golden_inputs = golden_prompt(contract)
     if isinstance(profile, str):
         profile = load_profile(profile)
     work = atomic.temp_dir("compile")  # removed below; after a kill, by the next run
@@ -439,7 +452,8 @@ def compile_model(model: str | os.PathLike[str], target: str, out: str | os.Path
                       golden_outputs=got, tolerance=(tol.rtol, tol.atol),
                       metadata={"compile": info}, overwrite=overwrite, log=say,
                       created=created,
-                      profile=profile if getattr(profile, "target", None) == target else None)
+                      profile=profile if getattr(profile, "target", None) == target else None,
+                      **decoder_options)
         result.compile = info
         return result
     finally:

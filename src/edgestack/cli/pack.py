@@ -54,17 +54,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_method_options(p)
     p.add_argument("--steps-per-level", type=int, default=4,
                    help="tiers between BitStack level boundaries (default 4)")
+    p.add_argument("--max-context", type=int, default=None, metavar="N",
+                   help="a decoder (--task text-generation): the most tokens (prompt + new) "
+                   "the memory plan covers, KV cache included (default: the model's "
+                   "positions, at most 1024)")
+    p.add_argument("--max-batch", type=int, default=1, metavar="N",
+                   help="a decoder: the most sequences generated at once (default 1)")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="a decoder: the most prompt tokens one call feeds (default 64)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="a decoder: a folder with tokenizer.json to store in the package, "
+                   "for `edgestack run --prompt` (default: the model folder's, if any)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing package (a package folder or .tar only; swapped "
                    "in whole)")
     p.add_argument("--json", action="store_true", help="print one JSON object to stdout")
     p.set_defaults(run=run)
     bounds(p, steps_per_level=COUNT, blocks=COUNT, k=COUNT, factor_bits=POSITIVE,
-           extra_texts=NONNEG)
+           extra_texts=NONNEG, max_context=COUNT, max_batch=COUNT, prefill_chunk=COUNT)
 
 
 def run(args: argparse.Namespace) -> int:
-    prepare_output(args.out, [args.model, args.calib, args.profile], overwrite=args.overwrite,
+    prepare_output(args.out, [args.model, args.calib, args.profile, args.tokenizer],
+                   overwrite=args.overwrite,
                    kind="package")
     if args.calib is not None:
         from edgestack.compress.calib import read_calib_file
@@ -85,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
                         name=args.name, method=args.method, options=opts, task=args.task,
                         calib=args.calib,
                         steps_per_level=args.steps_per_level, overwrite=args.overwrite,
+                        **{k: v for k, v in (("max_context", args.max_context),
+                                             ("prefill_chunk", args.prefill_chunk),
+                                             ("tokenizer", args.tokenizer)) if v is not None},
+                        **({"max_batch": args.max_batch} if args.max_batch != 1 else {}),
                         log=progress("pack"), progress=bars(args))
     if args.json:
         emit_json({"ok": True, **result.to_dict()})

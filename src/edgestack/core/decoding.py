@@ -28,6 +28,7 @@ ONNX Runtime's ``run(output_names, feeds)`` and ``get_modelmeta()``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -118,6 +119,11 @@ class DecoderContract:
         return {name: np.zeros((batch, self.kv_heads[i // 2], 0, self.head_dim), dtype)
                 for i, name in enumerate(self.past_names())}
 
+    def cache_bytes_per_token(self) -> int:
+        """Bytes of one token of one sequence in the cache: the sum over layers of
+        ``2 * kv_heads * head_dim * itemsize`` (a key and a value)."""
+        return 2 * sum(self.kv_heads) * self.head_dim * np.dtype(self.cache_dtype).itemsize
+
     def to_json(self) -> str:
         """The contract as the JSON stored under :data:`META_DECODER`."""
         return json.dumps(asdict(self), sort_keys=True)
@@ -174,11 +180,174 @@ def position_ids(attention_mask: np.ndarray, length: int) -> np.ndarray:
     return pos[:, -length:]
 
 
+@dataclass(frozen=True)
+class Sampler:
+    """How the next token is picked from the last logits of each sequence (numpy only).
+
+    ``temperature`` 0 is greedy (argmax; ``top_k``/``top_p`` then change nothing). Otherwise
+    the logits are divided by ``temperature``, cut to the ``top_k`` largest (ties at the
+    k-th value kept) and to the smallest set whose probability reaches ``top_p`` (the most
+    likely token always kept), and one token is drawn per sequence from a
+    ``numpy.random.Generator`` seeded with ``seed`` (the same seed, prompt and model give the
+    same tokens).
+
+    Raises:
+        FormatError: a negative or non-finite temperature, ``top_k < 1`` or ``top_p``
+            outside ``(0, 1]``.
+    """
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    rng: np.random.Generator = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < np.inf:
+            raise FormatError(f"temperature must be a finite number >= 0 (0: greedy), found "
+                              f"{t!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool)
+                                       or not isinstance(self.top_k, int) or self.top_k < 1):
+            raise FormatError(f"top_k must be an integer >= 1 (or None: no cut), found "
+                              f"{self.top_k!r}")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float))
+                                           and 0 < self.top_p <= 1):
+            raise FormatError(f"top_p must be in (0, 1] (or None: no cut), found "
+                              f"{self.top_p!r}")
+        object.__setattr__(self, "rng", np.random.default_rng(self.seed))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """float64 ``[batch, vocab]`` probabilities after temperature, top-k and top-p (zero
+        for every token cut); the sampling distribution of :meth:`__call__`."""
+        z = np.asarray(logits, np.float64) / max(float(self.temperature), 1e-12)
+        if self.top_k is not None and self.top_k < z.shape[-1]:
+            kth = np.partition(z, -self.top_k, axis=-1)[:, -self.top_k, None]
+            z = np.where(z < kth, -np.inf, z)
+        z = z - z.max(axis=-1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=-1, keepdims=True)
+        if self.top_p is not None and self.top_p < 1:
+            order = np.argsort(-p, axis=-1, kind="stable")
+            sorted_p = np.take_along_axis(p, order, axis=-1)
+            before = np.cumsum(sorted_p, axis=-1) - sorted_p   # mass of the more likely ones
+            keep = np.zeros_like(p, dtype=bool)
+            np.put_along_axis(keep, order, before < self.top_p, axis=-1)
+            p = np.where(keep, p, 0.0)
+            p /= p.sum(axis=-1, keepdims=True)
+        return p
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        """int64 ``[batch]``: the next token of each sequence from its ``[batch, vocab]``
+        logits."""
+        if self.greedy:
+            return np.argmax(logits, axis=-1).astype(np.int64)
+        p = self.probabilities(logits)
+        cdf = np.cumsum(p, axis=-1)
+        u = self.rng.random((p.shape[0], 1)) * cdf[:, -1:]
+        return np.minimum((cdf <= u).sum(axis=-1), p.shape[-1] - 1).astype(np.int64)
+
+
+def check_prompt(input_ids: Any, attention_mask: Any = None, what: str = "generate"
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """``(ids, mask)`` as int64 ``[batch, prompt]`` arrays (the mask defaults to ones).
+
+    Raises:
+        FormatError: not a non-empty integer ``[batch, prompt]`` array, or a mask of another
+            shape.
+    """
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise FormatError(f"{what}: input_ids must be a non-empty int [batch, prompt] "
+                          f"array, found {ids.dtype} {ids.shape}")
+    ids = ids.astype(np.int64)
+    mask = (np.ones_like(ids) if attention_mask is None
+            else np.asarray(attention_mask).astype(np.int64))
+    if mask.shape != ids.shape:
+        raise FormatError(f"{what}: attention_mask shape {mask.shape} differs from "
+                          f"input_ids shape {ids.shape}")
+    return ids, mask
+
+
+def decode_steps(run: Callable[[dict[str, np.ndarray]], Sequence[np.ndarray]],
+                 contract: DecoderContract, input_ids: Any, max_new_tokens: int, *,
+                 attention_mask: Any = None, pick: Callable[[np.ndarray], np.ndarray]
+                 | None = None, eos_token_ids: Any = "contract",
+                 prefill_chunk: int | None = None) -> Iterator[np.ndarray]:
+    """The generation loop with the KV cache: yields each step's int64 ``[batch]`` tokens.
+
+    The prompt is fed first (in calls of at most ``prefill_chunk`` tokens, the cache growing
+    between them: that bounds the activations of a long prompt; None: one call), then one
+    call per token. A finished sequence (it produced a stop token) gets the contract's
+    ``pad_token_id`` (else its stop token) until every sequence has finished, which ends
+    the loop.
+
+    Args:
+        run: runs the graph: ``feeds -> outputs`` in :meth:`DecoderContract.output_names`
+            order (an ONNX Runtime session's ``run`` bound to those names, or a runtime's).
+        contract: the export's I/O contract.
+        input_ids, attention_mask: the prompt (see :func:`check_prompt`; left padding
+            marked 0 in the mask).
+        max_new_tokens: the most steps.
+        pick: ``[batch, vocab]`` logits -> ``[batch]`` tokens (default: argmax).
+        eos_token_ids: ``"contract"`` (the model's) or an iterable (empty: never stop).
+        prefill_chunk: the most prompt tokens per call.
+
+    Raises:
+        FormatError: inputs of the wrong shape, ``max_new_tokens < 0``.
+    """
+    ids, mask = check_prompt(input_ids, attention_mask)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or \
+            max_new_tokens < 0:
+        raise FormatError(f"generate: max_new_tokens must be an integer >= 0, found "
+                          f"{max_new_tokens!r}")
+    pick = pick or (lambda lg: np.argmax(lg, axis=-1).astype(np.int64))
+    stops = sorted(set(contract.eos_token_ids if isinstance(eos_token_ids, str)
+                       and eos_token_ids == "contract" else (int(t) for t in eos_token_ids)))
+    fill = contract.pad_token_id if contract.pad_token_id is not None else (
+        stops[0] if stops else 0)
+    batch = ids.shape[0]
+    if max_new_tokens == 0:
+        return
+    past = contract.empty_cache(batch)
+    names = contract.past_names()
+    chunk = ids.shape[1] if not prefill_chunk else max(1, int(prefill_chunk))
+    done = np.zeros(batch, dtype=bool)
+    pos = 0
+    step = ids[:, :chunk]
+    for produced in range(max_new_tokens):
+        while True:
+            seen = mask[:, :pos + step.shape[1]]
+            feeds = {contract.input_ids: step, contract.attention_mask: seen,
+                     contract.position_ids: position_ids(seen, step.shape[1]), **past}
+            logits, *present = run(feeds)
+            del feeds
+            past = dict(zip(names, present, strict=True))
+            del present
+            pos += step.shape[1]
+            if pos >= ids.shape[1] or produced:
+                break
+            step = ids[:, pos:pos + chunk]            # the rest of the prompt
+        nxt = np.where(done, fill, pick(logits[:, -1, :]))
+        del logits
+        yield nxt
+        done |= np.isin(nxt, stops)
+        if done.all() or produced + 1 == max_new_tokens:
+            return
+        step = nxt[:, None]
+        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+
+
 def greedy_generate(session: Any, input_ids: np.ndarray, max_new_tokens: int, *,
                     attention_mask: np.ndarray | None = None,
                     contract: DecoderContract | None = None,
                     eos_token_ids: Any = "contract") -> np.ndarray:
-    """Greedy decoding with the KV cache: one call on the prompt, then one call per token.
+    """Greedy decoding with the KV cache over an ONNX Runtime session
+    (:func:`decode_steps` with argmax).
 
     Args:
         session: an ONNX Runtime ``InferenceSession`` of a text-generation export (or any
@@ -200,43 +369,13 @@ def greedy_generate(session: Any, input_ids: np.ndarray, max_new_tokens: int, *,
         FormatError: no contract in the model, or inputs of the wrong shape.
     """
     contract = contract or DecoderContract.from_session(session)
-    ids = np.asarray(input_ids)
-    if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
-        raise FormatError(f"greedy_generate: input_ids must be a non-empty int [batch, prompt] "
-                          f"array, found {ids.dtype} {ids.shape}")
-    if max_new_tokens < 0:
-        raise FormatError(f"greedy_generate: max_new_tokens must be >= 0, found "
-                          f"{max_new_tokens}")
-    ids = ids.astype(np.int64)
-    mask = (np.ones_like(ids) if attention_mask is None
-            else np.asarray(attention_mask).astype(np.int64))
-    if mask.shape != ids.shape:
-        raise FormatError(f"greedy_generate: attention_mask shape {mask.shape} differs from "
-                          f"input_ids shape {ids.shape}")
-    stops = set(contract.eos_token_ids if eos_token_ids == "contract" else eos_token_ids)
-    fill = contract.pad_token_id if contract.pad_token_id is not None else (
-        min(stops) if stops else 0)
-    batch = ids.shape[0]
-    past = contract.empty_cache(batch)
     outputs = contract.output_names()
-    done = np.zeros(batch, dtype=bool)
-    tokens: list[np.ndarray] = []
-    step = ids
-    for _ in range(max_new_tokens):
-        feeds = {contract.input_ids: step, contract.attention_mask: mask,
-                 contract.position_ids: position_ids(mask, step.shape[1]), **past}
-        logits, *present = session.run(outputs, feeds)
-        nxt = np.argmax(logits[:, -1, :], axis=-1).astype(np.int64)
-        nxt = np.where(done, fill, nxt)
-        tokens.append(nxt)
-        done |= np.isin(nxt, list(stops))
-        if done.all():
-            break
-        past = dict(zip(contract.past_names(), present, strict=True))
-        step = nxt[:, None]
-        mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+    tokens = list(decode_steps(lambda feeds: session.run(outputs, feeds), contract, input_ids,
+                               max_new_tokens, attention_mask=attention_mask,
+                               eos_token_ids=eos_token_ids))
+    batch = np.asarray(input_ids).shape[0]
     return np.stack(tokens, axis=1) if tokens else np.zeros((batch, 0), np.int64)
 
 
-__all__ = ["AXES", "CONTRACT_VERSION", "META_DECODER", "DecoderContract", "greedy_generate",
-           "position_ids"]
+__all__ = ["AXES", "CONTRACT_VERSION", "META_DECODER", "DecoderContract", "Sampler",
+           "check_prompt", "decode_steps", "greedy_generate", "position_ids"]

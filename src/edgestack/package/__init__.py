@@ -24,6 +24,7 @@ from edgestack.package.format import (
     SCHEMA_VERSION,
     SUPPORTED_SCHEMA_VERSIONS,
     BlockRecord,
+    DecoderInfo,
     FileEntry,
     Golden,
     LayerGraph,
@@ -40,5 +41,6 @@ from edgestack.package.writer import PackageWriter
 
 __all__ = ["PackageWriter", "Package", "ByteCounter", "BlockView", "write_archive",
            "extract_archive", "Manifest", "FileEntry", "LayerInfo", "LayerGraph", "Site",
-           "RuntimeInfo", "Table", "BlockRecord", "Tier", "Golden", "ModelInfo", "BLOCK_ALIGN",
-           "BLOCK_FILE", "MANIFEST_NAME", "SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS"]
+           "RuntimeInfo", "DecoderInfo", "Table", "BlockRecord", "Tier", "Golden", "ModelInfo",
+           "BLOCK_ALIGN", "BLOCK_FILE", "MANIFEST_NAME", "SCHEMA_VERSION",
+           "SUPPORTED_SCHEMA_VERSIONS"]

@@ -15,6 +15,7 @@ Contents (file roles: FILE_ROLES)::
     blocks.bin             BitStack block file (role "blocks"), only for BitStack models
     golden/inputs.npz      golden inputs for an on-device self-test (role "golden")
     golden/outputs.npz     golden outputs of the graph at one tier (role "golden")
+    tokenizer/*            a decoder's tokenizer.json and configs (role "tokenizer", optional)
     ...                    other files (role "aux": reports, licenses; never loaded)
 
 File names (relative paths, ``/`` separated): 1 to 8 components of ``[A-Za-z0-9_]`` followed by
@@ -67,7 +68,17 @@ reads it; typed: :class:`LayerGraph`, :class:`Site`, :class:`RuntimeInfo`, :clas
               "rows_per_call": int, "tables": {name: TABLE}, "gathered": {name: TABLE}}
     TABLE    {"offset": int, "shape": [rows, ...], "dtype": numpy dtype string,
               "lookups": [[ids input, value], ...]}   a lookup table in the weights file
-
+    DECODER  {"contract": the decoder I/O contract (edgestack.core.decoding.DecoderContract
+              as JSON: cache names, layout, kv_heads per layer, head_dim, eos/pad tokens),
+              "max_context": int >= 1 (prompt + new tokens the plan covers), "max_batch":
+              int >= 1, "prefill_chunk": int in [1, max_context] (the most prompt tokens one
+              call feeds; activation_bytes is computed at such a call with a cache of
+              max_context - prefill_chunk tokens, max_batch sequences), "tokenizer":
+              [path, ...] (files of role "tokenizer", tokenizer/tokenizer.json first; may
+              be [])}
+              The runtime plans the KV cache from it (bytes per token = sum over layers of
+              2 * kv_heads * head_dim * itemsize) and generates with it; the golden inputs
+              are a short prompt with an empty (zero-length) cache.
 Block file (``blocks.bin``, present iff ``layers`` is not empty). A BitStack layer of dense
 shape ``[m, d1, ...]`` is the matrix ``[m, n]`` with ``n = d1 * ...`` (see
 :mod:`edgestack.formats.bitstack`); its block ``i`` is three parts: signs (``ceil(m*n/8)``
@@ -130,7 +141,8 @@ from typing import Any
 import numpy as np
 
 from edgestack import __version__
-from edgestack.errors import PackageError
+from edgestack.core.decoding import DecoderContract
+from edgestack.errors import FormatError, PackageError
 
 FORMAT_MAGIC = "edgestack-package"
 SCHEMA_VERSION = 2
@@ -194,6 +206,8 @@ FILE_ROLES: Mapping[str, str] = MappingProxyType(
         "weights": "weight files the graph loads (e.g. ONNX external data)",
         "blocks": "the BitStack block file, always named blocks.bin",
         "golden": "golden inputs/outputs for the on-device self-test (.npz)",
+        "tokenizer": "a decoder's tokenizer (tokenizer.json and its configs, under "
+                     "tokenizer/): read by `edgestack run --prompt`, never by the graph",
         "aux": "anything else (reports, licenses); never loaded by the runtime",
     }
 )
@@ -297,7 +311,8 @@ def check_names(names: Iterable[str], where: str) -> None:
 # The manifest's types. Field metadata are the checks a reader makes (see _Parser.load):
 # key (the field is the mapping key), json (the JSON key, when not the field name),
 # lo/hi (integer bounds), min/max (item counts), item (checks of each item),
-# choices, pattern, nonempty (strings). Fields with a default may be absent.
+# choices, pattern, nonempty (strings). Fields with a default may be absent; omit_none: a None
+# value is not written (an optional field added later keeps older packages byte-identical).
 # --------------------------------------------------------------------------------------
 
 
@@ -313,7 +328,8 @@ def _derived() -> Any:
 def _to_json(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         return {f.metadata.get("json", f.name): _to_json(getattr(value, f.name))
-                for f in dataclasses.fields(value) if f.init and not f.metadata.get("key")}
+                for f in dataclasses.fields(value) if f.init and not f.metadata.get("key")
+                and not (f.metadata.get("omit_none") and getattr(value, f.name) is None)}
     if isinstance(value, Mapping):
         return {k: _to_json(v) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
@@ -480,6 +496,39 @@ class Table(_Stored):
 
 
 @dataclass(frozen=True)
+class DecoderInfo(_Stored):
+    """A text-generation package (a decoder exported with a KV cache): its I/O
+    ``contract`` (the JSON object of :class:`edgestack.core.decoding.DecoderContract`,
+    checked by it), the largest context (prompt + new tokens) and batch the memory plan
+    covers, the most prompt tokens one prefill call feeds, and its tokenizer files (role
+    ``tokenizer``; empty: token ids only)."""
+
+    contract: Mapping[str, Any] = _f()
+    max_context: int = _f(lo=1)
+    prefill_chunk: int = _f(lo=1)
+    max_batch: int = _f(1, lo=1)
+    tokenizer: tuple[str, ...] = _f((), max=16)
+
+    def __post_init__(self) -> None:
+        try:
+            self.decoder_contract()
+        except FormatError as exc:
+            raise PackageError(f"runtime.decoder.contract: {exc}") from None
+        if self.prefill_chunk > self.max_context:
+            raise PackageError(f"runtime.decoder.prefill_chunk: expected at most max_context "
+                               f"({self.max_context}), found {self.prefill_chunk}")
+
+    def decoder_contract(self) -> DecoderContract:
+        """The contract as a :class:`~edgestack.core.decoding.DecoderContract`."""
+        return DecoderContract.from_json(json.dumps(dict(self.contract)))
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Cache bytes of one token of one sequence (derived from the contract)."""
+        return self.decoder_contract().cache_bytes_per_token()
+
+
+@dataclass(frozen=True)
 class RuntimeInfo(_Stored):
     """What the memory planner and the runtime need without parsing the graph: the peak of
     live activations for ``input_shapes``, the weights file and its lookup tables (mapped:
@@ -500,6 +549,7 @@ class RuntimeInfo(_Stored):
     gathered: Mapping[str, Table] = _f(factory=dict, max=MAX_ITEMS)
     disabled_optimizers: tuple[str, ...] = _f(factory=tuple, max=MAX_ITEMS)
     engine_build: Mapping[str, Any] | None = _f(None)
+    decoder: DecoderInfo | None = _f(None, omit_none=True)   # absent: not a decoder
 
 
 def layout_records(
@@ -677,6 +727,12 @@ class Manifest(_Stored):
         if rt.weights_file is not None and (wfile is None or wfile.role != "weights"):
             raise PackageError(f"runtime.weights_file: expected a file with role 'weights', "
                                f"found {describe(rt.weights_file)}")
+        if rt.decoder is not None:
+            for i, name in enumerate(rt.decoder.tokenizer):
+                entry = self.files.get(name)
+                if entry is None or entry.role != "tokenizer":
+                    raise PackageError(f"runtime.decoder.tokenizer[{i}]: expected a file with "
+                                       f"role 'tokenizer', found {describe(name)}")
         for key in ("tables", "gathered"):
             for name, table in getattr(rt, key).items():
                 where = f"runtime.{key}[{name[:80]!r}]"
@@ -911,6 +967,7 @@ class _Parser:
 __all__ = ["FORMAT_MAGIC", "SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS", "MANIFEST_NAME",
            "BLOCK_FILE", "GOLDEN_INPUTS", "GOLDEN_OUTPUTS", "ARCHIVE_SUFFIX", "BLOCK_ALIGN",
            "FACTOR_DTYPES", "FILE_ROLES", "LOADED_ROLES", "SITE_KINDS", "MAX_MANIFEST_BYTES",
+           "DecoderInfo",
            "MAX_INT", "MAX_FILES", "MAX_LAYERS", "MAX_BLOCKS", "MAX_TIERS", "MAX_DIMS",
            "MAX_PATH_CHARS", "MAX_PATH_DEPTH", "MAX_ARCHIVE_MEMBERS", "align_up", "check_path",
            "check_names", "layout_records", "derive_tiers", "FileEntry", "LayerInfo",

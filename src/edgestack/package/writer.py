@@ -321,13 +321,14 @@ class PackageWriter:
         Args:
             name: relative path inside the package (``[A-Za-z0-9._-]`` components).
             source: bytes-like content, or a ``str``/``os.PathLike`` path of a file to copy.
-            role: ``"graph"`` (exactly one per package), ``"variant"``, ``"weights"`` or
-                ``"aux"``.
+            role: ``"graph"`` (exactly one per package), ``"variant"``, ``"weights"``,
+                ``"tokenizer"`` or ``"aux"``.
         """
         self._require("add_file", "open")
-        if role not in ("graph", "variant", "weights", "aux"):
+        if role not in ("graph", "variant", "weights", "tokenizer", "aux"):
             raise PackageError(
-                f"add_file({name!r}): role must be 'graph', 'variant', 'weights' or 'aux', "
+                f"add_file({name!r}): role must be 'graph', 'variant', 'weights', 'tokenizer' "
+                f"or 'aux', "
                 f"found {role!r} "
                 "(block and golden files are written by add_blocks() and add_golden())"
             )

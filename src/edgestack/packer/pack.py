@@ -80,6 +80,15 @@ from edgestack.package.format import (
 from edgestack.package.reader import Package
 from edgestack.package.tables import gather_rows, lookup_table
 from edgestack.package.writer import PackageWriter
+from edgestack.packer.decoder import (
+    cache_outputs,
+    contract_of,
+    decoder_info,
+    golden_prompt,
+    positions_of,
+    tokenizer_files,
+    worst_call_shapes,
+)
 from edgestack.packer.variants import add_sites, dense_graph
 from edgestack.profiles import load_profile
 from edgestack.targets.feeds import example_feeds
@@ -487,6 +496,10 @@ def pack(
     golden_outputs: Mapping[str, np.ndarray] | None = None,
     tolerance: tuple[float, float] | None = None,
     metadata: Mapping[str, Any] | None = None,
+    max_context: int | None = None,
+    max_batch: int = 1,
+    prefill_chunk: int | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
 ) -> PackResult:
     """Write a device package for ``source`` at ``out`` (a directory, or ``.tar``).
 
@@ -517,6 +530,12 @@ def pack(
         tolerance: ``(rtol, atol)`` of the self-test (default ``(1e-3, 1e-4)``).
         metadata: more manifest metadata (free-form extras, e.g. ``{"compile": ...}``: what
             a target's lowering did); ``profile`` is the packer's.
+        max_context, max_batch, prefill_chunk: a decoder (a graph with ``edgestack.decoder``
+            metadata, see :mod:`edgestack.packer.decoder`): the context (prompt + new
+            tokens) and batch the memory plan covers, and the most prompt tokens one call
+            feeds (defaults: the model's positions capped at 1024, 1, 64).
+        tokenizer: a decoder: a folder with ``tokenizer.json`` (and its configs) to store
+            in the package, so ``edgestack run --prompt`` can encode text.
 
     Raises:
         PackageError: unsupported target, a source that is not an edgestack ONNX file, a
@@ -537,6 +556,18 @@ def pack(
         if model is None:
             model = read_onnx(Path(source), say)
         NameFixPass()(model)  # the manifest names BitStack nodes: ONNX allows empty, repeated
+        contract = contract_of(model.metadata_props)
+        given = {k: v for k, v in (("max_context", max_context), ("prefill_chunk",
+                 prefill_chunk), ("tokenizer", tokenizer)) if v is not None}
+        if max_batch != 1:
+            given["max_batch"] = max_batch
+        if contract is None and given:
+            raise PackageError(f"pack: {', '.join(sorted(given))} apply to a decoder exported "
+                               "with a KV cache (`edgestack export MODEL --task "
+                               "text-generation`); this graph has no edgestack.decoder metadata")
+        tok_files = tokenizer_files(tokenizer) if tokenizer is not None else {}
+        if contract is not None and golden_inputs is None:
+            golden_inputs = golden_prompt(contract)
         stacks, attrs = _blocks_to_inputs(model.graph)
         if stacks and target not in TIERED_TARGETS:
             raise PackageError(
@@ -555,16 +586,28 @@ def pack(
                       if golden_outputs is not None else
                       _golden_outputs(gdir / GRAPH_FILE, feeds_run, stacks, attrs, say))
         extra = dict(metadata or {})
+        shapes = {k: list(np.shape(v)) for k, v in feeds_run.items()}
+        excluded = {a.output: stacks[layer].shape for layer, a in attrs.items()}
+        dec = None
+        if contract is not None:   # the worst call the plan covers; the cache is its own line
+            dec = decoder_info(contract, max_context=max_context, max_batch=max_batch,
+                               prefill_chunk=prefill_chunk,
+                               positions=positions_of(contract, gathered),
+                               tokenizer=tuple(tok_files))
+            shapes = worst_call_shapes(dec)
+            for spec in gathered.values():
+                for ids, value in spec.lookups:
+                    shapes[value] = [*shapes[ids], *spec.shape[1:]]
+            excluded.update(cache_outputs(dec))
         runtime = RuntimeInfo(
-            activation_bytes=activation_bytes(
-                model, {k: list(np.shape(v)) for k, v in feeds_run.items()},
-                {a.output: stacks[layer].shape for layer, a in attrs.items()}),
+            activation_bytes=activation_bytes(model, shapes, excluded),
             input_shapes={k: list(np.shape(v)) for k, v in feeds.items()},
             weights_file=WEIGHTS_FILE if (gdir / WEIGHTS_FILE).exists() else None,
             order_source=order_source, steps_per_level=steps_per_level,
             rows_per_call=max((int(np.asarray(v).size) for v in feeds.values()
                                if np.asarray(v).dtype.kind in "iu"), default=0),
-            tables=tables, gathered=gathered, **_session_info(extra.get("compile") or {}))
+            tables=tables, gathered=gathered, decoder=dec,
+            **_session_info(extra.get("compile") or {}))
         tier_counts = choose_tiers(order, counts, steps_per_level) if stacks else []
         dest = work / "pkgdir" if out.suffix == ARCHIVE_SUFFIX else out
         say(f"pack: writing {out} ({len(stacks)} BitStack layers, {len(order)} blocks, "
@@ -579,6 +622,8 @@ def pack(
                 if (gdir / fname).exists():
                     w.add_file(fname, gdir / fname, role="graph" if fname == GRAPH_FILE else
                                "weights" if fname == WEIGHTS_FILE else "variant")
+            for fname, path in tok_files.items():
+                w.add_file(fname, path, role="tokenizer")
             if stacks:
                 w.add_blocks(order, stacks, graphs=attrs)
                 w.set_tiers(tier_counts)

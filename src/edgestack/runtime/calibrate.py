@@ -16,8 +16,10 @@ planner measures them where it runs:
    the demo's probes). The smaller baseline makes the plans conservative for either order;
 2. a fresh interpreter serves the package's **top tier with every layer materialised**:
    int8 on the mixed graph, and each dense graph in its form (int8, nbits8, fp32), and runs
-   the golden inputs three times: its peak minus the baseline, minus what the plan counts
-   without overhead, is that graph's fixed overhead;
+   the golden inputs three times (a decoder package: one request that fills the KV cache
+   to ``max_context`` for ``max_batch`` sequences, the prompt in prefill chunks, then a
+   decode step): its peak minus the baseline, minus what the plan counts without overhead
+   (the ``kv_cache`` line included), is that graph's fixed overhead;
 3. **tier 0 and the top tier with every layer decoded on the fly** (plain graph): the
    difference of what is left above the two plans, divided by the difference of the largest
    layer's decode work, is the decode temporaries per weight per block; what tier 0 leaves
@@ -77,9 +79,15 @@ graph = sys.argv[10] if sys.argv[10] != 'auto' else None
 extra = {'engine': engine, 'precision': precision} if engine == 'openvino' else {}
 rt = R.Runtime(pkg, tier=tier, materialize=mat, threads=threads or None, optimization=opt,
                graph=graph, form=sys.argv[11], **extra)
-feeds = rt.package.golden()[0]
-for _ in range(int(sys.argv[9])):
-    rt.infer(feeds)
+dec = rt.package.manifest.runtime.decoder
+if dec is not None:   # a decoder: fill the cache to max_context, max_batch sequences
+    n, vocab = dec.max_context, dec.decoder_contract().vocab_size
+    rt.generate([[(7 * i + j) % min(vocab, 100) for j in range(max(1, n - 2))]
+                 for i in range(dec.max_batch)], min(2, n - 1) or 1, stop=())
+else:
+    feeds = rt.package.golden()[0]
+    for _ in range(int(sys.argv[9])):
+        rt.infer(feeds)
 print(json.dumps({'hwm': peak_rss(), 'tier': rt.tier}))
 """
 

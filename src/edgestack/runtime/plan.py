@@ -10,6 +10,12 @@ A plan is computed from the manifest alone (nothing is loaded). Its total is::
                record into one buffer, decoded, and not kept)
     dense      per materialised layer: its int8 [n, m] weight and float scales, its 8-bit
                blockwise codes and scales, or its float32 [m, n] weight, page-rounded
+    kv_cache   a decoder (``runtime.decoder``): bytes per token (sum over layers of
+               2 x kv_heads x head_dim x itemsize) x max_context x max_batch x KV_ALIVE (the
+               past fed in and the present coming out of one step); the activation arena
+               is then the packer's estimate at the worst call (a prefill chunk over a cache
+               of max_context - prefill_chunk tokens), and a plan under a budget says for
+               each tier how many tokens of context fit (:func:`context_fit`)
     margin     the safety margin: SAFETY_FRACTION of the rest, at least SAFETY_MIN (run-to-run
                variation: shared-library code pages that land with the page cache, allocator
                bookkeeping)
@@ -87,6 +93,13 @@ calibration itself. With calibrated costs the measured peak stays within 10% bel
 
 SAFETY_MIN = 3 * MiB
 """The smallest safety margin, in bytes (see :data:`SAFETY_FRACTION`)."""
+
+KV_ALIVE = 2
+"""Copies of the KV cache alive at once during a generation step: the past fed in (the
+previous step's present, ``n - 1`` tokens) and the present coming out (``n`` tokens); the
+runtime drops the past as soon as the call returns. Measured in fresh processes on the tiny
+GPT-2 of tests/runtime/test_generate.py and the gpt2-small-shaped model of
+bench/generate.py: see docs/runtime.md."""
 
 
 @dataclass(frozen=True)
@@ -174,6 +187,15 @@ class MemoryPlan:
     graph: str = "plain"
     """The graph the plan runs: ``"plain"`` (every layer on the fly), ``"int8"`` (every layer
     int8, when the package has that graph) or ``"mixed"``."""
+    kv_bytes: int = 0
+    """A decoder's KV cache at ``kv_tokens`` tokens of ``max_batch`` sequences, times
+    :data:`KV_ALIVE` (0 for other models)."""
+    kv_tokens: int = 0
+    """The context the ``kv_cache`` line covers (the package's ``max_context``)."""
+    context_fit: tuple[tuple[int, int], ...] = ()
+    """A decoder under a budget: ``(tier, tokens)`` for every tier: the most tokens of
+    context (prompt + new, up to ``max_context``) whose cache fits the budget with that
+    tier's smallest plan; 0 where the tier does not fit at all."""
 
     @property
     def layer_bytes(self) -> int:
@@ -187,7 +209,7 @@ class MemoryPlan:
     def expected_bytes(self) -> int:
         """What the plan expects the peak RSS increase to be (everything but the margin)."""
         return (self.graph_bytes + self.weights_bytes + self.overhead_bytes + self.layer_bytes
-                + self.arena_bytes)
+                + self.arena_bytes + self.kv_bytes)
 
     @property
     def margin_bytes(self) -> int:
@@ -230,6 +252,9 @@ class MemoryPlan:
             "arena": {"activations": self.activation_bytes, "transient": self.transient_bytes,
                       "total": self.arena_bytes},
             "overhead_bytes": self.overhead_bytes, "margin_bytes": self.margin_bytes,
+            "kv_cache": {"bytes": self.kv_bytes, "tokens": self.kv_tokens,
+                         "alive": KV_ALIVE} if self.kv_tokens else None,
+            "context_fit": [{"tier": t, "tokens": n} for t, n in self.context_fit],
             "expected_bytes": self.expected_bytes, "costs": self.costs.to_dict(),
             "layers": [lp.to_dict() for lp in self.layers], "notes": list(self.notes),
         }
@@ -252,12 +277,18 @@ class MemoryPlan:
             f"  activation arena     {mb(self.arena_bytes)} (activations "
             f"{mb(self.activation_bytes).strip()}, decode temporaries "
             f"{mb(self.transient_bytes).strip()})",
+            *([f"  kv_cache             {mb(self.kv_bytes)} ({self.kv_tokens} tokens x "
+               f"{KV_ALIVE}: the past fed in and the present coming out)"]
+              if self.kv_tokens else []),
             f"  runtime overhead     {mb(self.overhead_bytes)} ({self.costs.source})",
             f"  safety margin        {mb(self.margin_bytes)}",
             f"  total                {mb(self.total)}"
             + (f" of {mb(self.budget).strip()} budget: "
                f"{'fits' if self.fits else 'DOES NOT FIT'}" if self.budget is not None else ""),
         ]
+        if self.context_fit:
+            lines.append("  context that fits the budget, per tier: " + ", ".join(
+                f"{t}: {n}" for t, n in self.context_fit))
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(printable(line) for line in lines)  # layer names are the package's
 
@@ -359,6 +390,9 @@ def plan_tier(package: Any, tier: int, budget: int | None = None, *,
     infos = man.layers
     work = sorted((c for c in _layer_costs(man, tier)), key=lambda c: -c[4])
     graphs, weights, act = _fixed(man)
+    dec = man.runtime.decoder
+    kv_tokens = dec.max_context if dec is not None else 0
+    kv = kv_cache_bytes(man, kv_tokens)
     order = {name: i for i, name in enumerate(infos)}
 
     def mode_of(name: str) -> str:
@@ -387,7 +421,8 @@ def plan_tier(package: Any, tier: int, budget: int | None = None, *,
         return MemoryPlan(tier, len(man.tiers), budget, tuple(layers),
                           graphs.get(graph, graphs["plain"]), weights,
                           costs.overhead_for(graph), act, max(otf_temp, mat_temp),
-                          budget_source, costs=costs, graph=graph)
+                          budget_source, costs=costs, graph=graph, kv_bytes=kv,
+                          kv_tokens=kv_tokens)
 
     can = [c[0] for c in work if len(layer_forms(infos[c[0]])) > 1]
     if materialize is not None and not isinstance(materialize, int):
@@ -419,6 +454,51 @@ def plan_tier(package: Any, tier: int, budget: int | None = None, *,
     return min(plans, key=lambda p: p.total)
 
 
+def kv_cache_bytes(package: Any, tokens: int) -> int:
+    """The ``kv_cache`` line of a decoder package for ``tokens`` of context: bytes per token
+    (:attr:`~edgestack.package.format.DecoderInfo.kv_bytes_per_token`) x ``tokens`` x
+    ``max_batch`` x :data:`KV_ALIVE`, page-rounded; 0 for other packages."""
+    dec = _manifest(package).runtime.decoder
+    if dec is None:
+        return 0
+    return page_up(dec.kv_bytes_per_token * int(tokens) * dec.max_batch * KV_ALIVE)
+
+
+_BASES: dict[tuple[int, Costs], tuple[Any, tuple[int, ...]]] = {}
+
+
+def context_fit(package: Any, budget: int, costs: Costs = DEFAULT_COSTS
+                ) -> tuple[tuple[int, int], ...]:
+    """``(tier, tokens)`` per tier of a decoder package: the most tokens of context (up to
+    ``max_context``) whose ``kv_cache`` line fits ``budget`` with the tier's smallest plan
+    (its activation arena stays the one computed at ``max_context``); 0 where the tier does
+    not fit. Empty for other packages."""
+    man = _manifest(package)
+    dec = man.runtime.decoder
+    if dec is None:
+        return ()
+    key = (id(man), costs)
+    hit = _BASES.get(key)
+    if hit is None or hit[0] is not man:   # the rest of each tier's smallest plan, once
+        bases = tuple(p.expected_bytes - p.kv_bytes for p in
+                      (smallest_plan(man, t, costs) for t in range(len(man.tiers))))
+        _BASES.clear()
+        _BASES[key] = hit = (man, bases)
+    per = dec.kv_bytes_per_token * dec.max_batch * KV_ALIVE
+    out = []
+    for t, base in enumerate(hit[1]):
+        room = min(budget - SAFETY_MIN, int(budget / (1 + SAFETY_FRACTION))) - base
+        tokens = 0
+        if room > 0:
+            tokens = min(dec.max_context, room // per)
+            while tokens and (base + kv_cache_bytes(man, tokens)) + max(
+                    SAFETY_MIN, int(SAFETY_FRACTION * (base + kv_cache_bytes(man, tokens)))
+            ) > budget:
+                tokens -= 1   # page rounding
+        out.append((t, int(tokens)))
+    return tuple(out)
+
+
 def smallest_plan(package: Any, tier: int, costs: Costs = DEFAULT_COSTS) -> MemoryPlan:
     """The plan of ``tier`` with the fewest bytes (over the mode choices)."""
     return plan_tier(_manifest(package), tier, costs=costs)
@@ -429,6 +509,21 @@ def plan_memory(package: Any, budget: int | None, *, tier: int | None = None,
                 materialize: int | Sequence[str] | None = None,
                 costs: Costs = DEFAULT_COSTS, form: str = "auto",
                 dense: bool = False) -> MemoryPlan:
+    """The plan for ``budget`` (see :func:`_plan_memory`); a decoder's plan under a budget
+    also says how many tokens of context fit at each tier (:func:`context_fit`)."""
+    plan = _plan_memory(package, budget, tier=tier, budget_source=budget_source,
+                        prefer=prefer, materialize=materialize, costs=costs, form=form,
+                        dense=dense)
+    if budget is not None and plan.kv_tokens:
+        plan = dataclasses.replace(plan, context_fit=context_fit(package, budget, costs))
+    return plan
+
+
+def _plan_memory(package: Any, budget: int | None, *, tier: int | None = None,
+                 budget_source: str = "", prefer: frozenset[str] | None = None,
+                 materialize: int | Sequence[str] | None = None,
+                 costs: Costs = DEFAULT_COSTS, form: str = "auto",
+                 dense: bool = False) -> MemoryPlan:
     """The plan for ``budget``: the largest tier whose plan fits, with the most materialised
     layers that fit (see the module doc); without a budget, the last tier with every layer
     materialised (the fastest). ``tier`` forces a tier; ``prefer`` keeps that set
@@ -488,12 +583,16 @@ def plan_memory(package: Any, budget: int | None, *, tier: int | None = None,
     raise BudgetError(
         f"memory budget {budget / MiB:.1f} MiB ({budget_source or 'given'}) is below what "
         f"{what} of {man.model.name!r} needs: at least {math.ceil(need / MiB * 10) / 10:.1f} "
-        f"MiB ({need} bytes: graph, weights, blocks, activation arena and runtime overhead). "
+        f"MiB ({need} bytes: graph, weights, blocks, activation arena, "
+        f"{'KV cache, ' if man.runtime.decoder is not None else ''}runtime overhead). "
         "Give a larger --budget, free memory, or pack a smaller model"
+        + (f" (or a shorter --max-context than {man.runtime.decoder.max_context})"
+           if man.runtime.decoder is not None else "")
     )
 
 
 __all__ = ["MemoryPlan", "LayerPlan", "Costs", "DEFAULT_COSTS", "plan_memory", "plan_tier",
            "smallest_plan", "layer_forms", "graph_sizes", "dense_bytes", "FORMS", "DENSE_ONLY",
            "SAFETY_FRACTION", "SAFETY_MIN", "RUNTIME_OVERHEAD", "DECODE_TEMP_BYTES",
-           "OTF_LAYER_OVERHEAD", "MATERIALIZED_LAYER_OVERHEAD", "MATERIALISE_TEMP_BYTES"]
+           "OTF_LAYER_OVERHEAD", "MATERIALIZED_LAYER_OVERHEAD", "MATERIALISE_TEMP_BYTES",
+           "KV_ALIVE", "kv_cache_bytes", "context_fit"]

@@ -21,7 +21,8 @@ package's weights file itself (the session's external-data folder is the package
 lookup tables (``runtime.tables``) are mapped by the runtime, handed over with
 ``SessionOptions.add_initializer`` and their pages handed back after every call. Sessions run
 with ``enable_mem_pattern=False``, and ``session.disable_prepacking=1`` except on the dense
-graphs, so memory follows the plan; ONNX Runtime's arena is on only for the dense graphs:
+graphs, so memory follows the plan; ONNX Runtime's arena is on only for the dense graphs
+(and never for a decoder, whose every step has new shapes):
 measured on a 12-block MiniLM package (2 threads, avx512_vnni), the arena made the int8
 graph 18% faster (13.0 -> 10.7 ms) at the same peak RSS, and the plain graph 2.4-4x faster
 on the fly but at +13-20% peak RSS (it keeps the decode temporaries); the memory pattern
@@ -41,6 +42,7 @@ torch, never onnx.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import mmap
 import os
@@ -48,7 +50,7 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,6 +74,7 @@ from edgestack.package.reader import Package
 from edgestack.package.tables import check_ids, lookup_table
 from edgestack.runtime.budget import resolve_budget
 from edgestack.runtime.calibrate import calibrate as calibrate_costs
+from edgestack.runtime.generate import Generation, generate, generate_iter
 from edgestack.runtime.openvino import PROFILE_PRECISIONS, OpenVINOSession, check_engine
 from edgestack.runtime.plan import DEFAULT_COSTS, FORMS, Costs, MemoryPlan, page_up, plan_memory
 
@@ -673,7 +676,8 @@ class Runtime(Runner):
         # __init__), plus the runtime's own: memory follows the plan
         compiled = not pkg.layers   # a compiled graph: every weight is an initializer
         so = session_options(int(self.threads or 0), self.optimization, self.spinning)
-        so.enable_cpu_mem_arena = graph in DENSE_FILES or compiled  # see the module doc
+        so.enable_cpu_mem_arena = (graph in DENSE_FILES or compiled) and (
+            pkg.manifest.runtime.decoder is None)   # see the module doc
         so.enable_mem_pattern = False
         if graph not in DENSE_FILES and not compiled:  # fed blocks: nothing to prepack
             so.add_session_config_entry("session.disable_prepacking", "1")
@@ -969,40 +973,68 @@ class Runtime(Runner):
     def output_names(self) -> list[str]:
         return list(self._state.outputs)
 
-    def infer_with_tier(self, feeds: Mapping[str, Any]) -> tuple[int, dict[str, np.ndarray]]:
-        """Run the model; ``(tier used, {output name: array})``."""
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[_State]:
+        """Hold the serving snapshot current now (its tier, plan, session and feeds) until
+        the block ends: a :meth:`retier` meanwhile swaps in a new snapshot for later calls
+        and waits for this one before releasing its memory. :meth:`generate` holds one for
+        a whole request (re-tiering happens between requests)."""
         with self._lock:
             st = self._state
             with st.cond:
                 st.active += 1
         try:
-            expected = st.inputs
-            missing = [n for n in st.required if n not in feeds]
-            if missing or len(feeds) != len(st.required):
-                extra = [n for n in feeds if n not in st.required]
-                raise TargetError(f"infer: expected inputs {sorted(st.required)}"
-                                  f", missing {missing}, unknown {extra}")
-            run_feeds = {**{k: np.asarray(v) for k, v in feeds.items() if k in expected},
-                         **st.feeds}
-            distinct = {}   # ids input -> its distinct values, once per call for every table
-            for reader in self._readers:
-                for ids, value in reader.lookups:
-                    if ids not in distinct:
-                        distinct[ids] = np.unique(np.asarray(feeds[ids]).reshape(-1),
-                                                  return_inverse=True)
-                    run_feeds[value] = reader.rows(feeds[ids], ids, distinct[ids])
-            try:
-                outs = st.session.run(None, run_feeds)
-            except Exception as exc:  # wrong shapes/dtypes from the caller
-                raise TargetError(f"infer: ONNX Runtime refused the inputs: "
-                                  f"{str(exc)[:300]}") from None
-            finally:
-                self._drop_tables()
-            return st.tier, dict(zip(st.outputs, outs, strict=True))
+            yield st
         finally:
             with st.cond:
                 st.active -= 1
                 st.cond.notify_all()
+
+    def run_pinned(self, st: _State, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Run the model on the snapshot ``st`` (from :meth:`pinned`); ``{output: array}``."""
+        expected = st.inputs
+        missing = [n for n in st.required if n not in feeds]
+        if missing or len(feeds) != len(st.required):
+            extra = [n for n in feeds if n not in st.required]
+            raise TargetError(f"infer: expected inputs {sorted(st.required)}"
+                              f", missing {missing}, unknown {extra}")
+        run_feeds = {**{k: np.asarray(v) for k, v in feeds.items() if k in expected},
+                     **st.feeds}
+        distinct = {}   # ids input -> its distinct values, once per call for every table
+        for reader in self._readers:
+            for ids, value in reader.lookups:
+                if ids not in distinct:
+                    distinct[ids] = np.unique(np.asarray(feeds[ids]).reshape(-1),
+                                              return_inverse=True)
+                run_feeds[value] = reader.rows(feeds[ids], ids, distinct[ids])
+        try:
+            outs = st.session.run(None, run_feeds)
+        except Exception as exc:  # wrong shapes/dtypes from the caller
+            raise TargetError(f"infer: ONNX Runtime refused the inputs: "
+                              f"{str(exc)[:300]}") from None
+        finally:
+            self._drop_tables()
+        return dict(zip(st.outputs, outs, strict=True))
+
+    def infer_with_tier(self, feeds: Mapping[str, Any]) -> tuple[int, dict[str, np.ndarray]]:
+        """Run the model; ``(tier used, {output name: array})``."""
+        with self.pinned() as st:
+            return st.tier, self.run_pinned(st, feeds)
+
+    def generate(self, input_ids: Any, max_new_tokens: int, **options: Any) -> Generation:
+        """Generate text tokens with the KV cache, on the tier current at the start (the
+        whole request: a concurrent :meth:`retier` does not change its tokens). A decoder
+        package only; see :func:`edgestack.runtime.generate.generate` for the options
+        (``attention_mask``, ``temperature``, ``top_k``, ``top_p``, ``seed``, ``stop``,
+        ``stream``) and the errors."""
+        return generate(self, input_ids, max_new_tokens, **options)
+
+    def generate_iter(self, input_ids: Any, max_new_tokens: int,
+                      **options: Any) -> Iterator[np.ndarray]:
+        """:meth:`generate` as an iterator of each step's int64 ``[batch]`` tokens (the
+        tier is held until it is exhausted or closed); see
+        :func:`edgestack.runtime.generate.generate_iter`."""
+        return generate_iter(self, input_ids, max_new_tokens, **options)
 
     def infer(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """Run the model on ``feeds`` (graph input name -> array) at the current tier;

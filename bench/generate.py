@@ -1,0 +1,262 @@
+"""Text generation with the KV cache: an edgestack BitStack package vs the same model
+uncompressed on ONNX Runtime fp32, timed side by side in one process, and peak RSS of fresh
+processes generating to max_context at 3 budgets.
+
+The model is GPT-2-shaped: a real pretrained ``gpt2`` only when it is in the local Hugging
+Face cache (nothing is downloaded), else **random weights of gpt2-small shape** (12 layers,
+hidden 768, 12 heads, vocab 50257; transformers' initialisation): tokens/s do not depend on
+the weights' values, so the speed numbers hold; the text does not mean anything. Steps:
+
+1. compress a copy with BitStack (``--blocks``, ``--rank``) and export both (the compressed
+   one and the uncompressed original) as decoders with a KV cache
+   (:func:`edgestack.exporter.export_decoder`); pack the compressed one
+   (``--max-context``, max_batch 1);
+2. speed, one process, interleaved rounds: the package served by the runtime (its fastest
+   plan without a budget: every layer materialised int8; the float32 plan; the plan of the
+   largest budget of step 3) vs the
+   uncompressed export on an ONNX Runtime CPU session with the same session options and
+   threads; each generates ``--new`` greedy tokens after a ``--prompt``-token prompt with
+   the same loop (:func:`edgestack.core.decoding.decode_steps`): prefill tokens/s (the
+   prompt, in the package's prefill chunks for both) and decode tokens/s separately;
+3. memory: budgets of 3 tiers (their smallest plans with this machine's calibrated costs,
+   + 1 MiB); a fresh process per budget generates to max_context (prompt half of it) and
+   reports its peak RSS above the imports; also the KV cache's share measured as the
+   difference between generating to max_context and to 1/8 of it, against the plan's
+   ``kv_cache`` line (KV_ALIVE copies).
+
+Run:  .venv/bin/python bench/generate.py [--threads 2] [--max-context 256]
+          [--out bench/results/generate.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results" / "generate.json"
+WORK = ROOT / "bench" / ".generate-work"
+
+PEAK = r"""
+import edgestack.runtime as R
+import json, sys
+import onnxruntime, numpy as np
+from edgestack.profiler.probe import peak_rss as hwm
+pkg, budget, tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+base = hwm()
+rt = R.Runtime(pkg, budget, threads=int(sys.argv[4]))
+prompt = [[(7 * j) % 1000 + 10 for j in range(tokens // 2)]]
+gen = rt.generate(prompt, tokens - tokens // 2, stop=())
+print(json.dumps({'hwm': hwm(), 'base': base, 'tier': rt.tier, 'plan': rt.plan.total,
+                  'kv': rt.plan.kv_bytes, 'graph': rt.plan.graph,
+                  'new': int(gen.tokens.shape[1]), 'torch': 'torch' in sys.modules}))
+"""
+
+
+def gpt2_model() -> tuple[object, str]:
+    """GPT-2 (pretrained if cached locally, else random gpt2-small shape), and which."""
+    import transformers
+
+    try:
+        model = transformers.GPT2LMHeadModel.from_pretrained("gpt2", local_files_only=True)
+        return model, "pretrained gpt2 (local Hugging Face cache)"
+    except Exception:  # not in the cache: no download
+        transformers.set_seed(0)
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config())
+        return model, "random weights, gpt2-small shape (no pretrained gpt2 in the local cache)"
+
+
+def build(args: argparse.Namespace) -> tuple[Path, Path, str, dict]:
+    """Export the uncompressed and the BitStack model, pack the latter."""
+    import copy
+
+    import torch
+
+    from edgestack.compress import compress
+    from edgestack.exporter import export_decoder
+    from edgestack.pipeline import pack_model
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    fp32, pkg = WORK / "gpt2-fp32.onnx", WORK / f"gpt2-bitstack-{args.max_context}.pkg"
+    info_file = WORK / "build.json"
+    if fp32.exists() and pkg.exists() and info_file.exists() and not args.rebuild:
+        info = json.loads(info_file.read_text())
+        return fp32, pkg, info["model"], info
+    model, what = gpt2_model()
+    model.config._attn_implementation = "eager"
+    model.eval()
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    export_decoder(model, fp32, log=lambda _: None, parity=False, overwrite=True)
+    t1 = time.perf_counter()
+    small = copy.deepcopy(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = compress(small, "bitstack", n_blocks=args.blocks, k=args.rank)
+    t2 = time.perf_counter()
+    onnx_c = WORK / "gpt2-bitstack.onnx"
+    export_decoder(small, onnx_c, log=lambda _: None, parity=False, overwrite=True)
+    pack_model(onnx_c, pkg, max_context=args.max_context, overwrite=True,
+               log=lambda _: None)
+    t3 = time.perf_counter()
+    info = {"model": what, "blocks": args.blocks, "rank": args.rank,
+            "layers": len(report.layers), "export_fp32_s": t1 - t0,
+            "compress_s": t2 - t1, "export_pack_s": t3 - t2}
+    info_file.write_text(json.dumps(info))
+    return fp32, pkg, what, info
+
+
+def budgets(pkg: Path, args: argparse.Namespace) -> tuple[object, list[tuple[int, int]]]:
+    """This machine's calibrated costs and ``(tier, budget)`` for 3 tiers: each tier's
+    smallest plan + 1 MiB."""
+    from edgestack.package import Package
+    from edgestack.runtime import calibrate, smallest_plan
+
+    p = Package.open(pkg)
+    costs = calibrate(p, threads=args.threads)
+    n = len(p.tiers)
+    return costs, [(t, smallest_plan(p, t, costs).total + 2**20) for t in (0, n // 2, n - 1)]
+
+
+def speed(fp32: Path, pkg: Path, args: argparse.Namespace, budget: int) -> list[dict]:
+    """Prefill and decode tokens/s of each subject, interleaved rounds, one process."""
+    from edgestack.core.decoding import DecoderContract, decode_steps
+    from edgestack.core.ort import cpu_session
+    from edgestack.runtime import Runtime
+
+    prompt = np.asarray([[(7 * j) % 1000 + 10 for j in range(args.prompt)]], np.int64)
+    subjects: dict[str, object] = {}
+    sess = cpu_session(fp32, args.threads, spinning="on")
+    contract = DecoderContract.from_session(sess)
+    names = contract.output_names()
+    rt_fast = Runtime(pkg, threads=args.threads, calibrate=False)   # fastest plan
+    rt_fp32 = Runtime(pkg, threads=args.threads, calibrate=False, form="fp32")
+    rt_budget = Runtime(pkg, budget, threads=args.threads)     # the top budget's plan
+    chunk = rt_fast.package.manifest.runtime.decoder.prefill_chunk
+
+    def ort_run(n: int) -> tuple[float, float, np.ndarray]:
+        t0 = time.perf_counter()
+        first, toks = None, []
+        for tok in decode_steps(lambda f: sess.run(names, f), contract, prompt, n,
+                                eos_token_ids=(), prefill_chunk=chunk):
+            toks.append(tok)
+            first = first or time.perf_counter()
+        return first - t0, time.perf_counter() - first, np.stack(toks, 1)
+
+    def rt_run(rt: Runtime) -> object:
+        def go(n: int) -> tuple[float, float, np.ndarray]:
+            g = rt.generate(prompt, n, stop=())
+            return g.prefill_seconds, g.decode_seconds, g.tokens
+        return go
+
+    subjects = {"ORT fp32 (uncompressed)": ort_run,
+                f"edgestack tier {rt_fast.tier} {rt_fast.plan.graph}": rt_run(rt_fast),
+                f"edgestack tier {rt_fp32.tier} {rt_fp32.plan.graph}": rt_run(rt_fp32),
+                f"edgestack {budget / 2**20:.0f} MiB: tier {rt_budget.tier} "
+                f"{rt_budget.plan.graph}": rt_run(rt_budget)}
+    times: dict[str, list[tuple[float, float]]] = {k: [] for k in subjects}
+    for fn in subjects.values():
+        fn(4)   # warm-up
+    for _ in range(args.rounds):
+        for name, fn in subjects.items():
+            pre, dec, toks = fn(args.new)
+            times[name].append((pre, dec))
+    rows = []
+    for name, ts in times.items():
+        pre = float(np.median([t[0] for t in ts]))
+        dec = float(np.median([t[1] for t in ts]))
+        rows.append({"subject": name, "prefill_s": pre, "decode_s": dec,
+                     "prefill_tokens_per_s": args.prompt / pre,
+                     "decode_tokens_per_s": (args.new - 1) / dec})
+    base = rows[0]
+    for r in rows:
+        r["decode_vs_ort_fp32"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+        r["prefill_vs_ort_fp32"] = r["prefill_tokens_per_s"] / base["prefill_tokens_per_s"]
+    rows.append({"plans": {"fast": rt_fast.plan.to_dict(), "fp32": rt_fp32.plan.to_dict(),
+                           "budget": rt_budget.plan.to_dict()}})
+    for rt in (rt_fast, rt_fp32, rt_budget):
+        rt.close()
+    return rows
+
+
+def peak(pkg: str, budget: int, tokens: int, threads: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", PEAK, pkg, str(budget), str(tokens),
+                          str(threads)], capture_output=True, text=True, check=True,
+                         timeout=1200, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def memory(pkg: Path, args: argparse.Namespace, costs: object,
+           planned: list[tuple[int, int]]) -> dict:
+    from edgestack.package import Package
+    from edgestack.runtime import plan_memory
+
+    p = Package.open(pkg)
+    ctx = p.manifest.runtime.decoder.max_context
+    rows = []
+    for tier, budget in planned:
+        plan = plan_memory(p, budget, costs=costs)
+        run = peak(str(pkg), budget, ctx, args.threads)
+        inc = run["hwm"] - run["base"]
+        rows.append({"tier_planned": tier, "budget": budget, "tier": run["tier"],
+                     "plan": run["plan"], "peak_increase": inc, "within_budget": inc <= budget,
+                     "peak_over_plan": inc / run["plan"], "kv_line": run["kv"],
+                     "graph": run["graph"], "context_fit": [list(c) for c in plan.context_fit]})
+    # the cache's share: to max_context vs to 1/8 of it, at the top budget
+    top = rows[-1]["budget"]
+    short = peak(str(pkg), top, max(2, ctx // 8), args.threads)
+    full = peak(str(pkg), top, ctx, args.threads)
+    per_copy = p.manifest.runtime.decoder.kv_bytes_per_token * (ctx - max(2, ctx // 8))
+    grew = (full["hwm"] - full["base"]) - (short["hwm"] - short["base"])
+    return {"costs": costs.to_dict(), "budgets": rows,
+            "kv_measured": {"tokens": [max(2, ctx // 8), ctx], "rss_growth": grew,
+                            "one_copy_bytes": per_copy, "copies": grew / per_copy}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-context", type=int, default=256)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--blocks", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--rebuild", action="store_true")
+    ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    from edgestack.profiler.latency import cpu_extensions
+
+    fp32, pkg, what, info = build(args)
+    print(f"model: {what}; build {info}", flush=True)
+    costs, planned = budgets(pkg, args)
+    result = {"model": what, "build": info, "threads": args.threads,
+              "cpu_extensions": cpu_extensions(), "max_context": args.max_context,
+              "prompt": args.prompt, "new": args.new, "rounds": args.rounds,
+              "speed": speed(fp32, pkg, args, planned[-1][1])}
+    for r in result["speed"][:-1]:
+        print(f"{r['subject']:<40} prefill {r['prefill_tokens_per_s']:8.1f} tok/s "
+              f"({r['prefill_vs_ort_fp32']:.2f}x)  decode {r['decode_tokens_per_s']:7.1f} "
+              f"tok/s ({r['decode_vs_ort_fp32']:.2f}x)", flush=True)
+    if not args.skip_memory:
+        result["memory"] = memory(pkg, args, costs, planned)
+        for r in result["memory"]["budgets"]:
+            print(f"budget {r['budget'] / 2**20:7.1f} MiB: tier {r['tier']} ({r['graph']}), "
+                  f"peak +{r['peak_increase'] / 2**20:6.1f} MiB ({r['peak_over_plan']:.2f} of "
+                  f"plan), within budget: {r['within_budget']}")
+        print("kv measured:", result["memory"]["kv_measured"])
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
