@@ -59,8 +59,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="architecture for a checkpoint without config.json "
                    "(model folder, module:factory or built-in name)")
     p.add_argument("--weight-bits", type=int, default=None,
-                   help="--from deepshift: the DeepShift-Q/PS weight_bits the checkpoint was "
-                   "trained with (default: read from the codes)")
+                   help="--from deepshift: apply DeepShift-PS's forward-pass clamp of the shifts "
+                   "for the weight_bits it was trained with (default: the stored shifts as "
+                   "they are)")
     p.add_argument("--clamp", action="store_true",
                    help="--from deepshift: re-express a layer no shift code holds exactly "
                    "(16 exponents and a zero) the way that changes fewest weights, and report "
