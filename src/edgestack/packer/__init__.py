@@ -7,6 +7,8 @@
   by :func:`edgestack.pipeline.pack_model` (``edgestack pack``).
 - :func:`edgestack.packer.graphcheck.check_graphs`: the packaged graphs agree with the
   manifest (``edgestack verify``).
+- :mod:`edgestack.packer.decoder`: a text-generation export's ``runtime.decoder`` entry (its
+  I/O contract, ``max_context``, ``max_batch``, prefill chunk, tokenizer files).
 
 Graph edits and reads use onnx-ir; ONNX Runtime computes golden outputs. Never torch or the
 exporter. The device side (:mod:`edgestack.package`, :mod:`edgestack.runtime`) does not
