@@ -214,7 +214,7 @@ class MemoryPlan:
     @property
     def margin_bytes(self) -> int:
         """The safety margin: :data:`SAFETY_FRACTION` of the rest, at least :data:`SAFETY_MIN`."""
-        return max(SAFETY_MIN, int(SAFETY_FRACTION * self.expected_bytes))
+        return margin(self.expected_bytes)
 
     @property
     def total(self) -> int:
@@ -454,6 +454,12 @@ def plan_tier(package: Any, tier: int, budget: int | None = None, *,
     return min(plans, key=lambda p: p.total)
 
 
+def margin(expected: int) -> int:
+    """The safety margin of a plan expecting ``expected`` bytes: :data:`SAFETY_FRACTION` of
+    it, at least :data:`SAFETY_MIN`."""
+    return max(SAFETY_MIN, int(SAFETY_FRACTION * expected))
+
+
 def kv_cache_bytes(package: Any, tokens: int) -> int:
     """The ``kv_cache`` line of a decoder package for ``tokens`` of context: bytes per token
     (:attr:`~edgestack.package.format.DecoderInfo.kv_bytes_per_token`) x ``tokens`` x
@@ -491,9 +497,8 @@ def context_fit(package: Any, budget: int, costs: Costs = DEFAULT_COSTS
         tokens = 0
         if room > 0:
             tokens = min(dec.max_context, room // per)
-            while tokens and (base + kv_cache_bytes(man, tokens)) + max(
-                    SAFETY_MIN, int(SAFETY_FRACTION * (base + kv_cache_bytes(man, tokens)))
-            ) > budget:
+            while tokens and (expected := base + kv_cache_bytes(man, tokens)) + margin(
+                    expected) > budget:
                 tokens -= 1   # page rounding
         out.append((t, int(tokens)))
     return tuple(out)
