@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
-    from edgestack.profiler.latency import cpu_extensions
+    from edgestack.core.latency import cpu_extensions
 
     fp32, pkg, what, info = build(args)
     print(f"model: {what}; build {info}", flush=True)

@@ -53,9 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="also write the results as JSON")
     args = ap.parse_args(argv)
 
+    from edgestack.core.latency import cpu_extensions
     from edgestack.core.ort import cpu_session
     from edgestack.package import Package
-    from edgestack.profiler.latency import cpu_extensions
     from edgestack.runtime import Runtime, calibrate, plan_tier
 
     for path in (args.package, args.baselines, args.feeds):

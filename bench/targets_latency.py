@@ -258,7 +258,7 @@ def gemm_kernels(seq: int, threads: int, d: int = 384, layers: int = 6, rounds: 
         med = {name: float(np.median(ts)) for name, ts in zip(sessions, times, strict=True)}
         out[key] = {"fp32_ms": round(med["fp32"], 2), "int8_ms": round(med["int8"], 2),
                     "gemm_ratio": round(med["int8"] / med["fp32"], 3)}
-    from edgestack.profiler.latency import cpu_extensions
+    from edgestack.core.latency import cpu_extensions
 
     out["cpu_int8_dot_extensions"] = cpu_extensions()
     return out
@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     import openvino
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from edgestack.profiler.latency import latency_stats
+    from edgestack.core.latency import latency_stats
     from edgestack.targets import get_target
     from edgestack.targets.openvino_cpu import OpenVinoCpuRunner
 

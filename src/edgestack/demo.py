@@ -212,7 +212,7 @@ def _environment() -> dict[str, Any]:
     import torch
 
     import edgestack
-    from edgestack.profiler.latency import cpu_extensions
+    from edgestack.core.latency import cpu_extensions
 
     env = {"edgestack": edgestack.__version__, "python": platform.python_version(),
            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,

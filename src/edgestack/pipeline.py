@@ -142,6 +142,7 @@ def prune_to_latency(model: Any, inputs: Mapping[str, Any], target_ms: float, *,
     from edgestack.compress import compress
     from edgestack.compress.api import StatsCache
     from edgestack.compress.options import MAX_RATIO
+    from edgestack.core.latency import interleaved_latency, latency_stats
     from edgestack.errors import CompressError
     from edgestack.exporter import export
     from edgestack.targets import get_target
@@ -179,15 +180,12 @@ def prune_to_latency(model: Any, inputs: Mapping[str, Any], target_ms: float, *,
             runner = tgt.runner(art)
             with runner:
                 run_feeds = {k: v for k, v in feeds.items() if not art.inputs or k in art.inputs}
-                for _ in range(warmup):
-                    runner.infer(run_feeds)
-                times = []
-                for _ in range(iterations):
-                    runner.infer(run_feeds)
-                    times.append(float(runner.last_ms))
-            p10, p50, p90 = (float(q) for q in np.quantile(times, [0.1, 0.5, 0.9]))
+                stats = latency_stats(interleaved_latency([runner], run_feeds,
+                                                          iterations=iterations,
+                                                          warmup=warmup)[0])
+            p50 = stats["p50_ms"]
             met = p50 <= target_ms
-            steps.append(LatencyStep(ratio, round(p50, 4), round((p90 - p10) / 2, 4),
+            steps.append(LatencyStep(ratio, round(p50, 4), round(stats["spread_ms"], 4),
                                      sum(p.numel() for p in cand.parameters()), met))
             log(f"latency search: ratio {ratio:g}: {p50:.3f} ms on {target} "
                 f"(target {target_ms:g} ms){' - met' if met else ''}")

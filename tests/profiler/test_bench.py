@@ -12,9 +12,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "targets"))
 from edgestack.cli import main
+from edgestack.core.latency import latency_stats
 from edgestack.errors import EdgestackError
 from edgestack.profiler import bench as B
-from edgestack.profiler.latency import latency_stats
 
 from targets_cases import linear_case, random_shift
 
@@ -546,7 +546,7 @@ def test_weight_layers_count_constant_weights_only() -> None:
 
 
 def test_cpu_extensions_names_the_int8_and_matrix_flags(tmp_path: Path) -> None:
-    from edgestack.profiler.latency import cpu_extensions
+    from edgestack.core.latency import cpu_extensions
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni amx_int8 "

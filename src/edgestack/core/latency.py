@@ -1,11 +1,18 @@
-"""Latency statistics of timed calls."""
+"""Timed calls and their statistics: :func:`interleaved_latency` times runners round-robin,
+:func:`latency_stats` summarises the times, :func:`cpu_extensions` names the CPU features
+that decide int8/bf16 speed (reported next to every latency ratio). numpy and the standard
+library; used by the bench, the demo and the pipeline's latency-targeted pruning."""
 
 from __future__ import annotations
 
+import math
 import statistics
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+
+from edgestack.core.runner import Runner
 
 
 def cpu_extensions(cpuinfo: str = "/proc/cpuinfo") -> str:
@@ -35,3 +42,29 @@ def latency_stats(times_ms: Sequence[float], batch: int = 1) -> dict[str, float]
             "std_ms": statistics.pstdev(times_ms) if len(times_ms) > 1 else 0.0,
             "min_ms": min(times_ms), "spread_ms": float(q[2] - q[0]) / 2,
             "throughput": 1e3 * batch / mean}
+
+
+def interleaved_latency(handles: Sequence[Runner], feeds: Mapping[str, np.ndarray], *,
+                        iterations: int, warmup: int, per_round: int = 2,
+                        seconds: float | None = None,
+                        progress: Callable[[int, int], None] | None = None
+                        ) -> list[list[float]]:
+    """Call times (ms) per handle, measured round-robin: each round runs ``per_round`` calls
+    of every handle, until each has ``iterations`` calls (and ``seconds`` have passed)."""
+    for h in handles:
+        for _ in range(warmup):
+            h.infer(feeds)
+    times: list[list[float]] = [[] for _ in handles]
+    start = time.perf_counter()
+    rounds = max(1, math.ceil(iterations / per_round))
+    r = 0
+    while r < rounds or (seconds is not None and time.perf_counter() - start < seconds):
+        for i, h in enumerate(handles):
+            for _ in range(per_round):
+                t = time.perf_counter()
+                h.infer(feeds)
+                times[i].append((time.perf_counter() - t) * 1e3)
+        r += 1
+        if progress:
+            progress(r, rounds)
+    return times

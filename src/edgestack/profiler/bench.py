@@ -51,7 +51,6 @@ import math
 import shutil
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -60,6 +59,7 @@ from typing import Any
 
 import numpy as np
 
+from edgestack.core.latency import interleaved_latency, latency_stats
 from edgestack.core.logs import quiet_loggers
 from edgestack.core.progress import Progress, progress_bar, progress_iter
 from edgestack.core.quality import (
@@ -72,7 +72,6 @@ from edgestack.core.quality import (
 )
 from edgestack.core.runner import Runner, SessionRunner
 from edgestack.errors import InternalError, TargetError
-from edgestack.profiler.latency import latency_stats
 from edgestack.profiler.pareto import (
     at_baseline_markdown,
     at_baseline_table,
@@ -602,32 +601,6 @@ def measure_memory(subject: Subject, feeds_path: Path, timeout: float = 600.0
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def interleaved_latency(handles: Sequence[Runner], feeds: Mapping[str, np.ndarray], *,
-                        iterations: int, warmup: int, per_round: int = 2,
-                        seconds: float | None = None,
-                        progress: Callable[[int, int], None] | None = None
-                        ) -> list[list[float]]:
-    """Call times (ms) per handle, measured round-robin: each round runs ``per_round`` calls
-    of every handle, until each has ``iterations`` calls (and ``seconds`` have passed)."""
-    for h in handles:
-        for _ in range(warmup):
-            h.infer(feeds)
-    times: list[list[float]] = [[] for _ in handles]
-    start = time.perf_counter()
-    rounds = max(1, math.ceil(iterations / per_round))
-    r = 0
-    while r < rounds or (seconds is not None and time.perf_counter() - start < seconds):
-        for i, h in enumerate(handles):
-            for _ in range(per_round):
-                t = time.perf_counter()
-                h.infer(feeds)
-                times[i].append((time.perf_counter() - t) * 1e3)
-        r += 1
-        if progress:
-            progress(r, rounds)
-    return times
-
-
 def _quality(got: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray]
              ) -> tuple[float, float, float]:
     """Worst ``(cosine, max_abs, max_rel)`` over the reference's outputs (a missing or
@@ -903,7 +876,7 @@ def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
     rows = measure_subjects(subjects, feeds, reference, work, quality=probe,
                             iterations=iterations, warmup=warmup, seconds=seconds,
                             memory=memory, log=log, progress=progress)
-    from edgestack.profiler.latency import cpu_extensions
+    from edgestack.core.latency import cpu_extensions
 
     settings = {"threads": threads, "cpu_extensions": cpu_extensions(),
                 "iterations": iterations, "warmup": warmup,
@@ -994,7 +967,7 @@ def write_report(report: BenchReport, out: Path, plots: bool = True) -> BenchRep
 
 
 __all__ = ["BASELINES", "BenchReport", "Quantization", "Row", "Subject",
-           "bench_feeds", "baseline_subjects", "dense_of", "interleaved_latency",
+           "bench_feeds", "baseline_subjects", "dense_of",
            "measure_memory", "measure_subjects", "open_subject", "package_disk_bytes",
            "package_subjects", "pick_tiers", "is_package_path", "quantization_summary",
            "run_bench", "target_subjects", "weight_layers", "write_report"]
