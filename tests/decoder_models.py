@@ -39,8 +39,10 @@ def tiny_decoder(arch: str, seed: int = 0):
 
 def torch_greedy(model, ids, mask=None, new_tokens=NEW_TOKENS):
     """``generate`` of the torch model: greedy, with its cache, exactly NEW_TOKENS tokens."""
+    from edgestack.compress import decoded_weights
+
     mask = torch.ones_like(ids) if mask is None else mask
-    with torch.no_grad():
+    with torch.no_grad(), decoded_weights(model):
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, eos_token_id=None,
                              pad_token_id=0)

@@ -176,6 +176,32 @@ def test_bitstack_blocks_reduce_error_and_decode_like_the_op(originals):
         assert torch.allclose(wm(), torch.from_numpy(stack.decode(2)), atol=1e-6, rtol=1e-5)
 
 
+def test_decoded_weights_decode_once_and_follow_every_change(originals, run_model):
+    from edgestack.compress import decoded_weights
+
+    model, inputs, _, _ = fresh(originals, "gpt2_tiny")
+    compress(model, "bitstack", n_blocks=3, k=2)
+    shifted, cnn_inputs, _, _ = fresh(originals, "small_cnn")
+    name = compress(shifted, "shift", bits=4).layers[0].name
+    out = run_model(model, inputs)
+    wm = next(m for m in model.modules() if isinstance(m, BitStackWeight))
+    sm = shifted.get_submodule(name).weight_module
+    assert wm() is not wm()                             # outside: decoded on every call
+    with decoded_weights(model), decoded_weights(shifted):
+        assert wm() is wm() and sm() is sm()            # inside: once
+        assert torch.equal(run_model(model, inputs), out)
+        wm.active_blocks = 2                            # a tier change decodes again
+        assert torch.equal(wm(), torch.from_numpy(wm.to_format().decode(2)))
+        before = sm().clone()
+        with torch.no_grad():
+            sm.scale.mul_(2)                            # so does a buffer changed in place
+        assert torch.equal(sm(), 2 * before)
+        # torch.export traces the decode, not the kept tensor
+        graph = torch.export.export(shifted, (), kwargs=cnn_inputs).graph
+        assert any("edgestack.shift_weight" in str(n.target) for n in graph.nodes)
+    assert wm._decoded is None and sm._decoded is None and wm() is not wm()
+
+
 def test_bitstack_size_matches_theory(originals):
     model, _, _, _ = fresh(originals, "small_cnn")
     report = compress(model, "bitstack", n_blocks=3)

@@ -18,7 +18,8 @@ from typing import Any
 from edgestack.compress.options import METHODS, check_options, method_options
 
 _LAZY = {"compress": "edgestack.compress.api", "CompressReport": "edgestack.compress.report",
-         "LayerReport": "edgestack.compress.report", "SkippedLayer": "edgestack.compress.report"}
+         "LayerReport": "edgestack.compress.report", "SkippedLayer": "edgestack.compress.report",
+         "decoded_weights": "edgestack.compress.layers"}
 
 
 def __getattr__(name: str) -> Any:
@@ -38,4 +39,5 @@ __all__ = [
     "CompressReport",
     "LayerReport",
     "SkippedLayer",
+    "decoded_weights",
 ]

@@ -12,6 +12,8 @@ row and export as standard ops.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -25,7 +27,52 @@ from edgestack.errors import CompressError
 from edgestack.formats import BitStackStack, LowRankFactors, ShiftCodes
 
 
-class ShiftWeight(nn.Module):
+class _DecodedWeight(nn.Module):
+    """A weight module that decodes on every forward, or, inside :func:`decoded_weights`,
+    once per state of its buffers (never while torch compiles or exports: a traced graph
+    always holds the decode)."""
+
+    _decoded: list[Any] | None = None
+
+    def decode(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def state_key(self) -> tuple[Any, ...]:
+        """What the decoded weight depends on: every buffer's identity and version."""
+        return tuple((b.data_ptr(), b._version) for b in self.buffers())
+
+    def forward(self) -> torch.Tensor:
+        cache = self._decoded
+        if cache is None or torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return self.decode()
+        key = self.state_key()
+        if cache[0] != key:
+            cache[:] = [key, self.decode().detach()]
+        return cache[1]
+
+
+@contextlib.contextmanager
+def decoded_weights(model: nn.Module) -> Iterator[nn.Module]:
+    """Serve every compressed weight of ``model`` from memory while the context is open.
+
+    A compressed layer decodes its weight on every forward (as the exported graph does);
+    an evaluation loop that runs the model many times (greedy generation, a calibration
+    sweep) decodes the same weight again each time. Inside this context each weight is
+    decoded once and kept (a float32 copy per layer: dense memory, host-side only) until its
+    buffers or its active blocks change; torch.export and torch.compile still trace the
+    decode. Nested use is allowed; leaving the outermost context drops the copies.
+    """
+    mods = [m for m in model.modules() if isinstance(m, _DecodedWeight) and m._decoded is None]
+    for m in mods:
+        m._decoded = [None, None]
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m._decoded = None
+
+
+class ShiftWeight(_DecodedWeight):
     """Decodes a :class:`~edgestack.formats.ShiftCodes` weight (buffers ``codes``, ``scale``)."""
 
     def __init__(self, codes: ShiftCodes) -> None:
@@ -36,7 +83,8 @@ class ShiftWeight(nn.Module):
         self.register_buffer("codes", torch.from_numpy(codes.codes.copy()))
         self.register_buffer("scale", torch.from_numpy(codes.scale.copy()))
 
-    def forward(self) -> torch.Tensor:
+    def decode(self) -> torch.Tensor:
+        """The dense float32 weight."""
         return torch.ops.edgestack.shift_weight(
             self.codes, self.scale, self.bits, self.zero, self.shape
         )
@@ -50,7 +98,7 @@ class ShiftWeight(nn.Module):
         return f"shape={self.shape}, bits={self.bits}, zero={self.zero}"
 
 
-class BitStackWeight(nn.Module):
+class BitStackWeight(_DecodedWeight):
     """Decodes a :class:`~edgestack.formats.BitStackStack` (buffers ``signs``, ``u``, ``v``).
 
     ``active_blocks`` (default: all) selects a prefix of the stack, which is how a tier is
@@ -74,7 +122,11 @@ class BitStackWeight(nn.Module):
     def n_blocks(self) -> int:
         return int(self.signs.shape[0])
 
-    def forward(self) -> torch.Tensor:
+    def state_key(self) -> tuple[Any, ...]:
+        return (*super().state_key(), self.active_blocks)
+
+    def decode(self) -> torch.Tensor:
+        """The dense float32 weight of the active blocks."""
         b = self.active_blocks
         if b == self.n_blocks:
             # No slice when every block is active: the exported graph then feeds the

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from edgestack.compress.api import first_tensor
+from edgestack.compress.layers import decoded_weights
 from edgestack.compress.walk import LayerInfo, dense_weight, iter_layers
 from edgestack.errors import CompressError
 
@@ -102,7 +103,7 @@ class OutputEval:
 
     def score(self, model: nn.Module) -> dict[str, float]:
         cos = []
-        with torch.no_grad():
+        with torch.no_grad(), decoded_weights(model):
             for x, r in zip(self.inputs, self.ref, strict=True):
                 out = first_tensor(model(**x)).float()
                 a, b = r.reshape(r.shape[0], -1), out.reshape(out.shape[0], -1)
@@ -189,7 +190,7 @@ class TaskEval:
 
     def score(self, model: nn.Module) -> dict[str, float]:
         """``{"accuracy"}`` or ``{"perplexity"}`` of ``model`` on the file."""
-        with torch.no_grad():
+        with torch.no_grad(), decoded_weights(model):
             if self.task == "text-classification":
                 right = total = 0
                 for b, y in zip(self.batches, self.labels, strict=True):

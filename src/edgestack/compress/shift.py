@@ -147,12 +147,12 @@ def choose_scale(w2: torch.Tensor, bits: int, zero: bool, method: str,
     best_err = torch.full_like(maxabs, float("inf"))
     for t in SCALE_CANDIDATES:
         cand = maxabs * 2.0 ** (-t)
-        mag = torch.exp2(-torch.floor(f - t).clamp_(0, n_levels - 1))
+        # in place on one buffer: |w| - mag * cand, squared (the sign does not matter)
+        d = torch.sub(f, t).floor_().clamp_(0, n_levels - 1).neg_().exp2_()
         if zero:
-            mag = torch.where(a < (0.5 * smallest) * cand[:, None], 0.0, mag)
-        d = a - mag * cand[:, None]
-        d = d * d
-        err = (d * cw).sum(1) if cw is not None else d.sum(1)
+            d.masked_fill_(a < (0.5 * smallest) * cand[:, None], 0.0)
+        d.mul_(cand[:, None]).sub_(a).square_()
+        err = d.mul_(cw).sum(1) if cw is not None else d.sum(1)
         better = err < best_err
         best = torch.where(better, cand, best)
         best_err = torch.where(better, err, best_err)

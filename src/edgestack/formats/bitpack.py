@@ -21,7 +21,7 @@ def packed_size(count: int, bits: int = 1) -> int:
 def pack_bits(bits: np.ndarray) -> np.ndarray:
     """Pack 0/1 (or bool) values, in C order, into a flat uint8 array, MSB first."""
     flat = np.asarray(bits).reshape(-1)
-    if flat.size and not np.isin(flat, (0, 1)).all():
+    if flat.size and flat.dtype != np.bool_ and ((flat != 0) & (flat != 1)).any():
         raise FormatError("pack_bits: expected only 0/1 values, found others")
     return np.packbits(flat.astype(np.uint8), bitorder="big")
 
@@ -48,9 +48,8 @@ def pack_uint(values: np.ndarray, bits: int) -> np.ndarray:
         raise FormatError(
             f"pack_uint: values must be in [0, {1 << bits}), found [{flat.min()}, {flat.max()}]"
         )
-    shifts = np.arange(bits - 1, -1, -1, dtype=np.int64)
-    planes = (flat[:, None] >> shifts[None, :]) & 1
-    return pack_bits(planes)
+    planes = np.unpackbits(flat.astype(np.uint8)[:, None], axis=1, bitorder="big")
+    return np.packbits(planes[:, 8 - bits:].reshape(-1), bitorder="big")
 
 
 def unpack_uint(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
