@@ -52,3 +52,21 @@ def test_pack_builds_what_the_flags_say(tmp_path, capsys) -> None:
     assert main(["pack", str(tmp_path / "x.onnx"), "--blocks", "3", "--out",
                  str(tmp_path / "y.pkg")]) == 2
     assert "apply to a model source only" in capsys.readouterr().err
+
+
+def test_finetune_act_quant_flag_is_a_shift_option() -> None:
+    import argparse
+
+    from edgestack.cli.options import add_method_options, method_options
+    from edgestack.errors import CompressError
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--method")
+    add_method_options(p)
+    args = p.parse_args(["--method", "shift", "--zero", "--finetune-steps", "5",
+                         "--finetune-act-quant"])
+    assert method_options(args) == {"zero": True, "finetune_steps": 5,
+                                    "finetune_act_quant": True}
+    assert "finetune_act_quant" not in method_options(p.parse_args(["--method", "shift"]))
+    with pytest.raises(CompressError, match="--finetune-act-quant do not apply"):
+        method_options(p.parse_args(["--method", "bitstack", "--finetune-act-quant"]))

@@ -42,9 +42,9 @@ def test_near_miss_method_gets_a_hint():
 
 
 @pytest.mark.parametrize("method,option,listed", [
-    ("shift", "n_blocks", "bits, bits_per_layer, extra_texts, finetune_lr, finetune_params, "
-     "finetune_steps, finetune_val, layers, max_seconds, rounding, scale, seed, sequential, "
-     "skip, zero"),
+    ("shift", "n_blocks", "bits, bits_per_layer, extra_texts, finetune_act_quant, finetune_lr, "
+     "finetune_params, finetune_steps, finetune_val, layers, max_seconds, rounding, scale, "
+     "seed, sequential, skip, zero"),
     ("bitstack", "bits", "act_aware, device, extra_texts, factor_bits, finetune_lr, "
      "finetune_steps, k, layers, max_seconds, n_blocks, refit, seed, signs, skip, svd"),
     ("lowrank", "blocks", "act_aware, energy, extra_texts, layers, max_keep, monarch_blocks, "
@@ -195,8 +195,8 @@ def test_method_options_defaults():
     assert method_options("shift") == {
         "bits": 4, "zero": False, "scale": "mse", "rounding": "auto", "bits_per_layer": None,
         "finetune_steps": 0, "finetune_lr": 1e-3, "max_seconds": None, "seed": 0,
-        "sequential": False, "finetune_params": "all", "finetune_val": 0.1, "extra_texts": 0,
-        "skip": (), "layers": None}
+        "sequential": False, "finetune_params": "all", "finetune_val": 0.1,
+        "finetune_act_quant": False, "extra_texts": 0, "skip": (), "layers": None}
     assert method_options("prune")["ratio"] == 0.25
     assert method_options("bitstack")["n_blocks"] == 4
     assert method_options("lowrank")["rank"] is None

@@ -368,7 +368,8 @@ def test_report_totals_and_summary(originals):
     assert d["options"] == {"bits": 4, "zero": False, "scale": "mse", "rounding": "auto",
                             "bits_per_layer": None, "finetune_steps": 0, "finetune_lr": 1e-3,
                             "max_seconds": None, "seed": 0, "sequential": False,
-                            "finetune_params": "all", "finetune_val": 0.1, "extra_texts": 0,
+                            "finetune_params": "all", "finetune_val": 0.1,
+                            "finetune_act_quant": False, "extra_texts": 0,
                             "skip": [], "layers": None}
 
 

@@ -219,6 +219,67 @@ def test_shift_finetune_early_stop_on_held_out_batches():
         compress(MLP(), "shift", calib=data, finetune_steps=1, finetune_params="norms")
 
 
+def test_fake_quant_uint8_rounds_like_onnx_dynamic_quantize_linear():
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from edgestack.compress.finetune import fake_quant_uint8
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 16, 32, generator=g) * torch.linspace(0.1, 5.0, 32) + 0.7
+    x[1] = x[1].abs() + 0.5          # all positive: the range still holds 0
+    x[2] = -x[2].abs()               # all negative
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 16, 32]) for n in "xy"]
+    graph = helper.make_graph(
+        [helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"]),
+         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])], "dql", io[:1], io[1:])
+    onnx_model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    sess = ort.InferenceSession(onnx_model.SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    got = fake_quant_uint8(x)
+    for i in range(3):   # one scale and zero point per batch element, as served (batch 1)
+        want = sess.run(None, {"x": x[i:i + 1].numpy()})[0]
+        step = float(x[i].max().clamp_min(0) - x[i].min().clamp_max(0)) / 255
+        np.testing.assert_allclose(got[i:i + 1].numpy(), want, rtol=0, atol=1e-4 * step)
+        assert float((got[i] - x[i]).abs().max()) <= 0.5 * step * (1 + 1e-5)
+    xg = x.clone().requires_grad_(True)
+    (fake_quant_uint8(xg) * 3.0).sum().backward()
+    assert torch.equal(xg.grad, torch.full_like(x, 3.0))   # straight through
+
+
+def test_shift_finetune_with_activation_fake_quant():
+    from edgestack.compress.finetune import _fake_quant_input
+
+    data = mlp_calib(n=10)
+    ref = MLP()
+    plain, tuned = copy.deepcopy(ref), copy.deepcopy(ref)
+    gptq3(plain, data, zero=True)
+    ft = {"finetune_steps": 40, "finetune_lr": 2e-3, "finetune_val": 0.2, "seed": 1,
+          "zero": True}
+    info = gptq3(tuned, data, finetune_act_quant=True, **ft).details["finetune"]
+    assert info["val_loss_best"] < info["val_loss_first"]
+    assert not tuned.fc1._forward_pre_hooks and not tuned.fc2._forward_pre_hooks  # removed
+    assert isinstance(tuned.fc1.weight_module, ShiftWeight)
+
+    def rounded(model: nn.Module) -> list:
+        return [m.register_forward_pre_hook(_fake_quant_input) for m in (model.fc1, model.fc2)]
+
+    # its held-out loss was measured with the inputs rounded (as served): the returned model
+    # gives the reported best loss only with the rounding on
+    hooks = rounded(tuned)
+    assert held_out_loss(tuned, ref, data, seed=1) == pytest.approx(info["val_loss_best"],
+                                                                    rel=1e-5)
+    hooks += rounded(plain)
+    errs = {name: out_err(m, ref, data) for name, m in (("plain", plain), ("tuned", tuned))}
+    for h in hooks:
+        h.remove()
+    assert held_out_loss(tuned, ref, data, seed=1) != pytest.approx(info["val_loss_best"],
+                                                                    rel=1e-5)
+    assert errs["tuned"] < errs["plain"]
+    with pytest.raises(CompressError, match="finetune_act_quant"):
+        compress(MLP(), "shift", calib=data, finetune_steps=1, finetune_act_quant="yes")
+
+
 def test_corpus_is_large_deterministic_and_never_holds_a_held_sentence():
     from edgestack.compress.calib import corpus_sentences, model_text_calib
     from edgestack.core.quality import held_sentences

@@ -26,6 +26,9 @@ def add_method_options(p: argparse.ArgumentParser, tiers: bool = True) -> None:
                    "(default 0)")
     g.add_argument("--finetune-lr", type=float, default=None,
                    help="shift/bitstack: peak learning rate of the fine-tune")
+    g.add_argument("--finetune-act-quant", action="store_true",
+                   help="shift: round the layer inputs during the fine-tune the way the int8 "
+                   "serving graph does (ort-cpu int8=dynamic; use with --zero)")
     g.add_argument("--max-seconds", type=float, default=None,
                    help="shift/bitstack: time limit of the fine-tune")
     g.add_argument("--seed", type=int, default=None, help="shift/bitstack: fine-tune seed")
@@ -75,6 +78,8 @@ def _flags(args: argparse.Namespace) -> list[tuple[str, object, dict[str, str | 
         ("--finetune-steps", args.finetune_steps,
          {"shift": "finetune_steps", "bitstack": "finetune_steps"}),
         ("--finetune-lr", args.finetune_lr, {"shift": "finetune_lr", "bitstack": "finetune_lr"}),
+        ("--finetune-act-quant", True if args.finetune_act_quant else None,
+         {"shift": "finetune_act_quant"}),
         ("--max-seconds", args.max_seconds, {"shift": "max_seconds", "bitstack": "max_seconds"}),
         ("--seed", args.seed, {"shift": "seed", "bitstack": "seed"}),
         ("--blocks", args.blocks, {"bitstack": "n_blocks"}),

@@ -63,6 +63,26 @@ def shift_unit(r: torch.Tensor, n_levels: int, zero: bool) -> torch.Tensor:
     return torch.where(r.detach() < 0, -mag, mag)
 
 
+def fake_quant_uint8(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded the way ONNX's ``DynamicQuantizeLinear`` rounds a GEMM input (uint8,
+    asymmetric, one scale and zero point per tensor: ``scale = (max(x, 0) - min(x, 0)) /
+    255``, ``zp = round(-min / scale)``), then dequantized; the gradient passes straight
+    through. The range is taken per batch element (the served graph sees one sequence a
+    call), over every token, padding included, as the served graph does."""
+    dims = tuple(range(1, x.dim())) or (0,)
+    xd = x.detach()
+    lo = xd.amin(dim=dims, keepdim=True).clamp(max=0.0)
+    hi = xd.amax(dim=dims, keepdim=True).clamp(min=0.0)
+    scale = ((hi - lo) / 255.0).clamp_min(torch.finfo(torch.float32).tiny)
+    zp = torch.round(-lo / scale).clamp(0.0, 255.0)
+    y = ((torch.round(xd / scale) + zp).clamp(0.0, 255.0) - zp) * scale
+    return x + (y - xd)
+
+
+def _fake_quant_input(_mod: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return (fake_quant_uint8(args[0]), *args[1:])
+
+
 class _ShiftSTE(torch.autograd.Function):
     """``round(r) * s[:, None]`` forward; straight-through gradient to ``r`` and ``s``."""
 
@@ -182,6 +202,7 @@ def finetune_shift(
     params: str = "all",
     val_fraction: float = 0.1,
     eval_every: int = 50,
+    act_quant: bool = False,
 ) -> dict[str, Any]:
     """STE fine-tune of the shift layers of ``model`` towards ``targets`` (module doc).
 
@@ -203,6 +224,11 @@ def finetune_shift(
         val_fraction: share of the batches held out for the early stop (0: none; the last
             latents are kept).
         eval_every: steps between held-out evaluations.
+        act_quant: fake-quantize the input of every shift ``linear`` layer during the
+            fine-tune (training and held-out loss) the way the int8 serving graph does
+            (:func:`fake_quant_uint8`: ``DynamicQuantizeLinear``, uint8 per tensor), so the
+            codes are tuned for the error they are served with (``ort-cpu``
+            ``int8=dynamic``).
 
     Returns:
         ``{"steps", "seconds", "loss_first", "loss_last", "val_loss_first", "val_loss_best",
@@ -238,6 +264,8 @@ def finetune_shift(
         p.requires_grad_(True)
     for layer, tr in trainers:
         layer.weight_module = tr
+    hooks = [layer.register_forward_pre_hook(_fake_quant_input) for layer, _ in trainers
+             if act_quant and getattr(layer, "kind", "linear") == "linear"]
     train = [p for _, tr in trainers for p in ((tr.t,) if params == "scales" else (tr.r, tr.t))]
     groups = [{"params": train}] + ([{"params": extra}] if extra else [])
     try:  # the fused kernel: several times faster than the default on 10^7 parameters
@@ -296,6 +324,8 @@ def finetune_shift(
             elif v is None:
                 best, best_step = None, done
     finally:
+        for h in hooks:
+            h.remove()
         with torch.no_grad():
             if best is not None:
                 for p, b in zip(train + extra, best, strict=True):
@@ -309,5 +339,5 @@ def finetune_shift(
             "train_batches": len(tr_idx), "val_batches": len(val_idx)}
 
 
-__all__ = ["PARAMS", "TrainableShift", "batch_loss", "distill_loss", "finetune_shift",
-           "freeze", "lr_factor", "shift_unit", "split_batches", "target_norms"]
+__all__ = ["PARAMS", "TrainableShift", "batch_loss", "distill_loss", "fake_quant_uint8",
+           "finetune_shift", "freeze", "lr_factor", "shift_unit", "split_batches", "target_norms"]

@@ -113,6 +113,7 @@ SHIFT_OPTIONS: dict[str, Any] = {
     "bits": 4, "zero": False, "scale": "mse", "rounding": "auto", "bits_per_layer": None,
     "finetune_steps": 0, "finetune_lr": 1e-3, "max_seconds": None, "seed": 0,
     "sequential": False, "finetune_params": "all", "finetune_val": 0.1,
+    "finetune_act_quant": False,
 }
 SCALES = ("mse", "maxabs")
 ROUNDINGS = ("auto", "nearest", "gptq")
@@ -137,6 +138,7 @@ def check_shift(opts: dict[str, Any]) -> None:
     check_choice("sequential", opts["sequential"], (False, True))
     check_choice("finetune_params", opts["finetune_params"], FINETUNE_PARAMS)
     check_float("finetune_val", opts["finetune_val"], 0.0, 0.5)
+    check_choice("finetune_act_quant", opts["finetune_act_quant"], (False, True))
 
 
 # --------------------------------------------------------------------------- bitstack

@@ -54,6 +54,12 @@ Options:
         (also the shift layers' biases and the LayerNorm weights, which stay fp32).
     finetune_val: share of the calibration batches held out of the fine-tune to pick the
         best step (default 0.1, at most :data:`MAX_VAL_BATCHES` batches; 0: keep the last).
+    finetune_act_quant: False (default) or True: during the fine-tune, round the input of
+        every shift linear layer the way the int8 serving graph does (``ort-cpu``
+        ``int8=dynamic``: ONNX ``DynamicQuantizeLinear``, uint8, one scale per tensor; the
+        gradient passes straight through), so the codes are tuned for the error they are
+        served with. Only useful for codes served with integer kernels (``zero=True``,
+        ``bits <= 4``: exact int8); the exported model is the same kind of model either way.
     max_seconds: stop the fine-tune after this many seconds (default None: all steps; the
         best latents so far are kept).
     seed: seed of the fine-tune's batch order and held-out split (default 0): the result is
@@ -347,7 +353,7 @@ def run(ctx: PassContext) -> None:
                               ctx.calib, targets, steps, o["finetune_lr"],
                               o["max_seconds"], o["seed"], ctx.progress,
                               o["finetune_params"], n_val / len(ctx.calib),
-                              max(10, steps // 10))
+                              max(10, steps // 10), o["finetune_act_quant"])
         ctx.report.details["finetune"] = info
         for rep, (_, new) in zip(ctx.report.layers, replacements, strict=True):
             fmt = new.weight_module.to_format()
