@@ -32,8 +32,16 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench scripts
 	$(VENV)/bin/lint-imports
 
+# Two pytest workers, one file each at a time (pytest-xdist --dist loadfile: a file's module
+# fixtures are built once), in collection order (--no-loadscope-reorder: tests/conftest.py
+# puts the files with slow tests first, so the short files even out the end); torch at one
+# thread per worker, so the two workers do not fight over the two cores.
+# PYTEST_WORKERS=0 runs in one process.
+PYTEST_WORKERS ?= 2
+
 test: $(STAMP) arm-env lint
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+		$(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) edgestack-demo .pytest_cache

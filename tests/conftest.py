@@ -7,6 +7,14 @@ from typing import Any
 import pytest
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Files holding a ``slow`` test run first (a stable sort: the order within a file and
+    among the other files is kept), so that `make test`'s workers (pytest-xdist,
+    ``--dist loadfile``) start on the long files and the short ones even out the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 def _main_output(out: Any) -> Any:
     """The main tensor of a model output (HF outputs: ``last_hidden_state``)."""
     if hasattr(out, "last_hidden_state"):

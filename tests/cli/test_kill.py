@@ -143,6 +143,7 @@ def _which_package(path: Path, base: Path) -> str:
         return "old" if pkg.manifest.model.name == "old" else "new"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scenario,fault", CASES, ids=[f"{s}-{f}" for s, f in CASES])
 def test_kill_leaves_a_whole_old_or_new_output(runs, scenario, fault):
     folder, pid, code, err = runs[scenario, fault]

@@ -20,7 +20,12 @@ from edgestack.exporter import export, layer_sizes
 from edgestack.formats import BitStackStack
 
 #: "minilm" (seq 16) comes from tests/conftest.py's session fixtures: compressed once per
-#: method and options, shared with tests/compress/test_passes_minilm.py where they match.
+#: method and options. On the real MiniLM the compressed model also stays close to the
+#: original: (token-level cosine bound, bits/weight range) per method. Measured on this
+#: input (token cosine / mean-pooled cosine): shift-4 + calib .924/.903; bitstack 3 blocks +
+#: calib .893/.885; lowrank 0.5 + calib .807/.872; prune 0.25 + calib .974/.990.
+MINILM_BOUNDS = {"shift": (0.90, (4.0, 4.1)), "bitstack": (0.85, (3.6, 3.7)),
+                 "lowrank": (0.75, (15.9, 16.0)), "prune": (0.95, (23.9, 24.1))}
 MODELS = {
     "gpt2-tiny": zoo.gpt2_tiny,
     "small-cnn": zoo.small_cnn,
@@ -33,6 +38,23 @@ METHODS = {
 }
 
 
+def _check_minilm_stays_close(dense, model, inputs, report, method: str) -> None:
+    """Runs, shrinks, stays close: finite output, token cosine above the bound, bits/weight
+    in range, every encoder linear (and the pooler, except for prune) compressed."""
+    import torch
+
+    with torch.no_grad():
+        ref = dense(**inputs).last_hidden_state.flatten().double()
+        out = model(**inputs).last_hidden_state.flatten().double()
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    bound, (lo, hi) = MINILM_BOUNDS[method]
+    cos = float(ref @ out / (ref.norm() * out.norm()))
+    assert cos > bound, (method, cos)
+    assert lo <= report.bits_per_weight <= hi, report.summary()
+    assert report.compressed_bytes < report.dense_bytes
+    assert len(report.layers) == (36 if method == "prune" else 37)  # 6 x 6 (+ pooler)
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 @pytest.mark.parametrize("name", ["minilm", *MODELS])
 def test_every_model_every_method(request, tmp_path, name, method):
@@ -41,6 +63,7 @@ def test_every_model_every_method(request, tmp_path, name, method):
         dense_params = sum(p.numel() for p in dense.parameters())
         model, inputs, report = request.getfixturevalue("minilm_compressed")(
             method, calib=True, **METHODS[method])
+        _check_minilm_stays_close(dense, model, inputs, report, method)
     else:
         model, inputs = MODELS[name]()
         dense_params = sum(p.numel() for p in model.parameters())

@@ -100,6 +100,7 @@ def _torch_tokens(model, prompt, new=NEW):
     return torch_greedy(model, torch.tensor(prompt), new_tokens=new)
 
 
+@pytest.mark.slow
 def test_greedy_equals_the_compressed_torch_model(gpt2, llama):
     """Through the package (BitStack served exactly: fp32 and on the fly; low-rank
     compiled), greedy tokens with the KV cache equal torch's; the golden prompt has an empty

@@ -96,6 +96,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("lowering", LOWERINGS, ids=[_label(t, o) for t, o, _ in LOWERINGS])
 def test_lowering_matches_numpy_reference(results: dict, case: str, lowering: tuple) -> None:

@@ -105,6 +105,7 @@ def reports(cases) -> list:
     return cross_check(cases, "all")
 
 
+@pytest.mark.slow
 def test_every_model_passes_on_every_available_target(reports) -> None:
     failures = [r.table() for r in reports if not r.passed]
     assert not failures, "\n\n".join(failures)
