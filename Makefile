@@ -36,11 +36,12 @@ lint: $(STAMP)
 # fixtures are built once), in collection order (--no-loadscope-reorder: tests/conftest.py
 # puts the files with slow tests first, so the short files even out the end); torch at one
 # thread per worker, so the two workers do not fight over the two cores.
-# PYTEST_WORKERS=0 runs in one process.
+# PYTEST_WORKERS=0 runs in one process (torch at its default threads).
 PYTEST_WORKERS ?= 2
 
 test: $(STAMP) arm-env lint
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+	$(if $(filter 0,$(PYTEST_WORKERS)),,OMP_NUM_THREADS=1) $(PY) -m pytest -q -n $(PYTEST_WORKERS) \
+		--dist loadfile --no-loadscope-reorder \
 		$(PYTEST_ARGS)
 
 clean:
