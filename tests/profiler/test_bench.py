@@ -555,3 +555,29 @@ def test_cpu_extensions_names_the_int8_and_matrix_flags(tmp_path: Path) -> None:
     info.write_text("processor\t: 0\nFeatures\t: fp asimd asimddp\n")   # aarch64 wording
     assert cpu_extensions(str(info)) == "none"
     assert cpu_extensions(str(tmp_path / "missing")) == "unknown"
+
+
+def test_baselines_leave_the_root_logger_alone_in_a_fresh_process(tmp_path: Path) -> None:
+    """ONNX Runtime's ``matmul_nbits_quantizer`` calls ``logging.basicConfig(level=INFO)`` when
+    imported: in a process whose root logger has no handler (``edgestack demo`` / ``bench``;
+    pytest's own handler hides it here, hence the fresh process) that printed every node the
+    quantizer visited and kept an ORT-formatted root handler for good."""
+    import subprocess
+
+    dense = _dense_linear(tmp_path / "dense.onnx")
+    code = (
+        "import logging, sys\n"
+        "from pathlib import Path\n"
+        "from edgestack.profiler import bench as B\n"
+        f"B.baseline_subjects(Path({str(dense)!r}), Path({str(tmp_path / 'b')!r}), 1,"
+        " lambda m: None)\n"
+        "root = logging.getLogger()\n"
+        "print(len(root.handlers), logging.getLevelName(root.level))\n"
+        "logging.getLogger('someone.else').warning('after the baselines')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, check=True)
+    assert done.stdout.split() == ["0", "WARNING"], done.stdout
+    assert "[INFO]" not in done.stderr and "Quantization parameters" not in done.stderr, \
+        done.stderr[:2000]
+    # Python's last-resort handler prints a warning as the bare message (no ORT format)
+    assert "after the baselines" in done.stderr and " root [" not in done.stderr, done.stderr
