@@ -104,11 +104,8 @@ class BitStackStack(WeightFormat, name="bitstack"):
             raise FormatError(
                 f"bitstack: asked for {nb} blocks, the stack holds 0..{self.n_blocks}"
             )
-        m, n = self.matrix_shape
-        w = np.zeros((m, n), dtype=np.float32)
-        for i in range(nb):
-            w += self.block(i)
-        return w.reshape(self.shape)
+        blocks = ((self.signs[i], self.u[i], self.v[i]) for i in range(nb))
+        return decode_blocks(self.shape, blocks)
 
     def prefix(self, n_blocks: int) -> BitStackStack:
         """The stack of the first ``n_blocks`` blocks (views, no copy)."""
@@ -142,3 +139,28 @@ class BitStackStack(WeightFormat, name="bitstack"):
     def theoretical_bits_per_weight(m: int, n: int, k: int, n_blocks: int) -> float:
         """``n_blocks * (1 + 16k(m+n)/(mn))`` bits per weight."""
         return n_blocks * (1 + 16 * k * (m + n) / (m * n))
+
+
+def decode_blocks(shape: tuple[int, ...], blocks: Any, transposed: bool = False,
+                  flat: bool = False) -> np.ndarray:
+    """The dense float32 weight of shape ``shape`` from its blocks ``(signs, u, v)`` (in block
+    order, one at a time: two ``[m, n]`` float32 temporaries, whatever the block count);
+    ``flat``: as the ``[m, n]`` matrix; ``transposed``: its ``[n, m]`` transpose,
+    C-contiguous. The one BitStack decoder: :meth:`BitStackStack.decode` and the on-device
+    runtime's materialised tiers use it."""
+    m, n = shape[0], int(np.prod(shape[1:]))
+    out_shape = (n, m) if transposed else (m, n)
+    out = np.zeros(out_shape, dtype=np.float32)
+    mag = np.empty(out_shape, dtype=np.float32)
+    for signs, u16, v16 in blocks:
+        u, v = u16.astype(np.float32), v16.astype(np.float32)
+        bits = unpack_bits(signs, m * n).reshape(m, n)
+        if transposed:
+            np.matmul(v.T, u.T, out=mag)
+            bits = bits.T
+        else:
+            np.matmul(u, v, out=mag)
+        np.negative(mag, out=mag, where=bits == 0)
+        out += mag
+    return out if transposed or flat else out.reshape(shape)
+

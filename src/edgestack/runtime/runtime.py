@@ -61,6 +61,7 @@ from edgestack.core import atomic
 from edgestack.core.compare import agree
 from edgestack.core.runner import Runner
 from edgestack.errors import PackageError, TargetError
+from edgestack.formats.bitstack import decode_blocks
 from edgestack.package.format import (
     BLOCK_FILE,
     DENSE_DATA,
@@ -218,28 +219,6 @@ class _LayerStore:
     def blocks(self, nb: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """The first ``nb`` blocks' ``(signs, u, v)`` rows (they must be loaded)."""
         return [(self.signs[i], self.u[i], self.v[i]) for i in range(nb)]
-
-
-def decode_blocks(info: Any, blocks: Any, transposed: bool = False,
-                  flat: bool = False) -> np.ndarray:
-    """The dense float32 weight of a layer from its blocks ``(signs, u, v)`` (in block order,
-    one at a time), in the layer's shape; ``flat``: as the ``[m, n]`` matrix;
-    ``transposed``: its ``[n, m]`` transpose, C-contiguous."""
-    m, n = info.matrix_shape
-    shape = (n, m) if transposed else (m, n)
-    out = np.zeros(shape, dtype=np.float32)
-    mag = np.empty(shape, dtype=np.float32)
-    for signs, u16, v16 in blocks:
-        u, v = u16.astype(np.float32), v16.astype(np.float32)
-        if transposed:
-            np.matmul(v.T, u.T, out=mag)
-            bits = np.unpackbits(signs, count=m * n).reshape(m, n).T
-        else:
-            np.matmul(u, v, out=mag)
-            bits = np.unpackbits(signs, count=m * n).reshape(m, n)
-        np.negative(mag, out=mag, where=bits == 0)
-        out += mag
-    return out if transposed or flat else out.reshape(info.shape)
 
 
 class _RowReader:
@@ -621,7 +600,7 @@ class Runtime(Runner):
         """
         st = self._stores[name]
         if st.loaded >= nb:
-            return decode_blocks(st.info, st.blocks(nb), transposed, flat)
+            return decode_blocks(st.info.shape, st.blocks(nb), transposed, flat)
         recs = self._records[name][:nb]
         fd, base = self.package.locate(BLOCK_FILE)
         buf = np.empty(max((r.end - r.span_start for r in recs), default=0), np.uint8)
@@ -636,7 +615,7 @@ class Runtime(Runner):
                 view = self.package.view(r, buf, r.span_start)
                 yield view.signs, view.u, view.v
 
-        return decode_blocks(st.info, blocks(), transposed, flat)
+        return decode_blocks(st.info.shape, blocks(), transposed, flat)
 
     # ---- sessions and states ---------------------------------------------------------
     def _graph_for(self, plan: MemoryPlan) -> str:
