@@ -217,3 +217,18 @@ def test_failed_parity_is_reported_not_raised(tmp_path: Path) -> None:
     assert result.parity is not None and not result.parity.passed
     assert result.parity.max_abs > 1e-3
     assert "FAILED" in result.parity.table()
+
+
+def test_export_from_python_prints_no_torch_deprecation(tmp_path: Path) -> None:
+    """torch.export's own ``LeafSpec`` FutureWarning (torch 2.13, inside torch) is not shown
+    to a Python caller, and the caller's warning filters are left as they were."""
+    import warnings
+
+    model, inputs, _ = compressed(zoo.small_cnn, "lowrank")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        before = list(warnings.filters)
+        export(model, inputs, tmp_path / "m.onnx")
+        assert warnings.filters == before
+    assert not [w for w in caught if "LeafSpec" in str(w.message)], \
+        [str(w.message)[:100] for w in caught]

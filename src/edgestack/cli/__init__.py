@@ -20,7 +20,6 @@ import os
 import sys
 import tempfile
 import traceback
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
@@ -241,8 +240,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_BAD_INPUT
     want_json = getattr(args, "json", False)
-    # torch 2.13's own use of a deprecated pytree API inside torch.export: not actionable
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     handler = _configure_logging(args)
     try:
         # log lines printed while a bar is on stderr go through tqdm, above the bar

@@ -39,6 +39,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -612,7 +613,11 @@ def export(
         start = time.perf_counter()
         table = es_ops.translation_table()
 
-        with _export_mode(model), torch.no_grad(), quiet_loggers(_NOISY_LOGGERS):
+        with _export_mode(model), torch.no_grad(), quiet_loggers(_NOISY_LOGGERS), \
+                warnings.catch_warnings():
+            # torch 2.13's own use of a deprecated pytree API inside torch.export: nothing a
+            # caller can act on (it printed on every export from Python)
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
             # 1. the reference forward pass
             stages.start("forward")
             t0 = time.perf_counter()
