@@ -28,6 +28,7 @@ import numpy as np
 from edgestack import __version__
 from edgestack.core.decoding import DecoderContract
 from edgestack.errors import FormatError, PackageError
+from edgestack.formats.int8 import NBITS_BLOCK  # the nbits8 form's block size (spec)
 
 FORMAT_MAGIC = "edgestack-package"
 SCHEMA_VERSION = 2
@@ -70,9 +71,6 @@ DENSE_DATA = {"int8": "int8.bin", "nbits8": "nbits8.bin", "fp32": "fp32.bin"}
 for the plan it serves, in a folder of its own, at the offsets the packer recorded in
 ``Site.files[form]`` (see :func:`edgestack.packer.variants.dense_graph`)."""
 
-NBITS_BLOCK = 32
-"""Weights per scale of the ``nbits8`` form (``MatMulNBits`` ``block_size``, as the weight-only
-baselines)."""
 
 DENSE_ALIGN = 4096
 """Alignment of every tensor in a dense data file (a page: ONNX Runtime maps each tensor on
@@ -850,7 +848,8 @@ class _Parser:
 
 
 __all__ = ["FORMAT_MAGIC", "SCHEMA_VERSION", "SUPPORTED_SCHEMA_VERSIONS", "MANIFEST_NAME",
-           "BLOCK_FILE", "GOLDEN_INPUTS", "GOLDEN_OUTPUTS", "ARCHIVE_SUFFIX", "BLOCK_ALIGN",
+           "BLOCK_FILE", "NBITS_BLOCK", "GOLDEN_INPUTS", "GOLDEN_OUTPUTS", "ARCHIVE_SUFFIX",
+           "BLOCK_ALIGN",
            "FACTOR_DTYPES", "FILE_ROLES", "LOADED_ROLES", "SITE_KINDS", "MAX_MANIFEST_BYTES",
            "DecoderInfo",
            "MAX_INT", "MAX_FILES", "MAX_LAYERS", "MAX_BLOCKS", "MAX_TIERS", "MAX_DIMS",

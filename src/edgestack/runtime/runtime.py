@@ -43,10 +43,7 @@ torch, never onnx.
 from __future__ import annotations
 
 import contextlib
-import functools
-import mmap
 import os
-import re
 import threading
 import time
 import warnings
@@ -62,237 +59,32 @@ from edgestack.core.compare import agree
 from edgestack.core.runner import Runner
 from edgestack.errors import PackageError, TargetError
 from edgestack.formats.bitstack import decode_blocks
+from edgestack.formats.int8 import quantize_int8, quantize_nbits8
 from edgestack.package.format import (
     BLOCK_FILE,
     DENSE_DATA,
     DENSE_FILES,
-    NBITS_BLOCK,
     SUPPORTED_TARGETS,
     VARIANT_FILE,
-    Table,
 )
 from edgestack.package.reader import Package
-from edgestack.package.tables import check_ids, lookup_table
+from edgestack.package.tables import lookup_table
 from edgestack.runtime.budget import resolve_budget
 from edgestack.runtime.calibrate import calibrate as calibrate_costs
 from edgestack.runtime.generate import Generation, generate, generate_iter
 from edgestack.runtime.openvino import PROFILE_PRECISIONS, OpenVINOSession, check_engine
-from edgestack.runtime.plan import DEFAULT_COSTS, FORMS, Costs, MemoryPlan, page_up, plan_memory
-
-_FIX_REPACK = "copy the package again or repack the model"
-
-
-MMAP_THRESHOLD = 128 * 1024
-"""glibc malloc threshold the runtime fixes (``mallopt(M_MMAP_THRESHOLD)``) for the process."""
-
-
-def fix_malloc_threshold() -> bool:
-    """Fix glibc's mmap threshold so freed large blocks go back to the OS at once.
-
-    By default glibc raises the threshold to the size of each large block freed, after which
-    blocks of that size come from the heap and freed ones stay in the process: measured, the
-    peak RSS of on-the-fly decodes then grew with the *sum* over layers of their temporaries
-    instead of the largest layer's (4 layers of 1024x1024: +68 MiB instead of +17 MiB). A
-    fixed threshold (which also turns the dynamic adjustment off) makes memory follow the
-    plan. Process-wide; a no-op (False) where glibc is not the C library.
-    """
-    try:
-        return bool(_libc().mallopt(-3, MMAP_THRESHOLD))  # M_MMAP_THRESHOLD = -3
-    except AttributeError:  # not glibc, or no C library loaded (None)
-        return False
-
-
-def trim_heap() -> bool:
-    """Return the C heap's free memory to the OS (glibc ``malloc_trim``).
-
-    Measured: after a shrink re-decodes materialised layers, the freed dense weights of the
-    old tier stayed in the heap (+14 MiB RSS on 4 layers of 1024x1024) even with the fixed
-    mmap threshold; ``malloc_trim`` gives them back. A no-op (False) without glibc.
-    """
-    try:
-        return bool(_libc().malloc_trim(0))
-    except AttributeError:  # not glibc, or no C library loaded (None)
-        return False
-
-
-@functools.cache
-def _libc() -> Any:
-    """The C library (``ctypes.CDLL``), loaded once (``find_library`` takes milliseconds and
-    :func:`trim_heap` runs on every shrink); None where it cannot be loaded."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return None
-
-
-def _anon(nbytes: int) -> mmap.mmap:
-    return mmap.mmap(-1, max(page_up(nbytes), mmap.PAGESIZE),
-                     flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-
-
-MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")
-"""File systems whose files live in memory (the dense data file should not go there)."""
-
-
-def fs_type(path: str) -> str:
-    """The type of the file system holding ``path`` (the longest mount point above it, from
-    ``/proc/self/mounts``), or ``""`` when unknown (no ``/proc``). Read directly, not with
-    psutil: the device runtime serves without it (psutil only measures memory)."""
-    real = os.path.realpath(path)
-    best, kind = "", ""
-    try:
-        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return ""
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 3:
-            continue
-        # the kernel escapes space, tab, newline and backslash in mount points as octal
-        mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])
-        mount = mount.rstrip("/") or "/"
-        inside = real == mount or real.startswith(mount.rstrip("/") + "/")
-        if inside and len(mount) >= len(best):
-            best, kind = mount, fields[2]
-    return kind
-
-
-def _copy_out(fd: int, offset: int, size: int, dst: Path, what: str) -> None:
-    """``size`` bytes of ``fd`` from ``offset`` into a new file ``dst`` (parents made), copied
-    by the kernel (``os.copy_file_range``: disk and page cache, not this process's memory)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with open(dst, "wb") as f:
-        done = 0
-        while done < size:
-            n = os.copy_file_range(fd, f.fileno(), size - done, offset + done)
-            if n <= 0:
-                raise PackageError(f"{what}: short read at byte {done} of {size}; "
-                                   f"{_FIX_REPACK}")
-            done += n
-
-
-def _link_or_copy(src: Path, dst: Path, size: int) -> None:
-    """``dst`` as a hard link to ``src``, or where that cannot be (another file system) a
-    kernel copy (:func:`_copy_out`)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dst)
-        return
-    except OSError:
-        pass
-    with open(src, "rb") as fi:
-        _copy_out(fi.fileno(), 0, size, dst, str(src))
-
-
-class _LayerStore:
-    """Full-capacity signs/u/v arrays of one layer in anonymous maps."""
-
-    def __init__(self, info: Any) -> None:
-        self.info = info
-        m, n = info.matrix_shape
-        nbk, k = info.n_blocks, info.rank
-        self.maps = [_anon(nbk * row) for row in info.part_bytes]
-        self.signs = np.frombuffer(self.maps[0], np.uint8, nbk * info.signs_bytes).reshape(
-            nbk, info.signs_bytes)
-        self.u = np.frombuffer(self.maps[1], "<f2", nbk * m * k).reshape(nbk, m, k)
-        self.v = np.frombuffer(self.maps[2], "<f2", nbk * k * n).reshape(nbk, k, n)
-        self.loaded = 0
-
-    def feeds(self, nb: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return self.signs[:nb], self.u[:nb], self.v[:nb]
-
-    def release_after(self, nb: int) -> int:
-        """Give back the pages of rows ``nb..``; return the bytes released."""
-        freed = 0
-        for mm, row in zip(self.maps, self.info.part_bytes, strict=True):
-            start = page_up(nb * row)
-            if start < len(mm):
-                mm.madvise(mmap.MADV_DONTNEED, start, len(mm) - start)
-                freed += page_up(self.loaded * row) - start if self.loaded * row > start else 0
-        self.loaded = min(self.loaded, nb)
-        return freed
-
-    def blocks(self, nb: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """The first ``nb`` blocks' ``(signs, u, v)`` rows (they must be loaded)."""
-        return [(self.signs[i], self.u[i], self.v[i]) for i in range(nb)]
-
-
-class _RowReader:
-    """Reads the rows of one pre-gathered table from the weights file with ``pread``: only the
-    rows a call names are read, into a fresh array; nothing of the table is mapped."""
-
-    def __init__(self, fd: int, base: int, table: Table) -> None:
-        self.fd = fd
-        self.start = base + table.offset
-        self.dtype, self.shape = np.dtype(table.dtype), table.shape
-        self.row_bytes = table.bytes // table.shape[0]
-        self.lookups = table.lookups
-
-    def rows(self, ids: Any, what: str, distinct: Any = None) -> np.ndarray:
-        """``table[ids]``: each distinct row read once (padding repeats one id: on the bench
-        sentence 0.40 ms of reads a call became a fraction of it); ``distinct``: the ids'
-        ``np.unique(..., return_inverse=True)`` when the caller has it (checked ids)."""
-        ids = np.asarray(ids)
-        if distinct is None:
-            distinct = np.unique(ids.reshape(-1), return_inverse=True)
-        uniq, inverse = distinct
-        check_ids(uniq, self.shape[0], what)      # sorted: its ends are the range
-        got = np.empty((uniq.size, self.row_bytes), np.uint8)
-        for i, r in enumerate(uniq.tolist()):
-            if os.preadv(self.fd, [got[i]], self.start + r * self.row_bytes) != self.row_bytes:
-                raise PackageError(f"short read of row {r} of a table at byte {self.start}")
-        return got[inverse].view(self.dtype).reshape(ids.shape + self.shape[1:])
-
-
-QUANT_CHUNK_ROWS = 256
-"""Rows quantized at a time by :func:`quantize_int8` (bounds its float temporaries)."""
-
-
-def quantize_int8(wt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-output-channel int8 of a ``[K, N]`` float32 matrix (the ``B`` of
-    ``DynamicQuantizeMatMul``, i.e. ``W^T``): ``(q int8 [K, N], scale float32 [N])`` with
-    ``wt ~= q * scale``; a zero column gets scale 1."""
-    scale = np.maximum(wt.max(axis=0), -wt.min(axis=0)).astype(np.float32) / np.float32(127)
-    scale[scale == 0] = 1.0
-    inv = (np.float32(1) / scale).astype(np.float32)
-    q = np.empty(wt.shape, np.int8)
-    for r in range(0, wt.shape[0], QUANT_CHUNK_ROWS):
-        part = wt[r:r + QUANT_CHUNK_ROWS] * inv
-        np.rint(part, out=part)
-        np.clip(part, -127, 127, out=part)
-        q[r:r + QUANT_CHUNK_ROWS] = part
-    return q, scale
-
-
-def quantize_nbits8(w: np.ndarray, block: int = NBITS_BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric 8-bit blockwise quantization of an ``[N, K]`` float32 matrix (a layer's
-    ``[m, n]`` weight) in ``com.microsoft.MatMulNBits`` layout: ``(codes uint8 [N, K/block,
-    block], scales float32 [N, K/block])`` with ``w ~= (codes - 128) * scale`` (the default
-    zero point of 8 bits); ``K`` is zero-padded to a multiple of ``block``; an all-zero block
-    gets scale 1."""
-    n_rows, k = w.shape
-    kb = -(-k // block)
-    codes = np.empty((n_rows, kb, block), np.uint8)
-    scales = np.empty((n_rows, kb), np.float32)
-    step = QUANT_CHUNK_ROWS
-    for r in range(0, n_rows, step):
-        part = np.zeros((min(step, n_rows - r), kb * block), np.float32)
-        part[:, :k] = w[r:r + step]
-        part = part.reshape(-1, kb, block)
-        sc = np.abs(part).max(axis=2) / np.float32(127)
-        sc[sc == 0] = 1.0
-        part /= sc[:, :, None]
-        np.rint(part, out=part)
-        np.clip(part, -127, 127, out=part)
-        part += 128
-        codes[r:r + step] = part
-        scales[r:r + step] = sc
-    return codes, scales
-
+from edgestack.runtime.plan import DEFAULT_COSTS, FORMS, Costs, MemoryPlan, plan_memory
+from edgestack.runtime.storage import (
+    FIX_REPACK,
+    MEMORY_FILESYSTEMS,
+    LayerStore,
+    RowReader,
+    copy_out,
+    fix_malloc_threshold,
+    fs_type,
+    link_or_copy,
+    trim_heap,
+)
 
 QUANTIZED_FORMS = ("int8", "nbits8")
 """Forms that round the tier's weights (the golden outputs hold the exact ones)."""
@@ -466,7 +258,7 @@ class Runtime(Runner):
             self._lock = threading.Lock()
             self._retier_lock = threading.Lock()
             self._retired: list[_State] = []
-            self._stores = {name: _LayerStore(info) for name, info in man.layers.items()}
+            self._stores = {name: LayerStore(info) for name, info in man.layers.items()}
             self._empty: dict[tuple[str, int], np.ndarray] = {}
             self._iov_cache: dict[tuple[str, int], list[memoryview]] = {}
             self._data_dir: str | None = None
@@ -499,10 +291,10 @@ class Runtime(Runner):
         pkg = self.package
         rt = pkg.manifest.runtime
         self._tables: list[tuple[Any, int, int]] = []
-        self._readers: list[_RowReader] = []
+        self._readers: list[RowReader] = []
         if rt.gathered and rt.weights_file is not None:
             fd, base = pkg.locate(rt.weights_file)
-            self._readers = [_RowReader(fd, base, t) for t in rt.gathered.values()]
+            self._readers = [RowReader(fd, base, t) for t in rt.gathered.values()]
         if not rt.tables or rt.weights_file is None or self.engine == "openvino":
             return {}   # OpenVINO reads them from the file
         fmap = pkg.map_file(rt.weights_file)
@@ -610,7 +402,7 @@ class Runtime(Runner):
                 span = memoryview(buf)[:r.end - r.span_start]
                 if os.preadv(fd, [span], base + r.span_start) != len(span):
                     raise PackageError(f"{self.package.path}: {BLOCK_FILE}: short read of "
-                                       f"block {r.block} of {name}; {_FIX_REPACK}")
+                                       f"block {r.block} of {name}; {FIX_REPACK}")
                 self.package.check_record(r, [span])
                 view = self.package.view(r, buf, r.span_start)
                 yield view.signs, view.u, view.v
@@ -690,7 +482,7 @@ class Runtime(Runner):
                            external_ranges(pkg.read_file(name, verify=False)).values()
                            if loc == data)
         except PackageError as exc:
-            raise PackageError(f"{pkg.path}: {name}: {exc}; {_FIX_REPACK}") from None
+            raise PackageError(f"{pkg.path}: {name}: {exc}; {FIX_REPACK}") from None
         written: set[tuple[int, int]] = set()
         for lp in plan.layers:
             site = pkg.layers[lp.name].graph.site if pkg.layers[lp.name].graph else None
@@ -715,7 +507,7 @@ class Runtime(Runner):
                     if outside else "the graph reads bytes no layer of the manifest writes")
             raise PackageError(f"{pkg.path}: {name} disagrees with the manifest's "
                                f"graph.site.files.{graph}: {what} in {data}; nothing is "
-                               f"served from it. {_FIX_REPACK}")
+                               f"served from it. {FIX_REPACK}")
 
     def _dense_session(self, plan: MemoryPlan, graph: str) -> Any:
         """A session on a dense graph (``"int8"``/``"fp32"``) for ``plan``: each layer is
@@ -742,7 +534,7 @@ class Runtime(Runner):
             src = self._external_data_dir()
             for name, entry in pkg.files.items():
                 if entry.role == "weights":
-                    _link_or_copy(Path(src, name), Path(folder, name), entry.size)
+                    link_or_copy(Path(src, name), Path(folder, name), entry.size)
             fd = os.open(os.path.join(folder, DENSE_DATA[graph]),
                          os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             groups: dict[int, list[Any]] = {}   # a fused int8 group's weight being filled
@@ -754,7 +546,7 @@ class Runtime(Runner):
                     if layout is None:
                         raise PackageError(f"{pkg.path}: layer {lp.name!r} has no {graph} "
                                            f"data layout (graph.site.files.{graph}); "
-                                           f"{_FIX_REPACK}")
+                                           f"{FIX_REPACK}")
                     if graph == "int8":
                         q, scale = quantize_int8(self._decode(lp.name, lp.blocks, True))
                         arrays = {"q": q, "scale": scale}
@@ -770,7 +562,7 @@ class Runtime(Runner):
                         if len(layout.get(key, ())) != 2 or len(cols) != 3:
                             raise PackageError(f"{pkg.path}: layer {lp.name!r}: graph.site."
                                                f"files.{graph} has no [offset, bytes] of {key} "
-                                               f"(or a malformed {key}_cols); {_FIX_REPACK}")
+                                               f"(or a malformed {key}_cols); {FIX_REPACK}")
                         offset, size = layout[key]
                         if f"{key}_cols" in layout:   # its columns of a fused group's [K, total]
                             first, end, total = cols
@@ -781,7 +573,7 @@ class Runtime(Runner):
                                 raise PackageError(f"{pkg.path}: layer {lp.name!r}: graph.site."
                                                    f"files.{graph}.{key}_cols {list(cols)} do not "
                                                    f"fit its {key} {list(arr.shape)}; "
-                                                   f"{_FIX_REPACK}")
+                                                   f"{FIX_REPACK}")
                             group[0][:, first:end] = arr
                             group[1] += end - first
                             if group[1] < total:
@@ -790,14 +582,14 @@ class Runtime(Runner):
                         if size != arr.nbytes:
                             raise PackageError(f"{pkg.path}: layer {lp.name!r}: graph.site."
                                                f"files.{graph}.{key} holds {size} bytes, the "
-                                               f"layer's {key} has {arr.nbytes}; {_FIX_REPACK}")
+                                               f"layer's {key} has {arr.nbytes}; {FIX_REPACK}")
                         if os.pwrite(fd, memoryview(np.ascontiguousarray(arr)).cast("B"),
                                      offset) != size:
                             raise OSError(f"short write to {DENSE_DATA[graph]} in {folder}")
                     del arrays
                 if groups:
                     raise PackageError(f"{pkg.path}: the {graph} graph's fused weights at "
-                                       f"{sorted(groups)} miss layers; {_FIX_REPACK}")
+                                       f"{sorted(groups)} miss layers; {FIX_REPACK}")
             finally:
                 os.close(fd)
             return self._session(graph, folder)
@@ -869,7 +661,7 @@ class Runtime(Runner):
             for name, entry in pkg.files.items():
                 if entry.role == "weights":
                     fd, base = pkg.locate(name)
-                    _copy_out(fd, base, entry.size, Path(folder, name), f"{pkg.path}: {name}")
+                    copy_out(fd, base, entry.size, Path(folder, name), f"{pkg.path}: {name}")
             self._data_dir = folder
         return self._data_dir
 
@@ -892,7 +684,7 @@ class Runtime(Runner):
         if unknown:
             raise PackageError(f"{self.package.path}: the manifest's layers[].graph name "
                                f"inputs the {graph} graph does not have ({unknown[:4]}); "
-                               f"{_FIX_REPACK}")
+                               f"{FIX_REPACK}")
         return _State(plan, session, feeds, graph, rebuilt, gathered=self._gathered_values,
                       lookup_ids=self._lookup_ids)
 
@@ -930,7 +722,7 @@ class Runtime(Runner):
                         f"{k}) does not match the {graph} graph: its input {part!r} should be "
                         f"{dtype} [blocks, {', '.join(map(str, dims))}] (the first dimension "
                         f"symbolic), found {found}; the manifest and the graph disagree: "
-                        f"{_FIX_REPACK}")
+                        f"{FIX_REPACK}")
 
     # ---- serving ---------------------------------------------------------------------
     @property
@@ -1184,4 +976,4 @@ class Runtime(Runner):
                 f"plan={self.plan.total / 2**20:.1f} MiB)")
 
 
-__all__ = ["Runtime", "RetierResult", "SUPPORTED_TARGETS", "quantize_int8"]
+__all__ = ["Runtime", "RetierResult", "SUPPORTED_TARGETS"]
