@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edgestack.errors import BudgetError, ProfileError
+from edgestack.profiles import load_profile, parse_size
 
 AUTO_MARGIN_FRACTION = 0.10
 AUTO_MARGIN_MIN = 32 * 2**20
@@ -85,15 +86,11 @@ def resolve_budget(budget: Any = None, *, profile: Any = None,
         raise BudgetError("give one memory budget source: --budget SIZE, --profile NAME or "
                           "--auto, not several")
     if budget is not None:
-        from edgestack.profiles import parse_size
-
         try:
             return parse_size(budget, "budget"), f"--budget {budget}"
         except ProfileError as exc:
             raise BudgetError(str(exc)) from None
     if profile is not None:
-        from edgestack.profiles import load_profile
-
         p = load_profile(profile) if isinstance(profile, str) else profile
         return int(p.memory_budget), f"profile {p.name}"
     if auto:

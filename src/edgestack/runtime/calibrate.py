@@ -50,6 +50,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from edgestack import __version__
 from edgestack.runtime.plan import DEFAULT_COSTS, Costs, graph_sizes, plan_tier
 
 DECODE_TEMP_RANGE = (2.0, 64.0)
@@ -106,8 +107,6 @@ def machine_key(threads: int | None = None, optimization: str = "all",
                 engine: str = "onnxruntime", precision: str | None = None) -> dict[str, Any]:
     """What the fixed costs depend on, besides the package."""
     import numpy
-
-    from edgestack import __version__
 
     if engine == "openvino":
         import openvino

@@ -44,9 +44,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import threading
 import time
 import warnings
+import weakref
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +58,7 @@ import numpy as np
 
 from edgestack.core import atomic
 from edgestack.core.compare import agree
+from edgestack.core.ort import LEVELS, session_options
 from edgestack.core.runner import Runner
 from edgestack.errors import PackageError, TargetError
 from edgestack.formats.bitstack import decode_blocks
@@ -69,6 +72,8 @@ from edgestack.package.format import (
 )
 from edgestack.package.reader import Package
 from edgestack.package.tables import lookup_table
+from edgestack.package.wire import external_ranges
+from edgestack.profiles import load_profile
 from edgestack.runtime.budget import resolve_budget
 from edgestack.runtime.calibrate import calibrate as calibrate_costs
 from edgestack.runtime.generate import Generation, generate, generate_iter
@@ -85,6 +90,8 @@ from edgestack.runtime.storage import (
     link_or_copy,
     trim_heap,
 )
+from edgestack.runtime.tensorrt import TensorRTSession
+from edgestack.runtime.watch import Watcher
 
 QUANTIZED_FORMS = ("int8", "nbits8")
 """Forms that round the tier's weights (the golden outputs hold the exact ones)."""
@@ -187,8 +194,6 @@ class Runtime(Runner):
                  watch: bool | float = False, calibrate: bool = True,
                  form: str = "auto", graph: str | None = None, spinning: str = "on",
                  engine: str = "auto", precision: str | None = None) -> None:
-        from edgestack.core.ort import LEVELS
-
         if optimization not in LEVELS:  # before anything is opened or read
             raise TargetError(f"optimization must be one of {sorted(LEVELS)}, found "
                               f"{optimization!r}")
@@ -231,8 +236,6 @@ class Runtime(Runner):
                                       "serve; repack the model with this edgestack")
                 materialize = len(man.layers)
             if profile is not None:
-                from edgestack.profiles import load_profile
-
                 profile = load_profile(profile) if isinstance(profile, str) else profile
                 if threads is None:
                     threads = profile.threads
@@ -425,7 +428,6 @@ class Runtime(Runner):
         pkg = self.package
         name = {"plain": pkg.graph_file, "mixed": VARIANT_FILE, **DENSE_FILES}[graph]
         if self.engine == "tensorrt":   # the compiled graph; the engine is cached beside
-            from edgestack.runtime.tensorrt import TensorRTSession
 
             build = dict(pkg.manifest.runtime.engine_build or {})
             cache = Path(f"{pkg.path}.engines")
@@ -441,7 +443,6 @@ class Runtime(Runner):
                                    compress=graph in ("fp32", "plain"))
         import onnxruntime as ort
 
-        from edgestack.core.ort import session_options
 
         # the ort-cpu target's options (threads 0 = ORT's default; level checked in
         # __init__), plus the runtime's own: memory follows the plan
@@ -473,7 +474,6 @@ class Runtime(Runner):
         lies inside one tensor the graph reads from that file, and every such tensor is
         covered by the manifest's ranges (:func:`edgestack.package.wire.external_ranges`,
         no onnx)."""
-        from edgestack.package.wire import external_ranges
 
         pkg, data = self.package, DENSE_DATA[graph]
         name = DENSE_FILES[graph]
@@ -519,7 +519,6 @@ class Runtime(Runner):
         process: one layer's decode temporaries are the only extra memory. The folder is
         made under ``$TMPDIR``, which should be a disk (on a tmpfs the file would be held in
         memory)."""
-        import shutil
 
         pkg = self.package
         self._check_dense_layout(plan, graph)
@@ -653,8 +652,6 @@ class Runtime(Runner):
             if not pkg.is_archive:
                 self._data_dir = str(pkg.path)
                 return self._data_dir
-            import shutil
-            import weakref
 
             folder = str(atomic.temp_dir("rt"))  # after a kill: removed by the next run
             self._data_cleanup = weakref.finalize(self, shutil.rmtree, folder, True)
@@ -950,7 +947,6 @@ class Runtime(Runner):
         """Follow live memory: every ``interval`` s re-plan for the available memory
         (:func:`~edgestack.runtime.budget.available_memory` plus what this runtime's plan
         already holds) and re-tier when the planned tier changes."""
-        from edgestack.runtime.watch import Watcher
 
         if self.watcher is None:
             self.watcher = Watcher(self, interval)
