@@ -185,8 +185,10 @@ class MemoryPlan:
     notes: tuple[str, ...] = field(default_factory=tuple)
     costs: Costs = DEFAULT_COSTS
     graph: str = "plain"
-    """The graph the plan runs: ``"plain"`` (every layer on the fly), ``"int8"`` (every layer
-    int8, when the package has that graph) or ``"mixed"``."""
+    """The graph the plan runs: ``"plain"`` (``model.onnx``, every layer on the fly),
+    ``"int8"`` / ``"nbits8"`` / ``"fp32"`` (that dense graph, every layer in that form, when
+    the package has it) or ``"mixed"`` (``model.mixed.onnx``, one site per layer; see
+    :mod:`edgestack.packer.variants`)."""
     kv_bytes: int = 0
     """A decoder's KV cache at ``kv_tokens`` tokens of ``max_batch`` sequences, times
     :data:`KV_ALIVE` (0 for other models)."""

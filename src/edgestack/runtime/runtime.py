@@ -174,6 +174,12 @@ class Runtime(Runner):
             avx512_bf16 or AMX); only with the openvino engine.
         materialize: force the mode choice: how many of the largest layers (0 = every layer
             decoded on the fly), or which layers, are materialised (default: the planner's).
+        form: what a materialised layer becomes: "int8", "nbits8", "fp32", or "auto" (the
+            most exact form whose plan fits: see
+            :func:`edgestack.runtime.plan.plan_memory`).
+        graph: force the graph: "plain" or "mixed" (default None: the plan's, see
+            :attr:`MemoryPlan.graph`); the calibration uses it to measure the mixed graph
+            where a plan would pick a dense one.
         watch: follow live memory (see :meth:`start_watcher`); a poll interval in seconds
             or True (1 s).
         calibrate: plan budgets with this machine's measured fixed costs
@@ -414,10 +420,7 @@ class Runtime(Runner):
 
     # ---- sessions and states ---------------------------------------------------------
     def _graph_for(self, plan: MemoryPlan) -> str:
-        """The plan's graph (``"plain"``: ``model.onnx``, every layer on the fly; ``"int8"``
-        / ``"fp32"``: ``model.int8.onnx`` / ``model.fp32.onnx``, every layer in that form;
-        ``"mixed"``: ``model.mixed.onnx``, one site per layer: see
-        :mod:`edgestack.packer.variants`), or the one forced at init."""
+        """The plan's graph (:attr:`MemoryPlan.graph`), or the one forced at init."""
         return self._graph_choice or plan.graph
 
     def _session(self, graph: str, folder: str | None = None) -> Any:
