@@ -27,6 +27,7 @@ import numpy as np
 
 from edgestack.core.runner import Runner as CoreRunner
 from edgestack.errors import BackendUnavailable, TargetError
+from edgestack.profiles import Profile, load_profile
 
 ARTIFACT_VERSION = 1
 ARTIFACT_FILE = "artifact.json"
@@ -250,8 +251,6 @@ class Target:
         Returns:
             The :class:`Artifact` (``artifact.json`` written).
         """
-        from edgestack.profiles import Profile, load_profile
-
         if isinstance(profile, str):
             profile = load_profile(profile)
         if profile is not None and not isinstance(profile, Profile):
@@ -275,7 +274,7 @@ class Target:
         art = self.lower_impl(model_path, out, profile, opts)
         # a lowered graph may still read tensors it did not rewrite from the source's external
         # data (onnx-ir saves them as references): that data goes beside it
-        from edgestack.exporter.output import external_files  # (imports onnx-ir)
+        from edgestack.exporter.output import external_files  # lazy: onnx at import
 
         for name in external_files(model_path):  # by the names the graph gives them
             data = model_path.parent / name
