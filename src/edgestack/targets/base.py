@@ -27,7 +27,6 @@ import numpy as np
 
 from edgestack.core.runner import Runner as CoreRunner
 from edgestack.errors import BackendUnavailable, TargetError
-from edgestack.profiles import Profile, load_profile
 
 ARTIFACT_VERSION = 1
 ARTIFACT_FILE = "artifact.json"
@@ -251,6 +250,8 @@ class Target:
         Returns:
             The :class:`Artifact` (``artifact.json`` written).
         """
+        from edgestack.profiles import Profile, load_profile  # lazy: keeps CLI start light
+
         if isinstance(profile, str):
             profile = load_profile(profile)
         if profile is not None and not isinstance(profile, Profile):
