@@ -55,7 +55,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgestack.errors import EdgestackError
+import edgestack
+from edgestack import zoo
+from edgestack.core.ort import cpu_session
+from edgestack.errors import BudgetError, EdgestackError
+from edgestack.profiler.plots import plot_quality_vs_bits
 
 #: GPTQ statistics (shift rounding, BitStack signs) from the whole shipped corpus: 836
 #: sentences (``extra_texts``) instead of the 128 calibration batches (docs/quality.md)
@@ -211,8 +215,7 @@ def _environment() -> dict[str, Any]:
     import onnxruntime
     import torch
 
-    import edgestack
-    from edgestack.core.latency import cpu_extensions
+    from edgestack.core.latency import cpu_extensions  # lazy: numpy at import
 
     env = {"edgestack": edgestack.__version__, "python": platform.python_version(),
            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
@@ -322,7 +325,7 @@ def _keep_model(result: DemoResult, model: Path | None, log: Callable[[str], Non
     """Put the export of :data:`KEEP_MODEL` (``model``: its path under ``work/models``) in
     ``out/models`` when its files total at most :data:`KEEP_MODEL_BYTES`: moved, or copied
     with ``keep_work`` (the scratch folder stays whole)."""
-    from edgestack.exporter.output import is_data_name
+    from edgestack.exporter.output import is_data_name  # lazy: onnx at import
 
     if model is None:
         return
@@ -366,16 +369,14 @@ def output_files(out: Path) -> list[dict[str, Any]]:
 # ---- 1. compress and export ---------------------------------------------------------------
 def _methods_step(result: DemoResult, methods: dict[str, dict], seq: int, threads: int,
                   log: Callable[[str], None]) -> dict[str, Path]:
-    from edgestack import zoo
-    from edgestack.core.ort import cpu_session
-    from edgestack.core.quality import (
+    from edgestack.core.quality import (  # lazy: numpy at import
         compare_embeddings,
         embed,
         held_sentences,
         ort_runner,
         tokenize,
     )
-    from edgestack.pipeline import compress_and_export
+    from edgestack.pipeline import compress_and_export  # lazy: numpy at import
 
     batches = result.held_batches = tokenize(zoo.minilm_path(), held_sentences(), seq)
     ref_emb = None
@@ -417,8 +418,8 @@ def _methods_step(result: DemoResult, methods: dict[str, dict], seq: int, thread
 # ---- 2. compile for every target, parity ----------------------------------------------------
 def _targets_step(result: DemoResult, models: dict[str, Path], targets: Any,
                   log: Callable[[str], None]) -> None:
-    from edgestack.targets import TARGET_NAMES, get_target
-    from edgestack.targets.parity import Case, cross_check
+    from edgestack.targets import TARGET_NAMES, get_target  # lazy: numpy at import
+    from edgestack.targets.parity import Case, cross_check  # lazy: numpy at import
 
     names = list(TARGET_NAMES) if targets == "all" else list(targets)
     for name in names:
@@ -463,7 +464,7 @@ def _baselines_step(result: DemoResult, dense: Path, threads: int,
     """Build the baselines from the dense model and measure each one's peak RSS increase in
     a fresh process (:func:`~edgestack.profiler.bench.measure_memory`, the bench's probe);
     ``(subjects with memory, skipped)``."""
-    from edgestack.profiler.bench import baseline_subjects, measure_memory
+    from edgestack.profiler.bench import baseline_subjects, measure_memory  # lazy: numpy at import
 
     log("[3/5 baselines] building the baselines from the dense model ...")
     subjects, skipped = baseline_subjects(dense, result.work_dir / "bench" / "baselines",
@@ -521,20 +522,19 @@ def _runtime_step(result: DemoResult, model: Path, threads: int,
     memory measured. A baseline below the smallest plan gets ``does_not_fit``."""
     import numpy as np
 
-    from edgestack.core.quality import compare_embeddings, embed
-    from edgestack.errors import BudgetError
-    from edgestack.package import Package
-    from edgestack.package.archive import write_archive
-    from edgestack.packer.pack import pack
-    from edgestack.profiler.bench import (
+    from edgestack.core.quality import compare_embeddings, embed  # lazy: numpy at import
+    from edgestack.package import Package  # lazy: numpy at import
+    from edgestack.package.archive import write_archive  # lazy: numpy at import
+    from edgestack.packer.pack import pack  # lazy: onnx at import
+    from edgestack.profiler.bench import (  # lazy: numpy at import
         BUDGET_HEADROOM,
         Subject,
         measure_memory,
         package_disk_bytes,
         package_subjects,
     )
-    from edgestack.runtime import Runtime
-    from edgestack.runtime.openvino import PROFILE_PRECISIONS
+    from edgestack.runtime import Runtime  # lazy: numpy at import
+    from edgestack.runtime.openvino import PROFILE_PRECISIONS  # lazy: numpy at import
 
     pkg_dir = result.out_dir / "packages" / "minilm-bitstack"
     log(f"[4/5 runtime] packing {model.name} -> {pkg_dir} (and .tar) ...")
@@ -657,9 +657,9 @@ def _runtime_step(result: DemoResult, model: Path, threads: int,
 def _bench_step(result: DemoResult, models: dict[str, Path], baselines: tuple[list[Any],
                 dict[str, str]], package: list[Any] | None, threads: int, iterations: int,
                 log: Callable[[str], None]) -> None:
-    from edgestack.core.quality import sentence_feeds
-    from edgestack.pipeline import compile_model
-    from edgestack.profiler.bench import (
+    from edgestack.core.quality import sentence_feeds  # lazy: numpy at import
+    from edgestack.pipeline import compile_model  # lazy: numpy at import
+    from edgestack.profiler.bench import (  # lazy: numpy at import
         BenchReport,
         QualityProbe,
         Subject,
@@ -750,8 +750,6 @@ def _bench_step(result: DemoResult, models: dict[str, Path], baselines: tuple[li
 
 # ---- 5. plots and report ------------------------------------------------------------------
 def _plots_step(result: DemoResult) -> None:
-    from edgestack.profiler.plots import plot_quality_vs_bits
-
     points = [(r["method"], r["bits_per_weight"], r["cosine_vs_fp32"]) for r in result.rows]
     tiers = [(f"bitstack {r['budget_mb']} MB", r["bits_per_weight"], r["cosine_vs_fp32"])
              for r in result.runtime if r.get("cosine_vs_fp32") is not None]
@@ -810,7 +808,7 @@ def write_report(result: DemoResult, seq: int, threads: int) -> None:
 
 
 def _write_report(result: DemoResult, seq: int, threads: int) -> None:
-    from edgestack.core.quality import held_sentences
+    from edgestack.core.quality import held_sentences  # lazy: numpy at import
 
     out = result.out_dir
     (out / "report.json").write_text(json.dumps(result.to_dict(), indent=2, default=str))
@@ -946,7 +944,7 @@ def _write_report(result: DemoResult, seq: int, threads: int) -> None:
                                  f"{_fmt(row.get('quality'), '.5f')} | "
                                  f"{_fmt(ratio, '.3f')} | {target_result(b, row, ratio)} |")
     if result.bench:
-        from edgestack.profiler.bench import BenchReport, Row
+        from edgestack.profiler.bench import BenchReport, Row  # lazy: numpy at import
 
         rows = [Row(**{k: v for k, v in r.items()}) for r in result.bench["rows"]]
         md = BenchReport("", rows, {}, result.bench["settings"]).markdown(at_baseline=False)

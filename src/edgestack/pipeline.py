@@ -26,9 +26,18 @@ from typing import Any
 
 import numpy as np
 
+from edgestack.compress.options import MAX_RATIO
 from edgestack.core import atomic
+from edgestack.core.latency import interleaved_latency, latency_stats
 from edgestack.core.progress import Progress
 from edgestack.errors import CompressError, PackageError, TargetError
+from edgestack.package.format import TIERED_TARGETS
+from edgestack.packer.decoder import contract_of, golden_prompt
+from edgestack.profiles import load_profile
+from edgestack.targets import get_target
+from edgestack.targets.feeds import example_feeds
+from edgestack.targets.parity import TOLERANCES, TargetCheck, judge
+from edgestack.targets.reference import reference_outputs
 
 BITSTACK_DEFAULTS: dict[str, Any] = {"n_blocks": 12, "factor_bits": 0.125}
 """BitStack options when packing a model source (any given option wins): 12 blocks reach the
@@ -139,13 +148,9 @@ def prune_to_latency(model: Any, inputs: Mapping[str, Any], target_ms: float, *,
     import copy
     import tempfile
 
-    from edgestack.compress import compress
-    from edgestack.compress.api import StatsCache
-    from edgestack.compress.options import MAX_RATIO
-    from edgestack.core.latency import interleaved_latency, latency_stats
-    from edgestack.errors import CompressError
-    from edgestack.exporter import export
-    from edgestack.targets import get_target
+    from edgestack.compress import compress  # lazy: torch at import
+    from edgestack.compress.api import StatsCache  # lazy: torch at import
+    from edgestack.exporter import export  # lazy: onnx at import
 
     opts = dict(options or {})
     if opts.get("ratio") is not None:
@@ -217,9 +222,9 @@ def compress_and_export(source: str, method: str, options: Mapping[str, Any],
     (:mod:`edgestack.core.progress`). ``latency`` (method ``prune`` only): the keyword
     arguments of :func:`prune_to_latency` (``target_ms``, ``target``, ``step``, ...); the
     search picks the ratio and :attr:`Exported.latency` holds its steps."""
-    from edgestack.compress import compress
-    from edgestack.exporter import export, export_decoder
-    from edgestack.sources import load_source
+    from edgestack.compress import compress  # lazy: torch at import
+    from edgestack.exporter import export, export_decoder  # lazy: onnx at import
+    from edgestack.sources import load_source  # lazy: tests patch edgestack.sources.load_source
 
     src = load_source(source, **dict(load or {}))
     calib, calib_text = ((None, "none") if method == "none"
@@ -314,9 +319,8 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
         PackageError: as :func:`edgestack.packer.pack.pack`, or a file that is not ONNX
             (:func:`edgestack.packer.pack.read_onnx`).
     """
-    from edgestack.exporter.passes import compact_embeddings
-    from edgestack.package.format import TIERED_TARGETS
-    from edgestack.packer.pack import check_out, logger, pack, read_onnx
+    from edgestack.exporter.passes import compact_embeddings  # lazy: onnx at import
+    from edgestack.packer.pack import check_out, logger, pack, read_onnx  # lazy: onnx at import
 
     say = log or logger.info
     check_out(out, target, overwrite)
@@ -401,13 +405,7 @@ def compile_model(model: str | os.PathLike[str], target: str, out: str | os.Path
     """
     import onnx_ir as ir
 
-    from edgestack.packer.decoder import contract_of, golden_prompt
-    from edgestack.packer.pack import check_out, logger, pack, read_onnx
-    from edgestack.profiles import load_profile
-    from edgestack.targets import get_target
-    from edgestack.targets.feeds import example_feeds
-    from edgestack.targets.parity import TOLERANCES, TargetCheck, judge
-    from edgestack.targets.reference import reference_outputs
+    from edgestack.packer.pack import check_out, logger, pack, read_onnx  # lazy: onnx at import
 
     say = log or logger.info
     tgt = get_target(target)

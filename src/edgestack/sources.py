@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from edgestack import zoo
 from edgestack.errors import CheckpointError, EdgestackError
 
 
@@ -50,7 +51,7 @@ class ModelSource:
     def text_folder(self) -> Path | None:
         """The folder holding the model's ``tokenizer.json`` (a Hugging Face text model
         loaded from a folder, or the built-in ``minilm``), else None."""
-        from edgestack.compress.calib import tokenizer_folder
+        from edgestack.compress.calib import tokenizer_folder  # lazy: numpy at import
 
         return tokenizer_folder(self.model)
 
@@ -75,7 +76,7 @@ class ModelSource:
             CompressError: ``n`` is negative (or not an integer).
         """
         if n is not None:
-            from edgestack.compress.options import check_int
+            from edgestack.compress.options import check_int  # lazy: numpy at import
 
             check_int("n (calibration sentences)", n, 0, None,
                       "0 uses the example inputs")
@@ -84,7 +85,7 @@ class ModelSource:
             return self._file_calibration(file, n, seq, folder)
         if folder is None or n == 0:
             return [self.inputs], "the example inputs"
-        from edgestack.compress.calib import text_calib
+        from edgestack.compress.calib import text_calib  # lazy: numpy at import
 
         batches = self._like_inputs(text_calib(folder, n=n, seq=seq, batch=8))
         count = sum(int(b["input_ids"].shape[0]) for b in batches)
@@ -101,7 +102,7 @@ class ModelSource:
                           ) -> tuple[list[dict], str]:
         import torch
 
-        from edgestack.compress.calib import read_calib_file, text_calib
+        from edgestack.compress.calib import read_calib_file, text_calib  # lazy: numpy at import
 
         kind, data = read_calib_file(file)
         if kind == "texts":
@@ -157,7 +158,6 @@ def example_inputs(model: Any, batch: int, seq: int | None) -> dict[str, Any]:
     elif positions and seq > int(positions):
         raise EdgestackError(f"--seq {seq} is longer than the model's {positions} positions; "
                              f"pass --seq {positions} or less (or leave it out)")
-    from edgestack import zoo
 
     return zoo.token_inputs(int(vocab), batch, seq)
 
@@ -313,11 +313,10 @@ def load_source(
     """
     if from_ is not None:
         return _load_checkpoint(spec, from_, base, batch, seq, task, import_options)
-    from edgestack import zoo
 
     path = Path(spec)
     if path.is_dir():
-        from edgestack.compress.hf import load_hf_model
+        from edgestack.compress.hf import load_hf_model  # lazy: numpy at import
 
         model = load_hf_model(path, task=task)
         return ModelSource(model, example_inputs(model, batch or 1, seq), str(path))
@@ -331,7 +330,7 @@ def load_source(
             "--from {deepshift,welore,flap,bitstack} (and --base for the architecture)"
         )
     if HUB_ID.fullmatch(spec):
-        from edgestack.compress.hf import load_hf_model
+        from edgestack.compress.hf import load_hf_model  # lazy: numpy at import
 
         folder = hub_folder(spec)
         model = load_hf_model(folder, task=task)
@@ -349,10 +348,10 @@ def _load_checkpoint(spec: str, kind: str, base: str | None, batch: int | None,
     """An upstream checkpoint read by its importer into ``base``'s architecture. A ``base``
     folder gives the architecture by its config.json alone (no weights are read from it, and
     it may hold none: the checkpoint has them all); any other base is loaded as a source."""
-    from edgestack.compress.importers import load_checkpoint
+    from edgestack.compress.importers import load_checkpoint  # lazy: torch at import
 
     if base is not None and Path(base).is_dir():
-        from edgestack.compress.hf import model_from_config
+        from edgestack.compress.hf import model_from_config  # lazy: numpy at import
 
         arch = model_from_config(base, task=task)
         base_src = ModelSource(arch, example_inputs(arch, batch or 1, seq),

@@ -40,7 +40,7 @@ def token_inputs(vocab: int, batch: int, seq: int, seed: int = 0) -> dict[str, A
 
 def minilm(batch: int = 1, seq: int = 128) -> tuple[Any, dict[str, Any]]:
     """all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384), real weights, fp32, eval mode."""
-    from edgestack.compress.hf import load_hf_model
+    from edgestack.compress.hf import load_hf_model  # lazy: numpy at import
 
     model = load_hf_model(minilm_path())
     return model, token_inputs(model.config.vocab_size, batch, seq)

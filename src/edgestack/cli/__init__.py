@@ -39,7 +39,7 @@ EXIT_SKIPPED = 4
 
 
 def _commands() -> list:
-    from edgestack.cli import (
+    from edgestack.cli import (  # lazy: cycle, the commands import edgestack.cli
         bench,
         compile,
         demo,

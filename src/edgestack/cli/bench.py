@@ -17,6 +17,7 @@ from edgestack.cli import (
     prepare_output,
     progress,
 )
+from edgestack.errors import EdgestackError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -78,8 +79,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _count(text: str) -> int:
-    from edgestack.errors import EdgestackError
-
     try:
         value = int(text)
     except ValueError:
@@ -90,8 +89,8 @@ def _count(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgestack.profiler.bench import run_bench
-    from edgestack.targets.feeds import load_feeds
+    from edgestack.profiler.bench import run_bench  # lazy: keeps CLI start light
+    from edgestack.targets.feeds import load_feeds  # lazy: keeps CLI start light
 
     prepare_output(args.out, [args.source, args.dense, args.input, args.profile, args.tokenizer],
                    overwrite=args.overwrite, kind="folder", marker="bench.json")

@@ -6,6 +6,7 @@ import argparse
 import time
 
 from edgestack.cli import EXIT_OK, emit_json, prepare_output, progress
+from edgestack.targets import get_target
 
 #: edgestack.targets.TARGET_NAMES, spelled out so that building the CLI's parsers does not
 #: import the targets package (a test keeps the two equal)
@@ -49,8 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgestack.pipeline import compile_model
-    from edgestack.targets import get_target
+    from edgestack.pipeline import compile_model  # lazy: keeps CLI start light
 
     target = get_target(args.target)       # an unknown target fails before any work
     prepare_output(args.out, [args.model, args.profile], overwrite=args.overwrite,

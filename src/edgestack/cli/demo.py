@@ -14,6 +14,7 @@ from edgestack.cli import (
     prepare_output,
     progress,
 )
+from edgestack.errors import EdgestackError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -59,8 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgestack.demo import DEFAULT_METHODS, run_demo
-    from edgestack.errors import EdgestackError
+    from edgestack.demo import DEFAULT_METHODS, run_demo  # lazy: keeps CLI start light
 
     methods = None
     if args.methods:

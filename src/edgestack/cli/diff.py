@@ -11,6 +11,7 @@ import argparse
 import math
 
 from edgestack.cli import EXIT_CHECK_FAILED, EXIT_OK, emit_json, progress
+from edgestack.errors import TargetError
 
 DEFAULT_ATOL = 1e-4
 DEFAULT_RTOL = 1e-4
@@ -53,8 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgestack.errors import TargetError
-    from edgestack.profiler.diff_args import make_feeds, resolve_model
+    from edgestack.profiler.diff_args import make_feeds, resolve_model  # lazy: onnx at CLI start
 
     bad = [f"{flag} {v!r} (expected {want})" for flag, v, ok, want in (
         ("--atol", args.atol, math.isfinite(args.atol) and args.atol >= 0, "a number >= 0"),
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     refs = [resolve_model(args.a, "A"), resolve_model(args.b, "B")]
     make_feeds(refs, args.inputs, args.seed or 0)      # checked before anything runs
 
-    from edgestack.profiler.diff import diff_models, render_text
+    from edgestack.profiler.diff import diff_models, render_text  # lazy: torch at CLI start
 
     if not args.json:
         _log(f"running {refs[0].label} and {refs[1].label} with every value captured")

@@ -20,7 +20,7 @@ from edgestack.cli import (
 )
 from edgestack.cli.options import add_method_options, method_options
 from edgestack.compress.hf import TASKS
-from edgestack.compress.options import MAX_RATIO
+from edgestack.compress.options import MAX_RATIO, check_options
 from edgestack.errors import EdgestackError
 from edgestack.targets import TARGET_NAMES
 
@@ -130,8 +130,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgestack.compress.options import check_options  # torch-free: fails fast
-
     opts = method_options(args)
     check_options(args.method, **opts)                # bad values fail before loading
     latency = None
@@ -163,14 +161,14 @@ def run(args: argparse.Namespace) -> int:
                              "axes input)")
     out = prepare_output(args.out, [args.model, args.base, args.calib],
                          overwrite=args.overwrite, kind="onnx")
-    from edgestack.exporter.output import replaced_files
+    from edgestack.exporter.output import replaced_files  # lazy: onnx at CLI start
 
     replaced_files(out, args.overwrite)               # only an earlier export is replaced
     if args.calib is not None:
-        from edgestack.compress.calib import read_calib_file
+        from edgestack.compress.calib import read_calib_file  # lazy: keeps CLI start light
 
         read_calib_file(args.calib)                   # a bad file fails before loading
-    from edgestack.pipeline import compress_and_export
+    from edgestack.pipeline import compress_and_export  # lazy: keeps CLI start light
 
     t0 = time.perf_counter()
     _log = progress("export")

@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgestack.profiler.inspect import inspect_path, render_text
+    from edgestack.profiler.inspect import inspect_path, render_text  # lazy: onnx at CLI start
 
     report = inspect_path(args.path)
     if args.json:

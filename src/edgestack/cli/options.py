@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from edgestack.errors import CompressError
+
 METHODS = ("shift", "bitstack", "lowrank", "prune")
 
 
@@ -101,8 +103,6 @@ def _flags(args: argparse.Namespace) -> list[tuple[str, object, dict[str, str | 
 def method_options(args: argparse.Namespace, method: str | None = None) -> dict:
     """compress() options for ``method`` (default ``method``) from the command line;
     CompressError naming the flags given that the method does not take."""
-    from edgestack.errors import CompressError
-
     method = method or args.method
     flags = [f for f in _flags(args)  # only the flags this command has
              if hasattr(args, f[0].lstrip("-").replace("-", "_"))]

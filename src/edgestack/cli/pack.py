@@ -18,6 +18,8 @@ from edgestack.cli import (
 )
 from edgestack.cli.export import TASK_NAMES
 from edgestack.cli.options import METHODS, add_method_options, method_options
+from edgestack.compress.options import check_options
+from edgestack.errors import CompressError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -79,14 +81,12 @@ def run(args: argparse.Namespace) -> int:
                    overwrite=args.overwrite,
                    kind="package")
     if args.calib is not None:
-        from edgestack.compress.calib import read_calib_file
+        from edgestack.compress.calib import read_calib_file  # lazy: keeps CLI start light
 
         read_calib_file(args.calib)                   # a bad file fails before loading
     from pathlib import Path
 
-    from edgestack.compress.options import check_options
-    from edgestack.errors import CompressError
-    from edgestack.pipeline import pack_model
+    from edgestack.pipeline import pack_model  # lazy: keeps CLI start light
 
     opts = method_options(args)
     if opts and Path(args.model).suffix == ".onnx":

@@ -8,6 +8,7 @@ from pathlib import Path
 from edgestack.cli import COUNT, EXIT_CHECK_FAILED, EXIT_OK, bounds, emit_json
 from edgestack.cli.compile import TARGETS
 from edgestack.cli.options import METHODS, add_method_options, method_options
+from edgestack.compress.options import check_options
 from edgestack.core import atomic
 
 
@@ -40,13 +41,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgestack.compress.options import check_options
-
     opts = method_options(args)       # a flag the method does not take: exit 2, first
     if args.method != "none":
         check_options(args.method, **opts)                   # bad values fail first
-    from edgestack.targets.feeds import example_feeds
-    from edgestack.targets.parity import Case, cross_check
+    from edgestack.targets.feeds import example_feeds  # lazy: keeps CLI start light
+    from edgestack.targets.parity import Case, cross_check  # lazy: keeps CLI start light
 
     targets = "all" if args.targets == "all" else [t.strip() for t in args.targets.split(",")]
     options = {}
@@ -74,10 +73,13 @@ def _case_from_source(args: argparse.Namespace, tmp: Path):
 
     import torch
 
-    from edgestack.exporter.export import compacted_tables
-    from edgestack.exporter.signature import flatten_outputs, normalize_inputs
-    from edgestack.pipeline import compress_and_export
-    from edgestack.targets.parity import Case
+    from edgestack.exporter.export import compacted_tables  # lazy: onnx at CLI start
+    from edgestack.exporter.signature import (  # lazy: onnx at CLI start
+        flatten_outputs,
+        normalize_inputs,
+    )
+    from edgestack.pipeline import compress_and_export  # lazy: keeps CLI start light
+    from edgestack.targets.parity import Case  # lazy: keeps CLI start light
 
     out = tmp / "model.onnx"
     with warnings.catch_warnings():

@@ -54,8 +54,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgestack.package import Package
-    from edgestack.runtime import (
+    from edgestack.package import Package  # lazy: keeps CLI start light
+    from edgestack.runtime import (  # lazy: keeps CLI start light
         DEFAULT_COSTS,
         calibrate,
         check_engine,

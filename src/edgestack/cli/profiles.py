@@ -39,7 +39,7 @@ def _latency(ms: float | None) -> str:
 
 def table(profiles: list) -> str:
     """The ``profiles list`` table: one row per profile, aligned columns."""
-    from edgestack.profiles import format_size
+    from edgestack.profiles import format_size  # lazy: keeps CLI start light
 
     rows = [_COLUMNS] + [
         (p.name, p.target, p.arch, p.precision, str(p.threads), format_size(p.memory_budget),
@@ -59,7 +59,7 @@ def table(profiles: list) -> str:
 
 def details(profile) -> str:
     """The ``profiles show`` text: one field per line, sizes with their bytes."""
-    from edgestack.profiles import FIELDS, format_size
+    from edgestack.profiles import FIELDS, format_size  # lazy: keeps CLI start light
 
     width = max(len(f) for f in FIELDS + ("file",))
     lines = []
@@ -83,7 +83,7 @@ def details(profile) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgestack.profiles import list_profiles, load_profile
+    from edgestack.profiles import list_profiles, load_profile  # lazy: keeps CLI start light
 
     if args.profiles_command == "list":
         profiles = list_profiles()

@@ -26,7 +26,9 @@ from edgestack.cli import (
 )
 from edgestack.cli.export import TASK_NAMES
 from edgestack.cli.options import METHODS, add_method_options, method_options
+from edgestack.compress.options import check_options
 from edgestack.core import atomic
+from edgestack.errors import CompressError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -85,10 +87,8 @@ _log = progress("quality")
 
 def run(args: argparse.Namespace) -> int:
     if args.method is not None:   # a flag the method does not take, a bad value: before torch
-        from edgestack.compress.options import check_options
-
         check_options(args.method, **method_options(args))
-    from edgestack.compress.quality import (
+    from edgestack.compress.quality import (  # lazy: torch at CLI start
         BASELINES,
         QualityConfig,
         choose_evaluator,
@@ -98,8 +98,7 @@ def run(args: argparse.Namespace) -> int:
         smallest_within,
         suite_configs,
     )
-    from edgestack.errors import CompressError
-    from edgestack.sources import load_source
+    from edgestack.sources import load_source  # lazy: tests patch edgestack.sources.load_source
 
     modes = [m for m, on in (("--method", args.method is not None), ("--all", args.all),
                              ("--max-drop", args.max_drop is not None)) if on]

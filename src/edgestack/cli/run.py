@@ -20,6 +20,7 @@ from edgestack.cli import (
 from edgestack.cli.plan import add_package_args
 from edgestack.cli.verify import check_golden, golden_inputs_of
 from edgestack.core import atomic
+from edgestack.errors import TargetError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -60,8 +61,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from edgestack.runtime import Runtime
-    from edgestack.targets.feeds import load_feeds
+    from edgestack.runtime import Runtime  # lazy: keeps CLI start light
+    from edgestack.targets.feeds import load_feeds  # lazy: keeps CLI start light
 
     if args.prompt is not None:
         return run_prompt(args)
@@ -113,9 +114,8 @@ def run_prompt(args: argparse.Namespace) -> int:
     plan)."""
     import sys
 
-    from edgestack.errors import TargetError
-    from edgestack.package import Package
-    from edgestack.runtime import Runtime, package_tokenizer
+    from edgestack.package import Package  # lazy: keeps CLI start light
+    from edgestack.runtime import Runtime, package_tokenizer  # lazy: keeps CLI start light
 
     bad = [f for f, v in (("--input", args.input), ("--output", args.output)) if v]
     if bad or args.repeat != 1:

@@ -13,7 +13,9 @@ from pathlib import Path
 from edgestack.cli import EXIT_OK, emit_json, prepare_output, progress
 from edgestack.cli.export import TASK_NAMES
 from edgestack.cli.options import METHODS, add_method_options, method_options
+from edgestack.compress.options import check_int, check_options
 from edgestack.core import atomic
+from edgestack.errors import CompressError
 
 _log = progress("sensitivity")
 
@@ -71,9 +73,6 @@ def check_args(args: argparse.Namespace) -> dict:
     Raises:
         EdgestackError: a bad value (the message says which and what was expected).
     """
-    from edgestack.compress.options import check_int, check_options  # torch-free
-    from edgestack.errors import CompressError
-
     opts = method_options(args)
     check_options(args.method, **opts)
     if args.top is not None:
@@ -97,9 +96,9 @@ def check_args(args: argparse.Namespace) -> dict:
 def run(args: argparse.Namespace) -> int:
     opts = check_args(args)
 
-    from edgestack.compress.quality import choose_evaluator
-    from edgestack.profiler.sensitivity import layer_sensitivity
-    from edgestack.sources import load_source
+    from edgestack.compress.quality import choose_evaluator  # lazy: torch at CLI start
+    from edgestack.profiler.sensitivity import layer_sensitivity  # lazy: torch at CLI start
+    from edgestack.sources import load_source  # lazy: tests patch edgestack.sources.load_source
 
     say = _log if not args.json else (lambda _m: None)
     say(f"loading {args.model}")

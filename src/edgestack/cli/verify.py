@@ -8,7 +8,9 @@ import argparse
 import contextlib
 from collections.abc import Iterator
 
+import edgestack
 from edgestack.cli import EXIT_CHECK_FAILED, EXIT_OK, EXIT_SKIPPED, emit_json, printable
+from edgestack.errors import BackendUnavailable, EdgestackError, PackageError
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,9 +37,8 @@ def verify_package(path: str) -> dict:
     """Hash-check a package and run its golden self-test; the report as a dict."""
     import time
 
-    from edgestack.errors import BackendUnavailable
-    from edgestack.package import Package
-    from edgestack.runtime import Runtime
+    from edgestack.package import Package  # lazy: keeps CLI start light
+    from edgestack.runtime import Runtime  # lazy: keeps CLI start light
 
     t0 = time.perf_counter()
     with Package.open(path) as pkg:
@@ -47,7 +48,7 @@ def verify_package(path: str) -> dict:
         except ImportError:   # a device without onnx: the runtime checks what ORT reports
             graphs = "skipped: onnx is not installed"
         else:
-            from edgestack.packer.graphcheck import check_graphs
+            from edgestack.packer.graphcheck import check_graphs  # lazy: onnx at CLI start
 
             graphs = f"ok ({len(check_graphs(pkg))} checked)"
         golden = pkg.golden_info
@@ -78,8 +79,6 @@ def verify_package(path: str) -> dict:
 def check_golden(path: object, what: str, arrays: dict) -> None:
     """Golden arrays are numbers (a package whose golden file holds strings or objects is
     damaged, however its hash reads: exit 2, not a failed self-test)."""
-    from edgestack.errors import PackageError
-
     for name, arr in arrays.items():
         if arr.dtype.kind not in "biufc":
             raise PackageError(
@@ -91,8 +90,6 @@ def check_golden(path: object, what: str, arrays: dict) -> None:
 def golden_inputs_of(path: object) -> Iterator[None]:
     """Errors of running the package's own golden inputs name them and the fix (the inputs
     are the package's, so the package is damaged)."""
-    from edgestack.errors import BackendUnavailable, EdgestackError, PackageError
-
     try:
         yield
     except BackendUnavailable:
@@ -106,8 +103,6 @@ def golden_inputs_of(path: object) -> Iterator[None]:
 def check_golden_fits(path: object, outputs: dict, got: dict) -> None:
     """The golden outputs have the names and shapes the graph gives for the golden inputs; a
     mismatch is a golden file that belongs to another graph (exit 2), not a numeric failure."""
-    from edgestack.errors import PackageError
-
     for name, ref in outputs.items():
         if name not in got:
             raise PackageError(
@@ -133,8 +128,7 @@ def verify_emulated(path: str) -> dict:
     import json
     from pathlib import Path
 
-    import edgestack
-    from edgestack.targets.emulate import AArch64Emulator
+    from edgestack.targets.emulate import AArch64Emulator  # lazy: keeps CLI start light
 
     emu = AArch64Emulator.find()
     src = Path(edgestack.__file__).resolve().parents[1]
@@ -147,8 +141,6 @@ def verify_emulated(path: str) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
-
-    from edgestack.errors import PackageError
 
     if (Path(args.package) / "artifact.json").is_file():
         raise PackageError(

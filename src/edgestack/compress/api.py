@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgestack.compress.calib import check_calib_tokens, model_text_calib
 from edgestack.compress.options import (  # re-exported: the passes import them from here
     METHODS,
     check_options,
@@ -141,7 +142,6 @@ class PassContext:
                 "calib=[...] (e.g. edgestack.compress.calib.text_calib(model_dir)) or "
                 f"{instead}"
             )
-        from edgestack.compress.calib import check_calib_tokens
 
         check_calib_tokens(self.calib)
 
@@ -562,8 +562,6 @@ def compress(
     for layer in layers:
         check_finite_weight(layer)
     if opts["extra_texts"] > 0:
-        from edgestack.compress.calib import model_text_calib
-
         calib = list(calib or []) + model_text_calib(model, opts["extra_texts"], calib)
     ctx = PassContext(model, method, opts, layers, calib, progress, stats_cache)
     ctx.report.skipped.extend(skipped)

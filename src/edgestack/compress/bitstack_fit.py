@@ -22,7 +22,11 @@ from __future__ import annotations
 
 import torch
 
+from edgestack.compress.api import progress_iter
+from edgestack.compress.finetune import batch_loss, freeze, target_norms
 from edgestack.compress.gptq import GPTQ_BLOCK, gptq_columns, h_error, inverse_factor
+from edgestack.compress.layers import BitStackWeight
+from edgestack.formats import BitStackStack
 
 #: Ridge added to the per-row ``k x k`` systems of the ``u`` step, relative to their trace.
 RIDGE = 1e-6
@@ -182,11 +186,6 @@ def finetune_factors(
         ``{"steps", "seconds", "loss_first", "loss_last"}``.
     """
     import time
-
-    from edgestack.compress.api import progress_iter
-    from edgestack.compress.finetune import batch_loss, freeze, target_norms
-    from edgestack.compress.layers import BitStackWeight
-    from edgestack.formats import BitStackStack
 
     device = targets[0].device
     trainers = {name: _TrainableStack(layer.weight_module) for name, layer in layers}

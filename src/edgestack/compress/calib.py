@@ -26,6 +26,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from edgestack.core.quality import held_sentences
 from edgestack.errors import CompressError
 
 #: Fewest real (attention-mask) tokens that calibration data must hold.
@@ -106,8 +107,6 @@ def corpus_sentences(n: int | None = None, seed: int = 0) -> list[str]:
         n: at most this many sentences (None: all, a few thousand).
         seed: order of the docstring sentences.
     """
-    from edgestack.core.quality import held_sentences
-
     held = set(held_sentences())
     seen: set[str] = set()
     out: list[str] = []

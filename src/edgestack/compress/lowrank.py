@@ -68,7 +68,7 @@ from edgestack.compress.api import (
     InputStats,
     PassContext,
 )
-from edgestack.compress.layers import LowRankConv, LowRankLinear
+from edgestack.compress.layers import LowRankConv, LowRankLinear, MonarchLinear, monarch_factors
 from edgestack.compress.report import LayerReport
 from edgestack.compress.walk import LayerInfo, dense_weight, replace_module
 from edgestack.formats import LowRankFactors
@@ -147,8 +147,6 @@ def spectrum_rank(s: torch.Tensor, energy: float) -> int:
 
 
 def _run_monarch(ctx: PassContext) -> None:
-    from edgestack.compress.layers import MonarchLinear, monarch_factors
-
     o = ctx.options
     nb = o["monarch_blocks"]
     replacements = []

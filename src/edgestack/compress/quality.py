@@ -31,9 +31,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from edgestack.compress import compress
 from edgestack.compress.api import first_tensor
+from edgestack.compress.bitstack import set_tier
+from edgestack.compress.calib import jsonl_records, load_tokenizer, read_calib_file, text_field
+from edgestack.compress.hf import detect_task
 from edgestack.compress.layers import decoded_weights
 from edgestack.compress.walk import LayerInfo, dense_weight, iter_layers
+from edgestack.core.quality import compare_embeddings, held_sentences, mean_pool
 from edgestack.errors import CompressError
 
 BASELINES = ("int8", "int4_g32", "int4_g128")
@@ -57,9 +62,6 @@ class EmbeddingEval:
     def for_model(cls, model: nn.Module, model_dir: str | Path,
                   sentences: list[str] | None = None, seq: int = 128) -> EmbeddingEval:
         """Tokenize ``sentences`` (default: the held set) and embed them with ``model``."""
-        from edgestack.compress.calib import load_tokenizer
-        from edgestack.core.quality import held_sentences
-
         sentences = held_sentences() if sentences is None else sentences
         tok = load_tokenizer(model_dir, seq)
         enc = tok.encode_batch(sentences)
@@ -72,16 +74,12 @@ class EmbeddingEval:
 
     def embed(self, model: nn.Module) -> np.ndarray:
         """Mean-pooled embeddings of the held batch."""
-        from edgestack.core.quality import mean_pool
-
         with torch.no_grad():
             hidden = first_tensor(model(**self.batch)).float().numpy()
         return mean_pool(hidden, self.batch["attention_mask"].numpy())
 
     def score(self, model: nn.Module) -> dict[str, float]:
         """``{"cosine_mean", "cosine_min", "spearman_pairwise"}`` vs the reference."""
-        from edgestack.core.quality import compare_embeddings
-
         return {k: round(v, self.digits)
                 for k, v in compare_embeddings(self.ref, self.embed(model)).items()}
 
@@ -144,13 +142,6 @@ class TaskEval:
             CompressError: an unsupported task, a file without labels for a classifier, a
                 label the model does not know.
         """
-        from edgestack.compress.calib import (
-            jsonl_records,
-            load_tokenizer,
-            read_calib_file,
-            text_field,
-        )
-
         if task not in cls.TASKS:
             raise CompressError(f"--eval measures {', '.join(cls.TASKS)} (and sentence "
                                 f"embeddings of a feature-extraction model); found task "
@@ -242,9 +233,6 @@ def choose_evaluator(model: nn.Module, model_dir: str | Path | None, inputs: dic
             the metric cannot use.
     """
     if eval_file is not None:
-        from edgestack.compress.calib import read_calib_file
-        from edgestack.compress.hf import detect_task
-
         if model_dir is None:
             raise CompressError(f"--eval {eval_file}: {description} has no tokenizer.json to "
                                 "read the file with; --eval needs a Hugging Face text model "
@@ -351,9 +339,6 @@ def quality_rows(
         One dict per row: ``label, method, options, bits_per_weight, bytes, dense_bytes,
         seconds`` and the metric keys of ``score``.
     """
-    from edgestack.compress import compress
-    from edgestack.compress.bitstack import set_tier
-
     rows = []
     for cfg in configs:
         skip = tuple(cfg.options.get("skip", ()))

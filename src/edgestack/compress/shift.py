@@ -79,11 +79,15 @@ import torch
 from torch import nn
 
 from edgestack.compress.api import (
+    InputStats,
     PassContext,
+    _input_channels,
     _model_device,
     first_tensor,
     inputs_to,
 )
+from edgestack.compress.calib import check_calib_tokens
+from edgestack.compress.finetune import finetune_shift
 from edgestack.compress.gptq import GPTQ_BLOCK, gptq_columns, h_error, hessian, inverse_factor
 from edgestack.compress.layers import CompressedLayer, ShiftWeight
 from edgestack.compress.report import LayerReport
@@ -226,8 +230,6 @@ def layer_input_stats(model: nn.Module, calib: list[dict[str, Any]], layer: Laye
                       ) -> Any:
     """Input statistics (with the Gram matrix for linear layers) of one layer, running each
     calibration batch only up to that layer."""
-    from edgestack.compress.api import InputStats, _input_channels
-
     st = InputStats(layer, _input_channels(layer), layer.kind == "linear")
 
     def hook(_mod: nn.Module, args: tuple[Any, ...]) -> None:
@@ -269,8 +271,6 @@ def model_outputs(model: nn.Module, calib: list[dict[str, Any]]) -> list[torch.T
 
 def _enough_calib(calib: Any) -> bool:
     """Whether ``calib`` is enough data for GPTQ (what ``rounding="auto"`` picks it for)."""
-    from edgestack.compress.calib import check_calib_tokens
-
     if not calib:
         return False
     try:
@@ -345,8 +345,6 @@ def run(ctx: PassContext) -> None:
         for layer, new in replacements:
             replace_module(ctx.model, layer.name, new)
     if o["finetune_steps"] > 0 and replacements:
-        from edgestack.compress.finetune import finetune_shift
-
         steps = o["finetune_steps"]
         n_val = min(MAX_VAL_BATCHES, round(o["finetune_val"] * len(ctx.calib)))
         info = finetune_shift(ctx.model, [(lay.name, new) for lay, new in replacements],

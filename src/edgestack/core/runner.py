@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from edgestack.errors import TargetError
+
 
 class Runner(abc.ABC):
     """Runs one model. ``last_ms``: the wall time of the last :meth:`infer`, in ms."""
@@ -57,8 +59,6 @@ class SessionRunner(Runner):
 
     def infer(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if self.session is None:
-            from edgestack.errors import TargetError
-
             raise TargetError("SessionRunner: released; create a new one to run again")
         t0 = time.perf_counter()
         out = self.session.run(None, {k: np.asarray(v) for k, v in feeds.items()})

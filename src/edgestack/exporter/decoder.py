@@ -152,7 +152,7 @@ def decoder_example(model: Any, *, batch: int = TRACE_SIZES["batch"],
                           f"({sorted(head_dims)}); expected one head_dim")
     head_dim = head_dims.pop()
     pad = getattr(getattr(model, "generation_config", None), "pad_token_id", None)
-    from edgestack.compress.walk import tied_parameters  # imports torch: on first use
+    from edgestack.compress.walk import tied_parameters  # lazy: torch at import
 
     contract = DecoderContract(
         num_layers=len(layers), kv_heads=kv_heads, head_dim=head_dim, vocab_size=vocab,

@@ -47,6 +47,7 @@ from typing import Any
 
 import onnx
 
+import edgestack
 from edgestack.core import atomic
 from edgestack.core.compare import error_stats
 from edgestack.core.logs import quiet_loggers
@@ -189,7 +190,7 @@ def _head(exc: BaseException, lines: int = _MESSAGE_LINES) -> str:
 @contextlib.contextmanager
 def _export_mode(model: Any) -> Iterator[None]:
     """Eval mode and active BitStack prefixes for the duration of the export, then restore."""
-    from edgestack.compress.layers import BitStackWeight
+    from edgestack.compress.layers import BitStackWeight  # lazy: torch at import
 
     training = {m: m.training for m in model.modules()}
     swapped = []
@@ -209,14 +210,14 @@ def _export_mode(model: Any) -> Iterator[None]:
 
 
 def _lowrank_layers(model: Any) -> list[str]:
-    from edgestack.compress.layers import LowRankConv, LowRankLinear
+    from edgestack.compress.layers import LowRankConv, LowRankLinear  # lazy: torch at import
 
     return [n for n, m in model.named_modules() if isinstance(m, (LowRankLinear, LowRankConv))]
 
 
 def _weight_owner(model: Any) -> dict[int, str]:
     """``{id(buffer): layer name}`` for the packed buffers of compressed layers."""
-    from edgestack.compress.layers import CompressedLayer
+    from edgestack.compress.layers import CompressedLayer  # lazy: torch at import
 
     owners = {}
     for name, m in model.named_modules():
@@ -381,8 +382,6 @@ def _postprocess(model_ir: Any, owners_by_name: dict[str, str], output_names: li
                  lowrank: list[str], metadata: Any, axes: dict[str, dict[int, str]]
                  ) -> tuple[dict[str, int], dict[str, str]]:
     """Add functions, node layer tags, output names and metadata to the exported model."""
-    import edgestack
-
     graph = model_ir.graph
     opset = model_ir.opset_imports.get("", None) or graph.opset_imports.get("")
     nodes = _edgestack_nodes(graph)

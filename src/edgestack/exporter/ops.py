@@ -280,7 +280,7 @@ class EdgestackOp:
         """The torch op this node translates, ``torch.ops.edgestack.<torch_name>.default``."""
         import torch
 
-        from edgestack.compress import ops as _torch_ops  # noqa: F401  (registers the ops)
+        from edgestack.compress import ops as _torch_ops  # noqa: F401  (registers; lazy: torch)
 
         return getattr(torch.ops.edgestack, self.torch_name).default
 

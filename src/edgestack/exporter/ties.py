@@ -21,7 +21,7 @@ META_TIED = "edgestack.tied_weights"
 def retie(model: Any, model_ir: Any, say: Callable[[str], None]) -> None:
     """Store each tied tensor of ``model`` once in ``model_ir`` (in place; one ``say`` line
     per copy dropped), :class:`~edgestack.exporter.passes.RetiePass`."""
-    from edgestack.compress.walk import tied_parameters
+    from edgestack.compress.walk import tied_parameters  # lazy: torch at import
 
     groups = tied_parameters(model)
     if not groups:
@@ -45,7 +45,7 @@ def tied_weights(model: Any, model_ir: Any) -> list[dict[str, Any]]:
     the tensor or its transpose, under any name), ``copies`` (how many; 1 when the file
     keeps the tie) and ``bytes`` (of one copy).
     """
-    from edgestack.compress.walk import tied_parameters
+    from edgestack.compress.walk import tied_parameters  # lazy: torch at import
 
     groups = tied_parameters(model)
     params = dict(model.named_parameters(remove_duplicate=False))

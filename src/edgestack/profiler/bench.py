@@ -59,8 +59,9 @@ from typing import Any
 
 import numpy as np
 
-from edgestack.core.latency import interleaved_latency, latency_stats
+from edgestack.core.latency import cpu_extensions, interleaved_latency, latency_stats
 from edgestack.core.logs import quiet_loggers
+from edgestack.core.ort import cpu_session
 from edgestack.core.progress import Progress, progress_bar, progress_iter
 from edgestack.core.quality import (
     cosine_rows,
@@ -72,12 +73,22 @@ from edgestack.core.quality import (
 )
 from edgestack.core.runner import Runner, SessionRunner
 from edgestack.errors import InternalError, TargetError
+from edgestack.package import Package
+from edgestack.package.format import ARCHIVE_SUFFIX, MANIFEST_NAME, SUPPORTED_TARGETS
+from edgestack.pipeline import compile_model
 from edgestack.profiler.pareto import (
     at_baseline_markdown,
     at_baseline_table,
     pareto_markdown,
     pareto_table,
 )
+from edgestack.profiler.plots import plot_bench
+from edgestack.profiles import load_profile
+from edgestack.runtime import Runtime, calibrate, plan_tier
+from edgestack.runtime.openvino import PROFILE_PRECISIONS, OpenVINOSession
+from edgestack.targets import TARGET_NAMES, get_target
+from edgestack.targets.feeds import example_feeds
+from edgestack.targets.parity import TOLERANCES, compare_output
 
 #: Baseline labels, in report order (module docstring).
 BASELINES = ("ORT fp32", "ORT dynamic int8 per-tensor", "ORT dynamic int8 per-channel",
@@ -153,7 +164,7 @@ def preload(spec: Mapping[str, Any]) -> None:
     """Import what loading ``spec`` needs (the backend library, the runtime manager), so that
     import cost is not counted as the model's memory."""
     if spec["kind"] == "package":
-        import edgestack.runtime  # noqa: F401
+        import edgestack.runtime  # noqa: F401  # lazy: importing it is what preload is for
     if spec["target"] in ("ort-cpu", "ort-arm"):
         import onnxruntime  # noqa: F401
     elif spec["target"] == "openvino-cpu" or spec["options"].get("engine") == "openvino":
@@ -167,18 +178,13 @@ def open_subject(spec: Mapping[str, Any]) -> Runner:
     opts = spec["options"]
     if spec["kind"] == "model":
         if spec["target"] == "openvino-cpu":
-            from edgestack.runtime.openvino import PROFILE_PRECISIONS, OpenVINOSession
-
             return SessionRunner(OpenVINOSession(
                 spec["path"], threads=opts.get("threads"),
                 precision=PROFILE_PRECISIONS.get(opts.get("precision"))))
-        from edgestack.core.ort import cpu_session
 
         return SessionRunner(cpu_session(spec["path"], opts.get("threads") or 0, "all",
                                          opts.get("spinning", "on")))
     if spec["kind"] == "package":
-        from edgestack.runtime import Runtime
-
         return Runtime(spec["path"], budget=opts["budget"], tier=opts.get("tier"),
                        threads=opts.get("threads"), form=opts.get("form", "auto"),
                        engine=opts.get("engine", "auto"), precision=opts.get("precision"))
@@ -191,8 +197,6 @@ def bench_feeds(model_path: str | Path, batch: int = 1, seq: int = 128,
     """Deterministic inputs for every graph input: the first dimension (when symbolic) is
     ``batch``, other symbolic ones ``seq``; token ids in [0, 1000), masks ones, token types
     zeros, floats standard normal (:func:`edgestack.targets.feeds.example_feeds`)."""
-    from edgestack.targets.feeds import example_feeds
-
     return example_feeds(model_path, batch=batch, seq=seq, seed=seed, high=1000)
 
 
@@ -211,9 +215,6 @@ def target_subjects(model: Path, work: Path, targets: Sequence[str], profile: An
     (:func:`edgestack.pipeline.compile_model`), each served by the runtime manager;
     ``(subjects, skipped)`` (``progress``: a bar over the targets,
     :mod:`edgestack.core.progress`)."""
-    from edgestack.pipeline import compile_model
-    from edgestack.targets import get_target
-
     subjects, skipped = [], {}
     for name in progress_iter(targets, progress, "bench: compile"):
         target = get_target(name)
@@ -426,9 +427,6 @@ def package_disk_bytes(path: str | Path) -> int:
     ``manifest.json`` plus every file the manifest lists (their sizes, which
     :meth:`~edgestack.package.Package.open` checks); files it does not list are not part of
     the package."""
-    from edgestack.package import Package
-    from edgestack.package.format import MANIFEST_NAME
-
     path = Path(path)
     if path.is_file():
         return path.stat().st_size
@@ -439,8 +437,6 @@ def package_disk_bytes(path: str | Path) -> int:
 
 def is_package_path(path: Path) -> bool:
     """Whether ``path`` looks like a device package (a folder with manifest.json, or .tar)."""
-    from edgestack.package.format import ARCHIVE_SUFFIX, MANIFEST_NAME
-
     return (path.is_dir() and (path / MANIFEST_NAME).is_file()) or (
         path.is_file() and path.suffix == ARCHIVE_SUFFIX)
 
@@ -469,11 +465,6 @@ def package_subjects(path: Path, count: int | str, log: Callable[[str], None],
     """One subject per measured tier of a package: ``(subjects, skipped, golden inputs,
     largest tier)``. A package whose target cannot run here gives no subjects and says why
     in ``skipped``."""
-    from edgestack.package import Package
-    from edgestack.package.format import SUPPORTED_TARGETS
-    from edgestack.runtime import calibrate, plan_tier
-    from edgestack.targets import get_target
-
     with Package.open(path) as pkg:
         man = pkg.manifest
         if man.golden is None:
@@ -509,10 +500,7 @@ def reference_handle(path: Path, *, tier: int | None = None, threads: int = 1) -
     like :func:`edgestack.targets.reference.reference_outputs`), or a package at ``tier``
     (the runtime manager, no budget limit, the tier's exact float32 weights)."""
     if tier is not None:
-        from edgestack.runtime import Runtime
-
         return Runtime(path, tier=tier, form="fp32")
-    from edgestack.core.ort import cpu_session
 
     return SessionRunner(cpu_session(path, threads, "all"))
 
@@ -527,7 +515,7 @@ def dense_of(model: Path, out: Path) -> Path:
     import onnx_ir as ir
     import onnxruntime as ort
 
-    from edgestack.targets import passes as P
+    from edgestack.targets import passes as P  # lazy: onnx at import
 
     m = ir.load(model)
     P.run_passes(m, [P.MaterializePass()])
@@ -605,8 +593,6 @@ def _quality(got: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray]
              ) -> tuple[float, float, float]:
     """Worst ``(cosine, max_abs, max_rel)`` over the reference's outputs (a missing or
     misshapen output: ``(0, inf, inf)``)."""
-    from edgestack.targets.parity import TOLERANCES, compare_output
-
     if any(name not in got for name in ref):
         return 0.0, math.inf, math.inf
     checks = [compare_output(name, got[name], r, TOLERANCES["fp32"]) for name, r in ref.items()]
@@ -811,9 +797,6 @@ def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
     Raises:
         EdgestackError: a bad source, profile or target name.
     """
-    from edgestack.profiles import load_profile
-    from edgestack.targets import TARGET_NAMES
-
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     src = Path(source)
     is_package = is_package_path(src)
@@ -876,7 +859,6 @@ def run_bench(source: str | Path, out_dir: str | Path, *, profile: Any = None,
     rows = measure_subjects(subjects, feeds, reference, work, quality=probe,
                             iterations=iterations, warmup=warmup, seconds=seconds,
                             memory=memory, log=log, progress=progress)
-    from edgestack.core.latency import cpu_extensions
 
     settings = {"threads": threads, "cpu_extensions": cpu_extensions(),
                 "iterations": iterations, "warmup": warmup,
@@ -957,8 +939,6 @@ def write_report(report: BenchReport, out: Path, plots: bool = True) -> BenchRep
     report.files["json"] = str(out / "bench.json")
     report.files["markdown"] = str(out / "bench.md")
     if plots:
-        from edgestack.profiler.plots import plot_bench
-
         report.files.update(plot_bench(report, out))
     (out / "bench.md").write_text(report.markdown() + "\n", encoding="utf-8")
     (out / "bench.json").write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n",

@@ -47,6 +47,7 @@ from edgestack.package.format import (
     MANIFEST_NAME,
     VARIANT_FILE,
 )
+from edgestack.package.reader import Package
 
 _META_PREFIX = "edgestack."
 _METHOD = "edgestack.method"
@@ -410,8 +411,6 @@ def inspect_package(path: str | os.PathLike[str]) -> dict[str, Any]:
     Raises:
         PackageError: the package's manifest or files are damaged (from ``Package.open``).
     """
-    from edgestack.package.reader import Package
-
     with Package.open(path) as pkg:
         man = pkg.manifest
         files = [{"name": n, "role": e.role, "size": e.size} for n, e in pkg.files.items()]

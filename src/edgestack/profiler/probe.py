@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.loads(Path(args[0]).read_text(encoding="utf-8"))
     import numpy as np
 
-    from edgestack.profiler.bench import open_subject, preload
+    from edgestack.profiler.bench import open_subject, preload  # lazy: numpy at import
 
     preload(spec)
     before = peak_rss()

@@ -39,6 +39,7 @@ from torch import nn
 
 from edgestack.compress import compress
 from edgestack.compress.api import StatsCache, progress_iter, select_layers
+from edgestack.compress.calib import model_text_calib
 from edgestack.compress.options import check_options
 from edgestack.compress.prune import find_structures
 from edgestack.compress.quality import metric_drop
@@ -253,8 +254,6 @@ def layer_sensitivity(
     units, not_scored = find_units(model, method, opts["skip"], patterns)
     model.eval()
     if opts["extra_texts"]:   # resolved once, so every unit sees the same calibration set
-        from edgestack.compress.calib import model_text_calib
-
         calib = list(calib or []) + model_text_calib(model, opts["extra_texts"], calib)
     given = {k: v for k, v in options.items() if k != "extra_texts"}
     reference = dict(score(model))

@@ -24,10 +24,10 @@ TARGET_NAMES = ("ort-cpu", "ort-arm", "openvino-cpu", "tensorrt-gpu")
 
 
 def _classes() -> dict[str, type[Target]]:
-    from edgestack.targets.openvino_cpu import OpenVinoCpuTarget
-    from edgestack.targets.ort_arm import OrtArmTarget
-    from edgestack.targets.ort_cpu import OrtCpuTarget
-    from edgestack.targets.tensorrt_gpu import TensorRtGpuTarget
+    from edgestack.targets.openvino_cpu import OpenVinoCpuTarget  # lazy: keeps CLI start light
+    from edgestack.targets.ort_arm import OrtArmTarget  # lazy: keeps CLI start light
+    from edgestack.targets.ort_cpu import OrtCpuTarget  # lazy: keeps CLI start light
+    from edgestack.targets.tensorrt_gpu import TensorRtGpuTarget  # lazy: keeps CLI start light
 
     return {"ort-cpu": OrtCpuTarget, "ort-arm": OrtArmTarget,
             "openvino-cpu": OpenVinoCpuTarget, "tensorrt-gpu": TensorRtGpuTarget}

@@ -250,7 +250,7 @@ class Target:
         Returns:
             The :class:`Artifact` (``artifact.json`` written).
         """
-        from edgestack.profiles import Profile, load_profile
+        from edgestack.profiles import Profile, load_profile  # lazy: keeps CLI start light
 
         if isinstance(profile, str):
             profile = load_profile(profile)
@@ -275,7 +275,7 @@ class Target:
         art = self.lower_impl(model_path, out, profile, opts)
         # a lowered graph may still read tensors it did not rewrite from the source's external
         # data (onnx-ir saves them as references): that data goes beside it
-        from edgestack.exporter.output import external_files  # (imports onnx-ir)
+        from edgestack.exporter.output import external_files  # lazy: onnx at import
 
         for name in external_files(model_path):  # by the names the graph gives them
             data = model_path.parent / name

@@ -28,6 +28,9 @@ import numpy as np
 from edgestack.core import atomic
 from edgestack.core.compare import agree
 from edgestack.errors import TargetError
+from edgestack.targets import TARGET_NAMES, get_target
+from edgestack.targets.emulate import AArch64Emulator
+from edgestack.targets.reference import reference_outputs
 
 
 @dataclass(frozen=True)
@@ -165,9 +168,6 @@ def cross_check(cases: Sequence[Case], targets: Sequence[str] | str = "all", *,
     Returns:
         One :class:`CaseReport` per case.
     """
-    from edgestack.targets import TARGET_NAMES, get_target
-    from edgestack.targets.reference import reference_outputs
-
     names = list(TARGET_NAMES) if targets == "all" else list(targets)
     tols = dict(TOLERANCES, **(tolerances or {}))
     resolved = [get_target(n) for n in names]      # unknown names fail before any work
@@ -203,8 +203,6 @@ def cross_check(cases: Sequence[Case], targets: Sequence[str] | str = "all", *,
                 check.seconds = round(time.perf_counter() - t0, 3)
                 judge(check, got, refs[i], tols)
         if arm_jobs:
-            from edgestack.targets.emulate import AArch64Emulator
-
             t0 = time.perf_counter()
             emu = AArch64Emulator.find()
             results = emu.run_many([(art.path(), cases[i].feeds) for i, _, art in arm_jobs])

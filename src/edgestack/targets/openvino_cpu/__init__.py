@@ -29,6 +29,7 @@ import numpy as np
 
 from edgestack.errors import TargetError
 from edgestack.targets.base import Artifact, Runner, Target, import_package, io_spec
+from edgestack.targets.ort_cpu import check_domains
 
 HINTS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
 
@@ -82,8 +83,7 @@ class OpenVinoCpuTarget(Target):
                    options: dict[str, Any]) -> Artifact:
         import onnx_ir as ir
 
-        from edgestack.targets import passes as P
-        from edgestack.targets.ort_cpu import check_domains
+        from edgestack.targets import passes as P  # lazy: onnx at import
 
         ov = _import_openvino()
         if options["int8"] == "auto":

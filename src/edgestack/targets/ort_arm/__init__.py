@@ -23,6 +23,7 @@ import numpy as np
 
 from edgestack.errors import TargetError
 from edgestack.targets.base import Artifact, Runner, host_arch, io_spec
+from edgestack.targets.emulate import AArch64Emulator
 from edgestack.targets.ort_cpu import (
     OrtCpuRunner,
     OrtCpuTarget,
@@ -59,7 +60,6 @@ class OrtArmRunner(OrtCpuRunner):
         if not self.emulate:
             super().activate_impl()     # checks this machine's arch, opens the session
             return
-        from edgestack.targets.emulate import AArch64Emulator
 
         self._check_arch("aarch64")
         opts = self.artifact.options
@@ -84,7 +84,6 @@ class OrtArmTarget(OrtCpuTarget):
     def available(self) -> tuple[bool, str]:
         if host_arch() == "aarch64":
             return super(OrtCpuTarget, self).available()
-        from edgestack.targets.emulate import AArch64Emulator
 
         try:
             AArch64Emulator.find()
@@ -101,7 +100,10 @@ class OrtArmTarget(OrtCpuTarget):
 
         model, report, int8 = lower_for_ort(model_path, options, profile, auto_shift=False)
         if model.functions:     # ORT inlines them at load; the .ort file must not need them
-            from edgestack.targets.passes import InlineFunctionsPass, run_passes
+            from edgestack.targets.passes import (  # lazy: onnx at import
+                InlineFunctionsPass,
+                run_passes,
+            )
 
             report.update(run_passes(model, [InlineFunctionsPass()]))
         save_model(model, out_dir / "model.onnx")

@@ -73,7 +73,7 @@ def lower_for_ort(model_path: Path, options: dict[str, Any], profile: Any | None
     integer kernels (ort-cpu; ort-arm keeps float32 unless its profile says int8)."""
     import onnx_ir as ir
 
-    from edgestack.targets import passes as P
+    from edgestack.targets import passes as P  # lazy: onnx at import
 
     if options["weights"] not in ("materialize", "keep"):
         raise TargetError(f"weights must be 'materialize' or 'keep', found "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from edgestack.exporter.ops import OPS
 from edgestack.targets.passes._util import (
     add_initializer,
     attrs,
@@ -34,8 +35,6 @@ class MaterializePass(ir.passes.InPlacePass):
         self.report: dict = {}
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        from edgestack.exporter.ops import OPS
-
         graph = model.graph
         folded, kept = [], []
         for node in list(graph):

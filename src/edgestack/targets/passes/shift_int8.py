@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from edgestack.formats import ShiftCodes
 from edgestack.targets.passes._util import (
     add_initializer,
     attrs,
@@ -37,8 +38,6 @@ def shift_to_int8(codes: np.ndarray, scale: np.ndarray, bits: int, zero: int,
                   shape: list[int]) -> tuple[np.ndarray, np.ndarray] | str:
     """``(q int8 [shape], s float32 [out])`` with ``q * s[:, None] == decode`` exactly, or a
     string saying why no such pair exists."""
-    from edgestack.formats import ShiftCodes
-
     sc = ShiftCodes(codes, scale, tuple(shape), int(bits), bool(zero))
     c = sc.unpacked_codes().astype(np.int64).reshape(shape[0], -1)
     sign = c >> (sc.bits - 1)

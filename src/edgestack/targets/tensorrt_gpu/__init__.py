@@ -28,6 +28,7 @@ import numpy as np
 
 from edgestack.errors import TargetError
 from edgestack.targets.base import Artifact, Runner, Target, import_package, io_spec
+from edgestack.targets.tensorrt_gpu.support import check_graph
 
 BUILD_SCRIPT = '''#!/usr/bin/env python3
 """Build {engine} from {onnx} with the TensorRT Python API (written by edgestack compile)."""
@@ -160,8 +161,7 @@ class TensorRtGpuTarget(Target):
                    options: dict[str, Any]) -> Artifact:
         import onnx_ir as ir
 
-        from edgestack.targets import passes as P
-        from edgestack.targets.tensorrt_gpu.support import check_graph
+        from edgestack.targets import passes as P  # lazy: onnx at import
 
         model = ir.load(model_path)
         report = P.run_passes(model, [P.ShiftToInt8Pass(), P.MaterializePass(),

@@ -75,7 +75,7 @@ def check_graph(model: Any) -> list[dict[str, str]]:
     """
     import numpy as np
 
-    from edgestack.targets.passes._util import const_array
+    from edgestack.targets.passes._util import const_array  # lazy: onnx at import
 
     io = {v.name for v in model.graph.inputs} | {v.name for v in model.graph.outputs}
     problems: list[dict[str, str]] = []
