@@ -163,4 +163,3 @@ def decode_blocks(shape: tuple[int, ...], blocks: Any, transposed: bool = False,
         np.negative(mag, out=mag, where=bits == 0)
         out += mag
     return out if transposed or flat else out.reshape(shape)
-
