@@ -356,3 +356,19 @@ def test_cli_pack_decoder_options(gpt2, small_model, tmp_path, capsys):
     assert main(["pack", str(small_model[0]), "--out", str(tmp_path / "i.pkg"),
                  "--max-batch", "2"]) == 2
     assert "max_batch apply to a decoder" in capsys.readouterr().err
+
+
+def test_a_tied_head_is_not_prepacked_into_a_second_copy(gpt2, llama):
+    """GPT-2's LM head is tied to its word embedding: its dense graphs run with ONNX Runtime's
+    prepacking off (packing the head's Gemm weight would copy the shared table;
+    bench/prepack_head.py); an untied decoder's compiled graph keeps prepacking on."""
+    def prepacking(pkg, **options):
+        with Runtime(pkg, calibrate=False, **options) as rt, rt.pinned() as st:
+            opts = st.session.get_session_options()
+            try:
+                return opts.get_session_config_entry("session.disable_prepacking") != "1"
+            except Exception:  # the entry was never set: ORT's default, on
+                return True
+
+    assert prepacking(gpt2[1], form="int8") is False
+    assert prepacking(llama[1]) is True

@@ -21,8 +21,9 @@ package's weights file itself (the session's external-data folder is the package
 lookup tables (``runtime.tables``) are mapped by the runtime, handed over with
 ``SessionOptions.add_initializer`` and their pages handed back after every call. Sessions run
 with ``enable_mem_pattern=False``, and ``session.disable_prepacking=1`` except on the dense
-graphs, so memory follows the plan; ONNX Runtime's arena is on only for the dense graphs
-(and never for a decoder, whose every step has new shapes):
+graphs of a package without a tied table (a decoder's LM head tied to its word embedding
+would be packed into a second copy), so memory follows the plan; ONNX Runtime's arena is
+on only for the dense graphs (and never for a decoder, whose every step has new shapes):
 measured on a 12-block MiniLM package (2 threads, avx512_vnni), the arena made the int8
 graph 18% faster (13.0 -> 10.7 ms) at the same peak RSS, and the plain graph 2.4-4x faster
 on the fly but at +13-20% peak RSS (it keeps the decode temporaries); the memory pattern
@@ -256,6 +257,8 @@ class Runtime(Runner):
             self._calibrate = calibrate
             self._costs: Costs | None = None
             self.form = form
+            dec = man.runtime.decoder
+            self._tied = dec is not None and bool(dec.decoder_contract().tied_weights)
             self._graph_choice = graph
             if graph == "mixed" and VARIANT_FILE not in man.files:
                 raise TargetError(f"{self.package.path}: the package has no mixed graph "
@@ -446,7 +449,6 @@ class Runtime(Runner):
                                    compress=graph in ("fp32", "plain"))
         import onnxruntime as ort
 
-
         # the ort-cpu target's options (threads 0 = ORT's default; level checked in
         # __init__), plus the runtime's own: memory follows the plan
         compiled = not pkg.layers   # a compiled graph: every weight is an initializer
@@ -454,7 +456,11 @@ class Runtime(Runner):
         so.enable_cpu_mem_arena = (graph in DENSE_FILES or compiled) and (
             pkg.manifest.runtime.decoder is None)   # see the module doc
         so.enable_mem_pattern = False
-        if graph not in DENSE_FILES and not compiled:  # fed blocks: nothing to prepack
+        # prepacking: not for fed blocks (nothing to prepack), and not where a float32 table
+        # is shared (a decoder's LM head tied to its word embedding): ORT would pack the
+        # head's Gemm weight into a second copy while the Gather keeps the first (GPT-2:
+        # +147 MiB) for no speed on one-row decode steps (docs/measured.md)
+        if not (graph in DENSE_FILES or compiled) or self._tied:
             so.add_session_config_entry("session.disable_prepacking", "1")
         disabled = list(pkg.manifest.runtime.disabled_optimizers)
         so.log_severity_level = 3
