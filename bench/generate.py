@@ -13,7 +13,8 @@ the weights' values, so the speed numbers hold; the text does not mean anything.
    (``--max-context``, max_batch 1);
 2. speed, one process, interleaved rounds: the package served by the runtime (its fastest
    plan without a budget: every layer materialised int8; the float32 plan; the plan of the
-   largest budget of step 3) vs the
+   largest budget of step 3; the int8 and float32 plans again with ``prepack="off"``, as
+   a budget serves a tied LM head) vs the
    uncompressed export on an ONNX Runtime CPU session with the same session options and
    threads; each generates ``--new`` greedy tokens after a ``--prompt``-token prompt with
    the same loop (:func:`edgestack.core.decoding.decode_steps`): prefill tokens/s (the
@@ -140,6 +141,11 @@ def speed(fp32: Path, pkg: Path, args: argparse.Namespace, budget: int) -> list[
     rt_fast = Runtime(pkg, threads=args.threads, calibrate=False)   # fastest plan
     rt_fp32 = Runtime(pkg, threads=args.threads, calibrate=False, form="fp32")
     rt_budget = Runtime(pkg, budget, threads=args.threads)     # the top budget's plan
+    # the same two plans with ONNX Runtime's prepacking off, as a budget serves a tied LM
+    # head (prepacking would copy the table: the speed it buys without a budget)
+    rt_fast_pp = Runtime(pkg, threads=args.threads, calibrate=False, prepack="off")
+    rt_fp32_pp = Runtime(pkg, threads=args.threads, calibrate=False, form="fp32",
+                         prepack="off")
     chunk = rt_fast.package.manifest.runtime.decoder.prefill_chunk
 
     def ort_run(n: int) -> tuple[float, float, np.ndarray]:
@@ -161,7 +167,11 @@ def speed(fp32: Path, pkg: Path, args: argparse.Namespace, budget: int) -> list[
                 f"edgestack tier {rt_fast.tier} {rt_fast.plan.graph}": rt_run(rt_fast),
                 f"edgestack tier {rt_fp32.tier} {rt_fp32.plan.graph}": rt_run(rt_fp32),
                 f"edgestack {budget / 2**20:.0f} MiB: tier {rt_budget.tier} "
-                f"{rt_budget.plan.graph}": rt_run(rt_budget)}
+                f"{rt_budget.plan.graph}": rt_run(rt_budget),
+                f"edgestack tier {rt_fast_pp.tier} {rt_fast_pp.plan.graph}, prepack off":
+                    rt_run(rt_fast_pp),
+                f"edgestack tier {rt_fp32_pp.tier} {rt_fp32_pp.plan.graph}, prepack off":
+                    rt_run(rt_fp32_pp)}
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in subjects}
     for fn in subjects.values():
         fn(4)   # warm-up

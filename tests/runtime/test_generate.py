@@ -358,17 +358,30 @@ def test_cli_pack_decoder_options(gpt2, small_model, tmp_path, capsys):
     assert "max_batch apply to a decoder" in capsys.readouterr().err
 
 
-def test_a_tied_head_is_not_prepacked_into_a_second_copy(gpt2, llama):
-    """GPT-2's LM head is tied to its word embedding: its dense graphs run with ONNX Runtime's
-    prepacking off (packing the head's Gemm weight would copy the shared table;
-    bench/prepack_head.py); an untied decoder's compiled graph keeps prepacking on."""
-    def prepacking(pkg, **options):
-        with Runtime(pkg, calibrate=False, **options) as rt, rt.pinned() as st:
+def test_a_tied_head_is_not_prepacked_into_a_second_copy_under_a_budget(
+        gpt2, llama, monkeypatch, tmp_path):
+    """GPT-2's LM head is tied to its word embedding: under a budget its dense graphs run with
+    ONNX Runtime's prepacking off (packing the head's Gemm weight would copy the shared table;
+    bench/prepack_head.py) unless the calibrated plan with that copy serves the same tier and
+    graph; without a budget on (the fastest); an untied decoder keeps it on."""
+    def prepacking(pkg, budget=None, **options):
+        options.setdefault("calibrate", False)
+        with Runtime(pkg, budget, **options) as rt, rt.pinned() as st:
             opts = st.session.get_session_options()
             try:
-                return opts.get_session_config_entry("session.disable_prepacking") != "1"
+                on = opts.get_session_config_entry("session.disable_prepacking") != "1"
             except Exception:  # the entry was never set: ORT's default, on
-                return True
+                on = True
+            return on, rt.prepack
 
-    assert prepacking(gpt2[1], form="int8") is False
-    assert prepacking(llama[1]) is True
+    assert prepacking(gpt2[1], "1GB", form="int8") == (False, "off")   # constants: safe
+    # calibrated: on where the plan with the head's second copy serves the same tier+graph
+    monkeypatch.setenv("EDGESTACK_CACHE_DIR", str(tmp_path))
+    assert prepacking(gpt2[1], "1GB", form="int8", calibrate=True) == (True, "on")
+    assert prepacking(gpt2[1], form="int8") == (True, "on")            # no budget: fastest
+    assert prepacking(llama[1], "1GB") == (True, "on")
+    assert prepacking(gpt2[1], "1GB", form="int8", prepack="on") == (True, "on")
+    assert prepacking(llama[1], prepack="off") == (False, "off")
+    assert prepacking(gpt2[1], materialize=0, prepack="on") == (False, "on")  # fed: never
+    with pytest.raises(TargetError, match="prepack must be 'auto', 'on' or 'off'"):
+        Runtime(gpt2[1], calibrate=False, prepack="yes")

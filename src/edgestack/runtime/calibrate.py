@@ -79,7 +79,7 @@ threads, opt = int(sys.argv[7]), sys.argv[8]
 graph = sys.argv[10] if sys.argv[10] != 'auto' else None
 extra = {'engine': engine, 'precision': precision} if engine == 'openvino' else {}
 rt = R.Runtime(pkg, tier=tier, materialize=mat, threads=threads or None, optimization=opt,
-               graph=graph, form=sys.argv[11], **extra)
+               graph=graph, form=sys.argv[11], prepack=sys.argv[12], **extra)
 dec = rt.package.manifest.runtime.decoder
 if dec is not None:   # a decoder: fill the cache to max_context, max_batch sequences
     n, vocab = dec.max_context, dec.decoder_contract().vocab_size
@@ -103,9 +103,20 @@ def cache_dir() -> Path:
     return Path(base) / "edgestack" / "calibration"
 
 
+def budget_prepack(manifest: Any) -> str:
+    """The prepacking a budget serves ``manifest``'s dense graphs with (the ``auto`` of
+    :class:`~edgestack.runtime.Runtime`'s ``prepack`` under a budget): ``"off"`` for a decoder
+    whose LM head is tied to its word embedding (packing the head's weight would copy the
+    shared table: GPT-2 +147 MiB), else ``"on"``."""
+    dec = manifest.runtime.decoder
+    return "off" if dec is not None and dec.decoder_contract().tied_weights else "on"
+
+
 def machine_key(threads: int | None = None, optimization: str = "all",
-                engine: str = "onnxruntime", precision: str | None = None) -> dict[str, Any]:
-    """What the fixed costs depend on, besides the package."""
+                engine: str = "onnxruntime", precision: str | None = None,
+                prepack: str = "auto") -> dict[str, Any]:
+    """What the fixed costs depend on, besides the package (``prepack``: the runtime's
+    option, see :class:`~edgestack.runtime.Runtime`)."""
     import numpy
 
     if engine == "openvino":
@@ -120,7 +131,7 @@ def machine_key(threads: int | None = None, optimization: str = "all",
             "python": platform.python_version(), "numpy": numpy.__version__, **lib,
             "libc": "-".join(platform.libc_ver()),
             "page": mmap.PAGESIZE, "cpus": os.cpu_count(), "threads": int(threads or 0),
-            "optimization": optimization}
+            "optimization": optimization, "prepack": prepack}
 
 
 def _code_digest() -> str:
@@ -152,7 +163,7 @@ def _probe(*args: Any) -> dict[str, Any]:
 
 def measure(package: Any, *, threads: int | None = None, optimization: str = "all",
             log: Callable[[str], None] | None = None, engine: str = "onnxruntime",
-            precision: str | None = None) -> dict[str, Any]:
+            precision: str | None = None, prepack: str = "auto") -> dict[str, Any]:
     """Run the probes (see the module doc) on ``package``; the costs and the raw
     measurements as a JSON-able dict. Raises RuntimeError when a probe fails.
 
@@ -174,7 +185,7 @@ def measure(package: Any, *, threads: int | None = None, optimization: str = "al
 
     def run(tier: int, mat: int, graph: str, form: str = "int8") -> int:
         return _probe("run", *lib, package.path, tier, mat, threads or 0, optimization,
-                      PROBE_CALLS, graph, form)["hwm"] - base
+                      PROBE_CALLS, graph, form, prepack)["hwm"] - base
 
     if engine == "openvino":
         result: dict[str, Any] = {"baseline_hwm": base, "engine": engine,
@@ -247,7 +258,8 @@ def _numel(info: Any) -> int:
 
 def calibrate(package: Any, *, threads: int | None = None, optimization: str = "all",
               refresh: bool = False, log: Callable[[str], None] | None = None,
-              engine: str = "onnxruntime", precision: str | None = None) -> Costs:
+              engine: str = "onnxruntime", precision: str | None = None,
+              prepack: str = "auto") -> Costs:
     """The fixed memory costs of serving ``package`` (an open
     :class:`~edgestack.package.Package`) on this machine with ``engine`` (and OpenVINO's
     ``precision``): from the cache, else measured (a few seconds, see the module doc) and
@@ -255,7 +267,9 @@ def calibrate(package: Any, *, threads: int | None = None, optimization: str = "
 
     Where the measurement cannot run, warns and returns the documented constants.
     """
-    key = machine_key(threads, optimization, engine, precision)
+    if prepack == "auto":   # the costs plan budgets: as a budget serves
+        prepack = budget_prepack(package.manifest)
+    key = machine_key(threads, optimization, engine, precision, prepack)
     path = _cache_path(package, key)
     if not refresh and path.is_file():
         try:
@@ -265,7 +279,7 @@ def calibrate(package: Any, *, threads: int | None = None, optimization: str = "
             pass  # a damaged cache entry: measure again
     try:
         result = measure(package, threads=threads, optimization=optimization, log=log,
-                         engine=engine, precision=precision)
+                         engine=engine, precision=precision, prepack=prepack)
     except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
         warnings.warn(f"calibrate: could not measure the memory costs on this machine ({exc}); "
                       "using the documented constants (plans may be off by a few MiB)",

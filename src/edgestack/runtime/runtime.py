@@ -21,8 +21,9 @@ package's weights file itself (the session's external-data folder is the package
 lookup tables (``runtime.tables``) are mapped by the runtime, handed over with
 ``SessionOptions.add_initializer`` and their pages handed back after every call. Sessions run
 with ``enable_mem_pattern=False``, and ``session.disable_prepacking=1`` except on the dense
-graphs of a package without a tied table (a decoder's LM head tied to its word embedding
-would be packed into a second copy), so memory follows the plan; ONNX Runtime's arena is
+graphs (under a budget, not even there for a decoder whose LM head is tied to its word
+embedding: the head would be packed into a second copy), so memory follows the plan; ONNX
+Runtime's arena is
 on only for the dense graphs (and never for a decoder, whose every step has new shapes):
 measured on a 12-block MiniLM package (2 threads, avx512_vnni), the arena made the int8
 graph 18% faster (13.0 -> 10.7 ms) at the same peak RSS, and the plain graph 2.4-4x faster
@@ -61,7 +62,7 @@ from edgestack.core import atomic
 from edgestack.core.compare import agree
 from edgestack.core.ort import LEVELS, session_options
 from edgestack.core.runner import Runner
-from edgestack.errors import PackageError, TargetError
+from edgestack.errors import BudgetError, PackageError, TargetError
 from edgestack.formats.bitstack import decode_blocks
 from edgestack.formats.int8 import quantize_int8, quantize_nbits8
 from edgestack.package.format import (
@@ -76,6 +77,7 @@ from edgestack.package.tables import lookup_table
 from edgestack.package.wire import external_ranges
 from edgestack.profiles import load_profile
 from edgestack.runtime.budget import resolve_budget
+from edgestack.runtime.calibrate import budget_prepack
 from edgestack.runtime.calibrate import calibrate as calibrate_costs
 from edgestack.runtime.generate import Generation, generate, generate_iter
 from edgestack.runtime.openvino import PROFILE_PRECISIONS, OpenVINOSession, check_engine
@@ -178,6 +180,13 @@ class Runtime(Runner):
         form: what a materialised layer becomes: "int8", "nbits8", "fp32", or "auto" (the
             most exact form whose plan fits: see
             :func:`edgestack.runtime.plan.plan_memory`).
+        prepack: ONNX Runtime's prepacking of the constant weights of the dense graphs
+            (and of compiled packages): "on", "off", or "auto" (default: on, except under a
+            budget for a decoder whose LM head is tied to its word embedding, where packing
+            the head copies the shared table (GPT-2 +147 MiB for 10-32% more tokens/s, see
+            docs/runtime.md): there on only where the calibrated plan with that copy serves
+            the same tier and graph). :attr:`prepack` is the setting served ("on" or "off"). The
+            graphs whose blocks are fed never prepack; the nbits8 graph always does.
         graph: force the graph: "plain" or "mixed" (default None: the plan's, see
             :attr:`MemoryPlan.graph`); the calibration uses it to measure the mixed graph
             where a plan would pick a dense one.
@@ -200,12 +209,15 @@ class Runtime(Runner):
                  materialize: int | list[str] | None = None,
                  watch: bool | float = False, calibrate: bool = True,
                  form: str = "auto", graph: str | None = None, spinning: str = "on",
-                 engine: str = "auto", precision: str | None = None) -> None:
+                 engine: str = "auto", precision: str | None = None,
+                 prepack: str = "auto") -> None:
         if optimization not in LEVELS:  # before anything is opened or read
             raise TargetError(f"optimization must be one of {sorted(LEVELS)}, found "
                               f"{optimization!r}")
         if spinning not in ("on", "off"):
             raise TargetError(f"spinning must be 'on' or 'off', found {spinning!r}")
+        if prepack not in ("auto", "on", "off"):
+            raise TargetError(f"prepack must be 'auto', 'on' or 'off', found {prepack!r}")
         if form not in ("auto", *FORMS[1:]) or graph not in (None, "plain", "mixed"):
             raise TargetError(f"form must be 'auto' or one of {', '.join(FORMS[1:])} and "
                               f"graph None, 'plain' "
@@ -257,13 +269,15 @@ class Runtime(Runner):
             self._calibrate = calibrate
             self._costs: Costs | None = None
             self.form = form
-            dec = man.runtime.decoder
-            self._tied = dec is not None and bool(dec.decoder_contract().tied_weights)
+            self.prepack = prepack if prepack != "auto" else (
+                "on" if self.budget is None else budget_prepack(man))
             self._graph_choice = graph
             if graph == "mixed" and VARIANT_FILE not in man.files:
                 raise TargetError(f"{self.package.path}: the package has no mixed graph "
                                   "(an older package); repack the model")
             plan = self.plan_for(self.budget, tier=tier, budget_source=self.budget_source)
+            if prepack == "auto" and self.prepack == "off" and calibrate:
+                plan = self._try_prepack(plan, tier)
             self._verify = verify
             if verify:  # every file, graphs included (a re-tier may switch graphs later)
                 self.package.verify()
@@ -456,11 +470,15 @@ class Runtime(Runner):
         so.enable_cpu_mem_arena = (graph in DENSE_FILES or compiled) and (
             pkg.manifest.runtime.decoder is None)   # see the module doc
         so.enable_mem_pattern = False
-        # prepacking: not for fed blocks (nothing to prepack), and not where a float32 table
-        # is shared (a decoder's LM head tied to its word embedding): ORT would pack the
+        # prepacking (option ``prepack``): not for fed blocks (nothing to prepack); by default
+        # not under a budget where a float32 table is shared (a decoder's LM head tied to its
+        # word embedding): ORT would pack the
         # head's Gemm weight into a second copy while the Gather keeps the first (GPT-2:
-        # +147 MiB) for no speed on one-row decode steps (docs/measured.md)
-        if not (graph in DENSE_FILES or compiled) or self._tied:
+        # +147 MiB; without a budget the 10-32% more tokens/s of prepacking win)
+        # (MatMulNBits always prepacks: without, it dequantized every weight on every call,
+        # GPT-2 decode 3 tokens/s)
+        off = self.prepack == "off" and graph != "nbits8"
+        if not (graph in DENSE_FILES or compiled) or off:
             so.add_session_config_entry("session.disable_prepacking", "1")
         disabled = list(pkg.manifest.runtime.disabled_optimizers)
         so.log_severity_level = 3
@@ -836,6 +854,20 @@ class Runtime(Runner):
                            costs=self.costs if budget is not None else DEFAULT_COSTS,
                            dense=self.engine == "openvino")
 
+    def _try_prepack(self, plan: MemoryPlan, tier: int | None) -> MemoryPlan:
+        """A tied LM head under a budget (``prepack="auto"``): serve with prepacking (10-32%
+        more tokens/s on GPT-2) where the plan with its calibrated costs (the head's second
+        copy included) serves the same tier and graph as ``plan``; else keep it off."""
+        self.prepack, self._costs = "on", None
+        try:
+            faster = self.plan_for(self.budget, tier=tier, budget_source=self.budget_source)
+        except BudgetError:
+            faster = None
+        if faster is not None and (faster.tier, faster.graph) == (plan.tier, plan.graph):
+            return faster
+        self.prepack, self._costs = "off", None
+        return plan
+
     @property
     def costs(self) -> Costs:
         """The fixed costs budgets are planned with: this machine's, measured once and
@@ -844,7 +876,8 @@ class Runtime(Runner):
         if self._costs is None:
             self._costs = (calibrate_costs(self.package, threads=self.threads,
                                            optimization=self.optimization,
-                                           engine=self.engine, precision=self.precision)
+                                           engine=self.engine, precision=self.precision,
+                                           prepack=self.prepack)
                            if self._calibrate else DEFAULT_COSTS)
         return self._costs
 
