@@ -22,9 +22,9 @@ lookup tables (``runtime.tables``) are mapped by the runtime, handed over with
 ``SessionOptions.add_initializer`` and their pages handed back after every call. Sessions run
 with ``enable_mem_pattern=False``, and ``session.disable_prepacking=1`` except on the dense
 graphs (under a budget, not even there for a decoder whose LM head is tied to its word
-embedding: the head would be packed into a second copy), so memory follows the plan; ONNX
-Runtime's arena is
-on only for the dense graphs (and never for a decoder, whose every step has new shapes):
+embedding unless the plan has room for the head's packed second copy: ``prepack``), so
+memory follows the plan; ONNX Runtime's arena is on only for the dense graphs (and never for
+a decoder, whose every step has new shapes):
 measured on a 12-block MiniLM package (2 threads, avx512_vnni), the arena made the int8
 graph 18% faster (13.0 -> 10.7 ms) at the same peak RSS, and the plain graph 2.4-4x faster
 on the fly but at +13-20% peak RSS (it keeps the decode temporaries); the memory pattern
