@@ -12,22 +12,29 @@ from collections.abc import Iterator, Sequence
 @contextlib.contextmanager
 def quiet_loggers(names: Sequence[str], level: int = logging.ERROR) -> Iterator[None]:
     """Raise the loggers ``names`` (``"root"``: the root logger) to ``level`` inside the
-    block, and give each its own level back afterwards.
-
-    A module first imported inside the block that calls ``logging.basicConfig`` configures
-    nothing: the root logger holds a ``NullHandler`` for the block's duration, which makes
-    ``basicConfig`` a no-op. (ONNX Runtime's ``matmul_nbits_quantizer`` calls
-    ``basicConfig(level=INFO)`` at import: without this the root logger printed every node the
-    quantizers visited and kept that handler for good.)"""
+    block, and give each its own level back afterwards."""
     saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
-    root = logging.getLogger()
-    guard = logging.NullHandler()
-    root.addHandler(guard)
     for lg, _ in saved:
         lg.setLevel(max(level, lg.getEffectiveLevel()))
     try:
         yield
     finally:
-        root.removeHandler(guard)
         for lg, old in saved:
             lg.setLevel(old)
+
+
+@contextlib.contextmanager
+def no_root_config() -> Iterator[None]:
+    """Make ``logging.basicConfig`` a no-op inside the block (the root logger holds a
+    ``NullHandler``), for third-party code that configures the root logger: ONNX Runtime's
+    ``matmul_nbits_quantizer`` calls ``basicConfig(level=INFO)`` when imported and
+    ``quantize_dynamic`` logs with ``logging.warning`` (which calls ``basicConfig()``), so its
+    quantizers printed every node they visited and left a root handler for good. Only around
+    such code: while the guard is there, nothing reaches Python's last-resort handler."""
+    root = logging.getLogger()
+    guard = logging.NullHandler()
+    root.addHandler(guard)
+    try:
+        yield
+    finally:
+        root.removeHandler(guard)

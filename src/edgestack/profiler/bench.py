@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 
 from edgestack.core.latency import cpu_extensions, interleaved_latency, latency_stats
-from edgestack.core.logs import quiet_loggers
+from edgestack.core.logs import no_root_config, quiet_loggers
 from edgestack.core.ort import cpu_session
 from edgestack.core.progress import Progress, progress_bar, progress_iter
 from edgestack.core.quality import (
@@ -353,7 +353,8 @@ def baseline_subjects(dense: Path, work: Path, threads: int, log: Callable[[str]
     Runtime's quantizer quiet (it logs every node at INFO, some on the root logger) for as
     long as it runs; ``progress``: a bar over the baselines built
     (:mod:`edgestack.core.progress`)."""
-    with quiet_loggers(("onnxruntime.quantization", "root"), logging.WARNING):
+    with quiet_loggers(("onnxruntime.quantization", "root"), logging.WARNING), \
+            no_root_config():
         return _baseline_subjects(dense, work, threads, log, progress)
 
 
