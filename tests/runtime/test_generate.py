@@ -359,7 +359,7 @@ def test_cli_pack_decoder_options(gpt2, small_model, tmp_path, capsys):
 
 
 def test_a_tied_head_is_not_prepacked_into_a_second_copy_under_a_budget(
-        gpt2, llama, monkeypatch, tmp_path):
+        gpt2, llama, monkeypatch, tmp_path, capsys):
     """GPT-2's LM head is tied to its word embedding: under a budget its dense graphs run with
     ONNX Runtime's prepacking off (packing the head's Gemm weight would copy the shared table;
     bench/prepack_head.py) unless the calibrated plan with that copy serves the same tier and
@@ -378,6 +378,15 @@ def test_a_tied_head_is_not_prepacked_into_a_second_copy_under_a_budget(
     # calibrated: on where the plan with the head's second copy serves the same tier+graph
     monkeypatch.setenv("EDGESTACK_CACHE_DIR", str(tmp_path))
     assert prepacking(gpt2[1], "1GB", form="int8", calibrate=True) == (True, "on")
+    # `edgestack plan` shows the plan the runtime chose (the same calibrated costs)
+    from edgestack.cli import main
+
+    with Runtime(gpt2[1], "1GB", form="int8") as rt:
+        served = rt.plan.to_dict()
+    capsys.readouterr()
+    assert main(["plan", str(gpt2[1]), "--budget", "1GB", "--form", "int8", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)["plan"]
+    assert (shown["total"], shown["graph"]) == (served["total"], served["graph"])
     assert prepacking(gpt2[1], form="int8") == (True, "on")            # no budget: fastest
     assert prepacking(llama[1], "1GB") == (True, "on")
     assert prepacking(gpt2[1], "1GB", form="int8", prepack="on") == (True, "on")

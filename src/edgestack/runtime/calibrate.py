@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from edgestack import __version__
+from edgestack.errors import BudgetError
 from edgestack.runtime.plan import DEFAULT_COSTS, Costs, graph_sizes, plan_tier
 
 DECODE_TEMP_RANGE = (2.0, 64.0)
@@ -110,6 +111,25 @@ def budget_prepack(manifest: Any) -> str:
     shared table: GPT-2 +147 MiB), else ``"on"``."""
     dec = manifest.runtime.decoder
     return "off" if dec is not None and dec.decoder_contract().tied_weights else "on"
+
+
+def choose_prepack(manifest: Any, plan_with: Callable[[str], Any]) -> tuple[str, Any]:
+    """``prepack="auto"`` under a budget, with calibrated costs: ``(setting, plan)`` where
+    ``plan_with(setting)`` is the plan for the budget with that setting's costs. On, unless
+    the package is a decoder with a tied LM head (:func:`budget_prepack`); then on only where
+    the plan with the head's packed second copy serves the same tier and graph as without it
+    (prepacking was worth 14-32% more tokens/s on GPT-2), else off. The runtime and
+    ``edgestack plan`` both decide with it."""
+    setting = budget_prepack(manifest)
+    plan = plan_with(setting)
+    if setting == "off":
+        try:
+            faster = plan_with("on")
+        except BudgetError:
+            faster = None
+        if faster is not None and (faster.tier, faster.graph) == (plan.tier, plan.graph):
+            return "on", faster
+    return setting, plan
 
 
 def machine_key(threads: int | None = None, optimization: str = "all",

@@ -62,7 +62,7 @@ from edgestack.core import atomic
 from edgestack.core.compare import agree
 from edgestack.core.ort import LEVELS, session_options
 from edgestack.core.runner import Runner
-from edgestack.errors import BudgetError, PackageError, TargetError
+from edgestack.errors import PackageError, TargetError
 from edgestack.formats.bitstack import decode_blocks
 from edgestack.formats.int8 import quantize_int8, quantize_nbits8
 from edgestack.package.format import (
@@ -77,7 +77,7 @@ from edgestack.package.tables import lookup_table
 from edgestack.package.wire import external_ranges
 from edgestack.profiles import load_profile
 from edgestack.runtime.budget import resolve_budget
-from edgestack.runtime.calibrate import budget_prepack
+from edgestack.runtime.calibrate import budget_prepack, choose_prepack
 from edgestack.runtime.calibrate import calibrate as calibrate_costs
 from edgestack.runtime.generate import Generation, generate, generate_iter
 from edgestack.runtime.openvino import PROFILE_PRECISIONS, OpenVINOSession, check_engine
@@ -183,7 +183,7 @@ class Runtime(Runner):
         prepack: ONNX Runtime's prepacking of the constant weights of the dense graphs
             (and of compiled packages): "on", "off", or "auto" (default: on, except under a
             budget for a decoder whose LM head is tied to its word embedding, where packing
-            the head copies the shared table (GPT-2 +147 MiB for 10-32% more tokens/s, see
+            the head copies the shared table (GPT-2 +147 MiB for 14-32% more tokens/s, see
             docs/runtime.md): there on only where the calibrated plan with that copy serves
             the same tier and graph). :attr:`prepack` is the setting served ("on" or "off"). The
             graphs whose blocks are fed never prepack; the nbits8 graph always does.
@@ -269,15 +269,18 @@ class Runtime(Runner):
             self._calibrate = calibrate
             self._costs: Costs | None = None
             self.form = form
+            # auto: on without a budget (the fastest); under one, choose_prepack below
             self.prepack = prepack if prepack != "auto" else (
                 "on" if self.budget is None else budget_prepack(man))
             self._graph_choice = graph
             if graph == "mixed" and VARIANT_FILE not in man.files:
                 raise TargetError(f"{self.package.path}: the package has no mixed graph "
                                   "(an older package); repack the model")
-            plan = self.plan_for(self.budget, tier=tier, budget_source=self.budget_source)
-            if prepack == "auto" and self.prepack == "off" and calibrate:
-                plan = self._try_prepack(plan, tier)
+            if prepack == "auto" and self.budget is not None and calibrate:
+                self.prepack, plan = choose_prepack(man, lambda setting: self._plan_with(
+                    setting, tier))
+            else:
+                plan = self.plan_for(self.budget, tier=tier, budget_source=self.budget_source)
             self._verify = verify
             if verify:  # every file, graphs included (a re-tier may switch graphs later)
                 self.package.verify()
@@ -470,13 +473,9 @@ class Runtime(Runner):
         so.enable_cpu_mem_arena = (graph in DENSE_FILES or compiled) and (
             pkg.manifest.runtime.decoder is None)   # see the module doc
         so.enable_mem_pattern = False
-        # prepacking (option ``prepack``): not for fed blocks (nothing to prepack); by default
-        # not under a budget where a float32 table is shared (a decoder's LM head tied to its
-        # word embedding): ORT would pack the
-        # head's Gemm weight into a second copy while the Gather keeps the first (GPT-2:
-        # +147 MiB; without a budget the 10-32% more tokens/s of prepacking win)
-        # (MatMulNBits always prepacks: without, it dequantized every weight on every call,
-        # GPT-2 decode 3 tokens/s)
+        # prepacking (option ``prepack``, see choose_prepack): never for fed blocks (nothing
+        # to prepack); always for MatMulNBits (without, it dequantized every weight on every
+        # call: GPT-2 decode 3 tokens/s)
         off = self.prepack == "off" and graph != "nbits8"
         if not (graph in DENSE_FILES or compiled) or off:
             so.add_session_config_entry("session.disable_prepacking", "1")
@@ -854,19 +853,10 @@ class Runtime(Runner):
                            costs=self.costs if budget is not None else DEFAULT_COSTS,
                            dense=self.engine == "openvino")
 
-    def _try_prepack(self, plan: MemoryPlan, tier: int | None) -> MemoryPlan:
-        """A tied LM head under a budget (``prepack="auto"``): serve with prepacking (10-32%
-        more tokens/s on GPT-2) where the plan with its calibrated costs (the head's second
-        copy included) serves the same tier and graph as ``plan``; else keep it off."""
-        self.prepack, self._costs = "on", None
-        try:
-            faster = self.plan_for(self.budget, tier=tier, budget_source=self.budget_source)
-        except BudgetError:
-            faster = None
-        if faster is not None and (faster.tier, faster.graph) == (plan.tier, plan.graph):
-            return faster
-        self.prepack, self._costs = "off", None
-        return plan
+    def _plan_with(self, prepack: str, tier: int | None) -> MemoryPlan:
+        """The plan for the runtime's budget with ``prepack``'s calibrated costs."""
+        self.prepack, self._costs = prepack, None
+        return self.plan_for(self.budget, tier=tier, budget_source=self.budget_source)
 
     @property
     def costs(self) -> Costs:
