@@ -234,6 +234,23 @@ def pregather_tables(model: ir.Model, tables: dict[str, Table]) -> dict[str, Tab
     return out
 
 
+def share_tables(model: ir.Model) -> list[str]:
+    """Make each large table that a ``Gather`` and another node both read (an LM head tied to
+    its word embedding) an overridable initializer: a graph input too, with the initializer
+    as its default value. ONNX Runtime does not prepack an overridable initializer, so a
+    session with prepacking on keeps one copy of the table (packing the head's ``Gemm`` B
+    copied it: GPT-2 +147 MiB, bench/prepack_head.py) and still prepacks every other weight;
+    nobody feeds it. Returns the tables' names."""
+    g, names = model.graph, []
+    for v in list(g.initializers.values()):
+        t, kinds = v.const_value, {u.node.op_type == "Gather" and u.idx == 0 for u in v.uses()}
+        if (isinstance(t, ir.ExternalTensor) and (t.length or 0) >= TABLE_MIN_BYTES
+                and kinds == {True, False} and not v.is_graph_input()):
+            g.inputs.append(v)
+            names.append(str(v.name))
+    return names
+
+
 def _nbytes(v: ir.Value) -> int | None:
     """Bytes of a value whose element type and dimensions are known, else None."""
     dims = list(v.shape) if v.shape is not None else [0]
@@ -451,8 +468,9 @@ def _write_graphs(model: ir.Model, gdir: Path, stacks: Mapping[str, BitStackStac
                            f"the graph takes {sorted(user_inputs)}")
     tables = gather_tables(model)
     gathered = pregather_tables(model, tables)
+    shared = share_tables(model)
     feeds_run = dict(feeds)
-    if gathered:  # the graph without those lookups (their bytes stay in the weights file)
+    if gathered or shared:  # the lookups out (their bytes stay in the weights file)
         ir.save(model, gdir / GRAPH_FILE)
         data = np.memmap(gdir / WEIGHTS_FILE, dtype=np.uint8, mode="r")
         for spec in gathered.values():
@@ -643,5 +661,5 @@ def pack(
 
 
 __all__ = ["pack", "PackResult", "choose_tiers", "activation_bytes", "gather_tables",
-           "pregather_tables", "read_onnx", "check_out", "SUPPORTED_TARGETS", "GRAPH_FILE",
+           "pregather_tables", "share_tables", "read_onnx", "check_out", "SUPPORTED_TARGETS", "GRAPH_FILE",
            "WEIGHTS_FILE"]
