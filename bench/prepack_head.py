@@ -11,7 +11,10 @@ per case (2 threads), the peak RSS above the imports and the head's latency for 
 - ``W`` an external-data initializer, prepacking on / off;
 - ``W`` handed over with ``SessionOptions.add_initializer`` (how the runtime hands over the
   lookup tables it maps), prepacking on;
-- ``W`` a graph input fed on every call (a memory map: never prepacked).
+- ``W`` a graph input fed on every call (a memory map: never prepacked);
+- ``W`` an overridable initializer (a graph input too, with the external initializer as its
+  default; not fed), prepacking on: how ``edgestack pack`` writes a tied table
+  (:func:`edgestack.packer.pack.share_tables`).
 
 Run:  .venv/bin/python bench/prepack_head.py [--out bench/results/prepack_head.json]
 """
@@ -43,6 +46,7 @@ def hwm():
 base = hwm()
 opts = ort.SessionOptions()
 opts.intra_op_num_threads = int(sys.argv[5])
+opts.log_severity_level = 3   # the overridable initializer's warning
 opts.add_session_config_entry("session.disable_prepacking", "1" if mode == "off" else "0")
 table = np.memmap(data, np.float32, "r", shape=(int(sys.argv[6]), int(sys.argv[7])))
 if mode == "add_initializer":  # the OrtValue must outlive the session (ORT keeps no reference)
@@ -66,9 +70,9 @@ print(json.dumps({"peak_mib": round((hwm() - base) / 2**20, 1), "ms": ms}))
 """
 
 
-def _model(folder: Path, name: str, table_input: bool, gather: bool) -> Path:
+def _model(folder: Path, name: str, mode: str, gather: bool) -> Path:
     """``y = Gemm(x, W, transB=1)`` (and ``e = Gather(W, ids)`` with ``gather``); ``W`` an
-    initializer in ``table.data`` or a graph input."""
+    initializer in ``table.data``, a graph input (``mode`` "input") or both ("overridable")."""
     nodes = [helper.make_node("Gemm", ["x", "W"], ["y"], transB=1)]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", HIDDEN])]
     outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", VOCAB])]
@@ -77,9 +81,9 @@ def _model(folder: Path, name: str, table_input: bool, gather: bool) -> Path:
         inputs.append(helper.make_tensor_value_info("ids", TensorProto.INT64, ["rows"]))
         outputs.append(helper.make_tensor_value_info("e", TensorProto.FLOAT, ["rows", HIDDEN]))
     inits = []
-    if table_input:
+    if mode in ("input", "overridable"):
         inputs.append(helper.make_tensor_value_info("W", TensorProto.FLOAT, [VOCAB, HIDDEN]))
-    else:
+    if mode != "input":
         w = numpy_helper.from_array(np.zeros((1, 1), np.float32), "W")
         w.ClearField("raw_data")
         w.dims[:] = [VOCAB, HIDDEN]
@@ -106,9 +110,10 @@ def main() -> None:
         (rng.standard_normal((VOCAB, HIDDEN)) * 0.02).astype(np.float32).tofile(data)
         cases = [("Gemm only", False, "on"), ("Gemm only", False, "off"),
                  ("Gather + Gemm", True, "on"), ("Gather + Gemm", True, "off"),
-                 ("Gather + Gemm", True, "add_initializer"), ("Gather + Gemm", True, "input")]
+                 ("Gather + Gemm", True, "add_initializer"), ("Gather + Gemm", True, "input"),
+                 ("Gather + Gemm", True, "overridable")]
         for reader, gather, mode in cases:
-            path = _model(folder, f"head_{len(rows)}", mode == "input", gather)
+            path = _model(folder, f"head_{len(rows)}", mode, gather)
             done = subprocess.run(
                 [sys.executable, "-c", PROBE, str(path), str(data), mode, str(int(gather)),
                  str(THREADS), str(VOCAB), str(HIDDEN)],

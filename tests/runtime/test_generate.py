@@ -358,13 +358,13 @@ def test_cli_pack_decoder_options(gpt2, small_model, tmp_path, capsys):
     assert "max_batch apply to a decoder" in capsys.readouterr().err
 
 
-def test_a_tied_head_is_not_prepacked_into_a_second_copy_under_a_budget(
-        gpt2, llama, monkeypatch, tmp_path, capsys):
-    """GPT-2's LM head is tied to its word embedding: under a budget its dense graphs run with
-    ONNX Runtime's prepacking off (packing the head's Gemm weight would copy the shared table;
-    bench/prepack_head.py) unless the calibrated plan with that copy serves the same tier and
-    graph; without a budget on (the fastest); an untied decoder keeps it on."""
-    def prepacking(pkg, budget=None, **options):
+def test_a_tied_head_is_one_copy_with_prepacking_on(gpt2, llama, monkeypatch, tmp_path,
+                                                     capsys):
+    """GPT-2's LM head is tied to its word embedding: the packer makes the shared table an
+    overridable initializer in every graph, which ONNX Runtime does not prepack (packing the
+    head's Gemm B copied the table; bench/prepack_head.py), so every session keeps
+    prepacking on for the other weights; an untied decoder has no such initializer."""
+    def served(pkg, budget=None, **options):
         options.setdefault("calibrate", False)
         with Runtime(pkg, budget, **options) as rt, rt.pinned() as st:
             opts = st.session.get_session_options()
@@ -372,25 +372,25 @@ def test_a_tied_head_is_not_prepacked_into_a_second_copy_under_a_budget(
                 on = opts.get_session_config_entry("session.disable_prepacking") != "1"
             except Exception:  # the entry was never set: ORT's default, on
                 on = True
-            return on, rt.prepack
+            shared = [v.name for v in st.session.get_overridable_initializers()]
+            return rt.plan.graph, on, shared
 
-    assert prepacking(gpt2[1], "1GB", form="int8") == (False, "off")   # constants: safe
-    # calibrated: on where the plan with the head's second copy serves the same tier+graph
+    for form in ("int8", "fp32", "nbits8"):
+        assert served(gpt2[1], "1GB", form=form) == (form, True, ["lm_head.weight"])
+    assert served(gpt2[1], materialize=0) == ("plain", False, ["lm_head.weight"])  # fed
+    assert served(gpt2[1], materialize=1) == ("mixed", False, ["lm_head.weight"])
+    assert served(llama[1], "1GB") == ("plain", True, [])
+    assert served(gpt2[1], "1GB", form="int8", prepack="off") == ("int8", False,
+                                                                   ["lm_head.weight"])
+    with pytest.raises(TargetError, match="prepack must be 'on' or 'off'"):
+        Runtime(gpt2[1], calibrate=False, prepack="auto")
+    # `edgestack plan` shows the plan the runtime serves (the same calibrated costs)
     monkeypatch.setenv("EDGESTACK_CACHE_DIR", str(tmp_path))
-    assert prepacking(gpt2[1], "1GB", form="int8", calibrate=True) == (True, "on")
-    # `edgestack plan` shows the plan the runtime chose (the same calibrated costs)
     from edgestack.cli import main
 
     with Runtime(gpt2[1], "1GB", form="int8") as rt:
-        served = rt.plan.to_dict()
+        plan = rt.plan.to_dict()
     capsys.readouterr()
     assert main(["plan", str(gpt2[1]), "--budget", "1GB", "--form", "int8", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)["plan"]
-    assert (shown["total"], shown["graph"]) == (served["total"], served["graph"])
-    assert prepacking(gpt2[1], form="int8") == (True, "on")            # no budget: fastest
-    assert prepacking(llama[1], "1GB") == (True, "on")
-    assert prepacking(gpt2[1], "1GB", form="int8", prepack="on") == (True, "on")
-    assert prepacking(llama[1], prepack="off") == (False, "off")
-    assert prepacking(gpt2[1], materialize=0, prepack="on") == (False, "on")  # fed: never
-    with pytest.raises(TargetError, match="prepack must be 'auto', 'on' or 'off'"):
-        Runtime(gpt2[1], calibrate=False, prepack="yes")
+    assert (shown["total"], shown["graph"]) == (plan["total"], plan["graph"])

@@ -57,10 +57,8 @@ def run(args: argparse.Namespace) -> int:
     from edgestack.package import Package  # lazy: keeps CLI start light
     from edgestack.runtime import (  # lazy: keeps CLI start light
         DEFAULT_COSTS,
-        MemoryPlan,
         calibrate,
         check_engine,
-        choose_prepack,
         plan_memory,
         resolve_budget,
     )
@@ -68,17 +66,11 @@ def run(args: argparse.Namespace) -> int:
     budget, source = resolve_budget(args.budget, profile=args.profile, auto=args.auto)
     with Package.open(args.package) as pkg:
         engine = check_engine(args.engine, args.precision, pkg.manifest.target)
-        def plan_with(prepack: str | None) -> MemoryPlan:
-            costs = DEFAULT_COSTS if prepack is None else calibrate(
-                pkg, threads=args.threads, refresh=args.recalibrate, log=progress("plan"),
-                engine=engine, precision=args.precision, prepack=prepack)
-            return plan_memory(pkg, budget, tier=args.tier, budget_source=source, costs=costs,
-                               form=args.form, dense=engine == "openvino")
-
-        if args.calibrate and budget is not None:  # the prepacking a Runtime would choose
-            _prepack, plan = choose_prepack(pkg.manifest, plan_with)
-        else:
-            plan = plan_with(None)
+        costs = DEFAULT_COSTS if not (args.calibrate and budget is not None) else calibrate(
+            pkg, threads=args.threads, refresh=args.recalibrate, log=progress("plan"),
+            engine=engine, precision=args.precision)
+        plan = plan_memory(pkg, budget, tier=args.tier, budget_source=source, costs=costs,
+                           form=args.form, dense=engine == "openvino")
         if args.json:
             emit_json({"ok": True, "package": str(pkg.path), "model": pkg.manifest.model.name,
                        "target": pkg.manifest.target, "engine": engine, "plan": plan.to_dict()})

@@ -235,17 +235,16 @@ def pregather_tables(model: ir.Model, tables: dict[str, Table]) -> dict[str, Tab
 
 
 def share_tables(model: ir.Model) -> list[str]:
-    """Make each large table that a ``Gather`` and another node both read (an LM head tied to
-    its word embedding) an overridable initializer: a graph input too, with the initializer
-    as its default value. ONNX Runtime does not prepack an overridable initializer, so a
-    session with prepacking on keeps one copy of the table (packing the head's ``Gemm`` B
-    copied it: GPT-2 +147 MiB, bench/prepack_head.py) and still prepacks every other weight;
-    nobody feeds it. Returns the tables' names."""
+    """Make each initializer that a ``Gather`` reads as its table and a ``Gemm`` as its ``B``
+    (an LM head tied to its word embedding) an overridable initializer: a graph input too,
+    with the initializer as its default value; nobody feeds it. ONNX Runtime does not prepack
+    an overridable initializer, so a session with prepacking on keeps one copy of the table
+    (packing the head's ``B`` copied it: GPT-2 +147 MiB, bench/prepack_head.py) and still
+    prepacks every other weight. Returns the tables' names."""
     g, names = model.graph, []
     for v in list(g.initializers.values()):
-        t, kinds = v.const_value, {u.node.op_type == "Gather" and u.idx == 0 for u in v.uses()}
-        if (isinstance(t, ir.ExternalTensor) and (t.length or 0) >= TABLE_MIN_BYTES
-                and kinds == {True, False} and not v.is_graph_input()):
+        uses = {(u.node.domain, u.node.op_type, u.idx, u.node.graph is g) for u in v.uses()}
+        if uses == {("", "Gather", 0, True), ("", "Gemm", 1, True)} and not v.is_graph_input():
             g.inputs.append(v)
             names.append(str(v.name))
     return names
@@ -661,5 +660,5 @@ def pack(
 
 
 __all__ = ["pack", "PackResult", "choose_tiers", "activation_bytes", "gather_tables",
-           "pregather_tables", "share_tables", "read_onnx", "check_out", "SUPPORTED_TARGETS", "GRAPH_FILE",
-           "WEIGHTS_FILE"]
+           "pregather_tables", "share_tables", "read_onnx", "check_out", "SUPPORTED_TARGETS",
+           "GRAPH_FILE", "WEIGHTS_FILE"]

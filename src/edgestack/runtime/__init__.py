@@ -18,7 +18,7 @@ See docs/runtime.md.
 """
 
 from edgestack.runtime.budget import available_memory, cgroup_limit_left, resolve_budget
-from edgestack.runtime.calibrate import calibrate, choose_prepack
+from edgestack.runtime.calibrate import calibrate
 from edgestack.runtime.generate import Generation, package_tokenizer
 from edgestack.runtime.openvino import ENGINES, PRECISIONS, check_engine
 from edgestack.runtime.plan import (
@@ -42,4 +42,4 @@ __all__ = ["Runtime", "RetierResult", "MemoryPlan", "LayerPlan", "plan_memory", 
            "Costs", "DEFAULT_COSTS", "plan_tier", "smallest_plan", "resolve_budget",
            "available_memory", "cgroup_limit_left", "RUNTIME_OVERHEAD", "DECODE_TEMP_BYTES",
            "MATERIALISE_TEMP_BYTES", "ENGINES", "PRECISIONS", "check_engine", "Generation",
-           "package_tokenizer", "KV_ALIVE", "kv_cache_bytes", "context_fit", "choose_prepack"]
+           "package_tokenizer", "KV_ALIVE", "kv_cache_bytes", "context_fit"]

@@ -51,7 +51,6 @@ from pathlib import Path
 from typing import Any
 
 from edgestack import __version__
-from edgestack.errors import BudgetError
 from edgestack.runtime.plan import DEFAULT_COSTS, Costs, graph_sizes, plan_tier
 
 DECODE_TEMP_RANGE = (2.0, 64.0)
@@ -104,37 +103,9 @@ def cache_dir() -> Path:
     return Path(base) / "edgestack" / "calibration"
 
 
-def budget_prepack(manifest: Any) -> str:
-    """The prepacking a budget serves ``manifest``'s dense graphs with (the ``auto`` of
-    :class:`~edgestack.runtime.Runtime`'s ``prepack`` under a budget): ``"off"`` for a decoder
-    whose LM head is tied to its word embedding (packing the head's weight would copy the
-    shared table: GPT-2 +147 MiB), else ``"on"``."""
-    dec = manifest.runtime.decoder
-    return "off" if dec is not None and dec.decoder_contract().tied_weights else "on"
-
-
-def choose_prepack(manifest: Any, plan_with: Callable[[str], Any]) -> tuple[str, Any]:
-    """``prepack="auto"`` under a budget, with calibrated costs: ``(setting, plan)`` where
-    ``plan_with(setting)`` is the plan for the budget with that setting's costs. On, unless
-    the package is a decoder with a tied LM head (:func:`budget_prepack`); then on only where
-    the plan with the head's packed second copy serves the same tier and graph as without it
-    (prepacking was worth 14-32% more tokens/s on GPT-2), else off. The runtime and
-    ``edgestack plan`` both decide with it."""
-    setting = budget_prepack(manifest)
-    plan = plan_with(setting)
-    if setting == "off":
-        try:
-            faster = plan_with("on")
-        except BudgetError:
-            faster = None
-        if faster is not None and (faster.tier, faster.graph) == (plan.tier, plan.graph):
-            return "on", faster
-    return setting, plan
-
-
 def machine_key(threads: int | None = None, optimization: str = "all",
                 engine: str = "onnxruntime", precision: str | None = None,
-                prepack: str = "auto") -> dict[str, Any]:
+                prepack: str = "on") -> dict[str, Any]:
     """What the fixed costs depend on, besides the package (``prepack``: the runtime's
     option, see :class:`~edgestack.runtime.Runtime`)."""
     import numpy
@@ -183,7 +154,7 @@ def _probe(*args: Any) -> dict[str, Any]:
 
 def measure(package: Any, *, threads: int | None = None, optimization: str = "all",
             log: Callable[[str], None] | None = None, engine: str = "onnxruntime",
-            precision: str | None = None, prepack: str = "auto") -> dict[str, Any]:
+            precision: str | None = None, prepack: str = "on") -> dict[str, Any]:
     """Run the probes (see the module doc) on ``package``; the costs and the raw
     measurements as a JSON-able dict. Raises RuntimeError when a probe fails.
 
@@ -279,7 +250,7 @@ def _numel(info: Any) -> int:
 def calibrate(package: Any, *, threads: int | None = None, optimization: str = "all",
               refresh: bool = False, log: Callable[[str], None] | None = None,
               engine: str = "onnxruntime", precision: str | None = None,
-              prepack: str = "auto") -> Costs:
+              prepack: str = "on") -> Costs:
     """The fixed memory costs of serving ``package`` (an open
     :class:`~edgestack.package.Package`) on this machine with ``engine`` (and OpenVINO's
     ``precision``): from the cache, else measured (a few seconds, see the module doc) and
@@ -287,8 +258,6 @@ def calibrate(package: Any, *, threads: int | None = None, optimization: str = "
 
     Where the measurement cannot run, warns and returns the documented constants.
     """
-    if prepack == "auto":   # the costs plan budgets: as a budget serves
-        prepack = budget_prepack(package.manifest)
     key = machine_key(threads, optimization, engine, precision, prepack)
     path = _cache_path(package, key)
     if not refresh and path.is_file():

@@ -21,9 +21,9 @@ package's weights file itself (the session's external-data folder is the package
 lookup tables (``runtime.tables``) are mapped by the runtime, handed over with
 ``SessionOptions.add_initializer`` and their pages handed back after every call. Sessions run
 with ``enable_mem_pattern=False``, and ``session.disable_prepacking=1`` except on the dense
-graphs (under a budget, not even there for a decoder whose LM head is tied to its word
-embedding unless the plan has room for the head's packed second copy: ``prepack``), so
-memory follows the plan; ONNX Runtime's arena is on only for the dense graphs (and never for
+graphs (option ``prepack``; a table that a tied LM head shares with the word embedding is
+an overridable initializer, which ONNX Runtime never prepacks: one copy), so memory follows
+the plan; ONNX Runtime's arena is on only for the dense graphs (and never for
 a decoder, whose every step has new shapes):
 measured on a 12-block MiniLM package (2 threads, avx512_vnni), the arena made the int8
 graph 18% faster (13.0 -> 10.7 ms) at the same peak RSS, and the plain graph 2.4-4x faster
@@ -77,7 +77,6 @@ from edgestack.package.tables import lookup_table
 from edgestack.package.wire import external_ranges
 from edgestack.profiles import load_profile
 from edgestack.runtime.budget import resolve_budget
-from edgestack.runtime.calibrate import budget_prepack, choose_prepack
 from edgestack.runtime.calibrate import calibrate as calibrate_costs
 from edgestack.runtime.generate import Generation, generate, generate_iter
 from edgestack.runtime.openvino import PROFILE_PRECISIONS, OpenVINOSession, check_engine
@@ -181,12 +180,11 @@ class Runtime(Runner):
             most exact form whose plan fits: see
             :func:`edgestack.runtime.plan.plan_memory`).
         prepack: ONNX Runtime's prepacking of the constant weights of the dense graphs
-            (and of compiled packages): "on", "off", or "auto" (default: on, except under a
-            budget for a decoder whose LM head is tied to its word embedding, where packing
-            the head copies the shared table (GPT-2 +147 MiB for 14-32% more tokens/s, see
-            docs/runtime.md): there on only where the calibrated plan with that copy serves
-            the same tier and graph). :attr:`prepack` is the setting served ("on" or "off"). The
-            graphs whose blocks are fed never prepack; the nbits8 graph always does.
+            (and of compiled packages): "on" (default: the fastest, see docs/runtime.md) or
+            "off" (ONNX Runtime reads the weights where they are mapped; less anonymous
+            memory, slower GEMMs). Budgets are planned with the costs calibrated for the
+            setting. The graphs whose blocks are fed never prepack; the nbits8 graph always
+            does.
         graph: force the graph: "plain" or "mixed" (default None: the plan's, see
             :attr:`MemoryPlan.graph`); the calibration uses it to measure the mixed graph
             where a plan would pick a dense one.
@@ -210,14 +208,14 @@ class Runtime(Runner):
                  watch: bool | float = False, calibrate: bool = True,
                  form: str = "auto", graph: str | None = None, spinning: str = "on",
                  engine: str = "auto", precision: str | None = None,
-                 prepack: str = "auto") -> None:
+                 prepack: str = "on") -> None:
         if optimization not in LEVELS:  # before anything is opened or read
             raise TargetError(f"optimization must be one of {sorted(LEVELS)}, found "
                               f"{optimization!r}")
         if spinning not in ("on", "off"):
             raise TargetError(f"spinning must be 'on' or 'off', found {spinning!r}")
-        if prepack not in ("auto", "on", "off"):
-            raise TargetError(f"prepack must be 'auto', 'on' or 'off', found {prepack!r}")
+        if prepack not in ("on", "off"):
+            raise TargetError(f"prepack must be 'on' or 'off', found {prepack!r}")
         if form not in ("auto", *FORMS[1:]) or graph not in (None, "plain", "mixed"):
             raise TargetError(f"form must be 'auto' or one of {', '.join(FORMS[1:])} and "
                               f"graph None, 'plain' "
@@ -269,18 +267,12 @@ class Runtime(Runner):
             self._calibrate = calibrate
             self._costs: Costs | None = None
             self.form = form
-            # auto: on without a budget (the fastest); under one, choose_prepack below
-            self.prepack = prepack if prepack != "auto" else (
-                "on" if self.budget is None else budget_prepack(man))
+            self.prepack = prepack
             self._graph_choice = graph
             if graph == "mixed" and VARIANT_FILE not in man.files:
                 raise TargetError(f"{self.package.path}: the package has no mixed graph "
                                   "(an older package); repack the model")
-            if prepack == "auto" and self.budget is not None and calibrate:
-                self.prepack, plan = choose_prepack(man, lambda setting: self._plan_with(
-                    setting, tier))
-            else:
-                plan = self.plan_for(self.budget, tier=tier, budget_source=self.budget_source)
+            plan = self.plan_for(self.budget, tier=tier, budget_source=self.budget_source)
             self._verify = verify
             if verify:  # every file, graphs included (a re-tier may switch graphs later)
                 self.package.verify()
@@ -473,7 +465,7 @@ class Runtime(Runner):
         so.enable_cpu_mem_arena = (graph in DENSE_FILES or compiled) and (
             pkg.manifest.runtime.decoder is None)   # see the module doc
         so.enable_mem_pattern = False
-        # prepacking (option ``prepack``, see choose_prepack): never for fed blocks (nothing
+        # prepacking (option ``prepack``): never for fed blocks (nothing
         # to prepack); always for MatMulNBits (without, it dequantized every weight on every
         # call: GPT-2 decode 3 tokens/s)
         off = self.prepack == "off" and graph != "nbits8"
@@ -852,11 +844,6 @@ class Runtime(Runner):
                            materialize=self._materialize, form=self.form,
                            costs=self.costs if budget is not None else DEFAULT_COSTS,
                            dense=self.engine == "openvino")
-
-    def _plan_with(self, prepack: str, tier: int | None) -> MemoryPlan:
-        """The plan for the runtime's budget with ``prepack``'s calibrated costs."""
-        self.prepack, self._costs = prepack, None
-        return self.plan_for(self.budget, tier=tier, budget_source=self.budget_source)
 
     @property
     def costs(self) -> Costs:
