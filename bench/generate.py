@@ -13,8 +13,8 @@ the weights' values, so the speed numbers hold; the text does not mean anything.
    (``--max-context``, max_batch 1);
 2. speed, one process, interleaved rounds: the package served by the runtime (its fastest
    plan without a budget: every layer materialised int8; the float32 plan; the plan of the
-   largest budget of step 3; the int8 and float32 plans again with ``prepack="off"``, as
-   a budget serves a tied LM head) vs the
+   largest budget of step 3; the int8 and float32 plans again with ``prepack="off"``: what
+   ONNX Runtime's prepacking of the weights buys) vs the
    uncompressed export on an ONNX Runtime CPU session with the same session options and
    threads; each generates ``--new`` greedy tokens after a ``--prompt``-token prompt with
    the same loop (:func:`edgestack.core.decoding.decode_steps`): prefill tokens/s (the
@@ -141,8 +141,7 @@ def speed(fp32: Path, pkg: Path, args: argparse.Namespace, budget: int) -> list[
     rt_fast = Runtime(pkg, threads=args.threads, calibrate=False)   # fastest plan
     rt_fp32 = Runtime(pkg, threads=args.threads, calibrate=False, form="fp32")
     rt_budget = Runtime(pkg, budget, threads=args.threads)     # the top budget's plan
-    # the same two plans with ONNX Runtime's prepacking off, as a budget serves a tied LM
-    # head (prepacking would copy the table: the speed it buys without a budget)
+    # the same two plans with ONNX Runtime's prepacking off (the speed prepacking buys)
     rt_fast_pp = Runtime(pkg, threads=args.threads, calibrate=False, prepack="off")
     rt_fp32_pp = Runtime(pkg, threads=args.threads, calibrate=False, form="fp32",
                          prepack="off")
