@@ -11,19 +11,23 @@ the weights' values, so the speed numbers hold; the text does not mean anything.
    one and the uncompressed original) as decoders with a KV cache
    (:func:`edgestack.exporter.export_decoder`); pack the compressed one
    (``--max-context``, max_batch 1);
+   Also ONNX Runtime's own int8 model of the uncompressed export (``quantize_dynamic``,
+   ``per_channel=True``, weights in external data: what a user would otherwise deploy);
 2. speed, one process, interleaved rounds: the package served by the runtime (its fastest
    plan without a budget: every layer materialised int8; the float32 plan; the plan of the
    largest budget of step 3; the int8 and float32 plans again with ``prepack="off"``: what
    ONNX Runtime's prepacking of the weights buys) vs the
-   uncompressed export on an ONNX Runtime CPU session with the same session options and
-   threads; each generates ``--new`` greedy tokens after a ``--prompt``-token prompt with
-   the same loop (:func:`edgestack.core.decoding.decode_steps`): prefill tokens/s (the
-   prompt, in the package's prefill chunks for both) and decode tokens/s separately;
+   uncompressed export and ORT's int8 model, each on an ONNX Runtime CPU session with the
+   same session options and threads; each generates ``--new`` greedy tokens after a
+   ``--prompt``-token prompt with the same loop
+   (:func:`edgestack.core.decoding.decode_steps`): prefill tokens/s (the prompt, in the
+   package's prefill chunks for all) and decode tokens/s separately;
 3. memory: budgets of 3 tiers (their smallest plans with this machine's calibrated costs,
    + 1 MiB); a fresh process per budget generates to max_context (prompt half of it) and
    reports its peak RSS above the imports; also the KV cache's share measured as the
    difference between generating to max_context and to 1/8 of it, against the plan's
-   ``kv_cache`` line (KV_ALIVE copies).
+   ``kv_cache`` line (KV_ALIVE copies); and the ORT int8 model's peak generating to
+   max_context, with the package served at that peak as its budget (equal memory).
 
 Run:  .venv/bin/python bench/generate.py [--threads 2] [--max-context 256]
           [--out bench/results/generate.json]
@@ -45,6 +49,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "generate.json"
 WORK = ROOT / "bench" / ".generate-work"
+INT8 = WORK / "ort-int8pc" / "model.onnx"   # ORT's own int8 model of the uncompressed export
 
 PEAK = r"""
 import edgestack.runtime as R
@@ -59,6 +64,25 @@ gen = rt.generate(prompt, tokens - tokens // 2, stop=())
 print(json.dumps({'hwm': hwm(), 'base': base, 'tier': rt.tier, 'plan': rt.plan.total,
                   'kv': rt.plan.kv_bytes, 'graph': rt.plan.graph,
                   'new': int(gen.tokens.shape[1]), 'torch': 'torch' in sys.modules}))
+"""
+
+
+PEAK_ORT = r"""
+import json, sys
+import numpy as np
+from edgestack.core.decoding import DecoderContract, decode_steps
+from edgestack.core.ort import cpu_session
+from edgestack.profiler.probe import peak_rss as hwm
+path, tokens, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+base = hwm()
+sess = cpu_session(path, threads)
+contract = DecoderContract.from_session(sess)
+prompt = np.asarray([[(7 * j) % 1000 + 10 for j in range(tokens // 2)]], np.int64)
+n = 0
+for _tok in decode_steps(lambda f: sess.run(contract.output_names(), f), contract, prompt,
+                         tokens - tokens // 2, eos_token_ids=(), prefill_chunk=64):
+    n += 1
+print(json.dumps({'hwm': hwm(), 'base': base, 'new': n}))
 """
 
 
@@ -88,7 +112,8 @@ def build(args: argparse.Namespace) -> tuple[Path, Path, str, dict]:
     WORK.mkdir(parents=True, exist_ok=True)
     fp32, pkg = WORK / "gpt2-fp32.onnx", WORK / f"gpt2-bitstack-{args.max_context}.pkg"
     info_file = WORK / "build.json"
-    if fp32.exists() and pkg.exists() and info_file.exists() and not args.rebuild:
+    if (fp32.exists() and pkg.exists() and INT8.exists() and info_file.exists()
+            and not args.rebuild):
         info = json.loads(info_file.read_text())
         return fp32, pkg, info["model"], info
     model, what = gpt2_model()
@@ -108,11 +133,36 @@ def build(args: argparse.Namespace) -> tuple[Path, Path, str, dict]:
     pack_model(onnx_c, pkg, max_context=args.max_context, overwrite=True,
                log=lambda _: None)
     t3 = time.perf_counter()
+    ort_int8(fp32, INT8)
     info = {"model": what, "blocks": args.blocks, "rank": args.rank,
             "layers": len(report.layers), "export_fp32_s": t1 - t0,
-            "compress_s": t2 - t1, "export_pack_s": t3 - t2}
+            "compress_s": t2 - t1, "export_pack_s": t3 - t2,
+            "ort_int8_s": time.perf_counter() - t3}
     info_file.write_text(json.dumps(info))
     return fp32, pkg, what, info
+
+
+def ort_int8(fp32: Path, out: Path) -> None:
+    """ONNX Runtime's dynamic int8 model of ``fp32`` (per channel, QInt8 weights), its
+    weights in external data (memory-mapped when served), built quietly as the bench
+    builds its baselines."""
+    import logging
+
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from edgestack.core.logs import no_root_config, quiet_loggers
+    from edgestack.profiler.bench import save_external
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name("quantized.tmp.onnx")
+    with quiet_loggers(("onnxruntime.quantization", "root"), logging.WARNING), \
+            no_root_config():
+        quantize_dynamic(str(fp32), str(tmp), weight_type=QuantType.QInt8, per_channel=True,
+                         use_external_data_format=True)
+    save_external(onnx.load(str(tmp)), out)
+    for f in tmp.parent.glob("quantized.tmp.*"):
+        f.unlink()
 
 
 def budgets(pkg: Path, args: argparse.Namespace) -> tuple[object, list[tuple[int, int]]]:
@@ -136,6 +186,7 @@ def speed(fp32: Path, pkg: Path, args: argparse.Namespace, budget: int) -> list[
     prompt = np.asarray([[(7 * j) % 1000 + 10 for j in range(args.prompt)]], np.int64)
     subjects: dict[str, object] = {}
     sess = cpu_session(fp32, args.threads, spinning="on")
+    sess8 = cpu_session(INT8, args.threads, spinning="on")
     contract = DecoderContract.from_session(sess)
     names = contract.output_names()
     rt_fast = Runtime(pkg, threads=args.threads, calibrate=False)   # fastest plan
@@ -147,14 +198,16 @@ def speed(fp32: Path, pkg: Path, args: argparse.Namespace, budget: int) -> list[
                          prepack="off")
     chunk = rt_fast.package.manifest.runtime.decoder.prefill_chunk
 
-    def ort_run(n: int) -> tuple[float, float, np.ndarray]:
-        t0 = time.perf_counter()
-        first, toks = None, []
-        for tok in decode_steps(lambda f: sess.run(names, f), contract, prompt, n,
-                                eos_token_ids=(), prefill_chunk=chunk):
-            toks.append(tok)
-            first = first or time.perf_counter()
-        return first - t0, time.perf_counter() - first, np.stack(toks, 1)
+    def ort_run(session: object) -> object:
+        def go(n: int) -> tuple[float, float, np.ndarray]:
+            t0 = time.perf_counter()
+            first, toks = None, []
+            for tok in decode_steps(lambda f: session.run(names, f), contract, prompt, n,
+                                    eos_token_ids=(), prefill_chunk=chunk):
+                toks.append(tok)
+                first = first or time.perf_counter()
+            return first - t0, time.perf_counter() - first, np.stack(toks, 1)
+        return go
 
     def rt_run(rt: Runtime) -> object:
         def go(n: int) -> tuple[float, float, np.ndarray]:
@@ -162,7 +215,8 @@ def speed(fp32: Path, pkg: Path, args: argparse.Namespace, budget: int) -> list[
             return g.prefill_seconds, g.decode_seconds, g.tokens
         return go
 
-    subjects = {"ORT fp32 (uncompressed)": ort_run,
+    subjects = {"ORT fp32 (uncompressed)": ort_run(sess),
+                "ORT int8 per-channel (uncompressed)": ort_run(sess8),
                 f"edgestack tier {rt_fast.tier} {rt_fast.plan.graph}": rt_run(rt_fast),
                 f"edgestack tier {rt_fp32.tier} {rt_fp32.plan.graph}": rt_run(rt_fp32),
                 f"edgestack {budget / 2**20:.0f} MiB: tier {rt_budget.tier} "
@@ -225,9 +279,25 @@ def memory(pkg: Path, args: argparse.Namespace, costs: object,
     full = peak(str(pkg), top, ctx, args.threads)
     per_copy = p.manifest.runtime.decoder.kv_bytes_per_token * (ctx - max(2, ctx // 8))
     grew = (full["hwm"] - full["base"]) - (short["hwm"] - short["base"])
+    # equal memory: ORT's int8 model generating to max_context, and the package served with
+    # that peak as its budget
+    out = subprocess.run([sys.executable, "-c", PEAK_ORT, str(INT8), str(ctx),
+                          str(args.threads)], capture_output=True, text=True, check=True,
+                         timeout=1200, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    ort_peak = got["hwm"] - got["base"]
+    try:
+        run = peak(str(pkg), ort_peak, ctx, args.threads)
+        at = {"tier": run["tier"], "graph": run["graph"], "plan": run["plan"],
+              "peak_increase": run["hwm"] - run["base"],
+              "within_budget": run["hwm"] - run["base"] <= ort_peak}
+    except subprocess.CalledProcessError as exc:   # below the smallest tier: BudgetError
+        at = {"refused": (exc.stderr or "").strip().splitlines()[-1][:300]}
     return {"costs": costs.to_dict(), "budgets": rows,
             "kv_measured": {"tokens": [max(2, ctx // 8), ctx], "rss_growth": grew,
-                            "one_copy_bytes": per_copy, "copies": grew / per_copy}}
+                            "one_copy_bytes": per_copy, "copies": grew / per_copy},
+            "ort_int8": {"peak_increase": ort_peak, "new": got["new"],
+                         "package_at_that_budget": at}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"peak +{r['peak_increase'] / 2**20:6.1f} MiB ({r['peak_over_plan']:.2f} of "
                   f"plan), within budget: {r['within_budget']}")
         print("kv measured:", result["memory"]["kv_measured"])
+        print("ORT int8 per-channel and the package at its peak:", result["memory"]["ort_int8"])
     Path(args.out).write_text(json.dumps(result, indent=2))
     return 0
 
