@@ -146,6 +146,38 @@ def test_non_bitstack_model_gives_one_tier(tmp_path):
         assert rt.self_test()["passed"]
 
 
+@pytest.mark.parametrize("vocab", [128, 4096])   # 512 bytes: inline; 16 KiB: external
+def test_a_tied_table_is_packed_overridable_inline_or_external(tmp_path, vocab):
+    """A table read by a Gather and as a Gemm's B (a tied LM head) is packed as an
+    overridable initializer (ONNX Runtime does not prepack it into a second copy), inline or
+    in the weights file, and the package serves the source model's outputs."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgestack.runtime import Runtime
+
+    table = np.random.default_rng(0).standard_normal((vocab, 1)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], axis=0),
+             helper.make_node("Reshape", ["e", "shape"], ["h"]),
+             helper.make_node("Gemm", ["h", "table"], ["logits"], transB=1)]
+    graph = helper.make_graph(
+        nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [4, vocab])],
+        initializer=[numpy_helper.from_array(table, "table"),
+                     numpy_helper.from_array(np.array([4, 1], np.int64), "shape")])
+    path = tmp_path / "tied.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    pack(path, tmp_path / "t.pkg")
+    so = ort.SessionOptions()
+    so.log_severity_level = 3   # ORT warns about every overridable initializer
+    ids = np.array([[1, 7, 42, 99]], np.int64)
+    want = ort.InferenceSession(str(path), so).run(None, {"ids": ids})[0]
+    with Runtime(tmp_path / "t.pkg") as rt, rt.pinned() as st:
+        assert [v.name for v in st.session.get_overridable_initializers()] == ["table"]
+        np.testing.assert_allclose(rt.infer({"ids": ids})["logits"], want, rtol=1e-6)
+        assert rt.self_test()["passed"]
+
+
 def test_external_weights_stay_lazy_and_a_missing_data_file_is_named(tmp_path, small_model):
     import onnx_ir as ir
 

@@ -469,8 +469,9 @@ def _write_graphs(model: ir.Model, gdir: Path, stacks: Mapping[str, BitStackStac
     gathered = pregather_tables(model, tables)
     shared = share_tables(model)
     feeds_run = dict(feeds)
-    if gathered or shared:  # the lookups out (their bytes stay in the weights file)
+    if gathered or shared:  # the graph edited: lookups out, shared tables overridable
         ir.save(model, gdir / GRAPH_FILE)
+    if gathered:  # what the graph is fed for them (their bytes stay in the weights file)
         data = np.memmap(gdir / WEIGHTS_FILE, dtype=np.uint8, mode="r")
         for spec in gathered.values():
             for ids, value in spec.lookups:
