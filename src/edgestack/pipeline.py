@@ -304,7 +304,7 @@ def pack_model(source: str | os.PathLike[str], out: str | os.PathLike[str], *,
         golden_inputs, log, pack_options: passed to :func:`edgestack.packer.pack.pack`
             (``profile``, ``steps_per_level``, ``created``; a decoder's ``max_context``,
             ``max_batch``, ``prefill_chunk``, ``tokenizer``: default, a source folder's
-            ``tokenizer.json``).
+            ``tokenizer.json``; ``tied_tables``).
 
     A graph with BitStack layers packed for a tiered target (``ort-cpu``, ``ort-arm``,
     ``openvino-cpu``) becomes a tiered package; any other graph, or any graph for

@@ -146,17 +146,20 @@ def test_non_bitstack_model_gives_one_tier(tmp_path):
         assert rt.self_test()["passed"]
 
 
-@pytest.mark.parametrize("vocab", [128, 4096])   # 512 bytes: inline; 16 KiB: external
-def test_a_tied_table_is_packed_overridable_inline_or_external(tmp_path, vocab):
-    """A table read by a Gather and as a Gemm's B (a tied LM head) is packed as an
-    overridable initializer (ONNX Runtime does not prepack it into a second copy), inline or
-    in the weights file, and the package serves the source model's outputs."""
+@pytest.mark.parametrize("vocab,dim", [(128, 1), (8192, 16)])   # 512 B inline; 512 KiB
+@pytest.mark.parametrize("tied", ["float", "int8"])
+def test_a_tied_table_is_one_copy_float_or_int8(tmp_path, vocab, dim, tied):
+    """A table read by a Gather and as a Gemm's B (a tied LM head), inline or in the weights
+    file: ``tied_tables="float"`` packs it as an overridable initializer (ONNX Runtime does
+    not prepack it into a second copy); ``"int8"`` stores it int8 per row, the lookups
+    pre-gathered by the runtime and the head on DynamicQuantizeMatMul, with the source
+    model's outputs within the int8 error."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     from edgestack.runtime import Runtime
 
-    table = np.random.default_rng(0).standard_normal((vocab, 1)).astype(np.float32)
+    table = np.random.default_rng(0).standard_normal((vocab, dim)).astype(np.float32)
     nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], axis=0),
              helper.make_node("Reshape", ["e", "shape"], ["h"]),
              helper.make_node("Gemm", ["h", "table"], ["logits"], transB=1)]
@@ -164,18 +167,33 @@ def test_a_tied_table_is_packed_overridable_inline_or_external(tmp_path, vocab):
         nodes, "tied", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1, 4])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [4, vocab])],
         initializer=[numpy_helper.from_array(table, "table"),
-                     numpy_helper.from_array(np.array([4, 1], np.int64), "shape")])
+                     numpy_helper.from_array(np.array([4, dim], np.int64), "shape")])
     path = tmp_path / "tied.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    pack(path, tmp_path / "t.pkg")
+    pack(path, tmp_path / "t.pkg", tied_tables=tied)
     so = ort.SessionOptions()
     so.log_severity_level = 3   # ORT warns about every overridable initializer
     ids = np.array([[1, 7, 42, 99]], np.int64)
     want = ort.InferenceSession(str(path), so).run(None, {"ids": ids})[0]
     with Runtime(tmp_path / "t.pkg") as rt, rt.pinned() as st:
-        assert [v.name for v in st.session.get_overridable_initializers()] == ["table"]
-        np.testing.assert_allclose(rt.infer({"ids": ids})["logits"], want, rtol=1e-6)
+        got = rt.infer({"ids": ids})["logits"]
+        shared = [v.name for v in st.session.get_overridable_initializers()]
         assert rt.self_test()["passed"]
+        gathered = set(rt.package.manifest.runtime.gathered)
+    inits = {t.name for t in onnx.load(str(tmp_path / "t.pkg" / "model.onnx"),
+                                       load_external_data=False).graph.initializer}
+    if tied == "float":
+        assert shared == ["table"] and not gathered and "table" in inits
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    else:   # int8 weights and activations: a few percent of the largest logit at most
+        assert shared == [] and "table" not in inits
+        assert {"table.head_q", "table.head_scale", "table.row_scale"} <= inits
+        # the row codes: read by lookups only, so pre-gathered where large enough
+        assert ("table.int8" in gathered) == (vocab * dim >= 64 * 1024) != (
+            "table.int8" in inits)
+        assert 0 < np.abs(got - want).max() <= 0.03 * np.abs(want).max()
+    with pytest.raises(PackageError, match="tied_tables must be 'int8' or 'float'"):
+        pack(path, tmp_path / "u.pkg", tied_tables="fp16")
 
 
 def test_external_weights_stay_lazy_and_a_missing_data_file_is_named(tmp_path, small_model):

@@ -360,10 +360,22 @@ def test_cli_pack_decoder_options(gpt2, small_model, tmp_path, capsys):
 
 def test_a_tied_head_is_one_copy_with_prepacking_on(gpt2, llama, monkeypatch, tmp_path,
                                                      capsys):
-    """GPT-2's LM head is tied to its word embedding: the packer makes the shared table an
-    overridable initializer in every graph, which ONNX Runtime does not prepack (packing the
-    head's Gemm B copied the table; bench/prepack_head.py), so every session keeps
-    prepacking on for the other weights; an untied decoder has no such initializer."""
+    """GPT-2's LM head is tied to its word embedding: packed with ``tied_tables="float"``
+    the shared table is an overridable initializer in every graph, which ONNX Runtime does
+    not prepack (packing the head's Gemm B copied the table; bench/prepack_head.py), so every
+    session keeps prepacking on for the other weights; packed int8 (the default) the table
+    is gone (int8 lookups and head); an untied decoder has neither."""
+    import onnx
+
+    from edgestack.packer.pack import pack
+
+    inits = {t.name for t in onnx.load(str(gpt2[1] / "model.onnx"),
+                                       load_external_data=False).graph.initializer}
+    assert "lm_head.weight" not in inits and "lm_head.weight.head_q" in inits  # int8
+    float_pkg = tmp_path / "float.pkg"
+    pack(gpt2[1].parent / "d.onnx", float_pkg, max_context=MAX_CONTEXT, max_batch=2,
+         tied_tables="float", log=lambda _: None)
+    gpt2 = (gpt2[0], float_pkg)
     def served(pkg, budget=None, **options):
         options.setdefault("calibrate", False)
         with Runtime(pkg, budget, **options) as rt, rt.pinned() as st:

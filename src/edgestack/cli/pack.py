@@ -67,6 +67,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="a decoder: a folder with tokenizer.json to store in the package, "
                    "for `edgestack run --prompt` (default: the model folder's, if any)")
+    p.add_argument("--tied-tables", choices=("int8", "float"), default="int8",
+                   help="a BitStack decoder whose LM head is tied to its word embedding: "
+                   "store the shared table int8, one scale per row, the head on the int8 "
+                   "kernels (default), or float as exported (a compiled package keeps it "
+                   "float)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing package (a package folder or .tar only; swapped "
                    "in whole)")
@@ -101,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
                                              ("prefill_chunk", args.prefill_chunk),
                                              ("tokenizer", args.tokenizer)) if v is not None},
                         **({"max_batch": args.max_batch} if args.max_batch != 1 else {}),
+                        **({"tied_tables": "float"} if args.tied_tables == "float" else {}),
                         log=progress("pack"), progress=bars(args))
     if args.json:
         emit_json({"ok": True, **result.to_dict()})

@@ -64,6 +64,7 @@ from edgestack.errors import PackageError
 from edgestack.formats.bitstack import META_BITSTACK_ORDER as ORDER_KEY
 from edgestack.formats.bitstack import NODE_LAYER_KEY as LAYER_KEY
 from edgestack.formats.bitstack import BitStackStack
+from edgestack.formats.int8 import quantize_int8
 from edgestack.package.archive import write_archive
 from edgestack.package.format import (
     ARCHIVE_SUFFIX,
@@ -247,6 +248,94 @@ def share_tables(model: ir.Model) -> list[str]:
         if uses == {("", "Gather", 0, True), ("", "Gemm", 1, True)} and not v.is_graph_input():
             g.inputs.append(v)
             names.append(str(v.name))
+    return names
+
+
+def _tied_uses(g: ir.Graph, v: ir.Value) -> tuple[list[ir.Node], list[ir.Node]] | None:
+    """``(gathers, heads)`` when ``v`` is read only as the table of main-graph ``Gather``s
+    on axis 0 and as the ``B`` of main-graph ``Gemm``s ``x @ v^T`` (``transB=1``, alpha 1,
+    no ``C`` or a 1-D bias with beta 1): an LM head tied to its word embedding; else None."""
+    gathers, heads = [], []
+    for u in v.uses():
+        nd, attrs = u.node, u.node.attributes
+        if nd.domain != "" or nd.graph is not g:
+            return None
+        if nd.op_type == "Gather" and u.idx == 0 and attrs.get_int("axis", 0) in (0, -2):
+            gathers.append(nd)
+        elif (nd.op_type == "Gemm" and u.idx == 1 and attrs.get_int("transB", 0) == 1
+              and attrs.get_int("transA", 0) == 0 and attrs.get_float("alpha", 1.0) == 1.0
+              and (len(nd.inputs) < 3 or nd.inputs[2] is None or (
+                  attrs.get_float("beta", 1.0) == 1.0 and nd.inputs[2].shape is not None
+                  and len(nd.inputs[2].shape) == 1))):
+            heads.append(nd)
+        else:
+            return None
+    return (gathers, heads) if gathers and heads else None
+
+
+def _initializer(g: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    v = ir.Value(name=name, shape=ir.Shape(array.shape),
+                 type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                 const_value=ir.tensor(array, name=name))
+    g.register_initializer(v)
+    return v
+
+
+def quantize_tied_tables(model: ir.Model) -> list[str]:
+    """Store each float32 table that an LM head shares with the word embedding
+    (:func:`_tied_uses`) as int8, one scale per vocabulary row, in the two layouts its
+    readers want: the lookups gather rows of ``<name>.int8`` ``[V, H]`` and multiply by
+    ``<name>.row_scale`` ``[V, 1]`` (a ``Gather``-only table, so the runtime reads just the
+    rows a call names), and the head is ``DynamicQuantizeMatMul(x, <name>.head_q [H, V],
+    <name>.head_scale [V][, bias])`` (the int8 kernels, the form of the BitStack layers' int8
+    graph; ONNX Runtime prepacks its ``B``). The float table (GPT-2: 147 MiB) goes; the
+    package holds 2 x 1 byte a weight and serves about one. As ONNX Runtime's own int8 model
+    does, the head's input is quantized per call (uint8, one scale). In place; returns the
+    tables' names."""
+    g, names = model.graph, []
+    for v in list(g.initializers.values()):
+        t = v.const_value
+        if (t is None or v.dtype != ir.DataType.FLOAT or len(t.shape) != 2
+                or v.is_graph_input() or v.is_graph_output()):
+            continue
+        found = _tied_uses(g, v)
+        if found is None:
+            continue
+        name = str(v.name)
+        q_t, scale = quantize_int8(np.ascontiguousarray(t.numpy().T))   # [H, V], [V]
+        codes = _initializer(g, f"{name}.int8", np.ascontiguousarray(q_t.T))
+        rows = _initializer(g, f"{name}.row_scale", scale[:, None])
+        head_q = _initializer(g, f"{name}.head_q", q_t)
+        head_s = _initializer(g, f"{name}.head_scale", scale)
+        gathers, heads = found
+        for nd in gathers:
+            ids, old = nd.inputs[1], nd.outputs[0]
+            gq = ir.node("Gather", [codes, ids], {"axis": 0}, name=f"{nd.name}.q")
+            cast = ir.node("Cast", [gq.outputs[0]], {"to": ir.DataType.FLOAT},
+                           name=f"{nd.name}.cast")
+            gs = ir.node("Gather", [rows, ids], {"axis": 0}, name=f"{nd.name}.scale")
+            mul = ir.node("Mul", [cast.outputs[0], gs.outputs[0]], name=f"{nd.name}.dequant")
+            g.insert_before(nd, [gq, cast, gs, mul])
+            out = mul.outputs[0]
+            out.dtype, out.shape = ir.DataType.FLOAT, old.shape
+            ir.convenience.replace_all_uses_with(old, out, replace_graph_outputs=True)
+            out.name = old.name
+            g.remove(nd, safe=True)
+        for nd in heads:
+            x, bias, old = nd.inputs[0], (nd.inputs[2] if len(nd.inputs) > 2 else None), \
+                nd.outputs[0]
+            mm = ir.node("DynamicQuantizeMatMul",
+                         [x, head_q, head_s, *([None, bias] if bias is not None else [])],
+                         domain="com.microsoft", name=f"{nd.name}.int8")
+            g.insert_before(nd, [mm])
+            out = mm.outputs[0]
+            out.dtype, out.shape = ir.DataType.FLOAT, old.shape
+            ir.convenience.replace_all_uses_with(old, out, replace_graph_outputs=True)
+            out.name = old.name
+            g.remove(nd, safe=True)
+        del g.initializers[name]
+        model.opset_imports.setdefault("com.microsoft", 1)
+        names.append(name)
     return names
 
 
@@ -518,6 +607,7 @@ def pack(
     max_batch: int = 1,
     prefill_chunk: int | None = None,
     tokenizer: str | os.PathLike[str] | None = None,
+    tied_tables: str = "int8",
 ) -> PackResult:
     """Write a device package for ``source`` at ``out`` (a directory, or ``.tar``).
 
@@ -554,6 +644,10 @@ def pack(
             feeds (defaults: the model's positions capped at 1024, 1, 64).
         tokenizer: a decoder: a folder with ``tokenizer.json`` (and its configs) to store
             in the package, so ``edgestack run --prompt`` can encode text.
+        tied_tables: a float32 table shared by an LM head and the word embedding:
+            ``"int8"`` (default; :func:`quantize_tied_tables`; for a tiered target whose
+            golden outputs are the packed graph's, not a compiled graph's) or ``"float"``
+            (kept as exported, an overridable initializer: :func:`share_tables`).
 
     Raises:
         PackageError: unsupported target, a source that is not an edgestack ONNX file, a
@@ -586,6 +680,12 @@ def pack(
         tok_files = tokenizer_files(tokenizer) if tokenizer is not None else {}
         if contract is not None and golden_inputs is None:
             golden_inputs = golden_prompt(contract)
+        if tied_tables not in ("int8", "float"):
+            raise PackageError(f"pack: tied_tables must be 'int8' or 'float', found "
+                               f"{tied_tables!r}")
+        if tied_tables == "int8" and target in TIERED_TARGETS and golden_outputs is None:
+            for tname in quantize_tied_tables(model):
+                say(f"pack: the tied LM head / word embedding {tname!r} stored int8 per row")
         stacks, attrs = _blocks_to_inputs(model.graph)
         if stacks and target not in TIERED_TARGETS:
             raise PackageError(
@@ -661,5 +761,5 @@ def pack(
 
 
 __all__ = ["pack", "PackResult", "choose_tiers", "activation_bytes", "gather_tables",
-           "pregather_tables", "share_tables", "read_onnx", "check_out", "SUPPORTED_TARGETS",
-           "GRAPH_FILE", "WEIGHTS_FILE"]
+           "pregather_tables", "share_tables", "quantize_tied_tables", "read_onnx", "check_out",
+           "SUPPORTED_TARGETS", "GRAPH_FILE", "WEIGHTS_FILE"]
