@@ -10,13 +10,16 @@ the weights' values, so the speed numbers hold; the text does not mean anything.
 1. compress a copy with BitStack (``--blocks``, ``--rank``) and export both (the compressed
    one and the uncompressed original) as decoders with a KV cache
    (:func:`edgestack.exporter.export_decoder`); pack the compressed one
-   (``--max-context``, max_batch 1);
-   Also ONNX Runtime's own int8 model of the uncompressed export (``quantize_dynamic``,
+   (``--max-context``, max_batch 1; its tied LM head / word embedding table int8, the
+   default), and again with that table float (``tied_tables="float"``) to measure what
+   int8 costs in logits (cosine, top-1 agreement on a forced token sequence). Also ONNX
+   Runtime's own int8 model of the uncompressed export (``quantize_dynamic``,
    ``per_channel=True``, weights in external data: what a user would otherwise deploy);
 2. speed, one process, interleaved rounds: the package served by the runtime (its fastest
    plan without a budget: every layer materialised int8; the float32 plan; the plan of the
    largest budget of step 3; the int8 and float32 plans again with ``prepack="off"``: what
-   ONNX Runtime's prepacking of the weights buys) vs the
+   ONNX Runtime's prepacking of the weights buys; the int8 plan of the float-table
+   twin) vs the
    uncompressed export and ORT's int8 model, each on an ONNX Runtime CPU session with the
    same session options and threads; each generates ``--new`` greedy tokens after a
    ``--prompt``-token prompt with the same loop
@@ -112,7 +115,9 @@ def build(args: argparse.Namespace) -> tuple[Path, Path, str, dict]:
     WORK.mkdir(parents=True, exist_ok=True)
     fp32, pkg = WORK / "gpt2-fp32.onnx", WORK / f"gpt2-bitstack-{args.max_context}.pkg"
     info_file = WORK / "build.json"
-    if (fp32.exists() and pkg.exists() and INT8.exists() and info_file.exists()
+    fpkg = float_pkg(pkg)
+    if (fp32.exists() and pkg.exists() and fpkg.exists() and INT8.exists()
+            and info_file.exists()
             and not args.rebuild):
         info = json.loads(info_file.read_text())
         return fp32, pkg, info["model"], info
@@ -132,6 +137,8 @@ def build(args: argparse.Namespace) -> tuple[Path, Path, str, dict]:
     export_decoder(small, onnx_c, log=lambda _: None, parity=False, overwrite=True)
     pack_model(onnx_c, pkg, max_context=args.max_context, overwrite=True,
                log=lambda _: None)
+    pack_model(onnx_c, fpkg, max_context=args.max_context, overwrite=True,
+               tied_tables="float", log=lambda _: None)
     t3 = time.perf_counter()
     ort_int8(fp32, INT8)
     info = {"model": what, "blocks": args.blocks, "rank": args.rank,
@@ -140,6 +147,48 @@ def build(args: argparse.Namespace) -> tuple[Path, Path, str, dict]:
             "ort_int8_s": time.perf_counter() - t3}
     info_file.write_text(json.dumps(info))
     return fp32, pkg, what, info
+
+
+def float_pkg(pkg: Path) -> Path:
+    """The same model packed with its tied table float (``tied_tables="float"``)."""
+    return pkg.with_name(pkg.stem + "-float.pkg")
+
+
+def tied_table_error(pkg: Path, args: argparse.Namespace) -> dict:
+    """The int8 tied table's error: the logits of the package and of its float-table twin
+    (the int8 plan, no budget) at every step of the same forced token sequence (a prompt,
+    then ``--new`` steps fed fixed tokens): cosine per step and top-1 agreement."""
+    from edgestack.core.decoding import decode_steps
+    from edgestack.runtime import Runtime
+
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(10, 1000, size=(1, args.prompt))
+    forced = rng.integers(10, 1000, size=args.new)
+    logits: list[np.ndarray] = []
+    for path in (pkg, float_pkg(pkg)):
+        with Runtime(path, threads=args.threads, calibrate=False) as rt:
+            dec = rt.package.manifest.runtime.decoder
+            contract, got = dec.decoder_contract(), []
+            names = contract.output_names()
+            tokens = iter(forced)
+
+            def pick(lg: np.ndarray, got: list = got, tokens=tokens) -> np.ndarray:
+                got.append(np.array(lg, np.float64))
+                return np.array([next(tokens)])
+
+            def run(feeds: dict, rt: Runtime = rt, names: list = names) -> list:
+                out = rt.infer(feeds)
+                return [out[n] for n in names]
+
+            for _ in decode_steps(run, contract, prompt, args.new, pick=pick,
+                                  eos_token_ids=(), prefill_chunk=dec.prefill_chunk):
+                pass
+            logits.append(np.concatenate(got))
+    a, b = logits
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    return {"steps": len(a), "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
+            "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean()),
+            "max_abs_error_over_max_abs": float(np.abs(a - b).max() / np.abs(b).max())}
 
 
 def ort_int8(fp32: Path, out: Path) -> None:
@@ -196,6 +245,7 @@ def speed(fp32: Path, pkg: Path, args: argparse.Namespace, budget: int) -> list[
     rt_fast_pp = Runtime(pkg, threads=args.threads, calibrate=False, prepack="off")
     rt_fp32_pp = Runtime(pkg, threads=args.threads, calibrate=False, form="fp32",
                          prepack="off")
+    rt_float = Runtime(float_pkg(pkg), threads=args.threads, calibrate=False)
     chunk = rt_fast.package.manifest.runtime.decoder.prefill_chunk
 
     def ort_run(session: object) -> object:
@@ -224,7 +274,9 @@ def speed(fp32: Path, pkg: Path, args: argparse.Namespace, budget: int) -> list[
                 f"edgestack tier {rt_fast_pp.tier} {rt_fast_pp.plan.graph}, prepack off":
                     rt_run(rt_fast_pp),
                 f"edgestack tier {rt_fp32_pp.tier} {rt_fp32_pp.plan.graph}, prepack off":
-                    rt_run(rt_fp32_pp)}
+                    rt_run(rt_fp32_pp),
+                f"edgestack tier {rt_float.tier} {rt_float.plan.graph}, tied table float":
+                    rt_run(rt_float)}
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in subjects}
     for fn in subjects.values():
         fn(4)   # warm-up
@@ -245,7 +297,7 @@ def speed(fp32: Path, pkg: Path, args: argparse.Namespace, budget: int) -> list[
         r["prefill_vs_ort_fp32"] = r["prefill_tokens_per_s"] / base["prefill_tokens_per_s"]
     rows.append({"plans": {"fast": rt_fast.plan.to_dict(), "fp32": rt_fp32.plan.to_dict(),
                            "budget": rt_budget.plan.to_dict()}})
-    for rt in (rt_fast, rt_fp32, rt_budget):
+    for rt in (rt_fast, rt_fp32, rt_budget, rt_fast_pp, rt_fp32_pp, rt_float):
         rt.close()
     return rows
 
@@ -322,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
               "cpu_extensions": cpu_extensions(), "max_context": args.max_context,
               "prompt": args.prompt, "new": args.new, "rounds": args.rounds,
               "speed": speed(fp32, pkg, args, planned[-1][1])}
+    result["tied_table_int8_vs_float"] = tied_table_error(pkg, args)
+    print("tied table int8 vs float (logits):", result["tied_table_int8_vs_float"], flush=True)
     for r in result["speed"][:-1]:
         print(f"{r['subject']:<40} prefill {r['prefill_tokens_per_s']:8.1f} tok/s "
               f"({r['prefill_vs_ort_fp32']:.2f}x)  decode {r['decode_tokens_per_s']:7.1f} "
