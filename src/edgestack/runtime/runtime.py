@@ -21,9 +21,10 @@ package's weights file itself (the session's external-data folder is the package
 lookup tables (``runtime.tables``) are mapped by the runtime, handed over with
 ``SessionOptions.add_initializer`` and their pages handed back after every call. Sessions run
 with ``enable_mem_pattern=False``, and ``session.disable_prepacking=1`` except on the dense
-graphs (option ``prepack``; a table that a tied LM head shares with the word embedding is
-an overridable initializer, which ONNX Runtime never prepacks: one copy), so memory follows
-the plan; ONNX Runtime's arena is on only for the dense graphs and compiled packages:
+graphs (option ``prepack``; a float table that a tied LM head shares with the word
+embedding is an overridable initializer, which ONNX Runtime never prepacks: one copy; the
+packer stores it int8 by default), so memory follows the plan; ONNX Runtime's arena is on
+only for the dense graphs and compiled packages:
 measured on a 12-block MiniLM package (2 threads, avx512_vnni), the arena made the int8
 graph 18% faster (13.0 -> 10.7 ms) at the same peak RSS, and the plain graph 2.4-4x faster
 on the fly but at +13-20% peak RSS (it keeps the decode temporaries); the memory pattern
