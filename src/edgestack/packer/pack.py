@@ -274,9 +274,7 @@ def _tied_uses(g: ir.Graph, v: ir.Value) -> tuple[list[ir.Node], list[ir.Node]] 
 
 
 def _initializer(g: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    v = ir.Value(name=name, shape=ir.Shape(array.shape),
-                 type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                 const_value=ir.tensor(array, name=name))
+    v = ir.val(name, const_value=ir.tensor(array, name=name))
     g.register_initializer(v)
     return v
 
