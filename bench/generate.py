@@ -24,7 +24,8 @@ the weights' values, so the speed numbers hold; the text does not mean anything.
    same session options and threads; each generates ``--new`` greedy tokens after a
    ``--prompt``-token prompt with the same loop
    (:func:`edgestack.core.decoding.decode_steps`): prefill tokens/s (the prompt, in the
-   package's prefill chunks for all) and decode tokens/s separately;
+   package's prefill chunks for all) and decode tokens/s separately; the package is also
+   served at the budgets of its top and bottom tier and at ORT int8's peak (equal memory);
 3. memory: budgets of 3 tiers (their smallest plans with this machine's calibrated costs,
    + 1 MiB); a fresh process per budget generates to max_context (prompt half of it) and
    reports its peak RSS above the imports; also the KV cache's share measured as the
@@ -226,8 +227,9 @@ def budgets(pkg: Path, args: argparse.Namespace) -> tuple[object, list[tuple[int
     return costs, [(t, smallest_plan(p, t, costs).total + 2**20) for t in (0, n // 2, n - 1)]
 
 
-def speed(fp32: Path, pkg: Path, args: argparse.Namespace, budget: int) -> list[dict]:
-    """Prefill and decode tokens/s of each subject, interleaved rounds, one process."""
+def speed(fp32: Path, pkg: Path, args: argparse.Namespace, budgets: list[int]) -> list[dict]:
+    """Prefill and decode tokens/s of each subject, interleaved rounds, one process; the
+    package is also served at each of ``budgets`` (bytes)."""
     from edgestack.core.decoding import DecoderContract, decode_steps
     from edgestack.core.ort import cpu_session
     from edgestack.runtime import Runtime
@@ -240,7 +242,7 @@ def speed(fp32: Path, pkg: Path, args: argparse.Namespace, budget: int) -> list[
     names = contract.output_names()
     rt_fast = Runtime(pkg, threads=args.threads, calibrate=False)   # fastest plan
     rt_fp32 = Runtime(pkg, threads=args.threads, calibrate=False, form="fp32")
-    rt_budget = Runtime(pkg, budget, threads=args.threads)     # the top budget's plan
+    rt_budgets = [Runtime(pkg, b, threads=args.threads) for b in budgets]
     # the same two plans with ONNX Runtime's prepacking off (the speed prepacking buys)
     rt_fast_pp = Runtime(pkg, threads=args.threads, calibrate=False, prepack="off")
     rt_fp32_pp = Runtime(pkg, threads=args.threads, calibrate=False, form="fp32",
@@ -269,8 +271,8 @@ def speed(fp32: Path, pkg: Path, args: argparse.Namespace, budget: int) -> list[
                 "ORT int8 per-channel (uncompressed)": ort_run(sess8),
                 f"edgestack tier {rt_fast.tier} {rt_fast.plan.graph}": rt_run(rt_fast),
                 f"edgestack tier {rt_fp32.tier} {rt_fp32.plan.graph}": rt_run(rt_fp32),
-                f"edgestack {budget / 2**20:.0f} MiB: tier {rt_budget.tier} "
-                f"{rt_budget.plan.graph}": rt_run(rt_budget),
+                **{f"edgestack {b / 2**20:.1f} MiB: tier {rt.tier} {rt.plan.graph}":
+                   rt_run(rt) for b, rt in zip(budgets, rt_budgets, strict=True)},
                 f"edgestack tier {rt_fast_pp.tier} {rt_fast_pp.plan.graph}, prepack off":
                     rt_run(rt_fast_pp),
                 f"edgestack tier {rt_fp32_pp.tier} {rt_fp32_pp.plan.graph}, prepack off":
@@ -296,8 +298,9 @@ def speed(fp32: Path, pkg: Path, args: argparse.Namespace, budget: int) -> list[
         r["decode_vs_ort_fp32"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
         r["prefill_vs_ort_fp32"] = r["prefill_tokens_per_s"] / base["prefill_tokens_per_s"]
     rows.append({"plans": {"fast": rt_fast.plan.to_dict(), "fp32": rt_fp32.plan.to_dict(),
-                           "budget": rt_budget.plan.to_dict()}})
-    for rt in (rt_fast, rt_fp32, rt_budget, rt_fast_pp, rt_fp32_pp, rt_float):
+                           "budget": rt_budgets[0].plan.to_dict(),
+                           "budgets": [rt.plan.to_dict() for rt in rt_budgets]}})
+    for rt in (rt_fast, rt_fp32, *rt_budgets, rt_fast_pp, rt_fp32_pp, rt_float):
         rt.close()
     return rows
 
@@ -309,8 +312,18 @@ def peak(pkg: str, budget: int, tokens: int, threads: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def ort_int8_peak(tokens: int, threads: int) -> dict:
+    """ORT's int8 model generating to ``tokens`` in a fresh process: its peak RSS above the
+    imports (``peak_increase``)."""
+    out = subprocess.run([sys.executable, "-c", PEAK_ORT, str(INT8), str(tokens),
+                          str(threads)], capture_output=True, text=True, check=True,
+                         timeout=1200, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"peak_increase": got["hwm"] - got["base"], "new": got["new"]}
+
+
 def memory(pkg: Path, args: argparse.Namespace, costs: object,
-           planned: list[tuple[int, int]]) -> dict:
+           planned: list[tuple[int, int]], ort: dict) -> dict:
     from edgestack.package import Package
     from edgestack.runtime import plan_memory
 
@@ -333,11 +346,7 @@ def memory(pkg: Path, args: argparse.Namespace, costs: object,
     grew = (full["hwm"] - full["base"]) - (short["hwm"] - short["base"])
     # equal memory: ORT's int8 model generating to max_context, and the package served with
     # that peak as its budget
-    out = subprocess.run([sys.executable, "-c", PEAK_ORT, str(INT8), str(ctx),
-                          str(args.threads)], capture_output=True, text=True, check=True,
-                         timeout=1200, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-    got = json.loads(out.stdout.strip().splitlines()[-1])
-    ort_peak = got["hwm"] - got["base"]
+    ort_peak = ort["peak_increase"]
     try:
         run = peak(str(pkg), ort_peak, ctx, args.threads)
         at = {"tier": run["tier"], "graph": run["graph"], "plan": run["plan"],
@@ -348,8 +357,7 @@ def memory(pkg: Path, args: argparse.Namespace, costs: object,
     return {"costs": costs.to_dict(), "budgets": rows,
             "kv_measured": {"tokens": [max(2, ctx // 8), ctx], "rss_growth": grew,
                             "one_copy_bytes": per_copy, "copies": grew / per_copy},
-            "ort_int8": {"peak_increase": ort_peak, "new": got["new"],
-                         "package_at_that_budget": at}}
+            "ort_int8": {**ort, "package_at_that_budget": at}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -370,10 +378,13 @@ def main(argv: list[str] | None = None) -> int:
     fp32, pkg, what, info = build(args)
     print(f"model: {what}; build {info}", flush=True)
     costs, planned = budgets(pkg, args)
+    ort = ort_int8_peak(args.max_context, args.threads)   # equal memory: its peak a budget
+    timed = [planned[-1][1], *([ort["peak_increase"]] if ort["peak_increase"] >= planned[0][1]
+                               else []), planned[0][1]]
     result = {"model": what, "build": info, "threads": args.threads,
               "cpu_extensions": cpu_extensions(), "max_context": args.max_context,
               "prompt": args.prompt, "new": args.new, "rounds": args.rounds,
-              "speed": speed(fp32, pkg, args, planned[-1][1])}
+              "speed": speed(fp32, pkg, args, timed)}
     result["tied_table_int8_vs_float"] = tied_table_error(pkg, args)
     print("tied table int8 vs float (logits):", result["tied_table_int8_vs_float"], flush=True)
     for r in result["speed"][:-1]:
@@ -381,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({r['prefill_vs_ort_fp32']:.2f}x)  decode {r['decode_tokens_per_s']:7.1f} "
               f"tok/s ({r['decode_vs_ort_fp32']:.2f}x)", flush=True)
     if not args.skip_memory:
-        result["memory"] = memory(pkg, args, costs, planned)
+        result["memory"] = memory(pkg, args, costs, planned, ort)
         for r in result["memory"]["budgets"]:
             print(f"budget {r['budget'] / 2**20:7.1f} MiB: tier {r['tier']} ({r['graph']}), "
                   f"peak +{r['peak_increase'] / 2**20:6.1f} MiB ({r['peak_over_plan']:.2f} of "
