@@ -394,7 +394,9 @@ def compile_model(model: str | os.PathLike[str], target: str, out: str | os.Path
         source: what the manifest records as the model's source (default: ``model``).
         decoder_options: a decoder's ``max_context``, ``max_batch``, ``prefill_chunk``,
             ``tokenizer`` (see :func:`edgestack.packer.pack.pack`); its default golden
-            inputs are a short prompt with an empty cache.
+            inputs are a short prompt with an empty cache. A tied LM head's table stays as
+            the target lowered it (``tied_tables`` is ignored: the golden outputs are the
+            lowered graph's, judged with its tolerance).
 
     Returns:
         The :class:`~edgestack.packer.pack.PackResult`, with ``compile`` set (the
@@ -449,7 +451,7 @@ def compile_model(model: str | os.PathLike[str], target: str, out: str | os.Path
                       metadata={"compile": info}, overwrite=overwrite, log=say,
                       created=created,
                       profile=profile if getattr(profile, "target", None) == target else None,
-                      **decoder_options)
+                      **{**decoder_options, "tied_tables": "float"})
         result.compile = info
         return result
     finally:

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from edgestack.errors import EdgestackError, PackageError
 from edgestack.package import Package, extract_archive
-from edgestack.packer.pack import choose_tiers, pack
+from edgestack.packer.pack import TABLE_MIN_BYTES, choose_tiers, pack
 
 # runtime_helpers: tests/runtime, put on sys.path by conftest.py (which also brings in the
 # small_model and small_pkg fixtures)
@@ -189,11 +189,19 @@ def test_a_tied_table_is_one_copy_float_or_int8(tmp_path, vocab, dim, tied):
         assert shared == [] and "table" not in inits
         assert {"table.head_q", "table.head_scale", "table.row_scale"} <= inits
         # the row codes: read by lookups only, so pre-gathered where large enough
-        assert ("table.int8" in gathered) == (vocab * dim >= 64 * 1024) != (
+        assert ("table.int8" in gathered) == (vocab * dim >= TABLE_MIN_BYTES) != (
             "table.int8" in inits)
         assert 0 < np.abs(got - want).max() <= 0.03 * np.abs(want).max()
     with pytest.raises(PackageError, match="tied_tables must be 'int8' or 'float'"):
         pack(path, tmp_path / "u.pkg", tied_tables="fp16")
+    if tied == "int8" and dim == 1:   # a compiled package keeps the table as lowered
+        from edgestack.pipeline import compile_model
+
+        compile_model(path, "ort-cpu", tmp_path / "c.pkg", tied_tables=tied)
+        assert "table" in {t.name for t in onnx.load(str(tmp_path / "c.pkg" / "model.onnx"),
+                                                     load_external_data=False).graph.initializer}
+        with Runtime(tmp_path / "c.pkg") as rt:
+            assert rt.self_test()["passed"]
 
 
 def test_external_weights_stay_lazy_and_a_missing_data_file_is_named(tmp_path, small_model):

@@ -236,16 +236,15 @@ def pregather_tables(model: ir.Model, tables: dict[str, Table]) -> dict[str, Tab
 
 
 def share_tables(model: ir.Model) -> list[str]:
-    """Make each initializer that a ``Gather`` reads as its table and a ``Gemm`` as its ``B``
-    (an LM head tied to its word embedding) an overridable initializer: a graph input too,
-    with the initializer as its default value; nobody feeds it. ONNX Runtime does not prepack
-    an overridable initializer, so a session with prepacking on keeps one copy of the table
-    (packing the head's ``B`` copied it: GPT-2 +147 MiB, bench/prepack_head.py) and still
-    prepacks every other weight. Returns the tables' names."""
+    """Make each table an LM head shares with its word embedding (:func:`_tied_uses`) an
+    overridable initializer: a graph input too, with the initializer as its default value;
+    nobody feeds it. ONNX Runtime does not prepack an overridable initializer, so a session
+    with prepacking on keeps one copy of the table (packing the head's ``B`` copied it:
+    GPT-2 +147 MiB, bench/prepack_head.py) and still prepacks every other weight. Returns
+    the tables' names."""
     g, names = model.graph, []
     for v in list(g.initializers.values()):
-        uses = {(u.node.domain, u.node.op_type, u.idx, u.node.graph is g) for u in v.uses()}
-        if uses == {("", "Gather", 0, True), ("", "Gemm", 1, True)} and not v.is_graph_input():
+        if not v.is_graph_input() and _tied_uses(g, v) is not None:
             g.inputs.append(v)
             names.append(str(v.name))
     return names
@@ -643,9 +642,9 @@ def pack(
         tokenizer: a decoder: a folder with ``tokenizer.json`` (and its configs) to store
             in the package, so ``edgestack run --prompt`` can encode text.
         tied_tables: a float32 table shared by an LM head and the word embedding:
-            ``"int8"`` (default; :func:`quantize_tied_tables`; for a tiered target whose
-            golden outputs are the packed graph's, not a compiled graph's) or ``"float"``
-            (kept as exported, an overridable initializer: :func:`share_tables`).
+            ``"int8"`` (default; :func:`quantize_tied_tables`; tiered targets) or ``"float"``
+            (kept as exported, an overridable initializer: :func:`share_tables`;
+            :func:`edgestack.pipeline.compile_model` packs with it).
 
     Raises:
         PackageError: unsupported target, a source that is not an edgestack ONNX file, a
@@ -681,7 +680,7 @@ def pack(
         if tied_tables not in ("int8", "float"):
             raise PackageError(f"pack: tied_tables must be 'int8' or 'float', found "
                                f"{tied_tables!r}")
-        if tied_tables == "int8" and target in TIERED_TARGETS and golden_outputs is None:
+        if tied_tables == "int8" and target in TIERED_TARGETS:
             for tname in quantize_tied_tables(model):
                 say(f"pack: the tied LM head / word embedding {tname!r} stored int8 per row")
         stacks, attrs = _blocks_to_inputs(model.graph)
