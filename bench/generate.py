@@ -298,7 +298,6 @@ def speed(fp32: Path, pkg: Path, args: argparse.Namespace, budgets: list[int]) -
         r["decode_vs_ort_fp32"] = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
         r["prefill_vs_ort_fp32"] = r["prefill_tokens_per_s"] / base["prefill_tokens_per_s"]
     rows.append({"plans": {"fast": rt_fast.plan.to_dict(), "fp32": rt_fp32.plan.to_dict(),
-                           "budget": rt_budgets[0].plan.to_dict(),
                            "budgets": [rt.plan.to_dict() for rt in rt_budgets]}})
     for rt in (rt_fast, rt_fp32, *rt_budgets, rt_fast_pp, rt_fp32_pp, rt_float):
         rt.close()

@@ -30,7 +30,7 @@ graph 18% faster (13.0 -> 10.7 ms) at the same peak RSS, and the plain graph 2.4
 on the fly but at +13-20% peak RSS (it keeps the decode temporaries); the memory pattern
 added 5-13 MB for no speed. For a decoder too (every step has new shapes, and the
 calibration, which fills the cache, measures what the arena keeps): GPT-2-small's int8
-graph decoded 123-128 tokens/s with it vs 77 without, +10 MiB peak (docs/runtime.md).
+graph decoded 123.6 tokens/s with it vs 76.0 without, +9.8 MiB peak (bench/decoder_arena.py).
 
 What is served is what was verified: every block record read (at open, on a re-tier, for a
 materialised layer) is hashed in the runtime's own memory before it is fed or decoded
